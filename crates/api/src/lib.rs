@@ -1,0 +1,20 @@
+//! The closed vocabulary every nitrile component speaks.
+//!
+//! This crate guarantees that an admin operation, a principal, a resource and a
+//! token audience can only exist in a parsed, valid form: every type here is a
+//! closed enum or a newtype whose constructor fails closed, and unknown names are
+//! errors, never passed through. There is no "other" operation and no free-form
+//! resource; adding one is a reviewed change to this crate.
+//!
+//! It does not authenticate, authorize or do I/O: it only names things. The
+//! token service (`nitrile-tokend`) and hosts (`nitrile-hostd`) exchange the wire
+//! types in [`wire`] as JSON.
+
+#![forbid(unsafe_code)]
+
+mod id;
+mod op;
+pub mod wire;
+
+pub use id::{Audience, IdError, Name, PrincipalId, PrincipalKind, ResourceId, ResourceKind};
+pub use op::{OpError, Operation};

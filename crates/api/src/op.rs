@@ -1,0 +1,163 @@
+//! The closed set of admin operations.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::ResourceKind;
+
+/// An operation name that is not one of the closed set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown operation {0:?}; `nitrile token request --help` lists the operations")]
+pub struct OpError(pub String);
+
+/// Every admin operation that exists. There is no other.
+///
+/// None of them returns guest memory, disk contents or console output; the
+/// host agent's reviewed list of what each does lives beside the API it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Operation {
+    /// Health, software versions, measurements and capacity of a host.
+    HostDescribe,
+    /// Stop placing new instances on a host.
+    HostDrain,
+    /// Allow placement on a drained host again.
+    HostUndrain,
+    /// Install a signed release on a host (the deployer only).
+    HostUpdate,
+    /// Launch a microVM instance on a host.
+    InstanceLaunch,
+    /// Metadata of one instance.
+    InstanceDescribe,
+    /// Metadata of the instances on a host.
+    InstanceList,
+    /// Stop an instance.
+    InstanceStop,
+    /// Start a stopped instance.
+    InstanceStart,
+    /// Terminate an instance and crypto-erase its instance store.
+    InstanceTerminate,
+    /// Read the cell's audit log (auditors only).
+    AuditRead,
+}
+
+impl Operation {
+    /// Every operation, in a stable order.
+    pub const ALL: [Operation; 11] = [
+        Self::HostDescribe,
+        Self::HostDrain,
+        Self::HostUndrain,
+        Self::HostUpdate,
+        Self::InstanceLaunch,
+        Self::InstanceDescribe,
+        Self::InstanceList,
+        Self::InstanceStop,
+        Self::InstanceStart,
+        Self::InstanceTerminate,
+        Self::AuditRead,
+    ];
+
+    /// The operation's wire name, e.g. `host.describe`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HostDescribe => "host.describe",
+            Self::HostDrain => "host.drain",
+            Self::HostUndrain => "host.undrain",
+            Self::HostUpdate => "host.update",
+            Self::InstanceLaunch => "instance.launch",
+            Self::InstanceDescribe => "instance.describe",
+            Self::InstanceList => "instance.list",
+            Self::InstanceStop => "instance.stop",
+            Self::InstanceStart => "instance.start",
+            Self::InstanceTerminate => "instance.terminate",
+            Self::AuditRead => "audit.read",
+        }
+    }
+
+    /// Whether the operation changes state. Tokens for mutating operations are
+    /// single-use: the host keeps their ids until they expire.
+    pub fn is_mutation(self) -> bool {
+        match self {
+            Self::HostDescribe | Self::InstanceDescribe | Self::InstanceList | Self::AuditRead => {
+                false
+            }
+            Self::HostDrain
+            | Self::HostUndrain
+            | Self::HostUpdate
+            | Self::InstanceLaunch
+            | Self::InstanceStop
+            | Self::InstanceStart
+            | Self::InstanceTerminate => true,
+        }
+    }
+
+    /// The kind of resource the operation names: launching and listing name the
+    /// host they act on; the other instance operations name the instance.
+    pub fn resource_kind(self) -> ResourceKind {
+        match self {
+            Self::HostDescribe
+            | Self::HostDrain
+            | Self::HostUndrain
+            | Self::HostUpdate
+            | Self::InstanceLaunch
+            | Self::InstanceList => ResourceKind::Host,
+            Self::InstanceDescribe
+            | Self::InstanceStop
+            | Self::InstanceStart
+            | Self::InstanceTerminate => ResourceKind::Instance,
+            Self::AuditRead => ResourceKind::Log,
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Operation {
+    type Err = OpError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| OpError(s.chars().take(80).collect()))
+    }
+}
+
+impl Serialize for Operation {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Operation {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_are_unique() {
+        let mut seen = std::collections::BTreeSet::new();
+        for op in Operation::ALL {
+            assert_eq!(op.as_str().parse::<Operation>().unwrap(), op);
+            assert!(seen.insert(op.as_str()));
+        }
+        assert!("host.shell".parse::<Operation>().is_err());
+        assert!("HOST.DESCRIBE".parse::<Operation>().is_err());
+    }
+
+    #[test]
+    fn reads_are_not_mutations() {
+        assert!(!Operation::HostDescribe.is_mutation());
+        assert!(Operation::InstanceTerminate.is_mutation());
+    }
+}

@@ -1,0 +1,119 @@
+//! JSON bodies exchanged with the token service.
+//!
+//! Unknown fields are refused (`deny_unknown_fields`) so that a client cannot
+//! believe a field had an effect that it did not.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Audience, Operation, ResourceId};
+
+/// Most operations one token request may name.
+pub const MAX_REQUEST_OPERATIONS: usize = 16;
+/// Most resources one token request may name.
+pub const MAX_REQUEST_RESOURCES: usize = 64;
+/// Largest request body the token service reads.
+pub const MAX_REQUEST_BODY: usize = 16 * 1024;
+
+/// `POST /v1/tokens`: ask for a token for exactly these operations on exactly
+/// these resources at one audience.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// Operations the token should allow.
+    pub operations: Vec<Operation>,
+    /// Exact resources the token should allow them on.
+    pub resources: Vec<ResourceId>,
+    /// The host (or service) that will accept the token.
+    pub audience: Audience,
+    /// The group to act as; by default the first of the principal's groups,
+    /// in name order, that is entitled to everything asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Requested lifetime in seconds; default 300, at most 900.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime_secs: Option<u64>,
+}
+
+/// A granted token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenResponse {
+    /// The PASETO v4.public token.
+    pub token: String,
+    /// Its unique id (`jti`).
+    pub token_id: String,
+    /// The group it was granted under.
+    pub group: String,
+    /// Expiry, RFC 3339.
+    pub expires_at: String,
+}
+
+/// The step of the request path that refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalStep {
+    /// The request itself is malformed.
+    Request,
+    /// The TLS client certificate is missing or not acceptable.
+    Tls,
+    /// The token is missing, invalid, expired, replayed or for something else.
+    Token,
+    /// No entitlement allows the request.
+    Entitlement,
+    /// A quota is exhausted.
+    Quota,
+    /// The audit journal could not record the request, so nothing ran.
+    Journal,
+    /// An internal failure; nothing ran.
+    Internal,
+}
+
+impl RefusalStep {
+    /// The step's name as shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Request => "request",
+            Self::Tls => "tls",
+            Self::Token => "token",
+            Self::Entitlement => "entitlement",
+            Self::Quota => "quota",
+            Self::Journal => "journal",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// The body of every refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    /// Which step refused.
+    pub step: RefusalStep,
+    /// Why, in words meant for the caller.
+    pub reason: String,
+    /// The quota that refused, when `step` is `quota`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
+    /// Seconds until the request can succeed again, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+    /// The id of the audit record of this refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_seq: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_refuses_unknown_fields_and_operations() {
+        let ok = r#"{"operations":["host.describe"],"resources":["host/h1"],"audience":"h1"}"#;
+        let req: TokenRequest = serde_json::from_str(ok).unwrap();
+        assert_eq!(req.operations, vec![Operation::HostDescribe]);
+        let extra = r#"{"operations":[],"resources":[],"audience":"h1","admin":true}"#;
+        assert!(serde_json::from_str::<TokenRequest>(extra).is_err());
+        let bad_op = r#"{"operations":["host.shell"],"resources":[],"audience":"h1"}"#;
+        assert!(serde_json::from_str::<TokenRequest>(bad_op).is_err());
+    }
+}

@@ -1,0 +1,42 @@
+//! `nitrile config`: what configuration is in effect and where it came from.
+
+use serde::Serialize;
+
+use crate::config::{self, OperatorConfig};
+use crate::{Global, output::Output};
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Command {
+    /// Print the operator config in effect and which file it came from.
+    ///
+    /// Example: `nitrile config show -o json`
+    Show,
+}
+
+#[derive(Serialize)]
+struct Shown<'a> {
+    path: String,
+    source: String,
+    config: &'a OperatorConfig,
+}
+
+pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
+    match command {
+        Command::Show => {
+            let loaded = config::load(global)?;
+            let shown = Shown {
+                path: loaded.path.display().to_string(),
+                source: loaded.source.to_string(),
+                config: &loaded.config,
+            };
+            match global.output {
+                Output::Json => crate::output::print_json(&shown),
+                Output::Table => {
+                    println!("# {} (from {})", shown.path, shown.source);
+                    print!("{}", toml::to_string_pretty(&loaded.config)?);
+                    Ok(())
+                }
+            }
+        }
+    }
+}

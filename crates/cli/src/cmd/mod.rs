@@ -1,0 +1,10 @@
+//! One module per noun of the CLI.
+
+pub(crate) mod audit;
+pub(crate) mod completion;
+pub(crate) mod config;
+pub(crate) mod entitlements;
+pub(crate) mod pki;
+pub(crate) mod token;
+pub(crate) mod tokend;
+pub(crate) mod up;

@@ -1,0 +1,10 @@
+//! `nitrile tokend`.
+
+use crate::Global;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {}
+
+pub(crate) fn run(_args: Args, _global: &Global) -> anyhow::Result<()> {
+    anyhow::bail!("nitrile tokend is not built yet")
+}

@@ -1,0 +1,97 @@
+//! `nitrile`: one binary for every service of a cell and for the operators and
+//! auditors who call them.
+//!
+//! Exit codes are stable: 0 success, 1 refused or failed, 2 usage error.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+mod config;
+mod output;
+
+use output::Output;
+
+/// Hosts that their own operators cannot get into.
+///
+/// Services (`tokend`, `up`) and client verbs grouped by noun. Every verb has
+/// `--help` with an example.
+#[derive(Debug, Parser)]
+#[command(
+    name = "nitrile",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub(crate) struct Cli {
+    /// Operator config file (else $NITRILE_CONFIG, else ~/.config/nitrile/config.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+
+    /// Output format of client verbs.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Cell certificate authority and certificates.
+    #[command(subcommand)]
+    Pki(cmd::pki::Command),
+    /// Request and inspect admin tokens.
+    #[command(subcommand)]
+    Token(cmd::token::Command),
+    /// Validate, compare, explain and sign entitlement bundles.
+    #[command(subcommand)]
+    Entitlements(cmd::entitlements::Command),
+    /// Audit journal and log tools.
+    #[command(subcommand)]
+    Audit(cmd::audit::Command),
+    /// Run the token service.
+    Tokend(cmd::tokend::Args),
+    /// Run a whole cell on this machine.
+    Up(cmd::up::Args),
+    /// Show the operator configuration in effect.
+    #[command(subcommand)]
+    Config(cmd::config::Command),
+    /// Print shell completions.
+    Completion(cmd::completion::Args),
+}
+
+/// What every verb gets besides its own arguments.
+#[derive(Debug)]
+pub(crate) struct Global {
+    pub(crate) config: Option<std::path::PathBuf>,
+    pub(crate) output: Output,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let global = Global {
+        config: cli.config,
+        output: cli.output,
+    };
+    let result = match cli.command {
+        Command::Pki(c) => cmd::pki::run(c, &global),
+        Command::Token(c) => cmd::token::run(c, &global),
+        Command::Entitlements(c) => cmd::entitlements::run(c, &global),
+        Command::Audit(c) => cmd::audit::run(c, &global),
+        Command::Tokend(a) => cmd::tokend::run(a, &global),
+        Command::Up(a) => cmd::up::run(a, &global),
+        Command::Config(c) => cmd::config::run(c, &global),
+        Command::Completion(a) => cmd::completion::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Cedar entitlements, reviewer-signed bundles and durable quotas.
+
+#![forbid(unsafe_code)]

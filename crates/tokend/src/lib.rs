@@ -1,0 +1,3 @@
+//! The token service: authenticates principals, checks entitlements and quotas, mints tokens.
+
+#![forbid(unsafe_code)]
