@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need, then runs every check and test of nitrile:
+# format, lints, dependency policy, unit, property and end-to-end tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+scripts/setup.sh --tests
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (all targets, warnings are errors)"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+
+log "cargo deny (licences, bans, sources)"
+cargo deny --log-level error check licenses bans sources
+if timeout 60 cargo deny --log-level error fetch >/dev/null 2>&1; then
+    log "cargo deny (advisories)"
+    cargo deny --log-level error check --disable-fetch advisories
+else
+    echo "SKIPPED: cargo deny advisories: the RustSec advisory database cannot be fetched from this machine"
+fi
+
+log "tests"
+cargo nextest run --locked --workspace --no-fail-fast
+# Doctests are not run by nextest.
+cargo test --locked --workspace --doc
