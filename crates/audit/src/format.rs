@@ -559,7 +559,10 @@ mod tests {
         // A length field blown up beyond the end of the file.
         let mut b = bytes.clone();
         b[first + 2] = 0x7f;
-        assert!(matches!(scan(&b), Err(JournalError::Corrupt { seq: 1, .. })));
+        assert!(matches!(
+            scan(&b),
+            Err(JournalError::Corrupt { seq: 1, .. })
+        ));
     }
 
     #[test]

@@ -473,7 +473,8 @@ impl Writer {
         let mut batch = Vec::new();
         while let Some(next) = q.items.front() {
             let size = next.payload.len() + RECORD_OVERHEAD;
-            if !batch.is_empty() && (bytes + size > MAX_BATCH_BYTES || batch.len() >= MAX_BATCH_RECORDS)
+            if !batch.is_empty()
+                && (bytes + size > MAX_BATCH_BYTES || batch.len() >= MAX_BATCH_RECORDS)
             {
                 break;
             }
@@ -490,7 +491,10 @@ impl Writer {
             }
             return;
         }
-        let size: usize = batch.iter().map(|r| r.payload.len() + RECORD_OVERHEAD).sum();
+        let size: usize = batch
+            .iter()
+            .map(|r| r.payload.len() + RECORD_OVERHEAD)
+            .sum();
         let mut buf = Vec::with_capacity(size);
         let mut prev = self.head.hash;
         let mut receipts = Vec::with_capacity(batch.len());

@@ -427,7 +427,9 @@ impl AuditRecord {
             _ => {}
         }
         match self.kind {
-            RecordKind::Outcome if self.outcome.is_none() => return Err(RecordRule::OutcomeMissing),
+            RecordKind::Outcome if self.outcome.is_none() => {
+                return Err(RecordRule::OutcomeMissing);
+            }
             RecordKind::Request | RecordKind::Refusal if self.outcome.is_some() => {
                 return Err(RecordRule::OutcomeOutsideOutcomeRecord);
             }
@@ -539,7 +541,12 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_broken_rules_are_refused() {
-        let r = AuditRecord::outcome(datetime!(2030-01-01 0:00 UTC), src(), id(), Outcome::Executed);
+        let r = AuditRecord::outcome(
+            datetime!(2030-01-01 0:00 UTC),
+            src(),
+            id(),
+            Outcome::Executed,
+        );
         let mut v: serde_json::Value = serde_json::from_slice(&r.encode().unwrap()).unwrap();
         v["extra"] = true.into();
         assert!(AuditRecord::decode(&serde_json::to_vec(&v).unwrap()).is_err());
