@@ -1,0 +1,453 @@
+//! Quotas: at most N distinct resources per (group, operation) in a sliding
+//! time window, charged durably in SQLite.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nitrile_api::{Name, Operation, ResourceId};
+use rusqlite::{Connection, TransactionBehavior, params};
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use crate::{Location, PolicyError};
+
+/// Largest `max_resources` a quota may have.
+pub const MAX_QUOTA_LIMIT: u32 = 1_000_000;
+/// Longest quota window: 31 days.
+pub const MAX_QUOTA_WINDOW_SECS: u64 = 31 * 24 * 3600;
+
+/// Why a quota in `quotas.toml` is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuotaProblem {
+    /// the group is not listed in any entities file
+    #[error("quota names group {0:?}, which no entities file lists")]
+    UnknownGroup(String),
+    /// the operation is not one of the closed set
+    #[error("quota names unknown operation {0:?}")]
+    UnknownOperation(String),
+    /// `max_resources` is zero or negative
+    #[error("max_resources must be at least 1 (to forbid an operation, remove its permit)")]
+    NonPositiveLimit,
+    /// `max_resources` is over [`MAX_QUOTA_LIMIT`]
+    #[error("max_resources must be at most {MAX_QUOTA_LIMIT}")]
+    LimitTooLarge,
+    /// the window is not `<number><s|m|h|d>` with a positive number
+    #[error("window {0:?} must be a positive number followed by s, m, h or d, e.g. \"1h\"")]
+    BadWindow(String),
+    /// the window is longer than [`MAX_QUOTA_WINDOW_SECS`]
+    #[error("window must be at most 31d")]
+    WindowTooLong,
+    /// a second quota for the same group and operation
+    #[error("a quota for this group and operation is already defined at line {0}")]
+    Duplicate(usize),
+}
+
+/// A quota window, a positive number of whole seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QuotaWindow(u64);
+
+impl QuotaWindow {
+    /// Parses `30s`, `15m`, `1h`, `7d`.
+    pub fn parse(s: &str) -> Result<Self, QuotaProblem> {
+        let bad = || QuotaProblem::BadWindow(s.chars().take(40).collect());
+        let unit = s.chars().last().ok_or_else(bad)?;
+        let digits = &s[..s.len() - unit.len_utf8()];
+        if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let mult = match unit {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(bad()),
+        };
+        Self::from_secs(n * mult)
+    }
+
+    /// A window of `secs` seconds.
+    pub fn from_secs(secs: u64) -> Result<Self, QuotaProblem> {
+        if secs == 0 {
+            return Err(QuotaProblem::BadWindow("0".to_owned()));
+        }
+        if secs > MAX_QUOTA_WINDOW_SECS {
+            return Err(QuotaProblem::WindowTooLong);
+        }
+        Ok(Self(secs))
+    }
+
+    /// The window in seconds.
+    pub fn as_secs(self) -> u64 {
+        self.0
+    }
+
+    /// The window as a duration.
+    pub fn as_duration(self) -> Duration {
+        Duration::from_secs(self.0)
+    }
+}
+
+impl fmt::Display for QuotaWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (unit, secs) in [("d", 86400), ("h", 3600), ("m", 60)] {
+            if self.0 % secs == 0 {
+                return write!(f, "{}{unit}", self.0 / secs);
+            }
+        }
+        write!(f, "{}s", self.0)
+    }
+}
+
+/// At most `max_resources` distinct resources per `window` for `operation`
+/// under `group`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quota {
+    /// The group acted as.
+    pub group: Name,
+    /// The operation.
+    pub operation: Operation,
+    /// Most distinct resources in any window.
+    pub max_resources: u32,
+    /// The sliding window.
+    pub window: QuotaWindow,
+}
+
+impl fmt::Display for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} at most {} resource(s) per {}",
+            self.group, self.operation, self.max_resources, self.window
+        )
+    }
+}
+
+/// The quotas of a bundle, at most one per (group, operation).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Quotas {
+    by_key: BTreeMap<(Name, Operation), Quota>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotasFile {
+    #[serde(default)]
+    quota: Vec<toml::Spanned<QuotaEntry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaEntry {
+    group: toml::Spanned<String>,
+    operation: toml::Spanned<String>,
+    max_resources: toml::Spanned<i64>,
+    window: toml::Spanned<String>,
+}
+
+impl Quotas {
+    /// Quotas from a list; a later quota for the same (group, operation)
+    /// replaces an earlier one. For tools and tests; bundles are parsed strictly.
+    pub fn from_quotas(quotas: impl IntoIterator<Item = Quota>) -> Self {
+        Self {
+            by_key: quotas
+                .into_iter()
+                .map(|q| ((q.group.clone(), q.operation), q))
+                .collect(),
+        }
+    }
+
+    /// The quota on `operation` under `group`, if any.
+    pub fn get(&self, group: &Name, operation: Operation) -> Option<&Quota> {
+        self.by_key.get(&(group.clone(), operation))
+    }
+
+    /// Every quota, by group then operation.
+    pub fn iter(&self) -> impl Iterator<Item = &Quota> {
+        self.by_key.values()
+    }
+
+    pub(crate) fn parse(
+        file: &str,
+        text: &str,
+        groups: &BTreeSet<Name>,
+    ) -> Result<Self, PolicyError> {
+        let parsed: QuotasFile =
+            toml::from_str(text).map_err(|source| PolicyError::QuotaSyntax {
+                at: match source.span() {
+                    Some(span) => Location::at_offset(file, text, span.start),
+                    None => Location::line(file, 1),
+                },
+                source: Box::new(source),
+            })?;
+        let at = |span: std::ops::Range<usize>| Location::at_offset(file, text, span.start);
+        let mut by_key = BTreeMap::new();
+        let mut lines: HashMap<(Name, Operation), usize> = HashMap::new();
+        for entry in parsed.quota {
+            let entry_at = at(entry.span());
+            let e = entry.into_inner();
+            let problem = |span, problem| PolicyError::Quota {
+                at: at(span),
+                problem,
+            };
+            let group = Name::new(e.group.get_ref())
+                .ok()
+                .filter(|g| groups.contains(g))
+                .ok_or_else(|| {
+                    problem(
+                        e.group.span(),
+                        QuotaProblem::UnknownGroup(e.group.get_ref().chars().take(80).collect()),
+                    )
+                })?;
+            let operation: Operation = e.operation.get_ref().parse().map_err(|_| {
+                problem(
+                    e.operation.span(),
+                    QuotaProblem::UnknownOperation(
+                        e.operation.get_ref().chars().take(80).collect(),
+                    ),
+                )
+            })?;
+            let limit = *e.max_resources.get_ref();
+            if limit <= 0 {
+                return Err(problem(
+                    e.max_resources.span(),
+                    QuotaProblem::NonPositiveLimit,
+                ));
+            }
+            let max_resources = u32::try_from(limit)
+                .ok()
+                .filter(|l| *l <= MAX_QUOTA_LIMIT)
+                .ok_or_else(|| problem(e.max_resources.span(), QuotaProblem::LimitTooLarge))?;
+            let window =
+                QuotaWindow::parse(e.window.get_ref()).map_err(|p| problem(e.window.span(), p))?;
+            let key = (group.clone(), operation);
+            if let Some(first) = lines.get(&key) {
+                return Err(PolicyError::Quota {
+                    at: entry_at,
+                    problem: QuotaProblem::Duplicate(*first),
+                });
+            }
+            lines.insert(key.clone(), entry_at.line);
+            by_key.insert(
+                key,
+                Quota {
+                    group,
+                    operation,
+                    max_resources,
+                    window,
+                },
+            );
+        }
+        Ok(Self { by_key })
+    }
+}
+
+/// A successful charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaCharge {
+    /// The quota charged, or `None` when no quota applies.
+    pub quota: Option<Quota>,
+    /// Resources that were not already charged inside the window.
+    pub newly_charged: usize,
+    /// Distinct resources inside the window after this charge.
+    pub in_use: usize,
+}
+
+/// A request refused because a quota is exhausted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "quota exhausted: {quota}; {in_use} in use, {requested_new} more requested{}",
+    frees_note(self.frees_at)
+)]
+pub struct QuotaExceeded {
+    /// The quota that refused.
+    pub quota: Quota,
+    /// Distinct resources charged inside the window now.
+    pub in_use: usize,
+    /// Resources of the request that are not already charged.
+    pub requested_new: usize,
+    /// When enough charges leave the window for this request to fit, or
+    /// `None` if the request asks for more resources than the quota allows.
+    pub frees_at: Option<OffsetDateTime>,
+}
+
+fn frees_note(at: Option<OffsetDateTime>) -> String {
+    match at {
+        Some(t) => format!("; enough frees at unix time {}", t.unix_timestamp()),
+        None => "; the request names more resources than the quota allows at all".to_owned(),
+    }
+}
+
+impl QuotaExceeded {
+    /// How long to wait from `now` before retrying, if waiting can help.
+    pub fn retry_after(&self, now: OffsetDateTime) -> Option<Duration> {
+        let at = self.frees_at?;
+        let secs = (at - now).whole_seconds().max(0);
+        Some(Duration::from_secs(secs.unsigned_abs()))
+    }
+}
+
+/// Why a charge did not happen.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuotaError {
+    /// the quota is exhausted (the caller's request is refused)
+    #[error(transparent)]
+    Exceeded(#[from] QuotaExceeded),
+    /// the quota store failed; nothing was charged and the request must be refused
+    #[error("quota store failed")]
+    Store(#[from] rusqlite::Error),
+    /// the quota store lock was poisoned by a panic in another thread
+    #[error("quota store lock poisoned")]
+    Poisoned,
+}
+
+/// Durable quota counters in one SQLite file.
+///
+/// WAL journal, `synchronous=FULL`: a charge that returned `Ok` survives a
+/// crash. All of a request's resources are charged in one transaction, or none.
+#[derive(Debug)]
+pub struct QuotaStore {
+    conn: Mutex<Connection>,
+}
+
+impl QuotaStore {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, QuotaError> {
+        let conn = Connection::open(path)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(QuotaError::Store(rusqlite::Error::InvalidQuery));
+        }
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL;
+             PRAGMA busy_timeout=5000;
+             CREATE TABLE IF NOT EXISTS quota_charges (
+                 grp TEXT NOT NULL,
+                 op TEXT NOT NULL,
+                 resource TEXT NOT NULL,
+                 charged_at INTEGER NOT NULL,
+                 PRIMARY KEY (grp, op, resource)
+             ) WITHOUT ROWID;
+             CREATE INDEX IF NOT EXISTS quota_charges_time
+                 ON quota_charges (grp, op, charged_at);",
+        )?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Charges `resources` for `operation` under `group` at time `now`.
+    ///
+    /// Resources already charged inside the window do not count again (their
+    /// charge time moves to `now`). If the distinct resources in the window
+    /// would exceed the quota, nothing is charged and [`QuotaError::Exceeded`]
+    /// says which quota and when it frees. Without a quota for (group,
+    /// operation) nothing is recorded.
+    pub fn try_charge(
+        &self,
+        quotas: &Quotas,
+        group: &Name,
+        operation: Operation,
+        resources: &[ResourceId],
+        now: OffsetDateTime,
+    ) -> Result<QuotaCharge, QuotaError> {
+        let Some(quota) = quotas.get(group, operation) else {
+            return Ok(QuotaCharge {
+                quota: None,
+                newly_charged: 0,
+                in_use: 0,
+            });
+        };
+        let now_s = now.unix_timestamp();
+        let window = i64::try_from(quota.window.as_secs()).unwrap_or(i64::MAX);
+        let cutoff = now_s.saturating_sub(window);
+        let requested: BTreeSet<String> = resources.iter().map(ToString::to_string).collect();
+
+        let mut conn = self.conn.lock().map_err(|_| QuotaError::Poisoned)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut in_window: Vec<(String, i64)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT resource, charged_at FROM quota_charges
+                 WHERE grp = ?1 AND op = ?2 AND charged_at > ?3",
+            )?;
+            let rows = stmt
+                .query_map(params![group.as_str(), operation.as_str(), cutoff], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let charged: BTreeSet<&str> = in_window.iter().map(|(r, _)| r.as_str()).collect();
+        let new = requested
+            .iter()
+            .filter(|r| !charged.contains(r.as_str()))
+            .count();
+        let total = in_window.len() + new;
+        let limit = quota.max_resources as usize;
+        if total > limit {
+            // Which charges must leave the window: the oldest of those this
+            // request does not renew.
+            in_window.retain(|(r, _)| !requested.contains(r));
+            in_window.sort_by_key(|(_, t)| *t);
+            let need = total - limit;
+            let frees_at = if requested.len() > limit {
+                None
+            } else {
+                in_window
+                    .get(need - 1)
+                    .and_then(|(_, t)| t.checked_add(window))
+                    .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+            };
+            drop(tx);
+            return Err(QuotaExceeded {
+                quota: quota.clone(),
+                in_use: total - new,
+                requested_new: new,
+                frees_at,
+            }
+            .into());
+        }
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO quota_charges (grp, op, resource, charged_at)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (grp, op, resource)
+                 DO UPDATE SET charged_at = max(charged_at, excluded.charged_at)",
+            )?;
+            for r in &requested {
+                upsert.execute(params![group.as_str(), operation.as_str(), r, now_s])?;
+            }
+            let mut expire = tx.prepare_cached(
+                "DELETE FROM quota_charges WHERE grp = ?1 AND op = ?2 AND charged_at <= ?3",
+            )?;
+            expire.execute(params![group.as_str(), operation.as_str(), cutoff])?;
+        }
+        tx.commit()?;
+        Ok(QuotaCharge {
+            quota: Some(quota.clone()),
+            newly_charged: new,
+            in_use: total,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_parse_and_print() {
+        assert_eq!(QuotaWindow::parse("1h").unwrap().as_secs(), 3600);
+        assert_eq!(QuotaWindow::parse("90m").unwrap().to_string(), "90m");
+        assert_eq!(QuotaWindow::parse("120m").unwrap().to_string(), "2h");
+        assert_eq!(QuotaWindow::parse("45s").unwrap().to_string(), "45s");
+        assert_eq!(QuotaWindow::parse("31d").unwrap().to_string(), "31d");
+        for bad in ["", "h", "0h", "1", "1w", "-1h", "1.5h", " 1h", "1H", "32d"] {
+            assert!(QuotaWindow::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}
