@@ -16,5 +16,8 @@ mod id;
 mod op;
 pub mod wire;
 
-pub use id::{Audience, IdError, Name, PrincipalId, PrincipalKind, ResourceId, ResourceKind};
+pub use id::{
+    Audience, IdError, MAX_NAME_LEN, MAX_PRINCIPAL_URI_LEN, Name, PrincipalId, PrincipalKind,
+    ResourceId, ResourceKind,
+};
 pub use op::{OpError, Operation};

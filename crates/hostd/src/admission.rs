@@ -1,0 +1,306 @@
+//! Admission of one admin request: verify, make single-use, journal.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use nitrile_api::wire::RefusalStep;
+use nitrile_api::{Operation, PrincipalId, ResourceId};
+use nitrile_audit::{
+    AuditRecord, CertSha256, Journal, JournalReader, Outcome, Receipt, RecordKind, RequestId,
+};
+use nitrile_pki::PeerIdentity;
+use nitrile_token::{Clock, ReplayCache, Request, TokenError, TokenId, VerifiedGrant, Verifier};
+use time::OffsetDateTime;
+
+/// Why the replay cache could not be rebuilt from the journal at start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdmissionError {
+    /// the journal could not be read back
+    #[error("cannot read the journal to rebuild the replay cache")]
+    Journal(#[from] nitrile_audit::JournalError),
+    /// an audit record could not be encoded
+    #[error("cannot encode an audit record")]
+    Record(#[from] nitrile_audit::RecordError),
+    /// the replay cache is full of live token ids
+    #[error("replay cache full while rebuilding it from the journal")]
+    ReplayCache(#[source] TokenError),
+}
+
+/// A request refused at admission. Its journal record, when it could be
+/// written, has sequence number `audit_seq`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused at {}: {reason}", step.as_str())]
+pub struct Refused {
+    /// HTTP status to answer with.
+    pub status: u16,
+    /// The step that refused.
+    pub step: RefusalStep,
+    /// Stable short code, e.g. `expired`, `replayed`, `journal`.
+    pub code: &'static str,
+    /// Why, for the caller.
+    pub reason: String,
+    /// The refusal's journal record.
+    pub audit_seq: Option<u64>,
+}
+
+/// A request that passed every check and whose request record is durable.
+/// Only [`Admission::admit`] makes one; the operation may now execute.
+#[derive(Debug)]
+#[must_use = "an admitted request must be completed with Admission::complete"]
+pub struct Admitted {
+    grant: VerifiedGrant,
+    principal: PrincipalId,
+    cert_sha256: [u8; 32],
+    request_id: RequestId,
+    receipt: Receipt,
+}
+
+impl Admitted {
+    /// The verified grant the request was admitted with.
+    pub fn grant(&self) -> &VerifiedGrant {
+        &self.grant
+    }
+
+    /// The journal receipt of the request record.
+    pub fn receipt(&self) -> &Receipt {
+        &self.receipt
+    }
+
+    /// Links the request's journal records.
+    pub fn request_id(&self) -> RequestId {
+        self.request_id
+    }
+}
+
+/// Admits or refuses admin requests for one host.
+pub struct Admission {
+    source: PrincipalId,
+    verifier: Verifier,
+    replay: ReplayCache,
+    journal: Arc<Journal>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("source", &self.source)
+            .field("audience", self.verifier.audience())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The key in a request record's detail that carries the token's expiry, so
+/// that single use survives a restart.
+const TOKEN_EXPIRES_AT: &str = "token_expires_at";
+
+impl Admission {
+    /// Builds the admission of host `source` (whose name must be the
+    /// verifier's audience), rebuilding the replay cache from the request
+    /// records of mutating operations in `journal_path` whose tokens are still
+    /// live.
+    pub fn new(
+        source: PrincipalId,
+        verifier: Verifier,
+        replay: ReplayCache,
+        journal: Arc<Journal>,
+        journal_path: &Path,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, AdmissionError> {
+        let now = clock.now();
+        for entry in JournalReader::open(journal_path)? {
+            let entry = entry?;
+            let Ok(record) = entry.record() else { continue };
+            if record.kind != RecordKind::Request
+                || !record.operations.iter().any(|op| op.is_mutation())
+            {
+                continue;
+            }
+            let (Some(id), Some(exp)) = (
+                record
+                    .token_id
+                    .as_deref()
+                    .and_then(|t| t.parse::<TokenId>().ok()),
+                record
+                    .detail
+                    .as_ref()
+                    .and_then(|d| d.get(TOKEN_EXPIRES_AT))
+                    .and_then(|v| v.as_str())
+                    .and_then(|s| {
+                        OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                            .ok()
+                    }),
+            ) else {
+                continue;
+            };
+            if exp > now {
+                replay
+                    .remember(id, exp)
+                    .map_err(AdmissionError::ReplayCache)?;
+            }
+        }
+        Ok(Self {
+            source,
+            verifier,
+            replay,
+            journal,
+            clock,
+        })
+    }
+
+    /// The host's journal.
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    /// Admits `operation` on `resource` for `peer` presenting `token`, or
+    /// refuses it. Either way the decision is journaled; an admitted request's
+    /// record is durable before this returns.
+    pub fn admit(
+        &self,
+        peer: &PeerIdentity,
+        token: Option<&str>,
+        operation: Operation,
+        resource: &ResourceId,
+    ) -> Result<Admitted, Refused> {
+        let now = self.clock.now();
+        let request_id = RequestId::random(&mut rand_core::OsRng);
+        let base = |r: AuditRecord| {
+            r.with_principal(peer.principal.clone())
+                .with_cert_sha256(CertSha256::from_bytes(peer.cert_sha256))
+                .with_operations([operation])
+                .with_resources([resource.clone()])
+                .with_audience(self.verifier.audience().clone())
+        };
+        let refuse = |status: u16, step: RefusalStep, code: &'static str, reason: String| {
+            let record = base(AuditRecord::refusal(
+                now,
+                self.source.clone(),
+                request_id,
+                step,
+                &format!("{code}: {reason}"),
+            ));
+            let audit_seq = match self.append(&record) {
+                Ok(r) => Some(r.seq),
+                Err(e) => {
+                    tracing::error!(error = %e, code, "could not journal a refusal");
+                    eprintln!("nitrile hostd: could not journal a refusal ({code}): {e}");
+                    None
+                }
+            };
+            Refused {
+                status,
+                step,
+                code,
+                reason,
+                audit_seq,
+            }
+        };
+        let Some(token) = token else {
+            return Err(refuse(
+                401,
+                RefusalStep::Token,
+                "missing",
+                "no token; get one with `nitrile token request`".into(),
+            ));
+        };
+        let request = Request {
+            operation,
+            resource: resource.clone(),
+        };
+        let grant = match self
+            .verifier
+            .verify(token, &request, &peer.cert_sha256, &*self.clock)
+        {
+            Ok(g) => g,
+            Err(e) => {
+                return Err(refuse(
+                    status_of(&e),
+                    RefusalStep::Token,
+                    e.code(),
+                    e.to_string(),
+                ));
+            }
+        };
+        if operation.is_mutation() {
+            if let Err(e) = self
+                .replay
+                .check_and_record(grant.token_id(), grant.expires_at(), now)
+            {
+                return Err(refuse(
+                    status_of(&e),
+                    RefusalStep::Token,
+                    e.code(),
+                    e.to_string(),
+                ));
+            }
+        }
+        let record = base(AuditRecord::request(now, self.source.clone(), request_id))
+            .with_token_id(grant.token_id().to_string())
+            .with_group(grant.group().as_str())
+            .with_detail(serde_json::json!({
+                TOKEN_EXPIRES_AT: nitrile_audit::format_time(grant.expires_at()),
+            }));
+        match self.append(&record) {
+            Ok(receipt) => Ok(Admitted {
+                principal: peer.principal.clone(),
+                cert_sha256: peer.cert_sha256,
+                grant,
+                request_id,
+                receipt,
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "journal write failed; request not executed");
+                Err(Refused {
+                    status: 503,
+                    step: RefusalStep::Journal,
+                    code: "journal",
+                    reason: "the host journal cannot record this request, so nothing ran; \
+                             retry later"
+                        .into(),
+                    audit_seq: None,
+                })
+            }
+        }
+    }
+
+    /// Journals how an admitted request ended.
+    pub fn complete(
+        &self,
+        admitted: Admitted,
+        outcome: Outcome,
+        detail: Option<serde_json::Value>,
+    ) -> Result<Receipt, AdmissionError> {
+        let mut record = AuditRecord::outcome(
+            self.clock.now(),
+            self.source.clone(),
+            admitted.request_id,
+            outcome,
+        )
+        .with_principal(admitted.principal)
+        .with_cert_sha256(CertSha256::from_bytes(admitted.cert_sha256))
+        .with_operations([admitted.grant.operation()])
+        .with_resources([admitted.grant.resource().clone()])
+        .with_token_id(admitted.grant.token_id().to_string());
+        if let Some(d) = detail {
+            record = record.with_detail(d);
+        }
+        self.append(&record)
+    }
+
+    fn append(&self, record: &AuditRecord) -> Result<Receipt, AdmissionError> {
+        let bytes = record.encode()?;
+        Ok(self.journal.append(&bytes)?)
+    }
+}
+
+fn status_of(e: &TokenError) -> u16 {
+    match e {
+        TokenError::OperationNotGranted(_)
+        | TokenError::ResourceNotGranted(_)
+        | TokenError::WrongAudience { .. } => 403,
+        TokenError::ReplayCacheFull => 503,
+        _ => 401,
+    }
+}
