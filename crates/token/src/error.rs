@@ -4,7 +4,7 @@ use nitrile_api::{Operation, ResourceId};
 use time::OffsetDateTime;
 
 use crate::claims::ClaimsError;
-use crate::keys::{KeyError, KeyId};
+use crate::keys::KeyId;
 use crate::paseto::{MAX_TOKEN_LEN, PasetoError};
 
 /// Why a token was refused (at a host), or could not be minted (at the token
@@ -95,9 +95,6 @@ pub enum TokenError {
         "host is tracking too many live single-use tokens to accept another; retry in a few minutes"
     )]
     ReplayCacheFull,
-    /// The token service's key could not be used.
-    #[error("token signing key is unusable")]
-    Key(#[from] KeyError),
 }
 
 impl TokenError {
@@ -120,7 +117,6 @@ impl TokenError {
             Self::CertificateMismatch => "certificate_mismatch",
             Self::Replayed => "replayed",
             Self::ReplayCacheFull => "replay_cache_full",
-            Self::Key(_) => "key",
         }
     }
 }
