@@ -19,3 +19,6 @@ pub mod service;
 
 pub use keys::{IssuerFile, KeyRing, KeyRingError};
 pub use service::{Reply, ServiceMetrics, TokenService};
+pub mod server;
+
+pub use server::{Tokend, TokendConfig, TokendError};

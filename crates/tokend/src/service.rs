@@ -6,7 +6,6 @@
 //! token is only ever returned after its grant record is durable.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use nitrile_api::wire::{
     MAX_REQUEST_OPERATIONS, MAX_REQUEST_RESOURCES, Refusal, RefusalStep, TokenRequest,
@@ -14,6 +13,7 @@ use nitrile_api::wire::{
 };
 use nitrile_api::{Name, PrincipalId};
 use nitrile_audit::{AuditRecord, CertSha256, Journal, Outcome, RequestId};
+use nitrile_net::{Counter, MetricsError, Registry};
 use nitrile_pki::PeerIdentity;
 use nitrile_policy::{Entitlements, QuotaError, QuotaStore};
 use nitrile_token::{CertThumbprint, ClaimsInput, Clock, MAX_LIFETIME, TokenIssuer};
@@ -31,16 +31,37 @@ pub struct Reply {
 }
 
 /// Counters exposed as metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ServiceMetrics {
     /// Tokens granted.
-    pub granted: AtomicU64,
+    pub granted: Counter,
     /// Requests refused, any step.
-    pub refused: AtomicU64,
+    pub refused: Counter,
     /// Refusals whose own journal record could not be written.
-    pub refusal_journal_failures: AtomicU64,
+    pub refusal_journal_failures: Counter,
     /// Grants withheld because the journal could not record them.
-    pub journal_failures: AtomicU64,
+    pub journal_failures: Counter,
+}
+
+impl ServiceMetrics {
+    /// Registers the service's counters.
+    pub fn register(registry: &Registry) -> Result<Self, MetricsError> {
+        Ok(Self {
+            granted: registry.counter("nitrile_tokend_granted_total", "Tokens granted.")?,
+            refused: registry.counter(
+                "nitrile_tokend_refused_total",
+                "Token requests refused, any step.",
+            )?,
+            refusal_journal_failures: registry.counter(
+                "nitrile_tokend_refusal_journal_failures_total",
+                "Refusals whose journal record could not be written.",
+            )?,
+            journal_failures: registry.counter(
+                "nitrile_tokend_journal_failures_total",
+                "Grants withheld because the journal could not record them.",
+            )?,
+        })
+    }
 }
 
 /// Everything a token decision needs.
@@ -92,6 +113,7 @@ impl TokenService {
         quotas: QuotaStore,
         journal: Arc<Journal>,
         clock: Arc<dyn Clock>,
+        metrics: ServiceMetrics,
     ) -> Self {
         Self {
             source: issuer.issuer().clone(),
@@ -100,7 +122,7 @@ impl TokenService {
             quotas,
             journal,
             clock,
-            metrics: ServiceMetrics::default(),
+            metrics,
         }
     }
 
@@ -150,7 +172,7 @@ impl TokenService {
                 .with_detail(serde_json::json!({ "expires_at": response.expires_at }));
                 match self.append(&record) {
                     Ok(_) => {
-                        self.metrics.granted.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.granted.inc();
                         let body = serde_json::to_vec(&response)
                             .unwrap_or_else(|_| unreachable!("a token response serializes"));
                         Reply {
@@ -161,9 +183,7 @@ impl TokenService {
                     }
                     Err(reason) => {
                         // The token is dropped unsent: nothing unjournaled leaves.
-                        self.metrics
-                            .journal_failures
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.metrics.journal_failures.inc();
                         tracing::error!(%reason, "journal write failed; token withheld");
                         refusal_reply(
                             &Refused::new(
@@ -313,7 +333,7 @@ impl TokenService {
         request: Option<&TokenRequest>,
         refused: Refused,
     ) -> Reply {
-        self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+        self.metrics.refused.inc();
         let mut record = base(AuditRecord::refusal(
             now,
             self.source.clone(),
@@ -333,9 +353,7 @@ impl TokenService {
         let seq = match self.append(&record) {
             Ok(seq) => Some(seq),
             Err(reason) => {
-                self.metrics
-                    .refusal_journal_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.refusal_journal_failures.inc();
                 tracing::error!(%reason, step = refused.step.as_str(), "could not journal a refusal");
                 eprintln!("nitrile tokend: could not journal a refusal: {reason}");
                 None

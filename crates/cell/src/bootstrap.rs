@@ -1,0 +1,300 @@
+//! Bringing a one-machine cell into being, idempotently.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use nitrile_api::{Name, PrincipalId, PrincipalKind};
+use nitrile_pki::{CellCa, PkiError};
+use nitrile_policy::{PolicyError, ReviewError, ReviewerKey, ReviewerSet, verify_bundle};
+use time::OffsetDateTime;
+
+use crate::config::{ClientConfig, ConfigError, Endpoints};
+use crate::layout::CellLayout;
+use crate::sample::SAMPLE_BUNDLE;
+
+/// The sample principals a one-machine cell gets certificates and client
+/// configs for, as `kind/name`.
+pub const SAMPLE_PRINCIPALS: &[&str] = &[
+    "operator/alice",
+    "operator/bob",
+    "service/placement",
+    "service/deployer",
+    "auditor/carol",
+];
+
+/// The local reviewers of a one-machine cell.
+const LOCAL_REVIEWERS: [&str; 2] = ["reviewer-1", "reviewer-2"];
+
+/// Why a cell could not be brought up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CellError {
+    /// a file or directory of the state could not be read or written
+    #[error("{}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// the state directory belongs to another cell
+    #[error(
+        "{} belongs to cell {found:?}, not {wanted:?}; pass --state with another directory",
+        path.display()
+    )]
+    OtherCell {
+        /// `cell.toml`.
+        path: PathBuf,
+        /// The cell found.
+        found: String,
+        /// The cell asked for.
+        wanted: String,
+    },
+    /// certificates could not be made
+    #[error("cell PKI")]
+    Pki(#[from] PkiError),
+    /// reviewer keys or the reviewer set could not be made
+    #[error("entitlement reviewers")]
+    Review(#[from] ReviewError),
+    /// the entitlement bundle in the state is not valid or not reviewed
+    #[error(
+        "the entitlement bundle {} is not accepted; after changing it, have two reviewers sign \
+         it with `nitrile entitlements sign`",
+        path.display()
+    )]
+    Entitlements {
+        /// The bundle.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: PolicyError,
+    },
+    /// a client config could not be written
+    #[error("client config")]
+    Config(#[from] ConfigError),
+}
+
+/// What [`bootstrap`] made or found.
+#[derive(Debug)]
+pub struct Bootstrapped {
+    /// The cell.
+    pub cell: Name,
+    /// The state layout.
+    pub layout: CellLayout,
+    /// Whether the CA was created now (first start).
+    pub first_start: bool,
+    /// Hex digest of the entitlement bundle in force.
+    pub bundle_digest: String,
+    /// The reviewers whose signatures the bundle carries.
+    pub reviewers: Vec<Name>,
+    /// The token service principal.
+    pub tokend: PrincipalId,
+    /// Client configs written, per principal.
+    pub clients: Vec<(PrincipalId, PathBuf)>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CellError + '_ {
+    move |source| CellError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn principal(cell: &Name, kind_name: &str) -> PrincipalId {
+    PrincipalId::parse(&format!("nitrile://{cell}/{kind_name}"))
+        .unwrap_or_else(|_| unreachable!("sample principals are valid names"))
+}
+
+/// Creates what is missing of a one-machine cell under `layout` and renews
+/// its short-lived certificates; `tokend_addr` goes into the client configs.
+pub fn bootstrap(
+    layout: &CellLayout,
+    cell: &Name,
+    tokend_addr: &str,
+    now: OffsetDateTime,
+) -> Result<Bootstrapped, CellError> {
+    let root = layout.root();
+    std::fs::create_dir_all(root).map_err(io(root))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(io(root))?;
+
+    let cell_file = layout.cell_file();
+    let first_start = match std::fs::read_to_string(&cell_file) {
+        Ok(text) => {
+            let found = text
+                .lines()
+                .find_map(|l| l.strip_prefix("cell = "))
+                .map(|v| v.trim().trim_matches('"').to_owned())
+                .unwrap_or_default();
+            if found != cell.as_str() {
+                return Err(CellError::OtherCell {
+                    path: cell_file,
+                    found,
+                    wanted: cell.to_string(),
+                });
+            }
+            false
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(
+                &cell_file,
+                format!("# nitrile cell state\ncell = \"{cell}\"\n"),
+            )
+            .map_err(io(&cell_file))?;
+            true
+        }
+        Err(e) => return Err(io(&cell_file)(e)),
+    };
+
+    let ca = CellCa::init_or_load(&layout.pki_dir(), cell, now)?;
+
+    // Reviewers: keys of a one-machine cell live here; the set is public.
+    let keys_dir = layout.reviewer_keys_dir();
+    std::fs::create_dir_all(&keys_dir).map_err(io(&keys_dir))?;
+    std::fs::set_permissions(&keys_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(&keys_dir))?;
+    let mut reviewer_keys = Vec::new();
+    for name in LOCAL_REVIEWERS {
+        let name = Name::new(name).unwrap_or_else(|_| unreachable!("valid reviewer name"));
+        let prefix = keys_dir.join(name.as_str());
+        let key_path = prefix.with_extension("key");
+        let key = if key_path.exists() {
+            ReviewerKey::load(&key_path, name)?
+        } else {
+            let key = ReviewerKey::generate(name);
+            key.write(&prefix)?;
+            key
+        };
+        reviewer_keys.push(key);
+    }
+    let mut set_text = String::from(
+        "# Entitlement reviewers of this cell: a bundle needs signatures of two of them.\n",
+    );
+    for k in &reviewer_keys {
+        set_text.push_str(&format!(
+            "\n[[reviewer]]\nname = \"{}\"\npublic_key = \"{}\"\n",
+            k.name(),
+            k.public_key_base64()
+        ));
+    }
+    let set_path = layout.reviewers_file();
+    std::fs::write(&set_path, set_text).map_err(io(&set_path))?;
+    let reviewers = ReviewerSet::load(&set_path)?;
+
+    // The entitlement bundle: the sample, signed by both local reviewers, the
+    // first time; afterwards whatever is there, which must be signed.
+    let bundle_dir = layout.entitlements_dir();
+    if !bundle_dir.exists() {
+        std::fs::create_dir_all(&bundle_dir).map_err(io(&bundle_dir))?;
+        for (name, text) in SAMPLE_BUNDLE {
+            let path = bundle_dir.join(name);
+            std::fs::write(&path, text).map_err(io(&path))?;
+        }
+        for k in &reviewer_keys {
+            k.sign_dir(&bundle_dir)?;
+        }
+    }
+    let reviewed = verify_bundle(&bundle_dir, &reviewers, nitrile_policy::MIN_REVIEWERS).map_err(
+        |source| CellError::Entitlements {
+            path: bundle_dir.clone(),
+            source,
+        },
+    )?;
+
+    // Fresh short-lived certificates on every start.
+    let tokend = principal(cell, "service/tokend");
+    let issue = |p: &PrincipalId| -> Result<(), CellError> {
+        let issued = ca.issue(p, None, now)?;
+        let (cert, key) = layout.cert_and_key(p);
+        issued.write_files(&cert, &key)?;
+        Ok(())
+    };
+    issue(&tokend)?;
+    let mut clients = Vec::new();
+    for kind_name in SAMPLE_PRINCIPALS {
+        let p = principal(cell, kind_name);
+        issue(&p)?;
+        let (cert, key) = layout.cert_and_key(&p);
+        let rel = |path: &Path| PathBuf::from("..").join(path.strip_prefix(root).unwrap_or(path));
+        let config = ClientConfig {
+            cell: cell.to_string(),
+            principal: p.uri(),
+            ca: rel(&layout.ca_cert()),
+            cert: rel(&cert),
+            key: rel(&key),
+            endpoints: Endpoints {
+                tokend: tokend_addr.to_owned(),
+                logd: None,
+            },
+            hosts: Default::default(),
+        };
+        let path = layout.client_config(&p);
+        config.write(&path)?;
+        clients.push((p, path));
+    }
+    debug_assert!(clients.iter().all(|(p, _)| p.kind != PrincipalKind::Host));
+
+    Ok(Bootstrapped {
+        cell: cell.clone(),
+        layout: layout.clone(),
+        first_start,
+        bundle_digest: reviewed.digest().to_hex(),
+        reviewers: reviewed.reviewers().to_vec(),
+        tokend,
+        clients,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_is_idempotent_and_keeps_keys_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&dir.path().join("state"));
+        let cell = Name::new("local").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let first = bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
+        assert!(first.first_start);
+        assert_eq!(first.reviewers.len(), 2);
+        let second = bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
+        assert!(!second.first_start);
+        assert_eq!(first.bundle_digest, second.bundle_digest);
+        for p in [
+            layout.pki_dir().join("ca.key"),
+            layout.cert_and_key(&first.tokend).1,
+        ] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{} is readable by others", p.display());
+        }
+        let alice = &first.clients[0];
+        let config = ClientConfig::load(&alice.1).unwrap();
+        assert!(config.cert.exists() && config.key.exists() && config.ca.exists());
+    }
+
+    #[test]
+    fn an_edited_unsigned_bundle_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&dir.path().join("state"));
+        let cell = Name::new("local").unwrap();
+        let now = OffsetDateTime::now_utc();
+        bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
+        let quotas = layout.entitlements_dir().join("quotas.toml");
+        let mut text = std::fs::read_to_string(&quotas).unwrap();
+        text = text.replace("max_resources = 20", "max_resources = 2000");
+        std::fs::write(&quotas, text).unwrap();
+        let err = bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap_err();
+        assert!(matches!(err, CellError::Entitlements { .. }), "{err}");
+    }
+
+    #[test]
+    fn another_cells_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&dir.path().join("state"));
+        let now = OffsetDateTime::now_utc();
+        bootstrap(&layout, &Name::new("local").unwrap(), "127.0.0.1:1", now).unwrap();
+        let err = bootstrap(&layout, &Name::new("other").unwrap(), "127.0.0.1:1", now).unwrap_err();
+        assert!(matches!(err, CellError::OtherCell { .. }), "{err}");
+    }
+}

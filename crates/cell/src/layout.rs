@@ -1,0 +1,106 @@
+//! Where everything of a cell lives under its state directory.
+
+use std::path::{Path, PathBuf};
+
+use nitrile_api::PrincipalId;
+
+/// The paths of a cell's state directory.
+///
+/// ```text
+/// cell.toml                   cell name
+/// pki/ca.pem, pki/ca.key      the cell CA (key 0600)
+/// pki/<kind>-<name>.pem/.key  service and principal certificates
+/// reviewers.toml              the cell's entitlement reviewer set (public)
+/// reviewers/<name>.key/.pub   local reviewer keys of a one-machine cell
+/// entitlements/               the signed entitlement bundle in force
+/// tokend/                     token service state (keys, journal, quotas)
+/// clients/<name>.toml         operator configs for the CLI
+/// ```
+#[derive(Debug, Clone)]
+pub struct CellLayout {
+    root: PathBuf,
+}
+
+impl CellLayout {
+    /// The layout under `root` (made absolute against the current directory).
+    pub fn new(root: &Path) -> Self {
+        let root = if root.is_absolute() {
+            root.to_owned()
+        } else {
+            std::env::current_dir()
+                .map(|d| d.join(root))
+                .unwrap_or_else(|_| root.to_owned())
+        };
+        Self { root }
+    }
+
+    /// The state directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `cell.toml`.
+    pub fn cell_file(&self) -> PathBuf {
+        self.root.join("cell.toml")
+    }
+
+    /// The CA directory (`ca.pem`, `ca.key`).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.root.join("pki")
+    }
+
+    /// The CA certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.pki_dir().join("ca.pem")
+    }
+
+    /// Certificate and key of a principal.
+    pub fn cert_and_key(&self, principal: &PrincipalId) -> (PathBuf, PathBuf) {
+        let stem = format!("{}-{}", principal.kind, principal.name);
+        (
+            self.pki_dir().join(format!("{stem}.pem")),
+            self.pki_dir().join(format!("{stem}.key")),
+        )
+    }
+
+    /// The reviewer set.
+    pub fn reviewers_file(&self) -> PathBuf {
+        self.root.join("reviewers.toml")
+    }
+
+    /// Local reviewer keys.
+    pub fn reviewer_keys_dir(&self) -> PathBuf {
+        self.root.join("reviewers")
+    }
+
+    /// The entitlement bundle in force.
+    pub fn entitlements_dir(&self) -> PathBuf {
+        self.root.join("entitlements")
+    }
+
+    /// Token service state.
+    pub fn tokend_dir(&self) -> PathBuf {
+        self.root.join("tokend")
+    }
+
+    /// The token service's journal.
+    pub fn tokend_journal(&self) -> PathBuf {
+        self.tokend_dir().join("journal")
+    }
+
+    /// The token service's published issuer keys.
+    pub fn issuer_keys_file(&self) -> PathBuf {
+        self.tokend_dir().join("issuer-keys.toml")
+    }
+
+    /// Operator configs.
+    pub fn clients_dir(&self) -> PathBuf {
+        self.root.join("clients")
+    }
+
+    /// The operator config of a principal.
+    pub fn client_config(&self, principal: &PrincipalId) -> PathBuf {
+        self.clients_dir()
+            .join(format!("{}-{}.toml", principal.kind, principal.name))
+    }
+}

@@ -1,0 +1,25 @@
+//! The state of a nitrile cell on disk, and how a one-machine cell
+//! (`nitrile up`) is brought into being.
+//!
+//! This crate guarantees that [`bootstrap`] is idempotent and keeps secrets
+//! owner-only: it creates the cell CA on first use, the cell's entitlement
+//! reviewer keys and reviewer set, a copy of the sample entitlement bundle
+//! signed by two distinct reviewers, fresh short-lived certificates for the
+//! services and sample principals on every start, and an operator config
+//! ([`ClientConfig`]) per principal. Running it again reuses everything that
+//! exists and is still valid.
+//!
+//! A one-machine cell holds its reviewer keys locally for convenience; a real
+//! cell keeps each reviewer's key with that reviewer and only the public
+//! reviewer set on the token service's machine.
+
+#![forbid(unsafe_code)]
+
+mod bootstrap;
+mod config;
+mod layout;
+pub mod sample;
+
+pub use bootstrap::{Bootstrapped, CellError, SAMPLE_PRINCIPALS, bootstrap};
+pub use config::{ClientConfig, ConfigError, Endpoints, MAX_CONFIG_LEN};
+pub use layout::CellLayout;

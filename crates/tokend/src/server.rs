@@ -1,0 +1,306 @@
+//! `nitrile tokend`: the token service on its mTLS port.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use nitrile_api::{Name, PrincipalId, PrincipalKind};
+use nitrile_audit::Journal;
+use nitrile_net::{Handler, PeerIdentity, Registry, Server};
+use nitrile_pki::tls::{CaRoots, TlsIdentity};
+use nitrile_pki::{PkiError, tls};
+use nitrile_policy::{Entitlements, QuotaStore, ReviewerSet};
+use nitrile_token::{Clock, SystemClock};
+use tokio::net::TcpListener;
+
+use crate::keys::KeyRing;
+use crate::service::{Reply, ServiceMetrics, TokenService};
+
+/// Where the token service finds its inputs and keeps its state.
+#[derive(Debug, Clone)]
+pub struct TokendConfig {
+    /// The cell.
+    pub cell: Name,
+    /// The token service's own state: `keys/`, `issuer-keys.toml`,
+    /// `journal`, `quotas.sqlite`.
+    pub state_dir: PathBuf,
+    /// The cell CA certificate.
+    pub ca: PathBuf,
+    /// The service's certificate (principal `nitrile://<cell>/service/tokend`).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The entitlement bundle to enforce.
+    pub entitlements: PathBuf,
+    /// The cell's reviewer set; the bundle needs signatures of two of them.
+    pub reviewers: PathBuf,
+    /// The mTLS listen address.
+    pub listen: SocketAddr,
+    /// The loopback metrics address, if any.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Why the token service could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokendError {
+    /// TLS material could not be loaded
+    #[error("TLS material")]
+    Tls(#[from] tls::TlsError),
+    /// the service certificate is not a token service certificate of the cell
+    #[error("the certificate {} is not for a token service of cell {cell}", path.display())]
+    NotATokenService {
+        /// The certificate file.
+        path: PathBuf,
+        /// The cell.
+        cell: Name,
+        /// Why.
+        #[source]
+        source: Option<PkiError>,
+    },
+    /// the entitlement bundle was refused
+    #[error("entitlement bundle {} refused", path.display())]
+    Entitlements {
+        /// The bundle.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nitrile_policy::PolicyError,
+    },
+    /// the reviewer set could not be loaded
+    #[error("reviewer set {} refused", path.display())]
+    Reviewers {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nitrile_policy::ReviewError,
+    },
+    /// the quota store could not be opened
+    #[error("quota store")]
+    Quotas(#[from] nitrile_policy::QuotaError),
+    /// the journal could not be opened
+    #[error("audit journal")]
+    Journal(#[from] nitrile_audit::JournalError),
+    /// the signing keys could not be loaded
+    #[error("signing keys")]
+    Keys(#[from] crate::keys::KeyRingError),
+    /// a socket could not be bound or served
+    #[error("network")]
+    Net(#[from] nitrile_net::NetError),
+    /// metrics could not be registered
+    #[error("metrics")]
+    Metrics(#[from] nitrile_net::MetricsError),
+    /// a state directory could not be created
+    #[error("state directory {}", path.display())]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A token service with its sockets bound, ready to serve.
+#[derive(Debug)]
+pub struct Tokend {
+    service: Arc<TokenService>,
+    server: Server,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    registry: Arc<Registry>,
+    entitlements_digest: String,
+    key_id: String,
+}
+
+impl Tokend {
+    /// Loads everything and binds the sockets; fails closed on any problem
+    /// (an unreviewed bundle, a key readable by others, a torn journal).
+    pub async fn open(config: &TokendConfig) -> Result<Self, TokendError> {
+        Self::open_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// [`Tokend::open`] with a given clock (tests move time).
+    pub async fn open_with_clock(
+        config: &TokendConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, TokendError> {
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| TokendError::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        })?;
+        let roots = CaRoots::load(&config.ca)?;
+        let identity = TlsIdentity::load(&config.cert, &config.key)?;
+        let me = PeerIdentity::from_der(identity.leaf(), &config.cell).map_err(|e| {
+            TokendError::NotATokenService {
+                path: config.cert.clone(),
+                cell: config.cell.clone(),
+                source: Some(e),
+            }
+        })?;
+        if me.principal.kind != PrincipalKind::Service {
+            return Err(TokendError::NotATokenService {
+                path: config.cert.clone(),
+                cell: config.cell.clone(),
+                source: None,
+            });
+        }
+        let source: PrincipalId = me.principal;
+        let reviewers =
+            ReviewerSet::load(&config.reviewers).map_err(|source| TokendError::Reviewers {
+                path: config.reviewers.clone(),
+                source,
+            })?;
+        let entitlements =
+            Entitlements::load_reviewed(&config.entitlements, &reviewers).map_err(|source| {
+                TokendError::Entitlements {
+                    path: config.entitlements.clone(),
+                    source,
+                }
+            })?;
+        let entitlements_digest = entitlements.digest().to_hex();
+        let ring = KeyRing::init_or_load(&config.state_dir, source.clone(), &mut rand_core::OsRng)?;
+        let key_id = ring.current().to_owned();
+        let quotas = QuotaStore::open(&config.state_dir.join("quotas.sqlite"))?;
+        let journal = Arc::new(Journal::open(
+            config.state_dir.join("journal"),
+            &source.uri(),
+        )?);
+        let registry = Arc::new(Registry::new());
+        let metrics = ServiceMetrics::register(&registry)?;
+        let service = Arc::new(TokenService::new(
+            ring.issuer()?,
+            Arc::new(entitlements),
+            quotas,
+            journal,
+            clock,
+            metrics,
+        ));
+        let server = Server::new(tls::server_config(&roots, &identity)?, config.cell.clone())
+            .with_metrics(Arc::clone(&registry), "nitrile_tokend");
+        let listener = TcpListener::bind(config.listen).await.map_err(|source| {
+            nitrile_net::NetError::Listener {
+                addr: Some(config.listen),
+                source,
+            }
+        })?;
+        let metrics_listener = match config.metrics {
+            Some(addr) => Some(nitrile_net::bind_metrics(addr).await?),
+            None => None,
+        };
+        Ok(Self {
+            service,
+            server,
+            listener,
+            metrics_listener,
+            registry,
+            entitlements_digest,
+            key_id,
+        })
+    }
+
+    /// The bound mTLS address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// The bound metrics address.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// Digest of the entitlement bundle in force.
+    pub fn entitlements_digest(&self) -> &str {
+        &self.entitlements_digest
+    }
+
+    /// Key id of the current signing key.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// The service (for tests and embedding).
+    pub fn service(&self) -> &Arc<TokenService> {
+        &self.service
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), TokendError> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let metrics_task = self.metrics_listener.map(|l| {
+            let registry = Arc::clone(&self.registry);
+            let mut rx = stop_rx.clone();
+            tokio::spawn(async move {
+                nitrile_net::serve_metrics(l, registry, async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await
+            })
+        });
+        let api = Api(Arc::clone(&self.service));
+        let result = self.server.serve(self.listener, api, shutdown).await;
+        let _ = stop_tx.send(true);
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        result.map_err(TokendError::from)
+    }
+}
+
+struct Api(Arc<TokenService>);
+
+fn to_response(reply: Reply) -> Response<Bytes> {
+    let mut builder = Response::builder()
+        .status(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(s) = reply.retry_after {
+        builder = builder.header(http::header::RETRY_AFTER, s);
+    }
+    builder
+        .body(Bytes::from(reply.body))
+        .unwrap_or_else(|_| unreachable!("status and headers are valid"))
+}
+
+async fn blocking<F: FnOnce() -> Reply + Send + 'static>(f: F) -> Reply {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            tracing::error!(error = %e, "token decision task failed");
+            Reply {
+                status: 500,
+                body: br#"{"step":"internal","reason":"internal failure; nothing was issued"}"#
+                    .to_vec(),
+                retry_after: None,
+            }
+        }
+    }
+}
+
+impl Handler for Api {
+    async fn handle(&self, peer: PeerIdentity, req: Request<Bytes>) -> Response<Bytes> {
+        let svc = Arc::clone(&self.0);
+        let (parts, body) = req.into_parts();
+        let reply = if parts.method == Method::POST && parts.uri.path() == "/v1/tokens" {
+            blocking(move || svc.issue(&peer, &body)).await
+        } else {
+            let method = parts.method.to_string();
+            let path = parts.uri.path().to_owned();
+            blocking(move || svc.refuse_route(&peer, &method, &path)).await
+        };
+        to_response(reply)
+    }
+
+    async fn refused_at_tls(&self, reason: &PkiError, cert_sha256: Option<[u8; 32]>) {
+        let svc = Arc::clone(&self.0);
+        let reason = format!("certificate names no principal of this cell: {reason}");
+        let _ = blocking(move || svc.refuse_unauthenticated(cert_sha256, &reason)).await;
+    }
+}
