@@ -1,63 +1,22 @@
-//! The operator config file, found the kubectl way: `--config FILE`, else
+//! Finding the client config, the kubectl way: `--config FILE`, else
 //! `$NITRILE_CONFIG`, else `$XDG_CONFIG_HOME/nitrile/config.toml` (by default
-//! `~/.config/nitrile/config.toml`).
-//!
-//! ```toml
-//! cell = "local"
-//! ca = "pki/ca.pem"             # the cell CA certificate
-//! cert = "pki/alice.pem"        # this principal's certificate
-//! key = "pki/alice.key"         # and its key (owner-only permissions)
-//!
-//! [endpoints]
-//! tokend = "127.0.0.1:7443"
-//!
-//! [hosts]
-//! h1 = "127.0.0.1:7444"
-//! ```
-//!
-//! Relative paths are relative to the directory of the config file.
+//! `~/.config/nitrile/config.toml`). The format is
+//! [`nitrile_cell::ClientConfig`]; `nitrile up` writes one per sample
+//! principal.
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+use nitrile_api::PrincipalId;
+use nitrile_cell::ClientConfig;
+use nitrile_pki::tls::{CaRoots, TlsIdentity};
 
 use crate::Global;
 
-/// Environment variable naming the operator config file.
+/// Environment variable naming the client config file.
 pub(crate) const CONFIG_ENV: &str = "NITRILE_CONFIG";
-
-/// The operator config as written in the file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct OperatorConfig {
-    /// The cell this config talks to.
-    pub(crate) cell: String,
-    /// The cell CA certificate (PEM).
-    pub(crate) ca: PathBuf,
-    /// This principal's certificate (PEM).
-    pub(crate) cert: PathBuf,
-    /// This principal's private key (PEM, owner-only permissions).
-    pub(crate) key: PathBuf,
-    /// Cell service endpoints, `host:port`.
-    pub(crate) endpoints: Endpoints,
-    /// Host id -> admin API endpoint, `host:port`.
-    #[serde(default)]
-    pub(crate) hosts: BTreeMap<String, String>,
-}
-
-/// Addresses of the cell's services.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct Endpoints {
-    /// The token service.
-    pub(crate) tokend: String,
-    /// The audit log service, once the cell runs one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) logd: Option<String>,
-}
 
 /// Where the config in effect came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,10 +39,10 @@ impl fmt::Display for Source {
     }
 }
 
-/// A config file that was found and parsed, with paths made absolute.
+/// A config that was found and parsed, with paths made absolute.
 #[derive(Debug, Clone)]
 pub(crate) struct Loaded {
-    pub(crate) config: OperatorConfig,
+    pub(crate) config: ClientConfig,
     pub(crate) path: PathBuf,
     pub(crate) source: Source,
 }
@@ -108,24 +67,17 @@ pub(crate) fn locate(global: &Global) -> anyhow::Result<(PathBuf, Source)> {
     Ok((p, Source::Default))
 }
 
-/// Finds, reads and parses the operator config.
+/// Finds, reads and parses the client config.
 pub(crate) fn load(global: &Global) -> anyhow::Result<Loaded> {
     let (path, source) = locate(global)?;
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read operator config {} (from {source}); start a cell with `nitrile up` \
-             and run the `export NITRILE_CONFIG=...` line it prints",
+    if !path.exists() {
+        anyhow::bail!(
+            "no client config at {} (from {source}); start a cell with `nitrile up` and run the \
+             `export NITRILE_CONFIG=...` line it prints, or pass --config FILE",
             path.display()
-        )
-    })?;
-    let mut config: OperatorConfig = toml::from_str(&text)
-        .with_context(|| format!("operator config {} is not valid", path.display()))?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    for p in [&mut config.ca, &mut config.cert, &mut config.key] {
-        if p.is_relative() {
-            *p = base.join(&*p);
-        }
+        );
     }
+    let config = ClientConfig::load(&path)?;
     Ok(Loaded {
         config,
         path,
@@ -133,32 +85,26 @@ pub(crate) fn load(global: &Global) -> anyhow::Result<Loaded> {
     })
 }
 
-impl OperatorConfig {
-    /// The admin API endpoint of a host.
-    pub(crate) fn host_endpoint(&self, host: &str) -> anyhow::Result<&str> {
-        self.hosts
-            .get(host)
-            .map(String::as_str)
-            .with_context(|| format!("host {host:?} is not in the operator config's [hosts] table"))
+impl Loaded {
+    /// The mTLS client configuration of this principal.
+    pub(crate) fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let roots = CaRoots::load(&self.config.ca)
+            .with_context(|| format!("cell CA {}", self.config.ca.display()))?;
+        let identity =
+            TlsIdentity::load(&self.config.cert, &self.config.key).with_context(|| {
+                format!(
+                    "certificate {} and key {}; if it expired, restart `nitrile up` or renew it \
+                 with `nitrile pki renew`",
+                    self.config.cert.display(),
+                    self.config.key.display()
+                )
+            })?;
+        Ok(nitrile_pki::tls::client_config(&roots, &identity)?)
     }
 
-    /// Writes the config as TOML with owner-only permissions.
-    pub(crate) fn write(&self, path: &Path) -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let text = toml::to_string_pretty(self)?;
-        let tmp = path.with_extension("toml.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(b"# nitrile operator config: see `nitrile config show`\n")?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
+    /// The token service principal of this config's cell.
+    pub(crate) fn tokend_principal(&self) -> anyhow::Result<PrincipalId> {
+        PrincipalId::parse(&format!("nitrile://{}/service/tokend", self.config.cell))
+            .with_context(|| format!("cell name in {}", self.path.display()))
     }
 }

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod cmd;
 mod config;
 mod output;
+mod service;
 
 use output::Output;
 

@@ -2,12 +2,15 @@
 
 use serde::Serialize;
 
-use crate::config::{self, OperatorConfig};
+use crate::config;
 use crate::{Global, output::Output};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
-    /// Print the operator config in effect and which file it came from.
+    /// Print the client config in effect and which file it came from.
+    ///
+    /// The file is found from `--config FILE`, else `$NITRILE_CONFIG`, else
+    /// `~/.config/nitrile/config.toml`.
     ///
     /// Example: `nitrile config show -o json`
     Show,
@@ -17,7 +20,7 @@ pub(crate) enum Command {
 struct Shown<'a> {
     path: String,
     source: String,
-    config: &'a OperatorConfig,
+    config: &'a nitrile_cell::ClientConfig,
 }
 
 pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {

@@ -15,6 +15,32 @@ use crate::output::{Output, print_json, print_table};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
+    /// Ask the token service for a token for exactly these operations on
+    /// exactly these resources at one host, and print it on stdout.
+    ///
+    /// The request is authenticated with the client certificate of the
+    /// client config (`nitrile config show`); the token is bound to that
+    /// certificate and useless from any other. Refusals say which step
+    /// refused (tls, entitlement, quota, journal) and why.
+    ///
+    /// Example: `nitrile token request --op host.describe --resource host/h1 --audience h1`
+    Request {
+        /// An operation the token should allow (repeatable), e.g. host.describe.
+        #[arg(long = "op", value_name = "OP", required = true)]
+        ops: Vec<nitrile_api::Operation>,
+        /// An exact resource (repeatable), e.g. host/h1 or instance/i-7.
+        #[arg(long = "resource", value_name = "KIND/ID", required = true)]
+        resources: Vec<nitrile_api::ResourceId>,
+        /// The host that will accept the token.
+        #[arg(long, value_name = "HOST")]
+        audience: Audience,
+        /// The entitlement group to act as (default: the first that allows it all).
+        #[arg(long)]
+        group: Option<String>,
+        /// Token lifetime, e.g. 2m (default 5m, at most 15m).
+        #[arg(long, value_name = "DURATION")]
+        lifetime: Option<String>,
+    },
     /// Decode an admin token and say what it allows. With `--issuer-key`,
     /// also verify its signature and validity time; without, the output is
     /// labelled UNVERIFIED. The token is read from a file or standard input,
@@ -28,6 +54,10 @@ pub(crate) enum Command {
         /// PEM public key of the token service (repeat for keys in rotation).
         #[arg(long = "issuer-key", value_name = "PUBKEY_PEM")]
         issuer_keys: Vec<PathBuf>,
+        /// The token service's published key set (`issuer-keys.toml`); pins
+        /// its issuer too.
+        #[arg(long = "issuer-keys", value_name = "FILE", conflicts_with_all = ["issuer_keys", "issuer"])]
+        issuer_key_set: Option<PathBuf>,
         /// The token service principal the keys belong to; by default the
         /// issuer the token claims.
         #[arg(long, value_name = "PRINCIPAL")]
@@ -40,13 +70,36 @@ pub(crate) enum Command {
 
 pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
     match command {
+        Command::Request {
+            ops,
+            resources,
+            audience,
+            group,
+            lifetime,
+        } => request(global, ops, resources, audience, group, lifetime),
         Command::Inspect {
             file,
             issuer_keys,
+            issuer_key_set,
             issuer,
             audience,
         } => {
             let token = read_token(&file)?;
+            if let Some(path) = issuer_key_set {
+                let set = nitrile_tokend::IssuerFile::load(&path)?;
+                let keys: Vec<VerifyingKey> = set
+                    .key_ids()
+                    .filter_map(|id| set.get(id).copied())
+                    .collect();
+                let report = inspect(
+                    &token,
+                    &keys,
+                    Some(set.issuer().clone()),
+                    audience.as_ref(),
+                    &SystemClock,
+                )?;
+                return print_report(&report, global.output);
+            }
             let keys = issuer_keys
                 .iter()
                 .map(|p| {
@@ -345,5 +398,75 @@ mod tests {
         let clock = FixedClock::new(NOW);
         assert!(inspect("v4.public.AAAA", &[], None, None, &clock).is_err());
         assert!(inspect("hello", &[], None, None, &clock).is_err());
+    }
+}
+
+fn request(
+    global: &Global,
+    operations: Vec<nitrile_api::Operation>,
+    resources: Vec<nitrile_api::ResourceId>,
+    audience: Audience,
+    group: Option<String>,
+    lifetime: Option<String>,
+) -> anyhow::Result<()> {
+    use nitrile_api::wire::{TokenRequest, TokenResponse};
+    let lifetime_secs = match lifetime {
+        None => None,
+        Some(text) => Some(nitrile_pki::parse_duration(&text)?.as_secs()),
+    };
+    let loaded = crate::config::load(global)?;
+    let tls = loaded.tls()?;
+    let tokend = loaded.tokend_principal()?;
+    let addr = loaded.config.endpoints.tokend.clone();
+    let body = TokenRequest {
+        operations,
+        resources,
+        audience,
+        group,
+        lifetime_secs,
+    };
+    let response = crate::service::block_on(async {
+        let mut client = nitrile_net::Client::connect(&addr, &tokend, tls).await?;
+        client.post_json("/v1/tokens", &body).await
+    })?;
+    let response = response.map_err(|e| {
+        let hint = if e.is_tls() {
+            "the TLS handshake was refused: is the client certificate of this cell and unexpired?"
+        } else {
+            "is the cell running (`nitrile up`)?"
+        };
+        anyhow::anyhow!("cannot get a token from {addr}: {e}; {hint}")
+    })?;
+    if !response.status.is_success() {
+        match response.refusal() {
+            Some(r) => {
+                let mut msg = format!(
+                    "token refused at step {} ({}): {}",
+                    r.step.as_str(),
+                    response.status,
+                    r.reason
+                );
+                if let Some(s) = r.retry_after_secs {
+                    msg.push_str(&format!("; retry in {s}s"));
+                }
+                if let Some(seq) = r.audit_seq {
+                    msg.push_str(&format!(" [audit record {seq}]"));
+                }
+                anyhow::bail!(msg)
+            }
+            None => anyhow::bail!("token service answered {}", response.status),
+        }
+    }
+    let granted: TokenResponse = response.json()?;
+    match global.output {
+        Output::Json => crate::output::print_json(&granted),
+        Output::Table => {
+            println!("{}", granted.token);
+            eprintln!(
+                "token {} for group {}, expires {}",
+                granted.token_id, granted.group, granted.expires_at
+            );
+            Ok(())
+        }
     }
 }
