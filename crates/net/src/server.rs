@@ -50,6 +50,19 @@ pub trait Handler: Send + Sync + 'static {
         req: Request<Bytes>,
     ) -> impl Future<Output = Response<Bytes>> + Send;
 
+    /// Told once per connection whose TLS handshake failed (no client
+    /// certificate, one from another CA, an expired one, TLS 1.2, a
+    /// timeout). No HTTP is answered; services journal the failed
+    /// authentication here.
+    fn handshake_failed(
+        &self,
+        remote: SocketAddr,
+        reason: &str,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (remote, reason);
+        std::future::ready(())
+    }
+
     /// Told once per connection whose verified certificate could not be
     /// turned into an identity of this cell (no nitrile principal, several,
     /// another cell). The connection's requests are answered `401` without
@@ -304,11 +317,13 @@ impl<H: Handler> Shared<H> {
                 Ok(Err(e)) => {
                     self.metrics.tls_handshake_failures.inc();
                     tracing::info!(%remote, error = %e, "TLS handshake refused");
+                    self.handler.handshake_failed(remote, &e.to_string()).await;
                     return;
                 }
                 Err(_) => {
                     self.metrics.tls_handshake_failures.inc();
                     tracing::info!(%remote, "TLS handshake timed out");
+                    self.handler.handshake_failed(remote, "TLS handshake timed out").await;
                     return;
                 }
             },

@@ -298,6 +298,12 @@ impl Handler for Api {
         to_response(reply)
     }
 
+    async fn handshake_failed(&self, remote: SocketAddr, reason: &str) {
+        let svc = Arc::clone(&self.0);
+        let reason = format!("TLS handshake failed: {reason}");
+        let _ = blocking(move || svc.refuse_handshake(remote, &reason)).await;
+    }
+
     async fn refused_at_tls(&self, reason: &PkiError, cert_sha256: Option<[u8; 32]>) {
         let svc = Arc::clone(&self.0);
         let reason = format!("certificate names no principal of this cell: {reason}");

@@ -219,6 +219,22 @@ impl TokenService {
         )
     }
 
+    /// Journals a connection whose TLS handshake failed: no certificate, one
+    /// of another CA, an expired one, an old protocol. Nothing is answered.
+    pub fn refuse_handshake(&self, remote: std::net::SocketAddr, reason: &str) -> Reply {
+        let now = self.clock.now();
+        let request_id = RequestId::random(&mut rand_core::OsRng);
+        let refused = Refused::new(401, RefusalStep::Tls, reason);
+        let detail = serde_json::json!({ "remote": remote.to_string() });
+        self.refuse(
+            |r| r.with_detail(detail.clone()),
+            now,
+            request_id,
+            None,
+            refused,
+        )
+    }
+
     /// Journals a request for a path or method the service does not have.
     pub fn refuse_route(&self, peer: &PeerIdentity, method: &str, path: &str) -> Reply {
         let now = self.clock.now();
