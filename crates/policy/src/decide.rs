@@ -169,16 +169,18 @@ pub(crate) struct PairOutcome {
 
 impl PairOutcome {
     fn of(response: &Response) -> Self {
-        let reasons = response
+        let mut reasons: Vec<String> = response
             .diagnostics()
             .reason()
             .map(ToString::to_string)
             .collect();
-        let errors: Vec<String> = response
+        reasons.sort();
+        let mut errors: Vec<String> = response
             .diagnostics()
             .errors()
             .map(ToString::to_string)
             .collect();
+        errors.sort();
         Self {
             // Fail closed: an error in any policy denies, even a forbid
             // that Cedar would skip.
@@ -467,4 +469,117 @@ fn split_by_effect(set: &PolicySet) -> (PolicySet, PolicySet) {
         let _ = target.add(p.clone());
     }
     (permits, forbids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Bundle;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    const GROUPS: usize = 8;
+
+    /// A synthetic bundle plus policies without a group scope, some naming
+    /// principals or resources directly.
+    fn bundle() -> &'static Entitlements {
+        static E: OnceLock<(tempfile::TempDir, Entitlements)> = OnceLock::new();
+        &E.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            crate::synth::write_bundle(dir.path(), GROUPS, 300).unwrap();
+            std::fs::write(
+                dir.path().join("unscoped.cedar"),
+                r#"
+permit(principal == Nitrile::Operator::"op3", action == Nitrile::Action::"host.update", resource);
+forbid(principal, action == Nitrile::Action::"host.drain", resource == Nitrile::Host::"h5");
+permit(principal is Nitrile::Service, action == Nitrile::Action::"instance.list", resource)
+  when { principal in Nitrile::Group::"g2" };
+forbid(principal, action in Nitrile::Action::"mutate", resource is Nitrile::Instance)
+  unless { context.host in Nitrile::ResourceSet::"rs1" || principal in Nitrile::Group::"g4" };
+permit(principal, action == Nitrile::Action::"audit.read", resource == Nitrile::Log::"local")
+  when { principal in Nitrile::Group::"g1" };
+"#,
+            )
+            .unwrap();
+            let e = Bundle::load(dir.path()).unwrap();
+            (dir, e)
+        })
+        .1
+    }
+
+    fn principal_strategy() -> impl Strategy<Value = PrincipalId> {
+        (0..3usize, 0..GROUPS + 2).prop_map(|(kind, n)| {
+            let (k, prefix) = [("operator", "op"), ("service", "svc"), ("auditor", "op")][kind];
+            PrincipalId::parse(&format!("nitrile://c/{k}/{prefix}{n}")).unwrap()
+        })
+    }
+
+    fn resource_strategy(op: Operation) -> impl Strategy<Value = ResourceId> {
+        let kind = op.resource_kind();
+        (0..110usize).prop_map(move |n| {
+            let name = match kind {
+                nitrile_api::ResourceKind::Log if n % 2 == 0 => "local".to_owned(),
+                nitrile_api::ResourceKind::Host => format!("h{n}"),
+                _ => format!("x{n}"),
+            };
+            ResourceId::parse(&format!("{kind}/{name}")).unwrap()
+        })
+    }
+
+    fn request_strategy() -> impl Strategy<Value = (PrincipalId, Operation, ResourceId, Audience)> {
+        (
+            principal_strategy(),
+            prop::sample::select(Operation::ALL.to_vec()),
+            0..110usize,
+        )
+            .prop_flat_map(|(p, op, host)| {
+                (
+                    Just(p),
+                    Just(op),
+                    resource_strategy(op),
+                    Just(Audience::new(&format!("h{host}")).unwrap()),
+                )
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Evaluating a group's slice decides exactly as evaluating every
+        /// policy of the bundle, for every group of the principal.
+        #[test]
+        fn slice_evaluation_agrees_with_the_whole_policy_set(
+            (p, op, r, a) in request_strategy()
+        ) {
+            let e = bundle();
+            let host = audience_uid(&a);
+            let r_uid = resource_uid(&r);
+            let groups = e.groups_of(&p);
+            for g in &groups {
+                let p_uid = principal_uid(&p).unwrap();
+                let entities = e.request_entities(&p_uid, g, [&r_uid, &host].into_iter());
+                let sliced = e.evaluate(e.slice(g), &entities, &p_uid, op, &r_uid, &host);
+                let whole = e.evaluate(&e.all, &entities, &p_uid, op, &r_uid, &host);
+                prop_assert_eq!(sliced.allowed, whole.allowed);
+                prop_assert_eq!(sliced.reasons, whole.reasons);
+                prop_assert_eq!(sliced.errors, whole.errors);
+            }
+            // And authorize agrees with some group allowing it.
+            let any = groups.iter().any(|g| {
+                let p_uid = principal_uid(&p).unwrap();
+                let entities = e.request_entities(&p_uid, g, [&r_uid, &host].into_iter());
+                e.evaluate(&e.all, &entities, &p_uid, op, &r_uid, &host).allowed
+            });
+            prop_assert_eq!(e.authorize(&p, None, &[op], &[r], &a).is_ok(), any);
+        }
+    }
+
+    #[test]
+    fn slices_are_smaller_than_the_whole_set() {
+        let e = bundle();
+        let whole = e.all.policies().count();
+        for g in e.groups() {
+            assert!(e.slice(g).policies().count() * 4 < whole, "{g}");
+        }
+    }
 }

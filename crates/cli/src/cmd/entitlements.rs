@@ -1,10 +1,297 @@
-//! `nitrile entitlements`.
+//! `nitrile entitlements`: validate, digest, sign, explain and compare
+//! entitlement bundles.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use nitrile_api::{Audience, Name, Operation, PrincipalId, ResourceId, ResourceKind};
+use nitrile_policy::{Bundle, Entitlements, ReviewerKey, ReviewerSet, verify_bundle};
 
 use crate::Global;
+use crate::output::{Output, print_json};
 
 #[derive(Debug, clap::Subcommand)]
-pub(crate) enum Command {}
+pub(crate) enum Command {
+    /// Validate a bundle strictly and print a summary; with --reviewers also
+    /// check that enough distinct reviewers signed its current content.
+    ///
+    /// Example: `nitrile entitlements check entitlements/ --reviewers reviewers.toml`
+    Check {
+        /// The bundle directory.
+        dir: PathBuf,
+        /// Reviewer set (TOML: [[reviewer]] name, public_key).
+        #[arg(long, value_name = "FILE")]
+        reviewers: Option<PathBuf>,
+    },
+    /// Print the digest reviewers sign (SHA-256 over every file but signatures/).
+    ///
+    /// Example: `nitrile entitlements digest entitlements/`
+    Digest {
+        /// The bundle directory.
+        dir: PathBuf,
+    },
+    /// Create a reviewer key pair: PREFIX.key (mode 0600) and PREFIX.pub.
+    ///
+    /// Example: `nitrile entitlements keygen --reviewer rita --out ~/.nitrile/rita`
+    Keygen {
+        /// The reviewer's name.
+        #[arg(long)]
+        reviewer: Name,
+        /// Path prefix of the two files written.
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+    /// Sign the bundle's current content: writes DIR/signatures/NAME.sig.
+    ///
+    /// Example: `nitrile entitlements sign --key rita.key --reviewer rita entitlements/`
+    Sign {
+        /// The reviewer's private key (PKCS#8 PEM).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The reviewer's name.
+        #[arg(long)]
+        reviewer: Name,
+        /// The bundle directory.
+        dir: PathBuf,
+    },
+    /// Explain the decision on one operation: which group slice was used and
+    /// which policies permit or forbid, with file:line.
+    ///
+    /// Example: `nitrile entitlements explain entitlements/ --principal operator/alice --op host.drain --resource host/h1`
+    Explain {
+        /// The bundle directory.
+        dir: PathBuf,
+        /// `nitrile://cell/kind/name`, or `kind/name`.
+        #[arg(long)]
+        principal: String,
+        /// The operation, e.g. host.drain.
+        #[arg(long)]
+        op: Operation,
+        /// The resource, e.g. host/h1 or instance/i-7.
+        #[arg(long)]
+        resource: ResourceId,
+        /// The host the token would be for (default: the resource, for hosts;
+        /// logd for logs; required for instances and volumes).
+        #[arg(long)]
+        audience: Option<Audience>,
+    },
+    /// Show the changes in access between two bundles (added/removed grants).
+    ///
+    /// Example: `nitrile entitlements diff old/ entitlements/`
+    Diff {
+        /// The bundle before.
+        old: PathBuf,
+        /// The bundle after.
+        new: PathBuf,
+    },
+    /// Print the fixed schema every bundle carries as schema.cedarschema.
+    ///
+    /// Example: `nitrile entitlements schema > entitlements/schema.cedarschema`
+    Schema,
+}
 
-pub(crate) fn run(command: Command, _global: &Global) -> anyhow::Result<()> {
-    match command {}
+pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
+    match command {
+        Command::Check { dir, reviewers } => check(dir, reviewers, global.output),
+        Command::Digest { dir } => {
+            let digest = Bundle::read(&dir)?.digest();
+            match global.output {
+                Output::Json => print_json(&serde_json::json!({ "digest": digest.to_hex() })),
+                Output::Table => {
+                    println!("{digest}");
+                    Ok(())
+                }
+            }
+        }
+        Command::Keygen { reviewer, out } => {
+            let key = ReviewerKey::generate(reviewer.clone());
+            let (key_path, pub_path) = key.write(&out)?;
+            eprintln!("wrote {} (secret, mode 0600)", key_path.display());
+            eprintln!("wrote {}", pub_path.display());
+            eprintln!("add to the cell's reviewer set:");
+            println!(
+                "[[reviewer]]\nname = \"{reviewer}\"\npublic_key = \"{}\"",
+                key.public_key_base64()
+            );
+            Ok(())
+        }
+        Command::Sign { key, reviewer, dir } => {
+            // Validate before signing: a reviewer signs what loads.
+            Bundle::load(&dir).context("refusing to sign a bundle that does not load")?;
+            let key = ReviewerKey::load(&key, reviewer.clone())?;
+            let digest = key.sign_dir(&dir)?;
+            eprintln!(
+                "signed {digest} as {reviewer}: {}",
+                dir.join("signatures")
+                    .join(format!("{reviewer}.sig"))
+                    .display()
+            );
+            Ok(())
+        }
+        Command::Explain {
+            dir,
+            principal,
+            op,
+            resource,
+            audience,
+        } => explain(dir, &principal, op, resource, audience, global.output),
+        Command::Diff { old, new } => {
+            let old = Bundle::load(&old).with_context(|| format!("loading {}", old.display()))?;
+            let new = Bundle::load(&new).with_context(|| format!("loading {}", new.display()))?;
+            let changes = nitrile_policy::diff(&old, &new);
+            let lines: Vec<String> = changes.iter().map(ToString::to_string).collect();
+            match global.output {
+                Output::Json => print_json(&serde_json::json!({
+                    "old_digest": old.digest().to_hex(),
+                    "new_digest": new.digest().to_hex(),
+                    "changes": lines,
+                })),
+                Output::Table => {
+                    if lines.is_empty() {
+                        println!("no change in access");
+                    }
+                    for l in lines {
+                        println!("{l}");
+                    }
+                    Ok(())
+                }
+            }
+        }
+        Command::Schema => {
+            print!("{}", nitrile_policy::SCHEMA_TEXT);
+            Ok(())
+        }
+    }
+}
+
+fn check(dir: PathBuf, reviewers: Option<PathBuf>, output: Output) -> anyhow::Result<()> {
+    let entitlements = match reviewers {
+        Some(path) => {
+            let set = ReviewerSet::load(&path)?;
+            let reviewed = verify_bundle(&dir, &set, nitrile_policy::MIN_REVIEWERS)?;
+            for r in reviewed.rejected() {
+                eprintln!("warning: signature not counted: {r}");
+            }
+            Entitlements::from_reviewed(reviewed)?
+        }
+        None => Bundle::load(&dir)?,
+    };
+    let s = entitlements.summary();
+    match output {
+        Output::Json => print_json(&s),
+        Output::Table => {
+            println!("digest     {}", s.digest);
+            if s.reviewers.is_empty() {
+                println!("reviewed   not checked (pass --reviewers FILE)");
+            } else {
+                println!("reviewed   by {}", s.reviewers.join(", "));
+            }
+            println!(
+                "contents   {} groups, {} principals, {} resource sets, {} policies, {} quotas",
+                s.groups.len(),
+                s.principals,
+                s.resource_sets.len(),
+                s.policies,
+                s.quotas
+            );
+            println!();
+            let rows: Vec<Vec<String>> = s
+                .groups
+                .iter()
+                .map(|g| {
+                    vec![
+                        g.name.clone(),
+                        g.members.join(" "),
+                        g.policies.to_string(),
+                        g.quotas.join(" "),
+                    ]
+                })
+                .collect();
+            crate::output::print_table(&["GROUP", "MEMBERS", "POLICIES", "QUOTAS"], &rows);
+            println!();
+            let rows: Vec<Vec<String>> = s
+                .resource_sets
+                .iter()
+                .map(|(name, members)| vec![name.clone(), members.join(" ")])
+                .collect();
+            crate::output::print_table(&["RESOURCE SET", "MEMBERS"], &rows);
+            Ok(())
+        }
+    }
+}
+
+fn parse_principal(s: &str) -> anyhow::Result<PrincipalId> {
+    if s.starts_with("nitrile://") {
+        return Ok(PrincipalId::parse(s)?);
+    }
+    let (kind, name) = s
+        .split_once('/')
+        .with_context(|| format!("principal {s:?} is not nitrile://cell/kind/name or kind/name"))?;
+    // The bundle does not depend on the cell; any valid cell name will do.
+    Ok(PrincipalId::new(
+        Name::new("local")?,
+        kind.parse()?,
+        Name::new(name)?,
+    ))
+}
+
+fn explain(
+    dir: PathBuf,
+    principal: &str,
+    op: Operation,
+    resource: ResourceId,
+    audience: Option<Audience>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let principal = parse_principal(principal)?;
+    let audience = match (audience, resource.kind) {
+        (Some(a), _) => a,
+        (None, ResourceKind::Host) => Audience::new(resource.name.as_str())?,
+        (None, ResourceKind::Log) => Audience::new("logd")?,
+        (None, kind) => anyhow::bail!(
+            "--audience HOST is required for {kind} resources: policies scope them by the host they run on"
+        ),
+    };
+    let e = Bundle::load(&dir)?;
+    let x = e.explain(&principal, op, &resource, &audience);
+    if output == Output::Json {
+        return print_json(&x);
+    }
+    println!(
+        "{} {} on {} at {}",
+        x.principal, x.operation, x.resource, x.audience
+    );
+    if let Some(refused) = &x.refused_early {
+        println!("DENY: {refused}");
+        return Ok(());
+    }
+    let mut allowed_by = None;
+    for g in &x.groups {
+        println!(
+            "group {} (slice of {} policies): {}",
+            g.group,
+            g.slice_policies,
+            if g.allowed { "ALLOW" } else { "DENY" }
+        );
+        for p in &g.permits {
+            println!("  permit  {p}");
+        }
+        for p in &g.forbids {
+            println!("  forbid  {p}");
+        }
+        for err in &g.errors {
+            println!("  error   {err}");
+        }
+        if g.permits.is_empty() && g.forbids.is_empty() && g.errors.is_empty() {
+            println!("  no policy applies");
+        }
+        if g.allowed && allowed_by.is_none() {
+            allowed_by = Some(g.group.clone());
+        }
+    }
+    match allowed_by {
+        Some(g) => println!("decision: ALLOW as group {g}"),
+        None => println!("decision: DENY"),
+    }
+    Ok(())
 }

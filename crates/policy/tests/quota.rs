@@ -1,0 +1,194 @@
+//! Quotas: distinct resources per sliding window, all or nothing, durable.
+
+mod common;
+
+use common::*;
+use nitrile_api::Operation::{HostDescribe, HostDrain, HostUndrain};
+use nitrile_api::ResourceId;
+use nitrile_policy::{Bundle, Quota, QuotaError, QuotaStore, QuotaWindow, Quotas};
+use time::{Duration, OffsetDateTime};
+
+fn hosts(range: std::ops::Range<usize>) -> Vec<ResourceId> {
+    range.map(|i| res(&format!("host/h{i}"))).collect()
+}
+
+fn t0() -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap()
+}
+
+fn three_per_hour() -> Quotas {
+    Quotas::from_quotas([Quota {
+        group: name("oncall"),
+        operation: HostDrain,
+        max_resources: 3,
+        window: QuotaWindow::parse("1h").unwrap(),
+    }])
+}
+
+#[test]
+fn distinct_resources_are_counted_and_repeats_are_free() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = QuotaStore::open(&tmp.path().join("quota.db")).unwrap();
+    let q = three_per_hour();
+    let g = name("oncall");
+    let c = store
+        .try_charge(&q, &g, HostDrain, &hosts(0..2), t0())
+        .unwrap();
+    assert_eq!((c.newly_charged, c.in_use), (2, 2));
+    // h1 again (and twice in one request) does not count again.
+    let c = store
+        .try_charge(
+            &q,
+            &g,
+            HostDrain,
+            &[res("host/h1"), res("host/h1"), res("host/h2")],
+            t0() + Duration::minutes(1),
+        )
+        .unwrap();
+    assert_eq!((c.newly_charged, c.in_use), (1, 3));
+    // All or nothing: h3 + h0 would be fine for h0, not for h3.
+    let e = store
+        .try_charge(
+            &q,
+            &g,
+            HostDrain,
+            &[res("host/h0"), res("host/h3")],
+            t0() + Duration::minutes(2),
+        )
+        .unwrap_err();
+    let QuotaError::Exceeded(x) = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(
+        (x.in_use, x.requested_new, x.quota.max_resources),
+        (3, 1, 3)
+    );
+    // h0 leaving the window would not help (this request renews it); the
+    // next charge to leave is h1's renewal or h2's, both at t0+1m.
+    assert_eq!(x.frees_at, Some(t0() + Duration::minutes(61)));
+    assert_eq!(
+        x.retry_after(t0() + Duration::minutes(2)),
+        Some(std::time::Duration::from_secs(59 * 60))
+    );
+    assert!(
+        x.to_string()
+            .contains("oncall host.drain at most 3 resource(s) per 1h"),
+        "{x}"
+    );
+    // Nothing was charged by the refused request: h0 alone still fits.
+    store
+        .try_charge(
+            &q,
+            &g,
+            HostDrain,
+            &[res("host/h0")],
+            t0() + Duration::minutes(3),
+        )
+        .unwrap();
+    // Other operations and groups are separate (and unlimited here).
+    let c = store
+        .try_charge(&q, &g, HostUndrain, &hosts(0..50), t0())
+        .unwrap();
+    assert!(c.quota.is_none());
+    store
+        .try_charge(&q, &name("placement"), HostDrain, &hosts(0..50), t0())
+        .unwrap();
+    // A request larger than the quota can never succeed.
+    let QuotaError::Exceeded(x) = store
+        .try_charge(&q, &g, HostDrain, &hosts(10..14), t0() + Duration::days(1))
+        .unwrap_err()
+    else {
+        panic!()
+    };
+    assert_eq!(x.frees_at, None);
+}
+
+#[test]
+fn charges_survive_reopen_and_free_after_the_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("quota.db");
+    let q = three_per_hour();
+    let g = name("oncall");
+    {
+        let store = QuotaStore::open(&path).unwrap();
+        store
+            .try_charge(&q, &g, HostDrain, &hosts(0..1), t0())
+            .unwrap();
+        store
+            .try_charge(
+                &q,
+                &g,
+                HostDrain,
+                &hosts(1..3),
+                t0() + Duration::minutes(10),
+            )
+            .unwrap();
+    }
+    let store = QuotaStore::open(&path).unwrap();
+    let QuotaError::Exceeded(x) = store
+        .try_charge(
+            &q,
+            &g,
+            HostDrain,
+            &hosts(3..4),
+            t0() + Duration::minutes(30),
+        )
+        .unwrap_err()
+    else {
+        panic!()
+    };
+    assert_eq!(x.in_use, 3);
+    assert_eq!(x.frees_at, Some(t0() + Duration::hours(1)));
+    // Just before h0 leaves the window: still exhausted.
+    assert!(
+        store
+            .try_charge(
+                &q,
+                &g,
+                HostDrain,
+                &hosts(3..4),
+                t0() + Duration::seconds(3599)
+            )
+            .is_err()
+    );
+    // At t0 + 1h, h0's charge has left the window.
+    let c = store
+        .try_charge(&q, &g, HostDrain, &hosts(3..4), t0() + Duration::hours(1))
+        .unwrap();
+    assert_eq!(c.in_use, 3);
+    drop(store);
+    let store = QuotaStore::open(&path).unwrap();
+    assert!(
+        store
+            .try_charge(&q, &g, HostDrain, &hosts(4..5), t0() + Duration::hours(1))
+            .is_err()
+    );
+    // After everything left the window, all three are free again.
+    let c = store
+        .try_charge(&q, &g, HostDrain, &hosts(5..8), t0() + Duration::hours(3))
+        .unwrap();
+    assert_eq!((c.newly_charged, c.in_use), (3, 3));
+}
+
+#[test]
+fn the_sample_bundle_quota_limits_oncall_drains_to_twenty_an_hour() {
+    let e = Bundle::load(&sample_dir()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = QuotaStore::open(&tmp.path().join("q.db")).unwrap();
+    let g = name("oncall");
+    for i in 0..20 {
+        store
+            .try_charge(e.quotas(), &g, HostDrain, &hosts(i..i + 1), t0())
+            .unwrap();
+    }
+    assert!(
+        store
+            .try_charge(e.quotas(), &g, HostDrain, &hosts(20..21), t0())
+            .is_err()
+    );
+    assert!(
+        store
+            .try_charge(e.quotas(), &g, HostDescribe, &hosts(20..40), t0())
+            .is_ok()
+    );
+}
