@@ -55,6 +55,12 @@ pub enum ReviewError {
         /// The file.
         path: PathBuf,
     },
+    /// a reviewer-set or key file is not UTF-8 text
+    #[error("{}: not UTF-8 text", path.display())]
+    NotText {
+        /// The file.
+        path: PathBuf,
+    },
     /// the reviewer set is not valid TOML of the expected shape
     #[error("{}: invalid reviewer set", path.display())]
     ReviewerToml {
@@ -195,7 +201,7 @@ fn read_small_text(path: &Path) -> Result<String, ReviewError> {
             path: path.to_path_buf(),
         },
     })?;
-    String::from_utf8(bytes).map_err(|_| ReviewError::BadPrivateKey {
+    String::from_utf8(bytes).map_err(|_| ReviewError::NotText {
         path: path.to_path_buf(),
     })
 }
