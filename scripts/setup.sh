@@ -34,6 +34,73 @@ if [ "${#missing[@]}" -gt 0 ]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
+# --- Guest images and the qemu backend -------------------------------------
+# QEMU 10 comes from bookworm-backports (bookworm's own 7.2 conflicts with
+# qemu-utils 10). The backports suite is added with the mirror URI of the
+# system's existing Debian `bookworm` source, never a hard-coded host.
+debian_bookworm_uri() {
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -e "$f" ] || continue
+        # deb822: one stanza per paragraph; print URIs of a stanza whose
+        # Suites list has exactly `bookworm`.
+        awk 'BEGIN { RS=""; FS="\n" }
+             {
+                 uris=""; hit=0
+                 for (i = 1; i <= NF; i++) {
+                     if ($i ~ /^URIs:/)   { sub(/^URIs:[ \t]*/, "", $i); uris=$i }
+                     if ($i ~ /^Suites:/) { n = split(substr($i, 8), s, /[ \t]+/)
+                                            for (j = 1; j <= n; j++) if (s[j] == "bookworm") hit=1 }
+                 }
+                 if (hit && uris != "") { split(uris, u, /[ \t]+/); print u[1]; exit }
+             }' "$f"
+    done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -e "$f" ] || continue
+        # Classic: `deb [options] URI bookworm main ...`.
+        awk '$1 == "deb" { i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
+                           if ($(i+1) == "bookworm") { print $i; exit } }' "$f"
+    done
+}
+backports_configured() {
+    grep -qsE '^[^#]*[[:space:]]bookworm-backports([[:space:]]|$)' \
+        /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources
+}
+guest_packages=(busybox-static zstd lz4 cpio kmod)
+missing=()
+for p in qemu-system-x86 "${guest_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+apt_updated=0
+# The suite is also needed by scripts/guest-image.sh (the kernel package).
+if ! backports_configured; then
+    uri="$(debian_bookworm_uri | head -n 1)"
+    [ -n "$uri" ] || { echo "setup.sh: no Debian bookworm source in /etc/apt to reuse for bookworm-backports" >&2; exit 1; }
+    log "adding bookworm-backports from $uri"
+    keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+    {
+        printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\n' "$uri"
+        if [ -e "$keyring" ]; then printf 'Signed-By: %s\n' "$keyring"; fi
+    } | as_root tee /etc/apt/sources.list.d/nitrile-backports.sources >/dev/null
+    as_root apt-get update -qq
+    apt_updated=1
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    [ "$apt_updated" -eq 1 ] || as_root apt-get update -qq
+    for p in "${missing[@]}"; do
+        if [ "$p" = qemu-system-x86 ]; then
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+        fi
+    done
+    rest=()
+    for p in "${missing[@]}"; do [ "$p" = qemu-system-x86 ] || rest+=("$p"); done
+    if [ "${#rest[@]}" -gt 0 ]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${rest[@]}" >/dev/null
+    fi
+fi
+# --- end guest images --------------------------------------------------------
+
 command -v cargo >/dev/null || { echo "setup.sh: cargo is required (a Rust toolchain >= 1.89)" >&2; exit 1; }
 
 if [ "$want_tests" -eq 1 ]; then
