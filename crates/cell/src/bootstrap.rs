@@ -210,12 +210,36 @@ pub fn bootstrap(
         Ok(())
     };
     issue(&tokend)?;
+    for kind_name in SAMPLE_PRINCIPALS {
+        issue(&principal(cell, kind_name))?;
+    }
+    let clients = write_client_configs(layout, cell, tokend_addr)?;
+    debug_assert!(clients.iter().all(|(p, _)| p.kind != PrincipalKind::Host));
+
+    Ok(Bootstrapped {
+        cell: cell.clone(),
+        layout: layout.clone(),
+        first_start,
+        bundle_digest: reviewed.digest().to_hex(),
+        reviewers: reviewed.reviewers().to_vec(),
+        tokend,
+        clients,
+    })
+}
+
+/// Writes the client config of every sample principal, pointing at the
+/// token service at `tokend_addr` (rewritten once the real port is known).
+pub fn write_client_configs(
+    layout: &CellLayout,
+    cell: &Name,
+    tokend_addr: &str,
+) -> Result<Vec<(PrincipalId, PathBuf)>, CellError> {
+    let root = layout.root();
+    let rel = |path: &Path| PathBuf::from("..").join(path.strip_prefix(root).unwrap_or(path));
     let mut clients = Vec::new();
     for kind_name in SAMPLE_PRINCIPALS {
         let p = principal(cell, kind_name);
-        issue(&p)?;
         let (cert, key) = layout.cert_and_key(&p);
-        let rel = |path: &Path| PathBuf::from("..").join(path.strip_prefix(root).unwrap_or(path));
         let config = ClientConfig {
             cell: cell.to_string(),
             principal: p.uri(),
@@ -232,17 +256,7 @@ pub fn bootstrap(
         config.write(&path)?;
         clients.push((p, path));
     }
-    debug_assert!(clients.iter().all(|(p, _)| p.kind != PrincipalKind::Host));
-
-    Ok(Bootstrapped {
-        cell: cell.clone(),
-        layout: layout.clone(),
-        first_start,
-        bundle_digest: reviewed.digest().to_hex(),
-        reviewers: reviewed.reviewers().to_vec(),
-        tokend,
-        clients,
-    })
+    Ok(clients)
 }
 
 #[cfg(test)]

@@ -20,6 +20,6 @@ mod config;
 mod layout;
 pub mod sample;
 
-pub use bootstrap::{Bootstrapped, CellError, SAMPLE_PRINCIPALS, bootstrap};
+pub use bootstrap::{Bootstrapped, CellError, SAMPLE_PRINCIPALS, bootstrap, write_client_configs};
 pub use config::{ClientConfig, ConfigError, Endpoints, MAX_CONFIG_LEN};
 pub use layout::CellLayout;

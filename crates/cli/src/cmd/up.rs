@@ -61,8 +61,12 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         let tokend = Tokend::open(&tokend_config)
             .await
             .with_context(|| format!("token service cannot start on {}", args.tokend_listen))?;
-        let alice = cell
-            .clients
+        let listen = tokend
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let clients = nitrile_cell::write_client_configs(&layout, &cell.cell, &listen)?;
+        let alice = clients
             .iter()
             .find(|(p, _)| p.name.as_str() == "alice")
             .map(|(_, path)| path.clone())
