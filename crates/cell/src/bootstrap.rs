@@ -68,7 +68,7 @@ pub enum CellError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: PolicyError,
+        source: Box<PolicyError>,
     },
     /// a client config could not be written
     #[error("client config")]
@@ -197,7 +197,7 @@ pub fn bootstrap(
     let reviewed = verify_bundle(&bundle_dir, &reviewers, nitrile_policy::MIN_REVIEWERS).map_err(
         |source| CellError::Entitlements {
             path: bundle_dir.clone(),
-            source,
+            source: Box::new(source),
         },
     )?;
 

@@ -223,18 +223,17 @@ impl Admission {
                 ));
             }
         };
-        if operation.is_mutation() {
-            if let Err(e) = self
+        if operation.is_mutation()
+            && let Err(e) = self
                 .replay
                 .check_and_record(grant.token_id(), grant.expires_at(), now)
-            {
-                return Err(refuse(
-                    status_of(&e),
-                    RefusalStep::Token,
-                    e.code(),
-                    e.to_string(),
-                ));
-            }
+        {
+            return Err(refuse(
+                status_of(&e),
+                RefusalStep::Token,
+                e.code(),
+                e.to_string(),
+            ));
         }
         let record = base(AuditRecord::request(now, self.source.clone(), request_id))
             .with_token_id(grant.token_id().to_string())
