@@ -292,6 +292,76 @@ fn print_report(report: &Report, output: Output) -> anyhow::Result<()> {
     }
 }
 
+fn request(
+    global: &Global,
+    operations: Vec<nitrile_api::Operation>,
+    resources: Vec<nitrile_api::ResourceId>,
+    audience: Audience,
+    group: Option<String>,
+    lifetime: Option<String>,
+) -> anyhow::Result<()> {
+    use nitrile_api::wire::{TokenRequest, TokenResponse};
+    let lifetime_secs = match lifetime {
+        None => None,
+        Some(text) => Some(nitrile_pki::parse_duration(&text)?.as_secs()),
+    };
+    let loaded = crate::config::load(global)?;
+    let tls = loaded.tls()?;
+    let tokend = loaded.tokend_principal()?;
+    let addr = loaded.config.endpoints.tokend.clone();
+    let body = TokenRequest {
+        operations,
+        resources,
+        audience,
+        group,
+        lifetime_secs,
+    };
+    let response = crate::service::block_on(async {
+        let mut client = nitrile_net::Client::connect(&addr, &tokend, tls).await?;
+        client.post_json("/v1/tokens", &body).await
+    })?;
+    let response = response.map_err(|e| {
+        let hint = if e.is_tls() {
+            "the TLS handshake was refused: is the client certificate of this cell and unexpired?"
+        } else {
+            "is the cell running (`nitrile up`)?"
+        };
+        anyhow::anyhow!("cannot get a token from {addr}: {e}; {hint}")
+    })?;
+    if !response.status.is_success() {
+        match response.refusal() {
+            Some(r) => {
+                let mut msg = format!(
+                    "token refused at step {} ({}): {}",
+                    r.step.as_str(),
+                    response.status,
+                    r.reason
+                );
+                if let Some(s) = r.retry_after_secs {
+                    msg.push_str(&format!("; retry in {s}s"));
+                }
+                if let Some(seq) = r.audit_seq {
+                    msg.push_str(&format!(" [audit record {seq}]"));
+                }
+                anyhow::bail!(msg)
+            }
+            None => anyhow::bail!("token service answered {}", response.status),
+        }
+    }
+    let granted: TokenResponse = response.json()?;
+    match global.output {
+        Output::Json => crate::output::print_json(&granted),
+        Output::Table => {
+            println!("{}", granted.token);
+            eprintln!(
+                "token {} for group {}, expires {}",
+                granted.token_id, granted.group, granted.expires_at
+            );
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,75 +468,5 @@ mod tests {
         let clock = FixedClock::new(NOW);
         assert!(inspect("v4.public.AAAA", &[], None, None, &clock).is_err());
         assert!(inspect("hello", &[], None, None, &clock).is_err());
-    }
-}
-
-fn request(
-    global: &Global,
-    operations: Vec<nitrile_api::Operation>,
-    resources: Vec<nitrile_api::ResourceId>,
-    audience: Audience,
-    group: Option<String>,
-    lifetime: Option<String>,
-) -> anyhow::Result<()> {
-    use nitrile_api::wire::{TokenRequest, TokenResponse};
-    let lifetime_secs = match lifetime {
-        None => None,
-        Some(text) => Some(nitrile_pki::parse_duration(&text)?.as_secs()),
-    };
-    let loaded = crate::config::load(global)?;
-    let tls = loaded.tls()?;
-    let tokend = loaded.tokend_principal()?;
-    let addr = loaded.config.endpoints.tokend.clone();
-    let body = TokenRequest {
-        operations,
-        resources,
-        audience,
-        group,
-        lifetime_secs,
-    };
-    let response = crate::service::block_on(async {
-        let mut client = nitrile_net::Client::connect(&addr, &tokend, tls).await?;
-        client.post_json("/v1/tokens", &body).await
-    })?;
-    let response = response.map_err(|e| {
-        let hint = if e.is_tls() {
-            "the TLS handshake was refused: is the client certificate of this cell and unexpired?"
-        } else {
-            "is the cell running (`nitrile up`)?"
-        };
-        anyhow::anyhow!("cannot get a token from {addr}: {e}; {hint}")
-    })?;
-    if !response.status.is_success() {
-        match response.refusal() {
-            Some(r) => {
-                let mut msg = format!(
-                    "token refused at step {} ({}): {}",
-                    r.step.as_str(),
-                    response.status,
-                    r.reason
-                );
-                if let Some(s) = r.retry_after_secs {
-                    msg.push_str(&format!("; retry in {s}s"));
-                }
-                if let Some(seq) = r.audit_seq {
-                    msg.push_str(&format!(" [audit record {seq}]"));
-                }
-                anyhow::bail!(msg)
-            }
-            None => anyhow::bail!("token service answered {}", response.status),
-        }
-    }
-    let granted: TokenResponse = response.json()?;
-    match global.output {
-        Output::Json => crate::output::print_json(&granted),
-        Output::Table => {
-            println!("{}", granted.token);
-            eprintln!(
-                "token {} for group {}, expires {}",
-                granted.token_id, granted.group, granted.expires_at
-            );
-            Ok(())
-        }
     }
 }
