@@ -1,0 +1,222 @@
+//! The hypervisor boundary of a nitrile host.
+//!
+//! This crate guarantees that hostd can drive a microVM only through the small,
+//! closed [`Hypervisor`] trait: create from a validated [`VmSpec`] and its
+//! [`VolumeKeys`], start, stop, status, destroy. No method reads guest memory,
+//! disk contents or the console, and there is no pass-through for arbitrary
+//! hypervisor commands. Specs are parsed strictly ([`VmSpec::parse_json`],
+//! bounded by [`MAX_SPEC_LEN`]); volume keys live in locked, zeroized memory
+//! and are never printed ([`VolumeKey`]).
+//!
+//! Backends are chosen by [`select`] from facts about the host
+//! ([`HostProbe`]): `kvm` (the separate `nitrile vmm` process, used only where
+//! `/dev/kvm` is hardware KVM and the binary is configured) or `qemu`
+//! ([`QemuBackend`], KVM acceleration where it is usable, TCG otherwise).
+//!
+//! What it does not do: the QEMU backend has no vsock (vhost-user) or network
+//! device yet and refuses specs asking for them; its jail is described, step by
+//! step, in the [`qemu`] module documentation, including what is not jailed.
+//! This crate does not decide who may create a VM (hostd does, from tokens) and
+//! does not unwrap volume keys (hostd hands them over already unwrapped).
+
+// unsafe is needed for exactly two things, each in a small block with a
+// SAFETY comment: `mlock`/`madvise` of the page holding a volume key (key.rs),
+// and `Command::pre_exec`/`fork` for jailing the QEMU process (qemu/jail.rs).
+#![allow(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod key;
+pub mod qemu;
+mod select;
+mod spec;
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use nitrile_api::Name;
+
+pub use key::{KeyError, VOLUME_KEY_LEN, VolumeKey, VolumeKeys};
+pub use qemu::{JailConfig, QemuBackend};
+pub use select::{Accel, Backend, BackendChoice, HostProbe, KvmDevice, Unavailable, select};
+pub use spec::{
+    Cmdline, HostPath, ImageDigest, ImageSpec, MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_PATH_LEN,
+    MAX_SPEC_LEN, MAX_TAP_NAME_LEN, MAX_VCPUS, MAX_VOLUME_MIB, MAX_VOLUMES, MIN_MEMORY_MIB,
+    NetSpec, SpecError, TapName, VmSpec, VolumeSpec, VsockSpec,
+};
+
+/// Identifies a VM within one backend: the instance name of its spec.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VmId(Name);
+
+impl VmId {
+    /// The VM id of an instance.
+    pub fn new(instance: Name) -> Self {
+        Self(instance)
+    }
+
+    /// The instance name.
+    pub fn name(&self) -> &Name {
+        &self.0
+    }
+}
+
+impl fmt::Display for VmId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What a VM is doing, as far as the backend can tell without looking inside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VmStatus {
+    /// Created, vCPUs not started.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// Stopped by [`Hypervisor::stop`] or by the guest powering off.
+    Stopped,
+    /// The VMM died or refused to run; `reason` comes from the VMM, not the guest.
+    Failed {
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// A guest feature a backend does not provide (yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Feature {
+    /// virtio-vsock.
+    Vsock,
+    /// virtio-net on a tap device.
+    Net,
+}
+
+impl fmt::Display for Feature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Feature::Vsock => "vsock",
+            Feature::Net => "net",
+        })
+    }
+}
+
+/// Why a hypervisor call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmmError {
+    /// the requested backend cannot run on this host
+    #[error("backend {backend} is unavailable: {reason}")]
+    BackendUnavailable {
+        /// `kvm` or `qemu`
+        backend: &'static str,
+        /// why
+        reason: Unavailable,
+    },
+    /// the spec asks for a device this backend does not provide
+    #[error("the {backend} backend does not support {feature} devices yet")]
+    Unsupported {
+        /// the backend
+        backend: &'static str,
+        /// the missing feature
+        feature: Feature,
+    },
+    /// caller misuse: a VM with this id already exists
+    #[error("VM {0} already exists")]
+    AlreadyExists(VmId),
+    /// caller misuse: no VM with this id
+    #[error("no VM {0}")]
+    UnknownVm(VmId),
+    /// caller misuse: a volume of the spec has no key
+    #[error("volume {0} has no key")]
+    MissingKey(Name),
+    /// caller misuse: a key was given for a volume the spec does not have
+    #[error("a key was given for volume {0}, which the spec does not attach")]
+    UnexpectedKey(Name),
+    /// caller misuse: the VM is not in a state that allows the call
+    #[error("VM {vm} is {state:?}; cannot {op}")]
+    WrongState {
+        /// the VM
+        vm: VmId,
+        /// its state
+        state: VmStatus,
+        /// the refused operation
+        op: &'static str,
+    },
+    /// a host file or directory operation failed
+    #[error("{what} {path}")]
+    Io {
+        /// what was being done
+        what: &'static str,
+        /// on which path
+        path: DisplayPath,
+        /// the cause
+        #[source]
+        source: io::Error,
+    },
+    /// the VMM or a helper program could not be started
+    #[error("could not start {program}")]
+    Spawn {
+        /// the program
+        program: DisplayPath,
+        /// the cause
+        #[source]
+        source: io::Error,
+    },
+    /// a helper program (e.g. `qemu-img`) failed
+    #[error("{program} failed ({status}): {stderr}")]
+    Helper {
+        /// the program
+        program: DisplayPath,
+        /// its exit status
+        status: std::process::ExitStatus,
+        /// the end of its standard error (never contains key material)
+        stderr: String,
+    },
+    /// the VMM exited while being set up
+    #[error("the VMM exited during setup ({status}): {stderr}")]
+    VmmExited {
+        /// its exit status
+        status: std::process::ExitStatus,
+        /// the end of its standard error (VMM diagnostics, not guest output)
+        stderr: String,
+    },
+    /// the VMM's control channel misbehaved
+    #[error("VMM control channel: {0}")]
+    Control(#[from] qemu::QmpError),
+    /// the VMM did not become ready in time
+    #[error("the VMM did not become ready within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+/// A path shown in an error message.
+#[derive(Debug)]
+pub struct DisplayPath(pub PathBuf);
+
+impl fmt::Display for DisplayPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.display().fmt(f)
+    }
+}
+
+/// The only way hostd drives a microVM.
+///
+/// Implementations must not offer any other channel into the VM: no method
+/// here, or added to an implementation, reads guest memory, disk contents or
+/// the console. Calls for one VM may block for a few seconds (the VMM
+/// starting, a graceful stop); callers in async code use `spawn_blocking`.
+pub trait Hypervisor: Send + Sync {
+    /// Creates the VM (devices attached, vCPUs not running) and takes
+    /// ownership of its volume keys; the VM's id is its instance name.
+    fn create(&self, spec: &VmSpec, keys: VolumeKeys) -> Result<VmId, VmmError>;
+    /// Starts (or resumes) the vCPUs.
+    fn start(&self, id: &VmId) -> Result<(), VmmError>;
+    /// Stops the VM: the VMM process ends; volumes stay on disk.
+    fn stop(&self, id: &VmId) -> Result<(), VmmError>;
+    /// What the VM is doing.
+    fn status(&self, id: &VmId) -> Result<VmStatus, VmmError>;
+    /// Stops the VM if needed and removes all its host state except volumes.
+    fn destroy(&self, id: &VmId) -> Result<(), VmmError>;
+}

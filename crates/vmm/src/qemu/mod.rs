@@ -1,0 +1,707 @@
+//! The `qemu` backend: one jailed QEMU `microvm` process per VM.
+//!
+//! # What a VM gets
+//! `-M microvm` with the spec's ELF (PVH) kernel, initramfs and command line,
+//! `-cpu max,-la57`, KVM or TCG acceleration, the serial port written to
+//! `serial.log` in the VM's state directory, and one virtio-blk device per
+//! volume. Nothing else: `-nodefaults -no-user-config -nographic`, no monitor
+//! (`-monitor none`), no gdbstub, no network device, no reboot (`-no-reboot`).
+//! vsock (vhost-user) and tap networking are not implemented yet: specs asking
+//! for them are refused with [`VmmError::Unsupported`].
+//!
+//! # Volumes
+//! Volumes are qcow2 files with LUKS encryption, created with `qemu-img` when
+//! missing. The 64-byte [`VolumeKey`](crate::VolumeKey) is turned into a LUKS
+//! passphrase: its standard base64 text (88 ASCII bytes; QEMU requires LUKS
+//! passphrases to be UTF-8, so raw key bytes cannot be used). QEMU reads it
+//! from a `secret` object with `file=/dev/fd/N`, where `N` is the read end of
+//! a pipe: the backend writes the passphrase into the pipe, closes the write
+//! end, and the child inherits only the read end. The key is never in a file,
+//! on the command line or in the environment. The LUKS volume master key is
+//! random, made by `qemu-img` and stored wrapped under the passphrase; since
+//! the passphrase has 512 bits of entropy, the PBKDF iteration time is set
+//! low (`encrypt.iter-time`) so that opening a volume is fast.
+//!
+//! # Control
+//! QMP listens on a Unix socket in the VM's state directory (mode 0700, owned
+//! by root). The backend sends only `query-status`, `cont`, `stop` and `quit`
+//! (a closed command set). The console file is never read here.
+//!
+//! # The jail, and what is not jailed yet
+//! In order of application:
+//! 1. `RLIMIT_CORE` is 0 (survives exec), and the process is non-dumpable:
+//!    `PR_SET_DUMPABLE=0` before exec, and after exec QEMU's own switch to the
+//!    unprivileged uid (`-run-with user=`) resets "dumpable" to
+//!    `fs.suid_dumpable` (0 by default), so `/proc/<qemu>/mem` stays owned by
+//!    root. Guest memory is excluded from core dumps (`dump-guest-core=off`).
+//! 2. Unprivileged uid/gid ([`JailConfig::uid`], default 65534). QEMU opens
+//!    the kernel, volumes, serial file and sockets as root, then drops to that
+//!    uid before the guest runs. QEMU's seccomp filter is on
+//!    (`-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny`), but with
+//!    `elevateprivileges=allow`: QEMU's filter is installed before its own
+//!    uid switch and would otherwise kill it; after the switch to a non-root
+//!    uid the process has no capabilities left to regain root.
+//! 3. New mount (propagation private), IPC, UTS, network (no interfaces but a
+//!    down loopback) and PID namespaces; QEMU is PID 1 of its namespace,
+//!    under a small waiting parent that exits with QEMU's status.
+//! 4. A per-VM cgroup (`nitrile/<instance>`; v2, or the v1 `memory` and `cpu`
+//!    hierarchies on hybrid hosts) limiting memory to guest memory plus
+//!    [`QEMU_OVERHEAD_MIB`] and CPU to one core per vCPU.
+//!
+//! Not jailed yet: no chroot or pivot_root (the mount namespace is a private
+//! copy of the host's), no seccomp filter of our own beyond QEMU's `-sandbox`,
+//! one shared uid for all VMs by default (configure a distinct uid per VM
+//! through [`JailConfig`] to separate VMs from each other), `qemu-img` runs
+//! with only steps 1 and 2's `PR_SET_DUMPABLE`/`RLIMIT_CORE`.
+
+mod jail;
+mod qmp;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub use qmp::{MAX_QMP_LINE, QmpError};
+
+use crate::{
+    Accel, DisplayPath, Feature, Hypervisor, VmId, VmSpec, VmStatus, VmmError, VolumeKeys,
+};
+use jail::{Cgroup, Plan};
+use qmp::{Command as QmpCommand, Qmp, RunState};
+
+/// Memory allowed to a QEMU process beyond guest memory, in MiB.
+pub const QEMU_OVERHEAD_MIB: u64 = 384;
+/// How long QEMU may take to open its control socket.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a graceful `quit` may take before the process is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// PBKDF iteration time for new LUKS volumes, in milliseconds (see module docs).
+pub const LUKS_ITER_TIME_MS: u32 = 10;
+
+const SERIAL_FILE: &str = "serial.log";
+const STDERR_FILE: &str = "qemu.stderr";
+const QMP_SOCKET: &str = "qmp.sock";
+const MAX_STDERR_TAIL: usize = 2048;
+
+/// How the QEMU process is confined.
+#[derive(Debug, Clone)]
+pub struct JailConfig {
+    /// The uid QEMU switches to before the guest runs.
+    pub uid: u32,
+    /// The gid QEMU switches to before the guest runs.
+    pub gid: u32,
+    /// Whether to use new mount, IPC, UTS, network and PID namespaces.
+    pub namespaces: bool,
+    /// The cgroup filesystem root, or `None` for no per-VM cgroup.
+    pub cgroup_root: Option<PathBuf>,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            uid: 65534,
+            gid: 65534,
+            namespaces: true,
+            cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
+        }
+    }
+}
+
+struct Proc {
+    child: Child,
+    qemu_pid: Option<u32>,
+    qmp: Qmp,
+    cgroup: Option<Cgroup>,
+}
+
+struct Vm {
+    dir: PathBuf,
+    proc: Option<Proc>,
+    /// Set once the process has gone; `None` reason means a clean stop.
+    ended: Option<Option<String>>,
+}
+
+/// The QEMU backend. See the module documentation for what it guarantees.
+pub struct QemuBackend {
+    state_dir: PathBuf,
+    qemu: PathBuf,
+    qemu_img: PathBuf,
+    accel: Accel,
+    jail: JailConfig,
+    vms: Mutex<BTreeMap<VmId, Vm>>,
+}
+
+impl std::fmt::Debug for QemuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuBackend")
+            .field("state_dir", &self.state_dir)
+            .field("qemu", &self.qemu)
+            .field("accel", &self.accel)
+            .field("jail", &self.jail)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VmmError {
+    let path = DisplayPath(path.to_path_buf());
+    move |source| VmmError::Io { what, path, source }
+}
+
+/// Escapes a value for QEMU's `key=value,...` option syntax.
+fn opt(s: &Path) -> String {
+    s.to_string_lossy().replace(',', ",,")
+}
+
+fn tail(path: &Path) -> String {
+    let mut buf = Vec::new();
+    if let Ok(f) = File::open(path) {
+        let _ = f.take(1 << 20).read_to_end(&mut buf);
+    }
+    let start = buf.len().saturating_sub(MAX_STDERR_TAIL);
+    String::from_utf8_lossy(&buf[start..]).trim().to_owned()
+}
+
+/// A pipe holding `secret`, write end closed; returns the read end.
+fn secret_pipe(secret: &[u8]) -> Result<OwnedFd, VmmError> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| VmmError::Io {
+        what: "creating a key pipe",
+        path: DisplayPath(PathBuf::from("pipe")),
+        source: std::io::Error::from_raw_os_error(e as i32),
+    })?;
+    // The secret (88 bytes) is far below the pipe buffer, so this never blocks.
+    let mut w = File::from(w);
+    w.write_all(secret)
+        .map_err(io_err("writing a key pipe", Path::new("pipe")))?;
+    drop(w);
+    Ok(r)
+}
+
+fn create_private_file(path: &Path) -> Result<File, VmmError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("creating", path))
+}
+
+impl QemuBackend {
+    /// A backend keeping per-VM state (serial log, QMP socket, QEMU's
+    /// stderr) under `state_dir` and running `qemu_binary`; `qemu-img` is
+    /// looked up next to it. Defaults: TCG, [`JailConfig::default`].
+    pub fn new(
+        state_dir: impl Into<PathBuf>,
+        qemu_binary: impl Into<PathBuf>,
+    ) -> Result<Self, VmmError> {
+        let state_dir = state_dir.into();
+        let qemu = qemu_binary.into();
+        let qemu_img = qemu.with_file_name("qemu-img");
+        for p in [&qemu, &qemu_img] {
+            if !p.is_file() {
+                return Err(VmmError::BackendUnavailable {
+                    backend: "qemu",
+                    reason: crate::Unavailable::NoQemu,
+                });
+            }
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&state_dir)
+            .map_err(io_err("creating state directory", &state_dir))?;
+        Ok(Self {
+            state_dir,
+            qemu,
+            qemu_img,
+            accel: Accel::Tcg,
+            jail: JailConfig::default(),
+            vms: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Uses `accel` (from [`select`](crate::select)).
+    pub fn with_accel(mut self, accel: Accel) -> Self {
+        self.accel = accel;
+        self
+    }
+
+    /// Uses `jail` to confine QEMU.
+    pub fn with_jail(mut self, jail: JailConfig) -> Self {
+        self.jail = jail;
+        self
+    }
+
+    /// The state directory of VM `id` (holds `serial.log`; tests read it).
+    pub fn vm_dir(&self, id: &VmId) -> PathBuf {
+        self.state_dir.join(id.name().as_str())
+    }
+
+    /// The host PID of VM `id`'s QEMU process, while it runs.
+    pub fn qemu_pid(&self, id: &VmId) -> Option<u32> {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        vms.get(id)?.proc.as_ref()?.qemu_pid
+    }
+
+    fn create_volume(
+        &self,
+        vol: &crate::VolumeSpec,
+        key: &crate::VolumeKey,
+    ) -> Result<(), VmmError> {
+        let path = vol.path.as_path();
+        create_private_file(path)?;
+        let pipe = secret_pipe(key.to_base64().as_bytes())?;
+        let mut cmd = Command::new(&self.qemu_img);
+        cmd.arg("create")
+            .arg("-q")
+            .arg("--object")
+            .arg(format!(
+                "secret,id=sec0,format=raw,file=/dev/fd/{}",
+                pipe.as_raw_fd()
+            ))
+            .args(["-f", "qcow2", "-o"])
+            .arg(format!(
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time={LUKS_ITER_TIME_MS}"
+            ))
+            .arg(path)
+            .arg(format!("{}M", vol.size_mib))
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        jail::install(
+            &mut cmd,
+            Plan {
+                inherit: vec![pipe.as_raw_fd()],
+                cgroup_procs: Vec::new(),
+                namespaces: false,
+            },
+        );
+        let out = cmd.output().map_err(|source| VmmError::Spawn {
+            program: DisplayPath(self.qemu_img.clone()),
+            source,
+        });
+        drop(pipe);
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = fs::remove_file(path);
+                return Err(e);
+            }
+        };
+        if !out.status.success() {
+            let _ = fs::remove_file(path);
+            let start = out.stderr.len().saturating_sub(MAX_STDERR_TAIL);
+            return Err(VmmError::Helper {
+                program: DisplayPath(self.qemu_img.clone()),
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr[start..])
+                    .trim()
+                    .to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, spec: &VmSpec, keys: &VolumeKeys, dir: &Path) -> Result<Proc, VmmError> {
+        let serial = dir.join(SERIAL_FILE);
+        let stderr_path = dir.join(STDERR_FILE);
+        let qmp_path = dir.join(QMP_SOCKET);
+        create_private_file(&serial)?;
+        let stderr = create_private_file(&stderr_path)?;
+
+        let image = spec.image();
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(["-M", "microvm,dump-guest-core=off,mem-merge=off"])
+            .args(["-accel", self.accel.qemu_arg()])
+            .args(["-cpu", "max,-la57"])
+            .args(["-smp", &spec.vcpus().to_string()])
+            .args(["-m", &format!("{}M", spec.memory_mib())])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            .args(["-monitor", "none"])
+            .args(["-chardev", &format!("file,id=ser0,path={}", opt(&serial))])
+            .args(["-serial", "chardev:ser0"])
+            .args([
+                "-chardev",
+                &format!("socket,id=qmp0,path={},server=on,wait=off", opt(&qmp_path)),
+            ])
+            .args(["-mon", "chardev=qmp0,mode=control"])
+            .arg("-kernel")
+            .arg(image.kernel.as_path())
+            .arg("-initrd")
+            .arg(image.initramfs.as_path())
+            .args(["-append", image.cmdline.as_str()]);
+
+        let mut pipes = Vec::new();
+        for (i, vol) in spec.volumes().iter().enumerate() {
+            let key = keys
+                .get(&vol.id)
+                .ok_or_else(|| VmmError::MissingKey(vol.id.clone()))?;
+            let pipe = secret_pipe(key.to_base64().as_bytes())?;
+            let ro = if vol.read_only { "on" } else { "off" };
+            cmd.args([
+                "-object",
+                &format!(
+                    "secret,id=sec{i},format=raw,file=/dev/fd/{}",
+                    pipe.as_raw_fd()
+                ),
+            ])
+            .args([
+                "-blockdev",
+                &format!(
+                    "driver=qcow2,node-name=vol{i},read-only={ro},encrypt.format=luks,encrypt.key-secret=sec{i},file.driver=file,file.filename={}",
+                    opt(vol.path.as_path())
+                ),
+            ])
+            .args(["-device", &format!("virtio-blk-device,drive=vol{i}")]);
+            pipes.push(pipe);
+        }
+        cmd.args([
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+        ])
+        .args([
+            "-run-with",
+            &format!("user={}:{}", self.jail.uid, self.jail.gid),
+        ])
+        .arg("-S")
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+
+        let cgroup = match &self.jail.cgroup_root {
+            None => None,
+            Some(root) => Cgroup::create(
+                root,
+                spec.instance().as_str(),
+                (u64::from(spec.memory_mib()) + QEMU_OVERHEAD_MIB) << 20,
+                u32::from(spec.vcpus()),
+            )
+            .map_err(io_err("creating the VM cgroup under", root))?,
+        };
+        let plan = Plan {
+            inherit: pipes.iter().map(AsRawFd::as_raw_fd).collect(),
+            cgroup_procs: Vec::new(),
+            namespaces: self.jail.namespaces,
+        }
+        .for_cgroup(cgroup.as_ref());
+        jail::install(&mut cmd, plan);
+        let spawned = cmd.spawn();
+        drop(pipes);
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(source) => {
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
+                return Err(VmmError::Spawn {
+                    program: DisplayPath(self.qemu.clone()),
+                    source,
+                });
+            }
+        };
+        let qemu_pid = jail::exec_pid(child.id(), self.jail.namespaces);
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let fail = |child: &mut Child, err: VmmError| {
+            let _ = child.kill();
+            if let Some(pid) = qemu_pid {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.wait();
+            if let Some(cg) = &cgroup {
+                cg.remove();
+            }
+            err
+        };
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let err = VmmError::VmmExited {
+                    status,
+                    stderr: tail(&stderr_path),
+                };
+                return Err(fail(&mut child, err));
+            }
+            if qmp_path.exists() {
+                match Qmp::connect(&qmp_path, READY_TIMEOUT) {
+                    Ok(qmp) => {
+                        return Ok(Proc {
+                            child,
+                            qemu_pid,
+                            qmp,
+                            cgroup,
+                        });
+                    }
+                    Err(e) => {
+                        // QEMU may have opened the socket and then failed
+                        // (e.g. a wrong volume key): report its exit.
+                        std::thread::sleep(Duration::from_millis(200));
+                        if let Ok(Some(status)) = child.try_wait() {
+                            let err = VmmError::VmmExited {
+                                status,
+                                stderr: tail(&stderr_path),
+                            };
+                            return Err(fail(&mut child, err));
+                        }
+                        if Instant::now() > deadline {
+                            return Err(fail(&mut child, e.into()));
+                        }
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(fail(&mut child, VmmError::Timeout(READY_TIMEOUT)));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn end(proc: &mut Proc) -> Option<String> {
+        let _ = proc.qmp.execute(QmpCommand::Quit);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let status = loop {
+            match proc.child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    // Still alive past the deadline: kill QEMU (PID 1 of its
+                    // namespace, which takes the namespace down) and its parent.
+                    if let Some(pid) = proc.qemu_pid {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                    let _ = proc.child.kill();
+                    break proc.child.wait().ok();
+                }
+            }
+        };
+        if let Some(cg) = &proc.cgroup {
+            cg.remove();
+        }
+        match status {
+            Some(s) if s.success() => None,
+            Some(s) => Some(format!("QEMU exited with {s}")),
+            None => Some("QEMU could not be reaped".to_owned()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<VmId, Vm>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Hypervisor for QemuBackend {
+    fn create(&self, spec: &VmSpec, keys: VolumeKeys) -> Result<VmId, VmmError> {
+        let id = VmId::new(spec.instance().clone());
+        let mut vms = self.lock();
+        if vms.contains_key(&id) {
+            return Err(VmmError::AlreadyExists(id));
+        }
+        if spec.vsock().is_some() {
+            return Err(VmmError::Unsupported {
+                backend: "qemu",
+                feature: Feature::Vsock,
+            });
+        }
+        if spec.net().is_some() {
+            return Err(VmmError::Unsupported {
+                backend: "qemu",
+                feature: Feature::Net,
+            });
+        }
+        for vol in spec.volumes() {
+            if keys.get(&vol.id).is_none() {
+                return Err(VmmError::MissingKey(vol.id.clone()));
+            }
+        }
+        if let Some(extra) = keys
+            .ids()
+            .find(|k| !spec.volumes().iter().any(|v| &v.id == *k))
+        {
+            return Err(VmmError::UnexpectedKey(extra.clone()));
+        }
+        let dir = self.vm_dir(&id);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err("creating VM directory", &dir))?;
+        let result = (|| {
+            for vol in spec.volumes() {
+                if !vol.path.as_path().exists() {
+                    let key = keys
+                        .get(&vol.id)
+                        .ok_or_else(|| VmmError::MissingKey(vol.id.clone()))?;
+                    self.create_volume(vol, key)?;
+                }
+            }
+            self.spawn(spec, &keys, &dir)
+        })();
+        // The keys are dropped (zeroized) here: QEMU holds what it needs.
+        drop(keys);
+        match result {
+            Ok(proc) => {
+                vms.insert(
+                    id.clone(),
+                    Vm {
+                        dir,
+                        proc: Some(proc),
+                        ended: None,
+                    },
+                );
+                Ok(id)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn start(&self, id: &VmId) -> Result<(), VmmError> {
+        let mut vms = self.lock();
+        let vm = vms
+            .get_mut(id)
+            .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
+        let state = status_of(vm);
+        match (&state, vm.proc.as_mut()) {
+            (VmStatus::Running, _) => Ok(()),
+            (VmStatus::Created, Some(proc)) => {
+                proc.qmp.execute(QmpCommand::Cont)?;
+                Ok(())
+            }
+            _ => Err(VmmError::WrongState {
+                vm: id.clone(),
+                state,
+                op: "start",
+            }),
+        }
+    }
+
+    fn stop(&self, id: &VmId) -> Result<(), VmmError> {
+        let mut vms = self.lock();
+        let vm = vms
+            .get_mut(id)
+            .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
+        if let Some(mut proc) = vm.proc.take() {
+            let _ = proc.qmp.execute(QmpCommand::Stop);
+            let reason = Self::end(&mut proc);
+            // A stop we asked for is a clean stop unless QEMU failed first.
+            let _ = reason;
+            vm.ended = Some(None);
+        }
+        Ok(())
+    }
+
+    fn status(&self, id: &VmId) -> Result<VmStatus, VmmError> {
+        let mut vms = self.lock();
+        let vm = vms
+            .get_mut(id)
+            .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
+        Ok(status_of(vm))
+    }
+
+    fn destroy(&self, id: &VmId) -> Result<(), VmmError> {
+        let mut vms = self.lock();
+        let mut vm = vms
+            .remove(id)
+            .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
+        if let Some(mut proc) = vm.proc.take() {
+            Self::end(&mut proc);
+        }
+        fs::remove_dir_all(&vm.dir).map_err(io_err("removing VM directory", &vm.dir))
+    }
+}
+
+/// Reads the VM's state without looking inside the guest.
+fn status_of(vm: &mut Vm) -> VmStatus {
+    if let Some(proc) = vm.proc.as_mut() {
+        match proc.child.try_wait() {
+            Ok(None) => {}
+            Ok(Some(s)) => {
+                if let Some(cg) = &proc.cgroup {
+                    cg.remove();
+                }
+                vm.ended = Some((!s.success()).then(|| format!("QEMU exited with {s}")));
+                vm.proc = None;
+                return status_of(vm);
+            }
+            Err(e) => {
+                return VmStatus::Failed {
+                    reason: format!("cannot wait for QEMU: {e}"),
+                };
+            }
+        }
+        return match proc.qmp.run_state() {
+            Ok(RunState::Prelaunch) => VmStatus::Created,
+            Ok(RunState::Running) => VmStatus::Running,
+            Ok(RunState::Paused) => VmStatus::Failed {
+                reason: "QEMU paused the VM (e.g. a volume I/O error)".to_owned(),
+            },
+            Ok(RunState::Terminal) => VmStatus::Stopped,
+            Err(e) => VmStatus::Failed {
+                reason: format!("QMP: {e}"),
+            },
+        };
+    }
+    match &vm.ended {
+        Some(Some(reason)) => VmStatus::Failed {
+            reason: reason.clone(),
+        },
+        _ => VmStatus::Stopped,
+    }
+}
+
+impl Drop for QemuBackend {
+    fn drop(&mut self) {
+        let vms = self.vms.get_mut().unwrap_or_else(|p| p.into_inner());
+        for vm in vms.values_mut() {
+            if let Some(mut proc) = vm.proc.take() {
+                Self::end(&mut proc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn option_values_escape_commas() {
+        assert_eq!(opt(Path::new("/a,b/c")), "/a,,b/c");
+    }
+
+    #[test]
+    fn secret_pipe_holds_exactly_the_secret() {
+        let r = secret_pipe(b"passphrase").unwrap();
+        let mut s = String::new();
+        File::from(r).read_to_string(&mut s).unwrap();
+        assert_eq!(s, "passphrase");
+    }
+
+    #[test]
+    fn missing_qemu_is_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = QemuBackend::new(dir.path().join("state"), dir.path().join("no-qemu"));
+        assert!(matches!(
+            err,
+            Err(VmmError::BackendUnavailable {
+                reason: crate::Unavailable::NoQemu,
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,279 @@
+//! Choosing a backend from facts about the host.
+//!
+//! [`HostProbe::detect`] gathers the facts (the only I/O here); [`select`] is a
+//! pure function of them, so every branch is tested.
+//!
+//! The seam for the `kvm` backend: it is the separate `nitrile vmm` process
+//! (crate `nitrile-vmm-kvm`). hostd configures the path of that binary in
+//! [`HostProbe::vmm_binary`]; when it is not configured, or `/dev/kvm` is not
+//! hardware KVM, [`select`] refuses `kvm` with
+//! [`VmmError::BackendUnavailable`] and `auto` falls through to QEMU.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::VmmError;
+
+/// Which kind of `/dev/kvm` the host has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmDevice {
+    /// No `/dev/kvm` (or it cannot be opened).
+    Absent,
+    /// `/dev/kvm` is served by the `kvm_pvm` module: a software hypervisor
+    /// that runs tiny guests but not Linux at usable speed.
+    Pvm,
+    /// Hardware-assisted KVM (VT-x / AMD-V).
+    Hardware,
+}
+
+/// Facts about the host that decide the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostProbe {
+    /// The kind of `/dev/kvm`.
+    pub kvm: KvmDevice,
+    /// The `nitrile vmm` binary, if configured.
+    pub vmm_binary: Option<PathBuf>,
+    /// The QEMU system emulator, if installed.
+    pub qemu_binary: Option<PathBuf>,
+}
+
+impl HostProbe {
+    /// Looks at `/dev/kvm`, `/sys/module` and `/proc/modules`, and checks that
+    /// the given binaries exist.
+    pub fn detect(vmm_binary: Option<&Path>, qemu_binary: Option<&Path>) -> Self {
+        let kvm = if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            KvmDevice::Absent
+        } else if Path::new("/sys/module/kvm_pvm").exists()
+            || std::fs::read_to_string("/proc/modules")
+                .map(|m| m.lines().any(|l| l.split(' ').next() == Some("kvm_pvm")))
+                .unwrap_or(false)
+        {
+            KvmDevice::Pvm
+        } else {
+            KvmDevice::Hardware
+        };
+        let existing = |p: Option<&Path>| p.filter(|p| p.is_file()).map(Path::to_path_buf);
+        Self {
+            kvm,
+            vmm_binary: existing(vmm_binary),
+            qemu_binary: existing(qemu_binary),
+        }
+    }
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The first backend that works: `kvm`, else `qemu`.
+    Auto,
+    /// Only `nitrile vmm`.
+    Kvm,
+    /// Only QEMU.
+    Qemu,
+}
+
+/// QEMU's accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware KVM.
+    Kvm,
+    /// QEMU's software translator.
+    Tcg,
+}
+
+impl Accel {
+    pub(crate) fn qemu_arg(self) -> &'static str {
+        match self {
+            // Bound TCG's translation cache (default 1 GiB) so the per-VM
+            // memory limit holds.
+            Accel::Tcg => "tcg,tb-size=64",
+            Accel::Kvm => "kvm",
+        }
+    }
+}
+
+/// The chosen backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// `nitrile vmm`, at this path.
+    Kvm {
+        /// the `nitrile vmm` binary
+        vmm_binary: PathBuf,
+    },
+    /// QEMU, at this path, with this accelerator.
+    Qemu {
+        /// the QEMU binary
+        qemu_binary: PathBuf,
+        /// the accelerator
+        accel: Accel,
+    },
+}
+
+/// Why a backend cannot run here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unavailable {
+    /// `/dev/kvm` is missing or cannot be opened.
+    NoKvmDevice,
+    /// `/dev/kvm` is the `kvm_pvm` software hypervisor.
+    KvmIsPvm,
+    /// The `nitrile vmm` binary path is not configured (or does not exist).
+    NoVmmBinary,
+    /// The QEMU binary is not installed.
+    NoQemu,
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Unavailable::NoKvmDevice => "/dev/kvm is missing or cannot be opened",
+            Unavailable::KvmIsPvm => {
+                "/dev/kvm is kvm_pvm, a software hypervisor not usable for Linux guests"
+            }
+            Unavailable::NoVmmBinary => "the nitrile vmm binary path is not configured",
+            Unavailable::NoQemu => "qemu-system-x86_64 is not installed",
+        })
+    }
+}
+
+fn kvm_backend(host: &HostProbe) -> Result<Backend, Unavailable> {
+    match host.kvm {
+        KvmDevice::Absent => Err(Unavailable::NoKvmDevice),
+        KvmDevice::Pvm => Err(Unavailable::KvmIsPvm),
+        KvmDevice::Hardware => match &host.vmm_binary {
+            None => Err(Unavailable::NoVmmBinary),
+            Some(p) => Ok(Backend::Kvm {
+                vmm_binary: p.clone(),
+            }),
+        },
+    }
+}
+
+fn qemu_backend(host: &HostProbe) -> Result<(Backend, String), Unavailable> {
+    let qemu_binary = host.qemu_binary.clone().ok_or(Unavailable::NoQemu)?;
+    let (accel, why) = match host.kvm {
+        KvmDevice::Hardware => (Accel::Kvm, "with -accel kvm (hardware KVM)".to_owned()),
+        KvmDevice::Absent => (
+            Accel::Tcg,
+            format!("with -accel tcg ({})", Unavailable::NoKvmDevice),
+        ),
+        KvmDevice::Pvm => (
+            Accel::Tcg,
+            format!("with -accel tcg ({})", Unavailable::KvmIsPvm),
+        ),
+    };
+    Ok((Backend::Qemu { qemu_binary, accel }, why))
+}
+
+/// Picks the backend for `choice` on `host`, and says why.
+pub fn select(choice: BackendChoice, host: &HostProbe) -> Result<(Backend, String), VmmError> {
+    let unavailable = |backend, reason| VmmError::BackendUnavailable { backend, reason };
+    match choice {
+        BackendChoice::Kvm => kvm_backend(host)
+            .map(|b| (b, "kvm backend requested; /dev/kvm is hardware KVM".to_owned()))
+            .map_err(|r| unavailable("kvm", r)),
+        BackendChoice::Qemu => qemu_backend(host)
+            .map(|(b, why)| (b, format!("qemu backend requested, {why}")))
+            .map_err(|r| unavailable("qemu", r)),
+        BackendChoice::Auto => match kvm_backend(host) {
+            Ok(b) => Ok((b, "auto: kvm (/dev/kvm is hardware KVM)".to_owned())),
+            Err(kvm_reason) => qemu_backend(host)
+                .map(|(b, why)| (b, format!("auto: qemu {why}; kvm skipped: {kvm_reason}")))
+                .map_err(|r| unavailable("qemu", r)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(kvm: KvmDevice, vmm: bool, qemu: bool) -> HostProbe {
+        HostProbe {
+            kvm,
+            vmm_binary: vmm.then(|| PathBuf::from("vmm")),
+            qemu_binary: qemu.then(|| PathBuf::from("qemu")),
+        }
+    }
+
+    fn reason(r: Result<(Backend, String), VmmError>) -> Unavailable {
+        match r {
+            Err(VmmError::BackendUnavailable { reason, .. }) => reason,
+            other => panic!("expected BackendUnavailable, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn auto_prefers_kvm_on_hardware_with_binary() {
+        let (b, why) = select(BackendChoice::Auto, &host(KvmDevice::Hardware, true, true)).unwrap();
+        assert!(matches!(b, Backend::Kvm { .. }));
+        assert!(why.contains("hardware"));
+    }
+
+    #[test]
+    fn auto_on_pvm_picks_qemu_tcg_and_says_why() {
+        let (b, why) = select(BackendChoice::Auto, &host(KvmDevice::Pvm, true, true)).unwrap();
+        assert!(matches!(
+            b,
+            Backend::Qemu {
+                accel: Accel::Tcg,
+                ..
+            }
+        ));
+        assert!(why.contains("kvm_pvm"), "{why}");
+    }
+
+    #[test]
+    fn auto_without_vmm_binary_uses_qemu_kvm_on_hardware() {
+        let (b, why) = select(BackendChoice::Auto, &host(KvmDevice::Hardware, false, true)).unwrap();
+        assert!(matches!(
+            b,
+            Backend::Qemu {
+                accel: Accel::Kvm,
+                ..
+            }
+        ));
+        assert!(why.contains("not configured"), "{why}");
+    }
+
+    #[test]
+    fn explicit_kvm_refusals_name_the_reason() {
+        assert_eq!(
+            reason(select(BackendChoice::Kvm, &host(KvmDevice::Pvm, true, true))),
+            Unavailable::KvmIsPvm
+        );
+        assert_eq!(
+            reason(select(BackendChoice::Kvm, &host(KvmDevice::Hardware, false, true))),
+            Unavailable::NoVmmBinary
+        );
+        assert_eq!(
+            reason(select(BackendChoice::Kvm, &host(KvmDevice::Absent, true, true))),
+            Unavailable::NoKvmDevice
+        );
+    }
+
+    #[test]
+    fn nothing_usable_is_an_error() {
+        assert_eq!(
+            reason(select(BackendChoice::Auto, &host(KvmDevice::Pvm, true, false))),
+            Unavailable::NoQemu
+        );
+        assert_eq!(
+            reason(select(BackendChoice::Qemu, &host(KvmDevice::Hardware, true, false))),
+            Unavailable::NoQemu
+        );
+    }
+
+    #[test]
+    fn detect_on_this_host_is_consistent_with_select() {
+        let probe = HostProbe::detect(None, None);
+        assert!(probe.vmm_binary.is_none() && probe.qemu_binary.is_none());
+        // Without binaries nothing can be selected, whatever /dev/kvm is.
+        assert!(select(BackendChoice::Auto, &probe).is_err());
+    }
+}
