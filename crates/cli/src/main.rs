@@ -54,6 +54,9 @@ enum Command {
     /// Audit journal and log tools.
     #[command(subcommand)]
     Audit(cmd::audit::Command),
+    /// Guest images.
+    #[command(subcommand)]
+    Image(cmd::image::Command),
     /// Run the token service.
     Tokend(cmd::tokend::Args),
     /// Run a whole cell on this machine.
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         Command::Token(c) => cmd::token::run(c, &global),
         Command::Entitlements(c) => cmd::entitlements::run(c, &global),
         Command::Audit(c) => cmd::audit::run(c, &global),
+        Command::Image(c) => cmd::image::run(c, &global),
         Command::Tokend(a) => cmd::tokend::run(a, &global),
         Command::Up(a) => cmd::up::run(a, &global),
         Command::Config(c) => cmd::config::run(c, &global),

@@ -169,8 +169,11 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), BuildError> 
     if fs::read_to_string(path).is_ok_and(|c| c == contents) {
         return Ok(());
     }
-    fs::write(path, contents).map_err(err)?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)
+    // Written aside and renamed: a concurrent build may be running the old one.
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    fs::write(&tmp, contents).map_err(err)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
 }
 
 #[cfg(test)]

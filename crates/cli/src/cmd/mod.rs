@@ -4,6 +4,7 @@ pub(crate) mod audit;
 pub(crate) mod completion;
 pub(crate) mod config;
 pub(crate) mod entitlements;
+pub(crate) mod image;
 pub(crate) mod pki;
 pub(crate) mod token;
 pub(crate) mod tokend;
