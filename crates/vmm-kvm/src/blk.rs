@@ -1,0 +1,222 @@
+//! virtio-blk (virtio 1.x, one queue) whose backing file holds ciphertext
+//! only: every sector is AES-256-XTS encrypted in this process before it is
+//! written and decrypted after it is read.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::crypt::{SECTOR_SIZE, SectorCipher, VolumeKey};
+use crate::virtio::{Descriptor, F_VERSION_1, Queue, QueueError, VirtioDevice};
+
+/// Largest data transfer in one request.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Length of the device ID string (`VIRTIO_BLK_ID_BYTES`).
+pub const ID_BYTES: usize = 20;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+const F_RO: u64 = 1 << 5;
+const F_FLUSH: u64 = 1 << 9;
+
+/// Why a block device could not be created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlkError {
+    /// Reading the backing file's size failed.
+    #[error("backing file metadata")]
+    Metadata(#[source] std::io::Error),
+    /// The backing file is not a whole number of sectors.
+    #[error("backing file size {0} is not a multiple of {SECTOR_SIZE}")]
+    Unaligned(u64),
+}
+
+/// One encrypted block device.
+pub struct Blk {
+    file: File,
+    cipher: SectorCipher,
+    sectors: u64,
+    read_only: bool,
+    id: [u8; ID_BYTES],
+    config: [u8; 8],
+}
+
+impl std::fmt::Debug for Blk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blk")
+            .field("sectors", &self.sectors)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Blk {
+    /// Serves `file` (ciphertext) under `key`; `id` is reported by GET_ID.
+    pub fn new(file: File, key: &VolumeKey, read_only: bool, id: &str) -> Result<Self, BlkError> {
+        let len = file.metadata().map_err(BlkError::Metadata)?.len();
+        if !len.is_multiple_of(SECTOR_SIZE as u64) {
+            return Err(BlkError::Unaligned(len));
+        }
+        let sectors = len / SECTOR_SIZE as u64;
+        let mut idb = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(Self {
+            file,
+            cipher: SectorCipher::new(key),
+            sectors,
+            read_only,
+            id: idb,
+            config: sectors.to_le_bytes(),
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    /// Serves one chain; returns the bytes written into the guest.
+    fn request(&self, chain: &[Descriptor], mem: &GuestMemoryMmap) -> Result<u32, QueueError> {
+        let (Some(hdr), Some(status)) = (chain.first(), chain.last()) else {
+            return Ok(0);
+        };
+        if chain.len() < 2
+            || hdr.is_write_only()
+            || hdr.len < 16
+            || !status.is_write_only()
+            || status.len < 1
+        {
+            // Not a well-formed request: nothing to answer into.
+            return Ok(0);
+        }
+        let kind: u32 = mem.read_obj(GuestAddress(hdr.addr))?;
+        let sector: u64 = mem.read_obj(GuestAddress(hdr.addr + 8))?;
+        let data = &chain[1..chain.len() - 1];
+        let (code, written) = self.execute(kind, sector, data, mem)?;
+        mem.write_obj(code, GuestAddress(status.addr))?;
+        Ok(written + 1)
+    }
+
+    fn execute(
+        &self,
+        kind: u32,
+        sector: u64,
+        data: &[Descriptor],
+        mem: &GuestMemoryMmap,
+    ) -> Result<(u8, u32), QueueError> {
+        let total: usize = data.iter().map(|d| d.len as usize).sum();
+        match kind {
+            T_IN | T_OUT => {
+                let write = kind == T_OUT;
+                if write && self.read_only {
+                    return Ok((S_IOERR, 0));
+                }
+                let dir_ok = data.iter().all(|d| d.is_write_only() != write);
+                let in_range = (total as u64 / SECTOR_SIZE as u64)
+                    .checked_add(sector)
+                    .is_some_and(|end| end <= self.sectors);
+                if !dir_ok
+                    || !total.is_multiple_of(SECTOR_SIZE)
+                    || total > MAX_REQUEST_BYTES
+                    || !in_range
+                {
+                    return Ok((S_IOERR, 0));
+                }
+                let mut buf = vec![0u8; total];
+                let offset = sector * SECTOR_SIZE as u64;
+                if write {
+                    gather(&mut buf, data, mem)?;
+                    if self.cipher.encrypt(&mut buf, sector).is_err()
+                        || self.file.write_all_at(&buf, offset).is_err()
+                    {
+                        return Ok((S_IOERR, 0));
+                    }
+                    Ok((S_OK, 0))
+                } else {
+                    if self.file.read_exact_at(&mut buf, offset).is_err()
+                        || self.cipher.decrypt(&mut buf, sector).is_err()
+                    {
+                        return Ok((S_IOERR, 0));
+                    }
+                    scatter(&buf, data, mem)?;
+                    Ok((S_OK, total as u32))
+                }
+            }
+            T_FLUSH => Ok((
+                if self.file.sync_data().is_ok() {
+                    S_OK
+                } else {
+                    S_IOERR
+                },
+                0,
+            )),
+            T_GET_ID => {
+                let Some(d) = data.first().filter(|d| d.is_write_only()) else {
+                    return Ok((S_IOERR, 0));
+                };
+                let n = (d.len as usize).min(ID_BYTES);
+                mem.write_slice(&self.id[..n], GuestAddress(d.addr))?;
+                Ok((S_OK, n as u32))
+            }
+            _ => Ok((S_UNSUPP, 0)),
+        }
+    }
+}
+
+fn gather(buf: &mut [u8], data: &[Descriptor], mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+    let mut at = 0;
+    for d in data {
+        let len = d.len as usize;
+        mem.read_slice(&mut buf[at..at + len], GuestAddress(d.addr))?;
+        at += len;
+    }
+    Ok(())
+}
+
+fn scatter(buf: &[u8], data: &[Descriptor], mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+    let mut at = 0;
+    for d in data {
+        let len = d.len as usize;
+        mem.write_slice(&buf[at..at + len], GuestAddress(d.addr))?;
+        at += len;
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Blk {
+    fn device_id(&self) -> u32 {
+        2
+    }
+
+    fn features(&self) -> u64 {
+        F_VERSION_1 | F_FLUSH | if self.read_only { F_RO } else { 0 }
+    }
+
+    fn queue_count(&self) -> usize {
+        1
+    }
+
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    fn process(
+        &mut self,
+        _index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), QueueError> {
+        while let Some((head, chain)) = queue.pop(mem)? {
+            let written = self.request(&chain, mem)?;
+            queue.add_used(mem, head, written)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! Process hardening for the VMM: not dumpable (no `/proc/<pid>/mem` or
+//! ptrace for other users, no core), `RLIMIT_CORE` 0, and a seccomp allowlist
+//! for the vCPU thread, built with `seccompiler`. Anything outside the list
+//! kills the whole process.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+/// Why hardening failed; the VMM must not run a guest then.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HardenError {
+    /// `prctl(PR_SET_DUMPABLE, 0)` failed.
+    #[error("prctl(PR_SET_DUMPABLE, 0) failed")]
+    Dumpable(#[source] std::io::Error),
+    /// `setrlimit(RLIMIT_CORE, 0)` failed.
+    #[error("setrlimit(RLIMIT_CORE, 0) failed")]
+    CoreLimit(#[source] std::io::Error),
+    /// The seccomp filter could not be built or installed.
+    #[error("seccomp filter")]
+    Seccomp(#[from] seccompiler::Error),
+    /// The seccomp filter could not be compiled.
+    #[error("seccomp filter compilation")]
+    SeccompBackend(#[from] seccompiler::BackendError),
+}
+
+/// Makes the process non-dumpable and sets its core size limit to zero.
+pub fn harden_process() -> Result<(), HardenError> {
+    // SAFETY: prctl with PR_SET_DUMPABLE takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(HardenError::Dumpable(std::io::Error::last_os_error()));
+    }
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `zero` is a valid rlimit that outlives the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
+        return Err(HardenError::CoreLimit(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// System calls the vCPU thread needs once the VM is built: `KVM_RUN` and
+/// device emulation (positioned file I/O, serial writes, allocation).
+const VCPU_SYSCALLS: &[i64] = &[
+    libc::SYS_ioctl,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_close,
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_clock_gettime,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// The vCPU thread's allowlist; every other system call kills the process.
+pub fn vcpu_filter() -> Result<BpfProgram, HardenError> {
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        VCPU_SYSCALLS.iter().map(|&nr| (nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+/// Installs the vCPU allowlist on the calling thread (irreversible).
+pub fn confine_vcpu_thread() -> Result<(), HardenError> {
+    let program = vcpu_filter()?;
+    seccompiler::apply_filter(&program)?;
+    Ok(())
+}

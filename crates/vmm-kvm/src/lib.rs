@@ -1,0 +1,358 @@
+//! The in-process KVM virtual machine monitor behind the `kvm` backend: one VM
+//! with one vCPU, guest memory as anonymous `MADV_DONTDUMP` mappings, 64-bit
+//! long-mode (or PVH) boot of an ELF or bzImage through `linux-loader`, a
+//! 16550 serial port (`vm-superio`) whose output goes to a caller-given
+//! writer, and virtio-mmio block devices whose backing files hold only
+//! AES-256-XTS ciphertext, encrypted per 512-byte sector in this process.
+//!
+//! It guarantees: the VMM offers no interface that reads guest memory, disk
+//! plaintext or the console to anyone but the configured serial writer;
+//! volume keys are zeroized on drop, mlocked where the process may, and
+//! never printed; every guest-controlled ring index, chain and address is
+//! bounded before use, and guest memory is never turned into a Rust
+//! reference. [`harden`] makes the process non-dumpable, without core files,
+//! and confines threads with seccomp allowlists.
+//!
+//! It does not (yet): inject interrupts (the guest polls the used ring), run
+//! more than one vCPU, provide virtio-vsock or virtio-net, jail itself into
+//! namespaces, a chroot or cgroups (the process wrapper's job), or check that
+//! a kernel is the one that was measured (the caller's job).
+
+// KVM ioctls, mlock/madvise and seccomp need `unsafe`; every block carries a
+// SAFETY comment (clippy::undocumented_unsafe_blocks is denied).
+#![allow(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod blk;
+pub mod boot;
+pub mod crypt;
+pub mod harden;
+pub mod virtio;
+
+use std::fs::File;
+use std::io::Write;
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+pub use blk::Blk;
+pub use boot::KernelFormat;
+pub use crypt::{KEY_LEN, KeyError, SECTOR_SIZE, SectorCipher, VolumeKey};
+
+use virtio::{MMIO_WINDOW, MmioTransport};
+
+/// The bare-metal test guest (see `guest/testguest`), an ELF loaded at 1 MiB.
+pub const TEST_GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.elf"));
+
+/// Guest-physical address of the first virtio-mmio device; device `i` sits
+/// at `VIRTIO_MMIO_BASE + i * 0x1000`.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// The I/O port a guest writes its exit code to in order to stop the VM.
+pub const SHUTDOWN_PORT: u16 = 0x501;
+/// The 16550 UART (COM1).
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// Most guest memory a VM may have.
+pub const MAX_MEMORY: u64 = 64 << 30;
+/// Most block devices per VM.
+pub const MAX_DISKS: usize = 16;
+
+/// One encrypted block device.
+#[derive(Debug)]
+pub struct DiskConfig {
+    /// The backing file, ciphertext only, a whole number of sectors.
+    pub file: File,
+    /// The volume key; expanded into the device's cipher and then dropped.
+    pub key: VolumeKey,
+    /// Refuse guest writes.
+    pub read_only: bool,
+    /// Reported to the guest by GET_ID (at most 20 bytes are used).
+    pub id: String,
+}
+
+/// Everything a VM is made of.
+pub struct VmConfig {
+    /// Guest RAM in bytes (a multiple of 4 KiB, at least 4 MiB).
+    pub memory_bytes: u64,
+    /// The kernel image file.
+    pub kernel: File,
+    /// How to load and enter it.
+    pub kernel_format: KernelFormat,
+    /// Kernel command line (printable ASCII).
+    pub cmdline: String,
+    /// Where the guest's serial output goes.
+    pub serial_out: Box<dyn Write + Send>,
+    /// Block devices, in MMIO slot order.
+    pub disks: Vec<DiskConfig>,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("memory_bytes", &self.memory_bytes)
+            .field("kernel_format", &self.kernel_format)
+            .field("disks", &self.disks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a VM could not be built or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("no usable /dev/kvm")]
+    NoKvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM ioctl {op} failed")]
+    Kvm {
+        /// Which operation.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Memory size out of range or not page-aligned.
+    #[error("guest memory must be page-aligned, between {min} and {MAX_MEMORY} bytes", min = boot::MIN_MEMORY)]
+    MemorySize,
+    /// Too many block devices.
+    #[error("at most {MAX_DISKS} block devices")]
+    TooManyDisks,
+    /// Allocating guest memory failed.
+    #[error("allocating guest memory failed")]
+    Memory(#[source] vm_memory::mmap::FromRangesError),
+    /// Loading the kernel failed.
+    #[error("loading the guest failed")]
+    Boot(#[from] boot::BootError),
+    /// A block device could not be set up.
+    #[error("block device setup failed")]
+    Blk(#[from] blk::BlkError),
+    /// Writing guest serial output failed.
+    #[error("serial output failed")]
+    Serial(#[source] std::io::Error),
+    /// The vCPU stopped in a way the VMM cannot continue from.
+    #[error("vCPU entry failed (hardware reason {0:#x})")]
+    FailEntry(u64),
+    /// KVM reported an internal error for the vCPU.
+    #[error("KVM internal error")]
+    InternalError,
+}
+
+/// How a VM run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitReason {
+    /// The guest wrote `code` to [`SHUTDOWN_PORT`].
+    Shutdown {
+        /// The guest's exit code.
+        code: u8,
+    },
+    /// The vCPU halted (no interrupt can wake it: none is injected).
+    Halted,
+    /// The guest triple-faulted or otherwise shut the vCPU down.
+    TripleFault,
+    /// The guest requested a reset or power-off through a system event.
+    SystemEvent,
+}
+
+struct NoIrq;
+
+impl vm_superio::Trigger for NoIrq {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        Ok(())
+    }
+}
+
+/// One virtual machine, ready to run.
+pub struct Vmm {
+    // Field order is drop order: the vCPU and VM go before the memory they map.
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    mem: GuestMemoryMmap,
+    serial: vm_superio::Serial<NoIrq, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    disks: Vec<MmioTransport<Blk>>,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("disks", &self.disks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vmm {
+    /// Creates the VM: memory, kernel, vCPU state and devices.
+    pub fn new(config: VmConfig) -> Result<Self, VmmError> {
+        let VmConfig {
+            memory_bytes,
+            mut kernel,
+            kernel_format,
+            cmdline,
+            serial_out,
+            disks,
+        } = config;
+        if !(boot::MIN_MEMORY..=MAX_MEMORY).contains(&memory_bytes)
+            || !memory_bytes.is_multiple_of(4096)
+        {
+            return Err(VmmError::MemorySize);
+        }
+        if disks.len() > MAX_DISKS {
+            return Err(VmmError::TooManyDisks);
+        }
+        let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+        let vm = kvm.create_vm().map_err(|source| VmmError::Kvm {
+            op: "create_vm",
+            source,
+        })?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(|source| VmmError::Kvm {
+                op: "set_tss_address",
+                source,
+            })?;
+        let size = usize::try_from(memory_bytes).map_err(|_| VmmError::MemorySize)?;
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).map_err(VmmError::Memory)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region.as_ptr();
+            let len = region.len() as usize;
+            // SAFETY: `host..host+len` is the anonymous mapping owned by `mem`;
+            // MADV_DONTDUMP only excludes it from core dumps.
+            unsafe {
+                libc::madvise(host.cast(), len, libc::MADV_DONTDUMP);
+            }
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the mapping outlives the VM: `mem` is dropped after
+            // `_vm` and `vcpu` (field order), and it is never unmapped or
+            // resized while the VM exists.
+            unsafe { vm.set_user_memory_region(region_desc) }.map_err(|source| VmmError::Kvm {
+                op: "set_user_memory_region",
+                source,
+            })?;
+        }
+        let entry = boot::load(&mem, memory_bytes, &mut kernel, kernel_format, &cmdline)?;
+        let vcpu = vm.create_vcpu(0).map_err(|source| VmmError::Kvm {
+            op: "create_vcpu",
+            source,
+        })?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmmError::Kvm {
+                op: "get_supported_cpuid",
+                source,
+            })?;
+        vcpu.set_cpuid2(&cpuid).map_err(|source| VmmError::Kvm {
+            op: "set_cpuid2",
+            source,
+        })?;
+        let sregs = vcpu.get_sregs().map_err(|source| VmmError::Kvm {
+            op: "get_sregs",
+            source,
+        })?;
+        let sregs = match entry {
+            boot::Entry::Long64 { .. } => boot::long_mode_sregs(&mem, sregs)?,
+            boot::Entry::Pvh32 { .. } => boot::pvh_sregs(&mem, sregs)?,
+        };
+        vcpu.set_sregs(&sregs).map_err(|source| VmmError::Kvm {
+            op: "set_sregs",
+            source,
+        })?;
+        vcpu.set_regs(&boot::entry_regs(entry))
+            .map_err(|source| VmmError::Kvm {
+                op: "set_regs",
+                source,
+            })?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        vcpu.set_fpu(&fpu).map_err(|source| VmmError::Kvm {
+            op: "set_fpu",
+            source,
+        })?;
+        let disks = disks
+            .into_iter()
+            .map(|d| Blk::new(d.file, &d.key, d.read_only, &d.id).map(MmioTransport::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let serial = vm_superio::Serial::new(NoIrq, serial_out);
+        Ok(Self {
+            vcpu,
+            _vm: vm,
+            mem,
+            serial,
+            disks,
+        })
+    }
+
+    /// Runs the vCPU until the guest shuts down, halts or faults.
+    pub fn run(&mut self) -> Result<ExitReason, VmmError> {
+        loop {
+            let exit = match self.vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(source) => return Err(VmmError::Kvm { op: "run", source }),
+            };
+            match exit {
+                VcpuExit::IoOut(port, data) => {
+                    if port == SHUTDOWN_PORT {
+                        self.serial.writer_mut().flush().map_err(VmmError::Serial)?;
+                        return Ok(ExitReason::Shutdown {
+                            code: data.first().copied().unwrap_or(0),
+                        });
+                    }
+                    if (SERIAL_PORT..SERIAL_PORT + 8).contains(&port) {
+                        let value = data.first().copied().unwrap_or(0);
+                        match self.serial.write((port - SERIAL_PORT) as u8, value) {
+                            Ok(()) => {}
+                            Err(vm_superio::serial::Error::IOError(e)) => {
+                                return Err(VmmError::Serial(e));
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                }
+                VcpuExit::IoIn(port, data) => {
+                    let value = if (SERIAL_PORT..SERIAL_PORT + 8).contains(&port) {
+                        self.serial.read((port - SERIAL_PORT) as u8)
+                    } else {
+                        0xff
+                    };
+                    data.fill(value);
+                }
+                VcpuExit::MmioRead(addr, data) => match device_at(addr, self.disks.len()) {
+                    Some((i, off)) => self.disks[i].read(off, data),
+                    None => data.fill(0),
+                },
+                VcpuExit::MmioWrite(addr, data) => {
+                    if let Some((i, off)) = device_at(addr, self.disks.len()) {
+                        self.disks[i].write(off, data, &self.mem);
+                    }
+                }
+                VcpuExit::Hlt => {
+                    self.serial.writer_mut().flush().map_err(VmmError::Serial)?;
+                    return Ok(ExitReason::Halted);
+                }
+                VcpuExit::Shutdown => return Ok(ExitReason::TripleFault),
+                VcpuExit::SystemEvent(..) => return Ok(ExitReason::SystemEvent),
+                VcpuExit::FailEntry(reason, _) => return Err(VmmError::FailEntry(reason)),
+                VcpuExit::InternalError => return Err(VmmError::InternalError),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The device slot and register offset of MMIO address `addr`, if any.
+fn device_at(addr: u64, devices: usize) -> Option<(usize, u64)> {
+    let rel = addr.checked_sub(VIRTIO_MMIO_BASE)?;
+    let index = usize::try_from(rel / MMIO_WINDOW).ok()?;
+    (index < devices).then_some((index, rel % MMIO_WINDOW))
+}
