@@ -175,7 +175,12 @@ pub fn select(choice: BackendChoice, host: &HostProbe) -> Result<(Backend, Strin
     let unavailable = |backend, reason| VmmError::BackendUnavailable { backend, reason };
     match choice {
         BackendChoice::Kvm => kvm_backend(host)
-            .map(|b| (b, "kvm backend requested; /dev/kvm is hardware KVM".to_owned()))
+            .map(|b| {
+                (
+                    b,
+                    "kvm backend requested; /dev/kvm is hardware KVM".to_owned(),
+                )
+            })
             .map_err(|r| unavailable("kvm", r)),
         BackendChoice::Qemu => qemu_backend(host)
             .map(|(b, why)| (b, format!("qemu backend requested, {why}")))
@@ -230,7 +235,8 @@ mod tests {
 
     #[test]
     fn auto_without_vmm_binary_uses_qemu_kvm_on_hardware() {
-        let (b, why) = select(BackendChoice::Auto, &host(KvmDevice::Hardware, false, true)).unwrap();
+        let (b, why) =
+            select(BackendChoice::Auto, &host(KvmDevice::Hardware, false, true)).unwrap();
         assert!(matches!(
             b,
             Backend::Qemu {
@@ -244,15 +250,24 @@ mod tests {
     #[test]
     fn explicit_kvm_refusals_name_the_reason() {
         assert_eq!(
-            reason(select(BackendChoice::Kvm, &host(KvmDevice::Pvm, true, true))),
+            reason(select(
+                BackendChoice::Kvm,
+                &host(KvmDevice::Pvm, true, true)
+            )),
             Unavailable::KvmIsPvm
         );
         assert_eq!(
-            reason(select(BackendChoice::Kvm, &host(KvmDevice::Hardware, false, true))),
+            reason(select(
+                BackendChoice::Kvm,
+                &host(KvmDevice::Hardware, false, true)
+            )),
             Unavailable::NoVmmBinary
         );
         assert_eq!(
-            reason(select(BackendChoice::Kvm, &host(KvmDevice::Absent, true, true))),
+            reason(select(
+                BackendChoice::Kvm,
+                &host(KvmDevice::Absent, true, true)
+            )),
             Unavailable::NoKvmDevice
         );
     }
@@ -260,11 +275,17 @@ mod tests {
     #[test]
     fn nothing_usable_is_an_error() {
         assert_eq!(
-            reason(select(BackendChoice::Auto, &host(KvmDevice::Pvm, true, false))),
+            reason(select(
+                BackendChoice::Auto,
+                &host(KvmDevice::Pvm, true, false)
+            )),
             Unavailable::NoQemu
         );
         assert_eq!(
-            reason(select(BackendChoice::Qemu, &host(KvmDevice::Hardware, true, false))),
+            reason(select(
+                BackendChoice::Qemu,
+                &host(KvmDevice::Hardware, true, false)
+            )),
             Unavailable::NoQemu
         );
     }

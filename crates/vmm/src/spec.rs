@@ -389,7 +389,12 @@ impl VmSpec {
         for (i, v) in raw.volumes.iter().enumerate() {
             let id = name(&format!("volumes[{i}].id"), &v.id)?;
             let path = HostPath::parse(&format!("volumes[{i}].path"), &v.path)?;
-            let size_mib = range(&format!("volumes[{i}].size_mib"), v.size_mib, 1, MAX_VOLUME_MIB)?;
+            let size_mib = range(
+                &format!("volumes[{i}].size_mib"),
+                v.size_mib,
+                1,
+                MAX_VOLUME_MIB,
+            )?;
             if !ids.insert(id.clone()) {
                 return Err(SpecError::DuplicateVolume { index: i, id });
             }
@@ -574,7 +579,10 @@ mod tests {
         let cases: Vec<(&str, Mutation)> = vec![
             ("instance", Box::new(|v| v["instance"] = "I-1".into())),
             ("instance", Box::new(|v| v["instance"] = "".into())),
-            ("image.digest", Box::new(|v| v["image"]["digest"] = "ab".into())),
+            (
+                "image.digest",
+                Box::new(|v| v["image"]["digest"] = "ab".into()),
+            ),
             (
                 "image.digest",
                 Box::new(|v| v["image"]["digest"] = DIGEST.to_uppercase().into()),

@@ -1,0 +1,354 @@
+//! The `qemu` backend with the Debian guest image: boot, encrypted volumes,
+//! key handling and the jail.
+//!
+//! Needs `qemu-system-x86_64` and the guest image from
+//! `scripts/guest-image.sh` (found through `NITRILE_TEST_KERNEL` and
+//! `NITRILE_TEST_INITRAMFS`, else in `$NITRILE_CACHE_DIR`, else
+//! `${XDG_CACHE_HOME:-$HOME/.cache}/nitrile`, under `guest-image/out`). Each
+//! test prints `SKIPPED: <reason>` and returns when one is missing.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use nitrile_api::Name;
+use nitrile_vmm::{
+    Backend, BackendChoice, HostProbe, Hypervisor, QemuBackend, VmId, VmSpec, VmStatus, VmmError,
+    VolumeKey, VolumeKeys, select,
+};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+const READY: &str = "NITRILE-GUEST-READY";
+
+struct Env {
+    qemu: PathBuf,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    cmdline: String,
+    accel: nitrile_vmm::Accel,
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+fn image_dir() -> PathBuf {
+    let cache = std::env::var_os("NITRILE_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("nitrile")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("nitrile"))
+        })
+        .unwrap_or_default();
+    cache.join("guest-image").join("out")
+}
+
+fn env() -> Result<Env, String> {
+    let qemu = find_in_path("qemu-system-x86_64").ok_or("qemu-system-x86_64 is not installed")?;
+    let dir = image_dir();
+    let kernel = std::env::var_os("NITRILE_TEST_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.join("vmlinux"));
+    let initramfs = std::env::var_os("NITRILE_TEST_INITRAMFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.join("initramfs"));
+    if !kernel.is_file() || !initramfs.is_file() {
+        return Err(format!(
+            "no guest image (run scripts/guest-image.sh or set NITRILE_TEST_KERNEL and NITRILE_TEST_INITRAMFS); looked for {}",
+            kernel.display()
+        ));
+    }
+    let cmdline = std::fs::read_to_string(dir.join("cmdline"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "console=ttyS0 tsc_early_khz=2000000 panic=-1".to_owned());
+    let probe = HostProbe::detect(None, Some(&qemu));
+    let (backend, why) = select(BackendChoice::Qemu, &probe).map_err(|e| e.to_string())?;
+    println!("backend: {why}");
+    let Backend::Qemu { accel, .. } = backend else {
+        return Err("select(qemu) did not return qemu".to_owned());
+    };
+    Ok(Env {
+        qemu,
+        kernel,
+        initramfs,
+        cmdline,
+        accel,
+    })
+}
+
+macro_rules! env_or_skip {
+    () => {
+        match env() {
+            Ok(e) => e,
+            Err(reason) => {
+                println!("SKIPPED: {reason}");
+                return;
+            }
+        }
+    };
+}
+
+fn spec(env: &Env, instance: &str, action: Option<&str>, volume: Option<&Path>) -> VmSpec {
+    let mut cmdline = env.cmdline.clone();
+    if let Some(a) = action {
+        cmdline.push_str(" nitrile.test=");
+        cmdline.push_str(a);
+    }
+    let volumes: Vec<_> = volume
+        .into_iter()
+        .map(|p| serde_json::json!({ "id": "data", "path": p, "size_mib": 16 }))
+        .collect();
+    let json = serde_json::json!({
+        "instance": instance,
+        "image": {
+            "digest": "00".repeat(32),
+            "kernel": env.kernel,
+            "initramfs": env.initramfs,
+            "cmdline": cmdline,
+        },
+        "vcpus": 1,
+        "memory_mib": 256,
+        "volumes": volumes,
+    });
+    VmSpec::parse_json(&serde_json::to_vec(&json).unwrap()).unwrap()
+}
+
+fn keys(key: &[u8; 64]) -> VolumeKeys {
+    let mut keys = VolumeKeys::new();
+    keys.insert(
+        Name::new("data").unwrap(),
+        VolumeKey::from_bytes(key).unwrap(),
+    );
+    keys
+}
+
+fn backend(env: &Env, state: &Path) -> QemuBackend {
+    QemuBackend::new(state.join("vms"), &env.qemu)
+        .unwrap()
+        .with_accel(env.accel)
+}
+
+/// Polls the serial file (the test reads it directly; the trait cannot)
+/// until a line equal to one of `markers` appears or the VM ends.
+fn wait_for(hv: &QemuBackend, id: &VmId, markers: &[&str]) -> Option<String> {
+    let serial = hv.vm_dir(id).join("serial.log");
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let text = std::fs::read(&serial).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(m) = markers.iter().find(|m| line == **m) {
+                return Some((*m).to_owned());
+            }
+        }
+        let status = hv.status(id).unwrap();
+        if Instant::now() > deadline
+            || matches!(status, VmStatus::Stopped | VmStatus::Failed { .. })
+        {
+            println!("serial output:\n{text}\nstatus: {status:?}");
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn qemu_boots_debian_kernel_to_guest_marker_inside_the_jail() {
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let hv = backend(&env, dir.path());
+    let t0 = Instant::now();
+    let id = hv
+        .create(&spec(&env, "boot-1", None, None), VolumeKeys::new())
+        .unwrap();
+    assert_eq!(hv.status(&id).unwrap(), VmStatus::Created);
+    let t1 = Instant::now();
+    hv.start(&id).unwrap();
+    assert_eq!(wait_for(&hv, &id, &[READY]).as_deref(), Some(READY));
+    println!("create {:?}, start to {READY} {:?}", t1 - t0, t1.elapsed());
+
+    let pid = hv.qemu_pid(&id).expect("QEMU pid");
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+    // Unprivileged uid and gid.
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid_line}"
+    );
+    let gid_line = status.lines().find(|l| l.starts_with("Gid:")).unwrap();
+    assert!(
+        gid_line.split_whitespace().skip(1).all(|g| g == "65534"),
+        "{gid_line}"
+    );
+    // Non-dumpable: /proc/<pid>/mem stays owned by root although QEMU runs as 65534.
+    use std::os::unix::fs::MetadataExt as _;
+    assert_eq!(std::fs::metadata(proc_dir.join("mem")).unwrap().uid(), 0);
+    // No core files.
+    let limits = std::fs::read_to_string(proc_dir.join("limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
+    // Own namespaces.
+    for ns in ["mnt", "ipc", "net", "pid", "uts"] {
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let theirs = std::fs::read_link(proc_dir.join("ns").join(ns)).unwrap();
+        assert_ne!(ours, theirs, "{ns} namespace is shared with the host");
+    }
+    // Own cgroup (when the host lets us create one).
+    let cgroups = std::fs::read_to_string(proc_dir.join("cgroup")).unwrap();
+    if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
+        || Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+    {
+        assert!(cgroups.contains("nitrile/boot-1"), "{cgroups}");
+    }
+    // The serial file is private to root.
+    use std::os::unix::fs::PermissionsExt as _;
+    let serial = std::fs::metadata(hv.vm_dir(&id).join("serial.log")).unwrap();
+    assert_eq!(serial.permissions().mode() & 0o777, 0o600);
+    assert_eq!(serial.uid(), 0);
+
+    let t2 = Instant::now();
+    hv.stop(&id).unwrap();
+    println!("stop {:?}", t2.elapsed());
+    assert_eq!(hv.status(&id).unwrap(), VmStatus::Stopped);
+    assert!(matches!(hv.start(&id), Err(VmmError::WrongState { .. })));
+    hv.destroy(&id).unwrap();
+    assert!(!hv.vm_dir(&id).exists());
+    assert!(!proc_dir.exists(), "QEMU still running after destroy");
+}
+
+#[test]
+fn qemu_volume_written_by_guest_reads_back_after_restart_and_holds_no_plaintext() {
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let hv = backend(&env, dir.path());
+    let volume = dir.path().join("data.qcow2");
+    let mut key = [0u8; 64];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut key);
+
+    let id = hv
+        .create(
+            &spec(&env, "vol-1", Some("volume-write"), Some(&volume)),
+            keys(&key),
+        )
+        .unwrap();
+    // The key is nowhere in QEMU's command line or environment.
+    let pid = hv.qemu_pid(&id).expect("QEMU pid");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+    for file in ["cmdline", "environ"] {
+        let bytes = std::fs::read(format!("/proc/{pid}/{file}")).unwrap();
+        assert!(!contains(&bytes, b64.as_bytes()), "key in /proc/pid/{file}");
+        assert!(!contains(&bytes, &key), "raw key in /proc/pid/{file}");
+    }
+    hv.start(&id).unwrap();
+    let written = wait_for(
+        &hv,
+        &id,
+        &["NITRILE-VOLUME-WRITTEN", "NITRILE-VOLUME-NODISK"],
+    );
+    assert_eq!(written.as_deref(), Some("NITRILE-VOLUME-WRITTEN"));
+    hv.destroy(&id).unwrap();
+
+    let id = hv
+        .create(
+            &spec(&env, "vol-1", Some("volume-read"), Some(&volume)),
+            keys(&key),
+        )
+        .unwrap();
+    hv.start(&id).unwrap();
+    let read = wait_for(
+        &hv,
+        &id,
+        &[
+            "NITRILE-VOLUME-OK",
+            "NITRILE-VOLUME-MISSING",
+            "NITRILE-VOLUME-NODISK",
+        ],
+    );
+    assert_eq!(read.as_deref(), Some("NITRILE-VOLUME-OK"));
+    hv.destroy(&id).unwrap();
+
+    let file = std::fs::read(&volume).unwrap();
+    assert!(file.len() > 1 << 20, "volume file suspiciously small");
+    assert!(!contains(&file, b"NITRILE-PLAINTEXT"), "plaintext on disk");
+    assert!(!contains(&file, b64.as_bytes()) && !contains(&file, &key));
+}
+
+#[test]
+fn qemu_volume_with_wrong_key_does_not_open() {
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let hv = backend(&env, dir.path());
+    let volume = dir.path().join("data.qcow2");
+
+    // Creating the VM creates the volume (LUKS header under key 1); the
+    // guest need not run for the header to be there.
+    let id = hv
+        .create(
+            &spec(&env, "wrong-1", None, Some(&volume)),
+            keys(&[1u8; 64]),
+        )
+        .unwrap();
+    hv.destroy(&id).unwrap();
+    assert!(volume.exists());
+
+    match hv.create(
+        &spec(&env, "wrong-1", Some("volume-read"), Some(&volume)),
+        keys(&[2u8; 64]),
+    ) {
+        Err(VmmError::VmmExited { stderr, .. }) => {
+            println!("QEMU refused the wrong key: {stderr}");
+            assert!(
+                !hv.vm_dir(&VmId::new(Name::new("wrong-1").unwrap()))
+                    .exists()
+            );
+        }
+        Err(other) => panic!("unexpected error: {other}"),
+        Ok(id) => {
+            hv.start(&id).unwrap();
+            let read = wait_for(&hv, &id, &["NITRILE-VOLUME-OK", "NITRILE-VOLUME-MISSING"]);
+            assert_ne!(read.as_deref(), Some("NITRILE-VOLUME-OK"));
+            hv.destroy(&id).unwrap();
+        }
+    }
+}
+
+#[test]
+fn qemu_refuses_specs_it_cannot_honour_and_mismatched_keys() {
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let hv = backend(&env, dir.path());
+    let volume = dir.path().join("data.qcow2");
+    let s = spec(&env, "refuse-1", None, Some(&volume));
+    assert!(matches!(
+        hv.create(&s, VolumeKeys::new()),
+        Err(VmmError::MissingKey(_))
+    ));
+    let mut extra = keys(&[3u8; 64]);
+    extra.insert(
+        Name::new("other").unwrap(),
+        VolumeKey::from_bytes(&[4u8; 64]).unwrap(),
+    );
+    assert!(matches!(
+        hv.create(&s, extra),
+        Err(VmmError::UnexpectedKey(_))
+    ));
+    assert!(
+        !volume.exists(),
+        "a refused spec must not create the volume"
+    );
+    let unknown = VmId::new(Name::new("nope").unwrap());
+    assert!(matches!(hv.status(&unknown), Err(VmmError::UnknownVm(_))));
+}
