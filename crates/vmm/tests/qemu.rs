@@ -7,14 +7,15 @@
 //! `${XDG_CACHE_HOME:-$HOME/.cache}/nitrile`, under `guest-image/out`). Each
 //! test prints `SKIPPED: <reason>` and returns when one is missing.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use nitrile_api::Name;
 use nitrile_vmm::{
-    Backend, BackendChoice, HostProbe, Hypervisor, QemuBackend, VmId, VmSpec, VmStatus, VmmError,
-    VolumeKey, VolumeKeys, select,
+    Backend, BackendChoice, HostProbe, Hypervisor, JailConfig, QemuBackend, VmId, VmSpec, VmStatus,
+    VmmError, VolumeKey, VolumeKeys, select,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -193,6 +194,31 @@ fn qemu_boots_debian_kernel_to_guest_marker_inside_the_jail() {
     // Non-dumpable: /proc/<pid>/mem stays owned by root although QEMU runs as 65534.
     use std::os::unix::fs::MetadataExt as _;
     assert_eq!(std::fs::metadata(proc_dir.join("mem")).unwrap().uid(), 0);
+    // Not even QEMU's own uid can open its memory; the same open works on
+    // an ordinary process of that uid (so this check can fail).
+    let open_mem_as_65534 = |pid: u32| {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 3< /proc/{pid}/mem"))
+            .uid(65534)
+            .gid(65534)
+            .status()
+            .unwrap()
+            .success()
+    };
+    let mut control = std::process::Command::new("sleep")
+        .arg("30")
+        .uid(65534)
+        .gid(65534)
+        .spawn()
+        .unwrap();
+    assert!(
+        open_mem_as_65534(control.id()),
+        "control: open of an ordinary process's mem failed"
+    );
+    control.kill().unwrap();
+    control.wait().unwrap();
+    assert!(!open_mem_as_65534(pid), "uid 65534 opened /proc/<qemu>/mem");
     // No core files.
     let limits = std::fs::read_to_string(proc_dir.join("limits")).unwrap();
     let core = limits
@@ -351,4 +377,52 @@ fn qemu_refuses_specs_it_cannot_honour_and_mismatched_keys() {
     );
     let unknown = VmId::new(Name::new("nope").unwrap());
     assert!(matches!(hv.status(&unknown), Err(VmmError::UnknownVm(_))));
+}
+
+#[test]
+fn qemu_sigabrt_leaves_no_core_file() {
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    // Without a PID namespace: QEMU as PID 1 of its own namespace ignores
+    // SIGABRT sent from outside, and the point here is what happens when
+    // the process does die of it. RLIMIT_CORE and non-dumpability do not
+    // depend on the namespaces.
+    let jail = JailConfig {
+        namespaces: false,
+        ..JailConfig::default()
+    };
+    let hv = backend(&env, dir.path()).with_jail(jail);
+    let id = hv
+        .create(&spec(&env, "abrt-1", None, None), VolumeKeys::new())
+        .unwrap();
+    let pid = hv.qemu_pid(&id).expect("QEMU pid");
+    // QEMU's working directory is the VM directory, where a `core` pattern
+    // without a path would put the dump.
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+    assert_eq!(cwd, hv.vm_dir(&id));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGABRT,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let s = hv.status(&id).unwrap();
+        if matches!(s, VmStatus::Failed { .. }) || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let VmStatus::Failed { reason } = status else {
+        panic!("QEMU survived SIGABRT: {status:?}");
+    };
+    assert!(reason.contains("SIGABRT"), "{reason}");
+    assert!(!reason.contains("core dumped"), "{reason}");
+    let cores: Vec<_> = std::fs::read_dir(hv.vm_dir(&id))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("core"))
+        .collect();
+    assert!(cores.is_empty(), "core files: {cores:?}");
+    hv.destroy(&id).unwrap();
 }

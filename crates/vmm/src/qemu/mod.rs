@@ -370,6 +370,7 @@ impl QemuBackend {
             &format!("user={}:{}", self.jail.uid, self.jail.gid),
         ])
         .arg("-S")
+        .current_dir(dir)
         .env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -651,9 +652,20 @@ fn status_of(vm: &mut Vm) -> VmStatus {
                 reason: "QEMU paused the VM (e.g. a volume I/O error)".to_owned(),
             },
             Ok(RunState::Terminal) => VmStatus::Stopped,
-            Err(e) => VmStatus::Failed {
-                reason: format!("QMP: {e}"),
-            },
+            Err(e) => {
+                // A broken control channel usually means QEMU is exiting:
+                // give it a moment so the exit status is what we report.
+                let deadline = Instant::now() + Duration::from_secs(1);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = proc.child.try_wait() {
+                        return status_of(vm);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                VmStatus::Failed {
+                    reason: format!("QMP: {e}"),
+                }
+            }
         };
     }
     match &vm.ended {
