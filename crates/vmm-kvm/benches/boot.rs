@@ -45,6 +45,7 @@ fn boot_once() -> Option<Duration> {
         cmdline: String::new(),
         serial_out: Box::new(console.clone()),
         disks: Vec::new(),
+        vsock: None,
     };
     let mut vmm = Vmm::new(config).ok()?;
     vmm.run().ok()?;

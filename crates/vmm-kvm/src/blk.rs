@@ -210,9 +210,12 @@ impl VirtioDevice for Blk {
     fn process(
         &mut self,
         _index: usize,
-        queue: &mut Queue,
+        queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<(), QueueError> {
+        let Some(queue) = queues.first_mut() else {
+            return Ok(());
+        };
         while let Some((head, chain)) = queue.pop(mem)? {
             let written = self.request(&chain, mem)?;
             queue.add_used(mem, head, written)?;

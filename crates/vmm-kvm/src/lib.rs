@@ -28,6 +28,7 @@ pub mod boot;
 pub mod crypt;
 pub mod harden;
 pub mod virtio;
+pub mod vsock;
 
 use std::fs::File;
 use std::io::Write;
@@ -40,7 +41,8 @@ pub use blk::Blk;
 pub use boot::KernelFormat;
 pub use crypt::{KEY_LEN, KeyError, SECTOR_SIZE, SectorCipher, VolumeKey};
 
-use virtio::{MMIO_WINDOW, MmioTransport};
+use virtio::{MMIO_WINDOW, MmioTransport, VirtioDevice};
+pub use vsock::{VsockConfig, VsockError};
 
 /// The bare-metal test guest (see `guest/testguest`), an ELF loaded at 1 MiB.
 pub const TEST_GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.elf"));
@@ -84,6 +86,8 @@ pub struct VmConfig {
     pub serial_out: Box<dyn Write + Send>,
     /// Block devices, in MMIO slot order.
     pub disks: Vec<DiskConfig>,
+    /// A vsock device, in the slot after the block devices.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -92,6 +96,7 @@ impl std::fmt::Debug for VmConfig {
             .field("memory_bytes", &self.memory_bytes)
             .field("kernel_format", &self.kernel_format)
             .field("disks", &self.disks.len())
+            .field("vsock", &self.vsock)
             .finish_non_exhaustive()
     }
 }
@@ -127,6 +132,9 @@ pub enum VmmError {
     /// A block device could not be set up.
     #[error("block device setup failed")]
     Blk(#[from] blk::BlkError),
+    /// The vsock device could not be set up.
+    #[error("vsock device setup failed")]
+    Vsock(#[from] VsockError),
     /// Writing guest serial output failed.
     #[error("serial output failed")]
     Serial(#[source] std::io::Error),
@@ -171,13 +179,13 @@ pub struct Vmm {
     _vm: VmFd,
     mem: GuestMemoryMmap,
     serial: vm_superio::Serial<NoIrq, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
-    disks: Vec<MmioTransport<Blk>>,
+    devices: Vec<MmioTransport<Box<dyn VirtioDevice>>>,
 }
 
 impl std::fmt::Debug for Vmm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vmm")
-            .field("disks", &self.disks.len())
+            .field("devices", &self.devices.len())
             .finish_non_exhaustive()
     }
 }
@@ -192,6 +200,7 @@ impl Vmm {
             cmdline,
             serial_out,
             disks,
+            vsock,
         } = config;
         if !(boot::MIN_MEMORY..=MAX_MEMORY).contains(&memory_bytes)
             || !memory_bytes.is_multiple_of(4096)
@@ -278,17 +287,26 @@ impl Vmm {
             op: "set_fpu",
             source,
         })?;
-        let disks = disks
-            .into_iter()
-            .map(|d| Blk::new(d.file, &d.key, d.read_only, &d.id).map(MmioTransport::new))
-            .collect::<Result<Vec<_>, _>>()?;
+        if disks.len() + usize::from(vsock.is_some()) > MAX_DISKS {
+            return Err(VmmError::TooManyDisks);
+        }
+        let mut devices = Vec::with_capacity(disks.len() + 1);
+        for d in disks {
+            let blk: Box<dyn VirtioDevice> =
+                Box::new(Blk::new(d.file, &d.key, d.read_only, &d.id)?);
+            devices.push(MmioTransport::new(blk));
+        }
+        if let Some(v) = vsock {
+            let dev: Box<dyn VirtioDevice> = Box::new(vsock::Vsock::new(v)?);
+            devices.push(MmioTransport::new(dev));
+        }
         let serial = vm_superio::Serial::new(NoIrq, serial_out);
         Ok(Self {
             vcpu,
             _vm: vm,
             mem,
             serial,
-            disks,
+            devices,
         })
     }
 
@@ -327,13 +345,13 @@ impl Vmm {
                     };
                     data.fill(value);
                 }
-                VcpuExit::MmioRead(addr, data) => match device_at(addr, self.disks.len()) {
-                    Some((i, off)) => self.disks[i].read(off, data),
+                VcpuExit::MmioRead(addr, data) => match device_at(addr, self.devices.len()) {
+                    Some((i, off)) => self.devices[i].read(off, data),
                     None => data.fill(0),
                 },
                 VcpuExit::MmioWrite(addr, data) => {
-                    if let Some((i, off)) = device_at(addr, self.disks.len()) {
-                        self.disks[i].write(off, data, &self.mem);
+                    if let Some((i, off)) = device_at(addr, self.devices.len()) {
+                        self.devices[i].write(off, data, &self.mem);
                     }
                 }
                 VcpuExit::Hlt => {

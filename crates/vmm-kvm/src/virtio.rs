@@ -85,6 +85,12 @@ impl Queue {
         self.ready && self.size != 0 && self.size <= max && self.size.is_power_of_two()
     }
 
+    /// Whether the driver has published no chain that was not taken yet.
+    pub fn is_empty(&self, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+        let avail_idx: u16 = mem.read_obj(GuestAddress(self.avail + 2))?;
+        Ok(avail_idx == self.next_avail)
+    }
+
     /// Takes the next available chain, or `None` when the driver has
     /// published nothing new. Returns the head index and its descriptors.
     pub fn pop(
@@ -147,7 +153,7 @@ impl Queue {
 }
 
 /// What a virtio device behind the MMIO transport provides.
-pub trait VirtioDevice: Send {
+pub trait VirtioDevice: Send + std::fmt::Debug {
     /// The virtio device ID (2 = block, 19 = vsock).
     fn device_id(&self) -> u32;
     /// Device features, `F_VERSION_1` included.
@@ -156,11 +162,12 @@ pub trait VirtioDevice: Send {
     fn queue_count(&self) -> usize;
     /// The device configuration space.
     fn config(&self) -> &[u8];
-    /// Serves queue `index` after a notification.
+    /// Serves queue `index` after a notification; `queues` are all the
+    /// device's queues (some devices answer on another queue).
     fn process(
         &mut self,
         index: usize,
-        queue: &mut Queue,
+        queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<(), QueueError>;
     /// Called when the driver resets the device.
@@ -317,13 +324,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
             return;
         }
-        let Some(queue) = self.queues.get_mut(index) else {
-            return;
-        };
-        if !queue.valid(MAX_QUEUE_SIZE) {
+        // Every queue of the device must be set up before any is served.
+        if index >= self.queues.len() || !self.queues.iter().all(|q| q.valid(MAX_QUEUE_SIZE)) {
             return;
         }
-        match self.device.process(index, queue, mem) {
+        match self.device.process(index, &mut self.queues, mem) {
             Ok(()) => self.interrupt_status |= 1,
             Err(_) => {
                 // A malformed ring: stop serving this device until reset.
@@ -331,6 +336,32 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.interrupt_status |= 2;
             }
         }
+    }
+}
+
+impl<T: VirtioDevice + ?Sized> VirtioDevice for Box<T> {
+    fn device_id(&self) -> u32 {
+        (**self).device_id()
+    }
+    fn features(&self) -> u64 {
+        (**self).features()
+    }
+    fn queue_count(&self) -> usize {
+        (**self).queue_count()
+    }
+    fn config(&self) -> &[u8] {
+        (**self).config()
+    }
+    fn process(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), QueueError> {
+        (**self).process(index, queues, mem)
+    }
+    fn reset(&mut self) {
+        (**self).reset()
     }
 }
 

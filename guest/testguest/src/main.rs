@@ -11,7 +11,9 @@
 //!   [`BLK_SECTORS`] sectors of the virtio-mmio block device at [`VIRTIO_BASE`],
 //!   reads them back and prints `BLK-OK` or `BLK-FAIL`;
 //! - `blk=ro`: only reads and compares (checks data written by an earlier boot);
-//! - `blk=bench`: writes then reads [`BENCH_BYTES`] and prints `BLK-BENCH-DONE`.
+//! - `blk=bench`: writes then reads [`BENCH_BYTES`] and prints `BLK-BENCH-DONE`;
+//! - `vsock=<port>`: connects over virtio-vsock to host port `<port>`, sends a
+//!   message, expects it echoed back and prints `VSOCK-OK` or `VSOCK-FAIL`.
 //!
 //! It then writes its exit code to the shutdown port [`SHUTDOWN_PORT`] and halts.
 //! It reads guest memory it owns only; everything else is a device register.
@@ -104,14 +106,56 @@ fn shutdown(code: u8) -> ! {
     }
 }
 
-fn mmio_read(off: usize) -> u32 {
+fn rd(base: usize, off: usize) -> u32 {
     // SAFETY: the device window is identity-mapped; the VMM emulates it.
-    unsafe { read_volatile((VIRTIO_BASE + off) as *const u32) }
+    unsafe { read_volatile((base + off) as *const u32) }
 }
 
-fn mmio_write(off: usize, v: u32) {
+fn wr(base: usize, off: usize, v: u32) {
     // SAFETY: as above.
-    unsafe { write_volatile((VIRTIO_BASE + off) as *mut u32, v) }
+    unsafe { write_volatile((base + off) as *mut u32, v) }
+}
+
+/// The MMIO base of the first virtio device with `id`, scanning the slots.
+fn find_device(id: u32) -> Option<usize> {
+    (0..8)
+        .map(|slot| VIRTIO_BASE + slot * 0x1000)
+        .find(|&base| rd(base, 0x000) == 0x7472_6976 && rd(base, 0x004) == 2 && rd(base, 0x008) == id)
+}
+
+/// Negotiates VERSION_1 only and sets up `queues` (desc, avail, used).
+fn device_init(base: usize, queues: &[(usize, usize, usize)]) -> bool {
+    wr(base, 0x070, 0);
+    wr(base, 0x070, STATUS_ACK);
+    wr(base, 0x070, STATUS_ACK | STATUS_DRIVER);
+    wr(base, 0x014, 1);
+    if rd(base, 0x010) & 1 == 0 {
+        return false; // no VIRTIO_F_VERSION_1
+    }
+    wr(base, 0x024, 1);
+    wr(base, 0x020, 1);
+    wr(base, 0x024, 0);
+    wr(base, 0x020, 0);
+    wr(base, 0x070, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
+    if rd(base, 0x070) & STATUS_FEATURES_OK == 0 {
+        return false;
+    }
+    for (i, &(desc, avail, used)) in queues.iter().enumerate() {
+        wr(base, 0x030, i as u32);
+        if rd(base, 0x034) < u32::from(QUEUE_SIZE) {
+            return false;
+        }
+        wr(base, 0x038, u32::from(QUEUE_SIZE));
+        wr(base, 0x080, desc as u32);
+        wr(base, 0x084, 0);
+        wr(base, 0x090, avail as u32);
+        wr(base, 0x094, 0);
+        wr(base, 0x0a0, used as u32);
+        wr(base, 0x0a4, 0);
+        wr(base, 0x044, 1);
+    }
+    wr(base, 0x070, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    true
 }
 
 fn mem_write<T>(addr: usize, v: T) {
@@ -132,7 +176,26 @@ enum BlkMode {
     Bench,
 }
 
-fn cmdline_mode() -> BlkMode {
+struct Opts {
+    blk: BlkMode,
+    vsock_port: Option<u32>,
+}
+
+fn parse_u32(digits: &[u8]) -> Option<u32> {
+    if digits.is_empty() || digits.len() > 9 {
+        return None;
+    }
+    let mut v = 0u32;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = v * 10 + u32::from(d - b'0');
+    }
+    Some(v)
+}
+
+fn cmdline() -> Opts {
     let mut buf = [0u8; CMDLINE_MAX];
     let mut len = 0;
     while len < CMDLINE_MAX {
@@ -143,19 +206,24 @@ fn cmdline_mode() -> BlkMode {
         buf[len] = c;
         len += 1;
     }
-    let mut mode = BlkMode::None;
+    let mut opts = Opts { blk: BlkMode::None, vsock_port: None };
     for word in buf[..len].split(|&c| c == b' ') {
         match word {
-            b"blk=rw" => mode = BlkMode::ReadWrite,
-            b"blk=ro" => mode = BlkMode::ReadOnly,
-            b"blk=bench" => mode = BlkMode::Bench,
-            _ => {}
+            b"blk=rw" => opts.blk = BlkMode::ReadWrite,
+            b"blk=ro" => opts.blk = BlkMode::ReadOnly,
+            b"blk=bench" => opts.blk = BlkMode::Bench,
+            _ => {
+                if let Some(port) = word.strip_prefix(b"vsock=") {
+                    opts.vsock_port = parse_u32(port);
+                }
+            }
         }
     }
-    mode
+    opts
 }
 
 struct Blk {
+    base: usize,
     next_avail: u16,
 }
 
@@ -166,42 +234,12 @@ const STATUS_FEATURES_OK: u32 = 8;
 
 impl Blk {
     fn init() -> Option<Blk> {
-        if mmio_read(0x000) != 0x7472_6976 || mmio_read(0x004) != 2 || mmio_read(0x008) != 2 {
-            return None;
-        }
-        mmio_write(0x070, 0);
-        mmio_write(0x070, STATUS_ACK);
-        mmio_write(0x070, STATUS_ACK | STATUS_DRIVER);
-        mmio_write(0x014, 1);
-        if mmio_read(0x010) & 1 == 0 {
-            return None; // no VIRTIO_F_VERSION_1
-        }
-        mmio_write(0x024, 1);
-        mmio_write(0x020, 1);
-        mmio_write(0x024, 0);
-        mmio_write(0x020, 0);
-        mmio_write(0x070, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
-        if mmio_read(0x070) & STATUS_FEATURES_OK == 0 {
-            return None;
-        }
-        mmio_write(0x030, 0);
-        if mmio_read(0x034) < u32::from(QUEUE_SIZE) {
-            return None;
-        }
-        mmio_write(0x038, u32::from(QUEUE_SIZE));
-        mmio_write(0x080, DESC_ADDR as u32);
-        mmio_write(0x084, 0);
-        mmio_write(0x090, AVAIL_ADDR as u32);
-        mmio_write(0x094, 0);
-        mmio_write(0x0a0, USED_ADDR as u32);
-        mmio_write(0x0a4, 0);
-        mmio_write(0x044, 1);
-        mmio_write(0x070, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
-        Some(Blk { next_avail: 0 })
+        let base = find_device(2)?;
+        device_init(base, &[(DESC_ADDR, AVAIL_ADDR, USED_ADDR)]).then_some(Blk { base, next_avail: 0 })
     }
 
     fn capacity(&self) -> u64 {
-        u64::from(mmio_read(0x100)) | (u64::from(mmio_read(0x104)) << 32)
+        u64::from(rd(self.base, 0x100)) | (u64::from(rd(self.base, 0x104)) << 32)
     }
 
     fn desc(i: usize, addr: usize, len: u32, flags: u16, next: u16) {
@@ -227,16 +265,14 @@ impl Blk {
         let slot = usize::from(self.next_avail % QUEUE_SIZE);
         mem_write(AVAIL_ADDR + 4 + 2 * slot, 0u16);
         self.next_avail = self.next_avail.wrapping_add(1);
-        // SAFETY: a compiler and CPU fence before publishing the index.
-        unsafe { asm!("mfence", options(nostack)) };
+        fence();
         mem_write(AVAIL_ADDR + 2, self.next_avail);
-        // SAFETY: a fence between publishing the index and the notification.
-        unsafe { asm!("mfence", options(nostack)) };
-        mmio_write(0x050, 0);
+        fence();
+        wr(self.base, 0x050, 0);
         while mem_read::<u16>(USED_ADDR + 2) != self.next_avail {
             core::hint::spin_loop();
         }
-        mmio_write(0x064, mmio_read(0x060));
+        wr(self.base, 0x064, rd(self.base, 0x060));
         mem_read(STATUS_ADDR)
     }
 }
@@ -321,15 +357,173 @@ fn blk_bench(blk: &mut Blk) -> bool {
     true
 }
 
+// virtio-vsock driver: guest-initiated stream connection to the host.
+const VS_RX: (usize, usize, usize) = (0x30_0000, 0x30_1000, 0x30_2000);
+const VS_TX: (usize, usize, usize) = (0x30_3000, 0x30_4000, 0x30_5000);
+const VS_EV: (usize, usize, usize) = (0x30_6000, 0x30_7000, 0x30_8000);
+const VS_RX_BUF: usize = 0x31_0000;
+const VS_TX_BUF: usize = 0x32_0000;
+const VS_BUF_LEN: u32 = 4096;
+const VS_HDR: usize = 44;
+const VS_SPIN_LIMIT: u32 = 2_000_000;
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_SHUTDOWN: u16 = 4;
+const OP_RW: u16 = 5;
+const GUEST_PORT: u32 = 1234;
+
+struct Vsock {
+    base: usize,
+    cid: u64,
+    tx_next: u16,
+    rx_next_avail: u16,
+    rx_last_used: u16,
+    fwd_cnt: u32,
+}
+
+fn put_desc(table: usize, i: usize, addr: usize, len: u32, flags: u16) {
+    let d = table + 16 * i;
+    mem_write(d, addr as u64);
+    mem_write(d + 8, len);
+    mem_write(d + 12, flags);
+    mem_write(d + 14, 0u16);
+}
+
+fn fence() {
+    // SAFETY: a full memory fence; no other effect.
+    unsafe { asm!("mfence", options(nostack)) };
+}
+
+impl Vsock {
+    fn init() -> Option<Vsock> {
+        let base = find_device(19)?;
+        if !device_init(base, &[VS_RX, VS_TX, VS_EV]) {
+            return None;
+        }
+        let cid = u64::from(rd(base, 0x100)) | (u64::from(rd(base, 0x104)) << 32);
+        for i in 0..usize::from(QUEUE_SIZE) {
+            put_desc(VS_RX.0, i, VS_RX_BUF + i * 0x1000, VS_BUF_LEN, 2);
+            mem_write(VS_RX.1 + 4 + 2 * i, i as u16);
+        }
+        fence();
+        mem_write(VS_RX.1 + 2, QUEUE_SIZE);
+        wr(base, 0x050, 0);
+        Some(Vsock { base, cid, tx_next: 0, rx_next_avail: QUEUE_SIZE, rx_last_used: 0, fwd_cnt: 0 })
+    }
+
+    fn send(&mut self, op: u16, dst_port: u32, payload: &[u8]) -> bool {
+        let b = VS_TX_BUF;
+        mem_write(b, self.cid);
+        mem_write(b + 8, 2u64);
+        mem_write(b + 16, GUEST_PORT);
+        mem_write(b + 20, dst_port);
+        mem_write(b + 24, payload.len() as u32);
+        mem_write(b + 28, 1u16);
+        mem_write(b + 30, op);
+        mem_write(b + 32, if op == OP_SHUTDOWN { 3u32 } else { 0 });
+        mem_write(b + 36, 65536u32);
+        mem_write(b + 40, self.fwd_cnt);
+        for (i, &c) in payload.iter().enumerate() {
+            mem_write(b + VS_HDR + i, c);
+        }
+        put_desc(VS_TX.0, 0, b, (VS_HDR + payload.len()) as u32, 0);
+        mem_write(VS_TX.1 + 4 + 2 * usize::from(self.tx_next % QUEUE_SIZE), 0u16);
+        self.tx_next = self.tx_next.wrapping_add(1);
+        fence();
+        mem_write(VS_TX.1 + 2, self.tx_next);
+        fence();
+        wr(self.base, 0x050, 1);
+        for _ in 0..VS_SPIN_LIMIT {
+            if mem_read::<u16>(VS_TX.2 + 2) == self.tx_next {
+                return true;
+            }
+            core::hint::spin_loop();
+        }
+        false
+    }
+
+    /// Waits for a packet; returns its descriptor id, op and payload length.
+    fn recv(&mut self) -> Option<(usize, u16, usize)> {
+        for _ in 0..VS_SPIN_LIMIT {
+            if mem_read::<u16>(VS_RX.2 + 2) != self.rx_last_used {
+                let slot = usize::from(self.rx_last_used % QUEUE_SIZE);
+                let id = mem_read::<u32>(VS_RX.2 + 4 + 8 * slot) as usize;
+                self.rx_last_used = self.rx_last_used.wrapping_add(1);
+                if id >= usize::from(QUEUE_SIZE) {
+                    return None;
+                }
+                let buf = VS_RX_BUF + id * 0x1000;
+                let op: u16 = mem_read(buf + 30);
+                let len = mem_read::<u32>(buf + 24) as usize;
+                return Some((id, op, len.min(VS_BUF_LEN as usize - VS_HDR)));
+            }
+            // No interrupts: kick the receive queue so the device can fill it.
+            wr(self.base, 0x050, 0);
+        }
+        None
+    }
+
+    fn repost(&mut self, id: usize) {
+        mem_write(VS_RX.1 + 4 + 2 * usize::from(self.rx_next_avail % QUEUE_SIZE), id as u16);
+        self.rx_next_avail = self.rx_next_avail.wrapping_add(1);
+        fence();
+        mem_write(VS_RX.1 + 2, self.rx_next_avail);
+    }
+}
+
+fn vsock_echo(port: u32) -> bool {
+    const MSG: &[u8] = b"NITRILE-VSOCK-ECHO-0123456789abcdef";
+    let Some(mut vs) = Vsock::init() else { return false };
+    if !vs.send(OP_REQUEST, port, &[]) {
+        return false;
+    }
+    match vs.recv() {
+        Some((id, OP_RESPONSE, _)) => vs.repost(id),
+        _ => return false,
+    }
+    if !vs.send(OP_RW, port, MSG) {
+        return false;
+    }
+    let mut got = 0;
+    while got < MSG.len() {
+        let Some((id, op, len)) = vs.recv() else { return false };
+        if op != OP_RW || got + len > MSG.len() {
+            return false;
+        }
+        for i in 0..len {
+            if mem_read::<u8>(VS_RX_BUF + id * 0x1000 + VS_HDR + i) != MSG[got + i] {
+                return false;
+            }
+        }
+        got += len;
+        vs.fwd_cnt = vs.fwd_cnt.wrapping_add(len as u32);
+        vs.repost(id);
+    }
+    vs.send(OP_SHUTDOWN, port, &[])
+}
+
 extern "C" fn guest_main() -> ! {
     print(b"NITRILE-TESTGUEST-READY\n");
-    let mode = cmdline_mode();
-    if mode == BlkMode::None {
-        shutdown(0);
+    let opts = cmdline();
+    let mut code = 0;
+    if opts.blk != BlkMode::None && !blk_main(opts.blk) {
+        code = 1;
     }
+    if let Some(port) = opts.vsock_port {
+        if vsock_echo(port) {
+            print(b"VSOCK-OK\n");
+        } else {
+            print(b"VSOCK-FAIL\n");
+            code = 1;
+        }
+    }
+    shutdown(code)
+}
+
+fn blk_main(mode: BlkMode) -> bool {
     let Some(mut blk) = Blk::init() else {
         print(b"BLK-FAIL no device\n");
-        shutdown(1);
+        return false;
     };
     if blk.request(8, 0, 20) == 0 {
         print(b"BLK-ID:");
@@ -353,10 +547,7 @@ extern "C" fn guest_main() -> ! {
     } else {
         print(if ok { b"BLK-OK\n" } else { b"BLK-FAIL\n" });
     }
-    print(b"capacity=");
-    print_hex(blk.capacity(), 16);
-    putc(b'\n');
-    shutdown(if ok { 0 } else { 1 })
+    ok
 }
 
 #[panic_handler]

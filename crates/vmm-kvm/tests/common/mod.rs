@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use nitrile_vmm_kvm::{
     DiskConfig, ExitReason, KEY_LEN, KernelFormat, TEST_GUEST_ELF, VmConfig, Vmm, VolumeKey,
+    VsockConfig,
 };
 use zeroize::Zeroizing;
 
@@ -62,6 +63,15 @@ pub fn key(seed: u8) -> VolumeKey {
 /// Boots the test guest with `cmdline` and the given disks; returns how it
 /// ended and the serial output.
 pub fn boot(cmdline: &str, disks: Vec<DiskConfig>) -> (ExitReason, String) {
+    boot_with(cmdline, disks, None)
+}
+
+/// As [`boot`], with an optional vsock device.
+pub fn boot_with(
+    cmdline: &str,
+    disks: Vec<DiskConfig>,
+    vsock: Option<VsockConfig>,
+) -> (ExitReason, String) {
     let console = Console::default();
     let config = VmConfig {
         memory_bytes: 32 << 20,
@@ -70,6 +80,7 @@ pub fn boot(cmdline: &str, disks: Vec<DiskConfig>) -> (ExitReason, String) {
         cmdline: cmdline.into(),
         serial_out: Box::new(console.clone()),
         disks,
+        vsock,
     };
     let mut vmm = Vmm::new(config).unwrap();
     let exit = vmm.run().unwrap();
