@@ -226,6 +226,10 @@ fn qemu_boots_debian_kernel_to_guest_marker_inside_the_jail() {
         .find(|l| l.starts_with("Max core file size"))
         .unwrap();
     assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
+    // Chrooted into an empty directory of the VM's state directory.
+    let root = std::fs::read_link(proc_dir.join("root")).unwrap();
+    assert_eq!(root, hv.vm_dir(&id).join("root"));
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
     // Own namespaces.
     for ns in ["mnt", "ipc", "net", "pid", "uts"] {
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
@@ -396,10 +400,10 @@ fn qemu_sigabrt_leaves_no_core_file() {
         .create(&spec(&env, "abrt-1", None, None), VolumeKeys::new())
         .unwrap();
     let pid = hv.qemu_pid(&id).expect("QEMU pid");
-    // QEMU's working directory is the VM directory, where a `core` pattern
-    // without a path would put the dump.
+    // QEMU's working directory is its chroot in the VM directory, where a
+    // `core` pattern without a path would put the dump.
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
-    assert_eq!(cwd, hv.vm_dir(&id));
+    assert_eq!(cwd, hv.vm_dir(&id).join("root"));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
         nix::sys::signal::Signal::SIGABRT,
@@ -420,6 +424,7 @@ fn qemu_sigabrt_leaves_no_core_file() {
     assert!(!reason.contains("core dumped"), "{reason}");
     let cores: Vec<_> = std::fs::read_dir(hv.vm_dir(&id))
         .unwrap()
+        .chain(std::fs::read_dir(&cwd).unwrap())
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().starts_with("core"))
         .collect();

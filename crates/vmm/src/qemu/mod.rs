@@ -34,13 +34,15 @@
 //!    unprivileged uid (`-run-with user=`) resets "dumpable" to
 //!    `fs.suid_dumpable` (0 by default), so `/proc/<qemu>/mem` stays owned by
 //!    root. Guest memory is excluded from core dumps (`dump-guest-core=off`).
-//! 2. Unprivileged uid/gid ([`JailConfig::uid`], default 65534). QEMU opens
-//!    the kernel, volumes, serial file and sockets as root, then drops to that
-//!    uid before the guest runs. QEMU's seccomp filter is on
+//! 2. Unprivileged uid/gid ([`JailConfig::uid`], default 65534) and a chroot
+//!    into an empty directory (`root/` in the VM's state directory, mode
+//!    0555): QEMU opens the kernel, initramfs, volumes, key pipes, serial file
+//!    and QMP socket as root, then `-run-with chroot=...,user=...` switches
+//!    root and uid before the guest runs. QEMU's seccomp filter is on
 //!    (`-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny`), but with
-//!    `elevateprivileges=allow`: QEMU's filter is installed before its own
-//!    uid switch and would otherwise kill it; after the switch to a non-root
-//!    uid the process has no capabilities left to regain root.
+//!    `elevateprivileges=allow`: QEMU installs its filter before its own uid
+//!    switch, which `deny` would kill; after the switch to a non-root uid the
+//!    process has no capabilities left to regain root.
 //! 3. New mount (propagation private), IPC, UTS, network (no interfaces but a
 //!    down loopback) and PID namespaces; QEMU is PID 1 of its namespace,
 //!    under a small waiting parent that exits with QEMU's status.
@@ -48,11 +50,13 @@
 //!    hierarchies on hybrid hosts) limiting memory to guest memory plus
 //!    [`QEMU_OVERHEAD_MIB`] and CPU to one core per vCPU.
 //!
-//! Not jailed yet: no chroot or pivot_root (the mount namespace is a private
-//! copy of the host's), no seccomp filter of our own beyond QEMU's `-sandbox`,
-//! one shared uid for all VMs by default (configure a distinct uid per VM
-//! through [`JailConfig`] to separate VMs from each other), `qemu-img` runs
-//! with only steps 1 and 2's `PR_SET_DUMPABLE`/`RLIMIT_CORE`.
+//! Not jailed yet: no seccomp allowlist of our own beyond QEMU's `-sandbox`
+//! denylist (and that one allows set*uid, see above); the mount namespace is
+//! a private copy of the host's (the chroot, not an unmount, hides it); one
+//! shared uid for all VMs by default (give each VM its own uid through
+//! [`JailConfig`] to separate VMs from each other); QEMU runs as root until
+//! its devices are open; `qemu-img` (volume creation) gets only
+//! `RLIMIT_CORE=0` and `PR_SET_DUMPABLE=0`.
 
 mod jail;
 mod qmp;
@@ -87,6 +91,7 @@ pub const LUKS_ITER_TIME_MS: u32 = 10;
 const SERIAL_FILE: &str = "serial.log";
 const STDERR_FILE: &str = "qemu.stderr";
 const QMP_SOCKET: &str = "qmp.sock";
+const CHROOT_DIR: &str = "root";
 const MAX_STDERR_TAIL: usize = 2048;
 
 /// How the QEMU process is confined.
@@ -314,6 +319,12 @@ impl QemuBackend {
         let qmp_path = dir.join(QMP_SOCKET);
         create_private_file(&serial)?;
         let stderr = create_private_file(&stderr_path)?;
+        // An empty directory QEMU chroots into once it has opened everything.
+        let root = dir.join(CHROOT_DIR);
+        fs::DirBuilder::new()
+            .mode(0o555)
+            .create(&root)
+            .map_err(io_err("creating", &root))?;
 
         let image = spec.image();
         let mut cmd = Command::new(&self.qemu);
@@ -367,7 +378,12 @@ impl QemuBackend {
         ])
         .args([
             "-run-with",
-            &format!("user={}:{}", self.jail.uid, self.jail.gid),
+            &format!(
+                "chroot={},user={}:{}",
+                opt(&root),
+                self.jail.uid,
+                self.jail.gid
+            ),
         ])
         .arg("-S")
         .current_dir(dir)
