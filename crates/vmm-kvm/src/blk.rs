@@ -8,6 +8,18 @@ use std::os::unix::fs::FileExt;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::crypt::{SECTOR_SIZE, SectorCipher, VolumeKey};
+
+/// How a disk's sectors are stored in its backing file.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DiskEncryption {
+    /// AES-256-XTS per sector under this key (the only mode for real volumes).
+    Xts(VolumeKey),
+    /// Guest data stored as is. Exists only to measure the cost of
+    /// encryption; never use it for a volume that holds customer data.
+    DangerPlaintext,
+}
+
 use crate::virtio::{Descriptor, F_VERSION_1, Queue, QueueError, VirtioDevice};
 
 /// Largest data transfer in one request.
@@ -40,7 +52,8 @@ pub enum BlkError {
 /// One encrypted block device.
 pub struct Blk {
     file: File,
-    cipher: SectorCipher,
+    /// `None` only for [`DiskEncryption::DangerPlaintext`].
+    cipher: Option<LockedCipher>,
     sectors: u64,
     read_only: bool,
     id: [u8; ID_BYTES],
@@ -57,8 +70,13 @@ impl std::fmt::Debug for Blk {
 }
 
 impl Blk {
-    /// Serves `file` (ciphertext) under `key`; `id` is reported by GET_ID.
-    pub fn new(file: File, key: &VolumeKey, read_only: bool, id: &str) -> Result<Self, BlkError> {
+    /// Serves `file` (ciphertext under `encryption`); `id` is reported by GET_ID.
+    pub fn new(
+        file: File,
+        encryption: &DiskEncryption,
+        read_only: bool,
+        id: &str,
+    ) -> Result<Self, BlkError> {
         let len = file.metadata().map_err(BlkError::Metadata)?.len();
         if !len.is_multiple_of(SECTOR_SIZE as u64) {
             return Err(BlkError::Unaligned(len));
@@ -69,7 +87,10 @@ impl Blk {
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);
         Ok(Self {
             file,
-            cipher: SectorCipher::new(key),
+            cipher: match encryption {
+                DiskEncryption::Xts(key) => Some(LockedCipher::new(key)),
+                DiskEncryption::DangerPlaintext => None,
+            },
             sectors,
             read_only,
             id: idb,
@@ -133,7 +154,10 @@ impl Blk {
                 let offset = sector * SECTOR_SIZE as u64;
                 if write {
                     gather(&mut buf, data, mem)?;
-                    if self.cipher.encrypt(&mut buf, sector).is_err()
+                    if self
+                        .cipher
+                        .as_ref()
+                        .is_some_and(|c| c.0.encrypt(&mut buf, sector).is_err())
                         || self.file.write_all_at(&buf, offset).is_err()
                     {
                         return Ok((S_IOERR, 0));
@@ -141,7 +165,10 @@ impl Blk {
                     Ok((S_OK, 0))
                 } else {
                     if self.file.read_exact_at(&mut buf, offset).is_err()
-                        || self.cipher.decrypt(&mut buf, sector).is_err()
+                        || self
+                            .cipher
+                            .as_ref()
+                            .is_some_and(|c| c.0.decrypt(&mut buf, sector).is_err())
                     {
                         return Ok((S_IOERR, 0));
                     }
@@ -166,6 +193,33 @@ impl Blk {
                 Ok((S_OK, n as u32))
             }
             _ => Ok((S_UNSUPP, 0)),
+        }
+    }
+}
+
+/// The expanded key schedules, kept in one heap allocation locked into RAM
+/// where the process may, unlocked on drop (the `aes` crate zeroizes them).
+struct LockedCipher(Box<SectorCipher>, bool);
+
+impl LockedCipher {
+    fn new(key: &VolumeKey) -> Self {
+        let cipher = Box::new(SectorCipher::new(key));
+        let ptr: *const SectorCipher = &*cipher;
+        // SAFETY: `ptr` points at a live allocation of `size_of::<SectorCipher>()`
+        // bytes; mlock only pins the pages that contain it.
+        let locked = unsafe { libc::mlock(ptr.cast(), std::mem::size_of::<SectorCipher>()) == 0 };
+        Self(cipher, locked)
+    }
+}
+
+impl Drop for LockedCipher {
+    fn drop(&mut self) {
+        if self.1 {
+            let ptr: *const SectorCipher = &*self.0;
+            // SAFETY: the same range that was locked, still allocated here.
+            unsafe {
+                libc::munlock(ptr.cast(), std::mem::size_of::<SectorCipher>());
+            }
         }
     }
 }

@@ -37,7 +37,7 @@ use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-pub use blk::Blk;
+pub use blk::{Blk, DiskEncryption};
 pub use boot::KernelFormat;
 pub use crypt::{KEY_LEN, KeyError, SECTOR_SIZE, SectorCipher, VolumeKey};
 
@@ -64,8 +64,9 @@ pub const MAX_DISKS: usize = 16;
 pub struct DiskConfig {
     /// The backing file, ciphertext only, a whole number of sectors.
     pub file: File,
-    /// The volume key; expanded into the device's cipher and then dropped.
-    pub key: VolumeKey,
+    /// How sectors are stored: [`DiskEncryption::Xts`] with the volume key,
+    /// which is expanded into the device's cipher and then dropped.
+    pub encryption: DiskEncryption,
     /// Refuse guest writes.
     pub read_only: bool,
     /// Reported to the guest by GET_ID (at most 20 bytes are used).
@@ -293,7 +294,7 @@ impl Vmm {
         let mut devices = Vec::with_capacity(disks.len() + 1);
         for d in disks {
             let blk: Box<dyn VirtioDevice> =
-                Box::new(Blk::new(d.file, &d.key, d.read_only, &d.id)?);
+                Box::new(Blk::new(d.file, &d.encryption, d.read_only, &d.id)?);
             devices.push(MmioTransport::new(blk));
         }
         if let Some(v) = vsock {

@@ -5,7 +5,7 @@ mod common;
 
 use std::fs::File;
 
-use nitrile_vmm_kvm::{DiskConfig, ExitReason, SectorCipher};
+use nitrile_vmm_kvm::{DiskConfig, DiskEncryption, ExitReason, SectorCipher};
 
 const PATTERN: &[u8] = b"NITRILE-PATTERN-";
 const DISK_BYTES: u64 = 1 << 20;
@@ -13,7 +13,7 @@ const DISK_BYTES: u64 = 1 << 20;
 fn disk(file: &File, seed: u8, read_only: bool) -> DiskConfig {
     DiskConfig {
         file: file.try_clone().unwrap(),
-        key: common::key(seed),
+        encryption: DiskEncryption::Xts(common::key(seed)),
         read_only,
         id: "vol-test-0001".into(),
     }
@@ -113,4 +113,26 @@ fn no_disk_reports_failure() {
     let (exit, out) = common::boot("blk=rw", Vec::new());
     assert!(out.contains("BLK-FAIL no device"), "{out}");
     assert_eq!(exit, ExitReason::Shutdown { code: 1 });
+}
+
+/// Control for the no-plaintext test: the same search finds the pattern when
+/// the disk is deliberately stored in plaintext.
+#[test]
+fn danger_plaintext_disk_holds_the_pattern_as_is() {
+    if !common::kvm_usable() {
+        return;
+    }
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(DISK_BYTES).unwrap();
+    let config = DiskConfig {
+        file: file.try_clone().unwrap(),
+        encryption: DiskEncryption::DangerPlaintext,
+        read_only: false,
+        id: "plain".into(),
+    };
+    let (_, out) = common::boot("blk=rw", vec![config]);
+    assert!(out.contains("BLK-OK"), "{out}");
+    let mut raw = vec![0u8; 64 * 512];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut raw, 0).unwrap();
+    assert!(contains(&raw, PATTERN));
 }
