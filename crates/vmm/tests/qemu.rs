@@ -14,72 +14,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use nitrile_api::Name;
 use nitrile_vmm::{
-    Backend, BackendChoice, HostProbe, Hypervisor, JailConfig, QemuBackend, VmId, VmSpec, VmStatus,
-    VmmError, VolumeKey, VolumeKeys, select,
+    Hypervisor, JailConfig, QemuBackend, VmId, VmStatus, VmmError, VolumeKey, VolumeKeys,
 };
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
-const READY: &str = "NITRILE-GUEST-READY";
-
-struct Env {
-    qemu: PathBuf,
-    kernel: PathBuf,
-    initramfs: PathBuf,
-    cmdline: String,
-    accel: nitrile_vmm::Accel,
-}
-
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
-
-fn image_dir() -> PathBuf {
-    let cache = std::env::var_os("NITRILE_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("nitrile")))
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("nitrile"))
-        })
-        .unwrap_or_default();
-    cache.join("guest-image").join("out")
-}
-
-fn env() -> Result<Env, String> {
-    let qemu = find_in_path("qemu-system-x86_64").ok_or("qemu-system-x86_64 is not installed")?;
-    let dir = image_dir();
-    let kernel = std::env::var_os("NITRILE_TEST_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| dir.join("vmlinux"));
-    let initramfs = std::env::var_os("NITRILE_TEST_INITRAMFS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| dir.join("initramfs"));
-    if !kernel.is_file() || !initramfs.is_file() {
-        return Err(format!(
-            "no guest image (run scripts/guest-image.sh or set NITRILE_TEST_KERNEL and NITRILE_TEST_INITRAMFS); looked for {}",
-            kernel.display()
-        ));
-    }
-    let cmdline = std::fs::read_to_string(dir.join("cmdline"))
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "console=ttyS0 tsc_early_khz=2000000 panic=-1".to_owned());
-    let probe = HostProbe::detect(None, Some(&qemu));
-    let (backend, why) = select(BackendChoice::Qemu, &probe).map_err(|e| e.to_string())?;
-    println!("backend: {why}");
-    let Backend::Qemu { accel, .. } = backend else {
-        return Err("select(qemu) did not return qemu".to_owned());
-    };
-    Ok(Env {
-        qemu,
-        kernel,
-        initramfs,
-        cmdline,
-        accel,
-    })
-}
+mod common;
+use common::{BOOT_TIMEOUT, Env, READY, env, spec};
 
 macro_rules! env_or_skip {
     () => {
@@ -91,31 +30,6 @@ macro_rules! env_or_skip {
             }
         }
     };
-}
-
-fn spec(env: &Env, instance: &str, action: Option<&str>, volume: Option<&Path>) -> VmSpec {
-    let mut cmdline = env.cmdline.clone();
-    if let Some(a) = action {
-        cmdline.push_str(" nitrile.test=");
-        cmdline.push_str(a);
-    }
-    let volumes: Vec<_> = volume
-        .into_iter()
-        .map(|p| serde_json::json!({ "id": "data", "path": p, "size_mib": 16 }))
-        .collect();
-    let json = serde_json::json!({
-        "instance": instance,
-        "image": {
-            "digest": "00".repeat(32),
-            "kernel": env.kernel,
-            "initramfs": env.initramfs,
-            "cmdline": cmdline,
-        },
-        "vcpus": 1,
-        "memory_mib": 256,
-        "volumes": volumes,
-    });
-    VmSpec::parse_json(&serde_json::to_vec(&json).unwrap()).unwrap()
 }
 
 fn keys(key: &[u8; 64]) -> VolumeKeys {
@@ -138,16 +52,23 @@ fn backend(env: &Env, state: &Path) -> QemuBackend {
 fn wait_for(hv: &QemuBackend, id: &VmId, markers: &[&str]) -> Option<String> {
     let serial = hv.vm_dir(id).join("serial.log");
     let deadline = Instant::now() + BOOT_TIMEOUT;
-    loop {
+    let find = || {
         let text = std::fs::read(&serial).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        for line in text.lines() {
-            let line = line.trim();
-            if let Some(m) = markers.iter().find(|m| line == **m) {
-                return Some((*m).to_owned());
-            }
-        }
+        let text = String::from_utf8_lossy(&text).into_owned();
+        let found = text
+            .lines()
+            .find_map(|line| markers.iter().find(|m| line.trim() == **m))
+            .map(|m| (*m).to_owned());
+        (found, text)
+    };
+    loop {
         let status = hv.status(id).unwrap();
+        // Read after the status, so a marker printed just before the guest
+        // powered off is still seen.
+        let (found, text) = find();
+        if found.is_some() {
+            return found;
+        }
         if Instant::now() > deadline
             || matches!(status, VmStatus::Stopped | VmStatus::Failed { .. })
         {
@@ -172,11 +93,8 @@ fn qemu_boots_debian_kernel_to_guest_marker_inside_the_jail() {
         .create(&spec(&env, "boot-1", None, None), VolumeKeys::new())
         .unwrap();
     assert_eq!(hv.status(&id).unwrap(), VmStatus::Created);
-    let t1 = Instant::now();
-    hv.start(&id).unwrap();
-    assert_eq!(wait_for(&hv, &id, &[READY]).as_deref(), Some(READY));
-    println!("create {:?}, start to {READY} {:?}", t1 - t0, t1.elapsed());
-
+    // The jail is in place before the guest runs (the guest powers off on
+    // its own soon after its marker, so check it now).
     let pid = hv.qemu_pid(&id).expect("QEMU pid");
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
@@ -248,6 +166,11 @@ fn qemu_boots_debian_kernel_to_guest_marker_inside_the_jail() {
     let serial = std::fs::metadata(hv.vm_dir(&id).join("serial.log")).unwrap();
     assert_eq!(serial.permissions().mode() & 0o777, 0o600);
     assert_eq!(serial.uid(), 0);
+
+    let t1 = Instant::now();
+    hv.start(&id).unwrap();
+    assert_eq!(wait_for(&hv, &id, &[READY]).as_deref(), Some(READY));
+    println!("create {:?}, start to {READY} {:?}", t1 - t0, t1.elapsed());
 
     let t2 = Instant::now();
     hv.stop(&id).unwrap();
