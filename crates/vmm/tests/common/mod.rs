@@ -40,6 +40,10 @@ fn image_dir() -> PathBuf {
 }
 
 pub(crate) fn env() -> Result<Env, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    if std::fs::metadata("/proc/self").map(|m| m.uid()).ok() != Some(0) {
+        return Err("needs root (QEMU drops to uid 65534 and joins a per-VM cgroup)".to_owned());
+    }
     let qemu = find_in_path("qemu-system-x86_64").ok_or("qemu-system-x86_64 is not installed")?;
     let dir = image_dir();
     let kernel = std::env::var_os("NITRILE_TEST_KERNEL")
