@@ -277,3 +277,97 @@ impl VirtioDevice for Blk {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypt::KEY_LEN;
+    use crate::virtio::MmioTransport;
+    use proptest::prelude::*;
+    use zeroize::Zeroizing;
+
+    const MEM: usize = 64 * 1024;
+
+    fn key() -> VolumeKey {
+        let mut b = Zeroizing::new([0u8; KEY_LEN]);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = i as u8;
+        }
+        VolumeKey::from_bytes(b).unwrap()
+    }
+
+    fn reg(t: &mut MmioTransport<Blk>, off: u64, v: u32, mem: &GuestMemoryMmap) {
+        t.write(off, &v.to_le_bytes(), mem);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the guest puts in its rings, the device neither panics
+        /// nor touches the backing file outside its capacity.
+        #[test]
+        fn arbitrary_rings_are_contained(
+            bytes in proptest::collection::vec(any::<u8>(), MEM),
+            size in prop_oneof![Just(1u32), Just(4), Just(8), Just(256), any::<u32>()],
+            desc in 0u32..MEM as u32,
+            avail in 0u32..MEM as u32,
+            used in 0u32..MEM as u32,
+            kicks in 1usize..4,
+            published in 1u16..8,
+        ) {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            mem.write_slice(&bytes, GuestAddress(0)).unwrap();
+            // Usually publish a few chains, so requests get parsed.
+            let _ = mem.write_obj(published, GuestAddress(u64::from(avail) + 2));
+            let file = tempfile::tempfile().unwrap();
+            file.set_len(8 * SECTOR_SIZE as u64).unwrap();
+            let blk = Blk::new(file.try_clone().unwrap(), &DiskEncryption::Xts(key()), false, "p").unwrap();
+            let mut t = MmioTransport::new(blk);
+            reg(&mut t, 0x070, 1 | 2, &mem);
+            reg(&mut t, 0x024, 1, &mem);
+            reg(&mut t, 0x020, 1, &mem);
+            reg(&mut t, 0x070, 1 | 2 | 8, &mem);
+            reg(&mut t, 0x038, size, &mem);
+            reg(&mut t, 0x080, desc, &mem);
+            reg(&mut t, 0x090, avail, &mem);
+            reg(&mut t, 0x0a0, used, &mem);
+            reg(&mut t, 0x044, 1, &mem);
+            reg(&mut t, 0x070, 1 | 2 | 4 | 8, &mem);
+            for _ in 0..kicks {
+                reg(&mut t, 0x050, 0, &mem);
+            }
+            prop_assert_eq!(file.metadata().unwrap().len(), 8 * SECTOR_SIZE as u64);
+        }
+    }
+
+    #[test]
+    fn features_need_version_1() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(SECTOR_SIZE as u64).unwrap();
+        let blk = Blk::new(file, &DiskEncryption::DangerPlaintext, true, "x").unwrap();
+        let mut t = MmioTransport::new(blk);
+        reg(&mut t, 0x070, 1 | 2 | 8, &mem);
+        let mut status = [0u8; 4];
+        t.read(0x070, &mut status);
+        assert_eq!(
+            u32::from_le_bytes(status) & 8,
+            0,
+            "FEATURES_OK without VERSION_1"
+        );
+        // Capacity in the config space, read byte by byte.
+        let mut cap = [0u8; 1];
+        t.read(0x100, &mut cap);
+        assert_eq!(cap[0], 1);
+    }
+
+    #[test]
+    fn unaligned_backing_file_refused() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1000).unwrap();
+        assert!(matches!(
+            Blk::new(file, &DiskEncryption::DangerPlaintext, false, "x"),
+            Err(BlkError::Unaligned(1000))
+        ));
+    }
+}
