@@ -160,6 +160,15 @@ fn qemu_boots_debian_kernel_to_guest_marker_inside_the_jail() {
         || Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
     {
         assert!(cgroups.contains("nitrile/boot-1"), "{cgroups}");
+        let limit = [
+            "memory/nitrile/boot-1/memory.limit_in_bytes",
+            "nitrile/boot-1/memory.max",
+        ]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(f)).ok())
+        .expect("memory limit file");
+        let expected = (256 + nitrile_vmm::qemu::QEMU_OVERHEAD_MIB) << 20;
+        assert_eq!(limit.trim(), expected.to_string());
     }
     // The serial file is private to root.
     use std::os::unix::fs::PermissionsExt as _;

@@ -61,6 +61,12 @@ impl Cgroup {
         std::fs::create_dir_all(&mdir)?;
         cg.dirs.push(mdir.clone());
         std::fs::write(mdir.join("memory.limit_in_bytes"), memory_bytes.to_string())?;
+        // No escape into swap either, where the kernel accounts it.
+        std::fs::write(
+            mdir.join("memory.memsw.limit_in_bytes"),
+            memory_bytes.to_string(),
+        )
+        .ok();
         let cdir = cpu.join("nitrile").join(name);
         std::fs::create_dir_all(&cdir)?;
         cg.dirs.push(cdir.clone());
