@@ -2,13 +2,17 @@
 //! guest and host Unix sockets. A guest connection to host port `P` (CID 2)
 //! is relayed to the Unix socket `<uds_path>_<P>`, as Firecracker does.
 //!
+//! A host process may also connect to `<uds_path>` itself and send
+//! `CONNECT <port>\n`; once the guest accepts, it reads `OK <host port>\n` and
+//! the stream is relayed.
+//!
 //! The device is driven by the guest's notifications: every kick of a queue
 //! moves what it can in both directions without blocking (interrupts are not
 //! injected yet, so a polling guest kicks the receive queue while it waits).
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -54,6 +58,9 @@ pub enum VsockError {
     /// CIDs 0..=2 are reserved (hypervisor, local, host).
     #[error("guest CID {0} is reserved")]
     ReservedCid(u64),
+    /// The host socket at `uds_path` could not be bound.
+    #[error("binding the host vsock socket failed")]
+    Bind(#[source] std::io::Error),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -116,7 +123,21 @@ struct Connection {
     tx_cnt: u32,
     peer_buf_alloc: u32,
     peer_fwd_cnt: u32,
+    /// False while a host-initiated connection waits for the guest's answer.
+    established: bool,
 }
+
+/// A host connection to `<uds_path>` that has not sent its CONNECT line yet.
+#[derive(Debug)]
+struct PendingHost {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// Longest CONNECT line accepted.
+const MAX_CONNECT_LINE: usize = 32;
+/// Host-side ports for host-initiated connections start here.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
 impl Connection {
     fn peer_credit(&self) -> u32 {
@@ -133,6 +154,9 @@ pub struct Vsock {
     config: [u8; 8],
     connections: Vec<Connection>,
     control: VecDeque<Header>,
+    listener: UnixListener,
+    pending: Vec<PendingHost>,
+    next_local_port: u32,
 }
 
 impl Vsock {
@@ -141,13 +165,85 @@ impl Vsock {
         if config.guest_cid <= HOST_CID || config.guest_cid > u64::from(u32::MAX) {
             return Err(VsockError::ReservedCid(config.guest_cid));
         }
+        let listener = UnixListener::bind(&config.uds_path).map_err(VsockError::Bind)?;
+        listener.set_nonblocking(true).map_err(VsockError::Bind)?;
         Ok(Self {
             guest_cid: config.guest_cid,
             uds_path: config.uds_path,
             config: config.guest_cid.to_le_bytes(),
             connections: Vec::new(),
             control: VecDeque::new(),
+            listener,
+            pending: Vec::new(),
+            next_local_port: FIRST_LOCAL_PORT,
         })
+    }
+
+    /// Accepts host connections and turns complete CONNECT lines into
+    /// connection requests to the guest.
+    fn pump_host(&mut self) {
+        while self.pending.len() + self.connections.len() < MAX_CONNECTIONS {
+            match self.listener.accept() {
+                Ok((stream, _)) if stream.set_nonblocking(true).is_ok() => {
+                    self.pending.push(PendingHost {
+                        stream,
+                        line: Vec::new(),
+                    });
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &mut self.pending[i];
+            let mut byte = [0u8; 1];
+            let mut keep = true;
+            // Byte by byte, so nothing after the line is consumed here.
+            loop {
+                match p.stream.read(&mut byte) {
+                    Ok(1) if byte[0] == b'\n' => break,
+                    Ok(1) if p.line.len() < MAX_CONNECT_LINE => p.line.push(byte[0]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    _ => {
+                        keep = false;
+                        break;
+                    }
+                }
+            }
+            let complete = keep && byte[0] == b'\n';
+            if !keep || complete {
+                let p = self.pending.swap_remove(i);
+                if complete && let Some(port) = parse_connect(&p.line) {
+                    let local = self.next_local_port;
+                    self.next_local_port =
+                        self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
+                    self.connections.push(Connection {
+                        guest_port: port,
+                        host_port: local,
+                        stream: p.stream,
+                        fwd_cnt: 0,
+                        tx_cnt: 0,
+                        peer_buf_alloc: 0,
+                        peer_fwd_cnt: 0,
+                        established: false,
+                    });
+                    self.control.push_back(Header {
+                        src_cid: HOST_CID,
+                        dst_cid: self.guest_cid,
+                        src_port: local,
+                        dst_port: port,
+                        kind: TYPE_STREAM,
+                        op: OP_REQUEST,
+                        buf_alloc: BUF_ALLOC,
+                        ..Header::default()
+                    });
+                }
+            } else {
+                i += 1;
+            }
+        }
     }
 
     fn reply(&self, to: &Header, op: u16, flags: u32, fwd_cnt: u32) -> Header {
@@ -199,6 +295,7 @@ impl Vsock {
                             tx_cnt: 0,
                             peer_buf_alloc: h.buf_alloc,
                             peer_fwd_cnt: h.fwd_cnt,
+                            established: true,
                         });
                         self.control.push_back(self.reply(&h, OP_RESPONSE, 0, 0));
                     }
@@ -218,6 +315,15 @@ impl Vsock {
                 let fwd = self.connections[i].fwd_cnt;
                 self.control
                     .push_back(self.reply(&h, OP_CREDIT_UPDATE, 0, fwd));
+            }
+            (OP_RESPONSE, Some(i)) if !self.connections[i].established => {
+                let c = &mut self.connections[i];
+                c.established = true;
+                let ok = format!("OK {}\n", c.host_port);
+                if write_fully(&mut c.stream, ok.as_bytes()).is_err() {
+                    self.connections.remove(i);
+                    self.control.push_back(self.reply(&h, OP_RST, 0, 0));
+                }
             }
             (OP_CREDIT_UPDATE, Some(_)) => {}
             (OP_SHUTDOWN | OP_RST, Some(i)) => {
@@ -253,6 +359,7 @@ impl Vsock {
     }
 
     fn fill_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+        self.pump_host();
         while !queue.is_empty(mem)? {
             if let Some(h) = self.control.pop_front() {
                 deliver(queue, mem, &h, &[])?;
@@ -261,6 +368,9 @@ impl Vsock {
             let mut sent = false;
             let mut closed = None;
             for (i, c) in self.connections.iter_mut().enumerate() {
+                if !c.established {
+                    continue;
+                }
                 let room = (c.peer_credit() as usize).min(4096 - HDR_LEN);
                 if room == 0 {
                     continue;
@@ -321,6 +431,22 @@ impl Vsock {
             }
         }
         Ok(())
+    }
+}
+
+/// `CONNECT <port>` with a decimal port.
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let rest = line.strip_prefix(b"CONNECT ")?;
+    let text = std::str::from_utf8(rest).ok()?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
     }
 }
 
@@ -428,6 +554,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn connect_line_parsing() {
+        assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
+        for bad in [
+            &b"CONNECT"[..],
+            b"CONNECT ",
+            b"CONNECT -1",
+            b"CONNECT 99999999999",
+            b"connect 5",
+            b"CONNECT 5 6",
+        ] {
+            assert_eq!(parse_connect(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn header_roundtrip() {
         let h = Header {
             src_cid: 3,
@@ -491,6 +632,7 @@ mod tests {
             tx_cnt: 100,
             peer_buf_alloc: 150,
             peer_fwd_cnt: 0,
+            established: true,
         };
         assert_eq!(c.peer_credit(), 50);
         let c = Connection { tx_cnt: 200, ..c };

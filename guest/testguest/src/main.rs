@@ -13,7 +13,9 @@
 //! - `blk=ro`: only reads and compares (checks data written by an earlier boot);
 //! - `blk=bench`: writes then reads [`BENCH_BYTES`] and prints `BLK-BENCH-DONE`;
 //! - `vsock=<port>`: connects over virtio-vsock to host port `<port>`, sends a
-//!   message, expects it echoed back and prints `VSOCK-OK` or `VSOCK-FAIL`.
+//!   message, expects it echoed back and prints `VSOCK-OK` or `VSOCK-FAIL`;
+//! - `vsock-listen=<port>`: accepts one host-initiated connection on `<port>`,
+//!   echoes it until the host shuts it down, prints `VSOCK-SERVE-OK`.
 //!
 //! It then writes its exit code to the shutdown port [`SHUTDOWN_PORT`] and halts.
 //! It reads guest memory it owns only; everything else is a device register.
@@ -179,6 +181,7 @@ enum BlkMode {
 struct Opts {
     blk: BlkMode,
     vsock_port: Option<u32>,
+    vsock_listen: Option<u32>,
 }
 
 fn parse_u32(digits: &[u8]) -> Option<u32> {
@@ -206,7 +209,7 @@ fn cmdline() -> Opts {
         buf[len] = c;
         len += 1;
     }
-    let mut opts = Opts { blk: BlkMode::None, vsock_port: None };
+    let mut opts = Opts { blk: BlkMode::None, vsock_port: None, vsock_listen: None };
     for word in buf[..len].split(|&c| c == b' ') {
         match word {
             b"blk=rw" => opts.blk = BlkMode::ReadWrite,
@@ -215,6 +218,8 @@ fn cmdline() -> Opts {
             _ => {
                 if let Some(port) = word.strip_prefix(b"vsock=") {
                     opts.vsock_port = parse_u32(port);
+                } else if let Some(port) = word.strip_prefix(b"vsock-listen=") {
+                    opts.vsock_listen = parse_u32(port);
                 }
             }
         }
@@ -368,6 +373,7 @@ const VS_HDR: usize = 44;
 const VS_SPIN_LIMIT: u32 = 2_000_000;
 const OP_REQUEST: u16 = 1;
 const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
 const OP_SHUTDOWN: u16 = 4;
 const OP_RW: u16 = 5;
 const GUEST_PORT: u32 = 1234;
@@ -411,11 +417,11 @@ impl Vsock {
         Some(Vsock { base, cid, tx_next: 0, rx_next_avail: QUEUE_SIZE, rx_last_used: 0, fwd_cnt: 0 })
     }
 
-    fn send(&mut self, op: u16, dst_port: u32, payload: &[u8]) -> bool {
+    fn send(&mut self, op: u16, src_port: u32, dst_port: u32, payload: &[u8]) -> bool {
         let b = VS_TX_BUF;
         mem_write(b, self.cid);
         mem_write(b + 8, 2u64);
-        mem_write(b + 16, GUEST_PORT);
+        mem_write(b + 16, src_port);
         mem_write(b + 20, dst_port);
         mem_write(b + 24, payload.len() as u32);
         mem_write(b + 28, 1u16);
@@ -474,14 +480,14 @@ impl Vsock {
 fn vsock_echo(port: u32) -> bool {
     const MSG: &[u8] = b"NITRILE-VSOCK-ECHO-0123456789abcdef";
     let Some(mut vs) = Vsock::init() else { return false };
-    if !vs.send(OP_REQUEST, port, &[]) {
+    if !vs.send(OP_REQUEST, GUEST_PORT, port, &[]) {
         return false;
     }
     match vs.recv() {
         Some((id, OP_RESPONSE, _)) => vs.repost(id),
         _ => return false,
     }
-    if !vs.send(OP_RW, port, MSG) {
+    if !vs.send(OP_RW, GUEST_PORT, port, MSG) {
         return false;
     }
     let mut got = 0;
@@ -499,7 +505,47 @@ fn vsock_echo(port: u32) -> bool {
         vs.fwd_cnt = vs.fwd_cnt.wrapping_add(len as u32);
         vs.repost(id);
     }
-    vs.send(OP_SHUTDOWN, port, &[])
+    vs.send(OP_SHUTDOWN, GUEST_PORT, port, &[])
+}
+
+/// Accepts one host-initiated connection on `port` and echoes what arrives
+/// until the host shuts it down. True when at least one byte was echoed.
+fn vsock_serve(port: u32) -> bool {
+    let Some(mut vs) = Vsock::init() else { return false };
+    let Some((id, op, _)) = vs.recv() else { return false };
+    let buf = VS_RX_BUF + id * 0x1000;
+    let peer: u32 = mem_read(buf + 16);
+    let dst: u32 = mem_read(buf + 20);
+    vs.repost(id);
+    if op != OP_REQUEST || dst != port || !vs.send(OP_RESPONSE, port, peer, &[]) {
+        return false;
+    }
+    let mut echoed = 0usize;
+    let mut payload = [0u8; VS_BUF_LEN as usize - VS_HDR];
+    loop {
+        let Some((id, op, len)) = vs.recv() else { return false };
+        let buf = VS_RX_BUF + id * 0x1000;
+        for (i, b) in payload[..len].iter_mut().enumerate() {
+            *b = mem_read(buf + VS_HDR + i);
+        }
+        vs.repost(id);
+        match op {
+            OP_RW => {
+                vs.fwd_cnt = vs.fwd_cnt.wrapping_add(len as u32);
+                if !vs.send(OP_RW, port, peer, &payload[..len]) {
+                    return false;
+                }
+                echoed += len;
+            }
+            OP_SHUTDOWN | OP_RST => {
+                if op == OP_SHUTDOWN {
+                    vs.send(OP_RST, port, peer, &[]);
+                }
+                return echoed > 0;
+            }
+            _ => {}
+        }
+    }
 }
 
 extern "C" fn guest_main() -> ! {
@@ -508,6 +554,14 @@ extern "C" fn guest_main() -> ! {
     let mut code = 0;
     if opts.blk != BlkMode::None && !blk_main(opts.blk) {
         code = 1;
+    }
+    if let Some(port) = opts.vsock_listen {
+        if vsock_serve(port) {
+            print(b"VSOCK-SERVE-OK\n");
+        } else {
+            print(b"VSOCK-SERVE-FAIL\n");
+            code = 1;
+        }
     }
     if let Some(port) = opts.vsock_port {
         if vsock_echo(port) {
