@@ -42,10 +42,10 @@ pub fn harden_process() -> Result<(), HardenError> {
     Ok(())
 }
 
-/// System calls the vCPU thread needs once the VM is built: `KVM_RUN` and
-/// device emulation (positioned file I/O, serial writes, allocation).
+/// System calls the vCPU thread may make without conditions once the VM is
+/// built: device emulation (positioned file I/O, serial writes, Unix socket
+/// I/O for vsock, allocation) and exit.
 const VCPU_SYSCALLS: &[i64] = &[
-    libc::SYS_ioctl,
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_pread64,
@@ -53,6 +53,12 @@ const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_fdatasync,
     libc::SYS_fsync,
     libc::SYS_close,
+    libc::SYS_connect,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
     libc::SYS_brk,
     libc::SYS_mmap,
     libc::SYS_munmap,
@@ -68,10 +74,40 @@ const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// The vCPU thread's allowlist; every other system call kills the process.
+/// `KVM_RUN`, `_IO(0xAE, 0x80)`.
+const KVM_RUN: u64 = 0xae80;
+
+/// The vCPU thread's allowlist; every other system call, `ioctl` other than
+/// `KVM_RUN` and `FIONBIO`, `fcntl` other than getting and setting flags,
+/// and `socket` other than `AF_UNIX` stream sockets
+/// kill the process.
 pub fn vcpu_filter() -> Result<BpfProgram, HardenError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    use seccompiler::{
+        SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompRule as Rule,
+    };
+    let mut rules: BTreeMap<i64, Vec<Rule>> =
         VCPU_SYSCALLS.iter().map(|&nr| (nr, Vec::new())).collect();
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![
+            Rule::new(vec![Cond::new(1, Len::Dword, Op::Eq, KVM_RUN)?])?,
+            Rule::new(vec![Cond::new(1, Len::Dword, Op::Eq, libc::FIONBIO)?])?,
+        ],
+    );
+    rules.insert(
+        libc::SYS_fcntl,
+        [libc::F_GETFL, libc::F_SETFL, libc::F_GETFD, libc::F_SETFD]
+            .into_iter()
+            .map(|cmd| Rule::new(vec![Cond::new(1, Len::Dword, Op::Eq, cmd as u64)?]))
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    rules.insert(
+        libc::SYS_socket,
+        vec![Rule::new(vec![
+            Cond::new(0, Len::Dword, Op::Eq, libc::AF_UNIX as u64)?,
+            Cond::new(1, Len::Dword, Op::MaskedEq(0xff), libc::SOCK_STREAM as u64)?,
+        ])?],
+    );
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,

@@ -68,22 +68,48 @@ fn nobody_can_open_mem(pid: u32) -> bool {
 #[test]
 fn syscall_outside_seccomp_allowlist_kills_the_vmm() {
     if child_mode().as_deref() == Some("seccomp") {
+        // Everything the guest exercises (serial, encrypted blk, vsock)
+        // runs inside the allowlist.
+        let dir = tempfile::tempdir().unwrap();
+        let listener =
+            std::os::unix::net::UnixListener::bind(dir.path().join("v.sock_5000")).unwrap();
+        std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut c, &mut buf) {
+                c.write_all(&buf[..n]).unwrap();
+            }
+        });
+        let disk = tempfile::tempfile().unwrap();
+        disk.set_len(1 << 20).unwrap();
         let console = common::Console::default();
         let config = nitrile_vmm_kvm::VmConfig {
             memory_bytes: 32 << 20,
             kernel: common::guest_file(),
             kernel_format: nitrile_vmm_kvm::KernelFormat::Elf,
-            cmdline: String::new(),
+            cmdline: "blk=rw vsock=5000".into(),
             serial_out: Box::new(console.clone()),
-            disks: Vec::new(),
-            vsock: None,
+            disks: vec![nitrile_vmm_kvm::DiskConfig {
+                file: disk,
+                encryption: nitrile_vmm_kvm::DiskEncryption::Xts(common::key(5)),
+                read_only: false,
+                id: "seccomp".into(),
+            }],
+            vsock: Some(nitrile_vmm_kvm::VsockConfig {
+                guest_cid: 3,
+                uds_path: dir.path().join("v.sock"),
+            }),
         };
         let mut vmm = nitrile_vmm_kvm::Vmm::new(config).unwrap();
         harden::harden_process().unwrap();
         harden::confine_vcpu_thread().unwrap();
         // The run loop works inside the allowlist...
         let exit = vmm.run().unwrap();
-        assert!(console.text().contains("NITRILE-TESTGUEST-READY"));
+        let text = console.text();
+        assert!(
+            text.contains("BLK-OK") && text.contains("VSOCK-OK"),
+            "{text}"
+        );
         println!("RAN-UNDER-SECCOMP {exit:?}");
         std::io::stdout().flush().unwrap();
         // ...and a socket() call, outside it, must kill the process.
