@@ -68,6 +68,12 @@ impl VolumeKey {
         Self::from_bytes(bytes)
     }
 
+    /// Reads the key from a file descriptor inherited from the parent (the
+    /// process form of the VMM), then closes it. See [`VolumeKey::read_from`].
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Self, KeyError> {
+        Self::read_from(&mut std::fs::File::from(fd))
+    }
+
     /// Whether the key's page is locked in RAM (`mlock` succeeded).
     pub fn is_locked(&self) -> bool {
         self.locked
@@ -261,6 +267,24 @@ mod tests {
             VolumeKey::read_from(&mut &long[..]),
             Err(KeyError::Length)
         ));
+    }
+
+    #[test]
+    fn key_from_inherited_pipe_fd() {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let bytes: Vec<u8> = (0..KEY_LEN as u8).map(|b| b ^ 0x5a).collect();
+        std::io::Write::write_all(&mut writer, &bytes).unwrap();
+        drop(writer);
+        let key = VolumeKey::from_fd(reader.into()).unwrap();
+        let mut a = vec![0u8; SECTOR_SIZE];
+        SectorCipher::new(&key).encrypt(&mut a, 0).unwrap();
+        let mut kb = Zeroizing::new([0u8; KEY_LEN]);
+        kb.copy_from_slice(&bytes);
+        let mut b = vec![0u8; SECTOR_SIZE];
+        SectorCipher::new(&VolumeKey::from_bytes(kb).unwrap())
+            .encrypt(&mut b, 0)
+            .unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -2,19 +2,23 @@
 //! with one vCPU, guest memory as anonymous `MADV_DONTDUMP` mappings, 64-bit
 //! long-mode (or PVH) boot of an ELF or bzImage through `linux-loader`, a
 //! 16550 serial port (`vm-superio`) whose output goes to a caller-given
-//! writer, and virtio-mmio block devices whose backing files hold only
-//! AES-256-XTS ciphertext, encrypted per 512-byte sector in this process.
+//! writer, virtio-mmio block devices whose backing files hold only
+//! AES-256-XTS ciphertext, encrypted per 512-byte sector in this process, and
+//! a user-space virtio-vsock device relaying guest streams to host Unix
+//! sockets (see [`vsock`]).
 //!
 //! It guarantees: the VMM offers no interface that reads guest memory, disk
 //! plaintext or the console to anyone but the configured serial writer;
 //! volume keys are zeroized on drop, mlocked where the process may, and
 //! never printed; every guest-controlled ring index, chain and address is
 //! bounded before use, and guest memory is never turned into a Rust
-//! reference. [`harden`] makes the process non-dumpable, without core files,
+//! reference. The plaintext disk mode exists only behind
+//! [`DiskEncryption::DangerPlaintext`], for measuring the cost of encryption. [`harden`] makes the process non-dumpable, without core files,
 //! and confines threads with seccomp allowlists.
 //!
-//! It does not (yet): inject interrupts (the guest polls the used ring), run
-//! more than one vCPU, provide virtio-vsock or virtio-net, jail itself into
+//! It does not (yet): inject interrupts (the guest polls the used rings and
+//! kicks the vsock receive queue), run more than one vCPU, provide
+//! virtio-net, jail itself into
 //! namespaces, a chroot or cgroups (the process wrapper's job), or check that
 //! a kernel is the one that was measured (the caller's job).
 
