@@ -38,6 +38,9 @@ const PRINCIPALS: usize = 8;
 const RUN: Duration = Duration::from_secs(5);
 /// Requests each client or thread sends before the clock starts.
 const WARMUP: usize = 4;
+/// A discarded run before the measured ones on each store, so that the
+/// SQLite WAL and the journal have grown to their working size.
+const WARMUP_RUN: Duration = Duration::from_secs(2);
 /// Target rate of the issue.
 const TARGET_PER_SEC: f64 = 2000.0;
 
@@ -272,8 +275,8 @@ impl Cell {
 }
 
 /// `clients` keep-alive mTLS clients, one tokio task each, asking for tokens
-/// for [`RUN`].
-async fn end_to_end(cell: &Cell, addr: &str, clients: usize, mix: Mix) -> Row {
+/// for `run`.
+async fn end_to_end(cell: &Cell, addr: &str, clients: usize, mix: Mix, run: Duration) -> Row {
     let roots = CaRoots::load(&cell.layout.ca_cert()).expect("CA roots");
     let mut connected = Vec::with_capacity(clients);
     for k in 0..clients {
@@ -320,7 +323,7 @@ async fn end_to_end(cell: &Cell, addr: &str, clients: usize, mix: Mix) -> Row {
     }
     barrier.wait().await;
     let start = Instant::now();
-    tokio::time::sleep(RUN).await;
+    tokio::time::sleep(run).await;
     stop.store(true, Ordering::Relaxed);
     let mut latencies = Vec::new();
     for t in tasks {
@@ -329,8 +332,8 @@ async fn end_to_end(cell: &Cell, addr: &str, clients: usize, mix: Mix) -> Row {
     Row::from(latencies, start.elapsed())
 }
 
-/// `TokenService::issue` from `threads` threads for [`RUN`].
-fn in_process(cell: &Cell, service: &TokenService, threads: usize, mix: Mix) -> Row {
+/// `TokenService::issue` from `threads` threads for `run`.
+fn in_process(cell: &Cell, service: &TokenService, threads: usize, mix: Mix, run: Duration) -> Row {
     let stop = AtomicBool::new(false);
     let barrier = std::sync::Barrier::new(threads + 1);
     let (latencies, elapsed) = std::thread::scope(|s| {
@@ -367,7 +370,7 @@ fn in_process(cell: &Cell, service: &TokenService, threads: usize, mix: Mix) -> 
             .collect();
         barrier.wait();
         let start = Instant::now();
-        std::thread::sleep(RUN);
+        std::thread::sleep(run);
         stop.store(true, Ordering::Relaxed);
         let latencies: Vec<Duration> = handles
             .into_iter()
@@ -401,9 +404,10 @@ fn main() {
         for no_sync in [false, true] {
             let name = format!("inproc-{i}-{}", if no_sync { "nosync" } else { "sync" });
             let service = cell.in_process_service(&name, no_sync);
+            in_process(&cell, &service, 2, mix, WARMUP_RUN);
             for threads in [1, 2] {
                 let before = service.journal().metrics();
-                let row = in_process(&cell, &service, threads, mix);
+                let row = in_process(&cell, &service, threads, mix, RUN);
                 let per_fsync = records_per_fsync(before, service.journal().metrics());
                 inproc.push((mix, no_sync, threads, row, per_fsync));
             }
@@ -432,9 +436,10 @@ fn main() {
         }));
         let mut rows = Vec::new();
         for mix in mixes {
+            end_to_end(&cell, &addr, 16, mix, WARMUP_RUN).await;
             for clients in [1, 16, 64] {
                 let before = service.journal().metrics();
-                let row = end_to_end(&cell, &addr, clients, mix).await;
+                let row = end_to_end(&cell, &addr, clients, mix, RUN).await;
                 let after = service.journal().metrics();
                 let per_fsync = records_per_fsync(before, after);
                 rows.push((mix, clients, row, per_fsync));
