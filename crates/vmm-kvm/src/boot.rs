@@ -408,8 +408,16 @@ mod tests {
         let mut cl = [0u8; 7];
         mem.read_slice(&mut cl, GuestAddress(CMDLINE_ADDR)).unwrap();
         assert_eq!(&cl, b"blk=rw\0");
-        // The test guest has no PVH note.
+        // The test guest also has a PVH note naming its 32-bit entry.
         let mut f = file(crate::TEST_GUEST_ELF);
+        let pvh = load(&mem, 16 << 20, &mut f, KernelFormat::Pvh, "").unwrap();
+        assert!(matches!(pvh, Entry::Pvh32 { rip } if rip > HIMEM_START && rip < 2 << 20));
+        // Without that note (its type changed), PVH entry is refused.
+        let note: &[u8] = &[4, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
+        let mut elf = crate::TEST_GUEST_ELF.to_vec();
+        let at = elf.windows(note.len()).position(|w| w == note).unwrap();
+        elf[at + 8] = 17;
+        let mut f = file(&elf);
         assert!(matches!(
             load(&mem, 16 << 20, &mut f, KernelFormat::Pvh, ""),
             Err(BootError::NoPvhEntry)

@@ -19,6 +19,14 @@
 //!
 //! It then writes its exit code to the shutdown port [`SHUTDOWN_PORT`] and halts.
 //! It reads guest memory it owns only; everything else is a device register.
+//!
+//! Other VMMs (QEMU `-M microvm -kernel`) enter it through its PVH ELF note
+//! instead: at `pvh_start32` in 32-bit protected mode with paging off and
+//! `%ebx` pointing at `hvm_start_info`. That stub identity-maps the low 4 GiB
+//! with 2 MiB pages, enables PAE, long mode and paging, loads a 64-bit GDT and
+//! jumps to `_start`; the command line then comes from `hvm_start_info`, and
+//! the guest prints `ENTRY-PVH` after its ready marker. Under QEMU the shutdown
+//! port is QEMU's `isa-debug-exit` device at the same port, when configured.
 
 #![no_std]
 #![no_main]
@@ -63,6 +71,110 @@ global_asm!(
     size = const STACK_SIZE,
     main = sym guest_main,
 );
+
+// The PVH ELF note (XEN_ELFNOTE_PHYS32_ENTRY = 18, owner "Xen") naming the
+// 32-bit entry, and that entry: build identity page tables, turn on PAE, long
+// mode and paging, load a flat 64-bit GDT and far-jump into 64-bit code.
+global_asm!(
+    ".pushsection .note.Xen,\"a\",@note",
+    ".balign 4",
+    ".long 4",
+    ".long 4",
+    ".long 18",
+    ".asciz \"Xen\"",
+    ".balign 4",
+    ".long pvh_start32",
+    ".balign 4",
+    ".popsection",
+    ".pushsection .text.pvh32,\"ax\"",
+    ".code32",
+    ".global pvh_start32",
+    "pvh_start32:",
+    "cli",
+    "cld",
+    "movl %ebx, {info}",
+    // PML4[0] -> PDPT.
+    "movl ${tables} + 0x1003, %eax",
+    "movl %eax, {tables}",
+    "movl $0, {tables} + 4",
+    // PDPT[0..4] -> the four page directories.
+    "xorl %ecx, %ecx",
+    ".Lpvh_pdpt:",
+    "movl %ecx, %eax",
+    "shll $12, %eax",
+    "addl ${tables} + 0x2003, %eax",
+    "movl %eax, {tables} + 0x1000(,%ecx,8)",
+    "movl $0, {tables} + 0x1004(,%ecx,8)",
+    "incl %ecx",
+    "cmpl $4, %ecx",
+    "jb .Lpvh_pdpt",
+    // 2048 present, writable 2 MiB pages: the low 4 GiB, identity-mapped.
+    "xorl %ecx, %ecx",
+    ".Lpvh_pd:",
+    "movl %ecx, %eax",
+    "shll $21, %eax",
+    "orl $0x83, %eax",
+    "movl %eax, {tables} + 0x2000(,%ecx,8)",
+    "movl $0, {tables} + 0x2004(,%ecx,8)",
+    "incl %ecx",
+    "cmpl $2048, %ecx",
+    "jb .Lpvh_pd",
+    "movl %cr4, %eax",
+    "orl $0x20, %eax",
+    "movl %eax, %cr4",
+    "movl ${tables}, %eax",
+    "movl %eax, %cr3",
+    "movl $0xc0000080, %ecx",
+    "rdmsr",
+    "orl $0x100, %eax",
+    "wrmsr",
+    "movl %cr0, %eax",
+    "orl $0x80000001, %eax",
+    "movl %eax, %cr0",
+    "lgdt .Lpvh_gdt_ptr",
+    "ljmp $0x08, $.Lpvh_start64",
+    ".code64",
+    ".Lpvh_start64:",
+    "movl $0x10, %eax",
+    "movl %eax, %ds",
+    "movl %eax, %es",
+    "movl %eax, %ss",
+    "movl %eax, %fs",
+    "movl %eax, %gs",
+    "jmp _start",
+    ".balign 8",
+    ".Lpvh_gdt:",
+    ".quad 0",
+    ".quad 0x00af9a000000ffff",
+    ".quad 0x00cf92000000ffff",
+    ".Lpvh_gdt_ptr:",
+    ".word 23",
+    ".long .Lpvh_gdt",
+    ".popsection",
+    info = sym PVH_START_INFO,
+    tables = sym PVH_TABLES,
+    options(att_syntax),
+);
+
+/// The PML4, the PDPT and four page directories built by the PVH entry.
+#[repr(C, align(4096))]
+struct PvhTables([u64; 6 * 512]);
+
+#[unsafe(no_mangle)]
+static mut PVH_TABLES: PvhTables = PvhTables([0; 6 * 512]);
+
+/// `hvm_start_info`'s address when entered through PVH, else 0.
+#[unsafe(no_mangle)]
+static mut PVH_START_INFO: u32 = 0;
+
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+
+/// The `hvm_start_info` address if the guest was entered through PVH.
+fn pvh_start_info() -> Option<usize> {
+    // SAFETY: written once by the entry stub before any Rust code runs.
+    let info = unsafe { read_volatile(&raw const PVH_START_INFO) } as usize;
+    (info != 0 && mem_read::<u32>(info) == XEN_HVM_START_MAGIC).then_some(info)
+}
 
 const STACK_SIZE: usize = 64 * 1024;
 #[unsafe(no_mangle)]
@@ -201,8 +313,13 @@ fn parse_u32(digits: &[u8]) -> Option<u32> {
 fn cmdline() -> Opts {
     let mut buf = [0u8; CMDLINE_MAX];
     let mut len = 0;
-    while len < CMDLINE_MAX {
-        let c: u8 = mem_read(CMDLINE_ADDR + len);
+    let addr = match pvh_start_info() {
+        // hvm_start_info.cmdline_paddr (0: none).
+        Some(info) => mem_read::<u64>(info + 24) as usize,
+        None => CMDLINE_ADDR,
+    };
+    while addr != 0 && len < CMDLINE_MAX {
+        let c: u8 = mem_read(addr + len);
         if c == 0 {
             break;
         }
@@ -550,6 +667,9 @@ fn vsock_serve(port: u32) -> bool {
 
 extern "C" fn guest_main() -> ! {
     print(b"NITRILE-TESTGUEST-READY\n");
+    if pvh_start_info().is_some() {
+        print(b"ENTRY-PVH\n");
+    }
     let opts = cmdline();
     let mut code = 0;
     if opts.blk != BlkMode::None && !blk_main(opts.blk) {
