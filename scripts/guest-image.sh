@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds nitrile's guest image from Debian's linux-image-cloud-amd64
 # (bookworm-backports): the uncompressed ELF vmlinux (PVH entry), and a
-# busybox initramfs with the virtio, vsock and dm-crypt modules and
-# guest/initramfs/init. Everything is cached; a second run is fast.
+# busybox initramfs with the virtio, vsock and dm-crypt modules,
+# guest/initramfs/init and the static vsock test tool built from
+# guest/initramfs/vsock-echo.c. Everything is cached; a second run is fast.
 #
 #   scripts/guest-image.sh [--cache DIR]
 #
@@ -12,7 +13,7 @@
 #   initramfs       cpio newc archive (compressed with what the kernel supports)
 #   cmdline         the default kernel command line
 #   kernel-release  the kernel's release string (uname -r)
-# Needs: apt-get, dpkg-deb, depmod (kmod), cpio, busybox-static, zstd/lz4/gzip
+# Needs: apt-get, dpkg-deb, depmod (kmod), cpio, busybox-static, zstd/lz4/gzip, gcc
 # (scripts/setup.sh installs them and adds the bookworm-backports suite).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,7 +23,7 @@ while [ "$#" -gt 0 ]; do
     case "$1" in
         --cache) [ "$#" -ge 2 ] || { echo "guest-image.sh: --cache needs a directory" >&2; exit 2; }
                  cache="$2"; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "guest-image.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -36,14 +37,16 @@ suite=bookworm-backports
 modules=(virtio_mmio virtio_blk virtio_net vsock vmw_vsock_virtio_transport dm_crypt)
 default_cmdline="console=ttyS0 tsc_early_khz=2000000 panic=-1"
 init_src="$repo/guest/initramfs/init"
+vsock_src="$repo/guest/initramfs/vsock-echo.c"
 busybox_bin=/bin/busybox
 
-for tool in apt-get apt-cache dpkg-deb depmod cpio xz; do
+for tool in apt-get apt-cache dpkg-deb depmod cpio xz gcc; do
     command -v "$tool" >/dev/null || die "$tool is missing (run scripts/setup.sh)"
 done
 [ -x "$busybox_bin" ] || die "$busybox_bin is missing (install busybox-static: scripts/setup.sh)"
 file "$busybox_bin" 2>/dev/null | grep -q 'dynamically linked' && die "$busybox_bin is not static (install busybox-static)"
 [ -f "$init_src" ] || die "missing $init_src"
+[ -f "$vsock_src" ] || die "missing $vsock_src"
 
 work="$cache/guest-image"
 mkdir -p "$work/deb" "$work/out"
@@ -70,8 +73,8 @@ else
     fi
 fi
 
-# A stamp over every input: the package, the init, this script.
-stamp="$(cat <(sha256sum "$deb" | cut -d' ' -f1) "$init_src" "$0" <(sha256sum "$busybox_bin") | sha256sum | cut -d' ' -f1)"
+# A stamp over every input: the package, the init, the vsock tool, this script.
+stamp="$(cat <(sha256sum "$deb" | cut -d' ' -f1) "$init_src" "$vsock_src" "$0" <(sha256sum "$busybox_bin") | sha256sum | cut -d' ' -f1)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] &&
    [ -f "$out/vmlinux" ] && [ -f "$out/initramfs" ] && [ -f "$out/cmdline" ]; then
     log "up to date: $out"
@@ -122,6 +125,8 @@ root="$tmp/root"
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,etc} "$root/lib/modules/$release"
 cp "$busybox_bin" "$root/bin/busybox"
 install -m 0755 "$init_src" "$root/init"
+gcc -static -O2 -s -Wall -Werror -o "$root/bin/vsock-echo" "$vsock_src" ||
+    die "cannot build $vsock_src (needs gcc and the static glibc from libc6-dev)"
 moddir="$tmp/pkg/lib/modules/$release"
 needed=""
 for m in "${modules[@]}"; do

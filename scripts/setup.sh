@@ -103,6 +103,22 @@ fi
 
 command -v cargo >/dev/null || { echo "setup.sh: cargo is required (a Rust toolchain >= 1.89)" >&2; exit 1; }
 
+# --- vsock for the qemu backend ----------------------------------------------
+# There are no vhost kernel modules here: the qemu backend serves vsock over
+# vhost-user with rust-vmm's vhost-device-vsock. The guest image's static vsock
+# test tool is built with gcc (build-essential, above).
+if ! command -v vhost-device-vsock >/dev/null 2>&1 &&
+   [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/vhost-device-vsock" ]; then
+    log "installing vhost-device-vsock (one time, a few minutes)"
+    cargo install --locked vhost-device-vsock@0.3.0
+fi
+if [ "$want_tests" -eq 1 ]; then
+    # Cached: quick when the image is up to date with guest/initramfs.
+    scripts/guest-image.sh >/dev/null ||
+        log "the guest image was not built: the QEMU tests will print SKIPPED"
+fi
+# --- end vsock ---------------------------------------------------------------
+
 if [ "$want_tests" -eq 1 ]; then
     if ! cargo deny --version >/dev/null 2>&1; then
         log "installing cargo-deny (one time, a few minutes)"

@@ -210,6 +210,49 @@ pub(crate) fn install(cmd: &mut Command, plan: Plan) {
     }
 }
 
+/// Like [`install`], then, as the last step before exec (in the namespace's
+/// init when there are namespaces): no supplementary groups, `gid` and `uid`
+/// as real, effective and saved ids, and `PR_SET_NO_NEW_PRIVS`.
+pub(crate) fn install_as(cmd: &mut Command, plan: Plan, uid: u32, gid: u32) {
+    // SAFETY: as for `install`; `become_user` makes only raw system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            child_setup(&plan)?;
+            become_user(uid, gid)
+        });
+    }
+}
+
+fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+    // Raw system calls rather than libc's wrappers, which coordinate the
+    // change across threads: after the fork this process has one thread.
+    let check = |rc: libc::c_long| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    let (u, g) = (libc::c_ulong::from(uid), libc::c_ulong::from(gid));
+    // SAFETY: a zero-length group list, so no memory is read.
+    check(unsafe { libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) })?;
+    // SAFETY: integer arguments only; changes only this process's gids.
+    check(unsafe { libc::syscall(libc::SYS_setresgid, g, g, g) })?;
+    // SAFETY: integer arguments only; changes only this process's uids.
+    check(unsafe { libc::syscall(libc::SYS_setresuid, u, u, u) })?;
+    // SAFETY: integer arguments only; sets a flag of this process.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_prctl,
+            libc::PR_SET_NO_NEW_PRIVS,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    })
+}
+
 /// The host PID of the process the jailed child exec'd: the child itself
 /// without namespaces, else its only child (the PID namespace's init).
 pub(crate) fn exec_pid(child_pid: u32, namespaces: bool) -> Option<u32> {

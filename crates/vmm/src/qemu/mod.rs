@@ -4,10 +4,24 @@
 //! `-M microvm` with the spec's ELF (PVH) kernel, initramfs and command line,
 //! `-cpu max,-la57`, KVM or TCG acceleration, the serial port written to
 //! `serial.log` in the VM's state directory, and one virtio-blk device per
-//! volume. Nothing else: `-nodefaults -no-user-config -nographic`, no monitor
-//! (`-monitor none`), no gdbstub, no network device, no reboot (`-no-reboot`).
-//! vsock (vhost-user) and tap networking are not implemented yet: specs asking
-//! for them are refused with [`VmmError::Unsupported`].
+//! volume, and a vhost-user vsock device when the spec has one. Nothing else:
+//! `-nodefaults -no-user-config -nographic`, no monitor (`-monitor none`), no
+//! gdbstub, no network device, no reboot (`-no-reboot`). Tap networking is not
+//! implemented yet: specs asking for it are refused with
+//! [`VmmError::Unsupported`].
+//!
+//! # vsock
+//! There are no vhost kernel modules to rely on, so vsock is served in user
+//! space by the rust-vmm `vhost-device-vsock` program
+//! ([`QemuBackend::with_vsock_daemon`]), one jailed process per VM, started
+//! before QEMU and stopped with it (see the `vsock` module for its jail).
+//! Guest memory is then a shared `memfd` (`memory-backend-memfd,share=on`, not
+//! dumped) that QEMU hands to the daemon over the vhost-user socket; QEMU's
+//! `vhost-user-vsock-device` connects to that socket before it chroots. Host
+//! programs reach the guest Firecracker-style: connect to the spec's
+//! `uds_path` and write `CONNECT <port>\n`; guest connections to port `P` go
+//! to a host listener at `<uds_path>_<P>`, which must be connectable by the
+//! jail uid (whose write access to the directory of `uds_path` is required).
 //!
 //! # Volumes
 //! Volumes are qcow2 files with LUKS encryption, created with `qemu-img` when
@@ -60,6 +74,7 @@
 
 mod jail;
 mod qmp;
+mod vsock;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -123,6 +138,7 @@ struct Proc {
     qemu_pid: Option<u32>,
     qmp: Qmp,
     cgroup: Option<Cgroup>,
+    vsock: Option<vsock::Daemon>,
 }
 
 struct Vm {
@@ -139,6 +155,7 @@ pub struct QemuBackend {
     qemu_img: PathBuf,
     accel: Accel,
     jail: JailConfig,
+    vsock_daemon: Option<PathBuf>,
     vms: Mutex<BTreeMap<VmId, Vm>>,
 }
 
@@ -149,6 +166,7 @@ impl std::fmt::Debug for QemuBackend {
             .field("qemu", &self.qemu)
             .field("accel", &self.accel)
             .field("jail", &self.jail)
+            .field("vsock_daemon", &self.vsock_daemon)
             .finish_non_exhaustive()
     }
 }
@@ -226,6 +244,7 @@ impl QemuBackend {
             qemu_img,
             accel: Accel::Tcg,
             jail: JailConfig::default(),
+            vsock_daemon: None,
             vms: Mutex::new(BTreeMap::new()),
         })
     }
@@ -242,6 +261,13 @@ impl QemuBackend {
         self
     }
 
+    /// Serves vsock devices with `binary`, the rust-vmm `vhost-device-vsock`
+    /// program (without it, specs with a vsock device fail to start).
+    pub fn with_vsock_daemon(mut self, binary: impl Into<PathBuf>) -> Self {
+        self.vsock_daemon = Some(binary.into());
+        self
+    }
+
     /// The state directory of VM `id` (holds `serial.log`; tests read it).
     pub fn vm_dir(&self, id: &VmId) -> PathBuf {
         self.state_dir.join(id.name().as_str())
@@ -251,6 +277,12 @@ impl QemuBackend {
     pub fn qemu_pid(&self, id: &VmId) -> Option<u32> {
         let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
         vms.get(id)?.proc.as_ref()?.qemu_pid
+    }
+
+    /// The host PID of VM `id`'s vsock daemon, while it runs.
+    pub fn vsock_daemon_pid(&self, id: &VmId) -> Option<u32> {
+        let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        vms.get(id)?.proc.as_ref()?.vsock.as_ref()?.pid()
     }
 
     fn create_volume(
@@ -314,6 +346,78 @@ impl QemuBackend {
     }
 
     fn spawn(&self, spec: &VmSpec, keys: &VolumeKeys, dir: &Path) -> Result<Proc, VmmError> {
+        let cgroup = match &self.jail.cgroup_root {
+            None => None,
+            Some(root) => Cgroup::create(
+                root,
+                spec.instance().as_str(),
+                (u64::from(spec.memory_mib()) + QEMU_OVERHEAD_MIB) << 20,
+                u32::from(spec.vcpus()),
+            )
+            .map_err(io_err("creating the VM cgroup under", root))?,
+        };
+        let remove_cgroup = |cgroup: &Option<Cgroup>| {
+            if let Some(cg) = cgroup {
+                cg.remove();
+            }
+        };
+        // The vsock daemon first: QEMU connects to its socket at start.
+        let mut daemon = match spec.vsock() {
+            None => None,
+            Some(v) => match self.start_vsock(v, dir, cgroup.as_ref()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    remove_cgroup(&cgroup);
+                    return Err(e);
+                }
+            },
+        };
+        match self.spawn_qemu(spec, keys, dir, cgroup.as_ref(), daemon.as_ref()) {
+            Ok((child, qemu_pid, qmp)) => Ok(Proc {
+                child,
+                qemu_pid,
+                qmp,
+                cgroup,
+                vsock: daemon,
+            }),
+            Err(e) => {
+                if let Some(d) = daemon.as_mut() {
+                    d.stop();
+                }
+                remove_cgroup(&cgroup);
+                Err(e)
+            }
+        }
+    }
+
+    fn start_vsock(
+        &self,
+        spec: &crate::VsockSpec,
+        dir: &Path,
+        cgroup: Option<&Cgroup>,
+    ) -> Result<vsock::Daemon, VmmError> {
+        let Some(bin) = &self.vsock_daemon else {
+            return Err(VmmError::Spawn {
+                program: DisplayPath(PathBuf::from("vhost-device-vsock")),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no vsock daemon is configured for the qemu backend",
+                ),
+            });
+        };
+        vsock::Daemon::spawn(bin, dir, spec, &self.jail, cgroup, READY_TIMEOUT)
+    }
+
+    /// Starts QEMU (in `cgroup`, which the caller removes on failure) and
+    /// waits for its control socket.
+    fn spawn_qemu(
+        &self,
+        spec: &VmSpec,
+        keys: &VolumeKeys,
+        dir: &Path,
+        cgroup: Option<&Cgroup>,
+        daemon: Option<&vsock::Daemon>,
+    ) -> Result<(Child, Option<u32>, Qmp), VmmError> {
         let serial = dir.join(SERIAL_FILE);
         let stderr_path = dir.join(STDERR_FILE);
         let qmp_path = dir.join(QMP_SOCKET);
@@ -328,7 +432,13 @@ impl QemuBackend {
 
         let image = spec.image();
         let mut cmd = Command::new(&self.qemu);
-        cmd.args(["-M", "microvm,dump-guest-core=off,mem-merge=off"])
+        // vhost-user devices need guest memory the daemon can map.
+        let machine = if daemon.is_some() {
+            "microvm,dump-guest-core=off,mem-merge=off,memory-backend=mem"
+        } else {
+            "microvm,dump-guest-core=off,mem-merge=off"
+        };
+        cmd.args(["-M", machine])
             .args(["-accel", self.accel.qemu_arg()])
             .args(["-cpu", "max,-la57"])
             .args(["-smp", &spec.vcpus().to_string()])
@@ -347,7 +457,20 @@ impl QemuBackend {
             .arg("-initrd")
             .arg(image.initramfs.as_path())
             .args(["-append", image.cmdline.as_str()]);
-
+        if let Some(d) = daemon {
+            cmd.args([
+                "-object",
+                &format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on,dump=off,merge=off",
+                    spec.memory_mib()
+                ),
+            ])
+            .args([
+                "-chardev",
+                &format!("socket,id=vsock0,path={}", opt(d.socket())),
+            ])
+            .args(["-device", "vhost-user-vsock-device,chardev=vsock0"]);
+        }
         let mut pipes = Vec::new();
         for (i, vol) in spec.volumes().iter().enumerate() {
             let key = keys
@@ -392,31 +515,18 @@ impl QemuBackend {
         .stdout(Stdio::null())
         .stderr(stderr);
 
-        let cgroup = match &self.jail.cgroup_root {
-            None => None,
-            Some(root) => Cgroup::create(
-                root,
-                spec.instance().as_str(),
-                (u64::from(spec.memory_mib()) + QEMU_OVERHEAD_MIB) << 20,
-                u32::from(spec.vcpus()),
-            )
-            .map_err(io_err("creating the VM cgroup under", root))?,
-        };
         let plan = Plan {
             inherit: pipes.iter().map(AsRawFd::as_raw_fd).collect(),
             cgroup_procs: Vec::new(),
             namespaces: self.jail.namespaces,
         }
-        .for_cgroup(cgroup.as_ref());
+        .for_cgroup(cgroup);
         jail::install(&mut cmd, plan);
         let spawned = cmd.spawn();
         drop(pipes);
         let mut child = match spawned {
             Ok(c) => c,
             Err(source) => {
-                if let Some(cg) = &cgroup {
-                    cg.remove();
-                }
                 return Err(VmmError::Spawn {
                     program: DisplayPath(self.qemu.clone()),
                     source,
@@ -435,9 +545,6 @@ impl QemuBackend {
                 );
             }
             let _ = child.wait();
-            if let Some(cg) = &cgroup {
-                cg.remove();
-            }
             err
         };
         loop {
@@ -450,14 +557,7 @@ impl QemuBackend {
             }
             if qmp_path.exists() {
                 match Qmp::connect(&qmp_path, READY_TIMEOUT) {
-                    Ok(qmp) => {
-                        return Ok(Proc {
-                            child,
-                            qemu_pid,
-                            qmp,
-                            cgroup,
-                        });
-                    }
+                    Ok(qmp) => return Ok((child, qemu_pid, qmp)),
                     Err(e) => {
                         // QEMU may have opened the socket and then failed
                         // (e.g. a wrong volume key): report its exit.
@@ -505,6 +605,9 @@ impl QemuBackend {
                 }
             }
         };
+        if let Some(d) = proc.vsock.as_mut() {
+            d.stop();
+        }
         if let Some(cg) = &proc.cgroup {
             cg.remove();
         }
@@ -526,12 +629,6 @@ impl Hypervisor for QemuBackend {
         let mut vms = self.lock();
         if vms.contains_key(&id) {
             return Err(VmmError::AlreadyExists(id));
-        }
-        if spec.vsock().is_some() {
-            return Err(VmmError::Unsupported {
-                backend: "qemu",
-                feature: Feature::Vsock,
-            });
         }
         if spec.net().is_some() {
             return Err(VmmError::Unsupported {
@@ -648,6 +745,9 @@ fn status_of(vm: &mut Vm) -> VmStatus {
         match proc.child.try_wait() {
             Ok(None) => {}
             Ok(Some(s)) => {
+                if let Some(d) = proc.vsock.as_mut() {
+                    d.stop();
+                }
                 if let Some(cg) = &proc.cgroup {
                     cg.remove();
                 }
