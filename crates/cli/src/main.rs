@@ -61,6 +61,8 @@ enum Command {
     Tokend(cmd::tokend::Args),
     /// Run a whole cell on this machine.
     Up(cmd::up::Args),
+    /// Run one microVM (started by the host agent, not by hand).
+    Vmm(cmd::vmm::Args),
     /// Show the operator configuration in effect.
     #[command(subcommand)]
     Config(cmd::config::Command),
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         Command::Image(c) => cmd::image::run(c, &global),
         Command::Tokend(a) => cmd::tokend::run(a, &global),
         Command::Up(a) => cmd::up::run(a, &global),
+        Command::Vmm(a) => cmd::vmm::run(a),
         Command::Config(c) => cmd::config::run(c, &global),
         Command::Completion(a) => cmd::completion::run(a),
     };

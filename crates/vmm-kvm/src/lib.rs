@@ -31,6 +31,7 @@ pub mod blk;
 pub mod boot;
 pub mod crypt;
 pub mod harden;
+pub mod process;
 pub mod virtio;
 pub mod vsock;
 

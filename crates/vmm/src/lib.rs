@@ -9,9 +9,10 @@
 //! and are never printed ([`VolumeKey`]).
 //!
 //! Backends are chosen by [`select`] from facts about the host
-//! ([`HostProbe`]): `kvm` (the separate `nitrile vmm` process, used only where
-//! `/dev/kvm` is hardware KVM and the binary is configured) or `qemu`
-//! ([`QemuBackend`], KVM acceleration where it is usable, TCG otherwise).
+//! ([`HostProbe`]): `kvm` ([`KvmBackend`], the separate, jailed `nitrile vmm`
+//! process; `auto` picks it only where `/dev/kvm` is hardware KVM and the
+//! binary is configured) or `qemu` ([`QemuBackend`], KVM acceleration where it
+//! is usable, TCG otherwise).
 //!
 //! What it does not do: the QEMU backend has no vsock (vhost-user) or network
 //! device yet and refuses specs asking for them; its jail is described, step by
@@ -21,11 +22,13 @@
 
 // unsafe is needed for exactly two things, each in a small block with a
 // SAFETY comment: `mlock`/`madvise` of the page holding a volume key (key.rs),
-// and `Command::pre_exec`/`fork` for jailing the QEMU process (qemu/jail.rs).
+// and `Command::pre_exec`/`fork` for jailing the QEMU and `nitrile vmm`
+// processes (qemu/jail.rs).
 #![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod key;
+pub mod kvm;
 pub mod qemu;
 mod select;
 mod spec;
@@ -37,6 +40,7 @@ use std::path::PathBuf;
 use nitrile_api::Name;
 
 pub use key::{KeyError, VOLUME_KEY_LEN, VolumeKey, VolumeKeys};
+pub use kvm::KvmBackend;
 pub use qemu::{JailConfig, QemuBackend};
 pub use select::{Accel, Backend, BackendChoice, HostProbe, KvmDevice, Unavailable, select};
 pub use spec::{
@@ -186,6 +190,9 @@ pub enum VmmError {
     /// the VMM's control channel misbehaved
     #[error("VMM control channel: {0}")]
     Control(#[from] qemu::QmpError),
+    /// the `nitrile vmm` control channel misbehaved
+    #[error("VMM control channel")]
+    KvmControl(#[from] kvm::control::ControlError),
     /// the VMM did not become ready in time
     #[error("the VMM did not become ready within {0:?}")]
     Timeout(std::time::Duration),

@@ -3,11 +3,14 @@
 //! [`HostProbe::detect`] gathers the facts (the only I/O here); [`select`] is a
 //! pure function of them, so every branch is tested.
 //!
-//! The seam for the `kvm` backend: it is the separate `nitrile vmm` process
-//! (crate `nitrile-vmm-kvm`). hostd configures the path of that binary in
-//! [`HostProbe::vmm_binary`]; when it is not configured, or `/dev/kvm` is not
-//! hardware KVM, [`select`] refuses `kvm` with
-//! [`VmmError::BackendUnavailable`] and `auto` falls through to QEMU.
+//! The `kvm` backend is the separate `nitrile vmm` process
+//! ([`KvmBackend`](crate::KvmBackend)). hostd configures the path of that
+//! binary in [`HostProbe::vmm_binary`] (by default the running executable
+//! when it is `nitrile`, see [`HostProbe::default_vmm_binary`]). An explicit
+//! `kvm` choice needs the binary and an openable `/dev/kvm` (the `kvm_pvm`
+//! software hypervisor included: it runs the test guest); `auto` picks `kvm`
+//! only on hardware KVM, since Linux guests are unusable under `kvm_pvm`, and
+//! otherwise falls through to QEMU, saying why.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -38,6 +41,14 @@ pub struct HostProbe {
 }
 
 impl HostProbe {
+    /// The default `nitrile vmm` binary: the running executable, when its
+    /// file name is `nitrile`.
+    pub fn default_vmm_binary() -> Option<PathBuf> {
+        std::env::current_exe()
+            .ok()
+            .filter(|p| p.file_name().is_some_and(|n| n == "nitrile"))
+    }
+
     /// Looks at `/dev/kvm`, `/sys/module` and `/proc/modules`, and checks that
     /// the given binaries exist.
     pub fn detect(vmm_binary: Option<&Path>, qemu_binary: Option<&Path>) -> Self {
@@ -141,16 +152,19 @@ impl fmt::Display for Unavailable {
     }
 }
 
-fn kvm_backend(host: &HostProbe) -> Result<Backend, Unavailable> {
+/// The `kvm` backend if `/dev/kvm` opens and the binary is configured;
+/// `hardware_only` also refuses `kvm_pvm` (for `auto`: Linux guests).
+fn kvm_backend(host: &HostProbe, hardware_only: bool) -> Result<Backend, Unavailable> {
     match host.kvm {
-        KvmDevice::Absent => Err(Unavailable::NoKvmDevice),
-        KvmDevice::Pvm => Err(Unavailable::KvmIsPvm),
-        KvmDevice::Hardware => match &host.vmm_binary {
-            None => Err(Unavailable::NoVmmBinary),
-            Some(p) => Ok(Backend::Kvm {
-                vmm_binary: p.clone(),
-            }),
-        },
+        KvmDevice::Absent => return Err(Unavailable::NoKvmDevice),
+        KvmDevice::Pvm if hardware_only => return Err(Unavailable::KvmIsPvm),
+        KvmDevice::Pvm | KvmDevice::Hardware => {}
+    }
+    match &host.vmm_binary {
+        None => Err(Unavailable::NoVmmBinary),
+        Some(p) => Ok(Backend::Kvm {
+            vmm_binary: p.clone(),
+        }),
     }
 }
 
@@ -174,18 +188,22 @@ fn qemu_backend(host: &HostProbe) -> Result<(Backend, String), Unavailable> {
 pub fn select(choice: BackendChoice, host: &HostProbe) -> Result<(Backend, String), VmmError> {
     let unavailable = |backend, reason| VmmError::BackendUnavailable { backend, reason };
     match choice {
-        BackendChoice::Kvm => kvm_backend(host)
+        BackendChoice::Kvm => kvm_backend(host, false)
             .map(|b| {
-                (
-                    b,
-                    "kvm backend requested; /dev/kvm is hardware KVM".to_owned(),
-                )
+                let why = match host.kvm {
+                    KvmDevice::Pvm => format!(
+                        "kvm backend requested; warning: {} (the test guest runs, Linux does not)",
+                        Unavailable::KvmIsPvm
+                    ),
+                    _ => "kvm backend requested; /dev/kvm is hardware KVM".to_owned(),
+                };
+                (b, why)
             })
             .map_err(|r| unavailable("kvm", r)),
         BackendChoice::Qemu => qemu_backend(host)
             .map(|(b, why)| (b, format!("qemu backend requested, {why}")))
             .map_err(|r| unavailable("qemu", r)),
-        BackendChoice::Auto => match kvm_backend(host) {
+        BackendChoice::Auto => match kvm_backend(host, true) {
             Ok(b) => Ok((b, "auto: kvm (/dev/kvm is hardware KVM)".to_owned())),
             Err(kvm_reason) => qemu_backend(host)
                 .map(|(b, why)| (b, format!("auto: qemu {why}; kvm skipped: {kvm_reason}")))
@@ -248,13 +266,20 @@ mod tests {
     }
 
     #[test]
+    fn explicit_kvm_on_pvm_is_allowed_with_a_warning() {
+        let (b, why) = select(BackendChoice::Kvm, &host(KvmDevice::Pvm, true, true)).unwrap();
+        assert!(matches!(b, Backend::Kvm { .. }));
+        assert!(why.contains("kvm_pvm"), "{why}");
+    }
+
+    #[test]
     fn explicit_kvm_refusals_name_the_reason() {
         assert_eq!(
             reason(select(
                 BackendChoice::Kvm,
-                &host(KvmDevice::Pvm, true, true)
+                &host(KvmDevice::Pvm, false, true)
             )),
-            Unavailable::KvmIsPvm
+            Unavailable::NoVmmBinary
         );
         assert_eq!(
             reason(select(

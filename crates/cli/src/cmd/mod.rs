@@ -9,3 +9,4 @@ pub(crate) mod pki;
 pub(crate) mod token;
 pub(crate) mod tokend;
 pub(crate) mod up;
+pub(crate) mod vmm;

@@ -72,7 +72,7 @@
 //! its devices are open; `qemu-img` (volume creation) gets only
 //! `RLIMIT_CORE=0` and `PR_SET_DUMPABLE=0`.
 
-mod jail;
+pub(crate) mod jail;
 mod qmp;
 mod vsock;
 
@@ -171,7 +171,7 @@ impl std::fmt::Debug for QemuBackend {
     }
 }
 
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VmmError {
+pub(crate) fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VmmError {
     let path = DisplayPath(path.to_path_buf());
     move |source| VmmError::Io { what, path, source }
 }
@@ -181,7 +181,7 @@ fn opt(s: &Path) -> String {
     s.to_string_lossy().replace(',', ",,")
 }
 
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     let mut buf = Vec::new();
     if let Ok(f) = File::open(path) {
         let _ = f.take(1 << 20).read_to_end(&mut buf);
@@ -205,7 +205,7 @@ fn secret_pipe(secret: &[u8]) -> Result<OwnedFd, VmmError> {
     Ok(r)
 }
 
-fn create_private_file(path: &Path) -> Result<File, VmmError> {
+pub(crate) fn create_private_file(path: &Path) -> Result<File, VmmError> {
     OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -1,0 +1,427 @@
+//! The `kvm` backend end to end: `nitrile vmm` processes spawned through the
+//! `Hypervisor` trait, booting the bare-metal test guest.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nitrile_api::Name;
+use nitrile_vmm::{
+    Hypervisor, JailConfig, KvmBackend, VmId, VmSpec, VmStatus, VmmError, VolumeKey, VolumeKeys,
+};
+
+const NITRILE: &str = env!("CARGO_BIN_EXE_nitrile");
+const JAIL_UID: u32 = 65534;
+const PATTERN: &[u8] = b"NITRILE-PATTERN-";
+
+/// `/dev/kvm` opens and we are root (the jail needs it); else prints the skip line.
+fn usable() -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!("SKIPPED: no usable /dev/kvm");
+        return false;
+    }
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").map(|m| m.uid()).ok() != Some(0) {
+        println!("SKIPPED: the kvm backend's jail needs root");
+        return false;
+    }
+    true
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("testguest.elf");
+    std::fs::write(&kernel, nitrile_vmm_kvm::TEST_GUEST_ELF).unwrap();
+    let initramfs = dir.path().join("empty.initramfs");
+    std::fs::write(&initramfs, b"").unwrap();
+    Env {
+        dir,
+        kernel,
+        initramfs,
+    }
+}
+
+fn spec(env: &Env, instance: &str, cmdline: &str, volume: Option<&Path>, vsock: bool) -> VmSpec {
+    let volumes = match volume {
+        Some(p) => format!(r#"[{{"id":"data","path":"{}","size_mib":1}}]"#, p.display()),
+        None => "[]".to_owned(),
+    };
+    let vsock = if vsock {
+        format!(
+            r#","vsock":{{"guest_cid":3,"uds_path":"{}"}}"#,
+            env.dir.path().join(format!("{instance}.vsock")).display()
+        )
+    } else {
+        String::new()
+    };
+    let json = format!(
+        r#"{{"instance":"{instance}","image":{{"digest":"{}","kernel":"{}","initramfs":"{}","cmdline":"{cmdline}"}},"vcpus":1,"memory_mib":32,"volumes":{volumes}{vsock}}}"#,
+        "ab".repeat(32),
+        env.kernel.display(),
+        env.initramfs.display(),
+    );
+    VmSpec::parse_json(json.as_bytes()).unwrap()
+}
+
+fn key_bytes(seed: u8) -> [u8; 64] {
+    std::array::from_fn(|i| seed ^ (i as u8).wrapping_mul(31))
+}
+
+fn keys(seed: u8) -> VolumeKeys {
+    let mut k = VolumeKeys::new();
+    k.insert(
+        Name::new("data").unwrap(),
+        VolumeKey::from_bytes(&key_bytes(seed)).unwrap(),
+    );
+    k
+}
+
+fn backend(env: &Env) -> KvmBackend {
+    KvmBackend::new(env.dir.path().join("state"), NITRILE).unwrap()
+}
+
+/// Polls until the VM is no longer Created/Running.
+fn wait_end(hv: &KvmBackend, id: &VmId) -> VmStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = hv.status(id).unwrap();
+        if !matches!(s, VmStatus::Running | VmStatus::Created) || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn serial(hv: &KvmBackend, id: &VmId) -> String {
+    String::from_utf8_lossy(&std::fs::read(hv.vm_dir(id).join("serial.log")).unwrap()).into_owned()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+fn ns(pid: &str, kind: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
+}
+
+/// Whether `uid` can open `/proc/<pid>/mem` for reading.
+fn can_open_mem_as(uid: u32, pid: u32) -> bool {
+    use std::os::unix::process::CommandExt;
+    Command::new("dd")
+        .arg(format!("if=/proc/{pid}/mem"))
+        .args(["of=/dev/null", "count=0"])
+        .uid(uid)
+        .gid(uid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn kvm_backend_boots_the_test_guest_in_a_jailed_process() {
+    if !usable() {
+        return;
+    }
+    let env = env();
+    let hv = backend(&env);
+    let s = spec(&env, "kvm-boot-1", "", None, false);
+    let id = hv.create(&s, VolumeKeys::new()).unwrap();
+    assert_eq!(hv.status(&id).unwrap(), VmStatus::Created);
+    let pid = hv.vmm_pid(&id).expect("VMM pid");
+
+    // The jail, in place before the guest runs.
+    let uids = status_field(pid, "Uid:");
+    assert!(
+        uids.split_whitespace().all(|u| u == JAIL_UID.to_string()),
+        "{uids}"
+    );
+    let gids = status_field(pid, "Gid:");
+    assert!(gids.split_whitespace().all(|g| g == "65534"), "{gids}");
+    assert_eq!(status_field(pid, "Groups:"), "");
+    // Non-dumpable: /proc/<pid>/mem belongs to root, not to the process's uid.
+    use std::os::unix::fs::MetadataExt;
+    let mem = std::fs::metadata(format!("/proc/{pid}/mem")).unwrap();
+    assert_eq!(mem.uid(), 0, "the VMM is dumpable");
+    let me = std::process::id().to_string();
+    let p = pid.to_string();
+    for kind in ["pid", "net", "mnt", "ipc"] {
+        assert_ne!(ns(&p, kind), ns(&me, kind), "{kind} namespace shared");
+    }
+    // Chrooted into its empty per-VM directory.
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+        hv.vm_dir(&id).join("root")
+    );
+    // Every thread under a seccomp filter (mode 2).
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().file_name();
+        let status = std::fs::read_to_string(format!(
+            "/proc/{pid}/task/{}/status",
+            task.to_string_lossy()
+        ))
+        .unwrap();
+        assert!(status.contains("Seccomp:\t2"), "thread {task:?} unfiltered");
+    }
+    // Core limit 0, per-VM cgroup.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        || Path::new("/sys/fs/cgroup/memory").exists()
+    {
+        assert!(cgroup.contains("nitrile/kvm-boot-1"), "{cgroup}");
+    }
+
+    hv.start(&id).unwrap();
+    assert_eq!(wait_end(&hv, &id), VmStatus::Stopped);
+    assert!(serial(&hv, &id).contains("NITRILE-TESTGUEST-READY"));
+    assert_eq!(hv.vmm_pid(&id), None);
+    let dir = hv.vm_dir(&id);
+    hv.destroy(&id).unwrap();
+    assert!(!dir.exists());
+    assert!(matches!(hv.status(&id), Err(VmmError::UnknownVm(_))));
+}
+
+#[test]
+fn kvm_backend_another_uid_cannot_open_vmm_memory() {
+    if !usable() {
+        return;
+    }
+    let env = env();
+    let hv = backend(&env);
+    let id = hv
+        .create(&spec(&env, "kvm-mem-1", "", None, false), VolumeKeys::new())
+        .unwrap();
+    let pid = hv.vmm_pid(&id).unwrap();
+    assert!(
+        !can_open_mem_as(65533, pid),
+        "uid 65533 opened the VMM's memory"
+    );
+    assert!(
+        !can_open_mem_as(JAIL_UID, pid),
+        "the VMM's own uid opened its memory (it must be non-dumpable)"
+    );
+    // Control: uid 65533 can open the memory of its own, dumpable process.
+    use std::os::unix::process::CommandExt;
+    let mut sleeper = Command::new("sleep")
+        .arg("30")
+        .uid(65533)
+        .gid(65533)
+        .spawn()
+        .unwrap();
+    let control = can_open_mem_as(65533, sleeper.id());
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    if !control {
+        println!("SKIPPED: control not shown: ptrace restrictions deny same-uid /proc/<pid>/mem");
+    }
+    hv.destroy(&id).unwrap();
+}
+
+#[test]
+fn kvm_backend_key_is_not_in_cmdline_or_environ() {
+    if !usable() {
+        return;
+    }
+    let env = env();
+    let hv = backend(&env);
+    let vol = env.dir.path().join("vol-key.img");
+    let id = hv
+        .create(&spec(&env, "kvm-key-1", "", Some(&vol), false), keys(5))
+        .unwrap();
+    let pid = hv.vmm_pid(&id).unwrap();
+    let key = key_bytes(5);
+    let hexed = key.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    for file in ["cmdline", "environ"] {
+        let bytes = std::fs::read(format!("/proc/{pid}/{file}")).unwrap();
+        assert!(!contains(&bytes, &key), "raw key in {file}");
+        assert!(!contains(&bytes, hexed.as_bytes()), "hex key in {file}");
+        assert!(!contains(&bytes, &key[..16]), "key fragment in {file}");
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(contains(&cmdline, b"--key-fd"), "control: cmdline was read");
+    assert!(
+        std::fs::read(format!("/proc/{pid}/environ"))
+            .unwrap()
+            .is_empty()
+    );
+    hv.destroy(&id).unwrap();
+}
+
+#[test]
+fn kvm_backend_encrypted_volume_round_trip_without_plaintext_on_disk() {
+    if !usable() {
+        return;
+    }
+    let env = env();
+    let hv = backend(&env);
+    let vol = env.dir.path().join("vol.img");
+    let id = hv
+        .create(
+            &spec(&env, "kvm-blk-1", "blk=rw", Some(&vol), false),
+            keys(7),
+        )
+        .unwrap();
+    hv.start(&id).unwrap();
+    assert_eq!(wait_end(&hv, &id), VmStatus::Stopped);
+    let out = serial(&hv, &id);
+    assert!(out.contains("BLK-ID:data"), "{out}");
+    assert!(out.contains("BLK-OK"), "{out}");
+    hv.destroy(&id).unwrap();
+
+    let raw = std::fs::read(&vol).unwrap();
+    assert_eq!(raw.len(), 1 << 20);
+    assert!(
+        !contains(&raw, PATTERN),
+        "plaintext pattern in the backing file"
+    );
+    assert!(
+        !contains(&raw, b"PATTERN"),
+        "plaintext fragment in the backing file"
+    );
+
+    // Read back in a new VM with the same key.
+    let id = hv
+        .create(
+            &spec(&env, "kvm-blk-1", "blk=ro", Some(&vol), false),
+            keys(7),
+        )
+        .unwrap();
+    hv.start(&id).unwrap();
+    assert_eq!(wait_end(&hv, &id), VmStatus::Stopped);
+    assert!(serial(&hv, &id).contains("BLK-OK"));
+    hv.destroy(&id).unwrap();
+
+    // A wrong key reads noise: the guest's check fails, and so does the VM.
+    let id = hv
+        .create(
+            &spec(&env, "kvm-blk-1", "blk=ro", Some(&vol), false),
+            keys(8),
+        )
+        .unwrap();
+    hv.start(&id).unwrap();
+    let end = wait_end(&hv, &id);
+    assert!(matches!(end, VmStatus::Failed { .. }), "{end:?}");
+    let out = serial(&hv, &id);
+    assert!(out.contains("BLK-FAIL"), "{out}");
+    hv.destroy(&id).unwrap();
+}
+
+#[test]
+fn kvm_backend_stop_status_destroy() {
+    if !usable() {
+        return;
+    }
+    let env = env();
+    let hv = backend(&env);
+    // Stop before start.
+    let id = hv
+        .create(
+            &spec(&env, "kvm-stop-1", "", None, false),
+            VolumeKeys::new(),
+        )
+        .unwrap();
+    assert!(matches!(
+        hv.create(
+            &spec(&env, "kvm-stop-1", "", None, false),
+            VolumeKeys::new()
+        ),
+        Err(VmmError::AlreadyExists(_))
+    ));
+    hv.stop(&id).unwrap();
+    assert_eq!(hv.status(&id).unwrap(), VmStatus::Stopped);
+    assert!(matches!(hv.start(&id), Err(VmmError::WrongState { .. })));
+    hv.destroy(&id).unwrap();
+
+    // Stop while running: the guest waits for a vsock connection forever.
+    let s = spec(&env, "kvm-stop-2", "vsock-listen=5000", None, true);
+    let link = s.vsock().unwrap().uds_path.as_path().to_path_buf();
+    let id = hv.create(&s, VolumeKeys::new()).unwrap();
+    assert!(link.symlink_metadata().is_ok(), "no vsock link");
+    hv.start(&id).unwrap();
+    hv.start(&id).unwrap(); // idempotent
+    assert_eq!(hv.status(&id).unwrap(), VmStatus::Running);
+    let pid = hv.vmm_pid(&id).unwrap();
+    hv.stop(&id).unwrap();
+    assert_eq!(hv.status(&id).unwrap(), VmStatus::Stopped);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists() || {
+            // A zombie is gone once reaped; a live process would have a state.
+            let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            st.is_empty()
+        }
+    );
+    hv.destroy(&id).unwrap();
+    assert!(link.symlink_metadata().is_err(), "vsock link left behind");
+
+    // Net devices are refused.
+    let unknown = VmId::new(Name::new("nope").unwrap());
+    assert!(matches!(hv.status(&unknown), Err(VmmError::UnknownVm(_))));
+    assert!(matches!(hv.destroy(&unknown), Err(VmmError::UnknownVm(_))));
+}
+
+#[test]
+fn kvm_backend_sigabrt_leaves_no_core_file() {
+    if !usable() {
+        return;
+    }
+    let env = env();
+    // Without a PID namespace: PID 1 of a namespace ignores SIGABRT from
+    // outside, and the point is what happens when the process dies of it.
+    let hv = backend(&env).with_jail(JailConfig {
+        namespaces: false,
+        ..JailConfig::default()
+    });
+    let id = hv
+        .create(
+            &spec(&env, "kvm-abrt-1", "", None, false),
+            VolumeKeys::new(),
+        )
+        .unwrap();
+    let pid = hv.vmm_pid(&id).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGABRT,
+    )
+    .unwrap();
+    let VmStatus::Failed { reason } = wait_end(&hv, &id) else {
+        panic!("the VMM survived SIGABRT");
+    };
+    assert!(reason.contains("SIGABRT"), "{reason}");
+    assert!(!reason.contains("core dumped"), "{reason}");
+    let vm_dir = hv.vm_dir(&id);
+    let cores: Vec<_> = std::fs::read_dir(&vm_dir)
+        .unwrap()
+        .chain(std::fs::read_dir(vm_dir.join("root")).unwrap())
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("core"))
+        .collect();
+    assert!(cores.is_empty(), "core files: {cores:?}");
+    hv.destroy(&id).unwrap();
+}

@@ -1,0 +1,562 @@
+//! The `nitrile vmm` process: one VM per process, set up from inherited file
+//! descriptors and driven over the control channel of
+//! [`nitrile_vmm::kvm::control`].
+//!
+//! [`run_from_fds`] reads the [`VmSpec`] from the spec pipe (at most
+//! [`nitrile_vmm::MAX_SPEC_LEN`] bytes), the volume keys from the key pipe
+//! (64 bytes each, in the spec's volume order, straight into mlocked,
+//! zeroizing buffers; then the pipe is closed), opens `/dev/kvm`, the kernel
+//! and the volumes, builds the VM, and jails itself: `chroot` into the
+//! working directory, `setgroups([])`, `setresgid`, `setresuid` to the given
+//! unprivileged ids, non-dumpable with `RLIMIT_CORE` 0, and seccomp
+//! allowlists on the vCPU thread ([`harden::vcpu_filter`]) and on the control
+//! thread ([`control_filter`]), all before any guest code runs. Only then
+//! does it send `Ready`. It answers `Status`, runs the vCPU on `Start`, and
+//! exits after sending `Exited` on `Stop` or when the guest ends.
+//!
+//! Not done here: namespaces and cgroups (the parent applies them before
+//! exec, see `nitrile_vmm::kvm`), loading an initramfs (a spec with a
+//! non-empty one is refused), ACPI tables.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use nitrile_vmm::kvm::control::{self, ControlError, Event, ExitKind, Request, RunState};
+use nitrile_vmm::{MAX_SPEC_LEN, SpecError, VmSpec};
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use zeroize::Zeroizing;
+
+use crate::harden::{self, HardenError};
+use crate::{
+    DiskConfig, DiskEncryption, ExitReason, KEY_LEN, KernelFormat, VmConfig, Vmm, VolumeKey,
+    VsockConfig,
+};
+
+/// The vsock socket, relative to the working directory (the chroot).
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+
+/// What the process was started with: inherited descriptor numbers and the
+/// ids to drop to.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessArgs {
+    /// Pipe holding the spec JSON.
+    pub spec_fd: RawFd,
+    /// Pipe holding the volume keys.
+    pub key_fd: RawFd,
+    /// Unix socket of the control channel.
+    pub control_fd: RawFd,
+    /// The serial console file, open for writing.
+    pub serial_fd: RawFd,
+    /// The unprivileged uid to run as (not 0).
+    pub uid: u32,
+    /// The unprivileged gid to run as (not 0).
+    pub gid: u32,
+}
+
+/// Why the process could not set up or run its VM.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProcessError {
+    /// A descriptor number is not an open, inherited descriptor above 2, or
+    /// two of them are the same.
+    #[error("file descriptor {0} is not a distinct inherited descriptor")]
+    BadFd(RawFd),
+    /// uid or gid 0 was asked for.
+    #[error("the VMM must drop to a non-root uid and gid")]
+    RootIds,
+    /// Reading the spec failed.
+    #[error("reading the spec")]
+    ReadSpec(#[source] std::io::Error),
+    /// The spec was refused.
+    #[error("invalid spec")]
+    Spec(#[from] SpecError),
+    /// The key pipe did not hold one key per volume.
+    #[error("the key pipe must hold exactly {expected} keys")]
+    KeyCount {
+        /// Keys the spec needs.
+        expected: usize,
+    },
+    /// A key was refused.
+    #[error("volume key")]
+    Key(#[from] crate::KeyError),
+    /// Reading the keys failed.
+    #[error("reading the volume keys")]
+    ReadKeys(#[source] std::io::Error),
+    /// The spec asks for a virtio-net device, which this VMM lacks.
+    #[error("virtio-net is not implemented")]
+    NetUnsupported,
+    /// The spec names a non-empty initramfs, which this VMM cannot load yet.
+    #[error("initramfs loading is not implemented")]
+    InitramfsUnsupported,
+    /// The kernel is neither ELF nor bzImage.
+    #[error("the kernel is neither an ELF file nor a bzImage")]
+    UnknownKernelFormat,
+    /// Opening a file named by the spec failed.
+    #[error("opening {what}")]
+    Open {
+        /// which file
+        what: &'static str,
+        /// the cause
+        #[source]
+        source: std::io::Error,
+    },
+    /// Building the VM failed.
+    #[error("building the VM")]
+    Vmm(#[from] crate::VmmError),
+    /// A jail step failed.
+    #[error("jail: {step}")]
+    Jail {
+        /// which step
+        step: &'static str,
+        /// the cause
+        #[source]
+        source: std::io::Error,
+    },
+    /// Hardening failed.
+    #[error("hardening")]
+    Harden(#[from] HardenError),
+    /// The control channel failed.
+    #[error("control channel")]
+    Control(#[from] ControlError),
+}
+
+fn take_fd(fd: RawFd, seen: &mut Vec<RawFd>) -> Result<OwnedFd, ProcessError> {
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    if fd <= 2 || seen.contains(&fd) || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(ProcessError::BadFd(fd));
+    }
+    seen.push(fd);
+    // SAFETY: `fd` is open (checked above), was inherited from the parent for
+    // this purpose (the `ProcessArgs` contract), and is taken exactly once
+    // (distinct numbers, checked above), so this is its only owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: F_SETFD with FD_CLOEXEC only changes the descriptor's flags.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(owned)
+}
+
+/// Reads the keys: 64 bytes per volume, then end of file.
+fn read_keys(source: &mut impl Read, count: usize) -> Result<Vec<VolumeKey>, ProcessError> {
+    let mut keys = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        source
+            .read_exact(&mut bytes[..])
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => ProcessError::KeyCount { expected: count },
+                _ => ProcessError::ReadKeys(e),
+            })?;
+        keys.push(VolumeKey::from_bytes(bytes)?);
+    }
+    let mut extra = [0u8; 1];
+    match source.read(&mut extra) {
+        Ok(0) => Ok(keys),
+        Ok(_) => Err(ProcessError::KeyCount { expected: count }),
+        Err(e) => Err(ProcessError::ReadKeys(e)),
+    }
+}
+
+/// Most bytes of a kernel read to find its format.
+const MAX_HEADER_SCAN: usize = 64 * 1024;
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+
+fn u16_at(b: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+}
+fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+}
+fn u64_at(b: &[u8], off: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+}
+
+/// Whether a 64-bit ELF file has a PVH entry note (Xen note type 18) in a
+/// `PT_NOTE` segment within the first [`MAX_HEADER_SCAN`] bytes.
+fn has_pvh_note(head: &[u8]) -> bool {
+    let (Some(phoff), Some(phentsize), Some(phnum)) =
+        (u64_at(head, 0x20), u16_at(head, 0x36), u16_at(head, 0x38))
+    else {
+        return false;
+    };
+    for i in 0..usize::from(phnum) {
+        let Some(ph) = usize::try_from(phoff)
+            .ok()
+            .and_then(|o| o.checked_add(i * usize::from(phentsize)))
+        else {
+            return false;
+        };
+        if u32_at(head, ph) != Some(4) {
+            continue; // not PT_NOTE
+        }
+        let (Some(off), Some(size)) = (u64_at(head, ph + 8), u64_at(head, ph + 32)) else {
+            continue;
+        };
+        let (Ok(mut at), Ok(size)) = (usize::try_from(off), usize::try_from(size)) else {
+            continue;
+        };
+        let end = at.saturating_add(size).min(head.len());
+        while at + 12 <= end {
+            let (Some(namesz), Some(descsz), Some(ty)) =
+                (u32_at(head, at), u32_at(head, at + 4), u32_at(head, at + 8))
+            else {
+                break;
+            };
+            let name_len = (namesz as usize).div_ceil(4) * 4;
+            let desc_len = (descsz as usize).div_ceil(4) * 4;
+            if ty == XEN_ELFNOTE_PHYS32_ENTRY && head.get(at + 12..at + 16) == Some(b"Xen\0") {
+                return true;
+            }
+            at = at.saturating_add(12 + name_len + desc_len);
+        }
+    }
+    false
+}
+
+/// ELF with a PVH note, plain ELF, or bzImage, from the file's first bytes.
+fn kernel_format(kernel: &mut File) -> Result<KernelFormat, ProcessError> {
+    let mut head = Vec::with_capacity(MAX_HEADER_SCAN);
+    kernel
+        .take(MAX_HEADER_SCAN as u64)
+        .read_to_end(&mut head)
+        .map_err(|source| ProcessError::Open {
+            what: "the kernel",
+            source,
+        })?;
+    if head.starts_with(b"\x7fELF") {
+        return Ok(if has_pvh_note(&head) {
+            KernelFormat::Pvh
+        } else {
+            KernelFormat::Elf
+        });
+    }
+    if head.get(0x202..0x206) == Some(b"HdrS") {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(ProcessError::UnknownKernelFormat)
+}
+
+fn jail_err(step: &'static str) -> impl FnOnce(std::io::Error) -> ProcessError {
+    move |source| ProcessError::Jail { step, source }
+}
+
+fn check(rc: libc::c_int, step: &'static str) -> Result<(), ProcessError> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(jail_err(step)(std::io::Error::last_os_error()))
+    }
+}
+
+/// chroot into the working directory, drop supplementary groups, gid, uid.
+fn enter_jail(uid: u32, gid: u32) -> Result<(), ProcessError> {
+    // SAFETY: a static NUL-terminated path.
+    check(unsafe { libc::chroot(c".".as_ptr()) }, "chroot")?;
+    // SAFETY: a static NUL-terminated path.
+    check(unsafe { libc::chdir(c"/".as_ptr()) }, "chdir")?;
+    // SAFETY: an empty list: the pointer is not read when the size is 0.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) }, "setgroups")?;
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::setresgid(gid, gid, gid) }, "setresgid")?;
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::setresuid(uid, uid, uid) }, "setresuid")?;
+    // Changing ids resets dumpability: set it (and the core limit) again.
+    harden::harden_process()?;
+    Ok(())
+}
+
+/// System calls the control thread may make once the VM runs: reading and
+/// writing its socket and stderr, allocation, thread synchronisation, exit.
+const CONTROL_SYSCALLS: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_close,
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_clock_gettime,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// The control thread's allowlist; anything else kills the process.
+pub fn control_filter() -> Result<BpfProgram, HardenError> {
+    let rules = CONTROL_SYSCALLS
+        .iter()
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+fn exit_kind(r: &Result<ExitReason, crate::VmmError>) -> ExitKind {
+    match r {
+        Ok(ExitReason::Shutdown { code }) => ExitKind::Shutdown { code: *code },
+        Ok(ExitReason::Halted) => ExitKind::Halted,
+        Ok(ExitReason::TripleFault) => ExitKind::TripleFault,
+        Ok(ExitReason::SystemEvent) => ExitKind::SystemEvent,
+        Err(_) => ExitKind::VmmFailed,
+    }
+}
+
+fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` ends the process at once; nothing is relied on after.
+    unsafe { libc::_exit(code) }
+}
+
+/// Sets up the VM from the inherited descriptors, jails the process, and
+/// serves the control channel until the VM ends. On success it does not
+/// return: the process exits (status 0 for a clean end, 1 otherwise).
+///
+/// Call it once, at the start of the process, with descriptors inherited
+/// from the parent: it takes ownership of them.
+pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, ProcessError> {
+    if args.uid == 0 || args.gid == 0 {
+        return Err(ProcessError::RootIds);
+    }
+    let mut seen = Vec::new();
+    let spec_fd = take_fd(args.spec_fd, &mut seen)?;
+    let key_fd = take_fd(args.key_fd, &mut seen)?;
+    let control_fd = take_fd(args.control_fd, &mut seen)?;
+    let serial_fd = take_fd(args.serial_fd, &mut seen)?;
+
+    let mut spec_bytes = Vec::new();
+    File::from(spec_fd)
+        .take(MAX_SPEC_LEN as u64 + 1)
+        .read_to_end(&mut spec_bytes)
+        .map_err(ProcessError::ReadSpec)?;
+    let spec = VmSpec::parse_json(&spec_bytes)?;
+    let keys = read_keys(&mut File::from(key_fd), spec.volumes().len())?;
+    if spec.net().is_some() {
+        return Err(ProcessError::NetUnsupported);
+    }
+
+    let image = spec.image();
+    let mut kernel = File::open(image.kernel.as_path()).map_err(|source| ProcessError::Open {
+        what: "the kernel",
+        source,
+    })?;
+    let kernel_format = kernel_format(&mut kernel)?;
+    let initramfs_len = std::fs::metadata(image.initramfs.as_path())
+        .map_err(|source| ProcessError::Open {
+            what: "the initramfs",
+            source,
+        })?
+        .len();
+    if initramfs_len > 0 {
+        return Err(ProcessError::InitramfsUnsupported);
+    }
+    let mut disks = Vec::with_capacity(keys.len());
+    for (vol, key) in spec.volumes().iter().zip(keys) {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!vol.read_only)
+            .open(vol.path.as_path())
+            .map_err(|source| ProcessError::Open {
+                what: "a volume",
+                source,
+            })?;
+        disks.push(DiskConfig {
+            file,
+            encryption: DiskEncryption::Xts(key),
+            read_only: vol.read_only,
+            id: vol.id.as_str().chars().take(crate::blk::ID_BYTES).collect(),
+        });
+    }
+    let config = VmConfig {
+        memory_bytes: u64::from(spec.memory_mib()) << 20,
+        kernel,
+        kernel_format,
+        cmdline: image.cmdline.as_str().to_owned(),
+        serial_out: Box::new(File::from(serial_fd)),
+        disks,
+        vsock: spec.vsock().map(|v| VsockConfig {
+            guest_cid: u64::from(v.guest_cid),
+            // Relative to the working directory, which becomes the root.
+            uds_path: VSOCK_SOCKET.into(),
+        }),
+    };
+    let mut vmm = Vmm::new(config)?;
+
+    enter_jail(args.uid, args.gid)?;
+    let control = UnixStream::from(control_fd);
+    let writer = Arc::new(Mutex::new(
+        control
+            .try_clone()
+            .map_err(jail_err("cloning the control socket"))?,
+    ));
+    let mut reader = BufReader::new(control);
+
+    // The vCPU thread: confined first, then waits for Start.
+    let (start_tx, start_rx) = mpsc::channel::<()>();
+    let (confined_tx, confined_rx) = mpsc::channel::<Result<(), HardenError>>();
+    let vcpu_writer = Arc::clone(&writer);
+    std::thread::Builder::new()
+        .name("vcpu0".into())
+        .spawn(move || {
+            let confined = harden::confine_vcpu_thread();
+            let ok = confined.is_ok();
+            let _ = confined_tx.send(confined);
+            if !ok || start_rx.recv().is_err() {
+                return;
+            }
+            let result = vmm.run();
+            if let Err(e) = &result {
+                let _ = writeln!(std::io::stderr(), "vCPU: {e}");
+            }
+            let reason = exit_kind(&result);
+            if let Ok(mut w) = vcpu_writer.lock() {
+                let _ = control::write_message(&mut *w, &Event::Exited { reason });
+            }
+            exit_now(if reason.is_clean() { 0 } else { 1 });
+        })
+        .map_err(jail_err("spawning the vCPU thread"))?;
+    confined_rx.recv().map_err(|_| {
+        ProcessError::Harden(HardenError::Dumpable(std::io::Error::other(
+            "vCPU thread died",
+        )))
+    })??;
+    seccompiler::apply_filter(&control_filter()?).map_err(HardenError::from)?;
+
+    let send = |event: &Event| -> Result<(), ProcessError> {
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        control::write_message(&mut *w, event)?;
+        Ok(())
+    };
+    send(&Event::Ready)?;
+    let mut state = RunState::Created;
+    loop {
+        let request = match control::read_message::<Request>(&mut reader) {
+            Ok(r) => r,
+            // The backend went away or spoke nonsense: end the VM.
+            Err(_) => exit_now(1),
+        };
+        match request {
+            Request::Start => {
+                if state == RunState::Created {
+                    let _ = start_tx.send(());
+                    state = RunState::Running;
+                }
+            }
+            Request::Status => send(&Event::Status { state })?,
+            Request::Stop => {
+                send(&Event::Exited {
+                    reason: ExitKind::Stopped,
+                })?;
+                exit_now(0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal 64-bit ELF header with one `PT_NOTE` segment holding one
+    /// note of type `ty` owned by "Xen".
+    fn elf_with_note(ty: u32) -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        h[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        h[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        h[64..68].copy_from_slice(&4u32.to_le_bytes());
+        h[72..80].copy_from_slice(&200u64.to_le_bytes());
+        h[96..104].copy_from_slice(&20u64.to_le_bytes());
+        h[200..204].copy_from_slice(&4u32.to_le_bytes());
+        h[204..208].copy_from_slice(&4u32.to_le_bytes());
+        h[208..212].copy_from_slice(&ty.to_le_bytes());
+        h[212..216].copy_from_slice(b"Xen\0");
+        h
+    }
+
+    fn format_of(bytes: &[u8]) -> Result<KernelFormat, ProcessError> {
+        use std::io::Seek;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        f.rewind().unwrap();
+        kernel_format(&mut f)
+    }
+
+    #[test]
+    fn elf_kernels_with_a_pvh_note_enter_through_it() {
+        assert_eq!(format_of(&elf_with_note(18)).unwrap(), KernelFormat::Pvh);
+        assert_eq!(format_of(&elf_with_note(17)).unwrap(), KernelFormat::Elf);
+        let mut bz = vec![0u8; 1024];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert_eq!(format_of(&bz).unwrap(), KernelFormat::BzImage);
+        // The test guest boots either way; it is one of the two ELF kinds.
+        assert!(matches!(
+            format_of(crate::TEST_GUEST_ELF).unwrap(),
+            KernelFormat::Elf | KernelFormat::Pvh
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn format_detection_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let mut elf = b"\x7fELF".to_vec();
+            elf.extend_from_slice(&bytes);
+            let _ = has_pvh_note(&elf);
+            let _ = has_pvh_note(&bytes);
+        }
+    }
+
+    #[test]
+    fn garbage_kernel_is_refused() {
+        assert!(matches!(
+            format_of(&[0u8; 1024]),
+            Err(ProcessError::UnknownKernelFormat)
+        ));
+    }
+
+    #[test]
+    fn keys_must_match_the_volume_count() {
+        let mut two = [0u8; 2 * KEY_LEN];
+        for (i, b) in two.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        assert_eq!(read_keys(&mut &two[..], 2).unwrap().len(), 2);
+        assert!(matches!(
+            read_keys(&mut &two[..], 1),
+            Err(ProcessError::KeyCount { expected: 1 })
+        ));
+        assert!(matches!(
+            read_keys(&mut &two[..], 3),
+            Err(ProcessError::KeyCount { expected: 3 })
+        ));
+    }
+
+    #[test]
+    fn bad_fds_are_refused() {
+        let mut seen = Vec::new();
+        assert!(matches!(take_fd(1, &mut seen), Err(ProcessError::BadFd(1))));
+        assert!(matches!(
+            take_fd(987_654, &mut seen),
+            Err(ProcessError::BadFd(_))
+        ));
+    }
+
+    #[test]
+    fn control_filter_compiles() {
+        assert!(!control_filter().unwrap().is_empty());
+    }
+}

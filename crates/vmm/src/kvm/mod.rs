@@ -1,0 +1,573 @@
+//! The `kvm` backend: one jailed `nitrile vmm` process per VM (our own VMM,
+//! crate `nitrile-vmm-kvm`), driven over a tiny typed control channel.
+//!
+//! # The process protocol
+//! The backend spawns `<vmm_binary> vmm --spec-fd N --key-fd M --control-fd C
+//! --serial-fd S --uid U --gid G`: only descriptor numbers and the jail's
+//! ids are on the command line, the environment is empty. Descriptor `N` is
+//! a pipe holding the spec's canonical JSON; `M` a pipe holding the volume
+//! keys, 64 bytes each in the spec's volume order (the VMM reads them into
+//! mlocked, zeroizing buffers and closes the pipe); `C` one end of a Unix
+//! socketpair speaking [`control`]; `S` the serial console file
+//! (`serial.log` in the VM directory, mode 0600, opened here). The working
+//! directory is the VM's chroot directory.
+//!
+//! # The jail
+//! Before exec (the same code as the QEMU backend, see [`crate::qemu`]):
+//! `RLIMIT_CORE` 0, not dumpable, the per-VM cgroup (v2, or v1 `memory` and
+//! `cpu`) limiting memory to guest memory plus [`VMM_OVERHEAD_MIB`] and CPU to
+//! one core per vCPU, new mount, IPC, UTS, network and PID namespaces (the
+//! VMM is PID 1 of its PID namespace). The VMM itself then opens `/dev/kvm`,
+//! the kernel and the volumes, builds the VM, `chroot`s into its working
+//! directory (`root/` in the VM directory, empty but for the vsock socket,
+//! owned by the jail uid, mode 0700), drops to the jail uid/gid
+//! (`setgroups`, `setresgid`, `setresuid`), sets `PR_SET_DUMPABLE` 0 again
+//! and installs seccomp allowlists on its control thread and its vCPU thread
+//! before any guest code runs. Guest memory is `MADV_DONTDUMP`.
+//!
+//! # vsock
+//! The VMM's vsock socket is `root/vsock.sock` inside the VM directory (it
+//! must live inside the chroot); guest connections to host port `P` go to
+//! `root/vsock.sock_P`. When the spec names a `uds_path`, the backend puts
+//! a symbolic link there to `root/vsock.sock`, removed with the VM.
+//!
+//! Not provided: virtio-net (specs with `net` are refused), initramfs loading
+//! and the ACPI tables Linux needs to find virtio-mmio devices (see
+//! `docs/VMM.md`).
+
+pub mod control;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::qemu::jail::{self, Cgroup, Plan};
+use crate::qemu::{create_private_file, io_err, tail};
+use crate::{
+    DisplayPath, Feature, Hypervisor, JailConfig, VmId, VmSpec, VmStatus, VmmError, VolumeKeys,
+};
+use control::{ControlError, Event, Request, RunState};
+
+/// Memory allowed to a `nitrile vmm` process beyond guest memory, in MiB.
+pub const VMM_OVERHEAD_MIB: u64 = 64;
+/// How long the VMM may take to build and jail the VM.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a reply on the control channel may take.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SERIAL_FILE: &str = "serial.log";
+const STDERR_FILE: &str = "vmm.stderr";
+const CHROOT_DIR: &str = "root";
+/// The vsock socket's name inside the chroot directory.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+
+struct Proc {
+    child: Child,
+    vmm_pid: Option<u32>,
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+    cgroup: Option<Cgroup>,
+    state: RunState,
+}
+
+struct Vm {
+    dir: PathBuf,
+    vsock_link: Option<PathBuf>,
+    proc: Option<Proc>,
+    /// Set once the process has gone; `None` means a clean end.
+    ended: Option<Option<String>>,
+}
+
+/// The `kvm` backend. See the module documentation for what it guarantees.
+pub struct KvmBackend {
+    state_dir: PathBuf,
+    vmm_binary: PathBuf,
+    jail: JailConfig,
+    vms: Mutex<BTreeMap<VmId, Vm>>,
+}
+
+impl std::fmt::Debug for KvmBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmBackend")
+            .field("state_dir", &self.state_dir)
+            .field("vmm_binary", &self.vmm_binary)
+            .field("jail", &self.jail)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pipe holding `bytes` (at most 1 MiB), write end closed; returns the read end.
+fn filled_pipe(bytes: &[u8]) -> Result<OwnedFd, VmmError> {
+    let pipe_err = |e: nix::Error| VmmError::Io {
+        what: "creating a pipe",
+        path: DisplayPath(PathBuf::from("pipe")),
+        source: std::io::Error::from_raw_os_error(e as i32),
+    };
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(pipe_err)?;
+    // Grow the pipe so the whole message fits and the write never blocks.
+    let want = bytes.len().next_power_of_two().max(4096);
+    let size = i32::try_from(want).unwrap_or(i32::MAX);
+    nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size)).map_err(pipe_err)?;
+    let mut w = File::from(w);
+    w.write_all(bytes)
+        .map_err(io_err("writing a pipe", Path::new("pipe")))?;
+    drop(w);
+    Ok(r)
+}
+
+impl KvmBackend {
+    /// A backend keeping per-VM state under `state_dir` and running
+    /// `vmm_binary` (the `nitrile` executable) with its `vmm` subcommand.
+    /// Default jail: [`JailConfig::default`].
+    pub fn new(
+        state_dir: impl Into<PathBuf>,
+        vmm_binary: impl Into<PathBuf>,
+    ) -> Result<Self, VmmError> {
+        let state_dir = state_dir.into();
+        let vmm_binary = vmm_binary.into();
+        if !vmm_binary.is_file() {
+            return Err(VmmError::BackendUnavailable {
+                backend: "kvm",
+                reason: crate::Unavailable::NoVmmBinary,
+            });
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&state_dir)
+            .map_err(io_err("creating state directory", &state_dir))?;
+        Ok(Self {
+            state_dir,
+            vmm_binary,
+            jail: JailConfig::default(),
+            vms: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Uses `jail` to confine the VMM process.
+    pub fn with_jail(mut self, jail: JailConfig) -> Self {
+        self.jail = jail;
+        self
+    }
+
+    /// The state directory of VM `id` (holds `serial.log`).
+    pub fn vm_dir(&self, id: &VmId) -> PathBuf {
+        self.state_dir.join(id.name().as_str())
+    }
+
+    /// The host PID of VM `id`'s VMM process, while it runs.
+    pub fn vmm_pid(&self, id: &VmId) -> Option<u32> {
+        let vms = self.lock();
+        vms.get(id)?.proc.as_ref()?.vmm_pid
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<VmId, Vm>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_volumes(spec: &VmSpec) -> Result<(), VmmError> {
+        for vol in spec.volumes() {
+            let path = vol.path.as_path();
+            if path.exists() {
+                continue;
+            }
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io_err("creating volume", path))?;
+            f.set_len(vol.size_mib << 20)
+                .map_err(io_err("sizing volume", path))?;
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, spec: &VmSpec, keys: &VolumeKeys, dir: &Path) -> Result<Proc, VmmError> {
+        let serial_path = dir.join(SERIAL_FILE);
+        let stderr_path = dir.join(STDERR_FILE);
+        let serial = create_private_file(&serial_path)?;
+        let stderr = create_private_file(&stderr_path)?;
+        let root = dir.join(CHROOT_DIR);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&root)
+            .map_err(io_err("creating", &root))?;
+        std::os::unix::fs::chown(&root, Some(self.jail.uid), Some(self.jail.gid))
+            .map_err(io_err("changing the owner of", &root))?;
+
+        let spec_pipe = filled_pipe(&spec.to_json())?;
+        let mut key_bytes = zeroize::Zeroizing::new(Vec::with_capacity(
+            spec.volumes().len() * crate::VOLUME_KEY_LEN,
+        ));
+        for vol in spec.volumes() {
+            let key = keys
+                .get(&vol.id)
+                .ok_or_else(|| VmmError::MissingKey(vol.id.clone()))?;
+            key_bytes.extend_from_slice(key.expose_secret());
+        }
+        let key_pipe = filled_pipe(&key_bytes)?;
+        drop(key_bytes);
+        let (ours, theirs) =
+            UnixStream::pair().map_err(io_err("creating the control socket", dir))?;
+        let theirs = OwnedFd::from(theirs);
+
+        let mut cmd = Command::new(&self.vmm_binary);
+        cmd.arg("vmm")
+            .arg("--spec-fd")
+            .arg(spec_pipe.as_raw_fd().to_string())
+            .arg("--key-fd")
+            .arg(key_pipe.as_raw_fd().to_string())
+            .arg("--control-fd")
+            .arg(theirs.as_raw_fd().to_string())
+            .arg("--serial-fd")
+            .arg(serial.as_raw_fd().to_string())
+            .arg("--uid")
+            .arg(self.jail.uid.to_string())
+            .arg("--gid")
+            .arg(self.jail.gid.to_string())
+            .current_dir(&root)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let cgroup = match &self.jail.cgroup_root {
+            None => None,
+            Some(cg_root) => Cgroup::create(
+                cg_root,
+                spec.instance().as_str(),
+                (u64::from(spec.memory_mib()) + VMM_OVERHEAD_MIB) << 20,
+                u32::from(spec.vcpus()),
+            )
+            .map_err(io_err("creating the VM cgroup under", cg_root))?,
+        };
+        let plan = Plan {
+            inherit: vec![
+                spec_pipe.as_raw_fd(),
+                key_pipe.as_raw_fd(),
+                theirs.as_raw_fd(),
+                serial.as_raw_fd(),
+            ],
+            cgroup_procs: Vec::new(),
+            namespaces: self.jail.namespaces,
+        }
+        .for_cgroup(cgroup.as_ref());
+        jail::install(&mut cmd, plan);
+        let spawned = cmd.spawn();
+        // Our copies: the child has its own now.
+        drop((spec_pipe, key_pipe, theirs, serial));
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(source) => {
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
+                return Err(VmmError::Spawn {
+                    program: DisplayPath(self.vmm_binary.clone()),
+                    source,
+                });
+            }
+        };
+        let vmm_pid = jail::exec_pid(child.id(), self.jail.namespaces);
+        let ready = (|| {
+            ours.set_read_timeout(Some(READY_TIMEOUT))?;
+            let writer = ours.try_clone()?;
+            let mut reader = BufReader::new(ours);
+            match control::read_message::<Event>(&mut reader)? {
+                Event::Ready => {}
+                other => {
+                    return Err(ControlError::Io(std::io::Error::other(format!(
+                        "expected ready, got {other:?}"
+                    ))));
+                }
+            }
+            reader.get_ref().set_read_timeout(Some(CONTROL_TIMEOUT))?;
+            Ok((writer, reader))
+        })();
+        match ready {
+            Ok((writer, reader)) => Ok(Proc {
+                child,
+                vmm_pid,
+                writer,
+                reader,
+                cgroup,
+                state: RunState::Created,
+            }),
+            Err(e) => {
+                kill(&mut child, vmm_pid);
+                let status = child.wait();
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
+                Err(match (e, status) {
+                    (ControlError::Closed, Ok(status)) => VmmError::VmmExited {
+                        status,
+                        stderr: tail(&stderr_path),
+                    },
+                    (ControlError::Io(io), _)
+                        if matches!(
+                            io.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        VmmError::Timeout(READY_TIMEOUT)
+                    }
+                    (e, _) => e.into(),
+                })
+            }
+        }
+    }
+}
+
+fn kill(child: &mut Child, vmm_pid: Option<u32>) {
+    if let Some(pid) = vmm_pid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = child.kill();
+}
+
+/// Ends the process: asks it to stop, then kills it if it lingers. Returns
+/// why it ended, `None` when cleanly.
+fn end(proc: &mut Proc) -> Option<String> {
+    let _ = control::write_message(&mut proc.writer, &Request::Stop);
+    let deadline = Instant::now() + CONTROL_TIMEOUT;
+    let status = loop {
+        match proc.child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                kill(&mut proc.child, proc.vmm_pid);
+                break proc.child.wait().ok();
+            }
+        }
+    };
+    if let Some(cg) = &proc.cgroup {
+        cg.remove();
+    }
+    match status {
+        Some(s) if s.success() => None,
+        Some(s) => Some(format!("the VMM exited with {s}")),
+        None => Some("the VMM could not be reaped".to_owned()),
+    }
+}
+
+/// Reads the VM's state from the process, without looking inside the guest.
+fn status_of(vm: &mut Vm) -> VmStatus {
+    let Some(proc) = vm.proc.as_mut() else {
+        return match &vm.ended {
+            Some(Some(reason)) => VmStatus::Failed {
+                reason: reason.clone(),
+            },
+            _ => VmStatus::Stopped,
+        };
+    };
+    // If the VMM has already exited the write fails, but its last event
+    // (`Exited`) may still be waiting to be read.
+    let _ = control::write_message(&mut proc.writer, &Request::Status);
+    let asked = control::read_message::<Event>(&mut proc.reader);
+    let exited = match asked {
+        Ok(Event::Status { state }) => {
+            proc.state = state;
+            return match state {
+                RunState::Created => VmStatus::Created,
+                RunState::Running => VmStatus::Running,
+            };
+        }
+        Ok(Event::Exited { reason }) => Some(reason),
+        Ok(Event::Ready) | Err(_) => None,
+    };
+    // The VM ended (or the channel broke): reap the process.
+    let deadline = Instant::now() + CONTROL_TIMEOUT;
+    let status = loop {
+        match proc.child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                kill(&mut proc.child, proc.vmm_pid);
+                break proc.child.wait().ok();
+            }
+        }
+    };
+    if let Some(cg) = &proc.cgroup {
+        cg.remove();
+    }
+    vm.ended = Some(match (exited, status) {
+        (Some(reason), _) if !reason.is_clean() => Some(format!("the VM ended: {reason:?}")),
+        // The VMM exits 0 only after a clean end.
+        (_, Some(s)) if s.success() => None,
+        (_, Some(s)) => Some(format!("the VMM exited with {s}")),
+        (_, None) => Some("the VMM could not be reaped".to_owned()),
+    });
+    vm.proc = None;
+    status_of(vm)
+}
+
+impl Hypervisor for KvmBackend {
+    fn create(&self, spec: &VmSpec, keys: VolumeKeys) -> Result<VmId, VmmError> {
+        let id = VmId::new(spec.instance().clone());
+        let mut vms = self.lock();
+        if vms.contains_key(&id) {
+            return Err(VmmError::AlreadyExists(id));
+        }
+        if spec.net().is_some() {
+            return Err(VmmError::Unsupported {
+                backend: "kvm",
+                feature: Feature::Net,
+            });
+        }
+        for vol in spec.volumes() {
+            if keys.get(&vol.id).is_none() {
+                return Err(VmmError::MissingKey(vol.id.clone()));
+            }
+        }
+        if let Some(extra) = keys
+            .ids()
+            .find(|k| !spec.volumes().iter().any(|v| &v.id == *k))
+        {
+            return Err(VmmError::UnexpectedKey(extra.clone()));
+        }
+        let dir = self.vm_dir(&id);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err("creating VM directory", &dir))?;
+        let mut vsock_link = None;
+        let result = (|| {
+            Self::open_volumes(spec)?;
+            if let Some(v) = spec.vsock() {
+                let link = v.uds_path.as_path();
+                std::os::unix::fs::symlink(dir.join(CHROOT_DIR).join(VSOCK_SOCKET), link)
+                    .map_err(io_err("linking the vsock socket at", link))?;
+                vsock_link = Some(link.to_path_buf());
+            }
+            self.spawn(spec, &keys, &dir)
+        })();
+        // The keys are dropped (zeroized) here: the VMM holds what it needs.
+        drop(keys);
+        match result {
+            Ok(proc) => {
+                vms.insert(
+                    id.clone(),
+                    Vm {
+                        dir,
+                        vsock_link,
+                        proc: Some(proc),
+                        ended: None,
+                    },
+                );
+                Ok(id)
+            }
+            Err(e) => {
+                if let Some(link) = vsock_link {
+                    let _ = fs::remove_file(link);
+                }
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn start(&self, id: &VmId) -> Result<(), VmmError> {
+        let mut vms = self.lock();
+        let vm = vms
+            .get_mut(id)
+            .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
+        match (vm.proc.as_mut(), &vm.ended) {
+            (Some(proc), _) if proc.state == RunState::Running => Ok(()),
+            (Some(proc), _) => {
+                control::write_message(&mut proc.writer, &Request::Start)?;
+                proc.state = RunState::Running;
+                Ok(())
+            }
+            (None, _) => Err(VmmError::WrongState {
+                vm: id.clone(),
+                state: status_of(vm),
+                op: "start",
+            }),
+        }
+    }
+
+    fn stop(&self, id: &VmId) -> Result<(), VmmError> {
+        let mut vms = self.lock();
+        let vm = vms
+            .get_mut(id)
+            .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
+        if let Some(mut proc) = vm.proc.take() {
+            // A stop we asked for is a clean stop.
+            let _ = end(&mut proc);
+            vm.ended = Some(None);
+        }
+        Ok(())
+    }
+
+    fn status(&self, id: &VmId) -> Result<VmStatus, VmmError> {
+        let mut vms = self.lock();
+        let vm = vms
+            .get_mut(id)
+            .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
+        Ok(status_of(vm))
+    }
+
+    fn destroy(&self, id: &VmId) -> Result<(), VmmError> {
+        let mut vms = self.lock();
+        let mut vm = vms
+            .remove(id)
+            .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
+        if let Some(mut proc) = vm.proc.take() {
+            end(&mut proc);
+        }
+        if let Some(link) = &vm.vsock_link {
+            let _ = fs::remove_file(link);
+        }
+        fs::remove_dir_all(&vm.dir).map_err(io_err("removing VM directory", &vm.dir))
+    }
+}
+
+impl Drop for KvmBackend {
+    fn drop(&mut self) {
+        let vms = self.vms.get_mut().unwrap_or_else(|p| p.into_inner());
+        for vm in vms.values_mut() {
+            if let Some(mut proc) = vm.proc.take() {
+                end(&mut proc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn filled_pipe_holds_a_whole_spec_sized_message() {
+        let msg = vec![b'x'; crate::MAX_SPEC_LEN];
+        let r = filled_pipe(&msg).unwrap();
+        let mut got = Vec::new();
+        File::from(r).read_to_end(&mut got).unwrap();
+        assert_eq!(got, msg);
+    }
+
+    #[test]
+    fn missing_binary_is_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = KvmBackend::new(dir.path().join("state"), dir.path().join("no-nitrile"));
+        assert!(matches!(
+            err,
+            Err(VmmError::BackendUnavailable {
+                reason: crate::Unavailable::NoVmmBinary,
+                ..
+            })
+        ));
+    }
+}
