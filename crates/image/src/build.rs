@@ -19,6 +19,10 @@ pub const GUEST_IMAGE_SCRIPT: &str = include_str!("../../../scripts/guest-image.
 /// The initramfs's `/init`.
 pub const GUEST_INIT: &str = include_str!("../../../guest/initramfs/init");
 
+/// The source of the initramfs's static vsock test tool (`/bin/vsock-echo`),
+/// which the script compiles.
+const GUEST_VSOCK_ECHO: &str = include_str!("../../../guest/initramfs/vsock-echo.c");
+
 /// The environment variable naming the cache directory.
 pub const CACHE_ENV: &str = "NITRILE_CACHE_DIR";
 
@@ -116,6 +120,11 @@ pub fn build_guest_image(cache: &Path) -> Result<BuiltImage, BuildError> {
     let init = src.join("guest").join("initramfs").join("init");
     write_file(&script, GUEST_IMAGE_SCRIPT, 0o755)?;
     write_file(&init, GUEST_INIT, 0o755)?;
+    write_file(
+        &src.join("guest").join("initramfs").join("vsock-echo.c"),
+        GUEST_VSOCK_ECHO,
+        0o644,
+    )?;
     let status = Command::new("bash")
         .arg(&script)
         .arg("--cache")

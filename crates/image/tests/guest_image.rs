@@ -196,6 +196,16 @@ fn guest_image_has_pvh_vmlinux_and_initramfs_with_init_and_modules() {
     assert_eq!(init, GUEST_INIT.as_bytes());
     assert_eq!(init_mode & 0o111, 0o111, "/init is not executable");
     assert!(entries.contains_key("bin/busybox"));
+    let (tool_mode, tool) = entries.get("bin/vsock-echo").expect("/bin/vsock-echo");
+    assert_eq!(
+        tool_mode & 0o111,
+        0o111,
+        "/bin/vsock-echo is not executable"
+    );
+    assert!(
+        tool.starts_with(b"\x7fELF"),
+        "/bin/vsock-echo is not an ELF file"
+    );
     let moddir = format!("lib/modules/{release}");
     let dep = entries
         .get(&format!("{moddir}/modules.dep"))

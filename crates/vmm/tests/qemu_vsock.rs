@@ -10,6 +10,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -137,8 +138,38 @@ fn assert_daemon_jailed(pid: u32) {
         .find(|l| l.starts_with("NoNewPrivs:"))
         .unwrap();
     assert!(nnp.ends_with('1'), "{nnp}");
-    // Non-dumpable: its /proc files stay root's although it runs as 65534.
+    // Non-dumpable: its /proc files stay root's although it runs as 65534,
+    // so its own uid cannot open its memory (which maps all guest memory);
+    // the same open works on an ordinary process of that uid.
     assert_eq!(std::fs::metadata(proc_dir.join("mem")).unwrap().uid(), 0);
+    let open_mem_as_jail_uid = |pid: u32| {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 3< /proc/{pid}/mem"))
+            .uid(JAIL_UID)
+            .gid(JAIL_UID)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    let mut control = std::process::Command::new("sleep")
+        .arg("30")
+        .uid(JAIL_UID)
+        .gid(JAIL_UID)
+        .spawn()
+        .unwrap();
+    let control_ok = open_mem_as_jail_uid(control.id());
+    control.kill().unwrap();
+    control.wait().unwrap();
+    assert!(
+        control_ok,
+        "control: open of an ordinary process's mem failed"
+    );
+    assert!(
+        !open_mem_as_jail_uid(pid),
+        "the jail uid opened /proc/<daemon>/mem"
+    );
     let limits = std::fs::read_to_string(proc_dir.join("limits")).unwrap();
     let core = limits
         .lines()

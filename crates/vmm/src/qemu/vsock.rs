@@ -16,7 +16,10 @@
 //! by other processes of the same uid. Not chrooted: it must reach
 //! `uds_path`, whose directory must therefore be writable by the jail uid, and
 //! a host listener for guest-initiated connections must be connectable by
-//! that uid (this is how a host grants a VM a port).
+//! that uid (this is how a host grants a VM a port). A socket left at
+//! `uds_path` (by an earlier run of the VM) is removed before the daemon
+//! starts, and the daemon's socket is removed when it stops: `uds_path` must
+//! belong to this VM alone.
 
 use std::fs;
 use std::io::ErrorKind;
