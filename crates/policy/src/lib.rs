@@ -27,14 +27,14 @@
 //!
 //! # Quota durability and throughput
 //!
-//! Every successful charge is one SQLite transaction committed with
-//! `synchronous=FULL` in WAL mode, i.e. one fsync of the WAL per issued token.
-//! No group commit is done: a charge that has returned is on disk. On the
-//! 2-core development machine (ext4 on a virtual disk) the benchmark
-//! (`cargo bench -p nitrile-policy`) measured about 2,500 to 4,000
-//! authorize-plus-charge operations per second with 1,000 policies, above the
-//! 2,000 issuances/s target, so the simpler per-charge commit was kept; rerun
-//! the benchmark on the production disk before relying on that number.
+//! Decisions are made against an in-memory copy of the charges in their
+//! windows, under one lock, so concurrent requests see each other at once.
+//! Charges are then committed by one writer thread that puts everything queued
+//! into one SQLite transaction (WAL, `synchronous=FULL`): group commit, one
+//! fsync for many charges. `try_charge` returns only once its charge is
+//! durable; a failed commit refuses the request and leaves the charge counted
+//! in memory, so failures only make quotas stricter. At start the store loads
+//! the charges from the file. `docs/PERFORMANCE.md` has the numbers.
 
 #![forbid(unsafe_code)]
 

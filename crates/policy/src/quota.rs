@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nitrile_api::{Name, Operation, ResourceId};
@@ -301,18 +301,53 @@ pub enum QuotaError {
     /// the quota store failed; nothing was charged and the request must be refused
     #[error("quota store failed")]
     Store(#[from] rusqlite::Error),
+    /// the charge could not be made durable; it still counts against the
+    /// quota in memory, so the request must be refused
+    #[error("quota store could not commit the charge")]
+    Persist(#[source] Arc<rusqlite::Error>),
     /// the quota store lock was poisoned by a panic in another thread
     #[error("quota store lock poisoned")]
     Poisoned,
 }
 
-/// Durable quota counters in one SQLite file.
+/// Most charges the writer commits in one SQLite transaction.
+const MAX_COMMIT_BATCH: usize = 512;
+
+/// Durable quota counters in one SQLite file, with group commit.
 ///
-/// WAL journal, `synchronous=FULL`: a charge that returned `Ok` survives a
-/// crash. All of a request's resources are charged in one transaction, or none.
+/// Decisions are made against an in-memory copy of the charges inside the
+/// window (loaded from the file at open), under one lock, so concurrent
+/// requests see each other's charges at once. A charge is then handed to one
+/// writer thread that commits everything queued in one transaction (WAL,
+/// `synchronous=FULL`: one fsync for many charges), and `try_charge` returns
+/// `Ok` only once its transaction is durable. If a commit fails, the callers
+/// of that batch get [`QuotaError::Persist`] and the charges stay counted in
+/// memory: a failure can only make the quota stricter, never looser.
 #[derive(Debug)]
 pub struct QuotaStore {
-    conn: Mutex<Connection>,
+    memory: Mutex<Memory>,
+    writer: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Charges inside their windows, per (group, operation): resource -> time.
+type Memory = HashMap<(String, String), BTreeMap<String, i64>>;
+
+struct Job {
+    group: String,
+    operation: String,
+    resources: Vec<String>,
+    at: i64,
+    cutoff: i64,
+    done: std::sync::mpsc::SyncSender<Result<(), Arc<rusqlite::Error>>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
 }
 
 impl QuotaStore {
@@ -336,8 +371,32 @@ impl QuotaStore {
              CREATE INDEX IF NOT EXISTS quota_charges_time
                  ON quota_charges (grp, op, charged_at);",
         )?;
+        let mut memory: Memory = HashMap::new();
+        {
+            let mut stmt =
+                conn.prepare("SELECT grp, op, resource, charged_at FROM quota_charges")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (g, o, res, at) = row?;
+                memory.entry((g, o)).or_default().insert(res, at);
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("quota-writer".into())
+            .spawn(move || writer(conn, rx))
+            .map_err(|_| QuotaError::Poisoned)?;
         Ok(Self {
-            conn: Mutex::new(conn),
+            memory: Mutex::new(memory),
+            writer: Some(tx),
+            thread: Some(thread),
         })
     }
 
@@ -347,7 +406,7 @@ impl QuotaStore {
     /// charge time moves to `now`). If the distinct resources in the window
     /// would exceed the quota, nothing is charged and [`QuotaError::Exceeded`]
     /// says which quota and when it frees. Without a quota for (group,
-    /// operation) nothing is recorded.
+    /// operation) nothing is recorded. Returns once the charge is durable.
     pub fn try_charge(
         &self,
         quotas: &Quotas,
@@ -368,71 +427,123 @@ impl QuotaStore {
         let cutoff = now_s.saturating_sub(window);
         let requested: BTreeSet<String> = resources.iter().map(ToString::to_string).collect();
 
-        let mut conn = self.conn.lock().map_err(|_| QuotaError::Poisoned)?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut in_window: Vec<(String, i64)> = {
-            let mut stmt = tx.prepare_cached(
-                "SELECT resource, charged_at FROM quota_charges
-                 WHERE grp = ?1 AND op = ?2 AND charged_at > ?3",
-            )?;
-            let rows = stmt
-                .query_map(params![group.as_str(), operation.as_str(), cutoff], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-                })?;
-            rows.collect::<Result<_, _>>()?
-        };
-        let charged: BTreeSet<&str> = in_window.iter().map(|(r, _)| r.as_str()).collect();
-        let new = requested
-            .iter()
-            .filter(|r| !charged.contains(r.as_str()))
-            .count();
-        let total = in_window.len() + new;
-        let limit = quota.max_resources as usize;
-        if total > limit {
-            // Which charges must leave the window: the oldest of those this
-            // request does not renew.
-            in_window.retain(|(r, _)| !requested.contains(r));
-            in_window.sort_by_key(|(_, t)| *t);
-            let need = total - limit;
-            let frees_at = if requested.len() > limit {
-                None
-            } else {
-                in_window
-                    .get(need - 1)
-                    .and_then(|(_, t)| t.checked_add(window))
-                    .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
-            };
-            drop(tx);
-            return Err(QuotaExceeded {
-                quota: quota.clone(),
-                in_use: total - new,
-                requested_new: new,
-                frees_at,
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        let (new, total) = {
+            let mut memory = self.memory.lock().map_err(|_| QuotaError::Poisoned)?;
+            let charges = memory
+                .entry((group.as_str().to_owned(), operation.as_str().to_owned()))
+                .or_default();
+            charges.retain(|_, at| *at > cutoff);
+            let new = requested
+                .iter()
+                .filter(|r| !charges.contains_key(*r))
+                .count();
+            let total = charges.len() + new;
+            let limit = quota.max_resources as usize;
+            if total > limit {
+                // Which charges must leave the window: the oldest of those this
+                // request does not renew.
+                let mut others: Vec<i64> = charges
+                    .iter()
+                    .filter(|(r, _)| !requested.contains(*r))
+                    .map(|(_, t)| *t)
+                    .collect();
+                others.sort_unstable();
+                let need = total - limit;
+                let frees_at = if requested.len() > limit {
+                    None
+                } else {
+                    others
+                        .get(need - 1)
+                        .and_then(|t| t.checked_add(window))
+                        .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+                };
+                return Err(QuotaExceeded {
+                    quota: quota.clone(),
+                    in_use: total - new,
+                    requested_new: new,
+                    frees_at,
+                }
+                .into());
             }
-            .into());
-        }
-        {
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO quota_charges (grp, op, resource, charged_at)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (grp, op, resource)
-                 DO UPDATE SET charged_at = max(charged_at, excluded.charged_at)",
-            )?;
             for r in &requested {
-                upsert.execute(params![group.as_str(), operation.as_str(), r, now_s])?;
+                let at = charges.entry(r.clone()).or_insert(now_s);
+                *at = (*at).max(now_s);
             }
-            let mut expire = tx.prepare_cached(
-                "DELETE FROM quota_charges WHERE grp = ?1 AND op = ?2 AND charged_at <= ?3",
-            )?;
-            expire.execute(params![group.as_str(), operation.as_str(), cutoff])?;
+            // Queued under the lock, so the file sees charges in the order
+            // they were decided.
+            let job = Job {
+                group: group.as_str().to_owned(),
+                operation: operation.as_str().to_owned(),
+                resources: requested.iter().cloned().collect(),
+                at: now_s,
+                cutoff,
+                done: done_tx,
+            };
+            self.writer
+                .as_ref()
+                .and_then(|w| w.send(job).ok())
+                .ok_or(QuotaError::Poisoned)?;
+            (new, total)
+        };
+        match done_rx.recv() {
+            Ok(Ok(())) => Ok(QuotaCharge {
+                quota: Some(quota.clone()),
+                newly_charged: new,
+                in_use: total,
+            }),
+            Ok(Err(e)) => Err(QuotaError::Persist(e)),
+            Err(_) => Err(QuotaError::Poisoned),
         }
-        tx.commit()?;
-        Ok(QuotaCharge {
-            quota: Some(quota.clone()),
-            newly_charged: new,
-            in_use: total,
-        })
     }
+}
+
+impl Drop for QuotaStore {
+    fn drop(&mut self) {
+        drop(self.writer.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The writer thread: commits every queued charge in one transaction.
+fn writer(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_COMMIT_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let result = commit(&mut conn, &batch).map_err(Arc::new);
+        for job in batch {
+            let _ = job.done.send(result.clone());
+        }
+    }
+}
+
+fn commit(conn: &mut Connection, batch: &[Job]) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO quota_charges (grp, op, resource, charged_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (grp, op, resource)
+             DO UPDATE SET charged_at = max(charged_at, excluded.charged_at)",
+        )?;
+        let mut expire = tx.prepare_cached(
+            "DELETE FROM quota_charges WHERE grp = ?1 AND op = ?2 AND charged_at <= ?3",
+        )?;
+        for job in batch {
+            for r in &job.resources {
+                upsert.execute(params![job.group, job.operation, r, job.at])?;
+            }
+            expire.execute(params![job.group, job.operation, job.cutoff])?;
+        }
+    }
+    tx.commit()
 }
 
 #[cfg(test)]

@@ -192,3 +192,48 @@ fn the_sample_bundle_quota_limits_oncall_drains_to_twenty_an_hour() {
             .is_ok()
     );
 }
+
+#[test]
+fn concurrent_charges_never_exceed_the_quota_and_are_all_durable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("quota.db");
+    let q = Quotas::from_quotas([Quota {
+        group: name("oncall"),
+        operation: HostDrain,
+        max_resources: 50,
+        window: QuotaWindow::parse("1h").unwrap(),
+    }]);
+    let store = std::sync::Arc::new(QuotaStore::open(&path).unwrap());
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let store = store.clone();
+            let q = q.clone();
+            std::thread::spawn(move || {
+                let mut ok = 0;
+                for i in 0..10 {
+                    let h = hosts(t * 10 + i..t * 10 + i + 1);
+                    match store.try_charge(&q, &name("oncall"), HostDrain, &h, t0()) {
+                        Ok(_) => ok += 1,
+                        Err(QuotaError::Exceeded(_)) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let granted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(granted, 50);
+    drop(store);
+    // Every granted charge is in the file: a new host is refused after reopen,
+    // and it frees after the window.
+    let store = QuotaStore::open(&path).unwrap();
+    let err = store
+        .try_charge(&q, &name("oncall"), HostDrain, &hosts(100..101), t0())
+        .unwrap_err();
+    assert!(matches!(err, QuotaError::Exceeded(_)), "{err}");
+    let later = t0() + Duration::hours(1) + Duration::seconds(1);
+    store
+        .try_charge(&q, &name("oncall"), HostDrain, &hosts(100..101), later)
+        .unwrap();
+}
