@@ -305,3 +305,41 @@ fn qemu_vsock_without_a_configured_daemon_is_refused() {
             .exists()
     );
 }
+
+#[test]
+fn qemu_vm_whose_vsock_daemon_dies_is_failed() {
+    let (env, daemon) = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = socket_dir(dir.path()).join("vm.vsock");
+    let hv = QemuBackend::new(dir.path().join("vms"), &env.qemu)
+        .unwrap()
+        .with_accel(env.accel)
+        .with_vsock_daemon(&daemon);
+    let id = hv
+        .create(
+            &vsock_spec(&env, "vsock-4", "vsock-echo", 6, &uds),
+            VolumeKeys::new(),
+        )
+        .unwrap();
+    assert_eq!(hv.status(&id).unwrap(), VmStatus::Created);
+    let pid = hv.vsock_daemon_pid(&id).expect("daemon pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let s = hv.status(&id).unwrap();
+        if matches!(s, VmStatus::Failed { .. }) || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        matches!(&status, VmStatus::Failed { reason } if reason.contains("vsock")),
+        "{status:?}"
+    );
+    hv.destroy(&id).unwrap();
+    assert!(!hv.vm_dir(&id).exists());
+}

@@ -761,6 +761,12 @@ fn status_of(vm: &mut Vm) -> VmStatus {
                 };
             }
         }
+        // A VM whose vsock device is gone is broken, though QEMU still runs.
+        if let Some(Err(e)) = proc.vsock.as_mut().map(vsock::Daemon::check) {
+            return VmStatus::Failed {
+                reason: format!("the vsock device failed: {e}"),
+            };
+        }
         return match proc.qmp.run_state() {
             Ok(RunState::Prelaunch) => VmStatus::Created,
             Ok(RunState::Running) => VmStatus::Running,
