@@ -14,9 +14,10 @@
 //! binary is configured) or `qemu` ([`QemuBackend`], KVM acceleration where it
 //! is usable, TCG otherwise).
 //!
-//! What it does not do: the QEMU backend has no vsock (vhost-user) or network
-//! device yet and refuses specs asking for them; its jail is described, step by
-//! step, in the [`qemu`] module documentation, including what is not jailed.
+//! What it does not do: the QEMU backend has no network device yet and
+//! refuses specs asking for one (vsock is served over vhost-user); its jail is
+//! described, step by step, in the [`qemu`] module documentation, including
+//! what is not jailed.
 //! This crate does not decide who may create a VM (hostd does, from tokens) and
 //! does not unwrap volume keys (hostd hands them over already unwrapped).
 
