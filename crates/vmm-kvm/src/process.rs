@@ -555,6 +555,41 @@ mod tests {
         ));
     }
 
+    const CHILD_ENV: &str = "NITRILE_PROCESS_TEST_CHILD";
+
+    /// Runs this test binary again, only `test`, in child `mode`.
+    fn run_child(test: &str, mode: &str) -> std::process::ExitStatus {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, mode)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_syscall_outside_the_control_allowlist_kills_the_process() {
+        use std::os::unix::process::ExitStatusExt;
+        const NAME: &str =
+            "process::tests::a_syscall_outside_the_control_allowlist_kills_the_process";
+        if let Ok(mode) = std::env::var(CHILD_ENV).as_deref() {
+            seccompiler::apply_filter(&control_filter().unwrap()).unwrap();
+            // Allowed: writing to a descriptor.
+            let _ = std::io::stderr().write_all(b"filtered\n");
+            if mode == "forbidden" {
+                // SAFETY: socket(2) takes integer arguments only.
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            }
+            exit_now(0);
+        }
+        let killed = run_child(NAME, "forbidden");
+        assert_eq!(killed.signal(), Some(libc::SIGSYS), "{killed:?}");
+        // Control: the same child without the forbidden call exits normally.
+        let allowed = run_child(NAME, "allowed");
+        assert_eq!(allowed.code(), Some(0), "{allowed:?}");
+    }
+
     #[test]
     fn control_filter_compiles() {
         assert!(!control_filter().unwrap().is_empty());
