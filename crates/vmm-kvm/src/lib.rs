@@ -5,7 +5,8 @@
 //! writer, virtio-mmio block devices whose backing files hold only
 //! AES-256-XTS ciphertext, encrypted per 512-byte sector in this process, and
 //! a user-space virtio-vsock device relaying guest streams to host Unix
-//! sockets (see [`vsock`]).
+//! sockets (see [`vsock`]), and a virtio-net device on a tap descriptor the
+//! caller opened (see [`net`]).
 //!
 //! It guarantees: the VMM offers no interface that reads guest memory, disk
 //! plaintext or the console to anyone but the configured serial writer;
@@ -17,9 +18,9 @@
 //! and confines threads with seccomp allowlists.
 //!
 //! It does not (yet): inject interrupts (the guest polls the used rings and
-//! kicks the vsock receive queue), run more than one vCPU, provide
-//! virtio-net, jail itself into
-//! namespaces, a chroot or cgroups (the process wrapper's job), or check that
+//! kicks the vsock and net receive queues), run more than one vCPU, offer
+//! network offloads, jail itself into namespaces, a chroot or cgroups (the
+//! process wrapper's job), or check that
 //! a kernel is the one that was measured (the caller's job).
 
 // KVM ioctls, mlock/madvise and seccomp need `unsafe`; every block carries a
@@ -31,6 +32,7 @@ pub mod blk;
 pub mod boot;
 pub mod crypt;
 pub mod harden;
+pub mod net;
 pub mod process;
 pub mod virtio;
 pub mod vsock;
@@ -46,6 +48,7 @@ pub use blk::{Blk, DiskEncryption};
 pub use boot::KernelFormat;
 pub use crypt::{KEY_LEN, KeyError, SECTOR_SIZE, SectorCipher, VolumeKey};
 
+pub use net::{NetConfig, NetError};
 use virtio::{MMIO_WINDOW, MmioTransport, VirtioDevice};
 pub use vsock::{VsockConfig, VsockError};
 
@@ -138,6 +141,9 @@ pub enum VmmError {
     /// A block device could not be set up.
     #[error("block device setup failed")]
     Blk(#[from] blk::BlkError),
+    /// The network device could not be set up.
+    #[error("network device setup failed")]
+    Net(#[from] NetError),
     /// The vsock device could not be set up.
     #[error("vsock device setup failed")]
     Vsock(#[from] VsockError),
@@ -314,6 +320,17 @@ impl Vmm {
             serial,
             devices,
         })
+    }
+
+    /// Attaches a virtio-net device on `net`'s tap in the next free MMIO
+    /// slot (after the block and vsock devices). Call before [`Vmm::run`].
+    pub fn attach_net(&mut self, net: NetConfig) -> Result<(), VmmError> {
+        if self.devices.len() > MAX_DISKS {
+            return Err(VmmError::TooManyDisks);
+        }
+        let dev: Box<dyn VirtioDevice> = Box::new(net::Net::new(net)?);
+        self.devices.push(MmioTransport::new(dev));
+        Ok(())
     }
 
     /// Runs the vCPU until the guest shuts down, halts or faults.

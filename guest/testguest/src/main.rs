@@ -15,7 +15,11 @@
 //! - `vsock=<port>`: connects over virtio-vsock to host port `<port>`, sends a
 //!   message, expects it echoed back and prints `VSOCK-OK` or `VSOCK-FAIL`;
 //! - `vsock-listen=<port>`: accepts one host-initiated connection on `<port>`,
-//!   echoes it until the host shuts it down, prints `VSOCK-SERVE-OK`.
+//!   echoes it until the host shuts it down, prints `VSOCK-SERVE-OK`;
+//! - `net=ping`: sends one Ethernet broadcast frame (ethertype
+//!   [`NET_ETHERTYPE`], payload `NITRILE-NET-PING`) through virtio-net, waits
+//!   for a frame of that type carrying `NITRILE-NET-PONG` and prints `NET-OK`
+//!   or `NET-FAIL`.
 //!
 //! It then writes its exit code to the shutdown port [`SHUTDOWN_PORT`] and halts.
 //! It reads guest memory it owns only; everything else is a device register.
@@ -291,6 +295,7 @@ enum BlkMode {
 }
 
 struct Opts {
+    net_ping: bool,
     blk: BlkMode,
     vsock_port: Option<u32>,
     vsock_listen: Option<u32>,
@@ -326,12 +331,13 @@ fn cmdline() -> Opts {
         buf[len] = c;
         len += 1;
     }
-    let mut opts = Opts { blk: BlkMode::None, vsock_port: None, vsock_listen: None };
+    let mut opts = Opts { net_ping: false, blk: BlkMode::None, vsock_port: None, vsock_listen: None };
     for word in buf[..len].split(|&c| c == b' ') {
         match word {
             b"blk=rw" => opts.blk = BlkMode::ReadWrite,
             b"blk=ro" => opts.blk = BlkMode::ReadOnly,
             b"blk=bench" => opts.blk = BlkMode::Bench,
+            b"net=ping" => opts.net_ping = true,
             _ => {
                 if let Some(port) = word.strip_prefix(b"vsock=") {
                     opts.vsock_port = parse_u32(port);
@@ -691,7 +697,90 @@ extern "C" fn guest_main() -> ! {
             code = 1;
         }
     }
+    if opts.net_ping {
+        if net_ping() {
+            print(b"NET-OK\n");
+        } else {
+            print(b"NET-FAIL\n");
+            code = 1;
+        }
+    }
     shutdown(code)
+}
+
+// virtio-net driver: one receive and one transmit queue, no offloads.
+const NET_RX: (usize, usize, usize) = (0x40_0000, 0x40_1000, 0x40_2000);
+const NET_TX: (usize, usize, usize) = (0x40_3000, 0x40_4000, 0x40_5000);
+const NET_RX_BUF: usize = 0x41_0000;
+const NET_TX_BUF: usize = 0x42_0000;
+const NET_BUF_LEN: u32 = 4096;
+const NET_HDR: usize = 12;
+const NET_ETHERTYPE: u16 = 0x88b5;
+const NET_SPIN_LIMIT: u32 = 100_000;
+const NET_PING: &[u8] = b"NITRILE-NET-PING";
+const NET_PONG: &[u8] = b"NITRILE-NET-PONG";
+
+fn net_ping() -> bool {
+    let Some(base) = find_device(1) else { return false };
+    if !device_init(base, &[NET_RX, NET_TX]) {
+        return false;
+    }
+    let mac_lo = rd(base, 0x100).to_le_bytes();
+    let mac_hi = rd(base, 0x104).to_le_bytes();
+    let mac = [mac_lo[0], mac_lo[1], mac_lo[2], mac_lo[3], mac_hi[0], mac_hi[1]];
+    for i in 0..usize::from(QUEUE_SIZE) {
+        put_desc(NET_RX.0, i, NET_RX_BUF + i * 0x1000, NET_BUF_LEN, 2);
+        mem_write(NET_RX.1 + 4 + 2 * i, i as u16);
+    }
+    fence();
+    mem_write(NET_RX.1 + 2, QUEUE_SIZE);
+    // The frame: virtio header (zero), broadcast, our MAC, type, payload.
+    let b = NET_TX_BUF;
+    for i in 0..NET_HDR + 6 {
+        mem_write(b + i, if i < NET_HDR { 0u8 } else { 0xffu8 });
+    }
+    for (i, &m) in mac.iter().enumerate() {
+        mem_write(b + NET_HDR + 6 + i, m);
+    }
+    mem_write(b + NET_HDR + 12, NET_ETHERTYPE.to_be_bytes());
+    for (i, &c) in NET_PING.iter().enumerate() {
+        mem_write(b + NET_HDR + 14 + i, c);
+    }
+    put_desc(NET_TX.0, 0, b, (NET_HDR + 14 + NET_PING.len()) as u32, 0);
+    mem_write(NET_TX.1 + 4, 0u16);
+    fence();
+    mem_write(NET_TX.1 + 2, 1u16);
+    fence();
+    wr(base, 0x050, 1);
+    let mut last_used = 0u16;
+    let mut next_avail = QUEUE_SIZE;
+    for _ in 0..NET_SPIN_LIMIT {
+        while mem_read::<u16>(NET_RX.2 + 2) != last_used {
+            let slot = usize::from(last_used % QUEUE_SIZE);
+            let id = mem_read::<u32>(NET_RX.2 + 4 + 8 * slot) as usize;
+            let len = mem_read::<u32>(NET_RX.2 + 8 + 8 * slot) as usize;
+            last_used = last_used.wrapping_add(1);
+            if id >= usize::from(QUEUE_SIZE) {
+                return false;
+            }
+            let f = NET_RX_BUF + id * 0x1000 + NET_HDR;
+            let matches = len >= NET_HDR + 14 + NET_PONG.len()
+                && mem_read::<[u8; 2]>(f + 12) == NET_ETHERTYPE.to_be_bytes()
+                && (0..6).all(|i| mem_read::<u8>(f + i) == mac[i])
+                && NET_PONG.iter().enumerate().all(|(i, &c)| mem_read::<u8>(f + 14 + i) == c);
+            if matches {
+                return true;
+            }
+            // Not ours (the host's own traffic): give the buffer back.
+            mem_write(NET_RX.1 + 4 + 2 * usize::from(next_avail % QUEUE_SIZE), id as u16);
+            next_avail = next_avail.wrapping_add(1);
+            fence();
+            mem_write(NET_RX.1 + 2, next_avail);
+        }
+        // No interrupts: kick the receive queue so the device can fill it.
+        wr(base, 0x050, 0);
+    }
+    false
 }
 
 fn blk_main(mode: BlkMode) -> bool {
