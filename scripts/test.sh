@@ -14,6 +14,9 @@ cargo fmt --all -- --check
 log "cargo clippy (all targets, warnings are errors)"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
+log "fuzz targets type-check (run them with scripts/fuzz.sh)"
+cargo check --locked --manifest-path fuzz/Cargo.toml --bins
+
 log "cargo deny (licences, bans, sources)"
 cargo deny --log-level error check licenses bans sources
 if timeout 60 cargo deny --log-level error fetch >/dev/null 2>&1; then

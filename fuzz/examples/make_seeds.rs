@@ -1,0 +1,167 @@
+//! Writes the seed inputs of the fuzz targets into `fuzz/seeds/<target>/`:
+//! valid inputs made with the crates' own writers, so each target starts
+//! past its first checks. Run it again when a format changes:
+//!
+//! ```text
+//! cargo run --manifest-path fuzz/Cargo.toml --example make_seeds
+//! ```
+//!
+//! Tokens are signed with the fixed issuer key the `token_verify` target
+//! pins; certificates come from a throwaway cell CA.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use nitrile_api::wire::RefusalStep;
+use nitrile_api::{Audience, Name, Operation, PrincipalId, ResourceId};
+use nitrile_audit::{AuditRecord, JournalId, JournalOptions, Outcome, RequestId};
+use nitrile_token::{CertThumbprint, ClaimsInput, SigningKey, TokenIssuer};
+use time::macros::datetime;
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("seeds");
+    let now = datetime!(2030-01-01 00:00:00 UTC);
+    let p = |s: &str| PrincipalId::parse(s).expect("valid principal");
+    let r = |s: &str| ResourceId::parse(s).expect("valid resource");
+
+    // token_verify: a token the target's verifier accepts, one for another
+    // audience, and a bare claims payload.
+    let pem = ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+        .to_pkcs8_pem(LineEnding::LF)
+        .expect("a key encodes");
+    let key = SigningKey::from_pkcs8_pem(&pem).expect("the key decodes");
+    let issuer = TokenIssuer::new(p("nitrile://cell-1/service/tokend"), key);
+    let mint = |audience: &str, ops: Vec<Operation>, res: Vec<ResourceId>| {
+        let input = ClaimsInput {
+            subject: p("nitrile://cell-1/operator/alice"),
+            group: Name::new("oncall").expect("valid name"),
+            audience: Audience::new(audience).expect("valid audience"),
+            operations: ops,
+            resources: res,
+            cert: CertThumbprint::from_sha256([0xc0; 32]),
+            lifetime: None,
+        };
+        issuer
+            .mint(input, now, &mut rand_core::OsRng)
+            .expect("minting a seed token")
+    };
+    let (token, claims) = mint("h1", vec![Operation::HostDescribe], vec![r("host/h1")]);
+    let (other, _) = mint(
+        "h2",
+        vec![Operation::HostDrain, Operation::HostUndrain],
+        vec![r("host/h2"), r("host/h3")],
+    );
+    let dir = seeds(&root, "token_verify");
+    write(&dir, "token-h1", token.as_bytes());
+    write(&dir, "token-h2", other.as_bytes());
+    write(&dir, "claims.json", &claims.to_json());
+
+    // token_request
+    let dir = seeds(&root, "token_request");
+    write(
+        &dir,
+        "minimal.json",
+        br#"{"operations":["host.describe"],"resources":["host/h1"],"audience":"h1"}"#,
+    );
+    write(
+        &dir,
+        "full.json",
+        br#"{"operations":["host.drain","host.undrain"],"resources":["host/h1","host/h2"],"audience":"h1","group":"oncall","lifetime_secs":300}"#,
+    );
+
+    // principal_and_resource
+    let dir = seeds(&root, "principal_and_resource");
+    for (name, text) in [
+        ("operator", "nitrile://cell-1/operator/alice"),
+        ("service", "nitrile://cell-1/service/tokend"),
+        ("host", "host/h1"),
+        ("instance", "instance/i-7"),
+        ("name", "on-call"),
+    ] {
+        write(&dir, name, text.as_bytes());
+    }
+
+    // peer_identity: a CA certificate, a host's and an operator's.
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let cell = Name::new("cell-1").expect("valid name");
+    let ca = nitrile_pki::CellCa::init_or_load(tmp.path(), &cell, now).expect("a cell CA");
+    let dir = seeds(&root, "peer_identity");
+    write(&dir, "ca.der", ca.cert_der());
+    for (name, principal) in [
+        ("host.der", "nitrile://cell-1/host/h1"),
+        ("operator.der", "nitrile://cell-1/operator/alice"),
+    ] {
+        let issued = ca.issue(&p(principal), None, now).expect("issuing");
+        write(&dir, name, &issued.cert_der);
+    }
+
+    // audit_record
+    let source = p("nitrile://cell-1/host/h1");
+    let id = RequestId::from_bytes([0xab; 16]);
+    let refusal = AuditRecord::refusal(now, source.clone(), id, RefusalStep::Token, "expired")
+        .with_principal(p("nitrile://cell-1/operator/alice"))
+        .with_operations([Operation::HostDrain])
+        .with_resources([r("host/h1")])
+        .with_audience(Audience::new("h1").expect("valid audience"));
+    let outcome = AuditRecord::outcome(now, source.clone(), id, Outcome::Executed)
+        .with_detail(serde_json::json!({"bytes": 512, "version": "1.2.3"}));
+    let dir = seeds(&root, "audit_record");
+    write(&dir, "refusal.json", &refusal.encode().expect("encodes"));
+    write(&dir, "outcome.json", &outcome.encode().expect("encodes"));
+
+    // journal: mode byte 1 (raw file) then a real journal of three records;
+    // mode byte 0 then bytes the target turns into a journal.
+    let path = tmp.path().join("journal");
+    let journal = JournalOptions::new()
+        .journal_id(JournalId([0x11; 16]))
+        .danger_no_sync(true)
+        .open(&path, &source.to_string())
+        .expect("creating a journal");
+    for record in [&refusal, &outcome, &refusal] {
+        journal
+            .append(&record.encode().expect("encodes"))
+            .expect("appending");
+    }
+    drop(journal);
+    let mut raw = vec![1u8];
+    raw.extend(fs::read(&path).expect("reading the journal"));
+    let dir = seeds(&root, "journal");
+    write(&dir, "raw", &raw);
+    let mut generated = vec![0u8];
+    generated.extend((0..=255u8).cycle().take(400));
+    write(&dir, "generated", &generated);
+
+    // quota_and_review_files: quotas, reviewer set and alice's signature,
+    // separated by zero bytes.
+    let mut input = include_bytes!("../../entitlements/quotas.toml").to_vec();
+    input.push(0);
+    let reviewers = [("alice", [0xa1; 32]), ("bob", [0xb0; 32])];
+    for (name, secret) in reviewers {
+        let public = ed25519_dalek::SigningKey::from_bytes(&secret).verifying_key();
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(public.as_bytes());
+        input
+            .extend(format!("[[reviewer]]\nname = \"{name}\"\npublic_key = \"{b64}\"\n\n").bytes());
+    }
+    input.push(0);
+    input.extend(
+        format!(
+            "nitrile-entitlements-signature-v1\nreviewer: alice\ndigest: @DIGEST@\nsignature: {}\n",
+            "A".repeat(86) + "=="
+        )
+        .bytes(),
+    );
+    write(&seeds(&root, "quota_and_review_files"), "sample", &input);
+}
+
+fn seeds(root: &Path, target: &str) -> PathBuf {
+    let dir = root.join(target);
+    fs::create_dir_all(&dir).expect("creating the seed directory");
+    dir
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) {
+    fs::write(dir.join(name), bytes).expect("writing a seed");
+}
