@@ -425,3 +425,66 @@ fn kvm_backend_sigabrt_leaves_no_core_file() {
     assert!(cores.is_empty(), "core files: {cores:?}");
     hv.destroy(&id).unwrap();
 }
+
+#[test]
+fn kvm_backend_vsock_both_ways_from_inside_the_jail() {
+    use std::io::{BufRead, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    if !usable() {
+        return;
+    }
+    let env = env();
+    let hv = backend(&env);
+
+    // Host to guest: through the link the backend puts at the spec's uds_path.
+    let s = spec(&env, "kvm-vsock-1", "vsock-listen=6000", None, true);
+    let link = s.vsock().unwrap().uds_path.as_path().to_path_buf();
+    let id = hv.create(&s, VolumeKeys::new()).unwrap();
+    hv.start(&id).unwrap();
+    let mut conn = UnixStream::connect(&link).unwrap();
+    conn.write_all(b"CONNECT 6000\n").unwrap();
+    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    let msg = b"host-to-jailed-guest";
+    conn.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    reader.read_exact(&mut back).unwrap();
+    assert_eq!(&back, msg);
+    drop(reader);
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(conn);
+    assert_eq!(wait_end(&hv, &id), VmStatus::Stopped);
+    assert!(serial(&hv, &id).contains("VSOCK-SERVE-OK"));
+    hv.destroy(&id).unwrap();
+
+    // Guest to host: the jailed VMM connects to `vsock.sock_<port>` inside
+    // its chroot, where a host listener was put (connectable by its uid).
+    let s = spec(&env, "kvm-vsock-2", "vsock=5000", None, true);
+    let id = hv.create(&s, VolumeKeys::new()).unwrap();
+    let sock = hv.vm_dir(&id).join("root").join("vsock.sock_5000");
+    let listener = UnixListener::bind(&sock).unwrap();
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = conn.read(&mut buf) {
+            if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        seen
+    });
+    hv.start(&id).unwrap();
+    assert_eq!(wait_end(&hv, &id), VmStatus::Stopped);
+    assert!(
+        serial(&hv, &id).contains("VSOCK-OK"),
+        "{}",
+        serial(&hv, &id)
+    );
+    assert_eq!(echo.join().unwrap(), b"NITRILE-VSOCK-ECHO-0123456789abcdef");
+    hv.destroy(&id).unwrap();
+}
