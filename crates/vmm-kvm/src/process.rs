@@ -14,6 +14,10 @@
 //! does it send `Ready`. It answers `Status`, runs the vCPU on `Start`, and
 //! exits after sending `Exited` on `Stop` or when the guest ends.
 //!
+//! A spec's network device is a tap the parent opened in the host's network
+//! namespace and passed in (`tap_fd`); the process is in a network namespace
+//! of its own and could not open it itself.
+//!
 //! Not done here: namespaces and cgroups (the parent applies them before
 //! exec, see `nitrile_vmm::kvm`), loading an initramfs (a spec with a
 //! non-empty one is refused), ACPI tables.
@@ -32,8 +36,8 @@ use zeroize::Zeroizing;
 
 use crate::harden::{self, HardenError};
 use crate::{
-    DiskConfig, DiskEncryption, ExitReason, KEY_LEN, KernelFormat, VmConfig, Vmm, VolumeKey,
-    VsockConfig,
+    DiskConfig, DiskEncryption, ExitReason, KEY_LEN, KernelFormat, NetConfig, VmConfig, Vmm,
+    VolumeKey, VsockConfig,
 };
 
 /// The vsock socket, relative to the working directory (the chroot).
@@ -51,6 +55,9 @@ pub struct ProcessArgs {
     pub control_fd: RawFd,
     /// The serial console file, open for writing.
     pub serial_fd: RawFd,
+    /// The tap device (opened with `IFF_TAP | IFF_NO_PI` in the host's
+    /// network namespace), when the spec has a network device.
+    pub tap_fd: Option<RawFd>,
     /// The unprivileged uid to run as (not 0).
     pub uid: u32,
     /// The unprivileged gid to run as (not 0).
@@ -86,9 +93,10 @@ pub enum ProcessError {
     /// Reading the keys failed.
     #[error("reading the volume keys")]
     ReadKeys(#[source] std::io::Error),
-    /// The spec asks for a virtio-net device, which this VMM lacks.
-    #[error("virtio-net is not implemented")]
-    NetUnsupported,
+    /// The spec asks for a network device but no tap descriptor was given,
+    /// or a tap was given for a spec without one.
+    #[error("a tap descriptor must be given exactly when the spec has a network device")]
+    TapMismatch,
     /// The spec names a non-empty initramfs, which this VMM cannot load yet.
     #[error("initramfs loading is not implemented")]
     InitramfsUnsupported,
@@ -239,6 +247,18 @@ fn kernel_format(kernel: &mut File) -> Result<KernelFormat, ProcessError> {
     Err(ProcessError::UnknownKernelFormat)
 }
 
+/// The guest's MAC address: locally administered, unicast, derived from the
+/// instance name (FNV-1a), so it is stable across restarts of the VM.
+pub fn guest_mac(instance: &str) -> [u8; 6] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in instance.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    [0x02, b[3], b[4], b[5], b[6], b[7]]
+}
+
 fn jail_err(step: &'static str) -> impl FnOnce(std::io::Error) -> ProcessError {
     move |source| ProcessError::Jail { step, source }
 }
@@ -336,6 +356,7 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
     let key_fd = take_fd(args.key_fd, &mut seen)?;
     let control_fd = take_fd(args.control_fd, &mut seen)?;
     let serial_fd = take_fd(args.serial_fd, &mut seen)?;
+    let tap_fd = args.tap_fd.map(|fd| take_fd(fd, &mut seen)).transpose()?;
 
     let mut spec_bytes = Vec::new();
     File::from(spec_fd)
@@ -344,8 +365,8 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
         .map_err(ProcessError::ReadSpec)?;
     let spec = VmSpec::parse_json(&spec_bytes)?;
     let keys = read_keys(&mut File::from(key_fd), spec.volumes().len())?;
-    if spec.net().is_some() {
-        return Err(ProcessError::NetUnsupported);
+    if spec.net().is_some() != tap_fd.is_some() {
+        return Err(ProcessError::TapMismatch);
     }
 
     let image = spec.image();
@@ -394,6 +415,12 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
         }),
     };
     let mut vmm = Vmm::new(config)?;
+    if let Some(tap) = tap_fd {
+        vmm.attach_net(NetConfig {
+            tap: File::from(tap),
+            mac: guest_mac(spec.instance().as_str()),
+        })?;
+    }
 
     enter_jail(args.uid, args.gid)?;
     let control = UnixStream::from(control_fd);
@@ -588,6 +615,14 @@ mod tests {
         // Control: the same child without the forbidden call exits normally.
         let allowed = run_child(NAME, "allowed");
         assert_eq!(allowed.code(), Some(0), "{allowed:?}");
+    }
+
+    #[test]
+    fn guest_macs_are_local_unicast_and_stable() {
+        let a = guest_mac("web-1");
+        assert_eq!(a, guest_mac("web-1"));
+        assert_ne!(a, guest_mac("web-2"));
+        assert_eq!(a[0] & 0x03, 0x02, "locally administered unicast");
     }
 
     #[test]

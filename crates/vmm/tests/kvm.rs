@@ -7,9 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nitrile_api::Name;
-use nitrile_vmm::{
-    Feature, Hypervisor, JailConfig, KvmBackend, VmSpec, VmmError, VolumeKey, VolumeKeys,
-};
+use nitrile_vmm::{Hypervisor, JailConfig, KvmBackend, VmSpec, VmmError, VolumeKey, VolumeKeys};
 
 fn is_root() -> bool {
     if std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0) {
@@ -141,7 +139,13 @@ fn the_vmm_gets_only_descriptors_on_its_command_line_and_no_environment() {
         assert!(
             matches!(
                 pair[0],
-                "--spec-fd" | "--key-fd" | "--control-fd" | "--serial-fd" | "--uid" | "--gid"
+                "--spec-fd"
+                    | "--key-fd"
+                    | "--control-fd"
+                    | "--serial-fd"
+                    | "--tap-fd"
+                    | "--uid"
+                    | "--gid"
             ),
             "{argv}"
         );
@@ -171,14 +175,6 @@ fn specs_the_backend_cannot_serve_are_refused_before_spawning() {
         &format!("touch {}\nexit 1", marker.display()),
     );
     let hv = backend(dir.path(), &bin);
-    let s = spec(dir.path(), "net-1", r#","net":{"tap":"tap0"}"#);
-    assert!(matches!(
-        hv.create(&s, VolumeKeys::new()),
-        Err(VmmError::Unsupported {
-            feature: Feature::Net,
-            ..
-        })
-    ));
     let vol = dir.path().join("v.img");
     let s = spec(
         dir.path(),
@@ -191,6 +187,19 @@ fn specs_the_backend_cannot_serve_are_refused_before_spawning() {
     assert!(matches!(
         hv.create(&s, VolumeKeys::new()),
         Err(VmmError::MissingKey(_))
+    ));
+    let mut extra = VolumeKeys::new();
+    extra.insert(
+        Name::new("data").unwrap(),
+        VolumeKey::from_bytes(&[1; 64]).unwrap(),
+    );
+    extra.insert(
+        Name::new("other").unwrap(),
+        VolumeKey::from_bytes(&[2; 64]).unwrap(),
+    );
+    assert!(matches!(
+        hv.create(&s, extra),
+        Err(VmmError::UnexpectedKey(_))
     ));
     assert!(!marker.exists(), "the VMM was spawned for a refused spec");
     assert!(!vol.exists(), "a refused spec created its volume");

@@ -6,7 +6,7 @@
 /// Everything comes in on inherited file descriptors: the VM spec (JSON)
 /// on `--spec-fd`, the volume keys (64 bytes each, in volume order) on
 /// `--key-fd`, the control channel on `--control-fd`, the serial console
-/// file on `--serial-fd`. The working directory becomes the process's
+/// file on `--serial-fd`, the tap device (if any) on `--tap-fd`. The working directory becomes the process's
 /// root; it drops to `--uid`/`--gid` before the guest runs.
 ///
 /// Example (as the host agent does it): `nitrile vmm --spec-fd 3 --key-fd 4
@@ -25,6 +25,9 @@ pub(crate) struct Args {
     /// Inherited serial console file.
     #[arg(long, value_name = "FD")]
     serial_fd: i32,
+    /// Inherited tap device, when the spec has a network device.
+    #[arg(long, value_name = "FD")]
+    tap_fd: Option<i32>,
     /// Unprivileged uid to run the guest as.
     #[arg(long, default_value_t = 65534)]
     uid: u32,
@@ -39,6 +42,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         key_fd: args.key_fd,
         control_fd: args.control_fd,
         serial_fd: args.serial_fd,
+        tap_fd: args.tap_fd,
         uid: args.uid,
         gid: args.gid,
     };

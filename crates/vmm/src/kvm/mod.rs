@@ -3,7 +3,7 @@
 //!
 //! # The process protocol
 //! The backend spawns `<vmm_binary> vmm --spec-fd N --key-fd M --control-fd C
-//! --serial-fd S --uid U --gid G`: only descriptor numbers and the jail's
+//! --serial-fd S [--tap-fd T] --uid U --gid G`: only descriptor numbers and the jail's
 //! ids are on the command line, the environment is empty. Descriptor `N` is
 //! a pipe holding the spec's canonical JSON; `M` a pipe holding the volume
 //! keys, 64 bytes each in the spec's volume order (the VMM reads them into
@@ -31,9 +31,15 @@
 //! `root/vsock.sock_P`. When the spec names a `uds_path`, the backend puts
 //! a symbolic link there to `root/vsock.sock`, removed with the VM.
 //!
-//! Not provided: virtio-net (specs with `net` are refused), initramfs loading
-//! and the ACPI tables Linux needs to find virtio-mmio devices (see
-//! `docs/VMM.md`).
+//! # Network
+//! A spec's `net.tap` is opened here (`/dev/net/tun`, `IFF_TAP | IFF_NO_PI`,
+//! created if missing) in the host's network namespace and passed as
+//! `--tap-fd`; the VMM, in its own network namespace, only reads and writes
+//! frames on it. Configuring the host side of the tap (bridge, addresses,
+//! filtering) is the caller's job.
+//!
+//! Not provided: initramfs loading and the ACPI tables Linux needs to find
+//! virtio-mmio devices (see `docs/VMM.md`).
 
 pub mod control;
 
@@ -50,9 +56,7 @@ use std::time::{Duration, Instant};
 
 use crate::qemu::jail::{self, Cgroup, Plan};
 use crate::qemu::{create_private_file, io_err, tail};
-use crate::{
-    DisplayPath, Feature, Hypervisor, JailConfig, VmId, VmSpec, VmStatus, VmmError, VolumeKeys,
-};
+use crate::{DisplayPath, Hypervisor, JailConfig, VmId, VmSpec, VmStatus, VmmError, VolumeKeys};
 use control::{ControlError, Event, Request, RunState};
 
 /// Memory allowed to a `nitrile vmm` process beyond guest memory, in MiB.
@@ -120,6 +124,41 @@ fn filled_pipe(bytes: &[u8]) -> Result<OwnedFd, VmmError> {
         .map_err(io_err("writing a pipe", Path::new("pipe")))?;
     drop(w);
     Ok(r)
+}
+
+/// `TUNSETIFF`, `_IOW('T', 202, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// Size of `struct ifreq` on x86_64.
+const IFREQ_LEN: usize = 40;
+
+/// Opens (creating it if needed) the tap device `name` in this process's
+/// network namespace, without packet information headers.
+fn open_tap(name: &crate::TapName) -> Result<File, VmmError> {
+    let tun_path = Path::new("/dev/net/tun");
+    let tun = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(tun_path)
+        .map_err(io_err("opening", tun_path))?;
+    // struct ifreq: the name (NUL-terminated, at most 15 bytes: TapName
+    // guarantees it), then the flags as a native-endian short.
+    let mut req = [0u8; IFREQ_LEN];
+    req[..name.as_str().len()].copy_from_slice(name.as_str().as_bytes());
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    req[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `req` is a
+    // live, writable buffer of exactly that size, and `tun` an open
+    // descriptor of /dev/net/tun for the duration of the call.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(VmmError::Io {
+            what: "attaching to tap device",
+            path: DisplayPath(PathBuf::from(name.as_str())),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(tun)
 }
 
 impl KvmBackend {
@@ -218,6 +257,9 @@ impl KvmBackend {
         let (ours, theirs) =
             UnixStream::pair().map_err(io_err("creating the control socket", dir))?;
         let theirs = OwnedFd::from(theirs);
+        // The tap lives in the host's network namespace: open it here, before
+        // the VMM gets a namespace of its own.
+        let tap = spec.net().map(|n| open_tap(&n.tap)).transpose()?;
 
         let mut cmd = Command::new(&self.vmm_binary);
         cmd.arg("vmm")
@@ -228,8 +270,11 @@ impl KvmBackend {
             .arg("--control-fd")
             .arg(theirs.as_raw_fd().to_string())
             .arg("--serial-fd")
-            .arg(serial.as_raw_fd().to_string())
-            .arg("--uid")
+            .arg(serial.as_raw_fd().to_string());
+        if let Some(tap) = &tap {
+            cmd.arg("--tap-fd").arg(tap.as_raw_fd().to_string());
+        }
+        cmd.arg("--uid")
             .arg(self.jail.uid.to_string())
             .arg("--gid")
             .arg(self.jail.gid.to_string())
@@ -248,13 +293,15 @@ impl KvmBackend {
             )
             .map_err(io_err("creating the VM cgroup under", cg_root))?,
         };
+        let mut inherit = vec![
+            spec_pipe.as_raw_fd(),
+            key_pipe.as_raw_fd(),
+            theirs.as_raw_fd(),
+            serial.as_raw_fd(),
+        ];
+        inherit.extend(tap.as_ref().map(AsRawFd::as_raw_fd));
         let plan = Plan {
-            inherit: vec![
-                spec_pipe.as_raw_fd(),
-                key_pipe.as_raw_fd(),
-                theirs.as_raw_fd(),
-                serial.as_raw_fd(),
-            ],
+            inherit,
             cgroup_procs: Vec::new(),
             namespaces: self.jail.namespaces,
         }
@@ -262,7 +309,7 @@ impl KvmBackend {
         jail::install(&mut cmd, plan);
         let spawned = cmd.spawn();
         // Our copies: the child has its own now.
-        drop((spec_pipe, key_pipe, theirs, serial));
+        drop((spec_pipe, key_pipe, theirs, serial, tap));
         let mut child = match spawned {
             Ok(c) => c,
             Err(source) => {
@@ -418,12 +465,6 @@ impl Hypervisor for KvmBackend {
         let mut vms = self.lock();
         if vms.contains_key(&id) {
             return Err(VmmError::AlreadyExists(id));
-        }
-        if spec.net().is_some() {
-            return Err(VmmError::Unsupported {
-                backend: "kvm",
-                feature: Feature::Net,
-            });
         }
         for vol in spec.volumes() {
             if keys.get(&vol.id).is_none() {
