@@ -316,6 +316,14 @@ mod tests {
     }
 
     #[test]
+    fn default_vmm_binary_is_only_the_nitrile_executable() {
+        // The test harness is not named `nitrile`.
+        let exe = std::env::current_exe().unwrap();
+        assert_ne!(exe.file_name().unwrap(), "nitrile");
+        assert_eq!(HostProbe::default_vmm_binary(), None);
+    }
+
+    #[test]
     fn detect_on_this_host_is_consistent_with_select() {
         let probe = HostProbe::detect(None, None);
         assert!(probe.vmm_binary.is_none() && probe.qemu_binary.is_none());
