@@ -563,3 +563,33 @@ fn kvm_backend_net_frames_from_the_jailed_guest_reach_the_host_tap() {
     assert!(rx() > before, "no frame from the guest reached the tap");
     hv.destroy(&id).unwrap();
 }
+
+#[test]
+fn kvm_backend_reports_why_the_vmm_refused_a_spec() {
+    if !usable() {
+        return;
+    }
+    let env = env();
+    let hv = backend(&env);
+    let stderr_of = |r: Result<VmId, VmmError>| match r {
+        Err(VmmError::VmmExited { stderr, .. }) => stderr,
+        other => panic!("expected VmmExited, got {other:?}"),
+    };
+    // A Linux-style initramfs: not loadable by this VMM yet, and it says so.
+    std::fs::write(&env.initramfs, b"070701").unwrap();
+    let err = stderr_of(hv.create(&spec(&env, "kvm-ird-1", "", None, false), VolumeKeys::new()));
+    assert!(
+        err.contains("initramfs loading is not implemented"),
+        "{err}"
+    );
+    std::fs::write(&env.initramfs, b"").unwrap();
+    // Not a kernel at all.
+    std::fs::write(&env.kernel, b"#!/bin/sh\n").unwrap();
+    let err = stderr_of(hv.create(&spec(&env, "kvm-krn-1", "", None, false), VolumeKeys::new()));
+    assert!(err.contains("neither an ELF file nor a bzImage"), "{err}");
+    // Nothing is left of refused VMs.
+    assert!(
+        !hv.vm_dir(&VmId::new(Name::new("kvm-krn-1").unwrap()))
+            .exists()
+    );
+}

@@ -348,8 +348,15 @@ impl KvmBackend {
                 state: RunState::Created,
             }),
             Err(e) => {
-                kill(&mut child, vmm_pid);
-                let status = child.wait();
+                // A VMM that closed the channel is exiting: let it finish
+                // writing why (its stderr) before reaping it.
+                let status = match e {
+                    ControlError::Closed => wait_exit(&mut child, vmm_pid),
+                    _ => {
+                        kill(&mut child, vmm_pid);
+                        child.wait()
+                    }
+                };
                 if let Some(cg) = &cgroup {
                     cg.remove();
                 }
@@ -373,6 +380,21 @@ impl KvmBackend {
     }
 }
 
+/// Waits up to [`CONTROL_TIMEOUT`] for the process to exit, then kills it.
+fn wait_exit(child: &mut Child, vmm_pid: Option<u32>) -> std::io::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + CONTROL_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Ok(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                kill(child, vmm_pid);
+                return child.wait();
+            }
+        }
+    }
+}
+
 fn kill(child: &mut Child, vmm_pid: Option<u32>) {
     if let Some(pid) = vmm_pid.and_then(|p| i32::try_from(p).ok()) {
         let _ = nix::sys::signal::kill(
@@ -387,17 +409,7 @@ fn kill(child: &mut Child, vmm_pid: Option<u32>) {
 /// why it ended, `None` when cleanly.
 fn end(proc: &mut Proc) -> Option<String> {
     let _ = control::write_message(&mut proc.writer, &Request::Stop);
-    let deadline = Instant::now() + CONTROL_TIMEOUT;
-    let status = loop {
-        match proc.child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            _ => {
-                kill(&mut proc.child, proc.vmm_pid);
-                break proc.child.wait().ok();
-            }
-        }
-    };
+    let status = wait_exit(&mut proc.child, proc.vmm_pid).ok();
     if let Some(cg) = &proc.cgroup {
         cg.remove();
     }
@@ -434,17 +446,7 @@ fn status_of(vm: &mut Vm) -> VmStatus {
         Ok(Event::Ready) | Err(_) => None,
     };
     // The VM ended (or the channel broke): reap the process.
-    let deadline = Instant::now() + CONTROL_TIMEOUT;
-    let status = loop {
-        match proc.child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            _ => {
-                kill(&mut proc.child, proc.vmm_pid);
-                break proc.child.wait().ok();
-            }
-        }
-    };
+    let status = wait_exit(&mut proc.child, proc.vmm_pid).ok();
     if let Some(cg) = &proc.cgroup {
         cg.remove();
     }
