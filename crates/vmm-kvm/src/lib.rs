@@ -15,13 +15,16 @@
 //! bounded before use, and guest memory is never turned into a Rust
 //! reference. The plaintext disk mode exists only behind
 //! [`DiskEncryption::DangerPlaintext`], for measuring the cost of encryption. [`harden`] makes the process non-dumpable, without core files,
-//! and confines threads with seccomp allowlists.
+//! and confines threads with seccomp allowlists. [`process`] is the
+//! `nitrile vmm` process form: the VM set up from inherited descriptors, the
+//! process chrooted, on an unprivileged uid and under seccomp before the
+//! guest runs, driven over a typed control channel.
 //!
 //! It does not (yet): inject interrupts (the guest polls the used rings and
 //! kicks the vsock and net receive queues), run more than one vCPU, offer
-//! network offloads, jail itself into namespaces, a chroot or cgroups (the
-//! process wrapper's job), or check that
-//! a kernel is the one that was measured (the caller's job).
+//! network offloads, load an initramfs, provide ACPI tables, enter namespaces
+//! or cgroups (the parent does, before exec: `nitrile_vmm::kvm`), or check
+//! that a kernel is the one that was measured (the caller's job).
 
 // KVM ioctls, mlock/madvise and seccomp need `unsafe`; every block carries a
 // SAFETY comment (clippy::undocumented_unsafe_blocks is denied).
