@@ -393,7 +393,10 @@ async fn claim5_certificate_from_another_ca_refused_at_tls_and_journaled() {
     }
     .await;
     let err: NetError = result.expect_err("a foreign certificate got an HTTP answer");
-    assert!(err.is_tls(), "{err}");
+    // The server rejects the certificate after the client's half of the TLS 1.3
+    // handshake: the client sees the alert, or, when the server's close races
+    // the request, a broken exchange. Either way no HTTP answer came back.
+    assert!(err.is_tls() || matches!(err, NetError::Http(_)), "{err}");
     wait_for_records(&cell, before + 1).await;
     assert_tls_refusal_journaled(&cell, before);
     running.stop().await;
