@@ -33,6 +33,14 @@ fi
 # fuzzing only, never for the builds that ship.
 export RUSTC_BOOTSTRAP=1
 
+# The journal and bundle targets write a small directory per input, and
+# repairing a torn journal tail fsyncs: on a disk that caps them near 100
+# inputs a second. A memory file system (when there is one and TMPDIR is not
+# set) makes them about ten times faster.
+if [ -z "${TMPDIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ]; then
+    export TMPDIR=/dev/shm
+fi
+
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
