@@ -11,7 +11,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader, load_cmdline};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -36,6 +38,13 @@ pub const MAX_CMDLINE: usize = 4096;
 pub const HIMEM_START: u64 = 0x10_0000;
 /// The first address after the low-memory layout that must stay RAM.
 pub const MIN_MEMORY: u64 = 4 << 20;
+/// Largest initramfs accepted.
+pub const MAX_INITRAMFS: u64 = 1 << 30;
+/// The highest initramfs end a kernel without an `initrd_addr_max` accepts
+/// (the boot protocol's default for older headers).
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+/// Alignment of the initramfs in guest memory.
+const INITRD_ALIGN: u64 = 0x1000;
 
 const PDPT_ADDR: u64 = PML4_ADDR + 0x1000;
 const PD_ADDR: u64 = PML4_ADDR + 0x2000;
@@ -80,6 +89,58 @@ pub enum BootError {
     /// Guest memory is smaller than the boot layout needs.
     #[error("guest memory must be at least {MIN_MEMORY} bytes")]
     MemoryTooSmall,
+    /// The initramfs does not fit between the kernel's end and the highest
+    /// address the kernel accepts (or exceeds [`MAX_INITRAMFS`]).
+    #[error("the initramfs ({size} bytes) does not fit in guest memory below the kernel's limit")]
+    InitrdTooLarge {
+        /// Its size in bytes.
+        size: u64,
+    },
+}
+
+/// What the boot protocol hands the kernel besides its command line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootExtras<'a> {
+    /// The initramfs bytes, placed high in guest memory, page aligned.
+    pub initrd: Option<&'a [u8]>,
+    /// The guest-physical address of the ACPI RSDP, if tables were written.
+    pub rsdp: Option<u64>,
+}
+
+/// Where an initramfs of `size` bytes goes: as high as possible, page
+/// aligned, ending at or below both the end of memory and `addr_max + 1`,
+/// and starting at or above `kernel_end`.
+pub fn place_initrd(
+    mem_size: u64,
+    kernel_end: u64,
+    size: u64,
+    addr_max: u64,
+) -> Result<u64, BootError> {
+    let too_large = BootError::InitrdTooLarge { size };
+    if size == 0 || size > MAX_INITRAMFS {
+        return Err(too_large);
+    }
+    let top = mem_size.min(addr_max.saturating_add(1));
+    let start = top.checked_sub(size).ok_or(too_large)? & !(INITRD_ALIGN - 1);
+    let floor = kernel_end.max(HIMEM_START).next_multiple_of(INITRD_ALIGN);
+    if start < floor {
+        return Err(BootError::InitrdTooLarge { size });
+    }
+    Ok(start)
+}
+
+fn write_initrd(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel_end: u64,
+    initrd: &[u8],
+    addr_max: u64,
+) -> Result<(u64, u64), BootError> {
+    let size = initrd.len() as u64;
+    let addr = place_initrd(mem_size, kernel_end, size, addr_max)?;
+    mem.write_slice(initrd, GuestAddress(addr))
+        .map_err(BootError::GuestMemory)?;
+    Ok((addr, size))
 }
 
 /// How the boot vCPU enters the guest.
@@ -106,6 +167,27 @@ pub fn load(
     format: KernelFormat,
     cmdline: &str,
 ) -> Result<Entry, BootError> {
+    load_with(
+        mem,
+        mem_size,
+        kernel,
+        format,
+        cmdline,
+        BootExtras::default(),
+    )
+}
+
+/// [`load`], also placing an initramfs and pointing the kernel at the ACPI
+/// RSDP: `ramdisk_image`/`ramdisk_size` and `acpi_rsdp_addr` in the zero
+/// page, or the module list and `rsdp_paddr` of `hvm_start_info` for PVH.
+pub fn load_with(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel: &mut File,
+    format: KernelFormat,
+    cmdline: &str,
+    extras: BootExtras<'_>,
+) -> Result<Entry, BootError> {
     if mem_size < MIN_MEMORY {
         return Err(BootError::MemoryTooSmall);
     }
@@ -121,7 +203,7 @@ pub fn load(
             let r = Elf::load(mem, None, kernel, Some(GuestAddress(HIMEM_START)))
                 .map_err(BootError::Load)?;
             let hdr = linux_loader::loader::bootparam::setup_header::default();
-            write_zero_page(mem, mem_size, hdr, cmdline_size)?;
+            write_zero_page(mem, mem_size, hdr, cmdline_size, r.kernel_end, extras)?;
             Ok(Entry::Long64 {
                 rip: r.kernel_load.0,
             })
@@ -132,14 +214,14 @@ pub fn load(
             let PvhBootCapability::PvhEntryPresent(entry) = r.pvh_boot_cap else {
                 return Err(BootError::NoPvhEntry);
             };
-            write_pvh_info(mem, mem_size)?;
+            write_pvh_info(mem, mem_size, r.kernel_end, extras)?;
             Ok(Entry::Pvh32 { rip: entry.0 })
         }
         KernelFormat::BzImage => {
             let r = BzImage::load(mem, None, kernel, Some(GuestAddress(HIMEM_START)))
                 .map_err(BootError::Load)?;
             let hdr = r.setup_header.unwrap_or_default();
-            write_zero_page(mem, mem_size, hdr, cmdline_size)?;
+            write_zero_page(mem, mem_size, hdr, cmdline_size, r.kernel_end, extras)?;
             // The 64-bit entry point is 0x200 past the protected-mode code.
             Ok(Entry::Long64 {
                 rip: r.kernel_load.0 + 0x200,
@@ -153,6 +235,8 @@ fn write_zero_page(
     mem_size: u64,
     mut hdr: linux_loader::loader::bootparam::setup_header,
     cmdline_size: u32,
+    kernel_end: u64,
+    extras: BootExtras<'_>,
 ) -> Result<(), BootError> {
     hdr.type_of_loader = 0xff;
     hdr.boot_flag = 0xaa55;
@@ -162,8 +246,19 @@ fn write_zero_page(
     if hdr.kernel_alignment == 0 {
         hdr.kernel_alignment = 0x0100_0000;
     }
+    if let Some(initrd) = extras.initrd {
+        let addr_max = match hdr.initrd_addr_max {
+            0 => DEFAULT_INITRD_ADDR_MAX,
+            m => u64::from(m),
+        };
+        let (addr, size) = write_initrd(mem, mem_size, kernel_end, initrd, addr_max)?;
+        // Both fit in 32 bits: addr_max is a u32 and size <= MAX_INITRAMFS.
+        hdr.ramdisk_image = addr as u32;
+        hdr.ramdisk_size = size as u32;
+    }
     let mut params = boot_params {
         hdr,
+        acpi_rsdp_addr: extras.rsdp.unwrap_or(0),
         ..Default::default()
     };
     let map = memory_map(mem_size);
@@ -180,7 +275,12 @@ fn write_zero_page(
         .map_err(BootError::BootParams)
 }
 
-fn write_pvh_info(mem: &GuestMemoryMmap, mem_size: u64) -> Result<(), BootError> {
+fn write_pvh_info(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel_end: u64,
+    extras: BootExtras<'_>,
+) -> Result<(), BootError> {
     let map: Vec<hvm_memmap_table_entry> = memory_map(mem_size)
         .into_iter()
         .map(|(addr, size)| hvm_memmap_table_entry {
@@ -191,16 +291,37 @@ fn write_pvh_info(mem: &GuestMemoryMmap, mem_size: u64) -> Result<(), BootError>
         })
         .collect();
     let memmap_addr = PVH_INFO_ADDR + std::mem::size_of::<hvm_start_info>() as u64;
+    let modlist_addr =
+        memmap_addr + (map.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+    let modules = match extras.initrd {
+        Some(initrd) => {
+            // PVH starts in 32-bit mode: the module must sit below 4 GiB.
+            let (paddr, size) =
+                write_initrd(mem, mem_size, kernel_end, initrd, DEFAULT_INITRD_ADDR_MAX)?;
+            vec![hvm_modlist_entry {
+                paddr,
+                size,
+                ..Default::default()
+            }]
+        }
+        None => Vec::new(),
+    };
     let info = hvm_start_info {
         magic: 0x336e_c578, // XEN_HVM_START_MAGIC_VALUE
         version: 1,
+        nr_modules: modules.len() as u32,
+        modlist_paddr: if modules.is_empty() { 0 } else { modlist_addr },
         cmdline_paddr: CMDLINE_ADDR,
+        rsdp_paddr: extras.rsdp.unwrap_or(0),
         memmap_paddr: memmap_addr,
         memmap_entries: map.len() as u32,
         ..Default::default()
     };
     let mut bp = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_ADDR));
     bp.set_sections::<hvm_memmap_table_entry>(&map, GuestAddress(memmap_addr));
+    if !modules.is_empty() {
+        bp.set_modules::<hvm_modlist_entry>(&modules, GuestAddress(modlist_addr));
+    }
     PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&bp, mem)
         .map_err(BootError::BootParams)
 }
@@ -563,6 +684,82 @@ mod tests {
         assert_eq!(
             load(&mem, 16 << 20, &mut f, KernelFormat::Elf, "").unwrap(),
             Entry::Long64 { rip: 0x100_0000 }
+        );
+    }
+
+    #[test]
+    fn initrd_goes_high_page_aligned_and_below_the_limit() {
+        // Top of memory when it is below the limit.
+        assert_eq!(
+            place_initrd(16 << 20, 2 << 20, 0x1234, DEFAULT_INITRD_ADDR_MAX).unwrap(),
+            ((16 << 20) - 0x1234) & !0xfff
+        );
+        // Below the kernel's limit when memory reaches past it.
+        let a = place_initrd(2 << 30, 2 << 20, 0x5000, 0x37ff_ffff).unwrap();
+        assert_eq!(a, 0x3800_0000 - 0x5000);
+        assert!(a + 0x5000 <= 0x3800_0000);
+        // Never over the kernel, never empty, never huge.
+        assert!(matches!(
+            place_initrd(16 << 20, 15 << 20, 2 << 20, DEFAULT_INITRD_ADDR_MAX),
+            Err(BootError::InitrdTooLarge { .. })
+        ));
+        assert!(place_initrd(16 << 20, 2 << 20, 0, DEFAULT_INITRD_ADDR_MAX).is_err());
+        assert!(place_initrd(4 << 30, 2 << 20, MAX_INITRAMFS + 1, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn bzimage_gets_ramdisk_and_rsdp_in_zero_page() {
+        let mem = memory();
+        let mut img = synthetic_bzimage();
+        // initrd_addr_max: 12 MiB - 1, below the 16 MiB of memory.
+        img[0x22c..0x230].copy_from_slice(&0x00bf_ffffu32.to_le_bytes());
+        let mut f = file(&img);
+        let initrd: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let extras = BootExtras {
+            initrd: Some(&initrd),
+            rsdp: Some(0xe_0000),
+        };
+        load_with(&mem, 16 << 20, &mut f, KernelFormat::BzImage, "", extras).unwrap();
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        let (image, size) = ({ params.hdr.ramdisk_image }, { params.hdr.ramdisk_size });
+        assert_eq!(size, 10_000);
+        assert_eq!(image % 0x1000, 0);
+        assert_eq!(u64::from(image), (0xc0_0000 - 10_000) & !0xfff);
+        let mut back = vec![0u8; initrd.len()];
+        mem.read_slice(&mut back, GuestAddress(u64::from(image)))
+            .unwrap();
+        assert_eq!(back, initrd);
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe_0000);
+    }
+
+    #[test]
+    fn pvh_gets_one_module_and_rsdp() {
+        let mem = memory();
+        let mut f = file(&synthetic_pvh_elf(0x20_0010));
+        let initrd = b"070701-not-really-a-cpio".repeat(300);
+        let extras = BootExtras {
+            initrd: Some(&initrd),
+            rsdp: Some(0xe_0000),
+        };
+        load_with(&mem, 16 << 20, &mut f, KernelFormat::Pvh, "", extras).unwrap();
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).unwrap();
+        assert_eq!((info.nr_modules, info.rsdp_paddr), (1, 0xe_0000));
+        let m: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+        assert_eq!(m.size, initrd.len() as u64);
+        assert_eq!(m.paddr % 0x1000, 0);
+        assert!(m.paddr >= 0x20_1000 && m.paddr + m.size <= 16 << 20);
+        let mut back = vec![0u8; initrd.len()];
+        mem.read_slice(&mut back, GuestAddress(m.paddr)).unwrap();
+        assert_eq!(back, initrd);
+        // The module list does not overlap the memory map before it.
+        assert!(info.modlist_paddr >= info.memmap_paddr + 2 * 24);
+        // Without an initramfs there is no module list.
+        let mut f = file(&synthetic_pvh_elf(0x20_0010));
+        load(&mem, 16 << 20, &mut f, KernelFormat::Pvh, "").unwrap();
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).unwrap();
+        assert_eq!(
+            (info.nr_modules, info.modlist_paddr, info.rsdp_paddr),
+            (0, 0, 0)
         );
     }
 
