@@ -15,7 +15,8 @@ log "cargo clippy (all targets, warnings are errors)"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
 log "fuzz targets type-check (run them with scripts/fuzz.sh)"
-cargo check --locked --manifest-path fuzz/Cargo.toml --bins
+# Shares the workspace target directory so common dependencies are reused.
+CARGO_TARGET_DIR="$PWD/target" cargo check --locked --manifest-path fuzz/Cargo.toml --bins
 
 log "cargo deny (licences, bans, sources)"
 cargo deny --log-level error check licenses bans sources
