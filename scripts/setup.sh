@@ -119,6 +119,16 @@ if [ "$want_tests" -eq 1 ]; then
 fi
 # --- end vsock ---------------------------------------------------------------
 
+# --- ACPI table check for the kvm backend ------------------------------------
+# ACPICA's iasl disassembles the VMM's generated ACPI tables in a test, as an
+# independent decoder of their AML, lengths and checksums.
+if [ "$want_tests" -eq 1 ] && ! command -v iasl >/dev/null 2>&1; then
+    log "installing acpica-tools"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq acpica-tools >/dev/null
+fi
+# --- end ACPI ----------------------------------------------------------------
+
 if [ "$want_tests" -eq 1 ]; then
     if ! cargo deny --version >/dev/null 2>&1; then
         log "installing cargo-deny (one time, a few minutes)"

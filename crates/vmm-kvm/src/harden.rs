@@ -76,9 +76,12 @@ const VCPU_SYSCALLS: &[i64] = &[
 
 /// `KVM_RUN`, `_IO(0xAE, 0x80)`.
 const KVM_RUN: u64 = 0xae80;
+/// `KVM_IRQ_LINE`, `_IOW(0xAE, 0x61, struct kvm_irq_level)`: device
+/// interrupts are signalled from the vCPU thread.
+const KVM_IRQ_LINE: u64 = 0x4008_ae61;
 
 /// The vCPU thread's allowlist; every other system call, `ioctl` other than
-/// `KVM_RUN` and `FIONBIO`, `fcntl` other than getting and setting flags,
+/// `KVM_RUN`, `KVM_IRQ_LINE` and `FIONBIO`, `fcntl` other than getting and setting flags,
 /// and `socket` other than `AF_UNIX` stream sockets
 /// kill the process.
 pub fn vcpu_filter() -> Result<BpfProgram, HardenError> {
@@ -91,6 +94,7 @@ pub fn vcpu_filter() -> Result<BpfProgram, HardenError> {
         libc::SYS_ioctl,
         vec![
             Rule::new(vec![Cond::new(1, Len::Dword, Op::Eq, KVM_RUN)?])?,
+            Rule::new(vec![Cond::new(1, Len::Dword, Op::Eq, KVM_IRQ_LINE)?])?,
             Rule::new(vec![Cond::new(1, Len::Dword, Op::Eq, libc::FIONBIO)?])?,
         ],
     );

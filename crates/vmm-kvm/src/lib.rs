@@ -31,6 +31,7 @@
 #![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod acpi;
 pub mod blk;
 pub mod boot;
 pub mod crypt;
@@ -69,6 +70,9 @@ pub const SERIAL_PORT: u16 = 0x3f8;
 pub const MAX_MEMORY: u64 = 64 << 30;
 /// Most block devices per VM.
 pub const MAX_DISKS: usize = 16;
+/// The GSI of the first virtio-mmio device; device `i` signals GSI
+/// `VIRTIO_IRQ_BASE + i` (edge-triggered, active high: an I/O APIC pin).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
 
 /// One encrypted block device.
 #[derive(Debug)]
@@ -141,6 +145,12 @@ pub enum VmmError {
     /// Loading the kernel failed.
     #[error("loading the guest failed")]
     Boot(#[from] boot::BootError),
+    /// The ACPI tables could not be written.
+    #[error("writing the ACPI tables failed")]
+    Acpi(#[from] acpi::AcpiError),
+    /// Reading the initramfs failed.
+    #[error("reading the initramfs failed")]
+    Initramfs(#[source] std::io::Error),
     /// A block device could not be set up.
     #[error("block device setup failed")]
     Blk(#[from] blk::BlkError),
@@ -170,7 +180,9 @@ pub enum ExitReason {
         /// The guest's exit code.
         code: u8,
     },
-    /// The vCPU halted (no interrupt can wake it: none is injected).
+    /// The vCPU halted in user-space emulation (with the in-kernel
+    /// interrupt controller, KVM keeps a halted vCPU waiting for an
+    /// interrupt instead, and the VM is ended by a stop).
     Halted,
     /// The guest triple-faulted or otherwise shut the vCPU down.
     TripleFault,
@@ -191,7 +203,7 @@ impl vm_superio::Trigger for NoIrq {
 pub struct Vmm {
     // Field order is drop order: the vCPU and VM go before the memory they map.
     vcpu: VcpuFd,
-    _vm: VmFd,
+    vm: VmFd,
     mem: GuestMemoryMmap,
     serial: vm_superio::Serial<NoIrq, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
     devices: Vec<MmioTransport<Box<dyn VirtioDevice>>>,
@@ -208,6 +220,24 @@ impl std::fmt::Debug for Vmm {
 impl Vmm {
     /// Creates the VM: memory, kernel, vCPU state and devices.
     pub fn new(config: VmConfig) -> Result<Self, VmmError> {
+        Self::build(config, None)
+    }
+
+    /// [`Vmm::new`] with an initramfs, read whole (at most
+    /// [`boot::MAX_INITRAMFS`] bytes) and placed high in guest memory, page
+    /// aligned, below the kernel's `initrd_addr_max`; the boot parameters
+    /// (zero page or PVH module list) point at it.
+    pub fn with_initramfs(config: VmConfig, initramfs: File) -> Result<Self, VmmError> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        initramfs
+            .take(boot::MAX_INITRAMFS + 1)
+            .read_to_end(&mut bytes)
+            .map_err(VmmError::Initramfs)?;
+        Self::build(config, Some(bytes))
+    }
+
+    fn build(config: VmConfig, initramfs: Option<Vec<u8>>) -> Result<Self, VmmError> {
         let VmConfig {
             memory_bytes,
             mut kernel,
@@ -235,6 +265,11 @@ impl Vmm {
                 op: "set_tss_address",
                 source,
             })?;
+        // The in-kernel PIC, I/O APIC and local APICs, before any vCPU.
+        vm.create_irq_chip().map_err(|source| VmmError::Kvm {
+            op: "create_irq_chip",
+            source,
+        })?;
         let size = usize::try_from(memory_bytes).map_err(|_| VmmError::MemorySize)?;
         let mem =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).map_err(VmmError::Memory)?;
@@ -254,14 +289,30 @@ impl Vmm {
                 userspace_addr: host as u64,
             };
             // SAFETY: the mapping outlives the VM: `mem` is dropped after
-            // `_vm` and `vcpu` (field order), and it is never unmapped or
+            // `vm` and `vcpu` (field order), and it is never unmapped or
             // resized while the VM exists.
             unsafe { vm.set_user_memory_region(region_desc) }.map_err(|source| VmmError::Kvm {
                 op: "set_user_memory_region",
                 source,
             })?;
         }
-        let entry = boot::load(&mem, memory_bytes, &mut kernel, kernel_format, &cmdline)?;
+        let rsdp = acpi::write(
+            &mem,
+            1,
+            &mmio_devices(disks.len() + usize::from(vsock.is_some())),
+        )?;
+        let extras = boot::BootExtras {
+            initrd: initramfs.as_deref(),
+            rsdp: Some(rsdp),
+        };
+        let entry = boot::load_with(
+            &mem,
+            memory_bytes,
+            &mut kernel,
+            kernel_format,
+            &cmdline,
+            extras,
+        )?;
         let vcpu = vm.create_vcpu(0).map_err(|source| VmmError::Kvm {
             op: "create_vcpu",
             source,
@@ -318,7 +369,7 @@ impl Vmm {
         let serial = vm_superio::Serial::new(NoIrq, serial_out);
         Ok(Self {
             vcpu,
-            _vm: vm,
+            vm,
             mem,
             serial,
             devices,
@@ -333,6 +384,8 @@ impl Vmm {
         }
         let dev: Box<dyn VirtioDevice> = Box::new(net::Net::new(net)?);
         self.devices.push(MmioTransport::new(dev));
+        // The DSDT must list the new device too.
+        acpi::write(&self.mem, 1, &mmio_devices(self.devices.len()))?;
         Ok(())
     }
 
@@ -378,6 +431,9 @@ impl Vmm {
                 VcpuExit::MmioWrite(addr, data) => {
                     if let Some((i, off)) = device_at(addr, self.devices.len()) {
                         self.devices[i].write(off, data, &self.mem);
+                        if self.devices[i].take_interrupt() {
+                            self.pulse(gsi(i))?;
+                        }
                     }
                 }
                 VcpuExit::Hlt => {
@@ -394,9 +450,104 @@ impl Vmm {
     }
 }
 
+impl Vmm {
+    /// Signals an edge on `gsi` through the in-kernel interrupt controller.
+    fn pulse(&self, gsi: u32) -> Result<(), VmmError> {
+        for level in [true, false] {
+            self.vm
+                .set_irq_line(gsi, level)
+                .map_err(|source| VmmError::Kvm {
+                    op: "irq_line",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// The GSI of device slot `i`.
+fn gsi(i: usize) -> u32 {
+    VIRTIO_IRQ_BASE + i as u32
+}
+
+/// The first `n` virtio-mmio slots as the DSDT declares them.
+fn mmio_devices(n: usize) -> Vec<acpi::MmioDevice> {
+    (0..n)
+        .map(|i| acpi::MmioDevice {
+            base: (VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW) as u32,
+            gsi: gsi(i),
+        })
+        .collect()
+}
+
 /// The device slot and register offset of MMIO address `addr`, if any.
 fn device_at(addr: u64, devices: usize) -> Option<(usize, u64)> {
     let rel = addr.checked_sub(VIRTIO_MMIO_BASE)?;
     let index = usize::try_from(rel / MMIO_WINDOW).ok()?;
     (index < devices).then_some((index, rel % MMIO_WINDOW))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{KVM_IRQCHIP_PIC_MASTER, kvm_irqchip};
+
+    /// The test guest kicks its block device; the device's GSI (5, a
+    /// master PIC pin too) is pulsed, and the in-kernel PIC holds the edge
+    /// in its request register since the guest never enables interrupts.
+    #[test]
+    fn a_used_ring_raises_the_device_gsi() {
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            println!("SKIPPED: no usable /dev/kvm");
+            return;
+        }
+        let pic_irr = |vmm: &Vmm| {
+            let mut chip = kvm_irqchip {
+                chip_id: KVM_IRQCHIP_PIC_MASTER,
+                ..Default::default()
+            };
+            vmm.vm.get_irqchip(&mut chip).unwrap();
+            // SAFETY: chip_id PIC_MASTER selects the `pic` member.
+            unsafe { chip.chip.pic }.irr
+        };
+        let boot = |cmdline: &str| {
+            let mut kernel = tempfile::tempfile().unwrap();
+            kernel.write_all(TEST_GUEST_ELF).unwrap();
+            let disk = tempfile::tempfile().unwrap();
+            disk.set_len(1 << 20).unwrap();
+            let key = VolumeKey::from_bytes(zeroize::Zeroizing::new(std::array::from_fn(|i| {
+                i as u8 ^ 0x5c
+            })))
+            .unwrap();
+            let config = VmConfig {
+                memory_bytes: 32 << 20,
+                kernel,
+                kernel_format: KernelFormat::Elf,
+                cmdline: cmdline.into(),
+                serial_out: Box::new(std::io::sink()),
+                disks: vec![DiskConfig {
+                    file: disk,
+                    encryption: DiskEncryption::Xts(key),
+                    read_only: false,
+                    id: "irq".into(),
+                }],
+                vsock: None,
+            };
+            let mut vmm = Vmm::new(config).unwrap();
+            assert_eq!(pic_irr(&vmm), 0);
+            assert_eq!(vmm.run().unwrap(), ExitReason::Shutdown { code: 0 });
+            pic_irr(&vmm)
+        };
+        // Without block I/O nothing is used: no edge.
+        assert_eq!(boot("") & (1 << VIRTIO_IRQ_BASE), 0);
+        assert_eq!(
+            boot("blk=rw") & (1 << VIRTIO_IRQ_BASE),
+            1 << VIRTIO_IRQ_BASE
+        );
+    }
 }

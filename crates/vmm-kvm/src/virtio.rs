@@ -17,6 +17,12 @@ pub const F_VERSION_1: u64 = 1 << 32;
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VENDOR: u32 = 0x4e49_5452; // "NITR"
 
+/// `InterruptStatus` bit: the device used buffers in a queue.
+pub const INT_VRING: u32 = 1;
+/// `InterruptStatus` bit: the device configuration (here: the device status,
+/// set to `NEEDS_RESET`) changed.
+pub const INT_CONFIG: u32 = 2;
+
 /// Device status bits (virtio 1.x section 2.1).
 pub const STATUS_DRIVER_OK: u32 = 4;
 /// Features negotiated.
@@ -185,6 +191,7 @@ pub struct MmioTransport<D> {
     driver_features: u64,
     status: u32,
     interrupt_status: u32,
+    irq_pending: bool,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -200,7 +207,25 @@ impl<D: VirtioDevice> MmioTransport<D> {
             driver_features: 0,
             status: 0,
             interrupt_status: 0,
+            irq_pending: false,
         }
+    }
+
+    /// Whether the device raised an interrupt (set a bit in
+    /// `InterruptStatus`) since the last call; the caller then signals the
+    /// device's interrupt line once. Clears the pending edge.
+    pub fn take_interrupt(&mut self) -> bool {
+        std::mem::take(&mut self.irq_pending)
+    }
+
+    /// The `InterruptStatus` register as the driver reads it.
+    pub fn interrupt_status(&self) -> u32 {
+        self.interrupt_status
+    }
+
+    fn raise(&mut self, bits: u32) {
+        self.interrupt_status |= bits;
+        self.irq_pending = true;
     }
 
     /// The device.
@@ -214,6 +239,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.driver_features = 0;
         self.status = 0;
         self.interrupt_status = 0;
+        self.irq_pending = false;
         self.device.reset();
     }
 
@@ -328,12 +354,23 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if index >= self.queues.len() || !self.queues.iter().all(|q| q.valid(MAX_QUEUE_SIZE)) {
             return;
         }
+        let used_before: Vec<u16> = self.queues.iter().map(|q| q.next_used).collect();
         match self.device.process(index, &mut self.queues, mem) {
-            Ok(()) => self.interrupt_status |= 1,
+            Ok(()) => {
+                // Interrupt only when some used ring moved.
+                let moved = self
+                    .queues
+                    .iter()
+                    .zip(&used_before)
+                    .any(|(q, before)| q.next_used != *before);
+                if moved {
+                    self.raise(INT_VRING);
+                }
+            }
             Err(_) => {
                 // A malformed ring: stop serving this device until reset.
                 self.status |= STATUS_NEEDS_RESET;
-                self.interrupt_status |= 2;
+                self.raise(INT_CONFIG);
             }
         }
     }
@@ -445,5 +482,94 @@ mod tests {
             ..queue(4)
         };
         assert!(matches!(q.pop(&m), Err(QueueError::Memory(_))));
+    }
+
+    /// Uses every published chain, answering on the queue it came from.
+    #[derive(Debug)]
+    struct Consume;
+
+    impl VirtioDevice for Consume {
+        fn device_id(&self) -> u32 {
+            0xffff
+        }
+        fn features(&self) -> u64 {
+            F_VERSION_1
+        }
+        fn queue_count(&self) -> usize {
+            1
+        }
+        fn config(&self) -> &[u8] {
+            &[]
+        }
+        fn process(
+            &mut self,
+            index: usize,
+            queues: &mut [Queue],
+            mem: &GuestMemoryMmap,
+        ) -> Result<(), QueueError> {
+            while let Some((head, _)) = queues[index].pop(mem)? {
+                queues[index].add_used(mem, head, 0)?;
+            }
+            Ok(())
+        }
+    }
+
+    fn w(t: &mut MmioTransport<Consume>, m: &GuestMemoryMmap, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes(), m);
+    }
+
+    fn r(t: &mut MmioTransport<Consume>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// InterruptStatus (0x060) gets VRING only when a used ring moved and
+    /// CONFIG when the device needs a reset; InterruptACK (0x064) clears
+    /// exactly the bits written; each new interrupt is one pending edge.
+    #[test]
+    fn interrupt_status_and_ack() {
+        let m = mem();
+        let mut t = MmioTransport::new(Consume);
+        w(&mut t, &m, 0x070, 1 | 2);
+        w(&mut t, &m, 0x024, 1);
+        w(&mut t, &m, 0x020, 1); // VERSION_1 (bit 32)
+        w(&mut t, &m, 0x070, 1 | 2 | STATUS_FEATURES_OK);
+        w(&mut t, &m, 0x030, 0);
+        w(&mut t, &m, 0x038, 4);
+        for (off, v) in [(0x080, 0x1000), (0x090, 0x2000), (0x0a0, 0x3000)] {
+            w(&mut t, &m, off, v);
+        }
+        w(&mut t, &m, 0x044, 1);
+        w(
+            &mut t,
+            &m,
+            0x070,
+            1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        // A kick with nothing published: no used buffer, no interrupt.
+        w(&mut t, &m, 0x050, 0);
+        assert_eq!((r(&mut t, 0x060), t.take_interrupt()), (0, false));
+        // One chain used: VRING set, one edge.
+        put_desc(&m, 0, 0x8000, 16, 0, 0);
+        publish(&m, 0, 0, 1);
+        w(&mut t, &m, 0x050, 0);
+        assert_eq!(r(&mut t, 0x060), INT_VRING);
+        assert!(t.take_interrupt());
+        assert!(!t.take_interrupt());
+        // ACK of another bit leaves VRING; ACK of VRING clears it.
+        w(&mut t, &m, 0x064, INT_CONFIG);
+        assert_eq!(r(&mut t, 0x060), INT_VRING);
+        w(&mut t, &m, 0x064, INT_VRING);
+        assert_eq!(r(&mut t, 0x060), 0);
+        // A malformed ring: NEEDS_RESET and a configuration interrupt.
+        publish(&m, 1, 9, 2);
+        w(&mut t, &m, 0x050, 0);
+        assert_eq!(r(&mut t, 0x060), INT_CONFIG);
+        assert_ne!(r(&mut t, 0x070) & STATUS_NEEDS_RESET, 0);
+        assert!(t.take_interrupt());
+        // Reset clears the status and any pending edge.
+        w(&mut t, &m, 0x070, 0);
+        assert_eq!((r(&mut t, 0x060), t.take_interrupt()), (0, false));
     }
 }
