@@ -575,13 +575,13 @@ fn kvm_backend_reports_why_the_vmm_refused_a_spec() {
         Err(VmmError::VmmExited { stderr, .. }) => stderr,
         other => panic!("expected VmmExited, got {other:?}"),
     };
-    // A Linux-style initramfs: not loadable by this VMM yet, and it says so.
-    std::fs::write(&env.initramfs, b"070701").unwrap();
+    // An initramfs larger than the guest's 32 MiB cannot be placed.
+    std::fs::File::create(&env.initramfs)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let err = stderr_of(hv.create(&spec(&env, "kvm-ird-1", "", None, false), VolumeKeys::new()));
-    assert!(
-        err.contains("initramfs loading is not implemented"),
-        "{err}"
-    );
+    assert!(err.contains("does not fit in guest memory"), "{err}");
     std::fs::write(&env.initramfs, b"").unwrap();
     // Not a kernel at all.
     std::fs::write(&env.kernel, b"#!/bin/sh\n").unwrap();

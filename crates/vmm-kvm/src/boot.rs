@@ -96,6 +96,9 @@ pub enum BootError {
         /// Its size in bytes.
         size: u64,
     },
+    /// An initramfs was given but it is empty.
+    #[error("the initramfs is empty")]
+    InitrdEmpty,
 }
 
 /// What the boot protocol hands the kernel besides its command line.
@@ -116,8 +119,11 @@ pub fn place_initrd(
     size: u64,
     addr_max: u64,
 ) -> Result<u64, BootError> {
+    if size == 0 {
+        return Err(BootError::InitrdEmpty);
+    }
     let too_large = BootError::InitrdTooLarge { size };
-    if size == 0 || size > MAX_INITRAMFS {
+    if size > MAX_INITRAMFS {
         return Err(too_large);
     }
     let top = mem_size.min(addr_max.saturating_add(1));
@@ -703,7 +709,10 @@ mod tests {
             place_initrd(16 << 20, 15 << 20, 2 << 20, DEFAULT_INITRD_ADDR_MAX),
             Err(BootError::InitrdTooLarge { .. })
         ));
-        assert!(place_initrd(16 << 20, 2 << 20, 0, DEFAULT_INITRD_ADDR_MAX).is_err());
+        assert!(matches!(
+            place_initrd(16 << 20, 2 << 20, 0, DEFAULT_INITRD_ADDR_MAX),
+            Err(BootError::InitrdEmpty)
+        ));
         assert!(place_initrd(4 << 30, 2 << 20, MAX_INITRAMFS + 1, u64::MAX).is_err());
     }
 

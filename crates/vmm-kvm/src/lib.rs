@@ -227,8 +227,16 @@ impl Vmm {
     /// [`boot::MAX_INITRAMFS`] bytes) and placed high in guest memory, page
     /// aligned, below the kernel's `initrd_addr_max`; the boot parameters
     /// (zero page or PVH module list) point at it.
-    pub fn with_initramfs(config: VmConfig, initramfs: File) -> Result<Self, VmmError> {
-        use std::io::Read;
+    pub fn with_initramfs(config: VmConfig, mut initramfs: File) -> Result<Self, VmmError> {
+        use std::io::{Read, Seek, SeekFrom};
+        // Refused before reading when it cannot fit anyway.
+        let size = initramfs.metadata().map_err(VmmError::Initramfs)?.len();
+        if size > config.memory_bytes.min(boot::MAX_INITRAMFS) {
+            return Err(boot::BootError::InitrdTooLarge { size }.into());
+        }
+        initramfs
+            .seek(SeekFrom::Start(0))
+            .map_err(VmmError::Initramfs)?;
         let mut bytes = Vec::new();
         initramfs
             .take(boot::MAX_INITRAMFS + 1)

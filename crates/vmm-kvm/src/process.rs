@@ -19,8 +19,8 @@
 //! of its own and could not open it itself.
 //!
 //! Not done here: namespaces and cgroups (the parent applies them before
-//! exec, see `nitrile_vmm::kvm`), loading an initramfs (a spec with a
-//! non-empty one is refused), ACPI tables.
+//! exec, see `nitrile_vmm::kvm`). A non-empty initramfs is loaded with
+//! [`Vmm::with_initramfs`]; an empty file means none.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
@@ -97,9 +97,6 @@ pub enum ProcessError {
     /// or a tap was given for a spec without one.
     #[error("a tap descriptor must be given exactly when the spec has a network device")]
     TapMismatch,
-    /// The spec names a non-empty initramfs, which this VMM cannot load yet.
-    #[error("initramfs loading is not implemented")]
-    InitramfsUnsupported,
     /// The kernel is neither ELF nor bzImage.
     #[error("the kernel is neither an ELF file nor a bzImage")]
     UnknownKernelFormat,
@@ -375,15 +372,17 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
         source,
     })?;
     let kernel_format = kernel_format(&mut kernel)?;
-    let initramfs_len = std::fs::metadata(image.initramfs.as_path())
+    let initramfs = File::open(image.initramfs.as_path()).map_err(|source| ProcessError::Open {
+        what: "the initramfs",
+        source,
+    })?;
+    let initramfs_len = initramfs
+        .metadata()
         .map_err(|source| ProcessError::Open {
             what: "the initramfs",
             source,
         })?
         .len();
-    if initramfs_len > 0 {
-        return Err(ProcessError::InitramfsUnsupported);
-    }
     let mut disks = Vec::with_capacity(keys.len());
     for (vol, key) in spec.volumes().iter().zip(keys) {
         let file = OpenOptions::new()
@@ -414,7 +413,12 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
             uds_path: VSOCK_SOCKET.into(),
         }),
     };
-    let mut vmm = Vmm::new(config)?;
+    // An empty initramfs file means none.
+    let mut vmm = if initramfs_len > 0 {
+        Vmm::with_initramfs(config, initramfs)?
+    } else {
+        Vmm::new(config)?
+    };
     if let Some(tap) = tap_fd {
         vmm.attach_net(NetConfig {
             tap: File::from(tap),
