@@ -186,7 +186,8 @@ pub fn dsdt(devices: &[MmioDevice]) -> Result<Vec<u8>, AcpiError> {
     Ok(finish(t))
 }
 
-/// A hardware-reduced FADT (revision 6.5) pointing at the DSDT.
+/// A hardware-reduced FADT (revision 6.5) pointing at the DSDT, declaring
+/// no VGA, no MSI, no CMOS RTC and no 8042.
 pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     const LEN: usize = 276;
     const FLAG_PWR_BUTTON: u32 = 1 << 4;
@@ -195,12 +196,16 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     const BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
     const BOOT_ARCH_MSI_NOT_SUPPORTED: u16 = 1 << 3;
     const BOOT_ARCH_PCIE_ASPM_CONTROLS: u16 = 1 << 4;
+    // No CMOS RTC is emulated: keeps the kernel off IRQ 8, a device GSI.
+    const BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
     let mut t = header(b"FACP", 6);
     t.resize(LEN, 0);
     // DSDT (32-bit) at 40 and X_DSDT at 140 name the same table.
     t[40..44].copy_from_slice(&(dsdt_addr as u32).to_le_bytes());
-    let boot_arch =
-        BOOT_ARCH_VGA_NOT_PRESENT | BOOT_ARCH_MSI_NOT_SUPPORTED | BOOT_ARCH_PCIE_ASPM_CONTROLS;
+    let boot_arch = BOOT_ARCH_VGA_NOT_PRESENT
+        | BOOT_ARCH_MSI_NOT_SUPPORTED
+        | BOOT_ARCH_PCIE_ASPM_CONTROLS
+        | BOOT_ARCH_CMOS_RTC_NOT_PRESENT;
     t[109..111].copy_from_slice(&boot_arch.to_le_bytes());
     let flags = FLAG_HW_REDUCED_ACPI | FLAG_PWR_BUTTON | FLAG_SLP_BUTTON;
     t[112..116].copy_from_slice(&flags.to_le_bytes());

@@ -20,11 +20,21 @@
 //! process chrooted, on an unprivileged uid and under seccomp before the
 //! guest runs, driven over a typed control channel.
 //!
-//! It does not (yet): inject interrupts (the guest polls the used rings and
-//! kicks the vsock and net receive queues), run more than one vCPU, offer
-//! network offloads, load an initramfs, provide ACPI tables, enter namespaces
-//! or cgroups (the parent does, before exec: `nitrile_vmm::kvm`), or check
-//! that a kernel is the one that was measured (the caller's job).
+//! For Linux guests it provides the in-kernel interrupt controller (PIC,
+//! I/O APIC, local APIC), an edge-triggered GSI per virtio-mmio device
+//! ([`VIRTIO_IRQ_BASE`] + slot) pulsed when a used ring moves, the UART's
+//! IRQ 4, ACPI tables whose DSDT declares the virtio-mmio devices
+//! ([`acpi`]), and initramfs loading ([`Vmm::with_initramfs`]). Booting
+//! Linux this way is exercised only through unit tests and the test guest:
+//! it must be verified on hardware KVM.
+//!
+//! It does not (yet): deliver host-side input without a guest kick (vsock
+//! and net receive queues are filled when the guest notifies them, so a
+//! guest that waits for interrupts only sees host data after its next
+//! kick), run more than one vCPU, offer network offloads, power off or
+//! reset through ACPI, enter namespaces or cgroups (the parent does, before
+//! exec: `nitrile_vmm::kvm`), or check that a kernel is the one that was
+//! measured (the caller's job).
 
 // KVM ioctls, mlock/madvise and seccomp need `unsafe`; every block carries a
 // SAFETY comment (clippy::undocumented_unsafe_blocks is denied).
@@ -66,6 +76,8 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const SHUTDOWN_PORT: u16 = 0x501;
 /// The 16550 UART (COM1).
 pub const SERIAL_PORT: u16 = 0x3f8;
+/// The UART's interrupt line (COM1's ISA IRQ 4).
+pub const SERIAL_GSI: u32 = 4;
 /// Most guest memory a VM may have.
 pub const MAX_MEMORY: u64 = 64 << 30;
 /// Most block devices per VM.
@@ -190,12 +202,23 @@ pub enum ExitReason {
     SystemEvent,
 }
 
-struct NoIrq;
+/// The serial port's interrupt: the UART raises it (the guest enabled a
+/// UART interrupt and its condition occurred); the run loop then pulses
+/// [`SERIAL_GSI`].
+#[derive(Default)]
+struct SerialIrq(std::sync::atomic::AtomicBool);
 
-impl vm_superio::Trigger for NoIrq {
+impl vm_superio::Trigger for SerialIrq {
     type E = std::convert::Infallible;
     fn trigger(&self) -> Result<(), Self::E> {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+}
+
+impl SerialIrq {
+    fn take(&self) -> bool {
+        self.0.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -205,7 +228,7 @@ pub struct Vmm {
     vcpu: VcpuFd,
     vm: VmFd,
     mem: GuestMemoryMmap,
-    serial: vm_superio::Serial<NoIrq, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    serial: vm_superio::Serial<SerialIrq, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
     devices: Vec<MmioTransport<Box<dyn VirtioDevice>>>,
 }
 
@@ -374,7 +397,7 @@ impl Vmm {
             let dev: Box<dyn VirtioDevice> = Box::new(vsock::Vsock::new(v)?);
             devices.push(MmioTransport::new(dev));
         }
-        let serial = vm_superio::Serial::new(NoIrq, serial_out);
+        let serial = vm_superio::Serial::new(SerialIrq::default(), serial_out);
         Ok(Self {
             vcpu,
             vm,
@@ -422,6 +445,9 @@ impl Vmm {
                             }
                             Err(_) => {}
                         }
+                        if self.serial.interrupt_evt().take() {
+                            self.pulse(SERIAL_GSI)?;
+                        }
                     }
                 }
                 VcpuExit::IoIn(port, data) => {
@@ -431,6 +457,9 @@ impl Vmm {
                         0xff
                     };
                     data.fill(value);
+                    if self.serial.interrupt_evt().take() {
+                        self.pulse(SERIAL_GSI)?;
+                    }
                 }
                 VcpuExit::MmioRead(addr, data) => match device_at(addr, self.devices.len()) {
                     Some((i, off)) => self.devices[i].read(off, data),
@@ -557,5 +586,19 @@ mod tests {
             boot("blk=rw") & (1 << VIRTIO_IRQ_BASE),
             1 << VIRTIO_IRQ_BASE
         );
+    }
+
+    /// The UART raises its trigger once the guest enables the transmitter
+    /// empty interrupt and writes a byte; the run loop turns that into a
+    /// pulse on [`SERIAL_GSI`].
+    #[test]
+    fn serial_interrupt_is_taken_once() {
+        let mut serial = vm_superio::Serial::new(SerialIrq::default(), std::io::sink());
+        serial.write(0, b'x').unwrap();
+        assert!(!serial.interrupt_evt().take(), "no interrupt enabled yet");
+        serial.write(1, 0b10).unwrap(); // IER: THR empty
+        serial.write(0, b'y').unwrap();
+        assert!(serial.interrupt_evt().take());
+        assert!(!serial.interrupt_evt().take());
     }
 }

@@ -103,6 +103,11 @@ fn iasl_decodes_the_tables() {
     assert!(!fadt.contains("Incorrect checksum"), "{fadt}");
     assert!(fadt.contains("Hardware Reduced (V5) : 1"), "{fadt}");
     assert!(fadt.contains("DSDT Address : 000E0400"), "{fadt}");
+    assert!(fadt.contains("CMOS RTC Not Present (V5) : 1"), "{fadt}");
+    assert!(
+        fadt.contains("8042 Present on ports 60/64 (V2) : 0"),
+        "{fadt}"
+    );
     let xsdt = squash(&disassemble(
         dir.path(),
         "xsdt",
