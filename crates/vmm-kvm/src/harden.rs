@@ -72,6 +72,13 @@ const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_sigaltstack,
     libc::SYS_exit,
     libc::SYS_exit_group,
+    // The receive poll timer (`Vmm::run`): its signal handler and the
+    // per-thread POSIX timer that interrupts `KVM_RUN`.
+    libc::SYS_rt_sigaction,
+    libc::SYS_gettid,
+    libc::SYS_timer_create,
+    libc::SYS_timer_settime,
+    libc::SYS_timer_delete,
 ];
 
 /// `KVM_RUN`, `_IO(0xAE, 0x80)`.

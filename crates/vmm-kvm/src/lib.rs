@@ -28,10 +28,11 @@
 //! Linux this way is exercised only through unit tests and the test guest:
 //! it must be verified on hardware KVM.
 //!
-//! It does not (yet): deliver host-side input without a guest kick (vsock
-//! and net receive queues are filled when the guest notifies them, so a
-//! guest that waits for interrupts only sees host data after its next
-//! kick), run more than one vCPU, offer network offloads, power off or
+//! Host input (vsock streams, received frames) is delivered when the guest
+//! kicks a queue or, at the latest, at the next device poll
+//! ([`RX_POLL_INTERVAL`]).
+//!
+//! It does not (yet): run more than one vCPU, offer network offloads, power off or
 //! reset through ACPI, enter namespaces or cgroups (the parent does, before
 //! exec: `nitrile_vmm::kvm`), or check that a kernel is the one that was
 //! measured (the caller's job).
@@ -178,6 +179,9 @@ pub enum VmmError {
     /// The vCPU stopped in a way the VMM cannot continue from.
     #[error("vCPU entry failed (hardware reason {0:#x})")]
     FailEntry(u64),
+    /// The device poll timer could not be set up.
+    #[error("setting up the device poll timer failed")]
+    PollTimer(#[source] std::io::Error),
     /// KVM reported an internal error for the vCPU.
     #[error("KVM internal error")]
     InternalError,
@@ -420,12 +424,20 @@ impl Vmm {
         Ok(())
     }
 
-    /// Runs the vCPU until the guest shuts down, halts or faults.
+    /// Runs the vCPU until the guest shuts down, halts or faults. Every
+    /// [`RX_POLL_INTERVAL`] a timer signal interrupts the vCPU and the
+    /// devices are polled ([`MmioTransport::poll`]), so host input reaches
+    /// a guest that waits for interrupts.
     pub fn run(&mut self) -> Result<ExitReason, VmmError> {
+        let _timer = PollTimer::arm(RX_POLL_INTERVAL).map_err(VmmError::PollTimer)?;
         loop {
             let exit = match self.vcpu.run() {
                 Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) if e.errno() == libc::EINTR => {
+                    self.poll_devices()?;
+                    continue;
+                }
+                Err(e) if e.errno() == libc::EAGAIN => continue,
                 Err(source) => return Err(VmmError::Kvm { op: "run", source }),
             };
             match exit {
@@ -488,6 +500,18 @@ impl Vmm {
 }
 
 impl Vmm {
+    /// Serves every device's queue 0 and signals the devices that used
+    /// buffers.
+    fn poll_devices(&mut self) -> Result<(), VmmError> {
+        for i in 0..self.devices.len() {
+            self.devices[i].poll(&self.mem);
+            if self.devices[i].take_interrupt() {
+                self.pulse(gsi(i))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Signals an edge on `gsi` through the in-kernel interrupt controller.
     fn pulse(&self, gsi: u32) -> Result<(), VmmError> {
         for level in [true, false] {
@@ -499,6 +523,74 @@ impl Vmm {
                 })?;
         }
         Ok(())
+    }
+}
+
+/// How often a running vCPU is interrupted to poll the devices for host
+/// input.
+pub const RX_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The real-time signal that interrupts `KVM_RUN` for a poll.
+fn poll_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn on_poll_signal(_: libc::c_int) {}
+
+/// A POSIX timer delivering [`poll_signal`] to the calling thread
+/// periodically; deleted on drop. The handler does nothing: the signal only
+/// makes `KVM_RUN` return `EINTR` (`SA_RESTART` restarts other calls).
+struct PollTimer(libc::timer_t);
+
+impl PollTimer {
+    fn arm(interval: std::time::Duration) -> Result<Self, std::io::Error> {
+        let sig = poll_signal();
+        // SAFETY: an all-zero `sigaction` is a valid value to fill in.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_poll_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART;
+        // SAFETY: `sa.sa_mask` is a valid, owned sigset_t.
+        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+        // SAFETY: installs a handler that does nothing (async-signal-safe)
+        // for a real-time signal this crate owns; `sa` is fully initialized.
+        if unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: an all-zero `sigevent` is a valid value to fill in.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = sig;
+        // SAFETY: gettid has no preconditions.
+        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `sev` and `id` are valid for the call; the timer targets
+        // this thread, which deletes it (drop) before it ends.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let timer = Self(id);
+        let ts = libc::timespec {
+            tv_sec: interval.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(interval.subsec_nanos() as i32),
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        };
+        // SAFETY: `timer.0` is the timer just created; `spec` is valid.
+        if unsafe { libc::timer_settime(timer.0, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(timer)
+    }
+}
+
+impl Drop for PollTimer {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` was returned by timer_create and is deleted once.
+        unsafe {
+            libc::timer_delete(self.0);
+        }
     }
 }
 
@@ -600,5 +692,26 @@ mod tests {
         serial.write(0, b'y').unwrap();
         assert!(serial.interrupt_evt().take());
         assert!(!serial.interrupt_evt().take());
+    }
+
+    /// The poll timer signals the thread that armed it, again and again,
+    /// and its signal interrupts a blocking call (as it interrupts
+    /// `KVM_RUN`); after drop no further signal arrives to a thread that
+    /// waits.
+    #[test]
+    fn the_poll_timer_interrupts_the_arming_thread() {
+        let timer = PollTimer::arm(std::time::Duration::from_millis(2)).unwrap();
+        for _ in 0..3 {
+            // SAFETY: pause has no preconditions; it returns after a
+            // signal handler ran (if the timer never fired, it never
+            // returns and the test does not pass).
+            let r = unsafe { libc::pause() };
+            assert_eq!(r, -1);
+            assert_eq!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EINTR)
+            );
+        }
+        drop(timer);
     }
 }

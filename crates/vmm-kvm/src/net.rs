@@ -289,6 +289,25 @@ mod tests {
         assert_eq!(&rx[NET_HDR_LEN..], b"reply-frame");
     }
 
+    /// A frame arriving after the driver posted its buffer is delivered by
+    /// the run loop's poll, without a kick, and raises an interrupt.
+    #[test]
+    fn poll_delivers_a_frame_without_a_kick() {
+        let mem = mem();
+        let (mut t, host) = device(&mem);
+        post(&mem, RXQ, BUF, 2048, 2, 0);
+        w(&mut t, &mem, 0x050, 0);
+        assert_eq!(used(&mem, RXQ, 0), None);
+        assert!(!t.take_interrupt());
+        t.poll(&mem);
+        assert!(!t.take_interrupt(), "nothing received, nothing used");
+        host.send(b"unsolicited").unwrap();
+        t.poll(&mem);
+        assert_eq!(used(&mem, RXQ, 0), Some((NET_HDR_LEN + 11) as u32));
+        assert!(t.take_interrupt());
+        assert_eq!(t.interrupt_status(), crate::virtio::INT_VRING);
+    }
+
     #[test]
     fn a_frame_larger_than_the_buffer_is_not_delivered() {
         let mem = mem();

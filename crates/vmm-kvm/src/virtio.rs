@@ -346,6 +346,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.status = v;
     }
 
+    /// Serves queue 0 as if the driver had notified it: the receive queue
+    /// of the vsock and net devices (filled from host input) or the block
+    /// request queue. The run loop calls it periodically so host input
+    /// reaches a driver that waits for interrupts instead of kicking.
+    /// Does nothing before `DRIVER_OK`.
+    pub fn poll(&mut self, mem: &GuestMemoryMmap) {
+        self.notify(0, mem);
+    }
+
     fn notify(&mut self, index: usize, mem: &GuestMemoryMmap) {
         if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
             return;
