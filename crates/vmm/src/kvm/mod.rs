@@ -38,8 +38,13 @@
 //! frames on it. Configuring the host side of the tap (bridge, addresses,
 //! filtering) is the caller's job.
 //!
-//! Not provided: initramfs loading and the ACPI tables Linux needs to find
-//! virtio-mmio devices (see `docs/VMM.md`).
+//! # Linux guests
+//! The VMM loads the spec's initramfs, generates ACPI tables whose DSDT
+//! declares each virtio-mmio device, and drives one interrupt line per
+//! device through KVM's in-kernel irqchip: what Debian's cloud kernel needs
+//! to find its devices. Booting Linux this way cannot be tested on a software
+//! KVM (`kvm_pvm`) and must be verified on hardware KVM; see `docs/VMM.md`
+//! for what is still missing (one vCPU, no power-off path).
 
 pub mod control;
 
