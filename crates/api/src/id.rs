@@ -362,7 +362,7 @@ mod tests {
             "nitrile://cell/operator",
             "nitrile://cell/operator/alice/x",
             "https://cell/operator/alice",
-            "nitrile://cell/root/alice",
+            "nitrile://cell/admin/alice",
             "nitrile://Cell/operator/alice",
         ] {
             assert!(PrincipalId::parse(bad).is_err(), "{bad:?} accepted");

@@ -711,9 +711,8 @@ impl Hypervisor for QemuBackend {
             .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
         if let Some(mut proc) = vm.proc.take() {
             let _ = proc.qmp.execute(QmpCommand::Stop);
-            let reason = Self::end(&mut proc);
-            // A stop we asked for is a clean stop unless QEMU failed first.
-            let _ = reason;
+            // A stop we asked for is a clean stop.
+            let _ = Self::end(&mut proc);
             vm.ended = Some(None);
         }
         Ok(())
