@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 mod id;
 mod op;
 pub mod wire;

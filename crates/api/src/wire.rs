@@ -64,6 +64,11 @@ pub enum RefusalStep {
     Quota,
     /// The audit journal could not record the request, so nothing ran.
     Journal,
+    /// The host or instance is not in a state that allows the request
+    /// (drained host, no such instance, not enough capacity).
+    State,
+    /// The hypervisor could not carry the request out.
+    Hypervisor,
     /// An internal failure; nothing ran.
     Internal,
 }
@@ -78,6 +83,8 @@ impl RefusalStep {
             Self::Entitlement => "entitlement",
             Self::Quota => "quota",
             Self::Journal => "journal",
+            Self::State => "state",
+            Self::Hypervisor => "hypervisor",
             Self::Internal => "internal",
         }
     }

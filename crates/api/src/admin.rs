@@ -1,0 +1,695 @@
+//! The host admin API: one typed request per operation, its route, and the
+//! metadata-only responses.
+//!
+//! [`AdminRequest::parse`] is the only way a host learns what it is asked to
+//! do: an unknown path, a method the path does not take, an unknown or
+//! malformed body field are errors ([`ApiError`]), never passed through.
+//! Responses hold names, numbers, states and digests; there is no field of
+//! bytes that could carry guest memory, disk blocks or console output.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::{Name, Operation, ResourceId, ResourceKind};
+
+/// Largest admin request body a host reads.
+pub const MAX_ADMIN_BODY: usize = 16 * 1024;
+/// Most volumes one instance gets.
+pub const MAX_INSTANCE_VOLUMES: usize = 8;
+/// Most vCPUs one instance gets.
+pub const MAX_INSTANCE_VCPUS: u8 = 32;
+/// Least guest memory of an instance, in MiB.
+pub const MIN_INSTANCE_MEMORY_MIB: u32 = 64;
+/// Most guest memory of an instance, in MiB.
+pub const MAX_INSTANCE_MEMORY_MIB: u32 = 256 * 1024;
+/// Largest volume, in MiB.
+pub const MAX_VOLUME_SIZE_MIB: u64 = 16 * 1024 * 1024;
+/// Longest free-text reason the host puts in a response.
+pub const MAX_REASON_LEN: usize = 256;
+
+/// Why an HTTP request is not an admin request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// no operation has this path
+    #[error("no admin operation at {0:?}; `nitrile host --help` lists them")]
+    UnknownPath(String),
+    /// the path exists but not with this method
+    #[error("{method} is not allowed on {path:?}")]
+    MethodNotAllowed {
+        /// The method used.
+        method: String,
+        /// The path.
+        path: String,
+    },
+    /// the body is larger than [`MAX_ADMIN_BODY`]
+    #[error("request body of {0} bytes is larger than {MAX_ADMIN_BODY}")]
+    TooLarge(usize),
+    /// the body is not the operation's request
+    #[error("invalid {operation} request: {reason}")]
+    BadBody {
+        /// The operation whose body was wrong.
+        operation: Operation,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ApiError {
+    /// The HTTP status a host answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::UnknownPath(_) => 404,
+            Self::MethodNotAllowed { .. } => 405,
+            Self::TooLarge(_) => 413,
+            Self::BadBody { .. } => 400,
+        }
+    }
+}
+
+/// A SHA-256 digest as 64 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Sha256Hex([u8; 32]);
+
+/// Text that is not 64 lowercase hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a SHA-256 digest is 64 lowercase hex digits")]
+pub struct DigestError;
+
+impl Sha256Hex {
+    /// The digest `bytes`.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The digest's bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl FromStr for Sha256Hex {
+    type Err = DigestError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let b = s.as_bytes();
+        if b.len() != 64 {
+            return Err(DigestError);
+        }
+        let nibble = |c: u8| match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            _ => Err(DigestError),
+        };
+        let mut out = [0u8; 32];
+        for (i, pair) in b.chunks_exact(2).enumerate() {
+            out[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        }
+        Ok(Self(out))
+    }
+}
+
+impl fmt::Display for Sha256Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Sha256Hex {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sha256Hex {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `instance.launch`: boot a new microVM instance on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchRequest {
+    /// The instance's name, unique on the host.
+    pub instance: Name,
+    /// Digest of a guest image in the host's image store.
+    pub image: Sha256Hex,
+    /// Virtual CPUs, 1 to [`MAX_INSTANCE_VCPUS`].
+    pub vcpus: u8,
+    /// Guest memory in MiB, [`MIN_INSTANCE_MEMORY_MIB`] to [`MAX_INSTANCE_MEMORY_MIB`].
+    pub memory_mib: u32,
+    /// Encrypted volumes to create and attach, at most [`MAX_INSTANCE_VOLUMES`].
+    #[serde(default)]
+    pub volumes: Vec<VolumeRequest>,
+}
+
+/// One volume of a launch request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRequest {
+    /// Volume id, unique within the instance.
+    pub id: Name,
+    /// Size in MiB, 1 to [`MAX_VOLUME_SIZE_MIB`].
+    pub size_mib: u64,
+}
+
+impl LaunchRequest {
+    /// Checks the bounds and uniqueness rules the types cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_INSTANCE_VCPUS).contains(&self.vcpus) {
+            return Err(format!("vcpus must be 1 to {MAX_INSTANCE_VCPUS}"));
+        }
+        if !(MIN_INSTANCE_MEMORY_MIB..=MAX_INSTANCE_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(format!(
+                "memory_mib must be {MIN_INSTANCE_MEMORY_MIB} to {MAX_INSTANCE_MEMORY_MIB}"
+            ));
+        }
+        if self.volumes.len() > MAX_INSTANCE_VOLUMES {
+            return Err(format!("at most {MAX_INSTANCE_VOLUMES} volumes"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for v in &self.volumes {
+            if !(1..=MAX_VOLUME_SIZE_MIB).contains(&v.size_mib) {
+                return Err(format!(
+                    "volume {}: size_mib must be 1 to {MAX_VOLUME_SIZE_MIB}",
+                    v.id.as_str()
+                ));
+            }
+            if !seen.insert(v.id.as_str()) {
+                return Err(format!("volume {} is listed twice", v.id.as_str()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the host takes new instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementState {
+    /// New instances may be launched.
+    Accepting,
+    /// `host.drain` was called: launches are refused; running instances stay.
+    Drained,
+}
+
+/// Health of one part of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Working.
+    Ok,
+    /// Not working; requests that need it are refused.
+    Failed,
+}
+
+/// What the host's parts are doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostHealth {
+    /// The write-ahead journal accepts records.
+    pub journal: Health,
+    /// The hypervisor backend can run VMs.
+    pub hypervisor: Health,
+}
+
+/// Versions of the software the host runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Software {
+    /// The nitrile release.
+    pub nitrile: String,
+    /// The hypervisor backend: `kvm` or `qemu`.
+    pub backend: String,
+    /// The backend's own version, e.g. QEMU's.
+    pub backend_version: Option<String>,
+    /// The host kernel release.
+    pub kernel: String,
+}
+
+/// A digest of something the host runs or trusts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Measurement {
+    /// What was measured, e.g. `hostd-binary`, `issuer-keys`.
+    pub name: String,
+    /// Its SHA-256.
+    pub sha256: Sha256Hex,
+}
+
+/// What the host has and what its instances use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    /// vCPUs the host offers to instances.
+    pub vcpus_total: u32,
+    /// vCPUs of instances that are not terminated.
+    pub vcpus_allocated: u32,
+    /// Memory the host offers to instances, in MiB.
+    pub memory_mib_total: u64,
+    /// Memory of instances that are not terminated, in MiB.
+    pub memory_mib_allocated: u64,
+    /// Instances that are not terminated.
+    pub instances: u32,
+}
+
+/// A guest image the host can launch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSummary {
+    /// The image digest to pass to `instance.launch`.
+    pub digest: Sha256Hex,
+    /// The kernel release, when known.
+    pub kernel_release: Option<String>,
+}
+
+/// The answer to `host.describe`, `host.drain` and `host.undrain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostDescription {
+    /// The host's name.
+    pub host: Name,
+    /// Its cell.
+    pub cell: Name,
+    /// Whether it takes new instances.
+    pub placement: PlacementState,
+    /// Health of its parts.
+    pub health: HostHealth,
+    /// Versions it runs.
+    pub software: Software,
+    /// Digests of what it runs and trusts.
+    pub measurements: Vec<Measurement>,
+    /// Its capacity.
+    pub capacity: Capacity,
+    /// Images it can launch.
+    pub images: Vec<ImageSummary>,
+    /// When the host agent started (RFC 3339).
+    pub started_at: String,
+}
+
+/// Lifecycle state of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// Being created.
+    Pending,
+    /// Its VMM runs.
+    Running,
+    /// Stopped; volumes kept.
+    Stopped,
+    /// Its VMM failed; see `reason`.
+    Failed,
+    /// Terminated; volumes crypto-erased.
+    Terminated,
+}
+
+/// One volume of an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeDescription {
+    /// Volume id.
+    pub id: Name,
+    /// Size in MiB.
+    pub size_mib: u64,
+}
+
+/// Metadata of one instance: never its memory, disk or console.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceDescription {
+    /// The instance's name.
+    pub instance: Name,
+    /// The host it runs on.
+    pub host: Name,
+    /// Digest of its guest image.
+    pub image: Sha256Hex,
+    /// Virtual CPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Its volumes.
+    pub volumes: Vec<VolumeDescription>,
+    /// Lifecycle state.
+    pub state: InstanceState,
+    /// Why it is failed or stopped, from the host (never from the guest), at
+    /// most [`MAX_REASON_LEN`] characters.
+    pub reason: Option<String>,
+    /// When it was launched (RFC 3339).
+    pub launched_at: String,
+    /// When its state last changed (RFC 3339).
+    pub updated_at: String,
+}
+
+/// The answer to `instance.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceList {
+    /// The host's instances, by name.
+    pub instances: Vec<InstanceDescription>,
+}
+
+/// One parsed admin request. A host serves exactly these.
+///
+/// `host.update` (signed releases) and `audit.read` (the audit log service)
+/// are operations of the cell but not of this API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminRequest {
+    /// `GET /v1/host`
+    HostDescribe,
+    /// `POST /v1/host/drain`
+    HostDrain,
+    /// `POST /v1/host/undrain`
+    HostUndrain,
+    /// `POST /v1/instances` with a [`LaunchRequest`] body
+    InstanceLaunch(LaunchRequest),
+    /// `GET /v1/instances`
+    InstanceList,
+    /// `GET /v1/instances/{instance}`
+    InstanceDescribe(Name),
+    /// `POST /v1/instances/{instance}/stop`
+    InstanceStop(Name),
+    /// `POST /v1/instances/{instance}/start`
+    InstanceStart(Name),
+    /// `DELETE /v1/instances/{instance}`
+    InstanceTerminate(Name),
+}
+
+/// One route of the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The operation.
+    pub operation: Operation,
+    /// HTTP method.
+    pub method: &'static str,
+    /// Path template; `{instance}` stands for an instance name.
+    pub path: &'static str,
+}
+
+/// Every route of the admin API, in a stable order.
+pub const ROUTES: [Route; 9] = [
+    Route {
+        operation: Operation::HostDescribe,
+        method: "GET",
+        path: "/v1/host",
+    },
+    Route {
+        operation: Operation::HostDrain,
+        method: "POST",
+        path: "/v1/host/drain",
+    },
+    Route {
+        operation: Operation::HostUndrain,
+        method: "POST",
+        path: "/v1/host/undrain",
+    },
+    Route {
+        operation: Operation::InstanceLaunch,
+        method: "POST",
+        path: "/v1/instances",
+    },
+    Route {
+        operation: Operation::InstanceList,
+        method: "GET",
+        path: "/v1/instances",
+    },
+    Route {
+        operation: Operation::InstanceDescribe,
+        method: "GET",
+        path: "/v1/instances/{instance}",
+    },
+    Route {
+        operation: Operation::InstanceStop,
+        method: "POST",
+        path: "/v1/instances/{instance}/stop",
+    },
+    Route {
+        operation: Operation::InstanceStart,
+        method: "POST",
+        path: "/v1/instances/{instance}/start",
+    },
+    Route {
+        operation: Operation::InstanceTerminate,
+        method: "DELETE",
+        path: "/v1/instances/{instance}",
+    },
+];
+
+/// A body that must be absent or an empty JSON object.
+fn empty_body(operation: Operation, body: &[u8]) -> Result<(), ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    serde_json::from_slice::<Empty>(body)
+        .map(|_| ())
+        .map_err(|e| ApiError::BadBody {
+            operation,
+            reason: e.to_string(),
+        })
+}
+
+impl AdminRequest {
+    /// Parses an HTTP request (method, path without query, body) into the
+    /// closed set, failing closed on anything else.
+    pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<Self, ApiError> {
+        if body.len() > MAX_ADMIN_BODY {
+            return Err(ApiError::TooLarge(body.len()));
+        }
+        let segments: Vec<&str> = match path.strip_prefix('/') {
+            Some(rest) => rest.split('/').collect(),
+            None => return Err(ApiError::UnknownPath(clip(path))),
+        };
+        let not_allowed = || ApiError::MethodNotAllowed {
+            method: clip(method),
+            path: clip(path),
+        };
+        let instance = |s: &str| Name::new(s).map_err(|_| ApiError::UnknownPath(clip(path)));
+        let req = match segments.as_slice() {
+            ["v1", "host"] => match method {
+                "GET" => Self::HostDescribe,
+                _ => return Err(not_allowed()),
+            },
+            ["v1", "host", action @ ("drain" | "undrain")] => {
+                if method != "POST" {
+                    return Err(not_allowed());
+                }
+                if *action == "drain" {
+                    Self::HostDrain
+                } else {
+                    Self::HostUndrain
+                }
+            }
+            ["v1", "instances"] => match method {
+                "GET" => Self::InstanceList,
+                "POST" => {
+                    let launch: LaunchRequest =
+                        serde_json::from_slice(body).map_err(|e| ApiError::BadBody {
+                            operation: Operation::InstanceLaunch,
+                            reason: e.to_string(),
+                        })?;
+                    launch.validate().map_err(|reason| ApiError::BadBody {
+                        operation: Operation::InstanceLaunch,
+                        reason,
+                    })?;
+                    Self::InstanceLaunch(launch)
+                }
+                _ => return Err(not_allowed()),
+            },
+            ["v1", "instances", name] => match method {
+                "GET" => Self::InstanceDescribe(instance(name)?),
+                "DELETE" => Self::InstanceTerminate(instance(name)?),
+                _ => return Err(not_allowed()),
+            },
+            ["v1", "instances", name, action @ ("stop" | "start")] => {
+                if method != "POST" {
+                    return Err(not_allowed());
+                }
+                let name = instance(name)?;
+                if *action == "stop" {
+                    Self::InstanceStop(name)
+                } else {
+                    Self::InstanceStart(name)
+                }
+            }
+            _ => return Err(ApiError::UnknownPath(clip(path))),
+        };
+        match &req {
+            Self::HostDrain
+            | Self::HostUndrain
+            | Self::InstanceStop(_)
+            | Self::InstanceStart(_)
+            | Self::InstanceTerminate(_)
+            | Self::HostDescribe
+            | Self::InstanceList
+            | Self::InstanceDescribe(_) => empty_body(req.operation(), body)?,
+            Self::InstanceLaunch(_) => {}
+        }
+        Ok(req)
+    }
+
+    /// The operation a token must grant.
+    pub fn operation(&self) -> Operation {
+        match self {
+            Self::HostDescribe => Operation::HostDescribe,
+            Self::HostDrain => Operation::HostDrain,
+            Self::HostUndrain => Operation::HostUndrain,
+            Self::InstanceLaunch(_) => Operation::InstanceLaunch,
+            Self::InstanceList => Operation::InstanceList,
+            Self::InstanceDescribe(_) => Operation::InstanceDescribe,
+            Self::InstanceStop(_) => Operation::InstanceStop,
+            Self::InstanceStart(_) => Operation::InstanceStart,
+            Self::InstanceTerminate(_) => Operation::InstanceTerminate,
+        }
+    }
+
+    /// The resource a token must grant, on host `host`: the host itself, or
+    /// the named instance.
+    pub fn resource(&self, host: &Name) -> ResourceId {
+        match self {
+            Self::InstanceDescribe(n)
+            | Self::InstanceStop(n)
+            | Self::InstanceStart(n)
+            | Self::InstanceTerminate(n) => ResourceId::new(ResourceKind::Instance, n.clone()),
+            _ => ResourceId::new(ResourceKind::Host, host.clone()),
+        }
+    }
+
+    /// The HTTP method a client sends.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::HostDescribe | Self::InstanceList | Self::InstanceDescribe(_) => "GET",
+            Self::InstanceTerminate(_) => "DELETE",
+            _ => "POST",
+        }
+    }
+
+    /// The path a client sends.
+    pub fn path(&self) -> String {
+        match self {
+            Self::HostDescribe => "/v1/host".into(),
+            Self::HostDrain => "/v1/host/drain".into(),
+            Self::HostUndrain => "/v1/host/undrain".into(),
+            Self::InstanceLaunch(_) | Self::InstanceList => "/v1/instances".into(),
+            Self::InstanceDescribe(n) | Self::InstanceTerminate(n) => {
+                format!("/v1/instances/{}", n.as_str())
+            }
+            Self::InstanceStop(n) => format!("/v1/instances/{}/stop", n.as_str()),
+            Self::InstanceStart(n) => format!("/v1/instances/{}/start", n.as_str()),
+        }
+    }
+
+    /// The JSON body a client sends (empty for all but launch).
+    pub fn body(&self) -> Vec<u8> {
+        match self {
+            Self::InstanceLaunch(l) => serde_json::to_vec(l).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(120).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch_body() -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "instance": "web1",
+            "image": "ab".repeat(32),
+            "vcpus": 1,
+            "memory_mib": 256,
+            "volumes": [{"id": "data", "size_mib": 64}],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn every_request_round_trips_through_its_route() {
+        let web1 = Name::new("web1").unwrap();
+        let launch: LaunchRequest = serde_json::from_slice(&launch_body()).unwrap();
+        let all = [
+            AdminRequest::HostDescribe,
+            AdminRequest::HostDrain,
+            AdminRequest::HostUndrain,
+            AdminRequest::InstanceLaunch(launch),
+            AdminRequest::InstanceList,
+            AdminRequest::InstanceDescribe(web1.clone()),
+            AdminRequest::InstanceStop(web1.clone()),
+            AdminRequest::InstanceStart(web1.clone()),
+            AdminRequest::InstanceTerminate(web1),
+        ];
+        for (req, route) in all.iter().zip(ROUTES) {
+            assert_eq!(req.operation(), route.operation);
+            assert_eq!(req.method(), route.method);
+            let parsed = AdminRequest::parse(req.method(), &req.path(), &req.body()).unwrap();
+            assert_eq!(&parsed, req);
+        }
+    }
+
+    #[test]
+    fn resources_follow_the_operation() {
+        let h1 = Name::new("h1").unwrap();
+        let r = AdminRequest::parse("POST", "/v1/instances/web1/stop", b"").unwrap();
+        assert_eq!(r.resource(&h1).to_string(), "instance/web1");
+        let r = AdminRequest::parse("GET", "/v1/instances", b"").unwrap();
+        assert_eq!(r.resource(&h1).to_string(), "host/h1");
+        assert_eq!(r.operation().resource_kind(), ResourceKind::Host);
+    }
+
+    #[test]
+    fn anything_else_is_refused() {
+        let cases: [(&str, &str, &[u8], u16); 10] = [
+            ("GET", "/v1/shell", b"", 404),
+            ("GET", "/v1/instances/web1/console", b"", 404),
+            ("GET", "/v1/instances/../host", b"", 404),
+            ("GET", "v1/host", b"", 404),
+            ("PUT", "/v1/host", b"", 405),
+            ("GET", "/v1/host/drain", b"", 405),
+            ("POST", "/v1/host/drain", br#"{"force":true}"#, 400),
+            ("POST", "/v1/instances", b"{}", 400),
+            ("POST", "/v1/instances", b"not json", 400),
+            ("GET", "/v1/host", &[b' '; MAX_ADMIN_BODY + 1], 413),
+        ];
+        for (method, path, body, status) in cases {
+            let e = AdminRequest::parse(method, path, body).unwrap_err();
+            assert_eq!(e.status(), status, "{method} {path}: {e}");
+        }
+    }
+
+    #[test]
+    fn launch_bounds_and_unknown_fields() {
+        let mut v: serde_json::Value = serde_json::from_slice(&launch_body()).unwrap();
+        v["vcpus"] = 0.into();
+        let e = AdminRequest::parse("POST", "/v1/instances", v.to_string().as_bytes());
+        assert!(matches!(e, Err(ApiError::BadBody { .. })));
+        let mut v: serde_json::Value = serde_json::from_slice(&launch_body()).unwrap();
+        let first = v["volumes"][0].clone();
+        v["volumes"].as_array_mut().unwrap().push(first);
+        assert!(AdminRequest::parse("POST", "/v1/instances", v.to_string().as_bytes()).is_err());
+        let mut v: serde_json::Value = serde_json::from_slice(&launch_body()).unwrap();
+        v["kernel_cmdline"] = "init=/bin/sh".into();
+        assert!(AdminRequest::parse("POST", "/v1/instances", v.to_string().as_bytes()).is_err());
+        let mut v: serde_json::Value = serde_json::from_slice(&launch_body()).unwrap();
+        v["image"] = "AB".repeat(32).into();
+        assert!(AdminRequest::parse("POST", "/v1/instances", v.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn digests_round_trip() {
+        let d: Sha256Hex = "0f".repeat(32).parse().unwrap();
+        assert_eq!(d.to_string(), "0f".repeat(32));
+        assert!("0f".repeat(31).parse::<Sha256Hex>().is_err());
+        assert!("g0".repeat(32).parse::<Sha256Hex>().is_err());
+    }
+}
