@@ -16,3 +16,6 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod config;
+
+pub use config::{BackendName, CapacityConfig, ConfigError, HostdConfig, HypervisorConfig};
