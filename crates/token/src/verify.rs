@@ -150,27 +150,33 @@ impl IssuerKeys {
                 found: claims.issuer().to_string(),
             });
         }
-        let now = clock.now();
-        let latest_start = now.checked_add(CLOCK_SKEW).unwrap_or(now);
-        if claims.not_before() > latest_start || claims.issued_at() > latest_start {
-            return Err(TokenError::NotYetValid {
-                not_before: claims.not_before().max(claims.issued_at()),
-            });
-        }
-        if now >= claims.expires_at() {
-            return Err(TokenError::Expired {
-                expired_at: claims.expires_at(),
-            });
-        }
-        let lifetime = claims.expires_at() - claims.issued_at();
-        if lifetime > MAX_LIFETIME {
-            return Err(TokenError::LifetimeTooLong {
-                lifetime,
-                max: MAX_LIFETIME,
-            });
-        }
+        check_times(&claims, clock)?;
         Ok(SignedClaims { key_id, claims })
     }
+}
+
+/// Not-before and issued-at (with [`CLOCK_SKEW`]), expiry and lifetime.
+fn check_times(claims: &Claims, clock: &dyn Clock) -> Result<(), TokenError> {
+    let now = clock.now();
+    let latest_start = now.checked_add(CLOCK_SKEW).unwrap_or(now);
+    if claims.not_before() > latest_start || claims.issued_at() > latest_start {
+        return Err(TokenError::NotYetValid {
+            not_before: claims.not_before().max(claims.issued_at()),
+        });
+    }
+    if now >= claims.expires_at() {
+        return Err(TokenError::Expired {
+            expired_at: claims.expires_at(),
+        });
+    }
+    let lifetime = claims.expires_at() - claims.issued_at();
+    if lifetime > MAX_LIFETIME {
+        return Err(TokenError::LifetimeTooLong {
+            lifetime,
+            max: MAX_LIFETIME,
+        });
+    }
+    Ok(())
 }
 
 /// Verifies tokens for one audience (this host) against one issuer's pinned
@@ -217,7 +223,30 @@ impl Verifier {
         peer_cert_sha256: &[u8; 32],
         clock: &dyn Clock,
     ) -> Result<VerifiedGrant, TokenError> {
-        let SignedClaims { claims, .. } = self.verify_signature_only(token, clock)?;
+        let signed = self.keys.verify_signature_only(token, clock)?;
+        self.verify_signed(&signed, request, peer_cert_sha256, clock)
+    }
+
+    /// The checks of [`Verifier::verify`] that follow the signature, on claims
+    /// whose signature and issuer an earlier call verified (e.g. a host's
+    /// cache of signature checks): not-before, issued-at, expiry, lifetime,
+    /// audience, operation, resource and certificate binding, all against
+    /// `clock` now.
+    pub fn verify_signed(
+        &self,
+        signed: &SignedClaims,
+        request: &Request,
+        peer_cert_sha256: &[u8; 32],
+        clock: &dyn Clock,
+    ) -> Result<VerifiedGrant, TokenError> {
+        let claims = &signed.claims;
+        check_times(claims, clock)?;
+        if claims.audience() != &self.audience {
+            return Err(TokenError::WrongAudience {
+                found: claims.audience().to_string(),
+                expected: self.audience.to_string(),
+            });
+        }
         if !claims.operations().contains(&request.operation) {
             return Err(TokenError::OperationNotGranted(request.operation));
         }
@@ -228,7 +257,7 @@ impl Verifier {
             return Err(TokenError::CertificateMismatch);
         }
         Ok(VerifiedGrant {
-            claims,
+            claims: claims.clone(),
             operation: request.operation,
             resource: request.resource.clone(),
         })
