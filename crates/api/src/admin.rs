@@ -10,6 +10,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{Name, Operation, ResourceId, ResourceKind};
@@ -28,6 +29,12 @@ pub const MAX_INSTANCE_MEMORY_MIB: u32 = 256 * 1024;
 pub const MAX_VOLUME_SIZE_MIB: u64 = 16 * 1024 * 1024;
 /// Longest free-text reason the host puts in a response.
 pub const MAX_REASON_LEN: usize = 256;
+/// Longest short label in a response: a software version, a measurement's
+/// name, a kernel release, a quota's name. Hosts clip longer text with
+/// [`clip_text`].
+pub const MAX_LABEL_LEN: usize = 128;
+/// Longest RFC 3339 timestamp in a response (nanoseconds and an offset fit).
+pub const MAX_TIMESTAMP_LEN: usize = 40;
 
 /// Why an HTTP request is not an admin request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,7 +140,7 @@ impl<'de> Deserialize<'de> for Sha256Hex {
 }
 
 /// `instance.launch`: boot a new microVM instance on the host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LaunchRequest {
     /// The instance's name, unique on the host.
@@ -141,21 +148,25 @@ pub struct LaunchRequest {
     /// Digest of a guest image in the host's image store.
     pub image: Sha256Hex,
     /// Virtual CPUs, 1 to [`MAX_INSTANCE_VCPUS`].
+    #[schemars(range(min = 1, max = MAX_INSTANCE_VCPUS))]
     pub vcpus: u8,
     /// Guest memory in MiB, [`MIN_INSTANCE_MEMORY_MIB`] to [`MAX_INSTANCE_MEMORY_MIB`].
+    #[schemars(range(min = MIN_INSTANCE_MEMORY_MIB, max = MAX_INSTANCE_MEMORY_MIB))]
     pub memory_mib: u32,
     /// Encrypted volumes to create and attach, at most [`MAX_INSTANCE_VOLUMES`].
     #[serde(default)]
+    #[schemars(length(max = MAX_INSTANCE_VOLUMES))]
     pub volumes: Vec<VolumeRequest>,
 }
 
 /// One volume of a launch request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeRequest {
     /// Volume id, unique within the instance.
     pub id: Name,
     /// Size in MiB, 1 to [`MAX_VOLUME_SIZE_MIB`].
+    #[schemars(range(min = 1, max = MAX_VOLUME_SIZE_MIB))]
     pub size_mib: u64,
 }
 
@@ -190,7 +201,7 @@ impl LaunchRequest {
 }
 
 /// Whether the host takes new instances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PlacementState {
     /// New instances may be launched.
@@ -200,7 +211,7 @@ pub enum PlacementState {
 }
 
 /// Health of one part of the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     /// Working.
@@ -210,7 +221,7 @@ pub enum Health {
 }
 
 /// What the host's parts are doing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostHealth {
     /// The write-ahead journal accepts records.
@@ -220,31 +231,36 @@ pub struct HostHealth {
 }
 
 /// Versions of the software the host runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Software {
     /// The nitrile release.
+    #[schemars(length(max = MAX_LABEL_LEN))]
     pub nitrile: String,
     /// The hypervisor backend: `kvm` or `qemu`.
+    #[schemars(length(max = MAX_LABEL_LEN))]
     pub backend: String,
     /// The backend's own version, e.g. QEMU's.
+    #[schemars(length(max = MAX_LABEL_LEN))]
     pub backend_version: Option<String>,
     /// The host kernel release.
+    #[schemars(length(max = MAX_LABEL_LEN))]
     pub kernel: String,
 }
 
 /// A digest of something the host runs or trusts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Measurement {
     /// What was measured, e.g. `hostd-binary`, `issuer-keys`.
+    #[schemars(length(max = MAX_LABEL_LEN))]
     pub name: String,
     /// Its SHA-256.
     pub sha256: Sha256Hex,
 }
 
 /// What the host has and what its instances use.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Capacity {
     /// vCPUs the host offers to instances.
@@ -260,17 +276,18 @@ pub struct Capacity {
 }
 
 /// A guest image the host can launch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSummary {
     /// The image digest to pass to `instance.launch`.
     pub digest: Sha256Hex,
     /// The kernel release, when known.
+    #[schemars(length(max = MAX_LABEL_LEN))]
     pub kernel_release: Option<String>,
 }
 
 /// The answer to `host.describe`, `host.drain` and `host.undrain`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostDescription {
     /// The host's name.
@@ -290,11 +307,12 @@ pub struct HostDescription {
     /// Images it can launch.
     pub images: Vec<ImageSummary>,
     /// When the host agent started (RFC 3339).
+    #[schemars(length(max = MAX_TIMESTAMP_LEN), extend("format" = "date-time"))]
     pub started_at: String,
 }
 
 /// Lifecycle state of an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceState {
     /// Being created.
@@ -310,7 +328,7 @@ pub enum InstanceState {
 }
 
 /// One volume of an instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeDescription {
     /// Volume id.
@@ -320,7 +338,7 @@ pub struct VolumeDescription {
 }
 
 /// Metadata of one instance: never its memory, disk or console.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceDescription {
     /// The instance's name.
@@ -334,20 +352,24 @@ pub struct InstanceDescription {
     /// Guest memory in MiB.
     pub memory_mib: u32,
     /// Its volumes.
+    #[schemars(length(max = MAX_INSTANCE_VOLUMES))]
     pub volumes: Vec<VolumeDescription>,
     /// Lifecycle state.
     pub state: InstanceState,
     /// Why it is failed or stopped, from the host (never from the guest), at
     /// most [`MAX_REASON_LEN`] characters.
+    #[schemars(length(max = MAX_REASON_LEN))]
     pub reason: Option<String>,
     /// When it was launched (RFC 3339).
+    #[schemars(length(max = MAX_TIMESTAMP_LEN), extend("format" = "date-time"))]
     pub launched_at: String,
     /// When its state last changed (RFC 3339).
+    #[schemars(length(max = MAX_TIMESTAMP_LEN), extend("format" = "date-time"))]
     pub updated_at: String,
 }
 
 /// The answer to `instance.list`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceList {
     /// The host's instances, by name.
@@ -593,6 +615,12 @@ impl AdminRequest {
             _ => Vec::new(),
         }
     }
+}
+
+/// The first `max` characters of `text`: how a host keeps a reason or a label
+/// within the bound its schema states ([`MAX_REASON_LEN`], [`MAX_LABEL_LEN`]).
+pub fn clip_text(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
 }
 
 fn clip(s: &str) -> String {

@@ -3,6 +3,7 @@
 //! Unknown fields are refused (`deny_unknown_fields`) so that a client cannot
 //! believe a field had an effect that it did not.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{Audience, Operation, ResourceId};
@@ -49,7 +50,7 @@ pub struct TokenResponse {
 }
 
 /// The step of the request path that refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RefusalStep {
     /// The request itself is malformed.
@@ -91,15 +92,18 @@ impl RefusalStep {
 }
 
 /// The body of every refusal.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Refusal {
     /// Which step refused.
     pub step: RefusalStep,
-    /// Why, in words meant for the caller.
+    /// Why, in words meant for the caller, at most
+    /// [`MAX_REASON_LEN`](crate::admin::MAX_REASON_LEN) characters.
+    #[schemars(length(max = crate::admin::MAX_REASON_LEN))]
     pub reason: String,
     /// The quota that refused, when `step` is `quota`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::admin::MAX_LABEL_LEN))]
     pub quota: Option<String>,
     /// Seconds until the request can succeed again, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
