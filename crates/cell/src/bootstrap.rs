@@ -1,5 +1,6 @@
 //! Bringing a one-machine cell into being, idempotently.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -213,7 +214,7 @@ pub fn bootstrap(
     for kind_name in SAMPLE_PRINCIPALS {
         issue(&principal(cell, kind_name))?;
     }
-    let clients = write_client_configs(layout, cell, tokend_addr)?;
+    let clients = write_client_configs(layout, cell, tokend_addr, &BTreeMap::new())?;
     debug_assert!(clients.iter().all(|(p, _)| p.kind != PrincipalKind::Host));
 
     Ok(Bootstrapped {
@@ -228,11 +229,13 @@ pub fn bootstrap(
 }
 
 /// Writes the client config of every sample principal, pointing at the
-/// token service at `tokend_addr` (rewritten once the real port is known).
+/// token service at `tokend_addr` and at the hosts' admin API endpoints
+/// `hosts` (host id -> `host:port`); rewritten once the real ports are known.
 pub fn write_client_configs(
     layout: &CellLayout,
     cell: &Name,
     tokend_addr: &str,
+    hosts: &BTreeMap<String, String>,
 ) -> Result<Vec<(PrincipalId, PathBuf)>, CellError> {
     let root = layout.root();
     let rel = |path: &Path| PathBuf::from("..").join(path.strip_prefix(root).unwrap_or(path));
@@ -250,13 +253,85 @@ pub fn write_client_configs(
                 tokend: tokend_addr.to_owned(),
                 logd: None,
             },
-            hosts: Default::default(),
+            hosts: hosts.clone(),
         };
         let path = layout.client_config(&p);
         config.write(&path)?;
         clients.push((p, path));
     }
     Ok(clients)
+}
+
+/// A host of a one-machine cell, ready for its host agent to start.
+#[derive(Debug, Clone)]
+pub struct ProvisionedHost {
+    /// The host's principal, `nitrile://<cell>/host/<host>`.
+    pub principal: PrincipalId,
+    /// Its state directory (owner-only).
+    pub dir: PathBuf,
+    /// Its certificate, issued by the cell CA.
+    pub cert: PathBuf,
+    /// Its private key (owner-only).
+    pub key: PathBuf,
+    /// The token issuer keys it pins.
+    pub issuer_keys: PathBuf,
+}
+
+/// Gives host `host` of the cell under `layout` (after [`bootstrap`]) a
+/// fresh short-lived certificate from the cell CA and an owner-only state
+/// directory, and pins the token service's published issuer keys in it.
+///
+/// The issuer keys are copied when they differ from the pinned ones, so a
+/// key rotated by `nitrile tokend rotate-key` reaches the host at the next
+/// start; until then the host refuses tokens signed with the new key.
+/// Fails with [`CellError::Io`] when the token service has not yet written
+/// its keys (it does when it opens).
+pub fn provision_host(
+    layout: &CellLayout,
+    cell: &Name,
+    host: &Name,
+    now: OffsetDateTime,
+) -> Result<ProvisionedHost, CellError> {
+    let ca = CellCa::load(&layout.pki_dir(), cell, now)?;
+    let principal = PrincipalId::new(cell.clone(), PrincipalKind::Host, host.clone());
+    let (cert, key) = layout.cert_and_key(&principal);
+    ca.issue(&principal, None, now)?.write_files(&cert, &key)?;
+
+    let dir = layout.host_dir(host);
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+
+    let published = layout.issuer_keys_file();
+    let keys = std::fs::read(&published).map_err(io(&published))?;
+    let issuer_keys = layout.host_issuer_keys(host);
+    if std::fs::read(&issuer_keys).ok().as_deref() != Some(keys.as_slice()) {
+        write_atomic(&issuer_keys, &keys, 0o644)?;
+    }
+    Ok(ProvisionedHost {
+        principal,
+        dir,
+        cert,
+        key,
+        issuer_keys,
+    })
+}
+
+/// Writes `bytes` to `path` with `mode`: a temporary file beside it, fsync,
+/// rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CellError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 #[cfg(test)]
@@ -310,5 +385,54 @@ mod tests {
         bootstrap(&layout, &Name::new("local").unwrap(), "127.0.0.1:1", now).unwrap();
         let err = bootstrap(&layout, &Name::new("other").unwrap(), "127.0.0.1:1", now).unwrap_err();
         assert!(matches!(err, CellError::OtherCell { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_host_gets_a_certificate_a_private_dir_and_the_pinned_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&dir.path().join("state"));
+        let cell = Name::new("local").unwrap();
+        let h1 = Name::new("h1").unwrap();
+        let now = OffsetDateTime::now_utc();
+        bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
+        // No published keys yet: refused, nothing pinned.
+        let err = provision_host(&layout, &cell, &h1, now).unwrap_err();
+        assert!(matches!(err, CellError::Io { .. }), "{err}");
+        assert!(!layout.host_issuer_keys(&h1).exists());
+
+        std::fs::create_dir_all(layout.tokend_dir()).unwrap();
+        std::fs::write(layout.issuer_keys_file(), "first").unwrap();
+        let host = provision_host(&layout, &cell, &h1, now).unwrap();
+        assert_eq!(host.principal.uri(), "nitrile://local/host/h1");
+        assert_eq!(host.dir, layout.host_dir(&h1));
+        assert_eq!(std::fs::read_to_string(&host.issuer_keys).unwrap(), "first");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o077;
+        assert_eq!(mode(&host.key), 0, "host key readable by others");
+        assert_eq!(mode(&host.dir), 0, "host dir readable by others");
+        let cert = std::fs::read(&host.cert).unwrap();
+
+        // Again: a new certificate, and a rotated key set is pinned anew.
+        std::fs::write(layout.issuer_keys_file(), "rotated").unwrap();
+        let again = provision_host(&layout, &cell, &h1, now + time::Duration::seconds(2)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&again.issuer_keys).unwrap(),
+            "rotated"
+        );
+        assert_ne!(std::fs::read(&again.cert).unwrap(), cert);
+    }
+
+    #[test]
+    fn client_configs_name_the_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&dir.path().join("state"));
+        let cell = Name::new("local").unwrap();
+        let now = OffsetDateTime::now_utc();
+        bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
+        let hosts = BTreeMap::from([("h1".to_owned(), "127.0.0.1:7444".to_owned())]);
+        let clients = write_client_configs(&layout, &cell, "127.0.0.1:7443", &hosts).unwrap();
+        assert_eq!(clients.len(), SAMPLE_PRINCIPALS.len());
+        for (_, path) in clients {
+            assert_eq!(ClientConfig::load(&path).unwrap().hosts, hosts);
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nitrile_api::PrincipalId;
+use nitrile_api::{Name, PrincipalId};
 
 /// The paths of a cell's state directory.
 ///
@@ -15,6 +15,9 @@ use nitrile_api::PrincipalId;
 /// entitlements/               the signed entitlement bundle in force
 /// tokend/                     token service state (keys, journal, quotas)
 /// clients/<name>.toml         operator configs for the CLI
+/// images/                     guest images hosts can launch (nitrile-image store)
+/// hosts/<host>/               one host agent's state: hostd.toml, journal,
+///                             issuer-keys.toml (pinned), metrics.prom, instances
 /// ```
 #[derive(Debug, Clone)]
 pub struct CellLayout {
@@ -96,6 +99,41 @@ impl CellLayout {
     /// Operator configs.
     pub fn clients_dir(&self) -> PathBuf {
         self.root.join("clients")
+    }
+
+    /// The store of launchable guest images.
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// Where the host agents of a one-machine cell keep their state.
+    pub fn hosts_dir(&self) -> PathBuf {
+        self.root.join("hosts")
+    }
+
+    /// The state directory of host `host`.
+    pub fn host_dir(&self, host: &Name) -> PathBuf {
+        self.hosts_dir().join(host.as_str())
+    }
+
+    /// The host agent config of host `host`.
+    pub fn hostd_config(&self, host: &Name) -> PathBuf {
+        self.host_dir(host).join("hostd.toml")
+    }
+
+    /// The write-ahead journal of host `host`.
+    pub fn host_journal(&self, host: &Name) -> PathBuf {
+        self.host_dir(host).join("journal")
+    }
+
+    /// The token issuer keys host `host` pins.
+    pub fn host_issuer_keys(&self, host: &Name) -> PathBuf {
+        self.host_dir(host).join("issuer-keys.toml")
+    }
+
+    /// The Prometheus text file host `host` writes its metrics to.
+    pub fn host_metrics(&self, host: &Name) -> PathBuf {
+        self.host_dir(host).join("metrics.prom")
     }
 
     /// The operator config of a principal.

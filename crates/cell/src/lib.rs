@@ -6,8 +6,10 @@
 //! reviewer keys and reviewer set, a copy of the sample entitlement bundle
 //! signed by two distinct reviewers, fresh short-lived certificates for the
 //! services and sample principals on every start, and an operator config
-//! ([`ClientConfig`]) per principal. Running it again reuses everything that
-//! exists and is still valid.
+//! ([`ClientConfig`]) per principal. [`provision_host`] does the same for a
+//! host agent: its certificate, its owner-only state directory and the token
+//! issuer keys it pins. Running either again reuses everything that exists
+//! and is still valid.
 //!
 //! A one-machine cell holds its reviewer keys locally for convenience; a real
 //! cell keeps each reviewer's key with that reviewer and only the public
@@ -20,6 +22,9 @@ mod config;
 mod layout;
 pub mod sample;
 
-pub use bootstrap::{Bootstrapped, CellError, SAMPLE_PRINCIPALS, bootstrap, write_client_configs};
+pub use bootstrap::{
+    Bootstrapped, CellError, ProvisionedHost, SAMPLE_PRINCIPALS, bootstrap, provision_host,
+    write_client_configs,
+};
 pub use config::{ClientConfig, ConfigError, Endpoints, MAX_CONFIG_LEN};
 pub use layout::CellLayout;

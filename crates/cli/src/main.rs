@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod config;
+mod hostapi;
 mod output;
 mod service;
 
@@ -57,6 +58,12 @@ enum Command {
     /// Guest images.
     #[command(subcommand)]
     Image(cmd::image::Command),
+    /// Describe, drain and undrain a host (its admin API).
+    #[command(subcommand)]
+    Host(cmd::host::Command),
+    /// Launch, list, describe, stop, start and terminate instances on a host.
+    #[command(subcommand)]
+    Instance(cmd::instance::Command),
     /// Run the token service.
     Tokend(cmd::tokend::Args),
     /// Run a whole cell on this machine.
@@ -89,6 +96,8 @@ fn main() -> ExitCode {
         Command::Entitlements(c) => cmd::entitlements::run(c, &global),
         Command::Audit(c) => cmd::audit::run(c, &global),
         Command::Image(c) => cmd::image::run(c, &global),
+        Command::Host(c) => cmd::host::run(c, &global),
+        Command::Instance(c) => cmd::instance::run(c, &global),
         Command::Tokend(a) => cmd::tokend::run(a, &global),
         Command::Up(a) => cmd::up::run(a, &global),
         Command::Vmm(a) => cmd::vmm::run(a),
@@ -99,7 +108,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            if e.downcast_ref::<hostapi::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The README's main command, end to end: `nitrile up` brings a cell up,
 //! prints the `export NITRILE_CONFIG=` line, the CLI gets tokens through it
-//! (and is refused what alice is not entitled to), the journal verifies, and
-//! SIGTERM stops it cleanly; a second start reuses the state.
+//! (and is refused what alice is not entitled to), the journal verifies, the
+//! host agent it runs answers the host and instance verbs, and SIGTERM stops
+//! it cleanly; a second start reuses the state. With QEMU and the guest image
+//! present, the placement service launches, describes and terminates a real
+//! instance through it.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -17,6 +20,13 @@ struct Up {
 }
 
 fn start(state: &Path) -> Up {
+    // Its stderr (and the host agent's, forwarded) is kept beside the state
+    // to explain a failure.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.with_extension("stderr.log"))
+        .unwrap();
     let mut child = Command::new(NITRILE)
         .args([
             "up",
@@ -24,11 +34,13 @@ fn start(state: &Path) -> Up {
             "127.0.0.1:0",
             "--tokend-metrics",
             "127.0.0.1:0",
+            "--hostd-listen",
+            "127.0.0.1:0",
         ])
         .arg("--state")
         .arg(state)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(log))
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -36,7 +48,13 @@ fn start(state: &Path) -> Up {
     let mut stdout = Vec::new();
     let config = loop {
         assert!(Instant::now() < deadline, "no export line; got {stdout:?}");
-        let line = lines.next().expect("nitrile up exited early").unwrap();
+        let Some(line) = lines.next() else {
+            panic!(
+                "nitrile up exited early; stdout {stdout:?}; stderr:\n{}",
+                std::fs::read_to_string(state.with_extension("stderr.log")).unwrap_or_default()
+            );
+        };
+        let line = line.unwrap();
         if let Some(path) = line.strip_prefix("export NITRILE_CONFIG=") {
             break path.to_owned();
         }
@@ -245,4 +263,192 @@ fn client_verbs_without_a_config_say_what_to_do() {
         err.contains("nitrile up") && err.contains("NITRILE_CONFIG"),
         "{err}"
     );
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}; stderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// The client config of the placement service next to alice's.
+fn placement_config(alice: &str) -> String {
+    Path::new(alice)
+        .with_file_name("service-placement.toml")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn nitrile_up_runs_a_host_that_the_cli_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let up = start(&state);
+    let said = up.stdout.join("\n");
+    for expected in [
+        "hostd h1",
+        "host journal",
+        "metrics.prom",
+        "  nitrile host describe",
+        "  nitrile instance list",
+        "  nitrile instance launch web1 --image ",
+    ] {
+        assert!(said.contains(expected), "{expected:?} not in {said}");
+    }
+    assert!(state.join("hosts/h1/hostd.toml").exists());
+    assert!(state.join("hosts/h1/issuer-keys.toml").exists());
+    assert!(state.join("pki/host-h1.pem").exists());
+
+    // host describe: a table, and JSON that is a HostDescription.
+    let table = ok(&nitrile(&up.config, &["host", "describe"]));
+    assert!(table.contains("h1 (cell local)"), "{table}");
+    let json = ok(&nitrile(&up.config, &["host", "describe", "-o", "json"]));
+    let described: nitrile_api::admin::HostDescription = serde_json::from_str(&json).unwrap();
+    assert_eq!(described.host.as_str(), "h1");
+    assert_eq!(described.cell.as_str(), "local");
+
+    // instance list: a table with its header.
+    let list = ok(&nitrile(&up.config, &["instance", "list"]));
+    assert!(
+        list.starts_with("NAME") && list.contains("LAUNCHED"),
+        "{list}"
+    );
+    let json = ok(&nitrile(&up.config, &["instance", "list", "-o", "json"]));
+    let _: nitrile_api::admin::InstanceList = serde_json::from_str(&json).unwrap();
+
+    // alice (oncall) may not launch: tokend refuses at the entitlement step,
+    // before any call reaches the host.
+    let image = described
+        .images
+        .first()
+        .map(|i| i.digest.to_string())
+        .unwrap_or_else(|| "ab".repeat(32));
+    let out = nitrile(
+        &up.config,
+        &["instance", "launch", "web1", "--image", &image],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tokend refused") && err.contains("step entitlement"),
+        "{err}"
+    );
+
+    // A host the config does not name, a bad size: usage errors.
+    let out = nitrile(&up.config, &["host", "describe", "--host", "h9"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("known: h1"));
+    let out = nitrile(
+        &up.config,
+        &[
+            "instance", "launch", "web1", "--image", &image, "--memory", "1K",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+
+    // The placement service may launch, so its token is granted and the call
+    // reaches the host, which refuses an image it does not have at the state
+    // step, naming its journal record.
+    let out = nitrile(
+        &placement_config(&up.config),
+        &["instance", "launch", "web1", "--image", &"cd".repeat(32)],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("host h1 refused instance.launch at step state")
+            && err.contains("audit record"),
+        "{err}"
+    );
+
+    stop(up);
+
+    // Again on the same state: everything reused, the host answers.
+    let up = start(&state);
+    assert!(
+        up.stdout.iter().any(|l| l.contains("(reused)")),
+        "{:?}",
+        up.stdout
+    );
+    let table = ok(&nitrile(&up.config, &["host", "describe"]));
+    assert!(table.contains("h1 (cell local)"), "{table}");
+    stop(up);
+}
+
+/// Whether QEMU and a built guest image are here; else why not.
+fn guest_prerequisites() -> Result<(), String> {
+    let qemu = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()))
+        .unwrap_or(false);
+    if !qemu {
+        return Err("qemu-system-x86_64 is not on PATH".into());
+    }
+    let cache = nitrile_image::default_cache_dir().map_err(|e| e.to_string())?;
+    nitrile_image::read_output(&nitrile_image::output_dir(&cache))
+        .map(|_| ())
+        .map_err(|e| format!("no guest image ({e}); run scripts/guest-image.sh"))
+}
+
+#[test]
+fn nitrile_up_launches_a_real_instance() {
+    if let Err(why) = guest_prerequisites() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let up = start(&state);
+    let placement = placement_config(&up.config);
+    let json = ok(&nitrile(&up.config, &["host", "describe", "-o", "json"]));
+    let described: nitrile_api::admin::HostDescription = serde_json::from_str(&json).unwrap();
+    let image = described
+        .images
+        .first()
+        .expect("nitrile up imported the guest image")
+        .digest
+        .to_string();
+    assert!(
+        up.stdout
+            .iter()
+            .any(|l| l.contains(&format!("--image {image} --config {placement}"))),
+        "{:?}",
+        up.stdout
+    );
+
+    let launched = ok(&nitrile(
+        &placement,
+        &[
+            "instance", "launch", "web1", "--image", &image, "--memory", "256M", "--volume",
+            "data=16M", "-o", "json",
+        ],
+    ));
+    let launched: nitrile_api::admin::InstanceDescription =
+        serde_json::from_str(&launched).unwrap();
+    assert_eq!(launched.instance.as_str(), "web1");
+    assert_eq!(launched.memory_mib, 256);
+    assert_eq!(launched.volumes.len(), 1);
+    assert_eq!(launched.state, nitrile_api::admin::InstanceState::Running);
+
+    let described = ok(&nitrile(&placement, &["instance", "describe", "web1"]));
+    assert!(described.contains("running"), "{described}");
+    let list = ok(&nitrile(&up.config, &["instance", "list"]));
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("web1") && l.contains(&image[..12])),
+        "{list}"
+    );
+
+    // Not on a terminal: no question asked.
+    let gone = ok(&nitrile(
+        &placement,
+        &["instance", "terminate", "web1", "-o", "json"],
+    ));
+    let gone: nitrile_api::admin::InstanceDescription = serde_json::from_str(&gone).unwrap();
+    assert_eq!(gone.state, nitrile_api::admin::InstanceState::Terminated);
+    stop(up);
 }

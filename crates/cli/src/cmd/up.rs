@@ -1,24 +1,41 @@
 //! `nitrile up`: a whole cell on this machine.
 
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use anyhow::Context;
 use nitrile_api::Name;
-use nitrile_cell::{CellLayout, bootstrap};
+use nitrile_cell::{CellLayout, bootstrap, provision_host};
+use nitrile_hostd::HostdConfig;
 use nitrile_tokend::Tokend;
 
 use crate::Global;
 use crate::service::{LogFormat, block_on, init_logging};
 
+/// The one host of a one-machine cell.
+const HOST: &str = "h1";
+/// Longest the host agent may take to start serving.
+const HOSTD_START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an exit of the host agent waits for a Ctrl-C that reached both.
+const SIGNAL_GRACE: Duration = Duration::from_secs(2);
+
 /// Run a whole cell on this machine: the cell CA, a reviewer-signed sample
-/// entitlement bundle, the token service with its audit journal, and client
-/// configs for the sample principals, all on loopback mutual TLS under one
-/// state directory.
+/// entitlement bundle, the token service with its audit journal, one host
+/// agent (`h1`, a child process) with the guest image, and client configs
+/// for the sample principals, all on loopback mutual TLS under one state
+/// directory.
 ///
 /// The first start creates everything; later starts reuse the state and
-/// renew the short-lived certificates. When ready it prints what runs where
-/// and a line `export NITRILE_CONFIG=<path>` for the CLI. Ctrl-C stops it.
+/// renew the short-lived certificates. When ready it prints what runs where,
+/// three commands to try, and a line `export NITRILE_CONFIG=<path>` for the
+/// CLI. Ctrl-C (or SIGTERM) stops the host agent, which stops its instances,
+/// then the token service.
 ///
 /// Example: `nitrile up --state ./nitrile-state`
 #[derive(Debug, clap::Args)]
@@ -35,6 +52,9 @@ pub(crate) struct Args {
     /// Loopback address for the token service's Prometheus metrics.
     #[arg(long, default_value = "127.0.0.1:9443")]
     tokend_metrics: SocketAddr,
+    /// The host agent's mTLS address (its only port).
+    #[arg(long, default_value = "127.0.0.1:7444")]
+    hostd_listen: SocketAddr,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -44,6 +64,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let layout = CellLayout::new(&args.state);
     let now = time::OffsetDateTime::now_utc();
+    let host = Name::new(HOST)?;
     eprintln!(
         "nitrile up: preparing cell {:?} in {}",
         args.cell.as_str(),
@@ -51,6 +72,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
     );
     let cell = bootstrap(&layout, &args.cell, &args.tokend_listen.to_string(), now)
         .context("cannot prepare the cell")?;
+    let image = import_guest_image(&layout);
     let tokend_config = super::tokend::config_of(
         &layout,
         &cell.cell,
@@ -61,20 +83,28 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         let tokend = Tokend::open(&tokend_config)
             .await
             .with_context(|| format!("token service cannot start on {}", args.tokend_listen))?;
+        // After the token service opened: its published issuer keys exist
+        // and are pinned into the host.
+        provision_host(&layout, &cell.cell, &host, now)
+            .with_context(|| format!("cannot provision host {host}"))?;
+        let hostd_config = write_hostd_config(&layout, &cell.cell, &host, args.hostd_listen)?;
+        let mut hostd = HostdChild::spawn(&hostd_config, args.log_format)?;
+
         let listen = tokend
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let clients = nitrile_cell::write_client_configs(&layout, &cell.cell, &listen)?;
-        let alice = clients
-            .iter()
-            .find(|(p, _)| p.name.as_str() == "alice")
-            .map(|(_, path)| path.clone())
-            .context("no client config for alice")?;
-        let listen = tokend
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let hosts = BTreeMap::from([(host.to_string(), hostd.addr.to_string())]);
+        let clients = nitrile_cell::write_client_configs(&layout, &cell.cell, &listen, &hosts)?;
+        let config_of = |name: &str| {
+            clients
+                .iter()
+                .find(|(p, _)| p.name.as_str() == name)
+                .map(|(_, path)| path.clone())
+                .with_context(|| format!("no client config for {name}"))
+        };
+        let alice = config_of("alice")?;
+        let placement = config_of("placement")?;
         let metrics = tokend
             .metrics_addr()
             .map(|a| a.to_string())
@@ -94,6 +124,27 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         println!("  tokend         {listen} (mTLS)   metrics http://{metrics}/metrics");
         println!("  journal        {}", layout.tokend_journal().display());
         println!(
+            "  hostd {host}       {} (mTLS, pid {})   config {}",
+            hostd.addr,
+            hostd.child.id(),
+            hostd_config.display()
+        );
+        println!("  host journal   {}", layout.host_journal(&host).display());
+        println!(
+            "  host metrics   {} (Prometheus text file)",
+            layout.host_metrics(&host).display()
+        );
+        match &image {
+            Some(digest) => println!(
+                "  images         {} (guest image {digest})",
+                layout.images_dir().display()
+            ),
+            None => println!(
+                "  images         {} (none yet: see above)",
+                layout.images_dir().display()
+            ),
+        }
+        println!(
             "  entitlements   {} (sha256 {}, signed by {})",
             layout.entitlements_dir().display(),
             &cell.bundle_digest[..16],
@@ -107,25 +158,363 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         println!("  clients        {}", layout.clients_dir().display());
         println!();
         println!("Try, in another shell:");
-        println!("  nitrile token request --op host.describe --resource host/h1 --audience h1");
+        println!("  nitrile host describe");
+        println!("  nitrile instance list");
         println!(
-            "  nitrile token request --op host.drain --resource host/h1 --audience h1 | nitrile token inspect --issuer-keys {}",
-            layout.issuer_keys_file().display()
-        );
-        println!(
-            "  nitrile audit show-journal {}",
-            layout.tokend_journal().display()
+            "  nitrile instance launch web1 --image {} --config {}",
+            image.as_deref().unwrap_or("DIGEST"),
+            placement.display()
         );
         println!();
         println!("Ctrl-C stops the cell.");
         println!("export NITRILE_CONFIG={}", alice.display());
-        use std::io::Write;
         let _ = std::io::stdout().flush();
-        tokend.serve(nitrile_net::shutdown_signal()).await?;
+
+        // Stop order: the host agent first (it stops its instances), then
+        // the token service.
+        let exited = hostd.exited.take();
+        let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
+        let stop = async move {
+            let signal = nitrile_net::shutdown_signal();
+            tokio::pin!(signal);
+            let mut unexpected = false;
+            if let Some(exited) = exited {
+                tokio::select! {
+                    biased;
+                    () = &mut signal => {}
+                    _ = exited => {
+                        // A Ctrl-C on a terminal reaches both processes.
+                        unexpected = tokio::time::timeout(SIGNAL_GRACE, &mut signal)
+                            .await
+                            .is_err();
+                    }
+                }
+            } else {
+                signal.await;
+            }
+            let status = tokio::task::spawn_blocking(move || hostd.stop()).await;
+            let _ = outcome_tx.send((unexpected, status));
+        };
+        tokend.serve(stop).await?;
+        let (unexpected, status) = outcome_rx
+            .await
+            .context("the cell stopped without stopping the host agent")?;
+        let status = status.context("waiting for the host agent")?;
+        if unexpected {
+            anyhow::bail!(
+                "the host agent {host} exited unexpectedly ({}); the cell stopped, state kept in {}",
+                status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string()),
+                layout.root().display()
+            );
+        }
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => eprintln!("nitrile up: the host agent {host} stopped with {s}"),
+            Err(e) => eprintln!("nitrile up: cannot wait for the host agent {host}: {e}"),
+        }
         eprintln!(
             "nitrile up: stopped; state kept in {}",
             layout.root().display()
         );
         anyhow::Ok(())
     })?
+}
+
+/// Imports the guest image build's output into the cell's image store and
+/// returns its digest; without a build, says how to make one.
+fn import_guest_image(layout: &CellLayout) -> Option<String> {
+    let built = nitrile_image::default_cache_dir()
+        .map(|cache| nitrile_image::output_dir(&cache))
+        .and_then(|dir| nitrile_image::read_output(&dir));
+    let built = match built {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!(
+                "nitrile up: no guest image to launch ({e}); build one with \
+                 `scripts/guest-image.sh` (or `nitrile image build --state {}`) and start \
+                 again. Going on without it.",
+                layout.root().display()
+            );
+            return None;
+        }
+    };
+    let imported = nitrile_image::ImageStore::open(layout.images_dir())
+        .and_then(|store| store.import(&built.kernel, &built.initramfs, &built.cmdline));
+    match imported {
+        Ok(image) => Some(image.digest().to_string()),
+        Err(e) => {
+            eprintln!(
+                "nitrile up: cannot import the guest image from {}: {e}; going on without it",
+                built.kernel.display()
+            );
+            None
+        }
+    }
+}
+
+/// Writes `hosts/<host>/hostd.toml` with paths relative to it. The
+/// `[hypervisor]` and `[capacity]` sections of an existing file are kept,
+/// so edits to them survive restarts.
+fn write_hostd_config(
+    layout: &CellLayout,
+    cell: &Name,
+    host: &Name,
+    listen: SocketAddr,
+) -> anyhow::Result<PathBuf> {
+    let path = layout.hostd_config(host);
+    let dir = layout.host_dir(host);
+    let principal =
+        nitrile_api::PrincipalId::new(cell.clone(), nitrile_api::PrincipalKind::Host, host.clone());
+    let (cert, key) = layout.cert_and_key(&principal);
+    let rel = |p: &Path| relative_to(&dir, p);
+    let mut config = HostdConfig::new(
+        cell.clone(),
+        host.clone(),
+        listen,
+        PathBuf::from("."),
+        rel(&layout.ca_cert()),
+        rel(&cert),
+        rel(&key),
+        rel(&layout.host_issuer_keys(host)),
+        rel(&layout.images_dir()),
+    );
+    if path.exists() {
+        let old = HostdConfig::load(&path).with_context(|| {
+            format!(
+                "cannot reuse {}; fix or remove it to have it written anew",
+                path.display()
+            )
+        })?;
+        config.hypervisor = old.hypervisor;
+        config.capacity = old.capacity;
+    }
+    config
+        .write(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// `target` relative to directory `base` when both are under a common root
+/// (`../../pki/ca.pem`), else `target` as it is.
+fn relative_to(base: &Path, target: &Path) -> PathBuf {
+    let b: Vec<_> = base.components().collect();
+    let t: Vec<_> = target.components().collect();
+    let common = b.iter().zip(&t).take_while(|(x, y)| x == y).count();
+    if common == 0 {
+        return target.to_owned();
+    }
+    let mut out = PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c);
+    }
+    out
+}
+
+/// What the host agent's stderr reader reports before it serves.
+enum Startup {
+    /// The `serving on <addr>` line.
+    Serving(SocketAddr),
+    /// Its stderr closed: it exited.
+    Exited,
+}
+
+/// The host agent running as a child process.
+struct HostdChild {
+    child: Child,
+    /// Where it serves.
+    addr: SocketAddr,
+    /// Fires when its stderr closes after it served, i.e. it exited.
+    exited: Option<tokio::sync::oneshot::Receiver<()>>,
+    stopped: bool,
+}
+
+impl HostdChild {
+    /// Starts `nitrile hostd --config <config> --stop-instances-on-exit`
+    /// and waits for its "serving on" line; its other stderr lines are
+    /// forwarded prefixed `hostd: `.
+    fn spawn(config: &Path, log_format: LogFormat) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find this executable")?;
+        // The child's stdout goes to our stderr: our stdout is what scripts
+        // read for the export line.
+        let stdout = std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("cannot duplicate stderr")?;
+        let log_format = match log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        let mut child = Command::new(&exe)
+            .arg("hostd")
+            .arg("--config")
+            .arg(config)
+            .arg("--stop-instances-on-exit")
+            .args(["--log-format", log_format])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {} hostd", exe.display()))?;
+        let stderr = child
+            .stderr
+            .take()
+            .context("the host agent's stderr is not piped")?;
+        let (startup_tx, startup_rx) = mpsc::channel();
+        let (exited_tx, exited_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || forward_stderr(stderr, startup_tx, exited_tx));
+
+        let mut me = Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            exited: Some(exited_rx),
+            stopped: false,
+        };
+        let early = match startup_rx.recv_timeout(HOSTD_START_TIMEOUT) {
+            Ok((Startup::Serving(addr), _)) => {
+                me.addr = addr;
+                return Ok(me);
+            }
+            Ok((Startup::Exited, lines)) => lines,
+            Err(_) => {
+                let _ = me.stop();
+                anyhow::bail!(
+                    "the host agent did not start serving within {}s; it was stopped",
+                    HOSTD_START_TIMEOUT.as_secs()
+                );
+            }
+        };
+        let status = me.stop();
+        anyhow::bail!(
+            "the host agent exited before serving ({}):\n{}",
+            status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string()),
+            early.join("\n")
+        )
+    }
+
+    /// SIGTERM, then wait: it stops its instances and exits.
+    fn stop(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        if !self.stopped {
+            let pid =
+                nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX));
+            // Already exited (e.g. Ctrl-C on a terminal reached it): fine.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let status = self.child.wait();
+        self.stopped = true;
+        status
+    }
+}
+
+impl Drop for HostdChild {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Reads the host agent's stderr: before it serves, lines are forwarded and
+/// kept (to explain an early exit); its "serving on" line is reported;
+/// afterwards lines are forwarded until it closes.
+fn forward_stderr(
+    stderr: std::process::ChildStderr,
+    startup: mpsc::Sender<(Startup, Vec<String>)>,
+    exited: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut serving = false;
+    let mut kept = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        if !serving && let Some(addr) = serving_addr(&line) {
+            serving = true;
+            let _ = startup.send((Startup::Serving(addr), Vec::new()));
+            continue;
+        }
+        eprintln!("hostd: {line}");
+        if !serving {
+            kept.push(line);
+        }
+    }
+    if serving {
+        let _ = exited.send(());
+    } else {
+        let _ = startup.send((Startup::Exited, kept));
+    }
+}
+
+/// The address of `nitrile hostd: <host> serving on <addr>`.
+fn serving_addr(line: &str) -> Option<SocketAddr> {
+    let rest = line.strip_prefix("nitrile hostd: ")?;
+    let (_, addr) = rest.split_once(" serving on ")?;
+    addr.split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_serving_line_gives_the_address() {
+        assert_eq!(
+            serving_addr("nitrile hostd: h1 serving on 127.0.0.1:7444"),
+            Some(SocketAddr::from(([127, 0, 0, 1], 7444)))
+        );
+        assert_eq!(serving_addr("hostd: h1 serving on 127.0.0.1:7444"), None);
+        assert_eq!(serving_addr("nitrile hostd: h1 serving on nowhere"), None);
+        assert_eq!(serving_addr("INFO listening"), None);
+    }
+
+    #[test]
+    fn host_paths_are_relative_to_the_host_dir() {
+        let dir = Path::new("/s/hosts/h1");
+        assert_eq!(
+            relative_to(dir, Path::new("/s/pki/ca.pem")),
+            PathBuf::from("../../pki/ca.pem")
+        );
+        assert_eq!(
+            relative_to(dir, Path::new("/s/hosts/h1/issuer-keys.toml")),
+            PathBuf::from("issuer-keys.toml")
+        );
+        assert_eq!(
+            relative_to(dir, Path::new("/s/images")),
+            PathBuf::from("../../images")
+        );
+    }
+
+    #[test]
+    fn the_hostd_config_keeps_hypervisor_edits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&tmp.path().join("state"));
+        let cell = Name::new("local").unwrap();
+        let h1 = Name::new("h1").unwrap();
+        let listen: SocketAddr = "127.0.0.1:7444".parse().unwrap();
+        let path = write_hostd_config(&layout, &cell, &h1, listen).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("ca = \"../../pki/ca.pem\""), "{text}");
+        let loaded = HostdConfig::load(&path).unwrap();
+        assert_eq!(
+            loaded.cert,
+            layout.host_dir(&h1).join("../../pki/host-h1.pem")
+        );
+        assert_eq!(loaded.state, layout.host_dir(&h1).join("."));
+
+        let mut edited = loaded.clone();
+        edited.hypervisor.backend = nitrile_hostd::BackendName::Qemu;
+        edited.capacity.vcpus = Some(1);
+        edited.write(&path).unwrap();
+        let other: SocketAddr = "127.0.0.1:7555".parse().unwrap();
+        write_hostd_config(&layout, &cell, &h1, other).unwrap();
+        let again = HostdConfig::load(&path).unwrap();
+        assert_eq!(again.listen, other);
+        assert_eq!(again.hypervisor.backend, nitrile_hostd::BackendName::Qemu);
+        assert_eq!(again.capacity.vcpus, Some(1));
+        assert_eq!(again.ca, loaded.ca);
+    }
 }

@@ -1,0 +1,129 @@
+//! `nitrile host`: look at a host and take it out of (or back into)
+//! placement, through its admin API.
+
+use nitrile_api::Name;
+use nitrile_api::admin::{AdminRequest, Health, HostDescription, PlacementState};
+
+use crate::Global;
+use crate::hostapi::{call, target};
+use crate::output::{Output, format_mib, print_json};
+use crate::service::block_on;
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Command {
+    /// Show a host's placement state, health, software versions,
+    /// measurements, capacity and launchable images.
+    ///
+    /// Like every host verb it first gets a token for exactly this call from
+    /// the token service (an entitlement of your group), then calls the host
+    /// over mutual TLS; refusals say which service and which step refused.
+    ///
+    /// Example: `nitrile host describe --host h1 -o json`
+    Describe(HostFlag),
+    /// Stop placing new instances on a host; running instances stay.
+    ///
+    /// Example: `nitrile host drain --host h1`
+    Drain(HostFlag),
+    /// Let a drained host take new instances again.
+    ///
+    /// Example: `nitrile host undrain --host h1`
+    Undrain(HostFlag),
+}
+
+/// The host to call.
+#[derive(Debug, clap::Args)]
+pub(crate) struct HostFlag {
+    /// The host id (default: the only host in the config's [hosts]).
+    #[arg(long, value_name = "H")]
+    pub(crate) host: Option<Name>,
+}
+
+pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
+    let (req, flag) = match command {
+        Command::Describe(f) => (AdminRequest::HostDescribe, f),
+        Command::Drain(f) => (AdminRequest::HostDrain, f),
+        Command::Undrain(f) => (AdminRequest::HostUndrain, f),
+    };
+    let loaded = crate::config::load(global)?;
+    let target = target(&loaded, flag.host.as_ref())?;
+    let described: HostDescription = block_on(call(&loaded, &target, &req))??;
+    match global.output {
+        Output::Json => print_json(&described),
+        Output::Table => {
+            print_host(&described);
+            Ok(())
+        }
+    }
+}
+
+fn health(h: Health) -> &'static str {
+    match h {
+        Health::Ok => "ok",
+        Health::Failed => "FAILED",
+    }
+}
+
+/// Key/value lines of a host description.
+pub(crate) fn host_lines(d: &HostDescription) -> Vec<(String, String)> {
+    let c = &d.capacity;
+    let mut lines = vec![
+        ("host".to_owned(), format!("{} (cell {})", d.host, d.cell)),
+        (
+            "placement".to_owned(),
+            match d.placement {
+                PlacementState::Accepting => "accepting new instances".to_owned(),
+                PlacementState::Drained => "drained (launches refused)".to_owned(),
+            },
+        ),
+        (
+            "health".to_owned(),
+            format!(
+                "journal {}, hypervisor {}",
+                health(d.health.journal),
+                health(d.health.hypervisor)
+            ),
+        ),
+        (
+            "software".to_owned(),
+            format!(
+                "nitrile {}, {} {}, kernel {}",
+                d.software.nitrile,
+                d.software.backend,
+                d.software
+                    .backend_version
+                    .as_deref()
+                    .unwrap_or("(version unknown)"),
+                d.software.kernel
+            ),
+        ),
+        (
+            "vcpus".to_owned(),
+            format!("{} of {} allocated", c.vcpus_allocated, c.vcpus_total),
+        ),
+        (
+            "memory".to_owned(),
+            format!(
+                "{} of {} allocated",
+                format_mib(c.memory_mib_allocated),
+                format_mib(c.memory_mib_total)
+            ),
+        ),
+        ("instances".to_owned(), c.instances.to_string()),
+    ];
+    if d.images.is_empty() {
+        lines.push(("images".to_owned(), "none".to_owned()));
+    }
+    for i in &d.images {
+        let release = i.kernel_release.as_deref().unwrap_or("kernel unknown");
+        lines.push(("image".to_owned(), format!("{} ({release})", i.digest)));
+    }
+    for m in &d.measurements {
+        lines.push(("measurement".to_owned(), format!("{} {}", m.name, m.sha256)));
+    }
+    lines.push(("started".to_owned(), d.started_at.clone()));
+    lines
+}
+
+fn print_host(d: &HostDescription) {
+    crate::output::print_pairs(&host_lines(d));
+}
