@@ -2,7 +2,7 @@
 # Installs everything nitrile needs on a fresh Debian machine, idempotently:
 # Debian packages, cargo tools, and builds the workspace. Safe to run again.
 #
-#   scripts/setup.sh            # build tools and a release build of `nitrile`
+#   scripts/setup.sh            # build tools, the guest image and a release build of `nitrile`
 #   scripts/setup.sh --tests    # also what the test suite needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -112,11 +112,12 @@ if ! command -v vhost-device-vsock >/dev/null 2>&1 &&
     log "installing vhost-device-vsock (one time, a few minutes)"
     cargo install --locked vhost-device-vsock@0.3.0
 fi
-if [ "$want_tests" -eq 1 ]; then
-    # Cached: quick when the image is up to date with guest/initramfs.
-    scripts/guest-image.sh >/dev/null ||
-        log "the guest image was not built: the QEMU tests will print SKIPPED"
-fi
+# `nitrile up` imports the guest image so that instances can be launched;
+# the QEMU tests boot it too. Cached: quick when it is up to date with
+# guest/initramfs.
+log "building the guest image (a download the first time, cached after)"
+scripts/guest-image.sh >/dev/null ||
+    log "the guest image was not built: \`nitrile up\` runs without a launchable image and the QEMU tests print SKIPPED"
 # --- end vsock ---------------------------------------------------------------
 
 # --- ACPI table check for the kvm backend ------------------------------------
