@@ -30,6 +30,7 @@
 
 mod key;
 pub mod kvm;
+mod process;
 pub mod qemu;
 mod select;
 mod spec;
@@ -42,6 +43,7 @@ use nitrile_api::Name;
 
 pub use key::{KeyError, VOLUME_KEY_LEN, VolumeKey, VolumeKeys};
 pub use kvm::KvmBackend;
+pub use process::{MAX_RECORD_LEN, RecordError};
 pub use qemu::{JailConfig, QemuBackend};
 pub use select::{Accel, Backend, BackendChoice, HostProbe, KvmDevice, Unavailable, select};
 pub use spec::{
@@ -197,6 +199,31 @@ pub enum VmmError {
     /// the VMM did not become ready in time
     #[error("the VMM did not become ready within {0:?}")]
     Timeout(std::time::Duration),
+    /// a process of an adopted VM (not our child, so its exit status is
+    /// unknown) has ended
+    #[error("{program} has exited: {stderr}")]
+    ProcessGone {
+        /// the program
+        program: DisplayPath,
+        /// the end of its standard error (never guest output)
+        stderr: String,
+    },
+    /// the adoption record in a VM's state directory cannot be used (it was
+    /// not written by this crate, or was changed since)
+    #[error("unusable adoption record {path}")]
+    Record {
+        /// the record file
+        path: DisplayPath,
+        /// why
+        #[source]
+        source: RecordError,
+    },
+    /// this backend cannot take over VMs left by an earlier backend process
+    #[error("the {backend} backend cannot adopt running VMs")]
+    AdoptionUnsupported {
+        /// the backend
+        backend: &'static str,
+    },
 }
 
 /// A path shown in an error message.
@@ -227,4 +254,31 @@ pub trait Hypervisor: Send + Sync {
     fn status(&self, id: &VmId) -> Result<VmStatus, VmmError>;
     /// Stops the VM if needed and removes all its host state except volumes.
     fn destroy(&self, id: &VmId) -> Result<(), VmmError>;
+    /// Takes over the VM of `spec.instance()` that an earlier backend
+    /// process, using the same state directory, created and left running
+    /// (see [`detach_all`](Self::detach_all)); `spec` must be the spec it
+    /// was created from.
+    ///
+    /// If its VMM still runs, this backend controls it from now on exactly
+    /// as if it had created it, and `Running` or `Created` is returned. If
+    /// not, its leftover host state is removed as by
+    /// [`destroy`](Self::destroy) (volumes stay), the VM stays known as
+    /// ended, and `Stopped` is returned, or `Failed` with the reason the
+    /// VMM itself left in its own diagnostics (never guest output). A
+    /// process is recognised by its pid and start time, so a recycled pid is
+    /// never taken for the VMM, and no signal is sent to such a process.
+    ///
+    /// Errors: [`VmmError::UnknownVm`] when there is no trace of the VM,
+    /// [`VmmError::AlreadyExists`] when this backend already has it,
+    /// [`VmmError::AdoptionUnsupported`] from a backend that cannot adopt.
+    fn adopt(&self, spec: &VmSpec) -> Result<VmStatus, VmmError>;
+    /// Leaves every VM running when this backend is dropped, so that a later
+    /// backend process can [`adopt`](Self::adopt) them (e.g. hostd being
+    /// replaced). Without it, dropping a backend stops its VMs. It changes
+    /// nothing else: calls keep working until the drop. In a backend that
+    /// can adopt, VMMs never depend on the process that started them: they
+    /// run in their own session and are not killed when it dies, even by
+    /// `SIGKILL`. In one that cannot ([`VmmError::AdoptionUnsupported`]),
+    /// this does nothing and VMs are stopped on drop as before.
+    fn detach_all(&self);
 }

@@ -45,6 +45,14 @@
 //! to find its devices. Booting Linux this way cannot be tested on a software
 //! KVM (`kvm_pvm`) and must be verified on hardware KVM; see `docs/VMM.md`
 //! for what is still missing (one vCPU, no power-off path).
+//!
+//! # Adoption
+//! Not supported yet: [`Hypervisor::adopt`] returns
+//! [`VmmError::AdoptionUnsupported`] and [`Hypervisor::detach_all`] does
+//! nothing. The control channel is a socketpair inherited at spawn, which no
+//! later backend process can obtain, and the VMM ends when its end of the
+//! channel closes; adoption needs the VMM to accept a reconnection on a Unix
+//! socket in its state directory, a change to the `nitrile vmm` process.
 
 pub mod control;
 
@@ -579,6 +587,15 @@ impl Hypervisor for KvmBackend {
         }
         fs::remove_dir_all(&vm.dir).map_err(io_err("removing VM directory", &vm.dir))
     }
+
+    /// Not supported yet (see the module documentation, "Adoption").
+    fn adopt(&self, _spec: &VmSpec) -> Result<VmStatus, VmmError> {
+        Err(VmmError::AdoptionUnsupported { backend: "kvm" })
+    }
+
+    /// Does nothing: VMs of this backend cannot be adopted, so they are
+    /// still stopped when it is dropped.
+    fn detach_all(&self) {}
 }
 
 impl Drop for KvmBackend {

@@ -77,6 +77,23 @@ impl Cgroup {
         Ok(Some(cg))
     }
 
+    /// The cgroup of an earlier backend process's VM `name`, for removal
+    /// only (no processes can join it); `None` when none exists.
+    pub(crate) fn existing(root: &Path, name: &str) -> Option<Self> {
+        let dirs: Vec<PathBuf> = [
+            root.join("nitrile").join(name),
+            root.join("memory").join("nitrile").join(name),
+            root.join("cpu").join("nitrile").join(name),
+        ]
+        .into_iter()
+        .filter(|d| d.is_dir())
+        .collect();
+        (!dirs.is_empty()).then_some(Self {
+            dirs,
+            procs: Vec::new(),
+        })
+    }
+
     /// Removes the cgroup directories (they must be empty of processes).
     pub(crate) fn remove(&self) {
         for d in &self.dirs {
@@ -117,6 +134,10 @@ fn errno(e: nix::Error) -> io::Error {
 }
 
 fn child_setup(plan: &Plan) -> io::Result<()> {
+    // 0. A session of its own: no terminal's Ctrl-C or hang-up, and no
+    // signal sent to the spawning process's group, reaches the VMM, which
+    // must outlive its spawner (see `Hypervisor::detach_all`).
+    nix::unistd::setsid().map_err(errno)?;
     // 1. No core files, ever: RLIMIT_CORE survives exec.
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(errno)?;
     // Not dumpable until exec (exec resets it; QEMU's own switch to the

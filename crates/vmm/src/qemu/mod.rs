@@ -84,10 +84,15 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
 
 pub use qmp::{MAX_QMP_LINE, QmpError};
 
+use crate::process::{self, Exit, ProcRecord, Tracked};
 use crate::{
     Accel, DisplayPath, Feature, Hypervisor, VmId, VmSpec, VmStatus, VmmError, VolumeKeys,
 };
@@ -107,6 +112,8 @@ const SERIAL_FILE: &str = "serial.log";
 const STDERR_FILE: &str = "qemu.stderr";
 const QMP_SOCKET: &str = "qmp.sock";
 const CHROOT_DIR: &str = "root";
+/// The adoption record in a VM's state directory (see the module docs).
+pub const RECORD_FILE: &str = "vmm.json";
 const MAX_STDERR_TAIL: usize = 2048;
 
 /// How the QEMU process is confined.
@@ -134,11 +141,36 @@ impl Default for JailConfig {
 }
 
 struct Proc {
-    child: Child,
-    qemu_pid: Option<u32>,
+    /// The process we spawned (or adopted): QEMU itself, or with namespaces
+    /// the waiting parent that exits with QEMU's status.
+    spawned: Tracked,
+    /// QEMU itself, when its pid is known.
+    qemu: Option<Tracked>,
     qmp: Qmp,
     cgroup: Option<Cgroup>,
     vsock: Option<vsock::Daemon>,
+}
+
+/// What a successor backend needs to adopt a VM, kept in [`RECORD_FILE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmmRecord {
+    /// The process the backend spawned.
+    spawned: ProcRecord,
+    /// QEMU itself (the same process without namespaces).
+    qemu: Option<ProcRecord>,
+    /// The vsock daemon, if the VM has one.
+    vsock: Option<vsock::DaemonRecord>,
+}
+
+impl Proc {
+    fn record(&self) -> VmmRecord {
+        VmmRecord {
+            spawned: self.spawned.record(),
+            qemu: self.qemu.as_ref().map(Tracked::record),
+            vsock: self.vsock.as_ref().map(vsock::Daemon::record),
+        }
+    }
 }
 
 struct Vm {
@@ -157,6 +189,8 @@ pub struct QemuBackend {
     jail: JailConfig,
     vsock_daemon: Option<PathBuf>,
     vms: Mutex<BTreeMap<VmId, Vm>>,
+    /// Set by [`Hypervisor::detach_all`]: leave VMs running on drop.
+    detached: AtomicBool,
 }
 
 impl std::fmt::Debug for QemuBackend {
@@ -246,6 +280,7 @@ impl QemuBackend {
             jail: JailConfig::default(),
             vsock_daemon: None,
             vms: Mutex::new(BTreeMap::new()),
+            detached: AtomicBool::new(false),
         })
     }
 
@@ -276,7 +311,7 @@ impl QemuBackend {
     /// The host PID of VM `id`'s QEMU process, while it runs.
     pub fn qemu_pid(&self, id: &VmId) -> Option<u32> {
         let vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
-        vms.get(id)?.proc.as_ref()?.qemu_pid
+        vms.get(id)?.proc.as_ref()?.qemu.as_ref().map(Tracked::pid)
     }
 
     /// The host PID of VM `id`'s vsock daemon, while it runs.
@@ -373,9 +408,9 @@ impl QemuBackend {
             },
         };
         match self.spawn_qemu(spec, keys, dir, cgroup.as_ref(), daemon.as_ref()) {
-            Ok((child, qemu_pid, qmp)) => Ok(Proc {
-                child,
-                qemu_pid,
+            Ok((spawned, qemu, qmp)) => Ok(Proc {
+                spawned,
+                qemu,
                 qmp,
                 cgroup,
                 vsock: daemon,
@@ -417,7 +452,7 @@ impl QemuBackend {
         dir: &Path,
         cgroup: Option<&Cgroup>,
         daemon: Option<&vsock::Daemon>,
-    ) -> Result<(Child, Option<u32>, Qmp), VmmError> {
+    ) -> Result<(Tracked, Option<Tracked>, Qmp), VmmError> {
         let serial = dir.join(SERIAL_FILE);
         let stderr_path = dir.join(STDERR_FILE);
         let qmp_path = dir.join(QMP_SOCKET);
@@ -557,7 +592,12 @@ impl QemuBackend {
             }
             if qmp_path.exists() {
                 match Qmp::connect(&qmp_path, READY_TIMEOUT) {
-                    Ok(qmp) => return Ok((child, qemu_pid, qmp)),
+                    Ok(qmp) => {
+                        let qemu = qemu_pid.and_then(|p| Tracked::observe(p).ok());
+                        let spawned =
+                            Tracked::spawned(child).map_err(io_err("watching", &self.qemu))?;
+                        return Ok((spawned, qemu, qmp));
+                    }
                     Err(e) => {
                         // QEMU may have opened the socket and then failed
                         // (e.g. a wrong volume key): report its exit.
@@ -582,40 +622,33 @@ impl QemuBackend {
         }
     }
 
-    fn end(proc: &mut Proc) -> Option<String> {
+    /// Ends the process: `quit`, then `SIGKILL` after [`STOP_TIMEOUT`];
+    /// waits until QEMU is gone, stops the vsock daemon, removes the
+    /// cgroup. Returns why QEMU ended, `None` when cleanly.
+    fn end(proc: &mut Proc, dir: &Path) -> Option<String> {
         let _ = proc.qmp.execute(QmpCommand::Quit);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let status = loop {
-            match proc.child.try_wait() {
-                Ok(Some(s)) => break Some(s),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
+        let exit = match proc.spawned.wait_until(Instant::now() + STOP_TIMEOUT) {
+            Some(exit) => Some(exit),
+            None => {
+                // Still alive past the deadline: kill QEMU (PID 1 of its
+                // namespace, which takes the namespace down) and its parent.
+                if let Some(q) = &proc.qemu {
+                    q.signal(Signal::SIGKILL);
                 }
-                _ => {
-                    // Still alive past the deadline: kill QEMU (PID 1 of its
-                    // namespace, which takes the namespace down) and its parent.
-                    if let Some(pid) = proc.qemu_pid {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid as i32),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                    let _ = proc.child.kill();
-                    break proc.child.wait().ok();
-                }
+                proc.spawned.signal(Signal::SIGKILL);
+                proc.spawned.wait().ok()
             }
         };
+        if let Some(q) = proc.qemu.as_mut() {
+            let _ = q.wait_until(Instant::now() + STOP_TIMEOUT);
+        }
         if let Some(d) = proc.vsock.as_mut() {
             d.stop();
         }
         if let Some(cg) = &proc.cgroup {
             cg.remove();
         }
-        match status {
-            Some(s) if s.success() => None,
-            Some(s) => Some(format!("QEMU exited with {s}")),
-            None => Some("QEMU could not be reaped".to_owned()),
-        }
+        exit_reason(exit, dir)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<VmId, Vm>> {
@@ -661,7 +694,14 @@ impl Hypervisor for QemuBackend {
                     self.create_volume(vol, key)?;
                 }
             }
-            self.spawn(spec, &keys, &dir)
+            let mut proc = self.spawn(spec, &keys, &dir)?;
+            // Before returning: a successor must find every VM we report.
+            let path = dir.join(RECORD_FILE);
+            if let Err(e) = process::write_record(&path, &proc.record()) {
+                Self::end(&mut proc, &dir);
+                return Err(io_err("writing", &path)(e));
+            }
+            Ok(proc)
         })();
         // The keys are dropped (zeroized) here: QEMU holds what it needs.
         drop(keys);
@@ -712,7 +752,7 @@ impl Hypervisor for QemuBackend {
         if let Some(mut proc) = vm.proc.take() {
             let _ = proc.qmp.execute(QmpCommand::Stop);
             // A stop we asked for is a clean stop.
-            let _ = Self::end(&mut proc);
+            let _ = Self::end(&mut proc, &vm.dir);
             vm.ended = Some(None);
         }
         Ok(())
@@ -732,25 +772,140 @@ impl Hypervisor for QemuBackend {
             .remove(id)
             .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
         if let Some(mut proc) = vm.proc.take() {
-            Self::end(&mut proc);
+            Self::end(&mut proc, &vm.dir);
         }
-        fs::remove_dir_all(&vm.dir).map_err(io_err("removing VM directory", &vm.dir))
+        remove_vm_dir(&vm.dir)
     }
+
+    fn adopt(&self, spec: &VmSpec) -> Result<VmStatus, VmmError> {
+        let id = VmId::new(spec.instance().clone());
+        let mut vms = self.lock();
+        if vms.contains_key(&id) {
+            return Err(VmmError::AlreadyExists(id));
+        }
+        let dir = self.vm_dir(&id);
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(VmmError::UnknownVm(id)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(VmmError::UnknownVm(id));
+            }
+            Err(e) => return Err(io_err("reading", &dir)(e)),
+        }
+        let path = dir.join(RECORD_FILE);
+        // No record: the earlier backend died between starting QEMU and
+        // recording it (its QEMU cannot be identified) or while cleaning up.
+        let record: Option<VmmRecord> =
+            process::read_record(&path).map_err(|source| VmmError::Record {
+                path: DisplayPath(path.clone()),
+                source,
+            })?;
+        let cgroup = self
+            .jail
+            .cgroup_root
+            .as_deref()
+            .and_then(|root| Cgroup::existing(root, spec.instance().as_str()));
+        let uds = spec.vsock().map(|v| v.uds_path.as_path().to_path_buf());
+        let spawned = record.and_then(|r| Tracked::adopt(r.spawned));
+        let mut qemu = record.and_then(|r| r.qemu).and_then(Tracked::adopt);
+        let mut daemon = record
+            .and_then(|r| r.vsock)
+            .and_then(|r| vsock::Daemon::adopt(r, &dir, uds.clone()));
+        let mut vm = match spawned {
+            Some(spawned) => {
+                let qmp = Qmp::connect(&dir.join(QMP_SOCKET), READY_TIMEOUT)?;
+                Vm {
+                    dir,
+                    proc: Some(Proc {
+                        spawned,
+                        qemu,
+                        qmp,
+                        cgroup,
+                        vsock: daemon,
+                    }),
+                    ended: None,
+                }
+            }
+            None => {
+                // QEMU is gone: clean up what it left, as destroy would.
+                if let Some(q) = qemu.as_mut() {
+                    q.signal(Signal::SIGKILL);
+                    let _ = q.wait_until(Instant::now() + STOP_TIMEOUT);
+                }
+                if let Some(d) = daemon.as_mut() {
+                    d.stop();
+                }
+                if let Some(u) = &uds {
+                    vsock::remove_socket(u);
+                }
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
+                let reason = stderr_reason(&dir.join(STDERR_FILE));
+                remove_vm_dir(&dir)?;
+                Vm {
+                    dir,
+                    proc: None,
+                    ended: Some(reason),
+                }
+            }
+        };
+        let status = status_of(&mut vm);
+        vms.insert(id, vm);
+        Ok(status)
+    }
+
+    fn detach_all(&self) {
+        self.detached.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Removes a VM's state directory; one already gone is fine.
+fn remove_vm_dir(dir: &Path) -> Result<(), VmmError> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(io_err("removing VM directory", dir)(e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Why QEMU ended, from its exit (see [`stderr_reason`] when the status
+/// went to another parent); `None` when cleanly.
+fn exit_reason(exit: Option<Exit>, dir: &Path) -> Option<String> {
+    match exit {
+        Some(Exit::Status(s)) if s.success() => None,
+        Some(Exit::Status(s)) => Some(format!("QEMU exited with {s}")),
+        Some(Exit::Unknown) => stderr_reason(&dir.join(STDERR_FILE)),
+        None => Some("QEMU could not be reaped".to_owned()),
+    }
+}
+
+/// The reason an adopted QEMU (whose exit status we cannot see) left in its
+/// own standard error: its last lines that are not warnings, if any.
+fn stderr_reason(path: &Path) -> Option<String> {
+    let text = tail(path);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains("warning:"))
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
 }
 
 /// Reads the VM's state without looking inside the guest.
 fn status_of(vm: &mut Vm) -> VmStatus {
     if let Some(proc) = vm.proc.as_mut() {
-        match proc.child.try_wait() {
+        match proc.spawned.try_exit() {
             Ok(None) => {}
-            Ok(Some(s)) => {
+            Ok(Some(exit)) => {
                 if let Some(d) = proc.vsock.as_mut() {
                     d.stop();
                 }
                 if let Some(cg) = &proc.cgroup {
                     cg.remove();
                 }
-                vm.ended = Some((!s.success()).then(|| format!("QEMU exited with {s}")));
+                vm.ended = Some(exit_reason(Some(exit), &vm.dir));
                 vm.proc = None;
                 return status_of(vm);
             }
@@ -778,7 +933,7 @@ fn status_of(vm: &mut Vm) -> VmStatus {
                 // give it a moment so the exit status is what we report.
                 let deadline = Instant::now() + Duration::from_secs(1);
                 while Instant::now() < deadline {
-                    if let Ok(Some(_)) = proc.child.try_wait() {
+                    if let Ok(Some(_)) = proc.spawned.try_exit() {
                         return status_of(vm);
                     }
                     std::thread::sleep(Duration::from_millis(20));
@@ -799,10 +954,15 @@ fn status_of(vm: &mut Vm) -> VmStatus {
 
 impl Drop for QemuBackend {
     fn drop(&mut self) {
+        if *self.detached.get_mut() {
+            // Leave every VM running for a successor: dropping a `Proc`
+            // closes our QMP connection and pidfds and kills nothing.
+            return;
+        }
         let vms = self.vms.get_mut().unwrap_or_else(|p| p.into_inner());
         for vm in vms.values_mut() {
             if let Some(mut proc) = vm.proc.take() {
-                Self::end(&mut proc);
+                Self::end(&mut proc, &vm.dir);
             }
         }
     }

@@ -25,11 +25,15 @@ use std::fs;
 use std::io::ErrorKind;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
 
 use super::jail::{self, Cgroup, Plan};
 use super::{JailConfig, create_private_file, io_err, tail};
+use crate::process::{Exit, ProcRecord, Tracked};
 use crate::{DisplayPath, VmmError, VsockSpec};
 
 /// The daemon's directory inside the VM directory.
@@ -46,25 +50,28 @@ const MAX_BUSY_RETRIES: u32 = 200;
 /// A running vsock daemon.
 #[derive(Debug)]
 pub(crate) struct Daemon {
-    child: Child,
-    pid: Option<u32>,
+    /// The process we spawned: the daemon, or its namespace's waiting parent.
+    spawned: Tracked,
+    /// The daemon itself, when its pid is known.
+    daemon: Option<Tracked>,
     uds: PathBuf,
     socket: PathBuf,
     stderr: PathBuf,
     program: PathBuf,
 }
 
-fn kill(pid: Option<u32>) {
-    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+/// What a successor backend needs to adopt the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DaemonRecord {
+    /// The process the backend spawned.
+    spawned: ProcRecord,
+    /// The daemon itself (the same process without namespaces).
+    daemon: Option<ProcRecord>,
 }
 
 /// Removes `path` if it is a Unix socket (a daemon's leftover).
-fn remove_socket(path: &Path) {
+pub(super) fn remove_socket(path: &Path) {
     if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = fs::remove_file(path);
     }
@@ -137,9 +144,10 @@ impl Daemon {
             }
         };
         let pid = jail::exec_pid(child.id(), config.namespaces);
+        let spawned = Tracked::spawned(child).map_err(io_err("watching", binary))?;
         let mut daemon = Self {
-            child,
-            pid,
+            spawned,
+            daemon: pid.and_then(|p| Tracked::observe(p).ok()),
             uds,
             socket: dir.join(SOCKET),
             stderr: stderr_path,
@@ -162,6 +170,29 @@ impl Daemon {
         }
     }
 
+    /// Takes over the daemon of the VM in `vm_dir` that `record` names,
+    /// serving `uds`; `None` when it no longer runs.
+    pub(crate) fn adopt(record: DaemonRecord, vm_dir: &Path, uds: Option<PathBuf>) -> Option<Self> {
+        let spawned = Tracked::adopt(record.spawned)?;
+        let dir = vm_dir.join(DIR);
+        Some(Self {
+            spawned,
+            daemon: record.daemon.and_then(Tracked::adopt),
+            uds: uds.unwrap_or_default(),
+            socket: dir.join(SOCKET),
+            stderr: vm_dir.join(STDERR_FILE),
+            program: dir.join(PROGRAM),
+        })
+    }
+
+    /// What to persist so a successor backend can adopt the daemon.
+    pub(crate) fn record(&self) -> DaemonRecord {
+        DaemonRecord {
+            spawned: self.spawned.record(),
+            daemon: self.daemon.as_ref().map(Tracked::record),
+        }
+    }
+
     /// The vhost-user socket QEMU connects to.
     pub(crate) fn socket(&self) -> &Path {
         &self.socket
@@ -169,16 +200,20 @@ impl Daemon {
 
     /// The daemon's host PID, while it runs.
     pub(crate) fn pid(&self) -> Option<u32> {
-        self.pid
+        self.daemon.as_ref().map(Tracked::pid)
     }
 
     /// Fails if the daemon has exited.
     pub(crate) fn check(&mut self) -> Result<(), VmmError> {
-        match self.child.try_wait() {
+        match self.spawned.try_exit() {
             Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(VmmError::Helper {
+            Ok(Some(Exit::Status(status))) => Err(VmmError::Helper {
                 program: DisplayPath(self.program.clone()),
                 status,
+                stderr: tail(&self.stderr),
+            }),
+            Ok(Some(Exit::Unknown)) => Err(VmmError::ProcessGone {
+                program: DisplayPath(self.program.clone()),
                 stderr: tail(&self.stderr),
             }),
             Err(source) => Err(VmmError::Io {
@@ -190,16 +225,17 @@ impl Daemon {
     }
 
     /// Kills the daemon (nothing of it needs a graceful end), waits until
-    /// it is reaped, and removes its host socket.
+    /// it has gone, and removes its host socket.
     pub(crate) fn stop(&mut self) {
-        match self.pid {
+        match &self.daemon {
             // The waiting parent reaps the daemon, then exits itself.
-            Some(_) => kill(self.pid),
-            None => {
-                let _ = self.child.kill();
-            }
+            Some(d) => d.signal(Signal::SIGKILL),
+            None => self.spawned.signal(Signal::SIGKILL),
         }
-        let _ = self.child.wait();
+        let _ = self.spawned.wait();
+        if let Some(d) = self.daemon.as_mut() {
+            let _ = d.wait();
+        }
         remove_socket(&self.uds);
     }
 }
