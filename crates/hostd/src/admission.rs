@@ -1,7 +1,9 @@
 //! Admission of one admin request: verify, make single-use, journal.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use nitrile_api::wire::RefusalStep;
 use nitrile_api::{Operation, PrincipalId, ResourceId};
@@ -9,7 +11,10 @@ use nitrile_audit::{
     AuditRecord, CertSha256, Journal, JournalReader, Outcome, Receipt, RecordKind, RequestId,
 };
 use nitrile_pki::PeerIdentity;
-use nitrile_token::{Clock, ReplayCache, Request, TokenError, TokenId, VerifiedGrant, Verifier};
+use nitrile_token::{
+    Clock, ReplayCache, Request, SignedClaims, TokenError, TokenId, VerifiedGrant, Verifier,
+};
+use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 
 /// Why the replay cache could not be rebuilt from the journal at start.
@@ -73,6 +78,10 @@ impl Admitted {
     }
 }
 
+/// Default number of signature checks [`Admission::with_signature_cache`]
+/// keeps.
+pub const DEFAULT_SIGNATURE_CACHE: usize = 4096;
+
 /// Admits or refuses admin requests for one host.
 pub struct Admission {
     source: PrincipalId,
@@ -80,6 +89,39 @@ pub struct Admission {
     replay: ReplayCache,
     journal: Arc<Journal>,
     clock: Arc<dyn Clock>,
+    signatures: Option<SignatureCache>,
+    journal_ok: AtomicBool,
+    refusal_journal_failures: AtomicU64,
+}
+
+/// Signature checks of tokens that grant no mutation, by SHA-256 of the
+/// exact token text, until the token expires. Only the Ed25519 check and the
+/// decoding are skipped on a hit: every other check runs per request
+/// ([`Verifier::verify_signed`]).
+struct SignatureCache {
+    capacity: usize,
+    entries: Mutex<HashMap<[u8; 32], SignedClaims>>,
+}
+
+impl SignatureCache {
+    fn get(&self, key: &[u8; 32]) -> Option<SignedClaims> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.get(key).cloned()
+    }
+
+    fn insert(&self, key: [u8; 32], signed: SignedClaims, now: OffsetDateTime) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= self.capacity {
+            entries.retain(|_, s| s.claims().expires_at() > now);
+        }
+        if entries.len() >= self.capacity {
+            // Still full of live tokens: forget one; it is re-checked if used.
+            if let Some(k) = entries.keys().next().copied() {
+                entries.remove(&k);
+            }
+        }
+        entries.insert(key, signed);
+    }
 }
 
 impl std::fmt::Debug for Admission {
@@ -146,7 +188,169 @@ impl Admission {
             replay,
             journal,
             clock,
+            signatures: None,
+            journal_ok: AtomicBool::new(true),
+            refusal_journal_failures: AtomicU64::new(0),
         })
+    }
+
+    /// Caches up to `capacity` signature checks of tokens that grant no
+    /// mutating operation, keyed by SHA-256 of the exact token, until their
+    /// expiry. Expiry, audience, operation, resource and certificate binding
+    /// are still checked on every request.
+    pub fn with_signature_cache(mut self, capacity: usize) -> Self {
+        self.signatures = (capacity > 0).then(|| SignatureCache {
+            capacity,
+            entries: Mutex::new(HashMap::new()),
+        });
+        self
+    }
+
+    /// Whether the last journal append succeeded.
+    pub fn journal_healthy(&self) -> bool {
+        self.journal_ok.load(Ordering::Relaxed)
+    }
+
+    /// How many refusals could not be journaled (each was also reported on
+    /// stderr).
+    pub fn refusal_journal_failures(&self) -> u64 {
+        self.refusal_journal_failures.load(Ordering::Relaxed)
+    }
+
+    /// The host's principal (the journal's source).
+    pub fn source(&self) -> &PrincipalId {
+        &self.source
+    }
+
+    /// Journals the refusal of a request that is not one of the API's (step
+    /// `request`: unknown path or method, bad body, query string), before
+    /// any token is looked at. `detail` says what was asked.
+    pub fn refuse_request(
+        &self,
+        peer: &PeerIdentity,
+        status: u16,
+        code: &'static str,
+        reason: String,
+        detail: serde_json::Value,
+    ) -> Refused {
+        self.refuse_unadmitted(
+            Some(peer),
+            None,
+            status,
+            RefusalStep::Request,
+            code,
+            reason,
+            Some(detail),
+        )
+    }
+
+    /// Journals a connection refused at TLS (step `tls`): a failed handshake
+    /// (`cert_sha256` unknown, `detail` names the remote address) or a
+    /// verified certificate naming no principal of this cell.
+    pub fn refuse_tls(
+        &self,
+        cert_sha256: Option<[u8; 32]>,
+        reason: String,
+        detail: Option<serde_json::Value>,
+    ) -> Refused {
+        self.refuse_unadmitted(
+            None,
+            cert_sha256,
+            401,
+            RefusalStep::Tls,
+            "tls",
+            reason,
+            detail,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn refuse_unadmitted(
+        &self,
+        peer: Option<&PeerIdentity>,
+        cert_sha256: Option<[u8; 32]>,
+        status: u16,
+        step: RefusalStep,
+        code: &'static str,
+        reason: String,
+        detail: Option<serde_json::Value>,
+    ) -> Refused {
+        let now = self.clock.now();
+        let request_id = RequestId::random(&mut rand_core::OsRng);
+        let mut record = AuditRecord::refusal(
+            now,
+            self.source.clone(),
+            request_id,
+            step,
+            &format!("{code}: {reason}"),
+        )
+        .with_audience(self.verifier.audience().clone());
+        if let Some(peer) = peer {
+            record = record.with_principal(peer.principal.clone());
+        }
+        if let Some(d) = peer.map(|p| p.cert_sha256).or(cert_sha256) {
+            record = record.with_cert_sha256(CertSha256::from_bytes(d));
+        }
+        if let Some(d) = detail {
+            record = record.with_detail(d);
+        }
+        let audit_seq = self.journal_refusal(&record, code);
+        Refused {
+            status,
+            step,
+            code,
+            reason,
+            audit_seq,
+        }
+    }
+
+    fn journal_refusal(&self, record: &AuditRecord, code: &'static str) -> Option<u64> {
+        match self.append(record) {
+            Ok(r) => Some(r.seq),
+            Err(e) => {
+                self.refusal_journal_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, code, "could not journal a refusal");
+                eprintln!("nitrile hostd: could not journal a refusal ({code}): {e}");
+                None
+            }
+        }
+    }
+
+    /// Verifies `token` for `request`, using and filling the signature cache
+    /// for operations that mutate nothing.
+    fn verify(
+        &self,
+        token: &str,
+        request: &Request,
+        peer: &PeerIdentity,
+        now: OffsetDateTime,
+    ) -> Result<VerifiedGrant, TokenError> {
+        let Some(cache) = self
+            .signatures
+            .as_ref()
+            .filter(|_| !request.operation.is_mutation())
+        else {
+            return self
+                .verifier
+                .verify(token, request, &peer.cert_sha256, &*self.clock);
+        };
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let signed = match cache.get(&key) {
+            Some(s) => s,
+            None => {
+                let s = self
+                    .verifier
+                    .keys()
+                    .verify_signature_only(token, &*self.clock)?;
+                if s.claims().operations().iter().all(|op| !op.is_mutation()) {
+                    cache.insert(key, s.clone(), now);
+                }
+                s
+            }
+        };
+        self.verifier
+            .verify_signed(&signed, request, &peer.cert_sha256, &*self.clock)
     }
 
     /// The host's journal.
@@ -181,14 +385,7 @@ impl Admission {
                 step,
                 &format!("{code}: {reason}"),
             ));
-            let audit_seq = match self.append(&record) {
-                Ok(r) => Some(r.seq),
-                Err(e) => {
-                    tracing::error!(error = %e, code, "could not journal a refusal");
-                    eprintln!("nitrile hostd: could not journal a refusal ({code}): {e}");
-                    None
-                }
-            };
+            let audit_seq = self.journal_refusal(&record, code);
             Refused {
                 status,
                 step,
@@ -209,10 +406,7 @@ impl Admission {
             operation,
             resource: resource.clone(),
         };
-        let grant = match self
-            .verifier
-            .verify(token, &request, &peer.cert_sha256, &*self.clock)
-        {
+        let grant = match self.verify(token, &request, peer, now) {
             Ok(g) => g,
             Err(e) => {
                 return Err(refuse(
@@ -290,7 +484,9 @@ impl Admission {
 
     fn append(&self, record: &AuditRecord) -> Result<Receipt, AdmissionError> {
         let bytes = record.encode()?;
-        Ok(self.journal.append(&bytes)?)
+        let result = self.journal.append(&bytes);
+        self.journal_ok.store(result.is_ok(), Ordering::Relaxed);
+        Ok(result?)
     }
 }
 

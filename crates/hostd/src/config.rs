@@ -62,7 +62,7 @@ pub enum ConfigError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: toml::de::Error,
+        source: Box<toml::de::Error>,
     },
     /// a field is missing, unknown or has a wrong value
     #[error("{}: field `{field}` is invalid", path.display())]
@@ -73,7 +73,7 @@ pub enum ConfigError {
         field: String,
         /// Why.
         #[source]
-        source: toml::de::Error,
+        source: Box<toml::de::Error>,
     },
 }
 
@@ -219,10 +219,10 @@ impl HostdConfig {
 
     /// Parses config text without resolving paths.
     fn parse(text: &str) -> Result<Self, Unlocated> {
-        let de = toml::de::Deserializer::parse(text).map_err(Unlocated::Syntax)?;
+        let de = toml::de::Deserializer::parse(text).map_err(|e| Unlocated::Syntax(Box::new(e)))?;
         serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
-            Unlocated::Field(field, e.into_inner())
+            Unlocated::Field(field, Box::new(e.into_inner()))
         })
     }
 
@@ -273,8 +273,8 @@ impl HostdConfig {
 }
 
 enum Unlocated {
-    Syntax(toml::de::Error),
-    Field(String, toml::de::Error),
+    Syntax(Box<toml::de::Error>),
+    Field(String, Box<toml::de::Error>),
 }
 
 impl Unlocated {

@@ -1,0 +1,741 @@
+//! `nitrile hostd`: the host agent on its one mTLS port.
+//!
+//! Per request, in this order: parse into [`AdminRequest`] (anything else is
+//! a journaled `request` refusal) -> [`Admission::admit`] (token verified
+//! offline, request record durable) -> execute -> [`Admission::complete`]
+//! with the outcome -> reply.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use nitrile_api::admin::{
+    AdminRequest, ApiError, Capacity, Health, HostDescription, HostHealth, ImageSummary,
+    InstanceList, MAX_LABEL_LEN, MAX_REASON_LEN, Measurement, Sha256Hex, Software, clip_text,
+};
+use nitrile_api::wire::{Refusal, RefusalStep};
+use nitrile_api::{Audience, PrincipalId, PrincipalKind};
+use nitrile_audit::{Journal, Outcome};
+use nitrile_image::ImageStore;
+use nitrile_net::{Handler, PeerIdentity, Registry, Server, json_response};
+use nitrile_pki::PkiError;
+use nitrile_pki::tls::{self, CaRoots, TlsIdentity};
+use nitrile_token::{Clock, DEFAULT_REPLAY_CAPACITY, ReplayCache, SystemClock, Verifier};
+use nitrile_vmm::{Backend, HostProbe, Hypervisor, KvmBackend, QemuBackend};
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+
+use crate::admission::{Admission, AdmissionError, Admitted, DEFAULT_SIGNATURE_CACHE, Refused};
+use crate::config::HostdConfig;
+use crate::instances::{CapacityLimits, InstanceError, Instances};
+use crate::metrics::{HostdMetrics, METRICS_FILE, RequestOutcome, write_metrics_file};
+
+/// How often the metrics file is rewritten (and the image list refreshed).
+pub const METRICS_INTERVAL: Duration = Duration::from_secs(5);
+/// The reason recorded for instances stopped because the agent exits.
+pub const SHUTDOWN_REASON: &str = "host agent shut down";
+
+/// How the host agent runs, beyond its config file.
+#[derive(Clone)]
+pub struct HostdOptions {
+    /// Stop running instances when [`Hostd::serve`] returns (recorded
+    /// `stopped`, reason [`SHUTDOWN_REASON`]); otherwise they keep running
+    /// for the next host agent to adopt.
+    pub stop_instances_on_exit: bool,
+    /// The clock for token checks and records.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for HostdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostdOptions")
+            .field("stop_instances_on_exit", &self.stop_instances_on_exit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for HostdOptions {
+    fn default() -> Self {
+        Self {
+            stop_instances_on_exit: false,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// Why the host agent could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostdError {
+    /// TLS material could not be loaded
+    #[error("TLS material")]
+    Tls(#[from] tls::TlsError),
+    /// the certificate is not this host's certificate in this cell
+    #[error("the certificate {} is not for host {host} of cell {cell}", path.display())]
+    NotThisHost {
+        /// The certificate file.
+        path: PathBuf,
+        /// The cell.
+        cell: nitrile_api::Name,
+        /// The host.
+        host: nitrile_api::Name,
+        /// Why, when the certificate names no principal of the cell.
+        #[source]
+        source: Option<PkiError>,
+    },
+    /// the pinned issuer keys could not be loaded
+    #[error("pinned token issuer keys {}", path.display())]
+    IssuerKeys {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nitrile_tokend::KeyRingError,
+    },
+    /// the host name is not a token audience
+    #[error("host name is not a token audience")]
+    Audience(#[from] nitrile_api::IdError),
+    /// the journal could not be opened
+    #[error("host journal")]
+    Journal(#[from] nitrile_audit::JournalError),
+    /// the replay cache could not be rebuilt from the journal
+    #[error("admission")]
+    Admission(#[from] AdmissionError),
+    /// the image store could not be opened
+    #[error("image store {}", path.display())]
+    Images {
+        /// The store directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nitrile_image::ImageError,
+    },
+    /// the instance records could not be loaded or re-adopted
+    #[error("instances")]
+    Instances(#[from] InstanceError),
+    /// the socket could not be bound or served
+    #[error("network")]
+    Net(#[from] nitrile_net::NetError),
+    /// the state directory could not be created
+    #[error("state directory {}", path.display())]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What host.describe reports that does not change while the agent runs.
+#[derive(Debug)]
+struct Fixed {
+    software: Software,
+    measurements: Vec<Measurement>,
+    started_at: String,
+}
+
+struct Inner {
+    config: HostdConfig,
+    admission: Admission,
+    instances: Instances,
+    images: ImageStore,
+    image_list: Mutex<Vec<ImageSummary>>,
+    metrics: HostdMetrics,
+    registry: Arc<Registry>,
+    clock: Arc<dyn Clock>,
+    hypervisor: Option<Arc<dyn Hypervisor>>,
+    fixed: Fixed,
+}
+
+/// A host agent with its socket bound, ready to serve.
+pub struct Hostd {
+    inner: Arc<Inner>,
+    server: Server,
+    listener: TcpListener,
+    stop_instances_on_exit: bool,
+}
+
+impl std::fmt::Debug for Hostd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hostd")
+            .field("host", &self.inner.config.host)
+            .field("listen", &self.local_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+fn sha256_file(path: &Path) -> Option<Sha256Hex> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).ok()?;
+    Some(Sha256Hex::from_bytes(h.finalize().into()))
+}
+
+fn label(s: &str) -> String {
+    clip_text(s.trim(), MAX_LABEL_LEN)
+}
+
+/// The usable backend: its name, its version, and the hypervisor.
+type OpenedBackend = (Arc<dyn Hypervisor>, &'static str, Option<String>);
+
+fn open_backend(config: &HostdConfig) -> Result<OpenedBackend, String> {
+    let hv = &config.hypervisor;
+    let qemu = hv
+        .qemu
+        .clone()
+        .or_else(|| find_in_path("qemu-system-x86_64"));
+    let vmm = hv.vmm.clone().or_else(HostProbe::default_vmm_binary);
+    let probe = HostProbe::detect(vmm.as_deref(), qemu.as_deref());
+    let (backend, why) =
+        nitrile_vmm::select(hv.backend.choice(), &probe).map_err(|e| e.to_string())?;
+    tracing::info!(%why, "hypervisor backend selected");
+    let vms = config.state.join("vms");
+    match backend {
+        Backend::Qemu { qemu_binary, accel } => {
+            let version = std::process::Command::new(&qemu_binary)
+                .arg("--version")
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(label));
+            let mut b = QemuBackend::new(vms, &qemu_binary)
+                .map_err(|e| e.to_string())?
+                .with_accel(accel);
+            if let Some(d) = &hv.vsock_daemon {
+                b = b.with_vsock_daemon(d);
+            }
+            Ok((Arc::new(b), "qemu", version))
+        }
+        Backend::Kvm { vmm_binary } => {
+            let b = KvmBackend::new(vms, &vmm_binary).map_err(|e| e.to_string())?;
+            Ok((
+                Arc::new(b),
+                "kvm",
+                Some(format!("nitrile vmm {}", env!("CARGO_PKG_VERSION"))),
+            ))
+        }
+    }
+}
+
+fn list_images(store: &ImageStore) -> Vec<ImageSummary> {
+    match store.list() {
+        Ok(list) => list
+            .into_iter()
+            .map(|m| ImageSummary {
+                digest: Sha256Hex::from_bytes(*m.digest.as_bytes()),
+                kernel_release: m.kernel_release.as_deref().map(label),
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the image store");
+            Vec::new()
+        }
+    }
+}
+
+impl Hostd {
+    /// Loads everything, re-adopts the persisted instances and binds the
+    /// socket; fails closed on any problem (a certificate of another host,
+    /// unreadable issuer keys, a torn journal, a damaged instance record).
+    /// A hypervisor backend that cannot run here does not stop the agent:
+    /// host.describe reports it failed and instance operations are refused.
+    pub async fn open(config: &HostdConfig, options: HostdOptions) -> Result<Self, HostdError> {
+        let state = &config.state;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(state)
+            .map_err(|source| HostdError::StateDir {
+                path: state.clone(),
+                source,
+            })?;
+        let roots = CaRoots::load(&config.ca)?;
+        let identity = TlsIdentity::load(&config.cert, &config.key)?;
+        let not_this_host = |source| HostdError::NotThisHost {
+            path: config.cert.clone(),
+            cell: config.cell.clone(),
+            host: config.host.clone(),
+            source,
+        };
+        let me = PeerIdentity::from_der(identity.leaf(), &config.cell)
+            .map_err(|e| not_this_host(Some(e)))?;
+        if me.principal.kind != PrincipalKind::Host || me.principal.name != config.host {
+            return Err(not_this_host(None));
+        }
+        let source: PrincipalId = me.principal;
+        let keys = nitrile_tokend::IssuerFile::load(&config.issuer_keys).map_err(|source| {
+            HostdError::IssuerKeys {
+                path: config.issuer_keys.clone(),
+                source,
+            }
+        })?;
+        let verifier = Verifier::new(keys, Audience::new(config.host.as_str())?);
+        let journal_path = state.join("journal");
+        let journal = Arc::new(Journal::open(&journal_path, &source.uri())?);
+        let admission = Admission::new(
+            source,
+            verifier,
+            ReplayCache::new(DEFAULT_REPLAY_CAPACITY),
+            journal,
+            &journal_path,
+            Arc::clone(&options.clock),
+        )?
+        .with_signature_cache(DEFAULT_SIGNATURE_CACHE);
+        let images = ImageStore::open(&config.images).map_err(|source| HostdError::Images {
+            path: config.images.clone(),
+            source,
+        })?;
+
+        let backend = open_backend(config);
+        let (hypervisor, backend_name, backend_version) = match &backend {
+            Ok((hv, name, version)) => (Some(Arc::clone(hv)), *name, version.clone()),
+            Err(reason) => {
+                tracing::error!(%reason, "no usable hypervisor backend");
+                (None, "none", None)
+            }
+        };
+        if let Some(hv) = &hypervisor
+            && !options.stop_instances_on_exit
+        {
+            // VMs outlive this process; the next host agent adopts them.
+            hv.detach_all();
+        }
+        let now = options.clock.now();
+        let instances = Instances::open(
+            config.host.clone(),
+            state,
+            images.clone(),
+            backend.map(|(hv, _, _)| hv),
+            CapacityLimits::from_config(&config.capacity),
+            now,
+        )?;
+
+        let mut measurements = Vec::new();
+        let exe = std::env::current_exe().ok();
+        for (name, digest) in [
+            (
+                "hostd-binary",
+                sha256_file(Path::new("/proc/self/exe"))
+                    .or_else(|| exe.as_deref().and_then(sha256_file)),
+            ),
+            ("issuer-keys", sha256_file(&config.issuer_keys)),
+            (
+                "hostd-config",
+                Some(Sha256Hex::from_bytes(
+                    Sha256::digest(config.to_toml().as_bytes()).into(),
+                )),
+            ),
+        ] {
+            if let Some(sha256) = digest {
+                measurements.push(Measurement {
+                    name: name.to_owned(),
+                    sha256,
+                });
+            }
+        }
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| label(&s))
+            .unwrap_or_default();
+        let fixed = Fixed {
+            software: Software {
+                nitrile: env!("CARGO_PKG_VERSION").to_owned(),
+                backend: backend_name.to_owned(),
+                backend_version,
+                kernel,
+            },
+            measurements,
+            started_at: nitrile_audit::format_time(now),
+        };
+
+        let registry = Arc::new(Registry::new());
+        let server = Server::new(tls::server_config(&roots, &identity)?, config.cell.clone())
+            .with_metrics(Arc::clone(&registry), "nitrile_hostd");
+        let listener = TcpListener::bind(config.listen).await.map_err(|source| {
+            nitrile_net::NetError::Listener {
+                addr: Some(config.listen),
+                source,
+            }
+        })?;
+        let image_list = Mutex::new(list_images(&images));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config: config.clone(),
+                admission,
+                instances,
+                images,
+                image_list,
+                metrics: HostdMetrics::new(),
+                registry,
+                clock: options.clock,
+                hypervisor,
+                fixed,
+            }),
+            server,
+            listener,
+            stop_instances_on_exit: options.stop_instances_on_exit,
+        })
+    }
+
+    /// The bound mTLS address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// The host's instances (for tests and embedding).
+    pub fn instances(&self) -> &Instances {
+        &self.inner.instances
+    }
+
+    /// The metrics file.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.inner.config.state.join(METRICS_FILE)
+    }
+
+    /// Serves until `shutdown` resolves: then stops accepting, lets in-flight
+    /// requests finish, stops the instances if asked to (else leaves them
+    /// running for the next agent) and writes the metrics file a last time.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), HostdError> {
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let ticker = {
+            let inner = Arc::clone(&self.inner);
+            tokio::spawn(async move {
+                loop {
+                    let inner2 = Arc::clone(&inner);
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let list = list_images(&inner2.images);
+                        *inner2
+                            .image_list
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = list;
+                        inner2.write_metrics();
+                    })
+                    .await;
+                    tokio::select! {
+                        _ = stop_rx.wait_for(|s| *s) => break,
+                        () = tokio::time::sleep(METRICS_INTERVAL) => {}
+                    }
+                }
+            })
+        };
+        let api = Api(Arc::clone(&self.inner));
+        let result = self.server.serve(self.listener, api, shutdown).await;
+        let _ = stop_tx.send(true);
+        let _ = ticker.await;
+        if self.stop_instances_on_exit {
+            let now = self.inner.clock.now();
+            self.inner.instances.stop_all(now, SHUTDOWN_REASON).await;
+        }
+        let inner = Arc::clone(&self.inner);
+        let _ = tokio::task::spawn_blocking(move || inner.write_metrics()).await;
+        result.map_err(HostdError::from)
+    }
+}
+
+impl Inner {
+    fn write_metrics(&self) {
+        let text = self.metrics.render(
+            self.admission.refusal_journal_failures(),
+            &self.instances.count_by_state(),
+            self.admission.journal_healthy(),
+            &self.registry,
+        );
+        let path = self.config.state.join(METRICS_FILE);
+        if let Err(e) = write_metrics_file(&path, &text) {
+            tracing::warn!(error = %e, path = %path.display(), "could not write metrics");
+        }
+    }
+
+    fn describe_host(&self) -> HostDescription {
+        let limits = self.instances.limits();
+        let used = self.instances.allocated();
+        let health = |ok: bool| if ok { Health::Ok } else { Health::Failed };
+        HostDescription {
+            host: self.config.host.clone(),
+            cell: self.config.cell.clone(),
+            placement: self.instances.placement(),
+            health: HostHealth {
+                journal: health(self.admission.journal_healthy()),
+                hypervisor: health(self.hypervisor.is_some()),
+            },
+            software: self.fixed.software.clone(),
+            measurements: self.fixed.measurements.clone(),
+            capacity: Capacity {
+                vcpus_total: limits.vcpus,
+                vcpus_allocated: used.vcpus,
+                memory_mib_total: limits.memory_mib,
+                memory_mib_allocated: used.memory_mib,
+                instances: used.instances,
+            },
+            images: self
+                .image_list
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            started_at: self.fixed.started_at.clone(),
+        }
+    }
+
+    /// The answer to a refusal, counted.
+    fn refused(&self, operation: Option<nitrile_api::Operation>, r: &Refused) -> Response<Bytes> {
+        self.metrics.request(operation, RequestOutcome::Refused);
+        self.metrics.refusal(r.step);
+        refusal(r.status, r.step, &r.reason, r.audit_seq)
+    }
+
+    /// Journals the outcome and builds the answer.
+    fn finish(
+        &self,
+        admitted: Admitted,
+        result: Result<Response<Bytes>, InstanceError>,
+    ) -> Response<Bytes> {
+        let op = admitted.grant().operation();
+        match result {
+            Ok(resp) => {
+                if let Err(e) = self.admission.complete(admitted, Outcome::Executed, None) {
+                    tracing::error!(error = %e, "could not journal an outcome");
+                }
+                self.metrics.request(Some(op), RequestOutcome::Ok);
+                resp
+            }
+            Err(err) => {
+                let (status, step, code) = err.classify();
+                let reason = err.reason();
+                let detail = serde_json::json!({
+                    "step": step.as_str(),
+                    "code": code,
+                    "reason": reason,
+                });
+                let seq = match self
+                    .admission
+                    .complete(admitted, Outcome::Failed, Some(detail))
+                {
+                    Ok(r) => Some(r.seq),
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not journal an outcome");
+                        None
+                    }
+                };
+                if status >= 500 {
+                    tracing::error!(error = %reason, "operation failed");
+                }
+                self.metrics.request(Some(op), RequestOutcome::Failed);
+                self.metrics.refusal(step);
+                refusal(status, step, &reason, seq)
+            }
+        }
+    }
+
+    /// Operations that only read in-memory state: admitted, executed and
+    /// completed on one blocking thread.
+    fn run_read(
+        &self,
+        peer: &PeerIdentity,
+        token: Option<&str>,
+        req: &AdminRequest,
+    ) -> Response<Bytes> {
+        let op = req.operation();
+        let admitted = match self
+            .admission
+            .admit(peer, token, op, &req.resource(&self.config.host))
+        {
+            Ok(a) => a,
+            Err(r) => return self.refused(Some(op), &r),
+        };
+        let now = self.clock.now();
+        let result = match req {
+            AdminRequest::HostDescribe => Ok(ok_json(&self.describe_host())),
+            AdminRequest::InstanceList => Ok(ok_json(&InstanceList {
+                instances: self.instances.list(now),
+            })),
+            AdminRequest::InstanceDescribe(name) => {
+                self.instances.describe(name, now).map(|d| ok_json(&d))
+            }
+            _ => unreachable!("run_read is only called with read operations"),
+        };
+        self.finish(admitted, result)
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        peer: PeerIdentity,
+        token: Option<String>,
+        req: AdminRequest,
+    ) -> Response<Bytes> {
+        if matches!(
+            req,
+            AdminRequest::HostDescribe
+                | AdminRequest::InstanceList
+                | AdminRequest::InstanceDescribe(_)
+        ) {
+            let this = Arc::clone(&self);
+            return blocking(move || this.run_read(&peer, token.as_deref(), &req))
+                .await
+                .unwrap_or_else(|r| r);
+        }
+        let op = req.operation();
+        let resource = req.resource(&self.config.host);
+        let this = Arc::clone(&self);
+        let admitted = blocking(move || {
+            this.admission
+                .admit(&peer, token.as_deref(), op, &resource)
+                .map_err(|r| Box::new(this.refused(Some(op), &r)))
+        })
+        .await;
+        let admitted = match admitted {
+            Ok(Ok(a)) => a,
+            Ok(Err(resp)) => return *resp,
+            Err(resp) => return resp,
+        };
+        let now = self.clock.now();
+        let instances = &self.instances;
+        let result = match &req {
+            AdminRequest::HostDrain | AdminRequest::HostUndrain => instances
+                .set_drained(matches!(req, AdminRequest::HostDrain))
+                .await
+                .map(|()| ok_json(&self.describe_host())),
+            AdminRequest::InstanceLaunch(l) => instances.launch(l, now).await.map(|d| ok_json(&d)),
+            AdminRequest::InstanceStop(n) => {
+                instances.stop(n, now, None).await.map(|d| ok_json(&d))
+            }
+            AdminRequest::InstanceStart(n) => instances.start(n, now).await.map(|d| ok_json(&d)),
+            AdminRequest::InstanceTerminate(n) => {
+                instances.terminate(n, now).await.map(|d| ok_json(&d))
+            }
+            AdminRequest::HostDescribe
+            | AdminRequest::InstanceList
+            | AdminRequest::InstanceDescribe(_) => {
+                unreachable!("read operations returned above")
+            }
+        };
+        let this = Arc::clone(&self);
+        blocking(move || this.finish(admitted, result))
+            .await
+            .unwrap_or_else(|r| r)
+    }
+}
+
+fn ok_json<T: serde::Serialize>(body: &T) -> Response<Bytes> {
+    json_response(StatusCode::OK, body)
+}
+
+fn refusal(
+    status: u16,
+    step: RefusalStep,
+    reason: &str,
+    audit_seq: Option<u64>,
+) -> Response<Bytes> {
+    json_response(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &Refusal {
+            step,
+            reason: clip_text(reason, MAX_REASON_LEN),
+            quota: None,
+            retry_after_secs: None,
+            audit_seq,
+        },
+    )
+}
+
+/// Runs `f` on a blocking thread; a panic becomes a 500 answer.
+async fn blocking<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
+    f: F,
+) -> Result<T, Response<Bytes>> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "request task failed");
+        refusal(
+            500,
+            RefusalStep::Internal,
+            "internal failure; see the host agent's log",
+            None,
+        )
+    })
+}
+
+/// The bearer token of a request, if it has a well-formed one.
+fn bearer(headers: &http::HeaderMap) -> Option<String> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
+        .then(|| token.trim().to_owned())
+}
+
+fn api_error_code(e: &ApiError) -> &'static str {
+    match e {
+        ApiError::UnknownPath(_) => "unknown_path",
+        ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+        ApiError::TooLarge(_) => "too_large",
+        ApiError::BadBody { .. } => "bad_body",
+        _ => "bad_request",
+    }
+}
+
+struct Api(Arc<Inner>);
+
+impl Handler for Api {
+    async fn handle(&self, peer: PeerIdentity, req: Request<Bytes>) -> Response<Bytes> {
+        let inner = Arc::clone(&self.0);
+        let (parts, body) = req.into_parts();
+        let method = parts.method.as_str().to_owned();
+        let path = parts.uri.path().to_owned();
+        let parsed = if parts.uri.query().is_some() {
+            Err((400, "query", "query strings are not accepted".to_owned()))
+        } else {
+            AdminRequest::parse(&method, &path, &body)
+                .map_err(|e| (e.status(), api_error_code(&e), e.to_string()))
+        };
+        match parsed {
+            Ok(req) => {
+                let token = bearer(&parts.headers);
+                inner.run(peer, token, req).await
+            }
+            Err((status, code, reason)) => blocking(move || {
+                let detail = serde_json::json!({
+                    "method": clip_text(&method, 16),
+                    "path": clip_text(&path, 120),
+                });
+                let r = inner
+                    .admission
+                    .refuse_request(&peer, status, code, reason, detail);
+                inner.refused(None, &r)
+            })
+            .await
+            .unwrap_or_else(|r| r),
+        }
+    }
+
+    async fn handshake_failed(&self, remote: SocketAddr, reason: &str) {
+        let inner = Arc::clone(&self.0);
+        let reason = format!("TLS handshake failed: {}", clip_text(reason, 160));
+        inner.metrics.tls_refusal();
+        let _ = tokio::task::spawn_blocking(move || {
+            let detail = serde_json::json!({ "remote": remote.to_string() });
+            inner.admission.refuse_tls(None, reason, Some(detail))
+        })
+        .await;
+    }
+
+    async fn refused_at_tls(&self, reason: &PkiError, cert_sha256: Option<[u8; 32]>) {
+        let inner = Arc::clone(&self.0);
+        let reason = format!("certificate names no principal of this cell: {reason}");
+        inner.metrics.tls_refusal();
+        let _ = tokio::task::spawn_blocking(move || {
+            inner.admission.refuse_tls(cert_sha256, reason, None)
+        })
+        .await;
+    }
+}
