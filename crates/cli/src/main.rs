@@ -66,6 +66,7 @@ enum Command {
     Instance(cmd::instance::Command),
     /// Run the token service.
     Tokend(cmd::tokend::Args),
+    Hostd(cmd::hostd::Args),
     /// Run a whole cell on this machine.
     Up(cmd::up::Args),
     /// Run one microVM (started by the host agent, not by hand).
@@ -99,6 +100,7 @@ fn main() -> ExitCode {
         Command::Host(c) => cmd::host::run(c, &global),
         Command::Instance(c) => cmd::instance::run(c, &global),
         Command::Tokend(a) => cmd::tokend::run(a, &global),
+        Command::Hostd(a) => cmd::hostd::run(a, &global),
         Command::Up(a) => cmd::up::run(a, &global),
         Command::Vmm(a) => cmd::vmm::run(a),
         Command::Config(c) => cmd::config::run(c, &global),

@@ -5,6 +5,7 @@ pub(crate) mod completion;
 pub(crate) mod config;
 pub(crate) mod entitlements;
 pub(crate) mod host;
+pub(crate) mod hostd;
 pub(crate) mod image;
 pub(crate) mod instance;
 pub(crate) mod pki;

@@ -1,0 +1,57 @@
+//! `nitrile hostd`: run the host agent.
+
+use anyhow::Context;
+use nitrile_hostd::{Hostd, HostdConfig, HostdOptions};
+
+use crate::Global;
+use crate::service::{LogFormat, block_on, init_logging};
+
+/// Run the host agent: the only management interface of this host.
+///
+/// It serves the closed admin API (host.describe, host.drain/undrain,
+/// instance.launch/list/describe/stop/start/terminate) on one mTLS port,
+/// verifies every caller's token itself, journals every request before it
+/// acts, and runs instances as microVMs. The global `--config` names the
+/// host agent's config file (TOML; `nitrile up` writes one to
+/// `<state>/hosts/h1/hostd.toml`). Metrics are written to
+/// `<state>/metrics.prom`, not served.
+///
+/// On SIGINT or SIGTERM it stops accepting, finishes in-flight requests and
+/// exits 0; instances keep running for the next host agent to adopt unless
+/// `--stop-instances-on-exit` is given.
+///
+/// Example: `nitrile hostd --config ./nitrile-state/hosts/h1/hostd.toml`
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Stop running instances when the agent exits (recorded `stopped`,
+    /// reason "host agent shut down").
+    #[arg(long)]
+    stop_instances_on_exit: bool,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
+    let path = global.config.as_deref().context(
+        "no host agent config: pass --config FILE (e.g. ./nitrile-state/hosts/h1/hostd.toml)",
+    )?;
+    let config = HostdConfig::load(path)?;
+    init_logging(args.log_format);
+    let options = HostdOptions {
+        stop_instances_on_exit: args.stop_instances_on_exit,
+        ..HostdOptions::default()
+    };
+    block_on(async move {
+        let hostd = Hostd::open(&config, options)
+            .await
+            .context("host agent cannot start")?;
+        let addr = hostd
+            .local_addr()
+            .map_or_else(|| config.listen.to_string(), |a| a.to_string());
+        eprintln!("nitrile hostd: {} serving on {addr}", config.host);
+        hostd.serve(nitrile_net::shutdown_signal()).await?;
+        tracing::info!("host agent stopped");
+        anyhow::Ok(())
+    })?
+}
