@@ -111,7 +111,7 @@ pub fn refusal_response(status: StatusCode, step: RefusalStep, reason: &str) -> 
         status,
         &Refusal {
             step,
-            reason: reason.to_owned(),
+            reason: nitrile_api::admin::clip_text(reason, nitrile_api::admin::MAX_REASON_LEN),
             quota: None,
             retry_after_secs: None,
             audit_seq: None,

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use nitrile_api::admin::{MAX_LABEL_LEN, MAX_REASON_LEN, clip_text};
 use nitrile_api::wire::{
     MAX_REQUEST_OPERATIONS, MAX_REQUEST_RESOURCES, Refusal, RefusalStep, TokenRequest,
     TokenResponse,
@@ -390,8 +391,11 @@ impl TokenService {
 fn refusal_reply(refused: &Refused, audit_seq: Option<u64>) -> Reply {
     let body = Refusal {
         step: refused.step,
-        reason: refused.reason.clone(),
-        quota: refused.quota.clone(),
+        reason: clip_text(&refused.reason, MAX_REASON_LEN),
+        quota: refused
+            .quota
+            .as_deref()
+            .map(|q| clip_text(q, MAX_LABEL_LEN)),
         retry_after_secs: refused.retry_after,
         audit_seq,
     };
