@@ -367,6 +367,10 @@ impl Instances {
         let instances_dir = state_dir.join("instances");
         private_dir(&instances_dir)?;
         private_dir(&state_dir.join("volumes"))?;
+        // Paths handed to the hypervisor must be absolute and normalized; a
+        // config's relative `state = "."` resolves to `<dir>/.`.
+        let state_dir = &std::fs::canonicalize(state_dir).map_err(io(state_dir))?;
+        let instances_dir = state_dir.join("instances");
         let host_file = state_dir.join(HOST_FILE);
         let drained = match std::fs::metadata(&host_file) {
             Ok(_) => {
@@ -710,12 +714,17 @@ impl Instances {
                 })
             })
             .collect();
+        // The store's root may be configured as `../../images`: the spec
+        // takes absolute, normalized paths only.
+        let kernel = std::fs::canonicalize(image.kernel()).map_err(io(image.kernel()))?;
+        let initramfs =
+            std::fs::canonicalize(image.initramfs()).map_err(io(image.initramfs()))?;
         let spec_json = serde_json::json!({
             "instance": name.as_str(),
             "image": {
                 "digest": image.digest().to_hex(),
-                "kernel": image.kernel(),
-                "initramfs": image.initramfs(),
+                "kernel": kernel,
+                "initramfs": initramfs,
                 "cmdline": image.cmdline().as_str(),
             },
             "vcpus": req.vcpus,
