@@ -229,7 +229,13 @@ impl HostdConfig {
     fn resolve(&mut self, base: &Path) {
         let join = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                // `.` components are dropped (`state = "."` is the file's
+                // directory itself); `..` is kept as written.
+                *p = base
+                    .join(&*p)
+                    .components()
+                    .filter(|c| *c != std::path::Component::CurDir)
+                    .collect();
             }
         };
         for p in [
@@ -368,7 +374,7 @@ backend = "auto"
         std::fs::write(&path, SAMPLE).unwrap();
         let c = HostdConfig::load(&path).unwrap();
         assert_eq!(c.host.as_str(), "h1");
-        assert_eq!(c.state, dir.path().join("hosts/h1/."));
+        assert_eq!(c.state, dir.path().join("hosts/h1"));
         assert_eq!(c.ca, dir.path().join("hosts/h1/../../pki/ca.pem"));
         assert_eq!(c.hypervisor.backend, BackendName::Auto);
         assert_eq!(c.capacity, CapacityConfig::default());
