@@ -2,7 +2,9 @@
 //!
 //! This crate guarantees that hostd can drive a microVM only through the small,
 //! closed [`Hypervisor`] trait: create from a validated [`VmSpec`] and its
-//! [`VolumeKeys`], start, stop, status, destroy. No method reads guest memory,
+//! [`VolumeKeys`], start, stop, status, destroy, and take over a VM that an
+//! earlier backend process left running (adopt, detach_all; the qemu
+//! backend only, see [`qemu`]). No method reads guest memory,
 //! disk contents or the console, and there is no pass-through for arbitrary
 //! hypervisor commands. Specs are parsed strictly ([`VmSpec::parse_json`],
 //! bounded by [`MAX_SPEC_LEN`]); volume keys live in locked, zeroized memory

@@ -288,3 +288,32 @@ fn qemu_adopt_refuses_a_malformed_record() {
     // pid 1 was not touched, and the directory stays for inspection.
     assert!(vm_dir.exists());
 }
+
+#[test]
+fn qemu_adopt_of_a_vm_whose_qemu_was_terminated_reports_qemus_own_reason() {
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(&env, "adopt-6", None, None);
+    let a = backend(&env, dir.path());
+    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let pid = a.qemu_pid(&id).unwrap();
+    let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
+    a.detach_all();
+    drop(a);
+    // QEMU says on its standard error why it ends on SIGTERM.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(wait_gone(pid, start));
+
+    let b = backend(&env, dir.path());
+    let status = b.adopt(&spec).unwrap();
+    assert!(
+        matches!(&status, VmStatus::Failed { reason } if reason.contains("signal 15")),
+        "{status:?}"
+    );
+    assert!(!b.vm_dir(&id).exists());
+    b.destroy(&id).unwrap();
+}

@@ -343,3 +343,117 @@ fn qemu_vm_whose_vsock_daemon_dies_is_failed() {
     hv.destroy(&id).unwrap();
     assert!(!hv.vm_dir(&id).exists());
 }
+
+/// The host PID and start time (field 22 of `/proc/<pid>/stat`) of a live
+/// process; `None` once it is gone or a zombie.
+fn identity(pid: u32) -> Option<(u32, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    (f[0] != "Z" && f[0] != "X").then_some((pid, f[19].parse().ok()?))
+}
+
+fn gone_soon(id: (u32, u64)) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if identity(id.0) != Some(id) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn qemu_adopted_vm_keeps_serving_host_connections_over_vsock() {
+    let (env, daemon) = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = socket_dir(dir.path()).join("vm.vsock");
+    let backend = || {
+        QemuBackend::new(dir.path().join("vms"), &env.qemu)
+            .unwrap()
+            .with_accel(env.accel)
+            .with_vsock_daemon(&daemon)
+    };
+    let spec = vsock_spec(&env, "vsock-adopt-1", "vsock-listen", 7, &uds);
+    let a = backend();
+    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    a.start(&id).unwrap();
+    let old_image = unknown("vsock-listen");
+    let found = wait_for(
+        &a,
+        &id,
+        &[
+            "NITRILE-VSOCK-LISTENING",
+            "NITRILE-VSOCK-FAILED",
+            &old_image,
+        ],
+    );
+    if found.as_deref() == Some(old_image.as_str()) {
+        println!("SKIPPED: the guest image predates its vsock tool (rerun scripts/guest-image.sh)");
+        return;
+    }
+    assert_eq!(found.as_deref(), Some("NITRILE-VSOCK-LISTENING"));
+    let qemu = identity(a.qemu_pid(&id).unwrap()).unwrap();
+    let vsock = identity(a.vsock_daemon_pid(&id).unwrap()).unwrap();
+    a.detach_all();
+    drop(a);
+
+    // The successor adopts QEMU and the daemon; the guest, which has not
+    // been touched since, answers a host connection through them.
+    let b = backend();
+    assert_eq!(b.adopt(&spec).unwrap(), VmStatus::Running);
+    assert_eq!(b.vsock_daemon_pid(&id), Some(vsock.0));
+    let mut conn = UnixStream::connect(&uds).unwrap();
+    conn.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
+    conn.write_all(b"CONNECT 5001\n").unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut reply = String::new();
+    reader.read_line(&mut reply).unwrap();
+    assert!(reply.starts_with("OK "), "CONNECT reply: {reply:?}");
+    let message = b"through an adopted VMM";
+    conn.write_all(message).unwrap();
+    let mut echoed = vec![0u8; message.len()];
+    reader.read_exact(&mut echoed).unwrap();
+    assert_eq!(echoed, message);
+    drop(reader);
+    drop(conn);
+    b.stop(&id).unwrap();
+    assert!(gone_soon(qemu), "QEMU runs after stop");
+    assert!(gone_soon(vsock), "the vsock daemon runs after stop");
+    assert!(!uds.exists(), "the VM's host socket outlived it");
+    b.destroy(&id).unwrap();
+}
+
+#[test]
+fn qemu_adopt_of_a_vm_whose_qemu_died_stops_its_vsock_daemon() {
+    let (env, daemon) = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = socket_dir(dir.path()).join("vm.vsock");
+    let backend = || {
+        QemuBackend::new(dir.path().join("vms"), &env.qemu)
+            .unwrap()
+            .with_accel(env.accel)
+            .with_vsock_daemon(&daemon)
+    };
+    let spec = vsock_spec(&env, "vsock-adopt-2", "vsock-listen", 8, &uds);
+    let a = backend();
+    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let qemu = identity(a.qemu_pid(&id).unwrap()).unwrap();
+    let vsock = identity(a.vsock_daemon_pid(&id).unwrap()).unwrap();
+    a.detach_all();
+    drop(a);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(qemu.0).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(gone_soon(qemu));
+
+    let b = backend();
+    assert_eq!(b.adopt(&spec).unwrap(), VmStatus::Stopped);
+    assert!(gone_soon(vsock), "the dead VM's vsock daemon still runs");
+    assert!(!uds.exists(), "the dead VM's host socket is left");
+    assert!(!b.vm_dir(&id).exists());
+    b.destroy(&id).unwrap();
+}

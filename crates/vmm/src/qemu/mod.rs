@@ -41,6 +41,39 @@
 //! by root). The backend sends only `query-status`, `cont`, `stop` and `quit`
 //! (a closed command set). The console file is never read here.
 //!
+//! # Adoption
+//! VMs outlive the backend that created them when it was told to
+//! ([`Hypervisor::detach_all`]), and a later backend on the same state
+//! directory takes one over with [`Hypervisor::adopt`]. What makes this
+//! possible and safe:
+//! - Before `create` returns, [`RECORD_FILE`] (`vmm.json`) in the VM's
+//!   state directory records, for each process of the VM, its pid and its
+//!   start time (field 22 of `/proc/<pid>/stat`): the process the backend
+//!   spawned (with namespaces, the waiting parent outside QEMU's PID
+//!   namespace, which exits with QEMU's status), QEMU itself, and the vsock
+//!   daemon and its waiting parent. It is written atomically (temporary file
+//!   with mode 0600, fsync, rename, fsync of the directory) and read back
+//!   strictly (unknown fields refused, at most [`MAX_RECORD_LEN`](crate::MAX_RECORD_LEN) bytes).
+//! - A successor identifies each process by pid *and* start time, so a pid
+//!   the kernel recycled for another process is never adopted and never
+//!   signalled. From then on it holds each process through a pidfd: exit is
+//!   detected by polling it, signals go through `pidfd_send_signal`.
+//! - It reconnects to QEMU over the QMP socket in the VM directory (QEMU
+//!   serves a new client once the previous connection has closed), and
+//!   leaves the vsock daemon serving the guest untouched.
+//! - If QEMU is gone, the successor kills what is left of the VM (vsock
+//!   daemon), removes its host socket, cgroup and state directory (volumes
+//!   stay) and reports `Stopped`, or `Failed` with the last lines QEMU
+//!   itself wrote on its standard error (`qemu.stderr`) that are not
+//!   warnings. The VM stays known as ended until `destroy`.
+//! - VMMs never depend on their spawner: each jailed process calls `setsid`
+//!   before exec (a terminal's Ctrl-C or hang-up does not reach it), no
+//!   process is tied to the backend by `PR_SET_PDEATHSIG` (QEMU is tied only
+//!   to its own waiting parent), and with a cgroup root they live in the
+//!   VM's cgroup rather than the caller's. An adopted process is not our
+//!   child: its parent (init or a subreaper) reaps it, and its exit status
+//!   is not known to us.
+//!
 //! # The jail, and what is not jailed yet
 //! In order of application:
 //! 1. `RLIMIT_CORE` is 0 (survives exec), and the process is non-dumpable:
@@ -806,49 +839,73 @@ impl Hypervisor for QemuBackend {
             .as_deref()
             .and_then(|root| Cgroup::existing(root, spec.instance().as_str()));
         let uds = spec.vsock().map(|v| v.uds_path.as_path().to_path_buf());
-        let spawned = record.and_then(|r| Tracked::adopt(r.spawned));
+        let mut spawned = record.and_then(|r| Tracked::adopt(r.spawned));
         let mut qemu = record.and_then(|r| r.qemu).and_then(Tracked::adopt);
         let mut daemon = record
             .and_then(|r| r.vsock)
             .and_then(|r| vsock::Daemon::adopt(r, &dir, uds.clone()));
-        let mut vm = match spawned {
-            Some(spawned) => {
-                let qmp = Qmp::connect(&dir.join(QMP_SOCKET), READY_TIMEOUT)?;
-                Vm {
-                    dir,
-                    proc: Some(Proc {
-                        spawned,
-                        qemu,
-                        qmp,
-                        cgroup,
-                        vsock: daemon,
-                    }),
-                    ended: None,
+        // QEMU itself decides: its waiting parent may outlive it briefly.
+        let qemu_recorded = record.is_some_and(|r| r.qemu.is_some());
+        if let Some(mut s) = spawned.take() {
+            if !qemu_recorded || qemu.is_some() {
+                match Qmp::connect(&dir.join(QMP_SOCKET), READY_TIMEOUT) {
+                    Ok(qmp) => {
+                        let mut vm = Vm {
+                            dir,
+                            proc: Some(Proc {
+                                spawned: s,
+                                qemu,
+                                qmp,
+                                cgroup,
+                                vsock: daemon,
+                            }),
+                            ended: None,
+                        };
+                        let status = status_of(&mut vm);
+                        vms.insert(id, vm);
+                        return Ok(status);
+                    }
+                    // Refused because QEMU is ending right now: it is gone.
+                    Err(e) => {
+                        let watched = qemu.as_mut().unwrap_or(&mut s);
+                        if watched
+                            .wait_until(Instant::now() + Duration::from_secs(1))
+                            .is_none()
+                        {
+                            return Err(e.into());
+                        }
+                    }
                 }
             }
-            None => {
-                // QEMU is gone: clean up what it left, as destroy would.
-                if let Some(q) = qemu.as_mut() {
-                    q.signal(Signal::SIGKILL);
-                    let _ = q.wait_until(Instant::now() + STOP_TIMEOUT);
-                }
-                if let Some(d) = daemon.as_mut() {
-                    d.stop();
-                }
-                if let Some(u) = &uds {
-                    vsock::remove_socket(u);
-                }
-                if let Some(cg) = &cgroup {
-                    cg.remove();
-                }
-                let reason = stderr_reason(&dir.join(STDERR_FILE));
-                remove_vm_dir(&dir)?;
-                Vm {
-                    dir,
-                    proc: None,
-                    ended: Some(reason),
-                }
-            }
+            spawned = Some(s);
+        }
+        // QEMU is gone: clean up what it left, as destroy would. Its waiting
+        // parent follows it out.
+        if let Some(s) = spawned.as_mut()
+            && s.wait_until(Instant::now() + STOP_TIMEOUT).is_none()
+        {
+            s.signal(Signal::SIGKILL);
+            let _ = s.wait_until(Instant::now() + STOP_TIMEOUT);
+        }
+        if let Some(q) = qemu.as_mut() {
+            q.signal(Signal::SIGKILL);
+            let _ = q.wait_until(Instant::now() + STOP_TIMEOUT);
+        }
+        if let Some(d) = daemon.as_mut() {
+            d.stop();
+        }
+        if let Some(u) = &uds {
+            vsock::remove_socket(u);
+        }
+        if let Some(cg) = &cgroup {
+            cg.remove();
+        }
+        let reason = stderr_reason(&dir.join(STDERR_FILE));
+        remove_vm_dir(&dir)?;
+        let mut vm = Vm {
+            dir,
+            proc: None,
+            ended: Some(reason),
         };
         let status = status_of(&mut vm);
         vms.insert(id, vm);
@@ -983,6 +1040,28 @@ mod tests {
         let mut s = String::new();
         File::from(r).read_to_string(&mut s).unwrap();
         assert_eq!(s, "passphrase");
+    }
+
+    #[test]
+    fn stderr_reason_skips_warnings_and_blank_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STDERR_FILE);
+        assert_eq!(stderr_reason(&path), None);
+        fs::write(
+            &path,
+            "qemu-system-x86_64: warning: host lacks a feature\n\n",
+        )
+        .unwrap();
+        assert_eq!(stderr_reason(&path), None);
+        fs::write(
+            &path,
+            "qemu-system-x86_64: warning: x\nqemu-system-x86_64: terminating on signal 15\n",
+        )
+        .unwrap();
+        assert_eq!(
+            stderr_reason(&path).as_deref(),
+            Some("qemu-system-x86_64: terminating on signal 15")
+        );
     }
 
     #[test]
