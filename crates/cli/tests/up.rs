@@ -351,6 +351,16 @@ fn nitrile_up_runs_a_host_that_the_cli_calls() {
     );
     assert_eq!(out.status.code(), Some(2));
 
+    // alice (oncall) drains and undrains the host.
+    let drained = ok(&nitrile(&up.config, &["host", "drain"]));
+    assert!(drained.contains("drained (launches refused)"), "{drained}");
+    let json = ok(&nitrile(&up.config, &["host", "undrain", "-o", "json"]));
+    let undrained: nitrile_api::admin::HostDescription = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        undrained.placement,
+        nitrile_api::admin::PlacementState::Accepting
+    );
+
     // The placement service may launch, so its token is granted and the call
     // reaches the host, which refuses an image it does not have at the state
     // step, naming its journal record.
@@ -450,5 +460,53 @@ fn nitrile_up_launches_a_real_instance() {
     ));
     let gone: nitrile_api::admin::InstanceDescription = serde_json::from_str(&gone).unwrap();
     assert_eq!(gone.state, nitrile_api::admin::InstanceState::Terminated);
+
+    // An instance still running when the cell stops is stopped with it: its
+    // processes are gone and its record says why.
+    ok(&nitrile(
+        &placement,
+        &["instance", "launch", "web2", "--image", &image],
+    ));
+    let state_dir = state.to_str().unwrap();
+    assert!(
+        processes_mentioning(state_dir)
+            .iter()
+            .any(|p| p.contains("qemu-system")),
+        "no QEMU of web2 found"
+    );
     stop(up);
+    let left = processes_mentioning(state_dir);
+    assert!(
+        left.is_empty(),
+        "still running after the cell stopped: {left:?}"
+    );
+    let up = start(&state);
+    let web2 = ok(&nitrile(
+        &placement,
+        &["instance", "describe", "web2", "-o", "json"],
+    ));
+    let web2: nitrile_api::admin::InstanceDescription = serde_json::from_str(&web2).unwrap();
+    assert_eq!(web2.state, nitrile_api::admin::InstanceState::Stopped);
+    assert_eq!(web2.reason.as_deref(), Some("host agent shut down"));
+    stop(up);
+}
+
+/// Processes other than this test whose command line mentions `text`.
+fn processes_mentioning(text: &str) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == me || !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(text) {
+            found.push(format!("{name}: {cmdline}"));
+        }
+    }
+    found
 }
