@@ -510,3 +510,27 @@ fn processes_mentioning(text: &str) -> Vec<String> {
     }
     found
 }
+
+#[test]
+fn nitrile_up_stops_when_its_host_agent_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut up = start(&state);
+    let pid = up
+        .stdout
+        .iter()
+        .find_map(|l| {
+            let rest = l.split_once("(mTLS, pid ")?.1;
+            rest.split(')').next()?.parse::<i32>().ok()
+        })
+        .unwrap_or_else(|| panic!("no hostd pid in {:?}", up.stdout));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = up.child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status}");
+    let log = std::fs::read_to_string(state.with_extension("stderr.log")).unwrap();
+    assert!(log.contains("host agent h1 exited unexpectedly"), "{log}");
+}
