@@ -27,6 +27,10 @@ pub enum AdmissionError {
     /// an audit record could not be encoded
     #[error("cannot encode an audit record")]
     Record(#[from] nitrile_audit::RecordError),
+    /// a record could not be appended to the journal (disk full, read-only,
+    /// I/O error): nothing that needed it ran
+    #[error("cannot append to the journal")]
+    Append(#[source] nitrile_audit::JournalError),
     /// the replay cache is full of live token ids
     #[error("replay cache full while rebuilding it from the journal")]
     ReplayCache(#[source] TokenError),
@@ -310,8 +314,14 @@ impl Admission {
             Err(e) => {
                 self.refusal_journal_failures
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, code, "could not journal a refusal");
-                eprintln!("nitrile hostd: could not journal a refusal ({code}): {e}");
+                let mut cause = String::new();
+                let mut next = std::error::Error::source(&e);
+                while let Some(c) = next {
+                    cause.push_str(&format!(": {c}"));
+                    next = c.source();
+                }
+                tracing::error!(error = %e, %cause, code, "could not journal a refusal");
+                eprintln!("nitrile hostd: could not journal a refusal ({code}): {e}{cause}");
                 None
             }
         }
@@ -486,7 +496,7 @@ impl Admission {
         let bytes = record.encode()?;
         let result = self.journal.append(&bytes);
         self.journal_ok.store(result.is_ok(), Ordering::Relaxed);
-        Ok(result?)
+        result.map_err(AdmissionError::Append)
     }
 }
 
