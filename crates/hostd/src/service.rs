@@ -718,6 +718,29 @@ impl Handler for Api {
         }
     }
 
+    async fn request_unreadable(
+        &self,
+        peer: PeerIdentity,
+        method: String,
+        path: String,
+        status: u16,
+        reason: String,
+    ) {
+        let inner = Arc::clone(&self.0);
+        let _ = blocking(move || {
+            let detail = serde_json::json!({
+                "method": clip_text(&method, 16),
+                "path": clip_text(&path, 120),
+            });
+            let r =
+                inner
+                    .admission
+                    .refuse_request(&peer, status, "unreadable_body", reason, detail);
+            inner.refused(None, &r)
+        })
+        .await;
+    }
+
     async fn handshake_failed(&self, remote: SocketAddr, reason: &str) {
         let inner = Arc::clone(&self.0);
         let reason = format!("TLS handshake failed: {}", clip_text(reason, 160));

@@ -63,6 +63,23 @@ pub trait Handler: Send + Sync + 'static {
         std::future::ready(())
     }
 
+    /// Told when a request from an authenticated peer is answered by the
+    /// server itself because its body could not be read whole (larger than
+    /// the body limit, unreadable, or too slow): `status` is the answer sent
+    /// and [`Handler::handle`] is not called. Services journal the refusal
+    /// here.
+    fn request_unreadable(
+        &self,
+        peer: PeerIdentity,
+        method: String,
+        path: String,
+        status: u16,
+        reason: String,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (peer, method, path, status, reason);
+        std::future::ready(())
+    }
+
     /// Told once per connection whose verified certificate could not be
     /// turned into an identity of this cell (no nitrile principal, several,
     /// another cell). The connection's requests are answered `401` without
@@ -400,32 +417,45 @@ impl<H: Handler> Shared<H> {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let unreadable = |status: StatusCode, reason: String| {
+            self.handler.request_unreadable(
+                peer.clone(),
+                parts.method.to_string(),
+                parts.uri.path().to_owned(),
+                status.as_u16(),
+                reason,
+            )
+        };
         if declared.is_some_and(|n| n > (self.max_body + MAX_DRAIN) as u64) {
             // Not worth reading; the connection is closed after the answer.
-            return full(self.too_large());
+            let resp = self.too_large();
+            unreadable(resp.status(), self.too_large_reason()).await;
+            return full(resp);
         }
         let body = match tokio::time::timeout(BODY_READ_TIMEOUT, read_body(body, self.max_body))
             .await
         {
             Ok(Ok(body)) => body,
-            Ok(Err(BodyError::TooLarge)) => return full(self.too_large()),
+            Ok(Err(BodyError::TooLarge)) => {
+                let resp = self.too_large();
+                unreadable(resp.status(), self.too_large_reason()).await;
+                return full(resp);
+            }
             Ok(Err(BodyError::Read(e))) => {
                 tracing::debug!(principal = %peer.principal, error = %e, "request body could not be read");
-                let mut resp = refusal_response(
-                    StatusCode::BAD_REQUEST,
-                    RefusalStep::Request,
-                    "request body could not be read",
-                );
+                let reason = "request body could not be read";
+                let mut resp =
+                    refusal_response(StatusCode::BAD_REQUEST, RefusalStep::Request, reason);
                 close(&mut resp);
+                unreadable(resp.status(), reason.to_owned()).await;
                 return full(resp);
             }
             Err(_) => {
-                let mut resp = refusal_response(
-                    StatusCode::REQUEST_TIMEOUT,
-                    RefusalStep::Request,
-                    "request body was not sent in time",
-                );
+                let reason = "request body was not sent in time";
+                let mut resp =
+                    refusal_response(StatusCode::REQUEST_TIMEOUT, RefusalStep::Request, reason);
                 close(&mut resp);
+                unreadable(resp.status(), reason.to_owned()).await;
                 return full(resp);
             }
         };
@@ -436,12 +466,16 @@ impl<H: Handler> Shared<H> {
         )
     }
 
+    fn too_large_reason(&self) -> String {
+        format!("request body is larger than {} bytes", self.max_body)
+    }
+
     fn too_large(&self) -> Response<Bytes> {
         self.metrics.bodies_too_large.inc();
         let mut resp = refusal_response(
             StatusCode::PAYLOAD_TOO_LARGE,
             RefusalStep::Request,
-            &format!("request body is larger than {} bytes", self.max_body),
+            &self.too_large_reason(),
         );
         close(&mut resp);
         resp

@@ -47,6 +47,10 @@ fn identity(cell: &Cell, principal: &str) -> TlsIdentity {
     TlsIdentity::from_issued(&issued).unwrap()
 }
 
+fn alice_id() -> PrincipalId {
+    PrincipalId::parse("nitrile://c1/operator/alice").unwrap()
+}
+
 fn tokend() -> PrincipalId {
     PrincipalId::parse("nitrile://c1/service/tokend").unwrap()
 }
@@ -64,6 +68,7 @@ struct Seen {
 struct State {
     seen: Mutex<Vec<Seen>>,
     refusals: Mutex<Vec<(String, Option<[u8; 32]>)>>,
+    unreadable: Mutex<Vec<(PrincipalId, String, u16)>>,
     slow_started: Notify,
     slow_release: Notify,
 }
@@ -92,6 +97,21 @@ impl Handler for Recorder {
             StatusCode::OK,
             &serde_json::json!({ "principal": peer.principal, "len": req.body().len() }),
         )
+    }
+
+    async fn request_unreadable(
+        &self,
+        peer: PeerIdentity,
+        _method: String,
+        path: String,
+        status: u16,
+        _reason: String,
+    ) {
+        self.0
+            .unreadable
+            .lock()
+            .unwrap()
+            .push((peer.principal, path, status));
     }
 
     async fn refused_at_tls(&self, reason: &PkiError, cert_sha256: Option<[u8; 32]>) {
@@ -307,6 +327,11 @@ async fn oversize_body_gets_413() {
     assert_eq!(resp.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(resp.refusal().unwrap().step, RefusalStep::Request);
     assert!(server.recorder.0.seen.lock().unwrap().is_empty());
+    // The handler is told, so that the service can journal the refusal.
+    assert_eq!(
+        *server.recorder.0.unreadable.lock().unwrap(),
+        [(alice_id(), "/v1/echo".to_owned(), 413)]
+    );
     // Just under the limit is served (the JSON string adds two quotes).
     let fits = "x".repeat(nitrile_net::MAX_BODY - 2);
     let resp = client.post_json("/v1/echo", &fits).await.unwrap();

@@ -298,6 +298,19 @@ impl Handler for Api {
         to_response(reply)
     }
 
+    async fn request_unreadable(
+        &self,
+        peer: PeerIdentity,
+        method: String,
+        path: String,
+        status: u16,
+        reason: String,
+    ) {
+        let svc = Arc::clone(&self.0);
+        let _ =
+            blocking(move || svc.refuse_unreadable(&peer, &method, &path, status, &reason)).await;
+    }
+
     async fn handshake_failed(&self, remote: SocketAddr, reason: &str) {
         let svc = Arc::clone(&self.0);
         let reason = format!("TLS handshake failed: {reason}");

@@ -253,6 +253,32 @@ impl TokenService {
         self.refuse(base, now, request_id, None, refused)
     }
 
+    /// Journals a request the server answered itself because its body could
+    /// not be read whole (too large, unreadable, too slow).
+    pub fn refuse_unreadable(
+        &self,
+        peer: &PeerIdentity,
+        method: &str,
+        path: &str,
+        status: u16,
+        reason: &str,
+    ) -> Reply {
+        let now = self.clock.now();
+        let request_id = RequestId::random(&mut rand_core::OsRng);
+        let shown: String = path.chars().take(64).collect();
+        let method: String = method.chars().take(16).collect();
+        let refused = Refused::new(
+            status,
+            RefusalStep::Request,
+            format!("{method} {shown}: {reason}"),
+        );
+        let base = |r: AuditRecord| {
+            r.with_principal(peer.principal.clone())
+                .with_cert_sha256(CertSha256::from_bytes(peer.cert_sha256))
+        };
+        self.refuse(base, now, request_id, None, refused)
+    }
+
     fn decide(
         &self,
         peer: &PeerIdentity,
