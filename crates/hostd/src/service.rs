@@ -18,7 +18,7 @@ use nitrile_api::admin::{
 };
 use nitrile_api::wire::{Refusal, RefusalStep};
 use nitrile_api::{Audience, PrincipalId, PrincipalKind};
-use nitrile_audit::{Journal, Outcome};
+use nitrile_audit::{JournalOptions, Outcome};
 use nitrile_image::ImageStore;
 use nitrile_net::{Handler, PeerIdentity, Registry, Server, json_response};
 use nitrile_pki::PkiError;
@@ -47,12 +47,19 @@ pub struct HostdOptions {
     pub stop_instances_on_exit: bool,
     /// The clock for token checks and records.
     pub clock: Arc<dyn Clock>,
+    /// DANGER, benchmarks only: open the journal without fdatasync
+    /// ([`nitrile_audit::JournalOptions::danger_no_sync`]), so a record is
+    /// not durable when the request runs. Not reachable from `nitrile hostd`
+    /// or the config file; it exists to measure the ceiling of the
+    /// durable path.
+    pub danger_journal_no_sync: bool,
 }
 
 impl std::fmt::Debug for HostdOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostdOptions")
             .field("stop_instances_on_exit", &self.stop_instances_on_exit)
+            .field("danger_journal_no_sync", &self.danger_journal_no_sync)
             .finish_non_exhaustive()
     }
 }
@@ -62,6 +69,7 @@ impl Default for HostdOptions {
         Self {
             stop_instances_on_exit: false,
             clock: Arc::new(SystemClock),
+            danger_journal_no_sync: false,
         }
     }
 }
@@ -283,7 +291,11 @@ impl Hostd {
         })?;
         let verifier = Verifier::new(keys, Audience::new(config.host.as_str())?);
         let journal_path = state.join("journal");
-        let journal = Arc::new(Journal::open(&journal_path, &source.uri())?);
+        let journal = Arc::new(
+            JournalOptions::new()
+                .danger_no_sync(options.danger_journal_no_sync)
+                .open(&journal_path, &source.uri())?,
+        );
         let admission = Admission::new(
             source,
             verifier,
