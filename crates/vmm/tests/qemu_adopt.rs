@@ -317,3 +317,109 @@ fn qemu_adopt_of_a_vm_whose_qemu_was_terminated_reports_qemus_own_reason() {
     assert!(!b.vm_dir(&id).exists());
     b.destroy(&id).unwrap();
 }
+
+#[test]
+fn qemu_adopt_without_a_record_kills_what_is_left_in_the_vms_cgroup() {
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(&env, "adopt-7", None, None);
+    let a = backend(&env, dir.path());
+    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let pid = a.qemu_pid(&id).unwrap();
+    let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    if !cgroup.contains("nitrile/adopt-7") {
+        a.destroy(&id).unwrap();
+        println!("SKIPPED: no per-VM cgroup on this host");
+        return;
+    }
+    // As if the backend had died between starting QEMU and recording it.
+    std::fs::remove_file(a.vm_dir(&id).join(nitrile_vmm::qemu::RECORD_FILE)).unwrap();
+    a.detach_all();
+    drop(a);
+    assert!(alive(pid, start));
+
+    let b = backend(&env, dir.path());
+    assert_eq!(b.adopt(&spec).unwrap(), VmStatus::Stopped);
+    assert!(wait_gone(pid, start), "the unrecorded QEMU still runs");
+    assert!(!b.vm_dir(&id).exists());
+    b.destroy(&id).unwrap();
+}
+
+/// The environment variable that turns the next test into the helper
+/// process of `qemu_vm_survives_sigkill_of_the_process_that_created_it`.
+const HELPER_ENV: &str = "NITRILE_TEST_ADOPT_HELPER_STATE";
+
+/// Not a test on its own: when [`HELPER_ENV`] names a state directory, it
+/// creates and starts a VM there, says so in `ready`, and waits to be killed.
+#[test]
+fn adopt_helper_creates_a_vm_and_waits_to_be_killed() {
+    let Some(state) = std::env::var_os(HELPER_ENV) else {
+        return;
+    };
+    let state = PathBuf::from(state);
+    let env = env().unwrap();
+    let hv = backend(&env, &state);
+    let id = hv
+        .create(&spec(&env, "adopt-8", None, None), VolumeKeys::new())
+        .unwrap();
+    hv.start(&id).unwrap();
+    std::fs::write(state.join("ready"), hv.qemu_pid(&id).unwrap().to_string()).unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn qemu_vm_survives_sigkill_of_the_process_that_created_it() {
+    use std::os::unix::process::CommandExt as _;
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    // The creator runs in a process group of its own, as a service would.
+    let mut creator = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "adopt_helper_creates_a_vm_and_waits_to_be_killed",
+            "--nocapture",
+        ])
+        .env(HELPER_ENV, dir.path())
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = dir.path().join("ready");
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    while !ready.exists() {
+        if Instant::now() > deadline || creator.try_wait().unwrap().is_some() {
+            let _ = creator.kill();
+            panic!("the creator process did not start its VM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid: u32 = std::fs::read_to_string(&ready).unwrap().parse().unwrap();
+    let (_, _, start) = stat(pid).unwrap();
+    // A terminal's Ctrl-C reaches the creator's whole process group, then
+    // the creator is killed outright: no destructor runs.
+    let group = nix::unistd::Pid::from_raw(-(creator.id() as i32));
+    nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGINT).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(creator.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    creator.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        alive(pid, start),
+        "QEMU died with the process that created it"
+    );
+
+    let spec = spec(&env, "adopt-8", None, None);
+    let hv = backend(&env, dir.path());
+    assert_eq!(hv.adopt(&spec).unwrap(), VmStatus::Running);
+    let id = VmId::new(spec.instance().clone());
+    assert!(wait_for_line(&hv.vm_dir(&id), "NITRILE-GUEST-IDLE"));
+    hv.stop(&id).unwrap();
+    assert!(!alive(pid, start), "QEMU still runs after stop");
+    hv.destroy(&id).unwrap();
+}

@@ -94,6 +94,41 @@ impl Cgroup {
         })
     }
 
+    /// Kills every process left in the cgroup (e.g. a QEMU whose backend
+    /// died before recording it) and waits, up to `timeout`, until none is
+    /// left. A listed pid is signalled through a pidfd, and only if that
+    /// process is still in this cgroup once the pidfd is open.
+    pub(crate) fn kill_all(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let mut left = false;
+            for dir in &self.dirs {
+                let name = dir.to_string_lossy();
+                for pid in members(dir) {
+                    left = true;
+                    let Ok(p) = crate::process::Tracked::observe(pid) else {
+                        continue;
+                    };
+                    let in_cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                        .is_ok_and(|c| {
+                            c.lines().any(|l| {
+                                l.rsplit(':')
+                                    .next()
+                                    .is_some_and(|path| !path.is_empty() && name.ends_with(path))
+                            })
+                        });
+                    if in_cgroup {
+                        p.signal(Signal::SIGKILL);
+                    }
+                }
+            }
+            if !left || std::time::Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Removes the cgroup directories (they must be empty of processes).
     pub(crate) fn remove(&self) {
         for d in &self.dirs {
@@ -101,6 +136,19 @@ impl Cgroup {
         }
     }
 }
+
+/// The pids listed in `dir/cgroup.procs` (at most [`MAX_CGROUP_PROCS`]).
+fn members(dir: &Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .take(MAX_CGROUP_PROCS)
+        .collect()
+}
+
+/// Most processes looked at in one VM cgroup (a VM has a handful).
+const MAX_CGROUP_PROCS: usize = 1024;
 
 fn open_procs(dir: &Path) -> io::Result<OwnedFd> {
     let f = std::fs::OpenOptions::new()

@@ -898,6 +898,9 @@ impl Hypervisor for QemuBackend {
             vsock::remove_socket(u);
         }
         if let Some(cg) = &cgroup {
+            // Whatever still runs in the VM's cgroup belongs to the dead VM
+            // (e.g. a QEMU started by a backend that died before recording it).
+            cg.kill_all(STOP_TIMEOUT);
             cg.remove();
         }
         let reason = stderr_reason(&dir.join(STDERR_FILE));
