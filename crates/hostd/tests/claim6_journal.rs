@@ -413,3 +413,49 @@ async fn claim6_every_call_leaves_exactly_one_decision_record_in_order_and_the_c
     assert_a_flipped_byte_is_detected(&cell, &host_journal, "host-journal");
     assert_a_flipped_byte_is_detected(&cell, &tokend_journal, "tokend-journal");
 }
+
+/// Waits until the journal at `path` holds more than `n` records (a failed
+/// handshake is journaled after the client has already seen it fail).
+async fn wait_for_more_than(path: &std::path::Path, n: usize) -> Vec<AuditRecord> {
+    for _ in 0..500 {
+        let records = journal_records(path);
+        if records.len() > n {
+            return records;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no record added to {}", path.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim6_failed_handshakes_get_no_answer_and_are_journaled() {
+    let cell = TestCell::with_hosts(&["h1"]).await;
+    let journal = cell.host_journal("h1");
+    for (what, tls) in [
+        ("no certificate", cell.tls_without_certificate()),
+        ("another CA", cell.tls_from_other_ca(ALICE)),
+    ] {
+        let before = journal_records(&journal).len();
+        let result = async {
+            let mut c = cell.connect("h1", tls).await?;
+            c.get_json("/v1/host").await
+        }
+        .await;
+        // TLS 1.3: the client may finish its half of the handshake before
+        // the server refuses; either way no HTTP answer comes back.
+        let err = result.expect_err(what);
+        assert!(
+            err.is_tls() || matches!(err, nitrile_net::NetError::Http(_)),
+            "{what}: {err}"
+        );
+        let records = wait_for_more_than(&journal, before).await;
+        // A client may dial again after the server dropped it, so one
+        // attempt can be more than one refused handshake.
+        for rec in &records[before..] {
+            assert_eq!(rec.kind, RecordKind::Refusal, "{what}");
+            assert_eq!(rec.step, Some(RefusalStep::Tls), "{what}");
+            assert!(rec.principal.is_none(), "{what}");
+        }
+    }
+    verify_journal(&journal).unwrap();
+}
