@@ -61,15 +61,17 @@
 //! - It reconnects to QEMU over the QMP socket in the VM directory (QEMU
 //!   serves a new client once the previous connection has closed), and
 //!   leaves the vsock daemon serving the guest untouched.
-//! - If QEMU is gone, the successor kills what is left of the VM (vsock
-//!   daemon), removes its host socket, cgroup and state directory (volumes
-//!   stay) and reports `Stopped`, or `Failed` with the last lines QEMU
+//! - If QEMU is gone (or there is no record: the earlier backend died
+//!   between starting QEMU and recording it), the successor kills what is
+//!   left of the VM (the recorded vsock daemon, and every process still in
+//!   the VM's cgroup), removes its host socket, cgroup and state directory
+//!   (volumes stay) and reports `Stopped`, or `Failed` with the last lines QEMU
 //!   itself wrote on its standard error (`qemu.stderr`) that are not
 //!   warnings. The VM stays known as ended until `destroy`.
 //! - VMMs never depend on their spawner: each jailed process calls `setsid`
 //!   before exec (a terminal's Ctrl-C or hang-up does not reach it), no
-//!   process is tied to the backend by `PR_SET_PDEATHSIG` (QEMU is tied only
-//!   to its own waiting parent), and with a cgroup root they live in the
+//!   process is tied to the backend by `PR_SET_PDEATHSIG` (QEMU and the
+//!   vsock daemon are tied only to their own waiting parents), and with a cgroup root they live in the
 //!   VM's cgroup rather than the caller's. An adopted process is not our
 //!   child: its parent (init or a subreaper) reaps it, and its exit status
 //!   is not known to us.
