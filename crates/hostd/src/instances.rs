@@ -717,8 +717,7 @@ impl Instances {
         // The store's root may be configured as `../../images`: the spec
         // takes absolute, normalized paths only.
         let kernel = std::fs::canonicalize(image.kernel()).map_err(io(image.kernel()))?;
-        let initramfs =
-            std::fs::canonicalize(image.initramfs()).map_err(io(image.initramfs()))?;
+        let initramfs = std::fs::canonicalize(image.initramfs()).map_err(io(image.initramfs()))?;
         let spec_json = serde_json::json!({
             "instance": name.as_str(),
             "image": {
@@ -860,6 +859,13 @@ impl Instances {
                 digest: record.image,
                 source: Box::new(source),
             })?;
+        // Recorded pending before the VM exists: if the agent dies before
+        // it records the outcome, the next one re-adopts the VM instead of
+        // leaving it running behind a `stopped` record.
+        record.state = InstanceState::Pending;
+        record.reason = None;
+        record.updated_at = now_text(now);
+        self.save(&record)?;
         let id = VmId::new(name.clone());
         let result = tokio::task::spawn_blocking(move || {
             stop_and_forget(hv.as_ref(), &id)?;
