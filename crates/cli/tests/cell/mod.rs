@@ -249,6 +249,12 @@ impl Cell {
     /// Stops `nitrile up` (SIGTERM) and waits for its clean exit.
     pub(crate) fn stop_up(&mut self) {
         let mut child = self.up.take().expect("nitrile up runs");
+        // It prints the export line before it handles SIGTERM; a SIGTERM
+        // in between would kill it without a clean stop.
+        assert!(
+            wait_catches(child.id(), nix::sys::signal::Signal::SIGTERM),
+            "nitrile up never handled SIGTERM"
+        );
         signal(child.id(), nix::sys::signal::Signal::SIGTERM);
         let status = child.wait().unwrap();
         assert!(status.success(), "nitrile up stopped with {status}");
@@ -441,6 +447,28 @@ impl Drop for Cell {
 /// Sends `sig` to `pid` (gone already is fine).
 pub(crate) fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()), sig);
+}
+
+/// Waits (bounded) until process `pid` has a handler for `sig` (the
+/// `SigCgt` mask of `/proc/<pid>/status`); false if it never does.
+pub(crate) fn wait_catches(pid: u32, sig: nix::sys::signal::Signal) -> bool {
+    let bit = 1u64 << (sig as i32 - 1);
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            return false;
+        };
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & bit != 0 {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
 }
 
 /// The NUL-separated command line of a process, or `None` when it is gone.
