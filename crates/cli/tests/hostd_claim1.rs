@@ -258,3 +258,56 @@ fn claim1_hostd_listens_only_on_its_mtls_port_and_answers_no_one_without_a_certi
         "sockets or FIFOs in the host state directory: {special:?}"
     );
 }
+
+#[test]
+fn claim1_with_an_instance_running_no_process_of_the_host_listens_on_another_port() {
+    let _ = guest_or_skip!();
+    let cell = Cell::up();
+    let described: nitrile_api::admin::HostDescription =
+        serde_json::from_str(&cell.ok(&cell.alice, &["host", "describe", "-o", "json"])).unwrap();
+    let image = described
+        .images
+        .first()
+        .expect("nitrile up imported the guest image")
+        .digest
+        .to_string();
+    cell.ok(
+        &cell.placement,
+        &[
+            "instance", "launch", "web1", "--image", &image, "--memory", "128M", "--volume",
+            "data=8M",
+        ],
+    );
+
+    // The agent itself: still the one port, though it spawned a VM.
+    let hostd = cell.hostd_pid();
+    let (listening, _) = listening_sockets(hostd);
+    assert_eq!(
+        listening,
+        vec![("tcp".to_owned(), cell.hostd_addr.to_string())],
+        "the host agent must listen on its mTLS port only"
+    );
+    // Every other process of the host (QEMU, the waiting parents of jailed
+    // VMs) accepts no network connection or datagram at all.
+    let others: Vec<u32> = cell
+        .processes()
+        .into_iter()
+        .filter(|pid| {
+            *pid != hostd && cell::cmdline(*pid).is_some_and(|c| !contains(&c, b"\0up\0"))
+        })
+        .collect();
+    assert!(!others.is_empty(), "no VM process found");
+    for pid in others {
+        let (listening, _) = listening_sockets(pid);
+        let network: Vec<_> = listening
+            .iter()
+            .filter(|(table, _)| table != "unix")
+            .collect();
+        assert!(
+            network.is_empty(),
+            "process {pid} ({}) listens on {network:?}",
+            String::from_utf8_lossy(&cell::cmdline(pid).unwrap_or_default())
+        );
+    }
+    cell.ok(&cell.placement, &["instance", "terminate", "web1"]);
+}
