@@ -309,7 +309,17 @@ impl Admission {
     }
 
     fn journal_refusal(&self, record: &AuditRecord, code: &'static str) -> Option<u64> {
-        match self.append(record) {
+        self.refusal_seq(self.append(record), code)
+    }
+
+    /// The sequence number of a journaled refusal; a failure is counted and
+    /// reported on stderr.
+    fn refusal_seq(
+        &self,
+        journaled: Result<Receipt, AdmissionError>,
+        code: &'static str,
+    ) -> Option<u64> {
+        match journaled {
             Ok(r) => Some(r.seq),
             Err(e) => {
                 self.refusal_journal_failures
@@ -370,7 +380,8 @@ impl Admission {
 
     /// Admits `operation` on `resource` for `peer` presenting `token`, or
     /// refuses it. Either way the decision is journaled; an admitted request's
-    /// record is durable before this returns.
+    /// record is durable before this returns. Blocks the calling thread on
+    /// the journal: from async code use [`Admission::admit_async`].
     pub fn admit(
         &self,
         peer: &PeerIdentity,
@@ -378,6 +389,51 @@ impl Admission {
         operation: Operation,
         resource: &ResourceId,
     ) -> Result<Admitted, Refused> {
+        match self.decide(peer, token, operation, resource) {
+            Ok(admit) => {
+                let journaled = self.append(&admit.record);
+                self.admitted(admit, journaled)
+            }
+            Err(refusal) => {
+                let (record, refused) = *refusal;
+                let journaled = self.append(&record);
+                Err(self.refusal_journaled(refused, journaled))
+            }
+        }
+    }
+
+    /// [`Admission::admit`] for async callers: the same checks and records,
+    /// waiting for the journal without blocking a thread.
+    pub async fn admit_async(
+        &self,
+        peer: &PeerIdentity,
+        token: Option<&str>,
+        operation: Operation,
+        resource: &ResourceId,
+    ) -> Result<Admitted, Refused> {
+        match self.decide(peer, token, operation, resource) {
+            Ok(admit) => {
+                let journaled = self.append_async(&admit.record).await;
+                self.admitted(admit, journaled)
+            }
+            Err(refusal) => {
+                let (record, refused) = *refusal;
+                let journaled = self.append_async(&record).await;
+                Err(self.refusal_journaled(refused, journaled))
+            }
+        }
+    }
+
+    /// Every check of [`Admission::admit`], without journaling: the request
+    /// record to make durable before the request may run, or the refusal
+    /// record to journal and the refusal (its `audit_seq` not yet known).
+    fn decide(
+        &self,
+        peer: &PeerIdentity,
+        token: Option<&str>,
+        operation: Operation,
+        resource: &ResourceId,
+    ) -> Result<Admit, Box<(AuditRecord, Refused)>> {
         let now = self.clock.now();
         let request_id = RequestId::random(&mut rand_core::OsRng);
         let base = |r: AuditRecord| {
@@ -395,14 +451,14 @@ impl Admission {
                 step,
                 &format!("{code}: {reason}"),
             ));
-            let audit_seq = self.journal_refusal(&record, code);
-            Refused {
+            let refused = Refused {
                 status,
                 step,
                 code,
                 reason,
-                audit_seq,
-            }
+                audit_seq: None,
+            };
+            Box::new((record, refused))
         };
         let Some(token) = token else {
             return Err(refuse(
@@ -445,12 +501,27 @@ impl Admission {
             .with_detail(serde_json::json!({
                 TOKEN_EXPIRES_AT: nitrile_audit::format_time(grant.expires_at()),
             }));
-        match self.append(&record) {
+        Ok(Admit {
+            record,
+            grant,
+            principal: peer.principal.clone(),
+            cert_sha256: peer.cert_sha256,
+            request_id,
+        })
+    }
+
+    /// The admission once its request record was (or failed to be) journaled.
+    fn admitted(
+        &self,
+        admit: Admit,
+        journaled: Result<Receipt, AdmissionError>,
+    ) -> Result<Admitted, Refused> {
+        match journaled {
             Ok(receipt) => Ok(Admitted {
-                principal: peer.principal.clone(),
-                cert_sha256: peer.cert_sha256,
-                grant,
-                request_id,
+                principal: admit.principal,
+                cert_sha256: admit.cert_sha256,
+                grant: admit.grant,
+                request_id: admit.request_id,
                 receipt,
             }),
             Err(e) => {
@@ -468,13 +539,45 @@ impl Admission {
         }
     }
 
-    /// Journals how an admitted request ended.
+    /// The refusal with the sequence number of its journal record, if it
+    /// could be written.
+    fn refusal_journaled(
+        &self,
+        mut refused: Refused,
+        journaled: Result<Receipt, AdmissionError>,
+    ) -> Refused {
+        refused.audit_seq = self.refusal_seq(journaled, refused.code);
+        refused
+    }
+
+    /// Journals how an admitted request ended. Blocks the calling thread on
+    /// the journal: from async code use [`Admission::complete_async`].
     pub fn complete(
         &self,
         admitted: Admitted,
         outcome: Outcome,
         detail: Option<serde_json::Value>,
     ) -> Result<Receipt, AdmissionError> {
+        self.append(&self.outcome_record(admitted, outcome, detail))
+    }
+
+    /// [`Admission::complete`] for async callers.
+    pub async fn complete_async(
+        &self,
+        admitted: Admitted,
+        outcome: Outcome,
+        detail: Option<serde_json::Value>,
+    ) -> Result<Receipt, AdmissionError> {
+        self.append_async(&self.outcome_record(admitted, outcome, detail))
+            .await
+    }
+
+    fn outcome_record(
+        &self,
+        admitted: Admitted,
+        outcome: Outcome,
+        detail: Option<serde_json::Value>,
+    ) -> AuditRecord {
         let mut record = AuditRecord::outcome(
             self.clock.now(),
             self.source.clone(),
@@ -489,7 +592,7 @@ impl Admission {
         if let Some(d) = detail {
             record = record.with_detail(d);
         }
-        self.append(&record)
+        record
     }
 
     fn append(&self, record: &AuditRecord) -> Result<Receipt, AdmissionError> {
@@ -498,6 +601,22 @@ impl Admission {
         self.journal_ok.store(result.is_ok(), Ordering::Relaxed);
         result.map_err(AdmissionError::Append)
     }
+
+    async fn append_async(&self, record: &AuditRecord) -> Result<Receipt, AdmissionError> {
+        let bytes = record.encode()?;
+        let result = self.journal.submit(&bytes).await;
+        self.journal_ok.store(result.is_ok(), Ordering::Relaxed);
+        result.map_err(AdmissionError::Append)
+    }
+}
+
+/// An admission decided but not yet journaled.
+struct Admit {
+    record: AuditRecord,
+    grant: VerifiedGrant,
+    principal: PrincipalId,
+    cert_sha256: [u8; 32],
+    request_id: RequestId,
 }
 
 fn status_of(e: &TokenError) -> u16 {

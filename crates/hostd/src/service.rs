@@ -1,9 +1,11 @@
 //! `nitrile hostd`: the host agent on its one mTLS port.
 //!
 //! Per request, in this order: parse into [`AdminRequest`] (anything else is
-//! a journaled `request` refusal) -> [`Admission::admit`] (token verified
-//! offline, request record durable) -> execute -> [`Admission::complete`]
-//! with the outcome -> reply.
+//! a journaled `request` refusal) -> [`Admission::admit_async`] (token
+//! verified offline, request record durable) -> execute ->
+//! [`Admission::complete_async`] with the outcome -> reply. The waits for the
+//! journal are futures ([`nitrile_audit::Journal::submit`]), not blocked
+//! threads.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -509,8 +511,9 @@ impl Inner {
         refusal(r.status, r.step, &r.reason, r.audit_seq)
     }
 
-    /// Journals the outcome and builds the answer.
-    fn finish(
+    /// Journals the outcome (durable before the answer) and builds the
+    /// answer.
+    async fn finish(
         &self,
         admitted: Admitted,
         result: Result<Response<Bytes>, InstanceError>,
@@ -518,7 +521,11 @@ impl Inner {
         let op = admitted.grant().operation();
         match result {
             Ok(resp) => {
-                if let Err(e) = self.admission.complete(admitted, Outcome::Executed, None) {
+                if let Err(e) = self
+                    .admission
+                    .complete_async(admitted, Outcome::Executed, None)
+                    .await
+                {
                     tracing::error!(error = %e, "could not journal an outcome");
                 }
                 self.metrics.request(Some(op), RequestOutcome::Ok);
@@ -534,7 +541,8 @@ impl Inner {
                 });
                 let seq = match self
                     .admission
-                    .complete(admitted, Outcome::Failed, Some(detail))
+                    .complete_async(admitted, Outcome::Failed, Some(detail))
+                    .await
                 {
                     Ok(r) => Some(r.seq),
                     Err(e) => {
@@ -552,9 +560,9 @@ impl Inner {
         }
     }
 
-    /// Operations that only read in-memory state: admitted, executed and
-    /// completed on one blocking thread.
-    fn run_read(
+    /// Operations that only read in-memory state: nothing here blocks but
+    /// the waits for the journal, which are futures.
+    async fn run_read(
         &self,
         peer: &PeerIdentity,
         token: Option<&str>,
@@ -563,7 +571,8 @@ impl Inner {
         let op = req.operation();
         let admitted = match self
             .admission
-            .admit(peer, token, op, &req.resource(&self.config.host))
+            .admit_async(peer, token, op, &req.resource(&self.config.host))
+            .await
         {
             Ok(a) => a,
             Err(r) => return self.refused(Some(op), &r),
@@ -579,7 +588,7 @@ impl Inner {
             }
             _ => unreachable!("run_read is only called with read operations"),
         };
-        self.finish(admitted, result)
+        self.finish(admitted, result).await
     }
 
     async fn run(
@@ -594,24 +603,17 @@ impl Inner {
                 | AdminRequest::InstanceList
                 | AdminRequest::InstanceDescribe(_)
         ) {
-            let this = Arc::clone(&self);
-            return blocking(move || this.run_read(&peer, token.as_deref(), &req))
-                .await
-                .unwrap_or_else(|r| r);
+            return self.run_read(&peer, token.as_deref(), &req).await;
         }
         let op = req.operation();
         let resource = req.resource(&self.config.host);
-        let this = Arc::clone(&self);
-        let admitted = blocking(move || {
-            this.admission
-                .admit(&peer, token.as_deref(), op, &resource)
-                .map_err(|r| Box::new(this.refused(Some(op), &r)))
-        })
-        .await;
-        let admitted = match admitted {
-            Ok(Ok(a)) => a,
-            Ok(Err(resp)) => return *resp,
-            Err(resp) => return resp,
+        let admitted = match self
+            .admission
+            .admit_async(&peer, token.as_deref(), op, &resource)
+            .await
+        {
+            Ok(a) => a,
+            Err(r) => return self.refused(Some(op), &r),
         };
         let now = self.clock.now();
         let instances = &self.instances;
@@ -634,10 +636,7 @@ impl Inner {
                 unreachable!("read operations returned above")
             }
         };
-        let this = Arc::clone(&self);
-        blocking(move || this.finish(admitted, result))
-            .await
-            .unwrap_or_else(|r| r)
+        self.finish(admitted, result).await
     }
 }
 
@@ -669,13 +668,18 @@ async fn blocking<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
 ) -> Result<T, Response<Bytes>> {
     tokio::task::spawn_blocking(f).await.map_err(|e| {
         tracing::error!(error = %e, "request task failed");
-        refusal(
-            500,
-            RefusalStep::Internal,
-            "internal failure; see the host agent's log",
-            None,
-        )
+        internal_failure()
     })
+}
+
+/// The answer when a request's task panicked.
+fn internal_failure() -> Response<Bytes> {
+    refusal(
+        500,
+        RefusalStep::Internal,
+        "internal failure; see the host agent's log",
+        None,
+    )
 }
 
 /// The bearer token of a request, if it has a well-formed one.
@@ -713,7 +717,14 @@ impl Handler for Api {
         match parsed {
             Ok(req) => {
                 let token = bearer(&parts.headers);
-                inner.run(peer, token, req).await
+                // A task of its own: once admitted, a request runs and its
+                // outcome is journaled even if the caller goes away.
+                tokio::spawn(inner.run(peer, token, req))
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "request task failed");
+                        internal_failure()
+                    })
             }
             Err((status, code, reason)) => blocking(move || {
                 let detail = serde_json::json!({
