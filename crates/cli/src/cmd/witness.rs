@@ -1,0 +1,85 @@
+//! `nitrile audit witness`: run a checkpoint witness, and make its key.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use nitrile_witness::{Witness, WitnessConfig, WitnessService, write_signing_key};
+
+use crate::Global;
+use crate::service::{LogFormat, block_on, init_logging};
+
+/// Run a checkpoint witness (C2SP tlog-witness over the cell's mTLS).
+///
+/// It cosigns a log's checkpoint only if the log signed it and it extends,
+/// by a verified consistency proof, the checkpoint it last cosigned for
+/// that log; the new state is on disk before the cosignature leaves. Two
+/// different checkpoints of the same size are refused and reported as a
+/// split view.
+///
+/// Example: `nitrile audit witness --config witness.toml`
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct Args {
+    /// The witness configuration (TOML: cell, name, listen, state, ca,
+    /// cert, key, [[logs]] origin and vkey).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Generate a witness cosigning key (cosignature/v1, Ed25519). Writes
+    /// the private key to FILE (mode 0600; never replaces a file) and
+    /// prints the public vkey to give to the logs.
+    ///
+    /// Example: `nitrile audit witness keygen --name local.nitrile/witness/w1 --out witness/cosigner.skey`
+    Keygen {
+        /// The key name, a schema-less URL (e.g. `local.nitrile/witness/w1`).
+        #[arg(long, value_name = "N")]
+        name: String,
+        /// Where to write the private key.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
+    if let Some(Command::Keygen { name, out }) = args.command {
+        let key = Witness::generate_key(&name)
+            .with_context(|| format!("cannot make a key named {name:?}"))?;
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        write_signing_key(&out, &key)?;
+        eprintln!("private key written to {}", out.display());
+        println!("{}", key.verifier().to_vkey());
+        return Ok(());
+    }
+    let Some(path) = args.config else {
+        anyhow::bail!(
+            "--config FILE is required to run the witness (or use `nitrile audit witness keygen`)"
+        );
+    };
+    init_logging(args.log_format);
+    let config = WitnessConfig::load(&path)?;
+    block_on(async move {
+        let signal = nitrile_net::shutdown_signal();
+        let service = WitnessService::open(&config)
+            .await
+            .context("witness cannot start")?;
+        tracing::info!(
+            listen = ?service.local_addr(),
+            principal = %config.principal(),
+            "witness ready"
+        );
+        service.serve(signal).await?;
+        tracing::info!("witness stopped");
+        anyhow::Ok(())
+    })?
+}
