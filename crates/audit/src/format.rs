@@ -326,6 +326,21 @@ impl<R: Read + Seek> Scanner<R> {
         }
     }
 
+    /// A scanner that continues after record `seq` (hash `hash`), whose
+    /// next record starts at `start`, where `r` is positioned.
+    pub(crate) fn resume(r: R, start: u64, file_len: u64, seq: u64, hash: ChainHash) -> Self {
+        Self {
+            r,
+            file_len,
+            head: ChainHead {
+                seq,
+                hash,
+                end: start,
+            },
+            failed: false,
+        }
+    }
+
     /// The verified prefix so far.
     pub(crate) fn head(&self) -> ChainHead {
         self.head

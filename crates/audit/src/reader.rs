@@ -1,7 +1,7 @@
 //! The reading side: iterate a journal's records with chain verification.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::Path;
 
 use serde::Serialize;
@@ -24,6 +24,11 @@ pub struct JournalEntry {
 }
 
 impl JournalEntry {
+    /// The byte offset just past this record (where the next one starts).
+    pub fn end(&self) -> u64 {
+        self.offset + crate::format::RECORD_OVERHEAD as u64 + self.payload.len() as u64
+    }
+
     /// Decodes the payload as an [`AuditRecord`].
     pub fn record(&self) -> Result<AuditRecord, RecordError> {
         AuditRecord::decode(&self.payload)
@@ -70,6 +75,51 @@ impl JournalReader {
         let mut r = BufReader::new(file);
         let header = JournalHeader::read(&mut r, len)?;
         let scanner = Scanner::new(r, header.encoded_len(), len, header.genesis);
+        Ok(Self { header, scanner })
+    }
+
+    /// Opens the journal at `path`, verifies its header and reads on after
+    /// record `seq`, whose chain hash is `hash` and which ends at byte
+    /// `end` (the end of the header when `seq` is 0): the next record must
+    /// be `seq + 1` and chain to `hash`. For readers that follow a growing
+    /// journal ([`JournalEntry::end`] of the last record read); the records
+    /// up to `seq` are not read again, so they must have been verified
+    /// before.
+    pub fn resume(
+        path: impl AsRef<Path>,
+        seq: u64,
+        hash: ChainHash,
+        end: u64,
+    ) -> Result<Self, JournalError> {
+        let file = File::open(path.as_ref()).map_err(|source| JournalError::Io {
+            op: "opening",
+            source,
+        })?;
+        let len = file
+            .metadata()
+            .map_err(|source| JournalError::Io {
+                op: "reading",
+                source,
+            })?
+            .len();
+        let mut r = BufReader::new(file);
+        let header = JournalHeader::read(&mut r, len)?;
+        let start = if seq == 0 {
+            header.encoded_len()
+        } else {
+            end.max(header.encoded_len())
+        };
+        r.seek(SeekFrom::Start(start))
+            .map_err(|source| JournalError::Io {
+                op: "reading",
+                source,
+            })?;
+        let (seq, hash) = if seq == 0 {
+            (0, header.genesis)
+        } else {
+            (seq, hash)
+        };
+        let scanner = Scanner::resume(r, start, len.max(start), seq, hash);
         Ok(Self { header, scanner })
     }
 

@@ -1,0 +1,52 @@
+//! The audit log service of a nitrile cell (`nitrile logd`) and the journal
+//! shipper that feeds it.
+//!
+//! logd guarantees that a journal record enters the cell's transparency log
+//! only if it continues, hash for hash, the chain of the journal it was
+//! shipped from, shipped by that journal's own source (its mTLS principal),
+//! and that a shipper's batch is acknowledged only once its records are
+//! durable in the log. Anything else a source ships — a gap (a withheld
+//! record), a chain break (an altered record), another journal, another
+//! source's journal — is refused and raises an integrity alert, which is
+//! journaled, printed and posted; nothing is papered over. The log is an
+//! RFC 9162 Merkle tree laid out as C2SP tlog-tiles ([`nitrile_tlog`]),
+//! with a checkpoint signed per C2SP tlog-checkpoint every interval in
+//! which it grew (and at least every `max_checkpoint_age_ms`), published
+//! only with a quorum of C2SP tlog-witness cosignatures when one is
+//! configured. Reads of the log (checkpoint, tiles, proofs, entries, alerts)
+//! need an `audit.read` token for `log/<cell>` at audience `logd`, verified
+//! offline against pinned issuer keys, and are journaled before they are
+//! answered, refusals too; logd's own journal is ingested into the log.
+//! There is no endpoint that deletes or rewrites anything.
+//!
+//! It does not keep a source from withholding its newest records forever
+//! (the log only shows how far each source got; the monitor watches lag),
+//! does not detect a rewritten journal whose rewrite starts after what the
+//! log holds (a fork at a later record is a chain break only once shipped),
+//! and its log's integrity against the operator of logd's own machine rests
+//! on witnesses and auditors comparing checkpoints.
+//!
+//! The leaf format is in [`leaf`], the ingest protocol in [`protocol`], the
+//! checks in [`chain`], alerts and the monitor's hooks in [`alert`], the
+//! service in [`service`] and the shipper in [`shipper`].
+
+#![forbid(unsafe_code)]
+
+pub mod alert;
+pub mod chain;
+pub mod config;
+pub mod leaf;
+pub mod protocol;
+pub mod service;
+pub mod shipper;
+mod store;
+mod tail;
+
+pub use alert::{Alert, AlertKind, AlertSink, Observer, StdoutAlerts, WebhookAlerts};
+pub use chain::{IntegrityViolation, SourceState, check_batch};
+pub use config::{ConfigError, LogdConfig, WitnessConfig};
+pub use leaf::{LeafError, LeafV1};
+pub use service::{Logd, LogdError, LogdOptions, log_origin};
+pub use shipper::{ShipError, Shipper, ShipperHandle, ShipperOptions, ShipperStatus};
+pub use store::{MAX_SOURCES_FILE, SOURCES_FILE, StoreError};
+pub use tail::TailError;

@@ -1,0 +1,1457 @@
+//! `nitrile logd`: the audit log service on its one mTLS port.
+//!
+//! Ingest (`POST /v1/ingest`, `GET /v1/ingest/head/<kind>/<name>`) needs no
+//! token: the caller's certificate principal must be the journal's source.
+//! Reads (`/v1/log/...`, `/v1/alerts`) need a token for `audit.read` on
+//! `log/<cell>` at audience `logd`, verified offline against the pinned
+//! issuer keys ([`nitrile_hostd::admission`]); each read is journaled
+//! before it is answered, refusals too. There is no endpoint that deletes or
+//! rewrites anything.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use nitrile_api::wire::{Refusal, RefusalStep};
+use nitrile_api::{
+    Audience, Name, Operation, PrincipalId, PrincipalKind, ResourceId, ResourceKind,
+};
+use nitrile_audit::{AuditRecord, JournalOptions, JournalReader, Outcome, RequestId};
+use nitrile_hostd::admission::{Admission, AdmissionError, DEFAULT_SIGNATURE_CACHE, Refused};
+use nitrile_net::{Handler, PeerIdentity, Registry, Server, json_response};
+use nitrile_pki::PkiError;
+use nitrile_pki::tls::{self, CaRoots, TlsIdentity};
+use nitrile_tlog::{NoteSigner, NoteVerifier, SignedNote, Storage as _};
+use nitrile_token::{Clock, DEFAULT_REPLAY_CAPACITY, ReplayCache, SystemClock, Verifier};
+use nitrile_witness::{WitnessClient, WitnessError};
+use rustls::ClientConfig;
+use tokio::net::TcpListener;
+
+use crate::alert::{
+    ALERT_DETAIL_KEY, Alert, AlertKind, AlertSink, Observer, StdoutAlerts, WebhookAlerts,
+};
+use crate::chain::IntegrityViolation;
+use crate::config::LogdConfig;
+use crate::leaf::LeafV1;
+use crate::protocol::{
+    EntryBody, IngestAck, IngestBatch, IngestEntry, JournalRef, MAX_INGEST_BODY,
+    MAX_INGEST_ENTRIES, ProofBody, SourceHead, base64,
+};
+use crate::store::{Store, StoreError};
+use crate::tail::JournalTail;
+
+/// logd's journal file in its state directory.
+pub const JOURNAL_FILE: &str = "journal";
+/// The log's signing key file (owner-only).
+pub const LOG_KEY_FILE: &str = "log.key";
+/// The log's public verifier key file.
+pub const LOG_VKEY_FILE: &str = "log.vkey";
+/// The log's storage directory.
+pub const LOG_DIR: &str = "log";
+/// Most entries one `GET /v1/log/entries` answers.
+pub const MAX_ENTRIES_PER_READ: u64 = 256;
+/// Most alerts kept in memory for `GET /v1/alerts`.
+pub const MAX_ALERTS_KEPT: usize = 10_000;
+/// How often logd looks for new records in its own journal.
+pub const SELF_INGEST_POLL: Duration = Duration::from_millis(100);
+/// Checkpoint intervals a grown log may go without a published checkpoint
+/// before `checkpoint_stalled` is raised.
+pub const STALL_INTERVALS: u32 = 3;
+
+/// The log's origin line (and key name) for `cell`.
+pub fn log_origin(cell: &Name) -> String {
+    format!("{cell}.nitrile/log")
+}
+
+/// How logd runs, beyond its config file.
+#[derive(Clone)]
+pub struct LogdOptions {
+    /// The clock for tokens, records and checkpoints.
+    pub clock: Arc<dyn Clock>,
+    /// Print alerts as JSON lines on stdout.
+    pub stdout_alerts: bool,
+    /// More alert sinks (the monitor, a pager).
+    pub alert_sinks: Vec<Arc<dyn AlertSink>>,
+    /// Observers of everything ingested (the monitor).
+    pub observers: Vec<Arc<dyn Observer>>,
+    /// DANGER, benchmarks only: logd's own journal without fdatasync.
+    pub danger_journal_no_sync: bool,
+}
+
+impl std::fmt::Debug for LogdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogdOptions")
+            .field("stdout_alerts", &self.stdout_alerts)
+            .field("alert_sinks", &self.alert_sinks.len())
+            .field("observers", &self.observers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for LogdOptions {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            stdout_alerts: true,
+            alert_sinks: Vec::new(),
+            observers: Vec::new(),
+            danger_journal_no_sync: false,
+        }
+    }
+}
+
+/// Why logd could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogdError {
+    /// TLS material could not be loaded
+    #[error("TLS material")]
+    Tls(#[from] tls::TlsError),
+    /// the certificate is not a service certificate of this cell
+    #[error("the certificate {} is not a service certificate of cell {cell}", path.display())]
+    NotAService {
+        /// The certificate file.
+        path: PathBuf,
+        /// The cell.
+        cell: Name,
+        /// Why, when it names no principal of the cell.
+        #[source]
+        source: Option<Box<PkiError>>,
+    },
+    /// the pinned issuer keys could not be loaded
+    #[error("pinned token issuer keys {}", path.display())]
+    IssuerKeys {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nitrile_tokend::KeyRingError,
+    },
+    /// the service name is not a token audience
+    #[error("service name is not a token audience")]
+    Audience(#[from] nitrile_api::IdError),
+    /// logd's journal could not be opened
+    #[error("logd journal")]
+    Journal(#[from] nitrile_audit::JournalError),
+    /// admission could not be set up from the journal
+    #[error("admission")]
+    Admission(#[from] AdmissionError),
+    /// the log could not be opened
+    #[error("log")]
+    Store(#[from] StoreError),
+    /// the log key could not be read, written or parsed
+    #[error("log key {}", path.display())]
+    LogKey {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// the log key is not a signed-note key
+    #[error("log key")]
+    Note(#[from] nitrile_tlog::NoteError),
+    /// the webhook URL is not usable
+    #[error("webhook")]
+    Webhook(#[from] crate::alert::WebhookError),
+    /// the config's values do not fit together
+    #[error("config")]
+    Config(#[from] crate::config::ConfigProblem),
+    /// the socket could not be bound or served
+    #[error("network")]
+    Net(#[from] nitrile_net::NetError),
+    /// the state directory could not be created
+    #[error("state directory {}", path.display())]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it with
+/// `mode`, fsync, rename, fsync of the directory.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Loads the log's signing key from `path`, or makes one and writes it
+/// (owner-only) with its public key beside it.
+fn load_or_create_signer(state: &Path, origin: &str) -> Result<NoteSigner, LogdError> {
+    let path = state.join(LOG_KEY_FILE);
+    let io = |source| LogdError::LogKey {
+        path: path.clone(),
+        source,
+    };
+    let signer = match std::fs::read_to_string(&path) {
+        Ok(text) => NoteSigner::from_skey(text.trim())?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let signer = NoteSigner::generate(origin)?;
+            write_atomic(&path, format!("{}\n", &*signer.to_skey()).as_bytes(), 0o600)
+                .map_err(io)?;
+            signer
+        }
+        Err(e) => return Err(io(e)),
+    };
+    if signer.name() != origin {
+        return Err(io(std::io::Error::other(format!(
+            "the key is named {:?}, the log's origin is {origin:?}",
+            signer.name()
+        ))));
+    }
+    let vkey = format!("{}\n", signer.verifier().to_vkey());
+    let vkey_path = state.join(LOG_VKEY_FILE);
+    if std::fs::read_to_string(&vkey_path).ok().as_deref() != Some(vkey.as_str()) {
+        write_atomic(&vkey_path, vkey.as_bytes(), 0o644).map_err(|source| LogdError::LogKey {
+            path: vkey_path,
+            source,
+        })?;
+    }
+    Ok(signer)
+}
+
+struct WitnessSlot {
+    name: Name,
+    principal: PrincipalId,
+    addr: String,
+    verifier: NoteVerifier,
+    client: Option<WitnessClient>,
+    /// The size this witness last cosigned, as far as logd knows.
+    size: u64,
+}
+
+struct Inner {
+    cell: Name,
+    me: PrincipalId,
+    origin: String,
+    verifier: NoteVerifier,
+    log_resource: ResourceId,
+    admission: Admission,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    sinks: Vec<Arc<dyn AlertSink>>,
+    observers: Vec<Arc<dyn Observer>>,
+    alerts: Mutex<VecDeque<Alert>>,
+    journal_path: PathBuf,
+    interval: Duration,
+    max_age: Duration,
+    quorum: usize,
+    witnesses: tokio::sync::Mutex<Vec<WitnessSlot>>,
+    witness_tls: Arc<ClientConfig>,
+}
+
+/// logd with its socket bound and its log open, ready to serve.
+pub struct Logd {
+    inner: Arc<Inner>,
+    server: Server,
+    listener: TcpListener,
+}
+
+impl std::fmt::Debug for Logd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Logd")
+            .field("origin", &self.inner.origin)
+            .field("listen", &self.local_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms(clock: &dyn Clock) -> u64 {
+    u64::try_from(clock.now().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+impl Logd {
+    /// Loads everything, opens the log (replaying what the sources file
+    /// missed) and binds the socket; fails closed on any problem.
+    pub async fn open(config: &LogdConfig, options: LogdOptions) -> Result<Self, LogdError> {
+        config.check()?;
+        let state = &config.state;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(state)
+            .map_err(|source| LogdError::StateDir {
+                path: state.clone(),
+                source,
+            })?;
+        let roots = CaRoots::load(&config.ca)?;
+        let identity = TlsIdentity::load(&config.cert, &config.key)?;
+        let not_a_service = |source| LogdError::NotAService {
+            path: config.cert.clone(),
+            cell: config.cell.clone(),
+            source,
+        };
+        let me = PeerIdentity::from_der(identity.leaf(), &config.cell)
+            .map_err(|e| not_a_service(Some(Box::new(e))))?
+            .principal;
+        if me.kind != PrincipalKind::Service {
+            return Err(not_a_service(None));
+        }
+        let keys = nitrile_tokend::IssuerFile::load(&config.issuer_keys).map_err(|source| {
+            LogdError::IssuerKeys {
+                path: config.issuer_keys.clone(),
+                source,
+            }
+        })?;
+        let verifier = Verifier::new(keys, Audience::new(me.name.as_str())?);
+        let journal_path = state.join(JOURNAL_FILE);
+        let journal = Arc::new(
+            JournalOptions::new()
+                .danger_no_sync(options.danger_journal_no_sync)
+                .open(&journal_path, &me.uri())?,
+        );
+        let admission = Admission::new(
+            me.clone(),
+            verifier,
+            ReplayCache::new(DEFAULT_REPLAY_CAPACITY),
+            journal,
+            &journal_path,
+            Arc::clone(&options.clock),
+        )?
+        .with_signature_cache(DEFAULT_SIGNATURE_CACHE);
+
+        let origin = log_origin(&config.cell);
+        let signer = load_or_create_signer(state, &origin)?;
+        let log_verifier = signer.verifier();
+        let store = {
+            let (state, log_dir, origin) = (state.clone(), state.join(LOG_DIR), origin.clone());
+            tokio::task::spawn_blocking(move || Store::open(&state, &log_dir, &origin, signer))
+                .await
+                .map_err(|e| LogdError::StateDir {
+                    path: config.state.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })??
+        };
+
+        let mut sinks: Vec<Arc<dyn AlertSink>> = Vec::new();
+        if options.stdout_alerts {
+            sinks.push(Arc::new(StdoutAlerts));
+        }
+        if let Some(url) = &config.webhook {
+            sinks.push(Arc::new(WebhookAlerts::new(url)?));
+        }
+        sinks.extend(options.alert_sinks.iter().cloned());
+
+        let mut witnesses = Vec::new();
+        for w in &config.witnesses {
+            witnesses.push(WitnessSlot {
+                name: w.name.clone(),
+                principal: PrincipalId::new(
+                    config.cell.clone(),
+                    PrincipalKind::Service,
+                    w.name.clone(),
+                ),
+                addr: w.addr.clone(),
+                verifier: NoteVerifier::from_vkey(&w.vkey)?,
+                client: None,
+                size: 0,
+            });
+        }
+        let alerts = past_alerts(&journal_path)?;
+
+        let registry = Arc::new(Registry::new());
+        let server = Server::new(tls::server_config(&roots, &identity)?, config.cell.clone())
+            .with_metrics(Arc::clone(&registry), "nitrile_logd")
+            .with_max_body(MAX_INGEST_BODY);
+        let listener = TcpListener::bind(config.listen).await.map_err(|source| {
+            nitrile_net::NetError::Listener {
+                addr: Some(config.listen),
+                source,
+            }
+        })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cell: config.cell.clone(),
+                log_resource: ResourceId::new(ResourceKind::Log, config.cell.clone()),
+                me,
+                origin,
+                verifier: log_verifier,
+                admission,
+                store,
+                clock: options.clock,
+                sinks,
+                observers: options.observers,
+                alerts: Mutex::new(alerts),
+                journal_path,
+                interval: Duration::from_millis(config.checkpoint_interval_ms),
+                max_age: Duration::from_millis(config.max_checkpoint_age_ms),
+                quorum: config.witness_quorum,
+                witnesses: tokio::sync::Mutex::new(witnesses),
+                witness_tls: tls::client_config(&roots, &identity)?,
+            }),
+            server,
+            listener,
+        })
+    }
+
+    /// The bound mTLS address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// The log's origin line (`<cell>.nitrile/log`).
+    pub fn origin(&self) -> &str {
+        &self.inner.origin
+    }
+
+    /// The log's signed-note verifier key.
+    pub fn log_vkey(&self) -> String {
+        self.inner.verifier.to_vkey()
+    }
+
+    /// Serves until `shutdown` resolves; meanwhile checkpoints the log and
+    /// ingests logd's own journal. On the way out it ingests its journal a
+    /// last time, publishes a last checkpoint and saves the source states.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), LogdError> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let checkpoints = tokio::spawn(Arc::clone(&self.inner).checkpoint_loop(stop_rx.clone()));
+        let own = tokio::spawn(Arc::clone(&self.inner).self_ingest_loop(stop_rx));
+        let api = Api(Arc::clone(&self.inner));
+        let result = self.server.serve(self.listener, api, shutdown).await;
+        let _ = stop_tx.send(true);
+        let _ = own.await;
+        let _ = checkpoints.await;
+        let inner = Arc::clone(&self.inner);
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || inner.store.persist()).await {
+            tracing::error!(error = %crate::shipper::error_chain(&e), "could not save source states");
+        }
+        result.map_err(LogdError::from)
+    }
+}
+
+/// The alerts recorded in logd's journal, newest last.
+fn past_alerts(journal: &Path) -> Result<VecDeque<Alert>, LogdError> {
+    let mut out = VecDeque::new();
+    for entry in JournalReader::open(journal)? {
+        let entry = entry?;
+        let Ok(record) = entry.record() else { continue };
+        let Some(value) = record.detail.as_ref().and_then(|d| d.get(ALERT_DETAIL_KEY)) else {
+            continue;
+        };
+        if let Ok(mut alert) = serde_json::from_value::<Alert>(value.clone()) {
+            alert.audit_seq = Some(entry.seq);
+            if out.len() == MAX_ALERTS_KEPT {
+                out.pop_front();
+            }
+            out.push_back(alert);
+        }
+    }
+    Ok(out)
+}
+
+fn kind_of(v: &IntegrityViolation) -> AlertKind {
+    match v {
+        IntegrityViolation::Gap { .. } => AlertKind::Gap,
+        IntegrityViolation::HashMismatch { .. } | IntegrityViolation::BadGenesis => {
+            AlertKind::ChainBreak
+        }
+        IntegrityViolation::JournalReplaced { .. } => AlertKind::JournalReplaced,
+        IntegrityViolation::LeafTooLarge { .. } => AlertKind::LeafTooLarge,
+        _ => AlertKind::WrongSource,
+    }
+}
+
+fn refusal(
+    status: u16,
+    step: RefusalStep,
+    reason: &str,
+    audit_seq: Option<u64>,
+) -> Response<Bytes> {
+    json_response(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &Refusal {
+            step,
+            reason: nitrile_api::admin::clip_text(reason, nitrile_api::admin::MAX_REASON_LEN),
+            quota: None,
+            retry_after_secs: None,
+            audit_seq,
+        },
+    )
+}
+
+fn refused(r: &Refused) -> Response<Bytes> {
+    refusal(r.status, r.step, &r.reason, r.audit_seq)
+}
+
+fn bytes_response(content_type: &'static str, body: Vec<u8>) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::from(body));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// The bearer token of a request, if it has a well-formed one.
+fn bearer(headers: &http::HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
+        .then(|| token.trim().to_owned())
+}
+
+/// A read the auditor asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Read {
+    Checkpoint,
+    Tile(String),
+    Inclusion { index: u64, size: u64 },
+    Consistency { old: u64, new: u64 },
+    Entries { start: u64, count: u64 },
+    Alerts,
+}
+
+/// What a path asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    Ingest,
+    Head(String, String),
+    Read(Read),
+}
+
+/// Most bytes of a tile path.
+const MAX_TILE_PATH: usize = 96;
+
+fn parse_u64(s: &str) -> Option<u64> {
+    (!s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| s.parse().ok())
+        .flatten()
+}
+
+fn route(method: &Method, path: &str) -> Result<Route, (u16, &'static str, String)> {
+    let not_found = || {
+        (
+            404,
+            "unknown_path",
+            format!(
+                "no such endpoint: {}",
+                nitrile_api::admin::clip_text(path, 120)
+            ),
+        )
+    };
+    let parts: Vec<&str> = path
+        .strip_prefix("/v1/")
+        .ok_or_else(not_found)?
+        .split('/')
+        .collect();
+    let wrong_method = |allowed: &str| {
+        (
+            405,
+            "method_not_allowed",
+            format!("{path} only accepts {allowed}"),
+        )
+    };
+    let get = |r: Route| {
+        if method == Method::GET {
+            Ok(r)
+        } else {
+            Err(wrong_method("GET"))
+        }
+    };
+    match parts.as_slice() {
+        ["ingest"] if method == Method::POST => Ok(Route::Ingest),
+        ["ingest"] => Err(wrong_method("POST")),
+        ["ingest", "head", kind, name] => get(Route::Head((*kind).to_owned(), (*name).to_owned())),
+        ["log", "checkpoint"] => get(Route::Read(Read::Checkpoint)),
+        ["log", "tile", ..] => {
+            let tile = &path["/v1/log/".len()..];
+            let rest = tile
+                .strip_prefix("tile/entries/")
+                .or_else(|| tile.strip_prefix("tile/"))
+                .unwrap_or("");
+            if tile.len() > MAX_TILE_PATH
+                || rest.is_empty()
+                || !rest
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b"/.xp".contains(&b))
+                || tile.contains("..")
+                || tile.contains("//")
+                || tile.ends_with('/')
+            {
+                return Err(not_found());
+            }
+            get(Route::Read(Read::Tile(tile.to_owned())))
+        }
+        ["log", "proof", "inclusion", index, size] => match (parse_u64(index), parse_u64(size)) {
+            (Some(index), Some(size)) => get(Route::Read(Read::Inclusion { index, size })),
+            _ => Err(not_found()),
+        },
+        ["log", "proof", "consistency", old, new] => match (parse_u64(old), parse_u64(new)) {
+            (Some(old), Some(new)) => get(Route::Read(Read::Consistency { old, new })),
+            _ => Err(not_found()),
+        },
+        ["log", "entries", start, count] => match (parse_u64(start), parse_u64(count)) {
+            (Some(start), Some(count)) => get(Route::Read(Read::Entries { start, count })),
+            _ => Err(not_found()),
+        },
+        ["alerts"] => get(Route::Read(Read::Alerts)),
+        _ => Err(not_found()),
+    }
+}
+
+fn hex_proof(p: Vec<nitrile_tlog::Hash>) -> ProofBody {
+    ProofBody {
+        proof: p.into_iter().map(hex::encode).collect(),
+    }
+}
+
+impl Inner {
+    fn push_alert(&self, alert: &Alert) {
+        {
+            let mut alerts = self.alerts.lock().unwrap_or_else(PoisonError::into_inner);
+            if alerts.len() == MAX_ALERTS_KEPT {
+                alerts.pop_front();
+            }
+            alerts.push_back(alert.clone());
+        }
+        for s in &self.sinks {
+            s.alert(alert);
+        }
+        for o in &self.observers {
+            o.integrity(alert);
+        }
+    }
+
+    fn new_alert(
+        &self,
+        kind: AlertKind,
+        source: Option<String>,
+        principal: Option<&PrincipalId>,
+        message: String,
+        detail: serde_json::Value,
+    ) -> Alert {
+        Alert {
+            alert: "integrity".to_owned(),
+            kind,
+            time: nitrile_audit::format_time(self.clock.now()),
+            source,
+            principal: principal.map(PrincipalId::uri),
+            message,
+            detail,
+            audit_seq: None,
+        }
+    }
+
+    /// Raises an alert that no request refusal carries: journaled as a
+    /// failed outcome of logd's own work, then delivered.
+    async fn raise(&self, mut alert: Alert) {
+        let record = AuditRecord::outcome(
+            self.clock.now(),
+            self.me.clone(),
+            RequestId::random(&mut rand_core::OsRng),
+            Outcome::Failed,
+        )
+        .with_reason(&format!(
+            "INTEGRITY ALERT {}: {}",
+            alert.kind.as_str(),
+            alert.message
+        ))
+        .with_detail(serde_json::json!({ ALERT_DETAIL_KEY: &alert }));
+        alert.audit_seq = match record.encode() {
+            Ok(bytes) => match self.admission.journal().submit(&bytes).await {
+                Ok(r) => Some(r.seq),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not journal an alert");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "could not encode an alert");
+                None
+            }
+        };
+        self.push_alert(&alert);
+    }
+
+    /// Journals the refusal of a request (step `request`), with `alert` in
+    /// its detail when it raises one; delivers the alert.
+    async fn refuse(
+        self: &Arc<Self>,
+        peer: &PeerIdentity,
+        status: u16,
+        code: &'static str,
+        reason: String,
+        mut detail: serde_json::Value,
+        alert: Option<Alert>,
+    ) -> Response<Bytes> {
+        if let (Some(a), Some(obj)) = (&alert, detail.as_object_mut()) {
+            obj.insert(
+                ALERT_DETAIL_KEY.to_owned(),
+                serde_json::to_value(a).unwrap_or_default(),
+            );
+        }
+        let inner = Arc::clone(self);
+        let peer2 = peer.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            inner
+                .admission
+                .refuse_request(&peer2, status, code, reason, detail)
+        })
+        .await;
+        match r {
+            Ok(r) => {
+                if let Some(mut a) = alert {
+                    a.audit_seq = r.audit_seq;
+                    self.push_alert(&a);
+                }
+                refused(&r)
+            }
+            Err(_) => refusal(500, RefusalStep::Internal, "internal failure", None),
+        }
+    }
+
+    /// Hands newly logged records to the observers.
+    fn observe(&self, first_index: u64, leaves: &[LeafV1]) {
+        if self.observers.is_empty() {
+            return;
+        }
+        for (i, leaf) in leaves.iter().enumerate() {
+            if let Ok(record) = AuditRecord::decode(&leaf.payload) {
+                for o in &self.observers {
+                    o.record(first_index + i as u64, leaf, &record);
+                }
+            }
+        }
+    }
+
+    async fn ingest(self: &Arc<Self>, peer: PeerIdentity, body: Bytes) -> Response<Bytes> {
+        let detail = serde_json::json!({ "method": "POST", "path": "/v1/ingest" });
+        let batch: IngestBatch = match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return self
+                    .refuse(
+                        &peer,
+                        400,
+                        "bad_body",
+                        format!("not an ingest batch: {e}"),
+                        detail,
+                        None,
+                    )
+                    .await;
+            }
+        };
+        if batch.entries.len() > MAX_INGEST_ENTRIES {
+            return self
+                .refuse(
+                    &peer,
+                    400,
+                    "too_many_entries",
+                    format!("at most {MAX_INGEST_ENTRIES} entries per batch"),
+                    detail,
+                    None,
+                )
+                .await;
+        }
+        let caller = peer.principal.uri();
+        if batch.journal.source != caller
+            || !matches!(
+                peer.principal.kind,
+                PrincipalKind::Host | PrincipalKind::Service
+            )
+        {
+            let source = nitrile_api::admin::clip_text(&batch.journal.source, 255);
+            let alert = self.new_alert(
+                AlertKind::WrongSource,
+                Some(source.clone()),
+                Some(&peer.principal),
+                format!("{caller} shipped the journal of {source}"),
+                serde_json::json!({ "journal_id": batch.journal.journal_id.to_string() }),
+            );
+            return self
+                .refuse(
+                    &peer,
+                    403,
+                    "wrong_source",
+                    format!("a caller ships only its own journal; you are {caller}"),
+                    detail,
+                    Some(alert),
+                )
+                .await;
+        }
+        let inner = Arc::clone(self);
+        let now = now_ms(&*self.clock);
+        let ingested = tokio::task::spawn_blocking(move || {
+            let r = inner.store.ingest(&batch, now);
+            (batch, r)
+        })
+        .await;
+        let (batch, ingested) = match ingested {
+            Ok(x) => x,
+            Err(_) => return refusal(500, RefusalStep::Internal, "internal failure", None),
+        };
+        let ingested = match ingested {
+            Ok(i) => i,
+            Err(e) => {
+                let msg = crate::shipper::error_chain(&e);
+                tracing::error!(error = %msg, "ingest failed");
+                return self
+                    .refuse(
+                        &peer,
+                        503,
+                        "log_storage",
+                        format!("the log cannot store records now: {msg}"),
+                        detail,
+                        None,
+                    )
+                    .await;
+            }
+        };
+        self.observe(ingested.first_index, &ingested.checked.leaves);
+        let state = ingested.checked.state;
+        match ingested.checked.violation {
+            None => json_response(
+                StatusCode::OK,
+                &IngestAck {
+                    acked_seq: state.acked_seq,
+                },
+            ),
+            Some(v) => {
+                let alert = self.new_alert(
+                    kind_of(&v),
+                    Some(batch.journal.source.clone()),
+                    Some(&peer.principal),
+                    v.to_string(),
+                    serde_json::json!({
+                        "violation": &v,
+                        "journal_id": batch.journal.journal_id.to_string(),
+                        "acked_seq": state.acked_seq,
+                        "acked_hash": state.hash.to_string(),
+                        "batch_first_seq": batch.entries.first().map(|e| e.seq),
+                        "batch_last_seq": batch.entries.last().map(|e| e.seq),
+                    }),
+                );
+                self.refuse(
+                    &peer,
+                    409,
+                    v.code(),
+                    format!(
+                        "INTEGRITY ALERT: {v}; the log holds records up to {}",
+                        state.acked_seq
+                    ),
+                    detail,
+                    Some(alert),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn head(self: &Arc<Self>, peer: PeerIdentity, kind: &str, name: &str) -> Response<Bytes> {
+        let path = format!("/v1/ingest/head/{kind}/{name}");
+        let detail = serde_json::json!({ "method": "GET", "path": nitrile_api::admin::clip_text(&path, 120) });
+        let source = match (kind.parse::<PrincipalKind>(), Name::new(name)) {
+            (Ok(k), Ok(n)) => PrincipalId::new(self.cell.clone(), k, n),
+            _ => {
+                return self
+                    .refuse(
+                        &peer,
+                        404,
+                        "unknown_path",
+                        "no such source".into(),
+                        detail,
+                        None,
+                    )
+                    .await;
+            }
+        };
+        if source != peer.principal {
+            return self
+                .refuse(
+                    &peer,
+                    403,
+                    "wrong_source",
+                    "a caller reads only the head of its own journal".into(),
+                    detail,
+                    None,
+                )
+                .await;
+        }
+        let head = match self.store.head(&source.uri()) {
+            Some(s) => SourceHead {
+                acked_seq: s.acked_seq,
+                hash: Some(s.hash),
+                journal_id: Some(s.journal_id),
+            },
+            None => SourceHead {
+                acked_seq: 0,
+                hash: None,
+                journal_id: None,
+            },
+        };
+        json_response(StatusCode::OK, &head)
+    }
+
+    /// Answers a read (blocking).
+    fn answer(&self, read: &Read) -> Result<Response<Bytes>, (u16, String)> {
+        let log_err = |e: StoreError| (500, crate::shipper::error_chain(&e));
+        match read {
+            Read::Checkpoint => match self.store.with_log(|l| l.checkpoint()) {
+                Some(note) => Ok(bytes_response(
+                    "text/plain; charset=utf-8",
+                    note.text.into_bytes(),
+                )),
+                None => Err((404, "no checkpoint has been published yet".into())),
+            },
+            Read::Tile(path) => match self.store.with_log(|l| l.storage().read(path)) {
+                Ok(Some(b)) => Ok(bytes_response("application/octet-stream", b)),
+                Ok(None) => Err((404, format!("no tile {path}"))),
+                Err(e) => Err(log_err(e.into())),
+            },
+            Read::Inclusion { index, size } => {
+                let r = self.store.with_log(|l| {
+                    if *index >= *size || *size > l.size() {
+                        return Err((404, format!("no entry {index} in a tree of size {size}")));
+                    }
+                    l.inclusion_proof(*index, *size)
+                        .map_err(|e| log_err(e.into()))
+                })?;
+                Ok(json_response(StatusCode::OK, &hex_proof(r)))
+            }
+            Read::Consistency { old, new } => {
+                let r = self.store.with_log(|l| {
+                    if *old > *new || *new > l.size() {
+                        return Err((404, format!("no consistency proof from {old} to {new}")));
+                    }
+                    l.consistency_proof(*old, *new)
+                        .map_err(|e| log_err(e.into()))
+                })?;
+                Ok(json_response(StatusCode::OK, &hex_proof(r)))
+            }
+            Read::Entries { start, count } => {
+                let leaves = self
+                    .store
+                    .leaves(*start, (*count).min(MAX_ENTRIES_PER_READ))
+                    .map_err(log_err)?;
+                let body: Vec<EntryBody> = leaves
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        let record = serde_json::from_slice::<serde_json::Value>(&l.payload).ok();
+                        EntryBody {
+                            index: start + i as u64,
+                            payload: record.is_none().then(|| base64(&l.payload)),
+                            record,
+                            source: l.source,
+                            journal_id: l.journal_id,
+                            seq: l.seq,
+                            hash: l.hash,
+                        }
+                    })
+                    .collect();
+                Ok(json_response(StatusCode::OK, &body))
+            }
+            Read::Alerts => {
+                let alerts: Vec<Alert> = self
+                    .alerts
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .cloned()
+                    .collect();
+                Ok(json_response(StatusCode::OK, &alerts))
+            }
+        }
+    }
+
+    async fn read(
+        self: &Arc<Self>,
+        peer: PeerIdentity,
+        token: Option<String>,
+        read: Read,
+        path: String,
+    ) -> Response<Bytes> {
+        let admitted = match self
+            .admission
+            .admit_async(
+                &peer,
+                token.as_deref(),
+                Operation::AuditRead,
+                &self.log_resource,
+            )
+            .await
+        {
+            Ok(a) => a,
+            Err(r) => return refused(&r),
+        };
+        let inner = Arc::clone(self);
+        let answered = tokio::task::spawn_blocking(move || inner.answer(&read)).await;
+        let detail = |extra: Option<(u16, &str)>| {
+            let mut d = serde_json::json!({ "read": nitrile_api::admin::clip_text(&path, 120) });
+            if let (Some((status, why)), Some(o)) = (extra, d.as_object_mut()) {
+                o.insert("status".into(), status.into());
+                o.insert(
+                    "reason".into(),
+                    nitrile_api::admin::clip_text(why, 200).into(),
+                );
+            }
+            d
+        };
+        let (outcome, detail, resp) = match answered {
+            Ok(Ok(resp)) => (Outcome::Executed, detail(None), Ok(resp)),
+            Ok(Err((status, why))) => (
+                Outcome::Failed,
+                detail(Some((status, &why))),
+                Err((status, why)),
+            ),
+            Err(_) => (
+                Outcome::Failed,
+                detail(Some((500, "internal failure"))),
+                Err((500, "internal failure".to_owned())),
+            ),
+        };
+        match self
+            .admission
+            .complete_async(admitted, outcome, Some(detail))
+            .await
+        {
+            Ok(receipt) => match resp {
+                Ok(r) => r,
+                Err((status, why)) => {
+                    let step = if status == 404 {
+                        RefusalStep::State
+                    } else {
+                        RefusalStep::Internal
+                    };
+                    refusal(status, step, &why, Some(receipt.seq))
+                }
+            },
+            // The answer leaves only once the read is journaled.
+            Err(e) => {
+                tracing::error!(error = %crate::shipper::error_chain(&e), "could not journal a read");
+                refusal(
+                    503,
+                    RefusalStep::Journal,
+                    "the read could not be journaled, so it is not answered",
+                    None,
+                )
+            }
+        }
+    }
+
+    /// Checkpoints the log every interval when it grew, and at least every
+    /// `max_age` anyway; raises `checkpoint_stalled` when a grown log goes
+    /// [`STALL_INTERVALS`] intervals without a published checkpoint.
+    async fn checkpoint_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut last_publish = tokio::time::Instant::now();
+        let mut stalled = false;
+        let mut last_persist_size = u64::MAX;
+        loop {
+            let stopping = tokio::select! {
+                _ = stop.wait_for(|s| *s) => true,
+                () = tokio::time::sleep(self.interval) => false,
+            };
+            let (size, published) = self.store.sizes(&self.origin, &self.verifier);
+            let due = size > published
+                || last_publish.elapsed() >= self.max_age
+                || (size == 0
+                    && published == 0
+                    && self.store.with_log(|l| l.checkpoint().is_none()));
+            if due {
+                match self.checkpoint_once().await {
+                    Ok(()) => {
+                        last_publish = tokio::time::Instant::now();
+                        stalled = false;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "no checkpoint published"),
+                }
+            }
+            let (size, published) = self.store.sizes(&self.origin, &self.verifier);
+            if size > published
+                && last_publish.elapsed() >= self.interval * STALL_INTERVALS
+                && !stalled
+            {
+                {
+                    stalled = true;
+                    let alert = self.new_alert(
+                        AlertKind::CheckpointStalled,
+                        None,
+                        None,
+                        format!(
+                            "the log holds {size} entries but the last published checkpoint covers {published}, for {} ms",
+                            last_publish.elapsed().as_millis()
+                        ),
+                        serde_json::json!({ "size": size, "published": published }),
+                    );
+                    self.raise(alert).await;
+                }
+            }
+            if size != last_persist_size {
+                let inner = Arc::clone(&self);
+                match tokio::task::spawn_blocking(move || inner.store.persist()).await {
+                    Ok(Ok(())) => last_persist_size = size,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %crate::shipper::error_chain(&e), "could not save source states")
+                    }
+                    Err(_) => {}
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Prepares a checkpoint, collects the witness quorum and publishes it.
+    async fn checkpoint_once(self: &Arc<Self>) -> Result<(), String> {
+        let now = now_ms(&*self.clock);
+        let inner = Arc::clone(self);
+        let note = tokio::task::spawn_blocking(move || {
+            inner.store.with_log_mut(|l| l.prepare_checkpoint(now))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| crate::shipper::error_chain(&e))?;
+        let note = if self.quorum == 0 {
+            note
+        } else {
+            self.cosign(note).await?
+        };
+        let inner = Arc::clone(self);
+        tokio::task::spawn_blocking(move || inner.store.publish(&note))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| crate::shipper::error_chain(&e))
+    }
+
+    /// Asks every witness to cosign `note`; the note with the cosignatures
+    /// when at least the quorum verify, else an alert.
+    async fn cosign(self: &Arc<Self>, note: SignedNote) -> Result<SignedNote, String> {
+        let cp = nitrile_tlog::open_checkpoint(&note.text, &self.origin, &self.verifier)
+            .map_err(|e| e.to_string())?;
+        let mut witnesses = self.witnesses.lock().await;
+        let mut lines = Vec::new();
+        let mut failures = Vec::new();
+        for w in witnesses.iter_mut() {
+            match self.ask_witness(w, &note, cp.size).await {
+                Ok(mut l) => lines.append(&mut l),
+                Err(e) => {
+                    let split = matches!(e, WitnessError::SplitView { .. });
+                    failures.push(serde_json::json!({
+                        "witness": w.name.as_str(),
+                        "error": crate::shipper::error_chain(&e),
+                        "split_view": split,
+                    }));
+                    w.client = None;
+                }
+            }
+        }
+        let verifiers: Vec<NoteVerifier> = witnesses.iter().map(|w| w.verifier.clone()).collect();
+        drop(witnesses);
+        let mut cosigned = note;
+        for l in &lines {
+            if let Ok(n) = cosigned.with_signature_line(l) {
+                cosigned = n;
+            }
+        }
+        let valid = nitrile_tlog::cosignatures(&cosigned.text, &verifiers);
+        if valid.len() >= self.quorum {
+            return Ok(cosigned);
+        }
+        let alert = self.new_alert(
+            AlertKind::WitnessQuorum,
+            None,
+            None,
+            format!(
+                "checkpoint of size {} got {} of {} witness cosignatures needed",
+                cp.size,
+                valid.len(),
+                self.quorum
+            ),
+            serde_json::json!({ "size": cp.size, "cosigned_by": valid, "failures": failures }),
+        );
+        self.raise(alert).await;
+        Err("witness quorum not reached".into())
+    }
+
+    async fn ask_witness(
+        &self,
+        w: &mut WitnessSlot,
+        note: &SignedNote,
+        size: u64,
+    ) -> Result<Vec<String>, WitnessError> {
+        if w.client.is_none() {
+            w.client = Some(
+                WitnessClient::connect(&w.addr, &w.principal, Arc::clone(&self.witness_tls))
+                    .await?,
+            );
+        }
+        for _ in 0..2 {
+            let old = w.size.min(size);
+            let proof = if old == 0 || old == size {
+                Vec::new()
+            } else {
+                self.store
+                    .with_log(|l| l.consistency_proof(old, size))
+                    .map_err(|e| WitnessError::Refused {
+                        status: 500,
+                        reason: e.to_string(),
+                    })?
+            };
+            let client = w.client.as_mut().ok_or(WitnessError::Refused {
+                status: 500,
+                reason: "no connection".into(),
+            })?;
+            match client.add_checkpoint(old, &proof, &note.text).await {
+                Ok(lines) => {
+                    w.size = size;
+                    return Ok(lines);
+                }
+                Err(WitnessError::Conflict { recorded }) if recorded != old => w.size = recorded,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(WitnessError::Refused {
+            status: 409,
+            reason: "the witness's recorded size keeps changing".into(),
+        })
+    }
+
+    /// Ingests logd's own journal into the log.
+    async fn self_ingest_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tail: Option<JournalTail> = None;
+        loop {
+            let inner = Arc::clone(&self);
+            let t = tail.take();
+            let r = tokio::task::spawn_blocking(move || inner.self_ingest_once(t)).await;
+            match r {
+                Ok(Ok(t)) => tail = Some(t),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "logd could not ingest its own journal");
+                }
+                Err(_) => {}
+            }
+            let stopping = *stop.borrow();
+            if stopping {
+                return;
+            }
+            let stopped = tokio::select! {
+                _ = stop.wait_for(|s| *s) => true,
+                () = tokio::time::sleep(SELF_INGEST_POLL) => false,
+            };
+            if stopped {
+                // One last pass for the records of the shutdown.
+                let inner = Arc::clone(&self);
+                let t = tail.take();
+                let _ = tokio::task::spawn_blocking(move || inner.self_ingest_once(t)).await;
+                return;
+            }
+        }
+    }
+
+    /// Ingests what is new in logd's journal; on an error the tail is
+    /// dropped and the next pass starts from the log's head.
+    fn self_ingest_once(&self, tail: Option<JournalTail>) -> Result<JournalTail, String> {
+        let mut tail = match tail {
+            Some(t) => t,
+            None => {
+                let mut t = JournalTail::open(&self.journal_path)
+                    .map_err(|e| crate::shipper::error_chain(&e))?;
+                let source = self.me.uri();
+                if let Some(s) = self.store.head(&source) {
+                    t.seek_to(s.acked_seq, s.hash)
+                        .map_err(|e| crate::shipper::error_chain(&e))?;
+                }
+                t
+            }
+        };
+        loop {
+            let entries = match tail.next_batch(MAX_INGEST_ENTRIES, MAX_INGEST_BODY / 2) {
+                Ok(e) => e,
+                Err(e) => return Err(crate::shipper::error_chain(&e)),
+            };
+            if entries.is_empty() {
+                return Ok(tail);
+            }
+            let h = tail.header();
+            let batch = IngestBatch {
+                journal: JournalRef {
+                    source: h.source.clone(),
+                    journal_id: h.journal_id,
+                    genesis: h.genesis,
+                },
+                entries: entries
+                    .into_iter()
+                    .map(|e| IngestEntry {
+                        seq: e.seq,
+                        hash: e.hash,
+                        payload: e.payload,
+                    })
+                    .collect(),
+            };
+            match self.store.ingest(&batch, now_ms(&*self.clock)) {
+                Ok(i) => {
+                    self.observe(i.first_index, &i.checked.leaves);
+                    if let Some(v) = i.checked.violation {
+                        // Start over from the log's head next time.
+                        return Err(format!("own journal: {v}"));
+                    }
+                }
+                Err(e) => return Err(crate::shipper::error_chain(&e)),
+            }
+        }
+    }
+}
+
+struct Api(Arc<Inner>);
+
+impl Handler for Api {
+    async fn handle(&self, peer: PeerIdentity, req: Request<Bytes>) -> Response<Bytes> {
+        let inner = Arc::clone(&self.0);
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path().to_owned();
+        let parsed = if parts.uri.query().is_some() {
+            Err((400, "query", "query strings are not accepted".to_owned()))
+        } else {
+            route(&parts.method, &path)
+        };
+        let route = match parsed {
+            Ok(r) => r,
+            Err((status, code, reason)) => {
+                let detail = serde_json::json!({
+                    "method": nitrile_api::admin::clip_text(parts.method.as_str(), 16),
+                    "path": nitrile_api::admin::clip_text(&path, 120),
+                });
+                return inner
+                    .refuse(&peer, status, code, reason, detail, None)
+                    .await;
+            }
+        };
+        let token = bearer(&parts.headers);
+        // A task of its own: once started, a request is journaled and
+        // answered even if the caller goes away.
+        tokio::spawn(async move {
+            match route {
+                Route::Ingest => inner.ingest(peer, body).await,
+                Route::Head(kind, name) => inner.head(peer, &kind, &name).await,
+                Route::Read(read) => inner.read(peer, token, read, path).await,
+            }
+        })
+        .await
+        .unwrap_or_else(|_| refusal(500, RefusalStep::Internal, "internal failure", None))
+    }
+
+    async fn request_unreadable(
+        &self,
+        peer: PeerIdentity,
+        method: String,
+        path: String,
+        status: u16,
+        reason: String,
+    ) {
+        let detail = serde_json::json!({
+            "method": nitrile_api::admin::clip_text(&method, 16),
+            "path": nitrile_api::admin::clip_text(&path, 120),
+        });
+        let _ = self
+            .0
+            .refuse(&peer, status, "unreadable_body", reason, detail, None)
+            .await;
+    }
+
+    async fn handshake_failed(&self, remote: SocketAddr, reason: &str) {
+        let inner = Arc::clone(&self.0);
+        let reason = format!(
+            "TLS handshake failed: {}",
+            nitrile_api::admin::clip_text(reason, 160)
+        );
+        let _ = tokio::task::spawn_blocking(move || {
+            let detail = serde_json::json!({ "remote": remote.to_string() });
+            inner.admission.refuse_tls(None, reason, Some(detail))
+        })
+        .await;
+    }
+
+    async fn refused_at_tls(&self, reason: &PkiError, cert_sha256: Option<[u8; 32]>) {
+        let inner = Arc::clone(&self.0);
+        let reason = format!("certificate names no principal of this cell: {reason}");
+        let _ = tokio::task::spawn_blocking(move || {
+            inner.admission.refuse_tls(cert_sha256, reason, None)
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_closed() {
+        let g = Method::GET;
+        assert_eq!(route(&Method::POST, "/v1/ingest"), Ok(Route::Ingest));
+        assert_eq!(
+            route(&g, "/v1/ingest/head/host/h1"),
+            Ok(Route::Head("host".into(), "h1".into()))
+        );
+        assert_eq!(
+            route(&g, "/v1/log/checkpoint"),
+            Ok(Route::Read(Read::Checkpoint))
+        );
+        assert_eq!(
+            route(&g, "/v1/log/tile/0/x001/234.p/5"),
+            Ok(Route::Read(Read::Tile("tile/0/x001/234.p/5".into())))
+        );
+        assert_eq!(
+            route(&g, "/v1/log/tile/entries/000"),
+            Ok(Route::Read(Read::Tile("tile/entries/000".into())))
+        );
+        assert_eq!(
+            route(&g, "/v1/log/proof/inclusion/3/10"),
+            Ok(Route::Read(Read::Inclusion { index: 3, size: 10 }))
+        );
+        assert_eq!(
+            route(&g, "/v1/log/proof/consistency/3/10"),
+            Ok(Route::Read(Read::Consistency { old: 3, new: 10 }))
+        );
+        assert_eq!(
+            route(&g, "/v1/log/entries/0/5"),
+            Ok(Route::Read(Read::Entries { start: 0, count: 5 }))
+        );
+        assert_eq!(route(&g, "/v1/alerts"), Ok(Route::Read(Read::Alerts)));
+        for bad in [
+            "/v1/log/tile/../sources.json",
+            "/v1/log/tile/../../log.key",
+            "/v1/log/tile/0//1",
+            "/v1/log/proof/inclusion/-1/3",
+            "/v1/log/proof/inclusion/1",
+            "/v1/log/entries/a/1",
+            "/v1/log/checkpoints/3",
+            "/v1/log/delete",
+            "/v2/alerts",
+            "/",
+        ] {
+            assert_eq!(route(&g, bad).map_err(|e| e.0), Err(404), "{bad}");
+        }
+        assert_eq!(route(&g, "/v1/ingest").map_err(|e| e.0), Err(405));
+        assert_eq!(
+            route(&Method::DELETE, "/v1/log/checkpoint").map_err(|e| e.0),
+            Err(405)
+        );
+        assert_eq!(
+            route(&Method::PUT, "/v1/log/tile/0/000").map_err(|e| e.0),
+            Err(405)
+        );
+    }
+}

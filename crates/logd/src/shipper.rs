@@ -1,0 +1,363 @@
+//! The journal shipper: follows a service's or host's journal and ships it
+//! to logd over mTLS.
+//!
+//! It asks logd where the log stands for this journal
+//! (`GET /v1/ingest/head/<kind>/<name>`), checks that its own journal holds
+//! that very record, and sends the records after it in batches
+//! (`POST /v1/ingest`), moving on only when logd acknowledges them as
+//! durable. After a disconnect or any refusal it backs off and starts over
+//! from logd's head, so a record is never skipped, and a duplicate is
+//! harmless. It only ever opens the journal for reading.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use nitrile_api::PrincipalId;
+use nitrile_net::Client;
+use rustls::ClientConfig;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::protocol::{
+    IngestAck, IngestBatch, IngestEntry, JournalRef, MAX_INGEST_BODY, MAX_INGEST_ENTRIES,
+    SourceHead,
+};
+use crate::tail::{JournalTail, TailError};
+
+/// How often the journal is looked at for new records when there were none.
+pub const DEFAULT_POLL: Duration = Duration::from_millis(100);
+/// The longest wait between attempts after errors.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Payload bytes per batch, leaving room for base64 and JSON in the body.
+const BATCH_PAYLOAD_BYTES: usize = MAX_INGEST_BODY / 2;
+
+/// Why shipping stopped for a while (the shipper retries).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShipError {
+    /// the journal could not be read or followed
+    #[error("journal")]
+    Tail(#[from] TailError),
+    /// the journal's source is not a principal of a cell
+    #[error("the journal's source {0:?} is not a principal")]
+    Source(String),
+    /// logd could not be reached or answered garbage
+    #[error("logd")]
+    Net(#[from] nitrile_net::NetError),
+    /// logd refused a request
+    #[error("logd refused ({status}): {reason}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// logd's reason.
+        reason: String,
+    },
+    /// logd holds another journal of this source
+    #[error("logd holds journal {held} of this source, not this one")]
+    OtherJournal {
+        /// The journal id logd holds.
+        held: String,
+    },
+    /// a blocking task failed
+    #[error("internal task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// What a shipper has done so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShipperStatus {
+    /// The last record logd acknowledged.
+    pub shipped_seq: u64,
+    /// The last record seen in the journal.
+    pub journal_head: u64,
+    /// Batches acknowledged.
+    pub batches: u64,
+    /// The last error (with its causes), cleared by the next acknowledgement.
+    pub last_error: Option<String>,
+}
+
+/// Options of a shipper.
+#[derive(Debug, Clone)]
+pub struct ShipperOptions {
+    /// How often to look for new records when there were none.
+    pub poll: Duration,
+    /// The longest wait between attempts after errors.
+    pub max_backoff: Duration,
+}
+
+impl Default for ShipperOptions {
+    fn default() -> Self {
+        Self {
+            poll: DEFAULT_POLL,
+            max_backoff: MAX_BACKOFF,
+        }
+    }
+}
+
+/// Ships one journal to logd.
+#[derive(Debug)]
+pub struct Shipper;
+
+/// A running shipper.
+#[derive(Debug)]
+pub struct ShipperHandle {
+    status: Arc<Mutex<ShipperStatus>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ShipperHandle {
+    /// What the shipper has done so far.
+    pub fn status(&self) -> ShipperStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stops the shipper (a batch in flight is abandoned; logd may still
+    /// log it, which the next shipper sees in logd's head).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+impl Shipper {
+    /// Starts shipping the journal at `journal_path` to logd at `logd_addr`
+    /// (`host:port`), authenticated as `logd_principal`, with the client
+    /// identity in `tls` (its principal must be the journal's source). Must
+    /// be called within a tokio runtime.
+    pub fn spawn(
+        journal_path: PathBuf,
+        logd_addr: String,
+        logd_principal: PrincipalId,
+        tls: Arc<ClientConfig>,
+    ) -> ShipperHandle {
+        Self::spawn_with(
+            journal_path,
+            logd_addr,
+            logd_principal,
+            tls,
+            ShipperOptions::default(),
+        )
+    }
+
+    /// [`Shipper::spawn`] with options.
+    pub fn spawn_with(
+        journal_path: PathBuf,
+        logd_addr: String,
+        logd_principal: PrincipalId,
+        tls: Arc<ClientConfig>,
+        options: ShipperOptions,
+    ) -> ShipperHandle {
+        let status = Arc::new(Mutex::new(ShipperStatus::default()));
+        let (stop, stopped) = watch::channel(false);
+        let run = Run {
+            path: journal_path,
+            addr: logd_addr,
+            server: logd_principal,
+            tls,
+            options,
+            status: Arc::clone(&status),
+            stopped,
+            tail: None,
+        };
+        ShipperHandle {
+            status,
+            stop,
+            task: tokio::spawn(run.run()),
+        }
+    }
+}
+
+struct Run {
+    path: PathBuf,
+    addr: String,
+    server: PrincipalId,
+    tls: Arc<ClientConfig>,
+    options: ShipperOptions,
+    status: Arc<Mutex<ShipperStatus>>,
+    stopped: watch::Receiver<bool>,
+    tail: Option<JournalTail>,
+}
+
+/// The chain of an error and its causes, on one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        next = c.source();
+    }
+    s
+}
+
+impl Run {
+    fn set(&self, f: impl FnOnce(&mut ShipperStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Sleeps `d`; true when asked to stop meanwhile.
+    async fn sleep_or_stop(&mut self, d: Duration) -> bool {
+        if *self.stopped.borrow() {
+            return true;
+        }
+        let stopped = tokio::select! {
+            _ = self.stopped.wait_for(|s| *s) => true,
+            () = tokio::time::sleep(d) => false,
+        };
+        stopped || *self.stopped.borrow()
+    }
+
+    async fn run(mut self) {
+        let mut backoff = self.options.poll;
+        loop {
+            if *self.stopped.borrow() {
+                return;
+            }
+            match self.session().await {
+                Ok(()) => return,
+                Err(e) => {
+                    let msg = error_chain(&e);
+                    tracing::warn!(error = %msg, journal = %self.path.display(), "shipping paused");
+                    self.set(|s| s.last_error = Some(msg));
+                    if matches!(e, ShipError::Tail(_) | ShipError::OtherJournal { .. }) {
+                        // Read the journal afresh next time.
+                        self.tail = None;
+                    }
+                    if self.sleep_or_stop(backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(self.options.max_backoff);
+                }
+            }
+        }
+    }
+
+    /// One connection: resume from logd's head and ship until stopped (Ok)
+    /// or an error.
+    async fn session(&mut self) -> Result<(), ShipError> {
+        let tail = match self.tail.take() {
+            Some(t) => t,
+            None => {
+                let path = self.path.clone();
+                tokio::task::spawn_blocking(move || JournalTail::open(&path)).await??
+            }
+        };
+        let header = tail.header().clone();
+        let source = PrincipalId::parse(&header.source)
+            .map_err(|_| ShipError::Source(header.source.clone()))?;
+        let mut client = Client::connect(&self.addr, &self.server, Arc::clone(&self.tls)).await?;
+        let resp = client
+            .get_json(&format!("/v1/ingest/head/{}/{}", source.kind, source.name))
+            .await?;
+        if !resp.status.is_success() {
+            return Err(refused(&resp));
+        }
+        let head: SourceHead = resp.json()?;
+        if let Some(held) = head.journal_id
+            && held != header.journal_id
+        {
+            self.tail = Some(tail);
+            return Err(ShipError::OtherJournal {
+                held: held.to_string(),
+            });
+        }
+        let start_hash = head.hash.unwrap_or(header.genesis);
+        let mut tail = tail;
+        let (t, r) = tokio::task::spawn_blocking(move || {
+            let r = tail.seek_to(head.acked_seq, start_hash);
+            (tail, r)
+        })
+        .await?;
+        tail = t;
+        if let Err(e) = r {
+            // Keep nothing: the journal is read afresh next time.
+            return Err(e.into());
+        }
+        self.set(|s| {
+            s.shipped_seq = head.acked_seq;
+            s.journal_head = s.journal_head.max(head.acked_seq);
+        });
+        let journal = JournalRef {
+            source: header.source.clone(),
+            journal_id: header.journal_id,
+            genesis: header.genesis,
+        };
+        loop {
+            if *self.stopped.borrow() {
+                self.tail = Some(tail);
+                return Ok(());
+            }
+            let (t, r) = tokio::task::spawn_blocking(move || {
+                let r = tail.next_batch(MAX_INGEST_ENTRIES, BATCH_PAYLOAD_BYTES);
+                (tail, r)
+            })
+            .await?;
+            tail = t;
+            let entries = r?;
+            let Some(last) = entries.last() else {
+                let poll = self.options.poll;
+                if self.sleep_or_stop(poll).await {
+                    self.tail = Some(tail);
+                    return Ok(());
+                }
+                continue;
+            };
+            let last_seq = last.seq;
+            self.set(|s| s.journal_head = s.journal_head.max(last_seq));
+            let batch = IngestBatch {
+                journal: journal.clone(),
+                entries: entries
+                    .into_iter()
+                    .map(|e| IngestEntry {
+                        seq: e.seq,
+                        hash: e.hash,
+                        payload: e.payload,
+                    })
+                    .collect(),
+            };
+            let resp = match client.post_json("/v1/ingest", &batch).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // Start over from logd's head: the batch may or may not
+                    // be in the log.
+                    self.tail = Some(tail);
+                    return Err(e.into());
+                }
+            };
+            if !resp.status.is_success() {
+                self.tail = Some(tail);
+                return Err(refused(&resp));
+            }
+            let ack: IngestAck = resp.json()?;
+            if ack.acked_seq != last_seq {
+                self.tail = Some(tail);
+                return Err(ShipError::Refused {
+                    status: resp.status.as_u16(),
+                    reason: format!("logd acknowledged {} of {last_seq}", ack.acked_seq),
+                });
+            }
+            self.set(|s| {
+                s.shipped_seq = last_seq;
+                s.batches += 1;
+                s.last_error = None;
+            });
+        }
+    }
+}
+
+fn refused(resp: &nitrile_net::Response) -> ShipError {
+    ShipError::Refused {
+        status: resp.status.as_u16(),
+        reason: resp.refusal().map(|r| r.reason).unwrap_or_else(|| {
+            String::from_utf8_lossy(&resp.body)
+                .chars()
+                .take(200)
+                .collect()
+        }),
+    }
+}

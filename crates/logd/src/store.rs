@@ -1,0 +1,316 @@
+//! The log and what it holds of each source, kept consistent with each
+//! other (blocking I/O; callers run it off the async threads).
+//!
+//! Per source, the state (journal id, last record, its hash) advances only
+//! together with the append of that source's leaves, under one lock; a
+//! batch is acknowledged only after the storage is synced. The states are
+//! written to `sources.json` with the log size they describe; on open, any
+//! leaves appended after that size are replayed from the log itself, so the
+//! file may lag but never disagrees with the log.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
+
+use nitrile_tlog::{FileStorage, Log, LogError, NoteSigner, SignedNote, Storage, StorageError};
+use serde::{Deserialize, Serialize};
+
+use crate::chain::{Checked, SourceState, check_batch};
+use crate::leaf::{self, LeafError, LeafV1};
+use crate::protocol::IngestBatch;
+
+/// The file the source states are kept in.
+pub const SOURCES_FILE: &str = "sources.json";
+/// Largest sources file read.
+pub const MAX_SOURCES_FILE: u64 = 64 * 1024 * 1024;
+
+/// Why the log store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// the log failed (storage, signing, a missing entry)
+    #[error("log")]
+    Log(#[from] LogError),
+    /// the log storage could not be synced
+    #[error("log storage")]
+    Storage(#[from] StorageError),
+    /// the sources file could not be read or written
+    #[error("sources file {}", path.display())]
+    SourcesIo {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// the sources file is not what logd writes
+    #[error("sources file {} is malformed", path.display())]
+    SourcesFormat {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// the sources file describes more of the log than the log holds: the
+    /// log lost entries that were acknowledged
+    #[error("the sources file describes a log of {file} entries, the log holds {log}")]
+    LogShrank {
+        /// Size in the file.
+        file: u64,
+        /// Size of the log.
+        log: u64,
+    },
+    /// a stored leaf is not a leaf
+    #[error("log entry {index} is not a valid leaf")]
+    BadLeaf {
+        /// The entry.
+        index: u64,
+        /// Why.
+        #[source]
+        source: LeafError,
+    },
+    /// an earlier sync failed, so nothing more is acknowledged
+    #[error("the log storage failed earlier; restart logd")]
+    Poisoned,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourcesFile {
+    log_size: u64,
+    sources: BTreeMap<String, SourceState>,
+}
+
+struct Inner {
+    log: Log<FileStorage>,
+    sources: BTreeMap<String, SourceState>,
+    poisoned: bool,
+}
+
+/// The log and the source states.
+pub(crate) struct Store {
+    inner: RwLock<Inner>,
+    sources_file: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("sources_file", &self.sources_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an ingest did.
+#[derive(Debug)]
+pub(crate) struct Ingested {
+    /// The check's outcome (leaves appended, violation).
+    pub(crate) checked: Checked,
+    /// The log index of the first appended leaf.
+    pub(crate) first_index: u64,
+}
+
+impl Store {
+    /// Opens the log in `log_dir` and the source states in `state_dir`.
+    pub(crate) fn open(
+        state_dir: &Path,
+        log_dir: &Path,
+        origin: &str,
+        signer: NoteSigner,
+    ) -> Result<Self, StoreError> {
+        let storage = FileStorage::open(log_dir)?;
+        let log = Log::open(storage, origin, signer)?;
+        let sources_file = state_dir.join(SOURCES_FILE);
+        let mut file = match std::fs::metadata(&sources_file) {
+            Ok(m) if m.len() > MAX_SOURCES_FILE => {
+                return Err(StoreError::SourcesIo {
+                    path: sources_file,
+                    source: std::io::Error::other("too large"),
+                });
+            }
+            Ok(_) => {
+                let bytes =
+                    std::fs::read(&sources_file).map_err(|source| StoreError::SourcesIo {
+                        path: sources_file.clone(),
+                        source,
+                    })?;
+                serde_json::from_slice::<SourcesFile>(&bytes).map_err(|source| {
+                    StoreError::SourcesFormat {
+                        path: sources_file.clone(),
+                        source,
+                    }
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => SourcesFile {
+                log_size: 0,
+                sources: BTreeMap::new(),
+            },
+            Err(source) => {
+                return Err(StoreError::SourcesIo {
+                    path: sources_file,
+                    source,
+                });
+            }
+        };
+        let size = log.size();
+        if file.log_size > size {
+            return Err(StoreError::LogShrank {
+                file: file.log_size,
+                log: size,
+            });
+        }
+        // Leaves appended after the file was written.
+        for index in file.log_size..size {
+            let leaf = leaf::decode(&log.entry(index)?)
+                .map_err(|source| StoreError::BadLeaf { index, source })?;
+            let state = file.sources.get(&leaf.source).copied().unwrap_or_else(|| {
+                let genesis = nitrile_audit::genesis_hash(
+                    nitrile_audit::FORMAT_VERSION,
+                    &leaf.journal_id,
+                    leaf.source.as_bytes(),
+                );
+                SourceState::empty(leaf.journal_id, genesis)
+            });
+            file.sources
+                .insert(leaf.source.clone(), state.advanced(&leaf));
+        }
+        let store = Self {
+            inner: RwLock::new(Inner {
+                log,
+                sources: file.sources,
+                poisoned: false,
+            }),
+            sources_file,
+        };
+        store.persist()?;
+        Ok(store)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Checks `batch` against its source's state, appends the leaves it
+    /// may, makes them durable (entry bundle, tiles, sync) and advances the
+    /// state. Returns only once the appended leaves are durable.
+    pub(crate) fn ingest(
+        &self,
+        batch: &IngestBatch,
+        now_unix_ms: u64,
+    ) -> Result<Ingested, StoreError> {
+        let (checked, first_index) = {
+            let mut inner = self.write();
+            if inner.poisoned {
+                return Err(StoreError::Poisoned);
+            }
+            let checked = check_batch(inner.sources.get(&batch.journal.source), batch);
+            let first_index = inner.log.size();
+            if !checked.leaves.is_empty() {
+                let mut entries = Vec::with_capacity(checked.leaves.len());
+                for l in &checked.leaves {
+                    entries.push(leaf::encode(l).map_err(|source| StoreError::BadLeaf {
+                        index: first_index + entries.len() as u64,
+                        source,
+                    })?);
+                }
+                // Bundles, tiles and a sync: the leaves are durable once
+                // this returns (the signed note is not published here).
+                let appended = inner
+                    .log
+                    .append(&entries)
+                    .and_then(|_| inner.log.prepare_checkpoint(now_unix_ms));
+                if let Err(e) = appended {
+                    inner.poisoned = true;
+                    return Err(e.into());
+                }
+                inner
+                    .sources
+                    .insert(batch.journal.source.clone(), checked.state);
+            }
+            (checked, first_index)
+        };
+        Ok(Ingested {
+            checked,
+            first_index,
+        })
+    }
+
+    /// What the log holds of `source`.
+    pub(crate) fn head(&self, source: &str) -> Option<SourceState> {
+        self.read().sources.get(source).copied()
+    }
+
+    /// Writes the source states with the log size they describe (atomic
+    /// replace, fsync). Every appended leaf is durable once its ingest
+    /// returns, so the size under the lock is durable.
+    pub(crate) fn persist(&self) -> Result<(), StoreError> {
+        let (bytes, size) = {
+            let inner = self.read();
+            inner.log.storage().sync()?;
+            let file = SourcesFile {
+                log_size: inner.log.size(),
+                sources: inner.sources.clone(),
+            };
+            (
+                serde_json::to_vec_pretty(&file).map_err(|source| StoreError::SourcesFormat {
+                    path: self.sources_file.clone(),
+                    source,
+                })?,
+                file.log_size,
+            )
+        };
+        crate::service::write_atomic(&self.sources_file, &bytes, 0o600).map_err(|source| {
+            StoreError::SourcesIo {
+                path: self.sources_file.clone(),
+                source,
+            }
+        })?;
+        tracing::debug!(size, "source states saved");
+        Ok(())
+    }
+
+    /// Runs `f` with the log for reading.
+    pub(crate) fn with_log<R>(&self, f: impl FnOnce(&Log<FileStorage>) -> R) -> R {
+        f(&self.read().log)
+    }
+
+    /// Runs `f` with the log for writing (checkpoints).
+    pub(crate) fn with_log_mut<R>(&self, f: impl FnOnce(&mut Log<FileStorage>) -> R) -> R {
+        f(&mut self.write().log)
+    }
+
+    /// The log size and the size of the last published checkpoint.
+    pub(crate) fn sizes(&self, origin: &str, verifier: &nitrile_tlog::NoteVerifier) -> (u64, u64) {
+        let inner = self.read();
+        let published = inner
+            .log
+            .checkpoint()
+            .and_then(|n| nitrile_tlog::open_checkpoint(&n.text, origin, verifier).ok())
+            .map_or(0, |c| c.size);
+        (inner.log.size(), published)
+    }
+
+    /// Publishes `note` as the log's checkpoint.
+    pub(crate) fn publish(&self, note: &SignedNote) -> Result<(), StoreError> {
+        self.write().log.publish(note)?;
+        Ok(())
+    }
+
+    /// Decodes the leaves `start..start + count` (fewer at the end of the
+    /// log).
+    pub(crate) fn leaves(&self, start: u64, count: u64) -> Result<Vec<LeafV1>, StoreError> {
+        let inner = self.read();
+        let end = start.saturating_add(count).min(inner.log.size());
+        (start..end)
+            .map(|index| {
+                leaf::decode(&inner.log.entry(index)?)
+                    .map_err(|source| StoreError::BadLeaf { index, source })
+            })
+            .collect()
+    }
+}
