@@ -59,6 +59,8 @@ pub enum IntegrityKind {
     ChainBreak,
     /// A record or journal names another source than the connection's.
     WrongSource,
+    /// A source shipped a journal other than the one the log holds.
+    JournalReplaced,
     /// A record is too large to become a log leaf.
     Oversized,
 }
@@ -70,8 +72,23 @@ impl IntegrityKind {
             Self::Gap => "gap",
             Self::ChainBreak => "chain_break",
             Self::WrongSource => "wrong_source",
+            Self::JournalReplaced => "journal_replaced",
             Self::Oversized => "oversized",
         }
+    }
+
+    /// The kind named `name`: its own name, or the log service's name of
+    /// the same problem (`hash_mismatch`, `bad_genesis`, `leaf_too_large`,
+    /// `bad_source`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "gap" => Self::Gap,
+            "chain_break" | "hash_mismatch" | "bad_genesis" => Self::ChainBreak,
+            "wrong_source" | "bad_source" => Self::WrongSource,
+            "journal_replaced" => Self::JournalReplaced,
+            "oversized" | "leaf_too_large" => Self::Oversized,
+            _ => return None,
+        })
     }
 }
 
@@ -325,6 +342,11 @@ mod tests {
         let e = Event::journal_head("nitrile://c1/host/h1", 10, 4);
         assert_eq!(e.value("lag"), Some("6"));
         assert_eq!(e.number("head"), Some(10));
+        assert_eq!(
+            IntegrityKind::from_name("leaf_too_large"),
+            Some(IntegrityKind::Oversized)
+        );
+        assert_eq!(IntegrityKind::from_name("checkpoint_stalled"), None);
         let e = Event::integrity(IntegrityKind::ChainBreak, "s", 3, "hash mismatch");
         assert_eq!(e.value("kind"), Some("chain_break"));
         let e = Event::checkpoint("c1.nitrile/log", 5, datetime!(2030-01-01 0:00 UTC));

@@ -334,6 +334,7 @@ fn journal_integrity_fires_on_every_kind_of_break() {
         IntegrityKind::Gap,
         IntegrityKind::ChainBreak,
         IntegrityKind::WrongSource,
+        IntegrityKind::JournalReplaced,
         IntegrityKind::Oversized,
     ] {
         let e = Event::integrity(kind, &host_source("h2"), 41, "expected seq 40");
