@@ -1082,9 +1082,8 @@ impl Inner {
                 && last_publish.elapsed() >= self.interval * STALL_INTERVALS
                 && !stalled
             {
-                {
-                    stalled = true;
-                    let alert = self.new_alert(
+                stalled = true;
+                let alert = self.new_alert(
                         AlertKind::CheckpointStalled,
                         None,
                         None,
@@ -1094,8 +1093,7 @@ impl Inner {
                         ),
                         serde_json::json!({ "size": size, "published": published }),
                     );
-                    self.raise(alert).await;
-                }
+                self.raise(alert).await;
             }
             if size != last_persist_size {
                 let inner = Arc::clone(&self);
