@@ -4,12 +4,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::Hash;
 use crate::log::{CHECKPOINT_PATH, HISTORY_PREFIX};
 use crate::merkle::{ProofError, Tree, leaf_hash, verify_consistency};
 use crate::note::{Checkpoint, NoteError, NoteVerifier, open_checkpoint};
 use crate::storage::{Storage, StorageError};
-use crate::tile::{ENTRIES_PER_BUNDLE, HASHES_PER_TILE, TileError, TileKind, TilePath, decode_bundle, decode_tile};
-use crate::Hash;
+use crate::tile::{
+    ENTRIES_PER_BUNDLE, HASHES_PER_TILE, TileError, TileKind, TilePath, decode_bundle, decode_tile,
+};
 
 /// What a successful audit checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +118,11 @@ impl fmt::Display for AuditFailure {
 }
 
 fn fail(path: impl Into<String>, index: Option<u64>, problem: AuditProblem) -> AuditFailure {
-    AuditFailure { path: path.into(), index, problem }
+    AuditFailure {
+        path: path.into(),
+        index,
+        problem,
+    }
 }
 
 fn storage_fail(path: &str) -> impl FnOnce(StorageError) -> AuditFailure + '_ {
@@ -129,9 +135,12 @@ fn read_note(
     origin: &str,
     log: &NoteVerifier,
 ) -> Result<Option<(String, Checkpoint)>, AuditFailure> {
-    let Some(bytes) = storage.read(path).map_err(storage_fail(path))? else { return Ok(None) };
+    let Some(bytes) = storage.read(path).map_err(storage_fail(path))? else {
+        return Ok(None);
+    };
     let text = String::from_utf8(bytes).map_err(|_| fail(path, None, AuditProblem::NotText))?;
-    let cp = open_checkpoint(&text, origin, log).map_err(|e| fail(path, None, AuditProblem::Checkpoint(e)))?;
+    let cp = open_checkpoint(&text, origin, log)
+        .map_err(|e| fail(path, None, AuditProblem::Checkpoint(e)))?;
     Ok(Some((text, cp)))
 }
 
@@ -155,16 +164,29 @@ fn lenient_entries(bytes: &[u8]) -> Vec<Vec<u8>> {
 /// compared with the recomputed tree; the full tiles and the partial tiles of
 /// the latest size must be present). The first problem found is returned,
 /// naming the path and, where it can, the entry index.
-pub fn audit(storage: &dyn Storage, origin: &str, log: &NoteVerifier) -> Result<AuditReport, AuditFailure> {
+pub fn audit(
+    storage: &dyn Storage,
+    origin: &str,
+    log: &NoteVerifier,
+) -> Result<AuditReport, AuditFailure> {
     // 1. Checkpoints: the history and the latest.
     let mut history: BTreeMap<u64, (String, String, Checkpoint)> = BTreeMap::new();
-    for path in storage.list(HISTORY_PREFIX).map_err(storage_fail(HISTORY_PREFIX))? {
+    for path in storage
+        .list(HISTORY_PREFIX)
+        .map_err(storage_fail(HISTORY_PREFIX))?
+    {
         let size = path[HISTORY_PREFIX.len()..]
             .parse::<u64>()
             .map_err(|_| fail(&path, None, AuditProblem::UnexpectedPath))?;
-        let Some((text, cp)) = read_note(storage, &path, origin, log)? else { continue };
+        let Some((text, cp)) = read_note(storage, &path, origin, log)? else {
+            continue;
+        };
         if cp.size != size {
-            return Err(fail(&path, None, AuditProblem::SizeMismatch { found: cp.size }));
+            return Err(fail(
+                &path,
+                None,
+                AuditProblem::SizeMismatch { found: cp.size },
+            ));
         }
         history.insert(size, (path, text, cp));
     }
@@ -174,25 +196,38 @@ pub fn audit(storage: &dyn Storage, origin: &str, log: &NoteVerifier) -> Result<
         (None, None) => 0,
         (None, Some(_)) => return Err(fail(CHECKPOINT_PATH, None, AuditProblem::Missing)),
         (Some((_, cp)), newest) => {
-            if let Some(newest) = newest {
-                if cp.size < newest {
-                    return Err(fail(CHECKPOINT_PATH, None, AuditProblem::LatestNotNewest { latest: cp.size, newest }));
-                }
+            if let Some(newest) = newest
+                && cp.size < newest
+            {
+                return Err(fail(
+                    CHECKPOINT_PATH,
+                    None,
+                    AuditProblem::LatestNotNewest {
+                        latest: cp.size,
+                        newest,
+                    },
+                ));
             }
-            if let Some((_, _, h)) = history.get(&cp.size) {
-                if h.root != cp.root {
-                    return Err(fail(CHECKPOINT_PATH, None, AuditProblem::LatestDiffers(cp.size)));
-                }
+            if let Some((_, _, h)) = history.get(&cp.size)
+                && h.root != cp.root
+            {
+                return Err(fail(
+                    CHECKPOINT_PATH,
+                    None,
+                    AuditProblem::LatestDiffers(cp.size),
+                ));
             }
             cp.size
         }
     };
-    let mut checkpoints: Vec<(String, Checkpoint)> =
-        history.into_values().map(|(path, _, cp)| (path, cp)).collect();
-    if let Some((_, cp)) = latest {
-        if checkpoints.last().map(|(_, c)| c.size) != Some(cp.size) {
-            checkpoints.push((CHECKPOINT_PATH.to_owned(), cp));
-        }
+    let mut checkpoints: Vec<(String, Checkpoint)> = history
+        .into_values()
+        .map(|(path, _, cp)| (path, cp))
+        .collect();
+    if let Some((_, cp)) = latest
+        && checkpoints.last().map(|(_, c)| c.size) != Some(cp.size)
+    {
+        checkpoints.push((CHECKPOINT_PATH.to_owned(), cp));
     }
 
     // 2. The tree, from the entry bundles up to the latest size.
@@ -209,10 +244,22 @@ pub fn audit(storage: &dyn Storage, origin: &str, log: &NoteVerifier) -> Result<
                 let partial = TilePath::entries(n, need as u16).to_string();
                 match storage.read(&partial).map_err(storage_fail(&partial))? {
                     Some(b) => (partial, b, need),
-                    None => return Err(fail(partial, Some(n * ENTRIES_PER_BUNDLE), AuditProblem::Missing)),
+                    None => {
+                        return Err(fail(
+                            partial,
+                            Some(n * ENTRIES_PER_BUNDLE),
+                            AuditProblem::Missing,
+                        ));
+                    }
                 }
             }
-            None => return Err(fail(full, Some(n * ENTRIES_PER_BUNDLE), AuditProblem::Missing)),
+            None => {
+                return Err(fail(
+                    full,
+                    Some(n * ENTRIES_PER_BUNDLE),
+                    AuditProblem::Missing,
+                ));
+            }
         };
         let entries = match decode_bundle(&bytes, width) {
             Ok(e) => e,
@@ -220,9 +267,10 @@ pub fn audit(storage: &dyn Storage, origin: &str, log: &NoteVerifier) -> Result<
                 // Name the first entry that no longer matches the level-0 tile.
                 let got = lenient_entries(&bytes);
                 let tile = read_leaf_tile(storage, n, need);
-                let first_bad = tile
-                    .as_ref()
-                    .and_then(|t| (0..need as usize).find(|&i| got.get(i).map(|e| leaf_hash(e)) != t.get(i).copied()));
+                let first_bad = tile.as_ref().and_then(|t| {
+                    (0..need as usize)
+                        .find(|&i| got.get(i).map(|e| leaf_hash(e)) != t.get(i).copied())
+                });
                 let index = n * ENTRIES_PER_BUNDLE + first_bad.unwrap_or(got.len()) as u64;
                 return Err(fail(path, Some(index), AuditProblem::Malformed(e)));
             }
@@ -237,17 +285,43 @@ pub fn audit(storage: &dyn Storage, origin: &str, log: &NoteVerifier) -> Result<
     // 3. Every checkpoint's root, and consistency with the previous one.
     let mut previous: Option<&Checkpoint> = None;
     for (path, cp) in &checkpoints {
-        let root = tree.root_at(cp.size).map_err(|e| fail(path, None, AuditProblem::Inconsistent { previous: 0, source: e }))?;
+        let root = tree.root_at(cp.size).map_err(|e| {
+            fail(
+                path,
+                None,
+                AuditProblem::Inconsistent {
+                    previous: 0,
+                    source: e,
+                },
+            )
+        })?;
         if root != cp.root {
-            return Err(locate_entry_mismatch(storage, &tree, &bundle_paths, cp.size)
-                .unwrap_or_else(|| fail(path, None, AuditProblem::RootMismatch)));
+            return Err(
+                locate_entry_mismatch(storage, &tree, &bundle_paths, cp.size)
+                    .unwrap_or_else(|| fail(path, None, AuditProblem::RootMismatch)),
+            );
         }
         if let Some(prev) = previous {
-            let proof = tree
-                .consistency_proof(prev.size, cp.size)
-                .map_err(|e| fail(path, None, AuditProblem::Inconsistent { previous: prev.size, source: e }))?;
-            verify_consistency(prev.size, cp.size, &prev.root, &cp.root, &proof)
-                .map_err(|e| fail(path, None, AuditProblem::Inconsistent { previous: prev.size, source: e }))?;
+            let proof = tree.consistency_proof(prev.size, cp.size).map_err(|e| {
+                fail(
+                    path,
+                    None,
+                    AuditProblem::Inconsistent {
+                        previous: prev.size,
+                        source: e,
+                    },
+                )
+            })?;
+            verify_consistency(prev.size, cp.size, &prev.root, &cp.root, &proof).map_err(|e| {
+                fail(
+                    path,
+                    None,
+                    AuditProblem::Inconsistent {
+                        previous: prev.size,
+                        source: e,
+                    },
+                )
+            })?;
         }
         previous = Some(cp);
     }
@@ -256,7 +330,8 @@ pub fn audit(storage: &dyn Storage, origin: &str, log: &NoteVerifier) -> Result<
     let mut tiles = 0u64;
     let mut beyond = 0u64;
     for path in storage.list("tile/").map_err(storage_fail("tile/"))? {
-        let tp = TilePath::parse(&path).map_err(|_| fail(&path, None, AuditProblem::UnexpectedPath))?;
+        let tp =
+            TilePath::parse(&path).map_err(|_| fail(&path, None, AuditProblem::UnexpectedPath))?;
         let width = u64::from(tp.width);
         match tp.kind {
             TileKind::Entries => {
@@ -268,9 +343,17 @@ pub fn audit(storage: &dyn Storage, origin: &str, log: &NoteVerifier) -> Result<
                 if bundle_paths.get(tp.index as usize) == Some(&path) {
                     continue; // already read in step 2
                 }
-                let bytes = storage.read(&path).map_err(storage_fail(&path))?.unwrap_or_default();
-                let entries = decode_bundle(&bytes, width)
-                    .map_err(|e| fail(&path, Some(tp.index * ENTRIES_PER_BUNDLE), AuditProblem::Malformed(e)))?;
+                let bytes = storage
+                    .read(&path)
+                    .map_err(storage_fail(&path))?
+                    .unwrap_or_default();
+                let entries = decode_bundle(&bytes, width).map_err(|e| {
+                    fail(
+                        &path,
+                        Some(tp.index * ENTRIES_PER_BUNDLE),
+                        AuditProblem::Malformed(e),
+                    )
+                })?;
                 for (i, e) in entries.iter().enumerate() {
                     let index = tp.index * ENTRIES_PER_BUNDLE + i as u64;
                     if tree.leaf(index) != Some(leaf_hash(e)) {
@@ -286,13 +369,21 @@ pub fn audit(storage: &dyn Storage, origin: &str, log: &NoteVerifier) -> Result<
                     beyond += 1;
                     continue;
                 }
-                let bytes = storage.read(&path).map_err(storage_fail(&path))?.unwrap_or_default();
-                let hashes = decode_tile(&bytes, tp.width)
-                    .map_err(|e| fail(&path, Some(start << tree_level), AuditProblem::Malformed(e)))?;
+                let bytes = storage
+                    .read(&path)
+                    .map_err(storage_fail(&path))?
+                    .unwrap_or_default();
+                let hashes = decode_tile(&bytes, tp.width).map_err(|e| {
+                    fail(&path, Some(start << tree_level), AuditProblem::Malformed(e))
+                })?;
                 for (i, h) in hashes.iter().enumerate() {
                     let at = start + i as u64;
                     if tree.complete(tree_level, at) != Some(*h) {
-                        return Err(fail(&path, Some(at << tree_level), AuditProblem::TileMismatch));
+                        return Err(fail(
+                            &path,
+                            Some(at << tree_level),
+                            AuditProblem::TileMismatch,
+                        ));
                     }
                 }
                 tiles += 1;
@@ -307,15 +398,24 @@ pub fn audit(storage: &dyn Storage, origin: &str, log: &NoteVerifier) -> Result<
             break;
         }
         let count = size >> tree_level;
-        let mut needed: Vec<TilePath> =
-            (0..count / HASHES_PER_TILE).map(|n| TilePath::hashes(level, n, 256)).collect();
+        let mut needed: Vec<TilePath> = (0..count / HASHES_PER_TILE)
+            .map(|n| TilePath::hashes(level, n, 256))
+            .collect();
         if count % HASHES_PER_TILE > 0 {
-            needed.push(TilePath::hashes(level, count / HASHES_PER_TILE, (count % HASHES_PER_TILE) as u16));
+            needed.push(TilePath::hashes(
+                level,
+                count / HASHES_PER_TILE,
+                (count % HASHES_PER_TILE) as u16,
+            ));
         }
         for tp in needed {
             let path = tp.to_string();
             if storage.read(&path).map_err(storage_fail(&path))?.is_none() {
-                return Err(fail(path, Some((tp.index * HASHES_PER_TILE) << tree_level), AuditProblem::Missing));
+                return Err(fail(
+                    path,
+                    Some((tp.index * HASHES_PER_TILE) << tree_level),
+                    AuditProblem::Missing,
+                ));
             }
         }
     }
@@ -337,7 +437,11 @@ fn read_leaf_tile(storage: &dyn Storage, n: u64, need: u64) -> Option<Vec<Hash>>
         return decode_tile(&b, 256).ok();
     }
     let partial = TilePath::hashes(0, n, need as u16).to_string();
-    storage.read(&partial).ok().flatten().and_then(|b| decode_tile(&b, need as u16).ok())
+    storage
+        .read(&partial)
+        .ok()
+        .flatten()
+        .and_then(|b| decode_tile(&b, need as u16).ok())
 }
 
 /// After a root mismatch, the first entry whose hash differs from its
@@ -364,7 +468,11 @@ fn locate_entry_mismatch(
                 } else {
                     TilePath::hashes(0, n, need as u16).to_string()
                 };
-                return Some(fail(path.as_str(), Some(index), AuditProblem::EntryMismatch { tile: tile_path }));
+                return Some(fail(
+                    path.as_str(),
+                    Some(index),
+                    AuditProblem::EntryMismatch { tile: tile_path },
+                ));
             }
         }
     }

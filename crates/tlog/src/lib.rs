@@ -45,7 +45,7 @@ mod tile;
 pub use audit::{AuditFailure, AuditProblem, AuditReport, audit};
 pub use log::{Log, LogError};
 pub use merkle::{
-    InclusionValid, ConsistencyValid, ProofError, Tree, empty_root, leaf_hash, node_hash,
+    ConsistencyValid, InclusionValid, ProofError, Tree, empty_root, leaf_hash, node_hash,
     verify_consistency, verify_inclusion,
 };
 pub use note::{
@@ -54,8 +54,8 @@ pub use note::{
 };
 pub use storage::{FileStorage, MAX_OBJECT_SIZE, Storage, StorageError};
 pub use tile::{
-    ENTRIES_PER_BUNDLE, HASHES_PER_TILE, MAX_BUNDLE_SIZE, MAX_ENTRY_SIZE, TileError, TileKind, TilePath,
-    decode_bundle, encode_bundle,
+    ENTRIES_PER_BUNDLE, HASHES_PER_TILE, MAX_BUNDLE_SIZE, MAX_ENTRY_SIZE, TileError, TileKind,
+    TilePath, decode_bundle, encode_bundle,
 };
 
 /// A SHA-256 hash: a leaf hash, an interior node hash or a tree root.

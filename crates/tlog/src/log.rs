@@ -1,13 +1,16 @@
 //! The log: append entries, write tiles, sign and publish checkpoints, prove.
 
+use crate::Hash;
 use crate::merkle::{ProofError, Tree, leaf_hash};
-use crate::note::{Checkpoint, KeyKind, MAX_NOTE_SIZE, NoteError, NoteSigner, NoteVerifier, SignedNote, open_checkpoint};
+use crate::note::{
+    Checkpoint, KeyKind, MAX_NOTE_SIZE, NoteError, NoteSigner, NoteVerifier, SignedNote,
+    open_checkpoint,
+};
 use crate::storage::{Storage, StorageError};
 use crate::tile::{
-    ENTRIES_PER_BUNDLE, HASHES_PER_TILE, MAX_ENTRY_SIZE, TileError, TilePath, decode_bundle, decode_tile,
-    encode_bundle,
+    ENTRIES_PER_BUNDLE, HASHES_PER_TILE, MAX_ENTRY_SIZE, TileError, TilePath, decode_bundle,
+    decode_tile, encode_bundle,
 };
-use crate::Hash;
 
 /// Path of the latest published checkpoint.
 pub(crate) const CHECKPOINT_PATH: &str = "checkpoint";
@@ -149,7 +152,9 @@ impl<S: Storage> Log<S> {
     /// entries appended after the last published checkpoint (see the type docs).
     pub fn open(storage: S, origin: &str, signer: NoteSigner) -> Result<Self, LogError> {
         if signer.kind() != KeyKind::Ed25519 || signer.name() != origin {
-            return Err(LogError::WrongKey { origin: origin.to_owned() });
+            return Err(LogError::WrongKey {
+                origin: origin.to_owned(),
+            });
         }
         let verifier = signer.verifier();
         let mut log = Self {
@@ -197,7 +202,10 @@ impl<S: Storage> Log<S> {
         if w > 0 {
             let partial = TilePath::hashes(0, full, w as u16).to_string();
             let hashes = match self.storage.read(&partial)? {
-                Some(b) => decode_tile(&b, w as u16).map_err(|source| LogError::Malformed { path: partial, source })?,
+                Some(b) => decode_tile(&b, w as u16).map_err(|source| LogError::Malformed {
+                    path: partial,
+                    source,
+                })?,
                 None => {
                     let path = TilePath::hashes(0, full, 256).to_string();
                     let mut all = self.read_tile(&path, 256)?;
@@ -213,8 +221,13 @@ impl<S: Storage> Log<S> {
     }
 
     fn read_tile(&self, path: &str, width: u16) -> Result<Vec<Hash>, LogError> {
-        let bytes = self.storage.read(path)?.ok_or_else(|| LogError::Missing { path: path.to_owned() })?;
-        decode_tile(&bytes, width).map_err(|source| LogError::Malformed { path: path.to_owned(), source })
+        let bytes = self.storage.read(path)?.ok_or_else(|| LogError::Missing {
+            path: path.to_owned(),
+        })?;
+        decode_tile(&bytes, width).map_err(|source| LogError::Malformed {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// Re-reads the entry bundles from the bundle holding the current size on.
@@ -225,7 +238,9 @@ impl<S: Storage> Log<S> {
             let known = self.tree.size() - n * ENTRIES_PER_BUNDLE;
             let full_path = bundle_path(n, ENTRIES_PER_BUNDLE);
             let full = match self.storage.read(&full_path)? {
-                Some(bytes) => decode_bundle(&bytes, ENTRIES_PER_BUNDLE).ok().map(|e| (bytes, e)),
+                Some(bytes) => decode_bundle(&bytes, ENTRIES_PER_BUNDLE)
+                    .ok()
+                    .map(|e| (bytes, e)),
                 None => None,
             };
             if let Some((bytes, entries)) = full {
@@ -251,8 +266,12 @@ impl<S: Storage> Log<S> {
             widths.sort_unstable_by(|a, b| b.cmp(a));
             for w in widths.into_iter().filter(|&w| w >= known) {
                 let path = bundle_path(n, w);
-                let Some(bytes) = self.storage.read(&path)? else { continue };
-                let Ok(entries) = decode_bundle(&bytes, w) else { continue };
+                let Some(bytes) = self.storage.read(&path)? else {
+                    continue;
+                };
+                let Ok(entries) = decode_bundle(&bytes, w) else {
+                    continue;
+                };
                 self.check_known(&path, n, &entries[..known as usize])?;
                 for e in &entries[known as usize..] {
                     self.tree.push(leaf_hash(e));
@@ -261,7 +280,9 @@ impl<S: Storage> Log<S> {
                 break;
             }
             if known > 0 && self.tail.is_empty() {
-                return Err(LogError::Missing { path: format!("{prefix}{known}") });
+                return Err(LogError::Missing {
+                    path: format!("{prefix}{known}"),
+                });
             }
             return Ok(());
         }
@@ -283,7 +304,11 @@ impl<S: Storage> Log<S> {
     }
 
     fn check_usable(&self) -> Result<(), LogError> {
-        if self.failed { Err(LogError::Failed) } else { Ok(()) }
+        if self.failed {
+            Err(LogError::Failed)
+        } else {
+            Ok(())
+        }
     }
 
     /// Appends entries; returns the index of the first. Bundles that fill are
@@ -291,8 +316,15 @@ impl<S: Storage> Log<S> {
     /// After an error the log refuses further changes until reopened.
     pub fn append(&mut self, entries: &[Vec<u8>]) -> Result<u64, LogError> {
         self.check_usable()?;
-        if let Some((index, e)) = entries.iter().enumerate().find(|(_, e)| e.len() > MAX_ENTRY_SIZE) {
-            return Err(LogError::EntryTooLarge { index, len: e.len() });
+        if let Some((index, e)) = entries
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.len() > MAX_ENTRY_SIZE)
+        {
+            return Err(LogError::EntryTooLarge {
+                index,
+                len: e.len(),
+            });
         }
         let first = self.tree.size();
         for e in entries {
@@ -304,7 +336,10 @@ impl<S: Storage> Log<S> {
                     path: bundle_path(n, ENTRIES_PER_BUNDLE),
                     source,
                 })?;
-                if let Err(e) = self.storage.write(&bundle_path(n, ENTRIES_PER_BUNDLE), &bytes) {
+                if let Err(e) = self
+                    .storage
+                    .write(&bundle_path(n, ENTRIES_PER_BUNDLE), &bytes)
+                {
                     self.failed = true;
                     return Err(e.into());
                 }
@@ -358,8 +393,16 @@ impl<S: Storage> Log<S> {
         let size = self.tree.size();
         self.synced_size = size;
         self.tiles_size = size;
-        let cp = Checkpoint { origin: self.origin.clone(), size, root: self.tree.root() };
-        Ok(SignedNote::sign(&cp.body(), &self.signer, now_unix_ms / 1000)?)
+        let cp = Checkpoint {
+            origin: self.origin.clone(),
+            size,
+            root: self.tree.root(),
+        };
+        Ok(SignedNote::sign(
+            &cp.body(),
+            &self.signer,
+            now_unix_ms / 1000,
+        )?)
     }
 
     fn write_tiles(&mut self) -> Result<(), LogError> {
@@ -368,7 +411,10 @@ impl<S: Storage> Log<S> {
         if w > 0 && w != self.tail_written {
             let n = size / ENTRIES_PER_BUNDLE;
             let path = bundle_path(n, w as u64);
-            let bytes = encode_bundle(&self.tail).map_err(|source| LogError::Malformed { path: path.clone(), source })?;
+            let bytes = encode_bundle(&self.tail).map_err(|source| LogError::Malformed {
+                path: path.clone(),
+                source,
+            })?;
             self.storage.write(&path, &bytes)?;
             self.tail_written = w;
         }
@@ -381,7 +427,11 @@ impl<S: Storage> Log<S> {
             if count == 0 {
                 break;
             }
-            let old_count = if tree_level < 64 { self.tiles_size >> tree_level } else { 0 };
+            let old_count = if tree_level < 64 {
+                self.tiles_size >> tree_level
+            } else {
+                0
+            };
             let first_full = old_count / HASHES_PER_TILE;
             let full = count / HASHES_PER_TILE;
             for n in first_full..full {
@@ -397,12 +447,21 @@ impl<S: Storage> Log<S> {
         Ok(())
     }
 
-    fn write_hashes(&self, path: &str, tree_level: u32, start: u64, len: u64) -> Result<(), LogError> {
-        let hashes = self.tree.hashes(tree_level, start, len).ok_or(LogError::Corrupt {
-            path: path.to_owned(),
-            index: Some(start),
-            what: "the tree lacks hashes for this tile",
-        })?;
+    fn write_hashes(
+        &self,
+        path: &str,
+        tree_level: u32,
+        start: u64,
+        len: u64,
+    ) -> Result<(), LogError> {
+        let hashes = self
+            .tree
+            .hashes(tree_level, start, len)
+            .ok_or(LogError::Corrupt {
+                path: path.to_owned(),
+                index: Some(start),
+                what: "the tree lacks hashes for this tile",
+            })?;
         self.storage.write(path, hashes.concat().as_slice())?;
         Ok(())
     }
@@ -418,15 +477,21 @@ impl<S: Storage> Log<S> {
         }
         let cp = open_checkpoint(&note.text, &self.origin, &self.verifier)?;
         if cp.size > self.synced_size {
-            return Err(LogError::NotPrepared { size: cp.size, prepared: self.synced_size });
+            return Err(LogError::NotPrepared {
+                size: cp.size,
+                prepared: self.synced_size,
+            });
         }
         if self.tree.root_at(cp.size)? != cp.root {
             return Err(LogError::NotThisTree { size: cp.size });
         }
-        if let Some((_, published)) = &self.published {
-            if cp.size < published.size {
-                return Err(LogError::Rollback { size: cp.size, published: published.size });
-            }
+        if let Some((_, published)) = &self.published
+            && cp.size < published.size
+        {
+            return Err(LogError::Rollback {
+                size: cp.size,
+                published: published.size,
+            });
         }
         let history = format!("{HISTORY_PREFIX}{}", cp.size);
         let result = self
@@ -459,19 +524,32 @@ impl<S: Storage> Log<S> {
         }
         let n = index / ENTRIES_PER_BUNDLE;
         let path = bundle_path(n, ENTRIES_PER_BUNDLE);
-        let bytes = self.storage.read(&path)?.ok_or_else(|| LogError::Missing { path: path.clone() })?;
+        let bytes = self
+            .storage
+            .read(&path)?
+            .ok_or_else(|| LogError::Missing { path: path.clone() })?;
         let mut entries =
-            decode_bundle(&bytes, ENTRIES_PER_BUNDLE).map_err(|source| LogError::Malformed { path: path.clone(), source })?;
+            decode_bundle(&bytes, ENTRIES_PER_BUNDLE).map_err(|source| LogError::Malformed {
+                path: path.clone(),
+                source,
+            })?;
         let entry = entries.swap_remove((index % ENTRIES_PER_BUNDLE) as usize);
         if self.tree.leaf(index) != Some(leaf_hash(&entry)) {
-            return Err(LogError::Corrupt { path, index: Some(index), what: "the entry does not hash to its leaf" });
+            return Err(LogError::Corrupt {
+                path,
+                index: Some(index),
+                what: "the entry does not hash to its leaf",
+            });
         }
         Ok(entry)
     }
 
     /// The leaf hash of entry `index`.
     pub fn leaf_hash(&self, index: u64) -> Result<Hash, LogError> {
-        self.tree.leaf(index).ok_or(LogError::NoSuchEntry { index, size: self.tree.size() })
+        self.tree.leaf(index).ok_or(LogError::NoSuchEntry {
+            index,
+            size: self.tree.size(),
+        })
     }
 
     /// RFC 9162 inclusion proof of entry `index` in the tree of `tree_size`.

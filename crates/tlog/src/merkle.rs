@@ -109,14 +109,20 @@ pub fn verify_inclusion(
     }
     let want = inclusion_len(index, size);
     if proof.len() != want {
-        return Err(ProofError::WrongLength { got: proof.len(), want });
+        return Err(ProofError::WrongLength {
+            got: proof.len(),
+            want,
+        });
     }
     let mut fnode = index;
     let mut snode = size - 1;
     let mut r = *leaf_hash;
     for p in proof {
         if snode == 0 {
-            return Err(ProofError::WrongLength { got: proof.len(), want });
+            return Err(ProofError::WrongLength {
+                got: proof.len(),
+                want,
+            });
         }
         if fnode & 1 == 1 || fnode == snode {
             r = node_hash(p, &r);
@@ -133,7 +139,10 @@ pub fn verify_inclusion(
         snode >>= 1;
     }
     if snode != 0 {
-        return Err(ProofError::WrongLength { got: proof.len(), want });
+        return Err(ProofError::WrongLength {
+            got: proof.len(),
+            want,
+        });
     }
     if &r != root {
         return Err(ProofError::RootMismatch);
@@ -153,11 +162,17 @@ pub fn verify_consistency(
     proof: &[Hash],
 ) -> Result<ConsistencyValid, ProofError> {
     if old_size > new_size {
-        return Err(ProofError::SizesReversed { old: old_size, new: new_size });
+        return Err(ProofError::SizesReversed {
+            old: old_size,
+            new: new_size,
+        });
     }
     if old_size == 0 || old_size == new_size {
         if !proof.is_empty() {
-            return Err(ProofError::WrongLength { got: proof.len(), want: 0 });
+            return Err(ProofError::WrongLength {
+                got: proof.len(),
+                want: 0,
+            });
         }
         if old_size == new_size && old_root != new_root {
             return Err(ProofError::RootMismatch);
@@ -166,7 +181,10 @@ pub fn verify_consistency(
     }
     let want = consistency_len(old_size, new_size);
     if proof.len() != want {
-        return Err(ProofError::WrongLength { got: proof.len(), want });
+        return Err(ProofError::WrongLength {
+            got: proof.len(),
+            want,
+        });
     }
     let mut path: Vec<Hash> = Vec::with_capacity(proof.len() + 1);
     if old_size.is_power_of_two() {
@@ -183,7 +201,10 @@ pub fn verify_consistency(
     let mut sr = path[0];
     for c in &path[1..] {
         if snode == 0 {
-            return Err(ProofError::WrongLength { got: proof.len(), want });
+            return Err(ProofError::WrongLength {
+                got: proof.len(),
+                want,
+            });
         }
         if fnode & 1 == 1 || fnode == snode {
             fr = node_hash(c, &fr);
@@ -201,7 +222,10 @@ pub fn verify_consistency(
         snode >>= 1;
     }
     if snode != 0 {
-        return Err(ProofError::WrongLength { got: proof.len(), want });
+        return Err(ProofError::WrongLength {
+            got: proof.len(),
+            want,
+        });
     }
     if &fr != old_root {
         return Err(ProofError::OldRootMismatch);
@@ -277,14 +301,16 @@ impl Tree {
 
     /// The number of complete subtrees of `2^level` leaves.
     pub fn complete_count(&self, level: u32) -> u64 {
-        self.levels.get(level as usize).map_or(0, |l| l.len() as u64)
+        self.levels
+            .get(level as usize)
+            .map_or(0, |l| l.len() as u64)
     }
 
     /// MTH(D[lo:hi]) for a range on the RFC 9162 recursion (`lo` aligned to
     /// the largest power of two not above `hi - lo`), `hi <= size`.
     fn range_hash(&self, lo: u64, hi: u64) -> Hash {
         let n = hi - lo;
-        if n.is_power_of_two() && lo % n == 0 {
+        if n.is_power_of_two() && lo.is_multiple_of(n) {
             let level = n.trailing_zeros();
             if let Some(h) = self.complete(level, lo >> level) {
                 return h;
@@ -306,12 +332,19 @@ impl Tree {
     /// The root of the whole tree.
     pub fn root(&self) -> Hash {
         let size = self.size();
-        if size == 0 { empty_root() } else { self.range_hash(0, size) }
+        if size == 0 {
+            empty_root()
+        } else {
+            self.range_hash(0, size)
+        }
     }
 
     fn check_size(&self, size: u64) -> Result<(), ProofError> {
         if size > self.size() {
-            return Err(ProofError::TreeTooSmall { have: self.size(), want: size });
+            return Err(ProofError::TreeTooSmall {
+                have: self.size(),
+                want: size,
+            });
         }
         Ok(())
     }
@@ -401,9 +434,15 @@ mod tests {
             assert_eq!(tree.root(), reference_root(&leaves[..=i]), "size {}", i + 1);
         }
         for size in 0..=300u64 {
-            assert_eq!(tree.root_at(size).unwrap(), reference_root(&leaves[..size as usize]));
+            assert_eq!(
+                tree.root_at(size).unwrap(),
+                reference_root(&leaves[..size as usize])
+            );
         }
-        assert!(matches!(tree.root_at(301), Err(ProofError::TreeTooSmall { .. })));
+        assert!(matches!(
+            tree.root_at(301),
+            Err(ProofError::TreeTooSmall { .. })
+        ));
     }
 
     #[test]
@@ -435,7 +474,10 @@ mod tests {
         let a = leaf_hash(b"a");
         let b = leaf_hash(b"b");
         verify_consistency(1, 1, &a, &a, &[]).unwrap();
-        assert_eq!(verify_consistency(1, 1, &a, &b, &[]), Err(ProofError::RootMismatch));
+        assert_eq!(
+            verify_consistency(1, 1, &a, &b, &[]),
+            Err(ProofError::RootMismatch)
+        );
         assert!(verify_consistency(2, 1, &a, &b, &[]).is_err());
     }
 }

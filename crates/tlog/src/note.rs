@@ -100,7 +100,9 @@ impl KeyKind {
 fn check_name(name: &str) -> Result<(), NoteError> {
     if name.is_empty()
         || name.len() > 256
-        || name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '+')
+        || name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '+')
     {
         return Err(NoteError::BadKeyName);
     }
@@ -142,15 +144,22 @@ impl NoteVerifier {
         let (name, rest) = vkey.split_once('+').ok_or(NoteError::BadKey("no '+'"))?;
         let (id_hex, b64) = rest.split_once('+').ok_or(NoteError::BadKey("no key ID"))?;
         check_name(name)?;
-        if id_hex.len() != 8 || !id_hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if id_hex.len() != 8
+            || !id_hex
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return Err(NoteError::BadKey("key ID is not 8 lowercase hex digits"));
         }
         let id = u32::from_str_radix(id_hex, 16).map_err(|_| NoteError::BadKey("key ID"))?;
-        let raw = B64.decode(b64).map_err(|_| NoteError::BadKey("key is not base64"))?;
+        let raw = B64
+            .decode(b64)
+            .map_err(|_| NoteError::BadKey("key is not base64"))?;
         let (&alg, public) = raw.split_first().ok_or(NoteError::BadKey("empty key"))?;
         let kind = KeyKind::from_alg(alg)?;
-        let public: [u8; 32] =
-            public.try_into().map_err(|_| NoteError::BadKey("Ed25519 keys are 32 bytes"))?;
+        let public: [u8; 32] = public
+            .try_into()
+            .map_err(|_| NoteError::BadKey("Ed25519 keys are 32 bytes"))?;
         let key = VerifyingKey::from_bytes(&public)
             .map_err(|_| NoteError::BadKey("not an Ed25519 public key"))?;
         if key.is_weak() {
@@ -159,7 +168,12 @@ impl NoteVerifier {
         if key_id(name, kind, &public) != id {
             return Err(NoteError::KeyIdMismatch);
         }
-        Ok(Self { name: name.to_owned(), id, kind, key })
+        Ok(Self {
+            name: name.to_owned(),
+            id,
+            kind,
+            key,
+        })
     }
 
     /// The vkey string.
@@ -191,7 +205,9 @@ impl NoteVerifier {
         match self.kind {
             KeyKind::Ed25519 => {
                 let sig = Signature::from_slice(sig).map_err(|_| bad())?;
-                self.key.verify_strict(body.as_bytes(), &sig).map_err(|_| bad())?;
+                self.key
+                    .verify_strict(body.as_bytes(), &sig)
+                    .map_err(|_| bad())?;
                 Ok(0)
             }
             KeyKind::CosignatureV1 => {
@@ -204,7 +220,9 @@ impl NoteVerifier {
                 }
                 let sig = Signature::from_slice(&sig[8..]).map_err(|_| bad())?;
                 let msg = cosignature_message(ts, body);
-                self.key.verify_strict(msg.as_bytes(), &sig).map_err(|_| bad())?;
+                self.key
+                    .verify_strict(msg.as_bytes(), &sig)
+                    .map_err(|_| bad())?;
                 Ok(ts)
             }
         }
@@ -255,7 +273,12 @@ impl NoteSigner {
         check_name(name)?;
         let key = SigningKey::generate(rng);
         let id = key_id(name, kind, key.verifying_key().as_bytes());
-        Ok(Self { name: name.to_owned(), id, kind, key })
+        Ok(Self {
+            name: name.to_owned(),
+            id,
+            kind,
+            key,
+        })
     }
 
     /// Parses a private key `PRIVATE+KEY+<name>+<hex key ID>+<base64(type || seed)>`.
@@ -263,36 +286,61 @@ impl NoteSigner {
         if skey.len() > 1024 {
             return Err(NoteError::BadKey("too long"));
         }
-        let rest = skey.strip_prefix("PRIVATE+KEY+").ok_or(NoteError::BadKey("no PRIVATE+KEY+ prefix"))?;
+        let rest = skey
+            .strip_prefix("PRIVATE+KEY+")
+            .ok_or(NoteError::BadKey("no PRIVATE+KEY+ prefix"))?;
         let (name, rest) = rest.split_once('+').ok_or(NoteError::BadKey("no key ID"))?;
         let (id_hex, b64) = rest.split_once('+').ok_or(NoteError::BadKey("no key"))?;
         check_name(name)?;
-        if id_hex.len() != 8 || !id_hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if id_hex.len() != 8
+            || !id_hex
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return Err(NoteError::BadKey("key ID is not 8 lowercase hex digits"));
         }
         let id = u32::from_str_radix(id_hex, 16).map_err(|_| NoteError::BadKey("key ID"))?;
-        let raw = Zeroizing::new(B64.decode(b64).map_err(|_| NoteError::BadKey("key is not base64"))?);
+        let raw = Zeroizing::new(
+            B64.decode(b64)
+                .map_err(|_| NoteError::BadKey("key is not base64"))?,
+        );
         let (&alg, seed) = raw.split_first().ok_or(NoteError::BadKey("empty key"))?;
         let kind = KeyKind::from_alg(alg)?;
-        let seed: &[u8; 32] =
-            seed.try_into().map_err(|_| NoteError::BadKey("Ed25519 seeds are 32 bytes"))?;
+        let seed: &[u8; 32] = seed
+            .try_into()
+            .map_err(|_| NoteError::BadKey("Ed25519 seeds are 32 bytes"))?;
         let key = SigningKey::from_bytes(seed);
         if key_id(name, kind, key.verifying_key().as_bytes()) != id {
             return Err(NoteError::KeyIdMismatch);
         }
-        Ok(Self { name: name.to_owned(), id, kind, key })
+        Ok(Self {
+            name: name.to_owned(),
+            id,
+            kind,
+            key,
+        })
     }
 
     /// The private key string (secret: write it with mode 0600, never log it).
     pub fn to_skey(&self) -> Zeroizing<String> {
         let mut raw = Zeroizing::new(vec![self.kind.alg()]);
         raw.extend_from_slice(self.key.as_bytes());
-        Zeroizing::new(format!("PRIVATE+KEY+{}+{:08x}+{}", self.name, self.id, B64.encode(&*raw)))
+        Zeroizing::new(format!(
+            "PRIVATE+KEY+{}+{:08x}+{}",
+            self.name,
+            self.id,
+            B64.encode(&*raw)
+        ))
     }
 
     /// The matching verifier.
     pub fn verifier(&self) -> NoteVerifier {
-        NoteVerifier { name: self.name.clone(), id: self.id, kind: self.kind, key: self.key.verifying_key() }
+        NoteVerifier {
+            name: self.name.clone(),
+            id: self.id,
+            kind: self.kind,
+            key: self.key.verifying_key(),
+        }
     }
 
     /// The key name.
@@ -336,7 +384,9 @@ impl SignedNote {
     /// Signs `body` (a note text ending in a newline) with `signer`.
     pub fn sign(body: &str, signer: &NoteSigner, now_unix_secs: u64) -> Result<Self, NoteError> {
         let line = signer.sign_line(body, now_unix_secs)?;
-        Ok(Self { text: format!("{body}\n{line}") })
+        Ok(Self {
+            text: format!("{body}\n{line}"),
+        })
     }
 
     /// The note text (everything before the blank line, final newline included).
@@ -386,15 +436,26 @@ fn check_body(body: &str) -> Result<(), NoteError> {
 }
 
 fn parse_sig_line(line: &str) -> Result<SigLine<'_>, NoteError> {
-    let rest = line.strip_prefix("\u{2014} ").ok_or(NoteError::Malformed("signature line without em dash"))?;
-    let (name, b64) = rest.split_once(' ').ok_or(NoteError::Malformed("signature line without name"))?;
+    let rest = line
+        .strip_prefix("\u{2014} ")
+        .ok_or(NoteError::Malformed("signature line without em dash"))?;
+    let (name, b64) = rest
+        .split_once(' ')
+        .ok_or(NoteError::Malformed("signature line without name"))?;
     check_name(name).map_err(|_| NoteError::Malformed("bad key name in a signature line"))?;
-    let sig = B64.decode(b64).map_err(|_| NoteError::Malformed("signature is not base64"))?;
+    let sig = B64
+        .decode(b64)
+        .map_err(|_| NoteError::Malformed("signature is not base64"))?;
     if sig.len() < 5 {
         return Err(NoteError::Malformed("signature too short"));
     }
     let id = u32::from_be_bytes([sig[0], sig[1], sig[2], sig[3]]);
-    Ok(SigLine { line, name, id, sig: sig[4..].to_vec() })
+    Ok(SigLine {
+        line,
+        name,
+        id,
+        sig: sig[4..].to_vec(),
+    })
 }
 
 /// Splits a note into its text and its parsed signature lines.
@@ -408,11 +469,17 @@ fn split_note(note: &str) -> Result<(&str, Vec<SigLine<'_>>), NoteError> {
     if !note.ends_with('\n') {
         return Err(NoteError::Malformed("does not end in a newline"));
     }
-    let split = note.rfind("\n\n").ok_or(NoteError::Malformed("no blank line before the signatures"))?;
+    let split = note
+        .rfind("\n\n")
+        .ok_or(NoteError::Malformed("no blank line before the signatures"))?;
     let body = &note[..split + 1];
     let sigs_text = &note[split + 2..];
     let mut sigs = Vec::new();
-    for line in sigs_text.strip_suffix('\n').unwrap_or(sigs_text).split('\n') {
+    for line in sigs_text
+        .strip_suffix('\n')
+        .unwrap_or(sigs_text)
+        .split('\n')
+    {
         if sigs.len() == MAX_NOTE_SIGNATURES {
             return Err(NoteError::TooManySignatures);
         }
@@ -425,13 +492,13 @@ fn split_note(note: &str) -> Result<(&str, Vec<SigLine<'_>>), NoteError> {
 }
 
 /// A verified signature: which key, and the cosignature timestamp if any.
-fn verify_by<'a>(
-    note: &'a str,
-    verifier: &NoteVerifier,
-) -> Result<(&'a str, u64), NoteError> {
+fn verify_by<'a>(note: &'a str, verifier: &NoteVerifier) -> Result<(&'a str, u64), NoteError> {
     let (body, sigs) = split_note(note)?;
     let mut verified = None;
-    for s in sigs.iter().filter(|s| s.name == verifier.name && s.id == verifier.id) {
+    for s in sigs
+        .iter()
+        .filter(|s| s.name == verifier.name && s.id == verifier.id)
+    {
         // A signature from a known key that fails rejects the whole note.
         let ts = verifier.verify_sig(body, &s.sig)?;
         verified.get_or_insert(ts);
@@ -456,12 +523,21 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// The note text: origin, size and base64 root, one a line.
     pub fn body(&self) -> String {
-        format!("{}\n{}\n{}\n", self.origin, self.size, B64.encode(self.root))
+        format!(
+            "{}\n{}\n{}\n",
+            self.origin,
+            self.size,
+            B64.encode(self.root)
+        )
     }
 
     /// Parses a checkpoint note text (extension lines are accepted and ignored).
     pub fn parse_body(body: &str) -> Result<Self, NoteError> {
-        let lines: Vec<&str> = body.strip_suffix('\n').unwrap_or(body).split('\n').collect();
+        let lines: Vec<&str> = body
+            .strip_suffix('\n')
+            .unwrap_or(body)
+            .split('\n')
+            .collect();
         if lines.len() < 3 {
             return Err(NoteError::BadCheckpoint("fewer than three lines"));
         }
@@ -476,22 +552,39 @@ impl Checkpoint {
         {
             return Err(NoteError::BadCheckpoint("size is not a canonical decimal"));
         }
-        let size: u64 = size_s.parse().map_err(|_| NoteError::BadCheckpoint("size"))?;
+        let size: u64 = size_s
+            .parse()
+            .map_err(|_| NoteError::BadCheckpoint("size"))?;
         if size > MAX_SIZE {
             return Err(NoteError::BadCheckpoint("size too large"));
         }
-        let root = B64.decode(lines[2]).map_err(|_| NoteError::BadCheckpoint("root is not base64"))?;
-        let root: Hash = root.try_into().map_err(|_| NoteError::BadCheckpoint("root is not 32 bytes"))?;
-        Ok(Self { origin: origin.to_owned(), size, root })
+        let root = B64
+            .decode(lines[2])
+            .map_err(|_| NoteError::BadCheckpoint("root is not base64"))?;
+        let root: Hash = root
+            .try_into()
+            .map_err(|_| NoteError::BadCheckpoint("root is not 32 bytes"))?;
+        Ok(Self {
+            origin: origin.to_owned(),
+            size,
+            root,
+        })
     }
 }
 
 /// Verifies that `note` is signed by `log` and is a checkpoint of `origin`.
-pub fn open_checkpoint(note: &str, origin: &str, log: &NoteVerifier) -> Result<Checkpoint, NoteError> {
+pub fn open_checkpoint(
+    note: &str,
+    origin: &str,
+    log: &NoteVerifier,
+) -> Result<Checkpoint, NoteError> {
     let (body, _) = verify_by(note, log)?;
     let cp = Checkpoint::parse_body(body)?;
     if cp.origin != origin {
-        return Err(NoteError::WrongOrigin { expected: origin.to_owned(), found: cp.origin });
+        return Err(NoteError::WrongOrigin {
+            expected: origin.to_owned(),
+            found: cp.origin,
+        });
     }
     Ok(cp)
 }
@@ -506,12 +599,21 @@ pub struct CosignatureValid {
 }
 
 /// Verifies the cosignature of `witness` (a type 0x04 key) on `note`.
-pub fn verify_cosignature(note: &str, witness: &NoteVerifier) -> Result<CosignatureValid, NoteError> {
+pub fn verify_cosignature(
+    note: &str,
+    witness: &NoteVerifier,
+) -> Result<CosignatureValid, NoteError> {
     if witness.kind != KeyKind::CosignatureV1 {
-        return Err(NoteError::WrongKeyKind { expected: KeyKind::CosignatureV1, found: witness.kind });
+        return Err(NoteError::WrongKeyKind {
+            expected: KeyKind::CosignatureV1,
+            found: witness.kind,
+        });
     }
     let (_, timestamp) = verify_by(note, witness)?;
-    Ok(CosignatureValid { name: witness.name.clone(), timestamp })
+    Ok(CosignatureValid {
+        name: witness.name.clone(),
+        timestamp,
+    })
 }
 
 /// The names of the `witnesses` whose cosignature on `note` verifies (in the
@@ -541,9 +643,19 @@ mod tests {
             let note = SignedNote::sign("a\nb\n", &s, 1_700_000_000).unwrap();
             let (body, ts) = verify_by(&note.text, &v).unwrap();
             assert_eq!(body, "a\nb\n");
-            assert_eq!(ts, if kind == KeyKind::CosignatureV1 { 1_700_000_000 } else { 0 });
+            assert_eq!(
+                ts,
+                if kind == KeyKind::CosignatureV1 {
+                    1_700_000_000
+                } else {
+                    0
+                }
+            );
             let tampered = note.text.replacen("a\n", "A\n", 1);
-            assert!(matches!(verify_by(&tampered, &v), Err(NoteError::BadSignature(_))));
+            assert!(matches!(
+                verify_by(&tampered, &v),
+                Err(NoteError::BadSignature(_))
+            ));
             assert!(!format!("{s:?}").contains(&*s.to_skey()));
         }
     }
@@ -555,6 +667,9 @@ mod tests {
         }
         let v = NoteSigner::generate("x").unwrap().verifier().to_vkey();
         let wrong_id = format!("y{}", &v[1..]);
-        assert_eq!(NoteVerifier::from_vkey(&wrong_id).unwrap_err(), NoteError::KeyIdMismatch);
+        assert_eq!(
+            NoteVerifier::from_vkey(&wrong_id).unwrap_err(),
+            NoteError::KeyIdMismatch
+        );
     }
 }

@@ -90,7 +90,8 @@ fn valid_element(e: &str) -> bool {
         && e != "."
         && e != ".."
         && !e.starts_with('.')
-        && e.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && e.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn check_path(path: &str) -> Result<(), StorageError> {
@@ -114,11 +115,17 @@ pub struct FileStorage {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StorageError + 'a {
-    move |source| StorageError::Io { op, path: path.display().to_string(), source }
+    move |source| StorageError::Io {
+        op,
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
 }
 
 impl FileStorage {
@@ -126,7 +133,11 @@ impl FileStorage {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, StorageError> {
         let root = dir.as_ref().to_path_buf();
         fs::create_dir_all(&root).map_err(io_err("create directory", &root))?;
-        Ok(Self { root, dirty_dirs: Mutex::new(BTreeSet::new()), counter: AtomicU64::new(0) })
+        Ok(Self {
+            root,
+            dirty_dirs: Mutex::new(BTreeSet::new()),
+            counter: AtomicU64::new(0),
+        })
     }
 
     /// The directory this store lives in.
@@ -146,11 +157,17 @@ impl FileStorage {
         };
         for entry in entries {
             let entry = entry.map_err(io_err("list", dir))?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
             if !valid_element(&name) {
                 continue;
             }
-            let child = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let child = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
             let ft = entry.file_type().map_err(io_err("stat", &entry.path()))?;
             if ft.is_dir() {
                 self.walk(&entry.path(), &child, out)?;
@@ -175,7 +192,9 @@ impl Storage for FileStorage {
             return Ok(None);
         }
         let mut buf = Vec::new();
-        f.take(MAX_OBJECT_SIZE as u64 + 1).read_to_end(&mut buf).map_err(io_err("read", &file))?;
+        f.take(MAX_OBJECT_SIZE as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(io_err("read", &file))?;
         if buf.len() > MAX_OBJECT_SIZE {
             return Err(StorageError::TooLarge(path.to_owned()));
         }
@@ -185,7 +204,9 @@ impl Storage for FileStorage {
     fn write(&self, path: &str, bytes: &[u8]) -> Result<(), StorageError> {
         check_path(path)?;
         let file = self.file(path);
-        let dir = file.parent().map_or_else(|| self.root.clone(), Path::to_path_buf);
+        let dir = file
+            .parent()
+            .map_or_else(|| self.root.clone(), Path::to_path_buf);
         let mut newly_created = Vec::new();
         if !dir.is_dir() {
             let mut d = dir.as_path();
@@ -196,7 +217,10 @@ impl Storage for FileStorage {
             }
             fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
         }
-        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("object");
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("object");
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{TEMP_PREFIX}{name}-{}-{n}", std::process::id()));
         let result = (|| {
@@ -237,7 +261,8 @@ impl Storage for FileStorage {
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        let dirs = std::mem::take(&mut *self.dirty_dirs.lock().map_err(|_| StorageError::Poisoned)?);
+        let dirs =
+            std::mem::take(&mut *self.dirty_dirs.lock().map_err(|_| StorageError::Poisoned)?);
         // Deepest first, so a new directory's own entries are durable before
         // the entry that names it.
         for d in dirs.iter().rev() {
@@ -258,7 +283,11 @@ impl Storage for FileStorage {
             check_path(dir_part)?;
         }
         let mut out = Vec::new();
-        let start = if dir_part.is_empty() { self.root.clone() } else { self.file(dir_part) };
+        let start = if dir_part.is_empty() {
+            self.root.clone()
+        } else {
+            self.file(dir_part)
+        };
         self.walk(&start, dir_part, &mut out)?;
         out.retain(|p| p.starts_with(prefix));
         out.sort();
@@ -282,12 +311,21 @@ mod tests {
         assert_eq!(s.read("tile/0/x001/002").unwrap().unwrap(), b"b");
         assert_eq!(s.read("tile/0/x001/003").unwrap(), None);
         assert_eq!(s.read("tile/0").unwrap(), None);
-        assert_eq!(s.list("tile/").unwrap(), vec!["tile/0/x001/002", "tile/entries/000.p/3"]);
-        assert_eq!(s.list("tile/entries/000.p/").unwrap(), vec!["tile/entries/000.p/3"]);
+        assert_eq!(
+            s.list("tile/").unwrap(),
+            vec!["tile/0/x001/002", "tile/entries/000.p/3"]
+        );
+        assert_eq!(
+            s.list("tile/entries/000.p/").unwrap(),
+            vec!["tile/entries/000.p/3"]
+        );
         assert_eq!(s.list("").unwrap().len(), 3);
         assert!(s.list("nothing/here/").unwrap().is_empty());
         for bad in ["", "/abs", "a/../b", "a//b", ".tmp-x", "a/", "a b", "ü"] {
-            assert!(matches!(s.write(bad, b"x"), Err(StorageError::InvalidPath(_))), "{bad}");
+            assert!(
+                matches!(s.write(bad, b"x"), Err(StorageError::InvalidPath(_))),
+                "{bad}"
+            );
         }
         // No temporary files are left behind.
         fn count(d: &Path) -> usize {
@@ -295,7 +333,11 @@ mod tests {
                 .unwrap()
                 .map(|e| {
                     let e = e.unwrap();
-                    if e.file_type().unwrap().is_dir() { count(&e.path()) } else { 1 }
+                    if e.file_type().unwrap().is_dir() {
+                        count(&e.path())
+                    } else {
+                        1
+                    }
                 })
                 .sum()
         }

@@ -75,12 +75,20 @@ pub struct TilePath {
 impl TilePath {
     /// A hash tile path.
     pub fn hashes(level: u8, index: u64, width: u16) -> Self {
-        Self { kind: TileKind::Hashes(level), index, width }
+        Self {
+            kind: TileKind::Hashes(level),
+            index,
+            width,
+        }
     }
 
     /// An entry bundle path.
     pub fn entries(index: u64, width: u16) -> Self {
-        Self { kind: TileKind::Entries, index, width }
+        Self {
+            kind: TileKind::Entries,
+            index,
+            width,
+        }
     }
 
     /// Whether the tile is partial (fewer than 256 hashes or entries).
@@ -116,12 +124,19 @@ impl TilePath {
         let mut index: u64 = 0;
         for (i, e) in elems.iter().enumerate() {
             let last = i + 1 == elems.len();
-            let digits = if last { *e } else { e.strip_prefix('x').ok_or_else(bad)? };
+            let digits = if last {
+                *e
+            } else {
+                e.strip_prefix('x').ok_or_else(bad)?
+            };
             if digits.len() != 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad());
             }
             let d: u64 = digits.parse().map_err(|_| bad())?;
-            index = index.checked_mul(1000).and_then(|x| x.checked_add(d)).ok_or_else(bad)?;
+            index = index
+                .checked_mul(1000)
+                .and_then(|x| x.checked_add(d))
+                .ok_or_else(bad)?;
         }
         let parsed = Self { kind, index, width };
         // Canonical form only: no superfluous leading `x000` elements.
@@ -190,10 +205,14 @@ pub fn decode_bundle(bytes: &[u8], expected: u64) -> Result<Vec<Vec<u8>>, TileEr
     let mut rest = bytes;
     while !rest.is_empty() {
         if rest.len() < 2 {
-            return Err(TileError::Truncated { entry: entries.len() });
+            return Err(TileError::Truncated {
+                entry: entries.len(),
+            });
         }
         let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
-        let body = rest.get(2..2 + len).ok_or(TileError::Truncated { entry: entries.len() })?;
+        let body = rest.get(2..2 + len).ok_or(TileError::Truncated {
+            entry: entries.len(),
+        })?;
         entries.push(body.to_vec());
         rest = &rest[2 + len..];
         if entries.len() as u64 > ENTRIES_PER_BUNDLE {
@@ -201,7 +220,10 @@ pub fn decode_bundle(bytes: &[u8], expected: u64) -> Result<Vec<Vec<u8>>, TileEr
         }
     }
     if entries.len() as u64 != expected {
-        return Err(TileError::WrongCount { expected, found: entries.len() as u64 });
+        return Err(TileError::WrongCount {
+            expected,
+            found: entries.len() as u64,
+        });
     }
     Ok(entries)
 }
@@ -210,7 +232,10 @@ pub fn decode_bundle(bytes: &[u8], expected: u64) -> Result<Vec<Vec<u8>>, TileEr
 pub(crate) fn decode_tile(bytes: &[u8], width: u16) -> Result<Vec<Hash>, TileError> {
     let expected = usize::from(width) * 32;
     if bytes.len() != expected {
-        return Err(TileError::WrongTileLength { expected, found: bytes.len() });
+        return Err(TileError::WrongTileLength {
+            expected,
+            found: bytes.len(),
+        });
     }
     Ok(bytes
         .chunks_exact(32)
@@ -228,10 +253,21 @@ mod tests {
 
     #[test]
     fn paths_follow_the_spec_examples() {
-        assert_eq!(TilePath::hashes(0, 1_234_067, 256).to_string(), "tile/0/x001/x234/067");
+        assert_eq!(
+            TilePath::hashes(0, 1_234_067, 256).to_string(),
+            "tile/0/x001/x234/067"
+        );
         assert_eq!(TilePath::hashes(1, 0, 17).to_string(), "tile/1/000.p/17");
-        assert_eq!(TilePath::entries(273, 112).to_string(), "tile/entries/273.p/112");
-        for p in ["tile/0/x001/x234/067", "tile/1/000.p/17", "tile/entries/273.p/112", "tile/63/x999/999"] {
+        assert_eq!(
+            TilePath::entries(273, 112).to_string(),
+            "tile/entries/273.p/112"
+        );
+        for p in [
+            "tile/0/x001/x234/067",
+            "tile/1/000.p/17",
+            "tile/entries/273.p/112",
+            "tile/63/x999/999",
+        ] {
             assert_eq!(TilePath::parse(p).unwrap().to_string(), p);
         }
         for bad in [
@@ -257,8 +293,17 @@ mod tests {
         let b = encode_bundle(&entries).unwrap();
         assert_eq!(&b[..3], &[0, 0, 0]);
         assert_eq!(decode_bundle(&b, 3).unwrap(), entries);
-        assert_eq!(decode_bundle(&b, 4), Err(TileError::WrongCount { expected: 4, found: 3 }));
-        assert_eq!(decode_bundle(&b[..b.len() - 1], 3), Err(TileError::Truncated { entry: 2 }));
+        assert_eq!(
+            decode_bundle(&b, 4),
+            Err(TileError::WrongCount {
+                expected: 4,
+                found: 3
+            })
+        );
+        assert_eq!(
+            decode_bundle(&b[..b.len() - 1], 3),
+            Err(TileError::Truncated { entry: 2 })
+        );
         assert!(encode_bundle(&[vec![0u8; 65536]]).is_err());
     }
 }

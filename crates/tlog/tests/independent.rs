@@ -11,7 +11,12 @@ use serde_json::{Value, json};
 const ORIGIN: &str = "local.nitrile/log";
 
 fn python() -> Option<&'static str> {
-    Command::new("python3").arg("--version").output().ok().filter(|o| o.status.success()).map(|_| "python3")
+    Command::new("python3")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|_| "python3")
 }
 
 fn run_verifier(input: &Value) -> (bool, String) {
@@ -19,15 +24,30 @@ fn run_verifier(input: &Value) -> (bool, String) {
     let file = dir.path().join("proofs.json");
     std::fs::write(&file, serde_json::to_vec(input).unwrap()).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/independent/verify.py");
-    let out = Command::new("python3").arg(script).arg(&file).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
 fn proofs_of_our_log() -> Value {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = Log::open(FileStorage::open(dir.path()).unwrap(), ORIGIN, NoteSigner::generate(ORIGIN).unwrap()).unwrap();
-    let entries: Vec<Vec<u8>> = (0u32..600).map(|i| format!("leaf {i}:{}", "y".repeat((i % 7) as usize)).into_bytes()).collect();
+    let mut log = Log::open(
+        FileStorage::open(dir.path()).unwrap(),
+        ORIGIN,
+        NoteSigner::generate(ORIGIN).unwrap(),
+    )
+    .unwrap();
+    let entries: Vec<Vec<u8>> = (0u32..600)
+        .map(|i| format!("leaf {i}:{}", "y".repeat((i % 7) as usize)).into_bytes())
+        .collect();
     // Append in uneven batches, checkpointing now and then, as logd would.
     let mut at = 0usize;
     for (n, batch) in [1usize, 2, 61, 190, 3, 255, 88].iter().enumerate() {
@@ -46,10 +66,13 @@ fn proofs_of_our_log() -> Value {
     }
     let hexes = |p: Vec<[u8; 32]>| p.into_iter().map(hex::encode).collect::<Vec<_>>();
     let mut inclusion = Vec::new();
-    for s in (1..=size).filter(|s| s % 13 == 0 || *s <= 20 || s.is_power_of_two() || *s == size || *s == 257) {
+    for s in (1..=size)
+        .filter(|s| s % 13 == 0 || *s <= 20 || s.is_power_of_two() || *s == size || *s == 257)
+    {
         for i in (0..s).filter(|i| i % 11 == 0 || *i == s - 1 || *i < 3) {
             let proof = hexes(log.inclusion_proof(i, s).unwrap());
-            inclusion.push(json!({"index": i, "size": s, "root": roots[s as usize], "proof": proof}));
+            inclusion
+                .push(json!({"index": i, "size": s, "root": roots[s as usize], "proof": proof}));
         }
     }
     let mut consistency = Vec::new();
@@ -62,7 +85,12 @@ fn proofs_of_our_log() -> Value {
             }));
         }
     }
-    assert!(inclusion.len() > 1000 && consistency.len() > 500, "{} {}", inclusion.len(), consistency.len());
+    assert!(
+        inclusion.len() > 1000 && consistency.len() > 500,
+        "{} {}",
+        inclusion.len(),
+        consistency.len()
+    );
     let entries: Vec<String> = entries.iter().map(hex::encode).collect();
     json!({"entries": entries, "inclusion": inclusion, "consistency": consistency})
 }
@@ -81,7 +109,12 @@ fn our_proofs_verify_with_an_independent_python_implementation() {
 
     // One flipped bit in one inclusion proof: the independent verifier refuses it.
     let mut bad = input.clone();
-    let case = bad["inclusion"].as_array_mut().unwrap().iter_mut().find(|c| c["size"] == 600 && c["index"] == 297).unwrap();
+    let case = bad["inclusion"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|c| c["size"] == 600 && c["index"] == 297)
+        .unwrap();
     let h = case["proof"][2].as_str().unwrap().to_owned();
     let mut raw = hex::decode(&h).unwrap();
     raw[9] ^= 0x04;
@@ -92,7 +125,12 @@ fn our_proofs_verify_with_an_independent_python_implementation() {
 
     // And in one consistency proof.
     let mut bad = input.clone();
-    let case = bad["consistency"].as_array_mut().unwrap().iter_mut().find(|c| c["old"] == 7 && c["new"] == 600).unwrap();
+    let case = bad["consistency"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|c| c["old"] == 7 && c["new"] == 600)
+        .unwrap();
     let h = case["proof"][0].as_str().unwrap().to_owned();
     let mut raw = hex::decode(&h).unwrap();
     raw[0] ^= 0x80;

@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use nitrile_tlog::{
-    FileStorage, Log, LogError, NoteSigner, SignedNote, Storage, StorageError, audit, leaf_hash, open_checkpoint,
-    verify_consistency, verify_inclusion,
+    FileStorage, Log, LogError, NoteSigner, SignedNote, Storage, StorageError, audit, leaf_hash,
+    open_checkpoint, verify_consistency, verify_inclusion,
 };
 
 const ORIGIN: &str = "local.nitrile/log";
@@ -36,7 +36,12 @@ fn checkpoint_now<S: Storage>(log: &mut Log<S>) -> SignedNote {
 fn append_checkpoint_prove_and_read_back() {
     let dir = tempfile::tempdir().unwrap();
     let k = key();
-    let mut log = Log::open(FileStorage::open(dir.path()).unwrap(), ORIGIN, clone_key(&k)).unwrap();
+    let mut log = Log::open(
+        FileStorage::open(dir.path()).unwrap(),
+        ORIGIN,
+        clone_key(&k),
+    )
+    .unwrap();
     assert_eq!(log.size(), 0);
     assert_eq!(log.checkpoint(), None);
     assert_eq!(log.append(&entries(0..1000)).unwrap(), 0);
@@ -55,13 +60,23 @@ fn append_checkpoint_prove_and_read_back() {
     }
     let p = log.consistency_proof(1000, 70_000).unwrap();
     verify_consistency(1000, 70_000, &cp1.root, &cp2.root, &p).unwrap();
-    assert!(matches!(log.entry(70_000), Err(LogError::NoSuchEntry { .. })));
+    assert!(matches!(
+        log.entry(70_000),
+        Err(LogError::NoSuchEntry { .. })
+    ));
     assert!(log.inclusion_proof(5, 70_001).is_err());
     // The tlog-tiles example: size 70,000 has 273 full level-0 tiles, a partial
     // one of width 112, one full level-1 tile, a partial level-1 tile of 17 and
     // a partial level-2 tile of width 1.
     let s = log.storage();
-    assert_eq!(s.list("tile/0/").unwrap().iter().filter(|p| !p.contains(".p/")).count(), 273);
+    assert_eq!(
+        s.list("tile/0/")
+            .unwrap()
+            .iter()
+            .filter(|p| !p.contains(".p/"))
+            .count(),
+        273
+    );
     assert!(s.read("tile/0/273.p/112").unwrap().is_some());
     assert!(s.read("tile/1/000").unwrap().is_some());
     assert!(s.read("tile/1/001.p/17").unwrap().is_some());
@@ -69,11 +84,19 @@ fn append_checkpoint_prove_and_read_back() {
     assert!(s.read("tile/entries/273.p/112").unwrap().is_some());
     assert!(s.read("checkpoints/1000").unwrap().is_some());
     let report = audit(s, ORIGIN, &k.verifier()).unwrap();
-    assert_eq!((report.size, report.root, report.checkpoints), (70_000, cp2.root, 2));
+    assert_eq!(
+        (report.size, report.root, report.checkpoints),
+        (70_000, cp2.root, 2)
+    );
 
     // Reopen: same tree, same checkpoint.
     drop(log);
-    let log = Log::open(FileStorage::open(dir.path()).unwrap(), ORIGIN, clone_key(&k)).unwrap();
+    let log = Log::open(
+        FileStorage::open(dir.path()).unwrap(),
+        ORIGIN,
+        clone_key(&k),
+    )
+    .unwrap();
     assert_eq!((log.size(), log.root()), (70_000, cp2.root));
     assert_eq!(log.checkpoint(), Some(second));
     assert_eq!(log.entry(69_999).unwrap(), entry(69_999));
@@ -83,47 +106,102 @@ fn append_checkpoint_prove_and_read_back() {
 fn publish_refuses_foreign_unprepared_stale_and_tampered_notes() {
     let dir = tempfile::tempdir().unwrap();
     let k = key();
-    let mut log = Log::open(FileStorage::open(dir.path()).unwrap(), ORIGIN, clone_key(&k)).unwrap();
+    let mut log = Log::open(
+        FileStorage::open(dir.path()).unwrap(),
+        ORIGIN,
+        clone_key(&k),
+    )
+    .unwrap();
     log.append(&entries(0..10)).unwrap();
     let n10 = log.prepare_checkpoint(0).unwrap();
     // Signed by another key of the same name.
-    let other = SignedNote::sign(&n10.body().unwrap(), &key(), 0).unwrap();
+    let other = SignedNote::sign(n10.body().unwrap(), &key(), 0).unwrap();
     assert!(matches!(log.publish(&other), Err(LogError::Note(_))));
     // Root of another tree, signed by our key: not this tree.
-    let forged = nitrile_tlog::Checkpoint { origin: ORIGIN.into(), size: 10, root: [1; 32] };
+    let forged = nitrile_tlog::Checkpoint {
+        origin: ORIGIN.into(),
+        size: 10,
+        root: [1; 32],
+    };
     let forged = SignedNote::sign(&forged.body(), &k, 0).unwrap();
-    assert!(matches!(log.publish(&forged), Err(LogError::NotThisTree { size: 10 })));
+    assert!(matches!(
+        log.publish(&forged),
+        Err(LogError::NotThisTree { size: 10 })
+    ));
     // Larger than prepared.
     log.append(&entries(10..20)).unwrap();
-    let ahead = nitrile_tlog::Checkpoint { origin: ORIGIN.into(), size: 20, root: log.root() };
+    let ahead = nitrile_tlog::Checkpoint {
+        origin: ORIGIN.into(),
+        size: 20,
+        root: log.root(),
+    };
     let ahead = SignedNote::sign(&ahead.body(), &k, 0).unwrap();
-    assert!(matches!(log.publish(&ahead), Err(LogError::NotPrepared { size: 20, prepared: 10 })));
+    assert!(matches!(
+        log.publish(&ahead),
+        Err(LogError::NotPrepared {
+            size: 20,
+            prepared: 10
+        })
+    ));
     let n20 = log.prepare_checkpoint(0).unwrap();
     log.publish(&n20).unwrap();
     // Older than published.
-    assert!(matches!(log.publish(&n10), Err(LogError::Rollback { size: 10, published: 20 })));
+    assert!(matches!(
+        log.publish(&n10),
+        Err(LogError::Rollback {
+            size: 10,
+            published: 20
+        })
+    ));
     // With a witness cosignature added: accepted, stored as is.
     let w = NoteSigner::generate_cosigner("witness.example/w1").unwrap();
-    let cosigned = n20.with_signature_line(&w.sign_line(&n20.body().unwrap(), 1_700_000_000).unwrap()).unwrap();
+    let cosigned = n20
+        .with_signature_line(&w.sign_line(n20.body().unwrap(), 1_700_000_000).unwrap())
+        .unwrap();
     log.publish(&cosigned).unwrap();
-    assert_eq!(log.storage().read("checkpoint").unwrap().unwrap(), cosigned.text.as_bytes());
-    assert_eq!(nitrile_tlog::cosignatures(&cosigned.text, &[w.verifier()]), vec!["witness.example/w1"]);
+    assert_eq!(
+        log.storage().read("checkpoint").unwrap().unwrap(),
+        cosigned.text.as_bytes()
+    );
+    assert_eq!(
+        nitrile_tlog::cosignatures(&cosigned.text, &[w.verifier()]),
+        vec!["witness.example/w1"]
+    );
     // Keys must be Ed25519 note keys named after the origin.
     let s = FileStorage::open(dir.path()).unwrap();
-    assert!(matches!(Log::open(s, ORIGIN, NoteSigner::generate("other").unwrap()), Err(LogError::WrongKey { .. })));
-    assert!(matches!(log.append(&[vec![0u8; 65_536]]), Err(LogError::EntryTooLarge { index: 0, len: 65_536 })));
+    assert!(matches!(
+        Log::open(s, ORIGIN, NoteSigner::generate("other").unwrap()),
+        Err(LogError::WrongKey { .. })
+    ));
+    assert!(matches!(
+        log.append(&[vec![0u8; 65_536]]),
+        Err(LogError::EntryTooLarge {
+            index: 0,
+            len: 65_536
+        })
+    ));
 }
 
 #[test]
 fn crash_after_append_keeps_full_bundles_and_loses_only_the_unprepared_tail() {
     let dir = tempfile::tempdir().unwrap();
     let k = key();
-    let mut log = Log::open(FileStorage::open(dir.path()).unwrap(), ORIGIN, clone_key(&k)).unwrap();
+    let mut log = Log::open(
+        FileStorage::open(dir.path()).unwrap(),
+        ORIGIN,
+        clone_key(&k),
+    )
+    .unwrap();
     log.append(&entries(0..1000)).unwrap();
     let published = checkpoint_now(&mut log);
     log.append(&entries(1000..1300)).unwrap();
     drop(log); // crash: no prepare, no publish
-    let mut log = Log::open(FileStorage::open(dir.path()).unwrap(), ORIGIN, clone_key(&k)).unwrap();
+    let mut log = Log::open(
+        FileStorage::open(dir.path()).unwrap(),
+        ORIGIN,
+        clone_key(&k),
+    )
+    .unwrap();
     // Bundles 3 (768..1024) and 4 (1024..1280) were full and are kept,
     // re-verified against the checkpointed leaves 768..1000; 1280..1300 were
     // only in memory.
@@ -141,14 +219,24 @@ fn crash_after_append_keeps_full_bundles_and_loses_only_the_unprepared_tail() {
 fn crash_between_prepare_and_publish_keeps_the_prepared_entries() {
     let dir = tempfile::tempdir().unwrap();
     let k = key();
-    let mut log = Log::open(FileStorage::open(dir.path()).unwrap(), ORIGIN, clone_key(&k)).unwrap();
+    let mut log = Log::open(
+        FileStorage::open(dir.path()).unwrap(),
+        ORIGIN,
+        clone_key(&k),
+    )
+    .unwrap();
     log.append(&entries(0..100)).unwrap();
     let published = checkpoint_now(&mut log);
     log.append(&entries(100..150)).unwrap();
     let _prepared = log.prepare_checkpoint(1).unwrap();
     let root150 = log.root();
     drop(log); // crash before publish
-    let mut log = Log::open(FileStorage::open(dir.path()).unwrap(), ORIGIN, clone_key(&k)).unwrap();
+    let mut log = Log::open(
+        FileStorage::open(dir.path()).unwrap(),
+        ORIGIN,
+        clone_key(&k),
+    )
+    .unwrap();
     assert_eq!((log.size(), log.root()), (150, root150));
     assert_eq!(log.checkpoint(), Some(published));
     assert_eq!(log.entry(149).unwrap(), entry(149));
@@ -158,14 +246,22 @@ fn crash_between_prepare_and_publish_keeps_the_prepared_entries() {
     assert!(r.beyond_checkpoint > 0);
     log.append(&entries(150..400)).unwrap();
     checkpoint_now(&mut log);
-    assert_eq!(audit(log.storage(), ORIGIN, &k.verifier()).unwrap().size, 400);
+    assert_eq!(
+        audit(log.storage(), ORIGIN, &k.verifier()).unwrap().size,
+        400
+    );
 }
 
 #[test]
 fn recovery_cuts_at_a_torn_bundle_and_refuses_a_corrupt_checkpointed_prefix() {
     let dir = tempfile::tempdir().unwrap();
     let k = key();
-    let mut log = Log::open(FileStorage::open(dir.path()).unwrap(), ORIGIN, clone_key(&k)).unwrap();
+    let mut log = Log::open(
+        FileStorage::open(dir.path()).unwrap(),
+        ORIGIN,
+        clone_key(&k),
+    )
+    .unwrap();
     log.append(&entries(0..300)).unwrap();
     checkpoint_now(&mut log);
     log.append(&entries(300..1024)).unwrap(); // bundles 1, 2, 3 full, unsynced
@@ -182,14 +278,20 @@ fn recovery_cuts_at_a_torn_bundle_and_refuses_a_corrupt_checkpointed_prefix() {
     let mut t = s.read("tile/0/000").unwrap().unwrap();
     t[5] ^= 1;
     s.write("tile/0/000", &t).unwrap();
-    assert!(matches!(Log::open(s, ORIGIN, clone_key(&k)), Err(LogError::Corrupt { .. })));
+    assert!(matches!(
+        Log::open(s, ORIGIN, clone_key(&k)),
+        Err(LogError::Corrupt { .. })
+    ));
     // A checkpoint signed by another key: refused too.
     let dir2 = tempfile::tempdir().unwrap();
     let mut log = Log::open(FileStorage::open(dir2.path()).unwrap(), ORIGIN, key()).unwrap();
     log.append(&entries(0..3)).unwrap();
     checkpoint_now(&mut log);
     drop(log);
-    assert!(matches!(Log::open(FileStorage::open(dir2.path()).unwrap(), ORIGIN, key()), Err(LogError::Note(_))));
+    assert!(matches!(
+        Log::open(FileStorage::open(dir2.path()).unwrap(), ORIGIN, key()),
+        Err(LogError::Note(_))
+    ));
 }
 
 /// Records the order of storage calls and fails `sync` on demand.
@@ -240,23 +342,46 @@ fn prepare_syncs_every_bundle_and_tile_before_it_signs() {
     {
         let ev = events.lock().unwrap();
         let sync_at = ev.iter().position(|e| e == "sync").unwrap();
-        assert_eq!(sync_at, ev.len() - 1, "nothing written after the sync: {ev:?}");
-        for needed in ["write tile/entries/000", "write tile/entries/001", "write tile/entries/002.p/88", "write tile/0/001", "write tile/0/002.p/88", "write tile/1/000.p/2"] {
-            assert!(ev[..sync_at].iter().any(|e| e == needed), "{needed} missing before the sync: {ev:?}");
+        assert_eq!(
+            sync_at,
+            ev.len() - 1,
+            "nothing written after the sync: {ev:?}"
+        );
+        for needed in [
+            "write tile/entries/000",
+            "write tile/entries/001",
+            "write tile/entries/002.p/88",
+            "write tile/0/001",
+            "write tile/0/002.p/88",
+            "write tile/1/000.p/2",
+        ] {
+            assert!(
+                ev[..sync_at].iter().any(|e| e == needed),
+                "{needed} missing before the sync: {ev:?}"
+            );
         }
     }
     log.publish(&note).unwrap();
     {
         let ev = events.lock().unwrap();
-        assert_eq!(&ev[ev.len() - 3..], ["write checkpoints/600", "write checkpoint", "sync"]);
+        assert_eq!(
+            &ev[ev.len() - 3..],
+            ["write checkpoints/600", "write checkpoint", "sync"]
+        );
     }
     // If the sync fails, nothing is signed and the log refuses to go on.
     log.append(&entries(600..700)).unwrap();
     *fail_sync.lock().unwrap() = true;
-    assert!(matches!(log.prepare_checkpoint(6), Err(LogError::Storage(_))));
+    assert!(matches!(
+        log.prepare_checkpoint(6),
+        Err(LogError::Storage(_))
+    ));
     *fail_sync.lock().unwrap() = false;
     assert!(matches!(log.prepare_checkpoint(7), Err(LogError::Failed)));
-    assert!(matches!(log.append(&entries(700..701)), Err(LogError::Failed)));
+    assert!(matches!(
+        log.append(&entries(700..701)),
+        Err(LogError::Failed)
+    ));
 }
 
 #[test]

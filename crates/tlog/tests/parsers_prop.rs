@@ -2,8 +2,8 @@
 //! accept only canonical input, and round-trip what we produce.
 
 use nitrile_tlog::{
-    Checkpoint, NoteSigner, NoteVerifier, SignedNote, TilePath, cosignatures, decode_bundle, encode_bundle,
-    open_checkpoint,
+    Checkpoint, NoteSigner, NoteVerifier, SignedNote, TilePath, cosignatures, decode_bundle,
+    encode_bundle, open_checkpoint,
 };
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;

@@ -2,8 +2,8 @@
 //! names the path and the entry index.
 
 use nitrile_tlog::{
-    AuditFailure, AuditProblem, Checkpoint, FileStorage, Log, NoteSigner, NoteVerifier, SignedNote, Storage, audit,
-    decode_bundle, encode_bundle,
+    AuditFailure, AuditProblem, Checkpoint, FileStorage, Log, NoteSigner, NoteVerifier, SignedNote,
+    Storage, audit, decode_bundle, encode_bundle,
 };
 
 const ORIGIN: &str = "local.nitrile/log";
@@ -20,12 +20,17 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let signer = NoteSigner::generate(ORIGIN).unwrap();
     let verifier = signer.verifier();
-    let mut log =
-        Log::open(FileStorage::open(dir.path()).unwrap(), ORIGIN, NoteSigner::from_skey(&signer.to_skey()).unwrap())
-            .unwrap();
+    let mut log = Log::open(
+        FileStorage::open(dir.path()).unwrap(),
+        ORIGIN,
+        NoteSigner::from_skey(&signer.to_skey()).unwrap(),
+    )
+    .unwrap();
     let mut next = 0u64;
     for size in [100u64, 700, 1300] {
-        let batch: Vec<Vec<u8>> = (next..size).map(|i| format!("record {i}").into_bytes()).collect();
+        let batch: Vec<Vec<u8>> = (next..size)
+            .map(|i| format!("record {i}").into_bytes())
+            .collect();
         log.append(&batch).unwrap();
         next = size;
         let note = log.prepare_checkpoint(size).unwrap();
@@ -34,7 +39,12 @@ fn fixture() -> Fixture {
     drop(log);
     let storage = FileStorage::open(dir.path()).unwrap();
     audit(&storage, ORIGIN, &verifier).unwrap();
-    Fixture { _dir: dir, storage, verifier, signer }
+    Fixture {
+        _dir: dir,
+        storage,
+        verifier,
+        signer,
+    }
 }
 
 fn audit_fails(f: &Fixture) -> AuditFailure {
@@ -47,7 +57,9 @@ fn audit_fails(f: &Fixture) -> AuditFailure {
 fn rewrite_bundle(f: &Fixture, path: &str, width: u64, change: impl FnOnce(&mut Vec<Vec<u8>>)) {
     let mut entries = decode_bundle(&f.storage.read(path).unwrap().unwrap(), width).unwrap();
     change(&mut entries);
-    f.storage.write(path, &encode_bundle(&entries).unwrap()).unwrap();
+    f.storage
+        .write(path, &encode_bundle(&entries).unwrap())
+        .unwrap();
 }
 
 #[test]
@@ -73,7 +85,10 @@ fn flipped_byte_in_a_stored_leaf_is_named_by_bundle_and_index() {
     f.storage.write(path, &b).unwrap();
     let err = audit_fails(&f);
     assert_eq!((err.path.as_str(), err.index), (path, Some(256)));
-    assert!(matches!(err.problem, AuditProblem::EntryMismatch { .. }), "{err}");
+    assert!(
+        matches!(err.problem, AuditProblem::EntryMismatch { .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -89,12 +104,20 @@ fn flipped_byte_in_a_partial_bundle_of_an_old_checkpoint_is_caught() {
 #[test]
 fn flipped_byte_in_a_tile_is_named_by_tile_and_index() {
     let f = fixture();
-    for (path, index) in [("tile/0/002", 2 * 256 + 3), ("tile/1/000.p/5", 256), ("tile/0/005.p/20", 1283)] {
+    for (path, index) in [
+        ("tile/0/002", 2 * 256 + 3),
+        ("tile/1/000.p/5", 256),
+        ("tile/0/005.p/20", 1283),
+    ] {
         let f2 = &f;
         let original = f2.storage.read(path).unwrap().unwrap();
         let mut t = original.clone();
         let offset = ((index as usize) % 256) * 32 + 7;
-        let offset = if path.starts_with("tile/1/") { ((index as usize) >> 8) * 32 + 7 } else { offset };
+        let offset = if path.starts_with("tile/1/") {
+            ((index as usize) >> 8) * 32 + 7
+        } else {
+            offset
+        };
         t[offset] ^= 0x80;
         f2.storage.write(path, &t).unwrap();
         let err = audit_fails(f2);
@@ -113,7 +136,11 @@ fn deleted_entry_is_named() {
         e.remove(17);
     });
     let err = audit_fails(&f);
-    assert_eq!((err.path.as_str(), err.index), (path, Some(3 * 256 + 17)), "{err}");
+    assert_eq!(
+        (err.path.as_str(), err.index),
+        (path, Some(3 * 256 + 17)),
+        "{err}"
+    );
     assert!(matches!(err.problem, AuditProblem::Malformed(_)), "{err}");
 }
 
@@ -123,8 +150,15 @@ fn reordered_entries_are_named() {
     let path = "tile/entries/002";
     rewrite_bundle(&f, path, 256, |e| e.swap(10, 11));
     let err = audit_fails(&f);
-    assert_eq!((err.path.as_str(), err.index), (path, Some(512 + 10)), "{err}");
-    assert!(matches!(err.problem, AuditProblem::EntryMismatch { .. }), "{err}");
+    assert_eq!(
+        (err.path.as_str(), err.index),
+        (path, Some(512 + 10)),
+        "{err}"
+    );
+    assert!(
+        matches!(err.problem, AuditProblem::EntryMismatch { .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -135,7 +169,11 @@ fn truncated_tail_is_named() {
     let b = f.storage.read(path).unwrap().unwrap();
     f.storage.write(path, &b[..b.len() - 3]).unwrap();
     let err = audit_fails(&f);
-    assert_eq!((err.path.as_str(), err.index), (path, Some(1280 + 19)), "{err}");
+    assert_eq!(
+        (err.path.as_str(), err.index),
+        (path, Some(1280 + 19)),
+        "{err}"
+    );
 
     // The last bundle gone altogether.
     let f = fixture();
@@ -148,7 +186,11 @@ fn truncated_tail_is_named() {
     let f = fixture();
     std::fs::remove_file(f.storage.dir().join("tile/entries/004")).unwrap();
     let err = audit_fails(&f);
-    assert_eq!((err.path.as_str(), err.index), ("tile/entries/004", Some(1024)), "{err}");
+    assert_eq!(
+        (err.path.as_str(), err.index),
+        ("tile/entries/004", Some(1024)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -156,8 +198,12 @@ fn entries_and_tiles_rewritten_together_are_caught_by_the_checkpoint() {
     let f = fixture();
     rewrite_bundle(&f, "tile/entries/000", 256, |e| e[200] = b"forged".to_vec());
     // Recompute the level-0 tile so entries and tile agree again.
-    let entries = decode_bundle(&f.storage.read("tile/entries/000").unwrap().unwrap(), 256).unwrap();
-    let tile: Vec<u8> = entries.iter().flat_map(|e| nitrile_tlog::leaf_hash(e)).collect();
+    let entries =
+        decode_bundle(&f.storage.read("tile/entries/000").unwrap().unwrap(), 256).unwrap();
+    let tile: Vec<u8> = entries
+        .iter()
+        .flat_map(|e| nitrile_tlog::leaf_hash(e))
+        .collect();
     f.storage.write("tile/0/000", &tile).unwrap();
     let err = audit_fails(&f);
     assert!(matches!(err.problem, AuditProblem::RootMismatch), "{err}");
@@ -169,16 +215,40 @@ fn checkpoint_history_tampering_is_caught() {
     // A checkpoint signed by another key.
     let f = fixture();
     let other = NoteSigner::generate(ORIGIN).unwrap();
-    let cp = Checkpoint { origin: ORIGIN.into(), size: 700, root: [9; 32] };
-    f.storage.write("checkpoints/700", SignedNote::sign(&cp.body(), &other, 0).unwrap().text.as_bytes()).unwrap();
+    let cp = Checkpoint {
+        origin: ORIGIN.into(),
+        size: 700,
+        root: [9; 32],
+    };
+    f.storage
+        .write(
+            "checkpoints/700",
+            SignedNote::sign(&cp.body(), &other, 0)
+                .unwrap()
+                .text
+                .as_bytes(),
+        )
+        .unwrap();
     let err = audit_fails(&f);
     assert_eq!(err.path, "checkpoints/700");
     assert!(matches!(err.problem, AuditProblem::Checkpoint(_)), "{err}");
 
     // A checkpoint signed by the log key but of another tree (a fork).
     let f = fixture();
-    let cp = Checkpoint { origin: ORIGIN.into(), size: 700, root: [9; 32] };
-    f.storage.write("checkpoints/700", SignedNote::sign(&cp.body(), &f.signer, 0).unwrap().text.as_bytes()).unwrap();
+    let cp = Checkpoint {
+        origin: ORIGIN.into(),
+        size: 700,
+        root: [9; 32],
+    };
+    f.storage
+        .write(
+            "checkpoints/700",
+            SignedNote::sign(&cp.body(), &f.signer, 0)
+                .unwrap()
+                .text
+                .as_bytes(),
+        )
+        .unwrap();
     let err = audit_fails(&f);
     assert_eq!(err.path, "checkpoints/700");
     assert!(matches!(err.problem, AuditProblem::RootMismatch), "{err}");
@@ -189,11 +259,25 @@ fn checkpoint_history_tampering_is_caught() {
     f.storage.write("checkpoint", &old).unwrap();
     let err = audit_fails(&f);
     assert_eq!(err.path, "checkpoint");
-    assert!(matches!(err.problem, AuditProblem::LatestNotNewest { latest: 700, newest: 1300 }), "{err}");
+    assert!(
+        matches!(
+            err.problem,
+            AuditProblem::LatestNotNewest {
+                latest: 700,
+                newest: 1300
+            }
+        ),
+        "{err}"
+    );
 
     // A history note stored under the wrong size.
     let f = fixture();
-    f.storage.write("checkpoints/701", &f.storage.read("checkpoints/700").unwrap().unwrap()).unwrap();
+    f.storage
+        .write(
+            "checkpoints/701",
+            &f.storage.read("checkpoints/700").unwrap().unwrap(),
+        )
+        .unwrap();
     let err = audit_fails(&f);
     assert_eq!(err.path, "checkpoints/701");
 

@@ -7,13 +7,15 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use nitrile_tlog::{
-    Checkpoint, Hash, KeyKind, NoteError, NoteSigner, NoteVerifier, SignedNote, Tree, cosignatures, leaf_hash,
-    open_checkpoint, verify_consistency, verify_cosignature, verify_inclusion,
+    Checkpoint, Hash, KeyKind, NoteError, NoteSigner, NoteVerifier, SignedNote, Tree, cosignatures,
+    leaf_hash, open_checkpoint, verify_consistency, verify_cosignature, verify_inclusion,
 };
 use serde_json::Value;
 
 fn testdata(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(rel)
 }
 
 fn read(rel: &str) -> String {
@@ -22,7 +24,8 @@ fn read(rel: &str) -> String {
 
 fn hash(v: &Value) -> Hash {
     let raw = B64.decode(v.as_str().unwrap()).unwrap();
-    raw.try_into().unwrap_or_else(|r: Vec<u8>| panic!("hash of {} bytes", r.len()))
+    raw.try_into()
+        .unwrap_or_else(|r: Vec<u8>| panic!("hash of {} bytes", r.len()))
 }
 
 /// Decodes a vector's hash, or `None` for a malformed one (which must fail).
@@ -43,7 +46,11 @@ fn vector_files(kind: &str) -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for e in fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
-            if p.is_dir() { walk(&p, out) } else { out.push(p) }
+            if p.is_dir() {
+                walk(&p, out)
+            } else {
+                out.push(p)
+            }
         }
     }
     let mut out = Vec::new();
@@ -73,7 +80,16 @@ fn transparency_dev_inclusion_vectors() {
             let leaf = maybe_hash(&v["leafHash"])?;
             let root = maybe_hash(&v["root"])?;
             let p = proof(&v["proof"])?;
-            Some(verify_inclusion(&leaf, v["leafIdx"].as_u64()?, v["treeSize"].as_u64()?, &p, &root).is_ok())
+            Some(
+                verify_inclusion(
+                    &leaf,
+                    v["leafIdx"].as_u64()?,
+                    v["treeSize"].as_u64()?,
+                    &p,
+                    &root,
+                )
+                .is_ok(),
+            )
         })()
         .unwrap_or(false);
         assert_eq!(result, !want_err, "{}", f.display());
@@ -96,7 +112,10 @@ fn transparency_dev_consistency_vectors() {
             let r1 = maybe_hash(&v["root1"])?;
             let r2 = maybe_hash(&v["root2"])?;
             let p = proof(&v["proof"])?;
-            Some(verify_consistency(v["size1"].as_u64()?, v["size2"].as_u64()?, &r1, &r2, &p).is_ok())
+            Some(
+                verify_consistency(v["size1"].as_u64()?, v["size2"].as_u64()?, &r1, &r2, &p)
+                    .is_ok(),
+            )
         })()
         .unwrap_or(false);
         assert_eq!(result, !want_err, "{}", f.display());
@@ -108,32 +127,60 @@ fn transparency_dev_consistency_vectors() {
 #[test]
 fn our_tree_reproduces_the_rfc6962_roots_and_proofs() {
     let t: Value = serde_json::from_str(&read("merkle/rfc6962-tree.json")).unwrap();
-    let leaves: Vec<Vec<u8>> =
-        t["leaves_hex"].as_array().unwrap().iter().map(|h| hex::decode(h.as_str().unwrap()).unwrap()).collect();
-    let roots: Vec<String> = t["roots_hex"].as_array().unwrap().iter().map(|h| h.as_str().unwrap().to_owned()).collect();
+    let leaves: Vec<Vec<u8>> = t["leaves_hex"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| hex::decode(h.as_str().unwrap()).unwrap())
+        .collect();
+    let roots: Vec<String> = t["roots_hex"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().to_owned())
+        .collect();
     let mut tree = Tree::new();
     assert_eq!(hex::encode(tree.root()), roots[0]);
     for (i, l) in leaves.iter().enumerate() {
         tree.push(leaf_hash(l));
         assert_eq!(hex::encode(tree.root()), roots[i + 1], "size {}", i + 1);
     }
-    for f in vector_files("inclusion").into_iter().filter(|f| f.ends_with("happy-path.json")) {
+    for f in vector_files("inclusion")
+        .into_iter()
+        .filter(|f| f.ends_with("happy-path.json"))
+    {
         let v: Value = serde_json::from_str(&fs::read_to_string(&f).unwrap()).unwrap();
-        let (idx, size) = (v["leafIdx"].as_u64().unwrap(), v["treeSize"].as_u64().unwrap());
+        let (idx, size) = (
+            v["leafIdx"].as_u64().unwrap(),
+            v["treeSize"].as_u64().unwrap(),
+        );
         if size > 8 {
             continue;
         }
         assert_eq!(tree.leaf(idx).unwrap(), hash(&v["leafHash"]));
-        assert_eq!(tree.inclusion_proof(idx, size).unwrap(), proof(&v["proof"]).unwrap(), "{}", f.display());
+        assert_eq!(
+            tree.inclusion_proof(idx, size).unwrap(),
+            proof(&v["proof"]).unwrap(),
+            "{}",
+            f.display()
+        );
     }
-    for f in vector_files("consistency").into_iter().filter(|f| f.ends_with("happy-path.json")) {
+    for f in vector_files("consistency")
+        .into_iter()
+        .filter(|f| f.ends_with("happy-path.json"))
+    {
         let v: Value = serde_json::from_str(&fs::read_to_string(&f).unwrap()).unwrap();
         let (s1, s2) = (v["size1"].as_u64().unwrap(), v["size2"].as_u64().unwrap());
         if s2 > 8 {
             continue;
         }
         assert_eq!(tree.root_at(s1).unwrap(), hash(&v["root1"]));
-        assert_eq!(tree.consistency_proof(s1, s2).unwrap(), proof(&v["proof"]).unwrap(), "{}", f.display());
+        assert_eq!(
+            tree.consistency_proof(s1, s2).unwrap(),
+            proof(&v["proof"]).unwrap(),
+            "{}",
+            f.display()
+        );
     }
 }
 
@@ -154,9 +201,15 @@ fn signed_note_peter_neumann_example_verifies_and_signing_reproduces_it() {
     assert_eq!(SignedNote::sign(body, &signer, 0).unwrap().text, note);
     assert_eq!(SignedNote { text: note.clone() }.body().unwrap(), body);
     // It is not a checkpoint, but the signature is what open_checkpoint checks first.
-    assert!(matches!(open_checkpoint(&note, "PeterNeumann", &verifier), Err(NoteError::BadCheckpoint(_))));
+    assert!(matches!(
+        open_checkpoint(&note, "PeterNeumann", &verifier),
+        Err(NoteError::BadCheckpoint(_))
+    ));
     let tampered = note.replace("answer", "Answer");
-    assert!(matches!(open_checkpoint(&tampered, "PeterNeumann", &verifier), Err(NoteError::BadSignature(_))));
+    assert!(matches!(
+        open_checkpoint(&tampered, "PeterNeumann", &verifier),
+        Err(NoteError::BadSignature(_))
+    ));
 }
 
 #[test]
@@ -164,16 +217,24 @@ fn signed_note_spec_example_verifies() {
     let verifier = NoteVerifier::from_vkey(read("notes/example-com-foo.vkey").trim()).unwrap();
     let note = read("notes/example-com-foo.note");
     // Body is one line: not a checkpoint, but the signature must verify first.
-    assert!(matches!(open_checkpoint(&note, "x", &verifier), Err(NoteError::BadCheckpoint(_))));
+    assert!(matches!(
+        open_checkpoint(&note, "x", &verifier),
+        Err(NoteError::BadCheckpoint(_))
+    ));
     let wrong = NoteVerifier::from_vkey(read("notes/peter-neumann.vkey").trim()).unwrap();
-    assert!(matches!(open_checkpoint(&note, "x", &wrong), Err(NoteError::NotSigned(_))));
+    assert!(matches!(
+        open_checkpoint(&note, "x", &wrong),
+        Err(NoteError::NotSigned(_))
+    ));
 }
 
 #[test]
 fn real_checkpoint_cosignatures_from_public_witnesses_verify() {
     let note = read("notes/arche2025h1.note");
-    let witnesses: Vec<NoteVerifier> =
-        read("notes/arche2025h1.witnesses").lines().map(|l| NoteVerifier::from_vkey(l).unwrap()).collect();
+    let witnesses: Vec<NoteVerifier> = read("notes/arche2025h1.witnesses")
+        .lines()
+        .map(|l| NoteVerifier::from_vkey(l).unwrap())
+        .collect();
     assert!(witnesses.iter().all(|w| w.kind() == KeyKind::CosignatureV1));
     let names = cosignatures(&note, &witnesses);
     assert_eq!(
@@ -186,7 +247,11 @@ fn real_checkpoint_cosignatures_from_public_witnesses_verify() {
         ]
     );
     let c = verify_cosignature(&note, &witnesses[2]).unwrap();
-    assert!(c.timestamp > 1_700_000_000 && c.timestamp < 2_000_000_000, "{}", c.timestamp);
+    assert!(
+        c.timestamp > 1_700_000_000 && c.timestamp < 2_000_000_000,
+        "{}",
+        c.timestamp
+    );
     let cp = Checkpoint::parse_body(SignedNote { text: note.clone() }.body().unwrap()).unwrap();
     assert_eq!(cp.origin, "arche2025h1.staging.ct.transparency.dev");
     assert_eq!(cp.size, 1_432_088_532);
@@ -195,7 +260,9 @@ fn real_checkpoint_cosignatures_from_public_witnesses_verify() {
     let moved = note.replace("1432088532", "1432088533");
     assert!(cosignatures(&moved, &witnesses).is_empty());
     // A witness key we do not know is ignored; a note signer key is not a cosigner.
-    let other = NoteSigner::generate_cosigner("remora.n621.de").unwrap().verifier();
+    let other = NoteSigner::generate_cosigner("remora.n621.de")
+        .unwrap()
+        .verifier();
     assert!(cosignatures(&note, &[other]).is_empty());
 }
 
@@ -203,26 +270,44 @@ fn real_checkpoint_cosignatures_from_public_witnesses_verify() {
 fn our_cosignatures_follow_the_spec_message() {
     let log = NoteSigner::generate("example.com/log").unwrap();
     let witness = NoteSigner::generate_cosigner("example.com/witness").unwrap();
-    let cp = Checkpoint { origin: "example.com/log".into(), size: 3, root: [7u8; 32] };
+    let cp = Checkpoint {
+        origin: "example.com/log".into(),
+        size: 3,
+        root: [7u8; 32],
+    };
     let note = SignedNote::sign(&cp.body(), &log, 0).unwrap();
     let line = witness.sign_line(&cp.body(), 1_679_315_147).unwrap();
     let cosigned = note.with_signature_line(&line).unwrap();
     assert_eq!(cosigned.with_signature_line(&line).unwrap(), cosigned);
-    assert_eq!(open_checkpoint(&cosigned.text, "example.com/log", &log.verifier()).unwrap(), cp);
+    assert_eq!(
+        open_checkpoint(&cosigned.text, "example.com/log", &log.verifier()).unwrap(),
+        cp
+    );
     let v = verify_cosignature(&cosigned.text, &witness.verifier()).unwrap();
     assert_eq!(v.timestamp, 1_679_315_147);
     // The signature is Ed25519 over "cosignature/v1\ntime <t>\n" || body.
     let b64 = line.trim_end().rsplit(' ').next().unwrap();
     let raw = B64.decode(b64).unwrap();
     assert_eq!(raw.len(), 4 + 8 + 64);
-    assert_eq!(u32::from_be_bytes(raw[..4].try_into().unwrap()), witness.verifier().key_id());
-    assert_eq!(u64::from_be_bytes(raw[4..12].try_into().unwrap()), 1_679_315_147);
+    assert_eq!(
+        u32::from_be_bytes(raw[..4].try_into().unwrap()),
+        witness.verifier().key_id()
+    );
+    assert_eq!(
+        u64::from_be_bytes(raw[4..12].try_into().unwrap()),
+        1_679_315_147
+    );
     let msg = format!("cosignature/v1\ntime 1679315147\n{}", cp.body());
     let vk = ed25519_from_vkey(&witness.verifier().to_vkey());
     let sig = ed25519_dalek::Signature::from_slice(&raw[12..]).unwrap();
     vk.verify_strict(msg.as_bytes(), &sig).unwrap();
-    assert_eq!(open_checkpoint(&cosigned.text, "example.com/other", &log.verifier()).unwrap_err(),
-        NoteError::WrongOrigin { expected: "example.com/other".into(), found: "example.com/log".into() });
+    assert_eq!(
+        open_checkpoint(&cosigned.text, "example.com/other", &log.verifier()).unwrap_err(),
+        NoteError::WrongOrigin {
+            expected: "example.com/other".into(),
+            found: "example.com/log".into()
+        }
+    );
 }
 
 fn ed25519_from_vkey(vkey: &str) -> ed25519_dalek::VerifyingKey {
