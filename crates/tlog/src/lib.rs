@@ -49,8 +49,9 @@ pub use merkle::{
     verify_consistency, verify_inclusion,
 };
 pub use note::{
-    Checkpoint, CosignatureValid, KeyKind, MAX_NOTE_SIGNATURES, MAX_NOTE_SIZE, NoteError,
-    NoteSigner, NoteVerifier, SignedNote, cosignatures, open_checkpoint, verify_cosignature,
+    Checkpoint, CosignatureValid, KeyKind, MAX_KEY_SIZE, MAX_NOTE_SIGNATURES, MAX_NOTE_SIZE,
+    NoteError, NoteSigner, NoteVerifier, SignedNote, cosignatures, open_checkpoint,
+    verify_cosignature,
 };
 pub use storage::{FileStorage, MAX_OBJECT_SIZE, Storage, StorageError};
 pub use tile::{

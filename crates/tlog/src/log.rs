@@ -124,7 +124,6 @@ pub enum LogError {
 /// again). Entries appended but not yet in a full bundle or a prepared
 /// checkpoint live only in memory: a caller treats an entry as durable once a
 /// checkpoint covering it is published.
-#[derive(Debug)]
 pub struct Log<S: Storage> {
     storage: S,
     origin: String,
@@ -140,7 +139,24 @@ pub struct Log<S: Storage> {
     /// Size up to which hash tiles were written.
     tiles_size: u64,
     published: Option<(SignedNote, Checkpoint)>,
+    prepared_at: Option<u64>,
     failed: bool,
+}
+
+impl<S: Storage + std::fmt::Debug> std::fmt::Debug for Log<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("origin", &self.origin)
+            .field("size", &self.tree.size())
+            .field("synced_size", &self.synced_size)
+            .field(
+                "published_size",
+                &self.published.as_ref().map(|(_, c)| c.size),
+            )
+            .field("failed", &self.failed)
+            .field("storage", &self.storage)
+            .finish_non_exhaustive()
+    }
 }
 
 fn bundle_path(index: u64, width: u64) -> String {
@@ -168,6 +184,7 @@ impl<S: Storage> Log<S> {
             synced_size: 0,
             tiles_size: 0,
             published: None,
+            prepared_at: None,
             failed: false,
         };
         if let Some(bytes) = log.storage.read(CHECKPOINT_PATH)? {
@@ -377,9 +394,10 @@ impl<S: Storage> Log<S> {
 
     /// Writes the tail bundle and every tile the current size needs, syncs
     /// storage, then signs a checkpoint of the current size. The note is not
-    /// served until [`Log::publish`]. `now_unix_ms` is the signing time; the
-    /// checkpoint body has no timestamp (tlog-checkpoint), so it only sets the
-    /// time of a cosignature-type signer and is otherwise unused.
+    /// served until [`Log::publish`]. `now_unix_ms` is the signing time,
+    /// kept as [`Log::prepared_at`]: a tlog-checkpoint body carries no
+    /// timestamp and an Ed25519 note signature signs none (witness
+    /// cosignatures carry theirs), so it is not part of the note.
     pub fn prepare_checkpoint(&mut self, now_unix_ms: u64) -> Result<SignedNote, LogError> {
         self.check_usable()?;
         if let Err(e) = self.write_tiles() {
@@ -393,6 +411,7 @@ impl<S: Storage> Log<S> {
         let size = self.tree.size();
         self.synced_size = size;
         self.tiles_size = size;
+        self.prepared_at = Some(now_unix_ms);
         let cp = Checkpoint {
             origin: self.origin.clone(),
             size,
@@ -505,6 +524,11 @@ impl<S: Storage> Log<S> {
         }
         self.published = Some((note.clone(), cp));
         Ok(())
+    }
+
+    /// The `now_unix_ms` of the last [`Log::prepare_checkpoint`] of this process.
+    pub fn prepared_at(&self) -> Option<u64> {
+        self.prepared_at
     }
 
     /// The last published checkpoint.

@@ -16,6 +16,8 @@ use crate::Hash;
 pub const MAX_NOTE_SIZE: usize = 64 * 1024;
 /// The most signature lines a parser accepts (the spec asks for at least 16).
 pub const MAX_NOTE_SIGNATURES: usize = 100;
+/// The longest vkey or skey string a parser accepts.
+pub const MAX_KEY_SIZE: usize = 1024;
 /// The largest checkpoint tree size: timestamps and sizes stay below 2^63.
 const MAX_SIZE: u64 = i64::MAX as u64;
 
@@ -138,7 +140,7 @@ impl fmt::Debug for NoteVerifier {
 impl NoteVerifier {
     /// Parses a vkey; fails closed on a bad name, type, key or key ID.
     pub fn from_vkey(vkey: &str) -> Result<Self, NoteError> {
-        if vkey.len() > 1024 {
+        if vkey.len() > MAX_KEY_SIZE {
             return Err(NoteError::BadKey("too long"));
         }
         let (name, rest) = vkey.split_once('+').ok_or(NoteError::BadKey("no '+'"))?;
@@ -283,7 +285,7 @@ impl NoteSigner {
 
     /// Parses a private key `PRIVATE+KEY+<name>+<hex key ID>+<base64(type || seed)>`.
     pub fn from_skey(skey: &str) -> Result<Self, NoteError> {
-        if skey.len() > 1024 {
+        if skey.len() > MAX_KEY_SIZE {
             return Err(NoteError::BadKey("too long"));
         }
         let rest = skey

@@ -113,7 +113,9 @@ fn publish_refuses_foreign_unprepared_stale_and_tampered_notes() {
     )
     .unwrap();
     log.append(&entries(0..10)).unwrap();
+    assert_eq!(log.prepared_at(), None);
     let n10 = log.prepare_checkpoint(0).unwrap();
+    assert_eq!(log.prepared_at(), Some(0));
     // Signed by another key of the same name.
     let other = SignedNote::sign(n10.body().unwrap(), &key(), 0).unwrap();
     assert!(matches!(log.publish(&other), Err(LogError::Note(_))));
