@@ -27,6 +27,10 @@ pub(crate) struct Args {
     /// reason "host agent shut down").
     #[arg(long)]
     stop_instances_on_exit: bool,
+    /// Get SIGTERM when process PID (the supervisor that started this agent)
+    /// dies, and exit at once if it is already gone. `nitrile up` passes it.
+    #[arg(long, value_name = "PID")]
+    exit_with_parent: Option<i32>,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -37,12 +41,24 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
         "no host agent config: pass --config FILE (e.g. ./nitrile-state/hosts/h1/hostd.toml)",
     )?;
     let config = HostdConfig::load(path)?;
+    if let Some(parent) = args.exit_with_parent {
+        // Set first, then check: a parent that died in between is seen by
+        // the check.
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+            .context("cannot ask for a signal when the parent exits")?;
+        if nix::unistd::getppid().as_raw() != parent {
+            anyhow::bail!("the supervisor (pid {parent}) is gone; not starting");
+        }
+    }
     init_logging(args.log_format);
     let options = HostdOptions {
         stop_instances_on_exit: args.stop_instances_on_exit,
         ..HostdOptions::default()
     };
     block_on(async move {
+        // Installed before the readiness line, so that a signal sent right
+        // after it stops the agent cleanly.
+        let signal = nitrile_net::shutdown_signal();
         let hostd = Hostd::open(&config, options)
             .await
             .context("host agent cannot start")?;
@@ -50,7 +66,7 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
             .local_addr()
             .map_or_else(|| config.listen.to_string(), |a| a.to_string());
         eprintln!("nitrile hostd: {} serving on {addr}", config.host);
-        hostd.serve(nitrile_net::shutdown_signal()).await?;
+        hostd.serve(signal).await?;
         tracing::info!("host agent stopped");
         anyhow::Ok(())
     })?

@@ -138,6 +138,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let config = config_of(&layout, &cell, args.listen, args.metrics)?;
     block_on(async move {
+        let signal = nitrile_net::shutdown_signal();
         let tokend = Tokend::open(&config)
             .await
             .context("token service cannot start")?;
@@ -148,7 +149,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             key_id = tokend.key_id(),
             "token service ready"
         );
-        tokend.serve(nitrile_net::shutdown_signal()).await?;
+        tokend.serve(signal).await?;
         tracing::info!("token service stopped");
         anyhow::Ok(())
     })?

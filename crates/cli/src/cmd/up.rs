@@ -80,6 +80,9 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         Some(args.tokend_metrics),
     )?;
     block_on(async move {
+        // Installed before anything is announced, so that a signal sent
+        // right after the export line stops the cell cleanly.
+        let signal = nitrile_net::shutdown_signal();
         let tokend = Tokend::open(&tokend_config)
             .await
             .with_context(|| format!("token service cannot start on {}", args.tokend_listen))?;
@@ -175,7 +178,6 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         let exited = hostd.exited.take();
         let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
         let stop = async move {
-            let signal = nitrile_net::shutdown_signal();
             tokio::pin!(signal);
             let mut unexpected = false;
             if let Some(exited) = exited {
@@ -354,6 +356,8 @@ impl HostdChild {
             .arg("--config")
             .arg(config)
             .arg("--stop-instances-on-exit")
+            .arg("--exit-with-parent")
+            .arg(std::process::id().to_string())
             .args(["--log-format", log_format])
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout))

@@ -44,6 +44,8 @@ impl Cgroup {
             std::fs::write(root.join("cgroup.subtree_control"), "+memory +cpu")?;
             std::fs::write(parent.join("cgroup.subtree_control"), "+memory +cpu")?;
             let dir = parent.join(name);
+            // An empty cgroup left by a VM whose backend died is replaced.
+            let _ = std::fs::remove_dir(&dir);
             std::fs::create_dir(&dir)?;
             cg.dirs.push(dir.clone());
             std::fs::write(dir.join("memory.max"), memory_bytes.to_string())?;
@@ -58,8 +60,17 @@ impl Cgroup {
             return Ok(None);
         }
         let mdir = mem.join("nitrile").join(name);
+        let cdir = cpu.join("nitrile").join(name);
+        // A cgroup left by a VM whose backend died keeps that VM's limits;
+        // start from a fresh one when it is empty (rmdir fails otherwise).
+        for dir in [&mdir, &cdir] {
+            let _ = std::fs::remove_dir(dir);
+        }
         std::fs::create_dir_all(&mdir)?;
         cg.dirs.push(mdir.clone());
+        // v1 refuses a memory limit above the memory+swap limit: lift the
+        // latter first (it may hold an older, smaller value), then set both.
+        std::fs::write(mdir.join("memory.memsw.limit_in_bytes"), "-1").ok();
         std::fs::write(mdir.join("memory.limit_in_bytes"), memory_bytes.to_string())?;
         // No escape into swap either, where the kernel accounts it.
         std::fs::write(
@@ -67,7 +78,6 @@ impl Cgroup {
             memory_bytes.to_string(),
         )
         .ok();
-        let cdir = cpu.join("nitrile").join(name);
         std::fs::create_dir_all(&cdir)?;
         cg.dirs.push(cdir.clone());
         std::fs::write(cdir.join("cpu.cfs_period_us"), PERIOD_US.to_string())?;
