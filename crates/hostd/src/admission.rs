@@ -389,7 +389,7 @@ impl Admission {
         operation: Operation,
         resource: &ResourceId,
     ) -> Result<Admitted, Refused> {
-        match self.decide(peer, token, operation, resource) {
+        match self.decide(peer, token, operation, resource, None) {
             Ok(admit) => {
                 let journaled = self.append(&admit.record);
                 self.admitted(admit, journaled)
@@ -411,7 +411,23 @@ impl Admission {
         operation: Operation,
         resource: &ResourceId,
     ) -> Result<Admitted, Refused> {
-        match self.decide(peer, token, operation, resource) {
+        self.admit_async_with(peer, token, operation, resource, None)
+            .await
+    }
+
+    /// [`Admission::admit_async`], with the request's parameters (metadata
+    /// such as an instance's name, image digest and sizes; never customer
+    /// content) recorded under `params` in the request record, so that the
+    /// journal says what was asked before it runs.
+    pub async fn admit_async_with(
+        &self,
+        peer: &PeerIdentity,
+        token: Option<&str>,
+        operation: Operation,
+        resource: &ResourceId,
+        params: Option<serde_json::Value>,
+    ) -> Result<Admitted, Refused> {
+        match self.decide(peer, token, operation, resource, params) {
             Ok(admit) => {
                 let journaled = self.append_async(&admit.record).await;
                 self.admitted(admit, journaled)
@@ -433,6 +449,7 @@ impl Admission {
         token: Option<&str>,
         operation: Operation,
         resource: &ResourceId,
+        params: Option<serde_json::Value>,
     ) -> Result<Admit, Box<(AuditRecord, Refused)>> {
         let now = self.clock.now();
         let request_id = RequestId::random(&mut rand_core::OsRng);
@@ -498,9 +515,15 @@ impl Admission {
         let record = base(AuditRecord::request(now, self.source.clone(), request_id))
             .with_token_id(grant.token_id().to_string())
             .with_group(grant.group().as_str())
-            .with_detail(serde_json::json!({
-                TOKEN_EXPIRES_AT: nitrile_audit::format_time(grant.expires_at()),
-            }));
+            .with_detail(match params {
+                Some(params) => serde_json::json!({
+                    TOKEN_EXPIRES_AT: nitrile_audit::format_time(grant.expires_at()),
+                    "params": params,
+                }),
+                None => serde_json::json!({
+                    TOKEN_EXPIRES_AT: nitrile_audit::format_time(grant.expires_at()),
+                }),
+            });
         Ok(Admit {
             record,
             grant,

@@ -607,9 +607,15 @@ impl Inner {
         }
         let op = req.operation();
         let resource = req.resource(&self.config.host);
+        // A launch names its instance and asks for sizes the journal should
+        // show before anything runs (the launch resource is the host).
+        let params = match &req {
+            AdminRequest::InstanceLaunch(l) => serde_json::to_value(l).ok(),
+            _ => None,
+        };
         let admitted = match self
             .admission
-            .admit_async(&peer, token.as_deref(), op, &resource)
+            .admit_async_with(&peer, token.as_deref(), op, &resource, params)
             .await
         {
             Ok(a) => a,

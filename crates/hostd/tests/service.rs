@@ -12,7 +12,7 @@ use nitrile_api::admin::{
     PlacementState, Sha256Hex, VolumeRequest,
 };
 use nitrile_api::wire::{RefusalStep, TokenRequest, TokenResponse};
-use nitrile_api::{Audience, Name, PrincipalId};
+use nitrile_api::{Audience, Name, Operation, PrincipalId};
 use nitrile_audit::{AuditRecord, JournalReader, Outcome, RecordKind};
 use nitrile_cell::{CellLayout, bootstrap};
 use nitrile_hostd::{Hostd, HostdConfig, HostdOptions};
@@ -367,6 +367,19 @@ async fn hostd_serves_the_api_and_journals_every_refusal() {
         record.detail.unwrap()["code"].as_str(),
         Some("unknown_image")
     );
+    // The launch's request record, durable before the launch was tried,
+    // names the instance and what was asked for.
+    let records = cell.journal();
+    let request = records
+        .iter()
+        .rev()
+        .find(|r| r.kind == RecordKind::Request)
+        .unwrap();
+    assert_eq!(request.operations, vec![Operation::InstanceLaunch]);
+    let params = &request.detail.as_ref().unwrap()["params"];
+    assert_eq!(params["instance"].as_str(), Some("web1"));
+    assert_eq!(params["image"].as_str(), Some("ab".repeat(32).as_str()));
+    assert_eq!(params["memory_mib"].as_u64(), Some(256));
     // No such instance: 404 state, decided after admission.
     let describe = AdminRequest::InstanceDescribe(name("nope"));
     let resp = admin(&cell, &mut placement, "service/placement", &describe).await;
