@@ -40,6 +40,9 @@ pub enum AlertKind {
     CheckpointStalled,
     /// A checkpoint did not get its quorum of witness cosignatures.
     WitnessQuorum,
+    /// A monitor rule or detector fired (the monitor's alert is the
+    /// detail).
+    Monitor,
 }
 
 impl AlertKind {
@@ -53,6 +56,7 @@ impl AlertKind {
             Self::LeafTooLarge => "leaf_too_large",
             Self::CheckpointStalled => "checkpoint_stalled",
             Self::WitnessQuorum => "witness_quorum",
+            Self::Monitor => "monitor",
         }
     }
 }
@@ -61,7 +65,8 @@ impl AlertKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Alert {
-    /// Always `"integrity"`: tells these lines apart on stdout.
+    /// `"integrity"` for what logd finds itself, `"monitor"` for what the
+    /// monitor's rules find: tells these lines apart on stdout.
     pub alert: String,
     /// What it is about.
     pub kind: AlertKind,

@@ -12,6 +12,7 @@
 //! max_checkpoint_age_ms = 60000         # optional: a checkpoint at least this often anyway
 //! witness_quorum = 0                    # optional: cosignatures needed to publish
 //! # webhook = "http://127.0.0.1:9000/alerts"   optional
+//! # rules = "../rules"                  optional: run the monitor with these rules
 //!
 //! # [[witnesses]]                       optional, any number
 //! # name = "witness-1"                  # service name: nitrile://<cell>/service/witness-1
@@ -147,6 +148,10 @@ pub struct LogdConfig {
     /// Where alerts are posted, if anywhere.
     #[serde(default)]
     pub webhook: Option<String>,
+    /// A directory of monitor rules (Sigma subset, `nitrile_monitor`),
+    /// if the monitor is to run.
+    #[serde(default)]
+    pub rules: Option<PathBuf>,
 }
 
 impl LogdConfig {
@@ -174,6 +179,7 @@ impl LogdConfig {
             witnesses: Vec::new(),
             witness_quorum: 0,
             webhook: None,
+            rules: None,
         }
     }
 
@@ -211,7 +217,10 @@ impl LogdConfig {
             &mut config.cert,
             &mut config.key,
             &mut config.issuer_keys,
-        ] {
+        ]
+        .into_iter()
+        .chain(config.rules.as_mut())
+        {
             if p.is_relative() {
                 *p = base
                     .join(&*p)

@@ -22,6 +22,7 @@ use nitrile_api::{
 };
 use nitrile_audit::{AuditRecord, JournalOptions, JournalReader, Outcome, RequestId};
 use nitrile_hostd::admission::{Admission, AdmissionError, DEFAULT_SIGNATURE_CACHE, Refused};
+use nitrile_monitor::{Event, IntegrityKind, Monitor, MonitorConfig};
 use nitrile_net::{Handler, PeerIdentity, Registry, Server, json_response};
 use nitrile_pki::PkiError;
 use nitrile_pki::tls::{self, CaRoots, TlsIdentity};
@@ -58,6 +59,8 @@ pub const MAX_ENTRIES_PER_READ: u64 = 256;
 pub const MAX_ALERTS_KEPT: usize = 10_000;
 /// How often logd looks for new records in its own journal.
 pub const SELF_INGEST_POLL: Duration = Duration::from_millis(100);
+/// Monitor alerts queued for raising; more are dropped (and counted).
+pub const MONITOR_QUEUE: usize = 4096;
 /// Checkpoint intervals a grown log may go without a published checkpoint
 /// before `checkpoint_stalled` is raised.
 pub const STALL_INTERVALS: u32 = 3;
@@ -78,6 +81,10 @@ pub struct LogdOptions {
     pub alert_sinks: Vec<Arc<dyn AlertSink>>,
     /// Observers of everything ingested (the monitor).
     pub observers: Vec<Arc<dyn Observer>>,
+    /// The monitor to feed with every record, integrity alert and
+    /// checkpoint; its alerts are raised like logd's own. When `None`, one
+    /// is loaded from the config's `rules` directory if it names one.
+    pub monitor: Option<Arc<Mutex<Monitor>>>,
     /// DANGER, benchmarks only: logd's own journal without fdatasync.
     pub danger_journal_no_sync: bool,
 }
@@ -88,6 +95,7 @@ impl std::fmt::Debug for LogdOptions {
             .field("stdout_alerts", &self.stdout_alerts)
             .field("alert_sinks", &self.alert_sinks.len())
             .field("observers", &self.observers.len())
+            .field("monitor", &self.monitor.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -99,6 +107,7 @@ impl Default for LogdOptions {
             stdout_alerts: true,
             alert_sinks: Vec::new(),
             observers: Vec::new(),
+            monitor: None,
             danger_journal_no_sync: false,
         }
     }
@@ -155,6 +164,9 @@ pub enum LogdError {
     /// the log key is not a signed-note key
     #[error("log key")]
     Note(#[from] nitrile_tlog::NoteError),
+    /// the monitor rules could not be loaded
+    #[error("monitor rules")]
+    Rules(#[from] nitrile_monitor::RuleError),
     /// the webhook URL is not usable
     #[error("webhook")]
     Webhook(#[from] crate::alert::WebhookError),
@@ -259,6 +271,9 @@ struct Inner {
     quorum: usize,
     witnesses: tokio::sync::Mutex<Vec<WitnessSlot>>,
     witness_tls: Arc<ClientConfig>,
+    monitor: Option<Arc<Mutex<Monitor>>>,
+    monitor_alerts: tokio::sync::mpsc::Sender<nitrile_monitor::Alert>,
+    monitor_dropped: std::sync::atomic::AtomicU64,
 }
 
 /// logd with its socket bound and its log open, ready to serve.
@@ -266,6 +281,7 @@ pub struct Logd {
     inner: Arc<Inner>,
     server: Server,
     listener: TcpListener,
+    monitor_rx: tokio::sync::mpsc::Receiver<nitrile_monitor::Alert>,
 }
 
 impl std::fmt::Debug for Logd {
@@ -368,6 +384,20 @@ impl Logd {
             });
         }
         let alerts = past_alerts(&journal_path)?;
+        let monitor = match (options.monitor, &config.rules) {
+            (Some(m), _) => Some(m),
+            (None, Some(dir)) => {
+                let m = Monitor::load(dir)?.with_config(MonitorConfig {
+                    checkpoint_interval: time::Duration::milliseconds(
+                        i64::try_from(config.checkpoint_interval_ms).unwrap_or(i64::MAX),
+                    ),
+                    ..MonitorConfig::default()
+                });
+                Some(Arc::new(Mutex::new(m)))
+            }
+            (None, None) => None,
+        };
+        let (monitor_alerts, monitor_rx) = tokio::sync::mpsc::channel(MONITOR_QUEUE);
 
         let registry = Arc::new(Registry::new());
         let server = Server::new(tls::server_config(&roots, &identity)?, config.cell.clone())
@@ -398,9 +428,13 @@ impl Logd {
                 quorum: config.witness_quorum,
                 witnesses: tokio::sync::Mutex::new(witnesses),
                 witness_tls: tls::client_config(&roots, &identity)?,
+                monitor,
+                monitor_alerts,
+                monitor_dropped: std::sync::atomic::AtomicU64::new(0),
             }),
             server,
             listener,
+            monitor_rx,
         })
     }
 
@@ -429,11 +463,14 @@ impl Logd {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let checkpoints = tokio::spawn(Arc::clone(&self.inner).checkpoint_loop(stop_rx.clone()));
         let own = tokio::spawn(Arc::clone(&self.inner).self_ingest_loop(stop_rx));
+        let monitor = tokio::spawn(Arc::clone(&self.inner).monitor_loop(self.monitor_rx));
         let api = Api(Arc::clone(&self.inner));
         let result = self.server.serve(self.listener, api, shutdown).await;
         let _ = stop_tx.send(true);
         let _ = own.await;
         let _ = checkpoints.await;
+        monitor.abort();
+        let _ = monitor.await;
         let inner = Arc::clone(&self.inner);
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || inner.store.persist()).await {
             tracing::error!(error = %crate::shipper::error_chain(&e), "could not save source states");
@@ -617,7 +654,64 @@ fn hex_proof(p: Vec<nitrile_tlog::Hash>) -> ProofBody {
 }
 
 impl Inner {
+    /// Feeds `event` to the monitor and queues the alerts it raises.
+    fn feed_monitor(&self, event: &Event) {
+        let Some(m) = &self.monitor else { return };
+        let raised = m
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .observe(event, self.clock.now());
+        self.queue_monitor_alerts(raised);
+    }
+
+    fn queue_monitor_alerts(&self, raised: Vec<nitrile_monitor::Alert>) {
+        for a in raised {
+            if self.monitor_alerts.try_send(a).is_err() {
+                let n = self
+                    .monitor_dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(dropped = n + 1, "monitor alert queue full; alert dropped");
+            }
+        }
+    }
+
+    /// Raises the monitor's alerts like logd's own.
+    async fn monitor_loop(
+        self: Arc<Self>,
+        mut rx: tokio::sync::mpsc::Receiver<nitrile_monitor::Alert>,
+    ) {
+        while let Some(m) = rx.recv().await {
+            let source = m.events.first().map(|e| e.source.clone());
+            let principal = m.group.get("principal").cloned();
+            let mut alert = self.new_alert(
+                AlertKind::Monitor,
+                source,
+                None,
+                format!("{} ({} x)", m.title, m.count),
+                serde_json::to_value(&m).unwrap_or_default(),
+            );
+            alert.alert = "monitor".to_owned();
+            alert.principal = principal;
+            self.raise(alert).await;
+        }
+    }
+
     fn push_alert(&self, alert: &Alert) {
+        if alert.kind != AlertKind::Monitor
+            && let Some(kind) = IntegrityKind::from_name(alert.kind.as_str())
+        {
+            let seq = alert.detail["violation"]["got"]
+                .as_u64()
+                .or_else(|| alert.detail["violation"]["seq"].as_u64())
+                .or_else(|| alert.detail["acked_seq"].as_u64().map(|s| s + 1))
+                .unwrap_or(0);
+            self.feed_monitor(&Event::integrity(
+                kind,
+                alert.source.as_deref().unwrap_or(""),
+                seq,
+                &alert.message,
+            ));
+        }
         {
             let mut alerts = self.alerts.lock().unwrap_or_else(PoisonError::into_inner);
             if alerts.len() == MAX_ALERTS_KEPT {
@@ -723,7 +817,7 @@ impl Inner {
 
     /// Hands newly logged records to the observers.
     fn observe(&self, first_index: u64, leaves: &[LeafV1]) {
-        if self.observers.is_empty() {
+        if self.observers.is_empty() && self.monitor.is_none() {
             return;
         }
         for (i, leaf) in leaves.iter().enumerate() {
@@ -731,6 +825,7 @@ impl Inner {
                 for o in &self.observers {
                     o.record(first_index + i as u64, leaf, &record);
                 }
+                self.feed_monitor(&Event::from_record(&leaf.source, leaf.seq, &record));
             }
         }
     }
@@ -1062,6 +1157,13 @@ impl Inner {
                 _ = stop.wait_for(|s| *s) => true,
                 () = tokio::time::sleep(self.interval) => false,
             };
+            if let Some(m) = &self.monitor {
+                let raised = m
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .tick(self.clock.now());
+                self.queue_monitor_alerts(raised);
+            }
             let (size, published) = self.store.sizes(&self.origin, &self.verifier);
             let due = size > published
                 || last_publish.elapsed() >= self.max_age
@@ -1126,11 +1228,16 @@ impl Inner {
         } else {
             self.cosign(note).await?
         };
+        let size = nitrile_tlog::open_checkpoint(&note.text, &self.origin, &self.verifier)
+            .map_err(|e| e.to_string())?
+            .size;
         let inner = Arc::clone(self);
         tokio::task::spawn_blocking(move || inner.store.publish(&note))
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| crate::shipper::error_chain(&e))
+            .map_err(|e| crate::shipper::error_chain(&e))?;
+        self.feed_monitor(&Event::checkpoint(&self.origin, size, self.clock.now()));
+        Ok(())
     }
 
     /// Asks every witness to cosign `note`; the note with the cosignatures
