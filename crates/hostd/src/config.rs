@@ -20,6 +20,9 @@
 //! [capacity]                            # optional section
 //! # vcpus = 2                           default: CPUs of the machine
 //! # memory_mib = 4096                   default: 3/4 of MemTotal
+//!
+//! [logd]                                # optional: ship the journal to the audit log
+//! addr = "127.0.0.1:7445"               # its principal is nitrile://<cell>/service/logd
 //! ```
 //!
 //! Relative paths are resolved against the directory of the file when it is
@@ -141,6 +144,15 @@ pub struct CapacityConfig {
     pub memory_mib: Option<u64>,
 }
 
+/// The optional `[logd]` section: where the journal is shipped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogdTarget {
+    /// The audit log service's mTLS address, `host:port`; its principal is
+    /// `nitrile://<cell>/service/logd`.
+    pub addr: String,
+}
+
 /// The host agent's configuration. All fields are public; [`HostdConfig::new`]
 /// fills the optional sections with their defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +182,9 @@ pub struct HostdConfig {
     /// Capacity limits.
     #[serde(default, skip_serializing_if = "CapacityConfig::is_default")]
     pub capacity: CapacityConfig,
+    /// The audit log service the journal is shipped to (none: not shipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logd: Option<LogdTarget>,
 }
 
 impl CapacityConfig {
@@ -204,6 +219,7 @@ impl HostdConfig {
             images,
             hypervisor: HypervisorConfig::default(),
             capacity: CapacityConfig::default(),
+            logd: None,
         }
     }
 
@@ -378,6 +394,24 @@ backend = "auto"
         assert_eq!(c.ca, dir.path().join("hosts/h1/../../pki/ca.pem"));
         assert_eq!(c.hypervisor.backend, BackendName::Auto);
         assert_eq!(c.capacity, CapacityConfig::default());
+        assert_eq!(c.logd, None);
+
+        std::fs::write(
+            &path,
+            format!("{SAMPLE}\n[logd]\naddr = \"127.0.0.1:7445\"\n"),
+        )
+        .unwrap();
+        let c = HostdConfig::load(&path).unwrap();
+        assert_eq!(c.logd.unwrap().addr, "127.0.0.1:7445");
+        std::fs::write(
+            &path,
+            format!("{SAMPLE}\n[logd]\naddr = \"x:1\"\nkey = \"k\"\n"),
+        )
+        .unwrap();
+        assert!(matches!(
+            HostdConfig::load(&path),
+            Err(ConfigError::Field { .. })
+        ));
     }
 
     #[test]
@@ -397,12 +431,16 @@ backend = "auto"
         );
         c.capacity.vcpus = Some(3);
         c.hypervisor.backend = BackendName::Qemu;
+        c.logd = Some(LogdTarget {
+            addr: "127.0.0.1:7445".into(),
+        });
         c.write(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let loaded = HostdConfig::load(&path).unwrap();
         assert_eq!(loaded.capacity.vcpus, Some(3));
         assert_eq!(loaded.hypervisor.backend, BackendName::Qemu);
+        assert_eq!(loaded.logd, c.logd);
         assert_eq!(loaded.images, PathBuf::from("/abs/images"));
         assert_eq!(loaded.key, dir.path().join("h.key"));
     }

@@ -30,5 +30,7 @@ pub mod instances;
 pub mod metrics;
 pub mod service;
 
-pub use config::{BackendName, CapacityConfig, ConfigError, HostdConfig, HypervisorConfig};
+pub use config::{
+    BackendName, CapacityConfig, ConfigError, HostdConfig, HypervisorConfig, LogdTarget,
+};
 pub use service::{Hostd, HostdError, HostdOptions, SHUTDOWN_REASON};
