@@ -214,7 +214,11 @@ pub fn bootstrap(
     for kind_name in SAMPLE_PRINCIPALS {
         issue(&principal(cell, kind_name))?;
     }
-    let clients = write_client_configs(layout, cell, tokend_addr, &BTreeMap::new())?;
+    let endpoints = Endpoints {
+        tokend: tokend_addr.to_owned(),
+        logd: None,
+    };
+    let clients = write_client_configs(layout, cell, &endpoints, &BTreeMap::new(), None)?;
     debug_assert!(clients.iter().all(|(p, _)| p.kind != PrincipalKind::Host));
 
     Ok(Bootstrapped {
@@ -229,13 +233,15 @@ pub fn bootstrap(
 }
 
 /// Writes the client config of every sample principal, pointing at the
-/// token service at `tokend_addr` and at the hosts' admin API endpoints
-/// `hosts` (host id -> `host:port`); rewritten once the real ports are known.
+/// cell's services `endpoints`, at the hosts' admin API endpoints `hosts`
+/// (host id -> `host:port`) and naming the audit log's verifier key
+/// `log_vkey`; rewritten once the real ports are known.
 pub fn write_client_configs(
     layout: &CellLayout,
     cell: &Name,
-    tokend_addr: &str,
+    endpoints: &Endpoints,
     hosts: &BTreeMap<String, String>,
+    log_vkey: Option<&str>,
 ) -> Result<Vec<(PrincipalId, PathBuf)>, CellError> {
     let root = layout.root();
     let rel = |path: &Path| PathBuf::from("..").join(path.strip_prefix(root).unwrap_or(path));
@@ -249,10 +255,8 @@ pub fn write_client_configs(
             ca: rel(&layout.ca_cert()),
             cert: rel(&cert),
             key: rel(&key),
-            endpoints: Endpoints {
-                tokend: tokend_addr.to_owned(),
-                logd: None,
-            },
+            log_vkey: log_vkey.map(str::to_owned),
+            endpoints: endpoints.clone(),
             hosts: hosts.clone(),
         };
         let path = layout.client_config(&p);
@@ -308,6 +312,55 @@ pub fn provision_host(
         write_atomic(&issuer_keys, &keys, 0o644)?;
     }
     Ok(ProvisionedHost {
+        principal,
+        dir,
+        cert,
+        key,
+        issuer_keys,
+    })
+}
+
+/// The audit log service of a one-machine cell, ready to start.
+#[derive(Debug, Clone)]
+pub struct ProvisionedLogd {
+    /// Its principal, `nitrile://<cell>/service/logd`.
+    pub principal: PrincipalId,
+    /// Its state directory (owner-only).
+    pub dir: PathBuf,
+    /// Its certificate, issued by the cell CA.
+    pub cert: PathBuf,
+    /// Its private key (owner-only).
+    pub key: PathBuf,
+    /// The token issuer keys it pins (auditors' read tokens are checked
+    /// against them).
+    pub issuer_keys: PathBuf,
+}
+
+/// Gives the audit log service of the cell under `layout` (after
+/// [`bootstrap`], once the token service has written its issuer keys) a
+/// fresh short-lived certificate for `service/logd`, an owner-only state
+/// directory and the pinned token issuer keys, like [`provision_host`].
+pub fn provision_logd(
+    layout: &CellLayout,
+    cell: &Name,
+    now: OffsetDateTime,
+) -> Result<ProvisionedLogd, CellError> {
+    let ca = CellCa::load(&layout.pki_dir(), cell, now)?;
+    let principal = principal(cell, "service/logd");
+    let (cert, key) = layout.cert_and_key(&principal);
+    ca.issue(&principal, None, now)?.write_files(&cert, &key)?;
+
+    let dir = layout.logd_dir();
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+
+    let published = layout.issuer_keys_file();
+    let keys = std::fs::read(&published).map_err(io(&published))?;
+    let issuer_keys = layout.logd_issuer_keys();
+    if std::fs::read(&issuer_keys).ok().as_deref() != Some(keys.as_slice()) {
+        write_atomic(&issuer_keys, &keys, 0o644)?;
+    }
+    Ok(ProvisionedLogd {
         principal,
         dir,
         cert,
@@ -429,10 +482,37 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
         let hosts = BTreeMap::from([("h1".to_owned(), "127.0.0.1:7444".to_owned())]);
-        let clients = write_client_configs(&layout, &cell, "127.0.0.1:7443", &hosts).unwrap();
+        let endpoints = Endpoints {
+            tokend: "127.0.0.1:7443".into(),
+            logd: Some("127.0.0.1:7445".into()),
+        };
+        let vkey = "local.nitrile/log+01020304+AQ";
+        let clients = write_client_configs(&layout, &cell, &endpoints, &hosts, Some(vkey)).unwrap();
         assert_eq!(clients.len(), SAMPLE_PRINCIPALS.len());
         for (_, path) in clients {
-            assert_eq!(ClientConfig::load(&path).unwrap().hosts, hosts);
+            let loaded = ClientConfig::load(&path).unwrap();
+            assert_eq!(loaded.hosts, hosts);
+            assert_eq!(loaded.endpoints, endpoints);
+            assert_eq!(loaded.log_vkey.as_deref(), Some(vkey));
         }
+    }
+
+    #[test]
+    fn logd_gets_a_service_certificate_a_private_dir_and_the_pinned_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&dir.path().join("state"));
+        let cell = Name::new("local").unwrap();
+        let now = OffsetDateTime::now_utc();
+        bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
+        assert!(provision_logd(&layout, &cell, now).is_err());
+        std::fs::create_dir_all(layout.tokend_dir()).unwrap();
+        std::fs::write(layout.issuer_keys_file(), "keys").unwrap();
+        let logd = provision_logd(&layout, &cell, now).unwrap();
+        assert_eq!(logd.principal.uri(), "nitrile://local/service/logd");
+        assert_eq!(logd.dir, layout.logd_dir());
+        assert_eq!(std::fs::read_to_string(&logd.issuer_keys).unwrap(), "keys");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o077;
+        assert_eq!(mode(&logd.key), 0, "logd key readable by others");
+        assert_eq!(mode(&logd.dir), 0, "logd dir readable by others");
     }
 }

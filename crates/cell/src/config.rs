@@ -49,8 +49,11 @@ pub enum ConfigError {
 /// cert = "../pki/operator-alice.pem"
 /// key = "../pki/operator-alice.key"    # owner-only
 ///
+/// log_vkey = "local.nitrile/log+1a2b3c4d+AQ..."  # optional: the audit log's key
+///
 /// [endpoints]
 /// tokend = "127.0.0.1:7443"
+/// logd = "127.0.0.1:7445"             # optional: the audit log service
 ///
 /// [hosts]
 /// h1 = "127.0.0.1:7444"
@@ -68,6 +71,10 @@ pub struct ClientConfig {
     pub cert: PathBuf,
     /// The principal's key (owner-only).
     pub key: PathBuf,
+    /// The audit log's signed-note verifier key, against which `nitrile
+    /// audit prove` and `audit verify` check checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_vkey: Option<String>,
     /// Cell service endpoints.
     pub endpoints: Endpoints,
     /// Host id -> admin API endpoint.
@@ -155,6 +162,7 @@ mod tests {
             ca: "../pki/ca.pem".into(),
             cert: "../pki/a.pem".into(),
             key: "../pki/a.key".into(),
+            log_vkey: Some("local.nitrile/log+01020304+AQ".into()),
             endpoints: Endpoints {
                 tokend: "127.0.0.1:7443".into(),
                 logd: None,
@@ -165,6 +173,7 @@ mod tests {
         let loaded = ClientConfig::load(&path).unwrap();
         assert_eq!(loaded.ca, dir.path().join("clients/../pki/ca.pem"));
         assert_eq!(loaded.endpoints, config.endpoints);
+        assert_eq!(loaded.log_vkey, config.log_vkey);
         std::fs::write(&path, "cell = 1").unwrap();
         assert!(matches!(
             ClientConfig::load(&path),

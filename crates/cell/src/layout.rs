@@ -18,6 +18,8 @@ use nitrile_api::{Name, PrincipalId};
 /// images/                     guest images hosts can launch (nitrile-image store)
 /// hosts/<host>/               one host agent's state: hostd.toml, journal,
 ///                             issuer-keys.toml (pinned), metrics.prom, instances
+/// logd/                       the audit log service: logd.toml, journal,
+///                             issuer-keys.toml (pinned), log.key, log.vkey, log/
 /// ```
 #[derive(Debug, Clone)]
 pub struct CellLayout {
@@ -134,6 +136,31 @@ impl CellLayout {
     /// The Prometheus text file host `host` writes its metrics to.
     pub fn host_metrics(&self, host: &Name) -> PathBuf {
         self.host_dir(host).join("metrics.prom")
+    }
+
+    /// The audit log service's state directory.
+    pub fn logd_dir(&self) -> PathBuf {
+        self.root.join("logd")
+    }
+
+    /// The audit log service's config file.
+    pub fn logd_config(&self) -> PathBuf {
+        self.logd_dir().join("logd.toml")
+    }
+
+    /// The token issuer keys the audit log service pins.
+    pub fn logd_issuer_keys(&self) -> PathBuf {
+        self.logd_dir().join("issuer-keys.toml")
+    }
+
+    /// The audit log's public verifier key (written by logd).
+    pub fn log_vkey(&self) -> PathBuf {
+        self.logd_dir().join("log.vkey")
+    }
+
+    /// The audit log's tiles and checkpoints.
+    pub fn log_store(&self) -> PathBuf {
+        self.logd_dir().join("log")
     }
 
     /// The operator config of a principal.

@@ -23,8 +23,8 @@ mod layout;
 pub mod sample;
 
 pub use bootstrap::{
-    Bootstrapped, CellError, ProvisionedHost, SAMPLE_PRINCIPALS, bootstrap, provision_host,
-    write_client_configs,
+    Bootstrapped, CellError, ProvisionedHost, ProvisionedLogd, SAMPLE_PRINCIPALS, bootstrap,
+    provision_host, provision_logd, write_client_configs,
 };
 pub use config::{ClientConfig, ConfigError, Endpoints, MAX_CONFIG_LEN};
 pub use layout::CellLayout;

@@ -199,6 +199,7 @@ mod tests {
                 ca: "ca.pem".into(),
                 cert: "a.pem".into(),
                 key: "a.key".into(),
+                log_vkey: None,
                 endpoints: Endpoints {
                     tokend: "127.0.0.1:7443".into(),
                     logd: None,

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod cmd;
 mod config;
 mod hostapi;
+mod logapi;
 mod output;
 mod service;
 
@@ -19,7 +20,7 @@ use output::Output;
 
 /// Hosts that their own operators cannot get into.
 ///
-/// Services (`tokend`, `up`) and client verbs grouped by noun. Every verb has
+/// Services (`tokend`, `hostd`, `logd`, `up`) and client verbs grouped by noun. Every verb has
 /// `--help` with an example.
 #[derive(Debug, Parser)]
 #[command(
@@ -67,6 +68,7 @@ enum Command {
     /// Run the token service.
     Tokend(cmd::tokend::Args),
     Hostd(cmd::hostd::Args),
+    Logd(cmd::logd::Args),
     /// Run a whole cell on this machine.
     Up(cmd::up::Args),
     /// Run one microVM (started by the host agent, not by hand).
@@ -101,6 +103,7 @@ fn main() -> ExitCode {
         Command::Instance(c) => cmd::instance::run(c, &global),
         Command::Tokend(a) => cmd::tokend::run(a, &global),
         Command::Hostd(a) => cmd::hostd::run(a, &global),
+        Command::Logd(a) => cmd::logd::run(a, &global),
         Command::Up(a) => cmd::up::run(a, &global),
         Command::Vmm(a) => cmd::vmm::run(a),
         Command::Config(c) => cmd::config::run(c, &global),

@@ -1,4 +1,5 @@
-//! `nitrile audit`: check and read local audit journals.
+//! `nitrile audit`: check and read local audit journals, read and verify
+//! the cell's transparency log (as an auditor), and run a witness.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -33,12 +34,46 @@ pub(crate) enum Command {
         #[arg(long, value_name = "N")]
         tail: Option<usize>,
     },
+    /// Print the records of the cell's audit log (needs the auditor
+    /// entitlement: an `audit.read` token for `log/<cell>`; the read is
+    /// itself logged), as a table or, with `-o json`, one JSON object per
+    /// line.
+    ///
+    /// Example: `nitrile audit tail --principal operator/alice -n 20 --follow`
+    Tail(super::auditlog::TailArgs),
+    /// Prove that a record is in the audit log: fetch the signed checkpoint,
+    /// the record's entry bundle and its inclusion proof, and verify them
+    /// here against the log's key. Prints OK and the details, or exits 1.
+    ///
+    /// Example: `nitrile audit prove --record host/h1:17`
+    Prove(super::auditlog::ProveArgs),
+    /// Verify the whole audit log: fetch every entry bundle and hash tile
+    /// and the checkpoint from logd (or read a log directory with
+    /// `--store`), recompute the tree, check every checkpoint's signature,
+    /// root and consistency and every tile. Exits 1 naming the path and
+    /// entry where it breaks.
+    ///
+    /// Example: `nitrile audit verify` or `nitrile audit verify --store ./nitrile-state/logd/log`
+    Verify(super::auditlog::VerifyArgs),
+    /// Print the integrity and monitor alerts the audit log service raised.
+    ///
+    /// Example: `nitrile audit alerts -o json`
+    Alerts,
+    /// Run a checkpoint witness (C2SP tlog-witness), or make its key.
+    ///
+    /// Example: `nitrile audit witness --config witness.toml`
+    Witness(super::witness::Args),
 }
 
 pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
     match command {
         Command::VerifyJournal { file } => verify(&file, global.output),
         Command::ShowJournal { file, tail } => show(&file, tail, global.output),
+        Command::Tail(a) => super::auditlog::tail(a, global),
+        Command::Prove(a) => super::auditlog::prove(a, global),
+        Command::Verify(a) => super::auditlog::verify(a, global),
+        Command::Alerts => super::auditlog::alerts(global),
+        Command::Witness(a) => super::witness::run(a, global),
     }
 }
 

@@ -16,6 +16,10 @@ use crate::service::{LogFormat, block_on, init_logging};
 /// `<state>/hosts/h1/hostd.toml`). Metrics are written to
 /// `<state>/metrics.prom`, not served.
 ///
+/// When the config has a `[logd]` section, the journal is shipped to that
+/// audit log service as it grows (resuming where the log stands after any
+/// restart or disconnect).
+///
 /// On SIGINT or SIGTERM it stops accepting, finishes in-flight requests and
 /// exits 0; instances keep running for the next host agent to adopt unless
 /// `--stop-instances-on-exit` is given.
@@ -65,8 +69,23 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
         let addr = hostd
             .local_addr()
             .map_or_else(|| config.listen.to_string(), |a| a.to_string());
+        let shipper = match &config.logd {
+            Some(logd) => Some(super::logd::ship_journal(
+                config.state.join("journal"),
+                &logd.addr,
+                &config.cell,
+                &config.ca,
+                &config.cert,
+                &config.key,
+            )?),
+            None => None,
+        };
         eprintln!("nitrile hostd: {} serving on {addr}", config.host);
-        hostd.serve(signal).await?;
+        let served = hostd.serve(signal).await;
+        if let Some(s) = shipper {
+            s.stop().await;
+        }
+        served?;
         tracing::info!("host agent stopped");
         anyhow::Ok(())
     })?

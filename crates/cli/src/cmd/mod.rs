@@ -1,6 +1,7 @@
 //! One module per noun of the CLI.
 
 pub(crate) mod audit;
+pub(crate) mod auditlog;
 pub(crate) mod completion;
 pub(crate) mod config;
 pub(crate) mod entitlements;
@@ -8,8 +9,10 @@ pub(crate) mod host;
 pub(crate) mod hostd;
 pub(crate) mod image;
 pub(crate) mod instance;
+pub(crate) mod logd;
 pub(crate) mod pki;
 pub(crate) mod token;
 pub(crate) mod tokend;
 pub(crate) mod up;
 pub(crate) mod vmm;
+pub(crate) mod witness;

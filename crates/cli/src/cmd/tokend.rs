@@ -34,6 +34,11 @@ pub(crate) struct Args {
     /// Loopback address for Prometheus metrics (`GET /metrics`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Ship the journal to the audit log service at ADDR (`host:port`,
+    /// principal `nitrile://<cell>/service/logd`); without it the journal
+    /// is not shipped.
+    #[arg(long, value_name = "ADDR")]
+    logd: Option<String>,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -142,6 +147,17 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         let tokend = Tokend::open(&config)
             .await
             .context("token service cannot start")?;
+        let shipper = match &args.logd {
+            Some(addr) => Some(super::logd::ship_journal(
+                layout.tokend_journal(),
+                addr,
+                &config.cell,
+                &config.ca,
+                &config.cert,
+                &config.key,
+            )?),
+            None => None,
+        };
         tracing::info!(
             listen = ?tokend.local_addr(),
             metrics = ?tokend.metrics_addr(),
@@ -149,7 +165,11 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             key_id = tokend.key_id(),
             "token service ready"
         );
-        tokend.serve(signal).await?;
+        let served = tokend.serve(signal).await;
+        if let Some(s) = shipper {
+            s.stop().await;
+        }
+        served?;
         tracing::info!("token service stopped");
         anyhow::Ok(())
     })?

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use nitrile_api::Name;
-use nitrile_cell::{CellLayout, bootstrap, provision_host};
-use nitrile_hostd::HostdConfig;
+use nitrile_cell::{CellLayout, Endpoints, bootstrap, provision_host, provision_logd};
+use nitrile_hostd::{HostdConfig, LogdTarget};
+use nitrile_logd::{Alert, AlertSink, Logd, LogdConfig, LogdOptions};
 use nitrile_tokend::Tokend;
 
 use crate::Global;
@@ -26,16 +27,17 @@ const HOSTD_START_TIMEOUT: Duration = Duration::from_secs(120);
 const SIGNAL_GRACE: Duration = Duration::from_secs(2);
 
 /// Run a whole cell on this machine: the cell CA, a reviewer-signed sample
-/// entitlement bundle, the token service with its audit journal, one host
-/// agent (`h1`, a child process) with the guest image, and client configs
-/// for the sample principals, all on loopback mutual TLS under one state
-/// directory.
+/// entitlement bundle, the token service with its audit journal, the audit
+/// log service (logd) that the token service and the host ship their
+/// journals to, one host agent (`h1`, a child process) with the guest
+/// image, and client configs for the sample principals, all on loopback
+/// mutual TLS under one state directory.
 ///
 /// The first start creates everything; later starts reuse the state and
 /// renew the short-lived certificates. When ready it prints what runs where,
 /// three commands to try, and a line `export NITRILE_CONFIG=<path>` for the
 /// CLI. Ctrl-C (or SIGTERM) stops the host agent, which stops its instances,
-/// then the token service.
+/// then the token service, then the audit log service.
 ///
 /// Example: `nitrile up --state ./nitrile-state`
 #[derive(Debug, clap::Args)]
@@ -55,6 +57,9 @@ pub(crate) struct Args {
     /// The host agent's mTLS address (its only port).
     #[arg(long, default_value = "127.0.0.1:7444")]
     hostd_listen: SocketAddr,
+    /// The audit log service's mTLS address.
+    #[arg(long, default_value = "127.0.0.1:7445")]
+    logd_listen: SocketAddr,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -87,10 +92,46 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("token service cannot start on {}", args.tokend_listen))?;
         // After the token service opened: its published issuer keys exist
-        // and are pinned into the host.
+        // and are pinned into logd and the host.
+        provision_logd(&layout, &cell.cell, now).context("cannot provision the audit log")?;
+        let logd_config_path = write_logd_config(&layout, &cell.cell, args.logd_listen)?;
+        let logd_config = LogdConfig::load(&logd_config_path)?;
+        let logd = Logd::open(
+            &logd_config,
+            LogdOptions {
+                stdout_alerts: false,
+                alert_sinks: vec![std::sync::Arc::new(StderrAlerts)],
+                ..LogdOptions::default()
+            },
+        )
+        .await
+        .with_context(|| format!("audit log service cannot start on {}", args.logd_listen))?;
+        let logd_addr = logd
+            .local_addr()
+            .map_or_else(|| args.logd_listen.to_string(), |a| a.to_string());
+        let log_vkey = logd.log_vkey();
+        let (logd_stop, logd_stopped) = tokio::sync::oneshot::channel::<()>();
+        let logd_task = tokio::spawn(logd.serve(async move {
+            let _ = logd_stopped.await;
+        }));
+        let tokend_shipper = super::logd::ship_journal(
+            layout.tokend_journal(),
+            &logd_addr,
+            &cell.cell,
+            &tokend_config.ca,
+            &tokend_config.cert,
+            &tokend_config.key,
+        )?;
+
         provision_host(&layout, &cell.cell, &host, now)
             .with_context(|| format!("cannot provision host {host}"))?;
-        let hostd_config = write_hostd_config(&layout, &cell.cell, &host, args.hostd_listen)?;
+        let hostd_config = write_hostd_config(
+            &layout,
+            &cell.cell,
+            &host,
+            args.hostd_listen,
+            Some(&logd_addr),
+        )?;
         let mut hostd = HostdChild::spawn(&hostd_config, args.log_format)?;
 
         let listen = tokend
@@ -98,7 +139,17 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             .map(|a| a.to_string())
             .unwrap_or_default();
         let hosts = BTreeMap::from([(host.to_string(), hostd.addr.to_string())]);
-        let clients = nitrile_cell::write_client_configs(&layout, &cell.cell, &listen, &hosts)?;
+        let endpoints = Endpoints {
+            tokend: listen.clone(),
+            logd: Some(logd_addr.clone()),
+        };
+        let clients = nitrile_cell::write_client_configs(
+            &layout,
+            &cell.cell,
+            &endpoints,
+            &hosts,
+            Some(&log_vkey),
+        )?;
         let config_of = |name: &str| {
             clients
                 .iter()
@@ -108,6 +159,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         };
         let alice = config_of("alice")?;
         let placement = config_of("placement")?;
+        let carol = config_of("carol")?;
         let metrics = tokend
             .metrics_addr()
             .map(|a| a.to_string())
@@ -133,6 +185,15 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             hostd_config.display()
         );
         println!("  host journal   {}", layout.host_journal(&host).display());
+        println!(
+            "  logd           {logd_addr} (mTLS)   config {}",
+            logd_config_path.display()
+        );
+        println!(
+            "  audit log      {} (tlog-tiles; key {})",
+            layout.log_store().display(),
+            layout.log_vkey().display()
+        );
         println!(
             "  host metrics   {} (Prometheus text file)",
             layout.host_metrics(&host).display()
@@ -162,19 +223,19 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         println!();
         println!("Try, in another shell:");
         println!("  nitrile host describe");
-        println!("  nitrile instance list");
         println!(
             "  nitrile instance launch web1 --image {} --config {}",
             image.as_deref().unwrap_or("DIGEST"),
             placement.display()
         );
+        println!("  nitrile audit tail --config {}", carol.display());
         println!();
         println!("Ctrl-C stops the cell.");
         println!("export NITRILE_CONFIG={}", alice.display());
         let _ = std::io::stdout().flush();
 
         // Stop order: the host agent first (it stops its instances), then
-        // the token service.
+        // the token service, then the audit log service.
         let exited = hostd.exited.take();
         let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
         let stop = async move {
@@ -197,7 +258,16 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             let status = tokio::task::spawn_blocking(move || hostd.stop()).await;
             let _ = outcome_tx.send((unexpected, status));
         };
-        tokend.serve(stop).await?;
+        let served = tokend.serve(stop).await;
+        tokend_shipper.stop().await;
+        let _ = logd_stop.send(());
+        let logd_result = logd_task.await;
+        served?;
+        match logd_result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("nitrile up: the audit log service stopped with: {e:#}"),
+            Err(e) => eprintln!("nitrile up: the audit log service failed: {e}"),
+        }
         let (unexpected, status) = outcome_rx
             .await
             .context("the cell stopped without stopping the host agent")?;
@@ -256,14 +326,89 @@ fn import_guest_image(layout: &CellLayout) -> Option<String> {
     }
 }
 
-/// Writes `hosts/<host>/hostd.toml` with paths relative to it. The
-/// `[hypervisor]` and `[capacity]` sections of an existing file are kept,
-/// so edits to them survive restarts.
+/// Alerts of the in-process audit log service, as JSON lines on stderr
+/// (stdout is what scripts read for the export line).
+struct StderrAlerts;
+
+impl AlertSink for StderrAlerts {
+    fn alert(&self, alert: &Alert) {
+        if let Ok(line) = serde_json::to_string(alert) {
+            eprintln!("logd alert: {line}");
+        }
+    }
+}
+
+/// Writes `logd/logd.toml` with paths relative to it. The witnesses,
+/// quorum, intervals, webhook and rules of an existing file are kept, so
+/// edits to them survive restarts.
+fn write_logd_config(
+    layout: &CellLayout,
+    cell: &Name,
+    listen: SocketAddr,
+) -> anyhow::Result<PathBuf> {
+    let path = layout.logd_config();
+    let dir = layout.logd_dir();
+    let me = crate::logapi::logd_principal(cell);
+    let (cert, key) = layout.cert_and_key(&me);
+    let rel = |p: &Path| relative_to(&dir, p);
+    let mut config = LogdConfig::new(
+        cell.clone(),
+        listen,
+        PathBuf::from("."),
+        rel(&layout.ca_cert()),
+        rel(&cert),
+        rel(&key),
+        rel(&layout.logd_issuer_keys()),
+    );
+    if path.exists() {
+        let old = LogdConfig::load(&path).with_context(|| {
+            format!(
+                "cannot reuse {}; fix or remove it to have it written anew",
+                path.display()
+            )
+        })?;
+        config.checkpoint_interval_ms = old.checkpoint_interval_ms;
+        config.max_checkpoint_age_ms = old.max_checkpoint_age_ms;
+        config.witnesses = old.witnesses;
+        config.witness_quorum = old.witness_quorum;
+        config.webhook = old.webhook;
+        config.rules = old.rules;
+    }
+    let text = format!(
+        "# nitrile audit log service config (`nitrile logd --config`)\n{}",
+        config.to_toml()
+    );
+    write_private(&path, text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// Writes `bytes` to `path` owner-only and atomically: a temporary file
+/// beside it, fsync, rename.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("toml.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Writes `hosts/<host>/hostd.toml` with paths relative to it, shipping
+/// the journal to logd at `logd` when given. The `[hypervisor]` and
+/// `[capacity]` sections of an existing file are kept, so edits to them
+/// survive restarts.
 fn write_hostd_config(
     layout: &CellLayout,
     cell: &Name,
     host: &Name,
     listen: SocketAddr,
+    logd: Option<&str>,
 ) -> anyhow::Result<PathBuf> {
     let path = layout.hostd_config(host);
     let dir = layout.host_dir(host);
@@ -292,6 +437,9 @@ fn write_hostd_config(
         config.hypervisor = old.hypervisor;
         config.capacity = old.capacity;
     }
+    config.logd = logd.map(|addr| LogdTarget {
+        addr: addr.to_owned(),
+    });
     config
         .write(&path)
         .with_context(|| format!("cannot write {}", path.display()))?;
@@ -499,7 +647,7 @@ mod tests {
         let cell = Name::new("local").unwrap();
         let h1 = Name::new("h1").unwrap();
         let listen: SocketAddr = "127.0.0.1:7444".parse().unwrap();
-        let path = write_hostd_config(&layout, &cell, &h1, listen).unwrap();
+        let path = write_hostd_config(&layout, &cell, &h1, listen, None).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("ca = \"../../pki/ca.pem\""), "{text}");
         let loaded = HostdConfig::load(&path).unwrap();
@@ -514,8 +662,9 @@ mod tests {
         edited.capacity.vcpus = Some(1);
         edited.write(&path).unwrap();
         let other: SocketAddr = "127.0.0.1:7555".parse().unwrap();
-        write_hostd_config(&layout, &cell, &h1, other).unwrap();
+        write_hostd_config(&layout, &cell, &h1, other, Some("127.0.0.1:7445")).unwrap();
         let again = HostdConfig::load(&path).unwrap();
+        assert_eq!(again.logd.unwrap().addr, "127.0.0.1:7445");
         assert_eq!(again.listen, other);
         assert_eq!(again.hypervisor.backend, nitrile_hostd::BackendName::Qemu);
         assert_eq!(again.capacity.vcpus, Some(1));

@@ -1,0 +1,698 @@
+//! `nitrile audit tail|prove|verify|alerts`: the auditor's reads of the
+//! cell's transparency log, checked locally.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use nitrile_audit::AuditRecord;
+use nitrile_logd::Alert;
+use nitrile_logd::leaf::{self, LeafV1};
+use nitrile_logd::protocol::{EntryBody, ProofBody};
+use nitrile_tlog::{
+    AuditFailure, ENTRIES_PER_BUNDLE, FileStorage, HASHES_PER_TILE, Hash, NoteVerifier, Storage,
+    TilePath, audit, decode_bundle, leaf_hash, open_checkpoint, verify_inclusion,
+};
+use serde::Serialize;
+
+use crate::Global;
+use crate::config::Loaded;
+use crate::hostapi::UsageError;
+use crate::logapi::{LogReader, MemStorage, log_verifier};
+use crate::output::{Output, print_json, print_pairs, print_table};
+use crate::service::block_on;
+
+/// Entries asked for per read (logd answers at most 256).
+const PAGE: u64 = 256;
+/// How often `tail --follow` asks for new entries.
+const FOLLOW_POLL: Duration = Duration::from_secs(1);
+/// How long `prove` waits for a checkpoint that covers the record.
+const PROVE_WAIT: Duration = Duration::from_secs(10);
+
+/// Arguments of `nitrile audit tail`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct TailArgs {
+    /// Keep printing records as they enter the log.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Only records of this principal (`operator/alice` or its full URI).
+    #[arg(long, value_name = "P")]
+    principal: Option<String>,
+    /// Only records shipped by host H or naming resource `host/H`.
+    #[arg(long, value_name = "H")]
+    host: Option<String>,
+    /// Print only the last N matching records.
+    #[arg(short = 'n', long = "lines", value_name = "N")]
+    lines: Option<usize>,
+}
+
+/// Arguments of `nitrile audit prove`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ProveArgs {
+    /// The record: its index in the log, or `<kind>/<name>:<seq>` (e.g.
+    /// `host/h1:17`, record 17 of host h1's journal).
+    #[arg(long, value_name = "ID")]
+    record: String,
+    /// The log's verifier key file (else `log_vkey` of the client config).
+    #[arg(long, value_name = "FILE")]
+    log_key: Option<PathBuf>,
+}
+
+/// Arguments of `nitrile audit verify`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct VerifyArgs {
+    /// Audit a log directory (logd's `log/`, or its state directory)
+    /// instead of fetching from logd.
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// The log's verifier key file (else `log_vkey` of the client config,
+    /// else `log.vkey` beside the store).
+    #[arg(long, value_name = "FILE")]
+    log_key: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------- tail
+
+/// Whether an entry passes the filters.
+fn matches(e: &EntryBody, cell: &str, principal: Option<&str>, host: Option<&str>) -> bool {
+    let record = e.record.as_ref();
+    if let Some(p) = principal {
+        let found = record
+            .and_then(|r| r.get("principal"))
+            .and_then(|v| v.as_str());
+        let ok = found.is_some_and(|f| f == p || f == format!("nitrile://{cell}/{p}"));
+        if !ok {
+            return false;
+        }
+    }
+    if let Some(h) = host {
+        let source = e.source == format!("nitrile://{cell}/host/{h}");
+        let resource = record
+            .and_then(|r| r.get("resources"))
+            .and_then(|v| v.as_array())
+            .is_some_and(|rs| rs.iter().any(|r| r.as_str() == Some(&format!("host/{h}"))));
+        if !source && !resource {
+            return false;
+        }
+    }
+    true
+}
+
+fn row(e: &EntryBody) -> Vec<String> {
+    let short_source = e
+        .source
+        .strip_prefix("nitrile://")
+        .and_then(|s| s.split_once('/'))
+        .map_or(e.source.as_str(), |(_, rest)| rest)
+        .to_owned();
+    let record = e
+        .record
+        .clone()
+        .and_then(|v| serde_json::from_value::<AuditRecord>(v).ok());
+    let Some(r) = record else {
+        return vec![
+            e.index.to_string(),
+            short_source,
+            e.seq.to_string(),
+            "-".into(),
+            "(not an audit record)".into(),
+        ];
+    };
+    let join = |items: Vec<String>| {
+        if items.is_empty() {
+            "-".to_owned()
+        } else {
+            items.join(",")
+        }
+    };
+    let result = match (r.step, r.outcome) {
+        (Some(step), _) => format!("refused:{}", step.as_str()),
+        (None, Some(o)) => o.as_str().to_owned(),
+        (None, None) => "-".to_owned(),
+    };
+    vec![
+        e.index.to_string(),
+        short_source,
+        e.seq.to_string(),
+        nitrile_audit::format_time(r.time),
+        r.kind.as_str().to_owned(),
+        r.principal
+            .map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        join(r.operations.iter().map(ToString::to_string).collect()),
+        join(r.resources.iter().map(ToString::to_string).collect()),
+        result,
+    ]
+}
+
+const TAIL_HEADER: [&str; 9] = [
+    "INDEX",
+    "SOURCE",
+    "SEQ",
+    "TIME",
+    "KIND",
+    "PRINCIPAL",
+    "OPERATIONS",
+    "RESOURCES",
+    "RESULT",
+];
+
+fn print_entries(entries: &[EntryBody], output: Output, header: bool) -> anyhow::Result<()> {
+    match output {
+        Output::Json => {
+            let mut out = std::io::stdout().lock();
+            for e in entries {
+                serde_json::to_writer(&mut out, e)?;
+                writeln!(out)?;
+            }
+            out.flush()?;
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = entries.iter().map(row).collect();
+            if header {
+                print_table(&TAIL_HEADER, &rows);
+            } else if !rows.is_empty() {
+                for r in rows {
+                    println!("{}", r.join("  "));
+                }
+            }
+            let _ = std::io::stdout().flush();
+        }
+    }
+    Ok(())
+}
+
+/// Reads every entry from `start` on, page by page, into `f`; returns the
+/// next index.
+async fn read_from(
+    reader: &mut LogReader,
+    mut start: u64,
+    mut f: impl FnMut(EntryBody),
+) -> anyhow::Result<u64> {
+    loop {
+        let page: Vec<EntryBody> = reader
+            .get_json(&format!("/v1/log/entries/{start}/{PAGE}"))
+            .await?;
+        if page.is_empty() {
+            return Ok(start);
+        }
+        start += page.len() as u64;
+        page.into_iter().for_each(&mut f);
+    }
+}
+
+pub(crate) fn tail(args: TailArgs, global: &Global) -> anyhow::Result<()> {
+    let loaded = crate::config::load(global)?;
+    let output = global.output;
+    block_on(async move {
+        let mut reader = LogReader::connect(&loaded).await?;
+        let cell = reader.cell().to_string();
+        let (p, h) = (args.principal.as_deref(), args.host.as_deref());
+        let mut kept: VecDeque<EntryBody> = VecDeque::new();
+        let mut next = read_from(&mut reader, 0, |e| {
+            if matches(&e, &cell, p, h) && args.lines != Some(0) {
+                kept.push_back(e);
+                if args.lines.is_some_and(|n| kept.len() > n) {
+                    kept.pop_front();
+                }
+            }
+        })
+        .await?;
+        print_entries(kept.make_contiguous(), output, true)?;
+        if !args.follow {
+            return anyhow::Ok(());
+        }
+        let signal = nitrile_net::shutdown_signal();
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                () = &mut signal => return Ok(()),
+                () = tokio::time::sleep(FOLLOW_POLL) => {}
+            }
+            let mut fresh = Vec::new();
+            next = read_from(&mut reader, next, |e| {
+                if matches(&e, &cell, p, h) {
+                    fresh.push(e);
+                }
+            })
+            .await?;
+            print_entries(&fresh, output, false)?;
+        }
+    })?
+}
+
+// ---------------------------------------------------------------- prove
+
+/// What `prove --record` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RecordId {
+    /// A leaf index.
+    Index(u64),
+    /// A journal record: source `<kind>/<name>` and sequence number.
+    Journal { source: String, seq: u64 },
+}
+
+fn parse_record_id(s: &str) -> Result<RecordId, UsageError> {
+    if let Ok(i) = s.parse::<u64>() {
+        return Ok(RecordId::Index(i));
+    }
+    let bad = || {
+        UsageError(format!(
+            "--record {s:?} is neither a log index nor <kind>/<name>:<seq> (e.g. host/h1:17)"
+        ))
+    };
+    let (source, seq) = s.rsplit_once(':').ok_or_else(bad)?;
+    let seq = seq.parse::<u64>().map_err(|_| bad())?;
+    let (kind, name) = source.split_once('/').ok_or_else(bad)?;
+    if kind.is_empty() || name.is_empty() || name.contains('/') {
+        return Err(bad());
+    }
+    Ok(RecordId::Journal {
+        source: source.to_owned(),
+        seq,
+    })
+}
+
+fn hash_of(hex_text: &str) -> anyhow::Result<Hash> {
+    let mut h = [0u8; 32];
+    hex::decode_to_slice(hex_text, &mut h)
+        .with_context(|| format!("{hex_text:?} is not a 32-byte hex hash"))?;
+    Ok(h)
+}
+
+/// The raw bytes of leaf `index` from the entry bundle that holds it, for
+/// a tree of `size` leaves.
+async fn raw_leaf(reader: &mut LogReader, index: u64, size: u64) -> anyhow::Result<Vec<u8>> {
+    let n = index / ENTRIES_PER_BUNDLE;
+    let full = TilePath::entries(n, 256).to_string();
+    let (path, bytes, width) = match reader.tile(&full).await? {
+        Some(b) => (full, b, ENTRIES_PER_BUNDLE),
+        None => {
+            let width = (size - n * ENTRIES_PER_BUNDLE).min(ENTRIES_PER_BUNDLE);
+            let partial = TilePath::entries(n, width as u16).to_string();
+            let b = reader
+                .tile(&partial)
+                .await?
+                .with_context(|| format!("logd serves neither {full} nor {partial}"))?;
+            (partial, b, width)
+        }
+    };
+    let entries = decode_bundle(&bytes, width).with_context(|| format!("entry bundle {path}"))?;
+    entries
+        .into_iter()
+        .nth((index % ENTRIES_PER_BUNDLE) as usize)
+        .with_context(|| format!("entry bundle {path} does not hold entry {index}"))
+}
+
+#[derive(Serialize)]
+struct Proven {
+    ok: bool,
+    index: u64,
+    source: String,
+    seq: u64,
+    leaf_hash: String,
+    tree_size: u64,
+    root: String,
+    proof_hashes: usize,
+    record: Option<serde_json::Value>,
+}
+
+pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
+    let loaded = crate::config::load(global)?;
+    let id = parse_record_id(&args.record)?;
+    let verifier = log_verifier(Some(&loaded), args.log_key.as_deref())?;
+    let origin = verifier.name().to_owned();
+    let output = global.output;
+    block_on(async move {
+        let mut reader = LogReader::connect(&loaded).await?;
+        let cell = reader.cell().to_string();
+        let index = match &id {
+            RecordId::Index(i) => *i,
+            RecordId::Journal { source, seq } => {
+                let want = format!("nitrile://{cell}/{source}");
+                let mut found = None;
+                read_from(&mut reader, 0, |e| {
+                    if found.is_none() && e.source == want && e.seq == *seq {
+                        found = Some(e.index);
+                    }
+                })
+                .await?;
+                found.with_context(|| {
+                    format!(
+                        "the log holds no record {seq} of {want} (yet); see `nitrile audit tail`"
+                    )
+                })?
+            }
+        };
+        // The checkpoint that covers it (checkpoints follow within an interval).
+        let deadline = tokio::time::Instant::now() + PROVE_WAIT;
+        let cp = loop {
+            let note = reader.checkpoint().await?;
+            let cp = match note {
+                Some(n) => Some(
+                    open_checkpoint(&n, &origin, &verifier)
+                        .context("logd's checkpoint does not verify against the log key")?,
+                ),
+                None => None,
+            };
+            match cp {
+                Some(cp) if cp.size > index => break cp,
+                _ if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Some(cp) => anyhow::bail!(
+                    "record {index} is not covered by a checkpoint yet (the latest has {} \
+                     records); try again in a moment",
+                    cp.size
+                ),
+                None => {
+                    anyhow::bail!("logd has published no checkpoint yet; try again in a moment")
+                }
+            }
+        };
+        let raw = raw_leaf(&mut reader, index, cp.size).await?;
+        let proof: ProofBody = reader
+            .get_json(&format!("/v1/log/proof/inclusion/{index}/{}", cp.size))
+            .await?;
+        let proof = proof
+            .proof
+            .iter()
+            .map(|h| hash_of(h))
+            .collect::<anyhow::Result<Vec<Hash>>>()?;
+        let lh = leaf_hash(&raw);
+        verify_inclusion(&lh, index, cp.size, &proof, &cp.root).with_context(|| {
+            format!(
+                "the inclusion proof of record {index} does NOT verify against the signed \
+                 checkpoint of size {}",
+                cp.size
+            )
+        })?;
+        let leaf: LeafV1 = leaf::decode(&raw).with_context(|| format!("leaf {index}"))?;
+        if let RecordId::Journal { source, seq } = &id
+            && (leaf.source != format!("nitrile://{cell}/{source}") || leaf.seq != *seq)
+        {
+            anyhow::bail!(
+                "leaf {index} is record {} of {}, not the one asked for",
+                leaf.seq,
+                leaf.source
+            );
+        }
+        let proven = Proven {
+            ok: true,
+            index,
+            source: leaf.source.clone(),
+            seq: leaf.seq,
+            leaf_hash: hex::encode(lh),
+            tree_size: cp.size,
+            root: hex::encode(cp.root),
+            proof_hashes: proof.len(),
+            record: serde_json::from_slice(&leaf.payload).ok(),
+        };
+        match output {
+            Output::Json => print_json(&proven)?,
+            Output::Table => {
+                println!(
+                    "OK: record {index} ({} seq {}) is in the log",
+                    leaf.source, leaf.seq
+                );
+                print_pairs(&[
+                    ("index".into(), index.to_string()),
+                    ("source".into(), leaf.source),
+                    ("seq".into(), leaf.seq.to_string()),
+                    ("leaf hash".into(), proven.leaf_hash.clone()),
+                    ("checkpoint".into(), format!("{origin} size {}", cp.size)),
+                    ("root".into(), proven.root.clone()),
+                    (
+                        "proof".into(),
+                        format!("{} hashes, verified locally", proof.len()),
+                    ),
+                ]);
+            }
+        }
+        anyhow::Ok(())
+    })?
+}
+
+// ---------------------------------------------------------------- verify
+
+/// The size in a checkpoint note's body (its second line), unverified: only
+/// to know what to fetch; the audit verifies the note.
+fn note_size(note: &str) -> Option<u64> {
+    note.lines().nth(1)?.parse().ok()
+}
+
+/// Fetches everything the checkpoint covers into memory: the checkpoint,
+/// every entry bundle and every hash tile a tree of its size needs.
+async fn fetch_all(reader: &mut LogReader) -> anyhow::Result<MemStorage> {
+    let mem = MemStorage::default();
+    let Some(note) = reader.checkpoint().await? else {
+        return Ok(mem);
+    };
+    let size = note_size(&note).context("logd's checkpoint names no size")?;
+    mem.write("checkpoint", note.as_bytes())?;
+    for n in 0..size.div_ceil(ENTRIES_PER_BUNDLE) {
+        let need = (size - n * ENTRIES_PER_BUNDLE).min(ENTRIES_PER_BUNDLE);
+        let full = TilePath::entries(n, 256).to_string();
+        if let Some(b) = reader.tile(&full).await? {
+            mem.write(&full, &b)?;
+        } else if need < ENTRIES_PER_BUNDLE {
+            let partial = TilePath::entries(n, need as u16).to_string();
+            if let Some(b) = reader.tile(&partial).await? {
+                mem.write(&partial, &b)?;
+            }
+        }
+    }
+    for level in 0u8..8 {
+        let shift = u32::from(level) * 8;
+        let count = size >> shift;
+        if count == 0 {
+            break;
+        }
+        for n in 0..count.div_ceil(HASHES_PER_TILE) {
+            let width = (count - n * HASHES_PER_TILE).min(HASHES_PER_TILE);
+            let path = TilePath::hashes(level, n, width as u16).to_string();
+            if let Some(b) = reader.tile(&path).await? {
+                mem.write(&path, &b)?;
+            } else if width < HASHES_PER_TILE {
+                // The log grew past it: the full tile starts with the same
+                // hashes (and the audit checks them).
+                let full = TilePath::hashes(level, n, 256).to_string();
+                if let Some(b) = reader.tile(&full).await? {
+                    let cut = (width as usize * 32).min(b.len());
+                    mem.write(&path, &b[..cut])?;
+                }
+            }
+        }
+    }
+    Ok(mem)
+}
+
+/// The log directory of `dir`: itself when it holds a log, else its `log/`.
+fn store_dir(dir: &Path) -> PathBuf {
+    let log = dir.join(nitrile_logd::service::LOG_DIR);
+    if !dir.join("checkpoint").exists() && !dir.join("tile").exists() && log.is_dir() {
+        log
+    } else {
+        dir.to_owned()
+    }
+}
+
+#[derive(Serialize)]
+struct Verified {
+    ok: bool,
+    origin: String,
+    source: String,
+    size: u64,
+    root: String,
+    checkpoints: u64,
+    bundles: u64,
+    tiles: u64,
+}
+
+#[derive(Serialize)]
+struct NotVerified {
+    ok: bool,
+    origin: String,
+    source: String,
+    path: String,
+    index: Option<u64>,
+    error: String,
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+pub(crate) fn verify(args: VerifyArgs, global: &Global) -> anyhow::Result<()> {
+    let output = global.output;
+    let (verifier, source, result) = match &args.store {
+        Some(dir) => {
+            let loaded = crate::config::load(global).ok();
+            let dir = store_dir(dir);
+            let verifier = match (
+                &args.log_key,
+                loaded.as_ref().and_then(|l| l.config.log_vkey.as_ref()),
+            ) {
+                (None, None) => {
+                    let beside = [dir.join("log.vkey"), dir.join("../log.vkey")]
+                        .into_iter()
+                        .find(|p| p.exists());
+                    log_verifier(None, beside.as_deref())?
+                }
+                _ => log_verifier(loaded.as_ref(), args.log_key.as_deref())?,
+            };
+            let storage = FileStorage::open(&dir)
+                .with_context(|| format!("cannot open the log store {}", dir.display()))?;
+            let result = audit(&storage, verifier.name(), &verifier);
+            (verifier, dir.display().to_string(), result)
+        }
+        None => {
+            let loaded: Loaded = crate::config::load(global)?;
+            let verifier = log_verifier(Some(&loaded), args.log_key.as_deref())?;
+            let source = loaded.config.endpoints.logd.clone().unwrap_or_default();
+            let mem = block_on(async {
+                let mut reader = LogReader::connect(&loaded).await?;
+                fetch_all(&mut reader).await
+            })??;
+            let result = audit(&mem, verifier.name(), &verifier);
+            (verifier, format!("logd at {source}"), result)
+        }
+    };
+    report(&verifier, &source, result, output)
+}
+
+fn report(
+    verifier: &NoteVerifier,
+    source: &str,
+    result: Result<nitrile_tlog::AuditReport, AuditFailure>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let origin = verifier.name().to_owned();
+    match result {
+        Ok(r) => {
+            match output {
+                Output::Json => print_json(&Verified {
+                    ok: true,
+                    origin,
+                    source: source.to_owned(),
+                    size: r.size,
+                    root: hex::encode(r.root),
+                    checkpoints: r.checkpoints,
+                    bundles: r.bundles,
+                    tiles: r.tiles,
+                })?,
+                Output::Table => {
+                    println!("OK: the log {origin} ({source}) verifies");
+                    print_pairs(&[
+                        ("size".into(), r.size.to_string()),
+                        ("root".into(), hex::encode(r.root)),
+                        ("checkpoints".into(), format!("{} verified", r.checkpoints)),
+                        ("entry bundles".into(), r.bundles.to_string()),
+                        ("hash tiles".into(), r.tiles.to_string()),
+                    ]);
+                }
+            }
+            Ok(())
+        }
+        Err(f) => {
+            if output == Output::Json {
+                print_json(&NotVerified {
+                    ok: false,
+                    origin: origin.clone(),
+                    source: source.to_owned(),
+                    path: f.path.clone(),
+                    index: f.index,
+                    error: error_chain(&f),
+                })?;
+            }
+            let at = match f.index {
+                Some(i) => format!("{} (entry {i})", f.path),
+                None => f.path.clone(),
+            };
+            anyhow::bail!(
+                "the log {origin} ({source}) does NOT verify: at {at}: {}",
+                error_chain(&f.problem)
+            )
+        }
+    }
+}
+
+// ---------------------------------------------------------------- alerts
+
+pub(crate) fn alerts(global: &Global) -> anyhow::Result<()> {
+    let loaded = crate::config::load(global)?;
+    let output = global.output;
+    block_on(async move {
+        let mut reader = LogReader::connect(&loaded).await?;
+        let alerts: Vec<Alert> = reader.get_json("/v1/alerts").await?;
+        match output {
+            Output::Json => print_json(&alerts)?,
+            Output::Table => {
+                let rows: Vec<Vec<String>> = alerts
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.time.clone(),
+                            a.alert.clone(),
+                            a.kind.as_str().to_owned(),
+                            a.source.clone().unwrap_or_else(|| "-".into()),
+                            a.principal.clone().unwrap_or_else(|| "-".into()),
+                            a.message.clone(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &["TIME", "ALERT", "KIND", "SOURCE", "PRINCIPAL", "MESSAGE"],
+                    &rows,
+                );
+            }
+        }
+        anyhow::Ok(())
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_ids_are_indexes_or_journal_records() {
+        assert_eq!(parse_record_id("17").unwrap(), RecordId::Index(17));
+        assert_eq!(
+            parse_record_id("host/h1:17").unwrap(),
+            RecordId::Journal {
+                source: "host/h1".into(),
+                seq: 17
+            }
+        );
+        for bad in [
+            "",
+            "h1:17",
+            "host/h1",
+            "host/h1:x",
+            "/h1:1",
+            "host/:1",
+            "a/b/c:1",
+            "-1",
+        ] {
+            assert!(parse_record_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_note_size_is_its_second_line() {
+        assert_eq!(
+            note_size("local.nitrile/log\n42\nAAAA=\n\n— sig\n"),
+            Some(42)
+        );
+        assert_eq!(note_size("local.nitrile/log\n"), None);
+    }
+}

@@ -1,0 +1,85 @@
+//! `nitrile logd`: run the audit log service; and shipping a service's
+//! journal to it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use nitrile_api::Name;
+use nitrile_logd::{Logd, LogdConfig, LogdOptions, Shipper, ShipperHandle};
+use nitrile_pki::tls::{CaRoots, TlsIdentity};
+
+use crate::Global;
+use crate::service::{LogFormat, block_on, init_logging};
+
+/// Run the audit log service of a cell.
+///
+/// It ingests the journals that hosts and the token service ship to it
+/// over mTLS (each source may ship only its own journal; a gap or a broken
+/// hash chain is refused and raises an integrity alert), appends every
+/// record to a Merkle tree laid out as C2SP tlog-tiles, signs a
+/// checkpoint every interval in which it grew, and serves checkpoints,
+/// tiles, entries, proofs and alerts to auditors (an `audit.read` token
+/// for `log/<cell>` at audience `logd`; every read is journaled, and its
+/// own journal goes into the log too). There is no delete or rewrite
+/// operation. The global `--config` names its config file (TOML;
+/// `nitrile up` writes one to `<state>/logd/logd.toml`). Alerts are printed
+/// on stdout as JSON lines.
+///
+/// On SIGINT or SIGTERM it stops accepting, publishes a last checkpoint
+/// and exits 0.
+///
+/// Example: `nitrile logd --config ./nitrile-state/logd/logd.toml`
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
+    let path = global
+        .config
+        .as_deref()
+        .context("no logd config: pass --config FILE (e.g. ./nitrile-state/logd/logd.toml)")?;
+    let config = LogdConfig::load(path)?;
+    init_logging(args.log_format);
+    block_on(async move {
+        // Installed before the readiness line, so that a signal sent right
+        // after it stops the service cleanly.
+        let signal = nitrile_net::shutdown_signal();
+        let logd = Logd::open(&config, LogdOptions::default())
+            .await
+            .context("audit log service cannot start")?;
+        let addr = logd
+            .local_addr()
+            .map_or_else(|| config.listen.to_string(), |a| a.to_string());
+        tracing::info!(origin = logd.origin(), vkey = %logd.log_vkey(), "audit log ready");
+        eprintln!("nitrile logd: serving on {addr}");
+        logd.serve(signal).await?;
+        tracing::info!("audit log service stopped");
+        anyhow::Ok(())
+    })?
+}
+
+/// Starts shipping the journal at `journal` to logd at `addr`, as the
+/// principal of the certificate `cert` (the journal's source). Must be
+/// called within a tokio runtime; stop it with [`ShipperHandle::stop`].
+pub(crate) fn ship_journal(
+    journal: PathBuf,
+    addr: &str,
+    cell: &Name,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<ShipperHandle> {
+    let roots = CaRoots::load(ca).with_context(|| format!("cell CA {}", ca.display()))?;
+    let identity = TlsIdentity::load(cert, key)
+        .with_context(|| format!("certificate {} and key {}", cert.display(), key.display()))?;
+    let tls = nitrile_pki::tls::client_config(&roots, &identity)?;
+    Ok(Shipper::spawn(
+        journal,
+        addr.to_owned(),
+        crate::logapi::logd_principal(cell),
+        tls,
+    ))
+}
