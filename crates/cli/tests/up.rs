@@ -36,6 +36,8 @@ fn start(state: &Path) -> Up {
             "127.0.0.1:0",
             "--hostd-listen",
             "127.0.0.1:0",
+            "--logd-listen",
+            "127.0.0.1:0",
         ])
         .arg("--state")
         .arg(state)
@@ -295,8 +297,9 @@ fn nitrile_up_runs_a_host_that_the_cli_calls() {
         "host journal",
         "metrics.prom",
         "  nitrile host describe",
-        "  nitrile instance list",
         "  nitrile instance launch web1 --image ",
+        "  nitrile audit tail --config ",
+        "logd ",
     ] {
         assert!(said.contains(expected), "{expected:?} not in {said}");
     }

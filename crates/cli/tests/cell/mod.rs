@@ -71,6 +71,8 @@ pub(crate) struct Cell {
     pub(crate) alice: PathBuf,
     /// Client config of the placement service (instance lifecycle).
     pub(crate) placement: PathBuf,
+    /// Client config of carol (auditor: reads the audit log).
+    pub(crate) carol: PathBuf,
     /// Where the token service listens.
     pub(crate) tokend_addr: SocketAddr,
     /// Where the host agent listens.
@@ -95,6 +97,7 @@ impl Cell {
             state,
             alice: PathBuf::new(),
             placement: PathBuf::new(),
+            carol: PathBuf::new(),
             tokend_addr,
             hostd_addr,
             up_stdout: Vec::new(),
@@ -186,7 +189,10 @@ impl Cell {
             .unwrap()
     }
 
-    fn start_up(&mut self) {
+    /// Runs `nitrile up` on the cell's state and ports (again) and waits
+    /// for its export line.
+    pub(crate) fn start_up(&mut self) {
+        self.up_stdout.clear();
         let mut child = Command::new(NITRILE)
             .arg("up")
             .arg("--tokend-listen")
@@ -194,6 +200,7 @@ impl Cell {
             .args(["--tokend-metrics", "127.0.0.1:0"])
             .arg("--hostd-listen")
             .arg(self.hostd_addr.to_string())
+            .args(["--logd-listen", "127.0.0.1:0"])
             .arg("--state")
             .arg(&self.state)
             .stdin(Stdio::null())
@@ -230,6 +237,7 @@ impl Cell {
             }
         };
         self.placement = alice.with_file_name("service-placement.toml");
+        self.carol = alice.with_file_name("auditor-carol.toml");
         self.alice = alice;
         // "  hostd h1       127.0.0.1:P (mTLS, pid N)   config ..."
         self.hostd_pid = self
