@@ -10,7 +10,10 @@
 
 mod cell;
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cell::Cell;
@@ -364,4 +367,86 @@ fn claim6_auditor_reads_proves_and_verifies_the_log_and_tampering_is_named() {
         std::thread::sleep(Duration::from_millis(200));
     }
     cell.stop_up();
+}
+
+/// Replaces the line of `file` that starts with `key = ` by `key = "value"`.
+fn set_line(file: &Path, key: &str, value: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let prefix = format!("{key} = ");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with(&prefix)).count(),
+        1,
+        "{text}"
+    );
+    let edited: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with(&prefix) {
+                format!("{key} = \"{value}\"")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    std::fs::write(file, edited.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn claim6_separate_services_ship_their_journals_to_nitrile_logd() {
+    let mut cell = Cell::up();
+    cell.stop_up();
+    // The services as processes of their own, on a known logd port.
+    let logd_addr = format!("127.0.0.1:{}", cell::free_port());
+    let logd_config = cell.state.join("logd/logd.toml");
+    set_line(&logd_config, "listen", &logd_addr);
+    set_line(&cell.hostd_config(), "addr", &logd_addr);
+    set_line(&cell.carol, "logd", &logd_addr);
+
+    let mut logd = Command::new(cell::NITRILE)
+        .arg("logd")
+        .arg("--config")
+        .arg(&logd_config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = logd.stderr.take().unwrap();
+    let mut log = std::fs::File::create(cell.root().join("logd.log")).unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = writeln!(log, "{line}");
+            if line.starts_with("nitrile logd: serving on ")
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(line, format!("nitrile logd: serving on {logd_addr}"));
+
+    cell.start_tokend_with(&["--logd", &logd_addr]);
+    cell.start_hostd();
+    cell.ok(&cell.alice, &["host", "describe"]);
+    wait_for_all(&cell, "both journals shipped", |t| {
+        let from = |source: &str| {
+            t.iter().any(|e| {
+                e["source"] == source
+                    && has_op(e, "host.describe")
+                    && field(e, "principal") == "nitrile://local/operator/alice"
+            })
+        };
+        from("nitrile://local/host/h1") && from("nitrile://local/service/tokend")
+    });
+    let verified = cell.ok(&cell.carol, &["audit", "verify"]);
+    assert!(verified.starts_with("OK: "), "{verified}");
+
+    // SIGTERM: logd stops cleanly.
+    cell::signal(logd.id(), nix::sys::signal::Signal::SIGTERM);
+    let status = logd.wait().unwrap();
+    assert!(status.success(), "nitrile logd stopped with {status}");
 }

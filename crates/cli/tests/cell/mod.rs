@@ -272,6 +272,11 @@ impl Cell {
     /// Runs `nitrile tokend` on the cell's state and token service port and
     /// waits until it accepts connections.
     pub(crate) fn start_tokend(&mut self) {
+        self.start_tokend_with(&[]);
+    }
+
+    /// [`Cell::start_tokend`] with more arguments (e.g. `--logd ADDR`).
+    pub(crate) fn start_tokend_with(&mut self, extra: &[&str]) {
         assert!(self.tokend.is_none());
         let child = Command::new(NITRILE)
             .arg("tokend")
@@ -279,6 +284,7 @@ impl Cell {
             .arg(&self.state)
             .arg("--listen")
             .arg(self.tokend_addr.to_string())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(self.log_file("tokend")))
             .stderr(Stdio::from(self.log_file("tokend")))
