@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use crate::config::{ClientConfig, ConfigError, Endpoints};
 use crate::layout::CellLayout;
-use crate::sample::SAMPLE_BUNDLE;
+use crate::sample::{SAMPLE_BUNDLE, SAMPLE_RULES};
 
 /// The sample principals a one-machine cell gets certificates and client
 /// configs for, as `kind/name`.
@@ -201,6 +201,16 @@ pub fn bootstrap(
             source: Box::new(source),
         },
     )?;
+
+    // Monitor rules: the built-in ones the first time; afterwards whatever
+    // is there (edits survive).
+    let rules_dir = layout.rules_dir();
+    if !rules_dir.exists() {
+        std::fs::create_dir_all(&rules_dir).map_err(io(&rules_dir))?;
+        for (name, text) in SAMPLE_RULES {
+            write_atomic(&rules_dir.join(name), text.as_bytes(), 0o644)?;
+        }
+    }
 
     // Fresh short-lived certificates on every start.
     let tokend = principal(cell, "service/tokend");
@@ -400,8 +410,16 @@ mod tests {
         let first = bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
         assert!(first.first_start);
         assert_eq!(first.reviewers.len(), 2);
+        let rule = layout.rules_dir().join("sensitive-operation.yml");
+        assert!(
+            std::fs::read_to_string(&rule)
+                .unwrap()
+                .contains("host.drain")
+        );
+        std::fs::write(&rule, "edited").unwrap();
         let second = bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
         assert!(!second.first_start);
+        assert_eq!(std::fs::read_to_string(&rule).unwrap(), "edited");
         assert_eq!(first.bundle_digest, second.bundle_digest);
         for p in [
             layout.pki_dir().join("ca.key"),

@@ -18,6 +18,7 @@ use nitrile_api::{Name, PrincipalId};
 /// images/                     guest images hosts can launch (nitrile-image store)
 /// hosts/<host>/               one host agent's state: hostd.toml, journal,
 ///                             issuer-keys.toml (pinned), metrics.prom, instances
+/// rules/                      monitor rules the audit log service runs
 /// logd/                       the audit log service: logd.toml, journal,
 ///                             issuer-keys.toml (pinned), log.key, log.vkey, log/
 /// ```
@@ -136,6 +137,11 @@ impl CellLayout {
     /// The Prometheus text file host `host` writes its metrics to.
     pub fn host_metrics(&self, host: &Name) -> PathBuf {
         self.host_dir(host).join("metrics.prom")
+    }
+
+    /// The monitor rules of the audit log service.
+    pub fn rules_dir(&self) -> PathBuf {
+        self.root.join("rules")
     }
 
     /// The audit log service's state directory.

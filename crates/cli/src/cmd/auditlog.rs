@@ -183,21 +183,21 @@ fn print_entries(entries: &[EntryBody], output: Output, header: bool) -> anyhow:
     Ok(())
 }
 
-/// Reads every entry from `start` on, page by page, into `f`; returns the
-/// next index.
+/// Reads every entry from `next` on, page by page, into `f`; `next` is
+/// moved past each page read, even when a later one fails.
 async fn read_from(
     reader: &mut LogReader,
-    mut start: u64,
+    next: &mut u64,
     mut f: impl FnMut(EntryBody),
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<()> {
     loop {
         let page: Vec<EntryBody> = reader
-            .get_json(&format!("/v1/log/entries/{start}/{PAGE}"))
+            .get_json(&format!("/v1/log/entries/{next}/{PAGE}"))
             .await?;
         if page.is_empty() {
-            return Ok(start);
+            return Ok(());
         }
-        start += page.len() as u64;
+        *next += page.len() as u64;
         page.into_iter().for_each(&mut f);
     }
 }
@@ -210,7 +210,8 @@ pub(crate) fn tail(args: TailArgs, global: &Global) -> anyhow::Result<()> {
         let cell = reader.cell().to_string();
         let (p, h) = (args.principal.as_deref(), args.host.as_deref());
         let mut kept: VecDeque<EntryBody> = VecDeque::new();
-        let mut next = read_from(&mut reader, 0, |e| {
+        let mut next = 0;
+        read_from(&mut reader, &mut next, |e| {
             if matches(&e, &cell, p, h) && args.lines != Some(0) {
                 kept.push_back(e);
                 if args.lines.is_some_and(|n| kept.len() > n) {
@@ -231,12 +232,17 @@ pub(crate) fn tail(args: TailArgs, global: &Global) -> anyhow::Result<()> {
                 () = tokio::time::sleep(FOLLOW_POLL) => {}
             }
             let mut fresh = Vec::new();
-            next = read_from(&mut reader, next, |e| {
+            let mut keep = |e: EntryBody| {
                 if matches(&e, &cell, p, h) {
                     fresh.push(e);
                 }
-            })
-            .await?;
+            };
+            if read_from(&mut reader, &mut next, &mut keep).await.is_err() {
+                // The token expired or the connection dropped: a new token
+                // and connection, once.
+                reader = LogReader::connect(&loaded).await?;
+                read_from(&mut reader, &mut next, &mut keep).await?;
+            }
             print_entries(&fresh, output, false)?;
         }
     })?
@@ -332,7 +338,7 @@ pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
             RecordId::Journal { source, seq } => {
                 let want = format!("nitrile://{cell}/{source}");
                 let mut found = None;
-                read_from(&mut reader, 0, |e| {
+                read_from(&mut reader, &mut 0, |e| {
                     if found.is_none() && e.source == want && e.seq == *seq {
                         found = Some(e.index);
                     }

@@ -338,9 +338,10 @@ impl AlertSink for StderrAlerts {
     }
 }
 
-/// Writes `logd/logd.toml` with paths relative to it. The witnesses,
-/// quorum, intervals, webhook and rules of an existing file are kept, so
-/// edits to them survive restarts.
+/// Writes `logd/logd.toml` with paths relative to it; the first time, the
+/// monitor runs the cell's `rules/`. The witnesses, quorum, intervals,
+/// webhook and rules of an existing file are kept, so edits to them survive
+/// restarts.
 fn write_logd_config(
     layout: &CellLayout,
     cell: &Name,
@@ -372,7 +373,9 @@ fn write_logd_config(
         config.witnesses = old.witnesses;
         config.witness_quorum = old.witness_quorum;
         config.webhook = old.webhook;
-        config.rules = old.rules;
+        config.rules = old.rules.map(|r| relative_to(&dir, &r));
+    } else {
+        config.rules = Some(rel(&layout.rules_dir()));
     }
     let text = format!(
         "# nitrile audit log service config (`nitrile logd --config`)\n{}",
