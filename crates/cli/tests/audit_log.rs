@@ -514,3 +514,46 @@ fn claim6_separate_services_ship_their_journals_to_nitrile_logd() {
     let status = logd.wait().unwrap();
     assert!(status.success(), "nitrile logd stopped with {status}");
 }
+
+#[test]
+fn audit_witness_keygen_writes_a_private_key_and_prints_the_vkey() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("w/cosigner.skey");
+    let keygen = || {
+        Command::new(cell::NITRILE)
+            .args([
+                "audit",
+                "witness",
+                "keygen",
+                "--name",
+                "local.nitrile/witness/w1",
+            ])
+            .arg("--out")
+            .arg(&key)
+            .output()
+            .unwrap()
+    };
+    let out = keygen();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vkey = String::from_utf8(out.stdout).unwrap();
+    assert!(vkey.starts_with("local.nitrile/witness/w1+"), "{vkey}");
+    let secret = std::fs::read_to_string(&key).unwrap();
+    assert!(!vkey.contains(secret.trim()));
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0);
+    // Never replaces a key.
+    let again = keygen();
+    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), secret);
+    // Running it needs a config.
+    let out = Command::new(cell::NITRILE)
+        .args(["audit", "witness"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}

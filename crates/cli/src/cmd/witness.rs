@@ -48,7 +48,7 @@ enum Command {
     },
 }
 
-pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
+pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
     if let Some(Command::Keygen { name, out }) = args.command {
         let key = Witness::generate_key(&name)
             .with_context(|| format!("cannot make a key named {name:?}"))?;
@@ -61,7 +61,8 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         println!("{}", key.verifier().to_vkey());
         return Ok(());
     }
-    let Some(path) = args.config else {
+    // `--config` after `witness`, or the global one before it.
+    let Some(path) = args.config.or_else(|| global.config.clone()) else {
         anyhow::bail!(
             "--config FILE is required to run the witness (or use `nitrile audit witness keygen`)"
         );
