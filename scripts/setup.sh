@@ -130,6 +130,14 @@ if [ "$want_tests" -eq 1 ] && ! command -v iasl >/dev/null 2>&1; then
 fi
 # --- end ACPI ----------------------------------------------------------------
 
+# PostgreSQL server binaries: nitrile-tlog's PostgreSQL storage test starts a
+# private server of its own (it prints SKIPPED without them).
+if [ "$want_tests" -eq 1 ] && ! dpkg-query -W -f='${Status}' postgresql 2>/dev/null | grep -q 'install ok installed'; then
+    log "installing postgresql"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+
 if [ "$want_tests" -eq 1 ]; then
     if ! cargo deny --version >/dev/null 2>&1; then
         log "installing cargo-deny (one time, a few minutes)"

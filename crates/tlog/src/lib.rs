@@ -39,6 +39,8 @@ mod audit;
 mod log;
 mod merkle;
 mod note;
+#[cfg(feature = "postgres")]
+mod pg;
 mod storage;
 mod tile;
 
@@ -53,6 +55,8 @@ pub use note::{
     NoteError, NoteSigner, NoteVerifier, SignedNote, cosignatures, open_checkpoint,
     verify_cosignature,
 };
+#[cfg(feature = "postgres")]
+pub use pg::{MAX_LOG_NAME, PgRefusal, PgStorage};
 pub use storage::{FileStorage, MAX_OBJECT_SIZE, Storage, StorageError};
 pub use tile::{
     ENTRIES_PER_BUNDLE, HASHES_PER_TILE, MAX_BUNDLE_SIZE, MAX_ENTRY_SIZE, TileError, TileKind,

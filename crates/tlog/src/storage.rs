@@ -36,10 +36,20 @@ pub enum StorageError {
     /// the storage lock was poisoned by a panic in another thread
     #[error("the storage lock was poisoned")]
     Poisoned,
+    /// a database operation failed or the database refused it
+    #[error("database: {op}")]
+    Database {
+        /// What was being done.
+        op: &'static str,
+        /// The cause (the database client's error).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 /// Object storage for a log: paths are `/`-separated relative names
-/// (`tile/0/000`, `checkpoint`). File store now; a database later.
+/// (`tile/0/000`, `checkpoint`). [`FileStorage`] by default;
+/// `PgStorage` (cargo feature `postgres`) for a replicated deployment.
 pub trait Storage: Send + Sync + 'static {
     /// The object at `path`, or `None` if there is none.
     fn read(&self, path: &str) -> Result<Option<Vec<u8>>, StorageError>;
@@ -94,7 +104,7 @@ fn valid_element(e: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-fn check_path(path: &str) -> Result<(), StorageError> {
+pub(crate) fn check_path(path: &str) -> Result<(), StorageError> {
     if path.len() > 512 || !path.split('/').all(valid_element) {
         return Err(StorageError::InvalidPath(path.chars().take(200).collect()));
     }
