@@ -105,6 +105,11 @@ pub trait Observer: Send + Sync + 'static {
     fn integrity(&self, alert: &Alert) {
         let _ = alert;
     }
+
+    /// Called when a checkpoint of `size` entries has been published.
+    fn checkpoint(&self, size: u64) {
+        let _ = size;
+    }
 }
 
 /// Prints each alert as one JSON line on stdout.

@@ -10,9 +10,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 
-use nitrile_tlog::{FileStorage, Log, LogError, NoteSigner, SignedNote, Storage, StorageError};
+use nitrile_tlog::{FileStorage, Log, LogError, NoteSigner, SignedNote, StorageError};
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{Checked, SourceState, check_batch};
@@ -91,6 +91,9 @@ struct Inner {
 /// The log and the source states.
 pub(crate) struct Store {
     inner: RwLock<Inner>,
+    /// The log size known durable; held while making more durable, so
+    /// concurrent ingests share one sync (group commit).
+    durable: Mutex<u64>,
     sources_file: PathBuf,
 }
 
@@ -118,6 +121,7 @@ impl Store {
         log_dir: &Path,
         origin: &str,
         signer: NoteSigner,
+        now_unix_ms: u64,
     ) -> Result<Self, StoreError> {
         let storage = FileStorage::open(log_dir)?;
         let log = Log::open(storage, origin, signer)?;
@@ -176,6 +180,7 @@ impl Store {
                 .insert(leaf.source.clone(), state.advanced(&leaf));
         }
         let store = Self {
+            durable: Mutex::new(size),
             inner: RwLock::new(Inner {
                 log,
                 sources: file.sources,
@@ -183,7 +188,7 @@ impl Store {
             }),
             sources_file,
         };
-        store.persist()?;
+        store.persist(now_unix_ms)?;
         Ok(store)
     }
 
@@ -203,7 +208,7 @@ impl Store {
         batch: &IngestBatch,
         now_unix_ms: u64,
     ) -> Result<Ingested, StoreError> {
-        let (checked, first_index) = {
+        let (checked, first_index, target) = {
             let mut inner = self.write();
             if inner.poisoned {
                 return Err(StoreError::Poisoned);
@@ -218,13 +223,7 @@ impl Store {
                         source,
                     })?);
                 }
-                // Bundles, tiles and a sync: the leaves are durable once
-                // this returns (the signed note is not published here).
-                let appended = inner
-                    .log
-                    .append(&entries)
-                    .and_then(|_| inner.log.prepare_checkpoint(now_unix_ms));
-                if let Err(e) = appended {
+                if let Err(e) = inner.log.append(&entries) {
                     inner.poisoned = true;
                     return Err(e.into());
                 }
@@ -232,12 +231,53 @@ impl Store {
                     .sources
                     .insert(batch.journal.source.clone(), checked.state);
             }
-            (checked, first_index)
+            (checked, first_index, inner.log.size())
         };
+        // Duplicates too: what the answer acknowledges must be durable.
+        self.make_durable(target, now_unix_ms)?;
         Ok(Ingested {
             checked,
             first_index,
         })
+    }
+
+    /// Makes the log durable up to at least `target` entries: entry
+    /// bundles, tiles, sync (a prepared checkpoint, not published). One
+    /// caller syncs for all that wait meanwhile.
+    fn make_durable(&self, target: u64, now_unix_ms: u64) -> Result<(), StoreError> {
+        let mut durable = self.durable.lock().unwrap_or_else(PoisonError::into_inner);
+        if *durable >= target {
+            return Ok(());
+        }
+        self.prepare_locked(&mut durable, now_unix_ms).map(|_| ())
+    }
+
+    fn prepare_locked(
+        &self,
+        durable: &mut u64,
+        now_unix_ms: u64,
+    ) -> Result<SignedNote, StoreError> {
+        let mut inner = self.write();
+        if inner.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        match inner.log.prepare_checkpoint(now_unix_ms) {
+            Ok(note) => {
+                *durable = inner.log.size();
+                Ok(note)
+            }
+            Err(e) => {
+                inner.poisoned = true;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Makes everything appended durable and signs a checkpoint of it (not
+    /// yet published).
+    pub(crate) fn prepare_checkpoint(&self, now_unix_ms: u64) -> Result<SignedNote, StoreError> {
+        let mut durable = self.durable.lock().unwrap_or_else(PoisonError::into_inner);
+        self.prepare_locked(&mut durable, now_unix_ms)
     }
 
     /// What the log holds of `source`.
@@ -246,12 +286,22 @@ impl Store {
     }
 
     /// Writes the source states with the log size they describe (atomic
-    /// replace, fsync). Every appended leaf is durable once its ingest
-    /// returns, so the size under the lock is durable.
-    pub(crate) fn persist(&self) -> Result<(), StoreError> {
+    /// replace, fsync), after making that size durable.
+    pub(crate) fn persist(&self, now_unix_ms: u64) -> Result<(), StoreError> {
         let (bytes, size) = {
-            let inner = self.read();
-            inner.log.storage().sync()?;
+            // Lock order everywhere: durable, then the log.
+            let mut durable = self.durable.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut inner = self.write();
+            if inner.poisoned {
+                return Err(StoreError::Poisoned);
+            }
+            if *durable < inner.log.size() {
+                if let Err(e) = inner.log.prepare_checkpoint(now_unix_ms) {
+                    inner.poisoned = true;
+                    return Err(e.into());
+                }
+                *durable = inner.log.size();
+            }
             let file = SourcesFile {
                 log_size: inner.log.size(),
                 sources: inner.sources.clone(),
@@ -277,11 +327,6 @@ impl Store {
     /// Runs `f` with the log for reading.
     pub(crate) fn with_log<R>(&self, f: impl FnOnce(&Log<FileStorage>) -> R) -> R {
         f(&self.read().log)
-    }
-
-    /// Runs `f` with the log for writing (checkpoints).
-    pub(crate) fn with_log_mut<R>(&self, f: impl FnOnce(&mut Log<FileStorage>) -> R) -> R {
-        f(&mut self.write().log)
     }
 
     /// The log size and the size of the last published checkpoint.

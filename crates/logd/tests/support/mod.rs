@@ -50,22 +50,37 @@ impl Alerts {
     }
 }
 
-/// What an [`Observer`] sees: (log index, source, seq).
+/// What an [`Observer`] sees: (log index, source, seq) of each record,
+/// and when each checkpoint was published.
 #[derive(Default)]
-pub struct Seen(Mutex<Vec<(u64, String, u64)>>);
+pub struct Seen {
+    records: Mutex<Vec<(u64, String, u64)>>,
+    checkpoints: Mutex<Vec<(std::time::Instant, u64)>>,
+}
 
 impl Observer for Seen {
     fn record(&self, index: u64, leaf: &LeafV1, _record: &AuditRecord) {
-        self.0
+        self.records
             .lock()
             .unwrap()
             .push((index, leaf.source.clone(), leaf.seq));
+    }
+
+    fn checkpoint(&self, size: u64) {
+        self.checkpoints
+            .lock()
+            .unwrap()
+            .push((std::time::Instant::now(), size));
     }
 }
 
 impl Seen {
     pub fn all(&self) -> Vec<(u64, String, u64)> {
-        self.0.lock().unwrap().clone()
+        self.records.lock().unwrap().clone()
+    }
+
+    pub fn checkpoints(&self) -> Vec<(std::time::Instant, u64)> {
+        self.checkpoints.lock().unwrap().clone()
     }
 }
 
