@@ -15,6 +15,17 @@
 //! p99 <= 1 s, >= 20,000 proofs/s.
 //!
 //! `cargo bench -p nitrile-logd --bench ingest [-- SOURCES RATE SECONDS INTERVAL_MS]`
+//!
+//! On the 2-core development machine (everything in one process: writers,
+//! shippers, logd), 4 sources, 10,000 records/s offered:
+//!
+//! | checkpoint every | acked records/s | p50 | p99 | proofs/s (64 conns) |
+//! |---|---|---|---|---|
+//! | 1000 ms | 9,967 | 555 ms | 1,069 ms | 4,770 |
+//! | 500 ms | 10,016 | 314 ms | 576 ms | 7,711 |
+//!
+//! Proof serving is bounded by journaling each read (a durable request
+//! record per read, group-committed) and by ingesting logd's own journal.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
