@@ -465,9 +465,22 @@ async fn claim6_auditor_reads_verify_and_are_journaled_operator_reads_are_refuse
         leaf_of(&jref, &entries[(first.seq - 1) as usize])
     );
 
-    // Every read by carol was journaled, request before outcome.
-    let records = logd_records(&logd);
+    // Every read by carol was journaled, request before outcome. A read's
+    // outcome record is queued before the answer but not waited for, so the
+    // last one may reach the journal a moment after the answer.
     let carol = principal("auditor/carol");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let records = loop {
+        let records = logd_records(&logd);
+        let n = records
+            .iter()
+            .filter(|r| r.principal.as_ref() == Some(&carol))
+            .count();
+        if n % 2 == 0 || std::time::Instant::now() > deadline {
+            break records;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     let reads: Vec<_> = records
         .iter()
         .filter(|r| r.principal.as_ref() == Some(&carol))
