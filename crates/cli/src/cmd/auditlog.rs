@@ -183,8 +183,13 @@ fn print_entries(entries: &[EntryBody], output: Output, header: bool) -> anyhow:
     Ok(())
 }
 
-/// Reads every entry from `next` on, page by page, into `f`; `next` is
-/// moved past each page read, even when a later one fails.
+/// Reads the entries from `next` on, page by page, into `f`, until a page
+/// comes back short (the end of the log when it was read); `next` is moved
+/// past each page read, even when a later one fails.
+///
+/// Stopping at a short page, not at an empty one, matters: every read is
+/// itself logged, so on a slow machine a reader that waited for an empty
+/// page could chase its own read records forever.
 async fn read_from(
     reader: &mut LogReader,
     next: &mut u64,
@@ -194,11 +199,12 @@ async fn read_from(
         let page: Vec<EntryBody> = reader
             .get_json(&format!("/v1/log/entries/{next}/{PAGE}"))
             .await?;
-        if page.is_empty() {
-            return Ok(());
-        }
+        let short = (page.len() as u64) < PAGE;
         *next += page.len() as u64;
         page.into_iter().for_each(&mut f);
+        if short {
+            return Ok(());
+        }
     }
 }
 
