@@ -19,6 +19,27 @@ struct Up {
     stdout: Vec<String>,
 }
 
+/// A test that fails part-way still stops its cell: SIGTERM (the cell stops
+/// its host agent and instances), then SIGKILL if it has not ended in time.
+impl Drop for Up {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn start(state: &Path) -> Up {
     // Its stderr (and the host agent's, forwarded) is kept beside the state
     // to explain a failure.
