@@ -739,7 +739,7 @@ impl Instances {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }
-        let mut record = InstanceDescription {
+        let record = InstanceDescription {
             instance: name.clone(),
             host: self.host.clone(),
             image: req.image,
@@ -780,20 +780,7 @@ impl Instances {
         })
         .await
         .map_err(InstanceError::Task)?;
-        record.updated_at = now_text(now);
-        match result {
-            Ok(()) => {
-                record.state = InstanceState::Running;
-                self.save(&record)?;
-                Ok(record)
-            }
-            Err(e) => {
-                record.state = InstanceState::Failed;
-                record.reason = Some(clip_text(&e.to_string(), MAX_REASON_LEN));
-                self.save(&record)?;
-                Err(InstanceError::Hypervisor(e))
-            }
-        }
+        self.record_started(record, result, now)
     }
 
     /// Stops a running instance: its VMM process ends, its volumes and keys
@@ -874,6 +861,17 @@ impl Instances {
         })
         .await
         .map_err(InstanceError::Task)?;
+        self.record_started(record, result, now)
+    }
+
+    /// Records how creating and starting an instance's VM ended: running,
+    /// or failed with the hypervisor's reason.
+    fn record_started(
+        &self,
+        mut record: InstanceDescription,
+        result: Result<(), VmmError>,
+        now: OffsetDateTime,
+    ) -> Result<InstanceDescription, InstanceError> {
         record.updated_at = now_text(now);
         match result {
             Ok(()) => {
