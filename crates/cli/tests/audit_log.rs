@@ -334,6 +334,20 @@ fn claim6_auditor_reads_proves_and_verifies_the_log_and_tampering_is_named() {
         &["audit", "verify", "--store", store.to_str().unwrap()],
     );
     assert!(out.starts_with("OK: "), "{out}");
+    let stored = cell.ok(
+        &cell.carol,
+        &[
+            "audit",
+            "verify",
+            "--store",
+            store.to_str().unwrap(),
+            "-o",
+            "json",
+        ],
+    );
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    let stored_checkpoints = stored["checkpoints"].as_u64().unwrap();
+    assert!(stored_checkpoints >= 2, "{stored}");
     // The log's key is found beside the store too (no client config).
     let out = std::process::Command::new(cell::NITRILE)
         .args([
@@ -425,6 +439,11 @@ fn claim6_auditor_reads_proves_and_verifies_the_log_and_tampering_is_named() {
         let v: serde_json::Value = serde_json::from_str(&v).unwrap();
         assert_eq!(v["ok"], true, "{v}");
         if v["size"].as_u64().unwrap() > size {
+            // Fetched from logd: every checkpoint of before the restart too.
+            assert!(
+                v["checkpoints"].as_u64().unwrap() > stored_checkpoints,
+                "{v} vs {stored}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "the checkpoint never grew: {v}");

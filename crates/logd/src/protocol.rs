@@ -83,6 +83,18 @@ pub struct ProofBody {
     pub proof: Vec<String>,
 }
 
+/// A page of published checkpoints, as served by
+/// `GET /v1/log/history/<from>`: the signed notes of size `from` or more,
+/// by size, as stored (a reader verifies each).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryBody {
+    /// The notes.
+    pub checkpoints: Vec<String>,
+    /// The `from` of the next page, when there is one.
+    pub next: Option<u64>,
+}
+
 /// One decoded log entry as served by `GET /v1/log/entries/...`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -39,7 +39,7 @@ use crate::chain::IntegrityViolation;
 use crate::config::LogdConfig;
 use crate::leaf::LeafV1;
 use crate::protocol::{
-    EntryBody, IngestAck, IngestBatch, IngestEntry, JournalRef, MAX_INGEST_BODY,
+    EntryBody, HistoryBody, IngestAck, IngestBatch, IngestEntry, JournalRef, MAX_INGEST_BODY,
     MAX_INGEST_ENTRIES, ProofBody, SourceHead, base64,
 };
 use crate::store::{Store, StoreError};
@@ -55,6 +55,9 @@ pub const LOG_VKEY_FILE: &str = "log.vkey";
 pub const LOG_DIR: &str = "log";
 /// Most entries one `GET /v1/log/entries` answers.
 pub const MAX_ENTRIES_PER_READ: u64 = 256;
+
+/// Most checkpoints in one page of `GET /v1/log/history/<from>`.
+pub const MAX_CHECKPOINTS_PER_READ: usize = 256;
 /// Most alerts kept in memory for `GET /v1/alerts`.
 pub const MAX_ALERTS_KEPT: usize = 10_000;
 /// How often logd looks for new records in its own journal.
@@ -536,6 +539,7 @@ fn bearer(headers: &http::HeaderMap) -> Option<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Read {
     Checkpoint,
+    History { from: u64 },
     Tile(String),
     Inclusion { index: u64, size: u64 },
     Consistency { old: u64, new: u64 },
@@ -595,6 +599,10 @@ fn route(method: &Method, path: &str) -> Result<Route, (u16, &'static str, Strin
         ["ingest"] => Err(wrong_method("POST")),
         ["ingest", "head", kind, name] => get(Route::Head((*kind).to_owned(), (*name).to_owned())),
         ["log", "checkpoint"] => get(Route::Read(Read::Checkpoint)),
+        ["log", "history", from] => match parse_u64(from) {
+            Some(from) => get(Route::Read(Read::History { from })),
+            None => Err(not_found()),
+        },
         ["log", "tile", ..] => {
             let tile = &path["/v1/log/".len()..];
             let rest = tile
@@ -993,6 +1001,17 @@ impl Inner {
                 )),
                 None => Err((404, "no checkpoint has been published yet".into())),
             },
+            Read::History { from } => {
+                let (notes, next) = self
+                    .store
+                    .with_log(|l| l.history(*from, MAX_CHECKPOINTS_PER_READ))
+                    .map_err(|e| log_err(e.into()))?;
+                let body = HistoryBody {
+                    checkpoints: notes.into_iter().map(|n| n.text).collect(),
+                    next,
+                };
+                Ok(json_response(StatusCode::OK, &body))
+            }
             Read::Tile(path) => match self.store.with_log(|l| l.storage().read(path)) {
                 Ok(Some(b)) => Ok(bytes_response("application/octet-stream", b)),
                 Ok(None) => Err((404, format!("no tile {path}"))),
@@ -1558,6 +1577,10 @@ mod tests {
             route(&g, "/v1/log/entries/0/5"),
             Ok(Route::Read(Read::Entries { start: 0, count: 5 }))
         );
+        assert_eq!(
+            route(&g, "/v1/log/history/0"),
+            Ok(Route::Read(Read::History { from: 0 }))
+        );
         assert_eq!(route(&g, "/v1/alerts"), Ok(Route::Read(Read::Alerts)));
         for bad in [
             "/v1/log/tile/../sources.json",
@@ -1567,6 +1590,9 @@ mod tests {
             "/v1/log/proof/inclusion/1",
             "/v1/log/entries/a/1",
             "/v1/log/checkpoints/3",
+            "/v1/log/history",
+            "/v1/log/history/x",
+            "/v1/log/history/1/2",
             "/v1/log/delete",
             "/v2/alerts",
             "/",

@@ -139,6 +139,8 @@ pub struct Log<S: Storage> {
     /// Size up to which hash tiles were written.
     tiles_size: u64,
     published: Option<(SignedNote, Checkpoint)>,
+    /// Sizes of the published checkpoints under `checkpoints/`, ascending.
+    history: Vec<u64>,
     prepared_at: Option<u64>,
     failed: bool,
 }
@@ -184,9 +186,18 @@ impl<S: Storage> Log<S> {
             synced_size: 0,
             tiles_size: 0,
             published: None,
+            history: Vec::new(),
             prepared_at: None,
             failed: false,
         };
+        let mut history: Vec<u64> = log
+            .storage
+            .list(HISTORY_PREFIX)?
+            .iter()
+            .filter_map(|p| p[HISTORY_PREFIX.len()..].parse().ok())
+            .collect();
+        history.sort_unstable();
+        log.history = history;
         if let Some(bytes) = log.storage.read(CHECKPOINT_PATH)? {
             let text = String::from_utf8(bytes).map_err(|_| NoteError::Malformed("not UTF-8"))?;
             let cp = open_checkpoint(&text, origin, &log.verifier)?;
@@ -522,8 +533,39 @@ impl<S: Storage> Log<S> {
             self.failed = true;
             return Err(e.into());
         }
+        if self.history.last().is_none_or(|&last| last < cp.size) {
+            self.history.push(cp.size);
+        }
         self.published = Some((note.clone(), cp));
         Ok(())
+    }
+
+    /// Up to `max` published checkpoints (`checkpoints/<size>`) of size
+    /// `from` or more, by size, and the size to ask for next when more are
+    /// stored. The notes are as stored: a reader verifies them.
+    pub fn history(
+        &self,
+        from: u64,
+        max: usize,
+    ) -> Result<(Vec<SignedNote>, Option<u64>), LogError> {
+        let start = self.history.partition_point(|&s| s < from);
+        let sizes = &self.history[start..];
+        let mut notes = Vec::with_capacity(sizes.len().min(max));
+        for size in sizes.iter().take(max) {
+            let path = format!("{HISTORY_PREFIX}{size}");
+            let bytes = self
+                .storage
+                .read(&path)?
+                .ok_or_else(|| LogError::Missing { path: path.clone() })?;
+            let text = String::from_utf8(bytes).map_err(|_| LogError::Corrupt {
+                path,
+                index: None,
+                what: "the checkpoint is not UTF-8",
+            })?;
+            notes.push(SignedNote { text });
+        }
+        let next = sizes.get(max).copied();
+        Ok((notes, next))
     }
 
     /// The `now_unix_ms` of the last [`Log::prepare_checkpoint`] of this process.

@@ -88,6 +88,17 @@ fn append_checkpoint_prove_and_read_back() {
         (report.size, report.root, report.checkpoints),
         (70_000, cp2.root, 2)
     );
+    // The history, by size, in pages.
+    assert_eq!(
+        log.history(0, 10).unwrap(),
+        (vec![first.clone(), second.clone()], None)
+    );
+    assert_eq!(
+        log.history(0, 1).unwrap(),
+        (vec![first.clone()], Some(70_000))
+    );
+    assert_eq!(log.history(1001, 1).unwrap(), (vec![second.clone()], None));
+    assert_eq!(log.history(70_001, 5).unwrap(), (vec![], None));
 
     // Reopen: same tree, same checkpoint.
     drop(log);
@@ -98,8 +109,9 @@ fn append_checkpoint_prove_and_read_back() {
     )
     .unwrap();
     assert_eq!((log.size(), log.root()), (70_000, cp2.root));
-    assert_eq!(log.checkpoint(), Some(second));
+    assert_eq!(log.checkpoint(), Some(second.clone()));
     assert_eq!(log.entry(69_999).unwrap(), entry(69_999));
+    assert_eq!(log.history(1000, 10).unwrap(), (vec![first, second], None));
 }
 
 #[test]

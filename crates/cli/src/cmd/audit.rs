@@ -47,8 +47,8 @@ pub(crate) enum Command {
     ///
     /// Example: `nitrile audit prove --record host/h1:17`
     Prove(super::auditlog::ProveArgs),
-    /// Verify the whole audit log: fetch every entry bundle and hash tile
-    /// and the checkpoint from logd (or read a log directory with
+    /// Verify the whole audit log: fetch every entry bundle and hash tile,
+    /// the latest checkpoint and every one published before it from logd (or read a log directory with
     /// `--store`), recompute the tree, check every checkpoint's signature,
     /// root and consistency and every tile. Exits 1 naming the path and
     /// entry where it breaks.

@@ -10,7 +10,7 @@ use anyhow::Context;
 use nitrile_audit::AuditRecord;
 use nitrile_logd::Alert;
 use nitrile_logd::leaf::{self, LeafV1};
-use nitrile_logd::protocol::{EntryBody, ProofBody};
+use nitrile_logd::protocol::{EntryBody, HistoryBody, ProofBody};
 use nitrile_tlog::{
     AuditFailure, ENTRIES_PER_BUNDLE, FileStorage, HASHES_PER_TILE, Hash, NoteVerifier, Storage,
     TilePath, audit, decode_bundle, leaf_hash, open_checkpoint, verify_inclusion,
@@ -455,7 +455,7 @@ fn note_size(note: &str) -> Option<u64> {
 }
 
 /// Fetches everything the checkpoint covers into memory: the checkpoint,
-/// every entry bundle and every hash tile a tree of its size needs.
+/// every checkpoint published before it, every entry bundle and every hash tile a tree of its size needs.
 async fn fetch_all(reader: &mut LogReader) -> anyhow::Result<MemStorage> {
     let mem = MemStorage::default();
     let Some(note) = reader.checkpoint().await? else {
@@ -463,6 +463,21 @@ async fn fetch_all(reader: &mut LogReader) -> anyhow::Result<MemStorage> {
     };
     let size = note_size(&note).context("logd's checkpoint names no size")?;
     mem.write("checkpoint", note.as_bytes())?;
+    // Every checkpoint published up to it, each checked by the audit.
+    let mut from = 0;
+    loop {
+        let page: HistoryBody = reader.get_json(&format!("/v1/log/history/{from}")).await?;
+        for note in &page.checkpoints {
+            let at = note_size(note).context("logd's history holds a note without a size")?;
+            if at <= size {
+                mem.write(&format!("checkpoints/{at}"), note.as_bytes())?;
+            }
+        }
+        match page.next {
+            Some(next) if next > from && next <= size => from = next,
+            _ => break,
+        }
+    }
     for n in 0..size.div_ceil(ENTRIES_PER_BUNDLE) {
         let need = (size - n * ENTRIES_PER_BUNDLE).min(ENTRIES_PER_BUNDLE);
         let full = TilePath::entries(n, 256).to_string();
