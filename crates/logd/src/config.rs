@@ -8,7 +8,7 @@
 //! cert = "../pki/service-logd.pem"      # principal nitrile://<cell>/service/logd
 //! key = "../pki/service-logd.key"
 //! issuer_keys = "issuer-keys.toml"      # the token issuer keys pinned at provisioning
-//! checkpoint_interval_ms = 1000         # optional: how often a grown log is checkpointed
+//! checkpoint_interval_ms = 500          # optional: how often a grown log is checkpointed
 //! max_checkpoint_age_ms = 60000         # optional: a checkpoint at least this often anyway
 //! witness_quorum = 0                    # optional: cosignatures needed to publish
 //! # webhook = "http://127.0.0.1:9000/alerts"   optional
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 /// Largest config file read.
 pub const MAX_CONFIG_LEN: u64 = 64 * 1024;
 /// The default checkpoint interval.
-pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 1000;
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 500;
 /// The default longest time between two checkpoints, grown or not.
 pub const DEFAULT_MAX_CHECKPOINT_AGE_MS: u64 = 60_000;
 /// Most witnesses a config may name.
@@ -293,7 +293,7 @@ addr = "127.0.0.1:7447"
         assert_eq!(c.state, dir.path());
         assert_eq!(c.cert, dir.path().join("c.pem"));
         assert_eq!(c.key, PathBuf::from("/abs/c.key"));
-        assert_eq!(c.checkpoint_interval_ms, 1000);
+        assert_eq!(c.checkpoint_interval_ms, 500);
         assert_eq!(c.witnesses[0].name.as_str(), "witness-1");
         assert_eq!(
             LogdConfig::parse(&c.to_toml()).unwrap().witnesses,
