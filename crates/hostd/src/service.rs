@@ -412,6 +412,11 @@ impl Hostd {
         &self.inner.instances
     }
 
+    /// The write-ahead journal (to ship it with its durable head).
+    pub fn journal(&self) -> &Arc<nitrile_audit::Journal> {
+        self.inner.admission.journal()
+    }
+
     /// The metrics file.
     pub fn metrics_path(&self) -> PathBuf {
         self.inner.config.state.join(METRICS_FILE)

@@ -275,6 +275,7 @@ mod tests {
         IngestBatch {
             journal: j.clone(),
             entries: e.to_vec(),
+            head: None,
         }
     }
 

@@ -50,6 +50,11 @@ pub struct IngestBatch {
     pub journal: JournalRef,
     /// Consecutive records, oldest first.
     pub entries: Vec<IngestEntry>,
+    /// The journal's durable head as its writer knows it, when the shipper
+    /// runs in the writer's process: how far the log lags behind the
+    /// journal, for the monitor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<u64>,
 }
 
 /// The answer to an accepted batch: every record up to `acked_seq` is
@@ -202,8 +207,10 @@ mod tests {
                 hash: ChainHash([3; 32]),
                 payload: b"{}".to_vec(),
             }],
+            head: None,
         };
         let json = serde_json::to_string(&batch).unwrap();
+        assert!(!json.contains("head"), "{json}");
         assert!(json.contains(r#""payload":"e30=""#), "{json}");
         assert!(json.contains(&"01".repeat(16)), "{json}");
         assert_eq!(serde_json::from_str::<IngestBatch>(&json).unwrap(), batch);
@@ -213,5 +220,15 @@ mod tests {
         assert!(serde_json::from_str::<IngestBatch>(&upper).is_err());
         let bad_b64 = json.replace("e30=", "e30");
         assert!(serde_json::from_str::<IngestBatch>(&bad_b64).is_err());
+        let with_head = IngestBatch {
+            head: Some(9),
+            ..batch
+        };
+        let json = serde_json::to_string(&with_head).unwrap();
+        assert!(json.ends_with(r#","head":9}"#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<IngestBatch>(&json).unwrap(),
+            with_head
+        );
     }
 }

@@ -907,6 +907,15 @@ impl Inner {
         };
         self.observe(ingested.first_index, &ingested.checked.leaves);
         let state = ingested.checked.state;
+        if let Some(head) = batch.head {
+            // What the source says its journal holds against what the log
+            // holds of it: the monitor's journal-lag detector.
+            self.feed_monitor(&Event::journal_head(
+                &batch.journal.source,
+                head.max(state.acked_seq),
+                state.acked_seq,
+            ));
+        }
         match ingested.checked.violation {
             None => json_response(
                 StatusCode::OK,
@@ -1447,6 +1456,7 @@ impl Inner {
                         payload: e.payload,
                     })
                     .collect(),
+                head: None,
             };
             match self.store.ingest(&batch, now_ms(&*self.clock)) {
                 Ok(i) => {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nitrile_api::PrincipalId;
+use nitrile_audit::Journal;
 use nitrile_net::Client;
 use rustls::ClientConfig;
 use tokio::sync::watch;
@@ -84,6 +85,10 @@ pub struct ShipperOptions {
     pub poll: Duration,
     /// The longest wait between attempts after errors.
     pub max_backoff: Duration,
+    /// The journal itself, when the shipper runs in its writer's process:
+    /// each batch then carries the journal's durable head, so that the log's
+    /// monitor sees how far shipping lags behind the journal.
+    pub journal: Option<Arc<Journal>>,
 }
 
 impl Default for ShipperOptions {
@@ -91,6 +96,7 @@ impl Default for ShipperOptions {
         Self {
             poll: DEFAULT_POLL,
             max_backoff: MAX_BACKOFF,
+            journal: None,
         }
     }
 }
@@ -308,7 +314,13 @@ impl Run {
                 continue;
             };
             let last_seq = last.seq;
-            self.set(|s| s.journal_head = s.journal_head.max(last_seq));
+            let head = self
+                .options
+                .journal
+                .as_ref()
+                .filter(|j| j.header().journal_id == header.journal_id)
+                .map(|j| j.head().seq.max(last_seq));
+            self.set(|s| s.journal_head = s.journal_head.max(head.unwrap_or(last_seq)));
             let batch = IngestBatch {
                 journal: journal.clone(),
                 entries: entries
@@ -319,6 +331,7 @@ impl Run {
                         payload: e.payload,
                     })
                     .collect(),
+                head,
             };
             let resp = match client.post_json("/v1/ingest", &batch).await {
                 Ok(r) => r,

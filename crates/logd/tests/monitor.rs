@@ -103,3 +103,77 @@ async fn shipped_rules_fire_on_ingested_records_and_integrity_alerts() {
     );
     logd.stop().await;
 }
+
+/// Appends `n` describe requests to a new journal of host `name`.
+fn host_journal(cell: &TestCell, name: &str, n: u8) -> std::path::PathBuf {
+    let now = nitrile_token::Clock::now(&*cell.clock);
+    nitrile_cell::provision_host(
+        &cell.layout,
+        &cell.cell,
+        &nitrile_api::Name::new(name).unwrap(),
+        now,
+    )
+    .unwrap();
+    let path = cell.scratch(name).join("journal");
+    let j = nitrile_audit::Journal::open(&path, &host_principal(name).uri()).unwrap();
+    for i in 0..n {
+        let r = nitrile_audit::AuditRecord::request(
+            now,
+            host_principal(name),
+            nitrile_audit::RequestId::from_bytes([i; 16]),
+        )
+        .with_principal(principal("operator/alice"))
+        .with_operations([Operation::HostDescribe])
+        .with_resources([r(&format!("host/{name}"))]);
+        j.append(&r.encode().unwrap()).unwrap();
+    }
+    path
+}
+
+fn lag_alerts(logd: &RunningLogd) -> Vec<nitrile_logd::Alert> {
+    logd.alerts
+        .all()
+        .into_iter()
+        .filter(|a| a.kind == AlertKind::Monitor && a.detail["rule_name"] == "nitrile_journal_lag")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_whose_head_runs_ahead_of_the_log_for_too_long_raises_a_lag_alert() {
+    let cell = TestCell::new().await;
+    let mut config = logd_config(&cell, &cell.scratch("logd"), 200);
+    config.rules = Some(rules_dir());
+    let logd = start_logd(&cell, config).await;
+
+    // h1 ships one record of three and says its journal holds three; h2
+    // ships all it holds.
+    let (j1, e1) = journal_batch(&host_journal(&cell, "h1", 3));
+    let (j2, e2) = journal_batch(&host_journal(&cell, "h2", 2));
+    let (status, _) = ship_with_head(&cell, &logd, "host/h1", &j1, &e1[..1], Some(3)).await;
+    assert_eq!(status, 200);
+    let (status, _) = ship_with_head(&cell, &logd, "host/h2", &j2, &e2, Some(2)).await;
+    assert_eq!(status, 200);
+    // Within the allowed lag: nothing.
+    cell.clock.advance(time::Duration::seconds(10));
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert!(lag_alerts(&logd).is_empty(), "{:?}", lag_alerts(&logd));
+    // h1 ships one more but is still behind the head it reported: the lag
+    // started when it first fell behind, and outlives the limit.
+    let (status, _) = ship_with_head(&cell, &logd, "host/h1", &j1, &e1[1..2], Some(3)).await;
+    assert_eq!(status, 200);
+    cell.clock.advance(time::Duration::seconds(25));
+    wait_until("the journal lag detector fires for h1", async || {
+        !lag_alerts(&logd).is_empty()
+    })
+    .await;
+    let alerts = lag_alerts(&logd);
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(
+        alerts[0].source.as_deref(),
+        Some(host_principal("h1").uri().as_str()),
+        "{alerts:?}"
+    );
+    // It is journaled by logd like its other alerts.
+    assert!(alerts[0].audit_seq.is_some());
+    logd.stop().await;
+}

@@ -1,5 +1,7 @@
 //! `nitrile hostd`: run the host agent.
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use nitrile_hostd::{Hostd, HostdConfig, HostdOptions};
 
@@ -72,6 +74,7 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
         let shipper = match &config.logd {
             Some(logd) => Some(super::logd::ship_journal(
                 config.state.join("journal"),
+                Arc::clone(hostd.journal()),
                 &logd.addr,
                 &config.cell,
                 &config.ca,

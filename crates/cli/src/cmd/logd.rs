@@ -2,10 +2,12 @@
 //! journal to it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use nitrile_api::Name;
-use nitrile_logd::{Logd, LogdConfig, LogdOptions, Shipper, ShipperHandle};
+use nitrile_audit::Journal;
+use nitrile_logd::{Logd, LogdConfig, LogdOptions, Shipper, ShipperHandle, ShipperOptions};
 use nitrile_pki::tls::{CaRoots, TlsIdentity};
 
 use crate::Global;
@@ -62,10 +64,12 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
 }
 
 /// Starts shipping the journal at `journal` to logd at `addr`, as the
-/// principal of the certificate `cert` (the journal's source). Must be
-/// called within a tokio runtime; stop it with [`ShipperHandle::stop`].
+/// principal of the certificate `cert` (the journal's source); `writer` is
+/// the journal open in this process, whose durable head goes with each batch.
+/// Must be called within a tokio runtime; stop it with [`ShipperHandle::stop`].
 pub(crate) fn ship_journal(
     journal: PathBuf,
+    writer: Arc<Journal>,
     addr: &str,
     cell: &Name,
     ca: &Path,
@@ -76,10 +80,14 @@ pub(crate) fn ship_journal(
     let identity = TlsIdentity::load(cert, key)
         .with_context(|| format!("certificate {} and key {}", cert.display(), key.display()))?;
     let tls = nitrile_pki::tls::client_config(&roots, &identity)?;
-    Ok(Shipper::spawn(
+    Ok(Shipper::spawn_with(
         journal,
         addr.to_owned(),
         crate::logapi::logd_principal(cell),
         tls,
+        ShipperOptions {
+            journal: Some(writer),
+            ..ShipperOptions::default()
+        },
     ))
 }

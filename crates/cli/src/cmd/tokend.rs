@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use nitrile_api::{Name, PrincipalId};
@@ -150,6 +151,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         let shipper = match &args.logd {
             Some(addr) => Some(super::logd::ship_journal(
                 layout.tokend_journal(),
+                Arc::clone(tokend.service().journal()),
                 addr,
                 &config.cell,
                 &config.ca,

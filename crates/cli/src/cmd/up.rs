@@ -116,6 +116,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         }));
         let tokend_shipper = super::logd::ship_journal(
             layout.tokend_journal(),
+            std::sync::Arc::clone(tokend.service().journal()),
             &logd_addr,
             &cell.cell,
             &tokend_config.ca,

@@ -262,10 +262,23 @@ pub async fn ship(
     journal: &JournalRef,
     entries: &[IngestEntry],
 ) -> (u16, Bytes) {
+    ship_with_head(cell, logd, kind_name, journal, entries, None).await
+}
+
+/// POSTs a batch to logd as `kind_name`, saying the journal's head is `head`.
+pub async fn ship_with_head(
+    cell: &TestCell,
+    logd: &RunningLogd,
+    kind_name: &str,
+    journal: &JournalRef,
+    entries: &[IngestEntry],
+    head: Option<u64>,
+) -> (u16, Bytes) {
     let mut c = logd_client(cell, logd, kind_name).await;
     let body = serde_json::to_vec(&IngestBatch {
         journal: journal.clone(),
         entries: entries.to_vec(),
+        head,
     })
     .unwrap();
     send_raw(&mut c, "POST", "/v1/ingest", &body, None).await
