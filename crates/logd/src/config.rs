@@ -18,9 +18,25 @@
 //! # name = "witness-1"                  # service name: nitrile://<cell>/service/witness-1
 //! # vkey = "witness-1+abcd1234+AQ..."   # its cosignature verifier key
 //! # addr = "127.0.0.1:7447"
+//!
+//! # [storage]                         optional; default: the log in files under <state>/log
+//! # postgres = "host=/run/postgresql user=nitrile dbname=nitrile"   # libpq conninfo or URL
+//! # log_name = "local"                optional; default: the cell name
 //! ```
 //!
 //! Relative paths are resolved against the directory of the file.
+//!
+//! `[storage]` chooses where the transparency log (its tiles, entry bundles
+//! and checkpoints) is kept: files under `<state>/log` by default, or rows
+//! of a PostgreSQL database (`nitrile_tlog::PgStorage`, table
+//! `tlog_objects`, the rows of log `log_name`) for a replicated deployment.
+//! Everything else logd keeps — its own journal, `sources.json`, the log's
+//! signing key, the alerts — stays in files under `state` either way. A
+//! conninfo may hold a password: logd never logs or shows it, only its
+//! host and database ([`Conninfo`]'s `Debug` and [`Conninfo::target`]); a
+//! password file (`passfile`, `~/.pgpass`) or peer authentication over the
+//! unix socket keeps it out of this file altogether. The connection is
+//! made without TLS: use a unix socket or loopback.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,6 +52,102 @@ pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 500;
 pub const DEFAULT_MAX_CHECKPOINT_AGE_MS: u64 = 60_000;
 /// Most witnesses a config may name.
 pub const MAX_WITNESSES: usize = 32;
+
+/// A PostgreSQL connection string (libpq `key=value` words or a
+/// `postgresql://` URL), parsed when the config is read. It may hold a
+/// password, so `Debug` shows only [`Conninfo::target`]; the full text is
+/// only handed to the database client and written back by
+/// [`LogdConfig::to_toml`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Conninfo {
+    text: String,
+    target: String,
+}
+
+/// The text is not a PostgreSQL connection string (the text is not shown:
+/// it may hold a password).
+#[derive(Debug, thiserror::Error)]
+#[error("not a PostgreSQL connection string (libpq key=value words or a postgresql:// URL)")]
+pub struct ConninfoError(#[source] postgres::Error);
+
+impl Conninfo {
+    /// Parses a connection string.
+    pub fn new(text: &str) -> Result<Self, ConninfoError> {
+        let parsed: postgres::Config = text.parse().map_err(ConninfoError)?;
+        let hosts: Vec<String> = parsed
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                postgres::config::Host::Tcp(name) => name.clone(),
+                postgres::config::Host::Unix(dir) => dir.display().to_string(),
+            })
+            .collect();
+        let host = if hosts.is_empty() {
+            "(default)".to_owned()
+        } else {
+            hosts.join(",")
+        };
+        let dbname = parsed.get_dbname().unwrap_or("(default)");
+        Ok(Self {
+            text: text.to_owned(),
+            target: format!("host={host} dbname={dbname}"),
+        })
+    }
+
+    /// The host(s) and database it names, `host=... dbname=...`: what may
+    /// be logged or shown of it.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The whole connection string, password included if it has one: for
+    /// the database client only, never to be logged.
+    pub fn danger_full_text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::fmt::Debug for Conninfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Conninfo").field(&self.target).finish()
+    }
+}
+
+impl TryFrom<String> for Conninfo {
+    type Error = ConninfoError;
+    fn try_from(text: String) -> Result<Self, ConninfoError> {
+        Self::new(&text)
+    }
+}
+
+impl From<Conninfo> for String {
+    fn from(c: Conninfo) -> Self {
+        c.text
+    }
+}
+
+/// Where the transparency log is kept (`[storage]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Keep the log in this PostgreSQL database instead of files under
+    /// `<state>/log`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<Conninfo>,
+    /// The log's name in the database (its rows of `tlog_objects`); the
+    /// cell name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_name: Option<Name>,
+}
+
+impl StorageConfig {
+    /// Whether this is the default: the log in files under the state
+    /// directory.
+    pub fn is_files(&self) -> bool {
+        self.postgres.is_none() && self.log_name.is_none()
+    }
+}
 
 /// Why a logd config could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +180,16 @@ pub enum ConfigError {
         #[source]
         source: Box<toml::de::Error>,
     },
+    /// `storage.postgres` is not a connection string (the value is not
+    /// shown: it may hold a password)
+    #[error("{}: field `storage.postgres` is invalid", path.display())]
+    Conninfo {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ConninfoError,
+    },
     /// the values do not fit together
     #[error("{}: {problem}", path.display())]
     Invalid {
@@ -91,6 +213,9 @@ pub enum ConfigProblem {
     /// an interval is 0 or the maximum age is below the interval
     #[error("checkpoint_interval_ms must be > 0 and <= max_checkpoint_age_ms")]
     BadInterval,
+    /// `storage.log_name` is set without `storage.postgres`
+    #[error("storage.log_name needs storage.postgres")]
+    LogNameWithoutDatabase,
 }
 
 /// One witness logd asks to cosign its checkpoints.
@@ -152,6 +277,10 @@ pub struct LogdConfig {
     /// if the monitor is to run.
     #[serde(default)]
     pub rules: Option<PathBuf>,
+    /// Where the transparency log is kept; files under `<state>/log` by
+    /// default.
+    #[serde(default, skip_serializing_if = "StorageConfig::is_files")]
+    pub storage: StorageConfig,
 }
 
 impl LogdConfig {
@@ -180,6 +309,7 @@ impl LogdConfig {
             witness_quorum: 0,
             webhook: None,
             rules: None,
+            storage: StorageConfig::default(),
         }
     }
 
@@ -201,10 +331,32 @@ impl LogdConfig {
                 path: path.to_owned(),
             });
         }
-        let mut config = Self::parse(&text).map_err(|(field, source)| ConfigError::Field {
-            path: path.to_owned(),
-            field,
-            source,
+        let mut config = Self::parse(&text).map_err(|(field, source)| {
+            if field == "storage.postgres" {
+                // The TOML error quotes the line, password and all: only
+                // the connection string parser's reason is kept.
+                let source = text
+                    .parse::<toml::Table>()
+                    .ok()
+                    .and_then(|t| {
+                        t.get("storage")?
+                            .get("postgres")?
+                            .as_str()
+                            .map(Conninfo::new)
+                    })
+                    .and_then(Result::err);
+                if let Some(source) = source {
+                    return ConfigError::Conninfo {
+                        path: path.to_owned(),
+                        source,
+                    };
+                }
+            }
+            ConfigError::Field {
+                path: path.to_owned(),
+                field,
+                source,
+            }
         })?;
         config.check().map_err(|problem| ConfigError::Invalid {
             path: path.to_owned(),
@@ -253,13 +405,16 @@ impl LogdConfig {
         {
             return Err(ConfigProblem::BadInterval);
         }
+        if self.storage.log_name.is_some() && self.storage.postgres.is_none() {
+            return Err(ConfigProblem::LogNameWithoutDatabase);
+        }
         Ok(())
     }
 
     /// The config as TOML text.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self)
-            .unwrap_or_else(|_| unreachable!("a logd config is names, paths and numbers"))
+            .unwrap_or_else(|_| unreachable!("a logd config is names, paths, numbers and strings"))
     }
 }
 
@@ -331,6 +486,85 @@ addr = "127.0.0.1:7447"
                 problem: ConfigProblem::BadInterval,
                 ..
             })
+        ));
+    }
+
+    fn load_with(dir: &Path, extra: &str) -> Result<LogdConfig, ConfigError> {
+        let path = dir.join("logd.toml");
+        std::fs::write(&path, format!("{SAMPLE}\n{extra}\n")).unwrap();
+        LogdConfig::load(&path)
+    }
+
+    #[test]
+    fn storage_defaults_to_files_and_takes_a_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load_with(dir.path(), "").unwrap();
+        assert!(c.storage.is_files());
+        assert!(!c.to_toml().contains("[storage]"));
+
+        let c = load_with(
+            dir.path(),
+            "[storage]\npostgres = \"host=/run/postgresql user=nitrile password=hunter2 dbname=logs\"\nlog_name = \"cell-a\"",
+        )
+        .unwrap();
+        let pg = c.storage.postgres.as_ref().unwrap();
+        assert_eq!(pg.target(), "host=/run/postgresql dbname=logs");
+        assert!(pg.danger_full_text().contains("password=hunter2"));
+        assert_eq!(c.storage.log_name.as_ref().unwrap().as_str(), "cell-a");
+        // Nothing that may be logged shows the password.
+        assert!(!format!("{c:?}").contains("hunter2"), "{c:?}");
+        // Written back whole, read back the same.
+        assert_eq!(LogdConfig::parse(&c.to_toml()).unwrap().storage, c.storage);
+
+        let c = load_with(
+            dir.path(),
+            "[storage]\npostgres = \"postgresql://nitrile:hunter2@db.example:5433/logs\"",
+        )
+        .unwrap();
+        let pg = c.storage.postgres.unwrap();
+        assert_eq!(pg.target(), "host=db.example dbname=logs");
+        assert!(!format!("{pg:?}").contains("hunter2"));
+        assert_eq!(c.storage.log_name, None);
+    }
+
+    #[test]
+    fn bad_storage_is_refused_without_showing_the_conninfo() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_with(
+            dir.path(),
+            "[storage]\npostgres = \"host=db password=hunter2 port=notaport\"",
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Conninfo { .. }), "{err:?}");
+        let mut chain = String::new();
+        let mut e: Option<&dyn std::error::Error> = Some(&err);
+        while let Some(x) = e {
+            chain.push_str(&format!("{x}: {x:?}\n"));
+            e = x.source();
+        }
+        assert!(chain.contains("storage.postgres"), "{chain}");
+        assert!(!chain.contains("hunter2"), "{chain}");
+
+        // Unknown keys are refused here too.
+        assert!(matches!(
+            load_with(dir.path(), "[storage]\nmysql = \"x\""),
+            Err(ConfigError::Field { field, .. }) if field.starts_with("storage")
+        ));
+        // A log name needs a database.
+        assert!(matches!(
+            load_with(dir.path(), "[storage]\nlog_name = \"a\""),
+            Err(ConfigError::Invalid {
+                problem: ConfigProblem::LogNameWithoutDatabase,
+                ..
+            })
+        ));
+        // A log name is a name.
+        assert!(matches!(
+            load_with(
+                dir.path(),
+                "[storage]\npostgres = \"host=db\"\nlog_name = \"Not A Name\""
+            ),
+            Err(ConfigError::Field { .. })
         ));
     }
 }

@@ -42,7 +42,7 @@ use crate::protocol::{
     EntryBody, HistoryBody, IngestAck, IngestBatch, IngestEntry, JournalRef, MAX_INGEST_BODY,
     MAX_INGEST_ENTRIES, ProofBody, SourceHead, base64,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{LogBackend, Store, StoreError};
 use crate::tail::JournalTail;
 
 /// logd's journal file in its state directory.
@@ -334,9 +334,9 @@ impl Logd {
         let signer = load_or_create_signer(state, &origin)?;
         let log_verifier = signer.verifier();
         let store = {
-            let (state, log_dir, origin) = (state.clone(), state.join(LOG_DIR), origin.clone());
+            let (state, backend, origin) = (state.clone(), LogBackend::of(config), origin.clone());
             let now = now_ms(&*options.clock);
-            tokio::task::spawn_blocking(move || Store::open(&state, &log_dir, &origin, signer, now))
+            tokio::task::spawn_blocking(move || Store::open(&state, backend, &origin, signer, now))
                 .await
                 .map_err(|e| LogdError::StateDir {
                     path: config.state.clone(),

@@ -7,15 +7,28 @@
 //! written to `sources.json` with the log size they describe; on open, any
 //! leaves appended after that size are replayed from the log itself, so the
 //! file may lag but never disagrees with the log.
+//!
+//! The log is kept in files under the state directory, or in PostgreSQL
+//! ([`LogBackend`], from `[storage]` in logd.toml); the source states stay
+//! in a file either way. A storage failure is handled the same for both:
+//! the store refuses every later write until logd is restarted. Every
+//! method may block on the storage (the PostgreSQL client is synchronous
+//! and runs a runtime of its own), so none may be called on an async
+//! thread, except [`Store::head`], [`Store::sizes`] and [`Store::with_log`]
+//! closures that read only what the log keeps in memory (size,
+//! checkpoint, proofs).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError, RwLock};
 
-use nitrile_tlog::{FileStorage, Log, LogError, NoteSigner, SignedNote, StorageError};
+use nitrile_tlog::{
+    FileStorage, Log, LogError, NoteSigner, PgStorage, SignedNote, Storage, StorageError,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{Checked, SourceState, check_batch};
+use crate::config::{Conninfo, LogdConfig};
 use crate::leaf::{self, LeafError, LeafV1};
 use crate::protocol::IngestBatch;
 
@@ -73,6 +86,117 @@ pub enum StoreError {
     /// an earlier sync failed, so nothing more is acknowledged
     #[error("the log storage failed earlier; restart logd")]
     Poisoned,
+    /// the PostgreSQL database that keeps the log could not be opened
+    #[error("could not open log `{log_name}` in the PostgreSQL database {target}")]
+    Database {
+        /// Its host(s) and database name (never the whole connection
+        /// string, which may hold a password).
+        target: String,
+        /// The log's name in the database.
+        log_name: String,
+        /// Why.
+        #[source]
+        source: StorageError,
+    },
+}
+
+/// The storage the log is kept in.
+pub(crate) type LogStorage = Box<dyn Storage>;
+
+/// Where the log is kept.
+#[derive(Debug)]
+pub(crate) enum LogBackend {
+    /// Files under this directory.
+    Files(PathBuf),
+    /// The rows of log `log_name` in a PostgreSQL database.
+    Postgres {
+        /// How to connect.
+        conninfo: Conninfo,
+        /// The log's name in the database.
+        log_name: String,
+    },
+}
+
+impl LogBackend {
+    /// The backend `config` chooses: files under `<state>/log` unless
+    /// `[storage] postgres` is set.
+    pub(crate) fn of(config: &LogdConfig) -> Self {
+        match &config.storage.postgres {
+            None => Self::Files(config.state.join(crate::service::LOG_DIR)),
+            Some(conninfo) => Self::Postgres {
+                conninfo: conninfo.clone(),
+                log_name: config
+                    .storage
+                    .log_name
+                    .as_ref()
+                    .unwrap_or(&config.cell)
+                    .as_str()
+                    .to_owned(),
+            },
+        }
+    }
+
+    /// Opens the storage (blocking: connects to the database).
+    fn open(self) -> Result<LogStorage, StoreError> {
+        match self {
+            Self::Files(dir) => Ok(Box::new(FileStorage::open(&dir)?)),
+            Self::Postgres { conninfo, log_name } => {
+                let target = conninfo.target().to_owned();
+                match PgStorage::connect(conninfo.danger_full_text(), &log_name) {
+                    Ok(pg) => {
+                        tracing::info!(database = %target, log = %log_name, "log kept in PostgreSQL");
+                        Ok(Box::new(OffAsyncDrop(Some(pg))))
+                    }
+                    Err(source) => Err(StoreError::Database {
+                        target,
+                        log_name,
+                        source,
+                    }),
+                }
+            }
+        }
+    }
+}
+
+/// A storage that is never dropped on an async thread: the synchronous
+/// PostgreSQL client owns a runtime of its own, and tokio refuses (panics)
+/// to drop a runtime inside another runtime's context, which is where the
+/// last reference to logd's state may go away.
+struct OffAsyncDrop<S: Storage>(Option<S>);
+
+impl<S: Storage> OffAsyncDrop<S> {
+    fn get(&self) -> &S {
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("taken only when dropped"))
+    }
+}
+
+impl<S: Storage> Drop for OffAsyncDrop<S> {
+    fn drop(&mut self) {
+        let Some(storage) = self.0.take() else { return };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Should the thread not start, the storage is dropped here.
+            let _ = std::thread::Builder::new()
+                .name("logd-storage-close".to_owned())
+                .spawn(move || drop(storage));
+        }
+    }
+}
+
+impl<S: Storage> Storage for OffAsyncDrop<S> {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.get().read(path)
+    }
+    fn write(&self, path: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        self.get().write(path, bytes)
+    }
+    fn sync(&self) -> Result<(), StorageError> {
+        self.get().sync()
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        self.get().list(prefix)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -83,7 +207,7 @@ struct SourcesFile {
 }
 
 struct Inner {
-    log: Log<FileStorage>,
+    log: Log<LogStorage>,
     sources: BTreeMap<String, SourceState>,
     poisoned: bool,
 }
@@ -115,15 +239,16 @@ pub(crate) struct Ingested {
 }
 
 impl Store {
-    /// Opens the log in `log_dir` and the source states in `state_dir`.
+    /// Opens the log in `backend` and the source states in `state_dir`
+    /// (blocking).
     pub(crate) fn open(
         state_dir: &Path,
-        log_dir: &Path,
+        backend: LogBackend,
         origin: &str,
         signer: NoteSigner,
         now_unix_ms: u64,
     ) -> Result<Self, StoreError> {
-        let storage = FileStorage::open(log_dir)?;
+        let storage = backend.open()?;
         let log = Log::open(storage, origin, signer)?;
         let sources_file = state_dir.join(SOURCES_FILE);
         let mut file = match std::fs::metadata(&sources_file) {
@@ -324,8 +449,9 @@ impl Store {
         Ok(())
     }
 
-    /// Runs `f` with the log for reading.
-    pub(crate) fn with_log<R>(&self, f: impl FnOnce(&Log<FileStorage>) -> R) -> R {
+    /// Runs `f` with the log for reading (off the async threads if `f`
+    /// reads the storage).
+    pub(crate) fn with_log<R>(&self, f: impl FnOnce(&Log<LogStorage>) -> R) -> R {
         f(&self.read().log)
     }
 
