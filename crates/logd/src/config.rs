@@ -63,6 +63,7 @@ pub const MAX_WITNESSES: usize = 32;
 pub struct Conninfo {
     text: String,
     target: String,
+    has_password: bool,
 }
 
 /// The text is not a PostgreSQL connection string (the text is not shown:
@@ -92,6 +93,7 @@ impl Conninfo {
         Ok(Self {
             text: text.to_owned(),
             target: format!("host={host} dbname={dbname}"),
+            has_password: parsed.get_password().is_some(),
         })
     }
 
@@ -99,6 +101,11 @@ impl Conninfo {
     /// be logged or shown of it.
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    /// Whether it holds a password.
+    pub fn has_password(&self) -> bool {
+        self.has_password
     }
 
     /// The whole connection string, password included if it has one: for
@@ -510,6 +517,7 @@ addr = "127.0.0.1:7447"
         let pg = c.storage.postgres.as_ref().unwrap();
         assert_eq!(pg.target(), "host=/run/postgresql dbname=logs");
         assert!(pg.danger_full_text().contains("password=hunter2"));
+        assert!(pg.has_password());
         assert_eq!(c.storage.log_name.as_ref().unwrap().as_str(), "cell-a");
         // Nothing that may be logged shows the password.
         assert!(!format!("{c:?}").contains("hunter2"), "{c:?}");
@@ -524,7 +532,13 @@ addr = "127.0.0.1:7447"
         let pg = c.storage.postgres.unwrap();
         assert_eq!(pg.target(), "host=db.example dbname=logs");
         assert!(!format!("{pg:?}").contains("hunter2"));
+        assert!(pg.has_password());
         assert_eq!(c.storage.log_name, None);
+        assert!(
+            !Conninfo::new("host=/run/postgresql dbname=x")
+                .unwrap()
+                .has_password()
+        );
     }
 
     #[test]

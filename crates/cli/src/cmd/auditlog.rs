@@ -65,8 +65,20 @@ pub(crate) struct ProveArgs {
 pub(crate) struct VerifyArgs {
     /// Audit a log directory (logd's `log/`, or its state directory)
     /// instead of fetching from logd.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "postgres")]
     store: Option<PathBuf>,
+    /// Audit the log logd keeps in this PostgreSQL database (a libpq
+    /// connection string, as `[storage] postgres` in logd.toml) instead of
+    /// fetching from logd. It may not hold a password (nothing secret goes
+    /// on a command line): connect over the unix socket with peer or trust
+    /// authentication. Example: `--postgres "host=/run/postgresql
+    /// dbname=nitrile" --log-name local --log-key log.vkey`.
+    #[arg(long, value_name = "CONNINFO")]
+    postgres: Option<String>,
+    /// The log's name in the database (default: the cell of the client
+    /// config, as logd's default).
+    #[arg(long, value_name = "NAME", requires = "postgres")]
+    log_name: Option<String>,
     /// The log's verifier key file (else `log_vkey` of the client config,
     /// else `log.vkey` beside the store).
     #[arg(long, value_name = "FILE")]
@@ -560,6 +572,9 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 pub(crate) fn verify(args: VerifyArgs, global: &Global) -> anyhow::Result<()> {
     let output = global.output;
+    if let Some(conninfo) = &args.postgres {
+        return verify_postgres(conninfo, &args, global);
+    }
     let (verifier, source, result) = match &args.store {
         Some(dir) => {
             let loaded = crate::config::load(global).ok();
@@ -594,6 +609,46 @@ pub(crate) fn verify(args: VerifyArgs, global: &Global) -> anyhow::Result<()> {
         }
     };
     report(&verifier, &source, result, output)
+}
+
+/// `audit verify --postgres`: the whole-log audit over the rows of the log
+/// in the database.
+fn verify_postgres(conninfo: &str, args: &VerifyArgs, global: &Global) -> anyhow::Result<()> {
+    // Parsed by logd's own parser: never echoed, only its host and database.
+    let conninfo = nitrile_logd::config::Conninfo::new(conninfo)
+        .map_err(|e| UsageError(format!("--postgres: {e}")))?;
+    if conninfo.has_password() {
+        return Err(UsageError(
+            "--postgres holds a password, and nothing secret goes on a command line: connect              over the unix socket with peer or trust authentication"
+                .into(),
+        )
+        .into());
+    }
+    let loaded = crate::config::load(global).ok();
+    let verifier = log_verifier(loaded.as_ref(), args.log_key.as_deref())?;
+    let log_name = match (&args.log_name, &loaded) {
+        (Some(n), _) => n.clone(),
+        (None, Some(l)) => l.config.cell.as_str().to_owned(),
+        (None, None) => {
+            return Err(UsageError(
+                "no log name: pass --log-name NAME (logd's `[storage] log_name`, else its cell)"
+                    .into(),
+            )
+            .into());
+        }
+    };
+    let source = format!("log `{log_name}` in PostgreSQL {}", conninfo.target());
+    let storage = nitrile_tlog::PgStorage::connect(conninfo.danger_full_text(), &log_name)
+        .with_context(|| format!("cannot open {source}"))?;
+    // An empty log verifies; a mistyped log name must not.
+    let objects = storage
+        .list("")
+        .with_context(|| format!("cannot read {source}"))?;
+    if objects.is_empty() {
+        anyhow::bail!("there is no {source} (is --log-name right?)");
+    }
+    let result = audit(&storage, verifier.name(), &verifier);
+    report(&verifier, &source, result, global.output)
 }
 
 fn report(
