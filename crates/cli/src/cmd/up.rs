@@ -375,6 +375,7 @@ fn write_logd_config(
         config.witness_quorum = old.witness_quorum;
         config.webhook = old.webhook;
         config.rules = old.rules.map(|r| relative_to(&dir, &r));
+        config.storage = old.storage;
     } else {
         config.rules = Some(rel(&layout.rules_dir()));
     }
