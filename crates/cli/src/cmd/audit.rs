@@ -48,12 +48,15 @@ pub(crate) enum Command {
     /// Example: `nitrile audit prove --record host/h1:17`
     Prove(super::auditlog::ProveArgs),
     /// Verify the whole audit log: fetch every entry bundle and hash tile,
-    /// the latest checkpoint and every one published before it from logd (or read a log directory with
-    /// `--store`), recompute the tree, check every checkpoint's signature,
-    /// root and consistency and every tile. Exits 1 naming the path and
-    /// entry where it breaks.
+    /// the latest checkpoint and every one published before it from logd
+    /// (or read a log directory with `--store`, or a log kept in
+    /// PostgreSQL with `--postgres`), recompute the tree, check every
+    /// checkpoint's signature, root and consistency and every tile. Exits 1
+    /// naming the path and entry where it breaks.
     ///
-    /// Example: `nitrile audit verify` or `nitrile audit verify --store ./nitrile-state/logd/log`
+    /// Examples: `nitrile audit verify`,
+    /// `nitrile audit verify --store ./nitrile-state/logd/log`,
+    /// `nitrile audit verify --postgres "host=/run/postgresql dbname=nitrile"`
     Verify(super::auditlog::VerifyArgs),
     /// Print the integrity and monitor alerts the audit log service raised.
     ///
