@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use nitrile_tlog::{
     FileStorage, Log, LogError, NoteSigner, PgStorage, SignedNote, Storage, StorageError,
@@ -101,7 +101,7 @@ pub enum StoreError {
 }
 
 /// The storage the log is kept in.
-pub(crate) type LogStorage = Box<dyn Storage>;
+pub(crate) type LogStorage = Arc<dyn Storage>;
 
 /// Where the log is kept.
 #[derive(Debug)]
@@ -139,13 +139,13 @@ impl LogBackend {
     /// Opens the storage (blocking: connects to the database).
     fn open(self) -> Result<LogStorage, StoreError> {
         match self {
-            Self::Files(dir) => Ok(Box::new(FileStorage::open(&dir)?)),
+            Self::Files(dir) => Ok(Arc::new(FileStorage::open(&dir)?)),
             Self::Postgres { conninfo, log_name } => {
                 let target = conninfo.target().to_owned();
                 match PgStorage::connect(conninfo.danger_full_text(), &log_name) {
                     Ok(pg) => {
                         tracing::info!(database = %target, log = %log_name, "log kept in PostgreSQL");
-                        Ok(Box::new(OffAsyncDrop(Some(pg))))
+                        Ok(Arc::new(OffAsyncDrop(Some(pg))))
                     }
                     Err(source) => Err(StoreError::Database {
                         target,
@@ -218,6 +218,9 @@ pub(crate) struct Store {
     /// The log size known durable; held while making more durable, so
     /// concurrent ingests share one sync (group commit).
     durable: Mutex<u64>,
+    /// The log's storage, to store and sync a staged checkpoint without
+    /// holding the log: reads of the log go on during the sync.
+    storage: LogStorage,
     sources_file: PathBuf,
 }
 
@@ -249,7 +252,7 @@ impl Store {
         now_unix_ms: u64,
     ) -> Result<Self, StoreError> {
         let storage = backend.open()?;
-        let log = Log::open(storage, origin, signer)?;
+        let log = Log::open(Arc::clone(&storage), origin, signer)?;
         let sources_file = state_dir.join(SOURCES_FILE);
         let mut file = match std::fs::metadata(&sources_file) {
             Ok(m) if m.len() > MAX_SOURCES_FILE => {
@@ -306,6 +309,7 @@ impl Store {
         }
         let store = Self {
             durable: Mutex::new(size),
+            storage,
             inner: RwLock::new(Inner {
                 log,
                 sources: file.sources,
@@ -333,6 +337,24 @@ impl Store {
         batch: &IngestBatch,
         now_unix_ms: u64,
     ) -> Result<Ingested, StoreError> {
+        let (ingested, target) = self.append(batch)?;
+        // Duplicates too: what the answer acknowledges must be durable.
+        self.make_durable(target, now_unix_ms)?;
+        Ok(ingested)
+    }
+
+    /// [`Store::ingest`] without waiting for durability: for logd's own
+    /// journal, whose records are durable there already and acknowledged to
+    /// no one. The next checkpoint makes the leaves durable; should logd
+    /// stop before, they are ingested again from its journal (the source
+    /// states saved never run ahead of the durable log).
+    pub(crate) fn ingest_own(&self, batch: &IngestBatch) -> Result<Ingested, StoreError> {
+        self.append(batch).map(|(ingested, _)| ingested)
+    }
+
+    /// Checks and appends `batch`; returns what it did and the log size
+    /// after it.
+    fn append(&self, batch: &IngestBatch) -> Result<(Ingested, u64), StoreError> {
         let (checked, first_index, target) = {
             let mut inner = self.write();
             if inner.poisoned {
@@ -358,12 +380,13 @@ impl Store {
             }
             (checked, first_index, inner.log.size())
         };
-        // Duplicates too: what the answer acknowledges must be durable.
-        self.make_durable(target, now_unix_ms)?;
-        Ok(Ingested {
-            checked,
-            first_index,
-        })
+        Ok((
+            Ingested {
+                checked,
+                first_index,
+            },
+            target,
+        ))
     }
 
     /// Makes the log durable up to at least `target` entries: entry
@@ -377,18 +400,33 @@ impl Store {
         self.prepare_locked(&mut durable, now_unix_ms).map(|_| ())
     }
 
+    /// Stages the tiles of the current size under the log's lock, stores
+    /// and syncs them without it (the slow part: reads and appends go on),
+    /// then seals the checkpoint under the lock again. The caller holds
+    /// `durable`, so one checkpoint is staged at a time.
     fn prepare_locked(
         &self,
         durable: &mut u64,
         now_unix_ms: u64,
     ) -> Result<SignedNote, StoreError> {
+        let staged = {
+            let mut inner = self.write();
+            if inner.poisoned {
+                return Err(StoreError::Poisoned);
+            }
+            match inner.log.stage_checkpoint() {
+                Ok(s) => s,
+                Err(e) => {
+                    inner.poisoned = true;
+                    return Err(e.into());
+                }
+            }
+        };
+        let stored = staged.store(&*self.storage);
         let mut inner = self.write();
-        if inner.poisoned {
-            return Err(StoreError::Poisoned);
-        }
-        match inner.log.prepare_checkpoint(now_unix_ms) {
+        match inner.log.seal_checkpoint(&staged, stored, now_unix_ms) {
             Ok(note) => {
-                *durable = inner.log.size();
+                *durable = staged.size();
                 Ok(note)
             }
             Err(e) => {

@@ -45,7 +45,7 @@ mod storage;
 mod tile;
 
 pub use audit::{AuditFailure, AuditProblem, AuditReport, audit};
-pub use log::{Log, LogError};
+pub use log::{Log, LogError, StagedCheckpoint};
 pub use merkle::{
     ConsistencyValid, InclusionValid, ProofError, Tree, empty_root, leaf_hash, node_hash,
     verify_consistency, verify_inclusion,

@@ -104,6 +104,34 @@ pub enum LogError {
     Failed,
 }
 
+/// The entry bundle and hash tiles a checkpoint of one size needs, computed
+/// by [`Log::stage_checkpoint`] and not stored yet.
+#[derive(Debug)]
+pub struct StagedCheckpoint {
+    size: u64,
+    root: Hash,
+    writes: Vec<(String, Vec<u8>)>,
+    /// The tail's bundle index and the width of its partial bundle staged.
+    tail: Option<(u64, usize)>,
+}
+
+impl StagedCheckpoint {
+    /// The tree size it is of.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Writes the staged objects into `storage`, which must be the log's
+    /// own, and syncs it. This is the slow part, and it needs no access to
+    /// the log: readers and appenders of the log go on meanwhile.
+    pub fn store(&self, storage: &dyn Storage) -> Result<(), StorageError> {
+        for (path, bytes) in &self.writes {
+            storage.write(path, bytes)?;
+        }
+        storage.sync()
+    }
+}
+
 /// An append-only transparency log over a [`Storage`].
 ///
 /// Layout (C2SP tlog-tiles): full entry bundles `tile/entries/<N>` are
@@ -409,34 +437,27 @@ impl<S: Storage> Log<S> {
     /// kept as [`Log::prepared_at`]: a tlog-checkpoint body carries no
     /// timestamp and an Ed25519 note signature signs none (witness
     /// cosignatures carry theirs), so it is not part of the note.
+    ///
+    /// The same as [`Log::stage_checkpoint`], [`StagedCheckpoint::store`]
+    /// into this log's storage and [`Log::seal_checkpoint`]; a caller that
+    /// shares the log between threads uses those three to store and sync
+    /// without holding the log.
     pub fn prepare_checkpoint(&mut self, now_unix_ms: u64) -> Result<SignedNote, LogError> {
-        self.check_usable()?;
-        if let Err(e) = self.write_tiles() {
-            self.failed = true;
-            return Err(e);
-        }
-        if let Err(e) = self.storage.sync() {
-            self.failed = true;
-            return Err(e.into());
-        }
-        let size = self.tree.size();
-        self.synced_size = size;
-        self.tiles_size = size;
-        self.prepared_at = Some(now_unix_ms);
-        let cp = Checkpoint {
-            origin: self.origin.clone(),
-            size,
-            root: self.tree.root(),
-        };
-        Ok(SignedNote::sign(
-            &cp.body(),
-            &self.signer,
-            now_unix_ms / 1000,
-        )?)
+        let staged = self.stage_checkpoint()?;
+        let stored = staged.store(&self.storage);
+        self.seal_checkpoint(&staged, stored, now_unix_ms)
     }
 
-    fn write_tiles(&mut self) -> Result<(), LogError> {
+    /// Computes the tail's partial entry bundle and every hash tile a
+    /// checkpoint of the current size needs and that is not stored yet,
+    /// without storing them. One staged checkpoint at a time: the caller
+    /// stores it ([`StagedCheckpoint::store`], into this log's storage) and
+    /// seals it before it stages the next. Appends may go on meanwhile.
+    pub fn stage_checkpoint(&mut self) -> Result<StagedCheckpoint, LogError> {
+        self.check_usable()?;
         let size = self.tree.size();
+        let mut writes = Vec::new();
+        let mut tail = None;
         let w = self.tail.len();
         if w > 0 && w != self.tail_written {
             let n = size / ENTRIES_PER_BUNDLE;
@@ -445,45 +466,91 @@ impl<S: Storage> Log<S> {
                 path: path.clone(),
                 source,
             })?;
-            self.storage.write(&path, &bytes)?;
-            self.tail_written = w;
+            writes.push((path, bytes));
+            tail = Some((n, w));
         }
-        if size == self.tiles_size {
-            return Ok(());
+        if size != self.tiles_size {
+            for level in 0u8..64 {
+                let tree_level = u32::from(level) * 8;
+                let count = self.tree.complete_count(tree_level);
+                if count == 0 {
+                    break;
+                }
+                let old_count = if tree_level < 64 {
+                    self.tiles_size >> tree_level
+                } else {
+                    0
+                };
+                let first_full = old_count / HASHES_PER_TILE;
+                let full = count / HASHES_PER_TILE;
+                for n in first_full..full {
+                    let path = TilePath::hashes(level, n, 256).to_string();
+                    let bytes =
+                        self.hashes(&path, tree_level, n * HASHES_PER_TILE, HASHES_PER_TILE)?;
+                    writes.push((path, bytes));
+                }
+                let width = count % HASHES_PER_TILE;
+                if width > 0 && count != old_count {
+                    let path = TilePath::hashes(level, full, width as u16).to_string();
+                    let bytes = self.hashes(&path, tree_level, full * HASHES_PER_TILE, width)?;
+                    writes.push((path, bytes));
+                }
+            }
         }
-        for level in 0u8..64 {
-            let tree_level = u32::from(level) * 8;
-            let count = self.tree.complete_count(tree_level);
-            if count == 0 {
-                break;
-            }
-            let old_count = if tree_level < 64 {
-                self.tiles_size >> tree_level
-            } else {
-                0
-            };
-            let first_full = old_count / HASHES_PER_TILE;
-            let full = count / HASHES_PER_TILE;
-            for n in first_full..full {
-                let path = TilePath::hashes(level, n, 256).to_string();
-                self.write_hashes(&path, tree_level, n * HASHES_PER_TILE, HASHES_PER_TILE)?;
-            }
-            let width = count % HASHES_PER_TILE;
-            if width > 0 && count != old_count {
-                let path = TilePath::hashes(level, full, width as u16).to_string();
-                self.write_hashes(&path, tree_level, full * HASHES_PER_TILE, width)?;
-            }
-        }
-        Ok(())
+        Ok(StagedCheckpoint {
+            size,
+            root: self.tree.root(),
+            writes,
+            tail,
+        })
     }
 
-    fn write_hashes(
+    /// Signs a checkpoint of a staged size once `stored` says its objects
+    /// were stored and synced: the size is then durable (tiles and bundles
+    /// up to it are not written again). A failed store fails the log (it
+    /// must be reopened), as a failed write does.
+    pub fn seal_checkpoint(
+        &mut self,
+        staged: &StagedCheckpoint,
+        stored: Result<(), StorageError>,
+        now_unix_ms: u64,
+    ) -> Result<SignedNote, LogError> {
+        self.check_usable()?;
+        if let Err(e) = stored {
+            self.failed = true;
+            return Err(e.into());
+        }
+        if staged.size < self.synced_size || self.tree.root_at(staged.size)? != staged.root {
+            return Err(LogError::NotThisTree { size: staged.size });
+        }
+        if let Some((n, w)) = staged.tail
+            && self.tree.size() / ENTRIES_PER_BUNDLE == n
+            && self.tail.len() >= w
+        {
+            self.tail_written = w;
+        }
+        self.synced_size = staged.size;
+        self.tiles_size = staged.size;
+        self.prepared_at = Some(now_unix_ms);
+        let cp = Checkpoint {
+            origin: self.origin.clone(),
+            size: staged.size,
+            root: staged.root,
+        };
+        Ok(SignedNote::sign(
+            &cp.body(),
+            &self.signer,
+            now_unix_ms / 1000,
+        )?)
+    }
+
+    fn hashes(
         &self,
         path: &str,
         tree_level: u32,
         start: u64,
         len: u64,
-    ) -> Result<(), LogError> {
+    ) -> Result<Vec<u8>, LogError> {
         let hashes = self
             .tree
             .hashes(tree_level, start, len)
@@ -492,8 +559,7 @@ impl<S: Storage> Log<S> {
                 index: Some(start),
                 what: "the tree lacks hashes for this tile",
             })?;
-        self.storage.write(path, hashes.concat().as_slice())?;
-        Ok(())
+        Ok(hashes.concat())
     }
 
     /// Publishes a prepared checkpoint (possibly with cosignature lines added):

@@ -410,3 +410,54 @@ fn file_storage_ignores_leftover_temporary_files() {
     s.write("checkpoint", b"two").unwrap();
     assert_eq!(s.read("checkpoint").unwrap().unwrap(), b"two");
 }
+
+#[test]
+fn a_staged_checkpoint_is_stored_apart_from_the_log_while_appends_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key();
+    let storage = Arc::new(FileStorage::open(dir.path()).unwrap());
+    let mut log = Log::open(Arc::clone(&storage), ORIGIN, clone_key(&k)).unwrap();
+    log.append(&entries(0..300)).unwrap();
+    let staged = log.stage_checkpoint().unwrap();
+    assert_eq!(staged.size(), 300);
+    // Appends while the staged objects are stored: bundle 1 fills and is
+    // written in full, its staged partial form is written after it.
+    log.append(&entries(300..600)).unwrap();
+    staged.store(&*storage).unwrap();
+    let note = log
+        .seal_checkpoint(&staged, Ok(()), 1_700_000_000_000)
+        .unwrap();
+    let cp = open_checkpoint(&note.text, ORIGIN, &k.verifier()).unwrap();
+    assert_eq!(cp.size, 300);
+    log.publish(&note).unwrap();
+    let second = checkpoint_now(&mut log);
+    assert_eq!(
+        open_checkpoint(&second.text, ORIGIN, &k.verifier())
+            .unwrap()
+            .size,
+        600
+    );
+    assert!(
+        log.seal_checkpoint(&staged, Ok(()), 0).is_err(),
+        "a checkpoint older than the durable size is refused"
+    );
+    let report = audit(&*storage, ORIGIN, &k.verifier()).unwrap();
+    assert_eq!((report.size, report.checkpoints), (600, 2));
+    drop(log);
+    let mut log = Log::open(Arc::clone(&storage), ORIGIN, clone_key(&k)).unwrap();
+    assert_eq!(log.size(), 600);
+    for i in [0, 299, 300, 511, 512, 599] {
+        assert_eq!(log.entry(i).unwrap(), entry(i));
+    }
+    // A failed store fails the log: nothing more until it is reopened.
+    log.append(&entries(600..610)).unwrap();
+    let staged = log.stage_checkpoint().unwrap();
+    assert!(
+        log.seal_checkpoint(&staged, Err(StorageError::Poisoned), 0)
+            .is_err()
+    );
+    assert!(matches!(
+        log.append(&entries(610..611)),
+        Err(LogError::Failed)
+    ));
+}
