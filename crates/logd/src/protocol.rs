@@ -88,6 +88,22 @@ pub struct ProofBody {
     pub proof: Vec<String>,
 }
 
+/// Inclusion proofs of consecutive entries, as served by
+/// `GET /v1/log/proofs/inclusion/<start>/<count>/<size>`: `proofs[i]` is
+/// the RFC 9162 inclusion proof of entry `start + i` in the tree of `size`
+/// (hashes as 64 hex digits). At most 256 proofs, fewer at the end of the
+/// tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProofsBody {
+    /// The index of the first entry.
+    pub start: u64,
+    /// The tree size the proofs are for.
+    pub size: u64,
+    /// The proofs.
+    pub proofs: Vec<Vec<String>>,
+}
+
 /// A page of published checkpoints, as served by
 /// `GET /v1/log/history/<from>`: the signed notes of size `from` or more,
 /// by size, as stored (a reader verifies each).

@@ -40,7 +40,7 @@ use crate::config::LogdConfig;
 use crate::leaf::LeafV1;
 use crate::protocol::{
     EntryBody, HistoryBody, IngestAck, IngestBatch, IngestEntry, JournalRef, MAX_INGEST_BODY,
-    MAX_INGEST_ENTRIES, ProofBody, SourceHead, base64,
+    MAX_INGEST_ENTRIES, ProofBody, ProofsBody, SourceHead, base64,
 };
 use crate::store::{LogBackend, Store, StoreError};
 use crate::tail::JournalTail;
@@ -55,6 +55,9 @@ pub const LOG_VKEY_FILE: &str = "log.vkey";
 pub const LOG_DIR: &str = "log";
 /// Most entries one `GET /v1/log/entries` answers.
 pub const MAX_ENTRIES_PER_READ: u64 = 256;
+
+/// Most inclusion proofs in one `GET /v1/log/proofs/inclusion/...`.
+pub const MAX_PROOFS_PER_READ: u64 = 256;
 
 /// Most checkpoints in one page of `GET /v1/log/history/<from>`.
 pub const MAX_CHECKPOINTS_PER_READ: usize = 256;
@@ -542,6 +545,7 @@ enum Read {
     History { from: u64 },
     Tile(String),
     Inclusion { index: u64, size: u64 },
+    InclusionRange { start: u64, count: u64, size: u64 },
     Consistency { old: u64, new: u64 },
     Entries { start: u64, count: u64 },
     Alerts,
@@ -626,6 +630,14 @@ fn route(method: &Method, path: &str) -> Result<Route, (u16, &'static str, Strin
             (Some(index), Some(size)) => get(Route::Read(Read::Inclusion { index, size })),
             _ => Err(not_found()),
         },
+        ["log", "proofs", "inclusion", start, count, size] => {
+            match (parse_u64(start), parse_u64(count), parse_u64(size)) {
+                (Some(start), Some(count), Some(size)) => {
+                    get(Route::Read(Read::InclusionRange { start, count, size }))
+                }
+                _ => Err(not_found()),
+            }
+        }
         ["log", "proof", "consistency", old, new] => match (parse_u64(old), parse_u64(new)) {
             (Some(old), Some(new)) => get(Route::Read(Read::Consistency { old, new })),
             _ => Err(not_found()),
@@ -1035,6 +1047,34 @@ impl Inner {
                         .map_err(|e| log_err(e.into()))
                 })?;
                 Ok(json_response(StatusCode::OK, &hex_proof(r)))
+            }
+            Read::InclusionRange { start, count, size } => {
+                let r = self.store.with_log(|l| {
+                    if *start >= *size || *size > l.size() || *count == 0 {
+                        return Err((
+                            404,
+                            format!("no entries from {start} in a tree of size {size}"),
+                        ));
+                    }
+                    let end = start
+                        .saturating_add((*count).min(MAX_PROOFS_PER_READ))
+                        .min(*size);
+                    (*start..end)
+                        .map(|i| {
+                            l.inclusion_proof(i, *size)
+                                .map(|p| p.into_iter().map(hex::encode).collect())
+                                .map_err(|e| log_err(e.into()))
+                        })
+                        .collect::<Result<Vec<Vec<String>>, _>>()
+                })?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &ProofsBody {
+                        start: *start,
+                        size: *size,
+                        proofs: r,
+                    },
+                ))
             }
             Read::Consistency { old, new } => {
                 let r = self.store.with_log(|l| {
@@ -1580,6 +1620,14 @@ mod tests {
             Ok(Route::Read(Read::Inclusion { index: 3, size: 10 }))
         );
         assert_eq!(
+            route(&g, "/v1/log/proofs/inclusion/3/4/10"),
+            Ok(Route::Read(Read::InclusionRange {
+                start: 3,
+                count: 4,
+                size: 10
+            }))
+        );
+        assert_eq!(
             route(&g, "/v1/log/proof/consistency/3/10"),
             Ok(Route::Read(Read::Consistency { old: 3, new: 10 }))
         );
@@ -1603,6 +1651,8 @@ mod tests {
             "/v1/log/history",
             "/v1/log/history/x",
             "/v1/log/history/1/2",
+            "/v1/log/proofs/inclusion/1/2",
+            "/v1/log/proofs/inclusion/1/x/3",
             "/v1/log/delete",
             "/v2/alerts",
             "/",

@@ -226,9 +226,11 @@ async fn claim6_journals_are_shipped_acked_and_resumed_without_duplicates() {
 }
 
 fn hashes(body: &[u8]) -> Vec<nitrile_tlog::Hash> {
-    serde_json::from_slice::<ProofBody>(body)
-        .unwrap()
-        .proof
+    decode_hashes(&serde_json::from_slice::<ProofBody>(body).unwrap().proof)
+}
+
+fn decode_hashes(hex_hashes: &[String]) -> Vec<nitrile_tlog::Hash> {
+    hex_hashes
         .iter()
         .map(|h| {
             let mut out = [0u8; 32];
@@ -449,6 +451,45 @@ async fn claim6_auditor_reads_verify_and_are_journaled_operator_reads_are_refuse
             .is_err()
         );
     }
+    // The proofs of a range of entries in one read: the same proofs, each
+    // verifying against the leaf computed from the host's journal.
+    let h3_entries: Vec<_> = all.iter().filter(|e| e.source == h3).collect();
+    let first = h3_entries[0].index;
+    let (status, body) = read(
+        &cell,
+        &logd,
+        "auditor/carol",
+        &format!("/v1/log/proofs/inclusion/{first}/1000/{}", cp.size),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let range: nitrile_logd::protocol::ProofsBody = serde_json::from_slice(&body).unwrap();
+    assert_eq!((range.start, range.size), (first, cp.size));
+    assert_eq!(range.proofs.len() as u64, (cp.size - first).min(256));
+    for e in &h3_entries {
+        let leaf = leaf_of(&jref, &entries[(e.seq - 1) as usize]);
+        let proof = decode_hashes(&range.proofs[(e.index - first) as usize]);
+        verify_inclusion(&leaf_hash(&leaf), e.index, cp.size, &proof, &cp.root).unwrap();
+        // Not the proof of its neighbour.
+        if e.index > first {
+            let neighbour = decode_hashes(&range.proofs[(e.index - first - 1) as usize]);
+            assert!(
+                verify_inclusion(&leaf_hash(&leaf), e.index, cp.size, &neighbour, &cp.root)
+                    .is_err()
+            );
+        }
+    }
+    // Ranges outside the tree, or empty: 404.
+    for path in [
+        format!("/v1/log/proofs/inclusion/{}/1/{}", cp.size, cp.size),
+        format!("/v1/log/proofs/inclusion/0/0/{}", cp.size),
+        format!("/v1/log/proofs/inclusion/0/1/{}", cp.size + 1_000_000),
+    ] {
+        let (status, _) = read(&cell, &logd, "auditor/carol", &path, Some(&token)).await;
+        assert_eq!(status, 404, "{path}");
+    }
+
     // The entry bundle tile holds the same leaves.
     let width = cp.size.min(256);
     let tile = if cp.size >= 256 {
