@@ -13,6 +13,7 @@
 //! witness_quorum = 0                    # optional: cosignatures needed to publish
 //! # webhook = "http://127.0.0.1:9000/alerts"   optional
 //! # rules = "../rules"                  optional: run the monitor with these rules
+//! # metrics = "127.0.0.1:7448"          optional: Prometheus `GET /metrics`, loopback only
 //!
 //! # [[witnesses]]                       optional, any number
 //! # name = "witness-1"                  # service name: nitrile://<cell>/service/witness-1
@@ -25,6 +26,9 @@
 //! ```
 //!
 //! Relative paths are resolved against the directory of the file.
+//!
+//! `metrics` is a plain HTTP port for the local scraper; an address that
+//! is not loopback is refused when the file is read ([`MetricsAddr`]).
 //!
 //! `[storage]` chooses where the transparency log (its tiles, entry bundles
 //! and checkpoints) is kept: files under `<state>/log` by default, or rows
@@ -156,6 +160,56 @@ impl StorageConfig {
     }
 }
 
+/// An address that is not loopback, given for metrics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetricsAddrError {
+    /// the text is not an `ip:port` address
+    #[error("{0:?} is not an ip:port address")]
+    NotAnAddress(String),
+    /// the address is not a loopback address
+    #[error("{0} is not a loopback address; metrics are served on loopback only")]
+    NotLoopback(SocketAddr),
+}
+
+/// The address metrics are served on: a loopback address, by construction
+/// (`127.0.0.0/8` or `::1`; port 0 picks a free port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MetricsAddr(SocketAddr);
+
+impl MetricsAddr {
+    /// `addr` if it is a loopback address.
+    pub fn new(addr: SocketAddr) -> Result<Self, MetricsAddrError> {
+        if addr.ip().is_loopback() {
+            Ok(Self(addr))
+        } else {
+            Err(MetricsAddrError::NotLoopback(addr))
+        }
+    }
+
+    /// The address.
+    pub fn addr(self) -> SocketAddr {
+        self.0
+    }
+}
+
+impl TryFrom<String> for MetricsAddr {
+    type Error = MetricsAddrError;
+    fn try_from(text: String) -> Result<Self, MetricsAddrError> {
+        let addr = text
+            .parse()
+            .map_err(|_| MetricsAddrError::NotAnAddress(text.chars().take(64).collect()))?;
+        Self::new(addr)
+    }
+}
+
+impl From<MetricsAddr> for String {
+    fn from(a: MetricsAddr) -> Self {
+        a.0.to_string()
+    }
+}
+
 /// Why a logd config could not be read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -284,6 +338,10 @@ pub struct LogdConfig {
     /// if the monitor is to run.
     #[serde(default)]
     pub rules: Option<PathBuf>,
+    /// Where Prometheus metrics are served (plain HTTP, loopback only), if
+    /// anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsAddr>,
     /// Where the transparency log is kept; files under `<state>/log` by
     /// default.
     #[serde(default, skip_serializing_if = "StorageConfig::is_files")]
@@ -316,6 +374,7 @@ impl LogdConfig {
             witness_quorum: 0,
             webhook: None,
             rules: None,
+            metrics: None,
             storage: StorageConfig::default(),
         }
     }
@@ -500,6 +559,34 @@ addr = "127.0.0.1:7447"
         let path = dir.join("logd.toml");
         std::fs::write(&path, format!("{SAMPLE}\n{extra}\n")).unwrap();
         LogdConfig::load(&path)
+    }
+
+    #[test]
+    fn metrics_are_loopback_only() {
+        let dir = tempfile::tempdir().unwrap();
+        // A top-level key, so before the [[witnesses]] table.
+        let load_with = |dir: &Path, line: &str| {
+            let path = dir.join("logd.toml");
+            std::fs::write(&path, format!("{line}\n{SAMPLE}")).unwrap();
+            LogdConfig::load(&path)
+        };
+        assert_eq!(load_with(dir.path(), "").unwrap().metrics, None);
+        let c = load_with(dir.path(), "metrics = \"127.0.0.1:7448\"").unwrap();
+        let addr = c.metrics.unwrap().addr();
+        assert_eq!(addr, "127.0.0.1:7448".parse().unwrap());
+        assert_eq!(LogdConfig::parse(&c.to_toml()).unwrap().metrics, c.metrics);
+        assert!(load_with(dir.path(), "metrics = \"[::1]:0\"").is_ok());
+        for bad in ["0.0.0.0:9", "10.0.0.1:9100", "[::]:9", "localhost:9", "9"] {
+            let err = load_with(dir.path(), &format!("metrics = \"{bad}\"")).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Field { field, .. } if field == "metrics"),
+                "{bad}: {err:?}"
+            );
+        }
+        assert_eq!(
+            MetricsAddr::new("0.0.0.0:9".parse().unwrap()),
+            Err(MetricsAddrError::NotLoopback("0.0.0.0:9".parse().unwrap()))
+        );
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! issuer keys ([`nitrile_hostd::admission`]); each read is journaled
 //! before it is answered, refusals too. There is no endpoint that deletes or
 //! rewrites anything.
+//!
+//! With `metrics` in its config, logd also answers `GET /metrics` in the
+//! Prometheus text format on that loopback address, over plain HTTP, for as
+//! long as it serves: the mTLS server's counters and [`LogdMetrics`].
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -23,7 +27,9 @@ use nitrile_api::{
 use nitrile_audit::{AuditRecord, CertSha256, JournalOptions, JournalReader, Outcome, RequestId};
 use nitrile_hostd::admission::{Admission, AdmissionError, DEFAULT_SIGNATURE_CACHE, Refused};
 use nitrile_monitor::{Event, IntegrityKind, Monitor, MonitorConfig};
-use nitrile_net::{Handler, PeerIdentity, Registry, Server, json_response};
+use nitrile_net::{
+    Counter, Gauge, Handler, MetricsError, PeerIdentity, Registry, Server, json_response,
+};
 use nitrile_pki::PkiError;
 use nitrile_pki::tls::{self, CaRoots, TlsIdentity};
 use nitrile_tlog::{NoteSigner, NoteVerifier, SignedNote, Storage as _};
@@ -182,6 +188,9 @@ pub enum LogdError {
     /// the socket could not be bound or served
     #[error("network")]
     Net(#[from] nitrile_net::NetError),
+    /// the metrics could not be registered
+    #[error("metrics")]
+    Metrics(#[from] MetricsError),
     /// the state directory could not be created
     #[error("state directory {}", path.display())]
     StateDir {
@@ -194,6 +203,93 @@ pub enum LogdError {
 }
 
 pub(crate) use nitrile_hostd::config::write_atomic;
+
+/// logd's own metrics, besides the mTLS server's (`nitrile_logd_*`). Each
+/// is one atomic: updating one costs no lock.
+#[derive(Debug, Clone)]
+pub struct LogdMetrics {
+    /// Entries in the log (raised after each ingest, set every checkpoint
+    /// interval).
+    pub log_size: Gauge,
+    /// The size of the published checkpoint.
+    pub checkpoint_size: Gauge,
+    /// Checkpoints published.
+    pub checkpoints_published: Counter,
+    /// Records shipped by sources and appended to the log.
+    pub records_ingested: Counter,
+    /// Records of logd's own journal appended to the log.
+    pub own_records_ingested: Counter,
+    /// Ingest batches refused (malformed, too large, another source's
+    /// journal, an integrity violation, the log unable to store).
+    pub ingest_batches_refused: Counter,
+    /// Reads answered with what they asked for.
+    pub reads_answered: Counter,
+    /// Reads refused before they were answered (no, bad or wrong token).
+    pub reads_refused: Counter,
+    /// Reads admitted but not answered (nothing there, storage, journal).
+    pub reads_failed: Counter,
+    /// Integrity alerts raised by logd's own checks.
+    pub integrity_alerts: Counter,
+    /// Monitor alerts raised.
+    pub monitor_alerts: Counter,
+    /// Monitor alerts dropped because the queue was full.
+    pub monitor_alerts_dropped: Counter,
+}
+
+impl LogdMetrics {
+    /// Registers logd's metrics in `registry`.
+    pub fn register(registry: &Registry) -> Result<Self, MetricsError> {
+        let c = |n: &str, h: &str| registry.counter(&format!("nitrile_logd_{n}"), h);
+        let g = |n: &str, h: &str| registry.gauge(&format!("nitrile_logd_{n}"), h);
+        Ok(Self {
+            log_size: g("log_size", "Entries in the transparency log.")?,
+            checkpoint_size: g(
+                "checkpoint_size",
+                "Entries covered by the published checkpoint.",
+            )?,
+            checkpoints_published: c("checkpoints_published_total", "Checkpoints published.")?,
+            records_ingested: c(
+                "records_ingested_total",
+                "Records shipped by sources and appended to the log.",
+            )?,
+            own_records_ingested: c(
+                "own_records_ingested_total",
+                "Records of logd's own journal appended to the log.",
+            )?,
+            ingest_batches_refused: c(
+                "ingest_batches_refused_total",
+                "Ingest batches refused, any reason.",
+            )?,
+            reads_answered: c("reads_answered_total", "Auditor reads answered.")?,
+            reads_refused: c(
+                "reads_refused_total",
+                "Reads refused before they were answered (token, entitlement).",
+            )?,
+            reads_failed: c(
+                "reads_failed_total",
+                "Reads admitted but not answered (not found, storage, journal).",
+            )?,
+            integrity_alerts: c(
+                "integrity_alerts_total",
+                "Integrity alerts raised by logd's own checks.",
+            )?,
+            monitor_alerts: c("monitor_alerts_total", "Monitor alerts raised.")?,
+            monitor_alerts_dropped: c(
+                "monitor_alerts_dropped_total",
+                "Monitor alerts dropped because the queue was full.",
+            )?,
+        })
+    }
+
+    /// Raises the log size gauge to `size` (the log only grows; a
+    /// concurrent ingest may briefly leave it lower, until the next
+    /// checkpoint interval sets it).
+    fn log_grew_to(&self, size: u64) {
+        if size > self.log_size.get() {
+            self.log_size.set(size);
+        }
+    }
+}
 
 /// Loads the log's signing key from `path`, or makes one and writes it
 /// (owner-only) with its public key beside it.
@@ -260,7 +356,7 @@ struct Inner {
     witness_tls: Arc<ClientConfig>,
     monitor: Option<Arc<Mutex<Monitor>>>,
     monitor_alerts: tokio::sync::mpsc::Sender<nitrile_monitor::Alert>,
-    monitor_dropped: std::sync::atomic::AtomicU64,
+    metrics: LogdMetrics,
 }
 
 /// logd with its socket bound and its log open, ready to serve.
@@ -268,6 +364,8 @@ pub struct Logd {
     inner: Arc<Inner>,
     server: Server,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    registry: Arc<Registry>,
     monitor_rx: tokio::sync::mpsc::Receiver<nitrile_monitor::Alert>,
 }
 
@@ -276,6 +374,7 @@ impl std::fmt::Debug for Logd {
         f.debug_struct("Logd")
             .field("origin", &self.inner.origin)
             .field("listen", &self.local_addr())
+            .field("metrics", &self.metrics_addr())
             .finish_non_exhaustive()
     }
 }
@@ -388,6 +487,10 @@ impl Logd {
         let (monitor_alerts, monitor_rx) = tokio::sync::mpsc::channel(MONITOR_QUEUE);
 
         let registry = Arc::new(Registry::new());
+        let metrics = LogdMetrics::register(&registry)?;
+        let (size, published) = store.sizes(&origin, &log_verifier);
+        metrics.log_size.set(size);
+        metrics.checkpoint_size.set(published);
         let server = Server::new(tls::server_config(&roots, &identity)?, config.cell.clone())
             .with_metrics(Arc::clone(&registry), "nitrile_logd")
             .with_max_body(MAX_INGEST_BODY);
@@ -397,6 +500,10 @@ impl Logd {
                 source,
             }
         })?;
+        let metrics_listener = match config.metrics {
+            Some(addr) => Some(nitrile_net::bind_metrics(addr.addr()).await?),
+            None => None,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 cell: config.cell.clone(),
@@ -418,10 +525,12 @@ impl Logd {
                 witness_tls: tls::client_config(&roots, &identity)?,
                 monitor,
                 monitor_alerts,
-                monitor_dropped: std::sync::atomic::AtomicU64::new(0),
+                metrics,
             }),
             server,
             listener,
+            metrics_listener,
+            registry,
             monitor_rx,
         })
     }
@@ -429,6 +538,18 @@ impl Logd {
     /// The bound mTLS address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
+    }
+
+    /// The bound metrics address, when the config names one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// logd's own metrics (also served on [`Logd::metrics_addr`]).
+    pub fn metrics(&self) -> &LogdMetrics {
+        &self.inner.metrics
     }
 
     /// The log's origin line (`<cell>.nitrile/log`).
@@ -441,14 +562,22 @@ impl Logd {
         self.inner.verifier.to_vkey()
     }
 
-    /// Serves until `shutdown` resolves; meanwhile checkpoints the log and
-    /// ingests logd's own journal. On the way out it ingests its journal a
-    /// last time, publishes a last checkpoint and saves the source states.
+    /// Serves until `shutdown` resolves; meanwhile checkpoints the log,
+    /// ingests logd's own journal and answers `GET /metrics` on the metrics
+    /// address if there is one. On the way out it ingests its journal a
+    /// last time, publishes a last checkpoint, saves the source states and
+    /// stops serving metrics.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), LogdError> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let metrics = self.metrics_listener.map(|l| {
+            let mut rx = stop_rx.clone();
+            tokio::spawn(nitrile_net::serve_metrics(l, self.registry, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }))
+        });
         let checkpoints = tokio::spawn(Arc::clone(&self.inner).checkpoint_loop(stop_rx.clone()));
         let own = tokio::spawn(Arc::clone(&self.inner).self_ingest_loop(stop_rx));
         let monitor = tokio::spawn(Arc::clone(&self.inner).monitor_loop(self.monitor_rx));
@@ -464,6 +593,11 @@ impl Logd {
             tokio::task::spawn_blocking(move || inner.store.persist(now_ms(&*inner.clock))).await
         {
             tracing::error!(error = %crate::shipper::error_chain(&e), "could not save source states");
+        }
+        if let Some(m) = metrics
+            && let Ok(Err(e)) = m.await
+        {
+            tracing::warn!(error = %e, "metrics server failed");
         }
         result.map_err(LogdError::from)
     }
@@ -671,10 +805,11 @@ impl Inner {
     fn queue_monitor_alerts(&self, raised: Vec<nitrile_monitor::Alert>) {
         for a in raised {
             if self.monitor_alerts.try_send(a).is_err() {
-                let n = self
-                    .monitor_dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(dropped = n + 1, "monitor alert queue full; alert dropped");
+                self.metrics.monitor_alerts_dropped.inc();
+                tracing::error!(
+                    dropped = self.metrics.monitor_alerts_dropped.get(),
+                    "monitor alert queue full; alert dropped"
+                );
             }
         }
     }
@@ -701,6 +836,11 @@ impl Inner {
     }
 
     fn push_alert(&self, alert: &Alert) {
+        if alert.kind == AlertKind::Monitor {
+            self.metrics.monitor_alerts.inc();
+        } else {
+            self.metrics.integrity_alerts.inc();
+        }
         if alert.kind != AlertKind::Monitor
             && let Some(kind) = IntegrityKind::from_name(alert.kind.as_str())
         {
@@ -918,6 +1058,10 @@ impl Inner {
             }
         };
         self.observe(ingested.first_index, &ingested.checked.leaves);
+        let appended = ingested.checked.leaves.len() as u64;
+        self.metrics.records_ingested.add(appended);
+        self.metrics
+            .log_grew_to(ingested.first_index.saturating_add(appended));
         let state = ingested.checked.state;
         if let Some(head) = batch.head {
             // What the source says its journal holds against what the log
@@ -1140,7 +1284,10 @@ impl Inner {
             .await
         {
             Ok(a) => a,
-            Err(r) => return refused(&r),
+            Err(r) => {
+                self.metrics.reads_refused.inc();
+                return refused(&r);
+            }
         };
         let inner = Arc::clone(self);
         let answered = tokio::task::spawn_blocking(move || inner.answer(&read)).await;
@@ -1169,6 +1316,7 @@ impl Inner {
             ),
         };
         if let Ok(r) = resp {
+            self.metrics.reads_answered.inc();
             // The request record is durable already; the outcome of a
             // served read is queued in journal order before the answer
             // leaves and made durable by the next group commit, without
@@ -1198,6 +1346,7 @@ impl Inner {
             }
             return r;
         }
+        self.metrics.reads_failed.inc();
         match self
             .admission
             .complete_async(admitted, outcome, Some(detail))
@@ -1267,6 +1416,8 @@ impl Inner {
                 }
             }
             let (size, published) = self.store.sizes(&self.origin, &self.verifier);
+            self.metrics.log_size.set(size);
+            self.metrics.checkpoint_size.set(published);
             if size > published
                 && last_publish.elapsed() >= self.interval * STALL_INTERVALS
                 && !stalled
@@ -1325,6 +1476,8 @@ impl Inner {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| crate::shipper::error_chain(&e))?;
+        self.metrics.checkpoint_size.set(size);
+        self.metrics.checkpoints_published.inc();
         self.feed_monitor(&Event::checkpoint(&self.origin, size, self.clock.now()));
         for o in &self.observers {
             o.checkpoint(size);
@@ -1501,6 +1654,10 @@ impl Inner {
             match self.store.ingest_own(&batch) {
                 Ok(i) => {
                     self.observe(i.first_index, &i.checked.leaves);
+                    let appended = i.checked.leaves.len() as u64;
+                    self.metrics.own_records_ingested.add(appended);
+                    self.metrics
+                        .log_grew_to(i.first_index.saturating_add(appended));
                     if let Some(v) = i.checked.violation {
                         // Start over from the log's head next time.
                         return Err(format!("own journal: {v}"));
@@ -1541,7 +1698,13 @@ impl Handler for Api {
         // answered even if the caller goes away.
         tokio::spawn(async move {
             match route {
-                Route::Ingest => inner.ingest(peer, body).await,
+                Route::Ingest => {
+                    let resp = inner.ingest(peer, body).await;
+                    if resp.status() != StatusCode::OK {
+                        inner.metrics.ingest_batches_refused.inc();
+                    }
+                    resp
+                }
                 Route::Head(kind, name) => inner.head(peer, &kind, &name).await,
                 Route::Read(read) => inner.read(peer, token, read, path).await,
             }

@@ -87,6 +87,8 @@ impl Seen {
 /// A running logd.
 pub struct RunningLogd {
     pub addr: SocketAddr,
+    /// The metrics address, when the config names one.
+    pub metrics: Option<SocketAddr>,
     pub config: LogdConfig,
     pub vkey: String,
     pub origin: String,
@@ -149,6 +151,7 @@ pub async fn start_logd(cell: &TestCell, config: LogdConfig) -> RunningLogd {
     };
     let logd = Logd::open(&config, options).await.unwrap();
     let addr = logd.local_addr().unwrap();
+    let metrics = logd.metrics_addr();
     let vkey = logd.log_vkey();
     let origin = logd.origin().to_owned();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -157,6 +160,7 @@ pub async fn start_logd(cell: &TestCell, config: LogdConfig) -> RunningLogd {
     }));
     RunningLogd {
         addr,
+        metrics,
         config,
         vkey,
         origin,
