@@ -59,6 +59,8 @@ fn start(state: &Path) -> Up {
             "127.0.0.1:0",
             "--logd-listen",
             "127.0.0.1:0",
+            "--logd-metrics",
+            "127.0.0.1:0",
         ])
         .arg("--state")
         .arg(state)

@@ -25,7 +25,9 @@ use crate::service::{LogFormat, block_on, init_logging};
 /// own journal goes into the log too). There is no delete or rewrite
 /// operation. The global `--config` names its config file (TOML;
 /// `nitrile up` writes one to `<state>/logd/logd.toml`). Alerts are printed
-/// on stdout as JSON lines.
+/// on stdout as JSON lines. With `metrics = "127.0.0.1:<port>"` in the
+/// config it serves Prometheus metrics at `http://<addr>/metrics` (loopback
+/// only; any other address is refused).
 ///
 /// On SIGINT or SIGTERM it stops accepting, publishes a last checkpoint
 /// and exits 0.
@@ -55,8 +57,16 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
         let addr = logd
             .local_addr()
             .map_or_else(|| config.listen.to_string(), |a| a.to_string());
-        tracing::info!(origin = logd.origin(), vkey = %logd.log_vkey(), "audit log ready");
+        tracing::info!(
+            origin = logd.origin(),
+            vkey = %logd.log_vkey(),
+            metrics = ?logd.metrics_addr(),
+            "audit log ready"
+        );
         eprintln!("nitrile logd: serving on {addr}");
+        if let Some(m) = logd.metrics_addr() {
+            eprintln!("nitrile logd: metrics on http://{m}/metrics");
+        }
         logd.serve(signal).await?;
         tracing::info!("audit log service stopped");
         anyhow::Ok(())

@@ -13,6 +13,7 @@ use anyhow::Context;
 use nitrile_api::Name;
 use nitrile_cell::{CellLayout, Endpoints, bootstrap, provision_host, provision_logd};
 use nitrile_hostd::{HostdConfig, LogdTarget};
+use nitrile_logd::config::MetricsAddr;
 use nitrile_logd::{Alert, AlertSink, Logd, LogdConfig, LogdOptions};
 use nitrile_tokend::Tokend;
 
@@ -60,6 +61,10 @@ pub(crate) struct Args {
     /// The audit log service's mTLS address.
     #[arg(long, default_value = "127.0.0.1:7445")]
     logd_listen: SocketAddr,
+    /// Loopback address for the audit log service's Prometheus metrics
+    /// [default: the one in an existing logd.toml, else 127.0.0.1:9445].
+    #[arg(long, value_name = "ADDR")]
+    logd_metrics: Option<SocketAddr>,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -94,7 +99,8 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         // After the token service opened: its published issuer keys exist
         // and are pinned into logd and the host.
         provision_logd(&layout, &cell.cell, now).context("cannot provision the audit log")?;
-        let logd_config_path = write_logd_config(&layout, &cell.cell, args.logd_listen)?;
+        let logd_config_path =
+            write_logd_config(&layout, &cell.cell, args.logd_listen, args.logd_metrics)?;
         let logd_config = LogdConfig::load(&logd_config_path)?;
         let logd = Logd::open(
             &logd_config,
@@ -110,6 +116,9 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             .local_addr()
             .map_or_else(|| args.logd_listen.to_string(), |a| a.to_string());
         let log_vkey = logd.log_vkey();
+        let logd_metrics = logd
+            .metrics_addr()
+            .map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics"));
         let (logd_stop, logd_stopped) = tokio::sync::oneshot::channel::<()>();
         let logd_task = tokio::spawn(logd.serve(async move {
             let _ = logd_stopped.await;
@@ -187,7 +196,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         );
         println!("  host journal   {}", layout.host_journal(&host).display());
         println!(
-            "  logd           {logd_addr} (mTLS)   config {}",
+            "  logd           {logd_addr} (mTLS)   metrics {logd_metrics}   config {}",
             logd_config_path.display()
         );
         println!(
@@ -339,14 +348,20 @@ impl AlertSink for StderrAlerts {
     }
 }
 
+/// Default loopback address of logd's metrics in a new cell.
+const DEFAULT_LOGD_METRICS: &str = "127.0.0.1:9445";
+
 /// Writes `logd/logd.toml` with paths relative to it; the first time, the
-/// monitor runs the cell's `rules/`. The witnesses, quorum, intervals,
-/// webhook and rules of an existing file are kept, so edits to them survive
-/// restarts.
+/// monitor runs the cell's `rules/` and metrics are served on
+/// [`DEFAULT_LOGD_METRICS`]. The witnesses, quorum, intervals, webhook,
+/// rules, storage and metrics address of an existing file are kept, so
+/// edits to them survive restarts; `metrics`, when given, replaces the
+/// metrics address.
 fn write_logd_config(
     layout: &CellLayout,
     cell: &Name,
     listen: SocketAddr,
+    metrics: Option<SocketAddr>,
 ) -> anyhow::Result<PathBuf> {
     let path = layout.logd_config();
     let dir = layout.logd_dir();
@@ -376,8 +391,18 @@ fn write_logd_config(
         config.webhook = old.webhook;
         config.rules = old.rules.map(|r| relative_to(&dir, &r));
         config.storage = old.storage;
+        config.metrics = old.metrics;
     } else {
         config.rules = Some(rel(&layout.rules_dir()));
+        config.metrics = Some(MetricsAddr::new(
+            DEFAULT_LOGD_METRICS
+                .parse()
+                .unwrap_or_else(|_| unreachable!("a socket address")),
+        )?);
+    }
+    if let Some(addr) = metrics {
+        config.metrics =
+            Some(MetricsAddr::new(addr).context("--logd-metrics must be a loopback address")?);
     }
     let text = format!(
         "# nitrile audit log service config (`nitrile logd --config`)\n{}",
@@ -643,6 +668,28 @@ mod tests {
             relative_to(dir, Path::new("/s/images")),
             PathBuf::from("../../images")
         );
+    }
+
+    #[test]
+    fn the_logd_config_keeps_its_metrics_address() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&tmp.path().join("state"));
+        std::fs::create_dir_all(layout.logd_dir()).unwrap();
+        let cell = Name::new("local").unwrap();
+        let listen: SocketAddr = "127.0.0.1:7445".parse().unwrap();
+        let metrics = |path: &Path| LogdConfig::load(path).unwrap().metrics.map(|m| m.addr());
+        let path = write_logd_config(&layout, &cell, listen, None).unwrap();
+        assert_eq!(metrics(&path), DEFAULT_LOGD_METRICS.parse().ok());
+        let other: SocketAddr = "127.0.0.1:9555".parse().unwrap();
+        write_logd_config(&layout, &cell, listen, Some(other)).unwrap();
+        assert_eq!(metrics(&path), Some(other));
+        // Kept when not given.
+        write_logd_config(&layout, &cell, listen, None).unwrap();
+        assert_eq!(metrics(&path), Some(other));
+        // Refused when not loopback; the file is left as it was.
+        let wild: SocketAddr = "0.0.0.0:9445".parse().unwrap();
+        assert!(write_logd_config(&layout, &cell, listen, Some(wild)).is_err());
+        assert_eq!(metrics(&path), Some(other));
     }
 
     #[test]

@@ -201,6 +201,7 @@ impl Cell {
             .arg("--hostd-listen")
             .arg(self.hostd_addr.to_string())
             .args(["--logd-listen", "127.0.0.1:0"])
+            .args(["--logd-metrics", "127.0.0.1:0"])
             .arg("--state")
             .arg(&self.state)
             .stdin(Stdio::null())
