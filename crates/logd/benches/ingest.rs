@@ -48,7 +48,10 @@ fn main() {
     let sources: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(4);
     let rate: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(12_000);
     let seconds: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
-    let interval_ms: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(nitrile_logd::config::DEFAULT_CHECKPOINT_INTERVAL_MS);
+    let interval_ms: u64 = args
+        .get(3)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(nitrile_logd::config::DEFAULT_CHECKPOINT_INTERVAL_MS);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
