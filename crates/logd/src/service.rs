@@ -32,7 +32,7 @@ use nitrile_net::{
 };
 use nitrile_pki::PkiError;
 use nitrile_pki::tls::{self, CaRoots, TlsIdentity};
-use nitrile_tlog::{NoteSigner, NoteVerifier, SignedNote, Storage as _};
+use nitrile_tlog::{Log, NoteSigner, NoteVerifier, SignedNote, Storage as _};
 use nitrile_token::{Clock, DEFAULT_REPLAY_CAPACITY, ReplayCache, SystemClock, Verifier};
 use nitrile_witness::{WitnessClient, WitnessError};
 use rustls::ClientConfig;
@@ -48,7 +48,7 @@ use crate::protocol::{
     EntryBody, HistoryBody, IngestAck, IngestBatch, IngestEntry, JournalRef, MAX_INGEST_BODY,
     MAX_INGEST_ENTRIES, ProofBody, ProofsBody, SourceHead, base64,
 };
-use crate::store::{LogBackend, Store, StoreError};
+use crate::store::{LogBackend, LogStorage, Store, StoreError};
 use crate::tail::JournalTail;
 
 /// logd's journal file in its state directory.
@@ -685,6 +685,21 @@ enum Read {
     Alerts,
 }
 
+impl Read {
+    /// Whether it is answered from what the log keeps in memory (the tree,
+    /// the published checkpoint, the alerts), never from storage.
+    fn in_memory(&self) -> bool {
+        matches!(
+            self,
+            Self::Checkpoint
+                | Self::Inclusion { .. }
+                | Self::InclusionRange { .. }
+                | Self::Consistency { .. }
+                | Self::Alerts
+        )
+    }
+}
+
 /// What a path asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Route {
@@ -1159,13 +1174,6 @@ impl Inner {
     fn answer(&self, read: &Read) -> Result<Response<Bytes>, (u16, String)> {
         let log_err = |e: StoreError| (500, crate::shipper::error_chain(&e));
         match read {
-            Read::Checkpoint => match self.store.with_log(|l| l.checkpoint()) {
-                Some(note) => Ok(bytes_response(
-                    "text/plain; charset=utf-8",
-                    note.text.into_bytes(),
-                )),
-                None => Err((404, "no checkpoint has been published yet".into())),
-            },
             Read::History { from } => {
                 let (notes, next) = self
                     .store
@@ -1182,54 +1190,6 @@ impl Inner {
                 Ok(None) => Err((404, format!("no tile {path}"))),
                 Err(e) => Err(log_err(e.into())),
             },
-            Read::Inclusion { index, size } => {
-                let r = self.store.with_log(|l| {
-                    if *index >= *size || *size > l.size() {
-                        return Err((404, format!("no entry {index} in a tree of size {size}")));
-                    }
-                    l.inclusion_proof(*index, *size)
-                        .map_err(|e| log_err(e.into()))
-                })?;
-                Ok(json_response(StatusCode::OK, &hex_proof(r)))
-            }
-            Read::InclusionRange { start, count, size } => {
-                let r = self.store.with_log(|l| {
-                    if *start >= *size || *size > l.size() || *count == 0 {
-                        return Err((
-                            404,
-                            format!("no entries from {start} in a tree of size {size}"),
-                        ));
-                    }
-                    let end = start
-                        .saturating_add((*count).min(MAX_PROOFS_PER_READ))
-                        .min(*size);
-                    (*start..end)
-                        .map(|i| {
-                            l.inclusion_proof(i, *size)
-                                .map(|p| p.into_iter().map(hex::encode).collect())
-                                .map_err(|e| log_err(e.into()))
-                        })
-                        .collect::<Result<Vec<Vec<String>>, _>>()
-                })?;
-                Ok(json_response(
-                    StatusCode::OK,
-                    &ProofsBody {
-                        start: *start,
-                        size: *size,
-                        proofs: r,
-                    },
-                ))
-            }
-            Read::Consistency { old, new } => {
-                let r = self.store.with_log(|l| {
-                    if *old > *new || *new > l.size() {
-                        return Err((404, format!("no consistency proof from {old} to {new}")));
-                    }
-                    l.consistency_proof(*old, *new)
-                        .map_err(|e| log_err(e.into()))
-                })?;
-                Ok(json_response(StatusCode::OK, &hex_proof(r)))
-            }
             Read::Entries { start, count } => {
                 let leaves = self
                     .store
@@ -1253,6 +1213,69 @@ impl Inner {
                     .collect();
                 Ok(json_response(StatusCode::OK, &body))
             }
+            _ => self.answer_in_memory(&self.store.read_log(), read),
+        }
+    }
+
+    /// Answers a read from what the log keeps in memory ([`Read::in_memory`]).
+    fn answer_in_memory(
+        &self,
+        l: &Log<LogStorage>,
+        read: &Read,
+    ) -> Result<Response<Bytes>, (u16, String)> {
+        let log_err = |e: StoreError| (500, crate::shipper::error_chain(&e));
+        match read {
+            Read::Checkpoint => match l.checkpoint() {
+                Some(note) => Ok(bytes_response(
+                    "text/plain; charset=utf-8",
+                    note.text.into_bytes(),
+                )),
+                None => Err((404, "no checkpoint has been published yet".into())),
+            },
+            Read::Inclusion { index, size } => {
+                if *index >= *size || *size > l.size() {
+                    return Err((404, format!("no entry {index} in a tree of size {size}")));
+                }
+                let proof = l
+                    .inclusion_proof(*index, *size)
+                    .map_err(|e| log_err(e.into()))?;
+                Ok(json_response(StatusCode::OK, &hex_proof(proof)))
+            }
+            Read::InclusionRange { start, count, size } => {
+                if *start >= *size || *size > l.size() || *count == 0 {
+                    return Err((
+                        404,
+                        format!("no entries from {start} in a tree of size {size}"),
+                    ));
+                }
+                let end = start
+                    .saturating_add((*count).min(MAX_PROOFS_PER_READ))
+                    .min(*size);
+                let proofs = (*start..end)
+                    .map(|i| {
+                        l.inclusion_proof(i, *size)
+                            .map(|p| p.into_iter().map(hex::encode).collect())
+                            .map_err(|e| log_err(e.into()))
+                    })
+                    .collect::<Result<Vec<Vec<String>>, _>>()?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &ProofsBody {
+                        start: *start,
+                        size: *size,
+                        proofs,
+                    },
+                ))
+            }
+            Read::Consistency { old, new } => {
+                if *old > *new || *new > l.size() {
+                    return Err((404, format!("no consistency proof from {old} to {new}")));
+                }
+                let proof = l
+                    .consistency_proof(*old, *new)
+                    .map_err(|e| log_err(e.into()))?;
+                Ok(json_response(StatusCode::OK, &hex_proof(proof)))
+            }
             Read::Alerts => {
                 let alerts: Vec<Alert> = self
                     .alerts
@@ -1262,6 +1285,9 @@ impl Inner {
                     .cloned()
                     .collect();
                 Ok(json_response(StatusCode::OK, &alerts))
+            }
+            Read::History { .. } | Read::Tile(_) | Read::Entries { .. } => {
+                Err((500, "not a read answered from memory".into()))
             }
         }
     }
@@ -1289,8 +1315,21 @@ impl Inner {
                 return refused(&r);
             }
         };
-        let inner = Arc::clone(self);
-        let answered = tokio::task::spawn_blocking(move || inner.answer(&read)).await;
+        // Answered from memory at once when the log is free (microseconds,
+        // no handoff to a thread); else, and for reads of storage, on a
+        // blocking thread, so that no async worker waits on the lock.
+        let at_once = read
+            .in_memory()
+            .then(|| self.store.try_read_log())
+            .flatten()
+            .map(|l| self.answer_in_memory(&l, &read));
+        let answered = match at_once {
+            Some(a) => Ok(a),
+            None => {
+                let inner = Arc::clone(self);
+                tokio::task::spawn_blocking(move || inner.answer(&read)).await
+            }
+        };
         let detail = |extra: Option<(u16, &str)>| {
             let mut d = serde_json::json!({ "read": nitrile_api::admin::clip_text(&path, 120) });
             if let (Some((status, why)), Some(o)) = (extra, d.as_object_mut()) {

@@ -212,6 +212,16 @@ struct Inner {
     poisoned: bool,
 }
 
+/// The log, read-locked.
+pub(crate) struct LogGuard<'a>(std::sync::RwLockReadGuard<'a, Inner>);
+
+impl std::ops::Deref for LogGuard<'_> {
+    type Target = Log<LogStorage>;
+    fn deref(&self) -> &Log<LogStorage> {
+        &self.0.log
+    }
+}
+
 /// The log and the source states.
 pub(crate) struct Store {
     inner: RwLock<Inner>,
@@ -485,6 +495,20 @@ impl Store {
         })?;
         tracing::debug!(size, "source states saved");
         Ok(())
+    }
+
+    /// The log for reading, waiting for the lock (blocking).
+    pub(crate) fn read_log(&self) -> LogGuard<'_> {
+        LogGuard(self.read())
+    }
+
+    /// The log for reading if no writer holds it now, without waiting.
+    pub(crate) fn try_read_log(&self) -> Option<LogGuard<'_>> {
+        match self.inner.try_read() {
+            Ok(g) => Some(LogGuard(g)),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(LogGuard(p.into_inner())),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     /// Runs `f` with the log for reading (off the async threads if `f`
