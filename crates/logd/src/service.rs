@@ -478,6 +478,9 @@ impl Logd {
                     checkpoint_interval: time::Duration::milliseconds(
                         i64::try_from(config.checkpoint_interval_ms).unwrap_or(i64::MAX),
                     ),
+                    max_checkpoint_age: time::Duration::milliseconds(
+                        i64::try_from(config.max_checkpoint_age_ms).unwrap_or(i64::MAX),
+                    ),
                     ..MonitorConfig::default()
                 });
                 Some(Arc::new(Mutex::new(m)))

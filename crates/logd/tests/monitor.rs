@@ -177,3 +177,31 @@ async fn a_journal_whose_head_runs_ahead_of_the_log_for_too_long_raises_a_lag_al
     assert!(alerts[0].audit_seq.is_some());
     logd.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_log_raises_no_checkpoint_alert() {
+    let cell = TestCell::new().await;
+    let mut config = logd_config(&cell, &cell.scratch("logd"), 100);
+    config.rules = Some(rules_dir());
+    let logd = start_logd(&cell, config).await;
+    let (j1, e1) = journal_batch(&host_journal(&cell, "h1", 2));
+    let (status, _) = ship(&cell, &logd, "host/h1", &j1, &e1).await;
+    assert_eq!(status, 200);
+    // Twenty checkpoint intervals with nothing new: logd publishes only
+    // every max_checkpoint_age when idle, and that is not a stall.
+    for _ in 0..20 {
+        cell.clock.advance(time::Duration::milliseconds(100));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let stalls: Vec<_> = logd
+        .alerts
+        .all()
+        .into_iter()
+        .filter(|a| {
+            a.kind == AlertKind::Monitor
+                && a.detail["rule_name"] == "nitrile_checkpoint_not_advancing"
+        })
+        .collect();
+    assert!(stalls.is_empty(), "{stalls:?}");
+    logd.stop().await;
+}

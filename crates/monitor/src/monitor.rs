@@ -78,10 +78,14 @@ mod rfc3339 {
 /// Settings of the built-in detectors and the bounds on state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MonitorConfig {
-    /// How often the log publishes a checkpoint.
+    /// How often the log publishes a checkpoint when it has grown.
     pub checkpoint_interval: Duration,
-    /// Intervals after which a checkpoint that is not published, or whose
-    /// size does not grow while records arrive, raises an alert.
+    /// The longest the log goes without publishing a checkpoint, grown or
+    /// not (an idle log publishes only this often).
+    pub max_checkpoint_age: Duration,
+    /// Intervals after which a checkpoint whose size does not grow while
+    /// records arrive raises an alert; and by which a checkpoint may be
+    /// later than `max_checkpoint_age` before its absence does.
     pub checkpoint_stall_intervals: u32,
     /// How long a journal's shipped position may stay behind the head it
     /// had when it fell behind.
@@ -99,6 +103,7 @@ impl Default for MonitorConfig {
     fn default() -> Self {
         Self {
             checkpoint_interval: Duration::seconds(1),
+            max_checkpoint_age: Duration::seconds(60),
             checkpoint_stall_intervals: 5,
             journal_lag_max: Duration::seconds(30),
             baseline: Some(BaselineConfig::default()),
@@ -450,9 +455,10 @@ impl Monitor {
         let intervals =
             i32::try_from(self.config.checkpoint_stall_intervals.max(1)).unwrap_or(i32::MAX);
         let limit = self.config.checkpoint_interval.saturating_mul(intervals);
+        let silence = self.config.max_checkpoint_age.saturating_add(limit);
         let w = &mut self.checkpoint;
         let since_publish = w.last.map(|(t, _)| t).or(w.started);
-        let problem = if since_publish.is_some_and(|t| now - t > limit) {
+        let problem = if since_publish.is_some_and(|t| now - t > silence) {
             Some(("no_checkpoint", since_publish))
         } else if w.pending_since.is_some_and(|t| now - t > limit) {
             Some(("size_not_growing", w.pending_since))

@@ -415,6 +415,7 @@ fn journal_lag_does_not_fire_when_shipping_keeps_up() {
 fn checkpoint_monitor() -> Monitor {
     shipped().with_config(MonitorConfig {
         checkpoint_interval: Duration::seconds(1),
+        max_checkpoint_age: Duration::seconds(10),
         checkpoint_stall_intervals: 5,
         baseline: None,
         ..MonitorConfig::default()
@@ -447,15 +448,18 @@ fn checkpoint_stall_fires_when_records_arrive_and_size_does_not_grow() {
 #[test]
 fn checkpoint_stall_fires_when_no_checkpoint_is_published() {
     let mut m = checkpoint_monitor();
+    // No checkpoint for longer than the log's longest interval (10 s) and
+    // the slack (5 intervals of 1 s).
     m.observe(&Event::checkpoint("c1.nitrile/log", 3, secs(0)), secs(0));
-    assert!(m.tick(secs(5)).is_empty());
-    let alerts = m.tick(secs(6));
+    assert!(m.tick(secs(15)).is_empty());
+    let alerts = m.tick(secs(16));
     assert_eq!(alerts.len(), 1);
     assert_eq!(alerts[0].group["problem"], "no_checkpoint");
     // And a monitor that never saw one, from its first tick.
     let mut m = checkpoint_monitor();
     assert!(m.tick(secs(0)).is_empty());
-    assert_eq!(m.tick(secs(6)).len(), 1);
+    assert!(m.tick(secs(15)).is_empty());
+    assert_eq!(m.tick(secs(16)).len(), 1);
 }
 
 #[test]
@@ -487,6 +491,14 @@ fn checkpoint_stall_does_not_fire_while_checkpoints_advance_or_nothing_arrives()
     // Idle log: same size, published every second, no records.
     for t in 30..60 {
         m.observe(&Event::checkpoint("c1.nitrile/log", 30, secs(t)), secs(t));
+        alerts.extend(m.tick(secs(t)));
+    }
+    // Idle log that publishes only every max_checkpoint_age (10 s), ticked
+    // every second.
+    for t in 60..120 {
+        if t % 10 == 0 {
+            m.observe(&Event::checkpoint("c1.nitrile/log", 30, secs(t)), secs(t));
+        }
         alerts.extend(m.tick(secs(t)));
     }
     assert!(alerts.is_empty(), "{alerts:?}");
