@@ -2,11 +2,12 @@
 //! cell's transparency log, checked locally.
 
 use std::collections::VecDeque;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
 use nitrile_audit::AuditRecord;
 use nitrile_logd::Alert;
 use nitrile_logd::leaf::{self, LeafV1};
@@ -475,6 +476,38 @@ async fn fetch_all(reader: &mut LogReader) -> anyhow::Result<MemStorage> {
     };
     let size = note_size(&note).context("logd's checkpoint names no size")?;
     mem.write("checkpoint", note.as_bytes())?;
+    let tiles: u64 = (0u32..8)
+        .map(|level| (size >> (level * 8)).div_ceil(HASHES_PER_TILE))
+        .sum();
+    let bar = progress(size.div_ceil(ENTRIES_PER_BUNDLE) + tiles, "checkpoints");
+    let fetched = fetch_into(reader, &mem, size, &bar).await;
+    bar.finish_and_clear();
+    fetched.map(|()| mem)
+}
+
+/// Progress of a long fetch on standard error when it is a terminal;
+/// nothing when it is piped.
+fn progress(len: u64, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg:24} [{bar:30}] {pos}/{len} tiles and bundles, {eta} left",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// [`fetch_all`] once the latest checkpoint, of `size`, is in `mem`.
+async fn fetch_into(
+    reader: &mut LogReader,
+    mem: &MemStorage,
+    size: u64,
+    bar: &ProgressBar,
+) -> anyhow::Result<()> {
     // Every checkpoint published up to it, each checked by the audit.
     let mut from = 0;
     loop {
@@ -485,6 +518,7 @@ async fn fetch_all(reader: &mut LogReader) -> anyhow::Result<MemStorage> {
                 mem.write(&format!("checkpoints/{at}"), note.as_bytes())?;
             }
         }
+        bar.set_message(format!("checkpoints up to {}", page.next.unwrap_or(size)));
         match page.next {
             Some(next) if next > from && next <= size => from = next,
             _ => break,
@@ -492,6 +526,7 @@ async fn fetch_all(reader: &mut LogReader) -> anyhow::Result<MemStorage> {
     }
     for n in 0..size.div_ceil(ENTRIES_PER_BUNDLE) {
         let need = (size - n * ENTRIES_PER_BUNDLE).min(ENTRIES_PER_BUNDLE);
+        bar.inc(1);
         let full = TilePath::entries(n, 256).to_string();
         if let Some(b) = reader.tile(&full).await? {
             mem.write(&full, &b)?;
@@ -509,6 +544,7 @@ async fn fetch_all(reader: &mut LogReader) -> anyhow::Result<MemStorage> {
             break;
         }
         for n in 0..count.div_ceil(HASHES_PER_TILE) {
+            bar.inc(1);
             let width = (count - n * HASHES_PER_TILE).min(HASHES_PER_TILE);
             let path = TilePath::hashes(level, n, width as u16).to_string();
             if let Some(b) = reader.tile(&path).await? {
@@ -524,7 +560,7 @@ async fn fetch_all(reader: &mut LogReader) -> anyhow::Result<MemStorage> {
             }
         }
     }
-    Ok(mem)
+    Ok(())
 }
 
 /// The log directory of `dir`: itself when it holds a log, else its `log/`.
