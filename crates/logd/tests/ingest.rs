@@ -9,10 +9,9 @@ mod support;
 use std::collections::BTreeMap;
 
 use nitrile_api::Operation;
-use nitrile_api::admin::AdminRequest;
-use nitrile_audit::{ChainHash, Journal, RecordKind};
+use nitrile_audit::{ChainHash, RecordKind};
 use nitrile_logd::alert::AlertKind;
-use nitrile_logd::protocol::{IngestAck, ProofBody, SourceHead};
+use nitrile_logd::protocol::{IngestAck, SourceHead};
 use nitrile_logd::{Shipper, ShipperHandle};
 use nitrile_tlog::{
     NoteVerifier, leaf_hash, open_checkpoint, verify_consistency, verify_inclusion,
@@ -37,23 +36,6 @@ fn ship_journal(
 
 fn journal_head(path: &std::path::Path) -> u64 {
     nitrile_audit::verify_journal(path).unwrap().last_seq
-}
-
-async fn describe(cell: &TestCell, times: usize) {
-    for _ in 0..times {
-        let token = cell
-            .token_for("operator/alice", "h1", &AdminRequest::HostDescribe)
-            .await;
-        let (status, body) = cell
-            .call(
-                "operator/alice",
-                "h1",
-                &AdminRequest::HostDescribe,
-                Some(&token),
-            )
-            .await;
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    }
 }
 
 /// Per source, the sequence numbers the log holds, in log order.
@@ -223,47 +205,6 @@ async fn claim6_journals_are_shipped_acked_and_resumed_without_duplicates() {
     // The journals were only read.
     nitrile_audit::verify_journal(&host_journal).unwrap();
     cell.stop_host("h1").await;
-}
-
-fn hashes(body: &[u8]) -> Vec<nitrile_tlog::Hash> {
-    decode_hashes(&serde_json::from_slice::<ProofBody>(body).unwrap().proof)
-}
-
-fn decode_hashes(hex_hashes: &[String]) -> Vec<nitrile_tlog::Hash> {
-    hex_hashes
-        .iter()
-        .map(|h| {
-            let mut out = [0u8; 32];
-            hex::decode_to_slice(h, &mut out).unwrap();
-            out
-        })
-        .collect()
-}
-
-/// A journal of host `host` written in a scratch directory, with `n`
-/// records, and the host provisioned (certificate) without running it.
-fn host_journal(cell: &TestCell, host: &str, n: usize) -> std::path::PathBuf {
-    let now = nitrile_token::Clock::now(&*cell.clock);
-    nitrile_cell::provision_host(
-        &cell.layout,
-        &cell.cell,
-        &nitrile_api::Name::new(host).unwrap(),
-        now,
-    )
-    .unwrap();
-    let path = cell.scratch(&format!("journal-{host}")).join("journal");
-    let j = Journal::open(&path, &host_principal(host).uri()).unwrap();
-    for i in 0..n {
-        let record = nitrile_audit::AuditRecord::request(
-            now,
-            host_principal(host),
-            nitrile_audit::RequestId::from_bytes([i as u8; 16]),
-        )
-        .with_principal(principal("operator/alice"))
-        .with_operations([Operation::HostDescribe]);
-        j.append(&record.encode().unwrap()).unwrap();
-    }
-    path
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

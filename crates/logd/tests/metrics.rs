@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use nitrile_api::Operation;
-use nitrile_api::admin::AdminRequest;
 use nitrile_logd::alert::AlertKind;
 use nitrile_logd::config::{ConfigError, MetricsAddr};
 use nitrile_logd::{Logd, LogdConfig, LogdOptions};
@@ -55,23 +54,6 @@ fn get(m: &BTreeMap<String, u64>, name: &str) -> u64 {
 /// How much each `nitrile_logd_*` metric moved from `before` to `after`.
 fn moved(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, name: &str) -> u64 {
     get(after, name) - get(before, name)
-}
-
-async fn describe(cell: &TestCell, times: usize) {
-    for _ in 0..times {
-        let token = cell
-            .token_for("operator/alice", "h1", &AdminRequest::HostDescribe)
-            .await;
-        let (status, body) = cell
-            .call(
-                "operator/alice",
-                "h1",
-                &AdminRequest::HostDescribe,
-                Some(&token),
-            )
-            .await;
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

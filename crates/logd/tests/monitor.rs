@@ -104,32 +104,6 @@ async fn shipped_rules_fire_on_ingested_records_and_integrity_alerts() {
     logd.stop().await;
 }
 
-/// Appends `n` describe requests to a new journal of host `name`.
-fn host_journal(cell: &TestCell, name: &str, n: u8) -> std::path::PathBuf {
-    let now = nitrile_token::Clock::now(&*cell.clock);
-    nitrile_cell::provision_host(
-        &cell.layout,
-        &cell.cell,
-        &nitrile_api::Name::new(name).unwrap(),
-        now,
-    )
-    .unwrap();
-    let path = cell.scratch(name).join("journal");
-    let j = nitrile_audit::Journal::open(&path, &host_principal(name).uri()).unwrap();
-    for i in 0..n {
-        let r = nitrile_audit::AuditRecord::request(
-            now,
-            host_principal(name),
-            nitrile_audit::RequestId::from_bytes([i; 16]),
-        )
-        .with_principal(principal("operator/alice"))
-        .with_operations([Operation::HostDescribe])
-        .with_resources([r(&format!("host/{name}"))]);
-        j.append(&r.encode().unwrap()).unwrap();
-    }
-    path
-}
-
 fn lag_alerts(logd: &RunningLogd) -> Vec<nitrile_logd::Alert> {
     logd.alerts
         .all()

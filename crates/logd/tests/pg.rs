@@ -14,7 +14,6 @@ mod pg_server;
 use nitrile_api::Name;
 use nitrile_audit::RecordKind;
 use nitrile_logd::config::Conninfo;
-use nitrile_logd::protocol::ProofBody;
 use nitrile_logd::{Logd, LogdOptions};
 use nitrile_tlog::{
     Checkpoint, NoteVerifier, PgStorage, Storage as _, audit, leaf_hash, open_checkpoint,
@@ -33,39 +32,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 async fn start_server() -> Option<std::sync::Arc<Server>> {
     blocking(Server::start).await.map(std::sync::Arc::new)
-}
-
-/// A journal of host `host` with `n` records, the host provisioned
-/// (certificate) without running it.
-fn host_journal(cell: &TestCell, host: &str, n: usize) -> std::path::PathBuf {
-    let now = nitrile_token::Clock::now(&*cell.clock);
-    nitrile_cell::provision_host(&cell.layout, &cell.cell, &Name::new(host).unwrap(), now).unwrap();
-    let path = cell.scratch(&format!("journal-{host}")).join("journal");
-    let j = nitrile_audit::Journal::open(&path, &host_principal(host).uri()).unwrap();
-    for i in 0..n {
-        let record = nitrile_audit::AuditRecord::request(
-            now,
-            host_principal(host),
-            nitrile_audit::RequestId::from_bytes([i as u8; 16]),
-        )
-        .with_principal(principal("operator/alice"))
-        .with_operations([nitrile_api::Operation::HostDescribe]);
-        j.append(&record.encode().unwrap()).unwrap();
-    }
-    path
-}
-
-fn hashes(body: &[u8]) -> Vec<nitrile_tlog::Hash> {
-    serde_json::from_slice::<ProofBody>(body)
-        .unwrap()
-        .proof
-        .iter()
-        .map(|h| {
-            let mut out = [0u8; 32];
-            hex::decode_to_slice(h, &mut out).unwrap();
-            out
-        })
-        .collect()
 }
 
 async fn checkpoint(cell: &TestCell, logd: &RunningLogd, token: &str) -> Option<Checkpoint> {

@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use nitrile_api::admin::AdminRequest;
 use nitrile_api::{Operation, PrincipalId};
 use nitrile_audit::{AuditRecord, JournalReader};
 use nitrile_logd::alert::{Alert, AlertSink, Observer};
 use nitrile_logd::leaf::{self, LeafV1};
-use nitrile_logd::protocol::{EntryBody, IngestBatch, IngestEntry, JournalRef};
+use nitrile_logd::protocol::{EntryBody, IngestBatch, IngestEntry, JournalRef, ProofBody};
 use nitrile_logd::{Logd, LogdConfig, LogdError, LogdOptions};
 use nitrile_net::Client;
 use nitrile_pki::CellCa;
@@ -303,4 +304,66 @@ pub fn leaf_of(journal: &JournalRef, e: &IngestEntry) -> Vec<u8> {
 /// Every record of logd's journal.
 pub fn logd_records(logd: &RunningLogd) -> Vec<AuditRecord> {
     journal_records(&logd.journal())
+}
+
+/// `times` audited `host.describe` calls by alice to host agent h1.
+pub async fn describe(cell: &TestCell, times: usize) {
+    for _ in 0..times {
+        let token = cell
+            .token_for("operator/alice", "h1", &AdminRequest::HostDescribe)
+            .await;
+        let (status, body) = cell
+            .call(
+                "operator/alice",
+                "h1",
+                &AdminRequest::HostDescribe,
+                Some(&token),
+            )
+            .await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+}
+
+/// A journal of host `host` written in a scratch directory, with `n`
+/// describe requests, and the host provisioned (certificate) without
+/// running it.
+pub fn host_journal(cell: &TestCell, host: &str, n: usize) -> PathBuf {
+    let now = nitrile_token::Clock::now(&*cell.clock);
+    nitrile_cell::provision_host(
+        &cell.layout,
+        &cell.cell,
+        &nitrile_api::Name::new(host).unwrap(),
+        now,
+    )
+    .unwrap();
+    let path = cell.scratch(&format!("journal-{host}")).join("journal");
+    let j = nitrile_audit::Journal::open(&path, &host_principal(host).uri()).unwrap();
+    for i in 0..n {
+        let record = AuditRecord::request(
+            now,
+            host_principal(host),
+            nitrile_audit::RequestId::from_bytes([i as u8; 16]),
+        )
+        .with_principal(principal("operator/alice"))
+        .with_operations([Operation::HostDescribe]);
+        j.append(&record.encode().unwrap()).unwrap();
+    }
+    path
+}
+
+/// The hashes of a proof answer (`ProofBody`).
+pub fn hashes(body: &[u8]) -> Vec<nitrile_tlog::Hash> {
+    decode_hashes(&serde_json::from_slice::<ProofBody>(body).unwrap().proof)
+}
+
+/// Hashes given as 64 hex digits each.
+pub fn decode_hashes(hex_hashes: &[String]) -> Vec<nitrile_tlog::Hash> {
+    hex_hashes
+        .iter()
+        .map(|h| {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(h, &mut out).unwrap();
+            out
+        })
+        .collect()
 }
