@@ -23,6 +23,7 @@
 //!
 //! [logd]                                # optional: ship the journal to the audit log
 //! addr = "127.0.0.1:7445"               # its principal is nitrile://<cell>/service/logd
+//! log_vkey = "local.nitrile/log+..."    # optional: anchor the journal in the log
 //! ```
 //!
 //! Relative paths are resolved against the directory of the file when it is
@@ -151,6 +152,12 @@ pub struct LogdTarget {
     /// The audit log service's mTLS address, `host:port`; its principal is
     /// `nitrile://<cell>/service/logd`.
     pub addr: String,
+    /// The log's public key (a signed-note vkey), pinned at provisioning:
+    /// with it the shipper also anchors the journal in the log, remembering
+    /// in `<state>/log-anchor.json` the last checkpoint that covered it and
+    /// alerting when the log is not consistent with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_vkey: Option<String>,
 }
 
 /// The host agent's configuration. All fields are public; [`HostdConfig::new`]
@@ -434,6 +441,7 @@ backend = "auto"
         c.hypervisor.backend = BackendName::Qemu;
         c.logd = Some(LogdTarget {
             addr: "127.0.0.1:7445".into(),
+            log_vkey: Some("local.nitrile/log+01234567+AQ".into()),
         });
         c.write(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;

@@ -43,6 +43,15 @@ pub enum AlertKind {
     /// A monitor rule or detector fired (the monitor's alert is the
     /// detail).
     Monitor,
+    /// A principal that is not a declared source of the cell shipped a
+    /// journal.
+    UndeclaredSource,
+    /// A declared source shipped a record that does not fit it (another
+    /// writer, another host, another cell, not an audit record).
+    BadRecord,
+    /// A source found the log not consistent with the checkpoint it last
+    /// saw covering its journal (the source raised it in its own journal).
+    LogInconsistent,
 }
 
 impl AlertKind {
@@ -57,6 +66,9 @@ impl AlertKind {
             Self::CheckpointStalled => "checkpoint_stalled",
             Self::WitnessQuorum => "witness_quorum",
             Self::Monitor => "monitor",
+            Self::UndeclaredSource => "undeclared_source",
+            Self::BadRecord => "bad_record",
+            Self::LogInconsistent => "log_inconsistent",
         }
     }
 }
@@ -83,6 +95,321 @@ pub struct Alert {
     /// The sequence number of the alert's record in logd's journal, when it
     /// could be written.
     pub audit_seq: Option<u64>,
+    /// How many times it was raised: repeats of an alert (same kind, same
+    /// subject, same topic) are counted on one entry, not listed again.
+    #[serde(default = "one")]
+    pub count: u64,
+    /// When it was first raised, RFC 3339 UTC (`time` is the last time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_time: Option<String>,
+    /// Its position in the alert list (the cursor of `GET /v1/alerts/<after>`):
+    /// it moves to the end each time the alert is raised again.
+    #[serde(default)]
+    pub cursor: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+impl Alert {
+    /// Who or what the alert is about, for deduplication and rate limits:
+    /// the authenticated caller whose request raised it, else the source.
+    pub fn subject(&self) -> &str {
+        self.principal
+            .as_deref()
+            .or(self.source.as_deref())
+            .unwrap_or("")
+    }
+
+    /// What distinguishes alerts of one kind about one subject: the monitor
+    /// rule and its group, or the integrity problem.
+    pub fn topic(&self) -> String {
+        let d = &self.detail;
+        let pick = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        match self.kind {
+            AlertKind::Monitor => format!(
+                "{}|{}",
+                pick(&d["rule_id"]),
+                serde_json::to_string(&d["group"]).unwrap_or_default()
+            ),
+            _ => pick(&d["violation"]["problem"]),
+        }
+    }
+}
+
+/// Most alerts of one kind kept for `GET /v1/alerts`; past it, the entry of
+/// that kind raised longest ago is dropped. Kinds are counted apart, so a
+/// flood of one kind never evicts an alert of another.
+pub const MAX_ALERTS_PER_KIND: usize = 1024;
+/// Most alerts one page of `GET /v1/alerts/<after>` holds.
+pub const MAX_ALERTS_PER_READ: usize = 256;
+/// A repeated alert is delivered again (journaled, printed, posted) at most
+/// this often; the repeats in between are counted on its entry.
+pub const ALERT_REPEAT_INTERVAL: time::Duration = time::Duration::seconds(60);
+/// Most alert deliveries per subject per [`ALERT_RATE_WINDOW`]; more are
+/// kept and counted in the list, and delivered once the window allows.
+pub const MAX_DELIVERIES_PER_SUBJECT: u32 = 20;
+/// The window of [`MAX_DELIVERIES_PER_SUBJECT`].
+pub const ALERT_RATE_WINDOW: time::Duration = time::Duration::seconds(60);
+/// Most subjects whose delivery rate is tracked at once.
+const MAX_RATED_SUBJECTS: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct AlertKey {
+    kind: AlertKind,
+    subject: String,
+    topic: String,
+}
+
+impl AlertKey {
+    fn of(a: &Alert) -> Self {
+        Self {
+            kind: a.kind,
+            subject: a.subject().to_owned(),
+            topic: a.topic(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    alert: Alert,
+    /// Raised since it was last delivered.
+    pending: u64,
+    last_delivered: Option<time::OffsetDateTime>,
+}
+
+/// The alerts logd serves, deduplicated and rate-limited (no I/O).
+///
+/// An alert raised again (same kind, subject and topic: see
+/// [`Alert::subject`], [`Alert::topic`]) is not listed twice: its entry
+/// counts it, takes its time and detail, and moves to the end of the list.
+/// Each kind keeps at most [`MAX_ALERTS_PER_KIND`] entries. Delivery
+/// (journal, stdout, webhook, monitor) happens for a new alert, and for a
+/// repeated one at most every [`ALERT_REPEAT_INTERVAL`] with the count of
+/// its repeats, and at most [`MAX_DELIVERIES_PER_SUBJECT`] times per
+/// subject per window; what is held back stays in the list and is delivered
+/// by [`AlertTable::due`] later. The list is read in pages by cursor
+/// ([`AlertTable::page`]), so no alert is hidden by the size of the answer.
+#[derive(Debug, Default)]
+pub struct AlertTable {
+    entries: std::collections::HashMap<AlertKey, Entry>,
+    /// Cursor -> key, in list order.
+    order: std::collections::BTreeMap<u64, AlertKey>,
+    per_kind: std::collections::HashMap<AlertKind, usize>,
+    next_cursor: u64,
+    /// Deliveries per subject in the current window: (window start, count).
+    rates: std::collections::HashMap<String, (time::OffsetDateTime, u32)>,
+}
+
+/// An alert as the table holds it after one more raise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Raised {
+    /// The entry as it stands (count, times, cursor).
+    pub alert: Alert,
+    /// Whether to deliver it now (journal, sinks).
+    pub deliver: bool,
+}
+
+/// A page of alerts, oldest first, as served by `GET /v1/alerts/<after>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertPage {
+    /// The alerts whose cursor is after the one asked for.
+    pub alerts: Vec<Alert>,
+    /// The cursor to ask for next, when there may be more.
+    pub next: Option<u64>,
+}
+
+impl AlertTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many alerts it lists.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether it lists none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn allow_delivery(&mut self, subject: &str, now: time::OffsetDateTime) -> bool {
+        if !self.rates.contains_key(subject) && self.rates.len() >= MAX_RATED_SUBJECTS {
+            self.rates
+                .retain(|_, (start, _)| now - *start < ALERT_RATE_WINDOW);
+        }
+        let slot = self
+            .rates
+            .entry(subject.to_owned())
+            .or_insert((now, 0));
+        if now - slot.0 >= ALERT_RATE_WINDOW {
+            *slot = (now, 0);
+        }
+        if slot.1 >= MAX_DELIVERIES_PER_SUBJECT {
+            return false;
+        }
+        slot.1 += 1;
+        true
+    }
+
+    fn move_to_end(&mut self, key: &AlertKey, old_cursor: u64) -> u64 {
+        self.order.remove(&old_cursor);
+        self.next_cursor += 1;
+        self.order.insert(self.next_cursor, key.clone());
+        self.next_cursor
+    }
+
+    /// Notes that `alert` was raised (once) at `now`: the entry as it
+    /// stands now (its count and times), and whether to deliver it now (a
+    /// new alert, or a repeat whose time has come).
+    pub fn raise(&mut self, alert: Alert, now: time::OffsetDateTime) -> Raised {
+        let key = AlertKey::of(&alert);
+        let deliver = self.note(alert, Some(now));
+        let alert = self
+            .entries
+            .get(&key)
+            .map(|e| e.alert.clone())
+            .unwrap_or_else(|| unreachable!("the entry was just written"));
+        Raised { alert, deliver }
+    }
+
+    /// Puts back an alert as a journal record kept it (its count and times
+    /// as they stood then), when the table is rebuilt from the journal.
+    pub fn restore(&mut self, alert: Alert) {
+        let _ = self.note(alert, None);
+    }
+
+    /// Raises (`now` given: counts one more) or restores (`now` absent:
+    /// takes the alert's own count and times) an alert; whether to deliver.
+    fn note(&mut self, mut alert: Alert, now: Option<time::OffsetDateTime>) -> bool {
+        let key = AlertKey::of(&alert);
+        if let Some(mut e) = self.entries.remove(&key) {
+            match now {
+                Some(_) => {
+                    e.alert.count = e.alert.count.saturating_add(1);
+                    e.pending = e.pending.saturating_add(1);
+                }
+                None => e.alert.count = alert.count.max(e.alert.count),
+            }
+            e.alert.time = alert.time;
+            e.alert.message = alert.message;
+            e.alert.detail = alert.detail;
+            if alert.audit_seq.is_some() {
+                e.alert.audit_seq = alert.audit_seq;
+            }
+            e.alert.cursor = self.move_to_end(&key, e.alert.cursor);
+            let deliver = match now {
+                Some(now) => {
+                    let repeat_due = e
+                        .last_delivered
+                        .is_none_or(|t| now - t >= ALERT_REPEAT_INTERVAL);
+                    let deliver = repeat_due && self.allow_delivery(&key.subject, now);
+                    if deliver {
+                        e.pending = 0;
+                        e.last_delivered = Some(now);
+                    }
+                    deliver
+                }
+                None => false,
+            };
+            self.entries.insert(key, e);
+            return deliver;
+        }
+        let kept = self.per_kind.get(&key.kind).copied().unwrap_or(0);
+        if kept >= MAX_ALERTS_PER_KIND {
+            let oldest = self
+                .order
+                .iter()
+                .find(|(_, k)| k.kind == key.kind)
+                .map(|(c, k)| (*c, k.clone()));
+            if let Some((c, k)) = oldest {
+                self.order.remove(&c);
+                self.entries.remove(&k);
+                *self.per_kind.entry(key.kind).or_insert(1) -= 1;
+            }
+        }
+        if now.is_some() {
+            alert.count = 1;
+            alert.first_time = None;
+        }
+        alert.count = alert.count.max(1);
+        alert.first_time = Some(alert.first_time.take().unwrap_or_else(|| alert.time.clone()));
+        self.next_cursor += 1;
+        alert.cursor = self.next_cursor;
+        self.order.insert(self.next_cursor, key.clone());
+        *self.per_kind.entry(key.kind).or_insert(0) += 1;
+        let deliver = now.is_some_and(|now| self.allow_delivery(&key.subject, now));
+        let e = Entry {
+            pending: if deliver || now.is_none() { 0 } else { 1 },
+            last_delivered: if deliver { now } else { None },
+            alert,
+        };
+        self.entries.insert(key, e);
+        deliver
+    }
+
+    /// The repeats held back that may be delivered now, each as one alert
+    /// with its count.
+    pub fn due(&mut self, now: time::OffsetDateTime) -> Vec<Alert> {
+        let waiting: Vec<AlertKey> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                e.pending > 0
+                    && e
+                        .last_delivered
+                        .is_none_or(|t| now - t >= ALERT_REPEAT_INTERVAL)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for key in waiting {
+            if !self.allow_delivery(&key.subject, now) {
+                continue;
+            }
+            if let Some(e) = self.entries.get_mut(&key) {
+                e.pending = 0;
+                e.last_delivered = Some(now);
+                out.push(e.alert.clone());
+            }
+        }
+        out
+    }
+
+    /// Records the journal sequence number of a delivered alert's record.
+    pub fn set_audit_seq(&mut self, alert: &Alert, seq: u64) {
+        if let Some(e) = self.entries.get_mut(&AlertKey::of(alert)) {
+            e.alert.audit_seq = Some(seq);
+        }
+    }
+
+    /// The alerts after cursor `after`, oldest first, at most `limit`
+    /// (capped at [`MAX_ALERTS_PER_READ`]).
+    pub fn page(&self, after: u64, limit: usize) -> AlertPage {
+        let limit = limit.clamp(1, MAX_ALERTS_PER_READ);
+        let mut alerts = Vec::new();
+        let mut more = false;
+        for (_, key) in self.order.range(after.saturating_add(1)..) {
+            if alerts.len() == limit {
+                more = true;
+                break;
+            }
+            if let Some(e) = self.entries.get(key) {
+                alerts.push(e.alert.clone());
+            }
+        }
+        let next = more.then(|| alerts.last().map_or(after, |a| a.cursor));
+        AlertPage { alerts, next }
+    }
 }
 
 /// The key of the object an alert record carries in its `detail`.

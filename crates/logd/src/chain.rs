@@ -28,6 +28,10 @@ pub struct SourceState {
     pub acked_seq: u64,
     /// Its chain hash (the genesis hash when `acked_seq` is 0).
     pub hash: ChainHash,
+    /// The log index of that record, when the log holds one (absent in
+    /// states saved before it was kept; learnt again from the next record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_index: Option<u64>,
 }
 
 impl SourceState {
@@ -38,14 +42,17 @@ impl SourceState {
             genesis,
             acked_seq: 0,
             hash: genesis,
+            acked_index: None,
         }
     }
 
-    /// The state once `leaf` (the next record) is in the log.
-    pub fn advanced(self, leaf: &LeafV1) -> Self {
+    /// The state once `leaf` (the next record) is in the log, at `index`
+    /// when that is known.
+    pub fn advanced(self, leaf: &LeafV1, index: Option<u64>) -> Self {
         Self {
             acked_seq: leaf.seq,
             hash: leaf.hash,
+            acked_index: index,
             ..self
         }
     }
@@ -234,7 +241,7 @@ pub fn check_batch(known: Option<&SourceState>, batch: &IngestBatch) -> Checked 
             });
             return out;
         }
-        out.state = out.state.advanced(&leaf);
+        out.state = out.state.advanced(&leaf, None);
         out.leaves.push(leaf);
         prev = Some((e.seq, e.hash));
     }

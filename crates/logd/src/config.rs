@@ -20,6 +20,11 @@
 //! # vkey = "witness-1+abcd1234+AQ..."   # its cosignature verifier key
 //! # addr = "127.0.0.1:7447"
 //!
+//! [sources]                           # the journals the log takes (nothing else is ingested)
+//! hosts = ["h1"]                      # nitrile://<cell>/host/<name>
+//! token_service = "tokend"            # nitrile://<cell>/service/tokend
+//! services = []                       # other cell services that ship a journal
+//!
 //! # [storage]                         optional; default: the log in files under <state>/log
 //! # postgres = "host=/run/postgresql user=nitrile dbname=nitrile"   # libpq conninfo or URL
 //! # log_name = "local"                optional; default: the cell name
@@ -47,6 +52,8 @@ use std::path::{Path, PathBuf};
 
 use nitrile_api::Name;
 use serde::{Deserialize, Serialize};
+
+use crate::source::{MAX_DECLARED_SOURCES, SourcesConfig};
 
 /// Largest config file read.
 pub const MAX_CONFIG_LEN: u64 = 64 * 1024;
@@ -277,6 +284,9 @@ pub enum ConfigProblem {
     /// `storage.log_name` is set without `storage.postgres`
     #[error("storage.log_name needs storage.postgres")]
     LogNameWithoutDatabase,
+    /// too many declared sources
+    #[error("more than {MAX_DECLARED_SOURCES} sources")]
+    TooManySources,
 }
 
 /// One witness logd asks to cosign its checkpoints.
@@ -342,6 +352,10 @@ pub struct LogdConfig {
     /// anywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsAddr>,
+    /// The journal sources of the cell; a journal from anyone else is
+    /// refused (logd's own is always taken).
+    #[serde(default)]
+    pub sources: SourcesConfig,
     /// Where the transparency log is kept; files under `<state>/log` by
     /// default.
     #[serde(default, skip_serializing_if = "StorageConfig::is_files")]
@@ -375,6 +389,7 @@ impl LogdConfig {
             webhook: None,
             rules: None,
             metrics: None,
+            sources: SourcesConfig::default(),
             storage: StorageConfig::default(),
         }
     }
@@ -473,6 +488,9 @@ impl LogdConfig {
         }
         if self.storage.log_name.is_some() && self.storage.postgres.is_none() {
             return Err(ConfigProblem::LogNameWithoutDatabase);
+        }
+        if self.sources.len() > MAX_DECLARED_SOURCES {
+            return Err(ConfigProblem::TooManySources);
         }
         Ok(())
     }

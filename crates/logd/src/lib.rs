@@ -33,20 +33,28 @@
 #![forbid(unsafe_code)]
 
 pub mod alert;
+pub mod anchor;
 pub mod chain;
 pub mod config;
 pub mod leaf;
 pub mod protocol;
 pub mod service;
 pub mod shipper;
+pub mod source;
 mod store;
 mod tail;
 
-pub use alert::{Alert, AlertKind, AlertSink, Observer, StdoutAlerts, WebhookAlerts};
+pub use alert::{
+    Alert, AlertKind, AlertPage, AlertSink, AlertTable, Observer, StdoutAlerts, WebhookAlerts,
+};
 pub use chain::{IntegrityViolation, SourceState, check_batch};
 pub use config::{ConfigError, LogdConfig, WitnessConfig};
 pub use leaf::{LeafError, LeafV1};
 pub use service::{Logd, LogdError, LogdOptions, log_origin};
-pub use shipper::{ShipError, Shipper, ShipperHandle, ShipperOptions, ShipperStatus};
+pub use source::{ContentViolation, DeclaredSources, SourceRole, SourcesConfig, check_record};
+pub use anchor::{AnchorProblem, RememberedCheckpoint, check_anchor};
+pub use shipper::{
+    AnchorOptions, ShipError, Shipper, ShipperHandle, ShipperOptions, ShipperStatus,
+};
 pub use store::{MAX_SOURCES_FILE, SOURCES_FILE, StoreError};
 pub use tail::TailError;

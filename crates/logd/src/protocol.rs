@@ -3,7 +3,8 @@
 //! `POST /v1/ingest` carries an [`IngestBatch`] (at most
 //! [`MAX_INGEST_BODY`] bytes, [`MAX_INGEST_ENTRIES`] entries) and is
 //! answered with an [`IngestAck`] once every entry is durable in the log;
-//! `GET /v1/ingest/head/<kind>/<name>` answers a [`SourceHead`].
+//! `GET /v1/ingest/head/<kind>/<name>` answers a [`SourceHead`] and
+//! `GET /v1/ingest/anchor/<kind>/<name>/<old>` an [`AnchorBody`].
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -78,6 +79,36 @@ pub struct SourceHead {
     /// The id of the source's journal (`null` for a source never seen).
     #[serde(with = "journal_id_hex::option")]
     pub journal_id: Option<JournalId>,
+}
+
+/// What a source learns of the log to anchor its journal in it, as served
+/// by `GET /v1/ingest/anchor/<kind>/<name>/<old>`: the latest published
+/// checkpoint, a consistency proof from the tree size `old` the source last
+/// remembered, and the last record of the source that the checkpoint covers
+/// with its inclusion proof. The source checks all three against the log's
+/// key and its own journal before it remembers the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnchorBody {
+    /// The signed checkpoint (a signed note, with any witness cosignatures).
+    pub checkpoint: String,
+    /// The RFC 9162 consistency proof from `old` to the checkpoint's size
+    /// (empty when `old` is 0 or not smaller than the size).
+    pub consistency: Vec<String>,
+    /// The source's last record the checkpoint covers, if any.
+    pub covered: Option<CoveredRecord>,
+}
+
+/// A record of a source and where the log holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoveredRecord {
+    /// Its sequence number in the source's journal.
+    pub seq: u64,
+    /// Its index in the log.
+    pub index: u64,
+    /// Its RFC 9162 inclusion proof in the checkpoint's tree.
+    pub inclusion: Vec<String>,
 }
 
 /// An inclusion or consistency proof (hashes as 64 hex digits).

@@ -12,7 +12,6 @@
 //! Prometheus text format on that loopback address, over plain HTTP, for as
 //! long as it serves: the mTLS server's counters and [`LogdMetrics`].
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -39,15 +38,17 @@ use rustls::ClientConfig;
 use tokio::net::TcpListener;
 
 use crate::alert::{
-    ALERT_DETAIL_KEY, Alert, AlertKind, AlertSink, Observer, StdoutAlerts, WebhookAlerts,
+    ALERT_DETAIL_KEY, Alert, AlertKind, AlertSink, AlertTable, MAX_ALERTS_PER_READ, Observer,
+    Raised, StdoutAlerts, WebhookAlerts,
 };
 use crate::chain::IntegrityViolation;
 use crate::config::LogdConfig;
 use crate::leaf::LeafV1;
 use crate::protocol::{
-    EntryBody, HistoryBody, IngestAck, IngestBatch, IngestEntry, JournalRef, MAX_INGEST_BODY,
-    MAX_INGEST_ENTRIES, ProofBody, ProofsBody, SourceHead, base64,
+    AnchorBody, CoveredRecord, EntryBody, HistoryBody, IngestAck, IngestBatch, IngestEntry,
+    JournalRef, MAX_INGEST_BODY, MAX_INGEST_ENTRIES, ProofBody, ProofsBody, SourceHead, base64,
 };
+use crate::source::{ContentViolation, DeclaredSources, SourceRole, check_record};
 use crate::store::{LogBackend, LogStorage, Store, StoreError};
 use crate::tail::JournalTail;
 
@@ -67,8 +68,6 @@ pub const MAX_PROOFS_PER_READ: u64 = 256;
 
 /// Most checkpoints in one page of `GET /v1/log/history/<from>`.
 pub const MAX_CHECKPOINTS_PER_READ: usize = 256;
-/// Most alerts kept in memory for `GET /v1/alerts`.
-pub const MAX_ALERTS_KEPT: usize = 10_000;
 /// How often logd looks for new records in its own journal.
 pub const SELF_INGEST_POLL: Duration = Duration::from_millis(100);
 /// Monitor alerts queued for raising; more are dropped (and counted).
@@ -347,7 +346,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     sinks: Vec<Arc<dyn AlertSink>>,
     observers: Vec<Arc<dyn Observer>>,
-    alerts: Mutex<VecDeque<Alert>>,
+    alerts: Mutex<AlertTable>,
+    sources: DeclaredSources,
     journal_path: PathBuf,
     interval: Duration,
     max_age: Duration,
@@ -511,6 +511,7 @@ impl Logd {
             inner: Arc::new(Inner {
                 cell: config.cell.clone(),
                 log_resource: ResourceId::new(ResourceKind::Log, config.cell.clone()),
+                sources: DeclaredSources::new(&config.cell, &me, &config.sources),
                 me,
                 origin,
                 verifier: log_verifier,
@@ -606,9 +607,9 @@ impl Logd {
     }
 }
 
-/// The alerts recorded in logd's journal, newest last.
-fn past_alerts(journal: &Path) -> Result<VecDeque<Alert>, LogdError> {
-    let mut out = VecDeque::new();
+/// The alerts recorded in logd's journal, in the table as they were raised.
+fn past_alerts(journal: &Path) -> Result<AlertTable, LogdError> {
+    let mut table = AlertTable::new();
     for entry in JournalReader::open(journal)? {
         let entry = entry?;
         let Ok(record) = entry.record() else { continue };
@@ -617,13 +618,10 @@ fn past_alerts(journal: &Path) -> Result<VecDeque<Alert>, LogdError> {
         };
         if let Ok(mut alert) = serde_json::from_value::<Alert>(value.clone()) {
             alert.audit_seq = Some(entry.seq);
-            if out.len() == MAX_ALERTS_KEPT {
-                out.pop_front();
-            }
-            out.push_back(alert);
+            table.restore(alert);
         }
     }
-    Ok(out)
+    Ok(table)
 }
 
 fn kind_of(v: &IntegrityViolation) -> AlertKind {
@@ -685,7 +683,7 @@ enum Read {
     InclusionRange { start: u64, count: u64, size: u64 },
     Consistency { old: u64, new: u64 },
     Entries { start: u64, count: u64 },
-    Alerts,
+    Alerts { after: u64 },
 }
 
 impl Read {
@@ -698,7 +696,7 @@ impl Read {
                 | Self::Inclusion { .. }
                 | Self::InclusionRange { .. }
                 | Self::Consistency { .. }
-                | Self::Alerts
+                | Self::Alerts { .. }
         )
     }
 }
@@ -708,6 +706,7 @@ impl Read {
 enum Route {
     Ingest,
     Head(String, String),
+    Anchor(String, String, u64),
     Read(Read),
 }
 
@@ -754,6 +753,10 @@ fn route(method: &Method, path: &str) -> Result<Route, (u16, &'static str, Strin
         ["ingest"] if method == Method::POST => Ok(Route::Ingest),
         ["ingest"] => Err(wrong_method("POST")),
         ["ingest", "head", kind, name] => get(Route::Head((*kind).to_owned(), (*name).to_owned())),
+        ["ingest", "anchor", kind, name, old] => match parse_u64(old) {
+            Some(old) => get(Route::Anchor((*kind).to_owned(), (*name).to_owned(), old)),
+            None => Err(not_found()),
+        },
         ["log", "checkpoint"] => get(Route::Read(Read::Checkpoint)),
         ["log", "history", from] => match parse_u64(from) {
             Some(from) => get(Route::Read(Read::History { from })),
@@ -798,7 +801,11 @@ fn route(method: &Method, path: &str) -> Result<Route, (u16, &'static str, Strin
             (Some(start), Some(count)) => get(Route::Read(Read::Entries { start, count })),
             _ => Err(not_found()),
         },
-        ["alerts"] => get(Route::Read(Read::Alerts)),
+        ["alerts"] => get(Route::Read(Read::Alerts { after: 0 })),
+        ["alerts", after] => match parse_u64(after) {
+            Some(after) => get(Route::Read(Read::Alerts { after })),
+            None => Err(not_found()),
+        },
         _ => Err(not_found()),
     }
 }
@@ -853,11 +860,28 @@ impl Inner {
         }
     }
 
-    fn push_alert(&self, alert: &Alert) {
+    /// Counts `alert` and notes it in the table: the entry as it stands and
+    /// whether to deliver it now (a new one, or a repeat whose time has
+    /// come).
+    fn note_alert(&self, alert: Alert) -> Raised {
         if alert.kind == AlertKind::Monitor {
             self.metrics.monitor_alerts.inc();
         } else {
             self.metrics.integrity_alerts.inc();
+        }
+        self.alerts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .raise(alert, self.clock.now())
+    }
+
+    /// Hands a delivered alert to the monitor, the sinks and the observers.
+    fn deliver(&self, alert: &Alert) {
+        if let Some(seq) = alert.audit_seq {
+            self.alerts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .set_audit_seq(alert, seq);
         }
         if alert.kind != AlertKind::Monitor
             && let Some(kind) = IntegrityKind::from_name(alert.kind.as_str())
@@ -873,13 +897,6 @@ impl Inner {
                 seq,
                 &alert.message,
             ));
-        }
-        {
-            let mut alerts = self.alerts.lock().unwrap_or_else(PoisonError::into_inner);
-            if alerts.len() == MAX_ALERTS_KEPT {
-                alerts.pop_front();
-            }
-            alerts.push_back(alert.clone());
         }
         for s in &self.sinks {
             s.alert(alert);
@@ -906,12 +923,25 @@ impl Inner {
             message,
             detail,
             audit_seq: None,
+            count: 1,
+            first_time: None,
+            cursor: 0,
         }
     }
 
-    /// Raises an alert that no request refusal carries: journaled as a
-    /// failed outcome of logd's own work, then delivered.
-    async fn raise(&self, mut alert: Alert) {
+    /// Raises an alert that no request refusal carries: noted in the table
+    /// and, when it is to be delivered now, journaled as a failed outcome
+    /// of logd's own work, then delivered.
+    async fn raise(&self, alert: Alert) {
+        let raised = self.note_alert(alert);
+        if raised.deliver {
+            self.journal_and_deliver(raised.alert).await;
+        }
+    }
+
+    /// Journals an alert to deliver (a failed outcome of logd's own work),
+    /// then delivers it.
+    async fn journal_and_deliver(&self, mut alert: Alert) {
         let record = AuditRecord::outcome(
             self.clock.now(),
             self.me.clone(),
@@ -937,7 +967,7 @@ impl Inner {
                 None
             }
         };
-        self.push_alert(&alert);
+        self.deliver(&alert);
     }
 
     /// Journals the refusal of a request (step `request`), with `alert` in
@@ -951,7 +981,12 @@ impl Inner {
         mut detail: serde_json::Value,
         alert: Option<Alert>,
     ) -> Response<Bytes> {
-        if let (Some(a), Some(obj)) = (&alert, detail.as_object_mut()) {
+        // The refusal carries the alert's entry as it stands (so the table
+        // is rebuilt from the journal as it was); a repeat held back is
+        // counted there and delivered later.
+        let raised = alert.map(|a| self.note_alert(a));
+        if let (Some(r), Some(obj)) = (&raised, detail.as_object_mut()) {
+            let a = &r.alert;
             obj.insert(
                 ALERT_DETAIL_KEY.to_owned(),
                 serde_json::to_value(a).unwrap_or_default(),
@@ -967,9 +1002,16 @@ impl Inner {
         .await;
         match r {
             Ok(r) => {
-                if let Some(mut a) = alert {
-                    a.audit_seq = r.audit_seq;
-                    self.push_alert(&a);
+                if let Some(Raised { mut alert, deliver }) = raised {
+                    alert.audit_seq = r.audit_seq;
+                    if deliver {
+                        self.deliver(&alert);
+                    } else if let Some(seq) = r.audit_seq {
+                        self.alerts
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .set_audit_seq(&alert, seq);
+                    }
                 }
                 refused(&r)
             }
@@ -977,10 +1019,44 @@ impl Inner {
         }
     }
 
-    /// Hands newly logged records to the observers.
-    fn observe(&self, first_index: u64, leaves: &[LeafV1]) {
+    /// The alert a source raised in its own journal (a record of its own
+    /// work whose detail carries one), as logd lists it: about that source,
+    /// of a kind a source may raise.
+    fn source_alert(&self, leaf: &LeafV1, record: &AuditRecord) -> Option<Alert> {
+        if leaf.source == self.me.uri() || record.principal.is_some() {
+            return None;
+        }
+        let value = record.detail.as_ref()?.get(ALERT_DETAIL_KEY)?;
+        let mut alert: Alert = serde_json::from_value(value.clone()).ok()?;
+        if alert.kind != AlertKind::LogInconsistent {
+            return None;
+        }
+        alert.source = Some(leaf.source.clone());
+        alert.principal = None;
+        alert.audit_seq = None;
+        alert.count = 1;
+        alert.first_time = None;
+        alert.cursor = 0;
+        Some(alert)
+    }
+
+    /// Hands newly logged records to the observers; returns the alerts
+    /// sources raised in them, to be raised by logd too.
+    fn observe(&self, first_index: u64, leaves: &[LeafV1]) -> Vec<Alert> {
+        let mut raised = Vec::new();
+        for leaf in leaves {
+            let key = ALERT_DETAIL_KEY.as_bytes();
+            if !leaf.payload.windows(key.len()).any(|w| w == key) {
+                continue;
+            }
+            if let Ok(record) = AuditRecord::decode(&leaf.payload)
+                && let Some(alert) = self.source_alert(leaf, &record)
+            {
+                raised.push(alert);
+            }
+        }
         if self.observers.is_empty() && self.monitor.is_none() {
-            return;
+            return raised;
         }
         for (i, leaf) in leaves.iter().enumerate() {
             if let Ok(record) = AuditRecord::decode(&leaf.payload) {
@@ -990,10 +1066,37 @@ impl Inner {
                 self.feed_monitor(&Event::from_record(&leaf.source, leaf.seq, &record));
             }
         }
+        raised
     }
 
     async fn ingest(self: &Arc<Self>, peer: PeerIdentity, body: Bytes) -> Response<Bytes> {
         let detail = serde_json::json!({ "method": "POST", "path": "/v1/ingest" });
+        let caller = peer.principal.uri();
+        // Only a declared source ships a journal, and logd's own is ingested
+        // in-process only: anyone else is refused before the body is read.
+        let Some(role) = self
+            .sources
+            .role(&peer.principal)
+            .filter(|r| *r != SourceRole::Log)
+        else {
+            let alert = self.new_alert(
+                AlertKind::UndeclaredSource,
+                None,
+                Some(&peer.principal),
+                format!("{caller} shipped a journal but is not a journal source of this cell"),
+                serde_json::json!({}),
+            );
+            return self
+                .refuse(
+                    &peer,
+                    403,
+                    "undeclared_source",
+                    format!("{caller} is not a journal source of this cell"),
+                    detail,
+                    Some(alert),
+                )
+                .await;
+        };
         let batch: IngestBatch = match serde_json::from_slice(&body) {
             Ok(b) => b,
             Err(e) => {
@@ -1021,20 +1124,17 @@ impl Inner {
                 )
                 .await;
         }
-        let caller = peer.principal.uri();
-        if batch.journal.source != caller
-            || !matches!(
-                peer.principal.kind,
-                PrincipalKind::Host | PrincipalKind::Service
-            )
-        {
-            let source = nitrile_api::admin::clip_text(&batch.journal.source, 255);
+        if batch.journal.source != caller {
+            let claimed = nitrile_api::admin::clip_text(&batch.journal.source, 255);
             let alert = self.new_alert(
                 AlertKind::WrongSource,
-                Some(source.clone()),
+                Some(caller.clone()),
                 Some(&peer.principal),
-                format!("{caller} shipped the journal of {source}"),
-                serde_json::json!({ "journal_id": batch.journal.journal_id.to_string() }),
+                format!("{caller} shipped the journal of another source"),
+                serde_json::json!({
+                    "claimed_source": claimed,
+                    "journal_id": batch.journal.journal_id.to_string(),
+                }),
             );
             return self
                 .refuse(
@@ -1049,12 +1149,26 @@ impl Inner {
         }
         let inner = Arc::clone(self);
         let now = now_ms(&*self.clock);
+        let source = peer.principal.clone();
         let ingested = tokio::task::spawn_blocking(move || {
+            // Records that continue the chain must also fit their source;
+            // the ones before the first that does not are still taken, as
+            // with a chain break (which the store finds first).
+            let mut batch = batch;
+            let known = inner.store.head(&batch.journal.source);
+            let misfit = crate::chain::check_batch(known.as_ref(), &batch)
+                .leaves
+                .iter()
+                .find_map(|l| check_record(role, &source, l.seq, &l.payload).err());
+            if let Some(v) = &misfit {
+                let seq = v.seq();
+                batch.entries.retain(|e| e.seq < seq);
+            }
             let r = inner.store.ingest(&batch, now);
-            (batch, r)
+            (batch, r, misfit)
         })
         .await;
-        let (batch, ingested) = match ingested {
+        let (batch, ingested, misfit) = match ingested {
             Ok(x) => x,
             Err(_) => return refusal(500, RefusalStep::Internal, "internal failure", None),
         };
@@ -1075,7 +1189,9 @@ impl Inner {
                     .await;
             }
         };
-        self.observe(ingested.first_index, &ingested.checked.leaves);
+        for alert in self.observe(ingested.first_index, &ingested.checked.leaves) {
+            self.raise(alert).await;
+        }
         let appended = ingested.checked.leaves.len() as u64;
         self.metrics.records_ingested.add(appended);
         self.metrics
@@ -1090,14 +1206,14 @@ impl Inner {
                 state.acked_seq,
             ));
         }
-        match ingested.checked.violation {
-            None => json_response(
+        match (ingested.checked.violation, misfit) {
+            (None, None) => json_response(
                 StatusCode::OK,
                 &IngestAck {
                     acked_seq: state.acked_seq,
                 },
             ),
-            Some(v) => {
+            (Some(v), _) => {
                 let alert = self.new_alert(
                     kind_of(&v),
                     Some(batch.journal.source.clone()),
@@ -1125,7 +1241,41 @@ impl Inner {
                 )
                 .await
             }
+            (None, Some(v)) => self.refuse_misfit(&peer, &batch, state.acked_seq, v, detail).await,
         }
+    }
+
+    /// Refuses the rest of a batch from the first record that does not fit
+    /// its source, with a `bad_record` alert.
+    async fn refuse_misfit(
+        self: &Arc<Self>,
+        peer: &PeerIdentity,
+        batch: &IngestBatch,
+        acked_seq: u64,
+        v: ContentViolation,
+        detail: serde_json::Value,
+    ) -> Response<Bytes> {
+        let caller = peer.principal.uri();
+        let alert = self.new_alert(
+            AlertKind::BadRecord,
+            Some(caller),
+            Some(&peer.principal),
+            v.to_string(),
+            serde_json::json!({
+                "violation": &v,
+                "journal_id": batch.journal.journal_id.to_string(),
+                "acked_seq": acked_seq,
+            }),
+        );
+        self.refuse(
+            peer,
+            409,
+            "bad_record",
+            format!("INTEGRITY ALERT: {v}; the log holds records up to {acked_seq}"),
+            detail,
+            Some(alert),
+        )
+        .await
     }
 
     async fn head(self: &Arc<Self>, peer: PeerIdentity, kind: &str, name: &str) -> Response<Bytes> {
@@ -1171,6 +1321,83 @@ impl Inner {
             },
         };
         json_response(StatusCode::OK, &head)
+    }
+
+    /// The latest checkpoint, its consistency with the tree of `old`
+    /// entries and the caller's last record it covers: what a source needs
+    /// to anchor its journal in the log ([`AnchorBody`]). Only a declared
+    /// source asks, for itself; hashes only, nothing of any record.
+    async fn anchor(
+        self: &Arc<Self>,
+        peer: PeerIdentity,
+        kind: &str,
+        name: &str,
+        old: u64,
+    ) -> Response<Bytes> {
+        let path = format!("/v1/ingest/anchor/{kind}/{name}/{old}");
+        let detail = serde_json::json!({ "method": "GET", "path": nitrile_api::admin::clip_text(&path, 120) });
+        let own = kind == peer.principal.kind.as_str() && name == peer.principal.name.as_str();
+        if !own
+            || self
+                .sources
+                .role(&peer.principal)
+                .is_none_or(|r| r == SourceRole::Log)
+        {
+            return self
+                .refuse(
+                    &peer,
+                    403,
+                    "wrong_source",
+                    "a declared source reads only the anchor of its own journal".into(),
+                    detail,
+                    None,
+                )
+                .await;
+        }
+        let inner = Arc::clone(self);
+        let source = peer.principal.uri();
+        let answer = tokio::task::spawn_blocking(move || {
+            let l = inner.store.read_log();
+            let note = l
+                .checkpoint()
+                .ok_or((404, "no checkpoint has been published yet".to_owned()))?;
+            let size = nitrile_tlog::open_checkpoint(&note.text, &inner.origin, &inner.verifier)
+                .map_err(|e| (500, e.to_string()))?
+                .size;
+            let consistency = if old == 0 || old >= size {
+                Vec::new()
+            } else {
+                l.consistency_proof(old, size)
+                    .map_err(|e| (500, e.to_string()))?
+                    .into_iter()
+                    .map(hex::encode)
+                    .collect()
+            };
+            let covered = match inner.store.covered(&source, size) {
+                Some((seq, index)) => Some(CoveredRecord {
+                    seq,
+                    index,
+                    inclusion: l
+                        .inclusion_proof(index, size)
+                        .map_err(|e| (500, e.to_string()))?
+                        .into_iter()
+                        .map(hex::encode)
+                        .collect(),
+                }),
+                None => None,
+            };
+            Ok::<_, (u16, String)>(AnchorBody {
+                checkpoint: note.text.clone(),
+                consistency,
+                covered,
+            })
+        })
+        .await;
+        match answer {
+            Ok(Ok(body)) => json_response(StatusCode::OK, &body),
+            Ok(Err((status, why))) => refusal(status, RefusalStep::State, &why, None),
+            Err(_) => refusal(500, RefusalStep::Internal, "internal failure", None),
+        }
     }
 
     /// Answers a read (blocking).
@@ -1279,15 +1506,13 @@ impl Inner {
                     .map_err(|e| log_err(e.into()))?;
                 Ok(json_response(StatusCode::OK, &hex_proof(proof)))
             }
-            Read::Alerts => {
-                let alerts: Vec<Alert> = self
+            Read::Alerts { after } => {
+                let page = self
                     .alerts
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .iter()
-                    .cloned()
-                    .collect();
-                Ok(json_response(StatusCode::OK, &alerts))
+                    .page(*after, MAX_ALERTS_PER_READ);
+                Ok(json_response(StatusCode::OK, &page))
             }
             Read::History { .. } | Read::Tile(_) | Read::Entries { .. } => {
                 Err((500, "not a read answered from memory".into()))
@@ -1441,6 +1666,14 @@ impl Inner {
                     .unwrap_or_else(PoisonError::into_inner)
                     .tick(self.clock.now());
                 self.queue_monitor_alerts(raised);
+            }
+            let due = self
+                .alerts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .due(self.clock.now());
+            for alert in due {
+                self.journal_and_deliver(alert).await;
             }
             let (size, published) = self.store.sizes(&self.origin, &self.verifier);
             let due = size > published
@@ -1695,7 +1928,8 @@ impl Inner {
             };
             match self.store.ingest_own(&batch) {
                 Ok(i) => {
-                    self.observe(i.first_index, &i.checked.leaves);
+                    // logd raises no alert on its own records twice.
+                    let _ = self.observe(i.first_index, &i.checked.leaves);
                     let appended = i.checked.leaves.len() as u64;
                     self.metrics.own_records_ingested.add(appended);
                     self.metrics
@@ -1748,6 +1982,7 @@ impl Handler for Api {
                     resp
                 }
                 Route::Head(kind, name) => inner.head(peer, &kind, &name).await,
+                Route::Anchor(kind, name, old) => inner.anchor(peer, &kind, &name, old).await,
                 Route::Read(read) => inner.read(peer, token, read, path).await,
             }
         })
@@ -1844,7 +2079,18 @@ mod tests {
             route(&g, "/v1/log/history/0"),
             Ok(Route::Read(Read::History { from: 0 }))
         );
-        assert_eq!(route(&g, "/v1/alerts"), Ok(Route::Read(Read::Alerts)));
+        assert_eq!(
+            route(&g, "/v1/alerts"),
+            Ok(Route::Read(Read::Alerts { after: 0 }))
+        );
+        assert_eq!(
+            route(&g, "/v1/alerts/17"),
+            Ok(Route::Read(Read::Alerts { after: 17 }))
+        );
+        assert_eq!(
+            route(&g, "/v1/ingest/anchor/host/h1/12"),
+            Ok(Route::Anchor("host".into(), "h1".into(), 12))
+        );
         for bad in [
             "/v1/log/tile/../sources.json",
             "/v1/log/tile/../../log.key",
@@ -1859,6 +2105,10 @@ mod tests {
             "/v1/log/proofs/inclusion/1/2",
             "/v1/log/proofs/inclusion/1/x/3",
             "/v1/log/delete",
+            "/v1/alerts/x",
+            "/v1/alerts/1/2",
+            "/v1/ingest/anchor/host/h1",
+            "/v1/ingest/anchor/host/h1/-1",
             "/v2/alerts",
             "/",
         ] {

@@ -8,21 +8,34 @@
 //! durable. After a disconnect or any refusal it backs off and starts over
 //! from logd's head, so a record is never skipped, and a duplicate is
 //! harmless. It only ever opens the journal for reading.
+//!
+//! With [`AnchorOptions`], it also anchors the journal in the log: every
+//! interval it asks logd for the latest checkpoint, a consistency proof from
+//! the checkpoint it remembers (in the source's state directory) and the
+//! inclusion proof of its last record the checkpoint covers, checks them
+//! ([`crate::anchor::check_anchor`]) and remembers the newer checkpoint. A
+//! log that shrank, forked or lost the source's records raises a
+//! `log_inconsistent` alert: a record in the source's own journal (so logd
+//! lists it too, and a later honest log keeps it), an error line, and
+//! [`ShipperStatus::alerts`].
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nitrile_api::PrincipalId;
-use nitrile_audit::Journal;
+use nitrile_audit::{AuditRecord, Journal, Outcome, RequestId};
 use nitrile_net::Client;
 use rustls::ClientConfig;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::alert::{ALERT_DETAIL_KEY, Alert, AlertKind};
+use crate::anchor::{AnchorProblem, RememberedCheckpoint, check_anchor};
+use crate::leaf::LeafV1;
 use crate::protocol::{
-    IngestAck, IngestBatch, IngestEntry, JournalRef, MAX_INGEST_BODY, MAX_INGEST_ENTRIES,
-    SourceHead,
+    AnchorBody, IngestAck, IngestBatch, IngestEntry, JournalRef, MAX_INGEST_BODY,
+    MAX_INGEST_ENTRIES, SourceHead,
 };
 use crate::tail::{JournalTail, TailError};
 
@@ -32,6 +45,12 @@ pub const DEFAULT_POLL: Duration = Duration::from_millis(100);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Payload bytes per batch, leaving room for base64 and JSON in the body.
 const BATCH_PAYLOAD_BYTES: usize = MAX_INGEST_BODY / 2;
+/// How often a shipper anchors its journal in the log by default.
+pub const DEFAULT_ANCHOR_INTERVAL: Duration = Duration::from_secs(5);
+/// The same problem with the log is raised again at most this often.
+pub const ANCHOR_ALERT_INTERVAL: Duration = Duration::from_secs(60);
+/// Leaf hashes of shipped records kept to prove them in the log.
+const SHIPPED_LEAVES_KEPT: usize = 256;
 
 /// Why shipping stopped for a while (the shipper retries).
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +95,23 @@ pub struct ShipperStatus {
     pub batches: u64,
     /// The last error (with its causes), cleared by the next acknowledgement.
     pub last_error: Option<String>,
+    /// The size of the last checkpoint found covering the journal.
+    pub anchored_size: u64,
+    /// `log_inconsistent` alerts raised.
+    pub alerts: u64,
+}
+
+/// How a shipper anchors its journal in the log (see the module docs).
+#[derive(Debug, Clone)]
+pub struct AnchorOptions {
+    /// The log's origin (`<cell>.nitrile/log`).
+    pub origin: String,
+    /// The log's key, pinned at provisioning.
+    pub verifier: nitrile_tlog::NoteVerifier,
+    /// Where the checkpoint last found covering the journal is kept.
+    pub state_file: PathBuf,
+    /// How often to check.
+    pub interval: Duration,
 }
 
 /// Options of a shipper.
@@ -87,8 +123,11 @@ pub struct ShipperOptions {
     pub max_backoff: Duration,
     /// The journal itself, when the shipper runs in its writer's process:
     /// each batch then carries the journal's durable head, so that the log's
-    /// monitor sees how far shipping lags behind the journal.
+    /// monitor sees how far shipping lags behind the journal; it is also
+    /// where `log_inconsistent` alerts are journaled.
     pub journal: Option<Arc<Journal>>,
+    /// Anchor the journal in the log.
+    pub anchor: Option<AnchorOptions>,
 }
 
 impl Default for ShipperOptions {
@@ -97,6 +136,7 @@ impl Default for ShipperOptions {
             poll: DEFAULT_POLL,
             max_backoff: MAX_BACKOFF,
             journal: None,
+            anchor: None,
         }
     }
 }
@@ -169,6 +209,9 @@ impl Shipper {
             status: Arc::clone(&status),
             stopped,
             tail: None,
+            shipped: std::collections::VecDeque::new(),
+            last_anchor: None,
+            last_alert: None,
         };
         ShipperHandle {
             status,
@@ -187,6 +230,12 @@ struct Run {
     status: Arc<Mutex<ShipperStatus>>,
     stopped: watch::Receiver<bool>,
     tail: Option<JournalTail>,
+    /// (seq, leaf hash) of the last records shipped, newest last.
+    shipped: std::collections::VecDeque<(u64, nitrile_tlog::Hash)>,
+    /// When the journal was last anchored.
+    last_anchor: Option<tokio::time::Instant>,
+    /// The last problem raised and when.
+    last_alert: Option<(AnchorProblem, tokio::time::Instant)>,
 }
 
 /// The chain of an error and its causes, on one line.
@@ -306,6 +355,10 @@ impl Run {
             tail = t;
             let entries = r?;
             let Some(last) = entries.last() else {
+                if let Err(e) = self.anchor_if_due(&mut client, &source).await {
+                    self.tail = Some(tail);
+                    return Err(e);
+                }
                 let poll = self.options.poll;
                 if self.sleep_or_stop(poll).await {
                     self.tail = Some(tail);
@@ -314,6 +367,16 @@ impl Run {
                 continue;
             };
             let last_seq = last.seq;
+            let last_leaf = nitrile_tlog::leaf_hash(
+                &crate::leaf::encode(&LeafV1 {
+                    source: header.source.clone(),
+                    journal_id: header.journal_id,
+                    seq: last.seq,
+                    hash: last.hash,
+                    payload: last.payload.clone(),
+                })
+                .unwrap_or_default(),
+            );
             let head = self
                 .options
                 .journal
@@ -359,6 +422,147 @@ impl Run {
                 s.batches += 1;
                 s.last_error = None;
             });
+            if self.shipped.len() == SHIPPED_LEAVES_KEPT {
+                self.shipped.pop_front();
+            }
+            self.shipped.push_back((last_seq, last_leaf));
+            if let Err(e) = self.anchor_if_due(&mut client, &source).await {
+                self.tail = Some(tail);
+                return Err(e);
+            }
+        }
+    }
+
+    /// Anchors the journal in the log when an interval has passed since the
+    /// last time (see [`AnchorOptions`]).
+    async fn anchor_if_due(
+        &mut self,
+        client: &mut Client,
+        source: &PrincipalId,
+    ) -> Result<(), ShipError> {
+        let Some(opts) = self.options.anchor.clone() else {
+            return Ok(());
+        };
+        if self
+            .last_anchor
+            .is_some_and(|t| t.elapsed() < opts.interval)
+        {
+            return Ok(());
+        }
+        self.last_anchor = Some(tokio::time::Instant::now());
+        let file = opts.state_file.clone();
+        let remembered =
+            tokio::task::spawn_blocking(move || RememberedCheckpoint::load(&file)).await?;
+        let remembered = match remembered {
+            Ok(r) => r,
+            Err(e) => {
+                // Unreadable memory is itself worth an alert: it was changed
+                // by someone other than this shipper.
+                tracing::error!(error = %error_chain(&e), "the remembered log checkpoint cannot be read");
+                None
+            }
+        };
+        let old = remembered.as_ref().map_or(0, |r| r.size);
+        let resp = client
+            .get_json(&format!(
+                "/v1/ingest/anchor/{}/{}/{old}",
+                source.kind, source.name
+            ))
+            .await?;
+        if resp.status == http::StatusCode::NOT_FOUND {
+            // No checkpoint yet.
+            return Ok(());
+        }
+        if !resp.status.is_success() {
+            return Err(refused(&resp));
+        }
+        let body: AnchorBody = resp.json()?;
+        let known = self.shipped.clone();
+        let checked = check_anchor(
+            remembered.as_ref(),
+            &body,
+            &opts.origin,
+            &opts.verifier,
+            |seq| known.iter().find(|(s, _)| *s == seq).map(|(_, h)| *h),
+        );
+        match checked {
+            Ok(Some(next)) => {
+                let size = next.size;
+                let file = opts.state_file.clone();
+                match tokio::task::spawn_blocking(move || next.save(&file)).await? {
+                    Ok(()) => self.set(|s| s.anchored_size = size),
+                    Err(e) => {
+                        tracing::warn!(error = %error_chain(&e), "could not remember the log's checkpoint")
+                    }
+                }
+            }
+            Ok(None) => {
+                if let Some(r) = &remembered {
+                    let size = r.size;
+                    self.set(|s| s.anchored_size = size);
+                }
+            }
+            Err(problem) => self.alert(source, remembered.as_ref(), &body, problem).await,
+        }
+        Ok(())
+    }
+
+    /// Raises a `log_inconsistent` alert: an error line, the status, and a
+    /// record in the source's own journal when the shipper has it.
+    async fn alert(
+        &mut self,
+        source: &PrincipalId,
+        remembered: Option<&RememberedCheckpoint>,
+        body: &AnchorBody,
+        problem: AnchorProblem,
+    ) {
+        if let Some((last, at)) = &self.last_alert
+            && *last == problem
+            && at.elapsed() < ANCHOR_ALERT_INTERVAL
+        {
+            return;
+        }
+        self.last_alert = Some((problem.clone(), tokio::time::Instant::now()));
+        self.set(|s| s.alerts += 1);
+        tracing::error!(problem = %problem, journal = %self.path.display(), "INTEGRITY ALERT: the audit log is not consistent with what this source saw");
+        let Some(journal) = self.options.journal.clone() else {
+            return;
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let alert = Alert {
+            alert: "integrity".to_owned(),
+            kind: AlertKind::LogInconsistent,
+            time: nitrile_audit::format_time(now),
+            source: Some(source.uri()),
+            principal: None,
+            message: problem.to_string(),
+            detail: serde_json::json!({
+                "violation": &problem,
+                "remembered": remembered.map(|r| serde_json::json!({
+                    "size": r.size, "root": r.root, "seq": r.seq,
+                })),
+                "offered": nitrile_api::admin::clip_text(&body.checkpoint, 1024),
+            }),
+            audit_seq: None,
+            count: 1,
+            first_time: None,
+            cursor: 0,
+        };
+        let record = AuditRecord::outcome(
+            now,
+            source.clone(),
+            RequestId::random(&mut rand_core::OsRng),
+            Outcome::Failed,
+        )
+        .with_reason(&format!("INTEGRITY ALERT log_inconsistent: {problem}"))
+        .with_detail(serde_json::json!({ ALERT_DETAIL_KEY: alert }));
+        match record.encode() {
+            Ok(bytes) => {
+                if let Err(e) = journal.submit(&bytes).await {
+                    tracing::error!(error = %e, "could not journal a log_inconsistent alert");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not encode a log_inconsistent alert"),
         }
     }
 }

@@ -209,8 +209,15 @@ struct SourcesFile {
 struct Inner {
     log: Log<LogStorage>,
     sources: BTreeMap<String, SourceState>,
+    /// Per source, where its latest batches ended: (seq, log index), newest
+    /// last, at most [`RECENT_BATCH_ENDS`] (not persisted).
+    recent: BTreeMap<String, std::collections::VecDeque<(u64, u64)>>,
     poisoned: bool,
 }
+
+/// How many batch ends are kept per source, to name a record that a
+/// checkpoint covers while newer ones are not checkpointed yet.
+const RECENT_BATCH_ENDS: usize = 64;
 
 /// The log, read-locked.
 pub(crate) struct LogGuard<'a>(std::sync::RwLockReadGuard<'a, Inner>);
@@ -315,7 +322,7 @@ impl Store {
                 SourceState::empty(leaf.journal_id, genesis)
             });
             file.sources
-                .insert(leaf.source.clone(), state.advanced(&leaf));
+                .insert(leaf.source.clone(), state.advanced(&leaf, Some(index)));
         }
         let store = Self {
             durable: Mutex::new(size),
@@ -323,6 +330,7 @@ impl Store {
             inner: RwLock::new(Inner {
                 log,
                 sources: file.sources,
+                recent: BTreeMap::new(),
                 poisoned: false,
             }),
             sources_file,
@@ -384,9 +392,18 @@ impl Store {
                     inner.poisoned = true;
                     return Err(e.into());
                 }
-                inner
-                    .sources
-                    .insert(batch.journal.source.clone(), checked.state);
+                let mut state = checked.state;
+                let last_index = first_index + checked.leaves.len() as u64 - 1;
+                state.acked_index = Some(last_index);
+                inner.sources.insert(batch.journal.source.clone(), state);
+                let ends = inner
+                    .recent
+                    .entry(batch.journal.source.clone())
+                    .or_default();
+                if ends.len() == RECENT_BATCH_ENDS {
+                    ends.pop_front();
+                }
+                ends.push_back((state.acked_seq, last_index));
             }
             (checked, first_index, inner.log.size())
         };
@@ -456,6 +473,20 @@ impl Store {
     /// What the log holds of `source`.
     pub(crate) fn head(&self, source: &str) -> Option<SourceState> {
         self.read().sources.get(source).copied()
+    }
+
+    /// The latest record of `source` known to lie in a tree of `size`:
+    /// (seq, log index).
+    pub(crate) fn covered(&self, source: &str, size: u64) -> Option<(u64, u64)> {
+        let inner = self.read();
+        let recent = inner
+            .recent
+            .get(source)
+            .and_then(|ends| ends.iter().rev().find(|(_, i)| *i < size).copied());
+        recent.or_else(|| {
+            let s = inner.sources.get(source)?;
+            s.acked_index.filter(|i| *i < size).map(|i| (s.acked_seq, i))
+        })
     }
 
     /// Writes the source states with the log size they describe (atomic

@@ -93,7 +93,9 @@ async fn shipped_rules_fire_on_ingested_records_and_integrity_alerts() {
     let token = audit_token(&cell, "auditor/carol").await;
     let (status, body) = read(&cell, &logd, "auditor/carol", "/v1/alerts", Some(&token)).await;
     assert_eq!(status, 200);
-    let served: Vec<nitrile_logd::Alert> = serde_json::from_slice(&body).unwrap();
+    let served = serde_json::from_slice::<nitrile_logd::AlertPage>(&body)
+        .unwrap()
+        .alerts;
     assert!(
         served
             .iter()

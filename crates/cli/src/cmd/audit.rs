@@ -60,8 +60,14 @@ pub(crate) enum Command {
     Verify(super::auditlog::VerifyArgs),
     /// Print the integrity and monitor alerts the audit log service raised.
     ///
-    /// Example: `nitrile audit alerts -o json`
-    Alerts,
+    /// Repeats of an alert (same kind, subject and topic) are one line with
+    /// their COUNT, FIRST and last TIME. The list is read from logd page by
+    /// page, oldest first, so no alert is cut off however many there are; an
+    /// alert raised again moves to the end. CURSOR says where each line is:
+    /// `--after CURSOR` lists only what was raised after it.
+    ///
+    /// Example: `nitrile audit alerts -o json`, `nitrile audit alerts --after 42`
+    Alerts(super::auditlog::AlertsArgs),
     /// Run a checkpoint witness (C2SP tlog-witness), or make its key.
     ///
     /// Example: `nitrile audit witness --config witness.toml`
@@ -75,7 +81,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
         Command::Tail(a) => super::auditlog::tail(a, global),
         Command::Prove(a) => super::auditlog::prove(a, global),
         Command::Verify(a) => super::auditlog::verify(a, global),
-        Command::Alerts => super::auditlog::alerts(global),
+        Command::Alerts(a) => super::auditlog::alerts(a, global),
         Command::Witness(a) => super::witness::run(a, global),
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use nitrile_audit::AuditRecord;
-use nitrile_logd::Alert;
+use nitrile_logd::{Alert, AlertPage};
 use nitrile_logd::leaf::{self, LeafV1};
 use nitrile_logd::protocol::{EntryBody, HistoryBody, ProofBody};
 use nitrile_tlog::{
@@ -745,12 +745,33 @@ fn report(
 
 // ---------------------------------------------------------------- alerts
 
-pub(crate) fn alerts(global: &Global) -> anyhow::Result<()> {
+/// Arguments of `nitrile audit alerts`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AlertsArgs {
+    /// List only the alerts raised (or raised again) after this cursor.
+    #[arg(long, value_name = "CURSOR", default_value_t = 0)]
+    after: u64,
+}
+
+/// Most pages of alerts read in one listing (256 alerts a page).
+const MAX_ALERT_PAGES: usize = 4096;
+
+pub(crate) fn alerts(args: AlertsArgs, global: &Global) -> anyhow::Result<()> {
     let loaded = crate::config::load(global)?;
     let output = global.output;
     block_on(async move {
         let mut reader = LogReader::connect(&loaded).await?;
-        let alerts: Vec<Alert> = reader.get_json("/v1/alerts").await?;
+        let mut alerts: Vec<Alert> = Vec::new();
+        let mut after = args.after;
+        for _ in 0..MAX_ALERT_PAGES {
+            let page: AlertPage = reader.get_json(&format!("/v1/alerts/{after}")).await?;
+            let last = page.alerts.last().map(|a| a.cursor);
+            alerts.extend(page.alerts);
+            match (page.next, last) {
+                (Some(next), Some(_)) if next > after => after = next,
+                _ => break,
+            }
+        }
         match output {
             Output::Json => print_json(&alerts)?,
             Output::Table => {
@@ -758,7 +779,9 @@ pub(crate) fn alerts(global: &Global) -> anyhow::Result<()> {
                     .iter()
                     .map(|a| {
                         vec![
+                            a.cursor.to_string(),
                             a.time.clone(),
+                            a.count.to_string(),
                             a.alert.clone(),
                             a.kind.as_str().to_owned(),
                             a.source.clone().unwrap_or_else(|| "-".into()),
@@ -768,7 +791,16 @@ pub(crate) fn alerts(global: &Global) -> anyhow::Result<()> {
                     })
                     .collect();
                 print_table(
-                    &["TIME", "ALERT", "KIND", "SOURCE", "PRINCIPAL", "MESSAGE"],
+                    &[
+                        "CURSOR",
+                        "TIME",
+                        "COUNT",
+                        "ALERT",
+                        "KIND",
+                        "SOURCE",
+                        "PRINCIPAL",
+                        "MESSAGE",
+                    ],
                     &rows,
                 );
             }

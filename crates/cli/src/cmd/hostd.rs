@@ -6,6 +6,10 @@ use anyhow::Context;
 use nitrile_hostd::{Hostd, HostdConfig, HostdOptions};
 
 use crate::Global;
+
+/// The file in a state directory where a shipper remembers the checkpoint
+/// that last covered its journal.
+pub(crate) const LOG_ANCHOR_FILE: &str = "log-anchor.json";
 use crate::service::{LogFormat, block_on, init_logging};
 
 /// Run the host agent: the only management interface of this host.
@@ -20,7 +24,9 @@ use crate::service::{LogFormat, block_on, init_logging};
 ///
 /// When the config has a `[logd]` section, the journal is shipped to that
 /// audit log service as it grows (resuming where the log stands after any
-/// restart or disconnect).
+/// restart or disconnect); with its `log_vkey`, the agent also remembers the
+/// last checkpoint that covered its journal (`<state>/log-anchor.json`) and
+/// raises an alert in its journal when the log is not consistent with it.
 ///
 /// On SIGINT or SIGTERM it stops accepting, finishes in-flight requests and
 /// exits 0; instances keep running for the next host agent to adopt unless
@@ -80,6 +86,9 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
                 &config.ca,
                 &config.cert,
                 &config.key,
+                logd.log_vkey
+                    .as_deref()
+                    .map(|v| (v, config.state.join(LOG_ANCHOR_FILE))),
             )?),
             None => None,
         };

@@ -40,6 +40,12 @@ pub(crate) struct Args {
     /// is not shipped.
     #[arg(long, value_name = "ADDR")]
     logd: Option<String>,
+    /// The audit log's public key file (`log.vkey`): with `--logd`, the
+    /// checkpoint that last covered the journal is remembered in
+    /// `<state>/tokend/log-anchor.json` and an alert is journaled when the
+    /// log is not consistent with it.
+    #[arg(long, value_name = "FILE", requires = "logd")]
+    log_key: Option<PathBuf>,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -148,6 +154,13 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         let tokend = Tokend::open(&config)
             .await
             .context("token service cannot start")?;
+        let log_vkey = match &args.log_key {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read the log key {}", f.display()))?,
+            ),
+            None => None,
+        };
         let shipper = match &args.logd {
             Some(addr) => Some(super::logd::ship_journal(
                 layout.tokend_journal(),
@@ -157,6 +170,12 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
                 &config.ca,
                 &config.cert,
                 &config.key,
+                log_vkey.as_deref().map(|v| {
+                    (
+                        v,
+                        layout.tokend_dir().join(super::hostd::LOG_ANCHOR_FILE),
+                    )
+                }),
             )?),
             None => None,
         };

@@ -131,6 +131,10 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             &tokend_config.ca,
             &tokend_config.cert,
             &tokend_config.key,
+            Some((
+                &log_vkey,
+                layout.tokend_dir().join(super::hostd::LOG_ANCHOR_FILE),
+            )),
         )?;
 
         provision_host(&layout, &cell.cell, &host, now)
@@ -140,7 +144,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             &cell.cell,
             &host,
             args.hostd_listen,
-            Some(&logd_addr),
+            Some((&logd_addr, &log_vkey)),
         )?;
         let mut hostd = HostdChild::spawn(&hostd_config, args.log_format)?;
 
@@ -392,6 +396,7 @@ fn write_logd_config(
         config.rules = old.rules.map(|r| relative_to(&dir, &r));
         config.storage = old.storage;
         config.metrics = old.metrics;
+        config.sources = old.sources;
     } else {
         config.rules = Some(rel(&layout.rules_dir()));
         config.metrics = Some(MetricsAddr::new(
@@ -399,6 +404,15 @@ fn write_logd_config(
                 .parse()
                 .unwrap_or_else(|_| unreachable!("a socket address")),
         )?);
+    }
+    // The cell's journal sources: its host and token service, besides any
+    // an operator declared.
+    let host = Name::new(HOST)?;
+    if !config.sources.hosts.contains(&host) {
+        config.sources.hosts.push(host);
+    }
+    if config.sources.token_service.is_none() {
+        config.sources.token_service = Some(Name::new("tokend")?);
     }
     if let Some(addr) = metrics {
         config.metrics =
@@ -438,7 +452,7 @@ fn write_hostd_config(
     cell: &Name,
     host: &Name,
     listen: SocketAddr,
-    logd: Option<&str>,
+    logd: Option<(&str, &str)>,
 ) -> anyhow::Result<PathBuf> {
     let path = layout.hostd_config(host);
     let dir = layout.host_dir(host);
@@ -467,8 +481,9 @@ fn write_hostd_config(
         config.hypervisor = old.hypervisor;
         config.capacity = old.capacity;
     }
-    config.logd = logd.map(|addr| LogdTarget {
+    config.logd = logd.map(|(addr, vkey)| LogdTarget {
         addr: addr.to_owned(),
+        log_vkey: Some(vkey.to_owned()),
     });
     config
         .write(&path)

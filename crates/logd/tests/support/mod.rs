@@ -137,6 +137,14 @@ pub fn logd_config(cell: &TestCell, state: &Path, interval_ms: u64) -> LogdConfi
         cell.layout.issuer_keys_file(),
     );
     config.checkpoint_interval_ms = interval_ms;
+    // The test cell's journal sources: hosts h1..h8 (and b0..b63 of the
+    // benchmark) and the token service.
+    config.sources.hosts = (1..=8)
+        .map(|i| format!("h{i}"))
+        .chain((0..64).map(|i| format!("b{i}")))
+        .map(|n| nitrile_api::Name::new(&n).unwrap())
+        .collect();
+    config.sources.token_service = Some(nitrile_api::Name::new("tokend").unwrap());
     config
 }
 
