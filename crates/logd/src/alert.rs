@@ -247,10 +247,7 @@ impl AlertTable {
             self.rates
                 .retain(|_, (start, _)| now - *start < ALERT_RATE_WINDOW);
         }
-        let slot = self
-            .rates
-            .entry(subject.to_owned())
-            .or_insert((now, 0));
+        let slot = self.rates.entry(subject.to_owned()).or_insert((now, 0));
         if now - slot.0 >= ALERT_RATE_WINDOW {
             *slot = (now, 0);
         }
@@ -342,7 +339,12 @@ impl AlertTable {
             alert.first_time = None;
         }
         alert.count = alert.count.max(1);
-        alert.first_time = Some(alert.first_time.take().unwrap_or_else(|| alert.time.clone()));
+        alert.first_time = Some(
+            alert
+                .first_time
+                .take()
+                .unwrap_or_else(|| alert.time.clone()),
+        );
         self.next_cursor += 1;
         alert.cursor = self.next_cursor;
         self.order.insert(self.next_cursor, key.clone());
@@ -365,8 +367,7 @@ impl AlertTable {
             .iter()
             .filter(|(_, e)| {
                 e.pending > 0
-                    && e
-                        .last_delivered
+                    && e.last_delivered
                         .is_none_or(|t| now - t >= ALERT_REPEAT_INTERVAL)
             })
             .map(|(k, _)| k.clone())
@@ -550,6 +551,211 @@ impl AlertSink for WebhookAlerts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn alert(kind: AlertKind, principal: &str, problem: &str) -> Alert {
+        Alert {
+            alert: "integrity".into(),
+            kind,
+            time: "2026-12-01T00:00:00Z".into(),
+            source: None,
+            principal: Some(principal.into()),
+            message: "m".into(),
+            detail: serde_json::json!({ "violation": { "problem": problem } }),
+            audit_seq: None,
+            count: 1,
+            first_time: None,
+            cursor: 0,
+        }
+    }
+
+    fn at(secs: i64) -> time::OffsetDateTime {
+        time::macros::datetime!(2026-12-01 00:00 UTC) + time::Duration::seconds(secs)
+    }
+
+    fn all(t: &AlertTable) -> Vec<Alert> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let p = t.page(after, MAX_ALERTS_PER_READ);
+            assert!(p.alerts.len() <= MAX_ALERTS_PER_READ);
+            out.extend(p.alerts);
+            match p.next {
+                Some(n) => after = n,
+                None => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn repeats_are_counted_on_one_entry_and_delivered_at_most_once_a_minute() {
+        let mut t = AlertTable::new();
+        let bob = "nitrile://local/operator/bob";
+        let first = t.raise(alert(AlertKind::UndeclaredSource, bob, ""), at(0));
+        assert!(first.deliver);
+        for i in 1..1000 {
+            let r = t.raise(alert(AlertKind::UndeclaredSource, bob, ""), at(i % 50));
+            assert!(!r.deliver, "repeat {i} delivered within the minute");
+            assert_eq!(r.alert.count, i as u64 + 1);
+        }
+        assert_eq!(t.len(), 1);
+        // The held-back repeats come out once, after the interval.
+        assert!(t.due(at(59)).is_empty());
+        let due = t.due(at(61));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].count, 1000);
+        assert!(t.due(at(62)).is_empty());
+        // Another subject or another problem is another entry.
+        assert!(
+            t.raise(
+                alert(
+                    AlertKind::UndeclaredSource,
+                    "nitrile://local/operator/eve",
+                    ""
+                ),
+                at(1)
+            )
+            .deliver
+        );
+        assert!(
+            t.raise(alert(AlertKind::BadRecord, bob, "other_source"), at(1))
+                .deliver
+        );
+        assert!(
+            t.raise(alert(AlertKind::BadRecord, bob, "not_a_record"), at(1))
+                .deliver
+        );
+        assert_eq!(t.len(), 4);
+    }
+
+    #[test]
+    fn deliveries_are_rate_limited_per_subject_and_nothing_is_lost() {
+        let mut t = AlertTable::new();
+        let bob = "nitrile://local/operator/bob";
+        let delivered = (0..100)
+            .filter(|i| {
+                t.raise(alert(AlertKind::BadRecord, bob, &format!("p{i}")), at(0))
+                    .deliver
+            })
+            .count();
+        assert_eq!(delivered, MAX_DELIVERIES_PER_SUBJECT as usize);
+        // Another subject is not held back by bob's flood.
+        assert!(
+            t.raise(
+                alert(AlertKind::Gap, "nitrile://local/host/h1", "gap"),
+                at(1)
+            )
+            .deliver
+        );
+        // Every alert is listed; the held-back ones come out as the windows
+        // allow.
+        assert_eq!(all(&t).len(), 101);
+        let mut later = 0;
+        for minute in 1..=10 {
+            later += t.due(at(60 * minute + 1)).len();
+        }
+        assert_eq!(delivered + later, 100);
+    }
+
+    #[test]
+    fn a_flood_of_one_kind_evicts_no_alert_of_another() {
+        let mut t = AlertTable::new();
+        let _ = t.raise(
+            alert(AlertKind::Gap, "nitrile://local/host/h1", "gap"),
+            at(0),
+        );
+        let _ = t.raise(
+            alert(
+                AlertKind::ChainBreak,
+                "nitrile://local/host/h1",
+                "hash_mismatch",
+            ),
+            at(0),
+        );
+        for i in 0..(MAX_ALERTS_PER_KIND + 500) {
+            let _ = t.raise(
+                alert(
+                    AlertKind::BadRecord,
+                    "nitrile://local/host/h2",
+                    &format!("p{i}"),
+                ),
+                at(1),
+            );
+        }
+        let listed = all(&t);
+        assert_eq!(listed.len(), MAX_ALERTS_PER_KIND + 2);
+        assert!(listed.iter().any(|a| a.kind == AlertKind::Gap));
+        assert!(listed.iter().any(|a| a.kind == AlertKind::ChainBreak));
+        // The oldest of the flooding kind went first.
+        assert!(!listed.iter().any(|a| a.topic() == "p0"));
+        assert!(
+            listed
+                .iter()
+                .any(|a| a.topic() == format!("p{}", MAX_ALERTS_PER_KIND + 499))
+        );
+    }
+
+    #[test]
+    fn pages_follow_the_cursor_and_a_repeat_moves_to_the_end() {
+        let mut t = AlertTable::new();
+        for i in 0..600 {
+            let _ = t.raise(
+                alert(
+                    AlertKind::BadRecord,
+                    "nitrile://local/host/h2",
+                    &format!("p{i}"),
+                ),
+                at(0),
+            );
+        }
+        let p1 = t.page(0, MAX_ALERTS_PER_READ);
+        assert_eq!(p1.alerts.len(), MAX_ALERTS_PER_READ);
+        let next = p1.next.unwrap();
+        let cursors: Vec<u64> = all(&t).iter().map(|a| a.cursor).collect();
+        assert!(cursors.windows(2).all(|w| w[0] < w[1]));
+        // p0 raised again: it is the newest now.
+        let _ = t.raise(
+            alert(AlertKind::BadRecord, "nitrile://local/host/h2", "p0"),
+            at(1),
+        );
+        let rest = {
+            let mut v = Vec::new();
+            let mut after = next;
+            loop {
+                let p = t.page(after, MAX_ALERTS_PER_READ);
+                v.extend(p.alerts);
+                match p.next {
+                    Some(n) => after = n,
+                    None => break v,
+                }
+            }
+        };
+        assert_eq!(rest.last().unwrap().topic(), "p0");
+        assert_eq!(rest.last().unwrap().count, 2);
+        assert_eq!(t.page(u64::MAX - 1, 10).alerts.len(), 0);
+    }
+
+    #[test]
+    fn a_table_rebuilt_from_delivered_snapshots_matches() {
+        let mut live = AlertTable::new();
+        let mut journal = Vec::new();
+        for i in 0..5 {
+            let r = live.raise(
+                alert(AlertKind::Gap, "nitrile://local/host/h1", "gap"),
+                at(i),
+            );
+            journal.push(r.alert);
+        }
+        let r = live.raise(
+            alert(AlertKind::BadRecord, "nitrile://local/host/h2", "x"),
+            at(9),
+        );
+        journal.push(r.alert);
+        let mut rebuilt = AlertTable::new();
+        for a in journal {
+            rebuilt.restore(a);
+        }
+        assert_eq!(all(&rebuilt), all(&live));
+    }
 
     #[test]
     fn webhook_urls_are_parsed_strictly() {

@@ -295,7 +295,9 @@ mod tests {
             }),
         };
         let known = |seq| (seq == 3).then_some(t.leaves[4]);
-        let r = check_anchor(None, &body, ORIGIN, &v, known).unwrap().unwrap();
+        let r = check_anchor(None, &body, ORIGIN, &v, known)
+            .unwrap()
+            .unwrap();
         assert_eq!((r.size, r.seq), (6, 3));
         // Growth with a consistency proof, covered record unknown now.
         let body2 = AnchorBody {

@@ -47,14 +47,14 @@ mod tail;
 pub use alert::{
     Alert, AlertKind, AlertPage, AlertSink, AlertTable, Observer, StdoutAlerts, WebhookAlerts,
 };
+pub use anchor::{AnchorProblem, RememberedCheckpoint, check_anchor};
 pub use chain::{IntegrityViolation, SourceState, check_batch};
 pub use config::{ConfigError, LogdConfig, WitnessConfig};
 pub use leaf::{LeafError, LeafV1};
 pub use service::{Logd, LogdError, LogdOptions, log_origin};
-pub use source::{ContentViolation, DeclaredSources, SourceRole, SourcesConfig, check_record};
-pub use anchor::{AnchorProblem, RememberedCheckpoint, check_anchor};
 pub use shipper::{
     AnchorOptions, ShipError, Shipper, ShipperHandle, ShipperOptions, ShipperStatus,
 };
+pub use source::{ContentViolation, DeclaredSources, SourceRole, SourcesConfig, check_record};
 pub use store::{MAX_SOURCES_FILE, SOURCES_FILE, StoreError};
 pub use tail::TailError;

@@ -1241,7 +1241,10 @@ impl Inner {
                 )
                 .await
             }
-            (None, Some(v)) => self.refuse_misfit(&peer, &batch, state.acked_seq, v, detail).await,
+            (None, Some(v)) => {
+                self.refuse_misfit(&peer, &batch, state.acked_seq, v, detail)
+                    .await
+            }
         }
     }
 

@@ -502,7 +502,10 @@ impl Run {
                     self.set(|s| s.anchored_size = size);
                 }
             }
-            Err(problem) => self.alert(source, remembered.as_ref(), &body, problem).await,
+            Err(problem) => {
+                self.alert(source, remembered.as_ref(), &body, problem)
+                    .await
+            }
         }
         Ok(())
     }

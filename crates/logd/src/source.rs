@@ -200,8 +200,7 @@ pub fn check_record(
     seq: u64,
     payload: &[u8],
 ) -> Result<(), ContentViolation> {
-    let record =
-        AuditRecord::decode(payload).map_err(|_| ContentViolation::NotARecord { seq })?;
+    let record = AuditRecord::decode(payload).map_err(|_| ContentViolation::NotARecord { seq })?;
     if record.source != *source {
         return Err(ContentViolation::OtherSource {
             seq,
@@ -326,22 +325,38 @@ mod tests {
     #[test]
     fn a_host_journals_only_what_happened_on_it() {
         let h1 = principal("nitrile://local/host/h1");
-        let ok = drain_by("nitrile://local/host/h1", "nitrile://local/operator/bob", "h1");
+        let ok = drain_by(
+            "nitrile://local/host/h1",
+            "nitrile://local/operator/bob",
+            "h1",
+        );
         assert_eq!(check_record(SourceRole::Host, &h1, 1, &ok), Ok(()));
         // A drain of h2 in h1's journal.
-        let other = drain_by("nitrile://local/host/h1", "nitrile://local/operator/bob", "h2");
+        let other = drain_by(
+            "nitrile://local/host/h1",
+            "nitrile://local/operator/bob",
+            "h2",
+        );
         assert!(matches!(
             check_record(SourceRole::Host, &h1, 2, &other),
             Err(ContentViolation::OtherAudience { seq: 2, .. })
         ));
         // A record that claims another writer.
-        let claimed = drain_by("nitrile://local/host/h2", "nitrile://local/operator/bob", "h1");
+        let claimed = drain_by(
+            "nitrile://local/host/h2",
+            "nitrile://local/operator/bob",
+            "h1",
+        );
         assert!(matches!(
             check_record(SourceRole::Host, &h1, 3, &claimed),
             Err(ContentViolation::OtherSource { seq: 3, .. })
         ));
         // A principal of another cell.
-        let foreign = drain_by("nitrile://local/host/h1", "nitrile://evil/operator/bob", "h1");
+        let foreign = drain_by(
+            "nitrile://local/host/h1",
+            "nitrile://evil/operator/bob",
+            "h1",
+        );
         assert!(matches!(
             check_record(SourceRole::Host, &h1, 4, &foreign),
             Err(ContentViolation::ForeignPrincipal { seq: 4, .. })
@@ -380,14 +395,29 @@ mod tests {
     #[test]
     fn the_token_service_decides_for_the_whole_cell() {
         let t = principal("nitrile://local/service/tokend");
-        let grant = drain_by("nitrile://local/service/tokend", "nitrile://local/operator/bob", "h2");
-        assert_eq!(check_record(SourceRole::TokenService, &t, 1, &grant), Ok(()));
-        let claimed = drain_by("nitrile://local/host/h2", "nitrile://local/operator/bob", "h2");
+        let grant = drain_by(
+            "nitrile://local/service/tokend",
+            "nitrile://local/operator/bob",
+            "h2",
+        );
+        assert_eq!(
+            check_record(SourceRole::TokenService, &t, 1, &grant),
+            Ok(())
+        );
+        let claimed = drain_by(
+            "nitrile://local/host/h2",
+            "nitrile://local/operator/bob",
+            "h2",
+        );
         assert!(matches!(
             check_record(SourceRole::TokenService, &t, 2, &claimed),
             Err(ContentViolation::OtherSource { .. })
         ));
-        let foreign = drain_by("nitrile://local/service/tokend", "nitrile://x/operator/bob", "h2");
+        let foreign = drain_by(
+            "nitrile://local/service/tokend",
+            "nitrile://x/operator/bob",
+            "h2",
+        );
         assert!(matches!(
             check_record(SourceRole::Service, &t, 3, &foreign),
             Err(ContentViolation::ForeignPrincipal { .. })

@@ -485,7 +485,9 @@ impl Store {
             .and_then(|ends| ends.iter().rev().find(|(_, i)| *i < size).copied());
         recent.or_else(|| {
             let s = inner.sources.get(source)?;
-            s.acked_index.filter(|i| *i < size).map(|i| (s.acked_seq, i))
+            s.acked_index
+                .filter(|i| *i < size)
+                .map(|i| (s.acked_seq, i))
         })
     }
 
