@@ -330,7 +330,7 @@ fn claim6_auditor_reads_proves_and_verifies_the_log_and_tampering_is_named() {
     );
     let table = cell.ok(&cell.carol, &["audit", "alerts"]);
     assert!(
-        table.starts_with("TIME") && table.contains("Sensitive operation"),
+        table.starts_with("CURSOR") && table.contains("Sensitive operation"),
         "{table}"
     );
 

@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use nitrile_audit::AuditRecord;
-use nitrile_logd::{Alert, AlertPage};
 use nitrile_logd::leaf::{self, LeafV1};
 use nitrile_logd::protocol::{EntryBody, HistoryBody, ProofBody};
+use nitrile_logd::{Alert, AlertPage};
 use nitrile_tlog::{
     AuditFailure, ENTRIES_PER_BUNDLE, FileStorage, HASHES_PER_TILE, Hash, NoteVerifier, Storage,
     TilePath, audit, decode_bundle, leaf_hash, open_checkpoint, verify_inclusion,

@@ -170,12 +170,9 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
                 &config.ca,
                 &config.cert,
                 &config.key,
-                log_vkey.as_deref().map(|v| {
-                    (
-                        v,
-                        layout.tokend_dir().join(super::hostd::LOG_ANCHOR_FILE),
-                    )
-                }),
+                log_vkey
+                    .as_deref()
+                    .map(|v| (v, layout.tokend_dir().join(super::hostd::LOG_ANCHOR_FILE))),
             )?),
             None => None,
         };

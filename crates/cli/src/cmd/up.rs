@@ -729,9 +729,21 @@ mod tests {
         edited.capacity.vcpus = Some(1);
         edited.write(&path).unwrap();
         let other: SocketAddr = "127.0.0.1:7555".parse().unwrap();
-        write_hostd_config(&layout, &cell, &h1, other, Some("127.0.0.1:7445")).unwrap();
+        write_hostd_config(
+            &layout,
+            &cell,
+            &h1,
+            other,
+            Some(("127.0.0.1:7445", "local.nitrile/log+01234567+AQ")),
+        )
+        .unwrap();
         let again = HostdConfig::load(&path).unwrap();
-        assert_eq!(again.logd.unwrap().addr, "127.0.0.1:7445");
+        let logd = again.logd.unwrap();
+        assert_eq!(logd.addr, "127.0.0.1:7445");
+        assert_eq!(
+            logd.log_vkey.as_deref(),
+            Some("local.nitrile/log+01234567+AQ")
+        );
         assert_eq!(again.listen, other);
         assert_eq!(again.hypervisor.backend, nitrile_hostd::BackendName::Qemu);
         assert_eq!(again.capacity.vcpus, Some(1));
