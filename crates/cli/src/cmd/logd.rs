@@ -63,9 +63,9 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
             metrics = ?logd.metrics_addr(),
             "audit log ready"
         );
-        eprintln!("nitrile logd: serving on {addr}");
+        crate::output::errln!("nitrile logd: serving on {addr}")?;
         if let Some(m) = logd.metrics_addr() {
-            eprintln!("nitrile logd: metrics on http://{m}/metrics");
+            crate::output::errln!("nitrile logd: metrics on http://{m}/metrics")?;
         }
         logd.serve(signal).await?;
         tracing::info!("audit log service stopped");
