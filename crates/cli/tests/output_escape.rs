@@ -11,7 +11,7 @@ mod cell;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -421,4 +421,82 @@ fn strings_an_operator_forges_reach_the_auditor_escaped() {
     // What the services logged meanwhile (logd's alert lines among them).
     cell.stop_up();
     assert_no_raw_control("the services' log lines", &cell.logs());
+
+    // `nitrile logd` on its own prints its alerts as JSON lines on stdout:
+    // JSON-safe too.
+    let logd_addr = format!("127.0.0.1:{}", cell::free_port());
+    let logd_config = cell.state.join("logd/logd.toml");
+    set_line(&logd_config, "listen", &logd_addr);
+    set_line(&cell.alice, "logd", &logd_addr);
+    let mut logd = Command::new(cell::NITRILE)
+        .arg("logd")
+        .arg("--config")
+        .arg(&logd_config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = |stream: Box<dyn Read + Send>| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    let stdout = lines(Box::new(logd.stdout.take().unwrap()));
+    let stderr = lines(Box::new(logd.stderr.take().unwrap()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = stderr
+            .recv_timeout(left)
+            .expect("nitrile logd never served");
+        assert_no_raw_control("nitrile logd's log lines", &line);
+        if line.starts_with("nitrile logd: serving on ") {
+            break;
+        }
+    }
+    assert_eq!(
+        post_ingest(&cell.alice, serde_json::to_vec(&batch).unwrap()),
+        403
+    );
+    let alert = stdout
+        .recv_timeout(Duration::from_secs(60))
+        .expect("nitrile logd printed no alert");
+    assert_no_raw_control("nitrile logd's alert line", &alert);
+    let alert: serde_json::Value = serde_json::from_str(&alert).unwrap();
+    assert_eq!(alert["kind"], "wrong_source", "{alert}");
+    cell::signal(logd.id(), nix::sys::signal::Signal::SIGTERM);
+    assert!(logd.wait().unwrap().success());
+    while let Ok(line) = stderr.try_recv() {
+        assert_no_raw_control("nitrile logd's log lines", &line);
+    }
+}
+
+/// Replaces the line of `file` that starts with `key = ` by `key = "value"`.
+fn set_line(file: &Path, key: &str, value: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let prefix = format!("{key} = ");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with(&prefix)).count(),
+        1,
+        "{key} in {text}"
+    );
+    let edited: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with(&prefix) {
+                format!("{key} = \"{value}\"")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    std::fs::write(file, edited.join("\n") + "\n").unwrap();
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use nitrile_api::Name;
 use nitrile_audit::Journal;
-use nitrile_logd::{Logd, LogdConfig, LogdOptions, Shipper, ShipperHandle, ShipperOptions};
+use nitrile_logd::{
+    Alert, AlertSink, Logd, LogdConfig, LogdOptions, Shipper, ShipperHandle, ShipperOptions,
+};
 use nitrile_pki::tls::{CaRoots, TlsIdentity};
 
 use crate::Global;
@@ -40,6 +42,18 @@ pub(crate) struct Args {
     log_format: LogFormat,
 }
 
+/// Alerts as JSON lines on stdout, through the output layer (JSON-safe:
+/// no raw control or bidi character from a forged source reaches a
+/// terminal). A reader that went away does not stop the service: every
+/// alert is also journaled and served.
+struct JsonLineAlerts;
+
+impl AlertSink for JsonLineAlerts {
+    fn alert(&self, alert: &Alert) {
+        let _ = crate::output::print_json_lines([alert]);
+    }
+}
+
 pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
     let path = global
         .config
@@ -51,9 +65,16 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
         // Installed before the readiness line, so that a signal sent right
         // after it stops the service cleanly.
         let signal = nitrile_net::shutdown_signal();
-        let logd = Logd::open(&config, LogdOptions::default())
-            .await
-            .context("audit log service cannot start")?;
+        let logd = Logd::open(
+            &config,
+            LogdOptions {
+                stdout_alerts: false,
+                alert_sinks: vec![Arc::new(JsonLineAlerts)],
+                ..LogdOptions::default()
+            },
+        )
+        .await
+        .context("audit log service cannot start")?;
         let addr = logd
             .local_addr()
             .map_or_else(|| config.listen.to_string(), |a| a.to_string());
