@@ -27,7 +27,8 @@
 //!   as it is. A backslash is not escaped, so `\x1b` on screen is either the
 //!   escaped byte or those four characters; it never acts on the terminal.
 //!   Look-alike letters (homoglyphs) are not escaped: identities are checked
-//!   names where they are parsed, not here.
+//!   names where they are parsed, not here. The zero-width joiner is
+//!   escaped too, so an emoji sequence built with it shows as its parts.
 //! - **JSON stays JSON.** `-o json` output is serialized by `serde_json`,
 //!   which escapes C0 controls, `"` and `\`; [`json_safe`] then writes DEL,
 //!   C1 controls and the invisible formatting characters as `\uXXXX`
@@ -354,17 +355,30 @@ pub(crate) fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
 }
 
 /// Prints values as JSON lines on stdout, one compact object per line (see
-/// [`json_safe`]).
+/// [`json_safe`]), each written as it is serialized.
 pub(crate) fn print_json_lines<T: Serialize>(
     values: impl IntoIterator<Item = T>,
 ) -> anyhow::Result<()> {
-    let mut text = String::new();
-    for v in values {
-        text.push_str(&serde_json::to_string(&v)?);
-        text.push('\n');
+    let mut failed = None;
+    write_to(Stream::Stdout, |w| {
+        for v in values {
+            match serde_json::to_string(&v) {
+                Ok(line) => {
+                    w.write_all(json_safe(&line).as_bytes())?;
+                    w.write_all(b"\n")?;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
     }
-    write_to(Stream::Stdout, |w| w.write_all(json_safe(&text).as_bytes()))?;
-    Ok(())
 }
 
 /// Writes rows as an aligned table with a header, every cell escaped.
