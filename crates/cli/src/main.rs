@@ -1,13 +1,18 @@
 //! `nitrile`: one binary for every service of a cell and for the operators and
 //! auditors who call them.
 //!
-//! Exit codes are stable: 0 success, 1 refused or failed, 2 usage error.
+//! Exit codes are stable: 0 success, 1 refused or failed, 2 usage error,
+//! 141 when a reader closed the pipe of standard output (or of standard
+//! error) early: the program ends there without a message, as `git log |
+//! head` does (128 + SIGPIPE, what a shell reports for a program the
+//! signal ended). Everything printed goes through `output`, which escapes
+//! control characters from outside.
 
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cmd;
 mod config;
@@ -87,8 +92,48 @@ pub(crate) struct Global {
     pub(crate) output: Output,
 }
 
+/// A command line clap refused, or `--help`/`--version`, printed through
+/// `output`. Help and version are our own text (in colour on a terminal);
+/// an error message echoes the arguments, so it is rendered again without
+/// styles (clap's own rendering would strip escape sequences from the
+/// echoed argument rather than show them) and printed escaped but for its
+/// newlines. A closed pipe ends with [`output::EXIT_CLOSED_PIPE`] for help
+/// on stdout; an error keeps its status (2) when stderr is closed.
+fn parse_failure(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let stream = if e.use_stderr() {
+        output::Stream::Stderr
+    } else {
+        output::Stream::Stdout
+    };
+    let written = match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            output::print_help(stream, &e.render())
+        }
+        _ => {
+            let plain = Cli::command()
+                .styles(clap::builder::Styles::plain())
+                .try_get_matches()
+                .err()
+                .map_or_else(|| e.render(), |again| again.render());
+            output::print_text(stream, &plain.ansi().to_string())
+        }
+    };
+    match written {
+        Err(w) if w.is_closed() && w.stream() == output::Stream::Stdout => {
+            ExitCode::from(output::EXIT_CLOSED_PIPE)
+        }
+        _ => ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2)),
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return parse_failure(&e),
+    };
     let global = Global {
         config: cli.config,
         output: cli.output,
@@ -111,8 +156,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away: nobody to tell, nothing left to do.
+        Err(e) if output::is_closed_pipe(&e) => ExitCode::from(output::EXIT_CLOSED_PIPE),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Where standard error is closed too, the status still tells.
+            let _ = output::print_error(&e);
             if e.downcast_ref::<hostapi::UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

@@ -3,6 +3,9 @@
 //! the row altered with SQL, and a connection string holding a password is
 //! refused without being echoed.
 
+// The shared server helper prints for the person running the test; the rule
+// that everything goes through the output layer is for the binary.
+#[allow(clippy::disallowed_macros)]
 #[path = "../../tlog/tests/support/pg_server.rs"]
 mod pg_server;
 

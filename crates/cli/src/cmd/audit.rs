@@ -2,7 +2,6 @@
 //! the cell's transparency log (as an auditor), and run a witness.
 
 use std::collections::VecDeque;
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -10,7 +9,7 @@ use nitrile_audit::{JournalEntry, JournalError, JournalReader, verify_journal};
 use serde::Serialize;
 
 use crate::Global;
-use crate::output::{Output, print_json, print_table};
+use crate::output::{Output, outln, print_json, print_json_lines, print_table};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
@@ -113,13 +112,13 @@ fn verify(file: &PathBuf, output: Output) -> anyhow::Result<()> {
                 })
             }
             Output::Table => {
-                println!("journal:   {}", file.display());
-                println!("source:    {}", report.source);
-                println!("id:        {}", report.journal_id);
-                println!("records:   {}", report.records);
-                println!("last seq:  {}", report.last_seq);
-                println!("head hash: {}", report.head_hash);
-                println!("verified:  ok");
+                outln!("journal:   {}", file.display())?;
+                outln!("source:    {}", report.source)?;
+                outln!("id:        {}", report.journal_id)?;
+                outln!("records:   {}", report.records)?;
+                outln!("last seq:  {}", report.last_seq)?;
+                outln!("head hash: {}", report.head_hash)?;
+                outln!("verified:  ok")?;
                 Ok(())
             }
         },
@@ -150,7 +149,7 @@ fn format_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 #[derive(Serialize)]
-struct Line<'a> {
+struct Line {
     seq: u64,
     offset: u64,
     hash: String,
@@ -159,7 +158,7 @@ struct Line<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     payload_hex: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    decode_error: Option<&'a str>,
+    decode_error: Option<String>,
 }
 
 fn show(file: &PathBuf, tail: Option<usize>, output: Output) -> anyhow::Result<()> {
@@ -183,23 +182,20 @@ fn show(file: &PathBuf, tail: Option<usize>, output: Output) -> anyhow::Result<(
     }
     match output {
         Output::Json => {
-            let mut out = std::io::stdout().lock();
-            for e in &kept {
+            print_json_lines(kept.iter().map(|e| {
                 let (record, err) = match e.record() {
                     Ok(r) => (Some(r), None),
                     Err(err) => (None, Some(format_chain(&err))),
                 };
-                let line = Line {
+                Line {
                     seq: e.seq,
                     offset: e.offset,
                     hash: e.hash.to_string(),
                     payload_hex: record.is_none().then(|| hex_of(&e.payload)),
                     record,
-                    decode_error: err.as_deref(),
-                };
-                serde_json::to_writer(&mut out, &line)?;
-                writeln!(out)?;
-            }
+                    decode_error: err,
+                }
+            }))?;
         }
         Output::Table => {
             let rows: Vec<Vec<String>> = kept.iter().map(row).collect();
@@ -216,7 +212,7 @@ fn show(file: &PathBuf, tail: Option<usize>, output: Output) -> anyhow::Result<(
                     "REASON",
                 ],
                 &rows,
-            );
+            )?;
         }
     }
     match failure {

@@ -2,12 +2,10 @@
 //! cell's transparency log, checked locally.
 
 use std::collections::VecDeque;
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
 use nitrile_audit::AuditRecord;
 use nitrile_logd::leaf::{self, LeafV1};
 use nitrile_logd::protocol::{EntryBody, HistoryBody, ProofBody};
@@ -22,7 +20,9 @@ use crate::Global;
 use crate::config::Loaded;
 use crate::hostapi::UsageError;
 use crate::logapi::{LogReader, MemStorage, log_verifier};
-use crate::output::{Output, print_json, print_pairs, print_table};
+use crate::output::{
+    Output, Progress, outln, print_json, print_json_lines, print_pairs, print_rows, print_table,
+};
 use crate::service::block_on;
 
 /// Entries asked for per read (logd answers at most 256).
@@ -173,24 +173,14 @@ const TAIL_HEADER: [&str; 9] = [
 
 fn print_entries(entries: &[EntryBody], output: Output, header: bool) -> anyhow::Result<()> {
     match output {
-        Output::Json => {
-            let mut out = std::io::stdout().lock();
-            for e in entries {
-                serde_json::to_writer(&mut out, e)?;
-                writeln!(out)?;
-            }
-            out.flush()?;
-        }
+        Output::Json => print_json_lines(entries)?,
         Output::Table => {
             let rows: Vec<Vec<String>> = entries.iter().map(row).collect();
             if header {
-                print_table(&TAIL_HEADER, &rows);
-            } else if !rows.is_empty() {
-                for r in rows {
-                    println!("{}", r.join("  "));
-                }
+                print_table(&TAIL_HEADER, &rows)?;
+            } else {
+                print_rows(&rows)?;
             }
-            let _ = std::io::stdout().flush();
         }
     }
     Ok(())
@@ -437,10 +427,11 @@ pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
         match output {
             Output::Json => print_json(&proven)?,
             Output::Table => {
-                println!(
+                outln!(
                     "OK: record {index} ({} seq {}) is in the log",
-                    leaf.source, leaf.seq
-                );
+                    leaf.source,
+                    leaf.seq
+                )?;
                 print_pairs(&[
                     ("index".into(), index.to_string()),
                     ("source".into(), leaf.source),
@@ -452,7 +443,7 @@ pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
                         "proof".into(),
                         format!("{} hashes, verified locally", proof.len()),
                     ),
-                ]);
+                ])?;
             }
         }
         anyhow::Ok(())
@@ -487,18 +478,12 @@ async fn fetch_all(reader: &mut LogReader) -> anyhow::Result<MemStorage> {
 
 /// Progress of a long fetch on standard error when it is a terminal;
 /// nothing when it is piped.
-fn progress(len: u64, what: &str) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template(
+fn progress(len: u64, what: &str) -> Progress {
+    Progress::new(
+        len,
         "{msg:24} [{bar:30}] {pos}/{len} tiles and bundles, {eta} left",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(what.to_owned());
-    bar
+        what,
+    )
 }
 
 /// [`fetch_all`] once the latest checkpoint, of `size`, is in `mem`.
@@ -506,7 +491,7 @@ async fn fetch_into(
     reader: &mut LogReader,
     mem: &MemStorage,
     size: u64,
-    bar: &ProgressBar,
+    bar: &Progress,
 ) -> anyhow::Result<()> {
     // Every checkpoint published up to it, each checked by the audit.
     let mut from = 0;
@@ -518,7 +503,7 @@ async fn fetch_into(
                 mem.write(&format!("checkpoints/{at}"), note.as_bytes())?;
             }
         }
-        bar.set_message(format!("checkpoints up to {}", page.next.unwrap_or(size)));
+        bar.set_message(&format!("checkpoints up to {}", page.next.unwrap_or(size)));
         match page.next {
             Some(next) if next > from && next <= size => from = next,
             _ => break,
@@ -708,14 +693,14 @@ fn report(
                     tiles: r.tiles,
                 })?,
                 Output::Table => {
-                    println!("OK: the log {origin} ({source}) verifies");
+                    outln!("OK: the log {origin} ({source}) verifies")?;
                     print_pairs(&[
                         ("size".into(), r.size.to_string()),
                         ("root".into(), hex::encode(r.root)),
                         ("checkpoints".into(), format!("{} verified", r.checkpoints)),
                         ("entry bundles".into(), r.bundles.to_string()),
                         ("hash tiles".into(), r.tiles.to_string()),
-                    ]);
+                    ])?;
                 }
             }
             Ok(())
@@ -802,7 +787,7 @@ pub(crate) fn alerts(args: AlertsArgs, global: &Global) -> anyhow::Result<()> {
                         "MESSAGE",
                     ],
                     &rows,
-                );
+                )?;
             }
         }
         anyhow::Ok(())

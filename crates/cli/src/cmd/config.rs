@@ -35,8 +35,11 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             match global.output {
                 Output::Json => crate::output::print_json(&shown),
                 Output::Table => {
-                    println!("# {} (from {})", shown.path, shown.source);
-                    print!("{}", toml::to_string_pretty(&loaded.config)?);
+                    crate::output::outln!("# {} (from {})", shown.path, shown.source)?;
+                    crate::output::print_text(
+                        crate::output::Stream::Stdout,
+                        &toml::to_string_pretty(&loaded.config)?,
+                    )?;
                     Ok(())
                 }
             }

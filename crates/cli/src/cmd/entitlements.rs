@@ -8,7 +8,7 @@ use nitrile_api::{Audience, Name, Operation, PrincipalId, ResourceId, ResourceKi
 use nitrile_policy::{Bundle, Entitlements, ReviewerKey, ReviewerSet, verify_bundle};
 
 use crate::Global;
-use crate::output::{Output, print_json};
+use crate::output::{Output, Stream, errln, outln, print_json, print_text};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
@@ -98,7 +98,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             match global.output {
                 Output::Json => print_json(&serde_json::json!({ "digest": digest.to_hex() })),
                 Output::Table => {
-                    println!("{digest}");
+                    outln!("{digest}")?;
                     Ok(())
                 }
             }
@@ -106,13 +106,12 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
         Command::Keygen { reviewer, out } => {
             let key = ReviewerKey::generate(reviewer.clone());
             let (key_path, pub_path) = key.write(&out)?;
-            eprintln!("wrote {} (secret, mode 0600)", key_path.display());
-            eprintln!("wrote {}", pub_path.display());
-            eprintln!("add to the cell's reviewer set:");
-            println!(
-                "[[reviewer]]\nname = \"{reviewer}\"\npublic_key = \"{}\"",
-                key.public_key_base64()
-            );
+            errln!("wrote {} (secret, mode 0600)", key_path.display())?;
+            errln!("wrote {}", pub_path.display())?;
+            errln!("add to the cell's reviewer set:")?;
+            outln!("[[reviewer]]")?;
+            outln!("name = \"{reviewer}\"")?;
+            outln!("public_key = \"{}\"", key.public_key_base64())?;
             Ok(())
         }
         Command::Sign { key, reviewer, dir } => {
@@ -120,12 +119,12 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             Bundle::load(&dir).context("refusing to sign a bundle that does not load")?;
             let key = ReviewerKey::load(&key, reviewer.clone())?;
             let digest = key.sign_dir(&dir)?;
-            eprintln!(
+            errln!(
                 "signed {digest} as {reviewer}: {}",
                 dir.join("signatures")
                     .join(format!("{reviewer}.sig"))
                     .display()
-            );
+            )?;
             Ok(())
         }
         Command::Explain {
@@ -148,17 +147,17 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
                 })),
                 Output::Table => {
                     if lines.is_empty() {
-                        println!("no change in access");
+                        outln!("no change in access")?;
                     }
                     for l in lines {
-                        println!("{l}");
+                        outln!("{l}")?;
                     }
                     Ok(())
                 }
             }
         }
         Command::Schema => {
-            print!("{}", nitrile_policy::SCHEMA_TEXT);
+            print_text(Stream::Stdout, nitrile_policy::SCHEMA_TEXT)?;
             Ok(())
         }
     }
@@ -170,7 +169,7 @@ fn check(dir: PathBuf, reviewers: Option<PathBuf>, output: Output) -> anyhow::Re
             let set = ReviewerSet::load(&path)?;
             let reviewed = verify_bundle(&dir, &set, nitrile_policy::MIN_REVIEWERS)?;
             for r in reviewed.rejected() {
-                eprintln!("warning: signature not counted: {r}");
+                errln!("warning: signature not counted: {r}")?;
             }
             Entitlements::from_reviewed(reviewed)?
         }
@@ -180,21 +179,21 @@ fn check(dir: PathBuf, reviewers: Option<PathBuf>, output: Output) -> anyhow::Re
     match output {
         Output::Json => print_json(&s),
         Output::Table => {
-            println!("digest     {}", s.digest);
+            outln!("digest     {}", s.digest)?;
             if s.reviewers.is_empty() {
-                println!("reviewed   not checked (pass --reviewers FILE)");
+                outln!("reviewed   not checked (pass --reviewers FILE)")?;
             } else {
-                println!("reviewed   by {}", s.reviewers.join(", "));
+                outln!("reviewed   by {}", s.reviewers.join(", "))?;
             }
-            println!(
+            outln!(
                 "contents   {} groups, {} principals, {} resource sets, {} policies, {} quotas",
                 s.groups.len(),
                 s.principals,
                 s.resource_sets.len(),
                 s.policies,
                 s.quotas
-            );
-            println!();
+            )?;
+            outln!()?;
             let rows: Vec<Vec<String>> = s
                 .groups
                 .iter()
@@ -207,14 +206,14 @@ fn check(dir: PathBuf, reviewers: Option<PathBuf>, output: Output) -> anyhow::Re
                     ]
                 })
                 .collect();
-            crate::output::print_table(&["GROUP", "MEMBERS", "POLICIES", "QUOTAS"], &rows);
-            println!();
+            crate::output::print_table(&["GROUP", "MEMBERS", "POLICIES", "QUOTAS"], &rows)?;
+            outln!()?;
             let rows: Vec<Vec<String>> = s
                 .resource_sets
                 .iter()
                 .map(|(name, members)| vec![name.clone(), members.join(" ")])
                 .collect();
-            crate::output::print_table(&["RESOURCE SET", "MEMBERS"], &rows);
+            crate::output::print_table(&["RESOURCE SET", "MEMBERS"], &rows)?;
             Ok(())
         }
     }
@@ -257,41 +256,44 @@ fn explain(
     if output == Output::Json {
         return print_json(&x);
     }
-    println!(
+    outln!(
         "{} {} on {} at {}",
-        x.principal, x.operation, x.resource, x.audience
-    );
+        x.principal,
+        x.operation,
+        x.resource,
+        x.audience
+    )?;
     if let Some(refused) = &x.refused_early {
-        println!("DENY: {refused}");
+        outln!("DENY: {refused}")?;
         return Ok(());
     }
     let mut allowed_by = None;
     for g in &x.groups {
-        println!(
+        outln!(
             "group {} (slice of {} policies): {}",
             g.group,
             g.slice_policies,
             if g.allowed { "ALLOW" } else { "DENY" }
-        );
+        )?;
         for p in &g.permits {
-            println!("  permit  {p}");
+            outln!("  permit  {p}")?;
         }
         for p in &g.forbids {
-            println!("  forbid  {p}");
+            outln!("  forbid  {p}")?;
         }
         for err in &g.errors {
-            println!("  error   {err}");
+            outln!("  error   {err}")?;
         }
         if g.permits.is_empty() && g.forbids.is_empty() && g.errors.is_empty() {
-            println!("  no policy applies");
+            outln!("  no policy applies")?;
         }
         if g.allowed && allowed_by.is_none() {
             allowed_by = Some(g.group.clone());
         }
     }
     match allowed_by {
-        Some(g) => println!("decision: ALLOW as group {g}"),
-        None => println!("decision: DENY"),
+        Some(g) => outln!("decision: ALLOW as group {g}")?,
+        None => outln!("decision: DENY")?,
     }
     Ok(())
 }

@@ -50,7 +50,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
     match global.output {
         Output::Json => print_json(&described),
         Output::Table => {
-            print_host(&described);
+            print_host(&described)?;
             Ok(())
         }
     }
@@ -124,6 +124,6 @@ pub(crate) fn host_lines(d: &HostDescription) -> Vec<(String, String)> {
     lines
 }
 
-fn print_host(d: &HostDescription) {
-    crate::output::print_pairs(&host_lines(d));
+fn print_host(d: &HostDescription) -> Result<(), crate::output::OutputError> {
+    crate::output::print_pairs(&host_lines(d))
 }

@@ -92,7 +92,7 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
             )?),
             None => None,
         };
-        eprintln!("nitrile hostd: {} serving on {addr}", config.host);
+        crate::output::errln!("nitrile hostd: {} serving on {addr}", config.host)?;
         let served = hostd.serve(signal).await;
         if let Some(s) = shipper {
             s.stop().await;

@@ -7,7 +7,7 @@ use nitrile_image::{Digest, ImageManifest, ImageRef, ImageStore};
 use serde::Serialize;
 
 use crate::Global;
-use crate::output::{Output, print_json, print_table};
+use crate::output::{Output, errln, outln, print_json, print_table};
 
 /// The images directory inside a state directory.
 const IMAGES_DIR: &str = "images";
@@ -110,20 +110,20 @@ fn build(state: &Path, cache: Option<PathBuf>, output: Output) -> anyhow::Result
         None => nitrile_image::default_cache_dir()?,
     };
     let store = open_store(state)?;
-    eprintln!("nitrile image build: building in {}", cache.display());
+    errln!("nitrile image build: building in {}", cache.display())?;
     let built = nitrile_image::build_guest_image(&cache).context("guest image build")?;
-    eprintln!(
+    errln!(
         "nitrile image build: importing into {} (hashing {})",
         store.root().display(),
         built.kernel.display()
-    );
+    )?;
     let image = store
         .import(&built.kernel, &built.initramfs, &built.cmdline)
         .context("cannot import the built image")?;
     match output {
         Output::Json => print_json(&ImageJson::of(&image)),
         Output::Table => {
-            println!("{}", image.digest());
+            outln!("{}", image.digest())?;
             Ok(())
         }
     }
@@ -165,7 +165,7 @@ fn list(state: &Path, output: Output) -> anyhow::Result<()> {
                     "CMDLINE",
                 ],
                 &rows,
-            );
+            )?;
             Ok(())
         }
     }
@@ -203,26 +203,26 @@ fn show(state: &Path, given: &str, output: Output) -> anyhow::Result<()> {
     match output {
         Output::Json => print_json(&j),
         Output::Table => {
-            println!("digest:           {}", j.digest);
-            println!("verified:         kernel, initramfs and command line match the digest");
-            println!("kernel:           {}", j.kernel);
-            println!("kernel sha256:    {}", j.kernel_sha256);
-            println!(
+            outln!("digest:           {}", j.digest)?;
+            outln!("verified:         kernel, initramfs and command line match the digest")?;
+            outln!("kernel:           {}", j.kernel)?;
+            outln!("kernel sha256:    {}", j.kernel_sha256)?;
+            outln!(
                 "kernel size:      {} ({})",
                 j.kernel_size,
                 human_size(j.kernel_size)
-            );
-            println!("kernel format:    {}", j.kernel_format);
-            println!("kernel release:   {}", j.kernel_release.unwrap_or("-"));
-            println!("initramfs:        {}", j.initramfs);
-            println!("initramfs sha256: {}", j.initramfs_sha256);
-            println!(
+            )?;
+            outln!("kernel format:    {}", j.kernel_format)?;
+            outln!("kernel release:   {}", j.kernel_release.unwrap_or("-"))?;
+            outln!("initramfs:        {}", j.initramfs)?;
+            outln!("initramfs sha256: {}", j.initramfs_sha256)?;
+            outln!(
                 "initramfs size:   {} ({})",
                 j.initramfs_size,
                 human_size(j.initramfs_size)
-            );
-            println!("cmdline:          {}", j.cmdline);
-            println!("cmdline sha256:   {}", j.cmdline_sha256);
+            )?;
+            outln!("cmdline:          {}", j.cmdline)?;
+            outln!("cmdline sha256:   {}", j.cmdline_sha256)?;
             Ok(())
         }
     }

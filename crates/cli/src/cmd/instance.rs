@@ -1,7 +1,7 @@
 //! `nitrile instance`: launch, look at, stop, start and terminate microVM
 //! instances on a host, through its admin API.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 
 use anyhow::bail;
 use nitrile_api::Name;
@@ -13,7 +13,9 @@ use nitrile_api::admin::{
 use crate::Global;
 use crate::cmd::host::HostFlag;
 use crate::hostapi::{Target, call, target};
-use crate::output::{Output, Spinner, format_mib, print_json, print_pairs, print_table};
+use crate::output::{
+    Output, OutputError, Spinner, format_mib, print_json, print_pairs, print_table, prompt,
+};
 use crate::service::block_on;
 
 /// Largest size written on a command line, in MiB (16 TiB).
@@ -116,7 +118,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
                 .map_err(|e| crate::hostapi::UsageError(format!("invalid launch: {e}")))?;
             let target = target(&loaded, host.host.as_ref())?;
             let spinner =
-                Spinner::start(format!("launching {} on {}", launch.instance, target.host));
+                Spinner::start(&format!("launching {} on {}", launch.instance, target.host));
             let result = block_on(call::<InstanceDescription>(
                 &loaded,
                 &target,
@@ -132,7 +134,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             match global.output {
                 Output::Json => print_json(&list),
                 Output::Table => {
-                    print_list(&list);
+                    print_list(&list)?;
                     Ok(())
                 }
             }
@@ -157,7 +159,8 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
         ),
         Command::Terminate { name, yes, host } => {
             let target = target(&loaded, host.host.as_ref())?;
-            let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+            let interactive =
+                std::io::stdin().is_terminal() && crate::output::Stream::Stderr.is_terminal();
             if interactive && !yes && !confirm(&name, &target)? {
                 bail!("not terminated");
             }
@@ -182,11 +185,10 @@ fn one(
 }
 
 fn confirm(name: &Name, target: &Target) -> anyhow::Result<bool> {
-    eprint!(
+    prompt(format_args!(
         "Terminate instance {name} on {}? Its volumes are crypto-erased and cannot be recovered. [y/N] ",
         target.host
-    );
-    std::io::stderr().flush()?;
+    ))?;
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
@@ -230,11 +232,11 @@ fn print_instance(d: &InstanceDescription, output: Output) -> anyhow::Result<()>
         ("launched".to_owned(), d.launched_at.clone()),
         ("updated".to_owned(), d.updated_at.clone()),
     ];
-    print_pairs(&pairs);
+    print_pairs(&pairs)?;
     Ok(())
 }
 
-fn print_list(list: &InstanceList) {
+fn print_list(list: &InstanceList) -> Result<(), OutputError> {
     let rows: Vec<Vec<String>> = list
         .instances
         .iter()
@@ -252,7 +254,7 @@ fn print_list(list: &InstanceList) {
     print_table(
         &["NAME", "STATE", "VCPUS", "MEMORY", "IMAGE", "LAUNCHED"],
         &rows,
-    );
+    )
 }
 
 fn parse_digest(s: &str) -> Result<Sha256Hex, String> {

@@ -8,7 +8,8 @@ use anyhow::Context;
 use nitrile_api::Name;
 use nitrile_audit::Journal;
 use nitrile_logd::{
-    AnchorOptions, Logd, LogdConfig, LogdOptions, Shipper, ShipperHandle, ShipperOptions,
+    Alert, AlertSink, AnchorOptions, Logd, LogdConfig, LogdOptions, Shipper, ShipperHandle,
+    ShipperOptions,
 };
 use nitrile_pki::tls::{CaRoots, TlsIdentity};
 
@@ -42,6 +43,18 @@ pub(crate) struct Args {
     log_format: LogFormat,
 }
 
+/// Alerts as JSON lines on stdout, through the output layer (JSON-safe:
+/// no raw control or bidi character from a forged source reaches a
+/// terminal). A reader that went away does not stop the service: every
+/// alert is also journaled and served.
+struct JsonLineAlerts;
+
+impl AlertSink for JsonLineAlerts {
+    fn alert(&self, alert: &Alert) {
+        let _ = crate::output::print_json_lines([alert]);
+    }
+}
+
 pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
     let path = global
         .config
@@ -53,9 +66,16 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
         // Installed before the readiness line, so that a signal sent right
         // after it stops the service cleanly.
         let signal = nitrile_net::shutdown_signal();
-        let logd = Logd::open(&config, LogdOptions::default())
-            .await
-            .context("audit log service cannot start")?;
+        let logd = Logd::open(
+            &config,
+            LogdOptions {
+                stdout_alerts: false,
+                alert_sinks: vec![Arc::new(JsonLineAlerts)],
+                ..LogdOptions::default()
+            },
+        )
+        .await
+        .context("audit log service cannot start")?;
         let addr = logd
             .local_addr()
             .map_or_else(|| config.listen.to_string(), |a| a.to_string());
@@ -65,9 +85,9 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
             metrics = ?logd.metrics_addr(),
             "audit log ready"
         );
-        eprintln!("nitrile logd: serving on {addr}");
+        crate::output::errln!("nitrile logd: serving on {addr}")?;
         if let Some(m) = logd.metrics_addr() {
-            eprintln!("nitrile logd: metrics on http://{m}/metrics");
+            crate::output::errln!("nitrile logd: metrics on http://{m}/metrics")?;
         }
         logd.serve(signal).await?;
         tracing::info!("audit log service stopped");

@@ -123,7 +123,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
                             row("not_before", &shown.not_before),
                             row("not_after", &shown.not_after),
                         ],
-                    );
+                    )?;
                     Ok(())
                 }
             }
@@ -201,7 +201,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
                             row("not_after", &shown.not_after),
                             row("status", &shown.status),
                         ],
-                    );
+                    )?;
                     Ok(())
                 }
             }
@@ -249,7 +249,7 @@ fn write_and_report(
                     row("sha256", &shown.sha256),
                     row("not_after", &shown.not_after),
                 ],
-            );
+            )?;
             Ok(())
         }
     }

@@ -13,7 +13,7 @@ use nitrile_token::{
 use serde::Serialize;
 
 use crate::Global;
-use crate::output::{Output, print_json, print_table};
+use crate::output::{Output, errln, outln, print_json, print_table};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
@@ -263,13 +263,13 @@ fn print_report(report: &Report, output: Output) -> anyhow::Result<()> {
                     } else {
                         format!("(issuer {issuer} as the token claims it; pin it with --issuer)")
                     };
-                    println!(
+                    outln!(
                         "VERIFIED: signed by a given key {whose}, valid at {checked_at}; audience, operation, resource and certificate are checked by the host"
-                    )
+                    )?
                 }
-                Status::Unverified => println!(
+                Status::Unverified => outln!(
                     "UNVERIFIED: no --issuer-key given; nothing below is checked, anyone could have written it"
-                ),
+                )?,
             }
             let c = &report.claims;
             let rows = vec![
@@ -286,9 +286,9 @@ fn print_report(report: &Report, output: Output) -> anyhow::Result<()> {
                 vec!["bound to".into(), c.cert().to_string()],
                 vec!["key id".into(), report.key_id.clone()],
             ];
-            print_table(&["CLAIM", "VALUE"], &rows);
+            print_table(&["CLAIM", "VALUE"], &rows)?;
             let prefix = if report.verified { "" } else { "UNVERIFIED: " };
-            println!("{prefix}{}", report.allows);
+            outln!("{prefix}{}", report.allows)?;
             Ok(())
         }
     }
@@ -319,11 +319,13 @@ fn request(
     match global.output {
         Output::Json => crate::output::print_json(&granted),
         Output::Table => {
-            println!("{}", granted.token);
-            eprintln!(
+            outln!("{}", granted.token)?;
+            errln!(
                 "token {} for group {}, expires {}",
-                granted.token_id, granted.group, granted.expires_at
-            );
+                granted.token_id,
+                granted.group,
+                granted.expires_at
+            )?;
             Ok(())
         }
     }

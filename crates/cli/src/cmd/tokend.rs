@@ -10,6 +10,7 @@ use nitrile_cell::CellLayout;
 use nitrile_tokend::{KeyRing, Tokend, TokendConfig};
 
 use crate::Global;
+use crate::output::{errln, outln};
 use crate::service::{LogFormat, block_on, init_logging};
 
 /// Run the token service of a cell.
@@ -126,11 +127,11 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             KeysCommand::ListKeys => {}
             KeysCommand::RotateKey => {
                 let kid = ring.rotate(&mut rand_core::OsRng)?;
-                eprintln!("new signing key {kid}; restart tokend to sign with it");
+                errln!("new signing key {kid}; restart tokend to sign with it")?;
             }
             KeysCommand::RetireKey { kid } => {
                 ring.retire(&kid)?;
-                eprintln!("retired key {kid}");
+                errln!("retired key {kid}")?;
             }
         }
         for kid in ring.key_ids() {
@@ -139,12 +140,12 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             } else {
                 "published"
             };
-            println!("{kid}  {mark}");
+            outln!("{kid}  {mark}")?;
         }
-        eprintln!(
+        errln!(
             "published set: {}",
             KeyRing::issuer_file_path(&layout.tokend_dir()).display()
-        );
+        )?;
         return Ok(());
     }
     init_logging(args.log_format);

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -18,6 +17,7 @@ use nitrile_logd::{Alert, AlertSink, Logd, LogdConfig, LogdOptions};
 use nitrile_tokend::Tokend;
 
 use crate::Global;
+use crate::output::{errln, outln};
 use crate::service::{LogFormat, block_on, init_logging};
 
 /// The one host of a one-machine cell.
@@ -75,11 +75,11 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
     let layout = CellLayout::new(&args.state);
     let now = time::OffsetDateTime::now_utc();
     let host = Name::new(HOST)?;
-    eprintln!(
+    errln!(
         "nitrile up: preparing cell {:?} in {}",
         args.cell.as_str(),
         layout.root().display()
-    );
+    )?;
     let cell = bootstrap(&layout, &args.cell, &args.tokend_listen.to_string(), now)
         .context("cannot prepare the cell")?;
     let image = import_guest_image(&layout);
@@ -178,7 +178,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             .metrics_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        println!(
+        outln!(
             "nitrile cell {:?} is up ({})",
             cell.cell.as_str(),
             if cell.first_start {
@@ -186,43 +186,43 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             } else {
                 "reused"
             }
-        );
-        println!();
-        println!("  state          {}", layout.root().display());
-        println!("  cell CA        {}", layout.ca_cert().display());
-        println!("  tokend         {listen} (mTLS)   metrics http://{metrics}/metrics");
-        println!("  journal        {}", layout.tokend_journal().display());
-        println!(
+        )?;
+        outln!()?;
+        outln!("  state          {}", layout.root().display())?;
+        outln!("  cell CA        {}", layout.ca_cert().display())?;
+        outln!("  tokend         {listen} (mTLS)   metrics http://{metrics}/metrics")?;
+        outln!("  journal        {}", layout.tokend_journal().display())?;
+        outln!(
             "  hostd {host}       {} (mTLS, pid {})   config {}",
             hostd.addr,
             hostd.child.id(),
             hostd_config.display()
-        );
-        println!("  host journal   {}", layout.host_journal(&host).display());
-        println!(
+        )?;
+        outln!("  host journal   {}", layout.host_journal(&host).display())?;
+        outln!(
             "  logd           {logd_addr} (mTLS)   metrics {logd_metrics}   config {}",
             logd_config_path.display()
-        );
-        println!(
+        )?;
+        outln!(
             "  audit log      {} (tlog-tiles; key {})",
             layout.log_store().display(),
             layout.log_vkey().display()
-        );
-        println!(
+        )?;
+        outln!(
             "  host metrics   {} (Prometheus text file)",
             layout.host_metrics(&host).display()
-        );
+        )?;
         match &image {
-            Some(digest) => println!(
+            Some(digest) => outln!(
                 "  images         {} (guest image {digest})",
                 layout.images_dir().display()
             ),
-            None => println!(
+            None => outln!(
                 "  images         {} (none yet: see above)",
                 layout.images_dir().display()
             ),
-        }
-        println!(
+        }?;
+        outln!(
             "  entitlements   {} (sha256 {}, signed by {})",
             layout.entitlements_dir().display(),
             &cell.bundle_digest[..16],
@@ -231,22 +231,21 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
                 .map(|r| r.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
-        );
-        println!("  issuer keys    {}", layout.issuer_keys_file().display());
-        println!("  clients        {}", layout.clients_dir().display());
-        println!();
-        println!("Try, in another shell:");
-        println!("  nitrile host describe");
-        println!(
+        )?;
+        outln!("  issuer keys    {}", layout.issuer_keys_file().display())?;
+        outln!("  clients        {}", layout.clients_dir().display())?;
+        outln!()?;
+        outln!("Try, in another shell:")?;
+        outln!("  nitrile host describe")?;
+        outln!(
             "  nitrile instance launch web1 --image {} --config {}",
             image.as_deref().unwrap_or("DIGEST"),
             placement.display()
-        );
-        println!("  nitrile audit tail --config {}", carol.display());
-        println!();
-        println!("Ctrl-C stops the cell.");
-        println!("export NITRILE_CONFIG={}", alice.display());
-        let _ = std::io::stdout().flush();
+        )?;
+        outln!("  nitrile audit tail --config {}", carol.display())?;
+        outln!()?;
+        outln!("Ctrl-C stops the cell.")?;
+        outln!("export NITRILE_CONFIG={}", alice.display())?;
 
         // Stop order: the host agent first (it stops its instances), then
         // the token service, then the audit log service.
@@ -279,8 +278,12 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         served?;
         match logd_result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("nitrile up: the audit log service stopped with: {e:#}"),
-            Err(e) => eprintln!("nitrile up: the audit log service failed: {e}"),
+            Ok(Err(e)) => {
+                let _ = errln!("nitrile up: the audit log service stopped with: {e:#}");
+            }
+            Err(e) => {
+                let _ = errln!("nitrile up: the audit log service failed: {e}");
+            }
         }
         let (unexpected, status) = outcome_rx
             .await
@@ -297,10 +300,14 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         }
         match status {
             Ok(s) if s.success() => {}
-            Ok(s) => eprintln!("nitrile up: the host agent {host} stopped with {s}"),
-            Err(e) => eprintln!("nitrile up: cannot wait for the host agent {host}: {e}"),
+            Ok(s) => {
+                let _ = errln!("nitrile up: the host agent {host} stopped with {s}");
+            }
+            Err(e) => {
+                let _ = errln!("nitrile up: cannot wait for the host agent {host}: {e}");
+            }
         }
-        eprintln!(
+        let _ = errln!(
             "nitrile up: stopped; state kept in {}",
             layout.root().display()
         );
@@ -317,7 +324,7 @@ fn import_guest_image(layout: &CellLayout) -> Option<String> {
     let built = match built {
         Ok(b) => b,
         Err(e) => {
-            eprintln!(
+            let _ = errln!(
                 "nitrile up: no guest image to launch ({e}); build one with \
                  `scripts/guest-image.sh` (or `nitrile image build --state {}`) and start \
                  again. Going on without it.",
@@ -331,7 +338,7 @@ fn import_guest_image(layout: &CellLayout) -> Option<String> {
     match imported {
         Ok(image) => Some(image.digest().to_string()),
         Err(e) => {
-            eprintln!(
+            let _ = errln!(
                 "nitrile up: cannot import the guest image from {}: {e}; going on without it",
                 built.kernel.display()
             );
@@ -347,7 +354,7 @@ struct StderrAlerts;
 impl AlertSink for StderrAlerts {
     fn alert(&self, alert: &Alert) {
         if let Ok(line) = serde_json::to_string(alert) {
-            eprintln!("logd alert: {line}");
+            let _ = errln!("logd alert: {}", crate::output::json_safe(&line));
         }
     }
 }
@@ -536,10 +543,7 @@ impl HostdChild {
         let exe = std::env::current_exe().context("cannot find this executable")?;
         // The child's stdout goes to our stderr: our stdout is what scripts
         // read for the export line.
-        let stdout = std::io::stderr()
-            .as_fd()
-            .try_clone_to_owned()
-            .context("cannot duplicate stderr")?;
+        let stdout = crate::output::stderr_fd().context("cannot duplicate stderr")?;
         let log_format = match log_format {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
@@ -634,7 +638,7 @@ fn forward_stderr(
             let _ = startup.send((Startup::Serving(addr), Vec::new()));
             continue;
         }
-        eprintln!("hostd: {line}");
+        let _ = errln!("hostd: {line}");
         if !serving {
             kept.push(line);
         }

@@ -57,8 +57,8 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         write_signing_key(&out, &key)?;
-        eprintln!("private key written to {}", out.display());
-        println!("{}", key.verifier().to_vkey());
+        crate::output::errln!("private key written to {}", out.display())?;
+        crate::output::outln!("{}", key.verifier().to_vkey())?;
         return Ok(());
     }
     // `--config` after `witness`, or the global one before it.
