@@ -61,6 +61,8 @@ fn start(state: &Path) -> Up {
             "127.0.0.1:0",
             "--logd-metrics",
             "127.0.0.1:0",
+            "--witness-listen",
+            "127.0.0.1:0",
         ])
         .arg("--state")
         .arg(state)
