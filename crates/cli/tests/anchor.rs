@@ -159,8 +159,9 @@ fn nitrile_up_runs_a_witness_whose_cosignature_every_checkpoint_carries() {
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
     // A process of its own (not logd's, which runs inside `nitrile up`).
     let cmdline = cell::cmdline(pid).expect("the witness runs");
+    let needle = b"audit\0witness\0";
     assert!(
-        cmdline.windows(15).any(|w| w == b"audit\0witness\0"),
+        cmdline.windows(needle.len()).any(|w| w == needle),
         "{}",
         String::from_utf8_lossy(&cmdline)
     );
@@ -350,13 +351,29 @@ fn forged_logs_signed_with_the_log_key_are_refused_and_forget_starts_over() {
     let entries = |n: u64, tag: &str| -> Vec<Vec<u8>> {
         (0..n).map(|i| format!("{tag} {i}").into_bytes()).collect()
     };
+    // An auditor whose config names no witness (only the log's key, and
+    // the same memory): only the memory tells a forged log.
+    let vkey = cell.state.join("logd/log.vkey");
+    let no_config = Path::new("/nonexistent/config.toml");
+    let verify_store = |dir: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "audit",
+            "verify",
+            "--store",
+            dir.to_str().unwrap(),
+            "--log-key",
+            vkey.to_str().unwrap(),
+            "-o",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        cell.nitrile(no_config, &args)
+    };
     let refused = |dir: &Path, what: &str| {
-        let out = cell.nitrile(
-            &cell.carol,
-            &["audit", "verify", "--store", dir.to_str().unwrap()],
-        );
+        let out = verify_store(dir, &[]);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert_eq!(json(&out)["ok"], false, "{what}");
         assert!(err.contains("NOT consistent"), "{what}: {err}");
         assert!(
             err.contains(&format!("(size {size}, root ")),
@@ -365,20 +382,20 @@ fn forged_logs_signed_with_the_log_key_are_refused_and_forget_starts_over() {
         assert!(err.contains(what), "{err}");
         assert_eq!(std::fs::read(&file).unwrap(), kept, "{what}");
     };
-    // Every forged log verifies on its own: only the memory tells.
     let same = forged_log(&cell, "forged-same", &entries(size, "forged"));
+    // It verifies on its own (a fresh memory)...
+    let fresh = cell.root().join("fresh");
+    let out = verify_store(&same, &["--state-dir", fresh.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // ...but an auditor whose config names the witness sees that no
+    // witness cosigned it...
     let out = cell.nitrile(
         &cell.carol,
-        &[
-            "audit",
-            "verify",
-            "--store",
-            same.to_str().unwrap(),
-            "--state-dir",
-            cell.root().join("fresh").to_str().unwrap(),
-        ],
+        &["audit", "verify", "--store", same.to_str().unwrap()],
     );
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not witnessed"), "{}", stderr(&out));
+    // ...and the memory refuses it, and the other forgeries.
     refused(&same, "of the same size has another root");
     let smaller = forged_log(&cell, "forged-smaller", &entries(size - 1, "forged"));
     refused(&smaller, "a smaller tree");
@@ -394,8 +411,9 @@ fn forged_logs_signed_with_the_log_key_are_refused_and_forget_starts_over() {
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains(&format!("size {size}")), "{said}");
     assert!(!file.exists());
-    let v = verify_ok(&cell, &["--store", same.to_str().unwrap()]);
-    assert_eq!(v["remembered"]["step"], "first", "{v}");
+    let out = verify_store(&same, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out)["remembered"]["step"], "first");
 }
 
 #[test]

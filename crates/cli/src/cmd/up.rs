@@ -326,8 +326,8 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             tokio::select! {
                 biased;
                 () = &mut signal => {}
-                () = exit_of(hostd_exited) => unexpected = Some("the host agent"),
-                () = exit_of(witness_exited) => unexpected = Some("the witness"),
+                () = exit_of(hostd_exited) => unexpected = Some(Exited::Hostd),
+                () = exit_of(witness_exited) => unexpected = Some(Exited::Witness),
             }
             // A Ctrl-C on a terminal reaches the host agent too.
             if unexpected.is_some()
@@ -357,10 +357,9 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         let status = status.context("waiting for the host agent")?;
         let witness_status = witness_status.context("waiting for the witness")?;
         if let Some(who) = unexpected {
-            let which = if who == "the witness" {
-                &witness_status
-            } else {
-                &status
+            let (who, which) = match who {
+                Exited::Hostd => (format!("the host agent {host}"), &status),
+                Exited::Witness => ("the witness".to_owned(), &witness_status),
             };
             anyhow::bail!(
                 "{who} exited unexpectedly ({}); the cell stopped, state kept in {}",
@@ -371,7 +370,11 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
                 layout.root().display()
             );
         }
-        for (who, status) in [("the host agent", status), ("the witness", witness_status)] {
+        let hostd_name = format!("the host agent {host}");
+        for (who, status) in [
+            (hostd_name.as_str(), status),
+            ("the witness", witness_status),
+        ] {
             match status {
                 Ok(s) if s.success() => {}
                 Ok(s) => eprintln!("nitrile up: {who} stopped with {s}"),
@@ -690,6 +693,13 @@ struct ServiceChild {
     /// Fires when its stderr closes after it served, i.e. it exited.
     exited: Option<tokio::sync::oneshot::Receiver<()>>,
     stopped: bool,
+}
+
+/// Which child of the cell exited before the cell was stopped.
+#[derive(Debug, Clone, Copy)]
+enum Exited {
+    Hostd,
+    Witness,
 }
 
 /// Resolves when `exited` fires; never without it.
