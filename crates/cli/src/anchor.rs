@@ -210,11 +210,25 @@ pub(crate) enum Step {
     Nothing,
 }
 
+/// What became of the memory when a checkpoint was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Outcome {
+    /// Nothing was remembered: this checkpoint now is.
+    First,
+    /// It is the checkpoint remembered.
+    Same,
+    /// It extends the one remembered (proof verified) and now is.
+    Extended,
+    /// The log has no checkpoint yet and nothing was remembered.
+    None,
+}
+
 /// The outcome of an accepted checkpoint, for the report.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Accepted {
-    /// `first`, `same`, `extended` or `none` (no checkpoint yet).
-    pub(crate) step: &'static str,
+    /// What became of the memory.
+    pub(crate) step: Outcome,
     /// What was remembered before, if anything.
     #[serde(skip)]
     pub(crate) previous: Option<Remembered>,
@@ -231,16 +245,16 @@ impl Accepted {
     pub(crate) fn describe(&self) -> String {
         let file = self.file.display();
         match (self.step, &self.previous, self.size) {
-            ("first", _, Some(size)) => {
+            (Outcome::First, _, Some(size)) => {
                 format!("first use: size {size} remembered in {file}")
             }
-            ("same", Some(p), _) => {
+            (Outcome::Same, Some(p), _) => {
                 format!(
                     "the checkpoint verified {} from {}",
                     p.verified_at, p.source
                 )
             }
-            ("extended", Some(p), Some(size)) => format!(
+            (Outcome::Extended, Some(p), Some(size)) => format!(
                 "consistent with size {} verified {}; size {size} remembered in {file}",
                 p.size, p.verified_at
             ),
@@ -564,10 +578,10 @@ impl Held {
     ) -> anyhow::Result<Accepted> {
         let step = self.check(note, where_)?;
         let step_name = match step {
-            Step::First => "first",
-            Step::Same => "same",
-            Step::Extends { .. } => "extended",
-            Step::Nothing => "none",
+            Step::First => Outcome::First,
+            Step::Same => Outcome::Same,
+            Step::Extends { .. } => Outcome::Extended,
+            Step::Nothing => Outcome::None,
         };
         let Some(note) = note else {
             return Ok(Accepted {
@@ -712,7 +726,7 @@ mod tests {
         assert!(held.remembered().is_none());
         assert_eq!(held.check(Some(&n3), "here").unwrap(), Step::First);
         let ok = held.accept(Some(&n3), None, "here", now()).unwrap();
-        assert_eq!((ok.step, ok.size), ("first", Some(3)));
+        assert_eq!((ok.step, ok.size), (Outcome::First, Some(3)));
         let file = a.file(&log);
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(&file).unwrap().permissions(),
@@ -724,7 +738,7 @@ mod tests {
         assert_eq!(held.remembered().unwrap().size, 3);
         assert_eq!(
             held.accept(Some(&n3), None, "here", now()).unwrap().step,
-            "same"
+            Outcome::Same
         );
 
         // Growth, with the proof from 3 to 5.
@@ -736,7 +750,7 @@ mod tests {
         );
         let proof = t.consistency_proof(3, 5).unwrap();
         let ok = held.accept(Some(&n5), Some(&proof), "here", now()).unwrap();
-        assert_eq!(ok.step, "extended");
+        assert_eq!(ok.step, Outcome::Extended);
         assert_eq!(ok.previous.unwrap().size, 3);
         assert_eq!(a.lock(&log).unwrap().remembered().unwrap().size, 5);
     }
