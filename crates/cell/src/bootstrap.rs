@@ -23,6 +23,10 @@ pub const SAMPLE_PRINCIPALS: &[&str] = &[
     "auditor/carol",
 ];
 
+/// The service name of the checkpoint witness of a one-machine cell: its
+/// principal is `nitrile://<cell>/service/witness`.
+pub const WITNESS: &str = "witness";
+
 /// The local reviewers of a one-machine cell.
 const LOCAL_REVIEWERS: [&str; 2] = ["reviewer-1", "reviewer-2"];
 
@@ -228,7 +232,7 @@ pub fn bootstrap(
         tokend: tokend_addr.to_owned(),
         logd: None,
     };
-    let clients = write_client_configs(layout, cell, &endpoints, &BTreeMap::new(), None)?;
+    let clients = write_client_configs(layout, cell, &endpoints, &BTreeMap::new(), None, &[])?;
     debug_assert!(clients.iter().all(|(p, _)| p.kind != PrincipalKind::Host));
 
     Ok(Bootstrapped {
@@ -245,13 +249,15 @@ pub fn bootstrap(
 /// Writes the client config of every sample principal, pointing at the
 /// cell's services `endpoints`, at the hosts' admin API endpoints `hosts`
 /// (host id -> `host:port`) and naming the audit log's verifier key
-/// `log_vkey`; rewritten once the real ports are known.
+/// `log_vkey` and its witnesses' cosignature keys `witness_vkeys`;
+/// rewritten once the real ports are known.
 pub fn write_client_configs(
     layout: &CellLayout,
     cell: &Name,
     endpoints: &Endpoints,
     hosts: &BTreeMap<String, String>,
     log_vkey: Option<&str>,
+    witness_vkeys: &[String],
 ) -> Result<Vec<(PrincipalId, PathBuf)>, CellError> {
     let root = layout.root();
     let rel = |path: &Path| PathBuf::from("..").join(path.strip_prefix(root).unwrap_or(path));
@@ -266,6 +272,7 @@ pub fn write_client_configs(
             cert: rel(&cert),
             key: rel(&key),
             log_vkey: log_vkey.map(str::to_owned),
+            witness_vkeys: witness_vkeys.to_vec(),
             endpoints: endpoints.clone(),
             hosts: hosts.clone(),
         };
@@ -376,6 +383,44 @@ pub fn provision_logd(
         cert,
         key,
         issuer_keys,
+    })
+}
+
+/// The checkpoint witness of a one-machine cell, ready for its process to
+/// start.
+#[derive(Debug, Clone)]
+pub struct ProvisionedWitness {
+    /// Its principal, `nitrile://<cell>/service/witness`.
+    pub principal: PrincipalId,
+    /// Its state directory (owner-only), apart from logd's.
+    pub dir: PathBuf,
+    /// Its certificate, issued by the cell CA.
+    pub cert: PathBuf,
+    /// Its private key (owner-only).
+    pub key: PathBuf,
+}
+
+/// Gives the checkpoint witness of the cell under `layout` (after
+/// [`bootstrap`]) a fresh short-lived certificate for `service/witness`
+/// and an owner-only state directory of its own. Its cosigning key is the
+/// witness's business (`nitrile_witness`), made once in that directory.
+pub fn provision_witness(
+    layout: &CellLayout,
+    cell: &Name,
+    now: OffsetDateTime,
+) -> Result<ProvisionedWitness, CellError> {
+    let ca = CellCa::load(&layout.pki_dir(), cell, now)?;
+    let principal = principal(cell, &format!("service/{WITNESS}"));
+    let (cert, key) = layout.cert_and_key(&principal);
+    ca.issue(&principal, None, now)?.write_files(&cert, &key)?;
+    let dir = layout.witness_dir();
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+    Ok(ProvisionedWitness {
+        principal,
+        dir,
+        cert,
+        key,
     })
 }
 
@@ -505,14 +550,35 @@ mod tests {
             logd: Some("127.0.0.1:7445".into()),
         };
         let vkey = "local.nitrile/log+01020304+AQ";
-        let clients = write_client_configs(&layout, &cell, &endpoints, &hosts, Some(vkey)).unwrap();
+        let witnesses = vec!["local.nitrile/witness+05060708+BA".to_owned()];
+        let clients =
+            write_client_configs(&layout, &cell, &endpoints, &hosts, Some(vkey), &witnesses)
+                .unwrap();
         assert_eq!(clients.len(), SAMPLE_PRINCIPALS.len());
         for (_, path) in clients {
             let loaded = ClientConfig::load(&path).unwrap();
             assert_eq!(loaded.hosts, hosts);
             assert_eq!(loaded.endpoints, endpoints);
             assert_eq!(loaded.log_vkey.as_deref(), Some(vkey));
+            assert_eq!(loaded.witness_vkeys, witnesses);
         }
+    }
+
+    #[test]
+    fn the_witness_gets_a_service_certificate_and_a_private_dir_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&dir.path().join("state"));
+        let cell = Name::new("local").unwrap();
+        let now = OffsetDateTime::now_utc();
+        bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
+        let w = provision_witness(&layout, &cell, now).unwrap();
+        assert_eq!(w.principal.uri(), "nitrile://local/service/witness");
+        assert_eq!(w.dir, layout.witness_dir());
+        assert_ne!(w.dir, layout.logd_dir());
+        assert!(w.cert.exists());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o077;
+        assert_eq!(mode(&w.key), 0, "witness key readable by others");
+        assert_eq!(mode(&w.dir), 0, "witness dir readable by others");
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub enum ConfigError {
 /// key = "../pki/operator-alice.key"    # owner-only
 ///
 /// log_vkey = "local.nitrile/log+1a2b3c4d+AQ..."  # optional: the audit log's key
+/// witness_vkeys = ["local.nitrile/witness+5e6f7a8b+BA..."]  # optional: its witnesses
 ///
 /// [endpoints]
 /// tokend = "127.0.0.1:7443"
@@ -75,6 +76,11 @@ pub struct ClientConfig {
     /// audit prove` and `audit verify` check checkpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_vkey: Option<String>,
+    /// The cosignature verifier keys of the witnesses of the audit log: a
+    /// checkpoint the auditor accepts must carry a cosignature of one of
+    /// them (none named: not checked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub witness_vkeys: Vec<String>,
     /// Cell service endpoints.
     pub endpoints: Endpoints,
     /// Host id -> admin API endpoint.
@@ -163,6 +169,7 @@ mod tests {
             cert: "../pki/a.pem".into(),
             key: "../pki/a.key".into(),
             log_vkey: Some("local.nitrile/log+01020304+AQ".into()),
+            witness_vkeys: vec!["local.nitrile/witness+05060708+BA".into()],
             endpoints: Endpoints {
                 tokend: "127.0.0.1:7443".into(),
                 logd: None,
@@ -174,6 +181,7 @@ mod tests {
         assert_eq!(loaded.ca, dir.path().join("clients/../pki/ca.pem"));
         assert_eq!(loaded.endpoints, config.endpoints);
         assert_eq!(loaded.log_vkey, config.log_vkey);
+        assert_eq!(loaded.witness_vkeys, config.witness_vkeys);
         std::fs::write(&path, "cell = 1").unwrap();
         assert!(matches!(
             ClientConfig::load(&path),

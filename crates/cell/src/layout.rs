@@ -21,6 +21,8 @@ use nitrile_api::{Name, PrincipalId};
 /// rules/                      monitor rules the audit log service runs
 /// logd/                       the audit log service: logd.toml, journal,
 ///                             issuer-keys.toml (pinned), log.key, log.vkey, log/
+/// witness/                    the log's witness: witness.toml, cosigner.skey,
+///                             logs/ (the checkpoint it last cosigned), split-views/
 /// ```
 #[derive(Debug, Clone)]
 pub struct CellLayout {
@@ -167,6 +169,21 @@ impl CellLayout {
     /// The audit log's tiles and checkpoints.
     pub fn log_store(&self) -> PathBuf {
         self.logd_dir().join("log")
+    }
+
+    /// The state directory of the cell's checkpoint witness.
+    pub fn witness_dir(&self) -> PathBuf {
+        self.root.join("witness")
+    }
+
+    /// The witness's config file.
+    pub fn witness_config(&self) -> PathBuf {
+        self.witness_dir().join("witness.toml")
+    }
+
+    /// The witness's cosigning key (owner-only).
+    pub fn witness_signing_key(&self) -> PathBuf {
+        self.witness_dir().join("cosigner.skey")
     }
 
     /// The operator config of a principal.

@@ -8,8 +8,10 @@
 //! services and sample principals on every start, and an operator config
 //! ([`ClientConfig`]) per principal. [`provision_host`] does the same for a
 //! host agent: its certificate, its owner-only state directory and the token
-//! issuer keys it pins. Running either again reuses everything that exists
-//! and is still valid.
+//! issuer keys it pins; [`provision_logd`] and [`provision_witness`] for
+//! the audit log service and its checkpoint witness, each in a state
+//! directory of its own. Running any of them again reuses everything that
+//! exists and is still valid.
 //!
 //! A one-machine cell holds its reviewer keys locally for convenience; a real
 //! cell keeps each reviewer's key with that reviewer and only the public
@@ -23,8 +25,9 @@ mod layout;
 pub mod sample;
 
 pub use bootstrap::{
-    Bootstrapped, CellError, ProvisionedHost, ProvisionedLogd, SAMPLE_PRINCIPALS, bootstrap,
-    provision_host, provision_logd, write_client_configs,
+    Bootstrapped, CellError, ProvisionedHost, ProvisionedLogd, ProvisionedWitness,
+    SAMPLE_PRINCIPALS, WITNESS, bootstrap, provision_host, provision_logd, provision_witness,
+    write_client_configs,
 };
 pub use config::{ClientConfig, ConfigError, Endpoints, MAX_CONFIG_LEN};
 pub use layout::CellLayout;

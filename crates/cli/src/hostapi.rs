@@ -200,6 +200,7 @@ mod tests {
                 cert: "a.pem".into(),
                 key: "a.key".into(),
                 log_vkey: None,
+                witness_vkeys: Vec::new(),
                 endpoints: Endpoints {
                     tokend: "127.0.0.1:7443".into(),
                     logd: None,

@@ -16,7 +16,7 @@ use nitrile_api::wire::TokenRequest;
 use nitrile_api::{
     Audience, Name, Operation, PrincipalId, PrincipalKind, ResourceId, ResourceKind,
 };
-use nitrile_tlog::{NoteVerifier, Storage, StorageError};
+use nitrile_tlog::{KeyKind, NoteVerifier, Storage, StorageError};
 use serde::de::DeserializeOwned;
 
 use crate::config::Loaded;
@@ -54,6 +54,35 @@ pub(crate) fn log_verifier(
         }
     };
     NoteVerifier::from_vkey(vkey.trim()).context("the log key is not a signed-note verifier key")
+}
+
+/// The witnesses' cosignature keys the client config names
+/// (`witness_vkeys`); a checkpoint must carry a cosignature of one of them.
+pub(crate) fn witness_verifiers(loaded: Option<&Loaded>) -> anyhow::Result<Vec<NoteVerifier>> {
+    let Some(loaded) = loaded else {
+        return Ok(Vec::new());
+    };
+    loaded
+        .config
+        .witness_vkeys
+        .iter()
+        .map(|vkey| {
+            let v = NoteVerifier::from_vkey(vkey.trim()).with_context(|| {
+                format!(
+                    "witness_vkeys in {}: {vkey:?} is not a signed-note verifier key",
+                    loaded.path.display()
+                )
+            })?;
+            if v.kind() != KeyKind::CosignatureV1 {
+                anyhow::bail!(
+                    "witness_vkeys in {}: {} is not a witness cosignature key",
+                    loaded.path.display(),
+                    v.name()
+                );
+            }
+            Ok(v)
+        })
+        .collect()
 }
 
 /// A connection to logd with a read token.
@@ -102,6 +131,11 @@ impl LogReader {
     /// The cell.
     pub(crate) fn cell(&self) -> &Name {
         &self.cell
+    }
+
+    /// Where logd is, as the auditor's memory records it: `logd at <addr>`.
+    pub(crate) fn source(&self) -> String {
+        format!("logd at {}", self.addr)
     }
 
     /// `GET path`: the body, `None` for a 404, an error naming the step

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod anchor;
 mod cmd;
 mod config;
 mod hostapi;

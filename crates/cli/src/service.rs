@@ -98,6 +98,21 @@ pub(crate) fn block_on<F: Future>(f: F) -> anyhow::Result<F::Output> {
     Ok(rt.block_on(f))
 }
 
+/// Asks for SIGTERM when the supervisor `parent` (the process that started
+/// this one) exits, and fails if it is already gone: a service started by
+/// `nitrile up` does not outlive it.
+pub(crate) fn exit_with_parent(parent: i32) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    // Set first, then check: a parent that died in between is seen by the
+    // check.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+        .context("cannot ask for a signal when the parent exits")?;
+    if nix::unistd::getppid().as_raw() != parent {
+        anyhow::bail!("the supervisor (pid {parent}) is gone; not starting");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex, PoisonError};

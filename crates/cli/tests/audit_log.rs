@@ -202,6 +202,7 @@ fn claim6_auditor_reads_proves_and_verifies_the_log_and_tampering_is_named() {
 
     // --follow prints records as they enter the log, until SIGTERM.
     let mut follow = Command::new(cell::NITRILE)
+        .env("XDG_STATE_HOME", cell.auditor_state())
         .arg("--config")
         .arg(&cell.carol)
         .args(["audit", "tail", "--follow", "-n", "1", "-o", "json"])
@@ -359,6 +360,7 @@ fn claim6_auditor_reads_proves_and_verifies_the_log_and_tampering_is_named() {
     assert!(stored_checkpoints >= 2, "{stored}");
     // The log's key is found beside the store too (no client config).
     let out = std::process::Command::new(cell::NITRILE)
+        .env("XDG_STATE_HOME", cell.auditor_state())
         .args([
             "--config",
             "/nonexistent/config.toml",

@@ -1,7 +1,9 @@
 //! `nitrile audit verify --postgres`: the whole-log audit over a log kept in
 //! PostgreSQL (a private server started for the test) passes, fails naming
 //! the row altered with SQL, and a connection string holding a password is
-//! refused without being echoed.
+//! refused without being echoed. The auditor's memory works over it too: a
+//! growth is checked with a consistency proof computed from the rows, and
+//! another tree of the remembered size signed with the same key is refused.
 
 // The shared server helper prints for the person running the test; the rule
 // that everything goes through the output layer is for the binary.
@@ -22,6 +24,7 @@ fn nitrile(dir: &std::path::Path, args: &[&str]) -> Output {
         .env("NITRILE_CONFIG", dir.join("no-client-config.toml"))
         .env("HOME", dir)
         .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_STATE_HOME")
         .output()
         .unwrap()
 }
@@ -43,6 +46,7 @@ fn audit_verify_over_postgres_passes_then_names_the_altered_row() {
     };
     let dir = tempfile::tempdir().unwrap();
     let signer = NoteSigner::generate(ORIGIN).unwrap();
+    let forger = NoteSigner::from_skey(&signer.to_skey()).unwrap();
     let vkey = dir.path().join("log.vkey");
     std::fs::write(&vkey, signer.verifier().to_vkey()).unwrap();
     let mut log = Log::open(server.storage("cell-a"), ORIGIN, signer).unwrap();
@@ -52,7 +56,6 @@ fn audit_verify_over_postgres_passes_then_names_the_altered_row() {
         let note = log.prepare_checkpoint(now).unwrap();
         log.publish(&note).unwrap();
     }
-    drop(log);
 
     let conninfo = server.conninfo();
     let verify = |extra: &str| {
@@ -83,6 +86,47 @@ fn audit_verify_over_postgres_passes_then_names_the_altered_row() {
     assert_eq!(v["size"], 420);
     assert_eq!(v["checkpoints"], 2);
     assert!(v["source"].as_str().unwrap().contains("cell-a"), "{v}");
+    assert_eq!(v["remembered"]["step"], "first", "{v}");
+
+    // The log grows: the growth is checked with a consistency proof from
+    // the remembered size, computed from the rows, and remembered.
+    let batch: Vec<Vec<u8>> = (420..500).map(|i| format!("r{i}").into_bytes()).collect();
+    log.append(&batch).unwrap();
+    let note = log.prepare_checkpoint(3_000).unwrap();
+    log.publish(&note).unwrap();
+    drop(log);
+    let v = json(&verify(""));
+    assert_eq!(v["size"], 500, "{v}");
+    assert_eq!(v["remembered"]["step"], "extended", "{v}");
+    assert_eq!(v["remembered"]["from_size"], 420, "{v}");
+
+    // Another tree of the same size, signed with the same key, in another
+    // log of the table: it verifies on its own, but not after this one.
+    let mut forged = Log::open(server.storage("cell-c"), ORIGIN, forger).unwrap();
+    let batch: Vec<Vec<u8>> = (0..500)
+        .map(|i| format!("forged {i}").into_bytes())
+        .collect();
+    forged.append(&batch).unwrap();
+    let note = forged.prepare_checkpoint(4_000).unwrap();
+    forged.publish(&note).unwrap();
+    drop(forged);
+    let out = nitrile(
+        dir.path(),
+        &[
+            "audit",
+            "verify",
+            "--postgres",
+            &conninfo,
+            "--log-name",
+            "cell-c",
+            "--log-key",
+            vkey.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("NOT consistent"), "{stderr}");
+    assert!(stderr.contains("(size 500, root "), "{stderr}");
 
     // One byte of an entry bundle flipped in the database.
     let path = "tile/entries/000";

@@ -65,6 +65,8 @@ fn start(state: &Path) -> Up {
             "127.0.0.1:0",
             "--logd-metrics",
             "127.0.0.1:0",
+            "--witness-listen",
+            "127.0.0.1:0",
         ])
         .arg("--state")
         .arg(state)
@@ -563,4 +565,32 @@ fn nitrile_up_stops_when_its_host_agent_dies() {
     assert_eq!(status.code(), Some(1), "{status}");
     let log = std::fs::read_to_string(state.with_extension("stderr.log")).unwrap();
     assert!(log.contains("host agent h1 exited unexpectedly"), "{log}");
+}
+
+#[test]
+fn nitrile_up_stops_when_its_witness_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut up = start(&state);
+    // "  witness        127.0.0.1:P (mTLS, pid N)   state ..."
+    let pid = up
+        .stdout
+        .iter()
+        .filter(|l| l.trim_start().starts_with("witness "))
+        .find_map(|l| {
+            let rest = l.split_once("(mTLS, pid ")?.1;
+            rest.split(')').next()?.parse::<i32>().ok()
+        })
+        .unwrap_or_else(|| panic!("no witness pid in {:?}", up.stdout));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = up.child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status}");
+    let log = std::fs::read_to_string(state.with_extension("stderr.log")).unwrap();
+    assert!(log.contains("the witness exited unexpectedly"), "{log}");
+    // The host agent was stopped with the cell.
+    assert!(processes_mentioning(state.to_str().unwrap()).is_empty());
 }

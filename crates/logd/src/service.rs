@@ -325,6 +325,14 @@ fn load_or_create_signer(state: &Path, origin: &str) -> Result<NoteSigner, LogdE
     Ok(signer)
 }
 
+/// The log's verifier key for the cell `cell` whose logd keeps its state
+/// in `state`, making the log's signing key there (as [`Logd::open`]
+/// would) when there is none yet: a witness must know it before logd first
+/// asks for a cosignature.
+pub fn ensure_log_key(state: &Path, cell: &Name) -> Result<NoteVerifier, LogdError> {
+    Ok(load_or_create_signer(state, &log_origin(cell))?.verifier())
+}
+
 struct WitnessSlot {
     name: Name,
     principal: PrincipalId,
@@ -1845,6 +1853,12 @@ impl Inner {
                 Ok(lines) => {
                     w.size = size;
                     return Ok(lines);
+                }
+                // The witness cosigned a larger tree than this one: the
+                // log lost entries it had (retrying cannot help).
+                Err(WitnessError::Conflict { recorded }) if recorded > size => {
+                    w.size = recorded;
+                    return Err(WitnessError::Conflict { recorded });
                 }
                 Err(WitnessError::Conflict { recorded }) if recorded != old => w.size = recorded,
                 Err(e) => return Err(e),

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use nitrile_api::{Name, PrincipalId, PrincipalKind};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Largest configuration file read.
 pub const MAX_CONFIG_FILE: u64 = 1024 * 1024;
@@ -61,7 +61,7 @@ pub enum ConfigError {
 }
 
 /// One log the witness cosigns for.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// The log's origin line (e.g. `local.nitrile/log`).
@@ -71,7 +71,7 @@ pub struct LogConfig {
 }
 
 /// Where the witness service finds its inputs and keeps its state.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WitnessConfig {
     /// The cell.
@@ -91,7 +91,7 @@ pub struct WitnessConfig {
     pub key: PathBuf,
     /// The cosigning key (skey, mode 0600); default
     /// `<state>/cosigner.skey`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<PathBuf>,
     /// The logs to cosign for.
     #[serde(default)]
@@ -148,6 +148,14 @@ impl WitnessConfig {
         }
     }
 
+    /// The configuration as TOML text, paths as they are (relative ones
+    /// stay relative to the file it is written to).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|_| {
+            unreachable!("a witness config is names, an address, paths and strings")
+        })
+    }
+
     /// The witness's principal.
     pub fn principal(&self) -> PrincipalId {
         PrincipalId::new(self.cell.clone(), PrincipalKind::Service, self.name.clone())
@@ -192,6 +200,25 @@ vkey = "local.nitrile/log+01234567+AQ"
         assert_eq!(c.key, PathBuf::from("/abs/w1.key"));
         assert_eq!(c.signing_key_path(), dir.path().join("state/cosigner.skey"));
         assert_eq!(c.logs.len(), 1);
+    }
+
+    #[test]
+    fn a_written_config_reads_back() {
+        let c = WitnessConfig {
+            cell: Name::new("local").unwrap(),
+            name: Name::new("witness").unwrap(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state: PathBuf::from("."),
+            ca: PathBuf::from("../pki/ca.pem"),
+            cert: PathBuf::from("../pki/service-witness.pem"),
+            key: PathBuf::from("../pki/service-witness.key"),
+            signing_key: None,
+            logs: vec![LogConfig {
+                origin: "local.nitrile/log".into(),
+                vkey: "local.nitrile/log+01234567+AQ".into(),
+            }],
+        };
+        assert_eq!(WitnessConfig::parse(&c.to_toml()).unwrap(), c);
     }
 
     #[test]

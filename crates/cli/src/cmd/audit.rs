@@ -36,13 +36,17 @@ pub(crate) enum Command {
     /// Print the records of the cell's audit log (needs the auditor
     /// entitlement: an `audit.read` token for `log/<cell>`; the read is
     /// itself logged), as a table or, with `-o json`, one JSON object per
-    /// line.
+    /// line. The log's checkpoint is first checked like `audit verify`
+    /// does (signature, witness, consistency with the one remembered),
+    /// and again every few seconds with `--follow`.
     ///
     /// Example: `nitrile audit tail --principal operator/alice -n 20 --follow`
     Tail(super::auditlog::TailArgs),
     /// Prove that a record is in the audit log: fetch the signed checkpoint,
     /// the record's entry bundle and its inclusion proof, and verify them
-    /// here against the log's key. Prints OK and the details, or exits 1.
+    /// here against the log's key; the checkpoint must be consistent with
+    /// the one this auditor remembers (see `audit verify`). Prints OK and
+    /// the details, or exits 1.
     ///
     /// Example: `nitrile audit prove --record host/h1:17`
     Prove(super::auditlog::ProveArgs),
@@ -53,10 +57,25 @@ pub(crate) enum Command {
     /// checkpoint's signature, root and consistency and every tile. Exits 1
     /// naming the path and entry where it breaks.
     ///
+    /// The auditor remembers the last checkpoint it verified of each log
+    /// (in --state-dir, by default $XDG_STATE_HOME/nitrile or
+    /// ~/.local/state/nitrile) and refuses, exit 1, a log whose checkpoint
+    /// is not that one or a larger tree a verified consistency proof links
+    /// to it: a log cut short, rewritten, or deleted and started anew. When
+    /// the client config names witness keys (`witness_vkeys`), the latest
+    /// checkpoint must carry a cosignature of one of them.
+    ///
     /// Examples: `nitrile audit verify`,
     /// `nitrile audit verify --store ./nitrile-state/logd/log`,
     /// `nitrile audit verify --postgres "host=/run/postgresql dbname=nitrile"`
     Verify(super::auditlog::VerifyArgs),
+    /// Forget the checkpoint this auditor remembers of a log (under any
+    /// key), so that its next verification is a first use again. Only for
+    /// a log reset on purpose (e.g. a development cell started anew): a
+    /// log that was cut or rewritten is evidence.
+    ///
+    /// Example: `nitrile audit forget --log local.nitrile/log`
+    Forget(super::auditlog::ForgetArgs),
     /// Print the integrity and monitor alerts the audit log service raised.
     ///
     /// Repeats of an alert (same kind, subject and topic) are one line with
@@ -80,6 +99,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
         Command::Tail(a) => super::auditlog::tail(a, global),
         Command::Prove(a) => super::auditlog::prove(a, global),
         Command::Verify(a) => super::auditlog::verify(a, global),
+        Command::Forget(a) => super::auditlog::forget(a, global),
         Command::Alerts(a) => super::auditlog::alerts(a, global),
         Command::Witness(a) => super::witness::run(a, global),
     }

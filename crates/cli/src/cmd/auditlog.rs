@@ -12,16 +12,18 @@ use nitrile_logd::protocol::{EntryBody, HistoryBody, ProofBody};
 use nitrile_logd::{Alert, AlertPage};
 use nitrile_tlog::{
     AuditFailure, ENTRIES_PER_BUNDLE, FileStorage, HASHES_PER_TILE, Hash, NoteVerifier, Storage,
-    TilePath, audit, decode_bundle, leaf_hash, open_checkpoint, verify_inclusion,
+    TilePath, Tree, audit, decode_bundle, leaf_hash, open_checkpoint, verify_inclusion,
 };
 use serde::Serialize;
 
 use crate::Global;
+use crate::anchor::{Accepted, AnchorArgs, Anchors, Step, witnessed};
 use crate::config::Loaded;
 use crate::hostapi::UsageError;
-use crate::logapi::{LogReader, MemStorage, log_verifier};
+use crate::logapi::{LogReader, MemStorage, log_verifier, witness_verifiers};
 use crate::output::{
-    Output, Progress, outln, print_json, print_json_lines, print_pairs, print_rows, print_table,
+    Output, Progress, errln, outln, print_json, print_json_lines, print_pairs, print_rows,
+    print_table,
 };
 use crate::service::block_on;
 
@@ -31,6 +33,9 @@ const PAGE: u64 = 256;
 const FOLLOW_POLL: Duration = Duration::from_secs(1);
 /// How long `prove` waits for a checkpoint that covers the record.
 const PROVE_WAIT: Duration = Duration::from_secs(10);
+/// How many polls of `tail --follow` between two checks of the log's
+/// checkpoint against the remembered one.
+const FOLLOW_CHECK_EVERY: u32 = 10;
 
 /// Arguments of `nitrile audit tail`.
 #[derive(Debug, clap::Args)]
@@ -47,6 +52,11 @@ pub(crate) struct TailArgs {
     /// Print only the last N matching records.
     #[arg(short = 'n', long = "lines", value_name = "N")]
     lines: Option<usize>,
+    /// The log's verifier key file (else `log_vkey` of the client config).
+    #[arg(long, value_name = "FILE")]
+    log_key: Option<PathBuf>,
+    #[command(flatten)]
+    anchor: AnchorArgs,
 }
 
 /// Arguments of `nitrile audit prove`.
@@ -59,6 +69,8 @@ pub(crate) struct ProveArgs {
     /// The log's verifier key file (else `log_vkey` of the client config).
     #[arg(long, value_name = "FILE")]
     log_key: Option<PathBuf>,
+    #[command(flatten)]
+    anchor: AnchorArgs,
 }
 
 /// Arguments of `nitrile audit verify`.
@@ -84,6 +96,184 @@ pub(crate) struct VerifyArgs {
     /// else `log.vkey` beside the store).
     #[arg(long, value_name = "FILE")]
     log_key: Option<PathBuf>,
+    #[command(flatten)]
+    anchor: AnchorArgs,
+}
+
+/// Arguments of `nitrile audit forget`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ForgetArgs {
+    /// The log's origin (e.g. `local.nitrile/log`), as the refusal names it.
+    #[arg(long = "log", value_name = "ORIGIN")]
+    origin: String,
+    #[command(flatten)]
+    anchor: AnchorArgs,
+}
+
+// ---------------------------------------------------------- checkpoints
+
+/// A checkpoint accepted by [`Checker`].
+struct Anchored {
+    /// What the auditor's memory made of it.
+    accepted: Accepted,
+    /// The witnesses (of those the client config names) that cosigned it.
+    witnessed_by: Vec<String>,
+}
+
+impl Anchored {
+    /// `witnessed by` for people.
+    fn witnessed_text(&self, named: usize) -> String {
+        if named == 0 {
+            "- (the client config names no witness key)".to_owned()
+        } else {
+            self.witnessed_by.join(", ")
+        }
+    }
+}
+
+/// Accepts a log's checkpoint as this auditor: signed by the log's key,
+/// cosigned by one of the witnesses the client config names (when it
+/// names any), and the checkpoint remembered or a tree that a verified
+/// consistency proof links to it (see [`crate::anchor`]); then it is
+/// remembered.
+struct Checker<'a> {
+    anchors: &'a Anchors,
+    log: &'a NoteVerifier,
+    witnesses: &'a [NoteVerifier],
+}
+
+impl Checker<'_> {
+    /// Fetches logd's latest checkpoint and accepts it.
+    async fn latest(&self, reader: &mut LogReader) -> anyhow::Result<()> {
+        let note = reader.checkpoint().await?;
+        self.remote(reader, note.as_deref()).await?;
+        Ok(())
+    }
+
+    /// Accepts `note`, logd's latest checkpoint (`None`: logd has none),
+    /// asking logd for the consistency proof from the remembered one.
+    async fn remote(&self, reader: &mut LogReader, note: Option<&str>) -> anyhow::Result<Anchored> {
+        let witnessed_by = match note {
+            Some(n) => witnessed(n, self.witnesses)?,
+            None => Vec::new(),
+        };
+        let source = reader.source();
+        let held = self.anchors.lock(self.log)?;
+        let proof = match held.check(note, &source)? {
+            Step::Extends { from, to } if from > 0 => {
+                let path = format!("/v1/log/proof/consistency/{from}/{to}");
+                match reader.get(&path).await? {
+                    Some(body) => {
+                        let body: ProofBody = serde_json::from_slice(&body)
+                            .with_context(|| format!("logd's answer to {path} is not a proof"))?;
+                        Some(
+                            body.proof
+                                .iter()
+                                .map(|h| hash_of(h))
+                                .collect::<anyhow::Result<Vec<Hash>>>()?,
+                        )
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let accepted = held.accept(
+            note,
+            proof.as_deref(),
+            &source,
+            time::OffsetDateTime::now_utc(),
+        )?;
+        Ok(Anchored {
+            accepted,
+            witnessed_by,
+        })
+    }
+
+    /// Accepts the latest checkpoint of a stored log (audited already),
+    /// computing the consistency proof from the remembered one from its
+    /// level-0 tiles.
+    fn stored(&self, storage: &dyn Storage, source: &str) -> anyhow::Result<Anchored> {
+        let note = storage
+            .read("checkpoint")
+            .with_context(|| format!("cannot read the checkpoint of {source}"))?
+            .map(String::from_utf8)
+            .transpose()
+            .context("the checkpoint is not text")?;
+        let witnessed_by = match &note {
+            Some(n) => witnessed(n, self.witnesses)?,
+            None => Vec::new(),
+        };
+        let held = self.anchors.lock(self.log)?;
+        let proof = match held.check(note.as_deref(), source)? {
+            Step::Extends { from, to } if from > 0 => Some(
+                stored_tree(storage, to)?
+                    .consistency_proof(from, to)
+                    .with_context(|| format!("no consistency proof from {from} to {to}"))?,
+            ),
+            _ => None,
+        };
+        let accepted = held.accept(
+            note.as_deref(),
+            proof.as_deref(),
+            source,
+            time::OffsetDateTime::now_utc(),
+        )?;
+        Ok(Anchored {
+            accepted,
+            witnessed_by,
+        })
+    }
+}
+
+/// The tree of the first `size` leaves of a stored log, from its level-0
+/// hash tiles (which the audit checked against the entries).
+fn stored_tree(storage: &dyn Storage, size: u64) -> anyhow::Result<Tree> {
+    let mut tree = Tree::new();
+    for n in 0..size.div_ceil(HASHES_PER_TILE) {
+        let width = (size - n * HASHES_PER_TILE).min(HASHES_PER_TILE);
+        let full = TilePath::hashes(0, n, 256).to_string();
+        let bytes = match storage.read(&full)? {
+            Some(b) => b,
+            None => {
+                let partial = TilePath::hashes(0, n, width as u16).to_string();
+                storage
+                    .read(&partial)?
+                    .with_context(|| format!("the log holds neither {full} nor {partial}"))?
+            }
+        };
+        let need = width as usize * 32;
+        anyhow::ensure!(bytes.len() >= need, "tile {full} is cut short");
+        for h in bytes[..need].chunks_exact(32) {
+            let mut leaf = [0u8; 32];
+            leaf.copy_from_slice(h);
+            tree.push(leaf);
+        }
+    }
+    Ok(tree)
+}
+
+/// Forgets what this auditor remembers of a log: its next verification is
+/// a first use again.
+pub(crate) fn forget(args: ForgetArgs, global: &Global) -> anyhow::Result<()> {
+    let anchors = Anchors::open(&args.anchor)?;
+    let forgotten = anchors.forget(&args.origin)?;
+    match global.output {
+        Output::Json => print_json(&forgotten)?,
+        Output::Table => {
+            if forgotten.is_empty() {
+                errln!(
+                    "nothing remembered of {} in {}",
+                    args.origin,
+                    anchors.dir().display()
+                )?;
+            }
+            for r in &forgotten {
+                outln!("forgot the checkpoint of {} ({})", r.origin, r.describe())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- tail
@@ -213,9 +403,18 @@ async fn read_from(
 
 pub(crate) fn tail(args: TailArgs, global: &Global) -> anyhow::Result<()> {
     let loaded = crate::config::load(global)?;
+    let verifier = log_verifier(Some(&loaded), args.log_key.as_deref())?;
+    let witnesses = witness_verifiers(Some(&loaded))?;
+    let anchors = Anchors::open(&args.anchor)?;
     let output = global.output;
     block_on(async move {
         let mut reader = LogReader::connect(&loaded).await?;
+        let check = Checker {
+            anchors: &anchors,
+            log: &verifier,
+            witnesses: &witnesses,
+        };
+        check.latest(&mut reader).await?;
         let cell = reader.cell().to_string();
         let (p, h) = (args.principal.as_deref(), args.host.as_deref());
         let mut kept: VecDeque<EntryBody> = VecDeque::new();
@@ -235,10 +434,19 @@ pub(crate) fn tail(args: TailArgs, global: &Global) -> anyhow::Result<()> {
         }
         let signal = nitrile_net::shutdown_signal();
         tokio::pin!(signal);
+        let mut polls = 0u32;
         loop {
             tokio::select! {
                 () = &mut signal => return Ok(()),
                 () = tokio::time::sleep(FOLLOW_POLL) => {}
+            }
+            polls += 1;
+            if polls.is_multiple_of(FOLLOW_CHECK_EVERY) {
+                // A log cut or replaced while followed stops the follow.
+                if check.latest(&mut reader).await.is_err() {
+                    reader = LogReader::connect(&loaded).await?;
+                    check.latest(&mut reader).await?;
+                }
             }
             let mut fresh = Vec::new();
             let mut keep = |e: EntryBody| {
@@ -330,6 +538,8 @@ struct Proven {
     tree_size: u64,
     root: String,
     proof_hashes: usize,
+    witnessed_by: Vec<String>,
+    remembered: Accepted,
     record: Option<serde_json::Value>,
 }
 
@@ -337,10 +547,17 @@ pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
     let loaded = crate::config::load(global)?;
     let id = parse_record_id(&args.record)?;
     let verifier = log_verifier(Some(&loaded), args.log_key.as_deref())?;
+    let witnesses = witness_verifiers(Some(&loaded))?;
+    let anchors = Anchors::open(&args.anchor)?;
     let origin = verifier.name().to_owned();
     let output = global.output;
     block_on(async move {
         let mut reader = LogReader::connect(&loaded).await?;
+        let check = Checker {
+            anchors: &anchors,
+            log: &verifier,
+            witnesses: &witnesses,
+        };
         let cell = reader.cell().to_string();
         let index = match &id {
             RecordId::Index(i) => *i,
@@ -362,17 +579,20 @@ pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
         };
         // The checkpoint that covers it (checkpoints follow within an interval).
         let deadline = tokio::time::Instant::now() + PROVE_WAIT;
-        let cp = loop {
+        let (cp, anchored) = loop {
             let note = reader.checkpoint().await?;
-            let cp = match note {
+            let cp = match &note {
                 Some(n) => Some(
-                    open_checkpoint(&n, &origin, &verifier)
+                    open_checkpoint(n, &origin, &verifier)
                         .context("logd's checkpoint does not verify against the log key")?,
                 ),
                 None => None,
             };
+            // Each checkpoint seen is held against the remembered one: a
+            // log cut short or replaced is refused at once.
+            let anchored = check.remote(&mut reader, note.as_deref()).await?;
             match cp {
-                Some(cp) if cp.size > index => break cp,
+                Some(cp) if cp.size > index => break (cp, anchored),
                 _ if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
@@ -422,6 +642,8 @@ pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
             tree_size: cp.size,
             root: hex::encode(cp.root),
             proof_hashes: proof.len(),
+            witnessed_by: anchored.witnessed_by.clone(),
+            remembered: anchored.accepted.clone(),
             record: serde_json::from_slice(&leaf.payload).ok(),
         };
         match output {
@@ -443,6 +665,11 @@ pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
                         "proof".into(),
                         format!("{} hashes, verified locally", proof.len()),
                     ),
+                    (
+                        "witnessed by".into(),
+                        anchored.witnessed_text(witnesses.len()),
+                    ),
+                    ("remembered".into(), anchored.accepted.describe()),
                 ])?;
             }
         }
@@ -568,6 +795,8 @@ struct Verified {
     checkpoints: u64,
     bundles: u64,
     tiles: u64,
+    witnessed_by: Vec<String>,
+    remembered: Accepted,
 }
 
 #[derive(Serialize)]
@@ -593,10 +822,11 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 pub(crate) fn verify(args: VerifyArgs, global: &Global) -> anyhow::Result<()> {
     let output = global.output;
+    let anchors = Anchors::open(&args.anchor)?;
     if let Some(conninfo) = &args.postgres {
-        return verify_postgres(conninfo, &args, global);
+        return verify_postgres(conninfo, &args, &anchors, global);
     }
-    let (verifier, source, result) = match &args.store {
+    let (verifier, witnesses, source, result, anchored) = match &args.store {
         Some(dir) => {
             let loaded = crate::config::load(global).ok();
             let dir = store_dir(dir);
@@ -612,29 +842,75 @@ pub(crate) fn verify(args: VerifyArgs, global: &Global) -> anyhow::Result<()> {
                 }
                 _ => log_verifier(loaded.as_ref(), args.log_key.as_deref())?,
             };
+            let witnesses = witness_verifiers(loaded.as_ref())?;
             let storage = FileStorage::open(&dir)
                 .with_context(|| format!("cannot open the log store {}", dir.display()))?;
             let result = audit(&storage, verifier.name(), &verifier);
-            (verifier, dir.display().to_string(), result)
+            let source = dir.display().to_string();
+            let anchored = result.is_ok().then(|| {
+                Checker {
+                    anchors: &anchors,
+                    log: &verifier,
+                    witnesses: &witnesses,
+                }
+                .stored(&storage, &source)
+            });
+            (verifier, witnesses, source, result, anchored)
         }
         None => {
             let loaded: Loaded = crate::config::load(global)?;
             let verifier = log_verifier(Some(&loaded), args.log_key.as_deref())?;
+            let witnesses = witness_verifiers(Some(&loaded))?;
             let source = loaded.config.endpoints.logd.clone().unwrap_or_default();
-            let mem = block_on(async {
+            let (result, anchored) = block_on(async {
                 let mut reader = LogReader::connect(&loaded).await?;
-                fetch_all(&mut reader).await
+                let mem = fetch_all(&mut reader).await?;
+                let result = audit(&mem, verifier.name(), &verifier);
+                let anchored = match &result {
+                    Ok(_) => {
+                        let note = mem
+                            .read("checkpoint")?
+                            .map(String::from_utf8)
+                            .transpose()
+                            .context("logd's checkpoint is not text")?;
+                        let check = Checker {
+                            anchors: &anchors,
+                            log: &verifier,
+                            witnesses: &witnesses,
+                        };
+                        Some(check.remote(&mut reader, note.as_deref()).await)
+                    }
+                    Err(_) => None,
+                };
+                anyhow::Ok((result, anchored))
             })??;
-            let result = audit(&mem, verifier.name(), &verifier);
-            (verifier, format!("logd at {source}"), result)
+            (
+                verifier,
+                witnesses,
+                format!("logd at {source}"),
+                result,
+                anchored,
+            )
         }
     };
-    report(&verifier, &source, result, output)
+    report(
+        &verifier,
+        witnesses.len(),
+        &source,
+        result,
+        anchored,
+        output,
+    )
 }
 
 /// `audit verify --postgres`: the whole-log audit over the rows of the log
 /// in the database.
-fn verify_postgres(conninfo: &str, args: &VerifyArgs, global: &Global) -> anyhow::Result<()> {
+fn verify_postgres(
+    conninfo: &str,
+    args: &VerifyArgs,
+    anchors: &Anchors,
+    global: &Global,
+) -> anyhow::Result<()> {
     // Parsed by logd's own parser: never echoed, only its host and database.
     let conninfo = nitrile_logd::config::Conninfo::new(conninfo)
         .map_err(|e| UsageError(format!("--postgres: {e}")))?;
@@ -647,6 +923,7 @@ fn verify_postgres(conninfo: &str, args: &VerifyArgs, global: &Global) -> anyhow
     }
     let loaded = crate::config::load(global).ok();
     let verifier = log_verifier(loaded.as_ref(), args.log_key.as_deref())?;
+    let witnesses = witness_verifiers(loaded.as_ref())?;
     let log_name = match (&args.log_name, &loaded) {
         (Some(n), _) => n.clone(),
         (None, Some(l)) => l.config.cell.as_str().to_owned(),
@@ -669,18 +946,56 @@ fn verify_postgres(conninfo: &str, args: &VerifyArgs, global: &Global) -> anyhow
         anyhow::bail!("there is no {source} (is --log-name right?)");
     }
     let result = audit(&storage, verifier.name(), &verifier);
-    report(&verifier, &source, result, global.output)
+    let anchored = result.is_ok().then(|| {
+        Checker {
+            anchors,
+            log: &verifier,
+            witnesses: &witnesses,
+        }
+        .stored(&storage, &source)
+    });
+    report(
+        &verifier,
+        witnesses.len(),
+        &source,
+        result,
+        anchored,
+        global.output,
+    )
 }
 
+/// Reports the audit of a log and, when it passed, what the auditor's
+/// memory made of its latest checkpoint (`anchored`, present exactly when
+/// the audit passed); `witnesses` is how many witness keys the client
+/// config names.
 fn report(
     verifier: &NoteVerifier,
+    witnesses: usize,
     source: &str,
     result: Result<nitrile_tlog::AuditReport, AuditFailure>,
+    anchored: Option<anyhow::Result<Anchored>>,
     output: Output,
 ) -> anyhow::Result<()> {
     let origin = verifier.name().to_owned();
     match result {
         Ok(r) => {
+            let anchored = match anchored {
+                Some(Ok(a)) => a,
+                Some(Err(e)) => {
+                    if output == Output::Json {
+                        print_json(&NotVerified {
+                            ok: false,
+                            origin,
+                            source: source.to_owned(),
+                            path: "checkpoint".to_owned(),
+                            index: None,
+                            error: format!("{e:#}"),
+                        })?;
+                    }
+                    return Err(e);
+                }
+                None => anyhow::bail!("the checkpoint of {source} was not checked"),
+            };
             match output {
                 Output::Json => print_json(&Verified {
                     ok: true,
@@ -691,6 +1006,8 @@ fn report(
                     checkpoints: r.checkpoints,
                     bundles: r.bundles,
                     tiles: r.tiles,
+                    witnessed_by: anchored.witnessed_by,
+                    remembered: anchored.accepted,
                 })?,
                 Output::Table => {
                     outln!("OK: the log {origin} ({source}) verifies")?;
@@ -700,6 +1017,8 @@ fn report(
                         ("checkpoints".into(), format!("{} verified", r.checkpoints)),
                         ("entry bundles".into(), r.bundles.to_string()),
                         ("hash tiles".into(), r.tiles.to_string()),
+                        ("witnessed by".into(), anchored.witnessed_text(witnesses)),
+                        ("remembered".into(), anchored.accepted.describe()),
                     ])?;
                 }
             }

@@ -9,12 +9,16 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::Context;
-use nitrile_api::Name;
-use nitrile_cell::{CellLayout, Endpoints, bootstrap, provision_host, provision_logd};
+use nitrile_api::{Name, PrincipalId, PrincipalKind};
+use nitrile_cell::{
+    CellLayout, Endpoints, WITNESS, bootstrap, provision_host, provision_logd, provision_witness,
+};
 use nitrile_hostd::{HostdConfig, LogdTarget};
-use nitrile_logd::config::MetricsAddr;
+use nitrile_logd::config::{MetricsAddr, WitnessConfig as LogdWitness};
 use nitrile_logd::{Alert, AlertSink, Logd, LogdConfig, LogdOptions};
+use nitrile_tlog::NoteVerifier;
 use nitrile_tokend::Tokend;
+use nitrile_witness::{LogConfig, WitnessConfig};
 
 use crate::Global;
 use crate::output::{errln, outln};
@@ -22,15 +26,21 @@ use crate::service::{LogFormat, block_on, init_logging};
 
 /// The one host of a one-machine cell.
 const HOST: &str = "h1";
-/// Longest the host agent may take to start serving.
-const HOSTD_START_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest the host agent or the witness may take to start serving.
+const CHILD_START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long an exit of the host agent waits for a Ctrl-C that reached both.
 const SIGNAL_GRACE: Duration = Duration::from_secs(2);
+/// The readiness line prefix of `nitrile hostd`.
+const HOSTD_READY: &str = "nitrile hostd: ";
+/// The readiness line prefix of `nitrile audit witness`.
+const WITNESS_READY: &str = "nitrile audit witness: ";
 
 /// Run a whole cell on this machine: the cell CA, a reviewer-signed sample
 /// entitlement bundle, the token service with its audit journal, the audit
 /// log service (logd) that the token service and the host ship their
-/// journals to, one host agent (`h1`, a child process) with the guest
+/// journals to, a checkpoint witness (a child process with its own state
+/// directory and key) whose cosignature logd needs to publish a
+/// checkpoint, one host agent (`h1`, a child process) with the guest
 /// image, and client configs for the sample principals, all on loopback
 /// mutual TLS under one state directory.
 ///
@@ -38,7 +48,7 @@ const SIGNAL_GRACE: Duration = Duration::from_secs(2);
 /// renew the short-lived certificates. When ready it prints what runs where,
 /// three commands to try, and a line `export NITRILE_CONFIG=<path>` for the
 /// CLI. Ctrl-C (or SIGTERM) stops the host agent, which stops its instances,
-/// then the token service, then the audit log service.
+/// then the token service, then the audit log service, then the witness.
 ///
 /// Example: `nitrile up --state ./nitrile-state`
 #[derive(Debug, clap::Args)]
@@ -65,6 +75,9 @@ pub(crate) struct Args {
     /// [default: the one in an existing logd.toml, else 127.0.0.1:9445].
     #[arg(long, value_name = "ADDR")]
     logd_metrics: Option<SocketAddr>,
+    /// The checkpoint witness's mTLS address.
+    #[arg(long, default_value = "127.0.0.1:7446")]
+    witness_listen: SocketAddr,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -99,9 +112,48 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         // After the token service opened: its published issuer keys exist
         // and are pinned into logd and the host.
         provision_logd(&layout, &cell.cell, now).context("cannot provision the audit log")?;
-        let logd_config_path =
-            write_logd_config(&layout, &cell.cell, args.logd_listen, args.logd_metrics)?;
+        // The witness before logd: logd's config names the witness's key
+        // and address, the witness's config the log's key (made now if
+        // this is the first start, as logd would).
+        provision_witness(&layout, &cell.cell, now).context("cannot provision the witness")?;
+        let witness_vkey = witness_key(&layout, &cell.cell)?;
+        let log_key = nitrile_logd::service::ensure_log_key(&layout.logd_dir(), &cell.cell)
+            .context("cannot make the audit log's key")?;
+        let witness_config =
+            write_witness_config(&layout, &cell.cell, args.witness_listen, &log_key)?;
+        let mut witness = ServiceChild::spawn(
+            "the witness",
+            &["audit", "witness", "--config"],
+            &witness_config,
+            (WITNESS_READY, "witness: "),
+            // A Ctrl-C on the terminal must not stop the witness before
+            // logd's last checkpoint: the cell stops it after logd (and
+            // --exit-with-parent if the cell dies).
+            true,
+            args.log_format,
+        )?;
+        let logd_config_path = write_logd_config(
+            &layout,
+            &cell.cell,
+            args.logd_listen,
+            args.logd_metrics,
+            &LogdWitness {
+                name: Name::new(WITNESS)?,
+                vkey: witness_vkey.clone(),
+                addr: witness.addr.to_string(),
+            },
+        )?;
         let logd_config = LogdConfig::load(&logd_config_path)?;
+        // The auditors check the cosignature of the witnesses logd needs.
+        let witness_vkeys: Vec<String> = if logd_config.witness_quorum > 0 {
+            logd_config
+                .witnesses
+                .iter()
+                .map(|w| w.vkey.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let logd = Logd::open(
             &logd_config,
             LogdOptions {
@@ -146,7 +198,14 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             args.hostd_listen,
             Some((&logd_addr, &log_vkey)),
         )?;
-        let mut hostd = HostdChild::spawn(&hostd_config, args.log_format)?;
+        let mut hostd = ServiceChild::spawn(
+            "the host agent",
+            &["hostd", "--stop-instances-on-exit", "--config"],
+            &hostd_config,
+            (HOSTD_READY, "hostd: "),
+            false,
+            args.log_format,
+        )?;
 
         let listen = tokend
             .local_addr()
@@ -163,6 +222,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             &endpoints,
             &hosts,
             Some(&log_vkey),
+            &witness_vkeys,
         )?;
         let config_of = |name: &str| {
             clients
@@ -209,6 +269,16 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             layout.log_vkey().display()
         )?;
         outln!(
+            "  witness        {} (mTLS, pid {})   state {}",
+            witness.addr,
+            witness.child.id(),
+            layout.witness_dir().display()
+        )?;
+        outln!(
+            "  checkpoints    {}",
+            witnessing(&logd_config, &witness_vkey)
+        )?;
+        outln!(
             "  host metrics   {} (Prometheus text file)",
             layout.host_metrics(&host).display()
         )?;
@@ -248,25 +318,27 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         outln!("export NITRILE_CONFIG={}", alice.display())?;
 
         // Stop order: the host agent first (it stops its instances), then
-        // the token service, then the audit log service.
-        let exited = hostd.exited.take();
+        // the token service, then the audit log service, then the witness
+        // (logd's last checkpoint needs its cosignature).
+        let hostd_exited = hostd.exited.take();
+        let witness_exited = witness.exited.take();
         let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
         let stop = async move {
             tokio::pin!(signal);
-            let mut unexpected = false;
-            if let Some(exited) = exited {
-                tokio::select! {
-                    biased;
-                    () = &mut signal => {}
-                    _ = exited => {
-                        // A Ctrl-C on a terminal reaches both processes.
-                        unexpected = tokio::time::timeout(SIGNAL_GRACE, &mut signal)
-                            .await
-                            .is_err();
-                    }
-                }
-            } else {
-                signal.await;
+            let mut unexpected = None;
+            tokio::select! {
+                biased;
+                () = &mut signal => {}
+                () = exit_of(hostd_exited) => unexpected = Some(Exited::Hostd),
+                () = exit_of(witness_exited) => unexpected = Some(Exited::Witness),
+            }
+            // A Ctrl-C on a terminal reaches the host agent too.
+            if unexpected.is_some()
+                && tokio::time::timeout(SIGNAL_GRACE, &mut signal)
+                    .await
+                    .is_ok()
+            {
+                unexpected = None;
             }
             let status = tokio::task::spawn_blocking(move || hostd.stop()).await;
             let _ = outcome_tx.send((unexpected, status));
@@ -275,6 +347,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         tokend_shipper.stop().await;
         let _ = logd_stop.send(());
         let logd_result = logd_task.await;
+        let witness_status = tokio::task::spawn_blocking(move || witness.stop()).await;
         served?;
         match logd_result {
             Ok(Ok(())) => {}
@@ -289,22 +362,34 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             .await
             .context("the cell stopped without stopping the host agent")?;
         let status = status.context("waiting for the host agent")?;
-        if unexpected {
+        let witness_status = witness_status.context("waiting for the witness")?;
+        if let Some(who) = unexpected {
+            let (who, which) = match who {
+                Exited::Hostd => (format!("the host agent {host}"), &status),
+                Exited::Witness => ("the witness".to_owned(), &witness_status),
+            };
             anyhow::bail!(
-                "the host agent {host} exited unexpectedly ({}); the cell stopped, state kept in {}",
-                status
+                "{who} exited unexpectedly ({}); the cell stopped, state kept in {}",
+                which
+                    .as_ref()
                     .map(|s| s.to_string())
                     .unwrap_or_else(|e| e.to_string()),
                 layout.root().display()
             );
         }
-        match status {
-            Ok(s) if s.success() => {}
-            Ok(s) => {
-                let _ = errln!("nitrile up: the host agent {host} stopped with {s}");
-            }
-            Err(e) => {
-                let _ = errln!("nitrile up: cannot wait for the host agent {host}: {e}");
+        let hostd_name = format!("the host agent {host}");
+        for (who, status) in [
+            (hostd_name.as_str(), status),
+            ("the witness", witness_status),
+        ] {
+            match status {
+                Ok(s) if s.success() => {}
+                Ok(s) => {
+                    let _ = errln!("nitrile up: {who} stopped with {s}");
+                }
+                Err(e) => {
+                    let _ = errln!("nitrile up: cannot wait for {who}: {e}");
+                }
             }
         }
         let _ = errln!(
@@ -363,16 +448,21 @@ impl AlertSink for StderrAlerts {
 const DEFAULT_LOGD_METRICS: &str = "127.0.0.1:9445";
 
 /// Writes `logd/logd.toml` with paths relative to it; the first time, the
-/// monitor runs the cell's `rules/` and metrics are served on
-/// [`DEFAULT_LOGD_METRICS`]. The witnesses, quorum, intervals, webhook,
-/// rules, storage and metrics address of an existing file are kept, so
-/// edits to them survive restarts; `metrics`, when given, replaces the
-/// metrics address.
+/// monitor runs the cell's `rules/`, metrics are served on
+/// [`DEFAULT_LOGD_METRICS`] and a checkpoint needs the cosignature of the
+/// cell's `witness`. The witnesses, quorum, intervals, webhook, rules,
+/// storage and metrics address of an existing file are kept, so edits to
+/// them survive restarts; `metrics`, when given, replaces the metrics
+/// address. The cell's `witness` is added to a file that names no witness
+/// (a cell made before it existed) with a quorum of 1, and its address and
+/// key are brought up to date where the file names it; a file naming
+/// other witnesses keeps them and its quorum as they are.
 fn write_logd_config(
     layout: &CellLayout,
     cell: &Name,
     listen: SocketAddr,
     metrics: Option<SocketAddr>,
+    witness: &LogdWitness,
 ) -> anyhow::Result<PathBuf> {
     let path = layout.logd_config();
     let dir = layout.logd_dir();
@@ -421,6 +511,13 @@ fn write_logd_config(
     if config.sources.token_service.is_none() {
         config.sources.token_service = Some(Name::new("tokend")?);
     }
+    if config.witnesses.is_empty() {
+        config.witnesses = vec![witness.clone()];
+        config.witness_quorum = config.witness_quorum.max(1);
+    } else if let Some(w) = config.witnesses.iter_mut().find(|w| w.name == witness.name) {
+        w.addr.clone_from(&witness.addr);
+        w.vkey.clone_from(&witness.vkey);
+    }
     if let Some(addr) = metrics {
         config.metrics =
             Some(MetricsAddr::new(addr).context("--logd-metrics must be a loopback address")?);
@@ -432,6 +529,88 @@ fn write_logd_config(
     write_private(&path, text.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
+}
+
+/// The witness's public cosigning key; the key is made (in its own state
+/// directory, owner-only) the first time, named `<cell>.nitrile/witness`.
+fn witness_key(layout: &CellLayout, cell: &Name) -> anyhow::Result<String> {
+    let path = layout.witness_signing_key();
+    let key = if path.exists() {
+        nitrile_witness::load_signing_key(&path)?
+    } else {
+        let key = nitrile_witness::Witness::generate_key(&format!("{cell}.nitrile/{WITNESS}"))
+            .context("cannot make the witness's key")?;
+        nitrile_witness::write_signing_key(&path, &key)?;
+        key
+    };
+    Ok(key.verifier().to_vkey())
+}
+
+/// Writes `witness/witness.toml` with paths relative to it: the witness
+/// cosigns the cell's log, whose key is `log`; the logs of an existing
+/// file other than the cell's are kept.
+fn write_witness_config(
+    layout: &CellLayout,
+    cell: &Name,
+    listen: SocketAddr,
+    log: &NoteVerifier,
+) -> anyhow::Result<PathBuf> {
+    let path = layout.witness_config();
+    let dir = layout.witness_dir();
+    let name = Name::new(WITNESS)?;
+    let principal = PrincipalId::new(cell.clone(), PrincipalKind::Service, name.clone());
+    let (cert, key) = layout.cert_and_key(&principal);
+    let rel = |p: &Path| relative_to(&dir, p);
+    let mut logs = vec![LogConfig {
+        origin: log.name().to_owned(),
+        vkey: log.to_vkey(),
+    }];
+    if path.exists() {
+        let old = WitnessConfig::load(&path).with_context(|| {
+            format!(
+                "cannot reuse {}; fix or remove it to have it written anew",
+                path.display()
+            )
+        })?;
+        logs.extend(old.logs.into_iter().filter(|l| l.origin != log.name()));
+    }
+    let config = WitnessConfig {
+        cell: cell.clone(),
+        name,
+        listen,
+        state: PathBuf::from("."),
+        ca: rel(&layout.ca_cert()),
+        cert: rel(&cert),
+        key: rel(&key),
+        signing_key: None,
+        logs,
+    };
+    let text = format!(
+        "# nitrile checkpoint witness config (`nitrile audit witness --config`)\n{}",
+        config.to_toml()
+    );
+    write_private(&path, text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// What the readiness lines say of the witnessing of logd's checkpoints.
+fn witnessing(config: &LogdConfig, witness_vkey: &str) -> String {
+    if config.witness_quorum == 0 {
+        return "not witnessed (witness_quorum = 0 in logd.toml)".to_owned();
+    }
+    let names: Vec<&str> = config.witnesses.iter().map(|w| w.name.as_str()).collect();
+    let ours = config.witnesses.iter().any(|w| w.vkey == witness_vkey);
+    format!(
+        "published only with {} cosignature(s) of: {}{}",
+        config.witness_quorum,
+        names.join(", "),
+        if ours {
+            ""
+        } else {
+            " (logd.toml names other witnesses than this cell's)"
+        }
+    )
 }
 
 /// Writes `bytes` to `path` owner-only and atomically: a temporary file
@@ -517,7 +696,7 @@ fn relative_to(base: &Path, target: &Path) -> PathBuf {
     out
 }
 
-/// What the host agent's stderr reader reports before it serves.
+/// What a child's stderr reader reports before it serves.
 enum Startup {
     /// The `serving on <addr>` line.
     Serving(SocketAddr),
@@ -525,9 +704,12 @@ enum Startup {
     Exited,
 }
 
-/// The host agent running as a child process.
-struct HostdChild {
+/// A service of the cell running as a child process (the host agent, the
+/// witness): a trust domain of its own, stopped with the cell.
+struct ServiceChild {
     child: Child,
+    /// What it is, for messages (`the host agent`).
+    what: &'static str,
     /// Where it serves.
     addr: SocketAddr,
     /// Fires when its stderr closes after it served, i.e. it exited.
@@ -535,11 +717,38 @@ struct HostdChild {
     stopped: bool,
 }
 
-impl HostdChild {
-    /// Starts `nitrile hostd --config <config> --stop-instances-on-exit`
-    /// and waits for its "serving on" line; its other stderr lines are
-    /// forwarded prefixed `hostd: `.
-    fn spawn(config: &Path, log_format: LogFormat) -> anyhow::Result<Self> {
+/// Which child of the cell exited before the cell was stopped.
+#[derive(Debug, Clone, Copy)]
+enum Exited {
+    Hostd,
+    Witness,
+}
+
+/// Resolves when `exited` fires; never without it.
+async fn exit_of(exited: Option<tokio::sync::oneshot::Receiver<()>>) {
+    match exited {
+        Some(rx) => {
+            let _ = rx.await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+impl ServiceChild {
+    /// Starts `nitrile <args> <config> --exit-with-parent <us> --log-format
+    /// F` and waits for its readiness line, `<ready>... serving on
+    /// <addr>`; its other stderr lines are forwarded prefixed `prefix`.
+    /// With `own_group`, it runs in a process group of its own, which a
+    /// Ctrl-C on the terminal does not reach: the cell stops it.
+    fn spawn(
+        what: &'static str,
+        args: &[&str],
+        config: &Path,
+        (ready, prefix): (&'static str, &'static str),
+        own_group: bool,
+        log_format: LogFormat,
+    ) -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt as _;
         let exe = std::env::current_exe().context("cannot find this executable")?;
         // The child's stdout goes to our stderr: our stdout is what scripts
         // read for the export line.
@@ -548,34 +757,38 @@ impl HostdChild {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
         };
-        let mut child = Command::new(&exe)
-            .arg("hostd")
-            .arg("--config")
+        let mut command = Command::new(&exe);
+        command
+            .args(args)
             .arg(config)
-            .arg("--stop-instances-on-exit")
             .arg("--exit-with-parent")
             .arg(std::process::id().to_string())
             .args(["--log-format", log_format])
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout))
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        if own_group {
+            command.process_group(0);
+        }
+        let mut child = command
             .spawn()
-            .with_context(|| format!("cannot start {} hostd", exe.display()))?;
+            .with_context(|| format!("cannot start {} ({})", what, exe.display()))?;
         let stderr = child
             .stderr
             .take()
-            .context("the host agent's stderr is not piped")?;
+            .with_context(|| format!("the stderr of {what} is not piped"))?;
         let (startup_tx, startup_rx) = mpsc::channel();
         let (exited_tx, exited_rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || forward_stderr(stderr, startup_tx, exited_tx));
+        std::thread::spawn(move || forward_stderr(stderr, ready, prefix, startup_tx, exited_tx));
 
         let mut me = Self {
             child,
+            what,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             exited: Some(exited_rx),
             stopped: false,
         };
-        let early = match startup_rx.recv_timeout(HOSTD_START_TIMEOUT) {
+        let early = match startup_rx.recv_timeout(CHILD_START_TIMEOUT) {
             Ok((Startup::Serving(addr), _)) => {
                 me.addr = addr;
                 return Ok(me);
@@ -584,14 +797,15 @@ impl HostdChild {
             Err(_) => {
                 let _ = me.stop();
                 anyhow::bail!(
-                    "the host agent did not start serving within {}s; it was stopped",
-                    HOSTD_START_TIMEOUT.as_secs()
+                    "{what} did not start serving within {}s; it was stopped",
+                    CHILD_START_TIMEOUT.as_secs()
                 );
             }
         };
         let status = me.stop();
         anyhow::bail!(
-            "the host agent exited before serving ({}):\n{}",
+            "{} exited before serving ({}):\n{}",
+            me.what,
             status
                 .map(|s| s.to_string())
                 .unwrap_or_else(|e| e.to_string()),
@@ -599,7 +813,8 @@ impl HostdChild {
         )
     }
 
-    /// SIGTERM, then wait: it stops its instances and exits.
+    /// SIGTERM, then wait: it stops (the host agent stops its instances)
+    /// and exits.
     fn stop(&mut self) -> std::io::Result<std::process::ExitStatus> {
         if !self.stopped {
             let pid =
@@ -613,7 +828,7 @@ impl HostdChild {
     }
 }
 
-impl Drop for HostdChild {
+impl Drop for ServiceChild {
     fn drop(&mut self) {
         if !self.stopped {
             let _ = self.stop();
@@ -621,11 +836,13 @@ impl Drop for HostdChild {
     }
 }
 
-/// Reads the host agent's stderr: before it serves, lines are forwarded and
-/// kept (to explain an early exit); its "serving on" line is reported;
-/// afterwards lines are forwarded until it closes.
+/// Reads a child's stderr: before it serves, lines are forwarded and kept
+/// (to explain an early exit); its readiness line (starting `ready`) is
+/// reported; afterwards lines are forwarded until it closes.
 fn forward_stderr(
     stderr: std::process::ChildStderr,
+    ready: &str,
+    prefix: &str,
     startup: mpsc::Sender<(Startup, Vec<String>)>,
     exited: tokio::sync::oneshot::Sender<()>,
 ) {
@@ -633,12 +850,12 @@ fn forward_stderr(
     let mut kept = Vec::new();
     for line in BufReader::new(stderr).lines() {
         let Ok(line) = line else { break };
-        if !serving && let Some(addr) = serving_addr(&line) {
+        if !serving && let Some(addr) = serving_addr(&line, ready) {
             serving = true;
             let _ = startup.send((Startup::Serving(addr), Vec::new()));
             continue;
         }
-        let _ = errln!("hostd: {line}");
+        let _ = errln!("{prefix}{line}");
         if !serving {
             kept.push(line);
         }
@@ -650,10 +867,14 @@ fn forward_stderr(
     }
 }
 
-/// The address of `nitrile hostd: <host> serving on <addr>`.
-fn serving_addr(line: &str) -> Option<SocketAddr> {
-    let rest = line.strip_prefix("nitrile hostd: ")?;
-    let (_, addr) = rest.split_once(" serving on ")?;
+/// The address of `<ready>[<name> ]serving on <addr>` (`nitrile hostd: h1
+/// serving on 127.0.0.1:7444`, `nitrile audit witness: serving on ...`).
+fn serving_addr(line: &str, ready: &str) -> Option<SocketAddr> {
+    let rest = line.strip_prefix(ready)?;
+    let addr = match rest.strip_prefix("serving on ") {
+        Some(addr) => addr,
+        None => rest.split_once(" serving on ")?.1,
+    };
     addr.split_whitespace().next()?.parse().ok()
 }
 
@@ -664,12 +885,29 @@ mod tests {
     #[test]
     fn the_serving_line_gives_the_address() {
         assert_eq!(
-            serving_addr("nitrile hostd: h1 serving on 127.0.0.1:7444"),
+            serving_addr("nitrile hostd: h1 serving on 127.0.0.1:7444", HOSTD_READY),
             Some(SocketAddr::from(([127, 0, 0, 1], 7444)))
         );
-        assert_eq!(serving_addr("hostd: h1 serving on 127.0.0.1:7444"), None);
-        assert_eq!(serving_addr("nitrile hostd: h1 serving on nowhere"), None);
-        assert_eq!(serving_addr("INFO listening"), None);
+        assert_eq!(
+            serving_addr("hostd: h1 serving on 127.0.0.1:7444", HOSTD_READY),
+            None
+        );
+        assert_eq!(
+            serving_addr("nitrile hostd: h1 serving on nowhere", HOSTD_READY),
+            None
+        );
+        assert_eq!(serving_addr("INFO listening", HOSTD_READY), None);
+        assert_eq!(
+            serving_addr(
+                "nitrile audit witness: serving on 127.0.0.1:7446",
+                WITNESS_READY
+            ),
+            Some(SocketAddr::from(([127, 0, 0, 1], 7446)))
+        );
+        assert_eq!(
+            serving_addr("nitrile hostd: h1 serving on 127.0.0.1:7444", WITNESS_READY),
+            None
+        );
     }
 
     #[test]
@@ -697,18 +935,81 @@ mod tests {
         let cell = Name::new("local").unwrap();
         let listen: SocketAddr = "127.0.0.1:7445".parse().unwrap();
         let metrics = |path: &Path| LogdConfig::load(path).unwrap().metrics.map(|m| m.addr());
-        let path = write_logd_config(&layout, &cell, listen, None).unwrap();
+        let w = witness("127.0.0.1:7446");
+        let path = write_logd_config(&layout, &cell, listen, None, &w).unwrap();
         assert_eq!(metrics(&path), DEFAULT_LOGD_METRICS.parse().ok());
         let other: SocketAddr = "127.0.0.1:9555".parse().unwrap();
-        write_logd_config(&layout, &cell, listen, Some(other)).unwrap();
+        write_logd_config(&layout, &cell, listen, Some(other), &w).unwrap();
         assert_eq!(metrics(&path), Some(other));
         // Kept when not given.
-        write_logd_config(&layout, &cell, listen, None).unwrap();
+        write_logd_config(&layout, &cell, listen, None, &w).unwrap();
         assert_eq!(metrics(&path), Some(other));
         // Refused when not loopback; the file is left as it was.
         let wild: SocketAddr = "0.0.0.0:9445".parse().unwrap();
-        assert!(write_logd_config(&layout, &cell, listen, Some(wild)).is_err());
+        assert!(write_logd_config(&layout, &cell, listen, Some(wild), &w).is_err());
         assert_eq!(metrics(&path), Some(other));
+    }
+
+    fn witness(addr: &str) -> LogdWitness {
+        LogdWitness {
+            name: Name::new(WITNESS).unwrap(),
+            vkey: "local.nitrile/witness+01020304+BA".into(),
+            addr: addr.into(),
+        }
+    }
+
+    #[test]
+    fn the_logd_config_gains_the_cells_witness_and_keeps_an_operators() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&tmp.path().join("state"));
+        std::fs::create_dir_all(layout.logd_dir()).unwrap();
+        let cell = Name::new("local").unwrap();
+        let listen: SocketAddr = "127.0.0.1:7445".parse().unwrap();
+        let load = |path: &Path| LogdConfig::load(path).unwrap();
+
+        // A new cell: its witness, needed.
+        let path =
+            write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:1")).unwrap();
+        let c = load(&path);
+        assert_eq!(c.witnesses, vec![witness("127.0.0.1:1")]);
+        assert_eq!(c.witness_quorum, 1);
+        // The witness moved (port 0): its address follows.
+        write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:2")).unwrap();
+        assert_eq!(load(&path).witnesses, vec![witness("127.0.0.1:2")]);
+
+        // A cell made before witnesses: no witness, quorum 0. It gains one.
+        let mut old = load(&path);
+        old.witnesses.clear();
+        old.witness_quorum = 0;
+        std::fs::write(&path, old.to_toml()).unwrap();
+        write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:3")).unwrap();
+        let c = load(&path);
+        assert_eq!(c.witnesses, vec![witness("127.0.0.1:3")]);
+        assert_eq!(c.witness_quorum, 1);
+
+        // An operator's witnesses and quorum are kept as they are, ours
+        // brought up to date where named.
+        let theirs = LogdWitness {
+            name: Name::new("w2").unwrap(),
+            vkey: "w2+05060708+BA".into(),
+            addr: "192.0.2.1:7446".into(),
+        };
+        let mut edited = load(&path);
+        edited.witnesses.push(theirs.clone());
+        edited.witness_quorum = 2;
+        std::fs::write(&path, edited.to_toml()).unwrap();
+        write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:4")).unwrap();
+        let c = load(&path);
+        assert_eq!(c.witnesses, vec![witness("127.0.0.1:4"), theirs.clone()]);
+        assert_eq!(c.witness_quorum, 2);
+        let mut only_theirs = c.clone();
+        only_theirs.witnesses = vec![theirs.clone()];
+        only_theirs.witness_quorum = 1;
+        std::fs::write(&path, only_theirs.to_toml()).unwrap();
+        write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:5")).unwrap();
+        let c = load(&path);
+        assert_eq!(c.witnesses, vec![theirs]);
+        assert_eq!(c.witness_quorum, 1);
     }
 
     #[test]

@@ -24,6 +24,11 @@ pub(crate) struct Args {
     /// cert, key, [[logs]] origin and vkey).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Get SIGTERM when process PID (the supervisor that started this
+    /// witness) dies, and exit at once if it is already gone. `nitrile up`
+    /// passes it.
+    #[arg(long, value_name = "PID")]
+    exit_with_parent: Option<i32>,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -69,16 +74,25 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
     };
     init_logging(args.log_format);
     let config = WitnessConfig::load(&path)?;
+    if let Some(parent) = args.exit_with_parent {
+        crate::service::exit_with_parent(parent)?;
+    }
     block_on(async move {
+        // Installed before the readiness line, so that a signal sent right
+        // after it stops the witness cleanly.
         let signal = nitrile_net::shutdown_signal();
         let service = WitnessService::open(&config)
             .await
             .context("witness cannot start")?;
+        let addr = service
+            .local_addr()
+            .map_or_else(|| config.listen.to_string(), |a| a.to_string());
         tracing::info!(
-            listen = ?service.local_addr(),
+            listen = %addr,
             principal = %config.principal(),
             "witness ready"
         );
+        crate::output::errln!("nitrile audit witness: serving on {addr}")?;
         service.serve(signal).await?;
         tracing::info!("witness stopped");
         anyhow::Ok(())

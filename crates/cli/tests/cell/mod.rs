@@ -209,6 +209,7 @@ impl Cell {
             .arg(self.hostd_addr.to_string())
             .args(["--logd-listen", "127.0.0.1:0"])
             .args(["--logd-metrics", "127.0.0.1:0"])
+            .args(["--witness-listen", "127.0.0.1:0"])
             .arg("--state")
             .arg(&self.state)
             .stdin(Stdio::null())
@@ -362,9 +363,16 @@ impl Cell {
         self.hostd_pid = None;
     }
 
+    /// The auditor's state directory (`$XDG_STATE_HOME`) of the CLI calls
+    /// of [`Cell::nitrile`]: what `nitrile audit` remembers of the log.
+    pub(crate) fn auditor_state(&self) -> PathBuf {
+        self.dir.path().join("auditor-state")
+    }
+
     /// Runs the CLI as the principal of `config`.
     pub(crate) fn nitrile(&self, config: &Path, args: &[&str]) -> Output {
         Command::new(NITRILE)
+            .env("XDG_STATE_HOME", self.auditor_state())
             .arg("--config")
             .arg(config)
             .args(args)
