@@ -29,8 +29,13 @@ use nitrile_policy::{
     SIGNATURES_DIR, verify_bundle,
 };
 
-/// The sample bundle of the repository, without its quota file.
+/// The sample bundle of the repository, without its quota file and its
+/// monitor rules.
 const SAMPLE: &[(&str, &[u8])] = &[
+    (
+        "bundle.toml",
+        include_bytes!("../../entitlements/bundle.toml"),
+    ),
     (
         "schema.cedarschema",
         include_bytes!("../../entitlements/schema.cedarschema"),

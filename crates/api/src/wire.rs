@@ -30,7 +30,8 @@ pub struct TokenRequest {
     /// in name order, that is entitled to everything asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
-    /// Requested lifetime in seconds; default 300, at most 900.
+    /// Requested lifetime in seconds; default 300, at most 300 (the token
+    /// service may be configured with a lower maximum).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifetime_secs: Option<u64>,
 }

@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 
 use nitrile_api::{Name, PrincipalId, PrincipalKind};
 use nitrile_pki::{CellCa, PkiError};
-use nitrile_policy::{PolicyError, ReviewError, ReviewerKey, ReviewerSet, verify_bundle};
+use nitrile_policy::{
+    MANIFEST_FILE, PolicyError, ReviewError, ReviewerKey, ReviewerSet, verify_bundle,
+    verify_unserialed_bundle,
+};
 use time::OffsetDateTime;
 
 use crate::config::{ClientConfig, ConfigError, Endpoints};
 use crate::layout::CellLayout;
-use crate::sample::{SAMPLE_BUNDLE, SAMPLE_RULES};
+use crate::sample::SAMPLE_BUNDLE;
 
 /// The sample principals a one-machine cell gets certificates and client
 /// configs for, as `kind/name`.
@@ -91,6 +94,11 @@ pub struct Bootstrapped {
     pub first_start: bool,
     /// Hex digest of the entitlement bundle in force.
     pub bundle_digest: String,
+    /// Serial of the entitlement bundle in force.
+    pub bundle_serial: u64,
+    /// Whether a bundle of the format before serials was migrated now
+    /// (`bundle.toml` added, the monitor rules moved in, signed again).
+    pub bundle_migrated: bool,
     /// The reviewers whose signatures the bundle carries.
     pub reviewers: Vec<Name>,
     /// The token service principal.
@@ -187,17 +195,25 @@ pub fn bootstrap(
     let reviewers = ReviewerSet::load(&set_path)?;
 
     // The entitlement bundle: the sample, signed by both local reviewers, the
-    // first time; afterwards whatever is there, which must be signed.
+    // first time; afterwards whatever is there, which must be signed. A
+    // bundle of the format before serials is migrated once.
     let bundle_dir = layout.entitlements_dir();
+    let mut migrated = false;
     if !bundle_dir.exists() {
         std::fs::create_dir_all(&bundle_dir).map_err(io(&bundle_dir))?;
         for (name, text) in SAMPLE_BUNDLE {
             let path = bundle_dir.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
             std::fs::write(&path, text).map_err(io(&path))?;
         }
         for k in &reviewer_keys {
             k.sign_dir(&bundle_dir)?;
         }
+    } else if !bundle_dir.join(MANIFEST_FILE).exists() {
+        migrate_unserialed_bundle(layout, &reviewers, &reviewer_keys)?;
+        migrated = true;
     }
     let reviewed = verify_bundle(&bundle_dir, &reviewers, nitrile_policy::MIN_REVIEWERS).map_err(
         |source| CellError::Entitlements {
@@ -205,16 +221,6 @@ pub fn bootstrap(
             source: Box::new(source),
         },
     )?;
-
-    // Monitor rules: the built-in ones the first time; afterwards whatever
-    // is there (edits survive).
-    let rules_dir = layout.rules_dir();
-    if !rules_dir.exists() {
-        std::fs::create_dir_all(&rules_dir).map_err(io(&rules_dir))?;
-        for (name, text) in SAMPLE_RULES {
-            write_atomic(&rules_dir.join(name), text.as_bytes(), 0o644)?;
-        }
-    }
 
     // Fresh short-lived certificates on every start.
     let tokend = principal(cell, "service/tokend");
@@ -240,10 +246,69 @@ pub fn bootstrap(
         layout: layout.clone(),
         first_start,
         bundle_digest: reviewed.digest().to_hex(),
+        bundle_serial: reviewed.serial().get(),
+        bundle_migrated: migrated,
         reviewers: reviewed.reviewers().to_vec(),
         tokend,
         clients,
     })
+}
+
+/// Migrates the bundle of a cell made before bundles had serials and
+/// before the monitor rules were part of them: only if its signatures verify
+/// (an edit without review stays refused), it gets `bundle.toml` with serial
+/// 1 and the rules the cell's audit log ran (`<state>/rules/*.yml`, or the
+/// sample rules when there is no such directory) under `rules/`, and the
+/// local reviewers sign the result. The rule files moved are removed from
+/// `<state>/rules` (the directory too, once empty).
+fn migrate_unserialed_bundle(
+    layout: &CellLayout,
+    reviewers: &ReviewerSet,
+    reviewer_keys: &[ReviewerKey],
+) -> Result<(), CellError> {
+    let bundle_dir = layout.entitlements_dir();
+    verify_unserialed_bundle(&bundle_dir, reviewers).map_err(|source| CellError::Entitlements {
+        path: bundle_dir.clone(),
+        source: Box::new(source),
+    })?;
+    let rules_dir = bundle_dir.join(nitrile_policy::RULES_DIR);
+    std::fs::create_dir_all(&rules_dir).map_err(io(&rules_dir))?;
+    let legacy = layout.rules_dir();
+    let mut moved = Vec::new();
+    if legacy.is_dir() {
+        for entry in std::fs::read_dir(&legacy).map_err(io(&legacy))? {
+            let path = entry.map_err(io(&legacy))?.path();
+            let yaml = path.extension().is_some_and(|e| e == "yml" || e == "yaml");
+            if yaml && path.is_file() {
+                let name = path.file_name().unwrap_or_default();
+                let text = std::fs::read(&path).map_err(io(&path))?;
+                write_atomic(&rules_dir.join(name), &text, 0o644)?;
+                moved.push(path);
+            }
+        }
+    } else {
+        for (name, text) in SAMPLE_BUNDLE {
+            if let Some(rule) = name.strip_prefix("rules/") {
+                write_atomic(&rules_dir.join(rule), text.as_bytes(), 0o644)?;
+            }
+        }
+    }
+    let manifest = bundle_dir.join(MANIFEST_FILE);
+    write_atomic(
+        &manifest,
+        b"# The serial of this bundle: raise it with every change (see `nitrile entitlements`).\n\
+          serial = 1\n",
+        0o644,
+    )?;
+    for k in reviewer_keys {
+        k.sign_dir(&bundle_dir)?;
+    }
+    for path in moved {
+        std::fs::remove_file(&path).map_err(io(&path))?;
+    }
+    // Left in place if anything else is in it.
+    let _ = std::fs::remove_dir(&legacy);
+    Ok(())
 }
 
 /// Writes the client config of every sample principal, pointing at the
@@ -455,16 +520,20 @@ mod tests {
         let first = bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
         assert!(first.first_start);
         assert_eq!(first.reviewers.len(), 2);
-        let rule = layout.rules_dir().join("sensitive-operation.yml");
+        assert_eq!(first.bundle_serial, 1);
+        assert!(!first.bundle_migrated);
+        // The monitor rules are in the signed bundle, not beside it.
+        let rule = layout
+            .entitlements_dir()
+            .join("rules/sensitive-operation.yml");
         assert!(
             std::fs::read_to_string(&rule)
                 .unwrap()
                 .contains("host.drain")
         );
-        std::fs::write(&rule, "edited").unwrap();
+        assert!(!layout.rules_dir().exists());
         let second = bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
         assert!(!second.first_start);
-        assert_eq!(std::fs::read_to_string(&rule).unwrap(), "edited");
         assert_eq!(first.bundle_digest, second.bundle_digest);
         for p in [
             layout.pki_dir().join("ca.key"),
@@ -491,6 +560,99 @@ mod tests {
         std::fs::write(&quotas, text).unwrap();
         let err = bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap_err();
         assert!(matches!(err, CellError::Entitlements { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_edited_rule_is_an_unsigned_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&dir.path().join("state"));
+        let cell = Name::new("local").unwrap();
+        let now = OffsetDateTime::now_utc();
+        bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
+        let rule = layout
+            .entitlements_dir()
+            .join("rules/sensitive-operation.yml");
+        let text = std::fs::read_to_string(&rule).unwrap();
+        std::fs::write(&rule, text.replace("host.drain", "host.none")).unwrap();
+        let err = bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap_err();
+        assert!(matches!(err, CellError::Entitlements { .. }), "{err}");
+    }
+
+    /// Turns the bundle of a fresh cell into one of the format before
+    /// serials, signed by both local reviewers, with the monitor rules in
+    /// `<state>/rules` (one of them edited).
+    fn make_unserialed_cell(layout: &CellLayout, cell: &Name, now: OffsetDateTime) {
+        bootstrap(layout, cell, "127.0.0.1:7443", now).unwrap();
+        let bundle = layout.entitlements_dir();
+        std::fs::remove_file(bundle.join(MANIFEST_FILE)).unwrap();
+        std::fs::rename(bundle.join("rules"), layout.rules_dir()).unwrap();
+        std::fs::remove_dir_all(bundle.join("signatures")).unwrap();
+        let rule = layout.rules_dir().join("many-hosts.yml");
+        let text = std::fs::read_to_string(&rule).unwrap();
+        std::fs::write(&rule, format!("{text}\n# tuned here\n")).unwrap();
+        let reviewers = ReviewerSet::load(&layout.reviewers_file()).unwrap();
+        let Err(PolicyError::NotEnoughReviewers { digest, .. }) =
+            verify_unserialed_bundle(&bundle, &reviewers)
+        else {
+            panic!("an unsigned bundle verified")
+        };
+        std::fs::create_dir(bundle.join("signatures")).unwrap();
+        for name in LOCAL_REVIEWERS {
+            let key = ReviewerKey::load(
+                &layout.reviewer_keys_dir().join(format!("{name}.key")),
+                Name::new(name).unwrap(),
+            )
+            .unwrap();
+            std::fs::write(
+                bundle.join(format!("signatures/{name}.sig")),
+                key.signature_file(&digest),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_reviewed_bundle_from_before_serials_is_migrated_with_the_cells_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&dir.path().join("state"));
+        let cell = Name::new("local").unwrap();
+        let now = OffsetDateTime::now_utc();
+        make_unserialed_cell(&layout, &cell, now);
+        let migrated = bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
+        assert!(migrated.bundle_migrated);
+        assert_eq!(migrated.bundle_serial, 1);
+        let rules = layout.entitlements_dir().join("rules");
+        assert!(
+            std::fs::read_to_string(rules.join("many-hosts.yml"))
+                .unwrap()
+                .contains("# tuned here"),
+            "the rules the cell ran are kept"
+        );
+        assert_eq!(std::fs::read_dir(&rules).unwrap().count(), 5);
+        assert!(!layout.rules_dir().exists());
+        let again = bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
+        assert!(!again.bundle_migrated);
+        assert_eq!(again.bundle_digest, migrated.bundle_digest);
+    }
+
+    #[test]
+    fn an_unreviewed_bundle_from_before_serials_is_not_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&dir.path().join("state"));
+        let cell = Name::new("local").unwrap();
+        let now = OffsetDateTime::now_utc();
+        make_unserialed_cell(&layout, &cell, now);
+        let quotas = layout.entitlements_dir().join("quotas.toml");
+        let text = std::fs::read_to_string(&quotas).unwrap();
+        std::fs::write(
+            &quotas,
+            text.replace("max_resources = 20", "max_resources = 2000"),
+        )
+        .unwrap();
+        let err = bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap_err();
+        assert!(matches!(err, CellError::Entitlements { .. }), "{err}");
+        assert!(!layout.entitlements_dir().join(MANIFEST_FILE).exists());
+        assert!(layout.rules_dir().join("many-hosts.yml").exists());
     }
 
     #[test]

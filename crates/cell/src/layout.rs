@@ -12,15 +12,19 @@ use nitrile_api::{Name, PrincipalId};
 /// pki/<kind>-<name>.pem/.key  service and principal certificates
 /// reviewers.toml              the cell's entitlement reviewer set (public)
 /// reviewers/<name>.key/.pub   local reviewer keys of a one-machine cell
-/// entitlements/               the signed entitlement bundle in force
-/// tokend/                     token service state (keys, journal, quotas)
+/// entitlements/               the signed entitlement bundle in force: bundle.toml
+///                             (its serial), policies, quotas, rules/ (the audit
+///                             log monitor's rules), signatures/
+/// tokend/                     token service state (keys, journal, quotas,
+///                             bundle-serial.json: the highest bundle loaded)
 /// clients/<name>.toml         operator configs for the CLI
 /// images/                     guest images hosts can launch (nitrile-image store)
 /// hosts/<host>/               one host agent's state: hostd.toml, journal,
 ///                             issuer-keys.toml (pinned), metrics.prom, instances
-/// rules/                      monitor rules the audit log service runs
 /// logd/                       the audit log service: logd.toml, journal,
-///                             issuer-keys.toml (pinned), log.key, log.vkey, log/
+///                             issuer-keys.toml (pinned), log.key, log.vkey, log/,
+///                             bundle-serial.json (the highest bundle its
+///                             monitor loaded rules from)
 /// witness/                    the log's witness: witness.toml, cosigner.skey,
 ///                             logs/ (the checkpoint it last cosigned), split-views/
 /// ```
@@ -141,7 +145,9 @@ impl CellLayout {
         self.host_dir(host).join("metrics.prom")
     }
 
-    /// The monitor rules of the audit log service.
+    /// Where the audit log service's monitor rules were kept before they
+    /// became part of the signed entitlement bundle (`entitlements/rules/`);
+    /// [`crate::bootstrap`] moves them into the bundle once.
     pub fn rules_dir(&self) -> PathBuf {
         self.root.join("rules")
     }

@@ -4,7 +4,9 @@
 //! This crate guarantees that [`bootstrap`] is idempotent and keeps secrets
 //! owner-only: it creates the cell CA on first use, the cell's entitlement
 //! reviewer keys and reviewer set, a copy of the sample entitlement bundle
-//! signed by two distinct reviewers, fresh short-lived certificates for the
+//! (serial 1, the audit log monitor's rules included) signed by two distinct
+//! reviewers (a bundle of a cell made before serials is migrated once, and
+//! only if its signatures verify), fresh short-lived certificates for the
 //! services and sample principals on every start, and an operator config
 //! ([`ClientConfig`]) per principal. [`provision_host`] does the same for a
 //! host agent: its certificate, its owner-only state directory and the token

@@ -1,8 +1,14 @@
 //! The sample entitlement bundle of a one-machine cell, built into the
-//! binary from the repository's `entitlements/` directory.
+//! binary from the repository's `entitlements/` directory: its serial, the
+//! entitlements, and the monitor rules the cell's audit log service runs.
 
-/// `(file name, contents)` of every file of the sample bundle.
+/// `(relative path, contents)` of every file of the sample bundle (a test
+/// fails when they differ from the repository's `entitlements/`).
 pub const SAMPLE_BUNDLE: &[(&str, &str)] = &[
+    (
+        "bundle.toml",
+        include_str!("../../../entitlements/bundle.toml"),
+    ),
     (
         "schema.cedarschema",
         include_str!("../../../entitlements/schema.cedarschema"),
@@ -39,31 +45,25 @@ pub const SAMPLE_BUNDLE: &[(&str, &str)] = &[
         "quotas.toml",
         include_str!("../../../entitlements/quotas.toml"),
     ),
-];
-
-/// `(file name, contents)` of the monitor rules a one-machine cell's audit
-/// log service runs, built into the binary from the repository's `rules/`
-/// directory (a test fails when the two differ).
-pub const SAMPLE_RULES: &[(&str, &str)] = &[
     (
-        "journal-integrity.yml",
-        include_str!("../../../rules/journal-integrity.yml"),
+        "rules/journal-integrity.yml",
+        include_str!("../../../entitlements/rules/journal-integrity.yml"),
     ),
     (
-        "many-hosts.yml",
-        include_str!("../../../rules/many-hosts.yml"),
+        "rules/many-hosts.yml",
+        include_str!("../../../entitlements/rules/many-hosts.yml"),
     ),
     (
-        "refusal-burst.yml",
-        include_str!("../../../rules/refusal-burst.yml"),
+        "rules/refusal-burst.yml",
+        include_str!("../../../entitlements/rules/refusal-burst.yml"),
     ),
     (
-        "replayed-token.yml",
-        include_str!("../../../rules/replayed-token.yml"),
+        "rules/replayed-token.yml",
+        include_str!("../../../entitlements/rules/replayed-token.yml"),
     ),
     (
-        "sensitive-operation.yml",
-        include_str!("../../../rules/sensitive-operation.yml"),
+        "rules/sensitive-operation.yml",
+        include_str!("../../../entitlements/rules/sensitive-operation.yml"),
     ),
 ];
 
@@ -76,19 +76,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_built_in_rules_are_the_repository_rules() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../rules");
-        let mut on_disk: Vec<(String, String)> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "yml" || x == "yaml"))
-            .map(|p| {
-                let text = std::fs::read_to_string(&p).unwrap();
-                (p.file_name().unwrap().to_str().unwrap().to_owned(), text)
-            })
-            .collect();
+    fn the_built_in_bundle_is_the_repository_bundle() {
+        fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<(String, String)>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    walk(root, &path, out);
+                } else {
+                    let rel = path
+                        .strip_prefix(root)
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_owned();
+                    out.push((rel, std::fs::read_to_string(&path).unwrap()));
+                }
+            }
+        }
+        let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../entitlements"));
+        let mut on_disk = Vec::new();
+        walk(root, root, &mut on_disk);
         on_disk.sort();
-        let mut built_in: Vec<(String, String)> = SAMPLE_RULES
+        let mut built_in: Vec<(String, String)> = SAMPLE_BUNDLE
             .iter()
             .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
             .collect();

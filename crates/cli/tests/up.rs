@@ -128,6 +128,13 @@ fn nitrile_up_serves_tokens_and_journals_them() {
         "{:?}",
         up.stdout
     );
+    assert!(
+        up.stdout
+            .iter()
+            .any(|l| l.contains("entitlements") && l.contains("serial 1")),
+        "{:?}",
+        up.stdout
+    );
 
     let out = nitrile(
         &up.config,
@@ -211,7 +218,8 @@ fn nitrile_up_serves_tokens_and_journals_them() {
     );
     assert_eq!(out.status.code(), Some(2));
 
-    // Both requests are in the journal, whose chain verifies.
+    // Both requests are in the journal, after the record of the entitlement
+    // bundle in force at start, and its chain verifies.
     let journal = state.join("tokend/journal");
     let out = nitrile(
         &up.config,
@@ -229,11 +237,12 @@ fn nitrile_up_serves_tokens_and_journals_them() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["records"], 2, "{report}");
+    assert_eq!(report["records"], 3, "{report}");
 
     stop(up);
 
-    // Again: the state is reused, the same journal grows.
+    // Again: the state is reused, the same journal grows (a start record
+    // and the request).
     let up = start(&state);
     assert!(
         up.stdout.iter().any(|l| l.contains("(reused)")),
@@ -270,7 +279,85 @@ fn nitrile_up_serves_tokens_and_journals_them() {
         ],
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["records"], 3, "{report}");
+    assert_eq!(report["records"], 5, "{report}");
+}
+
+/// Turns the state of a cell made by `nitrile up` into that of a cell made
+/// before bundles had serials: no bundle.toml, the monitor rules in
+/// `<state>/rules` named by `rules = ` in logd.toml, the bundle signed by
+/// both local reviewers as it was, no serial records.
+fn make_cell_from_before_serials(state: &Path) {
+    let bundle = state.join("entitlements");
+    std::fs::remove_file(bundle.join("bundle.toml")).unwrap();
+    std::fs::rename(bundle.join("rules"), state.join("rules")).unwrap();
+    std::fs::remove_dir_all(bundle.join("signatures")).unwrap();
+    for dir in ["tokend", "logd"] {
+        std::fs::remove_file(state.join(dir).join("bundle-serial.json")).unwrap();
+    }
+    let reviewers = nitrile_policy::ReviewerSet::load(&state.join("reviewers.toml")).unwrap();
+    let Err(nitrile_policy::PolicyError::NotEnoughReviewers { digest, .. }) =
+        nitrile_policy::verify_unserialed_bundle(&bundle, &reviewers)
+    else {
+        panic!("an unsigned bundle verified")
+    };
+    std::fs::create_dir(bundle.join("signatures")).unwrap();
+    for name in ["reviewer-1", "reviewer-2"] {
+        let key = nitrile_policy::ReviewerKey::load(
+            &state.join("reviewers").join(format!("{name}.key")),
+            nitrile_api::Name::new(name).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            bundle.join(format!("signatures/{name}.sig")),
+            key.signature_file(&digest),
+        )
+        .unwrap();
+    }
+    let logd_toml = state.join("logd/logd.toml");
+    let text = std::fs::read_to_string(&logd_toml).unwrap();
+    let start = text.find("[monitor]").unwrap();
+    let end = text[start + 1..]
+        .find("\n[")
+        .map_or(text.len(), |i| start + 1 + i + 1);
+    let old = format!("rules = \"../rules\"\n{}{}", &text[..start], &text[end..]);
+    std::fs::write(&logd_toml, old).unwrap();
+}
+
+#[test]
+fn nitrile_up_migrates_a_cell_made_before_bundle_serials() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    stop(start(&state));
+    make_cell_from_before_serials(&state);
+    // An edit of a rule made on the old cell is kept: it was in force.
+    let rule = state.join("rules/many-hosts.yml");
+    let text = std::fs::read_to_string(&rule).unwrap();
+    std::fs::write(&rule, format!("{text}# tuned on this cell\n")).unwrap();
+
+    let up = start(&state);
+    assert!(
+        up.stdout
+            .iter()
+            .any(|l| l.contains("entitlements") && l.contains("serial 1")),
+        "{:?}",
+        up.stdout
+    );
+    stop(up);
+    let bundle = state.join("entitlements");
+    assert!(bundle.join("bundle.toml").exists());
+    assert!(
+        std::fs::read_to_string(bundle.join("rules/many-hosts.yml"))
+            .unwrap()
+            .contains("# tuned on this cell")
+    );
+    assert!(!state.join("rules").exists());
+    let logd_toml = std::fs::read_to_string(state.join("logd/logd.toml")).unwrap();
+    assert!(logd_toml.contains("[monitor]"), "{logd_toml}");
+    assert!(!logd_toml.contains("rules ="), "{logd_toml}");
+    let stderr = std::fs::read_to_string(state.with_extension("stderr.log")).unwrap();
+    assert!(stderr.contains("now has a serial"), "{stderr}");
+    // And it starts again as it is.
+    stop(start(&state));
 }
 
 #[test]

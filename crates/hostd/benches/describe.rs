@@ -140,6 +140,7 @@ impl Cell {
             reviewers: self.layout.reviewers_file(),
             listen: "127.0.0.1:0".parse().expect("address"),
             metrics: None,
+            max_token_lifetime_secs: None,
         }
     }
 
@@ -185,7 +186,7 @@ async fn mint(cell: &Cell, host: &Name) -> String {
         resources: vec![resource],
         audience: Audience::new(host.as_str()).expect("audience"),
         group: None,
-        lifetime_secs: Some(900),
+        lifetime_secs: Some(300),
     };
     let body = serde_json::to_vec(&request).expect("request JSON");
     let reply = tokend.service().issue(&peer, &body);

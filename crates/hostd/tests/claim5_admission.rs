@@ -202,6 +202,62 @@ fn claim5_token_for_host_a_refused_by_host_b() {
     assert!(last.reason.unwrap().starts_with("wrong_audience"));
 }
 
+/// A token the token service would never mint: signed by hand with its
+/// real, pinned key, every claim right, but living six minutes. The host
+/// refuses it at once, not only after five minutes, and journals why.
+#[test]
+fn claim5_token_living_longer_than_five_minutes_refused() {
+    use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+    let cell = Cell::new();
+    let host = cell.host("h1");
+    let issuer = cell.ring.issuer().unwrap();
+    let (_, claims) = issuer
+        .mint(
+            cell.input("h1", &[DESCRIBE], &["host/h1"]),
+            cell.clock.now(),
+            &mut rand_core::OsRng,
+        )
+        .unwrap();
+    let mut payload: serde_json::Value = serde_json::from_slice(&claims.to_json()).unwrap();
+    let exp = claims.issued_at() + Duration::minutes(6);
+    payload["exp"] = exp
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .into();
+    let key_file = cell
+        .dir
+        .path()
+        .join("tokend/keys")
+        .join(format!("{}.key", issuer.key_id()));
+    let raw =
+        ed25519_dalek::SigningKey::from_pkcs8_pem(&std::fs::read_to_string(key_file).unwrap())
+            .unwrap();
+    let token = nitrile_token::paseto::v4_public_sign(
+        &raw,
+        &serde_json::to_vec(&payload).unwrap(),
+        format!(r#"{{"kid":"{}"}}"#, issuer.key_id()).as_bytes(),
+        nitrile_token::IMPLICIT_ASSERTION,
+    );
+    let res = host.admit(&cell.alice, Some(&token), DESCRIBE, &r("host/h1"));
+    assert_refused_and_journaled(&cell, "h1", res, "lifetime_too_long", &cell.alice);
+    // The same token signed with five minutes is admitted: the forge is
+    // faithful, only the lifetime is refused.
+    payload["exp"] = (claims.issued_at() + Duration::minutes(5))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .into();
+    let token = nitrile_token::paseto::v4_public_sign(
+        &raw,
+        &serde_json::to_vec(&payload).unwrap(),
+        format!(r#"{{"kid":"{}"}}"#, issuer.key_id()).as_bytes(),
+        nitrile_token::IMPLICIT_ASSERTION,
+    );
+    let admitted = host
+        .admit(&cell.alice, Some(&token), DESCRIBE, &r("host/h1"))
+        .unwrap();
+    host.complete(admitted, Outcome::Executed, None).unwrap();
+}
+
 #[test]
 fn claim5_operation_outside_the_token_refused() {
     let cell = Cell::new();

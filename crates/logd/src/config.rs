@@ -12,8 +12,11 @@
 //! max_checkpoint_age_ms = 60000         # optional: a checkpoint at least this often anyway
 //! witness_quorum = 0                    # optional: cosignatures needed to publish
 //! # webhook = "http://127.0.0.1:9000/alerts"   optional
-//! # rules = "../rules"                  optional: run the monitor with these rules
 //! # metrics = "127.0.0.1:7448"          optional: Prometheus `GET /metrics`, loopback only
+//!
+//! # [monitor]                           optional: run the monitor
+//! # bundle = "../entitlements"          the signed entitlement bundle; its rules/ are the rules
+//! # reviewers = "../reviewers.toml"     the cell's reviewer set the bundle is checked against
 //!
 //! # [[witnesses]]                       optional, any number
 //! # name = "witness-1"                  # service name: nitrile://<cell>/service/witness-1
@@ -31,6 +34,16 @@
 //! ```
 //!
 //! Relative paths are resolved against the directory of the file.
+//!
+//! `[monitor]` runs the audit log monitor with the rules of the cell's
+//! entitlement bundle (`rules/*.yml` of it), loaded only if the bundle is
+//! signed by two distinct reviewers of `reviewers` and its serial is not
+//! below the highest logd has loaded (`<state>/bundle-serial.json`): the
+//! rules are reviewed like the entitlements, and an older bundle cannot
+//! bring back rules a later one changed. The `rules = "<dir>"` key of
+//! earlier versions (unreviewed rule files) is refused with
+//! [`ConfigProblem::UnreviewedRules`]; [`LogdConfig::load_migrating`]
+//! reads such a file for `nitrile up`, which rewrites it.
 //!
 //! `metrics` is a plain HTTP port for the local scraper; an address that
 //! is not loopback is refused when the file is read ([`MetricsAddr`]).
@@ -287,6 +300,25 @@ pub enum ConfigProblem {
     /// too many declared sources
     #[error("more than {MAX_DECLARED_SOURCES} sources")]
     TooManySources,
+    /// the file names a rules directory (`rules = ...`), whose rules nobody
+    /// reviewed
+    #[error(
+        "`rules` is no longer read: the monitor's rules are part of the signed entitlement \
+         bundle; replace it by [monitor] bundle = \"<entitlements dir>\" and reviewers = \
+         \"<reviewers.toml>\" (`nitrile up` rewrites its cell's logd.toml)"
+    )]
+    UnreviewedRules,
+}
+
+/// Where the monitor's rules come from (`[monitor]`): the signed
+/// entitlement bundle and the reviewers it must be signed by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorSource {
+    /// The entitlement bundle directory; its `rules/*.yml` are the rules.
+    pub bundle: PathBuf,
+    /// The cell's reviewer set; the bundle needs two of them.
+    pub reviewers: PathBuf,
 }
 
 /// One witness logd asks to cosign its checkpoints.
@@ -344,10 +376,10 @@ pub struct LogdConfig {
     /// Where alerts are posted, if anywhere.
     #[serde(default)]
     pub webhook: Option<String>,
-    /// A directory of monitor rules (Sigma subset, `nitrile_monitor`),
-    /// if the monitor is to run.
-    #[serde(default)]
-    pub rules: Option<PathBuf>,
+    /// The signed bundle whose rules the monitor runs (Sigma subset,
+    /// `nitrile_monitor`), if the monitor is to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<MonitorSource>,
     /// Where Prometheus metrics are served (plain HTTP, loopback only), if
     /// anywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -387,7 +419,7 @@ impl LogdConfig {
             witnesses: Vec::new(),
             witness_quorum: 0,
             webhook: None,
-            rules: None,
+            monitor: None,
             metrics: None,
             sources: SourcesConfig::default(),
             storage: StorageConfig::default(),
@@ -395,8 +427,26 @@ impl LogdConfig {
     }
 
     /// Reads a config (at most [`MAX_CONFIG_LEN`] bytes, unknown fields
-    /// refused); relative paths are made relative to its directory.
+    /// refused); relative paths are made relative to its directory. The
+    /// `rules` key of earlier versions is refused
+    /// ([`ConfigProblem::UnreviewedRules`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let (config, legacy) = Self::load_migrating(path)?;
+        if legacy.is_some() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problem: ConfigProblem::UnreviewedRules,
+            });
+        }
+        Ok(config)
+    }
+
+    /// [`LogdConfig::load`], but a `rules = "<dir>"` key of earlier
+    /// versions is taken out and returned (resolved against the file's
+    /// directory) instead of refused, for a tool that rewrites the file with
+    /// a `[monitor]` section. The config returned has no monitor unless the
+    /// file also has `[monitor]`.
+    pub fn load_migrating(path: &Path) -> Result<(Self, Option<PathBuf>), ConfigError> {
         use std::io::Read;
         let io = |source| ConfigError::Io {
             path: path.to_owned(),
@@ -412,6 +462,25 @@ impl LogdConfig {
                 path: path.to_owned(),
             });
         }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let legacy = match text.parse::<toml::Table>() {
+            Ok(mut table) => match table.remove("rules") {
+                Some(toml::Value::String(dir)) => {
+                    text = toml::to_string(&table)
+                        .unwrap_or_else(|_| unreachable!("a parsed TOML table serializes"));
+                    Some(resolve(base, PathBuf::from(dir)))
+                }
+                Some(_) => {
+                    return Err(ConfigError::Invalid {
+                        path: path.to_owned(),
+                        problem: ConfigProblem::UnreviewedRules,
+                    });
+                }
+                None => None,
+            },
+            // Reported with its place by the parse below.
+            Err(_) => None,
+        };
         let mut config = Self::parse(&text).map_err(|(field, source)| {
             if field == "storage.postgres" {
                 // The TOML error quotes the line, password and all: only
@@ -443,7 +512,10 @@ impl LogdConfig {
             path: path.to_owned(),
             problem,
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let monitor = config
+            .monitor
+            .as_mut()
+            .map(|m| [&mut m.bundle, &mut m.reviewers]);
         for p in [
             &mut config.state,
             &mut config.ca,
@@ -452,17 +524,11 @@ impl LogdConfig {
             &mut config.issuer_keys,
         ]
         .into_iter()
-        .chain(config.rules.as_mut())
+        .chain(monitor.into_iter().flatten())
         {
-            if p.is_relative() {
-                *p = base
-                    .join(&*p)
-                    .components()
-                    .filter(|c| *c != std::path::Component::CurDir)
-                    .collect();
-            }
+            *p = resolve(base, std::mem::take(p));
         }
-        Ok(config)
+        Ok((config, legacy))
     }
 
     fn parse(text: &str) -> Result<Self, (String, Box<toml::de::Error>)> {
@@ -499,6 +565,18 @@ impl LogdConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self)
             .unwrap_or_else(|_| unreachable!("a logd config is names, paths, numbers and strings"))
+    }
+}
+
+/// `p` against `base` when it is relative, without `.` components.
+fn resolve(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_relative() {
+        base.join(&p)
+            .components()
+            .filter(|c| *c != std::path::Component::CurDir)
+            .collect()
+    } else {
+        p
     }
 }
 
@@ -577,6 +655,45 @@ addr = "127.0.0.1:7447"
         let path = dir.join("logd.toml");
         std::fs::write(&path, format!("{SAMPLE}\n{extra}\n")).unwrap();
         LogdConfig::load(&path)
+    }
+
+    #[test]
+    fn the_monitor_reads_a_signed_bundle_and_a_loose_rules_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load_with(
+            dir.path(),
+            "[monitor]\nbundle = \"../entitlements\"\nreviewers = \"/abs/reviewers.toml\"",
+        )
+        .unwrap();
+        let m = c.monitor.clone().unwrap();
+        assert_eq!(m.bundle, dir.path().join("../entitlements"));
+        assert_eq!(m.reviewers, PathBuf::from("/abs/reviewers.toml"));
+        assert_eq!(LogdConfig::parse(&c.to_toml()).unwrap().monitor, c.monitor);
+        assert!(load_with(dir.path(), "[monitor]\nbundle = \"b\"").is_err());
+        assert!(load_with(dir.path(), "").unwrap().monitor.is_none());
+
+        // The key of earlier versions: refused by load, handed over by
+        // load_migrating, the rest of the file kept.
+        let path = dir.path().join("logd.toml");
+        std::fs::write(&path, format!("rules = \"../rules\"\n{SAMPLE}")).unwrap();
+        let err = LogdConfig::load(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    problem: ConfigProblem::UnreviewedRules,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let (c, legacy) = LogdConfig::load_migrating(&path).unwrap();
+        assert_eq!(legacy, Some(dir.path().join("../rules")));
+        assert!(c.monitor.is_none());
+        assert_eq!(c.witness_quorum, 1);
+        assert_eq!(c.webhook.as_deref(), Some("http://127.0.0.1:9000/alerts"));
+        std::fs::write(&path, format!("rules = 3\n{SAMPLE}")).unwrap();
+        assert!(LogdConfig::load_migrating(&path).is_err());
     }
 
     #[test]

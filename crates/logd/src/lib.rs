@@ -26,9 +26,14 @@
 //! and its log's integrity against the operator of logd's own machine rests
 //! on witnesses and auditors comparing checkpoints.
 //!
+//! The monitor runs only reviewed rules: those of the cell's entitlement
+//! bundle, signed by two distinct reviewers, whose serial is not below the
+//! highest logd has loaded ([`rules`]).
+//!
 //! The leaf format is in [`leaf`], the ingest protocol in [`protocol`], the
-//! checks in [`chain`], alerts and the monitor's hooks in [`alert`], the
-//! service in [`service`] and the shipper in [`shipper`].
+//! checks in [`chain`], alerts and the monitor's hooks in [`alert`], where
+//! the monitor's rules come from in [`rules`], the service in [`service`]
+//! and the shipper in [`shipper`].
 
 #![forbid(unsafe_code)]
 
@@ -38,6 +43,7 @@ pub mod chain;
 pub mod config;
 pub mod leaf;
 pub mod protocol;
+pub mod rules;
 pub mod service;
 pub mod shipper;
 pub mod source;

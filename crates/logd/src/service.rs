@@ -94,7 +94,8 @@ pub struct LogdOptions {
     pub observers: Vec<Arc<dyn Observer>>,
     /// The monitor to feed with every record, integrity alert and
     /// checkpoint; its alerts are raised like logd's own. When `None`, one
-    /// is loaded from the config's `rules` directory if it names one.
+    /// is loaded from the reviewed bundle of the config's `[monitor]` if it
+    /// has one.
     pub monitor: Option<Arc<Mutex<Monitor>>>,
     /// DANGER, benchmarks only: logd's own journal without fdatasync.
     pub danger_journal_no_sync: bool,
@@ -178,6 +179,10 @@ pub enum LogdError {
     /// the monitor rules could not be loaded
     #[error("monitor rules")]
     Rules(#[from] nitrile_monitor::RuleError),
+    /// the monitor rules' bundle was refused (unreviewed, older than one
+    /// loaded before, or its rules do not load)
+    #[error("monitor rules")]
+    MonitorBundle(#[from] crate::rules::BundleRulesError),
     /// the webhook URL is not usable
     #[error("webhook")]
     Webhook(#[from] crate::alert::WebhookError),
@@ -479,10 +484,16 @@ impl Logd {
             });
         }
         let alerts = past_alerts(&journal_path)?;
-        let monitor = match (options.monitor, &config.rules) {
+        let monitor = match (options.monitor, &config.monitor) {
             (Some(m), _) => Some(m),
-            (None, Some(dir)) => {
-                let m = Monitor::load(dir)?.with_config(MonitorConfig {
+            (None, Some(source)) => {
+                let (m, advance) = crate::rules::load_reviewed_monitor(source, state)?;
+                tracing::info!(
+                    bundle = %advance.current(),
+                    previous = ?advance.previous().map(|p| p.to_string()),
+                    "monitor rules loaded from the reviewed entitlement bundle"
+                );
+                let m = m.with_config(MonitorConfig {
                     checkpoint_interval: time::Duration::milliseconds(
                         i64::try_from(config.checkpoint_interval_ms).unwrap_or(i64::MAX),
                     ),

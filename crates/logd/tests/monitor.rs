@@ -1,22 +1,32 @@
-//! The monitor wired into logd: the shipped `rules/` run over every
-//! ingested record and every integrity alert; what they find is raised like
-//! logd's own alerts (journaled, served, sent to sinks).
+//! The monitor wired into logd: the rules of the cell's signed entitlement
+//! bundle run over every ingested record and every integrity alert; what
+//! they find is raised like logd's own alerts (journaled, served, sent to
+//! sinks). Rules that nobody signed, or an older bundle's, stop logd.
 
 mod support;
 
 use nitrile_api::Operation;
 use nitrile_logd::alert::AlertKind;
+use nitrile_logd::config::MonitorSource;
+use nitrile_logd::rules::BundleRulesError;
+use nitrile_logd::{Logd, LogdError, LogdOptions};
+use nitrile_policy::SerialError;
 use support::*;
 
-fn rules_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../rules")
+/// The monitor reads the rules of the cell's bundle, checked against the
+/// cell's reviewers.
+fn reviewed_rules(cell: &TestCell) -> Option<MonitorSource> {
+    Some(MonitorSource {
+        bundle: cell.layout.entitlements_dir(),
+        reviewers: cell.layout.reviewers_file(),
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shipped_rules_fire_on_ingested_records_and_integrity_alerts() {
     let cell = TestCell::new().await;
     let mut config = logd_config(&cell, &cell.scratch("logd"), 200);
-    config.rules = Some(rules_dir());
+    config.monitor = reviewed_rules(&cell);
     let logd = start_logd(&cell, config).await;
 
     let now = nitrile_token::Clock::now(&*cell.clock);
@@ -118,7 +128,7 @@ fn lag_alerts(logd: &RunningLogd) -> Vec<nitrile_logd::Alert> {
 async fn a_journal_whose_head_runs_ahead_of_the_log_for_too_long_raises_a_lag_alert() {
     let cell = TestCell::new().await;
     let mut config = logd_config(&cell, &cell.scratch("logd"), 200);
-    config.rules = Some(rules_dir());
+    config.monitor = reviewed_rules(&cell);
     let logd = start_logd(&cell, config).await;
 
     // h1 ships one record of three and says its journal holds three; h2
@@ -158,7 +168,7 @@ async fn a_journal_whose_head_runs_ahead_of_the_log_for_too_long_raises_a_lag_al
 async fn an_idle_log_raises_no_checkpoint_alert() {
     let cell = TestCell::new().await;
     let mut config = logd_config(&cell, &cell.scratch("logd"), 100);
-    config.rules = Some(rules_dir());
+    config.monitor = reviewed_rules(&cell);
     let logd = start_logd(&cell, config).await;
     let (j1, e1) = journal_batch(&host_journal(&cell, "h1", 2));
     let (status, _) = ship(&cell, &logd, "host/h1", &j1, &e1).await;
@@ -180,4 +190,157 @@ async fn an_idle_log_raises_no_checkpoint_alert() {
         .collect();
     assert!(stalls.is_empty(), "{stalls:?}");
     logd.stop().await;
+}
+
+/// Has both local reviewers of the cell sign its bundle as it is.
+fn sign_bundle(cell: &TestCell) {
+    for name in ["reviewer-1", "reviewer-2"] {
+        nitrile_policy::ReviewerKey::load(
+            &cell.layout.reviewer_keys_dir().join(format!("{name}.key")),
+            nitrile_api::Name::new(name).unwrap(),
+        )
+        .unwrap()
+        .sign_dir(&cell.layout.entitlements_dir())
+        .unwrap();
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+async fn refused(config: &nitrile_logd::LogdConfig) -> BundleRulesError {
+    let options = LogdOptions {
+        stdout_alerts: false,
+        ..LogdOptions::default()
+    };
+    match Logd::open(config, options).await {
+        Err(LogdError::MonitorBundle(e)) => e,
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(_) => panic!("logd started on rules it must refuse"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_rule_stops_logd_and_a_re_signed_one_with_a_higher_serial_runs() {
+    let cell = TestCell::new().await;
+    let mut config = logd_config(&cell, &cell.scratch("logd"), 200);
+    config.monitor = reviewed_rules(&cell);
+    start_logd(&cell, config.clone()).await.stop().await;
+    let serial_1 = cell.scratch("serial-1");
+    copy_dir(&cell.layout.entitlements_dir(), &serial_1);
+
+    // A rule edited in place, without review: the sensitive operation rule
+    // would now fire on every describe (or, edited the other way, be
+    // silenced). logd does not start.
+    let rule = cell
+        .layout
+        .entitlements_dir()
+        .join("rules/sensitive-operation.yml");
+    let text = std::fs::read_to_string(&rule).unwrap();
+    let edited = text.replace(
+        "      - host.update\n",
+        "      - host.update\n      - host.describe\n",
+    );
+    assert_ne!(edited, text);
+    std::fs::write(&rule, &edited).unwrap();
+    let e = refused(&config).await;
+    assert!(matches!(e, BundleRulesError::Bundle { .. }), "{e}");
+    assert!(e.to_string().contains("reviewed rules"), "{e}");
+
+    // Signed, but under the serial already loaded: refused too.
+    sign_bundle(&cell);
+    let e = refused(&config).await;
+    assert!(
+        matches!(&e, BundleRulesError::Order { source, .. }
+            if matches!(**source, SerialError::SerialReused { .. })),
+        "{e}"
+    );
+
+    // Serial 2, signed: logd runs the edited rule.
+    std::fs::write(
+        cell.layout.entitlements_dir().join("bundle.toml"),
+        "serial = 2\n",
+    )
+    .unwrap();
+    sign_bundle(&cell);
+    let logd = start_logd(&cell, config.clone()).await;
+    let (j, e) = journal_batch(&host_journal(&cell, "h1", 1));
+    let (status, _) = ship(&cell, &logd, "host/h1", &j, &e).await;
+    assert_eq!(status, 200);
+    wait_until("the re-signed rule fires on a describe", async || {
+        logd.alerts.all().iter().any(|a| {
+            a.kind == AlertKind::Monitor && a.detail["rule_name"] == "nitrile_sensitive_operation"
+        })
+    })
+    .await;
+    logd.stop().await;
+    let recorded: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(config.state.join(nitrile_policy::SERIAL_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(recorded["serial"], 2);
+
+    // The serial-1 bundle put back, its signatures valid: refused.
+    std::fs::remove_dir_all(cell.layout.entitlements_dir()).unwrap();
+    copy_dir(&serial_1, &cell.layout.entitlements_dir());
+    let e = refused(&config).await;
+    assert!(
+        matches!(&e, BundleRulesError::Order { source, .. }
+            if matches!(**source, SerialError::Rollback { .. })),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_outside_a_bundle_are_not_read() {
+    let cell = TestCell::new().await;
+    // A loose rules directory, the way logd.toml named one before.
+    let loose = cell.scratch("loose-rules");
+    copy_dir(&cell.layout.entitlements_dir().join("rules"), &loose);
+    let config = logd_config(&cell, &cell.scratch("logd"), 200);
+    let path = cell.scratch("conf").join("logd.toml");
+    let text = config.to_toml().replacen(
+        "checkpoint_interval_ms",
+        &format!(
+            "rules = {:?}\ncheckpoint_interval_ms",
+            loose.display().to_string()
+        ),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let err = nitrile_logd::LogdConfig::load(&path).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            nitrile_logd::ConfigError::Invalid {
+                problem: nitrile_logd::config::ConfigProblem::UnreviewedRules,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // A bundle whose reviewers are not the cell's is refused.
+    let other = nitrile_policy::ReviewerKey::generate(nitrile_api::Name::new("mallory").unwrap());
+    let other_2 = nitrile_policy::ReviewerKey::generate(nitrile_api::Name::new("trudy").unwrap());
+    let forged = cell.scratch("forged");
+    copy_dir(&cell.layout.entitlements_dir(), &forged);
+    std::fs::remove_dir_all(forged.join("signatures")).unwrap();
+    other.sign_dir(&forged).unwrap();
+    other_2.sign_dir(&forged).unwrap();
+    let mut config = config;
+    config.monitor = Some(MonitorSource {
+        bundle: forged,
+        reviewers: cell.layout.reviewers_file(),
+    });
+    let e = refused(&config).await;
+    assert!(matches!(e, BundleRulesError::Bundle { .. }), "{e}");
 }

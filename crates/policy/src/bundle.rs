@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use crate::PolicyError;
+use crate::manifest::{BundleSerial, BundleVersion};
 
 /// Largest file a bundle may contain.
 pub const MAX_BUNDLE_FILE_SIZE: u64 = 1024 * 1024;
@@ -23,6 +24,10 @@ pub const MAX_BUNDLE_TOTAL_SIZE: u64 = 16 * 1024 * 1024;
 
 /// The directory holding detached reviewer signatures, excluded from the digest.
 pub const SIGNATURES_DIR: &str = "signatures";
+
+/// The directory holding the audit log monitor's rules (`rules/*.yml`),
+/// covered by the digest like every other reviewed file.
+pub const RULES_DIR: &str = "rules";
 
 /// Domain separator of the bundle digest.
 const DIGEST_DOMAIN: &[u8] = b"nitrile-entitlements-bundle-v1\n";
@@ -38,8 +43,23 @@ pub(crate) enum FileRole {
     Policies,
     /// `quotas.toml`.
     Quotas,
+    /// `bundle.toml`: the serial.
+    Manifest,
+    /// `rules/<name>.yml` or `rules/<name>.yaml`: a monitor rule file.
+    Rule,
     /// `signatures/<name>.sig`.
     Signature,
+}
+
+/// Whether `name` is `<stem><suffix>` with a stem of ASCII letters, digits,
+/// `-` and `_`.
+fn stem_ok(name: &str, suffix: &str) -> bool {
+    name.strip_suffix(suffix).is_some_and(|stem| {
+        !stem.is_empty()
+            && stem
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    })
 }
 
 impl FileRole {
@@ -48,20 +68,17 @@ impl FileRole {
             return (!name.contains('/') && name.ends_with(".sig") && name.len() > 4)
                 .then_some(Self::Signature);
         }
+        if let Some(name) = path.strip_prefix("rules/") {
+            return (stem_ok(name, ".yml") || stem_ok(name, ".yaml")).then_some(Self::Rule);
+        }
         if path.contains('/') {
             return None;
         }
-        let stem_ok = |suffix: &str| {
-            path.strip_suffix(suffix).is_some_and(|stem| {
-                !stem.is_empty()
-                    && stem
-                        .bytes()
-                        .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
-            })
-        };
+        let stem_ok = |suffix: &str| stem_ok(path, suffix);
         match path {
             "schema.cedarschema" => Some(Self::Schema),
             "quotas.toml" => Some(Self::Quotas),
+            crate::manifest::MANIFEST_FILE => Some(Self::Manifest),
             "groups.json" => Some(Self::Entities),
             _ if stem_ok(".entities.json") => Some(Self::Entities),
             _ if stem_ok(".cedar") => Some(Self::Policies),
@@ -109,23 +126,28 @@ impl fmt::Display for BundleDigest {
 /// A bundle directory read into memory: every file, by relative path.
 ///
 /// Reading refuses unknown files, symbolic links, subdirectories other than
-/// `signatures/`, and anything over the `MAX_BUNDLE_*` bounds, so nothing in
-/// the directory is silently ignored.
+/// `signatures/` and `rules/`, a missing or malformed `bundle.toml`, and
+/// anything over the `MAX_BUNDLE_*` bounds, so nothing in the directory is
+/// silently ignored and every bundle has a serial.
 #[derive(Debug, Clone)]
 pub struct Bundle {
     pub(crate) dir: PathBuf,
     pub(crate) files: BTreeMap<String, BundleFile>,
+    pub(crate) serial: BundleSerial,
 }
 
 impl Bundle {
-    /// Reads every file of the bundle at `dir`.
+    /// Reads every file of the bundle at `dir` and its serial.
     pub fn read(dir: &Path) -> Result<Self, PolicyError> {
-        let mut files = BTreeMap::new();
-        let mut total = 0u64;
-        read_dir_into(dir, dir, "", &mut files, &mut total)?;
+        let files = read_files(dir)?;
+        let manifest = files
+            .get(crate::manifest::MANIFEST_FILE)
+            .ok_or(PolicyError::MissingManifest)?;
+        let serial = crate::manifest::parse_serial(&manifest.bytes)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             files,
+            serial,
         })
     }
 
@@ -134,20 +156,32 @@ impl Bundle {
         &self.dir
     }
 
+    /// The serial of `bundle.toml`, covered by the digest.
+    pub fn serial(&self) -> BundleSerial {
+        self.serial
+    }
+
+    /// The serial and digest together.
+    pub fn version(&self) -> BundleVersion {
+        BundleVersion {
+            serial: self.serial,
+            digest: self.digest(),
+        }
+    }
+
+    /// The monitor rule files (`rules/*.yml`, `rules/*.yaml`) as read, by
+    /// relative path in name order.
+    pub fn rule_files(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.files_of(FileRole::Rule)
+            .map(|(p, f)| (p.as_str(), f.bytes.as_slice()))
+    }
+
     /// The digest over every file except `signatures/`: SHA-256 of a domain
     /// separator, then for each file sorted by relative path (`/`-separated,
     /// byte order) the path length and length of the content as 8-byte
     /// big-endian integers, the path and the content.
     pub fn digest(&self) -> BundleDigest {
-        let mut h = Sha256::new();
-        h.update(DIGEST_DOMAIN);
-        for (path, file) in self.reviewed_files() {
-            h.update((path.len() as u64).to_be_bytes());
-            h.update((file.bytes.len() as u64).to_be_bytes());
-            h.update(path.as_bytes());
-            h.update(&file.bytes);
-        }
-        BundleDigest(h.finalize().into())
+        digest_files(&self.files)
     }
 
     /// Files covered by the digest, sorted by path.
@@ -159,13 +193,43 @@ impl Bundle {
 
     /// Files of one role, sorted by path.
     pub(crate) fn files_of(&self, role: FileRole) -> impl Iterator<Item = (&String, &BundleFile)> {
-        self.files.iter().filter(move |(_, f)| f.role == role)
+        files_of(&self.files, role)
     }
 
     /// Relative paths of every file covered by the digest.
     pub fn reviewed_paths(&self) -> Vec<String> {
         self.reviewed_files().map(|(p, _)| p.clone()).collect()
     }
+}
+
+/// Every file of the bundle directory `dir`, by relative path, with every
+/// bound checked.
+pub(crate) fn read_files(dir: &Path) -> Result<BTreeMap<String, BundleFile>, PolicyError> {
+    let mut files = BTreeMap::new();
+    let mut total = 0u64;
+    read_dir_into(dir, dir, "", &mut files, &mut total)?;
+    Ok(files)
+}
+
+/// The files of one role, sorted by path.
+pub(crate) fn files_of(
+    files: &BTreeMap<String, BundleFile>,
+    role: FileRole,
+) -> impl Iterator<Item = (&String, &BundleFile)> {
+    files.iter().filter(move |(_, f)| f.role == role)
+}
+
+/// The digest of [`Bundle::digest`] over `files`.
+pub(crate) fn digest_files(files: &BTreeMap<String, BundleFile>) -> BundleDigest {
+    let mut h = Sha256::new();
+    h.update(DIGEST_DOMAIN);
+    for (path, file) in files.iter().filter(|(_, f)| f.role != FileRole::Signature) {
+        h.update((path.len() as u64).to_be_bytes());
+        h.update((file.bytes.len() as u64).to_be_bytes());
+        h.update(path.as_bytes());
+        h.update(&file.bytes);
+    }
+    BundleDigest(h.finalize().into())
 }
 
 fn read_dir_into(
@@ -194,8 +258,8 @@ fn read_dir_into(
         };
         let rel = format!("{prefix}{name}");
         let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
-        if meta.is_dir() && prefix.is_empty() && name == SIGNATURES_DIR {
-            read_dir_into(root, &path, "signatures/", files, total)?;
+        if meta.is_dir() && prefix.is_empty() && (name == SIGNATURES_DIR || name == RULES_DIR) {
+            read_dir_into(root, &path, &format!("{name}/"), files, total)?;
             continue;
         }
         if !meta.is_file() {
@@ -262,6 +326,9 @@ mod tests {
         );
         assert_eq!(FileRole::of("oncall.cedar"), Some(FileRole::Policies));
         assert_eq!(FileRole::of("quotas.toml"), Some(FileRole::Quotas));
+        assert_eq!(FileRole::of("bundle.toml"), Some(FileRole::Manifest));
+        assert_eq!(FileRole::of("rules/many-hosts.yml"), Some(FileRole::Rule));
+        assert_eq!(FileRole::of("rules/x_1.yaml"), Some(FileRole::Rule));
         assert_eq!(
             FileRole::of("signatures/alice.sig"),
             Some(FileRole::Signature)
@@ -277,6 +344,13 @@ mod tests {
             "other.json",
             ".entities.json",
             "a b.cedar",
+            "rules/README.md",
+            "rules/.yml",
+            "rules/a/b.yml",
+            "rules/a b.yml",
+            "x.yml",
+            "rules",
+            "other.toml",
         ] {
             assert_eq!(FileRole::of(bad), None, "{bad}");
         }
@@ -286,6 +360,7 @@ mod tests {
     fn digest_covers_paths_and_content_but_not_signatures() {
         let mk = |files: &[(&str, &str)]| Bundle {
             dir: PathBuf::new(),
+            serial: BundleSerial::new(1).unwrap(),
             files: files
                 .iter()
                 .map(|(p, c)| {
@@ -316,6 +391,14 @@ mod tests {
             mk(&[("a.cedar", "x"), ("c.cedar", "y")]).digest()
         );
         assert_ne!(a.digest(), mk(&[("a.cedar", "x")]).digest());
+        // The serial and the monitor rules are reviewed content.
+        let v1 = mk(&[("a.cedar", "x"), ("bundle.toml", "serial = 1\n")]);
+        let v2 = mk(&[("a.cedar", "x"), ("bundle.toml", "serial = 2\n")]);
+        assert_ne!(v1.digest(), v2.digest());
+        let ruled = mk(&[("a.cedar", "x"), ("rules/r.yml", "title: a\n")]);
+        let edited = mk(&[("a.cedar", "x"), ("rules/r.yml", "title: b\n")]);
+        assert_ne!(ruled.digest(), edited.digest());
+        assert_ne!(ruled.digest(), a.digest());
         let hex = a.digest().to_hex();
         assert_eq!(BundleDigest::from_hex(&hex), Some(a.digest()));
         assert_eq!(BundleDigest::from_hex("zz"), None);

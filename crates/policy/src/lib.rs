@@ -12,18 +12,50 @@
 //! - [`Entitlements::load_reviewed`] loads only a bundle whose current digest
 //!   carries valid Ed25519 signatures of at least [`MIN_REVIEWERS`] distinct
 //!   reviewers of a [`ReviewerSet`] that the cell keeps outside the bundle.
+//! - Every bundle has a serial ([`BundleSerial`]: `serial = N` in
+//!   `bundle.toml`, [`MANIFEST_FILE`]) covered by that digest, so reviewers
+//!   sign the order of bundles too; [`SerialStore`] keeps the highest serial
+//!   (and its digest) a service has loaded, durably, and refuses an older
+//!   serial or the same serial with other content: a bundle that was once
+//!   signed cannot be brought back after a later one replaced it.
+//! - The audit log monitor's rules (`rules/*.yml`) are files of the bundle,
+//!   covered by the digest and the signatures like the policies
+//!   ([`Bundle::rule_files`]); this crate does not parse them (the monitor
+//!   does).
 //! - [`Entitlements::authorize`] allows a request only if every (operation,
 //!   resource) pair is permitted under one group of the principal, evaluated
 //!   as a member of that group alone, and no policy errors (errors deny).
 //!   Evaluation uses only the policies of that group's slice; slicing is exact,
 //!   and a property test checks it against the whole policy set.
-//! - [`QuotaStore::try_charge`] charges all of a request's resources or none,
-//!   durably (SQLite, WAL, `synchronous=FULL`) before it returns.
+//! - [`QuotaStore::try_charge_request`] charges every (operation, resource)
+//!   of a request or none: all quotas of the request are checked and charged
+//!   under one lock and committed in one SQLite transaction (WAL,
+//!   `synchronous=FULL`) before it returns.
 //!
 //! It does not authenticate principals (the token service does, by mTLS
 //! certificate), does not know which cell a principal belongs to (callers pass
 //! only principals of their own cell), and does not read the clock: `now` is
 //! passed in.
+//!
+//! # Bundle format
+//!
+//! ```text
+//! bundle.toml                 serial = N: 1 or more, raised with every change (required)
+//! schema.cedarschema          the fixed schema, SCHEMA_TEXT (required)
+//! groups.json, *.entities.json  groups, principals, resource sets, hosts, logs
+//! *.cedar                     policies
+//! quotas.toml                 quotas (optional)
+//! rules/*.yml, rules/*.yaml   the audit log monitor's rules (optional)
+//! signatures/<reviewer>.sig   detached reviewer signatures (not digested)
+//! ```
+//!
+//! The digest ([`Bundle::digest`]) is SHA-256 over every file but
+//! `signatures/`, `bundle.toml` and `rules/` included; a reviewer signs
+//! `nitrile-entitlements-v1\n<digest hex>\n`. So the serial and the rules are
+//! as reviewed as the policies. A service that loads a bundle keeps the
+//! highest [`BundleVersion`] (serial and digest) it has loaded in
+//! `<its state>/bundle-serial.json` ([`SerialStore`]) and refuses to load a
+//! bundle below it.
 //!
 //! # Quota durability and throughput
 //!
@@ -31,7 +63,8 @@
 //! windows, under one lock, so concurrent requests see each other at once.
 //! Charges are then committed by one writer thread that puts everything queued
 //! into one SQLite transaction (WAL, `synchronous=FULL`): group commit, one
-//! fsync for many charges. `try_charge` returns only once its charge is
+//! fsync for many charges; the charges of one request are one job, so they
+//! are in the same transaction. `try_charge_request` returns only once its charges are
 //! durable; a failed commit refuses the request and leaves the charge counted
 //! in memory, so failures only make quotas stricter. At start the store loads
 //! the charges from the file. `docs/PERFORMANCE.md` has the numbers.
@@ -42,30 +75,35 @@ mod bundle;
 mod decide;
 mod diff;
 mod load;
+mod manifest;
 mod quota;
 mod review;
 mod schema;
+mod serial;
 pub mod synth;
 
 use std::fmt;
 use std::path::PathBuf;
 
 pub use bundle::{
-    Bundle, BundleDigest, MAX_BUNDLE_FILE_SIZE, MAX_BUNDLE_FILES, MAX_BUNDLE_TOTAL_SIZE,
+    Bundle, BundleDigest, MAX_BUNDLE_FILE_SIZE, MAX_BUNDLE_FILES, MAX_BUNDLE_TOTAL_SIZE, RULES_DIR,
     SIGNATURES_DIR,
 };
 pub use decide::{Authorized, Denied, Explanation, GroupDenial, GroupExplanation, PolicyRef};
 pub use diff::{Change, Grant, GrantChange, Target, diff};
 pub use load::{Entitlements, GroupSummary, MAX_ENTITIES, MAX_POLICIES, Summary};
+pub use manifest::{BundleSerial, BundleVersion, MANIFEST_FILE, MAX_BUNDLE_SERIAL};
 pub use quota::{
     MAX_QUOTA_LIMIT, MAX_QUOTA_WINDOW_SECS, Quota, QuotaCharge, QuotaError, QuotaExceeded,
     QuotaProblem, QuotaStore, QuotaWindow, Quotas,
 };
 pub use review::{
     MAX_REVIEWER_FILE_SIZE, MAX_SIGNATURE_FILE_SIZE, MIN_REVIEWERS, RejectedSignature, ReviewError,
-    ReviewedBundle, Reviewer, ReviewerKey, ReviewerSet, SignatureProblem, verify_bundle,
+    ReviewedBundle, ReviewedUnserialed, Reviewer, ReviewerKey, ReviewerSet, SignatureProblem,
+    verify_bundle, verify_unserialed_bundle,
 };
 pub use schema::{NAMESPACE, SCHEMA_TEXT};
+pub use serial::{BundleAdvance, MAX_SERIAL_FILE_LEN, SERIAL_FILE, SerialError, SerialStore};
 
 /// A place in a bundle file: `file:line[:column]`, 1-based.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -130,8 +168,9 @@ pub enum PolicyError {
     },
     /// the bundle holds a file whose name has no role
     #[error(
-        "{path}: unknown file in the bundle; a bundle holds only schema.cedarschema, groups.json, \
-         *.entities.json, *.cedar, quotas.toml and signatures/*.sig"
+        "{path}: unknown file in the bundle; a bundle holds only bundle.toml, \
+         schema.cedarschema, groups.json, *.entities.json, *.cedar, quotas.toml, rules/*.yml \
+         and signatures/*.sig"
     )]
     UnknownFile {
         /// Relative path of the file.
@@ -167,6 +206,27 @@ pub enum PolicyError {
     #[error("{at}: not valid UTF-8")]
     NotUtf8 {
         /// Where the first invalid byte is.
+        at: Location,
+    },
+    /// the bundle has no bundle.toml, so no serial
+    #[error(
+        "bundle.toml:1: missing; every bundle has a serial: write `serial = 1` (or one above \
+         the serial of the bundle it replaces) into bundle.toml and have it signed"
+    )]
+    MissingManifest,
+    /// bundle.toml does not parse or has fields other than `serial`
+    #[error("{at}: invalid bundle.toml (only `serial = N` is allowed)")]
+    Manifest {
+        /// Where.
+        at: Location,
+        /// The TOML error.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// the serial is not an integer from 1 to [`MAX_BUNDLE_SERIAL`]
+    #[error("{at}: serial must be an integer from 1 to {MAX_BUNDLE_SERIAL}")]
+    BadSerial {
+        /// Where.
         at: Location,
     },
     /// the bundle has no schema.cedarschema

@@ -12,6 +12,7 @@ use miette::Diagnostic;
 use nitrile_api::Name;
 
 use crate::bundle::{Bundle, BundleDigest, FileRole};
+use crate::manifest::{BundleSerial, BundleVersion};
 use crate::quota::Quotas;
 use crate::review::{ReviewedBundle, ReviewerSet, verify_bundle};
 use crate::schema::{EntityKind, SCHEMA_TEXT, schema};
@@ -47,6 +48,8 @@ pub(crate) struct PolicyMeta {
 #[derive(Debug)]
 pub struct Entitlements {
     pub(crate) digest: BundleDigest,
+    pub(crate) serial: BundleSerial,
+    pub(crate) rule_files: Vec<String>,
     pub(crate) reviewers: Vec<Name>,
     pub(crate) model: Model,
     pub(crate) all: PolicySet,
@@ -66,6 +69,10 @@ pub struct Entitlements {
 pub struct Summary {
     /// The bundle digest.
     pub digest: String,
+    /// The bundle serial (`bundle.toml`).
+    pub serial: u64,
+    /// The monitor rule files the bundle carries (`rules/*.yml`).
+    pub rule_files: Vec<String>,
     /// Reviewers whose signatures were verified, if the bundle was loaded reviewed.
     pub reviewers: Vec<String>,
     /// Groups: name, members, number of policies in their slice, quotas.
@@ -119,6 +126,24 @@ impl Entitlements {
     /// The digest of the loaded bundle.
     pub fn digest(&self) -> BundleDigest {
         self.digest
+    }
+
+    /// The serial of the loaded bundle.
+    pub fn serial(&self) -> BundleSerial {
+        self.serial
+    }
+
+    /// The serial and digest together.
+    pub fn version(&self) -> BundleVersion {
+        BundleVersion {
+            serial: self.serial,
+            digest: self.digest,
+        }
+    }
+
+    /// The monitor rule files of the bundle, by relative path.
+    pub fn rule_files(&self) -> &[String] {
+        &self.rule_files
     }
 
     /// The reviewers whose signatures were verified (empty for an unreviewed load).
@@ -192,6 +217,8 @@ impl Entitlements {
             .collect();
         Summary {
             digest: self.digest.to_hex(),
+            serial: self.serial.get(),
+            rule_files: self.rule_files.clone(),
             reviewers: self.reviewers.iter().map(ToString::to_string).collect(),
             groups,
             principals: self.model.principals.len(),
@@ -233,6 +260,8 @@ impl Entitlements {
             .collect();
         Ok(Self {
             digest: bundle.digest(),
+            serial: bundle.serial(),
+            rule_files: bundle.rule_files().map(|(p, _)| p.to_owned()).collect(),
             reviewers,
             model,
             all,

@@ -333,12 +333,18 @@ pub struct QuotaStore {
 /// Charges inside their windows, per (group, operation): resource -> time.
 type Memory = HashMap<(String, String), BTreeMap<String, i64>>;
 
-struct Job {
-    group: String,
+/// The charges of one request for one (group, operation).
+struct JobCharge {
     operation: String,
     resources: Vec<String>,
-    at: i64,
     cutoff: i64,
+}
+
+/// The charges of one request: committed in one transaction.
+struct Job {
+    group: String,
+    charges: Vec<JobCharge>,
+    at: i64,
     done: std::sync::mpsc::SyncSender<Result<(), Arc<rusqlite::Error>>>,
 }
 
@@ -400,13 +406,8 @@ impl QuotaStore {
         })
     }
 
-    /// Charges `resources` for `operation` under `group` at time `now`.
-    ///
-    /// Resources already charged inside the window do not count again (their
-    /// charge time moves to `now`). If the distinct resources in the window
-    /// would exceed the quota, nothing is charged and [`QuotaError::Exceeded`]
-    /// says which quota and when it frees. Without a quota for (group,
-    /// operation) nothing is recorded. Returns once the charge is durable.
+    /// Charges `resources` for `operation` under `group` at time `now`:
+    /// [`QuotaStore::try_charge_request`] for one operation.
     pub fn try_charge(
         &self,
         quotas: &Quotas,
@@ -415,86 +416,164 @@ impl QuotaStore {
         resources: &[ResourceId],
         now: OffsetDateTime,
     ) -> Result<QuotaCharge, QuotaError> {
-        let Some(quota) = quotas.get(group, operation) else {
-            return Ok(QuotaCharge {
-                quota: None,
-                newly_charged: 0,
-                in_use: 0,
-            });
-        };
+        let mut charges = self.try_charge_request(quotas, group, &[operation], resources, now)?;
+        Ok(charges.pop().unwrap_or(QuotaCharge {
+            quota: None,
+            newly_charged: 0,
+            in_use: 0,
+        }))
+    }
+
+    /// Charges `resources` for every one of `operations` under `group` at
+    /// time `now`, all or nothing: one charge per operation, in order.
+    ///
+    /// Resources already charged inside a window do not count again (their
+    /// charge time moves to `now`). Every (operation, resource) charge is
+    /// checked against its quota under one lock before any is made: if one
+    /// would exceed its quota, nothing of the request is charged and
+    /// [`QuotaError::Exceeded`] says which quota (the first that refuses, in
+    /// the order of `operations`) and when it frees. The charges are then
+    /// committed together, in one SQLite transaction; this returns once they
+    /// are durable. Operations without a quota for `group` record nothing.
+    pub fn try_charge_request(
+        &self,
+        quotas: &Quotas,
+        group: &Name,
+        operations: &[Operation],
+        resources: &[ResourceId],
+        now: OffsetDateTime,
+    ) -> Result<Vec<QuotaCharge>, QuotaError> {
         let now_s = now.unix_timestamp();
-        let window = i64::try_from(quota.window.as_secs()).unwrap_or(i64::MAX);
-        let cutoff = now_s.saturating_sub(window);
         let requested: BTreeSet<String> = resources.iter().map(ToString::to_string).collect();
+        let mut seen = BTreeSet::new();
+        // The quotas that apply, each once even if an operation is repeated.
+        let applying: Vec<(Operation, Option<&Quota>)> = operations
+            .iter()
+            .map(|&op| (op, seen.insert(op).then(|| quotas.get(group, op)).flatten()))
+            .collect();
 
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
-        let (new, total) = {
+        let results = {
             let mut memory = self.memory.lock().map_err(|_| QuotaError::Poisoned)?;
-            let charges = memory
-                .entry((group.as_str().to_owned(), operation.as_str().to_owned()))
-                .or_default();
-            charges.retain(|_, at| *at > cutoff);
-            let new = requested
-                .iter()
-                .filter(|r| !charges.contains_key(*r))
-                .count();
-            let total = charges.len() + new;
-            let limit = quota.max_resources as usize;
-            if total > limit {
-                // Which charges must leave the window: the oldest of those this
-                // request does not renew.
-                let mut others: Vec<i64> = charges
-                    .iter()
-                    .filter(|(r, _)| !requested.contains(*r))
-                    .map(|(_, t)| *t)
-                    .collect();
-                others.sort_unstable();
-                let need = total - limit;
-                let frees_at = if requested.len() > limit {
-                    None
-                } else {
-                    others
-                        .get(need - 1)
-                        .and_then(|t| t.checked_add(window))
-                        .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+            // First pass: decide every charge; nothing changes on a refusal.
+            let mut decided = Vec::with_capacity(applying.len());
+            for &(operation, quota) in &applying {
+                let Some(quota) = quota else {
+                    decided.push(None);
+                    continue;
                 };
-                return Err(QuotaExceeded {
-                    quota: quota.clone(),
-                    in_use: total - new,
-                    requested_new: new,
-                    frees_at,
+                let window = i64::try_from(quota.window.as_secs()).unwrap_or(i64::MAX);
+                let cutoff = now_s.saturating_sub(window);
+                let key = (group.as_str().to_owned(), operation.as_str().to_owned());
+                let empty = BTreeMap::new();
+                let charges = memory.get(&key).unwrap_or(&empty);
+                let live = |at: &i64| *at > cutoff;
+                let in_window = charges.values().filter(|t| live(t)).count();
+                let new = requested
+                    .iter()
+                    .filter(|r| !charges.get(*r).is_some_and(live))
+                    .count();
+                let total = in_window + new;
+                let limit = quota.max_resources as usize;
+                if total > limit {
+                    // Which charges must leave the window: the oldest of those
+                    // this request does not renew.
+                    let mut others: Vec<i64> = charges
+                        .iter()
+                        .filter(|(r, t)| live(t) && !requested.contains(*r))
+                        .map(|(_, t)| *t)
+                        .collect();
+                    others.sort_unstable();
+                    let need = total - limit;
+                    let frees_at = if requested.len() > limit {
+                        None
+                    } else {
+                        others
+                            .get(need - 1)
+                            .and_then(|t| t.checked_add(window))
+                            .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+                    };
+                    return Err(QuotaExceeded {
+                        quota: quota.clone(),
+                        in_use: in_window,
+                        requested_new: new,
+                        frees_at,
+                    }
+                    .into());
                 }
-                .into());
+                decided.push(Some((quota, key, cutoff, new, total)));
             }
-            for r in &requested {
-                let at = charges.entry(r.clone()).or_insert(now_s);
-                *at = (*at).max(now_s);
+            // Second pass: none refused, so charge them all.
+            let mut job_charges = Vec::new();
+            let mut results = Vec::with_capacity(decided.len());
+            for d in decided {
+                let Some((quota, key, cutoff, new, total)) = d else {
+                    results.push(QuotaCharge {
+                        quota: None,
+                        newly_charged: 0,
+                        in_use: 0,
+                    });
+                    continue;
+                };
+                let charges = memory.entry(key.clone()).or_default();
+                charges.retain(|_, at| *at > cutoff);
+                for r in &requested {
+                    let at = charges.entry(r.clone()).or_insert(now_s);
+                    *at = (*at).max(now_s);
+                }
+                job_charges.push(JobCharge {
+                    operation: key.1,
+                    resources: requested.iter().cloned().collect(),
+                    cutoff,
+                });
+                results.push(QuotaCharge {
+                    quota: Some(quota.clone()),
+                    newly_charged: new,
+                    in_use: total,
+                });
+            }
+            if job_charges.is_empty() {
+                return Ok(results);
             }
             // Queued under the lock, so the file sees charges in the order
-            // they were decided.
+            // they were decided; one job, so one transaction.
             let job = Job {
                 group: group.as_str().to_owned(),
-                operation: operation.as_str().to_owned(),
-                resources: requested.iter().cloned().collect(),
+                charges: job_charges,
                 at: now_s,
-                cutoff,
                 done: done_tx,
             };
             self.writer
                 .as_ref()
                 .and_then(|w| w.send(job).ok())
                 .ok_or(QuotaError::Poisoned)?;
-            (new, total)
+            results
         };
         match done_rx.recv() {
-            Ok(Ok(())) => Ok(QuotaCharge {
-                quota: Some(quota.clone()),
-                newly_charged: new,
-                in_use: total,
-            }),
+            Ok(Ok(())) => Ok(results),
             Ok(Err(e)) => Err(QuotaError::Persist(e)),
             Err(_) => Err(QuotaError::Poisoned),
         }
+    }
+
+    /// Distinct resources charged for `operation` under `group` inside the
+    /// window that ends at `now` (for tests and tools).
+    pub fn in_use(
+        &self,
+        quotas: &Quotas,
+        group: &Name,
+        operation: Operation,
+        now: OffsetDateTime,
+    ) -> Result<usize, QuotaError> {
+        let Some(quota) = quotas.get(group, operation) else {
+            return Ok(0);
+        };
+        let window = i64::try_from(quota.window.as_secs()).unwrap_or(i64::MAX);
+        let cutoff = now.unix_timestamp().saturating_sub(window);
+        let memory = self.memory.lock().map_err(|_| QuotaError::Poisoned)?;
+        Ok(memory
+            .get(&(group.as_str().to_owned(), operation.as_str().to_owned()))
+            .map_or(0, |c| c.values().filter(|at| **at > cutoff).count()))
     }
 }
 
@@ -537,10 +616,12 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> Result<(), rusqlite::Error> {
             "DELETE FROM quota_charges WHERE grp = ?1 AND op = ?2 AND charged_at <= ?3",
         )?;
         for job in batch {
-            for r in &job.resources {
-                upsert.execute(params![job.group, job.operation, r, job.at])?;
+            for c in &job.charges {
+                for r in &c.resources {
+                    upsert.execute(params![job.group, c.operation, r, job.at])?;
+                }
+                expire.execute(params![job.group, c.operation, c.cutoff])?;
             }
-            expire.execute(params![job.group, job.operation, job.cutoff])?;
         }
     }
     tx.commit()

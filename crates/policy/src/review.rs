@@ -420,6 +420,19 @@ impl ReviewedBundle {
         self.digest
     }
 
+    /// The serial of the bundle, covered by the digest.
+    pub fn serial(&self) -> crate::BundleSerial {
+        self.bundle.serial()
+    }
+
+    /// The serial and digest together.
+    pub fn version(&self) -> crate::BundleVersion {
+        crate::BundleVersion {
+            serial: self.bundle.serial(),
+            digest: self.digest,
+        }
+    }
+
     /// Reviewers whose signatures are valid, in name order.
     pub fn reviewers(&self) -> &[Name] {
         &self.reviewers
@@ -441,11 +454,66 @@ pub fn verify_bundle(
 ) -> Result<ReviewedBundle, PolicyError> {
     let bundle = Bundle::read(dir)?;
     let digest = bundle.digest();
-    let message = signed_message(&digest);
+    let (valid, rejected) = count_signatures(&bundle.files, &digest, reviewers, min_reviewers)?;
+    Ok(ReviewedBundle {
+        bundle,
+        digest,
+        reviewers: valid,
+        rejected,
+    })
+}
+
+/// A bundle of the format before serials whose signatures verified: only
+/// [`verify_unserialed_bundle`] makes one.
+#[derive(Debug, Clone)]
+pub struct ReviewedUnserialed {
+    digest: BundleDigest,
+    reviewers: Vec<Name>,
+}
+
+impl ReviewedUnserialed {
+    /// The digest its reviewers signed.
+    pub fn digest(&self) -> BundleDigest {
+        self.digest
+    }
+
+    /// Reviewers whose signatures are valid, in name order.
+    pub fn reviewers(&self) -> &[Name] {
+        &self.reviewers
+    }
+}
+
+/// Checks the signatures of a bundle written before bundles had a serial
+/// (no `bundle.toml`), as [`verify_bundle`] does, for a migration only:
+/// such a bundle is never loaded ([`Bundle::read`] refuses it). A migration
+/// that finds it reviewed adds `bundle.toml` and has the result signed again.
+pub fn verify_unserialed_bundle(
+    dir: &Path,
+    reviewers: &ReviewerSet,
+) -> Result<ReviewedUnserialed, PolicyError> {
+    let files = crate::bundle::read_files(dir)?;
+    let digest = crate::bundle::digest_files(&files);
+    let (valid, _) = count_signatures(&files, &digest, reviewers, MIN_REVIEWERS)?;
+    Ok(ReviewedUnserialed {
+        digest,
+        reviewers: valid,
+    })
+}
+
+/// The distinct reviewers whose signature files among `files` are valid for
+/// `digest`, and the signatures that did not count; an error when fewer
+/// than `max(min_reviewers, MIN_REVIEWERS)`.
+fn count_signatures(
+    files: &BTreeMap<String, crate::bundle::BundleFile>,
+    digest: &BundleDigest,
+    reviewers: &ReviewerSet,
+    min_reviewers: usize,
+) -> Result<(Vec<Name>, Vec<RejectedSignature>), PolicyError> {
+    let message = signed_message(digest);
     let mut valid: Vec<Name> = Vec::new();
     let mut rejected = Vec::new();
-    for (path, file) in bundle.files_of(FileRole::Signature) {
-        match check_signature(path, &file.bytes, reviewers, &digest, &message) {
+    for (path, file) in crate::bundle::files_of(files, FileRole::Signature) {
+        match check_signature(path, &file.bytes, reviewers, digest, &message) {
             Ok(name) if valid.contains(&name) => rejected.push(RejectedSignature {
                 file: path.clone(),
                 problem: SignatureProblem::Duplicate,
@@ -461,18 +529,13 @@ pub fn verify_bundle(
     let required = min_reviewers.max(MIN_REVIEWERS);
     if valid.len() < required {
         return Err(PolicyError::NotEnoughReviewers {
-            digest,
+            digest: *digest,
             valid,
             required,
             rejected,
         });
     }
-    Ok(ReviewedBundle {
-        bundle,
-        digest,
-        reviewers: valid,
-        rejected,
-    })
+    Ok((valid, rejected))
 }
 
 fn check_signature(

@@ -19,6 +19,7 @@ pub fn write_bundle(dir: &Path, groups: usize, policies: usize) -> io::Result<()
     let groups = groups.max(1);
     let hosts = 100;
     let sets = 10;
+    fs::write(dir.join(crate::MANIFEST_FILE), "serial = 1\n")?;
     fs::write(dir.join("schema.cedarschema"), SCHEMA_TEXT)?;
     let mut entities = String::from("[\n");
     let mut first = true;

@@ -237,3 +237,106 @@ fn concurrent_charges_never_exceed_the_quota_and_are_all_durable() {
         .try_charge(&q, &name("oncall"), HostDrain, &hosts(100..101), later)
         .unwrap();
 }
+
+/// Drains at most 5 hosts an hour, undrains at most `undrains`.
+fn drains_and_undrains(undrains: u32) -> Quotas {
+    Quotas::from_quotas([
+        Quota {
+            group: name("oncall"),
+            operation: HostDrain,
+            max_resources: 5,
+            window: QuotaWindow::parse("1h").unwrap(),
+        },
+        Quota {
+            group: name("oncall"),
+            operation: HostUndrain,
+            max_resources: undrains,
+            window: QuotaWindow::parse("1h").unwrap(),
+        },
+    ])
+}
+
+#[test]
+fn a_request_refused_by_its_second_quota_charges_nothing_of_its_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("quota.db");
+    let q = drains_and_undrains(1);
+    let g = name("oncall");
+    let both = [HostDrain, HostUndrain];
+    let store = QuotaStore::open(&path).unwrap();
+    let charged = store
+        .try_charge_request(&q, &g, &both, &hosts(1..2), t0())
+        .unwrap();
+    assert_eq!(charged.len(), 2);
+    assert!(charged.iter().all(|c| c.in_use == 1));
+
+    // The drain of h2 fits its quota, the undrain does not: nothing is charged.
+    let err = store
+        .try_charge_request(&q, &g, &both, &hosts(2..3), t0())
+        .unwrap_err();
+    let QuotaError::Exceeded(x) = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(x.quota.operation, HostUndrain);
+    assert_eq!(store.in_use(&q, &g, HostDrain, t0()).unwrap(), 1);
+    assert_eq!(store.in_use(&q, &g, HostUndrain, t0()).unwrap(), 1);
+    // Nor in the file.
+    drop(store);
+    let store = QuotaStore::open(&path).unwrap();
+    assert_eq!(store.in_use(&q, &g, HostDrain, t0()).unwrap(), 1);
+    // The refusal of the first operation is reported as such, and charges
+    // nothing either.
+    let tight = Quotas::from_quotas([Quota {
+        max_resources: 1,
+        ..q.get(&g, HostDrain).unwrap().clone()
+    }]);
+    let err = store
+        .try_charge_request(&tight, &g, &both, &hosts(3..4), t0())
+        .unwrap_err();
+    assert!(
+        matches!(&err, QuotaError::Exceeded(x) if x.quota.operation == HostDrain),
+        "{err:?}"
+    );
+    assert_eq!(store.in_use(&q, &g, HostDrain, t0()).unwrap(), 1);
+}
+
+#[test]
+fn concurrent_requests_for_two_operations_are_charged_all_or_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("quota.db");
+    let q = drains_and_undrains(3);
+    let g = name("oncall");
+    let store = std::sync::Arc::new(QuotaStore::open(&path).unwrap());
+    // 16 requests, each for its own host, race for 3 undrains; the 5
+    // drains would let more through if charges were made one by one.
+    let threads: Vec<_> = (0..16)
+        .map(|i| {
+            let (store, q, g) = (store.clone(), q.clone(), g.clone());
+            std::thread::spawn(move || {
+                match store.try_charge_request(
+                    &q,
+                    &g,
+                    &[HostDrain, HostUndrain],
+                    &hosts(i..i + 1),
+                    t0(),
+                ) {
+                    Ok(_) => true,
+                    Err(QuotaError::Exceeded(_)) => false,
+                    Err(e) => panic!("{e}"),
+                }
+            })
+        })
+        .collect();
+    let granted = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter(|ok| *ok)
+        .count();
+    assert_eq!(granted, 3);
+    assert_eq!(store.in_use(&q, &g, HostDrain, t0()).unwrap(), 3);
+    assert_eq!(store.in_use(&q, &g, HostUndrain, t0()).unwrap(), 3);
+    drop(store);
+    let store = QuotaStore::open(&path).unwrap();
+    assert_eq!(store.in_use(&q, &g, HostDrain, t0()).unwrap(), 3);
+    assert_eq!(store.in_use(&q, &g, HostUndrain, t0()).unwrap(), 3);
+}

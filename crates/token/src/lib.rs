@@ -45,9 +45,10 @@ pub use verify::{
 /// Lifetime of a token when the request names none.
 pub const DEFAULT_LIFETIME: time::Duration = time::Duration::minutes(5);
 
-/// Longest lifetime a token may have; longer ones are refused when minted and
-/// when verified.
-pub const MAX_LIFETIME: time::Duration = time::Duration::minutes(15);
+/// Longest lifetime a token may have (`exp - iat`): five minutes. Longer ones
+/// are refused when minted and when verified, whoever signed them; the token
+/// service may be configured with a lower maximum, never a higher one.
+pub const MAX_LIFETIME: time::Duration = time::Duration::minutes(5);
 
 /// How far in the future a token's issued-at and not-before may be, to allow
 /// for clocks that differ a little. Expiry is checked without allowance.

@@ -278,7 +278,8 @@ fn expired_is_refused() {
 }
 
 #[test]
-fn lifetime_over_fifteen_minutes_is_refused_at_mint_and_at_verify() {
+fn lifetime_over_five_minutes_is_refused_at_mint_and_at_verify() {
+    assert_eq!(MAX_LIFETIME, Duration::minutes(5));
     let f = fixture();
     let mut long = input(f.cert);
     long.lifetime = Some(MAX_LIFETIME + Duration::seconds(1));
@@ -288,9 +289,31 @@ fn lifetime_over_fifteen_minutes_is_refused_at_mint_and_at_verify() {
     max.lifetime = Some(MAX_LIFETIME);
     f.verify(&f.mint(max)).unwrap();
 
-    let forged = f.forge(&f.payload("2030-01-01T12:15:01Z"));
+    // Signed by the issuer's real key, five minutes and one second.
+    let forged = f.forge(&f.payload("2030-01-01T12:05:01Z"));
     let err = f.verify(&forged).unwrap_err();
     assert!(matches!(err, TokenError::LifetimeTooLong { .. }), "{err}");
+    // Exactly five minutes verifies (the forge is faithful).
+    f.verify(&f.forge(&f.payload("2030-01-01T12:05:00Z")))
+        .unwrap();
+}
+
+/// A token minted by hand with a six-minute lifetime, signed with the
+/// issuer's real key, is refused by a host's verifier at every moment of
+/// its life, not only after five minutes.
+#[test]
+fn a_hand_minted_six_minute_token_is_refused_by_the_host_verifier() {
+    let f = fixture();
+    let token = f.forge(&f.payload("2030-01-01T12:06:00Z"));
+    for at in [T0, T0 + Duration::minutes(1), T0 + Duration::minutes(5)] {
+        let clock = FixedClock::new(at);
+        let err = f
+            .verifier
+            .verify(&token, &describe_h1(), f.cert.as_bytes(), &clock)
+            .unwrap_err();
+        assert!(matches!(err, TokenError::LifetimeTooLong { .. }), "{err}");
+        assert_eq!(err.code(), "lifetime_too_long");
+    }
 }
 
 #[test]
@@ -466,7 +489,7 @@ fn arb_claims_input(cert: CertThumbprint) -> impl Strategy<Value = ClaimsInput> 
             ),
             1..8,
         ),
-        1i64..=900,
+        1i64..=300,
     )
         .prop_map(
             move |(cell, user, group, aud, ops, res, secs)| ClaimsInput {

@@ -247,6 +247,7 @@ impl Cell {
             reviewers: self.layout.reviewers_file(),
             listen: "127.0.0.1:0".parse().expect("address"),
             metrics: None,
+            max_token_lifetime_secs: None,
         }
     }
 

@@ -11,7 +11,7 @@ use nitrile_audit::Journal;
 use nitrile_net::{Handler, PeerIdentity, Registry, Server};
 use nitrile_pki::tls::{CaRoots, TlsIdentity};
 use nitrile_pki::{PkiError, tls};
-use nitrile_policy::{Entitlements, QuotaStore, ReviewerSet};
+use nitrile_policy::{QuotaStore, ReviewerSet};
 use nitrile_token::{Clock, SystemClock};
 use tokio::net::TcpListener;
 
@@ -24,7 +24,7 @@ pub struct TokendConfig {
     /// The cell.
     pub cell: Name,
     /// The token service's own state: `keys/`, `issuer-keys.toml`,
-    /// `journal`, `quotas.sqlite`.
+    /// `journal`, `quotas.sqlite`, `bundle-serial.json`.
     pub state_dir: PathBuf,
     /// The cell CA certificate.
     pub ca: PathBuf,
@@ -40,6 +40,10 @@ pub struct TokendConfig {
     pub listen: SocketAddr,
     /// The loopback metrics address, if any.
     pub metrics: Option<SocketAddr>,
+    /// The longest lifetime a token may be granted, in seconds: 1 to 300
+    /// (`nitrile_token::MAX_LIFETIME`, the default when `None`); anything
+    /// else is refused when the service opens. Requests for more are refused.
+    pub max_token_lifetime_secs: Option<u64>,
 }
 
 /// Why the token service could not start or stopped.
@@ -69,6 +73,38 @@ pub enum TokendError {
         #[source]
         source: nitrile_policy::PolicyError,
     },
+    /// the entitlement bundle is older than one the service has loaded, or
+    /// reuses the serial of one with other content (journaled)
+    #[error("entitlement bundle {} refused", path.display())]
+    BundleOrder {
+        /// The bundle.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nitrile_policy::SerialError,
+    },
+    /// the record of the highest bundle loaded could not be read or written
+    #[error("entitlement bundle serial record {}", path.display())]
+    BundleSerial {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: nitrile_policy::SerialError,
+    },
+    /// the configured maximum token lifetime is 0 or above the 5-minute
+    /// bound of every token
+    #[error(
+        "max_token_lifetime_secs = {secs} is not allowed: a token lives 1 to {} seconds",
+        nitrile_token::MAX_LIFETIME.whole_seconds()
+    )]
+    MaxTokenLifetime {
+        /// The value configured.
+        secs: u64,
+    },
+    /// an audit record could not be encoded
+    #[error("audit record")]
+    Record(#[from] nitrile_audit::RecordError),
     /// the reviewer set could not be loaded
     #[error("reviewer set {} refused", path.display())]
     Reviewers {
@@ -113,6 +149,7 @@ pub struct Tokend {
     metrics_listener: Option<TcpListener>,
     registry: Arc<Registry>,
     entitlements_digest: String,
+    entitlements_serial: u64,
     key_id: String,
 }
 
@@ -149,36 +186,44 @@ impl Tokend {
             });
         }
         let source: PrincipalId = me.principal;
+        let max_lifetime = max_token_lifetime(config.max_token_lifetime_secs)?;
         let reviewers =
             ReviewerSet::load(&config.reviewers).map_err(|source| TokendError::Reviewers {
                 path: config.reviewers.clone(),
                 source,
             })?;
-        let entitlements =
-            Entitlements::load_reviewed(&config.entitlements, &reviewers).map_err(|source| {
-                TokendError::Entitlements {
-                    path: config.entitlements.clone(),
-                    source,
-                }
-            })?;
-        let entitlements_digest = entitlements.digest().to_hex();
-        let ring = KeyRing::init_or_load(&config.state_dir, source.clone(), &mut rand_core::OsRng)?;
-        let key_id = ring.current().to_owned();
-        let quotas = QuotaStore::open(&config.state_dir.join("quotas.sqlite"))?;
+        // The journal first: the bundle's start (or its refusal) is on record.
         let journal = Arc::new(Journal::open(
             config.state_dir.join("journal"),
             &source.uri(),
         )?);
+        let in_force = crate::bundle::load(
+            &config.entitlements,
+            &reviewers,
+            &config.state_dir,
+            &journal,
+            &source,
+            clock.now(),
+        )?;
+        let entitlements = in_force.entitlements;
+        let entitlements_digest = in_force.version.digest.to_hex();
+        let entitlements_serial = in_force.version.serial.get();
+        let ring = KeyRing::init_or_load(&config.state_dir, source.clone(), &mut rand_core::OsRng)?;
+        let key_id = ring.current().to_owned();
+        let quotas = QuotaStore::open(&config.state_dir.join("quotas.sqlite"))?;
         let registry = Arc::new(Registry::new());
         let metrics = ServiceMetrics::register(&registry)?;
-        let service = Arc::new(TokenService::new(
-            ring.issuer()?,
-            Arc::new(entitlements),
-            quotas,
-            journal,
-            clock,
-            metrics,
-        ));
+        let service = Arc::new(
+            TokenService::new(
+                ring.issuer()?,
+                Arc::new(entitlements),
+                quotas,
+                journal,
+                clock,
+                metrics,
+            )
+            .with_max_lifetime(max_lifetime),
+        );
         let server = Server::new(tls::server_config(&roots, &identity)?, config.cell.clone())
             .with_metrics(Arc::clone(&registry), "nitrile_tokend");
         let listener = TcpListener::bind(config.listen).await.map_err(|source| {
@@ -198,6 +243,7 @@ impl Tokend {
             metrics_listener,
             registry,
             entitlements_digest,
+            entitlements_serial,
             key_id,
         })
     }
@@ -217,6 +263,11 @@ impl Tokend {
     /// Digest of the entitlement bundle in force.
     pub fn entitlements_digest(&self) -> &str {
         &self.entitlements_digest
+    }
+
+    /// Serial of the entitlement bundle in force.
+    pub fn entitlements_serial(&self) -> u64 {
+        self.entitlements_serial
     }
 
     /// Key id of the current signing key.
@@ -252,6 +303,23 @@ impl Tokend {
             let _ = t.await;
         }
         result.map_err(TokendError::from)
+    }
+}
+
+/// The longest token lifetime allowed by the config: 1 to
+/// [`nitrile_token::MAX_LIFETIME`] seconds, that bound when not set.
+// The error is the one `Tokend::open` returns; this runs once, at start.
+#[allow(clippy::result_large_err)]
+fn max_token_lifetime(secs: Option<u64>) -> Result<time::Duration, TokendError> {
+    let max = nitrile_token::MAX_LIFETIME;
+    match secs {
+        None => Ok(max),
+        Some(s) if s == 0 || s > max.whole_seconds().unsigned_abs() => {
+            Err(TokendError::MaxTokenLifetime { secs: s })
+        }
+        Some(s) => Ok(time::Duration::seconds(
+            i64::try_from(s).unwrap_or(i64::MAX),
+        )),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The decision of one token request, independent of HTTP.
 //!
-//! Order of checks: parse (closed types) -> entitlement (Cedar, the group's
-//! slice only) -> quota (durable, distinct resources per window) -> mint ->
+//! Order of checks: parse (closed types, lifetime within the service's
+//! maximum) -> entitlement (Cedar, the group's slice only) -> quota (every
+//! operation's or none; durable, distinct resources per window) -> mint ->
 //! journal the grant durably -> answer. Every refusal is journaled too; a
 //! token is only ever returned after its grant record is durable.
 
@@ -17,7 +18,9 @@ use nitrile_audit::{AuditRecord, CertSha256, Journal, Outcome, RequestId};
 use nitrile_net::{Counter, MetricsError, Registry};
 use nitrile_pki::PeerIdentity;
 use nitrile_policy::{Entitlements, QuotaError, QuotaStore};
-use nitrile_token::{CertThumbprint, ClaimsInput, Clock, MAX_LIFETIME, TokenIssuer};
+use nitrile_token::{
+    CertThumbprint, ClaimsInput, Clock, DEFAULT_LIFETIME, MAX_LIFETIME, TokenIssuer,
+};
 use time::OffsetDateTime;
 
 /// The answer to one request: an HTTP status and a JSON body.
@@ -74,6 +77,7 @@ pub struct TokenService {
     journal: Arc<Journal>,
     clock: Arc<dyn Clock>,
     metrics: ServiceMetrics,
+    max_lifetime: time::Duration,
 }
 
 impl std::fmt::Debug for TokenService {
@@ -124,7 +128,21 @@ impl TokenService {
             journal,
             clock,
             metrics,
+            max_lifetime: MAX_LIFETIME,
         }
+    }
+
+    /// Grants tokens of at most `max` (never more than [`MAX_LIFETIME`]):
+    /// longer requests are refused, and a request naming no lifetime gets
+    /// the shorter of [`DEFAULT_LIFETIME`] and `max`.
+    pub fn with_max_lifetime(mut self, max: time::Duration) -> Self {
+        self.max_lifetime = max.clamp(time::Duration::seconds(1), MAX_LIFETIME);
+        self
+    }
+
+    /// The longest lifetime granted.
+    pub fn max_lifetime(&self) -> time::Duration {
+        self.max_lifetime
     }
 
     /// The service's counters.
@@ -296,15 +314,15 @@ impl TokenService {
                 "at most {MAX_REQUEST_RESOURCES} resources per token"
             )));
         }
+        let max = self.max_lifetime.whole_seconds().unsigned_abs();
         let lifetime = match request.lifetime_secs {
-            None => None,
-            Some(s) if s == 0 || s > MAX_LIFETIME.whole_seconds() as u64 => {
+            None => self.max_lifetime.min(DEFAULT_LIFETIME),
+            Some(s) if s == 0 || s > max => {
                 return Err(bad(format!(
-                    "lifetime {s}s is outside 1..={}s",
-                    MAX_LIFETIME.whole_seconds()
+                    "lifetime {s}s is outside 1..={max}s (the longest token this service grants)"
                 )));
             }
-            Some(s) => Some(time::Duration::seconds(s as i64)),
+            Some(s) => time::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX)),
         };
         let group = match &request.group {
             None => None,
@@ -321,29 +339,29 @@ impl TokenService {
             )
             .map_err(|denied| Refused::new(403, RefusalStep::Entitlement, denied.to_string()))?;
         let group = authorized.group;
-        for &operation in &request.operations {
-            match self.quotas.try_charge(
-                self.entitlements.quotas(),
-                &group,
-                operation,
-                &request.resources,
-                now,
-            ) {
-                Ok(_) => {}
-                Err(QuotaError::Exceeded(exceeded)) => {
-                    let mut r = Refused::new(429, RefusalStep::Quota, exceeded.to_string());
-                    r.quota = Some(exceeded.quota.to_string());
-                    r.retry_after = exceeded.retry_after(now).map(|d| d.as_secs().max(1));
-                    return Err(r);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "quota store failed");
-                    return Err(Refused::new(
-                        503,
-                        RefusalStep::Internal,
-                        "the quota store failed; nothing was issued; retry later",
-                    ));
-                }
+        // Every operation's quota is charged, or none (one lock, one
+        // transaction): a refusal leaves no charge behind.
+        match self.quotas.try_charge_request(
+            self.entitlements.quotas(),
+            &group,
+            &request.operations,
+            &request.resources,
+            now,
+        ) {
+            Ok(_) => {}
+            Err(QuotaError::Exceeded(exceeded)) => {
+                let mut r = Refused::new(429, RefusalStep::Quota, exceeded.to_string());
+                r.quota = Some(exceeded.quota.to_string());
+                r.retry_after = exceeded.retry_after(now).map(|d| d.as_secs().max(1));
+                return Err(r);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "quota store failed");
+                return Err(Refused::new(
+                    503,
+                    RefusalStep::Internal,
+                    "the quota store failed; nothing was issued; retry later",
+                ));
             }
         }
         let input = ClaimsInput {
@@ -353,7 +371,7 @@ impl TokenService {
             operations: request.operations.clone(),
             resources: request.resources.clone(),
             cert: CertThumbprint::from_sha256(peer.cert_sha256),
-            lifetime,
+            lifetime: Some(lifetime),
         };
         let (token, claims) = self
             .issuer

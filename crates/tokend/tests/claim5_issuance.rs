@@ -48,6 +48,11 @@ impl Cell {
         let path = self.layout.entitlements_dir().join(file);
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, edit(text)).unwrap();
+        self.sign_bundle();
+    }
+
+    /// Has both local reviewers sign the bundle as it is.
+    fn sign_bundle(&self) {
         for name in ["reviewer-1", "reviewer-2"] {
             let key = ReviewerKey::load(
                 &self.layout.reviewer_keys_dir().join(format!("{name}.key")),
@@ -71,11 +76,16 @@ impl Cell {
             reviewers: self.layout.reviewers_file(),
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics: None,
+            max_token_lifetime_secs: None,
         }
     }
 
     async fn start(&self) -> Running {
-        let tokend = Tokend::open_with_clock(&self.config(), self.clock.clone())
+        self.start_with(&self.config()).await
+    }
+
+    async fn start_with(&self, config: &TokendConfig) -> Running {
+        let tokend = Tokend::open_with_clock(config, self.clock.clone())
             .await
             .unwrap();
         let addr = tokend.local_addr().unwrap().to_string();
@@ -521,4 +531,320 @@ fn nix_is_root() -> bool {
                 .map(|l| l.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
+}
+
+/// The `detail.bundle` of the token service's records about its bundle.
+fn bundle_records(cell: &Cell) -> Vec<(RecordKind, serde_json::Value)> {
+    cell.journal()
+        .into_iter()
+        .filter_map(|r| {
+            let b = r
+                .detail
+                .as_ref()?
+                .get(nitrile_tokend::bundle::BUNDLE_DETAIL_KEY)?;
+            assert_eq!(
+                r.principal.as_ref().map(|p| p.uri()),
+                Some("nitrile://local/service/tokend".to_owned())
+            );
+            Some((r.kind, b.clone()))
+        })
+        .collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn set_serial(cell: &Cell, serial: u64) {
+    std::fs::write(
+        cell.layout.entitlements_dir().join("bundle.toml"),
+        format!("serial = {serial}\n"),
+    )
+    .unwrap();
+}
+
+fn recorded_serial(cell: &Cell) -> serde_json::Value {
+    let text = std::fs::read_to_string(cell.layout.tokend_dir().join(nitrile_policy::SERIAL_FILE))
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The attack of issue 9: bundle serial 1 is signed and in force, serial 2
+/// revokes bob's on-call membership, then the serial-1 directory is put back
+/// with its valid signatures. The token service refuses to start on it,
+/// keeps serial 2 as the highest loaded, and the journal has every start and
+/// the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim5_a_restored_older_bundle_with_valid_signatures_is_refused_and_journaled() {
+    let cell = Cell::new();
+    let bob_drains = request(&[Operation::HostDrain], &["host/h1"], "h1");
+    let running = cell.start().await;
+    let mut bob = cell.client(&running, "operator/bob").await;
+    assert_eq!(ask(&mut bob, &bob_drains).await.status.as_u16(), 200);
+    running.stop().await;
+    let serial_1 = cell._dir.path().join("serial-1");
+    copy_dir(&cell.layout.entitlements_dir(), &serial_1);
+    let state_before = cell._dir.path().join("tokend-state-before");
+    copy_dir(&cell.layout.tokend_dir(), &state_before);
+
+    // Serial 2: bob is no longer on call.
+    set_serial(&cell, 2);
+    cell.edit_bundle("groups.json", |t| {
+        t.replace(
+            r#"{"uid": {"type": "Nitrile::Operator", "id": "bob"}, "attrs": {},
+   "parents": [{"type": "Nitrile::Group", "id": "oncall"}]}"#,
+            r#"{"uid": {"type": "Nitrile::Operator", "id": "bob"}, "attrs": {}, "parents": []}"#,
+        )
+    });
+    let running = cell.start().await;
+    let mut bob = cell.client(&running, "operator/bob").await;
+    let resp = ask(&mut bob, &bob_drains).await;
+    assert_refused(&cell, &resp, 403, RefusalStep::Entitlement, "operator/bob");
+    running.stop().await;
+    assert_eq!(recorded_serial(&cell)["serial"], 2);
+    let digest_2 = recorded_serial(&cell)["digest"].clone();
+
+    // The serial-1 directory, signatures and all, put back.
+    std::fs::remove_dir_all(cell.layout.entitlements_dir()).unwrap();
+    copy_dir(&serial_1, &cell.layout.entitlements_dir());
+    let err = Tokend::open_with_clock(&cell.config(), cell.clock.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, nitrile_tokend::TokendError::BundleOrder { .. }),
+        "{err}"
+    );
+    let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(chain.contains("serial 1 is older than serial 2"), "{chain}");
+    assert_eq!(recorded_serial(&cell)["serial"], 2);
+    assert_eq!(recorded_serial(&cell)["digest"], digest_2);
+
+    // The journal: serial 1 first, serial 2 replacing it, the refusal.
+    let records = bundle_records(&cell);
+    assert_eq!(records.len(), 3, "{records:#?}");
+    let (kind, first) = &records[0];
+    assert_eq!(*kind, RecordKind::Outcome);
+    assert_eq!(first["serial"], 1);
+    assert!(first.get("previous").is_none(), "{first}");
+    let (kind, second) = &records[1];
+    assert_eq!(*kind, RecordKind::Outcome);
+    assert_eq!(second["serial"], 2);
+    assert_eq!(second["digest"], digest_2);
+    assert_eq!(second["previous"]["serial"], 1);
+    assert_eq!(second["previous"]["digest"], first["digest"]);
+    assert_eq!(
+        second["reviewers"],
+        serde_json::json!(["reviewer-1", "reviewer-2"])
+    );
+    let (kind, refused) = &records[2];
+    assert_eq!(*kind, RecordKind::Refusal);
+    assert_eq!(refused["refused"]["serial"], 1);
+    assert_eq!(refused["in_force"]["serial"], 2);
+    let last = cell.journal().pop().unwrap();
+    assert_eq!(last.step, Some(RefusalStep::Entitlement));
+
+    // The revocation holds: bob is still refused with serial 2 back.
+    std::fs::remove_dir_all(cell.layout.entitlements_dir()).unwrap();
+    copy_dir(&serial_1, &cell.layout.entitlements_dir());
+    set_serial(&cell, 2);
+    cell.edit_bundle("groups.json", |t| {
+        t.replace(
+            r#"{"uid": {"type": "Nitrile::Operator", "id": "bob"}, "attrs": {},
+   "parents": [{"type": "Nitrile::Group", "id": "oncall"}]}"#,
+            r#"{"uid": {"type": "Nitrile::Operator", "id": "bob"}, "attrs": {}, "parents": []}"#,
+        )
+    });
+    let running = cell.start().await;
+    let mut bob = cell.client(&running, "operator/bob").await;
+    let resp = ask(&mut bob, &bob_drains).await;
+    assert_refused(&cell, &resp, 403, RefusalStep::Entitlement, "operator/bob");
+    running.stop().await;
+    let records = bundle_records(&cell);
+    let (_, again) = records.last().unwrap();
+    assert_eq!(again["serial"], 2);
+    assert!(again.get("previous").is_none(), "unchanged: {again}");
+
+    // A thief of the whole state directory who puts back its serial record
+    // from before the change gets the old bundle loaded (nothing left on
+    // this machine knows better), but not off the record: the journal, which
+    // is shipped to the audit log, shows serial 2 followed by serial 1.
+    std::fs::copy(
+        state_before.join(nitrile_policy::SERIAL_FILE),
+        cell.layout.tokend_dir().join(nitrile_policy::SERIAL_FILE),
+    )
+    .unwrap();
+    std::fs::remove_dir_all(cell.layout.entitlements_dir()).unwrap();
+    copy_dir(&serial_1, &cell.layout.entitlements_dir());
+    let running = cell.start().await;
+    running.stop().await;
+    let serials: Vec<serde_json::Value> = bundle_records(&cell)
+        .into_iter()
+        .filter(|(k, _)| *k == RecordKind::Outcome)
+        .map(|(_, b)| b["serial"].clone())
+        .collect();
+    assert_eq!(serials, [1, 2, 2, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim5_a_changed_bundle_that_keeps_its_serial_is_refused() {
+    let cell = Cell::new();
+    cell.start().await.stop().await;
+    // Re-signed, but the serial was not raised.
+    cell.edit_bundle("quotas.toml", |t| {
+        t.replacen("max_resources = 20", "max_resources = 2000", 1)
+    });
+    let err = Tokend::open_with_clock(&cell.config(), cell.clock.clone())
+        .await
+        .unwrap_err();
+    let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(chain.contains("raise it in bundle.toml"), "{chain}");
+    let records = bundle_records(&cell);
+    assert_eq!(records.last().unwrap().0, RecordKind::Refusal);
+    // Raised, it starts.
+    set_serial(&cell, 2);
+    cell.sign_bundle();
+    cell.start().await.stop().await;
+    assert_eq!(recorded_serial(&cell)["serial"], 2);
+}
+
+/// The lifetime of a token (exp - iat) as granted.
+async fn granted_lifetime(cell: &Cell, client: &mut Client, req: &TokenRequest) -> i64 {
+    let resp = ask(client, req).await;
+    assert_eq!(resp.status.as_u16(), 200, "{:?}", resp.body);
+    let granted: TokenResponse = resp.json().unwrap();
+    let alice = PeerIdentity::from_der(cell.identity("operator/alice").leaf(), &cell.cell)
+        .unwrap()
+        .cert_sha256;
+    let grant = cell
+        .verifier("h1")
+        .verify(
+            &granted.token,
+            &Request {
+                operation: Operation::HostDescribe,
+                resource: ResourceId::parse("host/h1").unwrap(),
+            },
+            &alice,
+            &FixedClock::new(cell.clock.now()),
+        )
+        .unwrap();
+    (grant.claims().expires_at() - grant.claims().issued_at()).whole_seconds()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim5_tokens_live_at_most_five_minutes_or_the_configured_maximum() {
+    let cell = Cell::new();
+    let running = cell.start().await;
+    let mut alice = cell.client(&running, "operator/alice").await;
+    let mut req = request(&[Operation::HostDescribe], &["host/h1"], "h1");
+    assert_eq!(granted_lifetime(&cell, &mut alice, &req).await, 300);
+    req.lifetime_secs = Some(300);
+    assert_eq!(granted_lifetime(&cell, &mut alice, &req).await, 300);
+    req.lifetime_secs = Some(301);
+    let resp = ask(&mut alice, &req).await;
+    assert_refused(&cell, &resp, 400, RefusalStep::Request, "operator/alice");
+    assert!(
+        resp.refusal().unwrap().reason.contains("1..=300s"),
+        "{:?}",
+        resp.refusal()
+    );
+    running.stop().await;
+
+    // A lower maximum applies to requests and to the default.
+    let mut config = cell.config();
+    config.max_token_lifetime_secs = Some(120);
+    let running = cell.start_with(&config).await;
+    let mut alice = cell.client(&running, "operator/alice").await;
+    req.lifetime_secs = None;
+    assert_eq!(granted_lifetime(&cell, &mut alice, &req).await, 120);
+    req.lifetime_secs = Some(120);
+    assert_eq!(granted_lifetime(&cell, &mut alice, &req).await, 120);
+    req.lifetime_secs = Some(121);
+    let resp = ask(&mut alice, &req).await;
+    assert_refused(&cell, &resp, 400, RefusalStep::Request, "operator/alice");
+    running.stop().await;
+
+    // Never higher, never zero.
+    for bad in [0, 301, 900] {
+        let mut config = cell.config();
+        config.max_token_lifetime_secs = Some(bad);
+        let err = Tokend::open(&config).await.unwrap_err();
+        assert!(
+            matches!(err, nitrile_tokend::TokendError::MaxTokenLifetime { secs } if secs == bad),
+            "{err}"
+        );
+    }
+}
+
+/// A request for two operations whose second quota is exhausted leaves the
+/// first operation's count as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim5_quota_charges_of_one_request_are_all_or_none() {
+    let cell = Cell::new();
+    cell.edit_bundle("quotas.toml", |t| {
+        t.replacen(
+            "operation = \"host.drain\"\nmax_resources = 20",
+            "operation = \"host.drain\"\nmax_resources = 2",
+            1,
+        )
+        .replacen(
+            "operation = \"host.undrain\"\nmax_resources = 20",
+            "operation = \"host.undrain\"\nmax_resources = 1",
+            1,
+        )
+    });
+    cell.edit_bundle("hosts.entities.json", |t| {
+        t.replacen(
+            r#"{"uid": {"type": "Nitrile::Host", "id": "h2"}, "attrs": {},"#,
+            r#"{"uid": {"type": "Nitrile::Host", "id": "h3"}, "attrs": {},
+   "parents": [{"type": "Nitrile::ResourceSet", "id": "fleet"}]},
+  {"uid": {"type": "Nitrile::Host", "id": "h2"}, "attrs": {},"#,
+            1,
+        )
+    });
+    let running = cell.start().await;
+    let mut alice = cell.client(&running, "operator/alice").await;
+    let both = |h: &str| {
+        request(
+            &[Operation::HostDrain, Operation::HostUndrain],
+            &[&format!("host/{h}")],
+            h,
+        )
+    };
+    assert_eq!(ask(&mut alice, &both("h1")).await.status.as_u16(), 200);
+    // h2's drain fits (2 of 2), its undrain does not (2 of 1): refused.
+    let resp = ask(&mut alice, &both("h2")).await;
+    assert_refused(&cell, &resp, 429, RefusalStep::Quota, "operator/alice");
+    assert!(
+        resp.refusal()
+            .unwrap()
+            .quota
+            .as_deref()
+            .unwrap()
+            .contains("host.undrain"),
+        "{:?}",
+        resp.refusal()
+    );
+    // So h1 is still the only drain charged: h3 fits, then h2 does not.
+    let drain = |h: &str| request(&[Operation::HostDrain], &[&format!("host/{h}")], h);
+    let resp = ask(&mut alice, &drain("h3")).await;
+    assert_eq!(resp.status.as_u16(), 200, "{:?}", resp.body);
+    let resp = ask(&mut alice, &drain("h2")).await;
+    assert_refused(&cell, &resp, 429, RefusalStep::Quota, "operator/alice");
+    running.stop().await;
+    // And the durable store agrees after a restart.
+    let running = cell.start().await;
+    let mut alice = cell.client(&running, "operator/alice").await;
+    let resp = ask(&mut alice, &drain("h1")).await;
+    assert_eq!(resp.status.as_u16(), 200, "{:?}", resp.body);
+    let resp = ask(&mut alice, &drain("h2")).await;
+    assert_refused(&cell, &resp, 429, RefusalStep::Quota, "operator/alice");
+    running.stop().await;
 }

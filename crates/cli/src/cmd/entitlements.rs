@@ -1,7 +1,8 @@
 //! `nitrile entitlements`: validate, digest, sign, explain and compare
 //! entitlement bundles.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use nitrile_api::{Audience, Name, Operation, PrincipalId, ResourceId, ResourceKind};
@@ -23,7 +24,8 @@ pub(crate) enum Command {
         #[arg(long, value_name = "FILE")]
         reviewers: Option<PathBuf>,
     },
-    /// Print the digest reviewers sign (SHA-256 over every file but signatures/).
+    /// Print the digest reviewers sign (SHA-256 over every file but
+    /// signatures/, bundle.toml and rules/ included) and the bundle's serial.
     ///
     /// Example: `nitrile entitlements digest entitlements/`
     Digest {
@@ -41,7 +43,10 @@ pub(crate) enum Command {
         #[arg(long, value_name = "PREFIX")]
         out: PathBuf,
     },
-    /// Sign the bundle's current content: writes DIR/signatures/NAME.sig.
+    /// Sign the bundle's current content, its serial and monitor rules
+    /// included: writes DIR/signatures/NAME.sig. The bundle must load (its
+    /// policies, quotas and rules); raise `serial` in bundle.toml before
+    /// signing a change, or services refuse it.
     ///
     /// Example: `nitrile entitlements sign --key rita.key --reviewer rita entitlements/`
     Sign {
@@ -75,7 +80,10 @@ pub(crate) enum Command {
         #[arg(long)]
         audience: Option<Audience>,
     },
-    /// Show the changes in access between two bundles (added/removed grants).
+    /// Show the changes between two bundles: their serials (and whether the
+    /// serial rises, as it must for services to accept the new one),
+    /// added/removed grants, and monitor rule files added, removed or
+    /// changed.
     ///
     /// Example: `nitrile entitlements diff old/ entitlements/`
     Diff {
@@ -94,11 +102,16 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
     match command {
         Command::Check { dir, reviewers } => check(dir, reviewers, global.output),
         Command::Digest { dir } => {
-            let digest = Bundle::read(&dir)?.digest();
+            let bundle = Bundle::read(&dir)?;
+            let digest = bundle.digest();
             match global.output {
-                Output::Json => print_json(&serde_json::json!({ "digest": digest.to_hex() })),
+                Output::Json => print_json(&serde_json::json!({
+                    "digest": digest.to_hex(),
+                    "serial": bundle.serial().get(),
+                })),
                 Output::Table => {
                     outln!("{digest}")?;
+                    errln!("serial {}", bundle.serial())?;
                     Ok(())
                 }
             }
@@ -116,11 +129,15 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
         }
         Command::Sign { key, reviewer, dir } => {
             // Validate before signing: a reviewer signs what loads.
-            Bundle::load(&dir).context("refusing to sign a bundle that does not load")?;
+            let loaded =
+                Bundle::load(&dir).context("refusing to sign a bundle that does not load")?;
+            nitrile_logd::rules::monitor_of(&Bundle::read(&dir)?)
+                .context("refusing to sign a bundle whose monitor rules do not load")?;
             let key = ReviewerKey::load(&key, reviewer.clone())?;
             let digest = key.sign_dir(&dir)?;
             errln!(
-                "signed {digest} as {reviewer}: {}",
+                "signed {digest} (serial {}) as {reviewer}: {}",
+                loaded.serial(),
                 dir.join("signatures")
                     .join(format!("{reviewer}.sig"))
                     .display()
@@ -134,30 +151,83 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             resource,
             audience,
         } => explain(dir, &principal, op, resource, audience, global.output),
-        Command::Diff { old, new } => {
-            let old = Bundle::load(&old).with_context(|| format!("loading {}", old.display()))?;
-            let new = Bundle::load(&new).with_context(|| format!("loading {}", new.display()))?;
-            let changes = nitrile_policy::diff(&old, &new);
-            let lines: Vec<String> = changes.iter().map(ToString::to_string).collect();
-            match global.output {
-                Output::Json => print_json(&serde_json::json!({
-                    "old_digest": old.digest().to_hex(),
-                    "new_digest": new.digest().to_hex(),
-                    "changes": lines,
-                })),
-                Output::Table => {
-                    if lines.is_empty() {
-                        outln!("no change in access")?;
-                    }
-                    for l in lines {
-                        outln!("{l}")?;
-                    }
-                    Ok(())
-                }
-            }
-        }
+        Command::Diff { old, new } => diff(&old, &new, global.output),
         Command::Schema => {
             print_text(Stream::Stdout, nitrile_policy::SCHEMA_TEXT)?;
+            Ok(())
+        }
+    }
+}
+
+/// The monitor rule files of two bundles: added, removed and changed.
+fn rule_changes(old: &Bundle, new: &Bundle) -> Vec<String> {
+    let old_rules: BTreeMap<&str, &[u8]> = old.rule_files().collect();
+    let new_rules: BTreeMap<&str, &[u8]> = new.rule_files().collect();
+    let mut out = Vec::new();
+    for (path, bytes) in &new_rules {
+        match old_rules.get(path) {
+            None => out.push(format!("+ rule file {path}")),
+            Some(before) if before != bytes => out.push(format!("~ rule file {path} changed")),
+            Some(_) => {}
+        }
+    }
+    for path in old_rules.keys() {
+        if !new_rules.contains_key(path) {
+            out.push(format!("- rule file {path}"));
+        }
+    }
+    out
+}
+
+fn diff(old_dir: &Path, new_dir: &Path, output: Output) -> anyhow::Result<()> {
+    let load = |dir: &Path| -> anyhow::Result<(Bundle, Entitlements)> {
+        let bundle = Bundle::read(dir).with_context(|| format!("loading {}", dir.display()))?;
+        let loaded = Bundle::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+        Ok((bundle, loaded))
+    };
+    let (old_bundle, old) = load(old_dir)?;
+    let (new_bundle, new) = load(new_dir)?;
+    let changes = nitrile_policy::diff(&old, &new);
+    let lines: Vec<String> = changes.iter().map(ToString::to_string).collect();
+    let rules = rule_changes(&old_bundle, &new_bundle);
+    let rises = new.serial() > old.serial();
+    let serial_note = if rises {
+        String::new()
+    } else if old.digest() == new.digest() {
+        "the same bundle".to_owned()
+    } else {
+        format!(
+            "the serial does not rise ({} -> {}): services that loaded the old bundle refuse \
+             the new one; raise serial in bundle.toml above {} and sign again",
+            old.serial(),
+            new.serial(),
+            old.serial()
+        )
+    };
+    match output {
+        Output::Json => print_json(&serde_json::json!({
+            "old_digest": old.digest().to_hex(),
+            "new_digest": new.digest().to_hex(),
+            "old_serial": old.serial().get(),
+            "new_serial": new.serial().get(),
+            "serial_rises": rises,
+            "changes": lines,
+            "rule_changes": rules,
+        })),
+        Output::Table => {
+            outln!("serial {} -> {}", old.serial(), new.serial())?;
+            if !serial_note.is_empty() {
+                errln!("warning: {serial_note}")?;
+            }
+            if lines.is_empty() {
+                outln!("no change in access")?;
+            }
+            for l in lines {
+                outln!("{l}")?;
+            }
+            for r in rules {
+                outln!("{r}")?;
+            }
             Ok(())
         }
     }
@@ -175,11 +245,13 @@ fn check(dir: PathBuf, reviewers: Option<PathBuf>, output: Output) -> anyhow::Re
         }
         None => Bundle::load(&dir)?,
     };
+    let monitor = nitrile_logd::rules::monitor_of(&Bundle::read(&dir)?)?;
     let s = entitlements.summary();
     match output {
         Output::Json => print_json(&s),
         Output::Table => {
             outln!("digest     {}", s.digest)?;
+            outln!("serial     {}", s.serial)?;
             if s.reviewers.is_empty() {
                 outln!("reviewed   not checked (pass --reviewers FILE)")?;
             } else {
@@ -192,6 +264,11 @@ fn check(dir: PathBuf, reviewers: Option<PathBuf>, output: Output) -> anyhow::Re
                 s.resource_sets.len(),
                 s.policies,
                 s.quotas
+            )?;
+            outln!(
+                "rules      {} monitor rule(s) in {} file(s)",
+                monitor.rules().count(),
+                s.rule_files.len()
             )?;
             outln!()?;
             let rows: Vec<Vec<String>> = s

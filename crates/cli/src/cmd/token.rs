@@ -39,7 +39,8 @@ pub(crate) enum Command {
         /// The entitlement group to act as (default: the first that allows it all).
         #[arg(long)]
         group: Option<String>,
-        /// Token lifetime, e.g. 2m (default 5m, at most 15m).
+        /// Token lifetime, e.g. 2m (default 5m, at most 5m or the token
+        /// service's lower maximum).
         #[arg(long, value_name = "DURATION")]
         lifetime: Option<String>,
     },

@@ -36,6 +36,10 @@ pub(crate) struct Args {
     /// Loopback address for Prometheus metrics (`GET /metrics`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// The longest lifetime of a token this service grants, in seconds:
+    /// 1 to 300 [default: 300]. Requests for longer tokens are refused.
+    #[arg(long, value_name = "SECS")]
+    max_token_lifetime: Option<u64>,
     /// Ship the journal to the audit log service at ADDR (`host:port`,
     /// principal `nitrile://<cell>/service/logd`); without it the journal
     /// is not shipped.
@@ -98,6 +102,7 @@ pub(crate) fn config_of(
     cell: &Name,
     listen: SocketAddr,
     metrics: Option<SocketAddr>,
+    max_token_lifetime_secs: Option<u64>,
 ) -> anyhow::Result<TokendConfig> {
     let me = PrincipalId::parse(&format!("nitrile://{cell}/service/tokend"))?;
     let (cert, key) = layout.cert_and_key(&me);
@@ -111,6 +116,7 @@ pub(crate) fn config_of(
         reviewers: layout.reviewers_file(),
         listen,
         metrics,
+        max_token_lifetime_secs,
     })
 }
 
@@ -149,7 +155,13 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(args.log_format);
-    let config = config_of(&layout, &cell, args.listen, args.metrics)?;
+    let config = config_of(
+        &layout,
+        &cell,
+        args.listen,
+        args.metrics,
+        args.max_token_lifetime,
+    )?;
     block_on(async move {
         let signal = nitrile_net::shutdown_signal();
         let tokend = Tokend::open(&config)
@@ -181,6 +193,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             listen = ?tokend.local_addr(),
             metrics = ?tokend.metrics_addr(),
             entitlements = tokend.entitlements_digest(),
+            entitlements_serial = tokend.entitlements_serial(),
             key_id = tokend.key_id(),
             "token service ready"
         );

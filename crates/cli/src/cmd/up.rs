@@ -14,7 +14,7 @@ use nitrile_cell::{
     CellLayout, Endpoints, WITNESS, bootstrap, provision_host, provision_logd, provision_witness,
 };
 use nitrile_hostd::{HostdConfig, LogdTarget};
-use nitrile_logd::config::{MetricsAddr, WitnessConfig as LogdWitness};
+use nitrile_logd::config::{MetricsAddr, MonitorSource, WitnessConfig as LogdWitness};
 use nitrile_logd::{Alert, AlertSink, Logd, LogdConfig, LogdOptions};
 use nitrile_tlog::NoteVerifier;
 use nitrile_tokend::Tokend;
@@ -95,12 +95,21 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
     )?;
     let cell = bootstrap(&layout, &args.cell, &args.tokend_listen.to_string(), now)
         .context("cannot prepare the cell")?;
+    if cell.bundle_migrated {
+        errln!(
+            "nitrile up: the entitlement bundle {} now has a serial (bundle.toml, serial 1) and \
+             the monitor rules (rules/, moved from {}); the local reviewers signed it",
+            layout.entitlements_dir().display(),
+            layout.rules_dir().display()
+        )?;
+    }
     let image = import_guest_image(&layout);
     let tokend_config = super::tokend::config_of(
         &layout,
         &cell.cell,
         args.tokend_listen,
         Some(args.tokend_metrics),
+        None,
     )?;
     block_on(async move {
         // Installed before anything is announced, so that a signal sent
@@ -293,8 +302,9 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             ),
         }?;
         outln!(
-            "  entitlements   {} (sha256 {}, signed by {})",
+            "  entitlements   {} (serial {}, sha256 {}, signed by {})",
             layout.entitlements_dir().display(),
+            cell.bundle_serial,
             &cell.bundle_digest[..16],
             cell.reviewers
                 .iter()
@@ -448,15 +458,18 @@ impl AlertSink for StderrAlerts {
 const DEFAULT_LOGD_METRICS: &str = "127.0.0.1:9445";
 
 /// Writes `logd/logd.toml` with paths relative to it; the first time, the
-/// monitor runs the cell's `rules/`, metrics are served on
-/// [`DEFAULT_LOGD_METRICS`] and a checkpoint needs the cosignature of the
-/// cell's `witness`. The witnesses, quorum, intervals, webhook, rules,
-/// storage and metrics address of an existing file are kept, so edits to
-/// them survive restarts; `metrics`, when given, replaces the metrics
-/// address. The cell's `witness` is added to a file that names no witness
-/// (a cell made before it existed) with a quorum of 1, and its address and
-/// key are brought up to date where the file names it; a file naming
-/// other witnesses keeps them and its quorum as they are.
+/// monitor runs the rules of the cell's signed entitlement bundle
+/// (`[monitor]`), metrics are served on [`DEFAULT_LOGD_METRICS`] and a
+/// checkpoint needs the cosignature of the cell's `witness`. The witnesses,
+/// quorum, intervals, webhook, monitor, storage and metrics address of an
+/// existing file are kept, so edits to them survive restarts; the
+/// unreviewed `rules = <dir>` of earlier versions becomes `[monitor]` with
+/// the cell's bundle (whose `rules/` the bootstrap moved them into);
+/// `metrics`, when given, replaces the metrics address. The cell's
+/// `witness` is added to a file that names no witness (a cell made before
+/// it existed) with a quorum of 1, and its address and key are brought up
+/// to date where the file names it; a file naming other witnesses keeps
+/// them and its quorum as they are.
 fn write_logd_config(
     layout: &CellLayout,
     cell: &Name,
@@ -478,8 +491,12 @@ fn write_logd_config(
         rel(&key),
         rel(&layout.logd_issuer_keys()),
     );
+    let cell_bundle = MonitorSource {
+        bundle: rel(&layout.entitlements_dir()),
+        reviewers: rel(&layout.reviewers_file()),
+    };
     if path.exists() {
-        let old = LogdConfig::load(&path).with_context(|| {
+        let (old, legacy_rules) = LogdConfig::load_migrating(&path).with_context(|| {
             format!(
                 "cannot reuse {}; fix or remove it to have it written anew",
                 path.display()
@@ -490,12 +507,28 @@ fn write_logd_config(
         config.witnesses = old.witnesses;
         config.witness_quorum = old.witness_quorum;
         config.webhook = old.webhook;
-        config.rules = old.rules.map(|r| relative_to(&dir, &r));
+        config.monitor = match (old.monitor, legacy_rules) {
+            (Some(m), _) => Some(MonitorSource {
+                bundle: relative_to(&dir, &m.bundle),
+                reviewers: relative_to(&dir, &m.reviewers),
+            }),
+            (None, Some(rules)) => {
+                errln!(
+                    "nitrile up: {}: the monitor's rules now come from the signed entitlement \
+                     bundle {} (rules = {} replaced by [monitor])",
+                    path.display(),
+                    layout.entitlements_dir().display(),
+                    rules.display()
+                )?;
+                Some(cell_bundle)
+            }
+            (None, None) => None,
+        };
         config.storage = old.storage;
         config.metrics = old.metrics;
         config.sources = old.sources;
     } else {
-        config.rules = Some(rel(&layout.rules_dir()));
+        config.monitor = Some(cell_bundle);
         config.metrics = Some(MetricsAddr::new(
             DEFAULT_LOGD_METRICS
                 .parse()
@@ -1010,6 +1043,52 @@ mod tests {
         let c = load(&path);
         assert_eq!(c.witnesses, vec![theirs]);
         assert_eq!(c.witness_quorum, 1);
+    }
+
+    #[test]
+    fn the_logd_config_of_an_older_cell_moves_to_the_reviewed_rules() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&tmp.path().join("state"));
+        std::fs::create_dir_all(layout.logd_dir()).unwrap();
+        let cell = Name::new("local").unwrap();
+        let listen: SocketAddr = "127.0.0.1:7445".parse().unwrap();
+        let path =
+            write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:6")).unwrap();
+        // A new file runs the monitor on the cell's bundle.
+        let fresh = LogdConfig::load(&path).unwrap();
+        let monitor = fresh.monitor.clone().unwrap();
+        assert_eq!(monitor.bundle, layout.logd_dir().join("../entitlements"));
+        assert_eq!(
+            monitor.reviewers,
+            layout.logd_dir().join("../reviewers.toml")
+        );
+
+        // A file of an earlier version: `rules = dir`, and settings of its own.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let old = text
+            .replacen(
+                "checkpoint_interval_ms",
+                "rules = \"../rules\"\nwebhook = \"http://127.0.0.1:9000/alerts\"\ncheckpoint_interval_ms",
+                1,
+            )
+            .replace("checkpoint_interval_ms = 500", "checkpoint_interval_ms = 700");
+        let old = old[..old.find("[monitor]").unwrap()].to_owned();
+        std::fs::write(&path, &old).unwrap();
+        let err = LogdConfig::load(&path).unwrap_err();
+        assert!(
+            err.to_string().contains("`rules` is no longer read"),
+            "{err}"
+        );
+        write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:6")).unwrap();
+        let migrated = LogdConfig::load(&path).unwrap();
+        assert_eq!(migrated.monitor, fresh.monitor);
+        assert_eq!(migrated.checkpoint_interval_ms, 700);
+        assert_eq!(
+            migrated.webhook.as_deref(),
+            Some("http://127.0.0.1:9000/alerts")
+        );
+        assert_eq!(migrated.metrics, fresh.metrics);
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("rules ="));
     }
 
     #[test]

@@ -232,6 +232,7 @@ impl TestCell {
             reviewers: self.layout.reviewers_file(),
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics: None,
+            max_token_lifetime_secs: None,
         }
     }
 

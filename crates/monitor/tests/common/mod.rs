@@ -14,7 +14,7 @@ use time::{Duration, OffsetDateTime};
 pub const T0: OffsetDateTime = time::macros::datetime!(2030-01-01 0:00 UTC);
 
 pub fn rules_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../rules")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../entitlements/rules")
 }
 
 /// The shipped rules, baseline off (tested on its own).

@@ -12,16 +12,24 @@ pub fn sample_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../entitlements")
 }
 
-/// A writable copy of the sample bundle (without signatures).
+/// A writable copy of the sample bundle (without signatures), its rules
+/// included.
 pub fn sample_copy() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
-    for entry in fs::read_dir(sample_dir()).unwrap() {
+    copy_files(&sample_dir(), tmp.path());
+    let rules = tmp.path().join("rules");
+    fs::create_dir(&rules).unwrap();
+    copy_files(&sample_dir().join("rules"), &rules);
+    tmp
+}
+
+fn copy_files(from: &Path, to: &Path) {
+    for entry in fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
         if entry.file_type().unwrap().is_file() {
-            fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+            fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
         }
     }
-    tmp
 }
 
 pub fn name(s: &str) -> Name {
