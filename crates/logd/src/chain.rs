@@ -248,6 +248,116 @@ pub fn check_batch(known: Option<&SourceState>, batch: &IngestBatch) -> Checked 
     out
 }
 
+/// A log entry that breaks its source's journal as the log holds it: what
+/// an auditor finds when a log was appended to out of order (say, by a
+/// logd whose record of the sources was rolled back, taking a forged
+/// continuation of a journal after the real one).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[serde(tag = "problem", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SourceChainBreak {
+    /// the entry is not a log leaf
+    #[error("not a log leaf")]
+    NotALeaf,
+    /// a second journal of one source (logd refuses a replaced journal)
+    #[error(
+        "a second journal {got} of {source_name}, which already has journal {known} in the log"
+    )]
+    AnotherJournal {
+        /// The source.
+        source_name: String,
+        /// Its journal earlier in the log.
+        #[serde(serialize_with = "display")]
+        known: JournalId,
+        /// The journal of this entry.
+        #[serde(serialize_with = "display")]
+        got: JournalId,
+    },
+    /// the record is not the next one of its journal
+    #[error("record {got} of {source_name} where record {expected} comes next")]
+    OutOfOrder {
+        /// The source.
+        source_name: String,
+        /// The record that should come next.
+        expected: u64,
+        /// The record found.
+        got: u64,
+    },
+    /// the chain hash is not the hash of the previous one, the number and
+    /// the payload
+    #[error("record {seq} of {source_name} does not continue its journal's hash chain")]
+    HashMismatch {
+        /// The source.
+        source_name: String,
+        /// The record.
+        seq: u64,
+    },
+}
+
+/// Replays every source's journal through the log, entry by entry, as an
+/// auditor checks it: each source has one journal, its records appear once
+/// each, in order from 1, and every chain hash is recomputed from the
+/// genesis hash. A log that logd appended honestly passes; records
+/// duplicated, reordered, forged or of a second journal do not.
+#[derive(Debug, Default)]
+pub struct SourceChains {
+    sources: std::collections::HashMap<String, SourceState>,
+    records: u64,
+}
+
+impl SourceChains {
+    /// Nothing replayed yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replays the leaf `entry` (as stored).
+    pub fn push(&mut self, entry: &[u8]) -> Result<(), SourceChainBreak> {
+        let leaf = leaf::decode(entry).map_err(|_| SourceChainBreak::NotALeaf)?;
+        let state = match self.sources.get(&leaf.source) {
+            Some(s) if s.journal_id != leaf.journal_id => {
+                return Err(SourceChainBreak::AnotherJournal {
+                    source_name: leaf.source.clone(),
+                    known: s.journal_id,
+                    got: leaf.journal_id,
+                });
+            }
+            Some(s) => *s,
+            None => SourceState::empty(
+                leaf.journal_id,
+                genesis_hash(FORMAT_VERSION, &leaf.journal_id, leaf.source.as_bytes()),
+            ),
+        };
+        if leaf.seq != state.acked_seq + 1 {
+            return Err(SourceChainBreak::OutOfOrder {
+                source_name: leaf.source.clone(),
+                expected: state.acked_seq + 1,
+                got: leaf.seq,
+            });
+        }
+        if record_hash(&state.hash, leaf.seq, &leaf.payload) != leaf.hash {
+            return Err(SourceChainBreak::HashMismatch {
+                source_name: leaf.source.clone(),
+                seq: leaf.seq,
+            });
+        }
+        let next = state.advanced(&leaf, None);
+        self.sources.insert(leaf.source, next);
+        self.records += 1;
+        Ok(())
+    }
+
+    /// How many sources' journals were replayed.
+    pub fn sources(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// How many records were replayed.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +394,53 @@ mod tests {
             entries: e.to_vec(),
             head: None,
         }
+    }
+
+    fn leaf_bytes(j: &JournalRef, e: &IngestEntry) -> Vec<u8> {
+        leaf::encode(&LeafV1 {
+            source: j.source.clone(),
+            journal_id: j.journal_id,
+            seq: e.seq,
+            hash: e.hash,
+            payload: e.payload.clone(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn an_auditor_replays_each_journal_through_the_log() {
+        let (j, e) = journal(JournalId([1; 16]), 5);
+        let mut ok = SourceChains::new();
+        for x in &e {
+            ok.push(&leaf_bytes(&j, x)).unwrap();
+        }
+        assert_eq!((ok.sources(), ok.records()), (1, 5));
+        // A record logged twice (a rolled-back head took it again).
+        assert!(matches!(
+            ok.push(&leaf_bytes(&j, &e[3])),
+            Err(SourceChainBreak::OutOfOrder {
+                expected: 6,
+                got: 4,
+                ..
+            })
+        ));
+        // A forged continuation with its own hashes.
+        let mut forged = e[2].clone();
+        forged.payload = b"{}".to_vec();
+        let mut c = SourceChains::new();
+        c.push(&leaf_bytes(&j, &e[0])).unwrap();
+        c.push(&leaf_bytes(&j, &e[1])).unwrap();
+        assert!(matches!(
+            c.push(&leaf_bytes(&j, &forged)),
+            Err(SourceChainBreak::HashMismatch { seq: 3, .. })
+        ));
+        // A second journal of the same source.
+        let (j2, e2) = journal(JournalId([2; 16]), 1);
+        assert!(matches!(
+            ok.push(&leaf_bytes(&j2, &e2[0])),
+            Err(SourceChainBreak::AnotherJournal { .. })
+        ));
+        assert_eq!(ok.push(b"junk"), Err(SourceChainBreak::NotALeaf));
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub use alert::{
     Alert, AlertKind, AlertPage, AlertSink, AlertTable, Observer, StdoutAlerts, WebhookAlerts,
 };
 pub use anchor::{AnchorProblem, RememberedCheckpoint, check_anchor};
-pub use chain::{IntegrityViolation, SourceState, check_batch};
+pub use chain::{IntegrityViolation, SourceChainBreak, SourceChains, SourceState, check_batch};
 pub use config::{ConfigError, LogdConfig, WitnessConfig};
 pub use leaf::{LeafError, LeafV1};
 pub use service::{Logd, LogdError, LogdOptions, log_origin};

@@ -94,6 +94,9 @@ pub enum AuditProblem {
         #[source]
         source: ProofError,
     },
+    /// the entry is not what the caller's check of entries accepts
+    #[error("the entry fails the check of its content")]
+    Entry(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Where the audit found a problem, and what.
@@ -169,6 +172,28 @@ pub fn audit(
     origin: &str,
     log: &NoteVerifier,
 ) -> Result<AuditReport, AuditFailure> {
+    audit_entries(storage, origin, log, &mut |_, _| Ok(()))
+}
+
+/// The error a check of entries ([`audit_entries`]) returns.
+pub type EntryCheckError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A check of entries for [`audit_entries`]: the entry's index and bytes.
+pub type EntryCheck<'a> = dyn FnMut(u64, &[u8]) -> Result<(), EntryCheckError> + 'a;
+
+/// [`audit`], and hands every entry the latest checkpoint covers, in log
+/// order, with its index, to `check`: a check of what the entries say
+/// (the format of the log's leaves is not this crate's). The first entry
+/// it refuses fails the audit with [`AuditProblem::Entry`], naming its
+/// bundle and index, once the tree itself has verified (a broken tree is
+/// reported first).
+pub fn audit_entries(
+    storage: &dyn Storage,
+    origin: &str,
+    log: &NoteVerifier,
+    check: &mut EntryCheck<'_>,
+) -> Result<AuditReport, AuditFailure> {
+    let mut refused: Option<AuditFailure> = None;
     // 1. Checkpoints: the history and the latest.
     let mut history: BTreeMap<u64, (String, String, Checkpoint)> = BTreeMap::new();
     for path in storage
@@ -275,7 +300,13 @@ pub fn audit(
                 return Err(fail(path, Some(index), AuditProblem::Malformed(e)));
             }
         };
-        for e in entries.iter().take(need as usize) {
+        for (i, e) in entries.iter().take(need as usize).enumerate() {
+            let index = n * ENTRIES_PER_BUNDLE + i as u64;
+            if refused.is_none()
+                && let Err(source) = check(index, e)
+            {
+                refused = Some(fail(&path, Some(index), AuditProblem::Entry(source)));
+            }
             tree.push(leaf_hash(e));
         }
         bundle_paths.push(path);
@@ -420,6 +451,9 @@ pub fn audit(
         }
     }
 
+    if let Some(f) = refused {
+        return Err(f);
+    }
     Ok(AuditReport {
         size,
         root: tree.root(),

@@ -44,7 +44,9 @@ mod pg;
 mod storage;
 mod tile;
 
-pub use audit::{AuditFailure, AuditProblem, AuditReport, audit};
+pub use audit::{
+    AuditFailure, AuditProblem, AuditReport, EntryCheck, EntryCheckError, audit, audit_entries,
+};
 pub use log::{Log, LogError, StagedCheckpoint};
 pub use merkle::{
     ConsistencyValid, InclusionValid, ProofError, Tree, empty_root, leaf_hash, node_hash,

@@ -12,7 +12,7 @@ use nitrile_logd::protocol::{EntryBody, HistoryBody, ProofBody};
 use nitrile_logd::{Alert, AlertPage};
 use nitrile_tlog::{
     AuditFailure, ENTRIES_PER_BUNDLE, FileStorage, HASHES_PER_TILE, Hash, NoteVerifier, Storage,
-    TilePath, Tree, audit, decode_bundle, leaf_hash, open_checkpoint, verify_inclusion,
+    TilePath, Tree, decode_bundle, leaf_hash, open_checkpoint, verify_inclusion,
 };
 use serde::Serialize;
 
@@ -795,8 +795,39 @@ struct Verified {
     checkpoints: u64,
     bundles: u64,
     tiles: u64,
+    journals: usize,
+    records: u64,
     witnessed_by: Vec<String>,
     remembered: Accepted,
+}
+
+/// What `audit verify` checked of a log: its tree, checkpoints and tiles,
+/// and every source's journal replayed through it.
+#[derive(Debug)]
+struct Audited {
+    tree: nitrile_tlog::AuditReport,
+    journals: usize,
+    records: u64,
+}
+
+/// Audits the log in `storage` (the tree, every checkpoint, every tile)
+/// and replays each source's journal through its entries
+/// ([`nitrile_logd::SourceChains`]): one journal per source, each record
+/// once and in order, every chain hash recomputed. A log appended out of
+/// order (duplicates, a forged continuation, a second journal) fails at
+/// the entry where it breaks, even though its tree verifies.
+fn audit(storage: &dyn Storage, verifier: &NoteVerifier) -> Result<Audited, AuditFailure> {
+    let mut chains = nitrile_logd::SourceChains::new();
+    let tree = nitrile_tlog::audit_entries(storage, verifier.name(), verifier, &mut |_, e| {
+        chains
+            .push(e)
+            .map_err(|b| Box::new(b) as nitrile_tlog::EntryCheckError)
+    })?;
+    Ok(Audited {
+        tree,
+        journals: chains.sources(),
+        records: chains.records(),
+    })
 }
 
 #[derive(Serialize)]
@@ -845,7 +876,7 @@ pub(crate) fn verify(args: VerifyArgs, global: &Global) -> anyhow::Result<()> {
             let witnesses = witness_verifiers(loaded.as_ref())?;
             let storage = FileStorage::open(&dir)
                 .with_context(|| format!("cannot open the log store {}", dir.display()))?;
-            let result = audit(&storage, verifier.name(), &verifier);
+            let result = audit(&storage, &verifier);
             let source = dir.display().to_string();
             let anchored = result.is_ok().then(|| {
                 Checker {
@@ -865,7 +896,7 @@ pub(crate) fn verify(args: VerifyArgs, global: &Global) -> anyhow::Result<()> {
             let (result, anchored) = block_on(async {
                 let mut reader = LogReader::connect(&loaded).await?;
                 let mem = fetch_all(&mut reader).await?;
-                let result = audit(&mem, verifier.name(), &verifier);
+                let result = audit(&mem, &verifier);
                 let anchored = match &result {
                     Ok(_) => {
                         let note = mem
@@ -945,7 +976,7 @@ fn verify_postgres(
     if objects.is_empty() {
         anyhow::bail!("there is no {source} (is --log-name right?)");
     }
-    let result = audit(&storage, verifier.name(), &verifier);
+    let result = audit(&storage, &verifier);
     let anchored = result.is_ok().then(|| {
         Checker {
             anchors,
@@ -972,13 +1003,14 @@ fn report(
     verifier: &NoteVerifier,
     witnesses: usize,
     source: &str,
-    result: Result<nitrile_tlog::AuditReport, AuditFailure>,
+    result: Result<Audited, AuditFailure>,
     anchored: Option<anyhow::Result<Anchored>>,
     output: Output,
 ) -> anyhow::Result<()> {
     let origin = verifier.name().to_owned();
     match result {
-        Ok(r) => {
+        Ok(audited) => {
+            let r = &audited.tree;
             let anchored = match anchored {
                 Some(Ok(a)) => a,
                 Some(Err(e)) => {
@@ -1006,6 +1038,8 @@ fn report(
                     checkpoints: r.checkpoints,
                     bundles: r.bundles,
                     tiles: r.tiles,
+                    journals: audited.journals,
+                    records: audited.records,
                     witnessed_by: anchored.witnessed_by,
                     remembered: anchored.accepted,
                 })?,
@@ -1017,6 +1051,13 @@ fn report(
                         ("checkpoints".into(), format!("{} verified", r.checkpoints)),
                         ("entry bundles".into(), r.bundles.to_string()),
                         ("hash tiles".into(), r.tiles.to_string()),
+                        (
+                            "journals".into(),
+                            format!(
+                                "{} replayed through the log ({} records, each once, in order)",
+                                audited.journals, audited.records
+                            ),
+                        ),
                         ("witnessed by".into(), anchored.witnessed_text(witnesses)),
                         ("remembered".into(), anchored.accepted.describe()),
                     ])?;
