@@ -15,12 +15,15 @@
 //!   the call), the way the CLI calls: this is what idle connections
 //!   used to starve.
 //!
-//! The attack, on a runtime of its own thread, during the whole attacked
-//! phase: [`IDLE`] TCP connections from 127.0.0.2 that never send a byte,
-//! each opened again [`IDLE_PAUSE`] after the server closes it; and
-//! [`FLOOD_TASKS`] tasks from 127.0.0.3 opening connections back to back,
+//! The attack, on a runtime of its own thread (one worker), during the
+//! whole of an attacked phase: [`IDLE`] TCP connections from 127.0.0.2 that
+//! never send a byte, each opened again [`IDLE_PAUSE`] after the server
+//! closes it; and [`FLOOD_TASKS`] tasks from 127.0.0.3 opening connections,
 //! alternately sending plaintext garbage and a TLS 1.3 hello without a
-//! client certificate.
+//! client certificate: paced to [`PACED_FLOOD_PER_SEC`] in all in one
+//! attacked phase, back to back (as fast as the attack's thread goes) in
+//! the other. The attack shares the machine's cores with the host and the
+//! clients; the CPU each runtime used is printed per phase.
 //!
 //! At the end the host journal is read back: it must verify, hold one
 //! request and one outcome record per answered call, and its `tls` refusal
@@ -64,6 +67,8 @@ const IDLE: usize = 2000;
 const IDLE_PAUSE: Duration = Duration::from_secs(1);
 /// Tasks of the handshake flood.
 const FLOOD_TASKS: usize = 4;
+/// The paced flood's rate, over all its tasks.
+const PACED_FLOOD_PER_SEC: u32 = 1000;
 /// The goal: attacked p99 at most this many times the quiet p99.
 const GOAL_RATIO: f64 = 2.0;
 
@@ -298,6 +303,7 @@ fn attack(
     to: SocketAddr,
     roots: CaRoots,
     host: PrincipalId,
+    paced: bool,
     stop: Arc<AtomicBool>,
     counts: Arc<AttackCounts>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -336,8 +342,13 @@ fn attack(
         );
         tasks.push(rt.spawn(async move {
             let connector = tokio_rustls::TlsConnector::from(hello);
+            let every = Duration::from_secs(FLOOD_TASKS as u64) / PACED_FLOOD_PER_SEC;
+            let mut ticks = tokio::time::interval(every);
             let mut i = k;
             while !stop.load(Ordering::Relaxed) {
+                if paced {
+                    ticks.tick().await;
+                }
                 i += 1;
                 let Ok(mut tcp) = connect_from(ATTACKER_FLOOD, to).await else {
                     continue;
@@ -405,6 +416,43 @@ fn metric(prom: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds used so far by this process's threads, by the runtime their
+/// name says they belong to (`hostd`, `client`, `attack`; else `other`).
+/// `/proc` counts in USER_HZ, 100 a second on Linux.
+fn cpu_by_runtime() -> std::collections::BTreeMap<&'static str, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue;
+        };
+        let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+            continue;
+        };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // Fields 14 and 15 of stat (utime, stime), counted from 3 after ')'.
+        let seconds = (ticks(11) + ticks(12)) as f64 / 100.0;
+        let group = ["hostd", "client", "attack"]
+            .into_iter()
+            .find(|g| comm.starts_with(g))
+            .unwrap_or("other");
+        *out.entry(group).or_insert(0.0) += seconds;
+    }
+    out
+}
+
 fn raise_nofile(want: u64) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
@@ -421,6 +469,7 @@ fn main() {
     let host = Name::new("h1").expect("host name");
     let clients_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("client-rt")
         .enable_all()
         .build()
         .expect("client runtime");
@@ -435,6 +484,7 @@ fn main() {
         .name("hostd".into())
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
+                .thread_name("hostd-rt")
                 .enable_all()
                 .build()
                 .expect("hostd runtime");
@@ -463,15 +513,16 @@ fn main() {
     };
     let attack_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
+        .thread_name("attack-rt")
         .enable_all()
         .build()
         .expect("attack runtime");
 
     let mut rows = Vec::new();
     let mut answered = 0u64;
-    let mut attack_rates = (0.0, 0.0);
-    for phase in ["quiet", "attacked", "quiet again"] {
-        let attacked = phase == "attacked";
+    let mut attack_rates = Vec::new();
+    for phase in ["quiet", "paced flood", "full flood", "quiet again"] {
+        let attacked = phase.ends_with("flood");
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(AttackCounts::default());
         let began = Instant::now();
@@ -481,6 +532,7 @@ fn main() {
                 addr,
                 cell.roots(),
                 host_principal.clone(),
+                phase == "paced flood",
                 Arc::clone(&stop),
                 Arc::clone(&counts),
             )
@@ -488,18 +540,23 @@ fn main() {
             Vec::new()
         };
         let measure_from = Instant::now();
-        let (ka, fr) = clients_rt.block_on(async {
-            let ka = keep_alive(&target, run).await;
-            let fr = fresh(&target, run).await;
-            (ka, fr)
-        });
+        let cpu_before = cpu_by_runtime();
+        let ka = clients_rt.block_on(keep_alive(&target, run));
+        let wall = measure_from.elapsed().as_secs_f64();
+        let cpu_after = cpu_by_runtime();
+        let fr = clients_rt.block_on(fresh(&target, run));
+        let cores: Vec<(&'static str, f64)> = cpu_after
+            .iter()
+            .map(|(g, after)| (*g, (after - cpu_before.get(g).unwrap_or(&0.0)) / wall))
+            .collect();
         if attacked {
             let seconds = measure_from.elapsed().as_secs_f64();
             let idle = counts.idle_connects.load(Ordering::Relaxed) as f64;
-            attack_rates = (
+            attack_rates.push((
+                phase,
                 idle / began.elapsed().as_secs_f64(),
                 counts.flood_attempts.load(Ordering::Relaxed) as f64 / seconds,
-            );
+            ));
             stop.store(true, Ordering::Relaxed);
             attack_rt.block_on(async {
                 for t in tasks {
@@ -508,7 +565,7 @@ fn main() {
             });
         }
         answered += (ka.calls + KEEP_ALIVE_CLIENTS + fr.calls) as u64;
-        rows.push((phase, ka, fr));
+        rows.push((phase, ka, fr, cores));
     }
     drop(attack_rt);
     drop(clients_rt);
@@ -524,26 +581,34 @@ fn main() {
         "{:<12} {:>14} {:>9} {:>9} {:>12} {:>9} {:>9}",
         "phase", "keep-alive/s", "p50", "p99", "fresh calls", "p50", "p99"
     );
-    for (phase, ka, fr) in &rows {
+    for (phase, ka, fr, _) in &rows {
         println!(
             "{:<12} {:>14.0} {:>9.2?} {:>9.2?} {:>12} {:>9.2?} {:>9.2?}",
             phase, ka.rate, ka.p50, ka.p99, fr.calls, fr.p50, fr.p99
         );
     }
-    let quiet_ka = rows[0].1.p99.max(rows[2].1.p99);
-    let quiet_fr = rows[0].2.p99.max(rows[2].2.p99);
-    let ratio_ka = rows[1].1.p99.as_secs_f64() / quiet_ka.as_secs_f64();
-    let ratio_fr = rows[1].2.p99.as_secs_f64() / quiet_fr.as_secs_f64();
+    println!("cores used during the keep-alive run (CPU seconds / wall seconds, by runtime):");
+    for (phase, _, _, cores) in &rows {
+        let shown: Vec<String> = cores.iter().map(|(g, c)| format!("{g} {c:.2}")).collect();
+        println!("  {phase:<12} {}", shown.join(", "));
+    }
+    let quiet_ka = rows[0].1.p99.max(rows[3].1.p99);
+    let quiet_fr = rows[0].2.p99.max(rows[3].2.p99);
     let verdict = |r: f64| if r <= GOAL_RATIO { "met" } else { "NOT met" };
-    println!(
-        "p99 attacked / quiet (the larger quiet run): keep-alive {ratio_ka:.2} ({}), fresh connection {ratio_fr:.2} ({}); goal <= {GOAL_RATIO}",
-        verdict(ratio_ka),
-        verdict(ratio_fr)
-    );
-    println!(
-        "attack generated: {:.0} idle connections/s opened, {:.0} flood connections/s",
-        attack_rates.0, attack_rates.1
-    );
+    for (phase, ka, fr, _) in &rows[1..3] {
+        let ratio_ka = ka.p99.as_secs_f64() / quiet_ka.as_secs_f64();
+        let ratio_fr = fr.p99.as_secs_f64() / quiet_fr.as_secs_f64();
+        println!(
+            "{phase}: p99 / quiet p99 (the larger quiet run): keep-alive {ratio_ka:.2} ({}), fresh connection {ratio_fr:.2} ({}); goal <= {GOAL_RATIO}",
+            verdict(ratio_ka),
+            verdict(ratio_fr)
+        );
+    }
+    for (phase, idle, flood) in &attack_rates {
+        println!(
+            "{phase}: the attack opened {idle:.0} idle connections/s and {flood:.0} flood connections/s"
+        );
+    }
 
     let prom = std::fs::read_to_string(state.join("metrics.prom")).expect("metrics file");
     let p = "nitrile_hostd_";

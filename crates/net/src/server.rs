@@ -457,6 +457,9 @@ impl<H: Handler> Shared<H> {
                 if let Some(victim) = admitted.victim {
                     self.refused(victim, PreauthReason::Evicted);
                 }
+                // Without it, the first answer on a new connection can wait
+                // for the delayed ACK of the handshake's last flight (40 ms).
+                let _ = tcp.set_nodelay(true);
                 let this = Arc::clone(self);
                 let stop = stop.clone();
                 tasks.spawn(async move {
