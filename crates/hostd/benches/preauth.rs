@@ -592,14 +592,15 @@ fn main() {
         let shown: Vec<String> = cores.iter().map(|(g, c)| format!("{g} {c:.2}")).collect();
         println!("  {phase:<12} {}", shown.join(", "));
     }
-    let quiet_ka = rows[0].1.p99.max(rows[3].1.p99);
-    let quiet_fr = rows[0].2.p99.max(rows[3].2.p99);
+    // Against the better of the two quiet runs: the stricter comparison.
+    let quiet_ka = rows[0].1.p99.min(rows[3].1.p99);
+    let quiet_fr = rows[0].2.p99.min(rows[3].2.p99);
     let verdict = |r: f64| if r <= GOAL_RATIO { "met" } else { "NOT met" };
     for (phase, ka, fr, _) in &rows[1..3] {
         let ratio_ka = ka.p99.as_secs_f64() / quiet_ka.as_secs_f64();
         let ratio_fr = fr.p99.as_secs_f64() / quiet_fr.as_secs_f64();
         println!(
-            "{phase}: p99 / quiet p99 (the larger quiet run): keep-alive {ratio_ka:.2} ({}), fresh connection {ratio_fr:.2} ({}); goal <= {GOAL_RATIO}",
+            "{phase}: p99 / quiet p99 (the smaller of the two): keep-alive {ratio_ka:.2} ({}), fresh connection {ratio_fr:.2} ({}); goal <= {GOAL_RATIO}",
             verdict(ratio_ka),
             verdict(ratio_fr)
         );
