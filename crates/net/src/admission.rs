@@ -393,14 +393,15 @@ mod tests {
     use crate::Registry;
 
     fn limits() -> Limits {
-        let mut l = Limits::default();
-        l.max_handshakes = 4;
-        l.max_connections = 3;
-        l.max_handshakes_per_source = 3;
-        l.max_connections_per_source = 4;
-        l.handshake_rate_per_source = 2;
-        l.handshake_burst_per_source = 5;
-        l
+        Limits {
+            max_handshakes: 4,
+            max_connections: 3,
+            max_handshakes_per_source: 3,
+            max_connections_per_source: 4,
+            handshake_rate_per_source: 2,
+            handshake_burst_per_source: 5,
+            ..Limits::default()
+        }
     }
 
     fn table(limits: Limits) -> Arc<Mutex<Table>> {

@@ -173,24 +173,30 @@ mod tests {
     #[test]
     fn defaults_pass_and_zeros_are_refused() {
         assert_eq!(Limits::default().check(), Ok(()));
-        let mut l = Limits::default();
-        l.max_handshakes_per_source = 0;
+        let l = Limits {
+            max_handshakes_per_source: 0,
+            ..Limits::default()
+        };
         assert_eq!(
             l.check(),
             Err(LimitsError {
                 field: "max_handshakes_per_source"
             })
         );
-        let mut l = Limits::default();
-        l.idle_timeout = Duration::ZERO;
+        let l = Limits {
+            idle_timeout: Duration::ZERO,
+            ..Limits::default()
+        };
         assert_eq!(
             l.check(),
             Err(LimitsError {
                 field: "idle_timeout"
             })
         );
-        let mut l = Limits::default();
-        l.max_individual_reports = 0;
+        let l = Limits {
+            max_individual_reports: 0,
+            ..Limits::default()
+        };
         assert_eq!(l.check(), Ok(()));
     }
 }

@@ -406,11 +406,12 @@ mod tests {
     }
 
     fn limits() -> Limits {
-        let mut l = Limits::default();
-        l.max_individual_reports = 3;
-        l.max_individual_reports_per_source = 2;
-        l.max_summary_sources = 2;
-        l
+        Limits {
+            max_individual_reports: 3,
+            max_individual_reports_per_source: 2,
+            max_summary_sources: 2,
+            ..Limits::default()
+        }
     }
 
     #[test]

@@ -59,7 +59,9 @@ pub trait Handler: Send + Sync + 'static {
     /// handshakes one by one at once ([`PreauthReport::Failure`]) and
     /// everything else in one [`PreauthReport::Summary`] at the end of the
     /// interval and at shutdown. Every such connection is in exactly one
-    /// report. No HTTP is answered; services journal each report.
+    /// report (a handshake still in progress when shutdown begins is closed
+    /// without one: it neither failed nor was refused). No HTTP is
+    /// answered; services journal each report.
     fn preauth_report(&self, report: PreauthReport) -> impl Future<Output = ()> + Send {
         let _ = report;
         std::future::ready(())

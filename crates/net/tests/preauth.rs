@@ -234,9 +234,8 @@ async fn failing_attempt(from: Ipv4Addr, to: SocketAddr, roots: &CaRoots, garbag
         // client's side is done; its alert (or close) ends the read.
         let _ = stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
         let mut buf = [0u8; 256];
-        while let Ok(n) = stream.read(&mut buf).await {
+        if let Ok(n) = stream.read(&mut buf).await {
             assert_eq!(n, 0, "a client without a certificate got an answer");
-            break;
         }
     }
 }
