@@ -462,8 +462,8 @@ mod tests {
         drop(fifth);
         drop(held.pop());
         assert_eq!(admit(&t, a, now).unwrap_err(), PreauthReason::SourceRate);
-        // Two tokens a second: half a second later, one.
-        let later = now + Duration::from_millis(500);
+        // Two tokens a second: 0.6 s later, one (and a fifth of another).
+        let later = now + Duration::from_millis(600);
         let one = admit(&t, a, later).unwrap();
         drop(one);
         assert_eq!(admit(&t, a, later).unwrap_err(), PreauthReason::SourceRate);
