@@ -239,7 +239,8 @@ impl ServerMetrics {
             PreauthReason::Handshakes => &self.refused_handshakes,
             PreauthReason::Evicted => &self.refused_evicted,
             PreauthReason::Connections => &self.refused_connections,
-            _ => &self.tls_handshake_failures,
+            // Failed handshakes are counted where they fail.
+            _ => return,
         };
         counter.inc();
     }
@@ -567,12 +568,6 @@ impl<H: Handler> Shared<H> {
                 }
             },
         };
-        if let Err(reason) = ticket.authenticate() {
-            if reason != PreauthReason::Evicted {
-                self.refused(ticket.source(), reason);
-            }
-            return;
-        }
         let leaf = tls
             .get_ref()
             .1
@@ -582,10 +577,20 @@ impl<H: Handler> Shared<H> {
         let Some(leaf) = leaf else {
             // The verifier requires a certificate; this cannot happen, but
             // if it did the connection must not be served.
-            self.metrics.tls_handshake_failures.inc();
+            drop(tls);
+            ticket.release();
             tracing::warn!(%remote, "TLS session without client certificate; closing");
+            let message = "TLS session without client certificate";
+            self.handshake_failed(remote, PreauthReason::TlsCertificate, message)
+                .await;
             return;
         };
+        if let Err(reason) = ticket.authenticate() {
+            if reason != PreauthReason::Evicted {
+                self.refused(ticket.source(), reason);
+            }
+            return;
+        }
         self.metrics.tls_sessions.inc();
         let identity: Identity = match PeerIdentity::from_der(&leaf, &self.cell) {
             Ok(id) => {
