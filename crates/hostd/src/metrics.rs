@@ -68,8 +68,15 @@ impl HostdMetrics {
     /// Counts a connection refused at TLS (failed handshake or a
     /// certificate of another cell).
     pub fn tls_refusal(&self) {
-        self.tls_refusals.fetch_add(1, Ordering::Relaxed);
-        self.refusal(RefusalStep::Tls);
+        self.tls_refusals(1);
+    }
+
+    /// Counts `n` connections refused at TLS or before it (failed
+    /// handshakes, pre-authentication limits).
+    pub fn tls_refusals(&self, n: u64) {
+        self.tls_refusals.fetch_add(n, Ordering::Relaxed);
+        let mut m = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        *m.entry(RefusalStep::Tls.as_str()).or_default() += n;
     }
 
     /// The exposition text: these counters, the gauges given, and the

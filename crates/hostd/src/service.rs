@@ -22,7 +22,7 @@ use nitrile_api::wire::{Refusal, RefusalStep};
 use nitrile_api::{Audience, PrincipalId, PrincipalKind};
 use nitrile_audit::{JournalOptions, Outcome};
 use nitrile_image::ImageStore;
-use nitrile_net::{Handler, PeerIdentity, Registry, Server, json_response};
+use nitrile_net::{Handler, PeerIdentity, PreauthReport, Registry, Server, json_response};
 use nitrile_pki::PkiError;
 use nitrile_pki::tls::{self, CaRoots, TlsIdentity};
 use nitrile_token::{Clock, DEFAULT_REPLAY_CAPACITY, ReplayCache, SystemClock, Verifier};
@@ -775,12 +775,11 @@ impl Handler for Api {
         .await;
     }
 
-    async fn handshake_failed(&self, remote: SocketAddr, reason: &str) {
+    async fn preauth_report(&self, report: PreauthReport) {
         let inner = Arc::clone(&self.0);
-        let reason = format!("TLS handshake failed: {}", clip_text(reason, 160));
-        inner.metrics.tls_refusal();
+        inner.metrics.tls_refusals(report.count());
+        let (reason, detail) = (report.record_reason(), report.record_detail());
         let _ = tokio::task::spawn_blocking(move || {
-            let detail = serde_json::json!({ "remote": remote.to_string() });
             inner.admission.refuse_tls(None, reason, Some(detail))
         })
         .await;

@@ -2036,14 +2036,10 @@ impl Handler for Api {
             .await;
     }
 
-    async fn handshake_failed(&self, remote: SocketAddr, reason: &str) {
+    async fn preauth_report(&self, report: nitrile_net::PreauthReport) {
         let inner = Arc::clone(&self.0);
-        let reason = format!(
-            "TLS handshake failed: {}",
-            nitrile_api::admin::clip_text(reason, 160)
-        );
+        let (reason, detail) = (report.record_reason(), report.record_detail());
         let _ = tokio::task::spawn_blocking(move || {
-            let detail = serde_json::json!({ "remote": remote.to_string() });
             inner.admission.refuse_tls(None, reason, Some(detail))
         })
         .await;

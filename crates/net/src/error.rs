@@ -68,6 +68,9 @@ pub enum NetError {
     /// A metric could not be registered.
     #[error("metric registration failed")]
     Metrics(#[from] crate::MetricsError),
+    /// The server's limits would refuse every connection.
+    #[error("invalid server limits")]
+    Limits(#[from] crate::LimitsError),
 }
 
 impl NetError {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use nitrile_api::{Name, PrincipalId, PrincipalKind};
 use nitrile_audit::Journal;
-use nitrile_net::{Handler, PeerIdentity, Registry, Server};
+use nitrile_net::{Handler, PeerIdentity, PreauthReport, Registry, Server};
 use nitrile_pki::tls::{CaRoots, TlsIdentity};
 use nitrile_pki::{PkiError, tls};
 use nitrile_policy::{QuotaStore, ReviewerSet};
@@ -379,10 +379,10 @@ impl Handler for Api {
             blocking(move || svc.refuse_unreadable(&peer, &method, &path, status, &reason)).await;
     }
 
-    async fn handshake_failed(&self, remote: SocketAddr, reason: &str) {
+    async fn preauth_report(&self, report: PreauthReport) {
         let svc = Arc::clone(&self.0);
-        let reason = format!("TLS handshake failed: {reason}");
-        let _ = blocking(move || svc.refuse_handshake(remote, &reason)).await;
+        let (reason, detail) = (report.record_reason(), report.record_detail());
+        let _ = blocking(move || svc.refuse_handshake(&reason, detail)).await;
     }
 
     async fn refused_at_tls(&self, reason: &PkiError, cert_sha256: Option<[u8; 32]>) {

@@ -238,13 +238,15 @@ impl TokenService {
         )
     }
 
-    /// Journals a connection whose TLS handshake failed: no certificate, one
-    /// of another CA, an expired one, an old protocol. Nothing is answered.
-    pub fn refuse_handshake(&self, remote: std::net::SocketAddr, reason: &str) -> Reply {
+    /// Journals connections that failed or were refused before
+    /// authentication (no certificate, one of another CA, an expired one, an
+    /// old protocol, a pre-authentication limit): one failed handshake with
+    /// its remote address in `detail`, or the summary of a report interval
+    /// with its counts per source. Nothing is answered.
+    pub fn refuse_handshake(&self, reason: &str, detail: serde_json::Value) -> Reply {
         let now = self.clock.now();
         let request_id = RequestId::random(&mut rand_core::OsRng);
         let refused = Refused::new(401, RefusalStep::Tls, reason);
-        let detail = serde_json::json!({ "remote": remote.to_string() });
         self.refuse(
             |r| r.with_detail(detail.clone()),
             now,
