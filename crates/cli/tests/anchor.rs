@@ -353,9 +353,7 @@ fn forged_logs_signed_with_the_log_key_are_refused_and_forget_starts_over() {
     let size = v["size"].as_u64().unwrap();
     assert_eq!(remembered(&auditor)["size"], size);
 
-    let entries = |n: u64, tag: &str| -> Vec<Vec<u8>> {
-        (0..n).map(|i| format!("{tag} {i}").into_bytes()).collect()
-    };
+    let entries = |n: u64, tag: &str| -> Vec<Vec<u8>> { cell::journal_leaves(tag, n) };
     // An auditor whose config names no witness (only the log's key, and
     // the same memory): only the memory tells a forged log.
     let vkey = cell.state.join("logd/log.vkey");

@@ -11,6 +11,8 @@
 #[path = "../../tlog/tests/support/pg_server.rs"]
 mod pg_server;
 
+mod cell;
+
 use std::process::{Command, Output};
 
 use nitrile_tlog::{Log, NoteSigner};
@@ -51,7 +53,7 @@ fn audit_verify_over_postgres_passes_then_names_the_altered_row() {
     std::fs::write(&vkey, signer.verifier().to_vkey()).unwrap();
     let mut log = Log::open(server.storage("cell-a"), ORIGIN, signer).unwrap();
     for (from, to, now) in [(0u64, 300u64, 1_000u64), (300, 420, 2_000)] {
-        let batch: Vec<Vec<u8>> = (from..to).map(|i| format!("r{i}").into_bytes()).collect();
+        let batch = cell::journal_leaves("r", to)[from as usize..].to_vec();
         log.append(&batch).unwrap();
         let note = log.prepare_checkpoint(now).unwrap();
         log.publish(&note).unwrap();
@@ -90,7 +92,7 @@ fn audit_verify_over_postgres_passes_then_names_the_altered_row() {
 
     // The log grows: the growth is checked with a consistency proof from
     // the remembered size, computed from the rows, and remembered.
-    let batch: Vec<Vec<u8>> = (420..500).map(|i| format!("r{i}").into_bytes()).collect();
+    let batch = cell::journal_leaves("r", 500)[420..].to_vec();
     log.append(&batch).unwrap();
     let note = log.prepare_checkpoint(3_000).unwrap();
     log.publish(&note).unwrap();
@@ -103,9 +105,7 @@ fn audit_verify_over_postgres_passes_then_names_the_altered_row() {
     // Another tree of the same size, signed with the same key, in another
     // log of the table: it verifies on its own, but not after this one.
     let mut forged = Log::open(server.storage("cell-c"), ORIGIN, forger).unwrap();
-    let batch: Vec<Vec<u8>> = (0..500)
-        .map(|i| format!("forged {i}").into_bytes())
-        .collect();
+    let batch = cell::journal_leaves("forged", 500);
     forged.append(&batch).unwrap();
     let note = forged.prepare_checkpoint(4_000).unwrap();
     forged.publish(&note).unwrap();

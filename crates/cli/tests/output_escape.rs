@@ -258,7 +258,7 @@ fn a_closed_pipe_ends_a_verb_quietly_with_status_141() {
         signer,
     )
     .unwrap();
-    let batch: Vec<Vec<u8>> = (0..300u32).map(|i| format!("r{i}").into_bytes()).collect();
+    let batch = cell::journal_leaves("r", 300);
     log.append(&batch).unwrap();
     let note = log.prepare_checkpoint(1_000).unwrap();
     log.publish(&note).unwrap();

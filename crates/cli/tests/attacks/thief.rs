@@ -14,6 +14,23 @@ fn claim6_a_rolled_back_source_record_is_caught_by_audit_verify() {
     for _ in 0..3 {
         cell.ok(&cell.alice, &["host", "describe"]);
     }
+    // Until h1's records are in the log.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let tail = cell.ok(&cell.carol, &["audit", "tail", "-o", "json", "-n", "1000"]);
+        let from_h1 = tail
+            .lines()
+            .filter(|l| l.contains("\"source\":\"nitrile://local/host/h1\""))
+            .count();
+        if from_h1 >= 6 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "h1's records never reached the log"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let first = cell.ok(&cell.carol, &["audit", "verify", "-o", "json"]);
     let first: serde_json::Value = serde_json::from_str(&first).unwrap();
     assert_eq!(first["ok"], true, "{first}");
@@ -24,6 +41,11 @@ fn claim6_a_rolled_back_source_record_is_caught_by_audit_verify() {
     let mut file: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&sources).unwrap()).unwrap();
     let h1 = &mut file["sources"]["nitrile://local/host/h1"];
+    assert!(
+        h1.is_object(),
+        "{}",
+        serde_json::to_string_pretty(&file).unwrap()
+    );
     assert!(h1["acked_seq"].as_u64().unwrap() >= 3, "{h1}");
     let record_1 = nitrile_audit::JournalReader::open(cell.host_journal())
         .unwrap()

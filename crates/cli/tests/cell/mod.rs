@@ -562,3 +562,34 @@ pub(crate) fn wait_for_line(path: &Path, marker: &str, timeout: Duration) -> boo
     }
     false
 }
+
+/// The first `n` log leaves of a journal of host h1 whose records are
+/// `"{tag} {i}"`, chained as a journal chains them (a journal id of its
+/// own per `tag`): the entries of a log that `nitrile audit verify`, which
+/// replays every journal through the log, accepts.
+pub(crate) fn journal_leaves(tag: &str, n: u64) -> Vec<Vec<u8>> {
+    use sha2::Digest as _;
+    let source = "nitrile://local/host/h1";
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&sha2::Sha256::digest(tag.as_bytes())[..16]);
+    let journal_id = nitrile_audit::JournalId(id);
+    let mut hash = nitrile_audit::genesis_hash(
+        nitrile_audit::FORMAT_VERSION,
+        &journal_id,
+        source.as_bytes(),
+    );
+    (1..=n)
+        .map(|seq| {
+            let payload = format!("{tag} {}", seq - 1).into_bytes();
+            hash = nitrile_audit::record_hash(&hash, seq, &payload);
+            nitrile_logd::leaf::encode(&nitrile_logd::leaf::LeafV1 {
+                source: source.to_owned(),
+                journal_id,
+                seq,
+                hash,
+                payload,
+            })
+            .unwrap()
+        })
+        .collect()
+}
