@@ -674,6 +674,8 @@ async fn an_idle_authenticated_connection_is_closed_after_the_idle_timeout() {
             .header(http::header::HOST, "x")
             .body(Empty::<Bytes>::new())
             .unwrap();
+        // The connection takes the next request once the last is done.
+        sender.ready().await.unwrap();
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
         resp.into_body().collect().await.unwrap();
