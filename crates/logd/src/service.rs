@@ -487,7 +487,9 @@ impl Logd {
         let monitor = match (options.monitor, &config.monitor) {
             (Some(m), _) => Some(m),
             (None, Some(source)) => {
-                let (m, advance) = crate::rules::load_reviewed_monitor(source, state)?;
+                let loaded = crate::rules::load_reviewed_monitor(source, state);
+                journal_monitor_bundle(admission.journal(), &me, options.clock.now(), &loaded);
+                let (m, advance) = loaded?;
                 tracing::info!(
                     bundle = %advance.current(),
                     previous = ?advance.previous().map(|p| p.to_string()),
@@ -623,6 +625,67 @@ impl Logd {
             tracing::warn!(error = %e, "metrics server failed");
         }
         result.map_err(LogdError::from)
+    }
+}
+
+/// The key of the journal record's `detail` naming the bundle the monitor's
+/// rules come from.
+pub const MONITOR_BUNDLE_DETAIL_KEY: &str = "monitor_bundle";
+
+fn bundle_version_json(v: nitrile_policy::BundleVersion) -> serde_json::Value {
+    serde_json::json!({ "serial": v.serial.get(), "digest": v.digest.to_hex() })
+}
+
+/// Journals which reviewed bundle the monitor's rules come from (at every
+/// start: serial, digest and the one before when it changed), or the bundle
+/// refused for an older or reused serial; a record that cannot be written
+/// is reported (logd does not start without its journal anyway).
+fn journal_monitor_bundle(
+    journal: &nitrile_audit::Journal,
+    me: &PrincipalId,
+    now: time::OffsetDateTime,
+    loaded: &Result<(Monitor, nitrile_policy::BundleAdvance), crate::rules::BundleRulesError>,
+) {
+    let request_id = RequestId::random(&mut rand_core::OsRng);
+    let record = match loaded {
+        Ok((_, advance)) => {
+            let mut bundle = bundle_version_json(advance.current());
+            if let Some(p) = advance.previous() {
+                bundle["previous"] = bundle_version_json(p);
+            }
+            AuditRecord::outcome(now, me.clone(), request_id, Outcome::Executed)
+                .with_reason(&format!(
+                    "monitor rules of entitlement bundle serial {} in force",
+                    advance.current().serial
+                ))
+                .with_detail(serde_json::json!({ MONITOR_BUNDLE_DETAIL_KEY: bundle }))
+        }
+        Err(crate::rules::BundleRulesError::Order { source, .. }) => {
+            let (nitrile_policy::SerialError::Rollback { loaded, recorded }
+            | nitrile_policy::SerialError::SerialReused { loaded, recorded }) = source.as_ref()
+            else {
+                return;
+            };
+            AuditRecord::refusal(
+                now,
+                me.clone(),
+                request_id,
+                RefusalStep::Entitlement,
+                &source.to_string(),
+            )
+            .with_detail(serde_json::json!({ MONITOR_BUNDLE_DETAIL_KEY: {
+                "refused": bundle_version_json(*loaded),
+                "in_force": bundle_version_json(*recorded),
+            }}))
+        }
+        Err(_) => return,
+    };
+    let written = record
+        .encode()
+        .map_err(|e| e.to_string())
+        .and_then(|b| journal.append(&b).map(|_| ()).map_err(|e| e.to_string()));
+    if let Err(reason) = written {
+        tracing::error!(%reason, "could not journal the monitor's entitlement bundle");
     }
 }
 

@@ -298,6 +298,22 @@ async fn an_edited_rule_stops_logd_and_a_re_signed_one_with_a_higher_serial_runs
             if matches!(**source, SerialError::Rollback { .. })),
         "{e}"
     );
+    // logd's journal says which bundle's rules were in force at each start,
+    // and that the older one was refused.
+    let records = journal_records(&config.state.join("journal"));
+    let bundles: Vec<&serde_json::Value> = records
+        .iter()
+        .filter_map(|r| r.detail.as_ref()?.get("monitor_bundle"))
+        .collect();
+    assert!(
+        bundles
+            .iter()
+            .any(|b| b["serial"] == 2 && b["previous"]["serial"] == 1),
+        "{bundles:?}"
+    );
+    let last = bundles.last().unwrap();
+    assert_eq!(last["refused"]["serial"], 1, "{bundles:?}");
+    assert_eq!(last["in_force"]["serial"], 2, "{bundles:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
