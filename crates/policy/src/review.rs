@@ -317,11 +317,16 @@ fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
 /// Writes a file atomically: a temporary file in the same directory, created
 /// with `mode`, written, fsynced, renamed over `path`, and the directory fsynced.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ReviewError> {
+    write_atomic_io(path, bytes, mode).map_err(|source| ReviewError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// [`write_atomic`] with the I/O error as it is (the temporary file is
+/// removed when anything fails).
+pub(crate) fn write_atomic_io(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| ReviewError::Io { path: p, source }
-    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -331,13 +336,13 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), R
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
     let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -346,7 +351,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), R
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.map_err(io(path))
+    result
 }
 
 /// Why a signature file did not count.

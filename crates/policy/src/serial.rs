@@ -17,7 +17,7 @@
 //! a rollback is on the record even then.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::manifest::BundleVersion;
@@ -201,45 +201,15 @@ impl SerialStore {
         let mut bytes = serde_json::to_vec(&advance.current)
             .unwrap_or_else(|_| unreachable!("a serial and a digest serialize"));
         bytes.push(b'\n');
-        write_atomic(&self.path, &bytes).map_err(|source| SerialError::Io {
-            path: self.path.clone(),
-            source,
+        crate::review::write_atomic_io(&self.path, &bytes, 0o600).map_err(|source| {
+            SerialError::Io {
+                path: self.path.clone(),
+                source,
+            }
         })?;
         self.recorded = Some(advance.current);
         Ok(())
     }
-}
-
-/// Writes `path` atomically and durably, owner-only: a temporary file in the
-/// same directory, written and fsynced, renamed over `path`, then the
-/// directory fsynced.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(&dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]
