@@ -25,22 +25,19 @@
 //! with p99 <= 10 ms on a 2-core machine, journal fsync on.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nitrile_api::admin::HostDescription;
-use nitrile_api::wire::{TokenRequest, TokenResponse};
-use nitrile_api::{Audience, Name, Operation, PrincipalId, PrincipalKind, ResourceId};
+use nitrile_api::{Name, Operation, PrincipalId, PrincipalKind};
 use nitrile_audit::{JournalReader, Outcome, RecordKind, verify_journal};
-use nitrile_cell::{CellLayout, bootstrap, provision_host};
-use nitrile_hostd::{BackendName, Hostd, HostdConfig, HostdOptions};
+use nitrile_hostd::{Hostd, HostdOptions};
 use nitrile_net::Client;
-use nitrile_pki::PeerIdentity;
-use nitrile_pki::tls::{CaRoots, TlsIdentity, client_config};
-use nitrile_tokend::{Tokend, TokendConfig};
-use time::OffsetDateTime;
+use nitrile_pki::tls::{CaRoots, client_config};
+
+mod common;
+use common::{Cell, cell, mint};
 
 /// Target rate of the issue, journal fsync on.
 const TARGET_PER_SEC: f64 = 10_000.0;
@@ -96,108 +93,6 @@ impl Row {
             calls: latencies.len(),
         }
     }
-}
-
-struct Cell {
-    _dir: tempfile::TempDir,
-    layout: CellLayout,
-    cell: Name,
-    tokend: PrincipalId,
-    alice: PrincipalId,
-}
-
-fn cell() -> Cell {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let layout = CellLayout::new(&dir.path().join("state"));
-    let cell = Name::new("bench").expect("cell name");
-    let boot =
-        bootstrap(&layout, &cell, "127.0.0.1:0", OffsetDateTime::now_utc()).expect("bootstrap");
-    let alice = boot
-        .clients
-        .iter()
-        .map(|(p, _)| p.clone())
-        .find(|p| p.kind == PrincipalKind::Operator && p.name.as_str() == "alice")
-        .expect("the sample cell has operator alice");
-    Cell {
-        _dir: dir,
-        layout,
-        cell,
-        tokend: boot.tokend,
-        alice,
-    }
-}
-
-impl Cell {
-    fn tokend_config(&self) -> TokendConfig {
-        let (cert, key) = self.layout.cert_and_key(&self.tokend);
-        TokendConfig {
-            cell: self.cell.clone(),
-            state_dir: self.layout.tokend_dir(),
-            ca: self.layout.ca_cert(),
-            cert,
-            key,
-            entitlements: self.layout.entitlements_dir(),
-            reviewers: self.layout.reviewers_file(),
-            listen: "127.0.0.1:0".parse().expect("address"),
-            metrics: None,
-            max_token_lifetime_secs: None,
-        }
-    }
-
-    fn alice_tls(&self) -> TlsIdentity {
-        let (cert, key) = self.layout.cert_and_key(&self.alice);
-        TlsIdentity::load(&cert, &key).expect("alice's certificate")
-    }
-
-    /// A host agent config for `host`, provisioned afresh (certificate,
-    /// pinned issuer keys), with its own state directory.
-    fn host_config(&self, host: &Name, state: PathBuf) -> HostdConfig {
-        let provisioned = provision_host(&self.layout, &self.cell, host, OffsetDateTime::now_utc())
-            .expect("provision host");
-        let images = self.layout.images_dir();
-        std::fs::create_dir_all(&images).expect("image store directory");
-        let mut config = HostdConfig::new(
-            self.cell.clone(),
-            host.clone(),
-            "127.0.0.1:0".parse().expect("address"),
-            state,
-            self.layout.ca_cert(),
-            provisioned.cert,
-            provisioned.key,
-            provisioned.issuer_keys,
-            images,
-        );
-        // No VM is launched here; the qemu backend is cheapest to set up.
-        config.hypervisor.backend = BackendName::Qemu;
-        config
-    }
-}
-
-/// Mints a `host.describe` token on `host/<host>` for alice through the
-/// token service in-process (Cedar, quota-free grant, grant record durable).
-async fn mint(cell: &Cell, host: &Name) -> String {
-    let tokend = Tokend::open(&cell.tokend_config())
-        .await
-        .expect("open tokend");
-    let peer = PeerIdentity::from_der(cell.alice_tls().leaf(), &cell.cell).expect("alice");
-    let resource = ResourceId::parse(&format!("host/{host}")).expect("resource");
-    let request = TokenRequest {
-        operations: vec![Operation::HostDescribe],
-        resources: vec![resource],
-        audience: Audience::new(host.as_str()).expect("audience"),
-        group: None,
-        lifetime_secs: Some(300),
-    };
-    let body = serde_json::to_vec(&request).expect("request JSON");
-    let reply = tokend.service().issue(&peer, &body);
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let response: TokenResponse = serde_json::from_slice(&reply.body).expect("token response");
-    response.token
 }
 
 /// `clients` keep-alive mTLS connections, one task each, calling

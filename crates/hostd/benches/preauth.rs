@@ -41,18 +41,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nitrile_api::wire::{TokenRequest, TokenResponse};
-use nitrile_api::{Audience, Name, Operation, PrincipalId, PrincipalKind, ResourceId};
+use nitrile_api::{Name, PrincipalId, PrincipalKind};
 use nitrile_audit::{JournalReader, Outcome, RecordKind, verify_journal};
-use nitrile_cell::{CellLayout, bootstrap, provision_host};
-use nitrile_hostd::{BackendName, Hostd, HostdConfig, HostdOptions};
+use nitrile_hostd::{Hostd, HostdOptions};
 use nitrile_net::Client;
-use nitrile_pki::PeerIdentity;
-use nitrile_pki::tls::{CaRoots, TlsIdentity, client_config, server_name};
-use nitrile_tokend::{Tokend, TokendConfig};
-use time::OffsetDateTime;
+use nitrile_pki::tls::{CaRoots, client_config, server_name};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+
+mod common;
+use common::{cell, mint};
 
 /// Length of each measured run.
 const RUN: Duration = Duration::from_secs(5);
@@ -101,103 +99,6 @@ impl Lat {
             p99: at(0.99),
         }
     }
-}
-
-struct Cell {
-    _dir: tempfile::TempDir,
-    layout: CellLayout,
-    cell: Name,
-    tokend: PrincipalId,
-    alice: PrincipalId,
-}
-
-fn cell() -> Cell {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let layout = CellLayout::new(&dir.path().join("state"));
-    let cell = Name::new("bench").expect("cell name");
-    let boot =
-        bootstrap(&layout, &cell, "127.0.0.1:0", OffsetDateTime::now_utc()).expect("bootstrap");
-    let alice = boot
-        .clients
-        .iter()
-        .map(|(p, _)| p.clone())
-        .find(|p| p.kind == PrincipalKind::Operator && p.name.as_str() == "alice")
-        .expect("the sample cell has operator alice");
-    Cell {
-        _dir: dir,
-        layout,
-        cell,
-        tokend: boot.tokend,
-        alice,
-    }
-}
-
-impl Cell {
-    fn roots(&self) -> CaRoots {
-        CaRoots::load(&self.layout.ca_cert()).expect("CA roots")
-    }
-
-    fn alice_tls(&self) -> TlsIdentity {
-        let (cert, key) = self.layout.cert_and_key(&self.alice);
-        TlsIdentity::load(&cert, &key).expect("alice's certificate")
-    }
-
-    fn host_config(&self, host: &Name) -> HostdConfig {
-        let provisioned = provision_host(&self.layout, &self.cell, host, OffsetDateTime::now_utc())
-            .expect("provision host");
-        let images = self.layout.images_dir();
-        std::fs::create_dir_all(&images).expect("image store directory");
-        let mut config = HostdConfig::new(
-            self.cell.clone(),
-            host.clone(),
-            "127.0.0.1:0".parse().expect("address"),
-            self.layout.host_dir(host),
-            self.layout.ca_cert(),
-            provisioned.cert,
-            provisioned.key,
-            provisioned.issuer_keys,
-            images,
-        );
-        config.hypervisor.backend = BackendName::Qemu;
-        config
-    }
-}
-
-/// Mints a `host.describe` token on `host/<host>` for alice in-process.
-async fn mint(cell: &Cell, host: &Name) -> String {
-    let (cert, key) = cell.layout.cert_and_key(&cell.tokend);
-    let config = TokendConfig {
-        cell: cell.cell.clone(),
-        state_dir: cell.layout.tokend_dir(),
-        ca: cell.layout.ca_cert(),
-        cert,
-        key,
-        entitlements: cell.layout.entitlements_dir(),
-        reviewers: cell.layout.reviewers_file(),
-        listen: "127.0.0.1:0".parse().expect("address"),
-        metrics: None,
-        max_token_lifetime_secs: None,
-    };
-    let tokend = Tokend::open(&config).await.expect("open tokend");
-    let peer = PeerIdentity::from_der(cell.alice_tls().leaf(), &cell.cell).expect("alice");
-    let request = TokenRequest {
-        operations: vec![Operation::HostDescribe],
-        resources: vec![ResourceId::parse(&format!("host/{host}")).expect("resource")],
-        audience: Audience::new(host.as_str()).expect("audience"),
-        group: None,
-        lifetime_secs: Some(900),
-    };
-    let reply = tokend
-        .service()
-        .issue(&peer, &serde_json::to_vec(&request).expect("request JSON"));
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let response: TokenResponse = serde_json::from_slice(&reply.body).expect("token response");
-    response.token
 }
 
 struct Target {
@@ -475,7 +376,7 @@ fn main() {
         .build()
         .expect("client runtime");
     let token: Arc<str> = clients_rt.block_on(mint(&cell, &host)).into();
-    let config = cell.host_config(&host);
+    let config = cell.host_config(&host, cell.layout.host_dir(&host));
     let state: PathBuf = config.state.clone();
     let host_principal = PrincipalId::new(cell.cell.clone(), PrincipalKind::Host, host.clone());
 
