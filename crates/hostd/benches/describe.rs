@@ -32,12 +32,12 @@ use std::time::{Duration, Instant};
 use nitrile_api::admin::HostDescription;
 use nitrile_api::{Name, Operation, PrincipalId, PrincipalKind};
 use nitrile_audit::{JournalReader, Outcome, RecordKind, verify_journal};
-use nitrile_hostd::{Hostd, HostdOptions};
+use nitrile_hostd::HostdOptions;
 use nitrile_net::Client;
 use nitrile_pki::tls::{CaRoots, client_config};
 
 mod common;
-use common::{Cell, cell, mint};
+use common::{Cell, cell, mint, start_hostd};
 
 /// Target rate of the issue, journal fsync on.
 const TARGET_PER_SEC: f64 = 10_000.0;
@@ -216,34 +216,14 @@ fn measure(cell: &Cell, host: &str, no_sync: bool, plan: &Plan) -> Measured {
     let config = cell.host_config(&host, state.clone());
     let host_principal = PrincipalId::new(cell.cell.clone(), PrincipalKind::Host, host.clone());
 
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = std::thread::Builder::new()
-        .name("hostd".into())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("hostd runtime");
-            runtime.block_on(async move {
-                let options = HostdOptions {
-                    danger_journal_no_sync: no_sync,
-                    ..HostdOptions::default()
-                };
-                let hostd = Hostd::open(&config, options).await.expect("open hostd");
-                addr_tx
-                    .send(hostd.local_addr().expect("bound address"))
-                    .expect("send address");
-                hostd
-                    .serve(async move {
-                        let _ = stop_rx.await;
-                    })
-                    .await
-                    .expect("hostd serve");
-            });
-        })
-        .expect("hostd thread");
-    let addr = addr_rx.recv().expect("hostd address");
+    let server = start_hostd(
+        config,
+        HostdOptions {
+            danger_journal_no_sync: no_sync,
+            ..HostdOptions::default()
+        },
+    );
+    let addr = server.addr;
 
     let (rows, answered) = clients_rt.block_on(async {
         let mut rows = Vec::new();
@@ -266,8 +246,7 @@ fn measure(cell: &Cell, host: &str, no_sync: bool, plan: &Plan) -> Measured {
         (rows, answered)
     });
     drop(clients_rt);
-    let _ = stop_tx.send(());
-    server.join().expect("hostd thread");
+    server.stop();
     let journal = check_journal(&state.join("journal"));
     Measured {
         no_sync,

@@ -43,14 +43,14 @@ use std::time::{Duration, Instant};
 
 use nitrile_api::{Name, PrincipalId, PrincipalKind};
 use nitrile_audit::{JournalReader, Outcome, RecordKind, verify_journal};
-use nitrile_hostd::{Hostd, HostdOptions};
+use nitrile_hostd::HostdOptions;
 use nitrile_net::Client;
 use nitrile_pki::tls::{CaRoots, client_config, server_name};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 mod common;
-use common::{cell, mint};
+use common::{cell, mint, start_hostd};
 
 /// Length of each measured run.
 const RUN: Duration = Duration::from_secs(5);
@@ -380,33 +380,8 @@ fn main() {
     let state: PathBuf = config.state.clone();
     let host_principal = PrincipalId::new(cell.cell.clone(), PrincipalKind::Host, host.clone());
 
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = std::thread::Builder::new()
-        .name("hostd".into())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .thread_name("hostd-rt")
-                .enable_all()
-                .build()
-                .expect("hostd runtime");
-            runtime.block_on(async move {
-                let hostd = Hostd::open(&config, HostdOptions::default())
-                    .await
-                    .expect("open hostd");
-                addr_tx
-                    .send(hostd.local_addr().expect("bound address"))
-                    .expect("send address");
-                hostd
-                    .serve(async move {
-                        let _ = stop_rx.await;
-                    })
-                    .await
-                    .expect("hostd serve");
-            });
-        })
-        .expect("hostd thread");
-    let addr = addr_rx.recv().expect("hostd address");
+    let server = start_hostd(config, HostdOptions::default());
+    let addr = server.addr;
     let target = Target {
         addr: addr.to_string(),
         host: host_principal.clone(),
@@ -471,8 +446,7 @@ fn main() {
     }
     drop(attack_rt);
     drop(clients_rt);
-    let _ = stop_tx.send(());
-    server.join().expect("hostd thread");
+    server.stop();
 
     println!();
     println!(

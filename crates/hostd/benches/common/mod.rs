@@ -122,3 +122,58 @@ pub(crate) async fn mint(cell: &Cell, host: &Name) -> String {
     let response: TokenResponse = serde_json::from_slice(&reply.body).expect("token response");
     response.token
 }
+
+/// A host agent serving on its own thread and multi-thread runtime (named
+/// `hostd-rt`, so its CPU can be told apart), until [`RunningHost::stop`].
+pub(crate) struct RunningHost {
+    pub(crate) addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RunningHost {
+    /// Stops the agent and waits for its thread.
+    pub(crate) fn stop(self) {
+        let _ = self.stop.send(());
+        self.thread.join().expect("hostd thread");
+    }
+}
+
+/// Starts the host agent of `config` with `options`.
+pub(crate) fn start_hostd(
+    config: HostdConfig,
+    options: nitrile_hostd::HostdOptions,
+) -> RunningHost {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel::<std::net::SocketAddr>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("hostd".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .thread_name("hostd-rt")
+                .enable_all()
+                .build()
+                .expect("hostd runtime");
+            runtime.block_on(async move {
+                let hostd = nitrile_hostd::Hostd::open(&config, options)
+                    .await
+                    .expect("open hostd");
+                addr_tx
+                    .send(hostd.local_addr().expect("bound address"))
+                    .expect("send address");
+                hostd
+                    .serve(async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .expect("hostd serve");
+            });
+        })
+        .expect("hostd thread");
+    let addr = addr_rx.recv().expect("hostd address");
+    RunningHost {
+        addr,
+        stop: stop_tx,
+        thread,
+    }
+}
