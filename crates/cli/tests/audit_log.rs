@@ -463,28 +463,6 @@ fn claim6_auditor_reads_proves_and_verifies_the_log_and_tampering_is_named() {
     cell.stop_up();
 }
 
-/// Replaces the line of `file` that starts with `key = ` by `key = "value"`.
-fn set_line(file: &Path, key: &str, value: &str) {
-    let text = std::fs::read_to_string(file).unwrap();
-    let prefix = format!("{key} = ");
-    assert_eq!(
-        text.lines().filter(|l| l.starts_with(&prefix)).count(),
-        1,
-        "{text}"
-    );
-    let edited: Vec<String> = text
-        .lines()
-        .map(|l| {
-            if l.starts_with(&prefix) {
-                format!("{key} = \"{value}\"")
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect();
-    std::fs::write(file, edited.join("\n") + "\n").unwrap();
-}
-
 #[test]
 fn claim6_separate_services_ship_their_journals_to_nitrile_logd() {
     let mut cell = Cell::up();
@@ -492,9 +470,9 @@ fn claim6_separate_services_ship_their_journals_to_nitrile_logd() {
     // The services as processes of their own, on a known logd port.
     let logd_addr = format!("127.0.0.1:{}", cell::free_port());
     let logd_config = cell.state.join("logd/logd.toml");
-    set_line(&logd_config, "listen", &logd_addr);
-    set_line(&cell.hostd_config(), "addr", &logd_addr);
-    set_line(&cell.carol, "logd", &logd_addr);
+    cell::set_line(&logd_config, "listen", &logd_addr);
+    cell::set_line(&cell.hostd_config(), "addr", &logd_addr);
+    cell::set_line(&cell.carol, "logd", &logd_addr);
 
     let mut logd = Command::new(cell::NITRILE)
         .arg("logd")

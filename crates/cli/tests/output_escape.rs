@@ -442,8 +442,8 @@ fn strings_an_operator_forges_reach_the_auditor_escaped() {
     // JSON-safe too.
     let logd_addr = format!("127.0.0.1:{}", cell::free_port());
     let logd_config = cell.state.join("logd/logd.toml");
-    set_line(&logd_config, "listen", &logd_addr);
-    set_line(&cell.alice, "logd", &logd_addr);
+    cell::set_line(&logd_config, "listen", &logd_addr);
+    cell::set_line(&cell.alice, "logd", &logd_addr);
     let mut logd = Command::new(cell::NITRILE)
         .arg("logd")
         .arg("--config")
@@ -498,26 +498,4 @@ fn strings_an_operator_forges_reach_the_auditor_escaped() {
     while let Ok(line) = stderr.try_recv() {
         assert_no_raw_control("nitrile logd's log lines", &line);
     }
-}
-
-/// Replaces the line of `file` that starts with `key = ` by `key = "value"`.
-fn set_line(file: &Path, key: &str, value: &str) {
-    let text = std::fs::read_to_string(file).unwrap();
-    let prefix = format!("{key} = ");
-    assert_eq!(
-        text.lines().filter(|l| l.starts_with(&prefix)).count(),
-        1,
-        "{key} in {text}"
-    );
-    let edited: Vec<String> = text
-        .lines()
-        .map(|l| {
-            if l.starts_with(&prefix) {
-                format!("{key} = \"{value}\"")
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect();
-    std::fs::write(file, edited.join("\n") + "\n").unwrap();
 }

@@ -593,3 +593,25 @@ pub(crate) fn journal_leaves(tag: &str, n: u64) -> Vec<Vec<u8>> {
         })
         .collect()
 }
+
+/// Replaces the line of `file` that starts with `key = ` by `key = "value"`.
+pub(crate) fn set_line(file: &Path, key: &str, value: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let prefix = format!("{key} = ");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with(&prefix)).count(),
+        1,
+        "{key} in {text}"
+    );
+    let edited: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with(&prefix) {
+                format!("{key} = \"{value}\"")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    std::fs::write(file, edited.join("\n") + "\n").unwrap();
+}
