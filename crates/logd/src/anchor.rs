@@ -102,9 +102,11 @@ impl RememberedCheckpoint {
             path: path.to_owned(),
             source,
         })?;
-        crate::service::write_atomic(path, &bytes, 0o600).map_err(|source| AnchorFileError::Io {
-            path: path.to_owned(),
-            source,
+        nitrile_hostd::config::write_atomic(path, &bytes, 0o600).map_err(|source| {
+            AnchorFileError::Io {
+                path: path.to_owned(),
+                source,
+            }
         })
     }
 

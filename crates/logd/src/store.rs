@@ -34,6 +34,9 @@ use crate::protocol::IngestBatch;
 
 /// The file the source states are kept in.
 pub const SOURCES_FILE: &str = "sources.json";
+/// The log's storage directory (under logd's state directory) when it is
+/// kept in files.
+pub const LOG_DIR: &str = "log";
 /// Largest sources file read.
 pub const MAX_SOURCES_FILE: u64 = 64 * 1024 * 1024;
 
@@ -122,7 +125,7 @@ impl LogBackend {
     /// `[storage] postgres` is set.
     pub(crate) fn of(config: &LogdConfig) -> Self {
         match &config.storage.postgres {
-            None => Self::Files(config.state.join(crate::service::LOG_DIR)),
+            None => Self::Files(config.state.join(LOG_DIR)),
             Some(conninfo) => Self::Postgres {
                 conninfo: conninfo.clone(),
                 log_name: config
@@ -520,12 +523,12 @@ impl Store {
                 file.log_size,
             )
         };
-        crate::service::write_atomic(&self.sources_file, &bytes, 0o600).map_err(|source| {
-            StoreError::SourcesIo {
+        nitrile_hostd::config::write_atomic(&self.sources_file, &bytes, 0o600).map_err(
+            |source| StoreError::SourcesIo {
                 path: self.sources_file.clone(),
                 source,
-            }
-        })?;
+            },
+        )?;
         tracing::debug!(size, "source states saved");
         Ok(())
     }
