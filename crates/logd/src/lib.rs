@@ -32,8 +32,10 @@
 //!
 //! The leaf format is in [`leaf`], the ingest protocol in [`protocol`], the
 //! checks in [`chain`], alerts and the monitor's hooks in [`alert`], where
-//! the monitor's rules come from in [`rules`], the service in [`service`]
-//! and the shipper in [`shipper`].
+//! the monitor's rules come from in [`rules`], which journals it takes and
+//! which records fit their source in [`source`], the service in [`service`]
+//! (a module per concern: routes, ingest, reads, checkpoints and witnesses,
+//! its own journal, alerts, metrics) and the shipper in [`shipper`].
 
 #![forbid(unsafe_code)]
 
