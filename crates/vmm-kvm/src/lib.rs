@@ -10,8 +10,10 @@
 //!
 //! It guarantees: the VMM offers no interface that reads guest memory, disk
 //! plaintext or the console to anyone but the configured serial writer;
-//! volume keys are zeroized on drop, mlocked where the process may, and
-//! never printed; every guest-controlled ring index, chain and address is
+//! volume keys (`nitrile_vmm::VolumeKey`, the one key type of both backends)
+//! and their expanded AES key schedules live on locked pages of their own,
+//! are zeroized on drop and never printed, and a key whose halves are equal
+//! makes no cipher ([`XtsKeyError`]); every guest-controlled ring index, chain and address is
 //! bounded before use, and guest memory is never turned into a Rust
 //! reference. The plaintext disk mode exists only behind
 //! [`DiskEncryption::DangerPlaintext`], for measuring the cost of encryption. [`harden`] makes the process non-dumpable, without core files,

@@ -8,7 +8,9 @@
 //! zeroizing buffers; then the pipe is closed), opens `/dev/kvm`, the kernel
 //! and the volumes, builds the VM, and jails itself: `chroot` into the
 //! working directory, `setgroups([])`, `setresgid`, `setresuid` to the given
-//! unprivileged ids, non-dumpable with `RLIMIT_CORE` 0, and seccomp
+//! unprivileged ids and `PR_SET_NO_NEW_PRIVS` (the jails' one privilege
+//! drop, `nitrile_vmm_sys::privilege`, which refuses unless the process
+//! still has one thread), non-dumpable with `RLIMIT_CORE` 0, and seccomp
 //! allowlists on the vCPU thread ([`harden::vcpu_filter`]) and on the control
 //! thread ([`control_filter`]), all before any guest code runs. Only then
 //! does it send `Ready`. It answers `Status`, runs the vCPU on `Start`, and

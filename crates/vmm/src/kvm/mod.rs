@@ -13,7 +13,7 @@
 //! directory is the VM's chroot directory.
 //!
 //! # The jail
-//! Before exec (the same code as the QEMU backend, see [`crate::qemu`]):
+//! Before exec (the same code as the QEMU backend, `nitrile_vmm_sys::jail`):
 //! `RLIMIT_CORE` 0, not dumpable, the per-VM cgroup (v2, or v1 `memory` and
 //! `cpu`) limiting memory to guest memory plus [`VMM_OVERHEAD_MIB`] and CPU to
 //! one core per vCPU, new mount, IPC, UTS, network and PID namespaces (the
@@ -21,7 +21,9 @@
 //! the kernel and the volumes, builds the VM, `chroot`s into its working
 //! directory (`root/` in the VM directory, empty but for the vsock socket,
 //! owned by the jail uid, mode 0700), drops to the jail uid/gid
-//! (`setgroups`, `setresgid`, `setresuid`), sets `PR_SET_DUMPABLE` 0 again
+//! (`setgroups`, `setresgid`, `setresuid`, `PR_SET_NO_NEW_PRIVS`: the same
+//! drop as the QEMU backend's vsock daemon, `nitrile_vmm_sys::privilege`),
+//! sets `PR_SET_DUMPABLE` 0 again
 //! and installs seccomp allowlists on its control thread and its vCPU thread
 //! before any guest code runs. Guest memory is `MADV_DONTDUMP`.
 //!

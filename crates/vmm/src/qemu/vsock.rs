@@ -6,9 +6,10 @@
 //! `CONNECT <port>\n` to reach a guest listener; a guest connection to port
 //! `P` is forwarded to a host listener at `<uds_path>_<P>`.
 //!
-//! Jail: the same uid/gid as QEMU (switched before exec, with no supplementary
-//! groups and `PR_SET_NO_NEW_PRIVS`), `RLIMIT_CORE` 0, the VM's namespaces and
-//! cgroup. Its working directory is `vsock/` in the VM directory (owned by
+//! Jail: the same uid/gid as QEMU (switched before exec by the jails' one
+//! privilege drop, `nitrile_vmm_sys::privilege`: no supplementary groups,
+//! `PR_SET_NO_NEW_PRIVS`; uid or gid 0 is refused), `RLIMIT_CORE` 0, the
+//! VM's namespaces and cgroup. Its working directory is `vsock/` in the VM directory (owned by
 //! that uid, mode 0700), where it creates the vhost-user socket QEMU connects
 //! to. It runs from a per-VM copy of the binary that its uid may execute but
 //! not read, so the kernel makes the process non-dumpable at exec: its memory,
