@@ -61,6 +61,9 @@ pub struct Locked<T> {
     locked: bool,
 }
 
+// `Locked<T>` holds no raw pointer: it is `Send` and `Sync` exactly when `T`
+// is, as a `Box<T>` would be.
+
 impl<T> Locked<T> {
     /// Moves `value` into fresh locked pages.
     ///
@@ -149,14 +152,6 @@ impl<T> fmt::Debug for Locked<T> {
         f.write_str("Locked(<redacted>)")
     }
 }
-
-// SAFETY: a `Locked<T>` owns its `T` exactly as a `Box<T>` does (the raw
-// pointers above exist only within `new` and `drop`, which take `&mut self`),
-// so it may cross threads whenever `T` may.
-unsafe impl<T: Send> Send for Locked<T> {}
-// SAFETY: shared references give only `&T` (through `Deref`), as `Box<T>`
-// does, so sharing a `Locked<T>` is as safe as sharing a `T`.
-unsafe impl<T: Sync> Sync for Locked<T> {}
 
 /// The host's page size.
 fn page_size() -> usize {
