@@ -8,9 +8,9 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nitrile_vmm::{VOLUME_KEY_LEN, VolumeKey};
 use nitrile_vmm_kvm::{
-    DiskConfig, DiskEncryption, KEY_LEN, KernelFormat, SectorCipher, TEST_GUEST_ELF, VmConfig, Vmm,
-    VolumeKey,
+    DiskConfig, DiskEncryption, KernelFormat, SectorCipher, TEST_GUEST_ELF, VmConfig, Vmm,
 };
 use zeroize::Zeroizing;
 
@@ -58,11 +58,11 @@ fn boot_once() -> Option<Duration> {
 }
 
 fn key() -> Option<VolumeKey> {
-    let mut kb = Zeroizing::new([0u8; KEY_LEN]);
+    let mut kb = Zeroizing::new([0u8; VOLUME_KEY_LEN]);
     for (i, b) in kb.iter_mut().enumerate() {
         *b = i as u8;
     }
-    VolumeKey::from_bytes(kb).ok()
+    VolumeKey::from_bytes(&kb[..]).ok()
 }
 
 /// The guest writes then reads 16 MiB in 64 KiB requests; returns the run time.
@@ -201,7 +201,9 @@ fn main() {
     }
 
     let Some(key) = key() else { return };
-    let cipher = SectorCipher::new(&key);
+    let Ok(cipher) = SectorCipher::new(&key) else {
+        return;
+    };
     let mut buf = vec![0x5au8; 1 << 20];
     let mut rates = Vec::new();
     for round in 0..64u64 {

@@ -7,7 +7,10 @@ use std::os::unix::fs::FileExt;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::crypt::{SECTOR_SIZE, SectorCipher, VolumeKey};
+use nitrile_vmm::VolumeKey;
+use nitrile_vmm_sys::{LockError, Locked};
+
+use crate::crypt::{SECTOR_SIZE, SectorCipher, XtsKeyError};
 
 /// How a disk's sectors are stored in its backing file.
 #[derive(Debug)]
@@ -47,13 +50,21 @@ pub enum BlkError {
     /// The backing file is not a whole number of sectors.
     #[error("backing file size {0} is not a multiple of {SECTOR_SIZE}")]
     Unaligned(u64),
+    /// The volume key cannot be an XTS key.
+    #[error("volume key")]
+    Key(#[from] XtsKeyError),
+    /// The expanded key could not be locked in memory.
+    #[error("locking the expanded volume key")]
+    Lock(#[source] LockError),
 }
 
 /// One encrypted block device.
 pub struct Blk {
     file: File,
-    /// `None` only for [`DiskEncryption::DangerPlaintext`].
-    cipher: Option<LockedCipher>,
+    /// `None` only for [`DiskEncryption::DangerPlaintext`]. The expanded key
+    /// schedules sit on locked pages of their own, zeroed on drop (the
+    /// `aes` crate wipes them first).
+    cipher: Option<Locked<SectorCipher>>,
     sectors: u64,
     read_only: bool,
     id: [u8; ID_BYTES],
@@ -88,7 +99,9 @@ impl Blk {
         Ok(Self {
             file,
             cipher: match encryption {
-                DiskEncryption::Xts(key) => Some(LockedCipher::new(key)),
+                DiskEncryption::Xts(key) => {
+                    Some(Locked::new(SectorCipher::new(key)?).map_err(BlkError::Lock)?)
+                }
                 DiskEncryption::DangerPlaintext => None,
             },
             sectors,
@@ -157,7 +170,7 @@ impl Blk {
                     if self
                         .cipher
                         .as_ref()
-                        .is_some_and(|c| c.0.encrypt(&mut buf, sector).is_err())
+                        .is_some_and(|c| c.encrypt(&mut buf, sector).is_err())
                         || self.file.write_all_at(&buf, offset).is_err()
                     {
                         return Ok((S_IOERR, 0));
@@ -168,7 +181,7 @@ impl Blk {
                         || self
                             .cipher
                             .as_ref()
-                            .is_some_and(|c| c.0.decrypt(&mut buf, sector).is_err())
+                            .is_some_and(|c| c.decrypt(&mut buf, sector).is_err())
                     {
                         return Ok((S_IOERR, 0));
                     }
@@ -193,33 +206,6 @@ impl Blk {
                 Ok((S_OK, n as u32))
             }
             _ => Ok((S_UNSUPP, 0)),
-        }
-    }
-}
-
-/// The expanded key schedules, kept in one heap allocation locked into RAM
-/// where the process may, unlocked on drop (the `aes` crate zeroizes them).
-struct LockedCipher(Box<SectorCipher>, bool);
-
-impl LockedCipher {
-    fn new(key: &VolumeKey) -> Self {
-        let cipher = Box::new(SectorCipher::new(key));
-        let ptr: *const SectorCipher = &*cipher;
-        // SAFETY: `ptr` points at a live allocation of `size_of::<SectorCipher>()`
-        // bytes; mlock only pins the pages that contain it.
-        let locked = unsafe { libc::mlock(ptr.cast(), std::mem::size_of::<SectorCipher>()) == 0 };
-        Self(cipher, locked)
-    }
-}
-
-impl Drop for LockedCipher {
-    fn drop(&mut self) {
-        if self.1 {
-            let ptr: *const SectorCipher = &*self.0;
-            // SAFETY: the same range that was locked, still allocated here.
-            unsafe {
-                libc::munlock(ptr.cast(), std::mem::size_of::<SectorCipher>());
-            }
         }
     }
 }
@@ -281,19 +267,19 @@ impl VirtioDevice for Blk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypt::KEY_LEN;
     use crate::virtio::MmioTransport;
+    use nitrile_vmm::VOLUME_KEY_LEN;
     use proptest::prelude::*;
     use zeroize::Zeroizing;
 
     const MEM: usize = 64 * 1024;
 
     fn key() -> VolumeKey {
-        let mut b = Zeroizing::new([0u8; KEY_LEN]);
+        let mut b = Zeroizing::new([0u8; VOLUME_KEY_LEN]);
         for (i, x) in b.iter_mut().enumerate() {
             *x = i as u8;
         }
-        VolumeKey::from_bytes(b).unwrap()
+        VolumeKey::from_bytes(&b[..]).unwrap()
     }
 
     fn reg(t: &mut MmioTransport<Blk>, off: u64, v: u32, mem: &GuestMemoryMmap) {

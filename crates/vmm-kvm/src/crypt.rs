@@ -1,108 +1,27 @@
-//! Per-sector AES-256-XTS for volumes: the 64-byte volume key and the cipher
-//! that encrypts every 512-byte sector with its sector number as the tweak
-//! (little endian, IEEE 1619 / `dm-crypt` `aes-xts-plain64`).
-
-use std::io::Read;
+//! Per-sector AES-256-XTS for volumes: the cipher that encrypts every
+//! 512-byte sector under a [`VolumeKey`] with its sector number as the
+//! tweak (little endian, IEEE 1619 / `dm-crypt` `aes-xts-plain64`).
+//!
+//! The key type is `nitrile_vmm`'s, the one of both backends (locked,
+//! zeroized, never printed); what XTS adds is checked here: a key whose two
+//! halves are equal makes no cipher.
 
 use aes::Aes256;
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
+use nitrile_vmm::{VOLUME_KEY_LEN, VolumeKey};
 use zeroize::Zeroize;
-use zeroize::Zeroizing;
 
-/// Bytes in a volume key: two AES-256 keys (data key, tweak key).
-pub const KEY_LEN: usize = 64;
 /// Bytes in a sector, the unit of encryption.
 pub const SECTOR_SIZE: usize = 512;
 
-/// Why a volume key was refused.
+/// Why a volume key cannot be an XTS key.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum KeyError {
-    /// The key source did not hold exactly 64 bytes.
-    #[error("a volume key is exactly {KEY_LEN} bytes")]
-    Length,
+pub enum XtsKeyError {
     /// The two halves of the key are equal, which XTS forbids.
     #[error("the two halves of an XTS key must differ")]
     EqualHalves,
-    /// Reading the key from its file descriptor failed.
-    #[error("reading the volume key failed")]
-    Read(#[source] std::io::Error),
-}
-
-/// A 512-bit AES-XTS volume key. The bytes live in one heap allocation that is
-/// locked into RAM where the process may (`mlock`), zeroized on drop, and never
-/// printed: `Debug` shows only `VolumeKey(<redacted>)`.
-pub struct VolumeKey {
-    bytes: Box<Zeroizing<[u8; KEY_LEN]>>,
-    locked: bool,
-}
-
-impl VolumeKey {
-    /// Takes the key bytes. Refuses keys whose halves are equal.
-    pub fn from_bytes(bytes: Zeroizing<[u8; KEY_LEN]>) -> Result<Self, KeyError> {
-        let bytes = Box::new(bytes);
-        if bytes[..KEY_LEN / 2] == bytes[KEY_LEN / 2..] {
-            return Err(KeyError::EqualHalves);
-        }
-        let locked = lock(bytes.as_ptr(), KEY_LEN);
-        Ok(Self { bytes, locked })
-    }
-
-    /// Reads exactly 64 bytes and then end of file from `source` (the process
-    /// form hands the key over on an inherited fd). Anything else is refused.
-    pub fn read_from(source: &mut impl Read) -> Result<Self, KeyError> {
-        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
-        source
-            .read_exact(&mut bytes[..])
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => KeyError::Length,
-                _ => KeyError::Read(e),
-            })?;
-        let mut extra = [0u8; 1];
-        match source.read(&mut extra) {
-            Ok(0) => {}
-            Ok(_) => return Err(KeyError::Length),
-            Err(e) => return Err(KeyError::Read(e)),
-        }
-        Self::from_bytes(bytes)
-    }
-
-    /// Reads the key from a file descriptor inherited from the parent (the
-    /// process form of the VMM), then closes it. See [`VolumeKey::read_from`].
-    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Self, KeyError> {
-        Self::read_from(&mut std::fs::File::from(fd))
-    }
-
-    /// Whether the key's page is locked in RAM (`mlock` succeeded).
-    pub fn is_locked(&self) -> bool {
-        self.locked
-    }
-}
-
-impl std::fmt::Debug for VolumeKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("VolumeKey(<redacted>)")
-    }
-}
-
-impl Drop for VolumeKey {
-    fn drop(&mut self) {
-        // `Zeroizing` clears the bytes when the box drops, after this.
-        if self.locked {
-            // SAFETY: the pointer and length are those passed to mlock for an
-            // allocation still alive here; munlock only changes page residency.
-            unsafe {
-                libc::munlock(self.bytes.as_ptr().cast(), KEY_LEN);
-            }
-        }
-    }
-}
-
-fn lock(ptr: *const u8, len: usize) -> bool {
-    // SAFETY: `ptr..ptr+len` is a live heap allocation; mlock reads no memory
-    // and only pins the pages containing it.
-    unsafe { libc::mlock(ptr.cast(), len) == 0 }
 }
 
 /// AES-256-XTS over whole sectors (IEEE 1619: data key first, tweak key
@@ -127,12 +46,16 @@ const BLOCKS: usize = SECTOR_SIZE / 16;
 type Block = GenericArray<u8, aes::cipher::consts::U16>;
 
 impl SectorCipher {
-    /// Expands the key. The key itself can be dropped afterwards.
-    pub fn new(key: &VolumeKey) -> Self {
-        let (k1, k2) = key.bytes.split_at(KEY_LEN / 2);
+    /// Expands the key; refuses one whose halves are equal. The key itself
+    /// can be dropped afterwards.
+    pub fn new(key: &VolumeKey) -> Result<Self, XtsKeyError> {
+        let (k1, k2) = key.expose_secret().split_at(VOLUME_KEY_LEN / 2);
+        if k1 == k2 {
+            return Err(XtsKeyError::EqualHalves);
+        }
         let data = Aes256::new_from_slice(k1).unwrap_or_else(|_| unreachable!("32-byte half"));
         let tweak = Aes256::new_from_slice(k2).unwrap_or_else(|_| unreachable!("32-byte half"));
-        Self { data, tweak }
+        Ok(Self { data, tweak })
     }
 
     /// Encrypts `buf` in place; its first sector is `first_sector`.
@@ -209,13 +132,18 @@ impl std::fmt::Debug for SectorCipher {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use zeroize::Zeroizing;
 
     fn key(seed: u8) -> VolumeKey {
-        let mut b = Zeroizing::new([0u8; KEY_LEN]);
+        let mut b = Zeroizing::new([0u8; VOLUME_KEY_LEN]);
         for (i, x) in b.iter_mut().enumerate() {
             *x = seed.wrapping_add(i as u8).wrapping_mul(7);
         }
-        VolumeKey::from_bytes(b).unwrap()
+        VolumeKey::from_bytes(&b[..]).unwrap()
+    }
+
+    fn cipher(bytes: &[u8]) -> SectorCipher {
+        SectorCipher::new(&VolumeKey::from_bytes(bytes).unwrap()).unwrap()
     }
 
     /// IEEE 1619-2007 vector 10 (AES-256, data unit 512 bytes, sector 0xff).
@@ -223,10 +151,10 @@ mod tests {
     fn ieee_1619_vector_10() {
         let k1 = hex32("2718281828459045235360287471352662497757247093699959574966967627");
         let k2 = hex32("3141592653589793238462643383279502884197169399375105820974944592");
-        let mut kb = Zeroizing::new([0u8; KEY_LEN]);
+        let mut kb = Zeroizing::new([0u8; VOLUME_KEY_LEN]);
         kb[..32].copy_from_slice(&k1);
         kb[32..].copy_from_slice(&k2);
-        let cipher = SectorCipher::new(&VolumeKey::from_bytes(kb).unwrap());
+        let cipher = cipher(&kb[..]);
         let mut buf: Vec<u8> = (0..512).map(|i| i as u8).collect();
         cipher.encrypt(&mut buf, 0xff).unwrap();
         let expect_prefix =
@@ -246,69 +174,49 @@ mod tests {
 
     #[test]
     fn equal_halves_refused() {
-        let b = Zeroizing::new([9u8; KEY_LEN]);
+        let key = VolumeKey::from_bytes(&[9u8; VOLUME_KEY_LEN]).unwrap();
         assert!(matches!(
-            VolumeKey::from_bytes(b),
-            Err(KeyError::EqualHalves)
+            SectorCipher::new(&key),
+            Err(XtsKeyError::EqualHalves)
         ));
     }
 
-    #[test]
-    fn read_from_requires_exact_length() {
-        let bytes: Vec<u8> = (0..KEY_LEN as u8).collect();
-        assert!(VolumeKey::read_from(&mut &bytes[..]).is_ok());
-        assert!(matches!(
-            VolumeKey::read_from(&mut &bytes[..63]),
-            Err(KeyError::Length)
-        ));
-        let mut long = bytes.clone();
-        long.push(0);
-        assert!(matches!(
-            VolumeKey::read_from(&mut &long[..]),
-            Err(KeyError::Length)
-        ));
-    }
-
+    /// A key read from an inherited pipe encrypts as the same bytes given
+    /// directly.
     #[test]
     fn key_from_inherited_pipe_fd() {
         let (reader, mut writer) = std::io::pipe().unwrap();
-        let bytes: Vec<u8> = (0..KEY_LEN as u8).map(|b| b ^ 0x5a).collect();
+        let bytes: Vec<u8> = (0..VOLUME_KEY_LEN as u8).map(|b| b ^ 0x5a).collect();
         std::io::Write::write_all(&mut writer, &bytes).unwrap();
         drop(writer);
         let key = VolumeKey::from_fd(reader.into()).unwrap();
         let mut a = vec![0u8; SECTOR_SIZE];
-        SectorCipher::new(&key).encrypt(&mut a, 0).unwrap();
-        let mut kb = Zeroizing::new([0u8; KEY_LEN]);
-        kb.copy_from_slice(&bytes);
+        SectorCipher::new(&key).unwrap().encrypt(&mut a, 0).unwrap();
         let mut b = vec![0u8; SECTOR_SIZE];
-        SectorCipher::new(&VolumeKey::from_bytes(kb).unwrap())
-            .encrypt(&mut b, 0)
-            .unwrap();
+        cipher(&bytes).encrypt(&mut b, 0).unwrap();
         assert_eq!(a, b);
     }
 
     #[test]
     fn debug_never_shows_key_bytes() {
         let k = key(1);
-        let shown = format!("{k:?} {:?}", SectorCipher::new(&k));
+        let shown = format!("{k:?} {:?}", SectorCipher::new(&k).unwrap());
         assert!(shown.contains("redacted"));
         assert!(!shown.contains("7,"));
     }
 
     #[test]
     fn unaligned_refused() {
-        let c = SectorCipher::new(&key(3));
+        let c = SectorCipher::new(&key(3)).unwrap();
         assert!(c.encrypt(&mut [0u8; 100], 0).is_err());
     }
 
     proptest! {
         /// Agrees with the independent `xts-mode` implementation.
         #[test]
-        fn matches_xts_mode_crate(kb in proptest::collection::vec(any::<u8>(), KEY_LEN), sector in any::<u64>(), sectors in 1usize..4, fill in any::<u8>()) {
-            let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
-            bytes.copy_from_slice(&kb);
-            prop_assume!(bytes[..32] != bytes[32..]);
-            let ours = SectorCipher::new(&VolumeKey::from_bytes(bytes).unwrap());
+        fn matches_xts_mode_crate(kb in proptest::collection::vec(any::<u8>(), VOLUME_KEY_LEN), sector in any::<u64>(), sectors in 1usize..4, fill in any::<u8>()) {
+            prop_assume!(kb[..32] != kb[32..]);
+            let ours = cipher(&kb);
             let oracle = xts_mode::Xts128::new(
                 Aes256::new_from_slice(&kb[..32]).unwrap(),
                 Aes256::new_from_slice(&kb[32..]).unwrap(),
@@ -325,7 +233,7 @@ mod tests {
 
         #[test]
         fn roundtrip_and_tweak_matters(sector in 0u64..u64::MAX - 4, seed in any::<u8>(), fill in any::<u8>()) {
-            let c = SectorCipher::new(&key(seed));
+            let c = SectorCipher::new(&key(seed)).unwrap();
             let plain = vec![fill; 1024];
             let mut a = plain.clone();
             c.encrypt(&mut a, sector).unwrap();

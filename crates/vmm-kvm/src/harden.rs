@@ -25,21 +25,15 @@ pub enum HardenError {
     SeccompBackend(#[from] seccompiler::BackendError),
 }
 
-/// Makes the process non-dumpable and sets its core size limit to zero.
+/// Makes the process non-dumpable and sets its core size limit to zero
+/// (the jails' one implementation, [`nitrile_vmm_sys::process::forbid_core_dumps`]).
 pub fn harden_process() -> Result<(), HardenError> {
-    // SAFETY: prctl with PR_SET_DUMPABLE takes integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(HardenError::Dumpable(std::io::Error::last_os_error()));
-    }
-    let zero = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `zero` is a valid rlimit that outlives the call.
-    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
-        return Err(HardenError::CoreLimit(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    use nitrile_vmm_sys::process::{DumpError, forbid_core_dumps};
+    forbid_core_dumps().map_err(|e| match e {
+        DumpError::Dumpable(e) => HardenError::Dumpable(e),
+        DumpError::CoreLimit(e) => HardenError::CoreLimit(e),
+        other => HardenError::Dumpable(std::io::Error::other(other)),
+    })
 }
 
 /// System calls the vCPU thread may make without conditions once the VM is

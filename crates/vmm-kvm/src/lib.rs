@@ -10,8 +10,10 @@
 //!
 //! It guarantees: the VMM offers no interface that reads guest memory, disk
 //! plaintext or the console to anyone but the configured serial writer;
-//! volume keys are zeroized on drop, mlocked where the process may, and
-//! never printed; every guest-controlled ring index, chain and address is
+//! volume keys (`nitrile_vmm::VolumeKey`, the one key type of both backends)
+//! and their expanded AES key schedules live on locked pages of their own,
+//! are zeroized on drop and never printed, and a key whose halves are equal
+//! makes no cipher ([`XtsKeyError`]); every guest-controlled ring index, chain and address is
 //! bounded before use, and guest memory is never turned into a Rust
 //! reference. The plaintext disk mode exists only behind
 //! [`DiskEncryption::DangerPlaintext`], for measuring the cost of encryption. [`harden`] makes the process non-dumpable, without core files,
@@ -37,16 +39,22 @@
 //! exec: `nitrile_vmm::kvm`), or check that a kernel is the one that was
 //! measured (the caller's job).
 
-// KVM ioctls, mlock/madvise and seccomp need `unsafe`; every block carries a
-// SAFETY comment (clippy::undocumented_unsafe_blocks is denied).
-#![allow(unsafe_code)]
-#![deny(unsafe_op_in_unsafe_fn)]
+// unsafe code is denied here (Cargo.toml) and allowed only where KVM itself
+// needs it: the `memory` module (guest memory excluded from dumps and
+// registered with `KVM_SET_USER_MEMORY_REGION`, which KVM then writes behind
+// Rust's back) and this file's tests (reading the union KVM returns for the
+// in-kernel PIC). Every block carries a SAFETY comment
+// (clippy::undocumented_unsafe_blocks is denied). The other unsafe system
+// code of the VMM (locked key schedules, the privilege drop, inherited
+// descriptors, the poll timer, tap flags) is in `nitrile-vmm-sys`, behind
+// safe APIs.
 
 pub mod acpi;
 pub mod blk;
 pub mod boot;
 pub mod crypt;
 pub mod harden;
+mod memory;
 pub mod net;
 pub mod process;
 pub mod virtio;
@@ -55,13 +63,13 @@ pub mod vsock;
 use std::fs::File;
 use std::io::Write;
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_userspace_memory_region};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_fpu};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 pub use blk::{Blk, DiskEncryption};
 pub use boot::KernelFormat;
-pub use crypt::{KEY_LEN, KeyError, SECTOR_SIZE, SectorCipher, VolumeKey};
+pub use crypt::{SECTOR_SIZE, SectorCipher, XtsKeyError};
 
 pub use net::{NetConfig, NetError};
 use virtio::{MMIO_WINDOW, MmioTransport, VirtioDevice};
@@ -308,29 +316,7 @@ impl Vmm {
         let size = usize::try_from(memory_bytes).map_err(|_| VmmError::MemorySize)?;
         let mem =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).map_err(VmmError::Memory)?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = region.as_ptr();
-            let len = region.len() as usize;
-            // SAFETY: `host..host+len` is the anonymous mapping owned by `mem`;
-            // MADV_DONTDUMP only excludes it from core dumps.
-            unsafe {
-                libc::madvise(host.cast(), len, libc::MADV_DONTDUMP);
-            }
-            let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the mapping outlives the VM: `mem` is dropped after
-            // `vm` and `vcpu` (field order), and it is never unmapped or
-            // resized while the VM exists.
-            unsafe { vm.set_user_memory_region(region_desc) }.map_err(|source| VmmError::Kvm {
-                op: "set_user_memory_region",
-                source,
-            })?;
-        }
+        memory::register(&vm, &mem)?;
         let rsdp = acpi::write(
             &mem,
             1,
@@ -429,7 +415,8 @@ impl Vmm {
     /// devices are polled ([`MmioTransport::poll`]), so host input reaches
     /// a guest that waits for interrupts.
     pub fn run(&mut self) -> Result<ExitReason, VmmError> {
-        let _timer = PollTimer::arm(RX_POLL_INTERVAL).map_err(VmmError::PollTimer)?;
+        let _timer = nitrile_vmm_sys::timer::ThreadTimer::arm(RX_POLL_INTERVAL)
+            .map_err(VmmError::PollTimer)?;
         loop {
             let exit = match self.vcpu.run() {
                 Ok(exit) => exit,
@@ -530,70 +517,6 @@ impl Vmm {
 /// input.
 pub const RX_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// The real-time signal that interrupts `KVM_RUN` for a poll.
-fn poll_signal() -> libc::c_int {
-    libc::SIGRTMIN() + 1
-}
-
-extern "C" fn on_poll_signal(_: libc::c_int) {}
-
-/// A POSIX timer delivering [`poll_signal`] to the calling thread
-/// periodically; deleted on drop. The handler does nothing: the signal only
-/// makes `KVM_RUN` return `EINTR` (`SA_RESTART` restarts other calls).
-struct PollTimer(libc::timer_t);
-
-impl PollTimer {
-    fn arm(interval: std::time::Duration) -> Result<Self, std::io::Error> {
-        let sig = poll_signal();
-        // SAFETY: an all-zero `sigaction` is a valid value to fill in.
-        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-        sa.sa_sigaction = on_poll_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        sa.sa_flags = libc::SA_RESTART;
-        // SAFETY: `sa.sa_mask` is a valid, owned sigset_t.
-        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
-        // SAFETY: installs a handler that does nothing (async-signal-safe)
-        // for a real-time signal this crate owns; `sa` is fully initialized.
-        if unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: an all-zero `sigevent` is a valid value to fill in.
-        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
-        sev.sigev_notify = libc::SIGEV_THREAD_ID;
-        sev.sigev_signo = sig;
-        // SAFETY: gettid has no preconditions.
-        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
-        let mut id: libc::timer_t = std::ptr::null_mut();
-        // SAFETY: `sev` and `id` are valid for the call; the timer targets
-        // this thread, which deletes it (drop) before it ends.
-        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let timer = Self(id);
-        let ts = libc::timespec {
-            tv_sec: interval.as_secs() as libc::time_t,
-            tv_nsec: libc::c_long::from(interval.subsec_nanos() as i32),
-        };
-        let spec = libc::itimerspec {
-            it_interval: ts,
-            it_value: ts,
-        };
-        // SAFETY: `timer.0` is the timer just created; `spec` is valid.
-        if unsafe { libc::timer_settime(timer.0, 0, &spec, std::ptr::null_mut()) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(timer)
-    }
-}
-
-impl Drop for PollTimer {
-    fn drop(&mut self) {
-        // SAFETY: `self.0` was returned by timer_create and is deleted once.
-        unsafe {
-            libc::timer_delete(self.0);
-        }
-    }
-}
-
 /// The GSI of device slot `i`.
 fn gsi(i: usize) -> u32 {
     VIRTIO_IRQ_BASE + i as u32
@@ -617,6 +540,7 @@ fn device_at(addr: u64, devices: usize) -> Option<(usize, u64)> {
 }
 
 #[cfg(test)]
+#[allow(unsafe_code)] // reading the in-kernel PIC's state, a union KVM fills
 mod tests {
     use super::*;
     use kvm_bindings::{KVM_IRQCHIP_PIC_MASTER, kvm_irqchip};
@@ -649,10 +573,9 @@ mod tests {
             kernel.write_all(TEST_GUEST_ELF).unwrap();
             let disk = tempfile::tempfile().unwrap();
             disk.set_len(1 << 20).unwrap();
-            let key = VolumeKey::from_bytes(zeroize::Zeroizing::new(std::array::from_fn(|i| {
-                i as u8 ^ 0x5c
-            })))
-            .unwrap();
+            let bytes: zeroize::Zeroizing<[u8; 64]> =
+                zeroize::Zeroizing::new(std::array::from_fn(|i| i as u8 ^ 0x5c));
+            let key = nitrile_vmm::VolumeKey::from_bytes(&bytes[..]).unwrap();
             let config = VmConfig {
                 memory_bytes: 32 << 20,
                 kernel,
@@ -692,26 +615,5 @@ mod tests {
         serial.write(0, b'y').unwrap();
         assert!(serial.interrupt_evt().take());
         assert!(!serial.interrupt_evt().take());
-    }
-
-    /// The poll timer signals the thread that armed it, again and again,
-    /// and its signal interrupts a blocking call (as it interrupts
-    /// `KVM_RUN`); after drop no further signal arrives to a thread that
-    /// waits.
-    #[test]
-    fn the_poll_timer_interrupts_the_arming_thread() {
-        let timer = PollTimer::arm(std::time::Duration::from_millis(2)).unwrap();
-        for _ in 0..3 {
-            // SAFETY: pause has no preconditions; it returns after a
-            // signal handler ran (if the timer never fired, it never
-            // returns and the test does not pass).
-            let r = unsafe { libc::pause() };
-            assert_eq!(r, -1);
-            assert_eq!(
-                std::io::Error::last_os_error().raw_os_error(),
-                Some(libc::EINTR)
-            );
-        }
-        drop(timer);
     }
 }

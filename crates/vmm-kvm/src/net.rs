@@ -11,7 +11,6 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -63,16 +62,7 @@ pub struct Net {
 impl Net {
     /// Takes over the tap of `config`.
     pub fn new(config: NetConfig) -> Result<Self, NetError> {
-        let fd = config.tap.as_raw_fd();
-        // SAFETY: F_GETFL/F_SETFL on a descriptor owned by `config.tap`; no
-        // memory is passed.
-        let ok = unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
-        };
-        if !ok {
-            return Err(NetError::NonBlocking(std::io::Error::last_os_error()));
-        }
+        nitrile_vmm_sys::fd::set_nonblocking(&config.tap).map_err(NetError::NonBlocking)?;
         Ok(Self {
             tap: config.tap,
             mac: config.mac,

@@ -8,7 +8,9 @@
 //! zeroizing buffers; then the pipe is closed), opens `/dev/kvm`, the kernel
 //! and the volumes, builds the VM, and jails itself: `chroot` into the
 //! working directory, `setgroups([])`, `setresgid`, `setresuid` to the given
-//! unprivileged ids, non-dumpable with `RLIMIT_CORE` 0, and seccomp
+//! unprivileged ids and `PR_SET_NO_NEW_PRIVS` (the jails' one privilege
+//! drop, `nitrile_vmm_sys::privilege`, which refuses unless the process
+//! still has one thread), non-dumpable with `RLIMIT_CORE` 0, and seccomp
 //! allowlists on the vCPU thread ([`harden::vcpu_filter`]) and on the control
 //! thread ([`control_filter`]), all before any guest code runs. Only then
 //! does it send `Ready`. It answers `Status`, runs the vCPU on `Start`, and
@@ -24,20 +26,20 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use nitrile_vmm::kvm::control::{self, ControlError, Event, ExitKind, Request, RunState};
-use nitrile_vmm::{MAX_SPEC_LEN, SpecError, VmSpec};
+use nitrile_vmm::{MAX_SPEC_LEN, SpecError, VmSpec, VolumeKey};
+use nitrile_vmm_sys::privilege::{self, Ids, PrivilegeError};
+use nitrile_vmm_sys::process::exit_now;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
-use zeroize::Zeroizing;
 
 use crate::harden::{self, HardenError};
 use crate::{
-    DiskConfig, DiskEncryption, ExitReason, KEY_LEN, KernelFormat, NetConfig, VmConfig, Vmm,
-    VolumeKey, VsockConfig,
+    DiskConfig, DiskEncryption, ExitReason, KernelFormat, NetConfig, VmConfig, Vmm, VsockConfig,
 };
 
 /// The vsock socket, relative to the working directory (the chroot).
@@ -89,7 +91,7 @@ pub enum ProcessError {
     },
     /// A key was refused.
     #[error("volume key")]
-    Key(#[from] crate::KeyError),
+    Key(#[from] nitrile_vmm::KeyError),
     /// Reading the keys failed.
     #[error("reading the volume keys")]
     ReadKeys(#[source] std::io::Error),
@@ -121,6 +123,9 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    /// Dropping to the jail's ids failed.
+    #[error("jail: dropping privileges")]
+    Privileges(#[from] PrivilegeError),
     /// Hardening failed.
     #[error("hardening")]
     Harden(#[from] HardenError),
@@ -129,33 +134,22 @@ pub enum ProcessError {
     Control(#[from] ControlError),
 }
 
-fn take_fd(fd: RawFd, seen: &mut Vec<RawFd>) -> Result<OwnedFd, ProcessError> {
-    // SAFETY: F_GETFD only reads the descriptor's flags.
-    if fd <= 2 || seen.contains(&fd) || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(ProcessError::BadFd(fd));
-    }
-    seen.push(fd);
-    // SAFETY: `fd` is open (checked above), was inherited from the parent for
-    // this purpose (the `ProcessArgs` contract), and is taken exactly once
-    // (distinct numbers, checked above), so this is its only owner.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: F_SETFD with FD_CLOEXEC only changes the descriptor's flags.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    Ok(owned)
+/// Takes an inherited descriptor ([`nitrile_vmm_sys::fd::take_inherited`]:
+/// not a standard stream, open, passed by the parent, never taken twice).
+fn take_fd(fd: RawFd) -> Result<OwnedFd, ProcessError> {
+    nitrile_vmm_sys::fd::take_inherited(fd).map_err(|_| ProcessError::BadFd(fd))
 }
 
-/// Reads the keys: 64 bytes per volume, then end of file.
+/// Reads the keys: 64 bytes per volume, each straight into a locked page,
+/// then end of file.
 fn read_keys(source: &mut impl Read, count: usize) -> Result<Vec<VolumeKey>, ProcessError> {
     let mut keys = Vec::with_capacity(count);
     for _ in 0..count {
-        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
-        source
-            .read_exact(&mut bytes[..])
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => ProcessError::KeyCount { expected: count },
-                _ => ProcessError::ReadKeys(e),
-            })?;
-        keys.push(VolumeKey::from_bytes(bytes)?);
+        keys.push(VolumeKey::read_next(source).map_err(|e| match e {
+            nitrile_vmm::KeyError::BadLength(_) => ProcessError::KeyCount { expected: count },
+            nitrile_vmm::KeyError::Read(e) => ProcessError::ReadKeys(e),
+            other => ProcessError::Key(other),
+        })?);
     }
     let mut extra = [0u8; 1];
     match source.read(&mut extra) {
@@ -260,26 +254,11 @@ fn jail_err(step: &'static str) -> impl FnOnce(std::io::Error) -> ProcessError {
     move |source| ProcessError::Jail { step, source }
 }
 
-fn check(rc: libc::c_int, step: &'static str) -> Result<(), ProcessError> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(jail_err(step)(std::io::Error::last_os_error()))
-    }
-}
-
-/// chroot into the working directory, drop supplementary groups, gid, uid.
-fn enter_jail(uid: u32, gid: u32) -> Result<(), ProcessError> {
-    // SAFETY: a static NUL-terminated path.
-    check(unsafe { libc::chroot(c".".as_ptr()) }, "chroot")?;
-    // SAFETY: a static NUL-terminated path.
-    check(unsafe { libc::chdir(c"/".as_ptr()) }, "chdir")?;
-    // SAFETY: an empty list: the pointer is not read when the size is 0.
-    check(unsafe { libc::setgroups(0, std::ptr::null()) }, "setgroups")?;
-    // SAFETY: integer arguments only.
-    check(unsafe { libc::setresgid(gid, gid, gid) }, "setresgid")?;
-    // SAFETY: integer arguments only.
-    check(unsafe { libc::setresuid(uid, uid, uid) }, "setresuid")?;
+/// chroot into the working directory, then the jails' one privilege drop
+/// ([`nitrile_vmm_sys::privilege`]: no groups, gid, uid, no new
+/// privileges; refused unless this process still has one thread).
+fn enter_jail(ids: Ids) -> Result<(), ProcessError> {
+    privilege::chroot_and_drop(std::path::Path::new("."), ids)?;
     // Changing ids resets dumpability: set it (and the core limit) again.
     harden::harden_process()?;
     Ok(())
@@ -333,11 +312,6 @@ fn exit_kind(r: &Result<ExitReason, crate::VmmError>) -> ExitKind {
     }
 }
 
-fn exit_now(code: i32) -> ! {
-    // SAFETY: `_exit` ends the process at once; nothing is relied on after.
-    unsafe { libc::_exit(code) }
-}
-
 /// Sets up the VM from the inherited descriptors, jails the process, and
 /// serves the control channel until the VM ends. On success it does not
 /// return: the process exits (status 0 for a clean end, 1 otherwise).
@@ -345,15 +319,12 @@ fn exit_now(code: i32) -> ! {
 /// Call it once, at the start of the process, with descriptors inherited
 /// from the parent: it takes ownership of them.
 pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, ProcessError> {
-    if args.uid == 0 || args.gid == 0 {
-        return Err(ProcessError::RootIds);
-    }
-    let mut seen = Vec::new();
-    let spec_fd = take_fd(args.spec_fd, &mut seen)?;
-    let key_fd = take_fd(args.key_fd, &mut seen)?;
-    let control_fd = take_fd(args.control_fd, &mut seen)?;
-    let serial_fd = take_fd(args.serial_fd, &mut seen)?;
-    let tap_fd = args.tap_fd.map(|fd| take_fd(fd, &mut seen)).transpose()?;
+    let ids = Ids::new(args.uid, args.gid).map_err(|_| ProcessError::RootIds)?;
+    let spec_fd = take_fd(args.spec_fd)?;
+    let key_fd = take_fd(args.key_fd)?;
+    let control_fd = take_fd(args.control_fd)?;
+    let serial_fd = take_fd(args.serial_fd)?;
+    let tap_fd = args.tap_fd.map(take_fd).transpose()?;
 
     let mut spec_bytes = Vec::new();
     File::from(spec_fd)
@@ -426,7 +397,7 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
         })?;
     }
 
-    enter_jail(args.uid, args.gid)?;
+    enter_jail(ids)?;
     let control = UnixStream::from(control_fd);
     let writer = Arc::new(Mutex::new(
         control
@@ -500,6 +471,7 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nitrile_vmm::VOLUME_KEY_LEN;
 
     /// A minimal 64-bit ELF header with one `PT_NOTE` segment holding one
     /// note of type `ty` owned by "Xen".
@@ -561,7 +533,7 @@ mod tests {
 
     #[test]
     fn keys_must_match_the_volume_count() {
-        let mut two = [0u8; 2 * KEY_LEN];
+        let mut two = [0u8; 2 * VOLUME_KEY_LEN];
         for (i, b) in two.iter_mut().enumerate() {
             *b = i as u8;
         }
@@ -578,12 +550,8 @@ mod tests {
 
     #[test]
     fn bad_fds_are_refused() {
-        let mut seen = Vec::new();
-        assert!(matches!(take_fd(1, &mut seen), Err(ProcessError::BadFd(1))));
-        assert!(matches!(
-            take_fd(987_654, &mut seen),
-            Err(ProcessError::BadFd(_))
-        ));
+        assert!(matches!(take_fd(1), Err(ProcessError::BadFd(1))));
+        assert!(matches!(take_fd(987_654), Err(ProcessError::BadFd(_))));
     }
 
     const CHILD_ENV: &str = "NITRILE_PROCESS_TEST_CHILD";
@@ -609,8 +577,8 @@ mod tests {
             // Allowed: writing to a descriptor.
             let _ = std::io::stderr().write_all(b"filtered\n");
             if mode == "forbidden" {
-                // SAFETY: socket(2) takes integer arguments only.
-                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                // socket(AF_INET, ...) is its first system call.
+                let _ = std::net::UdpSocket::bind("127.0.0.1:0");
             }
             exit_now(0);
         }

@@ -58,6 +58,7 @@ fn blk_write_read_back_and_backing_file_holds_no_plaintext() {
     // ...which decrypts to the pattern under the right key.
     let mut first = raw[..4096].to_vec();
     SectorCipher::new(&common::key(7))
+        .unwrap()
         .decrypt(&mut first, 0)
         .unwrap();
     assert!(contains(&first, PATTERN));
@@ -85,6 +86,7 @@ fn wrong_key_reads_noise() {
     let mut raw = vec![0u8; 64 * 512];
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut raw, 0).unwrap();
     SectorCipher::new(&common::key(2))
+        .unwrap()
         .decrypt(&mut raw, 0)
         .unwrap();
     assert!(!contains(&raw, PATTERN));

@@ -4,12 +4,13 @@
 //! the device. Runs in a network namespace of its own (root and
 //! `/dev/net/tun` needed).
 
-// Creating a tap, a network namespace and a packet socket needs raw libc calls.
+// Bringing the tap up and a packet socket need raw libc calls (the tap itself
+// comes from `nitrile_vmm_sys::tap`, as in the kvm backend).
 #![allow(unsafe_code)]
 
 mod common;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use nitrile_vmm_kvm::{ExitReason, KernelFormat, NetConfig, VmConfig, Vmm};
@@ -17,8 +18,7 @@ use nitrile_vmm_kvm::{ExitReason, KernelFormat, NetConfig, VmConfig, Vmm};
 const ETHERTYPE: u16 = 0x88b5;
 const GUEST_MAC: [u8; 6] = [0x02, 0x4e, 0x49, 0x54, 0x00, 0x01];
 const HOST_MAC: [u8; 6] = [0x02, 0x4e, 0x49, 0x54, 0x00, 0x02];
-const TAP_NAME: &[u8] = b"nitrile-tap0";
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TAP_NAME: &str = "nitrile-tap0";
 
 #[repr(C)]
 struct IfReq {
@@ -29,7 +29,7 @@ struct IfReq {
 
 fn ifreq(flags: libc::c_int) -> IfReq {
     let mut name = [0u8; libc::IFNAMSIZ];
-    name[..TAP_NAME.len()].copy_from_slice(TAP_NAME);
+    name[..TAP_NAME.len()].copy_from_slice(TAP_NAME.as_bytes());
     IfReq {
         name,
         flags: flags as libc::c_short,
@@ -44,18 +44,7 @@ fn check(ret: libc::c_int, what: &str) {
 /// Creates the tap in the calling thread's network namespace and brings it
 /// up; returns the tap and its interface index.
 fn tap() -> (File, libc::c_int) {
-    let tun = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .unwrap();
-    let mut req = ifreq(libc::IFF_TAP | libc::IFF_NO_PI);
-    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is
-    // laid out as and outlives the call.
-    check(
-        unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) },
-        "TUNSETIFF",
-    );
+    let tun = nitrile_vmm_sys::tap::open(TAP_NAME).unwrap();
     // SAFETY: plain socket creation.
     let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
     check(sock, "socket");

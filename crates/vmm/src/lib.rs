@@ -8,7 +8,7 @@
 //! disk contents or the console, and there is no pass-through for arbitrary
 //! hypervisor commands. Specs are parsed strictly ([`VmSpec::parse_json`],
 //! bounded by [`MAX_SPEC_LEN`]); volume keys live in locked, zeroized memory
-//! and are never printed ([`VolumeKey`]).
+//! and are never printed ([`VolumeKey`], the one key type of both backends).
 //!
 //! Backends are chosen by [`select`] from facts about the host
 //! ([`HostProbe`]): `kvm` ([`KvmBackend`], the separate, jailed `nitrile vmm`
@@ -23,12 +23,12 @@
 //! This crate does not decide who may create a VM (hostd does, from tokens) and
 //! does not unwrap volume keys (hostd hands them over already unwrapped).
 
-// unsafe is needed for exactly two things, each in a small block with a
-// SAFETY comment: `mlock`/`madvise` of the page holding a volume key (key.rs),
-// and `Command::pre_exec`/`fork` for jailing the QEMU and `nitrile vmm`
-// processes (qemu/jail.rs).
-#![allow(unsafe_code)]
-#![deny(unsafe_op_in_unsafe_fn)]
+// No unsafe code here. The four things that need it are in
+// `nitrile-vmm-sys`, behind safe APIs: the locked page of a volume key
+// (key.rs), the pre-exec jail of the QEMU, vsock daemon and `nitrile vmm`
+// processes (qemu/, kvm/), the pidfds that track them (process.rs), and
+// opening tap devices (kvm/).
+#![forbid(unsafe_code)]
 
 mod key;
 pub mod kvm;

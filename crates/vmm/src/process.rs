@@ -4,18 +4,19 @@
 //! A process is named by its pid *and* its start time (field 22 of
 //! `/proc/<pid>/stat`, clock ticks since boot), so a pid the kernel recycled
 //! for an unrelated process is never mistaken for a VMM. Once identified, a
-//! process is held through a pidfd: exit detection polls it and signals are
-//! sent through it, so no signal can reach a later process that reused the
-//! pid. Processes we spawned are also reaped through their [`Child`].
+//! process is held through a pidfd ([`nitrile_vmm_sys::PidFd`]): exit
+//! detection polls it and signals are sent through it, so no signal can
+//! reach a later process that reused the pid. Processes we spawned are also
+//! reaped through their [`Child`].
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
+use nitrile_vmm_sys::PidFd;
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
@@ -65,46 +66,10 @@ fn read_stat(pid: u32) -> io::Result<Stat> {
     parse_stat(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad stat line"))
 }
 
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: pidfd_open takes a pid and a flags word, touches no memory of
-    // ours and returns a new descriptor (or -1), which we own from here on.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: `fd` was just returned by the kernel and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Whether the process behind `pidfd` has exited (it may be a zombie).
-fn pidfd_exited(pidfd: &OwnedFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd on our stack, zero timeout; poll only writes
-    // its `revents`.
-    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-    rc > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP) != 0
-}
-
-/// Reaps the process behind `pidfd` if it is an exited child of ours;
-/// harmless (ECHILD) when it is not our child.
-fn pidfd_reap(pidfd: &OwnedFd) {
-    // SAFETY: siginfo_t is plain data for which all-zero bytes are valid.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `info` is a valid, writable siginfo_t; the id is a pidfd we own.
-    unsafe {
-        libc::waitid(
-            libc::P_PIDFD,
-            pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG,
-        );
-    }
+/// Whether the process behind `pidfd` has exited (it may be a zombie); an
+/// error counts as still running.
+fn exited(pidfd: &PidFd) -> bool {
+    pidfd.has_exited().unwrap_or(false)
 }
 
 /// How a tracked process ended.
@@ -120,7 +85,7 @@ pub(crate) enum Exit {
 #[derive(Debug)]
 pub(crate) struct Tracked {
     record: ProcRecord,
-    pidfd: OwnedFd,
+    pidfd: PidFd,
     child: Option<Child>,
     /// Adopted: reap it on exit should it be a child of ours after all (a
     /// successor backend in the process that spawned it).
@@ -133,7 +98,7 @@ impl Tracked {
     /// on failure the child is killed and reaped.
     pub(crate) fn spawned(mut child: Child) -> io::Result<Self> {
         let pid = child.id();
-        let found = pidfd_open(pid).and_then(|fd| Ok((fd, read_stat(pid)?)));
+        let found = PidFd::open(pid).and_then(|fd| Ok((fd, read_stat(pid)?)));
         let (pidfd, stat) = match found {
             Ok(f) => f,
             Err(e) => {
@@ -157,7 +122,7 @@ impl Tracked {
     /// Tracks `pid`, a process that is not our child (e.g. QEMU under its
     /// waiting parent), as it is now.
     pub(crate) fn observe(pid: u32) -> io::Result<Self> {
-        let pidfd = pidfd_open(pid)?;
+        let pidfd = PidFd::open(pid)?;
         // Read after the pidfd exists: if the pid had been reused before the
         // open, the pidfd and this start time both belong to the new process.
         let stat = read_stat(pid)?;
@@ -178,13 +143,15 @@ impl Tracked {
     /// start time (which is then left alone). An exited child of ours (the
     /// same process starting a successor backend) is reaped.
     pub(crate) fn adopt(record: ProcRecord) -> Option<Self> {
-        let pidfd = pidfd_open(record.pid).ok()?;
+        let pidfd = PidFd::open(record.pid).ok()?;
         let stat = read_stat(record.pid).ok()?;
         if stat.start_time != record.start_time {
             return None;
         }
-        if matches!(stat.state, 'Z' | 'X') || pidfd_exited(&pidfd) {
-            pidfd_reap(&pidfd);
+        if matches!(stat.state, 'Z' | 'X') || exited(&pidfd) {
+            // Reaped if it is an exited child of ours; harmless (ECHILD)
+            // when it is not our child.
+            let _ = pidfd.try_reap();
             return None;
         }
         Some(Self {
@@ -213,9 +180,9 @@ impl Tracked {
         }
         self.exit = match self.child.as_mut() {
             Some(child) => child.try_wait()?.map(Exit::Status),
-            None if pidfd_exited(&self.pidfd) => {
+            None if exited(&self.pidfd) => {
                 if self.reap {
-                    pidfd_reap(&self.pidfd);
+                    let _ = self.pidfd.try_reap();
                 }
                 Some(Exit::Unknown)
             }
@@ -232,17 +199,7 @@ impl Tracked {
 
     /// Sends `signal` through the pidfd (nothing happens once it has exited).
     pub(crate) fn signal(&self, signal: Signal) {
-        // SAFETY: pidfd_send_signal with a pidfd we own, a signal number,
-        // a null siginfo (meaning "as kill(2)") and no flags.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                signal as libc::c_int,
-                std::ptr::null::<libc::siginfo_t>(),
-                0 as libc::c_uint,
-            );
-        }
+        let _ = self.pidfd.send_signal(signal);
     }
 
     /// Waits until the process has ended or `deadline` passes.

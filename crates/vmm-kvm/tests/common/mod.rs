@@ -5,9 +5,9 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use nitrile_vmm::{VOLUME_KEY_LEN, VolumeKey};
 use nitrile_vmm_kvm::{
-    DiskConfig, ExitReason, KEY_LEN, KernelFormat, TEST_GUEST_ELF, VmConfig, Vmm, VolumeKey,
-    VsockConfig,
+    DiskConfig, ExitReason, KernelFormat, TEST_GUEST_ELF, VmConfig, Vmm, VsockConfig,
 };
 use zeroize::Zeroizing;
 
@@ -53,11 +53,11 @@ pub fn guest_file() -> File {
 }
 
 pub fn key(seed: u8) -> VolumeKey {
-    let mut b = Zeroizing::new([0u8; KEY_LEN]);
+    let mut b = Zeroizing::new([0u8; VOLUME_KEY_LEN]);
     for (i, x) in b.iter_mut().enumerate() {
         *x = seed ^ (i as u8).wrapping_mul(31);
     }
-    VolumeKey::from_bytes(b).unwrap()
+    VolumeKey::from_bytes(&b[..]).unwrap()
 }
 
 /// Boots the test guest with `cmdline` and the given disks; returns how it

@@ -13,7 +13,7 @@
 //! directory is the VM's chroot directory.
 //!
 //! # The jail
-//! Before exec (the same code as the QEMU backend, see [`crate::qemu`]):
+//! Before exec (the same code as the QEMU backend, `nitrile_vmm_sys::jail`):
 //! `RLIMIT_CORE` 0, not dumpable, the per-VM cgroup (v2, or v1 `memory` and
 //! `cpu`) limiting memory to guest memory plus [`VMM_OVERHEAD_MIB`] and CPU to
 //! one core per vCPU, new mount, IPC, UTS, network and PID namespaces (the
@@ -21,7 +21,9 @@
 //! the kernel and the volumes, builds the VM, `chroot`s into its working
 //! directory (`root/` in the VM directory, empty but for the vsock socket,
 //! owned by the jail uid, mode 0700), drops to the jail uid/gid
-//! (`setgroups`, `setresgid`, `setresuid`), sets `PR_SET_DUMPABLE` 0 again
+//! (`setgroups`, `setresgid`, `setresuid`, `PR_SET_NO_NEW_PRIVS`: the same
+//! drop as the QEMU backend's vsock daemon, `nitrile_vmm_sys::privilege`),
+//! sets `PR_SET_DUMPABLE` 0 again
 //! and installs seccomp allowlists on its control thread and its vCPU thread
 //! before any guest code runs. Guest memory is `MADV_DONTDUMP`.
 //!
@@ -67,7 +69,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::qemu::jail::{self, Cgroup, Plan};
+use nitrile_vmm_sys::jail::{self, Plan};
+
+use crate::qemu::cgroup::Cgroup;
 use crate::qemu::{create_private_file, io_err, tail};
 use crate::{DisplayPath, Hypervisor, JailConfig, VmId, VmSpec, VmStatus, VmmError, VolumeKeys};
 use control::{ControlError, Event, Request, RunState};
@@ -139,39 +143,29 @@ fn filled_pipe(bytes: &[u8]) -> Result<OwnedFd, VmmError> {
     Ok(r)
 }
 
-/// `TUNSETIFF`, `_IOW('T', 202, int)`.
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-/// Size of `struct ifreq` on x86_64.
-const IFREQ_LEN: usize = 40;
-
 /// Opens (creating it if needed) the tap device `name` in this process's
 /// network namespace, without packet information headers.
 fn open_tap(name: &crate::TapName) -> Result<File, VmmError> {
-    let tun_path = Path::new("/dev/net/tun");
-    let tun = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(tun_path)
-        .map_err(io_err("opening", tun_path))?;
-    // struct ifreq: the name (NUL-terminated, at most 15 bytes: TapName
-    // guarantees it), then the flags as a native-endian short.
-    let mut req = [0u8; IFREQ_LEN];
-    req[..name.as_str().len()].copy_from_slice(name.as_str().as_bytes());
-    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-    req[16..18].copy_from_slice(&flags.to_ne_bytes());
-    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `req` is a
-    // live, writable buffer of exactly that size, and `tun` an open
-    // descriptor of /dev/net/tun for the duration of the call.
-    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(VmmError::Io {
+    use nitrile_vmm_sys::tap::{self, TapError};
+    tap::open(name.as_str()).map_err(|e| match e {
+        TapError::OpenTun(source) => VmmError::Io {
+            what: "opening",
+            path: DisplayPath(PathBuf::from(tap::TUN_PATH)),
+            source,
+        },
+        // A `TapName` is always a valid interface name; were it not, the
+        // kernel's refusal and this one read alike.
+        TapError::Attach(source) => VmmError::Io {
             what: "attaching to tap device",
             path: DisplayPath(PathBuf::from(name.as_str())),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(tun)
+            source,
+        },
+        other => VmmError::Io {
+            what: "attaching to tap device",
+            path: DisplayPath(PathBuf::from(name.as_str())),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, other),
+        },
+    })
 }
 
 impl KvmBackend {
@@ -315,10 +309,10 @@ impl KvmBackend {
         inherit.extend(tap.as_ref().map(AsRawFd::as_raw_fd));
         let plan = Plan {
             inherit,
-            cgroup_procs: Vec::new(),
+            cgroup_procs: cgroup.as_ref().map(Cgroup::procs).unwrap_or_default(),
             namespaces: self.jail.namespaces,
-        }
-        .for_cgroup(cgroup.as_ref());
+            user: None,
+        };
         jail::install(&mut cmd, plan);
         let spawned = cmd.spawn();
         // Our copies: the child has its own now.

@@ -107,7 +107,7 @@
 //! its devices are open; `qemu-img` (volume creation) gets only
 //! `RLIMIT_CORE=0` and `PR_SET_DUMPABLE=0`.
 
-pub(crate) mod jail;
+pub(crate) mod cgroup;
 mod qmp;
 mod vsock;
 
@@ -131,7 +131,8 @@ use crate::process::{self, Exit, ProcRecord, Tracked};
 use crate::{
     Accel, DisplayPath, Feature, Hypervisor, VmId, VmSpec, VmStatus, VmmError, VolumeKeys,
 };
-use jail::{Cgroup, Plan};
+use cgroup::Cgroup;
+use nitrile_vmm_sys::jail::{self, Plan};
 use qmp::{Command as QmpCommand, Qmp, RunState};
 
 /// Memory allowed to a QEMU process beyond guest memory, in MiB.
@@ -385,8 +386,7 @@ impl QemuBackend {
             &mut cmd,
             Plan {
                 inherit: vec![pipe.as_raw_fd()],
-                cgroup_procs: Vec::new(),
-                namespaces: false,
+                ..Plan::default()
             },
         );
         let out = cmd.output().map_err(|source| VmmError::Spawn {
@@ -593,10 +593,10 @@ impl QemuBackend {
 
         let plan = Plan {
             inherit: pipes.iter().map(AsRawFd::as_raw_fd).collect(),
-            cgroup_procs: Vec::new(),
+            cgroup_procs: cgroup.map(Cgroup::procs).unwrap_or_default(),
             namespaces: self.jail.namespaces,
-        }
-        .for_cgroup(cgroup);
+            user: None,
+        };
         jail::install(&mut cmd, plan);
         let spawned = cmd.spawn();
         drop(pipes);

@@ -6,9 +6,10 @@
 //! `CONNECT <port>\n` to reach a guest listener; a guest connection to port
 //! `P` is forwarded to a host listener at `<uds_path>_<P>`.
 //!
-//! Jail: the same uid/gid as QEMU (switched before exec, with no supplementary
-//! groups and `PR_SET_NO_NEW_PRIVS`), `RLIMIT_CORE` 0, the VM's namespaces and
-//! cgroup. Its working directory is `vsock/` in the VM directory (owned by
+//! Jail: the same uid/gid as QEMU (switched before exec by the jails' one
+//! privilege drop, `nitrile_vmm_sys::privilege`: no supplementary groups,
+//! `PR_SET_NO_NEW_PRIVS`; uid or gid 0 is refused), `RLIMIT_CORE` 0, the
+//! VM's namespaces and cgroup. Its working directory is `vsock/` in the VM directory (owned by
 //! that uid, mode 0700), where it creates the vhost-user socket QEMU connects
 //! to. It runs from a per-VM copy of the binary that its uid may execute but
 //! not read, so the kernel makes the process non-dumpable at exec: its memory,
@@ -31,7 +32,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
-use super::jail::{self, Cgroup, Plan};
+use nitrile_vmm_sys::Ids;
+use nitrile_vmm_sys::jail::{self, Plan};
+
+use super::cgroup::Cgroup;
 use super::{JailConfig, create_private_file, io_err, tail};
 use crate::process::{Exit, ProcRecord, Tracked};
 use crate::{DisplayPath, VmmError, VsockSpec};
@@ -88,6 +92,11 @@ impl Daemon {
         cgroup: Option<&Cgroup>,
         timeout: Duration,
     ) -> Result<Self, VmmError> {
+        // The daemon runs as the jail's unprivileged ids, never as root.
+        let user = Ids::new(config.uid, config.gid).map_err(|e| VmmError::Spawn {
+            program: DisplayPath(binary.to_path_buf()),
+            source: std::io::Error::new(ErrorKind::InvalidInput, e),
+        })?;
         let dir = vm_dir.join(DIR);
         fs::DirBuilder::new()
             .mode(0o700)
@@ -120,11 +129,11 @@ impl Daemon {
             .stderr(stderr);
         let plan = Plan {
             inherit: Vec::new(),
-            cgroup_procs: Vec::new(),
+            cgroup_procs: cgroup.map(Cgroup::procs).unwrap_or_default(),
             namespaces: config.namespaces,
-        }
-        .for_cgroup(cgroup);
-        jail::install_as(&mut cmd, plan, config.uid, config.gid);
+            user: Some(user),
+        };
+        jail::install(&mut cmd, plan);
         // A child forked by another thread while the copy was open for
         // writing holds it until its own exec: the exec here then fails
         // with ETXTBSY for a moment.
