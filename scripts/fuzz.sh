@@ -4,7 +4,7 @@
 #   scripts/fuzz.sh                  # 30 s per target
 #   scripts/fuzz.sh 600              # 10 min per target
 #   scripts/fuzz.sh 60 journal       # only the named targets
-#   scripts/fuzz.sh --smoke 8        # CI's smoke run: an unoptimized build
+#   scripts/fuzz.sh --smoke 5        # CI's smoke run: an unoptimized build
 #                                    # (quicker to build, slower to fuzz), and
 #                                    # SKIPPED, not a failure, on a machine
 #                                    # that cannot fuzz
