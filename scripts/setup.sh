@@ -147,6 +147,13 @@ if [ "$want_tests" -eq 1 ]; then
         log "installing cargo-nextest (one time, a few minutes)"
         cargo install --locked cargo-nextest
     fi
+    # The fuzz smoke run of scripts/test.sh; without it that step prints
+    # SKIPPED and says why.
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+        log "installing cargo-fuzz (one time, a few minutes)"
+        cargo install --locked cargo-fuzz@0.13.2 ||
+            log "cargo-fuzz could not be installed: the fuzz smoke run will print SKIPPED"
+    fi
 fi
 
 log "building nitrile (release)"

@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Tokens are signed with the fixed issuer key the `token_verify` target
-//! pins; certificates come from a throwaway cell CA.
+//! pins, checkpoints with the fixed keys of `common/note_keys.rs`;
+//! certificates come from a throwaway cell CA.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -17,8 +18,17 @@ use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use nitrile_api::wire::RefusalStep;
 use nitrile_api::{Audience, Name, Operation, PrincipalId, ResourceId};
 use nitrile_audit::{AuditRecord, JournalId, JournalOptions, Outcome, RequestId};
+use nitrile_audit::{FORMAT_VERSION, genesis_hash, record_hash};
+use nitrile_logd::leaf::{self, LeafV1};
+use nitrile_logd::protocol::{IngestBatch, IngestEntry, JournalRef};
+use nitrile_tlog::{Checkpoint, SignedNote};
 use nitrile_token::{CertThumbprint, ClaimsInput, SigningKey, TokenIssuer};
 use time::macros::datetime;
+
+// The target uses every key of it; the seeds are signed by two.
+#[allow(dead_code)]
+#[path = "../common/note_keys.rs"]
+mod note_keys;
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("seeds");
@@ -154,6 +164,138 @@ fn main() {
         .bytes(),
     );
     write(&seeds(&root, "quota_and_review_files"), "sample", &input);
+
+    // checkpoint_note: mode byte 1 and a checkpoint signed by the log and
+    // cosigned by the witness, or the log's vkey; mode byte 0, the signing
+    // header (flags, timestamp, flip offset, mask) and a checkpoint text.
+    let checkpoint = Checkpoint {
+        origin: note_keys::ORIGIN.to_owned(),
+        size: 42,
+        root: [0xab; 32],
+    };
+    let body = checkpoint.body();
+    let witness = note_keys::witness();
+    let note = SignedNote::sign(&body, &note_keys::log(), 0)
+        .and_then(|n| n.with_signature_line(&witness.sign_line(&body, 1_900_000_000)?))
+        .expect("signing the seed checkpoint");
+    let dir = seeds(&root, "checkpoint_note");
+    write(
+        &dir,
+        "cosigned",
+        &[b"\x01".as_slice(), note.text.as_bytes()].concat(),
+    );
+    write(
+        &dir,
+        "vkey",
+        &[
+            b"\x01".as_slice(),
+            note_keys::log().verifier().to_vkey().as_bytes(),
+        ]
+        .concat(),
+    );
+    for (name, flags) in [("signed", 0u8), ("cosigned-stranger", 5), ("flipped", 3)] {
+        let mut input = vec![0u8, flags];
+        input.extend(1_900_000_000u64.to_be_bytes());
+        input.extend(60u16.to_be_bytes());
+        input.push(0x01);
+        input.extend(format!("{body}extension line\n").bytes());
+        write(&dir, name, &input);
+    }
+
+    // admin_request: a request line, a newline, the body.
+    let dir = seeds(&root, "admin_request");
+    for (name, text) in [
+        ("describe", "GET /v1/host\n"),
+        ("drain", "POST /v1/host/drain\n{}"),
+        ("list", "GET /v1/instances\n"),
+        (
+            "launch",
+            concat!(
+                "POST /v1/instances\n",
+                r#"{"instance":"web1","image":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","#,
+                r#""vcpus":2,"memory_mib":256,"volumes":[{"id":"data","size_mib":64}]}"#
+            ),
+        ),
+        ("stop", "POST /v1/instances/web1/stop\n"),
+        ("terminate", "DELETE /v1/instances/web1\n"),
+    ] {
+        write(&dir, name, text.as_bytes());
+    }
+
+    // ingest_batch: mode byte 1 and a genuine batch of three records, or
+    // the log leaf of its first record; mode byte 0 then bytes the target
+    // turns into a journal and a batch.
+    let id = JournalId([0x22; 16]);
+    let journal = JournalRef {
+        source: source.to_string(),
+        journal_id: id,
+        genesis: genesis_hash(FORMAT_VERSION, &id, source.to_string().as_bytes()),
+    };
+    let mut prev = journal.genesis;
+    let mut entries = Vec::new();
+    for (seq, record) in (1u64..).zip([&refusal, &outcome, &refusal]) {
+        let payload = record.encode().expect("encodes");
+        let hash = record_hash(&prev, seq, &payload);
+        prev = hash;
+        entries.push(IngestEntry { seq, hash, payload });
+    }
+    let first = leaf::encode(&LeafV1 {
+        source: journal.source.clone(),
+        journal_id: id,
+        seq: 1,
+        hash: entries[0].hash,
+        payload: entries[0].payload.clone(),
+    })
+    .expect("a leaf encodes");
+    let batch = IngestBatch {
+        journal,
+        entries,
+        head: Some(3),
+    };
+    let dir = seeds(&root, "ingest_batch");
+    let json = serde_json::to_vec(&batch).expect("a batch serializes");
+    write(&dir, "batch.json", &[b"\x01".as_slice(), &json].concat());
+    write(&dir, "leaf", &[b"\x01".as_slice(), &first].concat());
+    let mut generated = vec![0u8];
+    generated.extend((0..=255u8).cycle().take(600));
+    write(&dir, "generated", &generated);
+
+    // vm_spec: a spec with every section, and one with none of the optional ones.
+    let dir = seeds(&root, "vm_spec");
+    let image = serde_json::json!({
+        "digest": "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "kernel": "/var/lib/nitrile/images/k/vmlinux",
+        "initramfs": "/var/lib/nitrile/images/k/initramfs.cpio",
+        "cmdline": "console=ttyS0 reboot=t panic=-1"
+    });
+    let full = serde_json::json!({
+        "instance": "web1",
+        "image": image,
+        "vcpus": 2,
+        "memory_mib": 256,
+        "volumes": [
+            {"id": "data", "path": "/var/lib/nitrile/volumes/data.img", "size_mib": 64},
+            {"id": "logs", "path": "/var/lib/nitrile/volumes/logs.img", "size_mib": 8, "read_only": true}
+        ],
+        "vsock": {"guest_cid": 3, "uds_path": "/run/nitrile/web1.vsock"},
+        "net": {"tap": "tap-web1"}
+    });
+    let minimal = serde_json::json!({
+        "instance": "web1",
+        "image": image,
+        "vcpus": 1,
+        "memory_mib": 64
+    });
+    write(
+        &dir,
+        "full.json",
+        &serde_json::to_vec_pretty(&full).expect("json"),
+    );
+    write(
+        &dir,
+        "minimal.json",
+        &serde_json::to_vec(&minimal).expect("json"),
+    );
 }
 
 fn seeds(root: &Path, target: &str) -> PathBuf {
