@@ -102,9 +102,9 @@ impl RememberedCheckpoint {
             path: path.to_owned(),
             source,
         })?;
-        crate::service::write_atomic(path, &bytes, 0o600).map_err(|source| AnchorFileError::Io {
+        crate::service::write_atomic(path, &bytes, 0o600).map_err(|e| AnchorFileError::Io {
             path: path.to_owned(),
-            source,
+            source: e.into(),
         })
     }
 

@@ -520,10 +520,10 @@ impl Store {
                 file.log_size,
             )
         };
-        crate::service::write_atomic(&self.sources_file, &bytes, 0o600).map_err(|source| {
+        crate::service::write_atomic(&self.sources_file, &bytes, 0o600).map_err(|e| {
             StoreError::SourcesIo {
                 path: self.sources_file.clone(),
-                source,
+                source: e.into(),
             }
         })?;
         tracing::debug!(size, "source states saved");
