@@ -11,8 +11,8 @@ use std::io::{self, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 
 use nitrile_fs::{AtomicFile, FsError, Step, sync_dir, write_atomic};
 
@@ -209,18 +209,21 @@ fn concurrent_writers_of_one_path_never_produce_a_mixed_file() {
             seen
         })
     };
+    let start = Arc::new(Barrier::new(usize::from(WRITERS)));
     let writers: Vec<_> = (1..=WRITERS)
         .map(|w| {
-            let p = Arc::clone(&p);
+            let (p, start) = (Arc::clone(&p), Arc::clone(&start));
             std::thread::spawn(move || {
-                // Written in small pieces, so that writers sharing a
-                // temporary file would interleave.
+                start.wait();
+                // Written in small pieces, giving way between them, so that
+                // writers sharing a temporary file would interleave.
                 for _ in 0..ROUNDS {
                     let mut f =
                         AtomicFile::create_in(p.parent().unwrap(), p.file_name().unwrap(), 0o600)
                             .unwrap();
                     for _ in 0..LEN / 4096 {
                         f.write_all(&[w; 4096]).unwrap();
+                        std::thread::yield_now();
                     }
                     f.commit(&p).unwrap();
                 }
