@@ -2,7 +2,6 @@
 //! every response is metadata only.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use nitrile_api::Operation;
@@ -14,21 +13,12 @@ fn crate_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
 }
 
-/// Replaces `path` with `text`: a temporary file beside it, fsync, rename.
-fn write_atomically(path: &Path, text: &str) {
-    let dir = path.parent().expect("the file has a directory");
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).expect("create a temporary file");
-    tmp.write_all(text.as_bytes()).expect("write the document");
-    tmp.as_file().sync_all().expect("fsync the document");
-    tmp.persist(path).expect("rename the document into place");
-}
-
 #[test]
 fn checked_in_document_is_generated_from_the_code() {
     let path = crate_file("openapi.json");
     let generated = openapi::document_text();
     if std::env::var_os("NITRILE_BLESS").is_some() {
-        write_atomically(&path, &generated);
+        nitrile_fs::write_atomic(&path, generated.as_bytes(), 0o644).expect("write the document");
         return;
     }
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();

@@ -489,22 +489,10 @@ pub fn provision_witness(
     })
 }
 
-/// Writes `bytes` to `path` with `mode`: a temporary file beside it, fsync,
-/// rename.
+/// Writes `bytes` to `path` with `mode` by [`nitrile_fs::write_atomic`]: a
+/// unique temporary file beside it, fsync, rename, fsync of the directory.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CellError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    nitrile_fs::write_atomic(path, bytes, mode).map_err(|e| io(path)(e.into()))
 }
 
 #[cfg(test)]

@@ -1,8 +1,6 @@
 //! The client config a principal's CLI reads (like a kubeconfig).
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -103,17 +101,14 @@ impl ClientConfig {
     /// Reads a config; relative paths in it are made relative to its
     /// directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let io = |source| ConfigError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let meta = std::fs::metadata(path).map_err(io)?;
-        if meta.len() > MAX_CONFIG_LEN {
-            return Err(ConfigError::TooLarge {
-                path: path.to_owned(),
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(io)?;
+        let text =
+            nitrile_fs::read_bounded_to_string(path, MAX_CONFIG_LEN).map_err(|e| match e {
+                nitrile_fs::FsError::TooLarge { path, .. } => ConfigError::TooLarge { path },
+                e => ConfigError::Io {
+                    path: path.to_owned(),
+                    source: e.into(),
+                },
+            })?;
         let mut config: Self = toml::from_str(&text).map_err(|source| ConfigError::Invalid {
             path: path.to_owned(),
             source,
@@ -138,19 +133,8 @@ impl ClientConfig {
         }
         let text = toml::to_string_pretty(self)
             .unwrap_or_else(|_| unreachable!("a client config is plain strings and serializes"));
-        let tmp = path.with_extension("toml.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        f.write_all(b"# nitrile client config: `nitrile config show` explains it\n")
-            .map_err(io)?;
-        f.write_all(text.as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        let text = format!("# nitrile client config: `nitrile config show` explains it\n{text}");
+        nitrile_fs::write_atomic(path, text.as_bytes(), 0o600).map_err(|e| io(e.into()))
     }
 }
 

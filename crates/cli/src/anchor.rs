@@ -25,10 +25,10 @@
 //! (`nitrile audit forget --log ORIGIN`).
 
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
+use nitrile_fs::FsError;
 use nitrile_tlog::{
     Checkpoint, Hash, MAX_NOTE_SIZE, NoteError, NoteVerifier, ProofError, open_checkpoint,
     verify_consistency,
@@ -435,23 +435,19 @@ impl Anchors {
 /// Reads a remembered file (`None` when there is none), at most
 /// [`MAX_ANCHOR_FILE`] bytes.
 fn read_remembered(path: &Path, origin: &str) -> Result<Option<Remembered>, AnchorError> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(path)(e)),
-    };
-    let mut text = String::new();
-    file.take(MAX_ANCHOR_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(io(path))?;
     let corrupt = |what: String| AnchorError::Corrupt {
         path: path.to_owned(),
         origin: origin.to_owned(),
         what,
     };
-    if text.len() as u64 > MAX_ANCHOR_FILE {
-        return Err(corrupt(format!("larger than {MAX_ANCHOR_FILE} bytes")));
-    }
+    let text = match nitrile_fs::read_bounded_to_string(path, MAX_ANCHOR_FILE) {
+        Ok(text) => text,
+        Err(FsError::Missing { .. }) => return Ok(None),
+        Err(FsError::TooLarge { max, .. }) => {
+            return Err(corrupt(format!("larger than {max} bytes")));
+        }
+        Err(e) => return Err(io(path)(e.into())),
+    };
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| corrupt(format!("not a remembered checkpoint: {e}")))
@@ -481,25 +477,13 @@ fn check_remembered(
 }
 
 fn sync_dir(dir: &Path) -> Result<(), AnchorError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+    nitrile_fs::sync_dir(dir).map_err(|e| io(dir)(e.into()))
 }
 
-/// Writes `bytes` to `path` owner-only and atomically: a temporary file
-/// beside it, fsync, rename, fsync of the directory.
-fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), AnchorError> {
-    let tmp = path.with_extension("json.tmp");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    sync_dir(dir)
+/// Writes `bytes` to `path` owner-only with [`nitrile_fs::write_atomic`]: a
+/// unique temporary file beside it, fsync, rename, fsync of the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AnchorError> {
+    nitrile_fs::write_atomic(path, bytes, 0o600).map_err(|e| io(path)(e.into()))
 }
 
 /// A log's memory, locked: compare a checkpoint with it, then accept the
@@ -627,7 +611,7 @@ impl Held {
             };
             let mut text = serde_json::to_string_pretty(&new)?;
             text.push('\n');
-            write_atomic(&self.dir, &self.file, text.as_bytes())?;
+            write_atomic(&self.file, text.as_bytes())?;
         }
         Ok(Accepted {
             step: step_name,

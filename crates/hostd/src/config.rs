@@ -29,9 +29,7 @@
 //! Relative paths are resolved against the directory of the file when it is
 //! loaded; [`HostdConfig::write`] writes paths as they are in the value.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nitrile_api::Name;
@@ -290,14 +288,19 @@ impl HostdConfig {
     }
 
     /// Writes the config atomically (temporary file, fsync, rename, fsync of
-    /// the directory) with owner-only permissions.
+    /// the directory) with owner-only permissions, making its directory
+    /// first if there is none.
     pub fn write(&self, path: &Path) -> Result<(), ConfigError> {
         let mut text = String::from("# nitrile host agent config (`nitrile hostd --config`)\n");
         text.push_str(&self.to_toml());
-        write_atomic(path, text.as_bytes(), 0o600).map_err(|source| ConfigError::Io {
+        let io = |source| ConfigError::Io {
             path: path.to_owned(),
             source,
-        })
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        nitrile_fs::write_atomic(path, text.as_bytes(), 0o600).map_err(|e| io(e.into()))
     }
 }
 
@@ -323,50 +326,13 @@ impl Unlocated {
 }
 
 fn read_bounded(path: &Path) -> Result<String, ConfigError> {
-    use std::io::Read;
-    let io = |source| ConfigError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let f = std::fs::File::open(path).map_err(io)?;
-    let mut text = String::new();
-    f.take(MAX_CONFIG_LEN + 1)
-        .read_to_string(&mut text)
-        .map_err(io)?;
-    if text.len() as u64 > MAX_CONFIG_LEN {
-        return Err(ConfigError::TooLarge {
+    nitrile_fs::read_bounded_to_string(path, MAX_CONFIG_LEN).map_err(|e| match e {
+        nitrile_fs::FsError::TooLarge { path, .. } => ConfigError::TooLarge { path },
+        e => ConfigError::Io {
             path: path.to_owned(),
-        });
-    }
-    Ok(text)
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same
-/// directory with `mode`, fsync, rename, fsync of the directory. The audit
-/// log service writes its state files with it too.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir)?;
-    let mut name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?
-        .to_os_string();
-    name.push(".tmp");
-    let tmp = dir.join(name);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+            source: e.into(),
+        },
+    })
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@
 //! synced and unlinked before the volume files are deleted.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,8 +42,6 @@ use nitrile_vmm::{
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
-
-use crate::config::write_atomic;
 
 /// Largest instance record or host state file read.
 pub const MAX_RECORD_LEN: u64 = 64 * 1024;
@@ -181,23 +179,25 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstanceError + '_ {
     }
 }
 
+/// Reads a state file of at most `max` bytes into a buffer zeroized when
+/// dropped (key files are among them).
 fn read_bounded(path: &Path, max: u64) -> Result<Zeroizing<Vec<u8>>, InstanceError> {
-    let f = std::fs::File::open(path).map_err(io(path))?;
-    let mut buf = Zeroizing::new(Vec::new());
-    f.take(max + 1).read_to_end(&mut buf).map_err(io(path))?;
-    if buf.len() as u64 > max {
-        return Err(InstanceError::Damaged {
-            path: path.to_owned(),
+    nitrile_fs::read_secret(path, max).map_err(|e| match e {
+        nitrile_fs::FsError::TooLarge { path, max } => InstanceError::Damaged {
+            path,
             reason: format!("larger than {max} bytes"),
-        });
-    }
-    Ok(buf)
+        },
+        e => io(path)(e.into()),
+    })
+}
+
+/// Writes a state file, owner-only, with [`nitrile_fs::write_atomic`].
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), InstanceError> {
+    nitrile_fs::write_atomic(path, bytes, 0o600).map_err(|e| io(path)(e.into()))
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), InstanceError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    nitrile_fs::sync_dir(dir).map_err(|e| io(dir)(e.into()))
 }
 
 fn private_dir(path: &Path) -> Result<(), InstanceError> {
@@ -532,11 +532,9 @@ impl Instances {
         let path = self.state_dir.join(HOST_FILE);
         let bytes = serde_json::to_vec(&HostState { placement })
             .unwrap_or_else(|_| unreachable!("plain enum serializes"));
-        let p = path.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&p, &bytes, 0o600))
+        tokio::task::spawn_blocking(move || write_private(&path, &bytes))
             .await
-            .map_err(InstanceError::Task)?
-            .map_err(io(&path))?;
+            .map_err(InstanceError::Task)??;
         self.drained.store(drained, Ordering::SeqCst);
         Ok(())
     }
@@ -578,7 +576,7 @@ impl Instances {
         let path = dir.join(RECORD_FILE);
         let bytes = serde_json::to_vec_pretty(record)
             .unwrap_or_else(|_| unreachable!("a description serializes"));
-        write_atomic(&path, &bytes, 0o600).map_err(io(&path))?;
+        write_private(&path, &bytes)?;
         self.table().insert(record.instance.clone(), record.clone());
         Ok(())
     }
@@ -760,14 +758,14 @@ impl Instances {
         };
         self.save(&record)?;
         let spec_path = dir.join(SPEC_FILE);
-        write_atomic(&spec_path, &spec.to_json(), 0o600).map_err(io(&spec_path))?;
+        write_private(&spec_path, &spec.to_json())?;
 
         let mut pairs = Vec::new();
         for v in &req.volumes {
             pairs.push((v.id.clone(), VolumeKey::generate(&mut rand_core::OsRng)?));
         }
         let key_path = self.key_file(&name);
-        write_atomic(&key_path, &encode_keys(&pairs), 0o600).map_err(io(&key_path))?;
+        write_private(&key_path, &encode_keys(&pairs))?;
         let mut keys = VolumeKeys::new();
         for (id, key) in pairs {
             keys.insert(id, key);
@@ -980,6 +978,8 @@ pub fn state_name(state: InstanceState) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read as _;
+
     use super::*;
 
     #[test]

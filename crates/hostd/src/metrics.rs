@@ -154,8 +154,8 @@ impl HostdMetrics {
 
 /// Writes `text` to `path` atomically (owner-readable and group-readable,
 /// for a collector running as another user in the host's group).
-pub fn write_metrics_file(path: &Path, text: &str) -> std::io::Result<()> {
-    crate::config::write_atomic(path, text.as_bytes(), 0o640)
+pub fn write_metrics_file(path: &Path, text: &str) -> Result<(), nitrile_fs::FsError> {
+    nitrile_fs::write_atomic(path, text.as_bytes(), 0o640)
 }
 
 #[cfg(test)]

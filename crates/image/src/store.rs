@@ -10,11 +10,13 @@
 //! Files are written to a temporary name, fsync'd and renamed, and the
 //! directory is fsync'd, so a crash leaves either the old or the new state.
 
-use std::fs::{self, File, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use nitrile_fs::{AtomicFile, FsError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -317,12 +319,8 @@ impl ImageStore {
                 source,
             })?;
         json.push(b'\n');
-        write_atomic(
-            &self.root.join(MANIFESTS),
-            &self.manifest_path(&digest),
-            &json,
-            0o600,
-        )?;
+        nitrile_fs::write_atomic(&self.manifest_path(&digest), &json, 0o600)
+            .map_err(fs_err("write"))?;
         Ok(self.image_ref(manifest))
     }
 
@@ -409,20 +407,12 @@ impl ImageStore {
     /// digests add up to the digest it is filed under.
     fn read_manifest(&self, digest: &Digest) -> Result<ImageManifest, ImageError> {
         let path = self.manifest_path(digest);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(ImageError::NotFound(*digest));
-            }
-            Err(e) => return Err(io_err("open", &path)(e)),
+        let bytes = match nitrile_fs::read_bounded(&path, MAX_MANIFEST_SIZE) {
+            Ok(bytes) => bytes,
+            Err(FsError::Missing { .. }) => return Err(ImageError::NotFound(*digest)),
+            Err(FsError::TooLarge { .. }) => return Err(ImageError::ManifestTooLarge { path }),
+            Err(e) => return Err(fs_err("read")(e)),
         };
-        let mut bytes = Vec::new();
-        file.take(MAX_MANIFEST_SIZE + 1)
-            .read_to_end(&mut bytes)
-            .map_err(io_err("read", &path))?;
-        if bytes.len() as u64 > MAX_MANIFEST_SIZE {
-            return Err(ImageError::ManifestTooLarge { path });
-        }
         let manifest: ImageManifest =
             serde_json::from_slice(&bytes).map_err(|source| ImageError::BadManifest {
                 path: path.clone(),
@@ -449,8 +439,10 @@ impl ImageStore {
         let meta = input.metadata().map_err(io_err("stat", src))?;
         check_size(component, src, &meta)?;
         let blobs = self.root.join(BLOBS);
-        let (tmp_path, mut tmp) = create_temp(&blobs, 0o600)?;
-        let result = (|| {
+        let mut tmp =
+            AtomicFile::create_in(&blobs, OsStr::new(""), 0o600).map_err(fs_err("create"))?;
+        let tmp_path = tmp.temp_path().to_owned();
+        let copied = (|| {
             let mut hasher = Sha256::new();
             let mut scanner = BannerScanner::default();
             let mut head = Vec::new();
@@ -487,7 +479,6 @@ impl ImageStore {
                     problem: FileProblem::Empty,
                 });
             }
-            tmp.sync_all().map_err(io_err("fsync", &tmp_path))?;
             let sha256 = Digest::from_bytes(hasher.finalize().into());
             let format = KernelFormat::detect(&head);
             let release = match format {
@@ -499,20 +490,12 @@ impl ImageStore {
                 format,
                 release,
             })
-        })();
-        let copied = match result {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp_path);
-                return Err(e);
-            }
-        };
-        drop(tmp);
-        let dst = self.blob_path(&copied.info.sha256);
-        fs::set_permissions(&tmp_path, fs::Permissions::from_mode(0o444))
-            .map_err(io_err("set permissions of", &tmp_path))?;
-        fs::rename(&tmp_path, &dst).map_err(io_err("rename into", &dst))?;
-        sync_dir(&blobs)?;
+        })()?;
+        // Stored blobs are read-only; the temporary file is removed on any
+        // failure (when `tmp` is dropped).
+        tmp.set_mode(0o444).map_err(fs_err("set permissions of"))?;
+        tmp.commit(&self.blob_path(&copied.info.sha256))
+            .map_err(fs_err("store"))?;
         Ok(copied)
     }
 }
@@ -565,41 +548,13 @@ fn hash_file(component: Component, path: &Path) -> Result<(Digest, u64), ImageEr
     Ok((Digest::from_bytes(hasher.finalize().into()), size))
 }
 
-fn create_temp(dir: &Path, mode: u32) -> Result<(PathBuf, File), ImageError> {
-    let mut attempt = 0u32;
-    loop {
-        let path = dir.join(format!(".tmp-{}-{attempt}", std::process::id()));
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&path)
-        {
-            Ok(f) => return Ok((path, f)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 1000 => attempt += 1,
-            Err(e) => return Err(io_err("create", &path)(e)),
-        }
+/// A failed file operation of this crate: `op` on the path it names.
+fn fs_err(op: &'static str) -> impl FnOnce(FsError) -> ImageError {
+    move |e| ImageError::Io {
+        op,
+        path: e.path().to_owned(),
+        source: e.into(),
     }
-}
-
-fn write_atomic(dir: &Path, dst: &Path, bytes: &[u8], mode: u32) -> Result<(), ImageError> {
-    let (tmp_path, mut tmp) = create_temp(dir, mode)?;
-    let result = tmp
-        .write_all(bytes)
-        .and_then(|()| tmp.sync_all())
-        .map_err(io_err("write", &tmp_path))
-        .and_then(|()| fs::rename(&tmp_path, dst).map_err(io_err("rename into", dst)));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp_path);
-    }
-    result?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), ImageError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageError + use<> {

@@ -523,12 +523,12 @@ impl Store {
                 file.log_size,
             )
         };
-        nitrile_hostd::config::write_atomic(&self.sources_file, &bytes, 0o600).map_err(
-            |source| StoreError::SourcesIo {
+        nitrile_fs::write_atomic(&self.sources_file, &bytes, 0o600).map_err(|e| {
+            StoreError::SourcesIo {
                 path: self.sources_file.clone(),
-                source,
-            },
-        )?;
+                source: e.into(),
+            }
+        })?;
         tracing::debug!(size, "source states saved");
         Ok(())
     }

@@ -1,7 +1,6 @@
 //! The monitor: rules, correlation windows, built-in detectors and alerts.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::Read;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -213,13 +212,14 @@ impl Monitor {
         let mut rules = Vec::new();
         for path in files {
             let name = path.display().to_string();
-            let mut text = String::new();
-            std::fs::File::open(&path)
-                .and_then(|f| {
-                    f.take(MAX_RULE_FILE_LEN as u64 + 1)
-                        .read_to_string(&mut text)
-                })
-                .map_err(|e| read_err(&path, e))?;
+            let text = nitrile_fs::read_bounded_to_string(&path, MAX_RULE_FILE_LEN as u64)
+                .map_err(|e| match e {
+                    nitrile_fs::FsError::TooLarge { .. } => RuleError::TooLarge {
+                        file: name.clone(),
+                        what: "file size",
+                    },
+                    e => read_err(&path, e.into()),
+                })?;
             rules.extend(parse_rules(&name, &text)?);
         }
         Self::new(rules)

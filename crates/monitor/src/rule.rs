@@ -10,7 +10,9 @@
 //! an error naming the file, the rule and the key, never ignored.
 
 use std::fmt;
+use std::time::Duration;
 
+use nitrile_fs::duration::{DurationSyntax, parse_duration};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use yaml_rust2::parser::{Event as YamlEvent, MarkedEventReceiver, Parser};
@@ -1148,27 +1150,16 @@ impl<'a> CondParser<'a> {
     }
 }
 
-/// Parses `<n>s|m|h|d` into seconds, at most [`MAX_TIMESPAN_SECS`].
+/// Parses a Sigma timespan, `<n>s|m|h|d` (one number, one unit:
+/// [`DurationSyntax::SINGLE`]), into seconds, positive and at most
+/// [`MAX_TIMESPAN_SECS`].
 pub fn parse_timespan(s: &str) -> Result<u64, Problem> {
-    let bad = || Problem::BadTimespan(s.chars().take(40).collect());
-    let unit = s.chars().last().ok_or_else(bad)?;
-    let digits = &s[..s.len() - unit.len_utf8()];
-    if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let mult = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86400,
-        _ => return Err(bad()),
-    };
-    let secs = n * mult;
-    if secs == 0 || secs > MAX_TIMESPAN_SECS {
-        return Err(bad());
-    }
-    Ok(secs)
+    let syntax = DurationSyntax::SINGLE
+        .positive()
+        .at_most(Duration::from_secs(MAX_TIMESPAN_SECS));
+    parse_duration(s, syntax)
+        .map(|d| d.as_secs())
+        .map_err(|_| Problem::BadTimespan(s.chars().take(40).collect()))
 }
 
 fn parse_correlation(cx: &Ctx<'_>, y: &Yaml) -> Result<Correlation, RuleError> {

@@ -1,10 +1,8 @@
-//! Atomic file writes with explicit permissions.
+//! Atomic file writes with explicit permissions, and the key file check.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::PkiError;
 
@@ -13,49 +11,13 @@ pub(crate) const KEY_MODE: u32 = 0o600;
 /// Mode of certificate files.
 pub(crate) const CERT_MODE: u32 = 0o644;
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same
-/// directory created with `mode`, fsync, rename over `path`, fsync of the
-/// directory. Readers see the old content or the new one, never a mix, and a
-/// key is never readable by others, not even briefly.
+/// Writes `bytes` to `path` with [`nitrile_fs::write_atomic`]: a uniquely
+/// named temporary file in the same directory created with exactly `mode`,
+/// fsync, rename over `path`, fsync of the directory. Readers see the old
+/// content or the new one, never a mix, and a key is never readable by
+/// others, not even briefly.
 pub(crate) fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| {
-            PkiError::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-            )
-        })?
-        .to_string_lossy()
-        .into_owned();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{file_name}.tmp-{}-{n}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|e| PkiError::io(&tmp, e))?;
-        // The umask may have removed bits; set exactly what was asked.
-        f.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(|e| PkiError::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| PkiError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| PkiError::io(&tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| PkiError::io(path, e))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| PkiError::io(dir, e))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    nitrile_fs::write_atomic(path, bytes, mode).map_err(|e| PkiError::io(path, e.into()))
 }
 
 /// Refuses a key file that group or others can access.

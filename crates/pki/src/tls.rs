@@ -9,7 +9,6 @@
 //! [`danger`], named so that a reviewer sees them.
 
 use std::fmt;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -73,18 +72,19 @@ pub enum TlsError {
     Verifier(#[source] rustls::server::VerifierBuilderError),
 }
 
-fn read_bounded(path: &Path) -> Result<Vec<u8>, TlsError> {
-    let io = |source| TlsError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let len = fs::metadata(path).map_err(io)?.len();
-    if len > MAX_PEM_FILE {
-        return Err(TlsError::FileTooLarge {
-            path: path.to_owned(),
-        });
+/// The bounded read's error as this module's: too large, or unreadable.
+fn read_error(e: nitrile_fs::FsError) -> TlsError {
+    match e {
+        nitrile_fs::FsError::TooLarge { path, .. } => TlsError::FileTooLarge { path },
+        e => TlsError::Io {
+            path: e.path().to_owned(),
+            source: e.into(),
+        },
     }
-    fs::read(path).map_err(io)
+}
+
+fn read_bounded(path: &Path) -> Result<Vec<u8>, TlsError> {
+    nitrile_fs::read_bounded(path, MAX_PEM_FILE).map_err(read_error)
 }
 
 /// The explicitly chosen crypto provider of every nitrile TLS configuration.
@@ -121,7 +121,7 @@ impl TlsIdentity {
     pub fn load(cert_pem_path: &Path, key_pem_path: &Path) -> Result<Self, TlsError> {
         check_key_mode(key_pem_path).map_err(TlsError::KeyFile)?;
         let cert_pem = read_bounded(cert_pem_path)?;
-        let key_pem = zeroize::Zeroizing::new(read_bounded(key_pem_path)?);
+        let key_pem = nitrile_fs::read_secret(key_pem_path, MAX_PEM_FILE).map_err(read_error)?;
         Self::from_pem(&cert_pem, &key_pem)
     }
 

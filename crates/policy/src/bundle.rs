@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
@@ -273,15 +272,12 @@ fn read_dir_into(
                 max: MAX_BUNDLE_FILES,
             });
         }
-        let bytes = read_bounded(&path, MAX_BUNDLE_FILE_SIZE).map_err(|e| match e {
-            Bounded::Io(source) => PolicyError::Io {
-                path: path.clone(),
-                source,
-            },
-            Bounded::TooLarge => PolicyError::FileTooLarge {
+        let bytes = nitrile_fs::read_bounded(&path, MAX_BUNDLE_FILE_SIZE).map_err(|e| match e {
+            nitrile_fs::FsError::TooLarge { max, .. } => PolicyError::FileTooLarge {
                 path: rel.clone(),
-                max: MAX_BUNDLE_FILE_SIZE,
+                max,
             },
+            e => io(&path)(e.into()),
         })?;
         *total += bytes.len() as u64;
         if *total > MAX_BUNDLE_TOTAL_SIZE {
@@ -292,24 +288,6 @@ fn read_dir_into(
         files.insert(rel, BundleFile { role, bytes });
     }
     Ok(())
-}
-
-pub(crate) enum Bounded {
-    Io(std::io::Error),
-    TooLarge,
-}
-
-/// Reads at most `max` bytes of a file; more is an error, not a truncation.
-pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, Bounded> {
-    let file = fs::File::open(path).map_err(Bounded::Io)?;
-    let mut bytes = Vec::new();
-    file.take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(Bounded::Io)?;
-    if bytes.len() as u64 > max {
-        return Err(Bounded::TooLarge);
-    }
-    Ok(bytes)
 }
 
 #[cfg(test)]

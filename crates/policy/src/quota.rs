@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nitrile_api::{Name, Operation, ResourceId};
+use nitrile_fs::duration::{DurationSyntax, format_duration, parse_duration};
 use rusqlite::{Connection, TransactionBehavior, params};
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -51,23 +52,12 @@ pub enum QuotaProblem {
 pub struct QuotaWindow(u64);
 
 impl QuotaWindow {
-    /// Parses `30s`, `15m`, `1h`, `7d`.
+    /// Parses `30s`, `15m`, `1h`, `7d`: one number and one unit
+    /// ([`DurationSyntax::SINGLE`]), positive, at most 31 days.
     pub fn parse(s: &str) -> Result<Self, QuotaProblem> {
-        let bad = || QuotaProblem::BadWindow(s.chars().take(40).collect());
-        let unit = s.chars().last().ok_or_else(bad)?;
-        let digits = &s[..s.len() - unit.len_utf8()];
-        if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|c| c.is_ascii_digit()) {
-            return Err(bad());
-        }
-        let n: u64 = digits.parse().map_err(|_| bad())?;
-        let mult = match unit {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86400,
-            _ => return Err(bad()),
-        };
-        Self::from_secs(n * mult)
+        let d = parse_duration(s, DurationSyntax::SINGLE)
+            .map_err(|_| QuotaProblem::BadWindow(s.chars().take(40).collect()))?;
+        Self::from_secs(d.as_secs())
     }
 
     /// A window of `secs` seconds.
@@ -94,12 +84,7 @@ impl QuotaWindow {
 
 impl fmt::Display for QuotaWindow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, secs) in [("d", 86400), ("h", 3600), ("m", 60)] {
-            if self.0.is_multiple_of(secs) {
-                return write!(f, "{}{unit}", self.0 / secs);
-            }
-        }
-        write!(f, "{}s", self.0)
+        f.write_str(&format_duration(self.as_duration(), DurationSyntax::SINGLE))
     }
 }
 

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -15,10 +14,11 @@ use ed25519_dalek::pkcs8::spki::{DecodePublicKey, EncodePublicKey};
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use nitrile_api::Name;
+use nitrile_fs::FsError;
 use serde::Deserialize;
 
 use crate::PolicyError;
-use crate::bundle::{Bounded, Bundle, BundleDigest, FileRole, read_bounded};
+use crate::bundle::{Bundle, BundleDigest, FileRole};
 
 /// Signatures of distinct reviewers a bundle needs; callers may ask for more,
 /// never fewer.
@@ -192,17 +192,13 @@ fn parse_public_key(s: &str) -> Option<VerifyingKey> {
 }
 
 fn read_small_text(path: &Path) -> Result<String, ReviewError> {
-    let bytes = read_bounded(path, MAX_REVIEWER_FILE_SIZE).map_err(|e| match e {
-        Bounded::Io(source) => ReviewError::Io {
+    nitrile_fs::read_bounded_to_string(path, MAX_REVIEWER_FILE_SIZE).map_err(|e| match e {
+        FsError::TooLarge { path, .. } => ReviewError::TooLarge { path },
+        FsError::NotText { path, .. } => ReviewError::NotText { path },
+        e => ReviewError::Io {
             path: path.to_path_buf(),
-            source,
+            source: e.into(),
         },
-        Bounded::TooLarge => ReviewError::TooLarge {
-            path: path.to_path_buf(),
-        },
-    })?;
-    String::from_utf8(bytes).map_err(|_| ReviewError::NotText {
-        path: path.to_path_buf(),
     })
 }
 
@@ -314,44 +310,14 @@ fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Writes a file atomically: a temporary file in the same directory, created
-/// with `mode`, written, fsynced, renamed over `path`, and the directory fsynced.
+/// Writes a file with [`nitrile_fs::write_atomic`] (a unique temporary
+/// file in the same directory created with `mode`, fsync, rename, fsync of
+/// the directory).
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ReviewError> {
-    write_atomic_io(path, bytes, mode).map_err(|source| ReviewError::Io {
+    nitrile_fs::write_atomic(path, bytes, mode).map_err(|e| ReviewError::Io {
         path: path.to_path_buf(),
-        source,
+        source: e.into(),
     })
-}
-
-/// [`write_atomic`] with the I/O error as it is (the temporary file is
-/// removed when anything fails).
-pub(crate) fn write_atomic_io(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(&dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Why a signature file did not count.

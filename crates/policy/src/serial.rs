@@ -16,9 +16,9 @@
 //! service journals the serial and digest in force at every start, so such
 //! a rollback is on the record even then.
 
-use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
+
+use nitrile_fs::FsError;
 
 use crate::manifest::BundleVersion;
 
@@ -142,19 +142,11 @@ impl SerialStore {
             path: path.to_path_buf(),
             source,
         };
-        let recorded = match fs::File::open(path) {
-            Ok(f) => {
-                let mut bytes = Vec::new();
-                f.take(MAX_SERIAL_FILE_LEN + 1)
-                    .read_to_end(&mut bytes)
-                    .map_err(io)?;
-                if bytes.len() as u64 > MAX_SERIAL_FILE_LEN {
-                    return Err(corrupt(None));
-                }
-                Some(serde_json::from_slice(&bytes).map_err(|e| corrupt(Some(e)))?)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io(e)),
+        let recorded = match nitrile_fs::read_bounded(path, MAX_SERIAL_FILE_LEN) {
+            Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| corrupt(Some(e)))?),
+            Err(FsError::Missing { .. }) => None,
+            Err(FsError::TooLarge { .. }) => return Err(corrupt(None)),
+            Err(e) => return Err(io(e.into())),
         };
         Ok(Self {
             path: path.to_path_buf(),
@@ -201,11 +193,9 @@ impl SerialStore {
         let mut bytes = serde_json::to_vec(&advance.current)
             .unwrap_or_else(|_| unreachable!("a serial and a digest serialize"));
         bytes.push(b'\n');
-        crate::review::write_atomic_io(&self.path, &bytes, 0o600).map_err(|source| {
-            SerialError::Io {
-                path: self.path.clone(),
-                source,
-            }
+        nitrile_fs::write_atomic(&self.path, &bytes, 0o600).map_err(|e| SerialError::Io {
+            path: self.path.clone(),
+            source: e.into(),
         })?;
         self.recorded = Some(advance.current);
         Ok(())
@@ -214,6 +204,8 @@ impl SerialStore {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use crate::bundle::BundleDigest;
     use crate::manifest::BundleSerial;

@@ -1,11 +1,12 @@
 //! Where a log keeps its tiles, entry bundles and checkpoints.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read as _, Write as _};
+use std::fs;
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+
+use nitrile_fs::{AtomicFile, FsError};
 
 use crate::tile::MAX_BUNDLE_SIZE;
 
@@ -92,8 +93,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
 }
 
-/// Prefix of temporary files; never a valid path element.
-const TEMP_PREFIX: &str = ".tmp-";
+/// Mode of stored objects: public data (served to auditors), guarded by the
+/// mode of the store's directory.
+const OBJECT_MODE: u32 = 0o644;
 
 fn valid_element(e: &str) -> bool {
     !e.is_empty()
@@ -121,7 +123,6 @@ pub(crate) fn check_path(path: &str) -> Result<(), StorageError> {
 pub struct FileStorage {
     root: PathBuf,
     dirty_dirs: Mutex<BTreeSet<PathBuf>>,
-    counter: AtomicU64,
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StorageError + 'a {
@@ -133,9 +134,7 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))
+    nitrile_fs::sync_dir(dir).map_err(|e| io_err("fsync directory", dir)(e.into()))
 }
 
 impl FileStorage {
@@ -146,7 +145,6 @@ impl FileStorage {
         Ok(Self {
             root,
             dirty_dirs: Mutex::new(BTreeSet::new()),
-            counter: AtomicU64::new(0),
         })
     }
 
@@ -193,22 +191,13 @@ impl Storage for FileStorage {
     fn read(&self, path: &str) -> Result<Option<Vec<u8>>, StorageError> {
         check_path(path)?;
         let file = self.file(path);
-        let f = match File::open(&file) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("open", &file)(e)),
-        };
-        if f.metadata().map_err(io_err("stat", &file))?.is_dir() {
-            return Ok(None);
+        match nitrile_fs::read_bounded(&file, MAX_OBJECT_SIZE as u64) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(FsError::Missing { .. }) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::IsADirectory => Ok(None),
+            Err(FsError::TooLarge { .. }) => Err(StorageError::TooLarge(path.to_owned())),
+            Err(e) => Err(io_err("read", &file)(e.into())),
         }
-        let mut buf = Vec::new();
-        f.take(MAX_OBJECT_SIZE as u64 + 1)
-            .read_to_end(&mut buf)
-            .map_err(io_err("read", &file))?;
-        if buf.len() > MAX_OBJECT_SIZE {
-            return Err(StorageError::TooLarge(path.to_owned()));
-        }
-        Ok(Some(buf))
     }
 
     fn write(&self, path: &str, bytes: &[u8]) -> Result<(), StorageError> {
@@ -227,26 +216,13 @@ impl Storage for FileStorage {
             }
             fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
         }
-        let name = file
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("object");
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!("{TEMP_PREFIX}{name}-{}-{n}", std::process::id()));
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(io_err("create", &tmp))?;
-            f.write_all(bytes).map_err(io_err("write", &tmp))?;
-            f.sync_all().map_err(io_err("fsync", &tmp))?;
-            fs::rename(&tmp, &file).map_err(io_err("rename onto", &file))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result?;
+        // The file is whole once renamed; the rename is durable once the
+        // directory is fsynced, below for checkpoints, else by `sync`.
+        let fs_err = |e: FsError| io_err("write", &file)(e.into());
+        let mut f = AtomicFile::create_in(&dir, file.file_name().unwrap_or_default(), OBJECT_MODE)
+            .map_err(fs_err)?;
+        f.write_all(bytes).map_err(io_err("write", f.temp_path()))?;
+        f.commit_unsynced_dir(&file).map_err(fs_err)?;
         let immediate = path == "checkpoint" || path.starts_with("checkpoints/");
         {
             let mut dirty = self.dirty_dirs.lock().map_err(|_| StorageError::Poisoned)?;

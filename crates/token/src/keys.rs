@@ -3,8 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::{Read as _, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -15,7 +14,7 @@ use ed25519_dalek::pkcs8::{
     DecodePrivateKey as _, DecodePublicKey as _, EncodePrivateKey as _, EncodePublicKey as _,
 };
 use nitrile_api::PrincipalId;
-use rand_core::{CryptoRngCore, RngCore as _};
+use rand_core::CryptoRngCore;
 use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
@@ -237,57 +236,23 @@ impl fmt::Debug for SigningKey {
     }
 }
 
+/// Reads a key file (at most [`MAX_KEY_FILE_LEN`] bytes) into a buffer
+/// that is zeroized when dropped.
 fn read_bounded(path: &Path) -> Result<Zeroizing<String>, KeyError> {
-    let io = |source| KeyError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let mut text = Zeroizing::new(String::new());
-    file.take(MAX_KEY_FILE_LEN as u64 + 1)
-        .read_to_string(&mut text)
-        .map_err(io)?;
-    if text.len() > MAX_KEY_FILE_LEN {
-        return Err(KeyError::TooLarge(path.to_owned()));
-    }
-    Ok(text)
+    nitrile_fs::read_secret_to_string(path, MAX_KEY_FILE_LEN as u64).map_err(|e| match e {
+        nitrile_fs::FsError::TooLarge { path, .. } => KeyError::TooLarge(path),
+        e => KeyError::Io {
+            path: path.to_owned(),
+            source: e.into(),
+        },
+    })
 }
 
 fn write_atomic_private(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
-    let io = |source| KeyError::Io {
+    nitrile_fs::write_atomic(path, contents, 0o600).map_err(|e| KeyError::Io {
         path: path.to_owned(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io(std::io::Error::other("key path has no file name")))?;
-    let mut nonce = [0u8; 8];
-    rand_core::OsRng.fill_bytes(&mut nonce);
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        hex::encode(nonce)
-    ));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(&dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+        source: e.into(),
+    })
 }
 
 /// The public keys a verifier pins for one issuer principal (the token

@@ -12,8 +12,7 @@
 //! leaves the published set.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nitrile_api::PrincipalId;
@@ -308,36 +307,19 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), KeyRingError> {
 }
 
 fn read_bounded(path: &Path, max: u64) -> Result<String, KeyRingError> {
-    let meta = std::fs::metadata(path).map_err(|e| io(path, e))?;
-    if meta.len() > max {
-        return Err(KeyRingError::BadIssuerFile {
-            path: path.to_owned(),
+    nitrile_fs::read_bounded_to_string(path, max).map_err(|e| match e {
+        nitrile_fs::FsError::TooLarge { path, max } => KeyRingError::BadIssuerFile {
+            path,
             reason: format!("larger than {max} bytes"),
-        });
-    }
-    std::fs::read_to_string(path).map_err(|e| io(path, e))
+        },
+        e => io(path, e.into()),
+    })
 }
 
-/// Writes a file atomically: temporary file, fsync, rename, fsync of the
-/// directory.
+/// Writes a file with [`nitrile_fs::write_atomic`]: a unique temporary
+/// file, fsync, rename, fsync of the directory.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyRingError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| io(&tmp, e))?;
-    f.sync_all().map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-    if let Some(parent) = path.parent() {
-        std::fs::File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io(parent, e))?;
-    }
-    Ok(())
+    nitrile_fs::write_atomic(path, bytes, mode).map_err(|e| io(path, e.into()))
 }
 
 #[cfg(test)]

@@ -9,9 +9,8 @@
 //! reach a later process that reused the pid. Processes we spawned are also
 //! reaped through their [`Child`].
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
+use std::io::{self, Read};
 use std::path::Path;
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
@@ -237,41 +236,21 @@ impl Tracked {
 pub(crate) fn read_record<T: serde::de::DeserializeOwned>(
     path: &Path,
 ) -> Result<Option<T>, RecordError> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(RecordError::Io(e)),
+    let bytes = match nitrile_fs::read_bounded(path, MAX_RECORD_LEN) {
+        Ok(bytes) => bytes,
+        Err(nitrile_fs::FsError::Missing { .. }) => return Ok(None),
+        Err(nitrile_fs::FsError::TooLarge { .. }) => return Err(RecordError::TooLong),
+        Err(e) => return Err(RecordError::Io(e.into())),
     };
-    let mut bytes = Vec::new();
-    file.take(MAX_RECORD_LEN + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_RECORD_LEN {
-        return Err(RecordError::TooLong);
-    }
     Ok(Some(serde_json::from_slice(&bytes)?))
 }
 
-/// Writes `value` as JSON to `path` atomically: a temporary file (mode
-/// 0600) in the same directory, fsync, rename over `path`, fsync of the
-/// directory.
+/// Writes `value` as JSON to `path` with [`nitrile_fs::write_atomic`]: a
+/// unique temporary file (mode 0600) in the same directory, fsync, rename
+/// over `path`, fsync of the directory.
 pub(crate) fn write_record<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "record path has no parent"))?;
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    let _ = fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    nitrile_fs::write_atomic(path, &bytes, 0o600).map_err(io::Error::from)
 }
 
 /// Why an adoption record could not be read.
@@ -291,6 +270,8 @@ pub enum RecordError {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use proptest::prelude::*;
 

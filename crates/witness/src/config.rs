@@ -102,22 +102,15 @@ impl WitnessConfig {
     /// Reads a configuration file; relative paths in it are resolved
     /// against its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        use std::io::Read as _;
         let io = |source| ConfigError::Io {
             path: path.to_owned(),
             source,
         };
-        let mut text = String::new();
-        std::fs::File::open(path)
-            .map_err(io)?
-            .take(MAX_CONFIG_FILE + 1)
-            .read_to_string(&mut text)
-            .map_err(io)?;
-        if text.len() as u64 > MAX_CONFIG_FILE {
-            return Err(ConfigError::TooLarge {
-                path: path.to_owned(),
-            });
-        }
+        let text =
+            nitrile_fs::read_bounded_to_string(path, MAX_CONFIG_FILE).map_err(|e| match e {
+                nitrile_fs::FsError::TooLarge { path, .. } => ConfigError::TooLarge { path },
+                e => io(e.into()),
+            })?;
         let mut config = Self::parse(&text).map_err(|(field, source)| ConfigError::Invalid {
             path: path.to_owned(),
             field,

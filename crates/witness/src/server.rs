@@ -2,7 +2,6 @@
 //! c2sp.org/tlog-witness and `GET /<origin hash>/checkpoint` (the latest
 //! cosigned checkpoint of a log, for monitors).
 
-use std::io::Read as _;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -86,18 +85,14 @@ pub fn load_signing_key(path: &Path) -> Result<NoteSigner, ServiceError> {
         path: path.to_owned(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let mode = file.metadata().map_err(io)?.permissions().mode() & 0o777;
+    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(io(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!("mode {mode:o} lets others read the key; chmod 600 it"),
         )));
     }
-    let mut text = Zeroizing::new(String::new());
-    file.take(MAX_KEY_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(io)?;
+    let text = nitrile_fs::read_secret_to_string(path, MAX_KEY_FILE).map_err(|e| io(e.into()))?;
     let key = NoteSigner::from_skey(text.trim_end()).map_err(|source| ServiceError::Key {
         path: path.to_owned(),
         source,
@@ -129,10 +124,7 @@ pub fn write_signing_key(path: &Path, key: &NoteSigner) -> Result<(), ServiceErr
     }
     let mut text = Zeroizing::new(key.to_skey().to_string());
     text.push('\n');
-    crate::state::atomic_write(path, text.as_bytes()).map_err(|e| match e {
-        crate::state::StateError::Io { source, .. } => io(source),
-        other => io(std::io::Error::other(other.to_string())),
-    })
+    nitrile_fs::write_atomic(path, text.as_bytes(), 0o600).map_err(|e| io(e.into()))
 }
 
 /// The witness with its socket bound, ready to serve.

@@ -5,9 +5,8 @@
 //! atomically (temporary file, fsync, rename, fsync of the directory). A
 //! state is durable when [`StateStore::save`] returns.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read as _, Write as _};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -159,16 +158,10 @@ impl StateStore {
     }
 
     fn read(&self, path: &Path) -> Result<LogState, StateError> {
-        let file = File::open(path).map_err(|e| StateError::io(path, e))?;
-        let mut bytes = Vec::new();
-        file.take(MAX_STATE_FILE + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| StateError::io(path, e))?;
-        if bytes.len() as u64 > MAX_STATE_FILE {
-            return Err(StateError::TooLarge {
-                path: path.to_owned(),
-            });
-        }
+        let bytes = nitrile_fs::read_bounded(path, MAX_STATE_FILE).map_err(|e| match e {
+            nitrile_fs::FsError::TooLarge { path, .. } => StateError::TooLarge { path },
+            e => StateError::io(path, e.into()),
+        })?;
         let f: StateFile =
             serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
                 path: path.to_owned(),
@@ -232,39 +225,11 @@ impl StateStore {
     }
 }
 
-/// Writes `bytes` to `path` atomically and durably: a temporary file in the
-/// same directory (mode 0600), fsync, rename, fsync of the directory.
+/// Writes `bytes` to `path` atomically and durably, owner-only, with
+/// [`nitrile_fs::write_atomic`] (a unique temporary file in the same
+/// directory, fsync, rename, fsync of the directory).
 pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| StateError::io(&tmp, e))?;
-        f.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(|e| StateError::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| StateError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| StateError::io(&tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| StateError::io(path, e))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| StateError::io(dir, e))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    nitrile_fs::write_atomic(path, bytes, 0o600).map_err(|e| StateError::io(path, e.into()))
 }
 
 #[cfg(test)]

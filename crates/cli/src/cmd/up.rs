@@ -1,7 +1,7 @@
 //! `nitrile up`: a whole cell on this machine.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -559,7 +559,7 @@ fn write_logd_config(
         "# nitrile audit log service config (`nitrile logd --config`)\n{}",
         config.to_toml()
     );
-    write_private(&path, text.as_bytes())
+    nitrile_fs::write_atomic(&path, text.as_bytes(), 0o600)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
@@ -622,7 +622,7 @@ fn write_witness_config(
         "# nitrile checkpoint witness config (`nitrile audit witness --config`)\n{}",
         config.to_toml()
     );
-    write_private(&path, text.as_bytes())
+    nitrile_fs::write_atomic(&path, text.as_bytes(), 0o600)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
@@ -644,22 +644,6 @@ fn witnessing(config: &LogdConfig, witness_vkey: &str) -> String {
             " (logd.toml names other witnesses than this cell's)"
         }
     )
-}
-
-/// Writes `bytes` to `path` owner-only and atomically: a temporary file
-/// beside it, fsync, rename.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("toml.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Writes `hosts/<host>/hostd.toml` with paths relative to it, shipping

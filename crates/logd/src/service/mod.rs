@@ -220,7 +220,7 @@ pub enum LogdError {
     },
 }
 
-use nitrile_hostd::config::write_atomic;
+use nitrile_fs::write_atomic;
 
 /// Loads the log's signing key from `path`, or makes one and writes it
 /// (owner-only) with its public key beside it.
@@ -235,7 +235,7 @@ fn load_or_create_signer(state: &Path, origin: &str) -> Result<NoteSigner, LogdE
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let signer = NoteSigner::generate(origin)?;
             write_atomic(&path, format!("{}\n", &*signer.to_skey()).as_bytes(), 0o600)
-                .map_err(io)?;
+                .map_err(|e| io(e.into()))?;
             signer
         }
         Err(e) => return Err(io(e)),
@@ -249,9 +249,9 @@ fn load_or_create_signer(state: &Path, origin: &str) -> Result<NoteSigner, LogdE
     let vkey = format!("{}\n", signer.verifier().to_vkey());
     let vkey_path = state.join(LOG_VKEY_FILE);
     if std::fs::read_to_string(&vkey_path).ok().as_deref() != Some(vkey.as_str()) {
-        write_atomic(&vkey_path, vkey.as_bytes(), 0o644).map_err(|source| LogdError::LogKey {
+        write_atomic(&vkey_path, vkey.as_bytes(), 0o644).map_err(|e| LogdError::LogKey {
             path: vkey_path,
-            source,
+            source: e.into(),
         })?;
     }
     Ok(signer)
