@@ -102,11 +102,9 @@ impl RememberedCheckpoint {
             path: path.to_owned(),
             source,
         })?;
-        nitrile_hostd::config::write_atomic(path, &bytes, 0o600).map_err(|source| {
-            AnchorFileError::Io {
-                path: path.to_owned(),
-                source,
-            }
+        crate::store::write_atomic(path, &bytes, 0o600).map_err(|source| AnchorFileError::Io {
+            path: path.to_owned(),
+            source,
         })
     }
 

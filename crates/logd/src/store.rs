@@ -523,12 +523,12 @@ impl Store {
                 file.log_size,
             )
         };
-        nitrile_hostd::config::write_atomic(&self.sources_file, &bytes, 0o600).map_err(
-            |source| StoreError::SourcesIo {
+        write_atomic(&self.sources_file, &bytes, 0o600).map_err(|source| {
+            StoreError::SourcesIo {
                 path: self.sources_file.clone(),
                 source,
-            },
-        )?;
+            }
+        })?;
         tracing::debug!(size, "source states saved");
         Ok(())
     }
@@ -582,4 +582,33 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same
+/// directory with `mode`, fsync, rename, fsync of the directory.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?
+        .to_os_string();
+    name.push(".tmp");
+    let tmp = dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
