@@ -40,7 +40,7 @@ pub enum IdentityError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: TlsError,
+        source: Box<TlsError>,
     },
     /// The certificate or its key could not be loaded (unreadable, not
     /// PEM, a key others may read).
@@ -52,7 +52,7 @@ pub enum IdentityError {
         key: PathBuf,
         /// Why.
         #[source]
-        source: TlsError,
+        source: Box<TlsError>,
     },
     /// The certificate names no principal of the cell (none, several,
     /// another cell's).
@@ -64,7 +64,7 @@ pub enum IdentityError {
         cell: Name,
         /// Why.
         #[source]
-        source: PkiError,
+        source: Box<PkiError>,
     },
     /// The certificate names a principal of the cell, but not the one
     /// this service runs as.
@@ -73,9 +73,9 @@ pub enum IdentityError {
         /// The certificate file.
         path: PathBuf,
         /// What it names.
-        found: PrincipalId,
+        found: Box<PrincipalId>,
         /// What the service expected.
-        expected: Expected,
+        expected: Box<Expected>,
     },
     /// No TLS configuration could be made of the certificate and key (for
     /// example, the key is not the certificate's).
@@ -85,7 +85,7 @@ pub enum IdentityError {
         cert: PathBuf,
         /// Why.
         #[source]
-        source: TlsError,
+        source: Box<TlsError>,
     },
 }
 
@@ -115,18 +115,18 @@ impl ServiceIdentity {
     ) -> Result<Self, IdentityError> {
         let roots = CaRoots::load(ca).map_err(|source| IdentityError::Ca {
             path: ca.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         let tls = TlsIdentity::load(cert, key).map_err(|source| IdentityError::Certificate {
             cert: cert.to_owned(),
             key: key.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         let principal = PeerIdentity::from_der(tls.leaf(), cell)
             .map_err(|source| IdentityError::NoPrincipal {
                 path: cert.to_owned(),
                 cell: cell.clone(),
-                source,
+                source: Box::new(source),
             })?
             .principal;
         let fits = match expected {
@@ -136,8 +136,8 @@ impl ServiceIdentity {
         if !fits {
             return Err(IdentityError::WrongPrincipal {
                 path: cert.to_owned(),
-                found: principal,
-                expected: expected.clone(),
+                found: Box::new(principal),
+                expected: Box::new(expected.clone()),
             });
         }
         Ok(Self {
@@ -185,7 +185,7 @@ impl ServiceIdentity {
     fn config_error(&self, source: TlsError) -> IdentityError {
         IdentityError::Config {
             cert: self.cert.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 }

@@ -83,7 +83,7 @@ fn a_certificate_of_another_kind_or_principal_is_refused_naming_the_file() {
         .unwrap_err();
     assert!(
         matches!(&err, IdentityError::WrongPrincipal { path, found, .. }
-            if path == &cert && found == &p("nitrile://c1/host/h1")),
+            if path == &cert && **found == p("nitrile://c1/host/h1")),
         "{err}"
     );
     assert!(err.to_string().contains(&*cert.to_string_lossy()), "{err}");

@@ -136,9 +136,12 @@ fn no_service_crate_depends_on_another_service_crate() {
     );
 }
 
-/// A workspace of `packages` (name, [(dependency, kind)]) whose manifest
-/// names `services`, as `cargo metadata` prints it.
-fn synthetic(services: &[&str], packages: &[(&str, &[(&str, Option<&str>)])]) -> Value {
+/// A dependency of a synthetic crate: its name and kind (`None` is normal).
+type Dep<'a> = (&'a str, Option<&'a str>);
+
+/// A workspace of `packages` (name, dependencies) whose manifest names
+/// `services`, as `cargo metadata` prints it.
+fn synthetic(services: &[&str], packages: &[(&str, &[Dep<'_>])]) -> Value {
     json!({
         "packages": packages.iter().map(|(name, deps)| json!({
             "name": name,

@@ -60,7 +60,7 @@ pub enum IssuerFileError {
         path: PathBuf,
         /// What the parser said.
         #[source]
-        source: toml::de::Error,
+        source: Box<toml::de::Error>,
     },
     /// A key is not an Ed25519 public key in PEM form.
     #[error("issuer key set {}: key {kid} is not valid", path.display())]
@@ -168,7 +168,7 @@ impl IssuerFile {
     pub fn parse(text: &str, path: &Path) -> Result<IssuerKeys, IssuerFileError> {
         let file: IssuerFile = toml::from_str(text).map_err(|source| IssuerFileError::Syntax {
             path: path.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         let mut keys = IssuerKeys::new(file.issuer);
         for k in file.keys {

@@ -43,7 +43,7 @@ pub enum ServiceError {
         expected: PrincipalId,
         /// What is wrong with it.
         #[source]
-        source: IdentityError,
+        source: Box<IdentityError>,
     },
     /// The cosigning key file could not be read, or others may read it.
     #[error("cosigning key file {}", path.display())]
@@ -171,7 +171,7 @@ impl WitnessService {
                 ServiceError::WrongCertificate {
                     path: config.cert.clone(),
                     expected,
-                    source: e,
+                    source: Box::new(e),
                 }
             }
             e => ServiceError::Identity(e),
