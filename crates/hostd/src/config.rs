@@ -342,8 +342,7 @@ fn read_bounded(path: &Path) -> Result<String, ConfigError> {
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same
-/// directory with `mode`, fsync, rename, fsync of the directory. The audit
-/// log service writes its state files with it too.
+/// directory with `mode`, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
