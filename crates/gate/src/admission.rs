@@ -213,35 +213,12 @@ impl Admission {
         self.journal.source()
     }
 
-    /// The journal refusals before admission go to, with the refusal hooks
-    /// of [`nitrile_net::Handler`] ([`ServiceJournal::preauth_report`] and
-    /// the others).
+    /// The journal refusals before admission go to
+    /// ([`ServiceJournal::refuse_request`], [`ServiceJournal::refuse_tls`]),
+    /// with the refusal hooks of [`nitrile_net::Handler`]
+    /// ([`ServiceJournal::preauth_report`] and the others).
     pub fn service_journal(&self) -> &Arc<ServiceJournal> {
         &self.journal
-    }
-
-    /// [`ServiceJournal::refuse_request`]: journals the refusal of a request
-    /// that is not one of the service's, before any token is looked at.
-    pub fn refuse_request(
-        &self,
-        peer: &PeerIdentity,
-        status: u16,
-        code: &'static str,
-        reason: String,
-        detail: serde_json::Value,
-    ) -> Refused {
-        self.journal
-            .refuse_request(peer, status, code, reason, detail)
-    }
-
-    /// [`ServiceJournal::refuse_tls`]: journals a connection refused at TLS.
-    pub fn refuse_tls(
-        &self,
-        cert_sha256: Option<[u8; 32]>,
-        reason: String,
-        detail: Option<serde_json::Value>,
-    ) -> Refused {
-        self.journal.refuse_tls(cert_sha256, reason, detail)
     }
 
     /// Verifies `token` for `request`, using and filling the signature cache

@@ -705,6 +705,7 @@ impl Handler for Api {
                 let detail = request_detail(&method, &path);
                 let r = inner
                     .admission
+                    .service_journal()
                     .refuse_request(&peer, status, code, reason, detail);
                 inner.refused(None, &r)
             })

@@ -246,6 +246,7 @@ impl Inner {
         let r = tokio::task::spawn_blocking(move || {
             inner
                 .admission
+                .service_journal()
                 .refuse_request(&peer2, status, code, reason, detail)
         })
         .await;
