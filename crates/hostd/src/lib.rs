@@ -5,7 +5,7 @@
 //! closed set of [`nitrile_api::admin::AdminRequest`]s, carries a token that
 //! the host itself verified offline (pinned issuer keys, expiry, audience =
 //! this host, operation, exact resource, binding to the caller's client
-//! certificate, single use for mutations; [`admission`]), and only after a
+//! certificate, single use for mutations; [`nitrile_gate::Admission`]), and only after a
 //! request record is durable in the host's write-ahead journal; every
 //! refusal is journaled with the step and reason, and every executed request
 //! gets an outcome record. If the journal cannot be written, nothing runs
@@ -24,7 +24,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admission;
 pub mod config;
 pub mod instances;
 pub mod metrics;

@@ -16,21 +16,25 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use nitrile_api::admin::{
     AdminRequest, ApiError, Capacity, Health, HostDescription, HostHealth, ImageSummary,
-    InstanceList, MAX_LABEL_LEN, MAX_REASON_LEN, Measurement, Sha256Hex, Software, clip_text,
+    InstanceList, MAX_LABEL_LEN, Measurement, Sha256Hex, Software, clip_text,
 };
-use nitrile_api::wire::{Refusal, RefusalStep};
+use nitrile_api::wire::RefusalStep;
 use nitrile_api::{Audience, PrincipalId, PrincipalKind};
 use nitrile_audit::{JournalOptions, Outcome};
+use nitrile_gate::{
+    Admission, AdmissionError, Admitted, DEFAULT_SIGNATURE_CACHE, Expected, IdentityError,
+    Listeners, Refused, ServiceIdentity, bearer, refusal_response, request_detail,
+};
 use nitrile_image::ImageStore;
 use nitrile_net::{Handler, PeerIdentity, PreauthReport, Registry, Server, json_response};
 use nitrile_pki::PkiError;
-use nitrile_pki::tls::{self, CaRoots, TlsIdentity};
-use nitrile_token::{Clock, DEFAULT_REPLAY_CAPACITY, ReplayCache, SystemClock, Verifier};
+use nitrile_token::{
+    Clock, DEFAULT_REPLAY_CAPACITY, IssuerFile, IssuerFileError, ReplayCache, SystemClock, Verifier,
+};
 use nitrile_vmm::{Backend, HostProbe, Hypervisor, KvmBackend, QemuBackend};
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 
-use crate::admission::{Admission, AdmissionError, Admitted, DEFAULT_SIGNATURE_CACHE, Refused};
 use crate::config::HostdConfig;
 use crate::instances::{CapacityLimits, InstanceError, Instances};
 use crate::metrics::{HostdMetrics, METRICS_FILE, RequestOutcome, write_metrics_file};
@@ -80,22 +84,10 @@ impl Default for HostdOptions {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HostdError {
-    /// TLS material could not be loaded
-    #[error("TLS material")]
-    Tls(#[from] tls::TlsError),
-    /// the certificate is not this host's certificate in this cell
-    #[error("the certificate {} is not for host {host} of cell {cell}", path.display())]
-    NotThisHost {
-        /// The certificate file.
-        path: PathBuf,
-        /// The cell.
-        cell: nitrile_api::Name,
-        /// The host.
-        host: nitrile_api::Name,
-        /// Why, when the certificate names no principal of the cell.
-        #[source]
-        source: Option<PkiError>,
-    },
+    /// the CA, the certificate or its key could not be loaded, or the
+    /// certificate is not this host's in this cell
+    #[error("host identity")]
+    Identity(#[from] IdentityError),
     /// the pinned issuer keys could not be loaded
     #[error("pinned token issuer keys {}", path.display())]
     IssuerKeys {
@@ -103,7 +95,7 @@ pub enum HostdError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: nitrile_tokend::KeyRingError,
+        source: IssuerFileError,
     },
     /// the host name is not a token audience
     #[error("host name is not a token audience")]
@@ -271,26 +263,23 @@ impl Hostd {
                 path: state.clone(),
                 source,
             })?;
-        let roots = CaRoots::load(&config.ca)?;
-        let identity = TlsIdentity::load(&config.cert, &config.key)?;
-        let not_this_host = |source| HostdError::NotThisHost {
-            path: config.cert.clone(),
-            cell: config.cell.clone(),
-            host: config.host.clone(),
-            source,
-        };
-        let me = PeerIdentity::from_der(identity.leaf(), &config.cell)
-            .map_err(|e| not_this_host(Some(e)))?;
-        if me.principal.kind != PrincipalKind::Host || me.principal.name != config.host {
-            return Err(not_this_host(None));
-        }
-        let source: PrincipalId = me.principal;
-        let keys = nitrile_tokend::IssuerFile::load(&config.issuer_keys).map_err(|source| {
-            HostdError::IssuerKeys {
+        let identity = ServiceIdentity::load(
+            &config.cell,
+            &config.ca,
+            &config.cert,
+            &config.key,
+            &Expected::Principal(PrincipalId::new(
+                config.cell.clone(),
+                PrincipalKind::Host,
+                config.host.clone(),
+            )),
+        )?;
+        let source: PrincipalId = identity.principal().clone();
+        let keys =
+            IssuerFile::load(&config.issuer_keys).map_err(|source| HostdError::IssuerKeys {
                 path: config.issuer_keys.clone(),
                 source,
-            }
-        })?;
+            })?;
         let verifier = Verifier::new(keys, Audience::new(config.host.as_str())?);
         let journal_path = state.join("journal");
         let journal = Arc::new(
@@ -374,14 +363,11 @@ impl Hostd {
         };
 
         let registry = Arc::new(Registry::new());
-        let server = Server::new(tls::server_config(&roots, &identity)?, config.cell.clone())
+        let server = identity
+            .server()?
             .with_metrics(Arc::clone(&registry), "nitrile_hostd");
-        let listener = TcpListener::bind(config.listen).await.map_err(|source| {
-            nitrile_net::NetError::Listener {
-                addr: Some(config.listen),
-                source,
-            }
-        })?;
+        // One port, the mTLS one: metrics go to a file.
+        let listener = Listeners::bind(config.listen, None).await?.mtls;
         let image_list = Mutex::new(list_images(&images));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -511,9 +497,13 @@ impl Inner {
 
     /// The answer to a refusal, counted.
     fn refused(&self, operation: Option<nitrile_api::Operation>, r: &Refused) -> Response<Bytes> {
+        self.count_refused(operation, r);
+        r.response()
+    }
+
+    fn count_refused(&self, operation: Option<nitrile_api::Operation>, r: &Refused) {
         self.metrics.request(operation, RequestOutcome::Refused);
         self.metrics.refusal(r.step);
-        refusal(r.status, r.step, &r.reason, r.audit_seq)
     }
 
     /// Journals the outcome (durable before the answer) and builds the
@@ -560,7 +550,7 @@ impl Inner {
                 }
                 self.metrics.request(Some(op), RequestOutcome::Failed);
                 self.metrics.refusal(step);
-                refusal(status, step, &reason, seq)
+                refusal_response(status, step, &reason, seq)
             }
         }
     }
@@ -655,24 +645,6 @@ fn ok_json<T: serde::Serialize>(body: &T) -> Response<Bytes> {
     json_response(StatusCode::OK, body)
 }
 
-fn refusal(
-    status: u16,
-    step: RefusalStep,
-    reason: &str,
-    audit_seq: Option<u64>,
-) -> Response<Bytes> {
-    json_response(
-        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        &Refusal {
-            step,
-            reason: clip_text(reason, MAX_REASON_LEN),
-            quota: None,
-            retry_after_secs: None,
-            audit_seq,
-        },
-    )
-}
-
 /// Runs `f` on a blocking thread; a panic becomes a 500 answer.
 async fn blocking<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
     f: F,
@@ -685,20 +657,12 @@ async fn blocking<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
 
 /// The answer when a request's task panicked.
 fn internal_failure() -> Response<Bytes> {
-    refusal(
+    refusal_response(
         500,
         RefusalStep::Internal,
         "internal failure; see the host agent's log",
         None,
     )
-}
-
-/// The bearer token of a request, if it has a well-formed one.
-fn bearer(headers: &http::HeaderMap) -> Option<String> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
-        .then(|| token.trim().to_owned())
 }
 
 fn api_error_code(e: &ApiError) -> &'static str {
@@ -738,12 +702,10 @@ impl Handler for Api {
                     })
             }
             Err((status, code, reason)) => blocking(move || {
-                let detail = serde_json::json!({
-                    "method": clip_text(&method, 16),
-                    "path": clip_text(&path, 120),
-                });
+                let detail = request_detail(&method, &path);
                 let r = inner
                     .admission
+                    .service_journal()
                     .refuse_request(&peer, status, code, reason, detail);
                 inner.refused(None, &r)
             })
@@ -760,38 +722,28 @@ impl Handler for Api {
         status: u16,
         reason: String,
     ) {
-        let inner = Arc::clone(&self.0);
-        let _ = blocking(move || {
-            let detail = serde_json::json!({
-                "method": clip_text(&method, 16),
-                "path": clip_text(&path, 120),
-            });
-            let r =
-                inner
-                    .admission
-                    .refuse_request(&peer, status, "unreadable_body", reason, detail);
-            inner.refused(None, &r)
-        })
-        .await;
+        let journal = self.0.admission.service_journal();
+        if let Some(r) = journal
+            .request_unreadable(peer, method, path, status, reason)
+            .await
+        {
+            self.0.count_refused(None, &r);
+        }
     }
 
     async fn preauth_report(&self, report: PreauthReport) {
-        let inner = Arc::clone(&self.0);
-        inner.metrics.tls_refusals(report.count());
-        let (reason, detail) = (report.record_reason(), report.record_detail());
-        let _ = tokio::task::spawn_blocking(move || {
-            inner.admission.refuse_tls(None, reason, Some(detail))
-        })
-        .await;
+        self.0.metrics.tls_refusals(report.count());
+        let _ = self
+            .0
+            .admission
+            .service_journal()
+            .preauth_report(report)
+            .await;
     }
 
     async fn refused_at_tls(&self, reason: &PkiError, cert_sha256: Option<[u8; 32]>) {
-        let inner = Arc::clone(&self.0);
-        let reason = format!("certificate names no principal of this cell: {reason}");
-        inner.metrics.tls_refusal();
-        let _ = tokio::task::spawn_blocking(move || {
-            inner.admission.refuse_tls(cert_sha256, reason, None)
-        })
-        .await;
+        self.0.metrics.tls_refusal();
+        let journal = self.0.admission.service_journal();
+        let _ = journal.refused_at_tls(reason, cert_sha256).await;
     }
 }

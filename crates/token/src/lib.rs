@@ -13,6 +13,10 @@
 //! The [`paseto`] module implements PASETO v4.public itself and is checked
 //! against the official test vectors.
 //!
+//! The issuer key file that verifiers pin ([`IssuerFile`], `issuer-keys.toml`)
+//! is read here, bounded ([`MAX_ISSUER_FILE_LEN`]) and checked key by key;
+//! the token service writes it and keeps the private keys.
+//!
 //! It does not decide who may have which token (that is the token service's
 //! entitlement policy), does not do TLS (callers pass the peer certificate's
 //! SHA-256), does not journal, and reads no clock of its own: time comes in
@@ -24,6 +28,7 @@ mod claims;
 mod clock;
 mod error;
 mod issue;
+mod issuer_file;
 mod keys;
 pub mod paseto;
 mod replay;
@@ -33,6 +38,7 @@ pub use claims::{CertThumbprint, Claims, ClaimsError, ClaimsInput, IMPLICIT_ASSE
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use error::TokenError;
 pub use issue::TokenIssuer;
+pub use issuer_file::{IssuerFile, IssuerFileError, IssuerFileKey, MAX_ISSUER_FILE_LEN};
 pub use keys::{
     IssuerKeys, KeyError, KeyId, MAX_ISSUER_KEYS, MAX_KEY_FILE_LEN, SigningKey, VerifyingKey,
 };

@@ -6,6 +6,9 @@
 //! <dir>/issuer-keys.toml    the public key set hosts pin (no secrets)
 //! ```
 //!
+//! The format of `issuer-keys.toml` is the token crate's
+//! ([`nitrile_token::IssuerFile`], re-exported here); the ring writes it.
+//!
 //! Rotation adds a key and makes it current; the previous key stays in the
 //! published set, so tokens it signed stay valid until they expire, until it
 //! is retired. A retired key's private half is deleted and its public half
@@ -16,12 +19,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nitrile_api::PrincipalId;
+pub use nitrile_token::IssuerFile;
 use nitrile_token::{IssuerKeys, KeyError, KeyId, SigningKey, TokenIssuer, VerifyingKey};
 use rand_core::CryptoRngCore;
-use serde::{Deserialize, Serialize};
-
-/// Largest `issuer-keys.toml` accepted.
-pub const MAX_ISSUER_FILE_LEN: u64 = 64 * 1024;
 
 /// Why the key ring could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -53,13 +53,15 @@ pub enum KeyRingError {
         /// Its mode.
         mode: u32,
     },
-    /// the published key set is not valid
-    #[error("issuer key set {} is not valid: {reason}", path.display())]
-    BadIssuerFile {
-        /// The file.
+    /// the ring already holds as many keys as a published set may
+    #[error(
+        "issuer key set {} already has {} keys; retire one before rotating",
+        path.display(),
+        nitrile_token::MAX_ISSUER_KEYS
+    )]
+    Full {
+        /// The published set.
         path: PathBuf,
-        /// What is wrong.
-        reason: String,
     },
     /// the key id named as current has no key file
     #[error("current key {0} has no key file; the key ring is damaged")]
@@ -70,52 +72,6 @@ pub enum KeyRingError {
     /// no such key
     #[error("no key {0} in the key ring")]
     UnknownKey(String),
-}
-
-/// The published issuer key set, as written to `issuer-keys.toml`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IssuerFile {
-    /// The token service principal that signs.
-    pub issuer: PrincipalId,
-    /// Every key whose tokens hosts accept.
-    #[serde(default, rename = "key")]
-    pub keys: Vec<IssuerFileKey>,
-}
-
-/// One public key of the published set.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IssuerFileKey {
-    /// Its key id.
-    pub kid: String,
-    /// SubjectPublicKeyInfo PEM.
-    pub public_key: String,
-}
-
-impl IssuerFile {
-    /// Reads and checks a published key set: every key id matches its key.
-    pub fn load(path: &Path) -> Result<IssuerKeys, KeyRingError> {
-        let text = read_bounded(path, MAX_ISSUER_FILE_LEN)?;
-        let bad = |reason: String| KeyRingError::BadIssuerFile {
-            path: path.to_owned(),
-            reason,
-        };
-        let file: IssuerFile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let mut keys = IssuerKeys::new(file.issuer);
-        for k in file.keys {
-            let key = VerifyingKey::from_public_key_pem(&k.public_key)
-                .map_err(|e| bad(format!("key {}: {e}", k.kid)))?;
-            if key.key_id().to_string() != k.kid {
-                return Err(bad(format!("key id {} does not match its key", k.kid)));
-            }
-            keys.insert(key).map_err(|e| bad(e.to_string()))?;
-        }
-        if keys.key_ids().next().is_none() {
-            return Err(bad("no keys".into()));
-        }
-        Ok(keys)
-    }
 }
 
 /// The signing keys of one token service.
@@ -248,12 +204,8 @@ impl KeyRing {
 
     fn add_key(&mut self, rng: &mut impl CryptoRngCore) -> Result<KeyId, KeyRingError> {
         if self.keys.len() >= nitrile_token::MAX_ISSUER_KEYS {
-            return Err(KeyRingError::BadIssuerFile {
+            return Err(KeyRingError::Full {
                 path: Self::issuer_file_path(&self.dir),
-                reason: format!(
-                    "already {} keys; retire one before rotating",
-                    nitrile_token::MAX_ISSUER_KEYS
-                ),
             });
         }
         let key = SigningKey::generate(rng);
@@ -274,24 +226,12 @@ impl KeyRing {
     }
 
     fn publish(&self) -> Result<(), KeyRingError> {
-        let file = IssuerFile {
-            issuer: self.issuer.clone(),
-            keys: self
-                .keys
-                .iter()
-                .map(|(kid, k)| IssuerFileKey {
-                    kid: kid.clone(),
-                    public_key: k.to_public_key_pem(),
-                })
-                .collect(),
-        };
-        let text = toml::to_string_pretty(&file).unwrap_or_else(|_| {
-            unreachable!("the issuer file is plain strings and always serializes")
-        });
-        let body = format!(
-            "# Token issuer keys of this cell: hosts pin this set. Public, no secrets.\n{text}"
-        );
-        write_atomic(&Self::issuer_file_path(&self.dir), body.as_bytes(), 0o644)
+        let file = IssuerFile::new(self.issuer.clone(), self.keys.values());
+        write_atomic(
+            &Self::issuer_file_path(&self.dir),
+            file.render().as_bytes(),
+            0o644,
+        )
     }
 }
 
@@ -304,16 +244,6 @@ fn io(path: &Path, source: std::io::Error) -> KeyRingError {
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), KeyRingError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| io(path, e))
-}
-
-fn read_bounded(path: &Path, max: u64) -> Result<String, KeyRingError> {
-    nitrile_fs::read_bounded_to_string(path, max).map_err(|e| match e {
-        nitrile_fs::FsError::TooLarge { path, max } => KeyRingError::BadIssuerFile {
-            path,
-            reason: format!("larger than {max} bytes"),
-        },
-        e => io(path, e.into()),
-    })
 }
 
 /// Writes a file with [`nitrile_fs::write_atomic`]: a unique temporary

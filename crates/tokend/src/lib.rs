@@ -19,8 +19,8 @@
 //! audit log, still shows every start's serial.
 //!
 //! It does not let anyone act on a host: hosts verify tokens themselves,
-//! offline, against the issuer keys pinned at provisioning
-//! ([`keys::IssuerFile`]).
+//! offline, against the issuer keys pinned at provisioning (the file its key
+//! ring writes, in the token crate's format [`nitrile_token::IssuerFile`]).
 
 #![forbid(unsafe_code)]
 

@@ -8,12 +8,13 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use nitrile_api::{Name, PrincipalId, PrincipalKind};
 use nitrile_audit::Journal;
+use nitrile_gate::{
+    Expected, IdentityError, Listeners, MetricsTask, Refused, ServiceIdentity, ServiceJournal,
+};
 use nitrile_net::{Handler, PeerIdentity, PreauthReport, Registry, Server};
-use nitrile_pki::tls::{CaRoots, TlsIdentity};
-use nitrile_pki::{PkiError, tls};
+use nitrile_pki::PkiError;
 use nitrile_policy::{QuotaStore, ReviewerSet};
 use nitrile_token::{Clock, SystemClock};
-use tokio::net::TcpListener;
 
 use crate::keys::KeyRing;
 use crate::service::{Reply, ServiceMetrics, TokenService};
@@ -50,20 +51,10 @@ pub struct TokendConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TokendError {
-    /// TLS material could not be loaded
-    #[error("TLS material")]
-    Tls(#[from] tls::TlsError),
-    /// the service certificate is not a token service certificate of the cell
-    #[error("the certificate {} is not for a token service of cell {cell}", path.display())]
-    NotATokenService {
-        /// The certificate file.
-        path: PathBuf,
-        /// The cell.
-        cell: Name,
-        /// Why.
-        #[source]
-        source: Option<PkiError>,
-    },
+    /// the CA, the certificate or its key could not be loaded, or the
+    /// certificate is not a service certificate of the cell
+    #[error("token service identity")]
+    Identity(#[from] IdentityError),
     /// the entitlement bundle was refused
     #[error("entitlement bundle {} refused", path.display())]
     Entitlements {
@@ -144,9 +135,9 @@ pub enum TokendError {
 #[derive(Debug)]
 pub struct Tokend {
     service: Arc<TokenService>,
+    refusals: Arc<ServiceJournal>,
     server: Server,
-    listener: TcpListener,
-    metrics_listener: Option<TcpListener>,
+    listeners: Listeners,
     registry: Arc<Registry>,
     entitlements_digest: String,
     entitlements_serial: u64,
@@ -169,23 +160,14 @@ impl Tokend {
             path: config.state_dir.clone(),
             source,
         })?;
-        let roots = CaRoots::load(&config.ca)?;
-        let identity = TlsIdentity::load(&config.cert, &config.key)?;
-        let me = PeerIdentity::from_der(identity.leaf(), &config.cell).map_err(|e| {
-            TokendError::NotATokenService {
-                path: config.cert.clone(),
-                cell: config.cell.clone(),
-                source: Some(e),
-            }
-        })?;
-        if me.principal.kind != PrincipalKind::Service {
-            return Err(TokendError::NotATokenService {
-                path: config.cert.clone(),
-                cell: config.cell.clone(),
-                source: None,
-            });
-        }
-        let source: PrincipalId = me.principal;
+        let identity = ServiceIdentity::load(
+            &config.cell,
+            &config.ca,
+            &config.cert,
+            &config.key,
+            &Expected::Kind(PrincipalKind::Service),
+        )?;
+        let source: PrincipalId = identity.principal().clone();
         let max_lifetime = max_token_lifetime(config.max_token_lifetime_secs)?;
         let reviewers =
             ReviewerSet::load(&config.reviewers).map_err(|source| TokendError::Reviewers {
@@ -213,6 +195,15 @@ impl Tokend {
         let quotas = QuotaStore::open(&config.state_dir.join("quotas.sqlite"))?;
         let registry = Arc::new(Registry::new());
         let metrics = ServiceMetrics::register(&registry)?;
+        // Refusals before a request is read (TLS, unreadable bodies) are
+        // journaled by the gate; tokend takes no tokens, so they name no
+        // audience.
+        let refusals = Arc::new(ServiceJournal::new(
+            source.clone(),
+            None,
+            Arc::clone(&journal),
+            Arc::clone(&clock),
+        ));
         let service = Arc::new(
             TokenService::new(
                 ring.issuer()?,
@@ -224,23 +215,15 @@ impl Tokend {
             )
             .with_max_lifetime(max_lifetime),
         );
-        let server = Server::new(tls::server_config(&roots, &identity)?, config.cell.clone())
+        let server = identity
+            .server()?
             .with_metrics(Arc::clone(&registry), "nitrile_tokend");
-        let listener = TcpListener::bind(config.listen).await.map_err(|source| {
-            nitrile_net::NetError::Listener {
-                addr: Some(config.listen),
-                source,
-            }
-        })?;
-        let metrics_listener = match config.metrics {
-            Some(addr) => Some(nitrile_net::bind_metrics(addr).await?),
-            None => None,
-        };
+        let listeners = Listeners::bind(config.listen, config.metrics).await?;
         Ok(Self {
             service,
+            refusals,
             server,
-            listener,
-            metrics_listener,
+            listeners,
             registry,
             entitlements_digest,
             entitlements_serial,
@@ -250,14 +233,12 @@ impl Tokend {
 
     /// The bound mTLS address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
+        self.listeners.local_addr()
     }
 
     /// The bound metrics address.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
+        self.listeners.metrics_addr()
     }
 
     /// Digest of the entitlement bundle in force.
@@ -286,22 +267,14 @@ impl Tokend {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), TokendError> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let metrics_task = self.metrics_listener.map(|l| {
-            let registry = Arc::clone(&self.registry);
-            let mut rx = stop_rx.clone();
-            tokio::spawn(async move {
-                nitrile_net::serve_metrics(l, registry, async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await
-            })
-        });
-        let api = Api(Arc::clone(&self.service));
-        let result = self.server.serve(self.listener, api, shutdown).await;
+        let metrics = MetricsTask::spawn(self.listeners.metrics, self.registry, stop_rx);
+        let api = Api {
+            service: Arc::clone(&self.service),
+            refusals: self.refusals,
+        };
+        let result = self.server.serve(self.listeners.mtls, api, shutdown).await;
         let _ = stop_tx.send(true);
-        if let Some(t) = metrics_task {
-            let _ = t.await;
-        }
+        metrics.join().await;
         result.map_err(TokendError::from)
     }
 }
@@ -323,7 +296,21 @@ fn max_token_lifetime(secs: Option<u64>) -> Result<time::Duration, TokendError> 
     }
 }
 
-struct Api(Arc<TokenService>);
+struct Api {
+    service: Arc<TokenService>,
+    refusals: Arc<ServiceJournal>,
+}
+
+impl Api {
+    /// Counts a refusal the gate journaled (or could not).
+    fn count(&self, refused: Option<Refused>) {
+        let metrics = self.service.metrics();
+        metrics.refused.inc();
+        if refused.and_then(|r| r.audit_seq).is_none() {
+            metrics.refusal_journal_failures.inc();
+        }
+    }
+}
 
 fn to_response(reply: Reply) -> Response<Bytes> {
     let mut builder = Response::builder()
@@ -354,7 +341,7 @@ async fn blocking<F: FnOnce() -> Reply + Send + 'static>(f: F) -> Reply {
 
 impl Handler for Api {
     async fn handle(&self, peer: PeerIdentity, req: Request<Bytes>) -> Response<Bytes> {
-        let svc = Arc::clone(&self.0);
+        let svc = Arc::clone(&self.service);
         let (parts, body) = req.into_parts();
         let reply = if parts.method == Method::POST && parts.uri.path() == "/v1/tokens" {
             blocking(move || svc.issue(&peer, &body)).await
@@ -374,20 +361,20 @@ impl Handler for Api {
         status: u16,
         reason: String,
     ) {
-        let svc = Arc::clone(&self.0);
-        let _ =
-            blocking(move || svc.refuse_unreadable(&peer, &method, &path, status, &reason)).await;
+        let refused = self
+            .refusals
+            .request_unreadable(peer, method, path, status, reason)
+            .await;
+        self.count(refused);
     }
 
     async fn preauth_report(&self, report: PreauthReport) {
-        let svc = Arc::clone(&self.0);
-        let (reason, detail) = (report.record_reason(), report.record_detail());
-        let _ = blocking(move || svc.refuse_handshake(&reason, detail)).await;
+        let refused = self.refusals.preauth_report(report).await;
+        self.count(refused);
     }
 
     async fn refused_at_tls(&self, reason: &PkiError, cert_sha256: Option<[u8; 32]>) {
-        let svc = Arc::clone(&self.0);
-        let reason = format!("certificate names no principal of this cell: {reason}");
-        let _ = blocking(move || svc.refuse_unauthenticated(cert_sha256, &reason)).await;
+        let refused = self.refusals.refused_at_tls(reason, cert_sha256).await;
+        self.count(refused);
     }
 }

@@ -8,13 +8,12 @@
 
 use std::sync::Arc;
 
-use nitrile_api::admin::{MAX_LABEL_LEN, MAX_REASON_LEN, clip_text};
 use nitrile_api::wire::{
-    MAX_REQUEST_OPERATIONS, MAX_REQUEST_RESOURCES, Refusal, RefusalStep, TokenRequest,
-    TokenResponse,
+    MAX_REQUEST_OPERATIONS, MAX_REQUEST_RESOURCES, RefusalStep, TokenRequest, TokenResponse,
 };
 use nitrile_api::{Name, PrincipalId};
 use nitrile_audit::{AuditRecord, CertSha256, Journal, Outcome, RequestId};
+use nitrile_gate::refusal_body;
 use nitrile_net::{Counter, MetricsError, Registry};
 use nitrile_pki::PeerIdentity;
 use nitrile_policy::{Entitlements, QuotaError, QuotaStore};
@@ -28,7 +27,7 @@ use time::OffsetDateTime;
 pub struct Reply {
     /// HTTP status code.
     pub status: u16,
-    /// JSON body: a [`TokenResponse`] or a [`Refusal`].
+    /// JSON body: a [`TokenResponse`] or a [`nitrile_api::wire::Refusal`].
     pub body: Vec<u8>,
     /// Seconds to put in a `retry-after` header, for 429.
     pub retry_after: Option<u64>,
@@ -220,42 +219,6 @@ impl TokenService {
         }
     }
 
-    /// Journals a peer refused after the TLS handshake (certificate from the
-    /// cell CA but no usable identity) and builds the 401 reply.
-    pub fn refuse_unauthenticated(&self, cert_sha256: Option<[u8; 32]>, reason: &str) -> Reply {
-        let now = self.clock.now();
-        let request_id = RequestId::random(&mut rand_core::OsRng);
-        let refused = Refused::new(401, RefusalStep::Tls, reason);
-        self.refuse(
-            |r| match cert_sha256 {
-                Some(d) => r.with_cert_sha256(CertSha256::from_bytes(d)),
-                None => r,
-            },
-            now,
-            request_id,
-            None,
-            refused,
-        )
-    }
-
-    /// Journals connections that failed or were refused before
-    /// authentication (no certificate, one of another CA, an expired one, an
-    /// old protocol, a pre-authentication limit): one failed handshake with
-    /// its remote address in `detail`, or the summary of a report interval
-    /// with its counts per source. Nothing is answered.
-    pub fn refuse_handshake(&self, reason: &str, detail: serde_json::Value) -> Reply {
-        let now = self.clock.now();
-        let request_id = RequestId::random(&mut rand_core::OsRng);
-        let refused = Refused::new(401, RefusalStep::Tls, reason);
-        self.refuse(
-            |r| r.with_detail(detail.clone()),
-            now,
-            request_id,
-            None,
-            refused,
-        )
-    }
-
     /// Journals a request for a path or method the service does not have.
     pub fn refuse_route(&self, peer: &PeerIdentity, method: &str, path: &str) -> Reply {
         let now = self.clock.now();
@@ -265,32 +228,6 @@ impl TokenService {
             404,
             RefusalStep::Request,
             format!("no such endpoint {method} {shown}; the token service serves POST /v1/tokens"),
-        );
-        let base = |r: AuditRecord| {
-            r.with_principal(peer.principal.clone())
-                .with_cert_sha256(CertSha256::from_bytes(peer.cert_sha256))
-        };
-        self.refuse(base, now, request_id, None, refused)
-    }
-
-    /// Journals a request the server answered itself because its body could
-    /// not be read whole (too large, unreadable, too slow).
-    pub fn refuse_unreadable(
-        &self,
-        peer: &PeerIdentity,
-        method: &str,
-        path: &str,
-        status: u16,
-        reason: &str,
-    ) -> Reply {
-        let now = self.clock.now();
-        let request_id = RequestId::random(&mut rand_core::OsRng);
-        let shown: String = path.chars().take(64).collect();
-        let method: String = method.chars().take(16).collect();
-        let refused = Refused::new(
-            status,
-            RefusalStep::Request,
-            format!("{method} {shown}: {reason}"),
         );
         let base = |r: AuditRecord| {
             r.with_principal(peer.principal.clone())
@@ -435,16 +372,13 @@ impl TokenService {
 }
 
 fn refusal_reply(refused: &Refused, audit_seq: Option<u64>) -> Reply {
-    let body = Refusal {
-        step: refused.step,
-        reason: clip_text(&refused.reason, MAX_REASON_LEN),
-        quota: refused
-            .quota
-            .as_deref()
-            .map(|q| clip_text(q, MAX_LABEL_LEN)),
-        retry_after_secs: refused.retry_after,
+    let body = refusal_body(
+        refused.step,
+        &refused.reason,
+        refused.quota.as_deref(),
+        refused.retry_after,
         audit_seq,
-    };
+    );
     Reply {
         status: refused.status,
         body: serde_json::to_vec(&body).unwrap_or_else(|_| unreachable!("a refusal serializes")),

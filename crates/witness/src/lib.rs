@@ -20,7 +20,9 @@
 //!   size as `text/x.tlog.size`).
 //!
 //! Cosignature keys and their verification are `nitrile_tlog`'s
-//! ([`nitrile_tlog::NoteSigner`] of kind `CosignatureV1`).
+//! ([`nitrile_tlog::NoteSigner`] of kind `CosignatureV1`). The protocol's
+//! bodies and the client a log uses are `nitrile_witness_api`'s (re-exported
+//! here), so that a log does not depend on the witness service.
 //!
 //! What it does not do: it does not fetch anything from the log (the
 //! submitter provides the proof), authenticate submitters beyond the cell's
@@ -34,22 +36,17 @@
 
 #![forbid(unsafe_code)]
 
-mod client;
 mod config;
-mod request;
 mod server;
 mod state;
 mod witness;
 
-pub use client::{MAX_REASON, WitnessClient, WitnessError};
 pub use config::{ConfigError, DEFAULT_SIGNING_KEY, LogConfig, MAX_CONFIG_FILE, WitnessConfig};
-pub use request::{
-    AddCheckpoint, MAX_COSIGNATURE_LINES, MAX_NOTE_SIZE, MAX_PROOF_LINES, MAX_REQUEST_SIZE,
-    MAX_RESPONSE_SIZE, RequestError, parse_cosignature_lines,
+pub use nitrile_witness_api::{
+    AddCheckpoint, MAX_COSIGNATURE_LINES, MAX_NOTE_SIZE, MAX_PROOF_LINES, MAX_REASON,
+    MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE, RequestError, SIZE_CONTENT_TYPE, SPLIT_VIEW_HEADER,
+    WitnessClient, WitnessError, parse_cosignature_lines,
 };
-pub use server::{
-    MAX_KEY_FILE, SIZE_CONTENT_TYPE, SPLIT_VIEW_HEADER, ServiceError, WitnessService,
-    load_signing_key, write_signing_key,
-};
+pub use server::{MAX_KEY_FILE, ServiceError, WitnessService, load_signing_key, write_signing_key};
 pub use state::{LogState, MAX_STATE_FILE, MAX_STATE_FILES, StateError, StateStore, origin_hash};
 pub use witness::{AddError, Cosigned, MAX_TIMESTAMP, OpenError, Witness};

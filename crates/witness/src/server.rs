@@ -11,31 +11,28 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use nitrile_api::{Name, PrincipalId};
+use nitrile_gate::{Expected, IdentityError, Listeners, ServiceIdentity};
 use nitrile_net::{Handler, PeerIdentity, Server};
-use nitrile_pki::tls::{self, CaRoots, TlsIdentity};
 use nitrile_tlog::{KeyKind, NoteError, NoteSigner, NoteVerifier};
+use nitrile_witness_api::{AddCheckpoint, SIZE_CONTENT_TYPE, SPLIT_VIEW_HEADER};
 use tokio::net::TcpListener;
 use zeroize::Zeroizing;
 
 use crate::config::WitnessConfig;
-use crate::request::AddCheckpoint;
 use crate::state::origin_hash;
 use crate::witness::{AddError, OpenError, Witness};
 
-/// Content type of a `409 Conflict` answer: the recorded size and a newline.
-pub const SIZE_CONTENT_TYPE: &str = "text/x.tlog.size";
 /// Largest cosigning key file read.
 pub const MAX_KEY_FILE: u64 = 1024;
-/// Header set on a `422` answer that reports a split view.
-pub const SPLIT_VIEW_HEADER: &str = "x-nitrile-split-view";
 
 /// Why the witness service could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServiceError {
-    /// TLS material could not be loaded.
-    #[error("TLS material")]
-    Tls(#[from] tls::TlsError),
+    /// The CA, certificate or key could not be loaded, or make no TLS
+    /// configuration.
+    #[error("service identity")]
+    Identity(#[source] IdentityError),
     /// The certificate is not the one of this witness's principal.
     #[error("the certificate {} is not for {expected}", path.display())]
     WrongCertificate {
@@ -43,6 +40,9 @@ pub enum ServiceError {
         path: PathBuf,
         /// The principal the configuration names.
         expected: PrincipalId,
+        /// What is wrong with it.
+        #[source]
+        source: Box<IdentityError>,
     },
     /// The cosigning key file could not be read, or others may read it.
     #[error("cosigning key file {}", path.display())]
@@ -150,33 +150,35 @@ impl WitnessService {
             logs.push((log.origin.clone(), v));
         }
         let witness = Witness::open(&config.state, key, logs)?;
-        let roots = CaRoots::load(&config.ca)?;
-        let identity = TlsIdentity::load(&config.cert, &config.key)?;
         let expected = config.principal();
-        match PeerIdentity::from_der(identity.leaf(), &config.cell) {
-            Ok(me) if me.principal == expected => {}
-            _ => {
-                return Err(ServiceError::WrongCertificate {
+        let identity = ServiceIdentity::load(
+            &config.cell,
+            &config.ca,
+            &config.cert,
+            &config.key,
+            &Expected::Principal(expected.clone()),
+        )
+        .map_err(|e| match e {
+            IdentityError::NoPrincipal { .. } | IdentityError::WrongPrincipal { .. } => {
+                ServiceError::WrongCertificate {
                     path: config.cert.clone(),
                     expected,
-                });
+                    source: Box::new(e),
+                }
             }
-        }
-        let listener = TcpListener::bind(config.listen).await.map_err(|source| {
-            nitrile_net::NetError::Listener {
-                addr: Some(config.listen),
-                source,
-            }
+            e => ServiceError::Identity(e),
         })?;
+        let listeners = Listeners::bind(config.listen, None).await?;
         Ok(Self::from_parts(
             Arc::new(witness),
-            tls::server_config(&roots, &identity)?,
+            identity.server_config().map_err(ServiceError::Identity)?,
             config.cell.clone(),
-            listener,
+            listeners.mtls,
         ))
     }
 
     /// A service from its parts (the TLS configuration from
+    /// [`ServiceIdentity::server_config`] or
     /// [`nitrile_pki::tls::server_config`]).
     pub fn from_parts(
         witness: Arc<Witness>,

@@ -12,10 +12,9 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use nitrile_tlog::Hash;
+use nitrile_witness_api::MAX_NOTE_SIZE;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-
-use crate::request::MAX_NOTE_SIZE;
 
 /// Largest state file read.
 pub const MAX_STATE_FILE: u64 = 4 * MAX_NOTE_SIZE as u64;

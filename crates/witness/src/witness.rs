@@ -8,8 +8,8 @@ use std::sync::{Mutex, PoisonError};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use nitrile_tlog::{Hash, KeyKind, NoteError, NoteSigner, NoteVerifier};
+use nitrile_witness_api::MAX_NOTE_SIZE;
 
-use crate::request::MAX_NOTE_SIZE;
 use crate::state::{LogState, StateError, StateStore};
 
 /// Why a checkpoint was not cosigned. [`AddError::status`] is the HTTP status

@@ -137,7 +137,9 @@ impl Inner {
         .await;
         let (batch, ingested, misfit) = match ingested {
             Ok(x) => x,
-            Err(_) => return refusal(500, RefusalStep::Internal, "internal failure", None),
+            Err(_) => {
+                return refusal_response(500, RefusalStep::Internal, "internal failure", None);
+            }
         };
         let ingested = match ingested {
             Ok(i) => i,
@@ -370,8 +372,8 @@ impl Inner {
         .await;
         match answer {
             Ok(Ok(body)) => json_response(StatusCode::OK, &body),
-            Ok(Err((status, why))) => refusal(status, RefusalStep::State, &why, None),
-            Err(_) => refusal(500, RefusalStep::Internal, "internal failure", None),
+            Ok(Err((status, why))) => refusal_response(status, RefusalStep::State, &why, None),
+            Err(_) => refusal_response(500, RefusalStep::Internal, "internal failure", None),
         }
     }
 }

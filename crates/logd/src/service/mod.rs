@@ -4,7 +4,7 @@
 //! token: the caller's certificate principal must be the journal's source.
 //! Reads (`/v1/log/...`, `/v1/alerts`) need a token for `audit.read` on
 //! `log/<cell>` at audience `logd`, verified offline against the pinned
-//! issuer keys ([`nitrile_hostd::admission`]); each read is journaled
+//! issuer keys ([`nitrile_gate::Admission`]); each read is journaled
 //! before it is answered, refusals too. There is no endpoint that deletes or
 //! rewrites anything.
 //!
@@ -19,23 +19,26 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use nitrile_api::wire::{Refusal, RefusalStep};
+use nitrile_api::wire::RefusalStep;
 use nitrile_api::{
     Audience, Name, Operation, PrincipalId, PrincipalKind, ResourceId, ResourceKind,
 };
 use nitrile_audit::{AuditRecord, CertSha256, JournalOptions, JournalReader, Outcome, RequestId};
-use nitrile_hostd::admission::{Admission, AdmissionError, DEFAULT_SIGNATURE_CACHE, Refused};
+use nitrile_gate::{
+    Admission, AdmissionError, DEFAULT_SIGNATURE_CACHE, Expected, IdentityError, Listeners,
+    MetricsTask, ServiceIdentity, bearer, refusal_response, request_detail,
+};
 use nitrile_monitor::{Event, IntegrityKind, Monitor, MonitorConfig};
 use nitrile_net::{
     Counter, Gauge, Handler, MetricsError, PeerIdentity, Registry, Server, json_response,
 };
 use nitrile_pki::PkiError;
-use nitrile_pki::tls::{self, CaRoots, TlsIdentity};
 use nitrile_tlog::{Log, NoteSigner, NoteVerifier, SignedNote, Storage as _};
-use nitrile_token::{Clock, DEFAULT_REPLAY_CAPACITY, ReplayCache, SystemClock, Verifier};
-use nitrile_witness::{WitnessClient, WitnessError};
+use nitrile_token::{
+    Clock, DEFAULT_REPLAY_CAPACITY, IssuerFile, IssuerFileError, ReplayCache, SystemClock, Verifier,
+};
+use nitrile_witness_api::{WitnessClient, WitnessError};
 use rustls::ClientConfig;
-use tokio::net::TcpListener;
 
 use crate::alert::{
     ALERT_DETAIL_KEY, Alert, AlertKind, AlertSink, AlertTable, MAX_ALERTS_PER_READ, Observer,
@@ -50,6 +53,7 @@ use crate::protocol::{
 };
 use crate::source::{ContentViolation, DeclaredSources, SourceRole, check_record};
 use crate::store::{LogBackend, LogStorage, Store, StoreError};
+use nitrile_fs::write_atomic;
 use crate::tail::JournalTail;
 
 mod alerts;
@@ -143,20 +147,10 @@ impl Default for LogdOptions {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LogdError {
-    /// TLS material could not be loaded
-    #[error("TLS material")]
-    Tls(#[from] tls::TlsError),
-    /// the certificate is not a service certificate of this cell
-    #[error("the certificate {} is not a service certificate of cell {cell}", path.display())]
-    NotAService {
-        /// The certificate file.
-        path: PathBuf,
-        /// The cell.
-        cell: Name,
-        /// Why, when it names no principal of the cell.
-        #[source]
-        source: Option<Box<PkiError>>,
-    },
+    /// the CA, the certificate or its key could not be loaded, or the
+    /// certificate is not a service certificate of this cell
+    #[error("logd identity")]
+    Identity(#[from] IdentityError),
     /// the pinned issuer keys could not be loaded
     #[error("pinned token issuer keys {}", path.display())]
     IssuerKeys {
@@ -164,7 +158,7 @@ pub enum LogdError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: nitrile_tokend::KeyRingError,
+        source: IssuerFileError,
     },
     /// the service name is not a token audience
     #[error("service name is not a token audience")]
@@ -219,8 +213,6 @@ pub enum LogdError {
         source: std::io::Error,
     },
 }
-
-use nitrile_fs::write_atomic;
 
 /// Loads the log's signing key from `path`, or makes one and writes it
 /// (owner-only) with its public key beside it.
@@ -293,8 +285,7 @@ struct Inner {
 pub struct Logd {
     inner: Arc<Inner>,
     server: Server,
-    listener: TcpListener,
-    metrics_listener: Option<TcpListener>,
+    listeners: Listeners,
     registry: Arc<Registry>,
     monitor_rx: tokio::sync::mpsc::Receiver<nitrile_monitor::Alert>,
 }
@@ -326,25 +317,19 @@ impl Logd {
                 path: state.clone(),
                 source,
             })?;
-        let roots = CaRoots::load(&config.ca)?;
-        let identity = TlsIdentity::load(&config.cert, &config.key)?;
-        let not_a_service = |source| LogdError::NotAService {
-            path: config.cert.clone(),
-            cell: config.cell.clone(),
-            source,
-        };
-        let me = PeerIdentity::from_der(identity.leaf(), &config.cell)
-            .map_err(|e| not_a_service(Some(Box::new(e))))?
-            .principal;
-        if me.kind != PrincipalKind::Service {
-            return Err(not_a_service(None));
-        }
-        let keys = nitrile_tokend::IssuerFile::load(&config.issuer_keys).map_err(|source| {
-            LogdError::IssuerKeys {
+        let identity = ServiceIdentity::load(
+            &config.cell,
+            &config.ca,
+            &config.cert,
+            &config.key,
+            &Expected::Kind(PrincipalKind::Service),
+        )?;
+        let me = identity.principal().clone();
+        let keys =
+            IssuerFile::load(&config.issuer_keys).map_err(|source| LogdError::IssuerKeys {
                 path: config.issuer_keys.clone(),
                 source,
-            }
-        })?;
+            })?;
         let verifier = Verifier::new(keys, Audience::new(me.name.as_str())?);
         let journal_path = state.join(JOURNAL_FILE);
         let journal = Arc::new(
@@ -432,19 +417,11 @@ impl Logd {
         let (size, published) = store.sizes(&origin, &log_verifier);
         metrics.log_size.set(size);
         metrics.checkpoint_size.set(published);
-        let server = Server::new(tls::server_config(&roots, &identity)?, config.cell.clone())
+        let server = identity
+            .server()?
             .with_metrics(Arc::clone(&registry), "nitrile_logd")
             .with_max_body(MAX_INGEST_BODY);
-        let listener = TcpListener::bind(config.listen).await.map_err(|source| {
-            nitrile_net::NetError::Listener {
-                addr: Some(config.listen),
-                source,
-            }
-        })?;
-        let metrics_listener = match config.metrics {
-            Some(addr) => Some(nitrile_net::bind_metrics(addr.addr()).await?),
-            None => None,
-        };
+        let listeners = Listeners::bind(config.listen, config.metrics.map(|m| m.addr())).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 cell: config.cell.clone(),
@@ -464,14 +441,13 @@ impl Logd {
                 max_age: Duration::from_millis(config.max_checkpoint_age_ms),
                 quorum: config.witness_quorum,
                 witnesses: tokio::sync::Mutex::new(witnesses),
-                witness_tls: tls::client_config(&roots, &identity)?,
+                witness_tls: identity.client_config()?,
                 monitor,
                 monitor_alerts,
                 metrics,
             }),
             server,
-            listener,
-            metrics_listener,
+            listeners,
             registry,
             monitor_rx,
         })
@@ -479,14 +455,12 @@ impl Logd {
 
     /// The bound mTLS address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
+        self.listeners.local_addr()
     }
 
     /// The bound metrics address, when the config names one.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
+        self.listeners.metrics_addr()
     }
 
     /// logd's own metrics (also served on [`Logd::metrics_addr`]).
@@ -514,17 +488,12 @@ impl Logd {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), LogdError> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let metrics = self.metrics_listener.map(|l| {
-            let mut rx = stop_rx.clone();
-            tokio::spawn(nitrile_net::serve_metrics(l, self.registry, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }))
-        });
+        let metrics = MetricsTask::spawn(self.listeners.metrics, self.registry, stop_rx.clone());
         let checkpoints = tokio::spawn(Arc::clone(&self.inner).checkpoint_loop(stop_rx.clone()));
         let own = tokio::spawn(Arc::clone(&self.inner).self_ingest_loop(stop_rx));
         let monitor = tokio::spawn(Arc::clone(&self.inner).monitor_loop(self.monitor_rx));
         let api = Api(Arc::clone(&self.inner));
-        let result = self.server.serve(self.listener, api, shutdown).await;
+        let result = self.server.serve(self.listeners.mtls, api, shutdown).await;
         let _ = stop_tx.send(true);
         let _ = own.await;
         let _ = checkpoints.await;
@@ -536,11 +505,7 @@ impl Logd {
         {
             tracing::error!(error = %crate::shipper::error_chain(&e), "could not save source states");
         }
-        if let Some(m) = metrics
-            && let Ok(Err(e)) = m.await
-        {
-            tracing::warn!(error = %e, "metrics server failed");
-        }
+        metrics.join().await;
         result.map_err(LogdError::from)
     }
 }

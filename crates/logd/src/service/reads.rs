@@ -149,7 +149,7 @@ impl Inner {
             Ok(a) => a,
             Err(r) => {
                 self.metrics.reads_refused.inc();
-                return refused(&r);
+                return r.response();
             }
         };
         // Answered from memory at once when the log is free (microseconds,
@@ -236,13 +236,13 @@ impl Inner {
                     } else {
                         RefusalStep::Internal
                     };
-                    refusal(status, step, &why, Some(receipt.seq))
+                    refusal_response(status, step, &why, Some(receipt.seq))
                 }
             },
             // The answer leaves only once the read is journaled.
             Err(e) => {
                 tracing::error!(error = %crate::shipper::error_chain(&e), "could not journal a read");
-                refusal(
+                refusal_response(
                     503,
                     RefusalStep::Journal,
                     "the read could not be journaled, so it is not answered",

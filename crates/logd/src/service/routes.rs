@@ -3,41 +3,11 @@
 
 use super::*;
 
-pub(super) fn refusal(
-    status: u16,
-    step: RefusalStep,
-    reason: &str,
-    audit_seq: Option<u64>,
-) -> Response<Bytes> {
-    json_response(
-        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        &Refusal {
-            step,
-            reason: nitrile_api::admin::clip_text(reason, nitrile_api::admin::MAX_REASON_LEN),
-            quota: None,
-            retry_after_secs: None,
-            audit_seq,
-        },
-    )
-}
-
-pub(super) fn refused(r: &Refused) -> Response<Bytes> {
-    refusal(r.status, r.step, &r.reason, r.audit_seq)
-}
-
 pub(super) fn bytes_response(content_type: &'static str, body: Vec<u8>) -> Response<Bytes> {
     let mut resp = Response::new(Bytes::from(body));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
-}
-
-/// The bearer token of a request, if it has a well-formed one.
-pub(super) fn bearer(headers: &http::HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
-        .then(|| token.trim().to_owned())
 }
 
 /// A read the auditor asked for.
@@ -192,10 +162,7 @@ impl Handler for Api {
         let route = match parsed {
             Ok(r) => r,
             Err((status, code, reason)) => {
-                let detail = serde_json::json!({
-                    "method": nitrile_api::admin::clip_text(parts.method.as_str(), 16),
-                    "path": nitrile_api::admin::clip_text(&path, 120),
-                });
+                let detail = request_detail(parts.method.as_str(), &path);
                 return inner
                     .refuse(&peer, status, code, reason, detail, None)
                     .await;
@@ -219,7 +186,7 @@ impl Handler for Api {
             }
         })
         .await
-        .unwrap_or_else(|_| refusal(500, RefusalStep::Internal, "internal failure", None))
+        .unwrap_or_else(|_| refusal_response(500, RefusalStep::Internal, "internal failure", None))
     }
 
     async fn request_unreadable(
@@ -230,32 +197,24 @@ impl Handler for Api {
         status: u16,
         reason: String,
     ) {
-        let detail = serde_json::json!({
-            "method": nitrile_api::admin::clip_text(&method, 16),
-            "path": nitrile_api::admin::clip_text(&path, 120),
-        });
-        let _ = self
-            .0
-            .refuse(&peer, status, "unreadable_body", reason, detail, None)
+        let journal = self.0.admission.service_journal();
+        let _ = journal
+            .request_unreadable(peer, method, path, status, reason)
             .await;
     }
 
     async fn preauth_report(&self, report: nitrile_net::PreauthReport) {
-        let inner = Arc::clone(&self.0);
-        let (reason, detail) = (report.record_reason(), report.record_detail());
-        let _ = tokio::task::spawn_blocking(move || {
-            inner.admission.refuse_tls(None, reason, Some(detail))
-        })
-        .await;
+        let _ = self
+            .0
+            .admission
+            .service_journal()
+            .preauth_report(report)
+            .await;
     }
 
     async fn refused_at_tls(&self, reason: &PkiError, cert_sha256: Option<[u8; 32]>) {
-        let inner = Arc::clone(&self.0);
-        let reason = format!("certificate names no principal of this cell: {reason}");
-        let _ = tokio::task::spawn_blocking(move || {
-            inner.admission.refuse_tls(cert_sha256, reason, None)
-        })
-        .await;
+        let journal = self.0.admission.service_journal();
+        let _ = journal.refused_at_tls(reason, cert_sha256).await;
     }
 }
 
@@ -287,6 +246,7 @@ impl Inner {
         let r = tokio::task::spawn_blocking(move || {
             inner
                 .admission
+                .service_journal()
                 .refuse_request(&peer2, status, code, reason, detail)
         })
         .await;
@@ -303,9 +263,9 @@ impl Inner {
                             .set_audit_seq(&alert, seq);
                     }
                 }
-                refused(&r)
+                r.response()
             }
-            Err(_) => refusal(500, RefusalStep::Internal, "internal failure", None),
+            Err(_) => refusal_response(500, RefusalStep::Internal, "internal failure", None),
         }
     }
 }

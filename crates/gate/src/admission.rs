@@ -1,8 +1,8 @@
-//! Admission of one admin request: verify, make single-use, journal.
+//! Admission of one request that carries a token: verify, make
+//! single-use, journal.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nitrile_api::wire::RefusalStep;
@@ -16,6 +16,9 @@ use nitrile_token::{
 };
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
+
+use crate::http::Refused;
+use crate::journal::ServiceJournal;
 
 /// Why the replay cache could not be rebuilt from the journal at start.
 #[derive(Debug, thiserror::Error)]
@@ -34,23 +37,6 @@ pub enum AdmissionError {
     /// the replay cache is full of live token ids
     #[error("replay cache full while rebuilding it from the journal")]
     ReplayCache(#[source] TokenError),
-}
-
-/// A request refused at admission. Its journal record, when it could be
-/// written, has sequence number `audit_seq`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("refused at {}: {reason}", step.as_str())]
-pub struct Refused {
-    /// HTTP status to answer with.
-    pub status: u16,
-    /// The step that refused.
-    pub step: RefusalStep,
-    /// Stable short code, e.g. `expired`, `replayed`, `journal`.
-    pub code: &'static str,
-    /// Why, for the caller.
-    pub reason: String,
-    /// The refusal's journal record.
-    pub audit_seq: Option<u64>,
 }
 
 /// A request that passed every check and whose request record is durable.
@@ -86,16 +72,14 @@ impl Admitted {
 /// keeps.
 pub const DEFAULT_SIGNATURE_CACHE: usize = 4096;
 
-/// Admits or refuses admin requests for one host.
+/// Admits or refuses the requests of one service (a host, logd) that
+/// carry tokens for its audience.
 pub struct Admission {
-    source: PrincipalId,
+    journal: Arc<ServiceJournal>,
     verifier: Verifier,
     replay: ReplayCache,
-    journal: Arc<Journal>,
     clock: Arc<dyn Clock>,
     signatures: Option<SignatureCache>,
-    journal_ok: AtomicBool,
-    refusal_journal_failures: AtomicU64,
 }
 
 /// Signature checks of tokens that grant no mutation, by SHA-256 of the
@@ -131,7 +115,7 @@ impl SignatureCache {
 impl std::fmt::Debug for Admission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admission")
-            .field("source", &self.source)
+            .field("source", self.journal.source())
             .field("audience", self.verifier.audience())
             .finish_non_exhaustive()
     }
@@ -142,10 +126,10 @@ impl std::fmt::Debug for Admission {
 const TOKEN_EXPIRES_AT: &str = "token_expires_at";
 
 impl Admission {
-    /// Builds the admission of host `source` (whose name must be the
-    /// verifier's audience), rebuilding the replay cache from the request
+    /// Builds the admission of service `source` (a host, logd: its name is
+    /// the verifier's audience), rebuilding the replay cache from the request
     /// records of mutating operations in `journal_path` whose tokens are still
-    /// live.
+    /// live. Its records go to `journal` (see [`Admission::service_journal`]).
     pub fn new(
         source: PrincipalId,
         verifier: Verifier,
@@ -186,15 +170,18 @@ impl Admission {
                     .map_err(AdmissionError::ReplayCache)?;
             }
         }
+        let audience = verifier.audience().clone();
         Ok(Self {
-            source,
+            journal: Arc::new(ServiceJournal::new(
+                source,
+                Some(audience),
+                journal,
+                Arc::clone(&clock),
+            )),
             verifier,
             replay,
-            journal,
             clock,
             signatures: None,
-            journal_ok: AtomicBool::new(true),
-            refusal_journal_failures: AtomicU64::new(0),
         })
     }
 
@@ -212,129 +199,26 @@ impl Admission {
 
     /// Whether the last journal append succeeded.
     pub fn journal_healthy(&self) -> bool {
-        self.journal_ok.load(Ordering::Relaxed)
+        self.journal.journal_healthy()
     }
 
     /// How many refusals could not be journaled (each was also reported on
     /// stderr).
     pub fn refusal_journal_failures(&self) -> u64 {
-        self.refusal_journal_failures.load(Ordering::Relaxed)
+        self.journal.refusal_journal_failures()
     }
 
-    /// The host's principal (the journal's source).
+    /// The service's principal (the journal's source).
     pub fn source(&self) -> &PrincipalId {
-        &self.source
+        self.journal.source()
     }
 
-    /// Journals the refusal of a request that is not one of the API's (step
-    /// `request`: unknown path or method, bad body, query string), before
-    /// any token is looked at. `detail` says what was asked.
-    pub fn refuse_request(
-        &self,
-        peer: &PeerIdentity,
-        status: u16,
-        code: &'static str,
-        reason: String,
-        detail: serde_json::Value,
-    ) -> Refused {
-        self.refuse_unadmitted(
-            Some(peer),
-            None,
-            status,
-            RefusalStep::Request,
-            code,
-            reason,
-            Some(detail),
-        )
-    }
-
-    /// Journals a connection refused at TLS (step `tls`): a failed handshake
-    /// (`cert_sha256` unknown, `detail` names the remote address) or a
-    /// verified certificate naming no principal of this cell.
-    pub fn refuse_tls(
-        &self,
-        cert_sha256: Option<[u8; 32]>,
-        reason: String,
-        detail: Option<serde_json::Value>,
-    ) -> Refused {
-        self.refuse_unadmitted(
-            None,
-            cert_sha256,
-            401,
-            RefusalStep::Tls,
-            "tls",
-            reason,
-            detail,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn refuse_unadmitted(
-        &self,
-        peer: Option<&PeerIdentity>,
-        cert_sha256: Option<[u8; 32]>,
-        status: u16,
-        step: RefusalStep,
-        code: &'static str,
-        reason: String,
-        detail: Option<serde_json::Value>,
-    ) -> Refused {
-        let now = self.clock.now();
-        let request_id = RequestId::random(&mut rand_core::OsRng);
-        let mut record = AuditRecord::refusal(
-            now,
-            self.source.clone(),
-            request_id,
-            step,
-            &format!("{code}: {reason}"),
-        )
-        .with_audience(self.verifier.audience().clone());
-        if let Some(peer) = peer {
-            record = record.with_principal(peer.principal.clone());
-        }
-        if let Some(d) = peer.map(|p| p.cert_sha256).or(cert_sha256) {
-            record = record.with_cert_sha256(CertSha256::from_bytes(d));
-        }
-        if let Some(d) = detail {
-            record = record.with_detail(d);
-        }
-        let audit_seq = self.journal_refusal(&record, code);
-        Refused {
-            status,
-            step,
-            code,
-            reason,
-            audit_seq,
-        }
-    }
-
-    fn journal_refusal(&self, record: &AuditRecord, code: &'static str) -> Option<u64> {
-        self.refusal_seq(self.append(record), code)
-    }
-
-    /// The sequence number of a journaled refusal; a failure is counted and
-    /// reported on stderr.
-    fn refusal_seq(
-        &self,
-        journaled: Result<Receipt, AdmissionError>,
-        code: &'static str,
-    ) -> Option<u64> {
-        match journaled {
-            Ok(r) => Some(r.seq),
-            Err(e) => {
-                self.refusal_journal_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                let mut cause = String::new();
-                let mut next = std::error::Error::source(&e);
-                while let Some(c) = next {
-                    cause.push_str(&format!(": {c}"));
-                    next = c.source();
-                }
-                tracing::error!(error = %e, %cause, code, "could not journal a refusal");
-                eprintln!("nitrile hostd: could not journal a refusal ({code}): {e}{cause}");
-                None
-            }
-        }
+    /// The journal refusals before admission go to
+    /// ([`ServiceJournal::refuse_request`], [`ServiceJournal::refuse_tls`]),
+    /// with the refusal hooks of [`nitrile_net::Handler`]
+    /// ([`ServiceJournal::preauth_report`] and the others).
+    pub fn service_journal(&self) -> &Arc<ServiceJournal> {
+        &self.journal
     }
 
     /// Verifies `token` for `request`, using and filling the signature cache
@@ -373,9 +257,9 @@ impl Admission {
             .verify_signed(&signed, request, &peer.cert_sha256, &*self.clock)
     }
 
-    /// The host's journal.
+    /// The service's write-ahead journal.
     pub fn journal(&self) -> &Arc<Journal> {
-        &self.journal
+        self.journal.journal()
     }
 
     /// Admits `operation` on `resource` for `peer` presenting `token`, or
@@ -463,7 +347,7 @@ impl Admission {
         let refuse = |status: u16, step: RefusalStep, code: &'static str, reason: String| {
             let record = base(AuditRecord::refusal(
                 now,
-                self.source.clone(),
+                self.source().clone(),
                 request_id,
                 step,
                 &format!("{code}: {reason}"),
@@ -512,7 +396,7 @@ impl Admission {
                 e.to_string(),
             ));
         }
-        let record = base(AuditRecord::request(now, self.source.clone(), request_id))
+        let record = base(AuditRecord::request(now, self.source().clone(), request_id))
             .with_token_id(grant.token_id().to_string())
             .with_group(grant.group().as_str())
             .with_detail(match params {
@@ -569,7 +453,7 @@ impl Admission {
         mut refused: Refused,
         journaled: Result<Receipt, AdmissionError>,
     ) -> Refused {
-        refused.audit_seq = self.refusal_seq(journaled, refused.code);
+        refused.audit_seq = self.journal.refusal_seq(journaled, refused.code);
         refused
     }
 
@@ -603,7 +487,7 @@ impl Admission {
     ) -> AuditRecord {
         let mut record = AuditRecord::outcome(
             self.clock.now(),
-            self.source.clone(),
+            self.source().clone(),
             admitted.request_id,
             outcome,
         )
@@ -619,17 +503,11 @@ impl Admission {
     }
 
     fn append(&self, record: &AuditRecord) -> Result<Receipt, AdmissionError> {
-        let bytes = record.encode()?;
-        let result = self.journal.append(&bytes);
-        self.journal_ok.store(result.is_ok(), Ordering::Relaxed);
-        result.map_err(AdmissionError::Append)
+        self.journal.append(record)
     }
 
     async fn append_async(&self, record: &AuditRecord) -> Result<Receipt, AdmissionError> {
-        let bytes = record.encode()?;
-        let result = self.journal.submit(&bytes).await;
-        self.journal_ok.store(result.is_ok(), Ordering::Relaxed);
-        result.map_err(AdmissionError::Append)
+        self.journal.append_async(record).await
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use nitrile_api::wire::RefusalStep;
 use nitrile_api::{Audience, Name, Operation, PrincipalId, ResourceId};
 use nitrile_audit::{AuditRecord, Journal, JournalReader, Outcome, RecordKind};
-use nitrile_hostd::admission::{Admission, Refused};
+use nitrile_gate::{Admission, Admitted, Refused};
 use nitrile_pki::{CellCa, PeerIdentity};
 use nitrile_token::{
     CertThumbprint, ClaimsInput, Clock, FixedClock, IssuerKeys, ReplayCache, TokenIssuer, Verifier,
@@ -118,7 +118,7 @@ impl Cell {
 fn assert_refused_and_journaled(
     cell: &Cell,
     host: &str,
-    result: Result<nitrile_hostd::admission::Admitted, Refused>,
+    result: Result<Admitted, Refused>,
     code: &str,
     who: &PeerIdentity,
 ) {

@@ -8,8 +8,8 @@ use nitrile_api::PrincipalId;
 use nitrile_net::{Client, NetError};
 use nitrile_tlog::Hash;
 
+use crate::SPLIT_VIEW_HEADER;
 use crate::request::{AddCheckpoint, RequestError, parse_cosignature_lines};
-use crate::server::SPLIT_VIEW_HEADER;
 
 /// Longest refusal reason kept from an answer.
 pub const MAX_REASON: usize = 1024;
