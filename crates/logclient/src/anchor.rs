@@ -102,11 +102,9 @@ impl RememberedCheckpoint {
             path: path.to_owned(),
             source,
         })?;
-        nitrile_hostd::config::write_atomic(path, &bytes, 0o600).map_err(|source| {
-            AnchorFileError::Io {
-                path: path.to_owned(),
-                source,
-            }
+        write_atomic(path, &bytes, 0o600).map_err(|source| AnchorFileError::Io {
+            path: path.to_owned(),
+            source,
         })
     }
 
@@ -115,6 +113,42 @@ impl RememberedCheckpoint {
         hex::decode_to_slice(&self.root, &mut h).ok()?;
         Some(h)
     }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file of its own (a
+/// random name) in the same directory with `mode`, fsync, rename over
+/// `path`, fsync of the directory. A failed write leaves `path` as it was.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use rand_core::RngCore as _;
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".{:016x}.tmp", rand_core::OsRng.next_u64()));
+    let tmp = dir.join(tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// What is wrong with the log a source ships to.

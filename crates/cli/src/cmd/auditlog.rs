@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use nitrile_audit::AuditRecord;
-use nitrile_logd::leaf::{self, LeafV1};
-use nitrile_logd::protocol::{EntryBody, HistoryBody, ProofBody};
-use nitrile_logd::{Alert, AlertPage};
+use nitrile_logclient::leaf::{self, LeafV1};
+use nitrile_logclient::protocol::{EntryBody, HistoryBody, ProofBody};
+use nitrile_logclient::{Alert, AlertPage};
 use nitrile_tlog::{
     AuditFailure, ENTRIES_PER_BUNDLE, FileStorage, HASHES_PER_TILE, Hash, NoteVerifier, Storage,
     TilePath, Tree, decode_bundle, leaf_hash, open_checkpoint, verify_inclusion,
@@ -777,7 +777,7 @@ async fn fetch_into(
 
 /// The log directory of `dir`: itself when it holds a log, else its `log/`.
 fn store_dir(dir: &Path) -> PathBuf {
-    let log = dir.join(nitrile_logd::service::LOG_DIR);
+    let log = dir.join(nitrile_logclient::LOG_DIR);
     if !dir.join("checkpoint").exists() && !dir.join("tile").exists() && log.is_dir() {
         log
     } else {
@@ -812,12 +812,12 @@ struct Audited {
 
 /// Audits the log in `storage` (the tree, every checkpoint, every tile)
 /// and replays each source's journal through its entries
-/// ([`nitrile_logd::SourceChains`]): one journal per source, each record
+/// ([`nitrile_logclient::SourceChains`]): one journal per source, each record
 /// once and in order, every chain hash recomputed. A log appended out of
 /// order (duplicates, a forged continuation, a second journal) fails at
 /// the entry where it breaks, even though its tree verifies.
 fn audit(storage: &dyn Storage, verifier: &NoteVerifier) -> Result<Audited, AuditFailure> {
-    let mut chains = nitrile_logd::SourceChains::new();
+    let mut chains = nitrile_logclient::SourceChains::new();
     let tree = nitrile_tlog::audit_entries(storage, verifier.name(), verifier, &mut |_, e| {
         chains
             .push(e)
@@ -943,7 +943,7 @@ fn verify_postgres(
     global: &Global,
 ) -> anyhow::Result<()> {
     // Parsed by logd's own parser: never echoed, only its host and database.
-    let conninfo = nitrile_logd::config::Conninfo::new(conninfo)
+    let conninfo = nitrile_logclient::Conninfo::new(conninfo)
         .map_err(|e| UsageError(format!("--postgres: {e}")))?;
     if conninfo.has_password() {
         return Err(UsageError(

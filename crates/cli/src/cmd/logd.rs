@@ -7,10 +7,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use nitrile_api::Name;
 use nitrile_audit::Journal;
-use nitrile_logd::{
-    Alert, AlertSink, AnchorOptions, Logd, LogdConfig, LogdOptions, Shipper, ShipperHandle,
-    ShipperOptions,
-};
+use nitrile_logclient::{AnchorOptions, Shipper, ShipperHandle, ShipperOptions};
+use nitrile_logd::{Alert, AlertSink, Logd, LogdConfig, LogdOptions};
 use nitrile_pki::tls::{CaRoots, TlsIdentity};
 
 use crate::Global;
@@ -119,7 +117,7 @@ pub(crate) fn ship_journal(
             verifier: nitrile_tlog::NoteVerifier::from_vkey(vkey.trim())
                 .context("the audit log's key (log_vkey) is not a signed-note vkey")?,
             state_file,
-            interval: nitrile_logd::shipper::DEFAULT_ANCHOR_INTERVAL,
+            interval: nitrile_logclient::shipper::DEFAULT_ANCHOR_INTERVAL,
         }),
         None => None,
     };
