@@ -23,9 +23,9 @@
 use libfuzzer_sys::arbitrary::{Arbitrary, Result as ArbResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use nitrile_audit::{FORMAT_VERSION, JournalId, genesis_hash, record_hash};
-use nitrile_logd::chain::{Checked, SourceChains, SourceState, check_batch};
-use nitrile_logd::leaf::{self, LeafError, LeafV1};
-use nitrile_logd::protocol::{IngestBatch, IngestEntry, JournalRef, MAX_INGEST_BODY};
+use nitrile_logclient::chain::{Checked, SourceChains, SourceState, check_batch};
+use nitrile_logclient::leaf::{self, LeafError, LeafV1};
+use nitrile_logclient::protocol::{IngestBatch, IngestEntry, JournalRef, MAX_INGEST_BODY};
 
 const SOURCE: &str = "nitrile://cell-1/host/h1";
 /// Records in a generated journal; enough for gaps, resends and forks,

@@ -3,6 +3,8 @@
 //! Unknown fields are refused (`deny_unknown_fields`) so that a client cannot
 //! believe a field had an effect that it did not.
 
+use std::fmt;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -114,6 +116,59 @@ pub struct Refusal {
     pub audit_seq: Option<u64>,
 }
 
+impl Refusal {
+    /// The refusal as its `Display` shows it, with the HTTP status that
+    /// carried it after the step: `quota (429 Too Many Requests): ...`.
+    pub fn with_status<S: fmt::Display>(&self, status: S) -> WithStatus<'_, S> {
+        WithStatus {
+            refusal: self,
+            status,
+        }
+    }
+
+    fn show(&self, f: &mut fmt::Formatter<'_>, status: Option<&dyn fmt::Display>) -> fmt::Result {
+        f.write_str(self.step.as_str())?;
+        if let Some(status) = status {
+            write!(f, " ({status})")?;
+        }
+        write!(f, ": {}", self.reason)?;
+        if let Some(q) = &self.quota {
+            write!(f, " (quota {q})")?;
+        }
+        if let Some(s) = self.retry_after_secs {
+            write!(f, "; retry in {s}s")?;
+        }
+        if let Some(seq) = self.audit_seq {
+            write!(f, " [audit record {seq}]")?;
+        }
+        Ok(())
+    }
+}
+
+/// A refusal for people: `step: reason (quota Q); retry in Ns [audit record
+/// N]`, each part after the reason only when the refusal has it. The reason
+/// is the refusing service's text, shown as it is: a terminal gets it
+/// through the CLI's output layer, which escapes control characters.
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.show(f, None)
+    }
+}
+
+/// A [`Refusal`] shown with the HTTP status that carried it
+/// ([`Refusal::with_status`]).
+#[derive(Debug, Clone, Copy)]
+pub struct WithStatus<'a, S> {
+    refusal: &'a Refusal,
+    status: S,
+}
+
+impl<S: fmt::Display> fmt::Display for WithStatus<'_, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.refusal.show(f, Some(&self.status))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +182,34 @@ mod tests {
         assert!(serde_json::from_str::<TokenRequest>(extra).is_err());
         let bad_op = r#"{"operations":["host.shell"],"resources":[],"audience":"h1"}"#;
         assert!(serde_json::from_str::<TokenRequest>(bad_op).is_err());
+    }
+
+    #[test]
+    fn a_refusal_names_its_step_reason_and_record() {
+        let r = Refusal {
+            step: RefusalStep::Quota,
+            reason: "20 hosts an hour".into(),
+            quota: Some("oncall/host.drain".into()),
+            retry_after_secs: Some(60),
+            audit_seq: Some(7),
+        };
+        assert_eq!(
+            r.with_status("429 Too Many Requests").to_string(),
+            "quota (429 Too Many Requests): 20 hosts an hour (quota oncall/host.drain); \
+             retry in 60s [audit record 7]"
+        );
+        assert_eq!(
+            r.to_string(),
+            "quota: 20 hosts an hour (quota oncall/host.drain); retry in 60s [audit record 7]"
+        );
+        let bare = Refusal {
+            step: RefusalStep::Token,
+            reason: "expired".into(),
+            quota: None,
+            retry_after_secs: None,
+            audit_seq: None,
+        };
+        assert_eq!(bare.to_string(), "token: expired");
+        assert_eq!(bare.with_status(401).to_string(), "token (401): expired");
     }
 }

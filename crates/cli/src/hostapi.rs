@@ -5,9 +5,9 @@ use std::fmt;
 
 use anyhow::Context;
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, StatusCode, header};
+use http::{HeaderValue, Method, Request, header};
 use nitrile_api::admin::AdminRequest;
-use nitrile_api::wire::{Refusal, TokenRequest};
+use nitrile_api::wire::TokenRequest;
 use nitrile_api::{Audience, Name, PrincipalId, PrincipalKind};
 use serde::de::DeserializeOwned;
 
@@ -87,21 +87,6 @@ pub(crate) fn target(loaded: &Loaded, flag: Option<&Name>) -> Result<Target, Usa
     Ok(Target { host, addr })
 }
 
-/// `step (status): reason; retry in Ns [audit record N]`.
-pub(crate) fn describe_refusal(r: &Refusal, status: StatusCode) -> String {
-    let mut msg = format!("{} ({status}): {}", r.step.as_str(), r.reason);
-    if let Some(q) = &r.quota {
-        msg.push_str(&format!(" (quota {q})"));
-    }
-    if let Some(s) = r.retry_after_secs {
-        msg.push_str(&format!("; retry in {s}s"));
-    }
-    if let Some(seq) = r.audit_seq {
-        msg.push_str(&format!(" [audit record {seq}]"));
-    }
-    msg
-}
-
 /// Gets a token for exactly `req` on `target` from the token service and
 /// sends `req` to the host with it, returning the host's JSON answer.
 ///
@@ -123,7 +108,7 @@ pub(crate) async fn call<T: DeserializeOwned>(
         group: None,
         lifetime_secs: None,
     };
-    let granted = crate::cmd::token::obtain(loaded, tls.clone(), &ask).await?;
+    let granted = crate::tokenapi::obtain(loaded, tls.clone(), &ask).await?;
 
     let cell = Name::new(&loaded.config.cell)
         .with_context(|| format!("cell name in {}", loaded.path.display()))?;
@@ -164,7 +149,7 @@ pub(crate) async fn call<T: DeserializeOwned>(
             Some(r) => anyhow::bail!(
                 "host {} refused {op} at step {}",
                 target.host,
-                describe_refusal(&r, response.status)
+                r.with_status(response.status)
             ),
             None => anyhow::bail!(
                 "host {} answered {} to {op} without saying why",
@@ -185,7 +170,6 @@ pub(crate) async fn call<T: DeserializeOwned>(
 mod tests {
     use std::collections::BTreeMap;
 
-    use nitrile_api::wire::RefusalStep;
     use nitrile_cell::{ClientConfig, Endpoints};
 
     use super::*;
@@ -233,21 +217,5 @@ mod tests {
 
         let e = target(&loaded(&[]), None).unwrap_err();
         assert!(e.0.contains("no host"), "{e}");
-    }
-
-    #[test]
-    fn a_refusal_names_its_step_reason_and_record() {
-        let r = Refusal {
-            step: RefusalStep::Quota,
-            reason: "20 hosts an hour".into(),
-            quota: Some("oncall/host.drain".into()),
-            retry_after_secs: Some(60),
-            audit_seq: Some(7),
-        };
-        assert_eq!(
-            describe_refusal(&r, StatusCode::TOO_MANY_REQUESTS),
-            "quota (429 Too Many Requests): 20 hosts an hour (quota oncall/host.drain); \
-             retry in 60s [audit record 7]"
-        );
     }
 }

@@ -21,6 +21,7 @@ mod hostapi;
 mod logapi;
 mod output;
 mod service;
+mod tokenapi;
 
 use output::Output;
 

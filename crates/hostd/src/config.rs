@@ -33,6 +33,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use nitrile_api::Name;
+use nitrile_logclient::LogdTarget;
 use serde::{Deserialize, Serialize};
 
 /// Largest config file read.
@@ -143,21 +144,6 @@ pub struct CapacityConfig {
     pub memory_mib: Option<u64>,
 }
 
-/// The optional `[logd]` section: where the journal is shipped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogdTarget {
-    /// The audit log service's mTLS address, `host:port`; its principal is
-    /// `nitrile://<cell>/service/logd`.
-    pub addr: String,
-    /// The log's public key (a signed-note vkey), pinned at provisioning:
-    /// with it the shipper also anchors the journal in the log, remembering
-    /// in `<state>/log-anchor.json` the last checkpoint that covered it and
-    /// alerting when the log is not consistent with it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_vkey: Option<String>,
-}
-
 /// The host agent's configuration. All fields are public; [`HostdConfig::new`]
 /// fills the optional sections with their defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,7 +173,8 @@ pub struct HostdConfig {
     /// Capacity limits.
     #[serde(default, skip_serializing_if = "CapacityConfig::is_default")]
     pub capacity: CapacityConfig,
-    /// The audit log service the journal is shipped to (none: not shipped).
+    /// The audit log service the journal is shipped to (none: not shipped);
+    /// the host agent ships it itself from [`crate::Hostd::serve`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logd: Option<LogdTarget>,
 }

@@ -10,7 +10,9 @@
 //! refusal is journaled with the step and reason, and every executed request
 //! gets an outcome record. If the journal cannot be written, nothing runs
 //! (503). It listens on exactly one TCP port, the mTLS one ([`Hostd`]);
-//! metrics go to a file ([`metrics`]).
+//! metrics go to a file ([`metrics`]). With `[logd]` in its config it ships
+//! its journal to the audit log itself, anchoring it in the log when the
+//! log's key is pinned ([`nitrile_logclient::JournalShipping`]).
 //!
 //! Instances are microVMs driven only through
 //! [`nitrile_vmm::Hypervisor`] ([`instances`]); their records and volume keys
@@ -29,7 +31,5 @@ pub mod instances;
 pub mod metrics;
 pub mod service;
 
-pub use config::{
-    BackendName, CapacityConfig, ConfigError, HostdConfig, HypervisorConfig, LogdTarget,
-};
+pub use config::{BackendName, CapacityConfig, ConfigError, HostdConfig, HypervisorConfig};
 pub use service::{Hostd, HostdError, HostdOptions, SHUTDOWN_REASON};

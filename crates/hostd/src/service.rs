@@ -26,6 +26,7 @@ use nitrile_gate::{
     Listeners, Refused, ServiceIdentity, bearer, refusal_response, request_detail,
 };
 use nitrile_image::ImageStore;
+use nitrile_logclient::{JournalShipping, LogKeyError};
 use nitrile_net::{Handler, PeerIdentity, PreauthReport, Registry, Server, json_response};
 use nitrile_pki::PkiError;
 use nitrile_token::{
@@ -130,6 +131,9 @@ pub enum HostdError {
         #[source]
         source: std::io::Error,
     },
+    /// the `[logd]` section cannot be shipped to
+    #[error("[logd] in the config")]
+    Logd(#[from] LogKeyError),
 }
 
 /// What host.describe reports that does not change while the agent runs.
@@ -159,6 +163,7 @@ pub struct Hostd {
     server: Server,
     listener: TcpListener,
     stop_instances_on_exit: bool,
+    shipping: JournalShipping,
 }
 
 impl std::fmt::Debug for Hostd {
@@ -287,6 +292,14 @@ impl Hostd {
                 .danger_no_sync(options.danger_journal_no_sync)
                 .open(&journal_path, &source.uri())?,
         );
+        let mut shipping = JournalShipping::new(
+            config.cell.clone(),
+            Arc::clone(&journal),
+            journal_path.clone(),
+            state,
+            tls::client_config(&roots, &identity)?,
+        );
+        shipping.set_target(config.logd.as_ref())?;
         let admission = Admission::new(
             source,
             verifier,
@@ -385,6 +398,7 @@ impl Hostd {
             server,
             listener,
             stop_instances_on_exit: options.stop_instances_on_exit,
+            shipping,
         })
     }
 
@@ -411,10 +425,17 @@ impl Hostd {
     /// Serves until `shutdown` resolves: then stops accepting, lets in-flight
     /// requests finish, stops the instances if asked to (else leaves them
     /// running for the next agent) and writes the metrics file a last time.
+    ///
+    /// With `[logd]` in the config, the journal is shipped to that audit log
+    /// service meanwhile (resuming where the log stands after any restart or
+    /// disconnect), and anchored in the log when its key is pinned; the
+    /// shipper stops once the last records (the instances stopped at exit)
+    /// are journaled.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), HostdError> {
+        let shipper = self.shipping.start();
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let ticker = {
             let inner = Arc::clone(&self.inner);
@@ -447,6 +468,9 @@ impl Hostd {
         }
         let inner = Arc::clone(&self.inner);
         let _ = tokio::task::spawn_blocking(move || inner.write_metrics()).await;
+        if let Some(shipper) = shipper {
+            shipper.stop().await;
+        }
         result.map_err(HostdError::from)
     }
 }

@@ -75,6 +75,7 @@ impl Cell {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics: None,
             max_token_lifetime_secs: None,
+            logd: None,
         };
         let tokend = Tokend::open(&config).await.unwrap();
         let addr = tokend.local_addr().unwrap().to_string();

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use nitrile_api::{Name, Operation};
 use nitrile_audit::{AuditRecord, Journal, RequestId};
-use nitrile_logd::Shipper;
+use nitrile_logclient::Shipper;
 use support::*;
 
 const BASELINE_RATE: f64 = 2_900.0;
@@ -250,7 +250,7 @@ async fn serve_proofs(
                 let n = if per_read == 1 {
                     1
                 } else {
-                    serde_json::from_slice::<nitrile_logd::protocol::ProofsBody>(&body)
+                    serde_json::from_slice::<nitrile_logclient::protocol::ProofsBody>(&body)
                         .unwrap()
                         .proofs
                         .len() as u64
@@ -278,6 +278,6 @@ fn principal_of(kind_name: &str) -> nitrile_api::PrincipalId {
     principal(kind_name)
 }
 
-fn shipped(shippers: &[nitrile_logd::ShipperHandle]) -> u64 {
+fn shipped(shippers: &[nitrile_logclient::ShipperHandle]) -> u64 {
     shippers.iter().map(|s| s.status().shipped_seq).sum()
 }

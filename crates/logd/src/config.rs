@@ -64,6 +64,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use nitrile_api::Name;
+use nitrile_logclient::storage::{Conninfo, ConninfoError};
 use serde::{Deserialize, Serialize};
 
 use crate::source::{MAX_DECLARED_SOURCES, SourcesConfig};
@@ -76,87 +77,6 @@ pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 500;
 pub const DEFAULT_MAX_CHECKPOINT_AGE_MS: u64 = 60_000;
 /// Most witnesses a config may name.
 pub const MAX_WITNESSES: usize = 32;
-
-/// A PostgreSQL connection string (libpq `key=value` words or a
-/// `postgresql://` URL), parsed when the config is read. It may hold a
-/// password, so `Debug` shows only [`Conninfo::target`]; the full text is
-/// only handed to the database client and written back by
-/// [`LogdConfig::to_toml`].
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Conninfo {
-    text: String,
-    target: String,
-    has_password: bool,
-}
-
-/// The text is not a PostgreSQL connection string (the text is not shown:
-/// it may hold a password).
-#[derive(Debug, thiserror::Error)]
-#[error("not a PostgreSQL connection string (libpq key=value words or a postgresql:// URL)")]
-pub struct ConninfoError(#[source] postgres::Error);
-
-impl Conninfo {
-    /// Parses a connection string.
-    pub fn new(text: &str) -> Result<Self, ConninfoError> {
-        let parsed: postgres::Config = text.parse().map_err(ConninfoError)?;
-        let hosts: Vec<String> = parsed
-            .get_hosts()
-            .iter()
-            .map(|h| match h {
-                postgres::config::Host::Tcp(name) => name.clone(),
-                postgres::config::Host::Unix(dir) => dir.display().to_string(),
-            })
-            .collect();
-        let host = if hosts.is_empty() {
-            "(default)".to_owned()
-        } else {
-            hosts.join(",")
-        };
-        let dbname = parsed.get_dbname().unwrap_or("(default)");
-        Ok(Self {
-            text: text.to_owned(),
-            target: format!("host={host} dbname={dbname}"),
-            has_password: parsed.get_password().is_some(),
-        })
-    }
-
-    /// The host(s) and database it names, `host=... dbname=...`: what may
-    /// be logged or shown of it.
-    pub fn target(&self) -> &str {
-        &self.target
-    }
-
-    /// Whether it holds a password.
-    pub fn has_password(&self) -> bool {
-        self.has_password
-    }
-
-    /// The whole connection string, password included if it has one: for
-    /// the database client only, never to be logged.
-    pub fn danger_full_text(&self) -> &str {
-        &self.text
-    }
-}
-
-impl std::fmt::Debug for Conninfo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Conninfo").field(&self.target).finish()
-    }
-}
-
-impl TryFrom<String> for Conninfo {
-    type Error = ConninfoError;
-    fn try_from(text: String) -> Result<Self, ConninfoError> {
-        Self::new(&text)
-    }
-}
-
-impl From<Conninfo> for String {
-    fn from(c: Conninfo) -> Self {
-        c.text
-    }
-}
 
 /// Where the transparency log is kept (`[storage]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

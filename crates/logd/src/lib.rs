@@ -1,5 +1,4 @@
-//! The audit log service of a nitrile cell (`nitrile logd`) and the journal
-//! shipper that feeds it.
+//! The audit log service of a nitrile cell (`nitrile logd`).
 //!
 //! logd guarantees that a journal record enters the cell's transparency log
 //! only if it continues, hash for hash, the chain of the journal it was
@@ -30,39 +29,33 @@
 //! bundle, signed by two distinct reviewers, whose serial is not below the
 //! highest logd has loaded ([`rules`]).
 //!
-//! The leaf format is in [`leaf`], the ingest protocol in [`protocol`], the
-//! checks in [`chain`], alerts and the monitor's hooks in [`alert`], where
-//! the monitor's rules come from in [`rules`], which journals it takes and
-//! which records fit their source in [`source`], the service in [`service`]
-//! (a module per concern: routes, ingest, reads, checkpoints and witnesses,
-//! its own journal, alerts, metrics) and the shipper in [`shipper`].
+//! What logd shares with the sources that ship to it and the auditors that
+//! read it is the log client ([`nitrile_logclient`]): the leaf format, the
+//! ingest protocol, the chain checks (run here on every batch, and by an
+//! auditor over the whole log), the journal tail reader, the shipper and
+//! the alerts as served. Here are alerts and the monitor's hooks
+//! ([`alert`]), where the monitor's rules come from ([`rules`]), which
+//! journals it takes and which records fit their source ([`source`]), and
+//! the service ([`service`], a module per concern: routes, ingest, reads,
+//! checkpoints and witnesses, its own journal, alerts, metrics).
 
 #![forbid(unsafe_code)]
 
 pub mod alert;
-pub mod anchor;
-pub mod chain;
 pub mod config;
-pub mod leaf;
-pub mod protocol;
 pub mod rules;
 pub mod service;
-pub mod shipper;
 pub mod source;
 mod store;
-mod tail;
+
+// The service's modules name the log client's modules by these paths
+// (`crate::leaf`, `crate::chain`, ...): they lived in this crate before.
+use nitrile_logclient::{chain, leaf, protocol, shipper, tail};
 
 pub use alert::{
     Alert, AlertKind, AlertPage, AlertSink, AlertTable, Observer, StdoutAlerts, WebhookAlerts,
 };
-pub use anchor::{AnchorProblem, RememberedCheckpoint, check_anchor};
-pub use chain::{IntegrityViolation, SourceChainBreak, SourceChains, SourceState, check_batch};
 pub use config::{ConfigError, LogdConfig, WitnessConfig};
-pub use leaf::{LeafError, LeafV1};
 pub use service::{Logd, LogdError, LogdOptions, log_origin};
-pub use shipper::{
-    AnchorOptions, ShipError, Shipper, ShipperHandle, ShipperOptions, ShipperStatus,
-};
 pub use source::{ContentViolation, DeclaredSources, SourceRole, SourcesConfig, check_record};
 pub use store::{MAX_SOURCES_FILE, SOURCES_FILE, StoreError};
-pub use tail::TailError;

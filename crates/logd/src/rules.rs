@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nitrile_monitor::{MAX_RULE_FILES, Monitor, RuleError, parse_rules};
+use nitrile_monitor::{MAX_RULE_FILES, Monitor, RuleError};
 use nitrile_policy::{
     Bundle, BundleAdvance, MIN_REVIEWERS, PolicyError, ReviewError, ReviewerSet, SERIAL_FILE,
     SerialError, SerialStore, verify_bundle,
@@ -82,29 +82,18 @@ pub enum BundleRulesError {
 }
 
 /// A monitor of the rules of `bundle` (parsed from the bytes read, each
-/// file named by its path in the bundle), with the default configuration.
-/// Tools use it to check that a bundle's rules load before it is signed.
+/// file named by its path in the bundle), with the default configuration
+/// ([`Monitor::from_rule_files`], which tools use to check that a bundle's
+/// rules load before it is signed).
 pub fn monitor_of(bundle: &Bundle) -> Result<Monitor, BundleRulesError> {
     let path = || bundle.dir().to_path_buf();
-    let files: Vec<(&str, &[u8])> = bundle.rule_files().collect();
-    if files.len() > MAX_RULE_FILES {
+    if bundle.rule_files().count() > MAX_RULE_FILES {
         return Err(BundleRulesError::TooManyRuleFiles { path: path() });
     }
-    let rules_error = |source| BundleRulesError::Rules {
+    Monitor::from_rule_files(bundle.rule_files()).map_err(|source| BundleRulesError::Rules {
         path: path(),
         source: Box::new(source),
-    };
-    let mut rules = Vec::new();
-    for (name, bytes) in files {
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            rules_error(RuleError::Read {
-                path: name.to_owned(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-            })
-        })?;
-        rules.extend(parse_rules(name, text).map_err(rules_error)?);
-    }
-    Monitor::new(rules).map_err(rules_error)
+    })
 }
 
 /// The monitor of the reviewed bundle `source.bundle`, after checking its

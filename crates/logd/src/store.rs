@@ -22,21 +22,20 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
+use nitrile_logclient::chain::{Checked, SourceState, check_batch};
+use nitrile_logclient::leaf::{self, LeafError, LeafV1};
+use nitrile_logclient::protocol::IngestBatch;
+use nitrile_logclient::storage::Conninfo;
+pub use nitrile_logclient::storage::LOG_DIR;
 use nitrile_tlog::{
     FileStorage, Log, LogError, NoteSigner, PgStorage, SignedNote, Storage, StorageError,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::chain::{Checked, SourceState, check_batch};
-use crate::config::{Conninfo, LogdConfig};
-use crate::leaf::{self, LeafError, LeafV1};
-use crate::protocol::IngestBatch;
+use crate::config::LogdConfig;
 
 /// The file the source states are kept in.
 pub const SOURCES_FILE: &str = "sources.json";
-/// The log's storage directory (under logd's state directory) when it is
-/// kept in files.
-pub const LOG_DIR: &str = "log";
 /// Largest sources file read.
 pub const MAX_SOURCES_FILE: u64 = 64 * 1024 * 1024;
 

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use nitrile_api::{Audience, Operation, ResourceId};
 use nitrile_audit::{AuditRecord, Journal, JournalReader, Outcome, RequestId};
+use nitrile_logclient::{AnchorOptions, Shipper, ShipperOptions};
+use nitrile_logd::AlertPage;
 use nitrile_logd::alert::{AlertKind, MAX_ALERTS_PER_READ};
-use nitrile_logd::{AlertPage, AnchorOptions, Shipper, ShipperOptions};
 use nitrile_tlog::NoteVerifier;
 use support::*;
 
@@ -163,7 +164,7 @@ async fn claim6_a_host_cannot_journal_a_call_on_another_host() {
     let (status, body) = send_raw(&mut c, "GET", "/v1/ingest/head/host/h2", b"", None).await;
     assert_eq!(status, 200);
     assert_eq!(
-        serde_json::from_slice::<nitrile_logd::protocol::SourceHead>(&body)
+        serde_json::from_slice::<nitrile_logclient::protocol::SourceHead>(&body)
             .unwrap()
             .acked_seq,
         3
@@ -211,7 +212,7 @@ async fn claim6_an_alert_flood_neither_evicts_nor_hides_earlier_alerts() {
     const FLOOD: usize = 1_500;
     let bogus = journal_with_bobs_drain(&cell, "operator/bob", 0);
     let (bref, bentries) = journal_batch(&bogus);
-    let body = serde_json::to_vec(&nitrile_logd::protocol::IngestBatch {
+    let body = serde_json::to_vec(&nitrile_logclient::protocol::IngestBatch {
         journal: bref,
         entries: bentries,
         head: None,
@@ -261,7 +262,7 @@ fn anchored_shipper(
     kind_name: &str,
     writer: std::sync::Arc<Journal>,
     anchor_file: &Path,
-) -> nitrile_logd::ShipperHandle {
+) -> nitrile_logclient::ShipperHandle {
     Shipper::spawn_with(
         path.to_owned(),
         logd.addr.to_string(),
@@ -312,7 +313,7 @@ async fn claim6_a_source_detects_a_log_rewritten_under_it() {
         shipper.status().anchored_size > 0
     })
     .await;
-    let remembered = nitrile_logd::RememberedCheckpoint::load(&anchor_file)
+    let remembered = nitrile_logclient::RememberedCheckpoint::load(&anchor_file)
         .unwrap()
         .unwrap();
     assert!(remembered.seq >= 1);
@@ -372,7 +373,7 @@ async fn claim6_a_source_detects_a_log_rewritten_under_it() {
     })
     .await;
     // The remembered checkpoint was not replaced by the rewritten log's.
-    let still = nitrile_logd::RememberedCheckpoint::load(&anchor_file)
+    let still = nitrile_logclient::RememberedCheckpoint::load(&anchor_file)
         .unwrap()
         .unwrap();
     assert!(still.size >= remembered.size);

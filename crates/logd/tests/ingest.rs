@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use nitrile_api::Operation;
 use nitrile_audit::{ChainHash, RecordKind};
+use nitrile_logclient::protocol::{IngestAck, SourceHead};
+use nitrile_logclient::{Shipper, ShipperHandle};
 use nitrile_logd::alert::AlertKind;
-use nitrile_logd::protocol::{IngestAck, SourceHead};
-use nitrile_logd::{Shipper, ShipperHandle};
 use nitrile_tlog::{
     NoteVerifier, leaf_hash, open_checkpoint, verify_consistency, verify_inclusion,
 };
@@ -39,7 +39,9 @@ fn journal_head(path: &std::path::Path) -> u64 {
 }
 
 /// Per source, the sequence numbers the log holds, in log order.
-fn seqs_by_source(entries: &[nitrile_logd::protocol::EntryBody]) -> BTreeMap<String, Vec<u64>> {
+fn seqs_by_source(
+    entries: &[nitrile_logclient::protocol::EntryBody],
+) -> BTreeMap<String, Vec<u64>> {
     let mut m: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for (i, e) in entries.iter().enumerate() {
         assert_eq!(e.index, i as u64);
@@ -425,7 +427,7 @@ async fn claim6_auditor_reads_verify_and_are_journaled_operator_reads_are_refuse
     )
     .await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let range: nitrile_logd::protocol::ProofsBody = serde_json::from_slice(&body).unwrap();
+    let range: nitrile_logclient::protocol::ProofsBody = serde_json::from_slice(&body).unwrap();
     assert_eq!((range.start, range.size), (first, cp.size));
     assert_eq!(range.proofs.len() as u64, (cp.size - first).min(256));
     for e in &h3_entries {

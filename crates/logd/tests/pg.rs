@@ -13,7 +13,7 @@ mod pg_server;
 
 use nitrile_api::Name;
 use nitrile_audit::RecordKind;
-use nitrile_logd::config::Conninfo;
+use nitrile_logclient::Conninfo;
 use nitrile_logd::{Logd, LogdOptions};
 use nitrile_tlog::{
     Checkpoint, NoteVerifier, PgStorage, Storage as _, audit, leaf_hash, open_checkpoint,

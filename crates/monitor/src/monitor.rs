@@ -225,6 +225,32 @@ impl Monitor {
         Self::new(rules)
     }
 
+    /// A monitor of the rule files `files` (each its name and its bytes, as
+    /// an entitlement bundle's `rules/` holds them), in the order given, with
+    /// the default configuration: what logd runs from a reviewed bundle, and
+    /// what tools check before a bundle is signed. At most
+    /// [`MAX_RULE_FILES`] files, each UTF-8.
+    pub fn from_rule_files<'a>(
+        files: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<Self, RuleError> {
+        let files: Vec<(&str, &[u8])> = files.into_iter().take(MAX_RULE_FILES + 1).collect();
+        if let Some((name, _)) = files.get(MAX_RULE_FILES) {
+            return Err(RuleError::TooLarge {
+                file: (*name).to_owned(),
+                what: "number of rule files",
+            });
+        }
+        let mut rules = Vec::new();
+        for (name, bytes) in files {
+            let text = std::str::from_utf8(bytes).map_err(|e| RuleError::Read {
+                path: name.to_owned(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })?;
+            rules.extend(parse_rules(name, text)?);
+        }
+        Self::new(rules)
+    }
+
     /// A monitor of `rules` with the default configuration: checks that ids
     /// and names are unique and that correlations refer to detection rules.
     pub fn new(rules: Vec<Rule>) -> Result<Self, RuleError> {

@@ -258,3 +258,41 @@ fn load_names_the_broken_file() {
         Err(RuleError::Read { .. })
     ));
 }
+
+#[test]
+fn rule_files_of_a_bundle_load_in_order_and_within_bounds() {
+    let m = Monitor::from_rule_files([
+        ("rules/a.yml", GOOD.as_bytes()),
+        ("rules/b.yml", GOOD_CORRELATION.as_bytes()),
+    ])
+    .unwrap();
+    assert_eq!(m.rules().count(), 2);
+    // A correlation before the rule it refers to is still one set.
+    assert!(
+        Monitor::from_rule_files([
+            ("rules/b.yml", GOOD_CORRELATION.as_bytes()),
+            ("rules/a.yml", GOOD.as_bytes()),
+        ])
+        .is_ok()
+    );
+    // Duplicates across files, bytes that are not UTF-8, too many files.
+    let e = Monitor::from_rule_files([
+        ("rules/a.yml", GOOD.as_bytes()),
+        ("rules/c.yml", GOOD.as_bytes()),
+    ])
+    .unwrap_err();
+    assert!(
+        matches!(e, RuleError::Duplicate { ref file, .. } if file == "rules/c.yml"),
+        "{e}"
+    );
+    let e = Monitor::from_rule_files([("rules/x.yml", &[0xff, 0xfe][..])]).unwrap_err();
+    assert!(
+        matches!(e, RuleError::Read { ref path, .. } if path == "rules/x.yml"),
+        "{e}"
+    );
+    let many: Vec<(String, &[u8])> = (0..=nitrile_monitor::MAX_RULE_FILES)
+        .map(|i| (format!("rules/{i:04}.yml"), GOOD.as_bytes()))
+        .collect();
+    let e = Monitor::from_rule_files(many.iter().map(|(n, b)| (n.as_str(), *b))).unwrap_err();
+    assert!(matches!(e, RuleError::TooLarge { .. }), "{e}");
+}

@@ -18,6 +18,10 @@
 //! remove that record of the highest serial; the journal, shipped to the
 //! audit log, still shows every start's serial.
 //!
+//! With a `logd` to ship to ([`TokendConfig::logd`]) it ships its journal
+//! to the audit log itself, anchoring it in the log when the log's key is
+//! pinned ([`nitrile_logclient::JournalShipping`]).
+//!
 //! It does not let anyone act on a host: hosts verify tokens themselves,
 //! offline, against the issuer keys pinned at provisioning (the file its key
 //! ring writes, in the token crate's format [`nitrile_token::IssuerFile`]).

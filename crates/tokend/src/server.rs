@@ -11,6 +11,7 @@ use nitrile_audit::Journal;
 use nitrile_gate::{
     Expected, IdentityError, Listeners, MetricsTask, Refused, ServiceIdentity, ServiceJournal,
 };
+use nitrile_logclient::{JournalShipping, LogKeyError, LogdTarget};
 use nitrile_net::{Handler, PeerIdentity, PreauthReport, Registry, Server};
 use nitrile_pki::PkiError;
 use nitrile_policy::{QuotaStore, ReviewerSet};
@@ -45,6 +46,10 @@ pub struct TokendConfig {
     /// (`nitrile_token::MAX_LIFETIME`, the default when `None`); anything
     /// else is refused when the service opens. Requests for more are refused.
     pub max_token_lifetime_secs: Option<u64>,
+    /// The audit log service the journal is shipped to from
+    /// [`Tokend::serve`] (none: not shipped); with its `log_vkey` the
+    /// journal is anchored in the log (`<state_dir>/log-anchor.json`).
+    pub logd: Option<LogdTarget>,
 }
 
 /// Why the token service could not start or stopped.
@@ -129,6 +134,9 @@ pub enum TokendError {
         #[source]
         source: std::io::Error,
     },
+    /// the audit log service to ship to cannot be shipped to
+    #[error("logd target")]
+    Logd(#[from] LogKeyError),
 }
 
 /// A token service with its sockets bound, ready to serve.
@@ -142,6 +150,7 @@ pub struct Tokend {
     entitlements_digest: String,
     entitlements_serial: u64,
     key_id: String,
+    shipping: JournalShipping,
 }
 
 impl Tokend {
@@ -175,10 +184,16 @@ impl Tokend {
                 source,
             })?;
         // The journal first: the bundle's start (or its refusal) is on record.
-        let journal = Arc::new(Journal::open(
-            config.state_dir.join("journal"),
-            &source.uri(),
-        )?);
+        let journal_path = config.state_dir.join("journal");
+        let journal = Arc::new(Journal::open(&journal_path, &source.uri())?);
+        let mut shipping = JournalShipping::new(
+            config.cell.clone(),
+            Arc::clone(&journal),
+            journal_path,
+            &config.state_dir,
+            tls::client_config(&roots, &identity)?,
+        );
+        shipping.set_target(config.logd.as_ref())?;
         let in_force = crate::bundle::load(
             &config.entitlements,
             &reviewers,
@@ -228,6 +243,7 @@ impl Tokend {
             entitlements_digest,
             entitlements_serial,
             key_id,
+            shipping,
         })
     }
 
@@ -261,11 +277,22 @@ impl Tokend {
         &self.service
     }
 
-    /// Serves until `shutdown` resolves.
+    /// Ships the journal to `target` (instead of the config's `logd`) once
+    /// serving: for an audit log service bound only after the token service
+    /// opened, as `nitrile up` starts them.
+    pub fn ship_journal_to(&mut self, target: &LogdTarget) -> Result<(), LogKeyError> {
+        self.shipping.set_target(Some(target))
+    }
+
+    /// Serves until `shutdown` resolves. The journal is shipped meanwhile
+    /// when there is a `logd` to ship to (resuming where the log stands
+    /// after any restart or disconnect); the shipper stops after the last
+    /// request is journaled.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), TokendError> {
+        let shipper = self.shipping.start();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let metrics = MetricsTask::spawn(self.listeners.metrics, self.registry, stop_rx);
         let api = Api {
@@ -275,6 +302,9 @@ impl Tokend {
         let result = self.server.serve(self.listeners.mtls, api, shutdown).await;
         let _ = stop_tx.send(true);
         metrics.join().await;
+        if let Some(shipper) = shipper {
+            shipper.stop().await;
+        }
         result.map_err(TokendError::from)
     }
 }

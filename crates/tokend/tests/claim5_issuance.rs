@@ -77,6 +77,7 @@ impl Cell {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics: None,
             max_token_lifetime_secs: None,
+            logd: None,
         }
     }
 

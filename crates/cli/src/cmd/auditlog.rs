@@ -2,33 +2,30 @@
 //! cell's transparency log, checked locally.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use nitrile_audit::AuditRecord;
-use nitrile_logd::leaf::{self, LeafV1};
-use nitrile_logd::protocol::{EntryBody, HistoryBody, ProofBody};
-use nitrile_logd::{Alert, AlertPage};
-use nitrile_tlog::{
-    AuditFailure, ENTRIES_PER_BUNDLE, FileStorage, HASHES_PER_TILE, Hash, NoteVerifier, Storage,
-    TilePath, Tree, decode_bundle, leaf_hash, open_checkpoint, verify_inclusion,
+use nitrile_logclient::audit::{
+    AuditedLog, FetchProgress, audit_log, fetch_log, store_dir, stored_consistency_proof,
 };
+use nitrile_logclient::protocol::EntryBody;
+use nitrile_logclient::{LogReader, error_chain};
+use nitrile_tlog::{AuditFailure, FileStorage, NoteVerifier, Storage, open_checkpoint};
 use serde::Serialize;
 
 use crate::Global;
 use crate::anchor::{Accepted, AnchorArgs, Anchors, Step, witnessed};
 use crate::config::Loaded;
 use crate::hostapi::UsageError;
-use crate::logapi::{LogReader, MemStorage, log_verifier, witness_verifiers};
+use crate::logapi::{log_verifier, witness_verifiers};
 use crate::output::{
     Output, Progress, errln, outln, print_json, print_json_lines, print_pairs, print_rows,
     print_table,
 };
 use crate::service::block_on;
 
-/// Entries asked for per read (logd answers at most 256).
-const PAGE: u64 = 256;
 /// How often `tail --follow` asks for new entries.
 const FOLLOW_POLL: Duration = Duration::from_secs(1);
 /// How long `prove` waits for a checkpoint that covers the record.
@@ -160,22 +157,7 @@ impl Checker<'_> {
         let source = reader.source();
         let held = self.anchors.lock(self.log)?;
         let proof = match held.check(note, &source)? {
-            Step::Extends { from, to } if from > 0 => {
-                let path = format!("/v1/log/proof/consistency/{from}/{to}");
-                match reader.get(&path).await? {
-                    Some(body) => {
-                        let body: ProofBody = serde_json::from_slice(&body)
-                            .with_context(|| format!("logd's answer to {path} is not a proof"))?;
-                        Some(
-                            body.proof
-                                .iter()
-                                .map(|h| hash_of(h))
-                                .collect::<anyhow::Result<Vec<Hash>>>()?,
-                        )
-                    }
-                    None => None,
-                }
-            }
+            Step::Extends { from, to } if from > 0 => reader.consistency_proof(from, to).await?,
             _ => None,
         };
         let accepted = held.accept(
@@ -206,11 +188,9 @@ impl Checker<'_> {
         };
         let held = self.anchors.lock(self.log)?;
         let proof = match held.check(note.as_deref(), source)? {
-            Step::Extends { from, to } if from > 0 => Some(
-                stored_tree(storage, to)?
-                    .consistency_proof(from, to)
-                    .with_context(|| format!("no consistency proof from {from} to {to}"))?,
-            ),
+            Step::Extends { from, to } if from > 0 => {
+                Some(stored_consistency_proof(storage, from, to)?)
+            }
             _ => None,
         };
         let accepted = held.accept(
@@ -224,33 +204,6 @@ impl Checker<'_> {
             witnessed_by,
         })
     }
-}
-
-/// The tree of the first `size` leaves of a stored log, from its level-0
-/// hash tiles (which the audit checked against the entries).
-fn stored_tree(storage: &dyn Storage, size: u64) -> anyhow::Result<Tree> {
-    let mut tree = Tree::new();
-    for n in 0..size.div_ceil(HASHES_PER_TILE) {
-        let width = (size - n * HASHES_PER_TILE).min(HASHES_PER_TILE);
-        let full = TilePath::hashes(0, n, 256).to_string();
-        let bytes = match storage.read(&full)? {
-            Some(b) => b,
-            None => {
-                let partial = TilePath::hashes(0, n, width as u16).to_string();
-                storage
-                    .read(&partial)?
-                    .with_context(|| format!("the log holds neither {full} nor {partial}"))?
-            }
-        };
-        let need = width as usize * 32;
-        anyhow::ensure!(bytes.len() >= need, "tile {full} is cut short");
-        for h in bytes[..need].chunks_exact(32) {
-            let mut leaf = [0u8; 32];
-            leaf.copy_from_slice(h);
-            tree.push(leaf);
-        }
-    }
-    Ok(tree)
 }
 
 /// Forgets what this auditor remembers of a log: its next verification is
@@ -376,31 +329,6 @@ fn print_entries(entries: &[EntryBody], output: Output, header: bool) -> anyhow:
     Ok(())
 }
 
-/// Reads the entries from `next` on, page by page, into `f`, until a page
-/// comes back short (the end of the log when it was read); `next` is moved
-/// past each page read, even when a later one fails.
-///
-/// Stopping at a short page, not at an empty one, matters: every read is
-/// itself logged, so on a slow machine a reader that waited for an empty
-/// page could chase its own read records forever.
-async fn read_from(
-    reader: &mut LogReader,
-    next: &mut u64,
-    mut f: impl FnMut(EntryBody),
-) -> anyhow::Result<()> {
-    loop {
-        let page: Vec<EntryBody> = reader
-            .get_json(&format!("/v1/log/entries/{next}/{PAGE}"))
-            .await?;
-        let short = (page.len() as u64) < PAGE;
-        *next += page.len() as u64;
-        page.into_iter().for_each(&mut f);
-        if short {
-            return Ok(());
-        }
-    }
-}
-
 pub(crate) fn tail(args: TailArgs, global: &Global) -> anyhow::Result<()> {
     let loaded = crate::config::load(global)?;
     let verifier = log_verifier(Some(&loaded), args.log_key.as_deref())?;
@@ -408,7 +336,7 @@ pub(crate) fn tail(args: TailArgs, global: &Global) -> anyhow::Result<()> {
     let anchors = Anchors::open(&args.anchor)?;
     let output = global.output;
     block_on(async move {
-        let mut reader = LogReader::connect(&loaded).await?;
+        let mut reader = crate::logapi::connect(&loaded).await?;
         let check = Checker {
             anchors: &anchors,
             log: &verifier,
@@ -419,15 +347,16 @@ pub(crate) fn tail(args: TailArgs, global: &Global) -> anyhow::Result<()> {
         let (p, h) = (args.principal.as_deref(), args.host.as_deref());
         let mut kept: VecDeque<EntryBody> = VecDeque::new();
         let mut next = 0;
-        read_from(&mut reader, &mut next, |e| {
-            if matches(&e, &cell, p, h) && args.lines != Some(0) {
-                kept.push_back(e);
-                if args.lines.is_some_and(|n| kept.len() > n) {
-                    kept.pop_front();
+        reader
+            .read_entries(&mut next, |e| {
+                if matches(&e, &cell, p, h) && args.lines != Some(0) {
+                    kept.push_back(e);
+                    if args.lines.is_some_and(|n| kept.len() > n) {
+                        kept.pop_front();
+                    }
                 }
-            }
-        })
-        .await?;
+            })
+            .await?;
         print_entries(kept.make_contiguous(), output, true)?;
         if !args.follow {
             return anyhow::Ok(());
@@ -444,7 +373,7 @@ pub(crate) fn tail(args: TailArgs, global: &Global) -> anyhow::Result<()> {
             if polls.is_multiple_of(FOLLOW_CHECK_EVERY) {
                 // A log cut or replaced while followed stops the follow.
                 if check.latest(&mut reader).await.is_err() {
-                    reader = LogReader::connect(&loaded).await?;
+                    reader = crate::logapi::connect(&loaded).await?;
                     check.latest(&mut reader).await?;
                 }
             }
@@ -454,11 +383,11 @@ pub(crate) fn tail(args: TailArgs, global: &Global) -> anyhow::Result<()> {
                     fresh.push(e);
                 }
             };
-            if read_from(&mut reader, &mut next, &mut keep).await.is_err() {
+            if reader.read_entries(&mut next, &mut keep).await.is_err() {
                 // The token expired or the connection dropped: a new token
                 // and connection, once.
-                reader = LogReader::connect(&loaded).await?;
-                read_from(&mut reader, &mut next, &mut keep).await?;
+                reader = crate::logapi::connect(&loaded).await?;
+                reader.read_entries(&mut next, &mut keep).await?;
             }
             print_entries(&fresh, output, false)?;
         }
@@ -497,37 +426,6 @@ fn parse_record_id(s: &str) -> Result<RecordId, UsageError> {
     })
 }
 
-fn hash_of(hex_text: &str) -> anyhow::Result<Hash> {
-    let mut h = [0u8; 32];
-    hex::decode_to_slice(hex_text, &mut h)
-        .with_context(|| format!("{hex_text:?} is not a 32-byte hex hash"))?;
-    Ok(h)
-}
-
-/// The raw bytes of leaf `index` from the entry bundle that holds it, for
-/// a tree of `size` leaves.
-async fn raw_leaf(reader: &mut LogReader, index: u64, size: u64) -> anyhow::Result<Vec<u8>> {
-    let n = index / ENTRIES_PER_BUNDLE;
-    let full = TilePath::entries(n, 256).to_string();
-    let (path, bytes, width) = match reader.tile(&full).await? {
-        Some(b) => (full, b, ENTRIES_PER_BUNDLE),
-        None => {
-            let width = (size - n * ENTRIES_PER_BUNDLE).min(ENTRIES_PER_BUNDLE);
-            let partial = TilePath::entries(n, width as u16).to_string();
-            let b = reader
-                .tile(&partial)
-                .await?
-                .with_context(|| format!("logd serves neither {full} nor {partial}"))?;
-            (partial, b, width)
-        }
-    };
-    let entries = decode_bundle(&bytes, width).with_context(|| format!("entry bundle {path}"))?;
-    entries
-        .into_iter()
-        .nth((index % ENTRIES_PER_BUNDLE) as usize)
-        .with_context(|| format!("entry bundle {path} does not hold entry {index}"))
-}
-
 #[derive(Serialize)]
 struct Proven {
     ok: bool,
@@ -552,7 +450,7 @@ pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
     let origin = verifier.name().to_owned();
     let output = global.output;
     block_on(async move {
-        let mut reader = LogReader::connect(&loaded).await?;
+        let mut reader = crate::logapi::connect(&loaded).await?;
         let check = Checker {
             anchors: &anchors,
             log: &verifier,
@@ -563,13 +461,7 @@ pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
             RecordId::Index(i) => *i,
             RecordId::Journal { source, seq } => {
                 let want = format!("nitrile://{cell}/{source}");
-                let mut found = None;
-                read_from(&mut reader, &mut 0, |e| {
-                    if found.is_none() && e.source == want && e.seq == *seq {
-                        found = Some(e.index);
-                    }
-                })
-                .await?;
+                let found = reader.find_record(&want, *seq).await?;
                 found.with_context(|| {
                     format!(
                         "the log holds no record {seq} of {want} (yet); see `nitrile audit tail`"
@@ -606,24 +498,8 @@ pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
                 }
             }
         };
-        let raw = raw_leaf(&mut reader, index, cp.size).await?;
-        let proof: ProofBody = reader
-            .get_json(&format!("/v1/log/proof/inclusion/{index}/{}", cp.size))
-            .await?;
-        let proof = proof
-            .proof
-            .iter()
-            .map(|h| hash_of(h))
-            .collect::<anyhow::Result<Vec<Hash>>>()?;
-        let lh = leaf_hash(&raw);
-        verify_inclusion(&lh, index, cp.size, &proof, &cp.root).with_context(|| {
-            format!(
-                "the inclusion proof of record {index} does NOT verify against the signed \
-                 checkpoint of size {}",
-                cp.size
-            )
-        })?;
-        let leaf: LeafV1 = leaf::decode(&raw).with_context(|| format!("leaf {index}"))?;
+        let proven = reader.prove(index, &cp).await?;
+        let (leaf, proof) = (proven.leaf, proven.proof);
         if let RecordId::Journal { source, seq } = &id
             && (leaf.source != format!("nitrile://{cell}/{source}") || leaf.seq != *seq)
         {
@@ -638,7 +514,7 @@ pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
             index,
             source: leaf.source.clone(),
             seq: leaf.seq,
-            leaf_hash: hex::encode(lh),
+            leaf_hash: hex::encode(proven.leaf_hash),
             tree_size: cp.size,
             root: hex::encode(cp.root),
             proof_hashes: proof.len(),
@@ -679,109 +555,38 @@ pub(crate) fn prove(args: ProveArgs, global: &Global) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- verify
 
-/// The size in a checkpoint note's body (its second line), unverified: only
-/// to know what to fetch; the audit verifies the note.
-fn note_size(note: &str) -> Option<u64> {
-    note.lines().nth(1)?.parse().ok()
-}
+/// A progress bar of a fetch of the whole log on standard error when it
+/// is a terminal; nothing when it is piped.
+#[derive(Default)]
+struct FetchBar(Option<Progress>);
 
-/// Fetches everything the checkpoint covers into memory: the checkpoint,
-/// every checkpoint published before it, every entry bundle and every hash tile a tree of its size needs.
-async fn fetch_all(reader: &mut LogReader) -> anyhow::Result<MemStorage> {
-    let mem = MemStorage::default();
-    let Some(note) = reader.checkpoint().await? else {
-        return Ok(mem);
-    };
-    let size = note_size(&note).context("logd's checkpoint names no size")?;
-    mem.write("checkpoint", note.as_bytes())?;
-    let tiles: u64 = (0u32..8)
-        .map(|level| (size >> (level * 8)).div_ceil(HASHES_PER_TILE))
-        .sum();
-    let bar = progress(size.div_ceil(ENTRIES_PER_BUNDLE) + tiles, "checkpoints");
-    let fetched = fetch_into(reader, &mem, size, &bar).await;
-    bar.finish_and_clear();
-    fetched.map(|()| mem)
-}
+impl FetchProgress for FetchBar {
+    fn start(&mut self, objects: u64) {
+        self.0 = Some(Progress::new(
+            objects,
+            "{msg:24} [{bar:30}] {pos}/{len} tiles and bundles, {eta} left",
+            "checkpoints",
+        ));
+    }
 
-/// Progress of a long fetch on standard error when it is a terminal;
-/// nothing when it is piped.
-fn progress(len: u64, what: &str) -> Progress {
-    Progress::new(
-        len,
-        "{msg:24} [{bar:30}] {pos}/{len} tiles and bundles, {eta} left",
-        what,
-    )
-}
-
-/// [`fetch_all`] once the latest checkpoint, of `size`, is in `mem`.
-async fn fetch_into(
-    reader: &mut LogReader,
-    mem: &MemStorage,
-    size: u64,
-    bar: &Progress,
-) -> anyhow::Result<()> {
-    // Every checkpoint published up to it, each checked by the audit.
-    let mut from = 0;
-    loop {
-        let page: HistoryBody = reader.get_json(&format!("/v1/log/history/{from}")).await?;
-        for note in &page.checkpoints {
-            let at = note_size(note).context("logd's history holds a note without a size")?;
-            if at <= size {
-                mem.write(&format!("checkpoints/{at}"), note.as_bytes())?;
-            }
-        }
-        bar.set_message(&format!("checkpoints up to {}", page.next.unwrap_or(size)));
-        match page.next {
-            Some(next) if next > from && next <= size => from = next,
-            _ => break,
+    fn message(&mut self, text: &str) {
+        if let Some(bar) = &self.0 {
+            bar.set_message(text);
         }
     }
-    for n in 0..size.div_ceil(ENTRIES_PER_BUNDLE) {
-        let need = (size - n * ENTRIES_PER_BUNDLE).min(ENTRIES_PER_BUNDLE);
-        bar.inc(1);
-        let full = TilePath::entries(n, 256).to_string();
-        if let Some(b) = reader.tile(&full).await? {
-            mem.write(&full, &b)?;
-        } else if need < ENTRIES_PER_BUNDLE {
-            let partial = TilePath::entries(n, need as u16).to_string();
-            if let Some(b) = reader.tile(&partial).await? {
-                mem.write(&partial, &b)?;
-            }
-        }
-    }
-    for level in 0u8..8 {
-        let shift = u32::from(level) * 8;
-        let count = size >> shift;
-        if count == 0 {
-            break;
-        }
-        for n in 0..count.div_ceil(HASHES_PER_TILE) {
+
+    fn advance(&mut self) {
+        if let Some(bar) = &self.0 {
             bar.inc(1);
-            let width = (count - n * HASHES_PER_TILE).min(HASHES_PER_TILE);
-            let path = TilePath::hashes(level, n, width as u16).to_string();
-            if let Some(b) = reader.tile(&path).await? {
-                mem.write(&path, &b)?;
-            } else if width < HASHES_PER_TILE {
-                // The log grew past it: the full tile starts with the same
-                // hashes (and the audit checks them).
-                let full = TilePath::hashes(level, n, 256).to_string();
-                if let Some(b) = reader.tile(&full).await? {
-                    let cut = (width as usize * 32).min(b.len());
-                    mem.write(&path, &b[..cut])?;
-                }
-            }
         }
     }
-    Ok(())
 }
 
-/// The log directory of `dir`: itself when it holds a log, else its `log/`.
-fn store_dir(dir: &Path) -> PathBuf {
-    let log = dir.join(nitrile_logd::service::LOG_DIR);
-    if !dir.join("checkpoint").exists() && !dir.join("tile").exists() && log.is_dir() {
-        log
-    } else {
-        dir.to_owned()
+impl Drop for FetchBar {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
     }
 }
 
@@ -801,35 +606,6 @@ struct Verified {
     remembered: Accepted,
 }
 
-/// What `audit verify` checked of a log: its tree, checkpoints and tiles,
-/// and every source's journal replayed through it.
-#[derive(Debug)]
-struct Audited {
-    tree: nitrile_tlog::AuditReport,
-    journals: usize,
-    records: u64,
-}
-
-/// Audits the log in `storage` (the tree, every checkpoint, every tile)
-/// and replays each source's journal through its entries
-/// ([`nitrile_logd::SourceChains`]): one journal per source, each record
-/// once and in order, every chain hash recomputed. A log appended out of
-/// order (duplicates, a forged continuation, a second journal) fails at
-/// the entry where it breaks, even though its tree verifies.
-fn audit(storage: &dyn Storage, verifier: &NoteVerifier) -> Result<Audited, AuditFailure> {
-    let mut chains = nitrile_logd::SourceChains::new();
-    let tree = nitrile_tlog::audit_entries(storage, verifier.name(), verifier, &mut |_, e| {
-        chains
-            .push(e)
-            .map_err(|b| Box::new(b) as nitrile_tlog::EntryCheckError)
-    })?;
-    Ok(Audited {
-        tree,
-        journals: chains.sources(),
-        records: chains.records(),
-    })
-}
-
 #[derive(Serialize)]
 struct NotVerified {
     ok: bool,
@@ -838,17 +614,6 @@ struct NotVerified {
     path: String,
     index: Option<u64>,
     error: String,
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 pub(crate) fn verify(args: VerifyArgs, global: &Global) -> anyhow::Result<()> {
@@ -876,7 +641,7 @@ pub(crate) fn verify(args: VerifyArgs, global: &Global) -> anyhow::Result<()> {
             let witnesses = witness_verifiers(loaded.as_ref())?;
             let storage = FileStorage::open(&dir)
                 .with_context(|| format!("cannot open the log store {}", dir.display()))?;
-            let result = audit(&storage, &verifier);
+            let result = audit_log(&storage, &verifier);
             let source = dir.display().to_string();
             let anchored = result.is_ok().then(|| {
                 Checker {
@@ -894,9 +659,9 @@ pub(crate) fn verify(args: VerifyArgs, global: &Global) -> anyhow::Result<()> {
             let witnesses = witness_verifiers(Some(&loaded))?;
             let source = loaded.config.endpoints.logd.clone().unwrap_or_default();
             let (result, anchored) = block_on(async {
-                let mut reader = LogReader::connect(&loaded).await?;
-                let mem = fetch_all(&mut reader).await?;
-                let result = audit(&mem, &verifier);
+                let mut reader = crate::logapi::connect(&loaded).await?;
+                let mem = fetch_log(&mut reader, &mut FetchBar::default()).await?;
+                let result = audit_log(&mem, &verifier);
                 let anchored = match &result {
                     Ok(_) => {
                         let note = mem
@@ -943,7 +708,7 @@ fn verify_postgres(
     global: &Global,
 ) -> anyhow::Result<()> {
     // Parsed by logd's own parser: never echoed, only its host and database.
-    let conninfo = nitrile_logd::config::Conninfo::new(conninfo)
+    let conninfo = nitrile_logclient::Conninfo::new(conninfo)
         .map_err(|e| UsageError(format!("--postgres: {e}")))?;
     if conninfo.has_password() {
         return Err(UsageError(
@@ -976,7 +741,7 @@ fn verify_postgres(
     if objects.is_empty() {
         anyhow::bail!("there is no {source} (is --log-name right?)");
     }
-    let result = audit(&storage, &verifier);
+    let result = audit_log(&storage, &verifier);
     let anchored = result.is_ok().then(|| {
         Checker {
             anchors,
@@ -1003,7 +768,7 @@ fn report(
     verifier: &NoteVerifier,
     witnesses: usize,
     source: &str,
-    result: Result<Audited, AuditFailure>,
+    result: Result<AuditedLog, AuditFailure>,
     anchored: Option<anyhow::Result<Anchored>>,
     output: Output,
 ) -> anyhow::Result<()> {
@@ -1098,25 +863,12 @@ pub(crate) struct AlertsArgs {
     after: u64,
 }
 
-/// Most pages of alerts read in one listing (256 alerts a page).
-const MAX_ALERT_PAGES: usize = 4096;
-
 pub(crate) fn alerts(args: AlertsArgs, global: &Global) -> anyhow::Result<()> {
     let loaded = crate::config::load(global)?;
     let output = global.output;
     block_on(async move {
-        let mut reader = LogReader::connect(&loaded).await?;
-        let mut alerts: Vec<Alert> = Vec::new();
-        let mut after = args.after;
-        for _ in 0..MAX_ALERT_PAGES {
-            let page: AlertPage = reader.get_json(&format!("/v1/alerts/{after}")).await?;
-            let last = page.alerts.last().map(|a| a.cursor);
-            alerts.extend(page.alerts);
-            match (page.next, last) {
-                (Some(next), Some(_)) if next > after => after = next,
-                _ => break,
-            }
-        }
+        let mut reader = crate::logapi::connect(&loaded).await?;
+        let alerts = reader.alerts(args.after).await?;
         match output {
             Output::Json => print_json(&alerts)?,
             Output::Table => {
@@ -1180,14 +932,5 @@ mod tests {
         ] {
             assert!(parse_record_id(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn the_note_size_is_its_second_line() {
-        assert_eq!(
-            note_size("local.nitrile/log\n42\nAAAA=\n\n— sig\n"),
-            Some(42)
-        );
-        assert_eq!(note_size("local.nitrile/log\n"), None);
     }
 }

@@ -131,7 +131,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             // Validate before signing: a reviewer signs what loads.
             let loaded =
                 Bundle::load(&dir).context("refusing to sign a bundle that does not load")?;
-            nitrile_logd::rules::monitor_of(&Bundle::read(&dir)?)
+            monitor_of(&dir)
                 .context("refusing to sign a bundle whose monitor rules do not load")?;
             let key = ReviewerKey::load(&key, reviewer.clone())?;
             let digest = key.sign_dir(&dir)?;
@@ -245,7 +245,7 @@ fn check(dir: PathBuf, reviewers: Option<PathBuf>, output: Output) -> anyhow::Re
         }
         None => Bundle::load(&dir)?,
     };
-    let monitor = nitrile_logd::rules::monitor_of(&Bundle::read(&dir)?)?;
+    let monitor = monitor_of(&dir)?;
     let s = entitlements.summary();
     match output {
         Output::Json => print_json(&s),
@@ -373,4 +373,11 @@ fn explain(
         None => outln!("decision: DENY")?,
     }
     Ok(())
+}
+/// The monitor of the rules of the bundle in `dir` (its `rules/`), as logd
+/// loads them from a reviewed bundle.
+fn monitor_of(dir: &Path) -> anyhow::Result<nitrile_monitor::Monitor> {
+    let bundle = Bundle::read(dir)?;
+    nitrile_monitor::Monitor::from_rule_files(bundle.rule_files())
+        .with_context(|| format!("monitor rules of the entitlement bundle {}", dir.display()))
 }

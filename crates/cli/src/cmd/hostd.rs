@@ -1,15 +1,9 @@
 //! `nitrile hostd`: run the host agent.
 
-use std::sync::Arc;
-
 use anyhow::Context;
 use nitrile_hostd::{Hostd, HostdConfig, HostdOptions};
 
 use crate::Global;
-
-/// The file in a state directory where a shipper remembers the checkpoint
-/// that last covered its journal.
-pub(crate) const LOG_ANCHOR_FILE: &str = "log-anchor.json";
 use crate::service::{LogFormat, block_on, init_logging};
 
 /// Run the host agent: the only management interface of this host.
@@ -77,27 +71,8 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
         let addr = hostd
             .local_addr()
             .map_or_else(|| config.listen.to_string(), |a| a.to_string());
-        let shipper = match &config.logd {
-            Some(logd) => Some(super::logd::ship_journal(
-                config.state.join("journal"),
-                Arc::clone(hostd.journal()),
-                &logd.addr,
-                &config.cell,
-                &config.ca,
-                &config.cert,
-                &config.key,
-                logd.log_vkey
-                    .as_deref()
-                    .map(|v| (v, config.state.join(LOG_ANCHOR_FILE))),
-            )?),
-            None => None,
-        };
         crate::output::errln!("nitrile hostd: {} serving on {addr}", config.host)?;
-        let served = hostd.serve(signal).await;
-        if let Some(s) = shipper {
-            s.stop().await;
-        }
-        served?;
+        hostd.serve(signal).await?;
         tracing::info!("host agent stopped");
         anyhow::Ok(())
     })?

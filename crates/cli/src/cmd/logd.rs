@@ -1,17 +1,9 @@
-//! `nitrile logd`: run the audit log service; and shipping a service's
-//! journal to it.
+//! `nitrile logd`: run the audit log service.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use nitrile_api::Name;
-use nitrile_audit::Journal;
-use nitrile_logd::{
-    Alert, AlertSink, AnchorOptions, Logd, LogdConfig, LogdOptions, Shipper, ShipperHandle,
-    ShipperOptions,
-};
-use nitrile_pki::tls::{CaRoots, TlsIdentity};
+use nitrile_logd::{Alert, AlertSink, Logd, LogdConfig, LogdOptions};
 
 use crate::Global;
 use crate::service::{LogFormat, block_on, init_logging};
@@ -93,49 +85,4 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
         tracing::info!("audit log service stopped");
         anyhow::Ok(())
     })?
-}
-
-/// Starts shipping the journal at `journal` to logd at `addr`, as the
-/// principal of the certificate `cert` (the journal's source); `writer` is
-/// the journal open in this process, whose durable head goes with each batch.
-/// With `log_vkey` (the log's pinned key) the journal is also anchored in the
-/// log: the checkpoint last found covering it is remembered in
-/// `anchor_file`. Must be called within a tokio runtime; stop it with
-/// [`ShipperHandle::stop`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn ship_journal(
-    journal: PathBuf,
-    writer: Arc<Journal>,
-    addr: &str,
-    cell: &Name,
-    ca: &Path,
-    cert: &Path,
-    key: &Path,
-    log_vkey: Option<(&str, PathBuf)>,
-) -> anyhow::Result<ShipperHandle> {
-    let anchor = match log_vkey {
-        Some((vkey, state_file)) => Some(AnchorOptions {
-            origin: nitrile_logd::log_origin(cell),
-            verifier: nitrile_tlog::NoteVerifier::from_vkey(vkey.trim())
-                .context("the audit log's key (log_vkey) is not a signed-note vkey")?,
-            state_file,
-            interval: nitrile_logd::shipper::DEFAULT_ANCHOR_INTERVAL,
-        }),
-        None => None,
-    };
-    let roots = CaRoots::load(ca).with_context(|| format!("cell CA {}", ca.display()))?;
-    let identity = TlsIdentity::load(cert, key)
-        .with_context(|| format!("certificate {} and key {}", cert.display(), key.display()))?;
-    let tls = nitrile_pki::tls::client_config(&roots, &identity)?;
-    Ok(Shipper::spawn_with(
-        journal,
-        addr.to_owned(),
-        crate::logapi::logd_principal(cell),
-        tls,
-        ShipperOptions {
-            journal: Some(writer),
-            anchor,
-            ..ShipperOptions::default()
-        },
-    ))
 }

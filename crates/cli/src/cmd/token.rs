@@ -2,10 +2,9 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use nitrile_api::wire::{TokenRequest, TokenResponse};
+use nitrile_api::wire::TokenRequest;
 use nitrile_api::{Audience, PrincipalId};
 use nitrile_token::{
     Claims, Clock, IssuerKeys, MAX_TOKEN_LEN, SystemClock, VerifyingKey, danger_decode_unverified,
@@ -316,7 +315,7 @@ fn request(
         group,
         lifetime_secs,
     };
-    let granted = crate::service::block_on(obtain(&loaded, tls, &body))??;
+    let granted = crate::service::block_on(crate::tokenapi::obtain(&loaded, tls, &body))??;
     match global.output {
         Output::Json => crate::output::print_json(&granted),
         Output::Table => {
@@ -330,48 +329,6 @@ fn request(
             Ok(())
         }
     }
-}
-
-/// Asks the token service of `loaded`'s cell, over mTLS with `tls`, for a
-/// token for exactly `body`. A refusal names the service, the step that
-/// refused (tls, entitlement, quota, journal, ...), why, and its audit record.
-/// The token is returned, never printed.
-pub(crate) async fn obtain(
-    loaded: &crate::config::Loaded,
-    tls: Arc<rustls::ClientConfig>,
-    body: &TokenRequest,
-) -> anyhow::Result<TokenResponse> {
-    let tokend = loaded.tokend_principal()?;
-    let addr = loaded.config.endpoints.tokend.clone();
-    let response = async {
-        let mut client = nitrile_net::Client::connect(&addr, &tokend, tls).await?;
-        client.post_json("/v1/tokens", body).await
-    }
-    .await
-    .map_err(|e| {
-        let hint = if e.is_tls() {
-            "the TLS handshake was refused: is the client certificate of this cell and unexpired?"
-        } else {
-            "is the cell running (`nitrile up`)?"
-        };
-        anyhow::anyhow!("cannot get a token from tokend at {addr}: {e}; {hint}")
-    })?;
-    if !response.status.is_success() {
-        let asked = format!("{} on {}", join(&body.operations), join(&body.resources));
-        match response.refusal() {
-            Some(r) => bail!(
-                "tokend refused a token for {asked} at step {}",
-                crate::hostapi::describe_refusal(&r, response.status)
-            ),
-            None => bail!(
-                "tokend answered {} to the token request for {asked}",
-                response.status
-            ),
-        }
-    }
-    response
-        .json()
-        .context("tokend's answer is not a token response")
 }
 
 #[cfg(test)]

@@ -2,11 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use nitrile_api::{Name, PrincipalId};
 use nitrile_cell::CellLayout;
+use nitrile_logclient::LogdTarget;
 use nitrile_tokend::{KeyRing, Tokend, TokendConfig};
 
 use crate::Global;
@@ -96,13 +96,15 @@ pub(crate) fn cell_of(layout: &CellLayout) -> anyhow::Result<Name> {
     Ok(Name::new(&name)?)
 }
 
-/// The token service configuration of a cell state directory.
+/// The token service configuration of a cell state directory; it ships its
+/// journal to `logd` when given.
 pub(crate) fn config_of(
     layout: &CellLayout,
     cell: &Name,
     listen: SocketAddr,
     metrics: Option<SocketAddr>,
     max_token_lifetime_secs: Option<u64>,
+    logd: Option<LogdTarget>,
 ) -> anyhow::Result<TokendConfig> {
     let me = PrincipalId::parse(&format!("nitrile://{cell}/service/tokend"))?;
     let (cert, key) = layout.cert_and_key(&me);
@@ -117,6 +119,7 @@ pub(crate) fn config_of(
         listen,
         metrics,
         max_token_lifetime_secs,
+        logd,
     })
 }
 
@@ -155,40 +158,27 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(args.log_format);
+    let log_vkey = match &args.log_key {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the log key {}", f.display()))?,
+        ),
+        None => None,
+    };
+    let logd = args.logd.map(|addr| LogdTarget { addr, log_vkey });
     let config = config_of(
         &layout,
         &cell,
         args.listen,
         args.metrics,
         args.max_token_lifetime,
+        logd,
     )?;
     block_on(async move {
         let signal = nitrile_net::shutdown_signal();
         let tokend = Tokend::open(&config)
             .await
             .context("token service cannot start")?;
-        let log_vkey = match &args.log_key {
-            Some(f) => Some(
-                std::fs::read_to_string(f)
-                    .with_context(|| format!("cannot read the log key {}", f.display()))?,
-            ),
-            None => None,
-        };
-        let shipper = match &args.logd {
-            Some(addr) => Some(super::logd::ship_journal(
-                layout.tokend_journal(),
-                Arc::clone(tokend.service().journal()),
-                addr,
-                &config.cell,
-                &config.ca,
-                &config.cert,
-                &config.key,
-                log_vkey
-                    .as_deref()
-                    .map(|v| (v, layout.tokend_dir().join(super::hostd::LOG_ANCHOR_FILE))),
-            )?),
-            None => None,
-        };
         tracing::info!(
             listen = ?tokend.local_addr(),
             metrics = ?tokend.metrics_addr(),
@@ -197,11 +187,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             key_id = tokend.key_id(),
             "token service ready"
         );
-        let served = tokend.serve(signal).await;
-        if let Some(s) = shipper {
-            s.stop().await;
-        }
-        served?;
+        tokend.serve(signal).await?;
         tracing::info!("token service stopped");
         anyhow::Ok(())
     })?

@@ -13,7 +13,8 @@ use nitrile_api::{Name, PrincipalId, PrincipalKind};
 use nitrile_cell::{
     CellLayout, Endpoints, WITNESS, bootstrap, provision_host, provision_logd, provision_witness,
 };
-use nitrile_hostd::{HostdConfig, LogdTarget};
+use nitrile_hostd::HostdConfig;
+use nitrile_logclient::LogdTarget;
 use nitrile_logd::config::{MetricsAddr, MonitorSource, WitnessConfig as LogdWitness};
 use nitrile_logd::{Alert, AlertSink, Logd, LogdConfig, LogdOptions};
 use nitrile_tlog::NoteVerifier;
@@ -110,12 +111,14 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         args.tokend_listen,
         Some(args.tokend_metrics),
         None,
+        // Set once logd is bound (its port may be chosen then).
+        None,
     )?;
     block_on(async move {
         // Installed before anything is announced, so that a signal sent
         // right after the export line stops the cell cleanly.
         let signal = nitrile_net::shutdown_signal();
-        let tokend = Tokend::open(&tokend_config)
+        let mut tokend = Tokend::open(&tokend_config)
             .await
             .with_context(|| format!("token service cannot start on {}", args.tokend_listen))?;
         // After the token service opened: its published issuer keys exist
@@ -184,19 +187,11 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         let logd_task = tokio::spawn(logd.serve(async move {
             let _ = logd_stopped.await;
         }));
-        let tokend_shipper = super::logd::ship_journal(
-            layout.tokend_journal(),
-            std::sync::Arc::clone(tokend.service().journal()),
-            &logd_addr,
-            &cell.cell,
-            &tokend_config.ca,
-            &tokend_config.cert,
-            &tokend_config.key,
-            Some((
-                &log_vkey,
-                layout.tokend_dir().join(super::hostd::LOG_ANCHOR_FILE),
-            )),
-        )?;
+        // The token service ships its journal to logd while it serves.
+        tokend.ship_journal_to(&LogdTarget {
+            addr: logd_addr.clone(),
+            log_vkey: Some(log_vkey.clone()),
+        })?;
 
         provision_host(&layout, &cell.cell, &host, now)
             .with_context(|| format!("cannot provision host {host}"))?;
@@ -354,7 +349,6 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             let _ = outcome_tx.send((unexpected, status));
         };
         let served = tokend.serve(stop).await;
-        tokend_shipper.stop().await;
         let _ = logd_stop.send(());
         let logd_result = logd_task.await;
         let witness_status = tokio::task::spawn_blocking(move || witness.stop()).await;
@@ -479,7 +473,7 @@ fn write_logd_config(
 ) -> anyhow::Result<PathBuf> {
     let path = layout.logd_config();
     let dir = layout.logd_dir();
-    let me = crate::logapi::logd_principal(cell);
+    let me = nitrile_logclient::logd_principal(cell);
     let (cert, key) = layout.cert_and_key(&me);
     let rel = |p: &Path| relative_to(&dir, p);
     let mut config = LogdConfig::new(

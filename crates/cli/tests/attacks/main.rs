@@ -111,15 +111,15 @@ pub(crate) fn bobs_drain_batch(dir: &Path, source: &str) -> Vec<u8> {
     let entries: Vec<_> = reader
         .map(|e| {
             let e = e.unwrap();
-            nitrile_logd::protocol::IngestEntry {
+            nitrile_logclient::protocol::IngestEntry {
                 seq: e.seq,
                 hash: e.hash,
                 payload: e.payload,
             }
         })
         .collect();
-    serde_json::to_vec(&nitrile_logd::protocol::IngestBatch {
-        journal: nitrile_logd::protocol::JournalRef {
+    serde_json::to_vec(&nitrile_logclient::protocol::IngestBatch {
+        journal: nitrile_logclient::protocol::JournalRef {
             source: h.source,
             journal_id: h.journal_id,
             genesis: h.genesis,

@@ -582,7 +582,7 @@ pub(crate) fn journal_leaves(tag: &str, n: u64) -> Vec<Vec<u8>> {
         .map(|seq| {
             let payload = format!("{tag} {}", seq - 1).into_bytes();
             hash = nitrile_audit::record_hash(&hash, seq, &payload);
-            nitrile_logd::leaf::encode(&nitrile_logd::leaf::LeafV1 {
+            nitrile_logclient::leaf::encode(&nitrile_logclient::leaf::LeafV1 {
                 source: source.to_owned(),
                 journal_id,
                 seq,

@@ -59,6 +59,7 @@ impl Cell {
             listen: "127.0.0.1:0".parse().expect("address"),
             metrics: None,
             max_token_lifetime_secs: None,
+            logd: None,
         }
     }
 

@@ -233,6 +233,7 @@ impl TestCell {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics: None,
             max_token_lifetime_secs: None,
+            logd: None,
         }
     }
 

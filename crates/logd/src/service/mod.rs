@@ -94,10 +94,7 @@ pub const MONITOR_QUEUE: usize = 4096;
 /// before `checkpoint_stalled` is raised.
 pub const STALL_INTERVALS: u32 = 3;
 
-/// The log's origin line (and key name) for `cell`.
-pub fn log_origin(cell: &Name) -> String {
-    format!("{cell}.nitrile/log")
-}
+pub use nitrile_logclient::log_origin;
 
 /// How logd runs, beyond its config file.
 #[derive(Clone)]

@@ -1,4 +1,11 @@
-//! Following a growing journal file from a verified position, read-only.
+//! Following a growing journal file from a verified position, read-only:
+//! what a shipper sends, and what logd reads of its own journal.
+//!
+//! A tail never writes to the journal. It moves only to a record whose
+//! chain hash is the one asked for ([`JournalTail::seek_to`]), and reads on
+//! from there with every record's chain checked by
+//! [`nitrile_audit::JournalReader`]; a record being written (a torn tail)
+//! ends a batch instead of failing it.
 
 use std::path::{Path, PathBuf};
 
@@ -7,10 +14,10 @@ use nitrile_audit::{ChainHash, JournalEntry, JournalError, JournalHeader, Journa
 /// Where a tail stands: after record `seq` with chain hash `hash`, the next
 /// record starting at byte `end`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Cursor {
-    pub(crate) seq: u64,
-    pub(crate) hash: ChainHash,
-    pub(crate) end: u64,
+struct Cursor {
+    seq: u64,
+    hash: ChainHash,
+    end: u64,
 }
 
 /// Why a journal could not be followed.
@@ -38,7 +45,7 @@ pub enum TailError {
 
 /// A reader of one journal file that never writes to it.
 #[derive(Debug)]
-pub(crate) struct JournalTail {
+pub struct JournalTail {
     path: PathBuf,
     header: JournalHeader,
     cursor: Cursor,
@@ -46,7 +53,7 @@ pub(crate) struct JournalTail {
 
 impl JournalTail {
     /// Opens the journal at `path` at its start.
-    pub(crate) fn open(path: &Path) -> Result<Self, TailError> {
+    pub fn open(path: &Path) -> Result<Self, TailError> {
         let reader = JournalReader::open(path)?;
         let header = reader.header().clone();
         Ok(Self {
@@ -60,13 +67,14 @@ impl JournalTail {
         })
     }
 
-    pub(crate) fn header(&self) -> &JournalHeader {
+    /// The journal's header (its source, id and genesis hash).
+    pub fn header(&self) -> &JournalHeader {
         &self.header
     }
 
     /// Moves to just after record `seq`, which must have chain hash `hash`
     /// (`seq` 0: the start). Reads from the start unless already there.
-    pub(crate) fn seek_to(&mut self, seq: u64, hash: ChainHash) -> Result<(), TailError> {
+    pub fn seek_to(&mut self, seq: u64, hash: ChainHash) -> Result<(), TailError> {
         if self.cursor.seq == seq {
             return if self.cursor.hash == hash {
                 Ok(())
@@ -122,7 +130,7 @@ impl JournalTail {
     /// The records after the cursor, at most `max_entries` of them and as
     /// many as fit in `max_payload_bytes` (at least one), and moves past
     /// them. A record being written (a torn tail) ends the batch.
-    pub(crate) fn next_batch(
+    pub fn next_batch(
         &mut self,
         max_entries: usize,
         max_payload_bytes: usize,

@@ -18,15 +18,21 @@
 //! `log_inconsistent` alert: a record in the source's own journal (so logd
 //! lists it too, and a later honest log keeps it), an error line, and
 //! [`ShipperStatus::alerts`].
+//!
+//! A service ships its own journal ([`JournalShipping`]): hostd from the
+//! `[logd]` section of its config, tokend from its config's `logd`, both a
+//! [`LogdTarget`]; the service starts the shipper when it serves and stops
+//! it once its last records are journaled.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use nitrile_api::PrincipalId;
+use nitrile_api::{Name, PrincipalId};
 use nitrile_audit::{AuditRecord, Journal, Outcome, RequestId};
 use nitrile_net::Client;
 use rustls::ClientConfig;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -51,6 +57,9 @@ pub const DEFAULT_ANCHOR_INTERVAL: Duration = Duration::from_secs(5);
 pub const ANCHOR_ALERT_INTERVAL: Duration = Duration::from_secs(60);
 /// Leaf hashes of shipped records kept to prove them in the log.
 const SHIPPED_LEAVES_KEPT: usize = 256;
+/// The file in a service's state directory where its shipper remembers the
+/// checkpoint that last covered its journal.
+pub const LOG_ANCHOR_FILE: &str = "log-anchor.json";
 
 /// Why shipping stopped for a while (the shipper retries).
 #[derive(Debug, thiserror::Error)]
@@ -238,8 +247,9 @@ struct Run {
     last_alert: Option<(AnchorProblem, tokio::time::Instant)>,
 }
 
-/// The chain of an error and its causes, on one line.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+/// The chain of an error and its causes, on one line (`error: cause:
+/// cause`), as a shipper reports it in [`ShipperStatus::last_error`].
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut next = e.source();
     while let Some(c) = next {
@@ -573,11 +583,121 @@ impl Run {
 fn refused(resp: &nitrile_net::Response) -> ShipError {
     ShipError::Refused {
         status: resp.status.as_u16(),
-        reason: resp.refusal().map(|r| r.reason).unwrap_or_else(|| {
+        reason: resp.refusal().map(|r| r.to_string()).unwrap_or_else(|| {
             String::from_utf8_lossy(&resp.body)
                 .chars()
                 .take(200)
                 .collect()
         }),
+    }
+}
+
+/// Where a service ships its journal: its `[logd]` config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogdTarget {
+    /// The audit log service's mTLS address, `host:port`; its principal is
+    /// `nitrile://<cell>/service/logd` ([`crate::logd_principal`]).
+    pub addr: String,
+    /// The log's public key (a signed-note vkey), pinned at provisioning:
+    /// with it the shipper also anchors the journal in the log, remembering
+    /// in `<state>/log-anchor.json` ([`LOG_ANCHOR_FILE`]) the last
+    /// checkpoint that covered it and alerting when the log is not
+    /// consistent with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_vkey: Option<String>,
+}
+
+/// The pinned log key of a [`LogdTarget`] is not a signed-note verifier key.
+#[derive(Debug, thiserror::Error)]
+#[error("the audit log's key (log_vkey) is not a signed-note vkey")]
+pub struct LogKeyError(#[source] nitrile_tlog::NoteError);
+
+/// A service's own journal, shipped by the service itself: what it knows
+/// when it opens (its cell, its journal, its state directory and its client
+/// identity) and where the journal goes ([`JournalShipping::set_target`],
+/// from its config). [`JournalShipping::start`] starts the shipper when the
+/// service serves; the service stops it after its last records.
+///
+/// A target's log key is checked when it is set, so that a service with a
+/// key that is not one refuses to start rather than ship unanchored.
+#[derive(Debug)]
+pub struct JournalShipping {
+    cell: Name,
+    journal: Arc<Journal>,
+    journal_path: PathBuf,
+    state_dir: PathBuf,
+    tls: Arc<ClientConfig>,
+    target: Option<(String, Option<AnchorOptions>)>,
+}
+
+impl JournalShipping {
+    /// Shipping nowhere yet of the journal `journal`, open in this process
+    /// at `journal_path`, of a service of `cell` keeping its state in
+    /// `state_dir`; `tls` is the service's client identity (its principal
+    /// is the journal's source).
+    pub fn new(
+        cell: Name,
+        journal: Arc<Journal>,
+        journal_path: PathBuf,
+        state_dir: &Path,
+        tls: Arc<ClientConfig>,
+    ) -> Self {
+        Self {
+            cell,
+            journal,
+            journal_path,
+            state_dir: state_dir.to_owned(),
+            tls,
+            target: None,
+        }
+    }
+
+    /// Ships to `target` (`None`: not at all). With the target's
+    /// `log_vkey`, the journal is anchored in the log of the cell every
+    /// [`DEFAULT_ANCHOR_INTERVAL`], the checkpoint remembered in
+    /// [`LOG_ANCHOR_FILE`] of the state directory.
+    pub fn set_target(&mut self, target: Option<&LogdTarget>) -> Result<(), LogKeyError> {
+        self.target = match target {
+            None => None,
+            Some(t) => {
+                let anchor = match &t.log_vkey {
+                    Some(vkey) => Some(AnchorOptions {
+                        origin: crate::log_origin(&self.cell),
+                        verifier: nitrile_tlog::NoteVerifier::from_vkey(vkey.trim())
+                            .map_err(LogKeyError)?,
+                        state_file: self.state_dir.join(LOG_ANCHOR_FILE),
+                        interval: DEFAULT_ANCHOR_INTERVAL,
+                    }),
+                    None => None,
+                };
+                Some((t.addr.clone(), anchor))
+            }
+        };
+        Ok(())
+    }
+
+    /// The address shipped to, if any.
+    pub fn target_addr(&self) -> Option<&str> {
+        self.target.as_ref().map(|(addr, _)| addr.as_str())
+    }
+
+    /// Starts the shipper when there is a target (`None` otherwise); each
+    /// batch carries the journal's durable head, and `log_inconsistent`
+    /// alerts go into the journal. Must be called within a tokio runtime;
+    /// stop it with [`ShipperHandle::stop`].
+    pub fn start(&self) -> Option<ShipperHandle> {
+        let (addr, anchor) = self.target.as_ref()?;
+        Some(Shipper::spawn_with(
+            self.journal_path.clone(),
+            addr.clone(),
+            crate::logd_principal(&self.cell),
+            Arc::clone(&self.tls),
+            ShipperOptions {
+                journal: Some(Arc::clone(&self.journal)),
+                anchor: anchor.clone(),
+                ..ShipperOptions::default()
+            },
+        ))
     }
 }
