@@ -191,3 +191,76 @@ fn tests_may_run_other_services_and_unknown_names_are_refused() {
     let typo = synthetic(&["hostd", "tokn"], &[("hostd", &[]), ("tokend", &[])]);
     assert!(std::panic::catch_unwind(|| violations(&typo)).is_err());
 }
+
+/// The dependency table of docs/ARCHITECTURE.md ("Who depends on whom"):
+/// each row's crates (without `nitrile-`) and the crates they use.
+fn architecture_table(text: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let start = text
+        .find("| crate | uses (nitrile crates, normal dependencies) |")
+        .expect("docs/ARCHITECTURE.md has the dependency table");
+    let mut table = BTreeMap::new();
+    for line in text[start..].lines().skip(2) {
+        let Some(row) = line.strip_prefix('|') else {
+            break;
+        };
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert!(cells.len() >= 2, "a table row without two cells: {line}");
+        // The uses cell may end with a remark in parentheses.
+        let uses_cell = cells[1].split(" (").next().unwrap_or_default();
+        let uses: BTreeSet<String> = if uses_cell == "none" {
+            BTreeSet::new()
+        } else {
+            uses_cell.split(", ").map(|s| s.trim().to_owned()).collect()
+        };
+        for name in cells[0].split(", ") {
+            let name = name.trim().trim_matches('`').to_owned();
+            assert!(
+                table.insert(name.clone(), uses.clone()).is_none(),
+                "{name} has two rows"
+            );
+        }
+    }
+    table
+}
+
+#[test]
+fn the_architecture_table_is_the_dependency_graph() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(root.join("docs/ARCHITECTURE.md")).unwrap();
+    let documented = architecture_table(&text);
+    let short = |name: &str| name.strip_prefix("nitrile-").unwrap_or(name).to_owned();
+    let actual: BTreeMap<String, BTreeSet<String>> = dependency_graph(&workspace_metadata())
+        .into_iter()
+        // The fuzz crate and other tools outside the product are not drawn.
+        .filter(|(name, _)| name.starts_with("nitrile-"))
+        .map(|(name, deps)| (short(&name), deps.iter().map(|d| short(d)).collect()))
+        .collect();
+    let mut differences = Vec::new();
+    for name in documented
+        .keys()
+        .chain(actual.keys())
+        .collect::<BTreeSet<_>>()
+    {
+        let (doc, real) = (documented.get(name), actual.get(name));
+        if doc != real {
+            differences.push(format!(
+                "{name}: docs say {doc:?}, cargo metadata says {real:?}"
+            ));
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "docs/ARCHITECTURE.md's dependency table is out of date:\n{}",
+        differences.join("\n")
+    );
+}
+
+#[test]
+fn the_architecture_table_parser_reads_shared_rows_and_remarks() {
+    let text = "x\n| crate | uses (nitrile crates, normal dependencies) |\n|---|---|\n\
+                | `a`, `b` | none |\n| `c` | a, b (b only to run it) |\n\nafter\n";
+    let table = architecture_table(text);
+    assert_eq!(table.len(), 3);
+    assert!(table["a"].is_empty() && table["b"].is_empty());
+    assert_eq!(table["c"], BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+}

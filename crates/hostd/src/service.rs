@@ -297,7 +297,7 @@ impl Hostd {
             Arc::clone(&journal),
             journal_path.clone(),
             state,
-            tls::client_config(&roots, &identity)?,
+            identity.client_config()?,
         );
         shipping.set_target(config.logd.as_ref())?;
         let admission = Admission::new(

@@ -145,15 +145,14 @@ impl IssuerFile {
     /// [`MAX_ISSUER_FILE_LEN`] bytes, every key id matches its key, at least
     /// one key.
     pub fn load(path: &Path) -> Result<IssuerKeys, IssuerFileError> {
-        let text = nitrile_fs::read_bounded_to_string(path, MAX_ISSUER_FILE_LEN).map_err(|e| {
-            match e {
+        let text =
+            nitrile_fs::read_bounded_to_string(path, MAX_ISSUER_FILE_LEN).map_err(|e| match e {
                 nitrile_fs::FsError::TooLarge { path, .. } => IssuerFileError::TooLarge { path },
                 e => IssuerFileError::Io {
                     path: path.to_owned(),
                     source: e.into(),
                 },
-            }
-        })?;
+            })?;
         Self::parse(&text, path)
     }
 

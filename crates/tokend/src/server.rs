@@ -191,7 +191,7 @@ impl Tokend {
             Arc::clone(&journal),
             journal_path,
             &config.state_dir,
-            tls::client_config(&roots, &identity)?,
+            identity.client_config()?,
         );
         shipping.set_target(config.logd.as_ref())?;
         let in_force = crate::bundle::load(

@@ -53,8 +53,8 @@ use crate::protocol::{
 };
 use crate::source::{ContentViolation, DeclaredSources, SourceRole, check_record};
 use crate::store::{LogBackend, LogStorage, Store, StoreError};
-use nitrile_fs::write_atomic;
 use crate::tail::JournalTail;
+use nitrile_fs::write_atomic;
 
 mod alerts;
 mod checkpoints;
