@@ -10,7 +10,8 @@ use nitrile_api::wire::{TokenRequest, TokenResponse};
 
 use crate::config::Loaded;
 
-fn join<T: std::fmt::Display>(items: &[T]) -> String {
+/// `items` separated by commas, as the token verbs show lists.
+pub(crate) fn join<T: std::fmt::Display>(items: &[T]) -> String {
     items
         .iter()
         .map(ToString::to_string)

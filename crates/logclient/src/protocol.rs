@@ -43,6 +43,16 @@ pub struct IngestEntry {
     pub payload: Vec<u8>,
 }
 
+impl From<nitrile_audit::JournalEntry> for IngestEntry {
+    fn from(e: nitrile_audit::JournalEntry) -> Self {
+        Self {
+            seq: e.seq,
+            hash: e.hash,
+            payload: e.payload,
+        }
+    }
+}
+
 /// The body of `POST /v1/ingest`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

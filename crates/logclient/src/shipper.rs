@@ -396,14 +396,7 @@ impl Run {
             self.set(|s| s.journal_head = s.journal_head.max(head.unwrap_or(last_seq)));
             let batch = IngestBatch {
                 journal: journal.clone(),
-                entries: entries
-                    .into_iter()
-                    .map(|e| IngestEntry {
-                        seq: e.seq,
-                        hash: e.hash,
-                        payload: e.payload,
-                    })
-                    .collect(),
+                entries: entries.into_iter().map(IngestEntry::from).collect(),
                 head,
             };
             let resp = match client.post_json("/v1/ingest", &batch).await {

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::Global;
 use crate::output::{Output, errln, outln, print_json, print_table};
+use crate::tokenapi::join;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
@@ -227,14 +228,6 @@ fn claim_str(claims: &Claims, field: &str) -> String {
         .ok()
         .and_then(|v| v.get(field).and_then(|s| s.as_str()).map(str::to_owned))
         .unwrap_or_default()
-}
-
-fn join<T: std::fmt::Display>(items: &[T]) -> String {
-    items
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn allows_line(claims: &Claims) -> String {

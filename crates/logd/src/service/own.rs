@@ -83,14 +83,7 @@ impl Inner {
                     journal_id: h.journal_id,
                     genesis: h.genesis,
                 },
-                entries: entries
-                    .into_iter()
-                    .map(|e| IngestEntry {
-                        seq: e.seq,
-                        hash: e.hash,
-                        payload: e.payload,
-                    })
-                    .collect(),
+                entries: entries.into_iter().map(IngestEntry::from).collect(),
                 head: None,
             };
             match self.store.ingest_own(&batch) {
