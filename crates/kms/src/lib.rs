@@ -1,0 +1,88 @@
+//! The core of nitrile's key service (`nitrile kms`): key-encryption keys
+//! (KEKs, `kms-key/<name>`) that never leave it, per-volume data keys that
+//! exist outside it only wrapped or sealed to one recipient, and
+//! crypto-erase.
+//!
+//! This crate guarantees that:
+//! - A KEK is 256 random bits from the operating system, kept in memory only
+//!   in buffers zeroized on drop, written once to its own file (`0600`, in a
+//!   `0700` state directory) and never returned by any function of the
+//!   crate; [`Kms::describe_key`] and [`Kms::list_keys`] return metadata
+//!   only, and no `Debug` output shows key material.
+//! - [`Kms::generate_volume_key`] makes a fresh 512-bit AES-256-XTS data key
+//!   (DEK) and a 256-bit per-volume secret, stores the volume record (the
+//!   secret, never the DEK) durably, and returns the DEK only wrapped
+//!   ([`WrappedKey`], format version 1): AES-256-GCM under a key derived by
+//!   HKDF-SHA256 from the KEK with the per-volume secret as salt and an info
+//!   naming the version and the volume, a random 96-bit nonce, and as
+//!   associated data the format version, the volume id and the KEK name. A
+//!   wrapped key moved onto another volume or KEK, or changed in any bit,
+//!   does not open.
+//! - [`Kms::unwrap_sealed`] releases a DEK only sealed with HPKE (RFC 9180,
+//!   base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM; the
+//!   `hpke` crate) to the recipient's X25519 public key, with an info naming
+//!   the purpose and the volume, so a sealed key opens only with the
+//!   recipient's private key and only as that volume's key
+//!   ([`Recipient::open`]). It refuses, with a typed error, an unknown or
+//!   destroyed volume, a KEK that is disabled or pending deletion (naming
+//!   the key), a wrapped key of another volume or KEK, and a recipient key
+//!   that gives no shared secret. It reads no file and writes nothing.
+//! - [`Kms::destroy_volume`] removes the volume record durably (the file
+//!   overwritten, removed, its directory fsynced) before it returns. Opening
+//!   a wrapped key needs the per-volume secret that only that record held,
+//!   so the volume's data is then unrecoverable even to someone holding the
+//!   KEK and a copy of the wrapped key. [`Kms::sweep`] destroys every KEK
+//!   whose deletion window (7 to 30 days) has ended, with every volume
+//!   record under it.
+//! - One state directory is used by one process at a time (an exclusive
+//!   `flock`); loading refuses a malformed, oversized or unexpected file,
+//!   naming its path. Every file is read within a named `MAX_*` bound, as
+//!   is every wrapped or sealed key decoded.
+//!
+//! It does not authenticate callers, check tokens or entitlements (who may
+//! use or manage a key is the service's decision), journal, or talk to the
+//! network: every operation returns what it did, for the service to journal
+//! before it answers. Time comes in as a `now` argument. Plaintext exports
+//! for tests (`*_for_tests`) exist only with the `danger-test-export`
+//! feature, which no release build enables.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod key;
+mod kms;
+mod seal;
+mod secret;
+mod store;
+mod time_format;
+mod wrap;
+
+pub use error::{ErrorClass, KmsError, Malformed, StoreError, SweepError};
+pub use key::{
+    DEFAULT_DELETION_WINDOW_DAYS, DEFAULT_KEY, KEY_RESOURCE_KIND, KeyMetadata, KeyName,
+    KeyNameError, KeyState, MAX_DELETION_WINDOW_DAYS, MIN_DELETION_WINDOW_DAYS,
+};
+#[cfg(feature = "danger-test-export")]
+pub use kms::VolumeSecretsForTests;
+pub use kms::{
+    GeneratedVolumeKey, KeyTransition, Kms, OpenReport, SweepReport, SweptKey, VolumeMetadata,
+};
+pub use seal::{
+    HPKE_AEAD_ID, HPKE_KDF_ID, HPKE_KEM_ID, OpenError, RECIPIENT_KEY_LEN, Recipient,
+    RecipientKeyError, RecipientPublicKey, SEALED_KEY_LEN, SEALED_KEY_MAGIC, SEALED_KEY_VERSION,
+    SealedKey, SealedKeyError, seal_info,
+};
+pub use store::{MAX_KEY_FILE_LEN, MAX_KEYS, MAX_VOLUME_FILE_LEN, MAX_VOLUMES};
+pub use wrap::{
+    MAX_WRAPPED_KEY_LEN, WRAPPED_KEY_MAGIC, WRAPPED_KEY_VERSION, WrappedKey, WrappedKeyError,
+    wrap_info,
+};
+
+/// Length of a volume's data key: 512 bits, an AES-256-XTS key pair.
+pub const DEK_LEN: usize = 64;
+
+/// Length of a key-encryption key: 256 bits.
+pub const KEK_LEN: usize = 32;
+
+/// Length of a volume's secret, the HKDF salt its wrapping key needs.
+pub const VOLUME_SECRET_LEN: usize = 32;
