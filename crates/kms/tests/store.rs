@@ -29,10 +29,27 @@ fn a_second_open_of_one_state_directory_is_refused() {
         e.to_string().contains("locked by another key service"),
         "{e}"
     );
-    // From another process too: a child holding the lock would be refused
-    // the same way, flock being per open file; once the first is dropped,
-    // the directory opens.
+    // Another process sees the lock held (util-linux flock(1), the same
+    // flock(2) lock).
+    let other_process = |state: &Path| {
+        std::process::Command::new("flock")
+            .arg("--nonblock")
+            .arg(state.join("lock"))
+            .arg("true")
+            .status()
+    };
+    match other_process(&f.state) {
+        Ok(status) => assert!(!status.success(), "another process took the lock"),
+        Err(e) => println!("SKIPPED: the other-process check: flock(1) cannot run: {e}"),
+    }
+    // Once the first is dropped, the directory opens.
     drop(f.kms);
+    if let Ok(status) = other_process(&f.state) {
+        assert!(
+            status.success(),
+            "the lock is released when the Kms is dropped"
+        );
+    }
     let again = Kms::open(&f.state).unwrap();
     assert_eq!(again.list_keys().len(), 1);
 }
