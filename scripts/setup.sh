@@ -138,6 +138,36 @@ if [ "$want_tests" -eq 1 ] && ! dpkg-query -W -f='${Status}' postgresql 2>/dev/n
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
 
+# --- Independent verifiers (Python) ------------------------------------------
+# The key service's tests open its wrapped and sealed keys with third-party
+# Python implementations (cryptography's HKDF and AES-GCM, pyhpke's RFC 9180
+# HPKE), installed at pinned versions in a virtual environment of the
+# repository, .venv-verify/ (ignored by git); without it those tests print
+# SKIPPED. Remade only when the pins change.
+verify_requirements=(cryptography==51.0.1 cffi==2.1.1 pycparser==3.12 pyhpke==0.6.5)
+if [ "$want_tests" -eq 1 ]; then
+    if ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q 'install ok installed'; then
+        log "installing python3-venv"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
+    fi
+    verify_venv=.venv-verify
+    verify_pins="$(printf '%s\n' "${verify_requirements[@]}")"
+    if [ ! -x "$verify_venv/bin/python3" ] ||
+       [ "$(cat "$verify_venv/pins.txt" 2>/dev/null)" != "$verify_pins" ]; then
+        log "installing the independent verifiers in $verify_venv: ${verify_requirements[*]}"
+        rm -rf "$verify_venv"
+        if python3 -m venv "$verify_venv" &&
+           "$verify_venv/bin/pip" install --quiet --disable-pip-version-check \
+               --only-binary=:all: "${verify_requirements[@]}"; then
+            printf '%s\n' "$verify_pins" >"$verify_venv/pins.txt"
+        else
+            log "the independent verifiers could not be installed: their tests will print SKIPPED"
+        fi
+    fi
+fi
+# --- end independent verifiers -----------------------------------------------
+
 if [ "$want_tests" -eq 1 ]; then
     if ! cargo deny --version >/dev/null 2>&1; then
         log "installing cargo-deny (one time, a few minutes)"
