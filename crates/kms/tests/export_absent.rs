@@ -2,9 +2,9 @@
 //! a build of the library without it has no such function. The test builds
 //! the library both ways (`cargo check`, in the target directory the test
 //! was built in, so only this crate is checked anew) and searches each
-//! one's metadata, which names
-//! every item the library has, for the exports' names: absent without the
-//! feature, present with it (the control that shows the search finds them).
+//! one's metadata, which names every item the library has, for the
+//! exports' names: absent without the feature, present with it (the
+//! control that shows the search finds them).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
