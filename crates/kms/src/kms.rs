@@ -437,7 +437,7 @@ impl Kms {
     /// key, each durable before the next. Returns what was destroyed; on a
     /// failure, what was destroyed before it and the failure (the rest is
     /// destroyed by the next sweep).
-    pub fn sweep(&self, now: OffsetDateTime) -> Result<SweepReport, SweepError> {
+    pub fn sweep(&self, now: OffsetDateTime) -> Result<SweepReport, Box<SweepError>> {
         let _w = self.write_lock();
         let due: Vec<(KeyName, PrincipalId, OffsetDateTime, Vec<Name>)> = self
             .read()
@@ -456,11 +456,13 @@ impl Kms {
         let mut report = SweepReport::default();
         for (key, owner, delete_at, volumes) in due {
             let mut destroyed = Vec::with_capacity(volumes.len());
-            let fail = |report: &mut SweepReport, destroyed: &mut Vec<Name>, source| SweepError {
-                done: std::mem::take(report),
-                key: key.clone(),
-                partial_volumes: std::mem::take(destroyed),
-                source,
+            let fail = |report: &mut SweepReport, destroyed: &mut Vec<Name>, source| {
+                Box::new(SweepError {
+                    done: std::mem::take(report),
+                    key: key.clone(),
+                    partial_volumes: std::mem::take(destroyed),
+                    source,
+                })
             };
             for volume in &volumes {
                 if let Err(e) = self.store.erase_volume_unsynced(volume) {

@@ -157,6 +157,9 @@ fn a_restart_reloads_every_key_state_and_volume_record() {
     }
 }
 
+/// A change to a file's text, and what it breaks.
+type Edit = Box<dyn Fn(&str) -> String>;
+
 /// Opens `state` and expects a refusal naming `path`.
 fn refused_naming(state: &Path, path: &Path) -> StoreError {
     let e = Kms::open(state).unwrap_err();
@@ -181,7 +184,7 @@ fn closed_store() -> (tempfile::TempDir, PathBuf) {
 
 #[test]
 fn a_malformed_key_file_is_refused_naming_it() {
-    let cases: Vec<(&str, Box<dyn Fn(&str) -> String>)> = vec![
+    let cases: Vec<(&str, Edit)> = vec![
         ("not json", Box::new(|_| "{".to_owned())),
         ("empty", Box::new(|_| String::new())),
         (
@@ -261,7 +264,7 @@ fn key_material_of_the_wrong_length_or_missing_is_refused_naming_it() {
 
 #[test]
 fn a_malformed_volume_record_is_refused_naming_it() {
-    let cases: Vec<(&str, Box<dyn Fn(&str) -> String>)> = vec![
+    let cases: Vec<(&str, Edit)> = vec![
         ("not json", Box::new(|t| t[..t.len() / 2].to_owned())),
         (
             "short secret",
