@@ -314,6 +314,7 @@ mod tests {
         .unwrap();
         let bytes = w.encode();
         assert_eq!(bytes.len(), MAX_WRAPPED_KEY_LEN);
+        assert_eq!(MAX_WRAPPED_KEY_LEN, 225);
         assert_eq!(WrappedKey::decode(&bytes).unwrap(), w);
     }
 
