@@ -6,9 +6,9 @@
 //! This crate guarantees that:
 //! - A KEK is 256 random bits from the operating system, kept in memory only
 //!   in buffers zeroized on drop, written once to its own file (`0600`, in a
-//!   `0700` state directory) and never returned by any function of the
-//!   crate; [`Kms::describe_key`] and [`Kms::list_keys`] return metadata
-//!   only, and no `Debug` output shows key material.
+//!   `0700` state directory) and returned by no function of the crate but
+//!   the test exports; [`Kms::describe_key`] and [`Kms::list_keys`] return
+//!   metadata only, and no `Debug` output shows key material.
 //! - [`Kms::generate_volume_key`] makes a fresh 512-bit AES-256-XTS data key
 //!   (DEK) and a 256-bit per-volume secret, stores the volume record (the
 //!   secret, never the DEK) durably, and returns the DEK only wrapped
