@@ -296,6 +296,35 @@ fn main() {
         "minimal.json",
         &serde_json::to_vec(&minimal).expect("json"),
     );
+
+    // kms_blobs: a wrapped and a sealed key made by the key service's core
+    // in a throwaway store, a recipient key and a key name, each behind the
+    // byte that picks its decoder.
+    let dir = seeds(&root, "kms_blobs");
+    let store = tempfile::tempdir().expect("a temporary directory");
+    let state = store.path().join("kms");
+    let kms = nitrile_kms::Kms::open(&state).expect("a fresh store opens");
+    let key = nitrile_kms::KeyName::new("default").expect("a valid name");
+    kms.create_key(&key, &p("nitrile://local/service/kms"), now)
+        .expect("a key is made");
+    let volume = Name::new("data").expect("a valid name");
+    let generated = kms
+        .generate_volume_key(&volume, &key, now)
+        .expect("a volume key is made");
+    let wrapped = generated.wrapped.encode();
+    let recipient = nitrile_kms::Recipient::generate().expect("randomness");
+    let sealed = kms
+        .unwrap_sealed(&volume, &wrapped, recipient.public_key(), now)
+        .expect("the key is released")
+        .encode();
+    write(&dir, "wrapped", &[b"\x00".as_slice(), &wrapped].concat());
+    write(&dir, "sealed", &[b"\x01".as_slice(), &sealed].concat());
+    write(
+        &dir,
+        "recipient",
+        &[b"\x02".as_slice(), recipient.public_key().as_bytes()].concat(),
+    );
+    write(&dir, "key-name", b"\x03kms-key/default");
 }
 
 fn seeds(root: &Path, target: &str) -> PathBuf {
