@@ -471,11 +471,13 @@ impl<H: Handler> Shared<H> {
                 });
             }
             Err(reason) => {
+                // Counted before the peer can learn of it, so the metrics
+                // and the interval's summary never lag behind a refusal.
+                self.refused(source, reason);
                 // A reset, not a FIN: nothing of the refused connection
                 // lingers in TIME_WAIT on this side.
                 let _ = tcp.set_zero_linger();
                 drop(tcp);
-                self.refused(source, reason);
             }
         }
     }
