@@ -209,7 +209,7 @@ fn a_malformed_key_file_is_refused_naming_it() {
         ),
         (
             "a bad owner",
-            Box::new(|t| t.replace("nitrile://c1/service/kms", "nitrile://c1/root/kms")),
+            Box::new(|t| t.replace("nitrile://c1/service/kms", "nitrile://c1/admin/kms")),
         ),
         (
             "a time not in UTC",
