@@ -123,7 +123,9 @@ fn summary(operation: Operation) -> &'static str {
             "Terminate an instance and crypto-erase its instance store."
         }
         Operation::AuditRead => "Read the cell's audit log (auditors only).",
-        Operation::VolumeCreate => "Create an encrypted volume whose data key the key service makes.",
+        Operation::VolumeCreate => {
+            "Create an encrypted volume whose data key the key service makes."
+        }
         Operation::VolumeDescribe => "Metadata of one volume.",
         Operation::VolumeList => "Metadata of the volumes the host sees.",
         Operation::VolumeAttach => "Attach a volume to an instance on the host.",
@@ -134,7 +136,9 @@ fn summary(operation: Operation) -> &'static str {
         Operation::KmsKeyList => "Metadata of the key service's keys the caller may see.",
         Operation::KmsKeyDisable => "Disable a key of the key service.",
         Operation::KmsKeyEnable => "Enable a disabled key of the key service.",
-        Operation::KmsKeyScheduleDeletion => "Schedule the destruction of a key of the key service.",
+        Operation::KmsKeyScheduleDeletion => {
+            "Schedule the destruction of a key of the key service."
+        }
         Operation::KmsKeyCancelDeletion => "Cancel a scheduled destruction of a key.",
     }
 }
