@@ -481,7 +481,13 @@ fn arb_claims_input(cert: CertThumbprint) -> impl Strategy<Value = ClaimsInput> 
         arb_name(),
         arb_name(),
         arb_name(),
-        proptest::sample::subsequence(Operation::ALL.to_vec(), 1..=Operation::ALL.len()),
+        // At most as many operations as a token may carry.
+        proptest::sample::subsequence(
+            Operation::ALL.to_vec(),
+            1..=Operation::ALL
+                .len()
+                .min(nitrile_api::wire::MAX_REQUEST_OPERATIONS),
+        ),
         proptest::collection::btree_set(
             (
                 proptest::sample::select(nitrile_api::ResourceKind::ALL.to_vec()),
