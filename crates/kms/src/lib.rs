@@ -53,6 +53,7 @@ mod key;
 mod kms;
 mod seal;
 mod secret;
+pub mod service;
 mod store;
 mod time_format;
 mod wrap;
@@ -76,6 +77,15 @@ pub use store::{MAX_KEY_FILE_LEN, MAX_KEYS, MAX_VOLUME_FILE_LEN, MAX_VOLUMES};
 pub use wrap::{
     MAX_WRAPPED_KEY_LEN, WRAPPED_KEY_MAGIC, WRAPPED_KEY_VERSION, WrappedKey, WrappedKeyError,
     wrap_info,
+};
+
+pub use service::{KmsConfig, KmsOptions, KmsServer, KmsServerError};
+
+// The protocol's bounds are this crate's formats.
+const _: () = {
+    assert!(nitrile_kms_api::MAX_WRAPPED_KEY_LEN == MAX_WRAPPED_KEY_LEN);
+    assert!(nitrile_kms_api::SEALED_KEY_LEN == SEALED_KEY_LEN);
+    assert!(nitrile_kms_api::RECIPIENT_KEY_LEN == RECIPIENT_KEY_LEN);
 };
 
 /// Length of a volume's data key: 512 bits, an AES-256-XTS key pair.
