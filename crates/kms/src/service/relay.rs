@@ -98,13 +98,13 @@ struct Refusal {
     subject: Option<PrincipalId>,
 }
 
-impl From<Failure> for Refusal {
+impl From<Failure> for Box<Refusal> {
     fn from(failure: Failure) -> Self {
-        Self {
+        Box::new(Refusal {
             failure,
             token_id: None,
             subject: None,
-        }
+        })
     }
 }
 
@@ -154,7 +154,7 @@ fn decide(
     req: &KmsRequest,
     resource: &ResourceId,
     now: OffsetDateTime,
-) -> Result<Granted, Refusal> {
+) -> Result<Granted, Box<Refusal>> {
     let operation = req.operation();
     if peer.principal.kind != PrincipalKind::Host {
         return Err(Failure {
@@ -195,10 +195,12 @@ fn decide(
             code: e.code(),
             reason: e.to_string(),
         })?;
-    let known = |failure: Failure, grant: &VerifiedGrant| Refusal {
-        failure,
-        token_id: Some(grant.token_id().to_string()),
-        subject: Some(grant.subject().clone()),
+    let known = |failure: Failure, grant: &VerifiedGrant| {
+        Box::new(Refusal {
+            failure,
+            token_id: Some(grant.token_id().to_string()),
+            subject: Some(grant.subject().clone()),
+        })
     };
     if let Some((key, owner)) = key_of(svc, req)
         && owner.kind == PrincipalKind::Customer
