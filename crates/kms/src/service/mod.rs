@@ -5,7 +5,7 @@
 //! [`KmsRequest::parse`] (a bad path, method, name or body: 4xx, journaled,
 //! step `request`) -> then one of two paths:
 //!
-//! - a host's volume-key call ([`relay`]): the peer must be a host; the
+//! - a host's volume-key call (module `relay`): the peer must be a host; the
 //!   relayed token is verified against the pinned issuer keys with the
 //!   host's name as audience ([`nitrile_token::IssuerKeys::verify_relayed`]),
 //!   for the route's operation on `volume/<id>`; a customer's key is used
@@ -13,7 +13,7 @@
 //!   used once (the service's own replay cache, rebuilt from its journal)
 //!   -> request record durable -> the core acts -> outcome record durable ->
 //!   answer;
-//! - key management ([`manage`]): the caller's own token for audience
+//! - key management (module `manage`): the caller's own token for audience
 //!   `kms`, admitted by [`nitrile_gate::Admission`] (request record durable
 //!   before it runs) -> who may see or manage the key -> the core acts ->
 //!   outcome record durable -> answer.
@@ -21,7 +21,7 @@
 //! Every refusal and failure is journaled before the answer, and nothing
 //! that needs a record leaves without it: an unwrap whose record cannot be
 //! written releases no key, a generate whose record cannot be written is
-//! undone. A sweep ([`sweep`]) destroys keys whose deletion window ended,
+//! undone. A sweep (module `sweep`) destroys keys whose deletion window ended,
 //! with their volume records, and journals what it destroyed.
 
 mod config;
