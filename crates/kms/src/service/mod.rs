@@ -418,6 +418,12 @@ impl KmsServer {
         &self.service.metrics
     }
 
+    /// The service's write-ahead journal (for its metrics: records per
+    /// fdatasync).
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.service.journal
+    }
+
     /// Ships the journal to `target` (instead of the config's `logd`) once
     /// serving: for an audit log service bound only after the key service
     /// opened.
