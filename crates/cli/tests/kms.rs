@@ -87,10 +87,11 @@ fn nitrile_up_runs_the_key_service_and_customers_manage_only_their_own_keys() {
     let journal = cell.state.join("kms/journal");
     let records = cell.journal(&journal);
     assert!(
-        records.iter().any(
-            |r| r["operations"][0] == "kms-key.disable" && r["kind"] == "refusal"
-                || r["operations"][0] == "kms-key.disable" && r["outcome"] == "failed"
-        ),
+        records
+            .iter()
+            .any(|r| r["operations"][0] == "kms-key.disable"
+                && r["principal"] == "nitrile://local/customer/acme"
+                && r["outcome"] == "failed"),
         "the refused disable is not journaled"
     );
     cell.verify_journal(&journal);
