@@ -7,8 +7,11 @@
 //! audience, for the route's operation on `volume/<id>`
 //! ([`IssuerKeys::verify_relayed`]); under a customer's key, its subject is
 //! the key's owner; and this grant (token, operation, volume) was not used
-//! before. Then the request record is made durable, the core acts, and the
-//! outcome record is made durable before the answer.
+//! before. Then, for generate and destroy (which change the store), the
+//! request record is made durable, the core acts, and the outcome record is
+//! made durable before the answer; an unwrap (which changes nothing, and
+//! whose only effect is its answer) has one record, its outcome with what
+//! was relayed, made durable before the answer.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -64,7 +67,9 @@ pub(crate) fn rebuild_replay_cache(
     for entry in JournalReader::open(path)? {
         let entry = entry?;
         let Ok(record) = entry.record() else { continue };
-        if record.kind != RecordKind::Request {
+        // A request record of a generate or destroy, or the one record of
+        // an unwrap (an outcome); refusals used nothing.
+        if record.kind == RecordKind::Refusal {
             continue;
         }
         let Some(relayed) = record.detail.as_ref().and_then(|d| d.get(RELAYED)) else {
@@ -304,41 +309,59 @@ pub(crate) async fn handle(
         }
         _ => serde_json::json!({}),
     };
-    let request = base(AuditRecord::request(now, svc.source.clone(), request_id))
-        .with_token_id(grant.token_id().to_string())
-        .with_group(grant.group().as_str())
-        .with_detail(serde_json::json!({
-            RELAYED: {
-                "subject": grant.subject().uri(),
-                "token_expires_at": nitrile_audit::format_time(grant.expires_at()),
-                "use": granted.use_id.to_string(),
-            },
-            "params": params,
-        }));
-    if let Err(e) = svc.append(&request).await {
-        tracing::error!(error = %e, "journal write failed; request not executed");
-        svc.metrics.journal_failures.inc();
-        svc.metrics.refused.inc();
-        return refusal_response(
-            503,
-            RefusalStep::Journal,
-            "the key service's journal cannot record this request, so nothing ran; retry later",
-            None,
-        );
+    let relayed = serde_json::json!({
+        RELAYED: {
+            "subject": grant.subject().uri(),
+            "token_expires_at": nitrile_audit::format_time(grant.expires_at()),
+            "use": granted.use_id.to_string(),
+        },
+        "params": params,
+    });
+    // Generate and destroy change the store: their request record is
+    // durable before they run. An unwrap changes nothing and its only
+    // effect is the answer: its one record, made durable before the
+    // answer, is what it did.
+    let write_ahead = !matches!(req, KmsRequest::Unwrap { .. });
+    if write_ahead {
+        let request = base(AuditRecord::request(now, svc.source.clone(), request_id))
+            .with_token_id(grant.token_id().to_string())
+            .with_group(grant.group().as_str())
+            .with_detail(relayed.clone());
+        if let Err(e) = svc.append(&request).await {
+            tracing::error!(error = %e, "journal write failed; request not executed");
+            svc.metrics.journal_failures.inc();
+            svc.metrics.refused.inc();
+            return refusal_response(
+                503,
+                RefusalStep::Journal,
+                "the key service's journal cannot record this request, so nothing ran; \
+                 retry later",
+                None,
+            );
+        }
     }
     let done = execute(svc, req.clone(), now).await;
-    let outcome = |o: Outcome| {
-        base(AuditRecord::outcome(
+    let outcome = |o: Outcome, mut detail: serde_json::Value| {
+        let record = base(AuditRecord::outcome(
             svc.clock.now(),
             svc.source.clone(),
             request_id,
             o,
         ))
-        .with_token_id(grant.token_id().to_string())
+        .with_token_id(grant.token_id().to_string());
+        if write_ahead {
+            return record.with_detail(detail);
+        }
+        if let (Some(d), serde_json::Value::Object(r)) = (detail.as_object_mut(), relayed.clone()) {
+            d.extend(r);
+        }
+        record
+            .with_group(grant.group().as_str())
+            .with_detail(detail)
     };
     match done {
         Err(f) => {
-            let record = outcome(Outcome::Failed).with_detail(f.detail());
+            let record = outcome(Outcome::Failed, f.detail());
             let seq = svc.refusal_seq(svc.append(&record).await, f.code);
             svc.metrics.refused.inc();
             refusal_response(f.status, f.step, &f.reason, seq)
@@ -353,9 +376,7 @@ pub(crate) async fn handle(
                     serde_json::json!({ "kms_key": m.key.to_string(), "erased": true })
                 }
             };
-            let journaled = svc
-                .append(&outcome(Outcome::Executed).with_detail(detail))
-                .await;
+            let journaled = svc.append(&outcome(Outcome::Executed, detail)).await;
             if let Err(e) = journaled {
                 return withheld(svc, &req, done, &e).await;
             }
