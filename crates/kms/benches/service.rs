@@ -1,10 +1,10 @@
 //! Delegated unwraps per second, end to end: hosts relay a caller's
 //! `volume.attach` token over keep-alive mTLS on loopback, and the key
 //! service verifies the token (Ed25519, audience the connected host, the
-//! volume, single use), journals the request, opens the wrapped data key,
-//! seals it with HPKE to the VMM's recipient key, journals the outcome and
-//! answers: two journal records per unwrap, each fdatasync'ed before the
-//! answer (group commit). Against the same run with the journal opened
+//! volume, single use), opens the wrapped data key, seals it with HPKE to
+//! the VMM's recipient key, journals what it released and answers: one
+//! journal record per unwrap, fdatasync'ed before the answer (group
+//! commit). Against the same run with the journal opened
 //! `danger_no_sync` (the ceiling the syncs leave), with 1, 16 and 64
 //! clients spread over 4 hosts. Every token is minted before the clock
 //! starts (one per unwrap: a relayed grant is used once).
@@ -265,7 +265,7 @@ fn main() {
     println!();
     println!(
         "delegated unwraps over keep-alive mTLS on loopback, {HOSTS} hosts, HPKE sealing, \
-         2 journal records per unwrap"
+         1 journal record per unwrap"
     );
     println!(
         "{:<15} {:>7} {:>10} {:>9} {:>9} {:>10} {:>8}  goal {TARGET:.0}/s",
