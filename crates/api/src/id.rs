@@ -30,13 +30,13 @@ pub enum IdError {
     #[error("principal {0:?} is not of the form nitrile://<cell>/<kind>/<name>")]
     BadPrincipalUri(String),
     /// unknown principal kind
-    #[error("unknown principal kind {0:?}; expected operator, service, host or auditor")]
+    #[error("unknown principal kind {0:?}; expected operator, service, host, auditor or customer")]
     UnknownPrincipalKind(String),
     /// resource id is not of the form `<kind>/<name>`
     #[error("resource {0:?} is not of the form <kind>/<name>, e.g. host/h1 or instance/i-1")]
     BadResource(String),
     /// unknown resource kind
-    #[error("unknown resource kind {0:?}; expected host, instance, volume or log")]
+    #[error("unknown resource kind {0:?}; expected host, instance, volume, log, kms-key or kms")]
     UnknownResourceKind(String),
 }
 
@@ -96,11 +96,20 @@ pub enum PrincipalKind {
     Host,
     /// Reads the audit log; cannot call the admin API.
     Auditor,
+    /// A customer of the cell: owns its volumes and the key service keys
+    /// that wrap them; no provider principal acts on its keys for it.
+    Customer,
 }
 
 impl PrincipalKind {
     /// Every kind, in a stable order.
-    pub const ALL: [PrincipalKind; 4] = [Self::Operator, Self::Service, Self::Host, Self::Auditor];
+    pub const ALL: [PrincipalKind; 5] = [
+        Self::Operator,
+        Self::Service,
+        Self::Host,
+        Self::Auditor,
+        Self::Customer,
+    ];
 
     /// The kind's name as used in URIs and Cedar entity types.
     pub fn as_str(self) -> &'static str {
@@ -109,6 +118,7 @@ impl PrincipalKind {
             Self::Service => "service",
             Self::Host => "host",
             Self::Auditor => "auditor",
+            Self::Customer => "customer",
         }
     }
 }
@@ -199,11 +209,23 @@ pub enum ResourceKind {
     Volume,
     /// A cell's audit log (`log/<cell>`).
     Log,
+    /// A key of the key service (`kms-key/<name>`): a key-encryption key
+    /// that never leaves the key service.
+    KmsKey,
+    /// A cell's key service as a whole (`kms/<cell>`), for listing its keys.
+    Kms,
 }
 
 impl ResourceKind {
     /// Every kind, in a stable order.
-    pub const ALL: [ResourceKind; 4] = [Self::Host, Self::Instance, Self::Volume, Self::Log];
+    pub const ALL: [ResourceKind; 6] = [
+        Self::Host,
+        Self::Instance,
+        Self::Volume,
+        Self::Log,
+        Self::KmsKey,
+        Self::Kms,
+    ];
 
     /// The kind's name as used in resource ids.
     pub fn as_str(self) -> &'static str {
@@ -212,6 +234,8 @@ impl ResourceKind {
             Self::Instance => "instance",
             Self::Volume => "volume",
             Self::Log => "log",
+            Self::KmsKey => "kms-key",
+            Self::Kms => "kms",
         }
     }
 }

@@ -40,11 +40,40 @@ pub enum Operation {
     InstanceTerminate,
     /// Read the cell's audit log (auditors only).
     AuditRead,
+    /// Create an encrypted volume whose data key the key service makes and
+    /// wraps.
+    VolumeCreate,
+    /// Metadata of one volume.
+    VolumeDescribe,
+    /// Metadata of the volumes a host sees.
+    VolumeList,
+    /// Attach a volume to an instance on a host: the key service releases
+    /// its data key, sealed to the VMM that serves it.
+    VolumeAttach,
+    /// Detach a volume from its instance; the VMM forgets its key.
+    VolumeDetach,
+    /// Delete a volume: the key service destroys its key record first
+    /// (crypto-erase), then the host removes the ciphertext.
+    VolumeDelete,
+    /// Create a key-encryption key in the key service.
+    KmsKeyCreate,
+    /// Metadata of one key of the key service.
+    KmsKeyDescribe,
+    /// Metadata of the keys of the key service the caller may see.
+    KmsKeyList,
+    /// Disable a key: every new attach of a volume under it is refused.
+    KmsKeyDisable,
+    /// Enable a disabled key again.
+    KmsKeyEnable,
+    /// Schedule the destruction of a key and of every volume key under it.
+    KmsKeyScheduleDeletion,
+    /// Cancel a scheduled destruction; the key stays disabled.
+    KmsKeyCancelDeletion,
 }
 
 impl Operation {
     /// Every operation, in a stable order.
-    pub const ALL: [Operation; 11] = [
+    pub const ALL: [Operation; 24] = [
         Self::HostDescribe,
         Self::HostDrain,
         Self::HostUndrain,
@@ -56,6 +85,19 @@ impl Operation {
         Self::InstanceStart,
         Self::InstanceTerminate,
         Self::AuditRead,
+        Self::VolumeCreate,
+        Self::VolumeDescribe,
+        Self::VolumeList,
+        Self::VolumeAttach,
+        Self::VolumeDetach,
+        Self::VolumeDelete,
+        Self::KmsKeyCreate,
+        Self::KmsKeyDescribe,
+        Self::KmsKeyList,
+        Self::KmsKeyDisable,
+        Self::KmsKeyEnable,
+        Self::KmsKeyScheduleDeletion,
+        Self::KmsKeyCancelDeletion,
     ];
 
     /// The operation's wire name, e.g. `host.describe`.
@@ -72,6 +114,19 @@ impl Operation {
             Self::InstanceStart => "instance.start",
             Self::InstanceTerminate => "instance.terminate",
             Self::AuditRead => "audit.read",
+            Self::VolumeCreate => "volume.create",
+            Self::VolumeDescribe => "volume.describe",
+            Self::VolumeList => "volume.list",
+            Self::VolumeAttach => "volume.attach",
+            Self::VolumeDetach => "volume.detach",
+            Self::VolumeDelete => "volume.delete",
+            Self::KmsKeyCreate => "kms-key.create",
+            Self::KmsKeyDescribe => "kms-key.describe",
+            Self::KmsKeyList => "kms-key.list",
+            Self::KmsKeyDisable => "kms-key.disable",
+            Self::KmsKeyEnable => "kms-key.enable",
+            Self::KmsKeyScheduleDeletion => "kms-key.schedule-deletion",
+            Self::KmsKeyCancelDeletion => "kms-key.cancel-deletion",
         }
     }
 
@@ -79,21 +134,37 @@ impl Operation {
     /// single-use: the host keeps their ids until they expire.
     pub fn is_mutation(self) -> bool {
         match self {
-            Self::HostDescribe | Self::InstanceDescribe | Self::InstanceList | Self::AuditRead => {
-                false
-            }
+            Self::HostDescribe
+            | Self::InstanceDescribe
+            | Self::InstanceList
+            | Self::AuditRead
+            | Self::VolumeDescribe
+            | Self::VolumeList
+            | Self::KmsKeyDescribe
+            | Self::KmsKeyList => false,
             Self::HostDrain
             | Self::HostUndrain
             | Self::HostUpdate
             | Self::InstanceLaunch
             | Self::InstanceStop
             | Self::InstanceStart
-            | Self::InstanceTerminate => true,
+            | Self::InstanceTerminate
+            | Self::VolumeCreate
+            | Self::VolumeAttach
+            | Self::VolumeDetach
+            | Self::VolumeDelete
+            | Self::KmsKeyCreate
+            | Self::KmsKeyDisable
+            | Self::KmsKeyEnable
+            | Self::KmsKeyScheduleDeletion
+            | Self::KmsKeyCancelDeletion => true,
         }
     }
 
     /// The kind of resource the operation names: launching and listing name the
-    /// host they act on; the other instance operations name the instance.
+    /// host they act on; the other instance and volume operations name the
+    /// instance or volume; listing the key service's keys names the key
+    /// service (`kms/<cell>`), the other key operations name the key.
     pub fn resource_kind(self) -> ResourceKind {
         match self {
             Self::HostDescribe
@@ -101,12 +172,25 @@ impl Operation {
             | Self::HostUndrain
             | Self::HostUpdate
             | Self::InstanceLaunch
-            | Self::InstanceList => ResourceKind::Host,
+            | Self::InstanceList
+            | Self::VolumeList => ResourceKind::Host,
             Self::InstanceDescribe
             | Self::InstanceStop
             | Self::InstanceStart
             | Self::InstanceTerminate => ResourceKind::Instance,
             Self::AuditRead => ResourceKind::Log,
+            Self::VolumeCreate
+            | Self::VolumeDescribe
+            | Self::VolumeAttach
+            | Self::VolumeDetach
+            | Self::VolumeDelete => ResourceKind::Volume,
+            Self::KmsKeyCreate
+            | Self::KmsKeyDescribe
+            | Self::KmsKeyDisable
+            | Self::KmsKeyEnable
+            | Self::KmsKeyScheduleDeletion
+            | Self::KmsKeyCancelDeletion => ResourceKind::KmsKey,
+            Self::KmsKeyList => ResourceKind::Kms,
         }
     }
 }

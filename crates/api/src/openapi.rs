@@ -123,6 +123,23 @@ fn summary(operation: Operation) -> &'static str {
             "Terminate an instance and crypto-erase its instance store."
         }
         Operation::AuditRead => "Read the cell's audit log (auditors only).",
+        Operation::VolumeCreate => {
+            "Create an encrypted volume whose data key the key service makes."
+        }
+        Operation::VolumeDescribe => "Metadata of one volume.",
+        Operation::VolumeList => "Metadata of the volumes the host sees.",
+        Operation::VolumeAttach => "Attach a volume to an instance on the host.",
+        Operation::VolumeDetach => "Detach a volume from its instance.",
+        Operation::VolumeDelete => "Delete a volume, its key destroyed first (crypto-erase).",
+        Operation::KmsKeyCreate => "Create a key-encryption key in the key service.",
+        Operation::KmsKeyDescribe => "Metadata of one key of the key service.",
+        Operation::KmsKeyList => "Metadata of the key service's keys the caller may see.",
+        Operation::KmsKeyDisable => "Disable a key of the key service.",
+        Operation::KmsKeyEnable => "Enable a disabled key of the key service.",
+        Operation::KmsKeyScheduleDeletion => {
+            "Schedule the destruction of a key of the key service."
+        }
+        Operation::KmsKeyCancelDeletion => "Cancel a scheduled destruction of a key.",
     }
 }
 
@@ -146,7 +163,25 @@ fn types_of(
         | Operation::InstanceStop
         | Operation::InstanceStart
         | Operation::InstanceTerminate => (None, responses.subschema_for::<InstanceDescription>()),
-        Operation::HostUpdate | Operation::AuditRead => return None,
+        // Not served by a host yet (host.update), or served by another
+        // service (audit.read by logd, the kms-key operations by the key
+        // service); the volume operations get their routes with the host's
+        // volume store.
+        Operation::HostUpdate
+        | Operation::AuditRead
+        | Operation::VolumeCreate
+        | Operation::VolumeDescribe
+        | Operation::VolumeList
+        | Operation::VolumeAttach
+        | Operation::VolumeDetach
+        | Operation::VolumeDelete
+        | Operation::KmsKeyCreate
+        | Operation::KmsKeyDescribe
+        | Operation::KmsKeyList
+        | Operation::KmsKeyDisable
+        | Operation::KmsKeyEnable
+        | Operation::KmsKeyScheduleDeletion
+        | Operation::KmsKeyCancelDeletion => return None,
     })
 }
 

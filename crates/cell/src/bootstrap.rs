@@ -24,11 +24,16 @@ pub const SAMPLE_PRINCIPALS: &[&str] = &[
     "service/placement",
     "service/deployer",
     "auditor/carol",
+    "customer/acme",
 ];
 
 /// The service name of the checkpoint witness of a one-machine cell: its
 /// principal is `nitrile://<cell>/service/witness`.
 pub const WITNESS: &str = "witness";
+
+/// The service name of the key service: its principal is
+/// `nitrile://<cell>/service/kms`.
+pub const KMS: &str = "kms";
 
 /// The local reviewers of a one-machine cell.
 const LOCAL_REVIEWERS: [&str; 2] = ["reviewer-1", "reviewer-2"];
@@ -237,6 +242,7 @@ pub fn bootstrap(
     let endpoints = Endpoints {
         tokend: tokend_addr.to_owned(),
         logd: None,
+        kms: None,
     };
     let clients = write_client_configs(layout, cell, &endpoints, &BTreeMap::new(), None, &[])?;
     debug_assert!(clients.iter().all(|(p, _)| p.kind != PrincipalKind::Host));
@@ -443,6 +449,56 @@ pub fn provision_logd(
         write_atomic(&issuer_keys, &keys, 0o644)?;
     }
     Ok(ProvisionedLogd {
+        principal,
+        dir,
+        cert,
+        key,
+        issuer_keys,
+    })
+}
+
+/// The key service of a one-machine cell, ready for its process to start.
+#[derive(Debug, Clone)]
+pub struct ProvisionedKms {
+    /// Its principal, `nitrile://<cell>/service/kms`.
+    pub principal: PrincipalId,
+    /// Its state directory (owner-only): its journal and its keys.
+    pub dir: PathBuf,
+    /// Its certificate, issued by the cell CA.
+    pub cert: PathBuf,
+    /// Its private key (owner-only).
+    pub key: PathBuf,
+    /// The token issuer keys it pins (the tokens hosts relay and callers
+    /// present are checked against them).
+    pub issuer_keys: PathBuf,
+}
+
+/// Gives the key service of the cell under `layout` (after [`bootstrap`],
+/// once the token service has written its issuer keys) a fresh short-lived
+/// certificate for `service/kms`, an owner-only state directory and the
+/// pinned token issuer keys, like [`provision_host`]. Its keys are the
+/// key service's business, made in that directory.
+pub fn provision_kms(
+    layout: &CellLayout,
+    cell: &Name,
+    now: OffsetDateTime,
+) -> Result<ProvisionedKms, CellError> {
+    let ca = CellCa::load(&layout.pki_dir(), cell, now)?;
+    let principal = principal(cell, &format!("service/{KMS}"));
+    let (cert, key) = layout.cert_and_key(&principal);
+    ca.issue(&principal, None, now)?.write_files(&cert, &key)?;
+
+    let dir = layout.kms_dir();
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+
+    let published = layout.issuer_keys_file();
+    let keys = std::fs::read(&published).map_err(io(&published))?;
+    let issuer_keys = layout.kms_issuer_keys();
+    if std::fs::read(&issuer_keys).ok().as_deref() != Some(keys.as_slice()) {
+        write_atomic(&issuer_keys, &keys, 0o644)?;
+    }
+    Ok(ProvisionedKms {
         principal,
         dir,
         cert,
@@ -698,6 +754,7 @@ mod tests {
         let endpoints = Endpoints {
             tokend: "127.0.0.1:7443".into(),
             logd: Some("127.0.0.1:7445".into()),
+            kms: Some("127.0.0.1:7447".into()),
         };
         let vkey = "local.nitrile/log+01020304+AQ";
         let witnesses = vec!["local.nitrile/witness+05060708+BA".to_owned()];
@@ -712,6 +769,26 @@ mod tests {
             assert_eq!(loaded.log_vkey.as_deref(), Some(vkey));
             assert_eq!(loaded.witness_vkeys, witnesses);
         }
+    }
+
+    #[test]
+    fn the_key_service_gets_a_certificate_a_private_dir_and_the_pinned_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&dir.path().join("state"));
+        let cell = Name::new("local").unwrap();
+        let now = OffsetDateTime::now_utc();
+        bootstrap(&layout, &cell, "127.0.0.1:7443", now).unwrap();
+        assert!(provision_kms(&layout, &cell, now).is_err());
+        std::fs::create_dir_all(layout.tokend_dir()).unwrap();
+        std::fs::write(layout.issuer_keys_file(), "keys").unwrap();
+        let kms = provision_kms(&layout, &cell, now).unwrap();
+        assert_eq!(kms.principal.uri(), "nitrile://local/service/kms");
+        assert_eq!(kms.dir, layout.kms_dir());
+        assert_eq!(std::fs::read_to_string(&kms.issuer_keys).unwrap(), "keys");
+        assert_eq!(kms.issuer_keys, layout.kms_issuer_keys());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o077;
+        assert_eq!(mode(&kms.key), 0, "kms key readable by others");
+        assert_eq!(mode(&kms.dir), 0, "kms dir readable by others");
     }
 
     #[test]

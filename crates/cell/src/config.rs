@@ -53,6 +53,7 @@ pub enum ConfigError {
 /// [endpoints]
 /// tokend = "127.0.0.1:7443"
 /// logd = "127.0.0.1:7445"             # optional: the audit log service
+/// kms = "127.0.0.1:7447"              # optional: the key service
 ///
 /// [hosts]
 /// h1 = "127.0.0.1:7444"
@@ -95,6 +96,9 @@ pub struct Endpoints {
     /// The audit log service, once the cell runs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logd: Option<String>,
+    /// The key service, once the cell runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms: Option<String>,
 }
 
 impl ClientConfig {
@@ -157,6 +161,7 @@ mod tests {
             endpoints: Endpoints {
                 tokend: "127.0.0.1:7443".into(),
                 logd: None,
+                kms: Some("127.0.0.1:7447".into()),
             },
             hosts: BTreeMap::new(),
         };

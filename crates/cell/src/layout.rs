@@ -27,6 +27,9 @@ use nitrile_api::{Name, PrincipalId};
 ///                             monitor loaded rules from)
 /// witness/                    the log's witness: witness.toml, cosigner.skey,
 ///                             logs/ (the checkpoint it last cosigned), split-views/
+/// kms/                        the key service: kms.toml, journal, issuer-keys.toml
+///                             (pinned), log-anchor.json, store/ (its keys and
+///                             volume key records)
 /// ```
 #[derive(Debug, Clone)]
 pub struct CellLayout {
@@ -190,6 +193,31 @@ impl CellLayout {
     /// The witness's cosigning key (owner-only).
     pub fn witness_signing_key(&self) -> PathBuf {
         self.witness_dir().join("cosigner.skey")
+    }
+
+    /// The key service's state directory.
+    pub fn kms_dir(&self) -> PathBuf {
+        self.root.join("kms")
+    }
+
+    /// The key service's config file.
+    pub fn kms_config(&self) -> PathBuf {
+        self.kms_dir().join("kms.toml")
+    }
+
+    /// The key service's write-ahead journal.
+    pub fn kms_journal(&self) -> PathBuf {
+        self.kms_dir().join("journal")
+    }
+
+    /// The token issuer keys the key service pins.
+    pub fn kms_issuer_keys(&self) -> PathBuf {
+        self.kms_dir().join("issuer-keys.toml")
+    }
+
+    /// The key service's keys and volume key records.
+    pub fn kms_store(&self) -> PathBuf {
+        self.kms_dir().join("store")
     }
 
     /// The operator config of a principal.

@@ -10,9 +10,9 @@
 //! services and sample principals on every start, and an operator config
 //! ([`ClientConfig`]) per principal. [`provision_host`] does the same for a
 //! host agent: its certificate, its owner-only state directory and the token
-//! issuer keys it pins; [`provision_logd`] and [`provision_witness`] for
-//! the audit log service and its checkpoint witness, each in a state
-//! directory of its own. Running any of them again reuses everything that
+//! issuer keys it pins; [`provision_logd`], [`provision_kms`] and
+//! [`provision_witness`] for the audit log service, the key service and the
+//! log's checkpoint witness, each in a state directory of its own. Running any of them again reuses everything that
 //! exists and is still valid.
 //!
 //! A one-machine cell holds its reviewer keys locally for convenience; a real
@@ -27,9 +27,9 @@ mod layout;
 pub mod sample;
 
 pub use bootstrap::{
-    Bootstrapped, CellError, ProvisionedHost, ProvisionedLogd, ProvisionedWitness,
-    SAMPLE_PRINCIPALS, WITNESS, bootstrap, provision_host, provision_logd, provision_witness,
-    write_client_configs,
+    Bootstrapped, CellError, KMS, ProvisionedHost, ProvisionedKms, ProvisionedLogd,
+    ProvisionedWitness, SAMPLE_PRINCIPALS, WITNESS, bootstrap, provision_host, provision_kms,
+    provision_logd, provision_witness, write_client_configs,
 };
 pub use config::{ClientConfig, ConfigError, Endpoints, MAX_CONFIG_LEN};
 pub use layout::CellLayout;

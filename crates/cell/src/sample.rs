@@ -42,6 +42,10 @@ pub const SAMPLE_BUNDLE: &[(&str, &str)] = &[
         include_str!("../../../entitlements/auditor.cedar"),
     ),
     (
+        "customers.cedar",
+        include_str!("../../../entitlements/customers.cedar"),
+    ),
+    (
         "quotas.toml",
         include_str!("../../../entitlements/quotas.toml"),
     ),

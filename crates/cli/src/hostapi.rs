@@ -188,6 +188,7 @@ mod tests {
                 endpoints: Endpoints {
                     tokend: "127.0.0.1:7443".into(),
                     logd: None,
+                    kms: None,
                 },
                 hosts: hosts
                     .iter()

@@ -27,7 +27,7 @@ use output::Output;
 
 /// Hosts that their own operators cannot get into.
 ///
-/// Services (`tokend`, `hostd`, `logd`, `up`) and client verbs grouped by noun. Every verb has
+/// Services (`tokend`, `hostd`, `logd`, `kms`, `up`) and client verbs grouped by noun. Every verb has
 /// `--help` with an example.
 #[derive(Debug, Parser)]
 #[command(
@@ -72,10 +72,15 @@ enum Command {
     /// Launch, list, describe, stop, start and terminate instances on a host.
     #[command(subcommand)]
     Instance(cmd::instance::Command),
+    /// Create, list, describe, disable, enable and schedule the deletion of
+    /// keys of the key service.
+    #[command(subcommand, name = "kms-key")]
+    KmsKey(cmd::kmskey::Command),
     /// Run the token service.
     Tokend(cmd::tokend::Args),
     Hostd(cmd::hostd::Args),
     Logd(cmd::logd::Args),
+    Kms(cmd::kms::Args),
     /// Run a whole cell on this machine.
     Up(cmd::up::Args),
     /// Run one microVM (started by the host agent, not by hand).
@@ -151,6 +156,8 @@ fn main() -> ExitCode {
         Command::Tokend(a) => cmd::tokend::run(a, &global),
         Command::Hostd(a) => cmd::hostd::run(a, &global),
         Command::Logd(a) => cmd::logd::run(a, &global),
+        Command::Kms(a) => cmd::kms::run(a, &global),
+        Command::KmsKey(c) => cmd::kmskey::run(c, &global),
         Command::Up(a) => cmd::up::run(a, &global),
         Command::Vmm(a) => cmd::vmm::run(a),
         Command::Config(c) => cmd::config::run(c, &global),

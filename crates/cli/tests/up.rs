@@ -67,6 +67,8 @@ fn start(state: &Path) -> Up {
             "127.0.0.1:0",
             "--witness-listen",
             "127.0.0.1:0",
+            "--kms-listen",
+            "127.0.0.1:0",
         ])
         .arg("--state")
         .arg(state)
@@ -679,5 +681,33 @@ fn nitrile_up_stops_when_its_witness_dies() {
     let log = std::fs::read_to_string(state.with_extension("stderr.log")).unwrap();
     assert!(log.contains("the witness exited unexpectedly"), "{log}");
     // The host agent was stopped with the cell.
+    assert!(processes_mentioning(state.to_str().unwrap()).is_empty());
+}
+
+#[test]
+fn nitrile_up_stops_when_its_key_service_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut up = start(&state);
+    // "  kms            127.0.0.1:P (mTLS, pid N)   config ..."
+    let pid = up
+        .stdout
+        .iter()
+        .filter(|l| l.trim_start().starts_with("kms "))
+        .find_map(|l| {
+            let rest = l.split_once("(mTLS, pid ")?.1;
+            rest.split(')').next()?.parse::<i32>().ok()
+        })
+        .unwrap_or_else(|| panic!("no kms pid in {:?}", up.stdout));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = up.child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status}");
+    let log = std::fs::read_to_string(state.with_extension("stderr.log")).unwrap();
+    assert!(log.contains("the key service exited unexpectedly"), "{log}");
+    // The host agent and the witness were stopped with the cell.
     assert!(processes_mentioning(state.to_str().unwrap()).is_empty());
 }

@@ -130,6 +130,31 @@ pub enum KmsError {
 }
 
 impl KmsError {
+    /// A short stable code for a journal record or a metric:
+    /// `unknown_key`, `key_disabled`, `wrong_volume`, ...
+    pub fn code(&self) -> &'static str {
+        match self {
+            KmsError::UnknownKey(_) => "unknown_key",
+            KmsError::KeyExists(_) => "key_exists",
+            KmsError::KeyDisabled(_) => "key_disabled",
+            KmsError::KeyPendingDeletion { .. } => "key_pending_deletion",
+            KmsError::KeyDeleted { .. } => "key_deleted",
+            KmsError::KeyNotPendingDeletion { .. } => "key_not_pending_deletion",
+            KmsError::BadDeletionWindow { .. } => "bad_deletion_window",
+            KmsError::TooManyKeys => "too_many_keys",
+            KmsError::UnknownVolume(_) => "unknown_volume",
+            KmsError::VolumeExists(_) => "volume_exists",
+            KmsError::TooManyVolumes => "too_many_volumes",
+            KmsError::MalformedWrappedKey(_) => "malformed_wrapped_key",
+            KmsError::WrongVolume { .. } => "wrong_volume",
+            KmsError::WrongKey { .. } => "wrong_key",
+            KmsError::Unauthentic(_) => "unauthentic",
+            KmsError::BadRecipientKey(_) => "bad_recipient_key",
+            KmsError::Random(_) => "random",
+            KmsError::Store(_) => "store",
+        }
+    }
+
     /// What kind of failure this is.
     pub fn class(&self) -> ErrorClass {
         match self {

@@ -1,9 +1,9 @@
-//! The core of nitrile's key service (`nitrile kms`): key-encryption keys
-//! (KEKs, `kms-key/<name>`) that never leave it, per-volume data keys that
-//! exist outside it only wrapped or sealed to one recipient, and
-//! crypto-erase.
+//! nitrile's key service (`nitrile kms`): key-encryption keys (KEKs,
+//! `kms-key/<name>`) that never leave it, per-volume data keys that exist
+//! outside it only wrapped or sealed to one recipient, and crypto-erase;
+//! the core ([`Kms`]) and the service around it ([`KmsServer`]).
 //!
-//! This crate guarantees that:
+//! The core guarantees that:
 //! - A KEK is 256 random bits from the operating system, kept in memory only
 //!   in buffers zeroized on drop, written once to its own file (`0600`, in a
 //!   `0700` state directory) and returned by no function of the crate but
@@ -39,12 +39,31 @@
 //!   naming its path. Every file is read within a named `MAX_*` bound, as
 //!   is every wrapped or sealed key decoded.
 //!
-//! It does not authenticate callers, check tokens or entitlements (who may
-//! use or manage a key is the service's decision), journal, or talk to the
-//! network: every operation returns what it did, for the service to journal
-//! before it answers. Time comes in as a `now` argument. Plaintext exports
-//! for tests (`*_for_tests`) exist only with the `danger-test-export`
-//! feature, which no release build enables.
+//! The service ([`service`], protocol in `nitrile_kms_api`) guarantees
+//! that:
+//! - A host's volume-key call (generate, unwrap, destroy) runs only for a
+//!   peer whose mTLS certificate is a host's, relaying a token that
+//!   verifies against the pinned issuer keys with that host as audience,
+//!   for the route's operation (`volume.create`, `volume.attach`,
+//!   `volume.delete`) on exactly `volume/<id>`, unexpired, used once per
+//!   (token, operation, volume) in the service's own replay cache (rebuilt
+//!   from its journal at start), and, under a customer's key, whose
+//!   subject is that key's owner.
+//! - Key management runs only for a token of the caller's own with
+//!   audience `kms`, admitted by `nitrile_gate::Admission`; a customer's key
+//!   is changed by its owner only and seen by its owner and the provider's
+//!   principals; a customer sees and changes no key but its own.
+//! - Every request, refusal, failure, start, default key and sweep is in
+//!   the service's write-ahead journal, durable before the answer; a
+//!   request runs only after its request record is durable, a key is
+//!   released only after its outcome record is, and a volume key whose
+//!   outcome cannot be journaled is destroyed again rather than kept.
+//!
+//! The core does not authenticate callers or journal: every operation
+//! returns what it did, for the service to journal before it answers. Time
+//! comes in as a `now` argument or a `nitrile_token::Clock`. Plaintext
+//! exports for tests (`*_for_tests`) exist only with the
+//! `danger-test-export` feature, which no release build enables.
 
 #![forbid(unsafe_code)]
 
@@ -53,6 +72,7 @@ mod key;
 mod kms;
 mod seal;
 mod secret;
+pub mod service;
 mod store;
 mod time_format;
 mod wrap;
@@ -76,6 +96,15 @@ pub use store::{MAX_KEY_FILE_LEN, MAX_KEYS, MAX_VOLUME_FILE_LEN, MAX_VOLUMES};
 pub use wrap::{
     MAX_WRAPPED_KEY_LEN, WRAPPED_KEY_MAGIC, WRAPPED_KEY_VERSION, WrappedKey, WrappedKeyError,
     wrap_info,
+};
+
+pub use service::{KmsConfig, KmsOptions, KmsServer, KmsServerError};
+
+// The protocol's bounds are this crate's formats.
+const _: () = {
+    assert!(nitrile_kms_api::MAX_WRAPPED_KEY_LEN == MAX_WRAPPED_KEY_LEN);
+    assert!(nitrile_kms_api::SEALED_KEY_LEN == SEALED_KEY_LEN);
+    assert!(nitrile_kms_api::RECIPIENT_KEY_LEN == RECIPIENT_KEY_LEN);
 };
 
 /// Length of a volume's data key: 512 bits, an AES-256-XTS key pair.

@@ -230,7 +230,8 @@ pub fn check_record(
         let on_host = match r.kind {
             ResourceKind::Host => r.name == source.name,
             ResourceKind::Instance | ResourceKind::Volume => true,
-            ResourceKind::Log => false,
+            // The log and the key service's keys are no host's business.
+            ResourceKind::Log | ResourceKind::KmsKey | ResourceKind::Kms => false,
         };
         if !on_host {
             return Err(ContentViolation::OtherResource {
@@ -239,11 +240,12 @@ pub fn check_record(
             });
         }
     }
-    if let Some(op) = record
-        .operations
-        .iter()
-        .find(|op| op.resource_kind() == ResourceKind::Log)
-    {
+    if let Some(op) = record.operations.iter().find(|op| {
+        matches!(
+            op.resource_kind(),
+            ResourceKind::Log | ResourceKind::KmsKey | ResourceKind::Kms
+        )
+    }) {
         return Err(ContentViolation::NotAHostOperation {
             seq,
             operation: op.as_str().to_owned(),

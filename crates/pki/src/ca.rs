@@ -44,7 +44,9 @@ const NOT_BEFORE_BACKDATE: Duration = Duration::from_secs(5 * 60);
 /// The default certificate lifetime of a principal kind.
 pub fn default_lifetime(kind: PrincipalKind) -> Duration {
     match kind {
-        PrincipalKind::Operator | PrincipalKind::Auditor => DEFAULT_HUMAN_LIFETIME,
+        PrincipalKind::Operator | PrincipalKind::Auditor | PrincipalKind::Customer => {
+            DEFAULT_HUMAN_LIFETIME
+        }
         PrincipalKind::Service | PrincipalKind::Host => DEFAULT_MACHINE_LIFETIME,
     }
 }
@@ -52,7 +54,9 @@ pub fn default_lifetime(kind: PrincipalKind) -> Duration {
 /// The longest certificate lifetime of a principal kind.
 pub fn max_lifetime(kind: PrincipalKind) -> Duration {
     match kind {
-        PrincipalKind::Operator | PrincipalKind::Auditor => MAX_HUMAN_LIFETIME,
+        PrincipalKind::Operator | PrincipalKind::Auditor | PrincipalKind::Customer => {
+            MAX_HUMAN_LIFETIME
+        }
         PrincipalKind::Service | PrincipalKind::Host => MAX_MACHINE_LIFETIME,
     }
 }
@@ -301,7 +305,7 @@ impl CellCa {
                     ExtendedKeyUsagePurpose::ClientAuth,
                 ];
             }
-            PrincipalKind::Operator | PrincipalKind::Auditor => {
+            PrincipalKind::Operator | PrincipalKind::Auditor | PrincipalKind::Customer => {
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             }
         }

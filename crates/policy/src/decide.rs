@@ -518,7 +518,9 @@ permit(principal, action == Nitrile::Action::"audit.read", resource == Nitrile::
         let kind = op.resource_kind();
         (0..110usize).prop_map(move |n| {
             let name = match kind {
-                nitrile_api::ResourceKind::Log if n % 2 == 0 => "local".to_owned(),
+                nitrile_api::ResourceKind::Log | nitrile_api::ResourceKind::Kms if n % 2 == 0 => {
+                    "local".to_owned()
+                }
                 nitrile_api::ResourceKind::Host => format!("h{n}"),
                 _ => format!("x{n}"),
             };

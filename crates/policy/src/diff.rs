@@ -142,10 +142,11 @@ pub fn diff(old: &Entitlements, new: &Entitlements) -> Vec<GrantChange> {
     out
 }
 
-const PRINCIPAL_KINDS: [EntityKind; 3] = [
+const PRINCIPAL_KINDS: [EntityKind; 4] = [
     EntityKind::Operator,
     EntityKind::Service,
     EntityKind::Auditor,
+    EntityKind::Customer,
 ];
 
 impl Entitlements {
@@ -210,10 +211,19 @@ impl Entitlements {
         let kind = op.resource_kind();
         // Which listed entities a target ranges over, and how to evaluate one.
         let member_kind = match kind {
-            ResourceKind::Host | ResourceKind::Instance | ResourceKind::Volume => EntityKind::Host,
+            // Key service keys are not listed: like instances and volumes
+            // they range over the audiences a token may name.
+            ResourceKind::Host
+            | ResourceKind::Instance
+            | ResourceKind::Volume
+            | ResourceKind::KmsKey => EntityKind::Host,
             ResourceKind::Log => EntityKind::Log,
+            ResourceKind::Kms => EntityKind::Kms,
         };
-        let on_host = matches!(kind, ResourceKind::Instance | ResourceKind::Volume);
+        let on_host = matches!(
+            kind,
+            ResourceKind::Instance | ResourceKind::Volume | ResourceKind::KmsKey
+        );
         let probe_resource = EntityKind::of_resource(kind).uid(PROBE);
         let allowed = |listed: &EntityUid| -> bool {
             let (resource, host) = if on_host {

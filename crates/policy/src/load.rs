@@ -353,7 +353,7 @@ fn load_entities(bundle: &Bundle) -> Result<Model, PolicyError> {
             })?;
             let (uid, _attrs, parents) = entity.into_inner();
             let kind = match EntityKind::of(uid.type_name()) {
-                Some(k @ (EntityKind::Instance | EntityKind::Volume)) => {
+                Some(k @ (EntityKind::Instance | EntityKind::Volume | EntityKind::KmsKey)) => {
                     return Err(PolicyError::UnlistedKind {
                         at,
                         kind: k.as_str(),

@@ -32,24 +32,30 @@ pub(crate) enum EntityKind {
     Operator,
     Service,
     Auditor,
+    Customer,
     ResourceSet,
     Host,
     Instance,
     Volume,
     Log,
+    KmsKey,
+    Kms,
 }
 
 impl EntityKind {
-    pub(crate) const ALL: [EntityKind; 9] = [
+    pub(crate) const ALL: [EntityKind; 12] = [
         Self::Group,
         Self::Operator,
         Self::Service,
         Self::Auditor,
+        Self::Customer,
         Self::ResourceSet,
         Self::Host,
         Self::Instance,
         Self::Volume,
         Self::Log,
+        Self::KmsKey,
+        Self::Kms,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -58,11 +64,14 @@ impl EntityKind {
             Self::Operator => "Operator",
             Self::Service => "Service",
             Self::Auditor => "Auditor",
+            Self::Customer => "Customer",
             Self::ResourceSet => "ResourceSet",
             Self::Host => "Host",
             Self::Instance => "Instance",
             Self::Volume => "Volume",
             Self::Log => "Log",
+            Self::KmsKey => "KmsKey",
+            Self::Kms => "Kms",
         }
     }
 
@@ -73,11 +82,14 @@ impl EntityKind {
             Self::Operator => "operator",
             Self::Service => "service",
             Self::Auditor => "auditor",
+            Self::Customer => "customer",
             Self::ResourceSet => "resource-set",
             Self::Host => "host",
             Self::Instance => "instance",
             Self::Volume => "volume",
             Self::Log => "log",
+            Self::KmsKey => "kms-key",
+            Self::Kms => "kms",
         }
     }
 
@@ -106,7 +118,10 @@ impl EntityKind {
     }
 
     pub(crate) fn is_principal(self) -> bool {
-        matches!(self, Self::Operator | Self::Service | Self::Auditor)
+        matches!(
+            self,
+            Self::Operator | Self::Service | Self::Auditor | Self::Customer
+        )
     }
 
     pub(crate) fn of_principal(kind: PrincipalKind) -> Option<Self> {
@@ -114,6 +129,7 @@ impl EntityKind {
             PrincipalKind::Operator => Some(Self::Operator),
             PrincipalKind::Service => Some(Self::Service),
             PrincipalKind::Auditor => Some(Self::Auditor),
+            PrincipalKind::Customer => Some(Self::Customer),
             // Hosts are principals of the cell (they call logd) but hold no
             // admin entitlements.
             PrincipalKind::Host => None,
@@ -126,6 +142,8 @@ impl EntityKind {
             ResourceKind::Instance => Self::Instance,
             ResourceKind::Volume => Self::Volume,
             ResourceKind::Log => Self::Log,
+            ResourceKind::KmsKey => Self::KmsKey,
+            ResourceKind::Kms => Self::Kms,
         }
     }
 }

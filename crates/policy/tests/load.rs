@@ -19,10 +19,13 @@ fn sample_bundle_loads() {
     let e = Bundle::load(&sample_dir()).unwrap();
     let s = e.summary();
     let groups: Vec<_> = s.groups.iter().map(|g| g.name.as_str()).collect();
-    assert_eq!(groups, ["auditor", "deployer", "oncall", "placement"]);
-    assert_eq!(s.principals, 5);
+    assert_eq!(
+        groups,
+        ["auditor", "customers", "deployer", "oncall", "placement"]
+    );
+    assert_eq!(s.principals, 6);
     assert_eq!(s.quotas, 3);
-    assert_eq!(s.policies, 9);
+    assert_eq!(s.policies, 19);
     assert_eq!(
         e.groups_of(&principal("operator/alice")),
         vec![name("oncall")]
@@ -208,7 +211,7 @@ fn unknown_files_links_and_schema_changes_are_refused() {
     );
     let (e, s) = load_err(dir.path());
     assert!(matches!(e, PolicyError::SchemaMismatch { .. }), "{s}");
-    assert!(s.starts_with("schema.cedarschema:16"), "{s}");
+    assert!(s.starts_with("schema.cedarschema:18"), "{s}");
 
     let dir = sample_copy();
     fs::remove_file(dir.path().join("schema.cedarschema")).unwrap();

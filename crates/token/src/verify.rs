@@ -38,7 +38,8 @@ impl SignedClaims {
     }
 }
 
-/// Proof that a token allows one request: built only by [`Verifier::verify`].
+/// Proof that a token allows one request: built only by [`Verifier::verify`]
+/// (and for a relayed token by [`IssuerKeys::verify_relayed`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedGrant {
     claims: Claims,
@@ -179,6 +180,51 @@ fn check_times(claims: &Claims, clock: &dyn Clock) -> Result<(), TokenError> {
     Ok(())
 }
 
+/// Audience, operation and resource.
+fn check_grant(claims: &Claims, audience: &Audience, request: &Request) -> Result<(), TokenError> {
+    if claims.audience() != audience {
+        return Err(TokenError::WrongAudience {
+            found: claims.audience().to_string(),
+            expected: audience.to_string(),
+        });
+    }
+    if !claims.operations().contains(&request.operation) {
+        return Err(TokenError::OperationNotGranted(request.operation));
+    }
+    if !claims.resources().contains(&request.resource) {
+        return Err(TokenError::ResourceNotGranted(request.resource.clone()));
+    }
+    Ok(())
+}
+
+impl IssuerKeys {
+    /// Verifies a token that its audience relays to another service on its
+    /// caller's behalf (a host relaying its caller's `volume.attach` token
+    /// to the key service, over the host's own mTLS identity): every check
+    /// of [`Verifier::verify`], with `audience` the relaying party's name,
+    /// except the certificate binding. The binding ties the token to the
+    /// caller's connection to the audience, which the audience checked
+    /// when it admitted the request; the service it relays to sees only
+    /// the audience's connection, so it checks instead that `audience` is
+    /// the party it is connected to. Single use is the caller's next step,
+    /// as for [`Verifier::verify`].
+    pub fn verify_relayed(
+        &self,
+        token: &str,
+        request: &Request,
+        audience: &Audience,
+        clock: &dyn Clock,
+    ) -> Result<VerifiedGrant, TokenError> {
+        let signed = self.verify_signature_only(token, clock)?;
+        check_grant(&signed.claims, audience, request)?;
+        Ok(VerifiedGrant {
+            claims: signed.claims,
+            operation: request.operation,
+            resource: request.resource.clone(),
+        })
+    }
+}
+
 /// Verifies tokens for one audience (this host) against one issuer's pinned
 /// keys.
 #[derive(Debug, Clone)]
@@ -241,18 +287,7 @@ impl Verifier {
     ) -> Result<VerifiedGrant, TokenError> {
         let claims = &signed.claims;
         check_times(claims, clock)?;
-        if claims.audience() != &self.audience {
-            return Err(TokenError::WrongAudience {
-                found: claims.audience().to_string(),
-                expected: self.audience.to_string(),
-            });
-        }
-        if !claims.operations().contains(&request.operation) {
-            return Err(TokenError::OperationNotGranted(request.operation));
-        }
-        if !claims.resources().contains(&request.resource) {
-            return Err(TokenError::ResourceNotGranted(request.resource.clone()));
-        }
+        check_grant(claims, &self.audience, request)?;
         if !bool::from(claims.cert().as_bytes().ct_eq(peer_cert_sha256)) {
             return Err(TokenError::CertificateMismatch);
         }

@@ -9,6 +9,8 @@ pub(crate) mod host;
 pub(crate) mod hostd;
 pub(crate) mod image;
 pub(crate) mod instance;
+pub(crate) mod kms;
+pub(crate) mod kmskey;
 pub(crate) mod logd;
 pub(crate) mod pki;
 pub(crate) mod token;

@@ -11,9 +11,11 @@ use std::time::Duration;
 use anyhow::Context;
 use nitrile_api::{Name, PrincipalId, PrincipalKind};
 use nitrile_cell::{
-    CellLayout, Endpoints, WITNESS, bootstrap, provision_host, provision_logd, provision_witness,
+    CellLayout, Endpoints, KMS, WITNESS, bootstrap, provision_host, provision_kms, provision_logd,
+    provision_witness,
 };
 use nitrile_hostd::HostdConfig;
+use nitrile_kms::KmsConfig;
 use nitrile_logclient::LogdTarget;
 use nitrile_logd::config::{MetricsAddr, MonitorSource, WitnessConfig as LogdWitness};
 use nitrile_logd::{Alert, AlertSink, Logd, LogdConfig, LogdOptions};
@@ -35,21 +37,26 @@ const SIGNAL_GRACE: Duration = Duration::from_secs(2);
 const HOSTD_READY: &str = "nitrile hostd: ";
 /// The readiness line prefix of `nitrile audit witness`.
 const WITNESS_READY: &str = "nitrile audit witness: ";
+/// The readiness line prefix of `nitrile kms`.
+const KMS_READY: &str = "nitrile kms: ";
 
 /// Run a whole cell on this machine: the cell CA, a reviewer-signed sample
 /// entitlement bundle, the token service with its audit journal, the audit
-/// log service (logd) that the token service and the host ship their
-/// journals to, a checkpoint witness (a child process with its own state
-/// directory and key) whose cosignature logd needs to publish a
-/// checkpoint, one host agent (`h1`, a child process) with the guest
-/// image, and client configs for the sample principals, all on loopback
-/// mutual TLS under one state directory.
+/// log service (logd) that the token service, the key service and the host
+/// ship their journals to, a checkpoint witness (a child process with its
+/// own state directory and key) whose cosignature logd needs to publish a
+/// checkpoint, the key service (`nitrile kms`, a child process holding the
+/// cell's keys, with the default key `kms-key/default` it owns), one host
+/// agent (`h1`, a child process) with the guest image, and client configs
+/// for the sample principals, all on loopback mutual TLS under one state
+/// directory.
 ///
 /// The first start creates everything; later starts reuse the state and
 /// renew the short-lived certificates. When ready it prints what runs where,
 /// three commands to try, and a line `export NITRILE_CONFIG=<path>` for the
 /// CLI. Ctrl-C (or SIGTERM) stops the host agent, which stops its instances,
-/// then the token service, then the audit log service, then the witness.
+/// then the key service, then the token service, then the audit log
+/// service, then the witness.
 ///
 /// Example: `nitrile up --state ./nitrile-state`
 #[derive(Debug, clap::Args)]
@@ -79,6 +86,9 @@ pub(crate) struct Args {
     /// The checkpoint witness's mTLS address.
     #[arg(long, default_value = "127.0.0.1:7446")]
     witness_listen: SocketAddr,
+    /// The key service's mTLS address.
+    #[arg(long, default_value = "127.0.0.1:7447")]
+    kms_listen: SocketAddr,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -193,6 +203,26 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             log_vkey: Some(log_vkey.clone()),
         })?;
 
+        // The key service: its own process, state and keys; it makes the
+        // cell's default key the first time and ships its journal to logd.
+        provision_kms(&layout, &cell.cell, now).context("cannot provision the key service")?;
+        let kms_config = write_kms_config(
+            &layout,
+            &cell.cell,
+            args.kms_listen,
+            Some((&logd_addr, &log_vkey)),
+        )?;
+        let mut kms = ServiceChild::spawn(
+            "the key service",
+            &["kms", "--config"],
+            &kms_config,
+            (KMS_READY, "kms: "),
+            // Stopped by the cell after the host agent and before logd, so
+            // that its last records are shipped.
+            true,
+            args.log_format,
+        )?;
+
         provision_host(&layout, &cell.cell, &host, now)
             .with_context(|| format!("cannot provision host {host}"))?;
         let hostd_config = write_hostd_config(
@@ -219,6 +249,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         let endpoints = Endpoints {
             tokend: listen.clone(),
             logd: Some(logd_addr.clone()),
+            kms: Some(kms.addr.to_string()),
         };
         let clients = nitrile_cell::write_client_configs(
             &layout,
@@ -263,6 +294,17 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             hostd_config.display()
         )?;
         outln!("  host journal   {}", layout.host_journal(&host).display())?;
+        outln!(
+            "  kms            {} (mTLS, pid {})   config {}",
+            kms.addr,
+            kms.child.id(),
+            kms_config.display()
+        )?;
+        outln!(
+            "  kms journal    {} (keys in {})",
+            layout.kms_journal().display(),
+            layout.kms_store().display()
+        )?;
         outln!(
             "  logd           {logd_addr} (mTLS)   metrics {logd_metrics}   config {}",
             logd_config_path.display()
@@ -323,10 +365,12 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         outln!("export NITRILE_CONFIG={}", alice.display())?;
 
         // Stop order: the host agent first (it stops its instances), then
-        // the token service, then the audit log service, then the witness
-        // (logd's last checkpoint needs its cosignature).
+        // the key service, then the token service, then the audit log
+        // service, then the witness (logd's last checkpoint needs its
+        // cosignature).
         let hostd_exited = hostd.exited.take();
         let witness_exited = witness.exited.take();
+        let kms_exited = kms.exited.take();
         let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
         let stop = async move {
             tokio::pin!(signal);
@@ -336,6 +380,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
                 () = &mut signal => {}
                 () = exit_of(hostd_exited) => unexpected = Some(Exited::Hostd),
                 () = exit_of(witness_exited) => unexpected = Some(Exited::Witness),
+                () = exit_of(kms_exited) => unexpected = Some(Exited::Kms),
             }
             // A Ctrl-C on a terminal reaches the host agent too.
             if unexpected.is_some()
@@ -345,7 +390,11 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             {
                 unexpected = None;
             }
-            let status = tokio::task::spawn_blocking(move || hostd.stop()).await;
+            let status = tokio::task::spawn_blocking(move || {
+                let hostd = hostd.stop();
+                (hostd, kms.stop())
+            })
+            .await;
             let _ = outcome_tx.send((unexpected, status));
         };
         let served = tokend.serve(stop).await;
@@ -365,12 +414,13 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         let (unexpected, status) = outcome_rx
             .await
             .context("the cell stopped without stopping the host agent")?;
-        let status = status.context("waiting for the host agent")?;
+        let (status, kms_status) = status.context("waiting for the host agent")?;
         let witness_status = witness_status.context("waiting for the witness")?;
         if let Some(who) = unexpected {
             let (who, which) = match who {
                 Exited::Hostd => (format!("the host agent {host}"), &status),
                 Exited::Witness => ("the witness".to_owned(), &witness_status),
+                Exited::Kms => ("the key service".to_owned(), &kms_status),
             };
             anyhow::bail!(
                 "{who} exited unexpectedly ({}); the cell stopped, state kept in {}",
@@ -384,6 +434,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         let hostd_name = format!("the host agent {host}");
         for (who, status) in [
             (hostd_name.as_str(), status),
+            ("the key service", kms_status),
             ("the witness", witness_status),
         ] {
             match status {
@@ -529,14 +580,18 @@ fn write_logd_config(
                 .unwrap_or_else(|_| unreachable!("a socket address")),
         )?);
     }
-    // The cell's journal sources: its host and token service, besides any
-    // an operator declared.
+    // The cell's journal sources: its host, token service and key service,
+    // besides any an operator declared.
     let host = Name::new(HOST)?;
     if !config.sources.hosts.contains(&host) {
         config.sources.hosts.push(host);
     }
     if config.sources.token_service.is_none() {
         config.sources.token_service = Some(Name::new("tokend")?);
+    }
+    let kms = Name::new(KMS)?;
+    if !config.sources.services.contains(&kms) {
+        config.sources.services.push(kms);
     }
     if config.witnesses.is_empty() {
         config.witnesses = vec![witness.clone()];
@@ -688,6 +743,51 @@ fn write_hostd_config(
     Ok(path)
 }
 
+/// Writes `kms/kms.toml` with paths relative to it: the key service makes
+/// the cell's default key, and ships its journal to logd at `logd` when
+/// given. The metrics address and sweep interval of an existing file are
+/// kept, so edits to them survive restarts.
+fn write_kms_config(
+    layout: &CellLayout,
+    cell: &Name,
+    listen: SocketAddr,
+    logd: Option<(&str, &str)>,
+) -> anyhow::Result<PathBuf> {
+    let path = layout.kms_config();
+    let dir = layout.kms_dir();
+    let principal = PrincipalId::new(cell.clone(), PrincipalKind::Service, Name::new(KMS)?);
+    let (cert, key) = layout.cert_and_key(&principal);
+    let rel = |p: &Path| relative_to(&dir, p);
+    let mut config = KmsConfig::new(
+        cell.clone(),
+        listen,
+        PathBuf::from("."),
+        rel(&layout.ca_cert()),
+        rel(&cert),
+        rel(&key),
+        rel(&layout.kms_issuer_keys()),
+    );
+    config.default_key = true;
+    if path.exists() {
+        let old = KmsConfig::load(&path).with_context(|| {
+            format!(
+                "cannot reuse {}; fix or remove it to have it written anew",
+                path.display()
+            )
+        })?;
+        config.metrics = old.metrics;
+        config.sweep_interval_secs = old.sweep_interval_secs;
+    }
+    config.logd = logd.map(|(addr, vkey)| LogdTarget {
+        addr: addr.to_owned(),
+        log_vkey: Some(vkey.to_owned()),
+    });
+    config
+        .write(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
 /// `target` relative to directory `base` when both are under a common root
 /// (`../../pki/ca.pem`), else `target` as it is.
 fn relative_to(base: &Path, target: &Path) -> PathBuf {
@@ -733,6 +833,7 @@ struct ServiceChild {
 enum Exited {
     Hostd,
     Witness,
+    Kms,
 }
 
 /// Resolves when `exited` fires; never without it.
@@ -919,6 +1020,10 @@ mod tests {
             serving_addr("nitrile hostd: h1 serving on 127.0.0.1:7444", WITNESS_READY),
             None
         );
+        assert_eq!(
+            serving_addr("nitrile kms: serving on 127.0.0.1:7447", KMS_READY),
+            Some(SocketAddr::from(([127, 0, 0, 1], 7447)))
+        );
     }
 
     #[test]
@@ -1067,6 +1172,34 @@ mod tests {
         );
         assert_eq!(migrated.metrics, fresh.metrics);
         assert!(!std::fs::read_to_string(&path).unwrap().contains("rules ="));
+    }
+
+    #[test]
+    fn the_kms_config_makes_the_default_key_and_keeps_edits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = CellLayout::new(&tmp.path().join("state"));
+        let cell = Name::new("local").unwrap();
+        let listen: SocketAddr = "127.0.0.1:7447".parse().unwrap();
+        let path = write_kms_config(&layout, &cell, listen, None).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("cert = \"../pki/service-kms.pem\""), "{text}");
+        let loaded = KmsConfig::load(&path).unwrap();
+        assert!(loaded.default_key);
+        assert_eq!(loaded.store_dir(), layout.kms_store());
+        assert_eq!(loaded.logd, None);
+        let mut edited = loaded;
+        edited.sweep_interval_secs = Some(5);
+        edited.write(&path).unwrap();
+        write_kms_config(
+            &layout,
+            &cell,
+            listen,
+            Some(("127.0.0.1:7445", "local.nitrile/log+01234567+AQ")),
+        )
+        .unwrap();
+        let again = KmsConfig::load(&path).unwrap();
+        assert_eq!(again.sweep_interval_secs, Some(5));
+        assert_eq!(again.logd.unwrap().addr, "127.0.0.1:7445");
     }
 
     #[test]

@@ -210,6 +210,7 @@ impl Cell {
             .args(["--logd-listen", "127.0.0.1:0"])
             .args(["--logd-metrics", "127.0.0.1:0"])
             .args(["--witness-listen", "127.0.0.1:0"])
+            .args(["--kms-listen", "127.0.0.1:0"])
             .arg("--state")
             .arg(&self.state)
             .stdin(Stdio::null())
