@@ -107,8 +107,7 @@ impl VolumeKey {
     pub(crate) fn to_base64(&self) -> Zeroizing<String> {
         use base64::Engine as _;
         let mut text = Zeroizing::new(String::with_capacity(88));
-        base64::engine::general_purpose::STANDARD
-            .encode_string(self.expose_secret(), &mut text);
+        base64::engine::general_purpose::STANDARD.encode_string(self.expose_secret(), &mut text);
         text
     }
 }

@@ -782,7 +782,11 @@ mod tests {
         .unwrap();
         assert!(spec.vsock().is_none() && spec.net().is_none() && spec.volumes().is_empty());
         assert!(spec.scratch().is_none());
-        assert!(!String::from_utf8(spec.to_json()).unwrap().contains("scratch"));
+        assert!(
+            !String::from_utf8(spec.to_json())
+                .unwrap()
+                .contains("scratch")
+        );
         assert_eq!(VmSpec::parse_json(&spec.to_json()).unwrap(), spec);
     }
 

@@ -478,18 +478,26 @@ mod tests {
         let spec = spec(&["data", "logs"]);
         let run = |input: &str| {
             let mut sink = Vec::new();
-            receive_keys(&spec, &mut Cursor::new(input.as_bytes().to_vec()), &mut sink)
+            receive_keys(
+                &spec,
+                &mut Cursor::new(input.as_bytes().to_vec()),
+                &mut sink,
+            )
         };
         let sealed = base64::engine::general_purpose::STANDARD.encode([0u8; SEALED_KEY_LEN]);
         assert!(matches!(
-            run(&format!("{{\"op\":\"sealed_key\",\"volume\":1,\"key\":\"{sealed}\"}}\n")),
+            run(&format!(
+                "{{\"op\":\"sealed_key\",\"volume\":1,\"key\":\"{sealed}\"}}\n"
+            )),
             Err(UnlockError::OutOfOrder {
                 expected: 0,
                 got: 1
             })
         ));
         assert!(matches!(
-            run(&format!("{{\"op\":\"sealed_key\",\"volume\":0,\"key\":\"{sealed}\"}}\n")),
+            run(&format!(
+                "{{\"op\":\"sealed_key\",\"volume\":0,\"key\":\"{sealed}\"}}\n"
+            )),
             Err(UnlockError::BadSealedKey {
                 source: Some(SealedKeyError::BadMagic),
                 ..
@@ -511,12 +519,16 @@ mod tests {
         let offers = |input: &str| read_offers(&spec, &mut Cursor::new(input.as_bytes().to_vec()));
         let good = "ab".repeat(32);
         assert!(matches!(
-            offers(&format!("{{\"event\":\"recipient\",\"volume\":1,\"key\":\"{good}\"}}\n")),
+            offers(&format!(
+                "{{\"event\":\"recipient\",\"volume\":1,\"key\":\"{good}\"}}\n"
+            )),
             Err(UnlockError::OutOfOrder { .. })
         ));
         for bad in ["AB".repeat(32), "ab".repeat(31), "zz".repeat(32)] {
             assert!(matches!(
-                offers(&format!("{{\"event\":\"recipient\",\"volume\":0,\"key\":\"{bad}\"}}\n")),
+                offers(&format!(
+                    "{{\"event\":\"recipient\",\"volume\":0,\"key\":\"{bad}\"}}\n"
+                )),
                 Err(UnlockError::BadRecipient(_))
             ));
         }

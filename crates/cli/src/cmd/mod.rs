@@ -11,6 +11,7 @@ pub(crate) mod image;
 pub(crate) mod instance;
 pub(crate) mod logd;
 pub(crate) mod pki;
+pub(crate) mod qemu_launch;
 pub(crate) mod token;
 pub(crate) mod tokend;
 pub(crate) mod up;

@@ -247,7 +247,6 @@ fn create_disk(
     Ok(())
 }
 
-
 /// QEMU's arguments for disk `i` at `path`, its passphrase on descriptor
 /// `fd`.
 fn disk_args(i: usize, path: &Path, read_only: bool, fd: RawFd) -> [String; 6] {

@@ -1055,12 +1055,10 @@ fn launch_failed(launching: &mut Launching, e: crate::UnlockError, dir: &Path) -
                 crate::control::ControlError::Closed | crate::control::ControlError::Io(_),
             ),
             Some(status),
-        ) if !status.success() && !tail(&dir.join(STDERR_FILE)).is_empty() => {
-            VmmError::VmmExited {
-                status,
-                stderr: tail(&dir.join(STDERR_FILE)),
-            }
-        }
+        ) if !status.success() && !tail(&dir.join(STDERR_FILE)).is_empty() => VmmError::VmmExited {
+            status,
+            stderr: tail(&dir.join(STDERR_FILE)),
+        },
         (crate::UnlockError::Control(crate::control::ControlError::Io(io)), _)
             if matches!(
                 io.kind(),
@@ -1316,7 +1314,11 @@ mod tests {
         let qemu = dir.path().join("qemu-system-x86_64");
         std::fs::write(&qemu, b"").unwrap();
         std::fs::write(dir.path().join("qemu-img"), b"").unwrap();
-        let err = QemuBackend::new(dir.path().join("state"), &qemu, dir.path().join("no-nitrile"));
+        let err = QemuBackend::new(
+            dir.path().join("state"),
+            &qemu,
+            dir.path().join("no-nitrile"),
+        );
         assert!(matches!(
             err,
             Err(VmmError::BackendUnavailable {
