@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nitrile_vmm::{Hypervisor, QemuBackend, VmId, VmStatus, VmmError, VolumeKeys};
+use nitrile_vmm::{Hypervisor, QemuBackend, VmId, VmStatus, VmmError};
 
 mod common;
 use common::{BOOT_TIMEOUT, Env, env, spec};
@@ -25,7 +25,7 @@ macro_rules! env_or_skip {
 }
 
 fn backend(env: &Env, state: &Path) -> QemuBackend {
-    QemuBackend::new(state.join("vms"), &env.qemu)
+    QemuBackend::new(state.join("vms"), &env.qemu, &env.launcher)
         .unwrap()
         .with_accel(env.accel)
 }
@@ -97,7 +97,7 @@ fn qemu_vm_survives_its_backend_and_successors_adopt_start_and_stop_it() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(&env, "adopt-1", None, None);
     let a = backend(&env, dir.path());
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let qemu_pid = a.qemu_pid(&id).expect("QEMU pid");
     let rec = record(&a, &id);
     let qemu_start = rec["qemu"]["start_time"].as_u64().unwrap();
@@ -148,7 +148,7 @@ fn qemu_backend_dropped_without_detach_still_stops_its_vms() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(&env, "adopt-2", None, None);
     let a = backend(&env, dir.path());
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let pid = a.qemu_pid(&id).unwrap();
     let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
     drop(a);
@@ -164,7 +164,7 @@ fn qemu_adopt_of_a_killed_vm_cleans_up_and_reports_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(&env, "adopt-3", None, None);
     let a = backend(&env, dir.path());
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let pid = a.qemu_pid(&id).unwrap();
     let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
     let vm_dir = a.vm_dir(&id);
@@ -190,7 +190,7 @@ fn qemu_adopt_of_a_killed_vm_cleans_up_and_reports_stopped() {
     b.destroy(&id).unwrap();
     assert!(matches!(b.status(&id), Err(VmmError::UnknownVm(_))));
     // And its instance name can be used again.
-    let id2 = b.create(&spec, VolumeKeys::new()).unwrap();
+    let id2 = b.create(&spec).unwrap().id;
     assert_eq!(b.status(&id2).unwrap(), VmStatus::Created);
     b.destroy(&id2).unwrap();
 }
@@ -215,7 +215,7 @@ fn qemu_adopt_never_takes_a_recycled_pid_for_the_vmm() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(&env, "adopt-4", None, None);
     let a = backend(&env, dir.path());
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let pid = a.qemu_pid(&id).unwrap();
     let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
     let record_path = a.vm_dir(&id).join(nitrile_vmm::qemu::RECORD_FILE);
@@ -295,7 +295,7 @@ fn qemu_adopt_of_a_vm_whose_qemu_was_terminated_reports_qemus_own_reason() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(&env, "adopt-6", None, None);
     let a = backend(&env, dir.path());
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let pid = a.qemu_pid(&id).unwrap();
     let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
     a.detach_all();
@@ -324,7 +324,7 @@ fn qemu_adopt_without_a_record_kills_what_is_left_in_the_vms_cgroup() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(&env, "adopt-7", None, None);
     let a = backend(&env, dir.path());
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let pid = a.qemu_pid(&id).unwrap();
     let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -360,9 +360,7 @@ fn adopt_helper_creates_a_vm_and_waits_to_be_killed() {
     let state = PathBuf::from(state);
     let env = env().unwrap();
     let hv = backend(&env, &state);
-    let id = hv
-        .create(&spec(&env, "adopt-8", None, None), VolumeKeys::new())
-        .unwrap();
+    let id = hv.create(&spec(&env, "adopt-8", None, None)).unwrap().id;
     hv.start(&id).unwrap();
     std::fs::write(state.join("ready"), hv.qemu_pid(&id).unwrap().to_string()).unwrap();
     loop {
