@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nitrile_vmm::{Hypervisor, QemuBackend, VmId, VmStatus, VmmError};
 
 mod common;
-use common::{BOOT_TIMEOUT, Env, env, spec};
+use common::{BOOT_TIMEOUT, Env, KeyService, env, spec};
 
 macro_rules! env_or_skip {
     () => {
@@ -140,6 +140,69 @@ fn qemu_vm_survives_its_backend_and_successors_adopt_start_and_stop_it() {
     assert!(!vm_dir.exists());
     assert!(!cgroup_dir("adopt-1").exists());
     assert!(matches!(c.status(&id), Err(VmmError::UnknownVm(_))));
+}
+
+/// A VM with a volume (its key sealed to the launcher and supplied) and an
+/// instance-store disk is adopted like any other: the successor controls
+/// it, the disk stays while QEMU runs, and goes when the successor stops it.
+#[test]
+fn qemu_vm_with_keys_and_an_instance_store_is_adopted_and_its_disk_goes_at_stop() {
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let volume = dir.path().join("data.qcow2");
+    let scratch = dir.path().join("scratch.img");
+    let base = spec(&env, "adopt-keys", None, Some(&volume));
+    let mut v: serde_json::Value = serde_json::from_slice(&base.to_json()).unwrap();
+    v["scratch"] = serde_json::json!({ "path": scratch, "size_mib": 8 });
+    let spec = nitrile_vmm::VmSpec::parse_json(&serde_json::to_vec(&v).unwrap()).unwrap();
+    let mut keys = KeyService::new();
+    keys.make("data");
+    let a = backend(&env, dir.path());
+    let created = a.create(&spec).unwrap();
+    let id = created.id.clone();
+    a.supply_keys(&id, keys.seal(&created)).unwrap();
+    let qemu_pid = a.qemu_pid(&id).unwrap();
+    let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
+    a.start(&id).unwrap();
+    a.detach_all();
+    drop(a);
+    assert!(alive(qemu_pid, start), "QEMU died with its backend");
+    assert!(scratch.exists() && volume.exists());
+
+    let b = backend(&env, dir.path());
+    assert_eq!(b.adopt(&spec).unwrap(), VmStatus::Running);
+    assert!(scratch.exists(), "adoption removed a running VM's disk");
+    b.stop(&id).unwrap();
+    assert!(!alive(qemu_pid, start));
+    assert!(
+        !scratch.exists(),
+        "the instance-store disk outlived the stop"
+    );
+    assert!(volume.exists(), "the volume went with the VM");
+    b.destroy(&id).unwrap();
+}
+
+/// A backend that goes away while a launcher waits for its keys leaves no
+/// QEMU behind: the launcher ends when its channel closes, and a successor
+/// finds the VM dead (there is no record) and cleans up after it.
+#[test]
+fn qemu_launcher_waiting_for_keys_ends_with_its_backend() {
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let volume = dir.path().join("data.qcow2");
+    let spec = spec(&env, "adopt-wait", None, Some(&volume));
+    let a = backend(&env, dir.path());
+    let created = a.create(&spec).unwrap();
+    assert_eq!(a.status(&created.id).unwrap(), VmStatus::AwaitingKeys);
+    let vm_dir = a.vm_dir(&created.id);
+    a.detach_all();
+    drop(a);
+    let b = backend(&env, dir.path());
+    assert_eq!(b.adopt(&spec).unwrap(), VmStatus::Stopped);
+    assert!(!vm_dir.exists());
+    assert!(!cgroup_dir("adopt-wait").exists());
+    assert!(!volume.exists(), "a volume was made without its key");
+    b.destroy(&created.id).unwrap();
 }
 
 #[test]
