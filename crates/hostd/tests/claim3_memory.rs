@@ -82,7 +82,7 @@ impl RelayKeySource {
         conn.write_all(&line).map_err(fail)?;
         let mut answer = String::new();
         BufReader::new(conn).read_line(&mut answer).map_err(fail)?;
-        match answer.trim().strip_prefix("ok ") {
+        match answer.trim().strip_prefix("ok:") {
             Some(hex) => Ok(hex::decode(hex).unwrap()),
             None => Err(VolumeKeyError::Refused(answer.trim().to_owned().into())),
         }
@@ -156,7 +156,7 @@ fn serve_relay(listener: UnixListener, keys: Arc<KmsKeySource>) {
             other => panic!("unknown relay op {other}"),
         };
         let text = match answer {
-            Ok(bytes) => format!("ok {}\n", hex::encode(bytes)),
+            Ok(bytes) => format!("ok:{}\n", hex::encode(bytes)),
             Err(e) => format!("refused {e}\n"),
         };
         let _ = (&conn).write_all(text.as_bytes());
@@ -333,10 +333,12 @@ async fn claim3_hostd_memory_holds_no_volume_key_after_attach() {
         let mut lines = BufReader::new(stdout).lines();
         loop {
             let line = lines.next().expect("the host agent ended").unwrap();
-            if let Some(addr) = line.strip_prefix(LISTENING) {
+            // The test harness's own words may precede it on the line.
+            if let Some(at) = line.find(LISTENING) {
+                let addr = line[at + LISTENING.len()..].trim().to_owned();
                 // Keep draining its output so it never blocks on a pipe.
                 std::thread::spawn(move || for _ in lines {});
-                return addr.to_owned();
+                return addr;
             }
         }
     })

@@ -46,9 +46,10 @@ fn refused(e: KmsError) -> VolumeKeyError {
 }
 
 impl KmsKeySource {
-    /// A key service keeping its state in `dir`, with its default KEK.
+    /// A key service keeping its state under `dir` (in `dir/state`, made
+    /// 0700), with its default KEK.
     pub fn open(dir: &Path) -> Self {
-        let kms = Kms::open(dir).unwrap();
+        let kms = Kms::open(&dir.join("state")).unwrap();
         let kek = KeyName::default_key();
         if kms.describe_key(&kek).is_err() {
             let owner = PrincipalId::parse("nitrile://local/service/kms").unwrap();
