@@ -17,16 +17,15 @@
 use std::fmt;
 
 use nitrile_api::Name;
-use nitrile_kms::{OpenError, Recipient, SealedKey};
 use nitrile_vmm_sys::{LockError, Locked};
 use rand_core::CryptoRngCore;
 use zeroize::Zeroizing;
 
-/// Length of a volume key: two AES-256 keys for XTS.
-pub const VOLUME_KEY_LEN: usize = 64;
+use crate::unlock::{OpenError, Recipient, SealedKey};
 
-// A volume key is the key service's data key.
-const _: () = assert!(VOLUME_KEY_LEN == nitrile_kms::DEK_LEN);
+/// Length of a volume key: two AES-256 keys for XTS (the key service's
+/// 512-bit data key).
+pub const VOLUME_KEY_LEN: usize = 64;
 
 /// Why a volume key could not be made.
 #[derive(Debug, thiserror::Error)]

@@ -114,14 +114,18 @@ impl VolumeKeySource for KmsKeySource {
         caller_token: &str,
     ) -> Result<SealedKey, VolumeKeyError> {
         self.record("unwrap", volume, caller_token);
-        self.kms
+        let recipient = nitrile_kms::RecipientPublicKey::from_bytes(recipient.as_bytes())
+            .map_err(|e| VolumeKeyError::Refused(Box::new(e)))?;
+        let sealed = self
+            .kms
             .unwrap_sealed(
                 volume,
                 wrapped.as_bytes(),
-                recipient,
+                &recipient,
                 time::OffsetDateTime::now_utc(),
             )
-            .map_err(refused)
+            .map_err(refused)?;
+        SealedKey::decode(&sealed.encode()).map_err(|e| VolumeKeyError::Failed(Box::new(e)))
     }
 
     fn destroy(&self, volume: &Name, caller_token: &str) -> Result<(), VolumeKeyError> {

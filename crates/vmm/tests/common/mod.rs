@@ -178,11 +178,15 @@ impl KeyService {
     pub(crate) fn seal(&self, created: &CreatedVm) -> SealedVolumeKeys {
         let mut keys = SealedVolumeKeys::new();
         for r in &created.recipients {
+            let to = nitrile_kms::RecipientPublicKey::from_bytes(r.key.as_bytes()).unwrap();
             let sealed = self
                 .kms
-                .unwrap_sealed(&r.volume, &self.wrapped[&r.volume], &r.key, self.now)
+                .unwrap_sealed(&r.volume, &self.wrapped[&r.volume], &to, self.now)
                 .unwrap();
-            keys.insert(r.volume.clone(), sealed);
+            keys.insert(
+                r.volume.clone(),
+                nitrile_vmm::SealedKey::decode(&sealed.encode()).unwrap(),
+            );
         }
         keys
     }

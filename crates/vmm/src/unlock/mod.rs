@@ -3,8 +3,7 @@
 //!
 //! The process that will serve a VM's volumes (the `kvm` backend's `nitrile
 //! vmm`, the `qemu` backend's launcher) makes one ephemeral X25519 key pair
-//! per volume ([`nitrile_kms::Recipient`]) and offers the public halves to
-//! its backend; the backend returns them from
+//! per volume ([`Recipient`]) and offers the public halves to its backend; the backend returns them from
 //! [`Hypervisor::create`](crate::Hypervisor::create) ([`CreatedVm`]). The
 //! host has the key service seal each volume's data key to its recipient
 //! (HPKE, RFC 9180, for that volume only) and hands the sealed keys back
@@ -25,8 +24,10 @@
 //! Each line names the volume by its index in the spec (so a line stays
 //! within [`crate::control::MAX_CONTROL_LINE`] whatever the id's length),
 //! and is refused out of order. What the backend relays is
-//! [`nitrile_kms::SEALED_KEY_LEN`] bytes of ciphertext: a host that reads
-//! the channel, or the backend's memory, learns no key.
+//! [`SEALED_KEY_LEN`] bytes of ciphertext: a host that reads the channel,
+//! or the backend's memory, learns no key.
+
+mod sealed;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -36,8 +37,10 @@ use base64::Engine as _;
 use nitrile_api::Name;
 use serde::{Deserialize, Serialize};
 
-pub use nitrile_kms::{
-    RECIPIENT_KEY_LEN, Recipient, RecipientPublicKey, SEALED_KEY_LEN, SealedKey, SealedKeyError,
+pub use sealed::{
+    HPKE_AEAD_ID, HPKE_KDF_ID, HPKE_KEM_ID, OpenError, RECIPIENT_KEY_LEN, Recipient,
+    RecipientKeyError, RecipientPublicKey, SEALED_KEY_LEN, SEALED_KEY_MAGIC, SEALED_KEY_VERSION,
+    SealedKey, SealedKeyError, seal_info,
 };
 
 use crate::control::{self, ControlError};
@@ -363,9 +366,12 @@ mod tests {
         }
 
         fn seal(&self, volume: &Name, to: &RecipientPublicKey) -> SealedKey {
-            self.kms
-                .unwrap_sealed(volume, &self.wrapped[volume], to, self.now)
-                .unwrap()
+            let to = nitrile_kms::RecipientPublicKey::from_bytes(to.as_bytes()).unwrap();
+            let sealed = self
+                .kms
+                .unwrap_sealed(volume, &self.wrapped[volume], &to, self.now)
+                .unwrap();
+            SealedKey::decode(&sealed.encode()).unwrap()
         }
 
         fn dek(&self, volume: &str) -> [u8; 64] {
