@@ -340,6 +340,9 @@ impl Hostd {
             // VMs outlive this process; the next host agent adopts them.
             hv.detach_all();
         }
+        if options.volume_keys.is_none() {
+            tracing::warn!("no key service: launches with volumes are refused");
+        }
         let now = options.clock.now();
         let instances = Instances::open(
             config.host.clone(),

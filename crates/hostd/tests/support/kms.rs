@@ -49,6 +49,7 @@ impl KmsKeySource {
     /// A key service keeping its state under `dir` (in `dir/state`, made
     /// 0700), with its default KEK.
     pub fn open(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
         let kms = Kms::open(&dir.join("state")).unwrap();
         let kek = KeyName::default_key();
         if kms.describe_key(&kek).is_err() {
