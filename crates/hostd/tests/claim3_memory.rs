@@ -10,7 +10,8 @@
 //! key, which it takes from the key service with its test-only export. The
 //! same search finds a value the test planted in the agent (the control:
 //! the search can find 64 bytes where they are). Also: without a key
-//! service, a launch with volumes is refused before anything is made.
+//! service, a launch with volumes is refused before anything is made; a
+//! key the key service will not release fails the launch closed.
 //!
 //! Needs root, QEMU, the `nitrile` binary next to the tests (`cargo build
 //! -p nitrile-cli` in the same command) and the guest image; prints
@@ -453,4 +454,122 @@ async fn a_launch_with_volumes_without_a_key_service_is_refused_and_nothing_is_m
         "an instance was made"
     );
     assert!(!state.join("volumes/web1").exists(), "a volume was made");
+}
+
+/// A key service that makes keys but refuses to release any (a disabled
+/// key, a token it does not accept).
+struct RefusesRelease(KmsKeySource);
+
+impl VolumeKeySource for RefusesRelease {
+    fn generate(&self, volume: &Name, token: &str) -> Result<WrappedVolumeKey, VolumeKeyError> {
+        self.0.generate(volume, token)
+    }
+
+    fn unwrap_sealed(
+        &self,
+        volume: &Name,
+        _wrapped: &WrappedVolumeKey,
+        _recipient: &RecipientPublicKey,
+        _token: &str,
+    ) -> Result<SealedKey, VolumeKeyError> {
+        Err(VolumeKeyError::Refused(
+            format!("kms-key/default is disabled; volume {volume} cannot be attached").into(),
+        ))
+    }
+
+    fn destroy(&self, volume: &Name, token: &str) -> Result<(), VolumeKeyError> {
+        self.0.destroy(volume, token)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_key_service_will_not_release_fails_the_launch_closed() {
+    let (Some(qemu), Some(launcher)) = (find_qemu(), nitrile_binary()) else {
+        println!(
+            "SKIPPED: needs qemu-system-x86_64 and the nitrile binary next to the tests (cargo build -p nitrile-cli)"
+        );
+        return;
+    };
+    if !is_root() {
+        println!("SKIPPED: needs root (QEMU's jail)");
+        return;
+    }
+    let built = match nitrile_image::default_cache_dir()
+        .map_err(|e| e.to_string())
+        .and_then(|c| {
+            nitrile_image::read_output(&nitrile_image::output_dir(&c)).map_err(|e| e.to_string())
+        }) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("SKIPPED: no guest image (run scripts/guest-image.sh): {e}");
+            return;
+        }
+    };
+    let mut cell = TestCell::new().await;
+    let store = nitrile_image::ImageStore::open(cell.layout.images_dir()).unwrap();
+    let image = store
+        .import(&built.kernel, &built.initramfs, &built.cmdline)
+        .unwrap();
+    let image = Sha256Hex::from_bytes(*image.digest().as_bytes());
+    let mut setup = cell.default_setup();
+    setup.hypervisor = HypervisorConfig {
+        backend: BackendName::Qemu,
+        qemu: Some(qemu),
+        vsock_daemon: None,
+        vmm: Some(launcher),
+    };
+    let keys = Arc::new(RefusesRelease(KmsKeySource::open(&cell.scratch("kms"))));
+    setup.volume_keys = Some(keys.clone());
+    cell.start_host_with("h1", setup).await;
+    let launch = AdminRequest::InstanceLaunch(LaunchRequest {
+        instance: name("web1"),
+        image,
+        vcpus: 1,
+        memory_mib: 256,
+        volumes: vec![VolumeRequest {
+            id: name("data"),
+            size_mib: 16,
+        }],
+        scratch_mib: Some(8),
+    });
+    let token = cell.token_for(PLACEMENT, "h1", &launch).await;
+    let (status, body) = cell.call(PLACEMENT, "h1", &launch, Some(&token)).await;
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+    let r = refusal(&body);
+    assert_eq!(r.step, RefusalStep::State);
+    assert!(
+        r.reason.contains("kms-key/default is disabled"),
+        "{}",
+        r.reason
+    );
+    let records = journal_records(&cell.host_journal("h1"));
+    let outcome = &records[usize::try_from(r.audit_seq.unwrap() - 1).unwrap()];
+    assert_eq!(
+        outcome.detail.as_ref().unwrap()["code"].as_str(),
+        Some("volume_key_refused")
+    );
+    // Nothing runs: the VM that waited for the key is gone with its
+    // launcher, its instance-store disk and its volume were never made, and
+    // the instance is recorded failed with the reason.
+    let state = cell.host_config("h1").state.clone();
+    assert!(!state.join("vms/web1").exists(), "the VM is left behind");
+    assert!(!state.join("instances/web1/scratch.img").exists());
+    assert!(!state.join("volumes/web1/data.img").exists());
+    let describe = AdminRequest::InstanceDescribe(name("web1"));
+    let token = cell.token_for(PLACEMENT, "h1", &describe).await;
+    let (status, body) = cell.call(PLACEMENT, "h1", &describe, Some(&token)).await;
+    assert_eq!(status, 200);
+    let d: InstanceDescription = serde_json::from_slice(&body).unwrap();
+    assert_eq!(d.state, InstanceState::Failed);
+    assert!(
+        d.reason.as_deref().unwrap_or_default().contains("disabled"),
+        "{d:?}"
+    );
+    // The key it made is still the key service's to destroy: terminate
+    // does, and crypto-erases the rest.
+    let terminate = AdminRequest::InstanceTerminate(name("web1"));
+    let token = cell.token_for(PLACEMENT, "h1", &terminate).await;
+    let (status, body) = cell.call(PLACEMENT, "h1", &terminate, Some(&token)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(!keys.0.has_volume("data"));
 }
