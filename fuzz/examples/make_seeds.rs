@@ -277,6 +277,7 @@ fn main() {
             {"id": "data", "path": "/var/lib/nitrile/volumes/data.img", "size_mib": 64},
             {"id": "logs", "path": "/var/lib/nitrile/volumes/logs.img", "size_mib": 8, "read_only": true}
         ],
+        "scratch": {"path": "/var/lib/nitrile/instances/web1/scratch.img", "size_mib": 64},
         "vsock": {"guest_cid": 3, "uds_path": "/run/nitrile/web1.vsock"},
         "net": {"tap": "tap-web1"}
     });
@@ -325,6 +326,32 @@ fn main() {
         &[b"\x02".as_slice(), recipient.public_key().as_bytes()].concat(),
     );
     write(&dir, "key-name", b"\x03kms-key/default");
+    // vm_key_exchange: the two sealed keys a VMM of two volumes is relayed
+    // (well formed, though sealed to no one), one sealed key alone, and a
+    // launch plan.
+    let dir = seeds(&root, "vm_key_exchange");
+    let mut sealed = b"NKSK\x01\x00\x20\x00\x01\x00\x02".to_vec();
+    sealed.resize(nitrile_vmm::unlock::SEALED_KEY_LEN, 0x5a);
+    let b64 = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(&sealed)
+    };
+    let relay = format!(
+        "{{\"op\":\"sealed_key\",\"volume\":0,\"key\":\"{b64}\"}}\n{{\"op\":\"sealed_key\",\"volume\":1,\"key\":\"{b64}\"}}\n"
+    );
+    write(&dir, "relay", relay.as_bytes());
+    write(&dir, "sealed", &sealed);
+    let plan = serde_json::json!({
+        "qemu": "/usr/bin/qemu-system-x86_64",
+        "qemu_img": "/usr/bin/qemu-img",
+        "args": ["-M", "microvm", "-S"],
+        "spec": serde_json::to_string(&minimal).expect("json"),
+    });
+    write(
+        &dir,
+        "plan.json",
+        &serde_json::to_vec(&plan).expect("json"),
+    );
 }
 
 fn seeds(root: &Path, target: &str) -> PathBuf {

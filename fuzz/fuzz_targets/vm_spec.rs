@@ -3,7 +3,8 @@
 //!
 //! Properties: nothing panics; a spec that parses holds every bound its
 //! documentation states (vCPUs, memory, volume count, unique volume ids and
-//! files, absolute normalized paths, printable command line, tap name), its
+//! files, an instance-store file that is no volume's, absolute normalized
+//! paths, printable command line, tap name), its
 //! canonical JSON parses back to an equal spec and is a fixed point; a
 //! digest, command line or tap name that parses prints back as exactly the
 //! input.
@@ -52,6 +53,11 @@ fn check(spec: &VmSpec) {
         normalized(v.path.as_path());
         assert!(ids.insert(v.id.clone()), "volume id {:?} twice", v.id);
         assert!(paths.insert(v.path.clone()), "volume file twice");
+    }
+    if let Some(scratch) = spec.scratch() {
+        assert!((1..=MAX_VOLUME_MIB).contains(&scratch.size_mib));
+        normalized(scratch.path.as_path());
+        assert!(!paths.contains(&scratch.path), "scratch file is a volume's");
     }
     if let Some(vsock) = spec.vsock() {
         assert!(vsock.guest_cid >= 3 && vsock.guest_cid != u32::MAX);

@@ -27,6 +27,8 @@ pub const MIN_INSTANCE_MEMORY_MIB: u32 = 64;
 pub const MAX_INSTANCE_MEMORY_MIB: u32 = 256 * 1024;
 /// Largest volume, in MiB.
 pub const MAX_VOLUME_SIZE_MIB: u64 = 16 * 1024 * 1024;
+/// Largest instance-store disk, in MiB (1 TiB).
+pub const MAX_SCRATCH_MIB: u32 = 1024 * 1024;
 /// Longest free-text reason the host puts in a response.
 pub const MAX_REASON_LEN: usize = 256;
 /// Longest short label in a response: a software version, a measurement's
@@ -157,6 +159,12 @@ pub struct LaunchRequest {
     #[serde(default)]
     #[schemars(length(max = MAX_INSTANCE_VOLUMES))]
     pub volumes: Vec<VolumeRequest>,
+    /// Size in MiB, 1 to [`MAX_SCRATCH_MIB`], of an instance-store disk:
+    /// encrypted under a key its VMM generates and never gives out, empty
+    /// at every start, gone when the instance stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_SCRATCH_MIB))]
+    pub scratch_mib: Option<u32>,
 }
 
 /// One volume of a launch request.
@@ -183,6 +191,11 @@ impl LaunchRequest {
         }
         if self.volumes.len() > MAX_INSTANCE_VOLUMES {
             return Err(format!("at most {MAX_INSTANCE_VOLUMES} volumes"));
+        }
+        if let Some(mib) = self.scratch_mib
+            && !(1..=MAX_SCRATCH_MIB).contains(&mib)
+        {
+            return Err(format!("scratch_mib must be 1 to {MAX_SCRATCH_MIB}"));
         }
         let mut seen = std::collections::BTreeSet::new();
         for v in &self.volumes {
@@ -354,6 +367,11 @@ pub struct InstanceDescription {
     /// Its volumes.
     #[schemars(length(max = MAX_INSTANCE_VOLUMES))]
     pub volumes: Vec<VolumeDescription>,
+    /// Size in MiB of its instance-store disk, if it has one (its contents
+    /// do not outlive a stop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_SCRATCH_MIB))]
+    pub scratch_mib: Option<u32>,
     /// Lifecycle state.
     pub state: InstanceState,
     /// Why it is failed or stopped, from the host (never from the guest), at
@@ -711,6 +729,28 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_slice(&launch_body()).unwrap();
         v["image"] = "AB".repeat(32).into();
         assert!(AdminRequest::parse("POST", "/v1/instances", v.to_string().as_bytes()).is_err());
+        for bad in [
+            serde_json::json!(0),
+            serde_json::json!(u64::from(MAX_SCRATCH_MIB) + 1),
+            serde_json::json!(-1),
+            serde_json::json!("64M"),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_slice(&launch_body()).unwrap();
+            v["scratch_mib"] = bad.clone();
+            let e = AdminRequest::parse("POST", "/v1/instances", v.to_string().as_bytes());
+            assert!(matches!(e, Err(ApiError::BadBody { .. })), "{bad}");
+        }
+        let mut v: serde_json::Value = serde_json::from_slice(&launch_body()).unwrap();
+        v["scratch_mib"] = 64.into();
+        let Ok(AdminRequest::InstanceLaunch(l)) =
+            AdminRequest::parse("POST", "/v1/instances", v.to_string().as_bytes())
+        else {
+            panic!("a scratch disk of 64 MiB is refused");
+        };
+        assert_eq!(l.scratch_mib, Some(64));
+        // Without one the body is as before (journaled launches unchanged).
+        let l: LaunchRequest = serde_json::from_slice(&launch_body()).unwrap();
+        assert!(!serde_json::to_string(&l).unwrap().contains("scratch"));
     }
 
     #[test]

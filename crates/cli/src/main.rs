@@ -85,6 +85,8 @@ enum Command {
     Up(cmd::up::Args),
     /// Run one microVM (started by the host agent, not by hand).
     Vmm(cmd::vmm::Args),
+    /// Open a VM's volume keys and exec QEMU (started by the host agent, not by hand).
+    QemuLaunch(cmd::qemu_launch::Args),
     /// Show the operator configuration in effect.
     #[command(subcommand)]
     Config(cmd::config::Command),
@@ -160,6 +162,7 @@ fn main() -> ExitCode {
         Command::KmsKey(c) => cmd::kmskey::run(c, &global),
         Command::Up(a) => cmd::up::run(a, &global),
         Command::Vmm(a) => cmd::vmm::run(a),
+        Command::QemuLaunch(a) => cmd::qemu_launch::run(a),
         Command::Config(c) => cmd::config::run(c, &global),
         Command::Completion(a) => cmd::completion::run(a),
     };

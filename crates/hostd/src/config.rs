@@ -115,8 +115,9 @@ pub struct HypervisorConfig {
     /// The vhost-user vsock daemon for the QEMU backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_daemon: Option<PathBuf>,
-    /// The `nitrile` binary run as `nitrile vmm` by the kvm backend (else the
-    /// running executable when it is `nitrile`).
+    /// The `nitrile` binary, run as `nitrile vmm` by the kvm backend and as
+    /// the QEMU launcher (`nitrile qemu-launch`) by the qemu backend (else
+    /// the running executable when it is `nitrile`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm: Option<PathBuf>,
 }

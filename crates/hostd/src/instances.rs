@@ -1,5 +1,5 @@
 //! The host's instances: microVMs driven through [`nitrile_vmm::Hypervisor`],
-//! their persisted records, and their volume keys.
+//! their persisted records, and their volumes' wrapped keys.
 //!
 //! State under the host state directory:
 //!
@@ -7,7 +7,8 @@
 //! host.json                          placement (accepting | drained)
 //! instances/<name>/instance.json     the instance's record (an InstanceDescription)
 //! instances/<name>/spec.json         the VM spec it was launched with
-//! instances/<name>/volume-keys       its volume keys (owner-only)
+//! instances/<name>/wrapped-keys.json its volumes' data keys, wrapped by the key service
+//! instances/<name>/scratch.img       its instance-store disk, while its VM runs
 //! volumes/<name>/<volume>.img        its encrypted volumes
 //! vms/                               the backend's per-VM state
 //! ```
@@ -16,11 +17,16 @@
 //! the directory). Operations on one instance are serialized by a
 //! per-instance lock; hypervisor calls run on blocking threads.
 //!
-//! The volume keys are stored unwrapped, readable only by the host agent's
-//! user: wrapping them with a key management service (so that a stolen disk
-//! holds no usable key) is a later step. Terminating an instance
-//! crypto-erases its volumes: the key file is overwritten with zeros,
-//! synced and unlinked before the volume files are deleted.
+//! No plaintext volume key is on this host's disk or in this process. A
+//! volume's data key is made by the key service ([`VolumeKeySource`]) and
+//! kept here only wrapped; to boot an instance, the host creates its VM,
+//! whose VMM makes one recipient key pair per volume, has the key service
+//! seal each data key to its recipient and relays the sealed keys to the
+//! VMM ([`nitrile_vmm::Hypervisor::supply_keys`]). Terminating an instance
+//! crypto-erases its volumes: the key service destroys each volume's key
+//! before the wrapped keys and the volume files are deleted. An
+//! instance-store disk's key is made inside the VMM and dies with it; its
+//! backing file is removed when the instance stops.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -36,22 +42,28 @@ use nitrile_api::admin::{
 };
 use nitrile_api::wire::RefusalStep;
 use nitrile_image::{ImageError, ImageStore};
-use nitrile_vmm::{
-    Hypervisor, VOLUME_KEY_LEN, VmId, VmSpec, VmStatus, VmmError, VolumeKey, VolumeKeys,
-};
+use nitrile_vmm::{Hypervisor, SealedVolumeKeys, VmId, VmSpec, VmStatus, VmmError};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+use crate::volume_keys::{MAX_WRAPPED_KEY_LEN, VolumeKeyError, VolumeKeySource, WrappedVolumeKey};
+
 /// Largest instance record or host state file read.
 pub const MAX_RECORD_LEN: u64 = 64 * 1024;
-/// Largest volume key file read: one length byte, an id and a key per volume.
+/// Largest wrapped-keys file read: per volume its id and its wrapped key in
+/// hex, with room for the JSON around them.
 pub const MAX_KEY_FILE_LEN: u64 = (nitrile_api::admin::MAX_INSTANCE_VOLUMES
-    * (1 + nitrile_api::MAX_NAME_LEN + VOLUME_KEY_LEN)) as u64;
+    * (nitrile_api::MAX_NAME_LEN + 2 * MAX_WRAPPED_KEY_LEN + 16)
+    + 64) as u64;
 
 const RECORD_FILE: &str = "instance.json";
 const SPEC_FILE: &str = "spec.json";
-const KEYS_FILE: &str = "volume-keys";
+const WRAPPED_KEYS_FILE: &str = "wrapped-keys.json";
+/// The plaintext key file of instances launched before the key service
+/// (crypto-erased when such an instance is terminated).
+const LEGACY_KEYS_FILE: &str = "volume-keys";
+const SCRATCH_FILE: &str = "scratch.img";
 const HOST_FILE: &str = "host.json";
 
 /// Why an instance operation was refused or failed.
@@ -109,9 +121,18 @@ pub enum InstanceError {
     /// the hypervisor refused or failed
     #[error("hypervisor")]
     Hypervisor(#[source] VmmError),
-    /// a volume key could not be made
-    #[error("volume key")]
-    Key(#[from] nitrile_vmm::KeyError),
+    /// the instance has volumes but this host agent has no key service
+    #[error("volumes need the key service, and this host agent has none; launch without volumes")]
+    NoKeySource,
+    /// the key service refused or failed a volume's key
+    #[error("the key of volume {volume}")]
+    VolumeKey {
+        /// The volume.
+        volume: Name,
+        /// Why.
+        #[source]
+        source: VolumeKeyError,
+    },
     /// the VM spec could not be built or read back
     #[error("VM spec")]
     Spec(#[from] nitrile_vmm::SpecError),
@@ -150,11 +171,15 @@ impl InstanceError {
             Self::NoHypervisor { .. } | Self::Hypervisor(_) => {
                 (500, RefusalStep::Hypervisor, "hypervisor")
             }
-            Self::Key(_)
-            | Self::Spec(_)
-            | Self::Io { .. }
-            | Self::Damaged { .. }
-            | Self::Task(_) => (500, RefusalStep::Internal, "internal"),
+            Self::NoKeySource => (409, RefusalStep::State, "no_key_service"),
+            Self::VolumeKey {
+                source: VolumeKeyError::Refused(_),
+                ..
+            } => (409, RefusalStep::State, "volume_key_refused"),
+            Self::VolumeKey { .. } => (500, RefusalStep::Internal, "key_service"),
+            Self::Spec(_) | Self::Io { .. } | Self::Damaged { .. } | Self::Task(_) => {
+                (500, RefusalStep::Internal, "internal")
+            }
         }
     }
 
@@ -208,42 +233,42 @@ fn private_dir(path: &Path) -> Result<(), InstanceError> {
         .map_err(io(path))
 }
 
-/// Encodes volume keys: per volume one length byte, the id, the 64-byte key.
-fn encode_keys(keys: &[(Name, VolumeKey)]) -> Zeroizing<Vec<u8>> {
-    let mut out = Zeroizing::new(Vec::new());
-    for (id, key) in keys {
-        let id = id.as_str().as_bytes();
-        // Names are at most MAX_NAME_LEN (< 256) bytes.
-        out.push(id.len() as u8);
-        out.extend_from_slice(id);
-        out.extend_from_slice(key.expose_secret());
-    }
-    out
+/// The wrapped keys of an instance's volumes, as persisted (hex).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WrappedKeysFile {
+    volumes: BTreeMap<Name, String>,
 }
 
-fn decode_keys(path: &Path, bytes: &[u8]) -> Result<VolumeKeys, InstanceError> {
-    let damaged = |reason: &str| InstanceError::Damaged {
-        path: path.to_owned(),
-        reason: reason.to_owned(),
+fn encode_wrapped(keys: &BTreeMap<Name, WrappedVolumeKey>) -> Vec<u8> {
+    let file = WrappedKeysFile {
+        volumes: keys
+            .iter()
+            .map(|(v, w)| (v.clone(), hex::encode(w.as_bytes())))
+            .collect(),
     };
-    let mut keys = VolumeKeys::new();
-    let mut rest = bytes;
-    while let Some((&len, tail)) = rest.split_first() {
-        let len = usize::from(len);
-        if tail.len() < len + VOLUME_KEY_LEN {
-            return Err(damaged("truncated entry"));
-        }
-        let id = std::str::from_utf8(&tail[..len])
-            .ok()
-            .and_then(|s| Name::new(s).ok())
-            .ok_or_else(|| damaged("bad volume id"))?;
-        let key = VolumeKey::from_bytes(&tail[len..len + VOLUME_KEY_LEN])?;
-        if keys.insert(id, key).is_some() {
-            return Err(damaged("a volume is listed twice"));
-        }
-        rest = &tail[len + VOLUME_KEY_LEN..];
+    serde_json::to_vec_pretty(&file).unwrap_or_else(|_| unreachable!("names and hex serialize"))
+}
+
+fn decode_wrapped(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<BTreeMap<Name, WrappedVolumeKey>, InstanceError> {
+    let damaged = |reason: String| InstanceError::Damaged {
+        path: path.to_owned(),
+        reason,
+    };
+    let file: WrappedKeysFile =
+        serde_json::from_slice(bytes).map_err(|e| damaged(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for (volume, text) in file.volumes {
+        let bytes = hex::decode(&text)
+            .map_err(|_| damaged(format!("the wrapped key of volume {volume} is not hex")))?;
+        let key = WrappedVolumeKey::new(bytes)
+            .map_err(|e| damaged(format!("the wrapped key of volume {volume}: {e}")))?;
+        out.insert(volume, key);
     }
-    Ok(keys)
+    Ok(out)
 }
 
 /// Overwrites `path` with zeros, syncs it, unlinks it and syncs its
@@ -325,6 +350,7 @@ pub struct Instances {
     state_dir: PathBuf,
     images: ImageStore,
     hypervisor: Result<Arc<dyn Hypervisor>, String>,
+    volume_keys: Option<Arc<dyn VolumeKeySource>>,
     limits: CapacityLimits,
     table: Mutex<BTreeMap<Name, InstanceDescription>>,
     locks: Mutex<BTreeMap<Name, Arc<tokio::sync::Mutex<()>>>>,
@@ -355,12 +381,14 @@ fn now_text(now: OffsetDateTime) -> String {
 impl Instances {
     /// Loads the records under `state_dir` (creating the directories), and
     /// re-adopts every instance recorded as running or pending: its state
-    /// becomes what the hypervisor reports.
+    /// becomes what the hypervisor reports. Volume keys come from
+    /// `volume_keys`; without it only instances without volumes launch.
     pub fn open(
         host: Name,
         state_dir: &Path,
         images: ImageStore,
         hypervisor: Result<Arc<dyn Hypervisor>, String>,
+        volume_keys: Option<Arc<dyn VolumeKeySource>>,
         limits: CapacityLimits,
         now: OffsetDateTime,
     ) -> Result<Self, InstanceError> {
@@ -414,6 +442,7 @@ impl Instances {
             state_dir: state_dir.to_owned(),
             images,
             hypervisor,
+            volume_keys,
             limits,
             table: Mutex::new(table),
             locks: Mutex::new(BTreeMap::new()),
@@ -458,6 +487,10 @@ impl Instances {
                     },
                 },
             };
+            if state != InstanceState::Running {
+                // Its VMM is gone, and with it the instance-store disk's key.
+                self.remove_scratch(&record.instance);
+            }
             tracing::info!(instance = %record.instance, ?state, "re-adopted instance");
             if state != record.state || reason != record.reason {
                 record.state = state;
@@ -486,9 +519,29 @@ impl Instances {
         self.state_dir.join("volumes").join(name.as_str())
     }
 
-    /// The volume key file of an instance.
-    pub fn key_file(&self, name: &Name) -> PathBuf {
-        self.dir(name).join(KEYS_FILE)
+    /// The wrapped-keys file of an instance.
+    pub fn wrapped_keys_file(&self, name: &Name) -> PathBuf {
+        self.dir(name).join(WRAPPED_KEYS_FILE)
+    }
+
+    /// The backing file of an instance's instance-store disk (present
+    /// while its VM runs).
+    pub fn scratch_file(&self, name: &Name) -> PathBuf {
+        self.dir(name).join(SCRATCH_FILE)
+    }
+
+    /// Removes an instance's instance-store disk (the backend removes it
+    /// too when the VM ends; this covers a VMM that died with no backend
+    /// watching).
+    fn remove_scratch(&self, name: &Name) {
+        let path = self.scratch_file(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "could not remove the instance-store disk");
+            }
+        }
     }
 
     /// The backing file of an instance's volume.
@@ -587,10 +640,26 @@ impl Instances {
         Ok(VmSpec::parse_json(&bytes)?)
     }
 
-    fn load_keys(&self, name: &Name) -> Result<VolumeKeys, InstanceError> {
-        let path = self.key_file(name);
+    /// The wrapped keys of an instance's volumes (none when it has none and
+    /// so no file).
+    fn load_wrapped(
+        &self,
+        name: &Name,
+        spec: &VmSpec,
+    ) -> Result<BTreeMap<Name, WrappedVolumeKey>, InstanceError> {
+        let path = self.wrapped_keys_file(name);
+        if spec.volumes().is_empty() && !path.exists() {
+            return Ok(BTreeMap::new());
+        }
         let bytes = read_bounded(&path, MAX_KEY_FILE_LEN)?;
-        decode_keys(&path, &bytes)
+        decode_wrapped(&path, &bytes)
+    }
+
+    fn key_source(&self) -> Result<Arc<dyn VolumeKeySource>, InstanceError> {
+        self.volume_keys
+            .as_ref()
+            .map(Arc::clone)
+            .ok_or(InstanceError::NoKeySource)
     }
 
     fn record(&self, name: &Name) -> Result<InstanceDescription, InstanceError> {
@@ -659,12 +728,16 @@ impl Instances {
     }
 
     /// Launches an instance: checks placement, name, image and capacity,
-    /// persists its record (pending), makes and persists one random key per
-    /// volume, creates and starts its VM, and records it running.
+    /// persists its record (pending), has the key service make one data key
+    /// per volume and persists them wrapped, creates its VM, relays each
+    /// volume's key sealed to its VMM, starts it, and records it running
+    /// (or failed, with the reason). `caller_token` is the token the
+    /// request was admitted with, relayed to the key service.
     pub async fn launch(
         &self,
         req: &LaunchRequest,
         now: OffsetDateTime,
+        caller_token: &str,
     ) -> Result<InstanceDescription, InstanceError> {
         let _gate = self.launch_gate.lock().await;
         let name = req.instance.clone();
@@ -681,6 +754,11 @@ impl Instances {
             return Err(InstanceError::Exists(name));
         }
         let hv = self.hv()?;
+        let keys = if req.volumes.is_empty() {
+            None
+        } else {
+            Some(self.key_source()?)
+        };
         let store = self.images.clone();
         let digest = nitrile_image::Digest::from_bytes(*req.image.as_bytes());
         let image = tokio::task::spawn_blocking(move || store.get(&digest))
@@ -716,7 +794,7 @@ impl Instances {
         // takes absolute, normalized paths only.
         let kernel = std::fs::canonicalize(image.kernel()).map_err(io(image.kernel()))?;
         let initramfs = std::fs::canonicalize(image.initramfs()).map_err(io(image.initramfs()))?;
-        let spec_json = serde_json::json!({
+        let mut spec_json = serde_json::json!({
             "instance": name.as_str(),
             "image": {
                 "digest": image.digest().to_hex(),
@@ -728,6 +806,12 @@ impl Instances {
             "memory_mib": req.memory_mib,
             "volumes": volumes,
         });
+        if let Some(mib) = req.scratch_mib {
+            spec_json["scratch"] = serde_json::json!({
+                "path": self.scratch_file(&name),
+                "size_mib": mib,
+            });
+        }
         let spec = VmSpec::parse_json(
             &serde_json::to_vec(&spec_json).unwrap_or_else(|_| unreachable!("json value")),
         )?;
@@ -751,6 +835,7 @@ impl Instances {
                     size_mib: v.size_mib,
                 })
                 .collect(),
+            scratch_mib: req.scratch_mib,
             state: InstanceState::Pending,
             reason: None,
             launched_at: now_text(now),
@@ -759,30 +844,38 @@ impl Instances {
         self.save(&record)?;
         let spec_path = dir.join(SPEC_FILE);
         write_private(&spec_path, &spec.to_json())?;
-
-        let mut pairs = Vec::new();
-        for v in &req.volumes {
-            pairs.push((v.id.clone(), VolumeKey::generate(&mut rand_core::OsRng)?));
-        }
-        let key_path = self.key_file(&name);
-        write_private(&key_path, &encode_keys(&pairs))?;
-        let mut keys = VolumeKeys::new();
-        for (id, key) in pairs {
-            keys.insert(id, key);
-        }
         private_dir(&self.volume_dir(&name))?;
 
+        let key_path = self.wrapped_keys_file(&name);
+        let ids: Vec<Name> = req.volumes.iter().map(|v| v.id.clone()).collect();
+        let token = caller_token.to_owned();
         let result = tokio::task::spawn_blocking(move || {
-            let id = hv.create(&spec, keys)?;
-            hv.start(&id)
+            // Each volume's key, made by the key service and kept wrapped;
+            // the file is rewritten after each, so that terminate finds
+            // every key made even if a later one fails.
+            let mut wrapped = BTreeMap::new();
+            if let Some(source) = &keys {
+                for id in ids {
+                    let w = source.generate(&id, &token).map_err(|source| {
+                        InstanceError::VolumeKey {
+                            volume: id.clone(),
+                            source,
+                        }
+                    })?;
+                    wrapped.insert(id, w);
+                    write_private(&key_path, &encode_wrapped(&wrapped))?;
+                }
+            }
+            bring_up(hv.as_ref(), keys.as_deref(), &spec, &wrapped, &token)
         })
         .await
         .map_err(InstanceError::Task)?;
         self.record_started(record, result, now)
     }
 
-    /// Stops a running instance: its VMM process ends, its volumes and keys
-    /// stay.
+    /// Stops a running instance: its VMM process ends, and with it every
+    /// key it held; its volumes and their wrapped keys stay, its
+    /// instance-store disk is removed.
     pub async fn stop(
         &self,
         name: &Name,
@@ -808,6 +901,7 @@ impl Instances {
             .await
             .map_err(InstanceError::Task)?
             .map_err(InstanceError::Hypervisor)?;
+        self.remove_scratch(name);
         record.state = InstanceState::Stopped;
         record.reason = reason.map(str::to_owned);
         record.updated_at = now_text(now);
@@ -816,11 +910,14 @@ impl Instances {
     }
 
     /// Starts a stopped (or failed) instance again from its persisted spec
-    /// and keys, after checking its image again.
+    /// and wrapped keys, after checking its image again: a new VMM, whose
+    /// recipients the key service seals the volumes' keys to anew, and an
+    /// empty instance-store disk.
     pub async fn start(
         &self,
         name: &Name,
         now: OffsetDateTime,
+        caller_token: &str,
     ) -> Result<InstanceDescription, InstanceError> {
         let lock = self.lock_of(name);
         let _guard = lock.lock().await;
@@ -834,7 +931,12 @@ impl Instances {
         }
         let hv = self.hv()?;
         let spec = self.load_spec(name)?;
-        let keys = self.load_keys(name)?;
+        let wrapped = self.load_wrapped(name, &spec)?;
+        let keys = if spec.volumes().is_empty() {
+            None
+        } else {
+            Some(self.key_source()?)
+        };
         let store = self.images.clone();
         let digest = nitrile_image::Digest::from_bytes(*record.image.as_bytes());
         tokio::task::spawn_blocking(move || store.get(&digest))
@@ -852,22 +954,22 @@ impl Instances {
         record.updated_at = now_text(now);
         self.save(&record)?;
         let id = VmId::new(name.clone());
+        let token = caller_token.to_owned();
         let result = tokio::task::spawn_blocking(move || {
-            stop_and_forget(hv.as_ref(), &id)?;
-            let id = hv.create(&spec, keys)?;
-            hv.start(&id)
+            stop_and_forget(hv.as_ref(), &id).map_err(InstanceError::Hypervisor)?;
+            bring_up(hv.as_ref(), keys.as_deref(), &spec, &wrapped, &token)
         })
         .await
         .map_err(InstanceError::Task)?;
         self.record_started(record, result, now)
     }
 
-    /// Records how creating and starting an instance's VM ended: running,
-    /// or failed with the hypervisor's reason.
+    /// Records how bringing up an instance's VM ended: running, or failed
+    /// with the reason.
     fn record_started(
         &self,
         mut record: InstanceDescription,
-        result: Result<(), VmmError>,
+        result: Result<(), InstanceError>,
         now: OffsetDateTime,
     ) -> Result<InstanceDescription, InstanceError> {
         record.updated_at = now_text(now);
@@ -880,20 +982,22 @@ impl Instances {
             }
             Err(e) => {
                 record.state = InstanceState::Failed;
-                record.reason = Some(clip_text(&e.to_string(), MAX_REASON_LEN));
+                record.reason = Some(e.reason());
                 self.save(&record)?;
-                Err(InstanceError::Hypervisor(e))
+                Err(e)
             }
         }
     }
 
     /// Terminates an instance: destroys its VM, crypto-erases its volumes
-    /// (key file zeroed, synced, unlinked; then the volume files deleted) and
-    /// keeps a tombstone record saying `terminated`.
+    /// (the key service destroys each volume's key first; then the wrapped
+    /// keys and the volume files are deleted) and keeps a tombstone record
+    /// saying `terminated`.
     pub async fn terminate(
         &self,
         name: &Name,
         now: OffsetDateTime,
+        caller_token: &str,
     ) -> Result<InstanceDescription, InstanceError> {
         let lock = self.lock_of(name);
         let _guard = lock.lock().await;
@@ -911,11 +1015,40 @@ impl Instances {
             .await
             .map_err(InstanceError::Task)?
             .map_err(InstanceError::Hypervisor)?;
-        let key_path = self.key_file(name);
+        self.remove_scratch(name);
+        let wrapped_path = self.wrapped_keys_file(name);
+        let wrapped = match std::fs::metadata(&wrapped_path) {
+            Ok(_) => {
+                let bytes = read_bounded(&wrapped_path, MAX_KEY_FILE_LEN)?;
+                decode_wrapped(&wrapped_path, &bytes)?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(io(&wrapped_path)(e)),
+        };
+        let keys = if wrapped.is_empty() {
+            None
+        } else {
+            Some(self.key_source()?)
+        };
+        let legacy_path = self.dir(name).join(LEGACY_KEYS_FILE);
         let volume_dir = self.volume_dir(name);
         let spec_path = self.dir(name).join(SPEC_FILE);
+        let token = caller_token.to_owned();
         tokio::task::spawn_blocking(move || -> Result<(), InstanceError> {
-            crypto_erase(&key_path)?;
+            // The key service destroys every key before any file goes: a
+            // failure leaves what is needed to try again.
+            if let Some(source) = &keys {
+                for volume in wrapped.keys() {
+                    source
+                        .destroy(volume, &token)
+                        .map_err(|source| InstanceError::VolumeKey {
+                            volume: volume.clone(),
+                            source,
+                        })?;
+                }
+            }
+            crypto_erase(&wrapped_path)?;
+            crypto_erase(&legacy_path)?;
             match std::fs::remove_dir_all(&volume_dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -956,6 +1089,48 @@ impl Instances {
     }
 }
 
+/// Creates the VM of `spec`, has `keys` seal each volume's data key (from
+/// its wrapped key) to the recipient the VMM made for it, relays the sealed
+/// keys and starts the VM. The host sees the wrapped and the sealed keys,
+/// never a data key. On failure the VM is destroyed.
+fn bring_up(
+    hv: &dyn Hypervisor,
+    keys: Option<&dyn VolumeKeySource>,
+    spec: &VmSpec,
+    wrapped: &BTreeMap<Name, WrappedVolumeKey>,
+    caller_token: &str,
+) -> Result<(), InstanceError> {
+    let created = hv.create(spec).map_err(InstanceError::Hypervisor)?;
+    let result = (|| {
+        if !created.recipients.is_empty() {
+            let source = keys.ok_or(InstanceError::NoKeySource)?;
+            let mut sealed = SealedVolumeKeys::new();
+            for r in &created.recipients {
+                let w = wrapped
+                    .get(&r.volume)
+                    .ok_or_else(|| InstanceError::Damaged {
+                        path: PathBuf::from(WRAPPED_KEYS_FILE),
+                        reason: format!("no wrapped key for volume {}", r.volume),
+                    })?;
+                let s = source
+                    .unwrap_sealed(&r.volume, w, &r.key, caller_token)
+                    .map_err(|source| InstanceError::VolumeKey {
+                        volume: r.volume.clone(),
+                        source,
+                    })?;
+                sealed.insert(r.volume.clone(), s);
+            }
+            hv.supply_keys(&created.id, sealed)
+                .map_err(InstanceError::Hypervisor)?;
+        }
+        hv.start(&created.id).map_err(InstanceError::Hypervisor)
+    })();
+    if result.is_err() {
+        let _ = stop_and_forget(hv, &created.id);
+    }
+    result
+}
+
 /// Stops the VM if it runs and drops the backend's state of it (volumes
 /// stay); a VM the backend does not know is already gone.
 fn stop_and_forget(hv: &dyn Hypervisor, id: &VmId) -> Result<(), VmmError> {
@@ -983,35 +1158,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn key_file_round_trips_and_refuses_damage() {
-        let keys = vec![
-            (
-                Name::new("data").unwrap(),
-                VolumeKey::from_bytes(&[7u8; 64]).unwrap(),
-            ),
-            (
-                Name::new("logs").unwrap(),
-                VolumeKey::from_bytes(&[9u8; 64]).unwrap(),
-            ),
-        ];
-        let bytes = encode_keys(&keys);
-        let p = Path::new("k");
-        let back = decode_keys(p, &bytes).unwrap();
-        assert_eq!(back.len(), 2);
-        assert_eq!(
-            back.get(&Name::new("logs").unwrap())
-                .unwrap()
-                .expose_secret(),
-            &[9u8; 64]
+    fn wrapped_keys_file_round_trips_and_refuses_damage() {
+        let mut keys = BTreeMap::new();
+        keys.insert(
+            Name::new("data").unwrap(),
+            WrappedVolumeKey::new(vec![7u8; 120]).unwrap(),
         );
-        assert!(decode_keys(p, &bytes[..bytes.len() - 1]).is_err());
-        let mut twice = bytes.to_vec();
-        twice.extend_from_slice(&bytes[..1 + 4 + 64]);
-        assert!(decode_keys(p, &twice).is_err());
-        let mut bad = bytes.to_vec();
-        bad[1] = b'D';
-        assert!(decode_keys(p, &bad).is_err());
-        assert_eq!(decode_keys(p, &[]).unwrap().len(), 0);
+        keys.insert(
+            Name::new("logs").unwrap(),
+            WrappedVolumeKey::new(vec![9u8; 130]).unwrap(),
+        );
+        let bytes = encode_wrapped(&keys);
+        assert!(bytes.len() as u64 <= MAX_KEY_FILE_LEN);
+        let p = Path::new("k");
+        let back = decode_wrapped(p, &bytes).unwrap();
+        assert_eq!(back, keys);
+        for bad in [
+            r#"{"volumes":{"data":"zz"}}"#,
+            r#"{"volumes":{"data":""}}"#,
+            r#"{"volumes":{"Data":"00"}}"#,
+            r#"{"volumes":{},"keys":{}}"#,
+            r#"{"volumes":{"data":"00"}"#,
+        ] {
+            assert!(
+                matches!(
+                    decode_wrapped(p, bad.as_bytes()),
+                    Err(InstanceError::Damaged { .. })
+                ),
+                "{bad}"
+            );
+        }
+        // The largest file the host writes fits the bound it reads with.
+        let big: BTreeMap<Name, WrappedVolumeKey> = (0..nitrile_api::admin::MAX_INSTANCE_VOLUMES)
+            .map(|i| {
+                (
+                    Name::new(&format!("{}{i}", "v".repeat(nitrile_api::MAX_NAME_LEN - 1)))
+                        .unwrap(),
+                    WrappedVolumeKey::new(vec![0xff; MAX_WRAPPED_KEY_LEN]).unwrap(),
+                )
+            })
+            .collect();
+        assert!(encode_wrapped(&big).len() as u64 <= MAX_KEY_FILE_LEN);
     }
 
     #[test]

@@ -15,14 +15,17 @@
 //! log's key is pinned ([`nitrile_logclient::JournalShipping`]).
 //!
 //! Instances are microVMs driven only through
-//! [`nitrile_vmm::Hypervisor`] ([`instances`]); their records and volume keys
-//! are persisted under the host state directory, and VMs outlive the agent
-//! so that the next one re-adopts them.
+//! [`nitrile_vmm::Hypervisor`] ([`instances`]); their records and their
+//! volumes' wrapped keys are persisted under the host state directory, and
+//! VMs outlive the agent so that the next one re-adopts them. No plaintext
+//! volume key is on the host's disk or in its memory: the key service makes
+//! each ([`volume_keys::VolumeKeySource`]), the host keeps it wrapped and
+//! relays it sealed to the VMM that serves the volume, which made the
+//! recipient key pair it is sealed to.
 //!
-//! It does not decide who is entitled to what (the token service does), has
-//! no endpoint that runs a command, opens a shell or reads guest memory,
-//! disk or console, and does not yet wrap volume keys with a key management
-//! service (they are stored owner-only, see [`instances`]).
+//! It does not decide who is entitled to what (the token service does), and
+//! has no endpoint that runs a command, opens a shell or reads guest memory,
+//! disk or console.
 
 #![forbid(unsafe_code)]
 
@@ -30,6 +33,8 @@ pub mod config;
 pub mod instances;
 pub mod metrics;
 pub mod service;
+pub mod volume_keys;
 
 pub use config::{BackendName, CapacityConfig, ConfigError, HostdConfig, HypervisorConfig};
 pub use service::{Hostd, HostdError, HostdOptions, SHUTDOWN_REASON};
+pub use volume_keys::{VolumeKeyError, VolumeKeySource, WrappedVolumeKey};

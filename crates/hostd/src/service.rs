@@ -39,6 +39,7 @@ use tokio::net::TcpListener;
 use crate::config::HostdConfig;
 use crate::instances::{CapacityLimits, InstanceError, Instances};
 use crate::metrics::{HostdMetrics, METRICS_FILE, RequestOutcome, write_metrics_file};
+use crate::volume_keys::VolumeKeySource;
 
 /// How often the metrics file is rewritten (and the image list refreshed).
 pub const METRICS_INTERVAL: Duration = Duration::from_secs(5);
@@ -60,6 +61,10 @@ pub struct HostdOptions {
     /// or the config file; it exists to measure the ceiling of the
     /// durable path.
     pub danger_journal_no_sync: bool,
+    /// The key service that makes, seals and destroys volume keys
+    /// ([`VolumeKeySource`]); without one, launches with volumes are
+    /// refused (`no_key_service`).
+    pub volume_keys: Option<Arc<dyn VolumeKeySource>>,
 }
 
 impl std::fmt::Debug for HostdOptions {
@@ -67,6 +72,7 @@ impl std::fmt::Debug for HostdOptions {
         f.debug_struct("HostdOptions")
             .field("stop_instances_on_exit", &self.stop_instances_on_exit)
             .field("danger_journal_no_sync", &self.danger_journal_no_sync)
+            .field("volume_keys", &self.volume_keys.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -77,6 +83,7 @@ impl Default for HostdOptions {
             stop_instances_on_exit: false,
             clock: Arc::new(SystemClock),
             danger_journal_no_sync: false,
+            volume_keys: None,
         }
     }
 }
@@ -203,6 +210,7 @@ fn open_backend(config: &HostdConfig) -> Result<OpenedBackend, String> {
         .qemu
         .clone()
         .or_else(|| find_in_path("qemu-system-x86_64"));
+    // The nitrile binary: `nitrile vmm` (kvm) or `nitrile qemu-launch` (qemu).
     let vmm = hv.vmm.clone().or_else(HostProbe::default_vmm_binary);
     let probe = HostProbe::detect(vmm.as_deref(), qemu.as_deref());
     let (backend, why) =
@@ -210,7 +218,11 @@ fn open_backend(config: &HostdConfig) -> Result<OpenedBackend, String> {
     tracing::info!(%why, "hypervisor backend selected");
     let vms = config.state.join("vms");
     match backend {
-        Backend::Qemu { qemu_binary, accel } => {
+        Backend::Qemu {
+            qemu_binary,
+            accel,
+            launcher,
+        } => {
             let version = std::process::Command::new(&qemu_binary)
                 .arg("--version")
                 .stdin(std::process::Stdio::null())
@@ -218,7 +230,7 @@ fn open_backend(config: &HostdConfig) -> Result<OpenedBackend, String> {
                 .output()
                 .ok()
                 .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(label));
-            let mut b = QemuBackend::new(vms, &qemu_binary)
+            let mut b = QemuBackend::new(vms, &qemu_binary, &launcher)
                 .map_err(|e| e.to_string())?
                 .with_accel(accel);
             if let Some(d) = &hv.vsock_daemon {
@@ -328,12 +340,16 @@ impl Hostd {
             // VMs outlive this process; the next host agent adopts them.
             hv.detach_all();
         }
+        if options.volume_keys.is_none() {
+            tracing::warn!("no key service: launches with volumes are refused");
+        }
         let now = options.clock.now();
         let instances = Instances::open(
             config.host.clone(),
             state,
             images.clone(),
             backend.map(|(hv, _, _)| hv),
+            options.volume_keys.clone(),
             CapacityLimits::from_config(&config.capacity),
             now,
         )?;
@@ -642,19 +658,26 @@ impl Inner {
         };
         let now = self.clock.now();
         let instances = &self.instances;
+        // Admitted, so there is a token: the key service checks it again.
+        let token = token.as_deref().unwrap_or_default();
         let result = match &req {
             AdminRequest::HostDrain | AdminRequest::HostUndrain => instances
                 .set_drained(matches!(req, AdminRequest::HostDrain))
                 .await
                 .map(|()| ok_json(&self.describe_host())),
-            AdminRequest::InstanceLaunch(l) => instances.launch(l, now).await.map(|d| ok_json(&d)),
+            AdminRequest::InstanceLaunch(l) => {
+                instances.launch(l, now, token).await.map(|d| ok_json(&d))
+            }
             AdminRequest::InstanceStop(n) => {
                 instances.stop(n, now, None).await.map(|d| ok_json(&d))
             }
-            AdminRequest::InstanceStart(n) => instances.start(n, now).await.map(|d| ok_json(&d)),
-            AdminRequest::InstanceTerminate(n) => {
-                instances.terminate(n, now).await.map(|d| ok_json(&d))
+            AdminRequest::InstanceStart(n) => {
+                instances.start(n, now, token).await.map(|d| ok_json(&d))
             }
+            AdminRequest::InstanceTerminate(n) => instances
+                .terminate(n, now, token)
+                .await
+                .map(|d| ok_json(&d)),
             AdminRequest::HostDescribe
             | AdminRequest::InstanceList
             | AdminRequest::InstanceDescribe(_) => {

@@ -1,16 +1,18 @@
 //! Fail closed when the journal cannot be written: the host agent's state
 //! directory on a 2 MiB tmpfs that is then filled. Every admitted request is
 //! refused with 503 at step `journal` and nothing runs (the drain flag and an
-//! instance's record, keys and volumes stay as they were); once space
-//! returns, calls succeed and are journaled, and the journal verifies.
+//! instance's record, wrapped keys, key service record and volumes stay as
+//! they were); once space returns, calls succeed and are journaled, and the
+//! journal verifies.
 //!
 //! Needs root (to mount); prints `SKIPPED: <reason>` otherwise.
 
 mod support;
 
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nitrile_api::admin::{
     AdminRequest, Health, HostDescription, InstanceDescription, InstanceState, PlacementState,
@@ -19,9 +21,11 @@ use nitrile_api::admin::{
 use nitrile_api::wire::{RefusalStep, TokenResponse};
 use nitrile_api::{Name, Operation};
 use nitrile_audit::{RecordKind, format_time, verify_journal};
+use nitrile_hostd::volume_keys::VolumeKeySource as _;
 use nitrile_hostd::{BackendName, HypervisorConfig};
 use nitrile_token::Clock;
-use support::{TestCell, TmpfsMount, journal_records, refusal, token_request};
+use support::kms::KmsKeySource;
+use support::{TestCell, TmpfsMount, journal_records, nitrile_binary, refusal, token_request};
 
 const ALICE: &str = "operator/alice";
 const PLACEMENT: &str = "service/placement";
@@ -59,9 +63,13 @@ fn host_description(body: &[u8]) -> HostDescription {
     serde_json::from_slice(body).unwrap()
 }
 
-/// Plants a stopped instance `web1` with a volume key file and a volume,
-/// as a launch and a stop would have left them.
-fn plant_stopped_instance(state: &Path, now: time::OffsetDateTime) -> (PathBuf, PathBuf, PathBuf) {
+/// Plants a stopped instance `web1` with a volume (its key made by `keys`
+/// and kept wrapped), as a launch and a stop would have left them.
+fn plant_stopped_instance(
+    state: &Path,
+    now: time::OffsetDateTime,
+    keys: &KmsKeySource,
+) -> (PathBuf, PathBuf, PathBuf) {
     let private = |p: &Path| {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -81,6 +89,7 @@ fn plant_stopped_instance(state: &Path, now: time::OffsetDateTime) -> (PathBuf, 
             id: name("data"),
             size_mib: 1,
         }],
+        scratch_mib: None,
         state: InstanceState::Stopped,
         reason: None,
         launched_at: format_time(now),
@@ -88,21 +97,14 @@ fn plant_stopped_instance(state: &Path, now: time::OffsetDateTime) -> (PathBuf, 
     };
     let record_path = dir.join("instance.json");
     std::fs::write(&record_path, serde_json::to_vec_pretty(&record).unwrap()).unwrap();
-    let keys = dir.join("volume-keys");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&keys)
-        .unwrap();
-    let mut key_file = vec![4u8];
-    key_file.extend_from_slice(b"data");
-    key_file.extend_from_slice(&[0x5a; 64]);
-    f.write_all(&key_file).unwrap();
+    let wrapped = keys.generate(&name("data"), "launch-token").unwrap();
+    let keys_path = dir.join("wrapped-keys.json");
+    let file = serde_json::json!({ "volumes": { "data": hex::encode(wrapped.as_bytes()) } });
+    nitrile_fs::write_atomic(&keys_path, &serde_json::to_vec(&file).unwrap(), 0o600).unwrap();
     let volumes = state.join("volumes").join("web1");
     private(&volumes);
     std::fs::write(volumes.join("data.img"), vec![0xc3u8; 64 * 1024]).unwrap();
-    (record_path, keys, volumes)
+    (record_path, keys_path, volumes)
 }
 
 /// Fills the filesystem of `dir` with one file; returns it.
@@ -130,21 +132,23 @@ async fn disk_full_requests_refused_with_503_nothing_runs_and_service_recovers()
     };
     let state = mount.path().to_owned();
     let now = cell.clock.now();
-    let (record_path, keys_path, volumes_dir) = plant_stopped_instance(&state, now);
+    let keys = Arc::new(KmsKeySource::open(&cell.scratch("kms")));
+    let (record_path, keys_path, volumes_dir) = plant_stopped_instance(&state, now, &keys);
     let record_before = std::fs::read(&record_path).unwrap();
     let keys_before = std::fs::read(&keys_path).unwrap();
 
     let mut setup = cell.default_setup();
     setup.state = Some(state.clone());
-    let qemu = find_qemu();
-    if let Some(q) = &qemu {
+    setup.volume_keys = Some(keys.clone());
+    let qemu = find_qemu().zip(nitrile_binary());
+    if let Some((q, launcher)) = &qemu {
         // Terminating a stopped instance needs a hypervisor (to make sure
         // its VM is gone); no VM is ever started here.
         setup.hypervisor = HypervisorConfig {
             backend: BackendName::Qemu,
             qemu: Some(q.clone()),
             vsock_daemon: None,
-            vmm: None,
+            vmm: Some(launcher.clone()),
         };
     }
     cell.start_host_with("h1", setup).await;
@@ -212,6 +216,7 @@ async fn disk_full_requests_refused_with_503_nothing_runs_and_service_recovers()
     }
     assert_eq!(std::fs::read(&record_path).unwrap(), record_before);
     assert_eq!(std::fs::read(&keys_path).unwrap(), keys_before);
+    assert!(keys.has_volume("data"), "the key service destroyed the key");
     assert!(volumes_dir.join("data.img").exists());
 
     // Space returns: the service recovers.
@@ -245,7 +250,15 @@ async fn disk_full_requests_refused_with_503_nothing_runs_and_service_recovers()
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         let instance: InstanceDescription = serde_json::from_slice(&body).unwrap();
         assert_eq!(instance.state, InstanceState::Terminated);
-        assert!(!keys_path.exists(), "keys not erased");
+        assert!(!keys.has_volume("data"), "the key service kept the key");
+        let destroys: Vec<_> = keys
+            .calls()
+            .into_iter()
+            .filter(|c| c.op == "destroy")
+            .collect();
+        assert_eq!(destroys.len(), 1, "{destroys:?}");
+        assert_eq!(destroys[0].token, token, "not the terminate token");
+        assert!(!keys_path.exists(), "wrapped keys not erased");
         assert!(!volumes_dir.exists(), "volumes not deleted");
     } else {
         // Admitted and journaled; without a hypervisor it cannot run.

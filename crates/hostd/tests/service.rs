@@ -1,10 +1,16 @@
 //! The host agent end to end: a cell provisioned in a temporary directory,
 //! the token service and the host agent in-process on loopback mTLS, tokens
 //! obtained from the token service as the sample principals, real journal,
-//! real QEMU guests (the lifecycle test prints `SKIPPED: <reason>` and
-//! returns when QEMU or the guest image is missing).
+//! real QEMU guests started through the `nitrile qemu-launch` launcher, and
+//! volume keys from the key service's core library (the lifecycle test
+//! prints `SKIPPED: <reason>` and returns when QEMU, the `nitrile` binary or
+//! the guest image is missing).
+
+#[path = "support/kms.rs"]
+mod kms;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use nitrile_api::admin::{
@@ -51,6 +57,20 @@ struct Cell {
     layout: CellLayout,
     tokend: Running<nitrile_tokend::TokendError>,
     host_config: PathBuf,
+    keys: Arc<kms::KmsKeySource>,
+}
+
+/// The `nitrile` binary the backends start (`NITRILE_BIN`, else next to
+/// the tests: `cargo build -p nitrile-cli` in the same command).
+fn nitrile_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NITRILE_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .nth(2)
+        .map(|profile| profile.join("nitrile"))
+        .filter(|p| p.is_file())
 }
 
 impl Cell {
@@ -129,10 +149,12 @@ impl Cell {
         );
         config.capacity.vcpus = Some(4);
         config.capacity.memory_mib = Some(2048);
+        config.hypervisor.vmm = nitrile_binary();
         let host_config = host_dir.join("hostd.toml");
         config.write(&host_config).unwrap();
         Ok((
             Self {
+                keys: Arc::new(kms::KmsKeySource::open(&dir.path().join("kms"))),
                 dir,
                 layout,
                 tokend,
@@ -148,7 +170,11 @@ impl Cell {
 
     async fn start_host(&self) -> (Running<nitrile_hostd::HostdError>, PathBuf) {
         let config = HostdConfig::load(&self.host_config).unwrap();
-        let hostd = Hostd::open(&config, HostdOptions::default()).await.unwrap();
+        let options = HostdOptions {
+            volume_keys: Some(self.keys.clone()),
+            ..HostdOptions::default()
+        };
+        let hostd = Hostd::open(&config, options).await.unwrap();
         let addr = hostd.local_addr().unwrap().to_string();
         let metrics = hostd.metrics_path();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -341,6 +367,7 @@ async fn hostd_serves_the_api_and_journals_every_refusal() {
         vcpus: 1,
         memory_mib: 256,
         volumes: vec![],
+        scratch_mib: None,
     });
     let resp = admin(&cell, &mut placement, "service/placement", &launch).await;
     let record = assert_refused(&cell, &resp, 409, RefusalStep::State);
@@ -497,6 +524,12 @@ fn qemu_usable() -> Result<(), String> {
     if !found {
         return Err("qemu-system-x86_64 is not installed".to_owned());
     }
+    if nitrile_binary().is_none() {
+        return Err(
+            "no nitrile binary next to the tests (cargo build -p nitrile-cli, or NITRILE_BIN)"
+                .to_owned(),
+        );
+    }
     Ok(())
 }
 
@@ -532,16 +565,40 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
             id: name("data"),
             size_mib: 16,
         }],
+        scratch_mib: Some(16),
     });
-    let resp = admin(&cell, &mut placement, "service/placement", &launch).await;
+    let launch_token = cell.token("service/placement", &launch).await;
+    let resp = call(&mut placement, &launch, Some(&launch_token)).await;
     assert_eq!(resp.status.as_u16(), 200, "{:?}", resp.body);
     let d: InstanceDescription = resp.json().unwrap();
     assert_eq!(d.state, InstanceState::Running);
+    assert_eq!(d.scratch_mib, Some(16));
     assert_executed(&cell, &launch);
     let host_dir = cell.host_dir();
-    let key_file = host_dir.join("instances/web1/volume-keys");
+    let key_file = host_dir.join("instances/web1/wrapped-keys.json");
     let volume = host_dir.join("volumes/web1/data.img");
-    assert!(key_file.is_file() && volume.is_file());
+    let scratch = host_dir.join("instances/web1/scratch.img");
+    assert!(key_file.is_file() && volume.is_file() && scratch.is_file());
+    assert!(!host_dir.join("instances/web1/volume-keys").exists());
+    // The key service made the key and sealed it to the VMM, each time with
+    // the caller's token relayed; the host keeps only the wrapped key.
+    let calls = cell.keys.calls();
+    let ops: Vec<_> = calls.iter().map(|c| (c.op, c.volume.as_str())).collect();
+    assert_eq!(ops, [("generate", "data"), ("unwrap", "data")]);
+    assert!(calls.iter().all(|c| c.token == launch_token));
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&key_file).unwrap()).unwrap();
+    let wrapped = hex::decode(file["volumes"]["data"].as_str().unwrap()).unwrap();
+    let dek = cell.keys.dek("data", &wrapped);
+    for f in [&key_file, &host_dir.join("instances/web1/spec.json")] {
+        let bytes = std::fs::read(f).unwrap();
+        assert!(
+            !bytes.windows(64).any(|w| w == dek)
+                && !bytes.windows(128).any(|w| w == hex::encode(dek).as_bytes()),
+            "the data key in {}",
+            f.display()
+        );
+    }
     let vm_dir = host_dir.join("vms/web1");
     let vm_dir = vm_dir.to_str().unwrap();
     assert!(!processes_mentioning(vm_dir).is_empty(), "no QEMU for web1");
@@ -556,6 +613,7 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
         vcpus: 4,
         memory_mib: 256,
         volumes: vec![],
+        scratch_mib: None,
     });
     let resp = admin(&cell, &mut placement, "service/placement", &big).await;
     let record = assert_refused(&cell, &resp, 409, RefusalStep::State);
@@ -578,6 +636,10 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
     );
     assert_executed(&cell, &stop);
     assert!(processes_mentioning(vm_dir).is_empty(), "QEMU still runs");
+    assert!(
+        !scratch.exists(),
+        "the instance-store disk outlived the stop"
+    );
     let resp = admin(&cell, &mut placement, "service/placement", &stop).await;
     assert_refused(&cell, &resp, 409, RefusalStep::State);
 
@@ -591,6 +653,15 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
     );
     let pids = processes_mentioning(vm_dir);
     assert!(!pids.is_empty(), "no QEMU after start");
+    // A new VMM: the key sealed again, to its new recipient; a new disk.
+    let unwraps = cell
+        .keys
+        .calls()
+        .iter()
+        .filter(|c| c.op == "unwrap")
+        .count();
+    assert_eq!(unwraps, 2);
+    assert!(scratch.is_file());
 
     // Restart the host agent without stopping VMs: the new one re-adopts.
     drop(placement);
@@ -622,8 +693,14 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
     );
     assert_executed(&cell, &terminate);
     assert!(processes_mentioning(vm_dir).is_empty(), "QEMU still runs");
-    assert!(!key_file.exists(), "key file not erased");
+    assert!(!key_file.exists(), "wrapped keys not erased");
     assert!(!volume.exists(), "volume file not deleted");
+    assert!(!scratch.exists(), "instance-store disk not deleted");
+    assert!(
+        !cell.keys.has_volume("data"),
+        "the key service kept the key"
+    );
+    assert_eq!(cell.keys.calls().last().unwrap().op, "destroy");
     let resp = admin(&cell, &mut placement, "service/placement", &describe).await;
     assert_eq!(
         resp.json::<InstanceDescription>().unwrap().state,

@@ -181,22 +181,6 @@ mod tests {
         ));
     }
 
-    /// A key read from an inherited pipe encrypts as the same bytes given
-    /// directly.
-    #[test]
-    fn key_from_inherited_pipe_fd() {
-        let (reader, mut writer) = std::io::pipe().unwrap();
-        let bytes: Vec<u8> = (0..VOLUME_KEY_LEN as u8).map(|b| b ^ 0x5a).collect();
-        std::io::Write::write_all(&mut writer, &bytes).unwrap();
-        drop(writer);
-        let key = VolumeKey::from_fd(reader.into()).unwrap();
-        let mut a = vec![0u8; SECTOR_SIZE];
-        SectorCipher::new(&key).unwrap().encrypt(&mut a, 0).unwrap();
-        let mut b = vec![0u8; SECTOR_SIZE];
-        cipher(&bytes).encrypt(&mut b, 0).unwrap();
-        assert_eq!(a, b);
-    }
-
     #[test]
     fn debug_never_shows_key_bytes() {
         let k = key(1);

@@ -3,10 +3,13 @@
 //! [`nitrile_vmm::kvm::control`].
 //!
 //! [`run_from_fds`] reads the [`VmSpec`] from the spec pipe (at most
-//! [`nitrile_vmm::MAX_SPEC_LEN`] bytes), the volume keys from the key pipe
-//! (64 bytes each, in the spec's volume order, straight into mlocked,
-//! zeroizing buffers; then the pipe is closed), opens `/dev/kvm`, the kernel
-//! and the volumes, builds the VM, and jails itself: `chroot` into the
+//! [`nitrile_vmm::MAX_SPEC_LEN`] bytes), makes one recipient key pair per
+//! volume and offers their public keys on the control channel, opens the
+//! sealed keys the backend relays back straight into mlocked, zeroizing
+//! pages ([`nitrile_vmm::unlock`]; the private keys are zeroized at once),
+//! generates the instance-store disk's key itself when the spec has one (it
+//! never leaves this process), opens `/dev/kvm`, the kernel and the disks,
+//! builds the VM, and jails itself: `chroot` into the
 //! working directory, `setgroups([])`, `setresgid`, `setresuid` to the given
 //! unprivileged ids and `PR_SET_NO_NEW_PRIVS` (the jails' one privilege
 //! drop, `nitrile_vmm_sys::privilege`, which refuses unless the process
@@ -32,7 +35,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use nitrile_vmm::kvm::control::{self, ControlError, Event, ExitKind, Request, RunState};
-use nitrile_vmm::{MAX_SPEC_LEN, SpecError, VmSpec, VolumeKey};
+use nitrile_vmm::{MAX_SPEC_LEN, SCRATCH_DISK_ID, SpecError, UnlockError, VmSpec, VolumeKey};
 use nitrile_vmm_sys::privilege::{self, Ids, PrivilegeError};
 use nitrile_vmm_sys::process::exit_now;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
@@ -51,9 +54,8 @@ pub const VSOCK_SOCKET: &str = "vsock.sock";
 pub struct ProcessArgs {
     /// Pipe holding the spec JSON.
     pub spec_fd: RawFd,
-    /// Pipe holding the volume keys.
-    pub key_fd: RawFd,
-    /// Unix socket of the control channel.
+    /// Unix socket of the control channel (the key exchange, then
+    /// [`nitrile_vmm::kvm::control`]).
     pub control_fd: RawFd,
     /// The serial console file, open for writing.
     pub serial_fd: RawFd,
@@ -83,18 +85,13 @@ pub enum ProcessError {
     /// The spec was refused.
     #[error("invalid spec")]
     Spec(#[from] SpecError),
-    /// The key pipe did not hold one key per volume.
-    #[error("the key pipe must hold exactly {expected} keys")]
-    KeyCount {
-        /// Keys the spec needs.
-        expected: usize,
-    },
-    /// A key was refused.
-    #[error("volume key")]
+    /// The volume-key exchange failed (a sealed key that does not open
+    /// among others).
+    #[error("volume keys")]
+    Unlock(#[from] UnlockError),
+    /// The instance-store disk's key could not be made.
+    #[error("instance-store key")]
     Key(#[from] nitrile_vmm::KeyError),
-    /// Reading the keys failed.
-    #[error("reading the volume keys")]
-    ReadKeys(#[source] std::io::Error),
     /// The spec asks for a network device but no tap descriptor was given,
     /// or a tap was given for a spec without one.
     #[error("a tap descriptor must be given exactly when the spec has a network device")]
@@ -138,25 +135,6 @@ pub enum ProcessError {
 /// not a standard stream, open, passed by the parent, never taken twice).
 fn take_fd(fd: RawFd) -> Result<OwnedFd, ProcessError> {
     nitrile_vmm_sys::fd::take_inherited(fd).map_err(|_| ProcessError::BadFd(fd))
-}
-
-/// Reads the keys: 64 bytes per volume, each straight into a locked page,
-/// then end of file.
-fn read_keys(source: &mut impl Read, count: usize) -> Result<Vec<VolumeKey>, ProcessError> {
-    let mut keys = Vec::with_capacity(count);
-    for _ in 0..count {
-        keys.push(VolumeKey::read_next(source).map_err(|e| match e {
-            nitrile_vmm::KeyError::BadLength(_) => ProcessError::KeyCount { expected: count },
-            nitrile_vmm::KeyError::Read(e) => ProcessError::ReadKeys(e),
-            other => ProcessError::Key(other),
-        })?);
-    }
-    let mut extra = [0u8; 1];
-    match source.read(&mut extra) {
-        Ok(0) => Ok(keys),
-        Ok(_) => Err(ProcessError::KeyCount { expected: count }),
-        Err(e) => Err(ProcessError::ReadKeys(e)),
-    }
 }
 
 /// Most bytes of a kernel read to find its format.
@@ -321,7 +299,6 @@ fn exit_kind(r: &Result<ExitReason, crate::VmmError>) -> ExitKind {
 pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, ProcessError> {
     let ids = Ids::new(args.uid, args.gid).map_err(|_| ProcessError::RootIds)?;
     let spec_fd = take_fd(args.spec_fd)?;
-    let key_fd = take_fd(args.key_fd)?;
     let control_fd = take_fd(args.control_fd)?;
     let serial_fd = take_fd(args.serial_fd)?;
     let tap_fd = args.tap_fd.map(take_fd).transpose()?;
@@ -332,10 +309,23 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
         .read_to_end(&mut spec_bytes)
         .map_err(ProcessError::ReadSpec)?;
     let spec = VmSpec::parse_json(&spec_bytes)?;
-    let keys = read_keys(&mut File::from(key_fd), spec.volumes().len())?;
     if spec.net().is_some() != tap_fd.is_some() {
         return Err(ProcessError::TapMismatch);
     }
+    let control = UnixStream::from(control_fd);
+    let mut reader = BufReader::new(
+        control
+            .try_clone()
+            .map_err(jail_err("cloning the control socket"))?,
+    );
+    let mut writer = control;
+    // The volume keys, opened here from what the key service sealed to
+    // this process; the instance-store key, made here and nowhere else.
+    let keys = nitrile_vmm::unlock::receive_keys(&spec, &mut reader, &mut writer)?;
+    let scratch_key = spec
+        .scratch()
+        .map(|_| VolumeKey::generate(&mut rand_core::OsRng))
+        .transpose()?;
 
     let image = spec.image();
     let mut kernel = File::open(image.kernel.as_path()).map_err(|source| ProcessError::Open {
@@ -354,7 +344,7 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
             source,
         })?
         .len();
-    let mut disks = Vec::with_capacity(keys.len());
+    let mut disks = Vec::with_capacity(keys.len() + 1);
     for (vol, key) in spec.volumes().iter().zip(keys) {
         let file = OpenOptions::new()
             .read(true)
@@ -369,6 +359,23 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
             encryption: DiskEncryption::Xts(key),
             read_only: vol.read_only,
             id: vol.id.as_str().chars().take(crate::blk::ID_BYTES).collect(),
+        });
+    }
+    if let (Some(scratch), Some(key)) = (spec.scratch(), scratch_key) {
+        // Made empty by the backend for this process alone.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(scratch.path.as_path())
+            .map_err(|source| ProcessError::Open {
+                what: "the instance-store disk",
+                source,
+            })?;
+        disks.push(DiskConfig {
+            file,
+            encryption: DiskEncryption::Xts(key),
+            read_only: false,
+            id: SCRATCH_DISK_ID.to_owned(),
         });
     }
     let config = VmConfig {
@@ -398,13 +405,7 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
     }
 
     enter_jail(ids)?;
-    let control = UnixStream::from(control_fd);
-    let writer = Arc::new(Mutex::new(
-        control
-            .try_clone()
-            .map_err(jail_err("cloning the control socket"))?,
-    ));
-    let mut reader = BufReader::new(control);
+    let writer = Arc::new(Mutex::new(writer));
 
     // The vCPU thread: confined first, then waits for Start.
     let (start_tx, start_rx) = mpsc::channel::<()>();
@@ -471,7 +472,6 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nitrile_vmm::VOLUME_KEY_LEN;
 
     /// A minimal 64-bit ELF header with one `PT_NOTE` segment holding one
     /// note of type `ty` owned by "Xen".
@@ -528,23 +528,6 @@ mod tests {
         assert!(matches!(
             format_of(&[0u8; 1024]),
             Err(ProcessError::UnknownKernelFormat)
-        ));
-    }
-
-    #[test]
-    fn keys_must_match_the_volume_count() {
-        let mut two = [0u8; 2 * VOLUME_KEY_LEN];
-        for (i, b) in two.iter_mut().enumerate() {
-            *b = i as u8;
-        }
-        assert_eq!(read_keys(&mut &two[..], 2).unwrap().len(), 2);
-        assert!(matches!(
-            read_keys(&mut &two[..], 1),
-            Err(ProcessError::KeyCount { expected: 1 })
-        ));
-        assert!(matches!(
-            read_keys(&mut &two[..], 3),
-            Err(ProcessError::KeyCount { expected: 3 })
         ));
     }
 

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use nitrile_vmm::{Hypervisor, QemuBackend, VolumeKeys};
+use nitrile_vmm::{Hypervisor, QemuBackend};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -45,7 +45,7 @@ fn main() {
         .unwrap_or(5)
         .max(1);
     let dir = tempfile::tempdir().expect("tempdir");
-    let hv = QemuBackend::new(dir.path().join("vms"), &env.qemu)
+    let hv = QemuBackend::new(dir.path().join("vms"), &env.qemu, &env.launcher)
         .expect("qemu backend")
         .with_accel(env.accel);
     let mut times = Vec::new();
@@ -53,7 +53,7 @@ fn main() {
     for n in 0..boots {
         let spec = common::spec(&env, &format!("bench-{n}"), None, None);
         let t0 = Instant::now();
-        let id = hv.create(&spec, VolumeKeys::new()).expect("create");
+        let id = hv.create(&spec).expect("create").id;
         hv.start(&id).expect("start");
         let serial = hv.vm_dir(&id).join("serial.log");
         loop {

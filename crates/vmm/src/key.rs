@@ -1,46 +1,45 @@
-//! Volume keys: 64-byte AES-256-XTS keys held in locked, zeroized memory.
+//! Volume keys inside the VMM: 64-byte AES-256-XTS keys held in locked,
+//! zeroized memory.
 //!
-//! [`VolumeKey`] is the one key type of both backends: hostd makes or
-//! unwraps it, the QEMU backend turns it into a LUKS passphrase, and the
-//! `nitrile vmm` process reads it from its key pipe and encrypts sectors
-//! with it. Its bytes live alone on a page of their own
-//! ([`nitrile_vmm_sys::Locked`]), which is `mlock`ed (never swapped) and
-//! excluded from core dumps (`MADV_DONTDUMP`) for the key's lifetime, and
-//! overwritten with zeros before it is unlocked and freed; a key whose page
-//! cannot be locked is not made. Keys read from a descriptor go straight
-//! into that page. It has no `Display`, `Clone` or serde implementation,
-//! and its `Debug` shows no byte of it; the bytes are reached only through
-//! [`VolumeKey::expose_secret`].
+//! [`VolumeKey`] is the one key type of both backends' VMM side: the
+//! `nitrile vmm` process and the QEMU launcher open a volume's sealed key
+//! straight into one ([`VolumeKey::open_sealed`], see [`crate::unlock`]) or
+//! generate one for an instance-store disk ([`VolumeKey::generate`]); the
+//! `kvm` VMM encrypts sectors with it, the QEMU launcher turns it into a LUKS
+//! passphrase. The host agent never holds one. Its bytes live alone on a page
+//! of their own ([`nitrile_vmm_sys::Locked`]), which is `mlock`ed (never
+//! swapped) and excluded from core dumps (`MADV_DONTDUMP`) for the key's
+//! lifetime, and overwritten with zeros before it is unlocked and freed; a
+//! key whose page cannot be locked is not made. It has no `Display`, `Clone`
+//! or serde implementation, and its `Debug` shows no byte of it; the bytes
+//! are reached only through [`VolumeKey::expose_secret`].
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::io::{self, Read};
 
 use nitrile_api::Name;
 use nitrile_vmm_sys::{LockError, Locked};
 use rand_core::CryptoRngCore;
 use zeroize::Zeroizing;
 
-/// Length of a volume key: two AES-256 keys for XTS.
+use crate::unlock::{OpenError, Recipient, SealedKey};
+
+/// Length of a volume key: two AES-256 keys for XTS (the key service's
+/// 512-bit data key).
 pub const VOLUME_KEY_LEN: usize = 64;
 
 /// Why a volume key could not be made.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
-    /// the key material has the wrong length (from a reader: the bytes it
-    /// held before its end)
+    /// the key material has the wrong length
     #[error("volume key must be {VOLUME_KEY_LEN} bytes, got {0}")]
     BadLength(usize),
-    /// the key's source holds more than one key
-    #[error("the volume key source holds more than {VOLUME_KEY_LEN} bytes")]
-    TooLong,
     /// the page holding the key could not be locked in memory
     #[error("could not mlock the volume key page (check RLIMIT_MEMLOCK)")]
     Mlock(#[source] LockError),
-    /// reading the key from its source failed
-    #[error("reading the volume key failed")]
-    Read(#[source] io::Error),
+    /// the sealed key does not open with this recipient as this volume's key
+    #[error("the sealed volume key does not open")]
+    DoesNotOpen(#[source] OpenError),
 }
 
 /// A 64-byte AES-256-XTS volume key in locked memory, zeroized on drop.
@@ -51,7 +50,9 @@ pub struct VolumeKey {
 impl VolumeKey {
     /// Copies `bytes` (exactly [`VOLUME_KEY_LEN`]) into a locked page.
     ///
-    /// The caller should zeroize its own copy.
+    /// The caller should zeroize its own copy. For tests and benchmarks: a
+    /// VMM gets its keys from [`VolumeKey::open_sealed`] or
+    /// [`VolumeKey::generate`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
         if bytes.len() != VOLUME_KEY_LEN {
             return Err(KeyError::BadLength(bytes.len()));
@@ -61,50 +62,28 @@ impl VolumeKey {
         Ok(key)
     }
 
-    /// A fresh random key (e.g. for an instance-store volume that is never persisted).
+    /// A fresh random key, made in its locked page (an instance-store disk's
+    /// key, which never leaves the process that made it).
     pub fn generate(rng: &mut impl CryptoRngCore) -> Result<Self, KeyError> {
         let mut key = Self::locked_zero()?;
         rng.fill_bytes(&mut key.bytes[..]);
         Ok(key)
     }
 
-    /// Reads the next [`VOLUME_KEY_LEN`] bytes of `source` straight into a
-    /// locked page; fewer before the end of `source` are refused
-    /// ([`KeyError::BadLength`]). Whatever follows is left unread.
-    pub fn read_next(source: &mut impl Read) -> Result<Self, KeyError> {
+    /// Opens `sealed` with `recipient` as `volume`'s data key, decrypted
+    /// straight into a locked page (no other copy of the plaintext is made).
+    /// A key sealed to another recipient, for another volume, or altered is
+    /// refused ([`KeyError::DoesNotOpen`]) and nothing of it is kept.
+    pub fn open_sealed(
+        recipient: &Recipient,
+        sealed: &SealedKey,
+        volume: &Name,
+    ) -> Result<Self, KeyError> {
         let mut key = Self::locked_zero()?;
-        let mut filled = 0;
-        while filled < VOLUME_KEY_LEN {
-            match source.read(&mut key.bytes[filled..]) {
-                Ok(0) => return Err(KeyError::BadLength(filled)),
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(KeyError::Read(e)),
-            }
-        }
+        recipient
+            .open_into(sealed, volume, &mut key.bytes)
+            .map_err(KeyError::DoesNotOpen)?;
         Ok(key)
-    }
-
-    /// Reads exactly [`VOLUME_KEY_LEN`] bytes and then the end of `source`
-    /// (the process form of the VMM takes its key on an inherited
-    /// descriptor); anything else is refused.
-    pub fn read_from(source: &mut impl Read) -> Result<Self, KeyError> {
-        let key = Self::read_next(source)?;
-        let mut extra = [0u8; 1];
-        loop {
-            match source.read(&mut extra) {
-                Ok(0) => return Ok(key),
-                Ok(_) => return Err(KeyError::TooLong),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(KeyError::Read(e)),
-            }
-        }
-    }
-
-    /// Reads the key from a descriptor inherited from the parent, then
-    /// closes it. See [`VolumeKey::read_from`].
-    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Self, KeyError> {
-        Self::read_from(&mut std::fs::File::from(fd))
     }
 
     fn locked_zero() -> Result<Self, KeyError> {
@@ -113,8 +92,8 @@ impl VolumeKey {
         })
     }
 
-    /// The raw key bytes, for a backend handing the key to a VMM or a VMM
-    /// expanding it into a cipher.
+    /// The raw key bytes, for a VMM expanding it into a cipher or a
+    /// launcher handing it to QEMU.
     ///
     /// Never log, print or persist them.
     pub fn expose_secret(&self) -> &[u8; VOLUME_KEY_LEN] {
@@ -123,62 +102,18 @@ impl VolumeKey {
 
     /// The key as standard base64 text (88 ASCII bytes), zeroized on drop.
     ///
-    /// This is the LUKS passphrase the QEMU backend hands to QEMU.
+    /// This is the LUKS passphrase the QEMU launcher hands to QEMU.
     pub(crate) fn to_base64(&self) -> Zeroizing<String> {
         use base64::Engine as _;
-        Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(self.expose_secret()))
+        let mut text = Zeroizing::new(String::with_capacity(88));
+        base64::engine::general_purpose::STANDARD.encode_string(self.expose_secret(), &mut text);
+        text
     }
 }
 
 impl fmt::Debug for VolumeKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("VolumeKey(<redacted>)")
-    }
-}
-
-/// The keys for a VM's volumes, by volume id.
-#[derive(Default)]
-pub struct VolumeKeys {
-    keys: BTreeMap<Name, VolumeKey>,
-}
-
-impl VolumeKeys {
-    /// No keys.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds the key of volume `id`, returning the key it replaces, if any.
-    pub fn insert(&mut self, id: Name, key: VolumeKey) -> Option<VolumeKey> {
-        self.keys.insert(id, key)
-    }
-
-    /// The key of volume `id`.
-    pub fn get(&self, id: &Name) -> Option<&VolumeKey> {
-        self.keys.get(id)
-    }
-
-    /// The volume ids that have keys.
-    pub fn ids(&self) -> impl Iterator<Item = &Name> {
-        self.keys.keys()
-    }
-
-    /// Number of keys.
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    /// Whether there are no keys.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-}
-
-impl fmt::Debug for VolumeKeys {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VolumeKeys")
-            .field("ids", &self.keys.keys().collect::<Vec<_>>())
-            .finish()
     }
 }
 
@@ -201,12 +136,10 @@ mod tests {
     #[test]
     fn debug_never_shows_key_bytes() {
         let key = VolumeKey::from_bytes(&[0xabu8; VOLUME_KEY_LEN]).unwrap();
-        let mut keys = VolumeKeys::new();
-        keys.insert(Name::new("data").unwrap(), key);
-        let shown = format!("{:?} {:?}", keys, keys.get(&Name::new("data").unwrap()));
+        let shown = format!("{key:?}");
         assert!(!shown.to_lowercase().contains("ab, ") && !shown.contains("171"));
         assert!(!shown.contains(&"ab".repeat(8)));
-        assert!(shown.contains("data") && shown.contains("redacted"));
+        assert!(shown.contains("redacted"));
     }
 
     #[test]
@@ -236,41 +169,11 @@ mod tests {
     }
 
     #[test]
-    fn read_from_requires_exact_length() {
-        let bytes: Vec<u8> = (0..VOLUME_KEY_LEN as u8).collect();
-        let key = VolumeKey::read_from(&mut &bytes[..]).unwrap();
-        assert_eq!(&key.expose_secret()[..], &bytes[..]);
-        assert!(matches!(
-            VolumeKey::read_from(&mut &bytes[..63]),
-            Err(KeyError::BadLength(63))
-        ));
-        let mut long = bytes.clone();
-        long.push(0);
-        assert!(matches!(
-            VolumeKey::read_from(&mut &long[..]),
-            Err(KeyError::TooLong)
-        ));
-        // One key after another from the same source.
-        let two = [bytes.clone(), bytes.iter().map(|b| !b).collect()].concat();
-        let mut source = &two[..];
-        let a = VolumeKey::read_next(&mut source).unwrap();
-        let b = VolumeKey::read_next(&mut source).unwrap();
-        assert_eq!(&a.expose_secret()[..], &two[..64]);
-        assert_eq!(&b.expose_secret()[..], &two[64..]);
-        assert!(matches!(
-            VolumeKey::read_next(&mut source),
-            Err(KeyError::BadLength(0))
-        ));
-    }
-
-    #[test]
-    fn key_from_inherited_pipe_fd() {
-        let (reader, mut writer) = std::io::pipe().unwrap();
-        let bytes: Vec<u8> = (0..VOLUME_KEY_LEN as u8).map(|b| b ^ 0x5a).collect();
-        std::io::Write::write_all(&mut writer, &bytes).unwrap();
-        drop(writer);
-        let key = VolumeKey::from_fd(reader.into()).unwrap();
-        assert_eq!(&key.expose_secret()[..], &bytes[..]);
+    fn generated_keys_differ() {
+        let a = VolumeKey::generate(&mut rand_core::OsRng).unwrap();
+        let b = VolumeKey::generate(&mut rand_core::OsRng).unwrap();
+        assert_ne!(a.expose_secret(), b.expose_secret());
+        assert_ne!(a.expose_secret(), &[0u8; VOLUME_KEY_LEN]);
     }
 
     #[test]

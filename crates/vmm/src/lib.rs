@@ -1,14 +1,24 @@
 //! The hypervisor boundary of a nitrile host.
 //!
 //! This crate guarantees that hostd can drive a microVM only through the small,
-//! closed [`Hypervisor`] trait: create from a validated [`VmSpec`] and its
-//! [`VolumeKeys`], start, stop, status, destroy, and take over a VM that an
-//! earlier backend process left running (adopt, detach_all; the qemu
+//! closed [`Hypervisor`] trait: create from a validated [`VmSpec`], supply
+//! the volumes' sealed keys, start, stop, status, destroy, and take over a VM
+//! that an earlier backend process left running (adopt, detach_all; the qemu
 //! backend only, see [`qemu`]). No method reads guest memory,
 //! disk contents or the console, and there is no pass-through for arbitrary
 //! hypervisor commands. Specs are parsed strictly ([`VmSpec::parse_json`],
-//! bounded by [`MAX_SPEC_LEN`]); volume keys live in locked, zeroized memory
-//! and are never printed ([`VolumeKey`], the one key type of both backends).
+//! bounded by [`MAX_SPEC_LEN`]).
+//!
+//! No plaintext volume key passes through the trait or the host agent
+//! ([`unlock`]): the process that serves a VM's volumes (`nitrile vmm`, or
+//! the QEMU launcher) makes one ephemeral recipient key pair per volume;
+//! [`Hypervisor::create`] returns their public halves, the host has the key
+//! service seal each volume's data key to its recipient, and
+//! [`Hypervisor::supply_keys`] relays the sealed keys, which that process
+//! opens into locked, zeroized memory ([`VolumeKey`], never printed) before
+//! the VM may start. An instance-store disk ([`ScratchSpec`]) gets a key the
+//! process generates itself, which never leaves it and dies with it; the
+//! backend removes the disk's backing file when the VM ends.
 //!
 //! Backends are chosen by [`select`] from facts about the host
 //! ([`HostProbe`]): `kvm` ([`KvmBackend`], the separate, jailed `nitrile vmm`
@@ -21,21 +31,23 @@
 //! described, step by step, in the [`qemu`] module documentation, including
 //! what is not jailed.
 //! This crate does not decide who may create a VM (hostd does, from tokens) and
-//! does not unwrap volume keys (hostd hands them over already unwrapped).
+//! does not talk to the key service (hostd relays the sealed keys).
 
 // No unsafe code here. The four things that need it are in
 // `nitrile-vmm-sys`, behind safe APIs: the locked page of a volume key
-// (key.rs), the pre-exec jail of the QEMU, vsock daemon and `nitrile vmm`
-// processes (qemu/, kvm/), the pidfds that track them (process.rs), and
-// opening tap devices (kvm/).
+// (key.rs), the pre-exec jail of the QEMU launcher, vsock daemon and
+// `nitrile vmm` processes (qemu/, kvm/), the pidfds that track them
+// (process.rs), and opening tap devices (kvm/).
 #![forbid(unsafe_code)]
 
+pub mod control;
 mod key;
 pub mod kvm;
 mod process;
 pub mod qemu;
 mod select;
 mod spec;
+pub mod unlock;
 
 use std::fmt;
 use std::io;
@@ -43,7 +55,7 @@ use std::path::PathBuf;
 
 use nitrile_api::Name;
 
-pub use key::{KeyError, VOLUME_KEY_LEN, VolumeKey, VolumeKeys};
+pub use key::{KeyError, VOLUME_KEY_LEN, VolumeKey};
 pub use kvm::KvmBackend;
 pub use process::{MAX_RECORD_LEN, RecordError};
 pub use qemu::{JailConfig, QemuBackend};
@@ -51,7 +63,10 @@ pub use select::{Accel, Backend, BackendChoice, HostProbe, KvmDevice, Unavailabl
 pub use spec::{
     Cmdline, HostPath, ImageDigest, ImageSpec, MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_PATH_LEN,
     MAX_SPEC_LEN, MAX_TAP_NAME_LEN, MAX_VCPUS, MAX_VOLUME_MIB, MAX_VOLUMES, MIN_MEMORY_MIB,
-    NetSpec, SpecError, TapName, VmSpec, VolumeSpec, VsockSpec,
+    NetSpec, SCRATCH_DISK_ID, ScratchSpec, SpecError, TapName, VmSpec, VolumeSpec, VsockSpec,
+};
+pub use unlock::{
+    CreatedVm, RecipientPublicKey, SealedKey, SealedVolumeKeys, UnlockError, VolumeRecipient,
 };
 
 /// Identifies a VM within one backend: the instance name of its spec.
@@ -80,7 +95,10 @@ impl fmt::Display for VmId {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum VmStatus {
-    /// Created, vCPUs not started.
+    /// Created; its VMM waits for its volumes' sealed keys
+    /// ([`Hypervisor::supply_keys`]) and cannot start before.
+    AwaitingKeys,
+    /// Created (every volume's key open), vCPUs not started.
     Created,
     /// vCPUs running.
     Running,
@@ -138,12 +156,16 @@ pub enum VmmError {
     /// caller misuse: no VM with this id
     #[error("no VM {0}")]
     UnknownVm(VmId),
-    /// caller misuse: a volume of the spec has no key
+    /// caller misuse: a volume of the spec has no sealed key
     #[error("volume {0} has no key")]
     MissingKey(Name),
     /// caller misuse: a key was given for a volume the spec does not have
     #[error("a key was given for volume {0}, which the spec does not attach")]
     UnexpectedKey(Name),
+    /// the volume-key exchange with the VMM failed (its recipients, or the
+    /// relay of the sealed keys)
+    #[error("volume keys")]
+    Unlock(#[from] UnlockError),
     /// caller misuse: the VM is not in a state that allows the call
     #[error("VM {vm} is {state:?}; cannot {op}")]
     WrongState {
@@ -245,12 +267,27 @@ impl fmt::Display for DisplayPath {
 /// the console. Calls for one VM may block for a few seconds (the VMM
 /// starting, a graceful stop); callers in async code use `spawn_blocking`.
 pub trait Hypervisor: Send + Sync {
-    /// Creates the VM (devices attached, vCPUs not running) and takes
-    /// ownership of its volume keys; the VM's id is its instance name.
-    fn create(&self, spec: &VmSpec, keys: VolumeKeys) -> Result<VmId, VmmError>;
-    /// Starts (or resumes) the vCPUs.
+    /// Creates the VM (vCPUs not running); its id is its instance name.
+    ///
+    /// The VMM process makes one recipient key pair per volume of the spec
+    /// and the public halves are returned, in the spec's volume order
+    /// ([`CreatedVm`]). Without volumes the VM is then `Created`; with
+    /// volumes it is [`VmStatus::AwaitingKeys`] until
+    /// [`supply_keys`](Self::supply_keys).
+    fn create(&self, spec: &VmSpec) -> Result<CreatedVm, VmmError>;
+    /// Relays each volume's data key, sealed to the recipient
+    /// [`create`](Self::create) returned for it, to the VMM, which opens
+    /// them; returns once the VM is `Created` (every key open, devices
+    /// attached). A missing or extra key is refused before anything is
+    /// relayed ([`VmmError::MissingKey`], [`VmmError::UnexpectedKey`]); a
+    /// key that does not open ends the VMM, and the VM is forgotten as if
+    /// its creation had failed.
+    fn supply_keys(&self, id: &VmId, keys: SealedVolumeKeys) -> Result<(), VmmError>;
+    /// Starts (or resumes) the vCPUs; refused while the VM awaits its keys.
     fn start(&self, id: &VmId) -> Result<(), VmmError>;
-    /// Stops the VM: the VMM process ends; volumes stay on disk.
+    /// Stops the VM: the VMM process ends, and with it every key it held;
+    /// volumes stay on disk, the instance-store disk's backing file is
+    /// removed.
     fn stop(&self, id: &VmId) -> Result<(), VmmError>;
     /// What the VM is doing.
     fn status(&self, id: &VmId) -> Result<VmStatus, VmmError>;

@@ -4,9 +4,12 @@
 //! pure function of them, so every branch is tested.
 //!
 //! The `kvm` backend is the separate `nitrile vmm` process
-//! ([`KvmBackend`](crate::KvmBackend)). hostd configures the path of that
-//! binary in [`HostProbe::vmm_binary`] (by default the running executable
-//! when it is `nitrile`, see [`HostProbe::default_vmm_binary`]). An explicit
+//! ([`KvmBackend`](crate::KvmBackend)); the `qemu` backend starts QEMU
+//! through the `nitrile qemu-launch` launcher, which holds the volume keys
+//! ([`QemuBackend`](crate::QemuBackend)). Both need the `nitrile` binary:
+//! hostd configures its path in [`HostProbe::vmm_binary`] (by default the
+//! running executable when it is `nitrile`, see
+//! [`HostProbe::default_vmm_binary`]). An explicit
 //! `kvm` choice needs the binary and an openable `/dev/kvm` (the `kvm_pvm`
 //! software hypervisor included: it runs the test guest); `auto` picks `kvm`
 //! only on hardware KVM, since Linux guests are unusable under `kvm_pvm`, and
@@ -34,7 +37,8 @@ pub enum KvmDevice {
 pub struct HostProbe {
     /// The kind of `/dev/kvm`.
     pub kvm: KvmDevice,
-    /// The `nitrile vmm` binary, if configured.
+    /// The `nitrile` binary (`nitrile vmm`, `nitrile qemu-launch`), if
+    /// configured.
     pub vmm_binary: Option<PathBuf>,
     /// The QEMU system emulator, if installed.
     pub qemu_binary: Option<PathBuf>,
@@ -116,12 +120,14 @@ pub enum Backend {
         /// the `nitrile vmm` binary
         vmm_binary: PathBuf,
     },
-    /// QEMU, at this path, with this accelerator.
+    /// QEMU, at this path, with this accelerator, started by the launcher.
     Qemu {
         /// the QEMU binary
         qemu_binary: PathBuf,
         /// the accelerator
         accel: Accel,
+        /// the `nitrile` binary, run as `nitrile qemu-launch`
+        launcher: PathBuf,
     },
 }
 
@@ -133,7 +139,8 @@ pub enum Unavailable {
     NoKvmDevice,
     /// `/dev/kvm` is the `kvm_pvm` software hypervisor.
     KvmIsPvm,
-    /// The `nitrile vmm` binary path is not configured (or does not exist).
+    /// The `nitrile` binary path (`nitrile vmm`, the QEMU launcher) is not
+    /// configured (or does not exist).
     NoVmmBinary,
     /// The QEMU binary is not installed.
     NoQemu,
@@ -146,7 +153,9 @@ impl fmt::Display for Unavailable {
             Unavailable::KvmIsPvm => {
                 "/dev/kvm is kvm_pvm, a software hypervisor not usable for Linux guests"
             }
-            Unavailable::NoVmmBinary => "the nitrile vmm binary path is not configured",
+            Unavailable::NoVmmBinary => {
+                "the nitrile binary path (nitrile vmm, nitrile qemu-launch) is not configured"
+            }
             Unavailable::NoQemu => "qemu-system-x86_64 is not installed",
         })
     }
@@ -170,6 +179,7 @@ fn kvm_backend(host: &HostProbe, hardware_only: bool) -> Result<Backend, Unavail
 
 fn qemu_backend(host: &HostProbe) -> Result<(Backend, String), Unavailable> {
     let qemu_binary = host.qemu_binary.clone().ok_or(Unavailable::NoQemu)?;
+    let launcher = host.vmm_binary.clone().ok_or(Unavailable::NoVmmBinary)?;
     let (accel, why) = match host.kvm {
         KvmDevice::Hardware => (Accel::Kvm, "with -accel kvm (hardware KVM)".to_owned()),
         KvmDevice::Absent => (
@@ -181,7 +191,14 @@ fn qemu_backend(host: &HostProbe) -> Result<(Backend, String), Unavailable> {
             format!("with -accel tcg ({})", Unavailable::KvmIsPvm),
         ),
     };
-    Ok((Backend::Qemu { qemu_binary, accel }, why))
+    Ok((
+        Backend::Qemu {
+            qemu_binary,
+            accel,
+            launcher,
+        },
+        why,
+    ))
 }
 
 /// Picks the backend for `choice` on `host`, and says why.
@@ -252,17 +269,31 @@ mod tests {
     }
 
     #[test]
-    fn auto_without_vmm_binary_uses_qemu_kvm_on_hardware() {
-        let (b, why) =
-            select(BackendChoice::Auto, &host(KvmDevice::Hardware, false, true)).unwrap();
+    fn qemu_needs_the_launcher_binary_too() {
+        // Without the nitrile binary neither backend can hold volume keys.
+        assert_eq!(
+            reason(select(
+                BackendChoice::Auto,
+                &host(KvmDevice::Hardware, false, true)
+            )),
+            Unavailable::NoVmmBinary
+        );
+        assert_eq!(
+            reason(select(
+                BackendChoice::Qemu,
+                &host(KvmDevice::Pvm, false, true)
+            )),
+            Unavailable::NoVmmBinary
+        );
+        let (b, _) = select(BackendChoice::Qemu, &host(KvmDevice::Hardware, true, true)).unwrap();
         assert!(matches!(
             b,
             Backend::Qemu {
                 accel: Accel::Kvm,
+                ref launcher,
                 ..
-            }
+            } if launcher == Path::new("vmm")
         ));
-        assert!(why.contains("not configured"), "{why}");
     }
 
     #[test]

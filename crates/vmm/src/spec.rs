@@ -29,6 +29,8 @@ pub const MAX_VOLUMES: usize = 8;
 pub const MAX_VOLUME_MIB: u64 = 16 * 1024 * 1024;
 /// Longest tap device name (`IFNAMSIZ` minus the NUL).
 pub const MAX_TAP_NAME_LEN: usize = 15;
+/// The id the guest sees on the instance-store disk (its virtio-blk serial).
+pub const SCRATCH_DISK_ID: &str = "scratch";
 
 /// Why a spec was refused. Every variant names the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,9 @@ pub enum SpecError {
         /// index of the second volume with that path
         index: usize,
     },
+    /// the instance-store disk's backing file is a volume's
+    #[error("spec field `scratch.path`: backing file is a volume's")]
+    ScratchIsAVolume,
     /// the tap device name is empty, too long or has a character outside `A-Za-z0-9_-`
     #[error(
         "spec field `net.tap` must be 1 to {MAX_TAP_NAME_LEN} characters of A-Z, a-z, 0-9, `_` and `-`"
@@ -228,6 +233,19 @@ pub struct VolumeSpec {
     pub read_only: bool,
 }
 
+/// An instance-store disk: an encrypted virtio block device (after the
+/// volumes, with id [`SCRATCH_DISK_ID`]) whose key the VMM generates itself
+/// and never gives out, so that its contents die with the VMM process. Its
+/// backing file is made anew (empty) for every VMM and removed by the
+/// backend when the VM ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScratchSpec {
+    /// Backing file on the host (replaced when present).
+    pub path: HostPath,
+    /// Size in MiB, 1 to [`MAX_VOLUME_MIB`].
+    pub size_mib: u64,
+}
+
 /// A virtio-vsock device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VsockSpec {
@@ -280,6 +298,7 @@ pub struct VmSpec {
     vcpus: u8,
     memory_mib: u32,
     volumes: Vec<VolumeSpec>,
+    scratch: Option<ScratchSpec>,
     vsock: Option<VsockSpec>,
     net: Option<NetSpec>,
 }
@@ -293,6 +312,8 @@ struct RawSpec {
     memory_mib: u64,
     #[serde(default)]
     volumes: Vec<RawVolume>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scratch: Option<RawScratch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     vsock: Option<RawVsock>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -316,6 +337,13 @@ struct RawVolume {
     size_mib: u64,
     #[serde(default)]
     read_only: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScratch {
+    path: String,
+    size_mib: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -408,6 +436,19 @@ impl VmSpec {
                 read_only: v.read_only,
             });
         }
+        let scratch = match raw.scratch {
+            None => None,
+            Some(s) => {
+                let path = HostPath::parse("scratch.path", &s.path)?;
+                if paths.contains(&path) {
+                    return Err(SpecError::ScratchIsAVolume);
+                }
+                Some(ScratchSpec {
+                    path,
+                    size_mib: range("scratch.size_mib", s.size_mib, 1, MAX_VOLUME_MIB)?,
+                })
+            }
+        };
         let vsock = match raw.vsock {
             None => None,
             Some(v) => Some(VsockSpec {
@@ -439,6 +480,7 @@ impl VmSpec {
             vcpus: u8::try_from(vcpus).unwrap_or(MAX_VCPUS),
             memory_mib: u32::try_from(memory_mib).unwrap_or(MAX_MEMORY_MIB),
             volumes,
+            scratch,
             vsock,
             net,
         })
@@ -465,6 +507,10 @@ impl VmSpec {
                     read_only: v.read_only,
                 })
                 .collect(),
+            scratch: self.scratch.as_ref().map(|s| RawScratch {
+                path: s.path.to_raw(),
+                size_mib: s.size_mib,
+            }),
             vsock: self.vsock.as_ref().map(|v| RawVsock {
                 guest_cid: u64::from(v.guest_cid),
                 uds_path: v.uds_path.to_raw(),
@@ -506,6 +552,11 @@ impl VmSpec {
         &self.volumes
     }
 
+    /// The instance-store disk, if any.
+    pub fn scratch(&self) -> Option<&ScratchSpec> {
+        self.scratch.as_ref()
+    }
+
     /// The vsock device, if any.
     pub fn vsock(&self) -> Option<&VsockSpec> {
         self.vsock.as_ref()
@@ -539,6 +590,7 @@ mod tests {
                 { "id": "data", "path": "/var/lib/nitrile/volumes/data.qcow2", "size_mib": 64, "read_only": false },
                 { "id": "logs", "path": "/var/lib/nitrile/volumes/logs.qcow2", "size_mib": 8 }
             ],
+            "scratch": { "path": "/var/lib/nitrile/instances/i-1/scratch.img", "size_mib": 64 },
             "vsock": { "guest_cid": 3, "uds_path": "/run/nitrile/i-1.vsock" },
             "net": { "tap": "tap-i1" }
         })
@@ -564,6 +616,7 @@ mod tests {
         assert!(!spec.volumes()[1].read_only);
         assert_eq!(spec.vsock().unwrap().guest_cid, 3);
         assert_eq!(spec.net().unwrap().tap.as_str(), "tap-i1");
+        assert_eq!(spec.scratch().unwrap().size_mib, 64);
         assert_eq!(spec.image().digest.to_string(), DIGEST);
         let again = VmSpec::parse_json(&spec.to_json()).unwrap();
         assert_eq!(spec, again);
@@ -658,6 +711,23 @@ mod tests {
                 "vsock.uds_path",
                 Box::new(|v| v["vsock"]["uds_path"] = "sock".into()),
             ),
+            (
+                "scratch.path",
+                Box::new(|v| v["scratch"]["path"] = v["volumes"][1]["path"].clone()),
+            ),
+            (
+                "scratch.path",
+                Box::new(|v| v["scratch"]["path"] = "scratch.img".into()),
+            ),
+            (
+                "scratch.size_mib",
+                Box::new(|v| v["scratch"]["size_mib"] = 0.into()),
+            ),
+            (
+                "scratch.size_mib",
+                Box::new(|v| v["scratch"]["size_mib"] = (MAX_VOLUME_MIB + 1).into()),
+            ),
+            ("scratch", Box::new(|v| v["scratch"]["key"] = "00".into())),
             ("net.tap", Box::new(|v| v["net"]["tap"] = "tap 0".into())),
             (
                 "net.tap",
@@ -707,9 +777,16 @@ mod tests {
             o.remove("vsock");
             o.remove("net");
             o.remove("volumes");
+            o.remove("scratch");
         })
         .unwrap();
         assert!(spec.vsock().is_none() && spec.net().is_none() && spec.volumes().is_empty());
+        assert!(spec.scratch().is_none());
+        assert!(
+            !String::from_utf8(spec.to_json())
+                .unwrap()
+                .contains("scratch")
+        );
         assert_eq!(VmSpec::parse_json(&spec.to_json()).unwrap(), spec);
     }
 

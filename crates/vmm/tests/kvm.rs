@@ -6,8 +6,11 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use base64::Engine as _;
 use nitrile_api::Name;
-use nitrile_vmm::{Hypervisor, JailConfig, KvmBackend, VmSpec, VmmError, VolumeKey, VolumeKeys};
+use nitrile_vmm::{
+    Hypervisor, JailConfig, KvmBackend, SealedVolumeKeys, VmSpec, VmStatus, VmmError,
+};
 
 fn is_root() -> bool {
     if std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0) {
@@ -62,7 +65,7 @@ fn a_vmm_dying_during_setup_is_reported_with_its_stderr() {
     let bin = script(dir.path(), "dies", "echo 'no usable thing' >&2\nexit 3");
     let hv = backend(dir.path(), &bin);
     let s = spec(dir.path(), "dies-1", "");
-    match hv.create(&s, VolumeKeys::new()) {
+    match hv.create(&s) {
         Err(VmmError::VmmExited { status, stderr }) => {
             assert_eq!(status.code(), Some(3));
             assert!(stderr.contains("no usable thing"), "{stderr}");
@@ -71,10 +74,7 @@ fn a_vmm_dying_during_setup_is_reported_with_its_stderr() {
     }
     // Nothing of the VM is left behind, and its id is free again.
     assert!(!dir.path().join("state").join("dies-1").exists());
-    assert!(matches!(
-        hv.create(&s, VolumeKeys::new()),
-        Err(VmmError::VmmExited { .. })
-    ));
+    assert!(matches!(hv.create(&s), Err(VmmError::VmmExited { .. })));
 }
 
 #[test]
@@ -88,14 +88,14 @@ fn a_vmm_speaking_outside_the_protocol_is_refused() {
     );
     let bin = script(dir.path(), "chatty", &body);
     let hv = backend(dir.path(), &bin);
-    match hv.create(&spec(dir.path(), "chatty-1", ""), VolumeKeys::new()) {
+    match hv.create(&spec(dir.path(), "chatty-1", "")) {
         Err(VmmError::KvmControl(_)) => {}
         other => panic!("expected a control channel error, got {other:?}"),
     }
     let long = format!("{FIND_CONTROL_FD}\nprintf '%0300d\\n' 0 >&\"$C\"\nexec sleep 30");
     let bin = script(dir.path(), "long", &long);
     let hv = backend(dir.path(), &bin);
-    match hv.create(&spec(dir.path(), "long-1", ""), VolumeKeys::new()) {
+    match hv.create(&spec(dir.path(), "long-1", "")) {
         Err(VmmError::KvmControl(_)) => {}
         other => panic!("expected a control channel error, got {other:?}"),
     }
@@ -124,12 +124,7 @@ fn the_vmm_gets_only_descriptors_on_its_command_line_and_no_environment() {
             vol.display()
         ),
     );
-    let mut keys = VolumeKeys::new();
-    keys.insert(
-        Name::new("data").unwrap(),
-        VolumeKey::from_bytes(&[0x5a; 64]).unwrap(),
-    );
-    assert!(hv.create(&s, keys).is_err());
+    assert!(hv.create(&s).is_err());
     let seen = std::fs::read_to_string(&out).unwrap();
     let mut lines = seen.lines();
     let argv = lines.next().unwrap();
@@ -139,13 +134,7 @@ fn the_vmm_gets_only_descriptors_on_its_command_line_and_no_environment() {
         assert!(
             matches!(
                 pair[0],
-                "--spec-fd"
-                    | "--key-fd"
-                    | "--control-fd"
-                    | "--serial-fd"
-                    | "--tap-fd"
-                    | "--uid"
-                    | "--gid"
+                "--spec-fd" | "--control-fd" | "--serial-fd" | "--tap-fd" | "--uid" | "--gid"
             ),
             "{argv}"
         );
@@ -162,45 +151,161 @@ fn the_vmm_gets_only_descriptors_on_its_command_line_and_no_environment() {
     assert_eq!(meta.mode() & 0o777, 0o600);
 }
 
-#[test]
-fn specs_the_backend_cannot_serve_are_refused_before_spawning() {
-    if !is_root() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let marker = dir.path().join("spawned");
-    let bin = script(
-        dir.path(),
-        "marker",
-        &format!("touch {}\nexit 1", marker.display()),
+/// A stand-in VMM that offers one recipient key, writes whatever the
+/// backend sends it on the control channel to `seen`, and waits.
+fn offering_vmm(dir: &Path, seen: &Path) -> PathBuf {
+    let body = format!(
+        "{FIND_CONTROL_FD}\necho '{{\"event\":\"recipient\",\"volume\":0,\"key\":\"{key}\"}}' >&\"$C\"\nexec timeout 30 head -n 1 <&\"$C\" > {seen}",
+        key = "09".repeat(32),
+        seen = seen.display()
     );
-    let hv = backend(dir.path(), &bin);
-    let vol = dir.path().join("v.img");
+    script(dir, "offers", &body)
+}
+
+fn volume_spec(dir: &Path, instance: &str) -> (VmSpec, PathBuf) {
+    let vol = dir.join(format!("{instance}.img"));
     let s = spec(
-        dir.path(),
-        "key-1",
+        dir,
+        instance,
         &format!(
             r#","volumes":[{{"id":"data","path":"{}","size_mib":1}}]"#,
             vol.display()
         ),
     );
+    (s, vol)
+}
+
+/// A sealed key as the key service would make one (the stand-in VMM
+/// cannot open it; the backend only relays it).
+fn sealed_key(seed: u8) -> nitrile_vmm::SealedKey {
+    let mut bytes = vec![seed; nitrile_vmm::unlock::SEALED_KEY_LEN];
+    bytes[..11].copy_from_slice(b"NKSK\x01\x00\x20\x00\x01\x00\x02");
+    nitrile_vmm::SealedKey::decode(&bytes).unwrap()
+}
+
+#[test]
+fn a_vm_with_volumes_waits_for_exactly_its_sealed_keys_and_the_backend_relays_only_those() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("seen");
+    let hv = backend(dir.path(), &offering_vmm(dir.path(), &seen));
+    let (s, vol) = volume_spec(dir.path(), "offer-1");
+    let created = hv.create(&s).unwrap();
+    assert_eq!(created.recipients.len(), 1);
+    assert_eq!(created.recipients[0].volume.as_str(), "data");
+    assert_eq!(created.recipients[0].key.as_bytes(), &[9u8; 32]);
+    let id = created.id;
+    assert_eq!(hv.status(&id).unwrap(), VmStatus::AwaitingKeys);
     assert!(matches!(
-        hv.create(&s, VolumeKeys::new()),
+        hv.start(&id),
+        Err(VmmError::WrongState {
+            state: VmStatus::AwaitingKeys,
+            ..
+        })
+    ));
+    // The volume's file exists for the VMM to open (size from the spec).
+    assert_eq!(std::fs::metadata(&vol).unwrap().len(), 1 << 20);
+    assert!(matches!(
+        hv.supply_keys(&id, SealedVolumeKeys::new()),
         Err(VmmError::MissingKey(_))
     ));
-    let mut extra = VolumeKeys::new();
-    extra.insert(
-        Name::new("data").unwrap(),
-        VolumeKey::from_bytes(&[1; 64]).unwrap(),
-    );
-    extra.insert(
-        Name::new("other").unwrap(),
-        VolumeKey::from_bytes(&[2; 64]).unwrap(),
-    );
+    let mut extra = SealedVolumeKeys::new();
+    extra.insert(Name::new("data").unwrap(), sealed_key(1));
+    extra.insert(Name::new("other").unwrap(), sealed_key(2));
     assert!(matches!(
-        hv.create(&s, extra),
+        hv.supply_keys(&id, extra),
         Err(VmmError::UnexpectedKey(_))
     ));
-    assert!(!marker.exists(), "the VMM was spawned for a refused spec");
-    assert!(!vol.exists(), "a refused spec created its volume");
+    assert_eq!(hv.status(&id).unwrap(), VmStatus::AwaitingKeys);
+    // The right set is relayed, byte for byte, and nothing else; the
+    // stand-in never says ready, so the VM is forgotten after the wait.
+    let mut keys = SealedVolumeKeys::new();
+    keys.insert(Name::new("data").unwrap(), sealed_key(3));
+    assert!(hv.supply_keys(&id, keys).is_err());
+    assert!(matches!(hv.status(&id), Err(VmmError::UnknownVm(_))));
+    let relayed = std::fs::read_to_string(&seen).unwrap();
+    let expected = format!(
+        "{{\"op\":\"sealed_key\",\"volume\":0,\"key\":\"{}\"}}\n",
+        base64::engine::general_purpose::STANDARD.encode(sealed_key(3).encode())
+    );
+    assert_eq!(relayed, expected);
+}
+
+#[test]
+fn a_vmm_offering_malformed_or_misordered_recipients_is_refused() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (name, line) in [
+        (
+            "order",
+            format!(
+                "{{\"event\":\"recipient\",\"volume\":1,\"key\":\"{}\"}}",
+                "09".repeat(32)
+            ),
+        ),
+        (
+            "short",
+            format!(
+                "{{\"event\":\"recipient\",\"volume\":0,\"key\":\"{}\"}}",
+                "09".repeat(31)
+            ),
+        ),
+        ("ready", "{\"event\":\"ready\"}".to_owned()),
+    ] {
+        let body = format!("{FIND_CONTROL_FD}\necho '{line}' >&\"$C\"\nexec sleep 30");
+        let bin = script(dir.path(), name, &body);
+        let hv = backend(dir.path(), &bin);
+        let (s, _) = volume_spec(dir.path(), &format!("bad-{name}"));
+        match hv.create(&s) {
+            Err(VmmError::Unlock(_) | VmmError::KvmControl(_)) => {}
+            other => panic!("{name}: expected a key exchange error, got {other:?}"),
+        }
+        assert!(
+            !dir.path()
+                .join("state")
+                .join(format!("bad-{name}"))
+                .exists()
+        );
+    }
+}
+
+#[test]
+fn an_instance_store_disk_is_made_anew_and_removed_when_the_vm_ends() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = script(
+        dir.path(),
+        "ready",
+        &format!(
+            "{FIND_CONTROL_FD}\necho '{{\"event\":\"ready\"}}' >&\"$C\"\nexec timeout 30 cat <&\"$C\" >/dev/null"
+        ),
+    );
+    let hv = backend(dir.path(), &bin);
+    let scratch = dir.path().join("scratch.img");
+    std::fs::write(&scratch, b"left over from an earlier VM").unwrap();
+    let s = spec(
+        dir.path(),
+        "store-1",
+        &format!(
+            r#","scratch":{{"path":"{}","size_mib":2}}"#,
+            scratch.display()
+        ),
+    );
+    let created = hv.create(&s).unwrap();
+    assert!(created.recipients.is_empty());
+    // Made anew: empty, sized from the spec, owner-only.
+    let meta = std::fs::metadata(&scratch).unwrap();
+    assert_eq!(meta.len(), 2 << 20);
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    let left = std::fs::read(&scratch).unwrap();
+    assert!(left.iter().all(|&b| b == 0), "the old contents were reused");
+    hv.stop(&created.id).unwrap();
+    assert!(!scratch.exists(), "the disk outlived the stop");
+    hv.destroy(&created.id).unwrap();
 }

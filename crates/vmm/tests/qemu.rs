@@ -1,11 +1,13 @@
 //! The `qemu` backend with the Debian guest image: boot, encrypted volumes,
-//! key handling and the jail.
+//! sealed keys opened by the launcher, the instance store, and the jail.
 //!
-//! Needs `qemu-system-x86_64` and the guest image from
-//! `scripts/guest-image.sh` (found through `NITRILE_TEST_KERNEL` and
-//! `NITRILE_TEST_INITRAMFS`, else in `$NITRILE_CACHE_DIR`, else
-//! `${XDG_CACHE_HOME:-$HOME/.cache}/nitrile`, under `guest-image/out`). Each
-//! test prints `SKIPPED: <reason>` and returns when one is missing.
+//! Needs `qemu-system-x86_64`, the `nitrile` binary (the launcher: built
+//! next to the tests by `cargo build -p nitrile-cli`, or `NITRILE_BIN`) and
+//! the guest image from `scripts/guest-image.sh` (found through
+//! `NITRILE_TEST_KERNEL` and `NITRILE_TEST_INITRAMFS`, else in
+//! `$NITRILE_CACHE_DIR`, else `${XDG_CACHE_HOME:-$HOME/.cache}/nitrile`,
+//! under `guest-image/out`). Each test prints `SKIPPED: <reason>` and
+//! returns when one is missing.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -14,11 +16,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use nitrile_api::Name;
 use nitrile_vmm::{
-    Hypervisor, JailConfig, QemuBackend, VmId, VmStatus, VmmError, VolumeKey, VolumeKeys,
+    Hypervisor, JailConfig, QemuBackend, SealedVolumeKeys, VmId, VmSpec, VmStatus, VmmError,
 };
 
 mod common;
-use common::{BOOT_TIMEOUT, Env, READY, env, spec};
+use common::{BOOT_TIMEOUT, Env, KeyService, READY, env, spec};
 
 macro_rules! env_or_skip {
     () => {
@@ -32,19 +34,27 @@ macro_rules! env_or_skip {
     };
 }
 
-fn keys(key: &[u8; 64]) -> VolumeKeys {
-    let mut keys = VolumeKeys::new();
-    keys.insert(
-        Name::new("data").unwrap(),
-        VolumeKey::from_bytes(key).unwrap(),
-    );
-    keys
-}
-
 fn backend(env: &Env, state: &Path) -> QemuBackend {
-    QemuBackend::new(state.join("vms"), &env.qemu)
+    QemuBackend::new(state.join("vms"), &env.qemu, &env.launcher)
         .unwrap()
         .with_accel(env.accel)
+}
+
+/// Creates the VM of `spec`, has `keys` seal its volumes' keys to the
+/// launcher's recipients and supplies them.
+fn bring_up(hv: &QemuBackend, spec: &VmSpec, keys: &KeyService) -> Result<VmId, VmmError> {
+    let created = hv.create(spec)?;
+    if !created.recipients.is_empty() {
+        hv.supply_keys(&created.id, keys.seal(&created))?;
+    }
+    Ok(created.id)
+}
+
+/// `spec` with an instance-store disk at `path`.
+fn with_scratch(spec: &VmSpec, path: &Path, size_mib: u64) -> VmSpec {
+    let mut v: serde_json::Value = serde_json::from_slice(&spec.to_json()).unwrap();
+    v["scratch"] = serde_json::json!({ "path": path, "size_mib": size_mib });
+    VmSpec::parse_json(&serde_json::to_vec(&v).unwrap()).unwrap()
 }
 
 /// Polls the serial file (the test reads it directly; the trait cannot)
@@ -89,9 +99,9 @@ fn qemu_boots_debian_kernel_to_guest_marker_inside_the_jail() {
     let dir = tempfile::tempdir().unwrap();
     let hv = backend(&env, dir.path());
     let t0 = Instant::now();
-    let id = hv
-        .create(&spec(&env, "boot-1", None, None), VolumeKeys::new())
-        .unwrap();
+    let created = hv.create(&spec(&env, "boot-1", None, None)).unwrap();
+    assert!(created.recipients.is_empty());
+    let id = created.id;
     assert_eq!(hv.status(&id).unwrap(), VmStatus::Created);
     // The jail is in place before the guest runs (the guest powers off on
     // its own soon after its marker, so check it now).
@@ -197,23 +207,42 @@ fn qemu_volume_written_by_guest_reads_back_after_restart_and_holds_no_plaintext(
     let dir = tempfile::tempdir().unwrap();
     let hv = backend(&env, dir.path());
     let volume = dir.path().join("data.qcow2");
-    let mut key = [0u8; 64];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut key);
+    let mut keys = KeyService::new();
+    keys.make("data");
+    let dek = keys.dek("data");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(dek);
 
-    let id = hv
-        .create(
-            &spec(&env, "vol-1", Some("volume-write"), Some(&volume)),
-            keys(&key),
-        )
-        .unwrap();
+    let s = spec(&env, "vol-1", Some("volume-write"), Some(&volume));
+    let created = hv.create(&s).unwrap();
+    let id = created.id.clone();
+    // The launcher waits for its keys: no QEMU, no volume yet.
+    assert_eq!(created.recipients.len(), 1);
+    assert_eq!(created.recipients[0].volume.as_str(), "data");
+    assert_eq!(hv.status(&id).unwrap(), VmStatus::AwaitingKeys);
+    assert!(hv.qemu_pid(&id).is_none());
+    assert!(
+        !volume.exists(),
+        "the volume was made before its key was open"
+    );
+    assert!(matches!(
+        hv.start(&id),
+        Err(VmmError::WrongState {
+            state: VmStatus::AwaitingKeys,
+            ..
+        })
+    ));
+    hv.supply_keys(&id, keys.seal(&created)).unwrap();
+    assert_eq!(hv.status(&id).unwrap(), VmStatus::Created);
     // The key is nowhere in QEMU's command line or environment.
     let pid = hv.qemu_pid(&id).expect("QEMU pid");
-    let b64 = base64::engine::general_purpose::STANDARD.encode(key);
     for file in ["cmdline", "environ"] {
         let bytes = std::fs::read(format!("/proc/{pid}/{file}")).unwrap();
         assert!(!contains(&bytes, b64.as_bytes()), "key in /proc/pid/{file}");
-        assert!(!contains(&bytes, &key), "raw key in /proc/pid/{file}");
+        assert!(!contains(&bytes, &dek), "raw key in /proc/pid/{file}");
     }
+    // Control: the command line was read (it names the secret objects).
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(contains(&cmdline, b"secret,id=sec0"));
     hv.start(&id).unwrap();
     let written = wait_for(
         &hv,
@@ -223,12 +252,11 @@ fn qemu_volume_written_by_guest_reads_back_after_restart_and_holds_no_plaintext(
     assert_eq!(written.as_deref(), Some("NITRILE-VOLUME-WRITTEN"));
     hv.destroy(&id).unwrap();
 
-    let id = hv
-        .create(
-            &spec(&env, "vol-1", Some("volume-read"), Some(&volume)),
-            keys(&key),
-        )
-        .unwrap();
+    // A new VM, a new launcher with new recipients: the same key opens.
+    let s = spec(&env, "vol-1", Some("volume-read"), Some(&volume));
+    let created = hv.create(&s).unwrap();
+    hv.supply_keys(&created.id, keys.seal(&created)).unwrap();
+    let id = created.id;
     hv.start(&id).unwrap();
     let read = wait_for(
         &hv,
@@ -245,33 +273,59 @@ fn qemu_volume_written_by_guest_reads_back_after_restart_and_holds_no_plaintext(
     let file = std::fs::read(&volume).unwrap();
     assert!(file.len() > 1 << 20, "volume file suspiciously small");
     assert!(!contains(&file, b"NITRILE-PLAINTEXT"), "plaintext on disk");
-    assert!(!contains(&file, b64.as_bytes()) && !contains(&file, &key));
+    assert!(!contains(&file, b64.as_bytes()) && !contains(&file, &dek));
+    // Nothing the backend keeps holds the key either.
+    for entry in walk(&dir.path().join("vms")) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        assert!(
+            !contains(&bytes, &dek) && !contains(&bytes, b64.as_bytes()),
+            "key in {}",
+            entry.display()
+        );
+    }
+}
+
+/// Every regular file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            out.extend(walk(&e.path()));
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+    out
 }
 
 #[test]
-fn qemu_volume_with_wrong_key_does_not_open() {
+fn qemu_volume_with_another_key_does_not_open() {
     let env = env_or_skip!();
     let dir = tempfile::tempdir().unwrap();
     let hv = backend(&env, dir.path());
     let volume = dir.path().join("data.qcow2");
+    let mut keys = KeyService::new();
+    keys.make("data");
 
-    // Creating the VM creates the volume (LUKS header under key 1); the
-    // guest need not run for the header to be there.
-    let id = hv
-        .create(
-            &spec(&env, "wrong-1", None, Some(&volume)),
-            keys(&[1u8; 64]),
-        )
-        .unwrap();
+    // Supplying the keys creates the volume (LUKS header under the first
+    // key); the guest need not run for the header to be there.
+    let id = bring_up(&hv, &spec(&env, "wrong-1", None, Some(&volume)), &keys).unwrap();
     hv.destroy(&id).unwrap();
     assert!(volume.exists());
 
-    match hv.create(
+    // The key service now holds another key for the volume.
+    keys.make("data");
+    match bring_up(
+        &hv,
         &spec(&env, "wrong-1", Some("volume-read"), Some(&volume)),
-        keys(&[2u8; 64]),
+        &keys,
     ) {
         Err(VmmError::VmmExited { stderr, .. }) => {
-            println!("QEMU refused the wrong key: {stderr}");
+            println!("QEMU refused the other key: {stderr}");
             assert!(
                 !hv.vm_dir(&VmId::new(Name::new("wrong-1").unwrap()))
                     .exists()
@@ -288,31 +342,164 @@ fn qemu_volume_with_wrong_key_does_not_open() {
 }
 
 #[test]
-fn qemu_refuses_specs_it_cannot_honour_and_mismatched_keys() {
+fn qemu_launcher_refuses_keys_sealed_to_anyone_else_and_mismatched_key_sets() {
     let env = env_or_skip!();
     let dir = tempfile::tempdir().unwrap();
     let hv = backend(&env, dir.path());
     let volume = dir.path().join("data.qcow2");
+    let mut keys = KeyService::new();
+    keys.make("data");
+    keys.make("other");
     let s = spec(&env, "refuse-1", None, Some(&volume));
+    let created = hv.create(&s).unwrap();
+    let id = created.id.clone();
     assert!(matches!(
-        hv.create(&s, VolumeKeys::new()),
+        hv.supply_keys(&id, SealedVolumeKeys::new()),
         Err(VmmError::MissingKey(_))
     ));
-    let mut extra = keys(&[3u8; 64]);
+    let mut extra = keys.seal(&created);
+    let stranger = nitrile_vmm::unlock::Recipient::generate().unwrap();
+    let mut other = created.clone();
+    other.recipients[0].volume = Name::new("other").unwrap();
+    other.recipients[0].key = stranger.public_key().clone();
     extra.insert(
         Name::new("other").unwrap(),
-        VolumeKey::from_bytes(&[4u8; 64]).unwrap(),
+        keys.seal(&other)
+            .get(&Name::new("other").unwrap())
+            .unwrap()
+            .clone(),
     );
     assert!(matches!(
-        hv.create(&s, extra),
+        hv.supply_keys(&id, extra),
         Err(VmmError::UnexpectedKey(_))
     ));
+    // Refused before anything was relayed: the launcher still waits.
+    assert_eq!(hv.status(&id).unwrap(), VmStatus::AwaitingKeys);
+    assert!(!volume.exists(), "a refused key set created the volume");
+
+    // The data key sealed to a recipient the launcher did not make: it
+    // does not open, the launcher says so and ends, nothing is created.
+    let mut elsewhere = created.clone();
+    elsewhere.recipients[0].key = stranger.public_key().clone();
+    match hv.supply_keys(&id, keys.seal(&elsewhere)) {
+        Err(VmmError::VmmExited { stderr, .. }) => {
+            assert!(stderr.contains("does not open"), "{stderr}");
+        }
+        other => panic!("expected the launcher to refuse the key, got {other:?}"),
+    }
+    assert!(matches!(hv.status(&id), Err(VmmError::UnknownVm(_))));
+    assert!(!hv.vm_dir(&id).exists());
     assert!(
         !volume.exists(),
-        "a refused spec must not create the volume"
+        "a key that does not open created the volume"
     );
+
+    // Stopping a VM that waits for its keys ends its launcher.
+    let created = hv.create(&s).unwrap();
+    hv.stop(&created.id).unwrap();
+    assert_eq!(hv.status(&created.id).unwrap(), VmStatus::Stopped);
+    hv.destroy(&created.id).unwrap();
     let unknown = VmId::new(Name::new("nope").unwrap());
     assert!(matches!(hv.status(&unknown), Err(VmmError::UnknownVm(_))));
+}
+
+/// Claim 3, the instance store: what a guest wrote to its instance-store
+/// disk is noise once the instance has stopped. The test copies the backing
+/// file while the guest runs, after the guest wrote a secret to it; after
+/// the stop the file is gone and nothing on the machine (the copy, the
+/// backend's state) holds the secret or anything that opens the copy.
+#[test]
+fn qemu_instance_store_is_noise_after_stop() {
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let hv = backend(&env, dir.path());
+    let scratch = dir.path().join("scratch.img");
+    let secret = format!(
+        "NITRILE-SCRATCH-{:016x}",
+        rand_core::RngCore::next_u64(&mut rand_core::OsRng)
+    );
+    let base = spec(
+        &env,
+        "store-1",
+        Some(&format!("plant-secret nitrile.secret={secret}")),
+        None,
+    );
+    let s = with_scratch(&base, &scratch, 16);
+    // A leftover file at the path is replaced, not reused.
+    std::fs::write(&scratch, secret.as_bytes()).unwrap();
+    let created = hv.create(&s).unwrap();
+    assert!(
+        created.recipients.is_empty(),
+        "the instance store needs no key from outside"
+    );
+    let id = created.id;
+    let pid = hv.qemu_pid(&id).unwrap();
+    hv.start(&id).unwrap();
+    assert_eq!(
+        wait_for(
+            &hv,
+            &id,
+            &["NITRILE-SECRET-PLANTED", "NITRILE-VOLUME-NODISK"]
+        )
+        .as_deref(),
+        Some("NITRILE-SECRET-PLANTED")
+    );
+    // The guest wrote through to the file (clusters allocated) ...
+    let copy = std::fs::read(&scratch).unwrap();
+    assert_eq!(&copy[..4], b"QFI\xfb", "not a qcow2 file");
+    // ... encrypted: qcow2 crypt method 2 is LUKS.
+    assert_eq!(u32::from_be_bytes(copy[32..36].try_into().unwrap()), 2);
+    assert!(
+        !contains(&copy, secret.as_bytes()),
+        "the secret in plaintext on disk"
+    );
+    // The launcher is gone (it became QEMU): no process holds the key but
+    // QEMU, and QEMU's command line does not.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        contains(&cmdline, b"qemu"),
+        "the launcher did not exec QEMU"
+    );
+
+    hv.stop(&id).unwrap();
+    assert!(
+        !scratch.exists(),
+        "the instance-store disk outlived the stop"
+    );
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    // (The console log echoes the kernel command line, which carries the
+    // secret for the guest: it goes with the VM's directory.)
+    hv.destroy(&id).unwrap();
+    // Everything left on the machine for this VM: no secret, no key file.
+    for entry in walk(dir.path()) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        assert!(
+            !contains(&bytes, secret.as_bytes()),
+            "the secret in {}",
+            entry.display()
+        );
+    }
+    // The copy does not open without a key: qemu-img refuses it.
+    let kept = dir.path().join("kept.qcow2");
+    std::fs::write(&kept, &copy).unwrap();
+    let out = std::process::Command::new(env.qemu.with_file_name("qemu-img"))
+        .args(["convert", "-O", "raw"])
+        .arg(&kept)
+        .arg(dir.path().join("plain.raw"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the copy opened without a key");
+
+    // A second start gets a new, empty disk, not the old one.
+    let id = hv.create(&s).unwrap().id;
+    let fresh = std::fs::metadata(&scratch).unwrap().len();
+    assert!(
+        fresh < copy.len() as u64,
+        "the new disk is not empty ({fresh} >= {})",
+        copy.len()
+    );
+    hv.destroy(&id).unwrap();
+    assert!(!scratch.exists());
 }
 
 #[test]
@@ -328,9 +515,7 @@ fn qemu_sigabrt_leaves_no_core_file() {
         ..JailConfig::default()
     };
     let hv = backend(&env, dir.path()).with_jail(jail);
-    let id = hv
-        .create(&spec(&env, "abrt-1", None, None), VolumeKeys::new())
-        .unwrap();
+    let id = hv.create(&spec(&env, "abrt-1", None, None)).unwrap().id;
     let pid = hv.qemu_pid(&id).expect("QEMU pid");
     // QEMU's working directory is its chroot in the VM directory, where a
     // `core` pattern without a path would put the dump.

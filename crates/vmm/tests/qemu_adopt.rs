@@ -7,10 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nitrile_vmm::{Hypervisor, QemuBackend, VmId, VmStatus, VmmError, VolumeKeys};
+use nitrile_vmm::{Hypervisor, QemuBackend, VmId, VmStatus, VmmError};
 
 mod common;
-use common::{BOOT_TIMEOUT, Env, env, spec};
+use common::{BOOT_TIMEOUT, Env, KeyService, env, spec};
 
 macro_rules! env_or_skip {
     () => {
@@ -25,7 +25,7 @@ macro_rules! env_or_skip {
 }
 
 fn backend(env: &Env, state: &Path) -> QemuBackend {
-    QemuBackend::new(state.join("vms"), &env.qemu)
+    QemuBackend::new(state.join("vms"), &env.qemu, &env.launcher)
         .unwrap()
         .with_accel(env.accel)
 }
@@ -97,7 +97,7 @@ fn qemu_vm_survives_its_backend_and_successors_adopt_start_and_stop_it() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(&env, "adopt-1", None, None);
     let a = backend(&env, dir.path());
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let qemu_pid = a.qemu_pid(&id).expect("QEMU pid");
     let rec = record(&a, &id);
     let qemu_start = rec["qemu"]["start_time"].as_u64().unwrap();
@@ -142,13 +142,87 @@ fn qemu_vm_survives_its_backend_and_successors_adopt_start_and_stop_it() {
     assert!(matches!(c.status(&id), Err(VmmError::UnknownVm(_))));
 }
 
+/// A VM with a volume (its key sealed to the launcher and supplied) and an
+/// instance-store disk is adopted like any other: the successor controls
+/// it, the disk stays while QEMU runs, and goes when the successor stops it.
+#[test]
+fn qemu_vm_with_keys_and_an_instance_store_is_adopted_and_its_disk_goes_at_stop() {
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let volume = dir.path().join("data.qcow2");
+    let scratch = dir.path().join("scratch.img");
+    let base = spec(&env, "adopt-keys", None, Some(&volume));
+    let mut v: serde_json::Value = serde_json::from_slice(&base.to_json()).unwrap();
+    v["scratch"] = serde_json::json!({ "path": scratch, "size_mib": 8 });
+    let spec = nitrile_vmm::VmSpec::parse_json(&serde_json::to_vec(&v).unwrap()).unwrap();
+    let mut keys = KeyService::new();
+    keys.make("data");
+    let a = backend(&env, dir.path());
+    let created = a.create(&spec).unwrap();
+    let id = created.id.clone();
+    a.supply_keys(&id, keys.seal(&created)).unwrap();
+    let qemu_pid = a.qemu_pid(&id).unwrap();
+    let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
+    a.start(&id).unwrap();
+    a.detach_all();
+    drop(a);
+    assert!(alive(qemu_pid, start), "QEMU died with its backend");
+    assert!(scratch.exists() && volume.exists());
+
+    let b = backend(&env, dir.path());
+    assert_eq!(b.adopt(&spec).unwrap(), VmStatus::Running);
+    assert!(scratch.exists(), "adoption removed a running VM's disk");
+    b.stop(&id).unwrap();
+    assert!(!alive(qemu_pid, start));
+    assert!(
+        !scratch.exists(),
+        "the instance-store disk outlived the stop"
+    );
+    assert!(volume.exists(), "the volume went with the VM");
+    b.destroy(&id).unwrap();
+}
+
+/// A backend that goes away while a launcher waits for its keys leaves no
+/// QEMU behind: the launcher ends when its channel closes, and a successor
+/// finds the VM dead (there is no record; the launcher's own last words are
+/// the reason, if it had time to say them) and cleans up after it.
+#[test]
+fn qemu_launcher_waiting_for_keys_ends_with_its_backend() {
+    let env = env_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let volume = dir.path().join("data.qcow2");
+    let spec = spec(&env, "adopt-wait", None, Some(&volume));
+    let a = backend(&env, dir.path());
+    let created = a.create(&spec).unwrap();
+    assert_eq!(a.status(&created.id).unwrap(), VmStatus::AwaitingKeys);
+    let vm_dir = a.vm_dir(&created.id);
+    a.detach_all();
+    drop(a);
+    let b = backend(&env, dir.path());
+    // Dead either way: killed before it could say why, or gone saying that
+    // its channel closed.
+    let status = b.adopt(&spec).unwrap();
+    assert!(
+        match &status {
+            VmStatus::Stopped => true,
+            VmStatus::Failed { reason } => reason.contains("control channel was closed"),
+            _ => false,
+        },
+        "{status:?}"
+    );
+    assert!(!vm_dir.exists());
+    assert!(!cgroup_dir("adopt-wait").exists());
+    assert!(!volume.exists(), "a volume was made without its key");
+    b.destroy(&created.id).unwrap();
+}
+
 #[test]
 fn qemu_backend_dropped_without_detach_still_stops_its_vms() {
     let env = env_or_skip!();
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(&env, "adopt-2", None, None);
     let a = backend(&env, dir.path());
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let pid = a.qemu_pid(&id).unwrap();
     let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
     drop(a);
@@ -164,7 +238,7 @@ fn qemu_adopt_of_a_killed_vm_cleans_up_and_reports_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(&env, "adopt-3", None, None);
     let a = backend(&env, dir.path());
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let pid = a.qemu_pid(&id).unwrap();
     let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
     let vm_dir = a.vm_dir(&id);
@@ -190,7 +264,7 @@ fn qemu_adopt_of_a_killed_vm_cleans_up_and_reports_stopped() {
     b.destroy(&id).unwrap();
     assert!(matches!(b.status(&id), Err(VmmError::UnknownVm(_))));
     // And its instance name can be used again.
-    let id2 = b.create(&spec, VolumeKeys::new()).unwrap();
+    let id2 = b.create(&spec).unwrap().id;
     assert_eq!(b.status(&id2).unwrap(), VmStatus::Created);
     b.destroy(&id2).unwrap();
 }
@@ -215,7 +289,7 @@ fn qemu_adopt_never_takes_a_recycled_pid_for_the_vmm() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(&env, "adopt-4", None, None);
     let a = backend(&env, dir.path());
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let pid = a.qemu_pid(&id).unwrap();
     let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
     let record_path = a.vm_dir(&id).join(nitrile_vmm::qemu::RECORD_FILE);
@@ -295,7 +369,7 @@ fn qemu_adopt_of_a_vm_whose_qemu_was_terminated_reports_qemus_own_reason() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(&env, "adopt-6", None, None);
     let a = backend(&env, dir.path());
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let pid = a.qemu_pid(&id).unwrap();
     let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
     a.detach_all();
@@ -324,7 +398,7 @@ fn qemu_adopt_without_a_record_kills_what_is_left_in_the_vms_cgroup() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(&env, "adopt-7", None, None);
     let a = backend(&env, dir.path());
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let pid = a.qemu_pid(&id).unwrap();
     let start = record(&a, &id)["qemu"]["start_time"].as_u64().unwrap();
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -360,9 +434,7 @@ fn adopt_helper_creates_a_vm_and_waits_to_be_killed() {
     let state = PathBuf::from(state);
     let env = env().unwrap();
     let hv = backend(&env, &state);
-    let id = hv
-        .create(&spec(&env, "adopt-8", None, None), VolumeKeys::new())
-        .unwrap();
+    let id = hv.create(&spec(&env, "adopt-8", None, None)).unwrap().id;
     hv.start(&id).unwrap();
     std::fs::write(state.join("ready"), hv.qemu_pid(&id).unwrap().to_string()).unwrap();
     loop {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nitrile_vmm::{Hypervisor, QemuBackend, VmId, VmSpec, VmStatus, VmmError, VolumeKeys};
+use nitrile_vmm::{Hypervisor, QemuBackend, VmId, VmSpec, VmStatus, VmmError};
 
 mod common;
 use common::{BOOT_TIMEOUT, Env, env};
@@ -203,16 +203,14 @@ fn qemu_guest_connects_to_host_listener_over_vsock() {
         tx.send(buf).unwrap();
     });
 
-    let hv = QemuBackend::new(dir.path().join("vms"), &env.qemu)
+    let hv = QemuBackend::new(dir.path().join("vms"), &env.qemu, &env.launcher)
         .unwrap()
         .with_accel(env.accel)
         .with_vsock_daemon(&daemon);
     let id = hv
-        .create(
-            &vsock_spec(&env, "vsock-1", "vsock-echo", 3, &uds),
-            VolumeKeys::new(),
-        )
-        .unwrap();
+        .create(&vsock_spec(&env, "vsock-1", "vsock-echo", 3, &uds))
+        .unwrap()
+        .id;
     let pid = hv.vsock_daemon_pid(&id).expect("daemon pid");
     assert_daemon_jailed(pid);
     hv.start(&id).unwrap();
@@ -241,16 +239,14 @@ fn qemu_host_connects_to_guest_listener_over_vsock() {
     let (env, daemon) = env_or_skip!();
     let dir = tempfile::tempdir().unwrap();
     let uds = socket_dir(dir.path()).join("vm.vsock");
-    let hv = QemuBackend::new(dir.path().join("vms"), &env.qemu)
+    let hv = QemuBackend::new(dir.path().join("vms"), &env.qemu, &env.launcher)
         .unwrap()
         .with_accel(env.accel)
         .with_vsock_daemon(&daemon);
     let id = hv
-        .create(
-            &vsock_spec(&env, "vsock-2", "vsock-listen", 4, &uds),
-            VolumeKeys::new(),
-        )
-        .unwrap();
+        .create(&vsock_spec(&env, "vsock-2", "vsock-listen", 4, &uds))
+        .unwrap()
+        .id;
     hv.start(&id).unwrap();
     let old_image = unknown("vsock-listen");
     let found = wait_for(
@@ -290,14 +286,11 @@ fn qemu_vsock_without_a_configured_daemon_is_refused() {
     let (env, _daemon) = env_or_skip!();
     let dir = tempfile::tempdir().unwrap();
     let uds = socket_dir(dir.path()).join("vm.vsock");
-    let hv = QemuBackend::new(dir.path().join("vms"), &env.qemu)
+    let hv = QemuBackend::new(dir.path().join("vms"), &env.qemu, &env.launcher)
         .unwrap()
         .with_accel(env.accel);
     let err = hv
-        .create(
-            &vsock_spec(&env, "vsock-3", "vsock-echo", 5, &uds),
-            VolumeKeys::new(),
-        )
+        .create(&vsock_spec(&env, "vsock-3", "vsock-echo", 5, &uds))
         .unwrap_err();
     assert!(matches!(err, VmmError::Spawn { .. }), "{err:?}");
     assert!(
@@ -311,16 +304,14 @@ fn qemu_vm_whose_vsock_daemon_dies_is_failed() {
     let (env, daemon) = env_or_skip!();
     let dir = tempfile::tempdir().unwrap();
     let uds = socket_dir(dir.path()).join("vm.vsock");
-    let hv = QemuBackend::new(dir.path().join("vms"), &env.qemu)
+    let hv = QemuBackend::new(dir.path().join("vms"), &env.qemu, &env.launcher)
         .unwrap()
         .with_accel(env.accel)
         .with_vsock_daemon(&daemon);
     let id = hv
-        .create(
-            &vsock_spec(&env, "vsock-4", "vsock-echo", 6, &uds),
-            VolumeKeys::new(),
-        )
-        .unwrap();
+        .create(&vsock_spec(&env, "vsock-4", "vsock-echo", 6, &uds))
+        .unwrap()
+        .id;
     assert_eq!(hv.status(&id).unwrap(), VmStatus::Created);
     let pid = hv.vsock_daemon_pid(&id).expect("daemon pid");
     nix::sys::signal::kill(
@@ -370,14 +361,14 @@ fn qemu_adopted_vm_keeps_serving_host_connections_over_vsock() {
     let dir = tempfile::tempdir().unwrap();
     let uds = socket_dir(dir.path()).join("vm.vsock");
     let backend = || {
-        QemuBackend::new(dir.path().join("vms"), &env.qemu)
+        QemuBackend::new(dir.path().join("vms"), &env.qemu, &env.launcher)
             .unwrap()
             .with_accel(env.accel)
             .with_vsock_daemon(&daemon)
     };
     let spec = vsock_spec(&env, "vsock-adopt-1", "vsock-listen", 7, &uds);
     let a = backend();
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     a.start(&id).unwrap();
     let old_image = unknown("vsock-listen");
     let found = wait_for(
@@ -431,14 +422,14 @@ fn qemu_adopt_of_a_vm_whose_qemu_died_stops_its_vsock_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let uds = socket_dir(dir.path()).join("vm.vsock");
     let backend = || {
-        QemuBackend::new(dir.path().join("vms"), &env.qemu)
+        QemuBackend::new(dir.path().join("vms"), &env.qemu, &env.launcher)
             .unwrap()
             .with_accel(env.accel)
             .with_vsock_daemon(&daemon)
     };
     let spec = vsock_spec(&env, "vsock-adopt-2", "vsock-listen", 8, &uds);
     let a = backend();
-    let id = a.create(&spec, VolumeKeys::new()).unwrap();
+    let id = a.create(&spec).unwrap().id;
     let qemu = identity(a.qemu_pid(&id).unwrap()).unwrap();
     let vsock = identity(a.vsock_daemon_pid(&id).unwrap()).unwrap();
     a.detach_all();

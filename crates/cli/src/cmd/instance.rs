@@ -6,8 +6,8 @@ use std::io::{BufRead, IsTerminal};
 use anyhow::bail;
 use nitrile_api::Name;
 use nitrile_api::admin::{
-    AdminRequest, InstanceDescription, InstanceList, InstanceState, LaunchRequest, Sha256Hex,
-    VolumeRequest,
+    AdminRequest, InstanceDescription, InstanceList, InstanceState, LaunchRequest, MAX_SCRATCH_MIB,
+    Sha256Hex, VolumeRequest,
 };
 
 use crate::Global;
@@ -29,8 +29,11 @@ pub(crate) enum Command {
     /// Launching is the placement service's entitlement: use its config
     /// (`--config <state>/clients/service-placement.toml` in `nitrile up`).
     /// `nitrile host describe` lists the images a host can launch.
+    /// `--scratch` adds an instance-store disk: encrypted under a key only
+    /// the instance's VMM holds, empty at every start, and gone, with its
+    /// contents unrecoverable, when the instance stops.
     ///
-    /// Example: `nitrile instance launch web1 --image 3f2a...c9 --memory 256M --volume data=64M`
+    /// Example: `nitrile instance launch web1 --image 3f2a...c9 --memory 256M --volume data=64M --scratch 1G`
     Launch {
         /// The instance's name, unique on the host.
         name: Name,
@@ -46,6 +49,10 @@ pub(crate) enum Command {
         /// An encrypted volume to create and attach, e.g. data=64M (repeatable).
         #[arg(long = "volume", value_name = "ID=SIZE", value_parser = parse_volume)]
         volumes: Vec<VolumeRequest>,
+        /// An instance-store disk of this size, e.g. 64M or 1G: erased for
+        /// good whenever the instance stops.
+        #[arg(long, value_name = "SIZE", value_parser = parse_scratch)]
+        scratch: Option<u32>,
         #[command(flatten)]
         host: HostFlag,
     },
@@ -62,7 +69,8 @@ pub(crate) enum Command {
         #[command(flatten)]
         host: HostFlag,
     },
-    /// Stop an instance's microVM; its volumes are kept for `start`.
+    /// Stop an instance's microVM; its volumes are kept for `start`, its
+    /// instance-store disk is erased.
     ///
     /// Example: `nitrile instance stop web1`
     Stop {
@@ -104,6 +112,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             vcpus,
             memory,
             volumes,
+            scratch,
             host,
         } => {
             let launch = LaunchRequest {
@@ -112,6 +121,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
                 vcpus,
                 memory_mib: memory,
                 volumes,
+                scratch_mib: scratch,
             };
             launch
                 .validate()
@@ -229,6 +239,11 @@ fn print_instance(d: &InstanceDescription, output: Output) -> anyhow::Result<()>
         ("vcpus".to_owned(), d.vcpus.to_string()),
         ("memory".to_owned(), format_mib(u64::from(d.memory_mib))),
         ("volumes".to_owned(), volumes),
+        (
+            "scratch".to_owned(),
+            d.scratch_mib
+                .map_or_else(|| "none".to_owned(), |m| format_mib(u64::from(m))),
+        ),
         ("launched".to_owned(), d.launched_at.clone()),
         ("updated".to_owned(), d.updated_at.clone()),
     ];
@@ -292,6 +307,16 @@ fn parse_memory(s: &str) -> Result<u32, String> {
     u32::try_from(parse_size_mib(s)?).map_err(|_| format!("{s:?} is too large for guest memory"))
 }
 
+fn parse_scratch(s: &str) -> Result<u32, String> {
+    let mib = parse_size_mib(s)?;
+    u32::try_from(mib)
+        .ok()
+        .filter(|m| *m <= MAX_SCRATCH_MIB)
+        .ok_or_else(|| {
+            format!("{s:?} is larger than the largest instance-store disk, {MAX_SCRATCH_MIB} MiB")
+        })
+}
+
 fn parse_volume(s: &str) -> Result<VolumeRequest, String> {
     let (id, size) = s
         .split_once('=')
@@ -325,6 +350,14 @@ mod tests {
             assert!(parse_size_mib(bad).is_err(), "{bad}");
         }
         assert!(parse_memory("4096G").is_ok());
+    }
+
+    #[test]
+    fn scratch_sizes_are_bounded() {
+        assert_eq!(parse_scratch("64M"), Ok(64));
+        assert_eq!(parse_scratch("1T"), Ok(MAX_SCRATCH_MIB));
+        assert!(parse_scratch("2T").is_err());
+        assert!(parse_scratch("0").is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub(crate) mod kms;
 pub(crate) mod kmskey;
 pub(crate) mod logd;
 pub(crate) mod pki;
+pub(crate) mod qemu_launch;
 pub(crate) mod token;
 pub(crate) mod tokend;
 pub(crate) mod up;

@@ -4,21 +4,19 @@
 /// Run one microVM (started by the host agent, not by hand).
 ///
 /// Everything comes in on inherited file descriptors: the VM spec (JSON)
-/// on `--spec-fd`, the volume keys (64 bytes each, in volume order) on
-/// `--key-fd`, the control channel on `--control-fd`, the serial console
-/// file on `--serial-fd`, the tap device (if any) on `--tap-fd`. The working directory becomes the process's
-/// root; it drops to `--uid`/`--gid` before the guest runs.
+/// on `--spec-fd`, the control channel on `--control-fd` (over which it
+/// offers a recipient key per volume and receives the volumes' sealed keys,
+/// never a plaintext key), the serial console file on `--serial-fd`, the
+/// tap device (if any) on `--tap-fd`. The working directory becomes the
+/// process's root; it drops to `--uid`/`--gid` before the guest runs.
 ///
-/// Example (as the host agent does it): `nitrile vmm --spec-fd 3 --key-fd 4
+/// Example (as the host agent does it): `nitrile vmm --spec-fd 3
 /// --control-fd 5 --serial-fd 6 --uid 65534 --gid 65534`
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// Inherited pipe holding the VM spec.
     #[arg(long, value_name = "FD")]
     spec_fd: i32,
-    /// Inherited pipe holding the volume keys.
-    #[arg(long, value_name = "FD")]
-    key_fd: i32,
     /// Inherited Unix socket of the control channel.
     #[arg(long, value_name = "FD")]
     control_fd: i32,
@@ -39,7 +37,6 @@ pub(crate) struct Args {
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let process = nitrile_vmm_kvm::process::ProcessArgs {
         spec_fd: args.spec_fd,
-        key_fd: args.key_fd,
         control_fd: args.control_fd,
         serial_fd: args.serial_fd,
         tap_fd: args.tap_fd,

@@ -16,6 +16,8 @@
 // binaries (of this and other crates) that include it.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod kms;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +30,7 @@ use nitrile_api::wire::{Refusal, TokenRequest, TokenResponse};
 use nitrile_api::{Audience, Name, Operation, PrincipalId, ResourceId};
 use nitrile_audit::{AuditRecord, JournalReader};
 use nitrile_cell::{CellLayout, bootstrap, provision_host};
+use nitrile_hostd::volume_keys::VolumeKeySource;
 use nitrile_hostd::{BackendName, Hostd, HostdConfig, HostdError, HostdOptions, HypervisorConfig};
 use nitrile_net::{Client, NetError};
 use nitrile_pki::tls::{CaRoots, TlsIdentity, client_config, danger};
@@ -81,6 +84,22 @@ pub fn journal_records(path: &Path) -> Vec<AuditRecord> {
 pub fn refusal(body: &[u8]) -> Refusal {
     serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("not a refusal ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+/// The `nitrile` binary (`nitrile vmm`, `nitrile qemu-launch`) the
+/// backends start: `NITRILE_BIN`, else `nitrile` in the target directory
+/// these tests were built in (`cargo build -p nitrile-cli` puts it there;
+/// build it in the same command as the tests, so that it is this tree's).
+pub fn nitrile_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NITRILE_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    // <target>/<profile>/deps/<test>
+    exe.ancestors()
+        .nth(2)
+        .map(|profile| profile.join("nitrile"))
+        .filter(|p| p.is_file())
 }
 
 /// Whether the tests run as root (mounting needs it).
@@ -138,6 +157,8 @@ pub struct HostSetup {
     /// The hypervisor section; by default a QEMU binary that does not exist,
     /// so the host runs with no hypervisor.
     pub hypervisor: HypervisorConfig,
+    /// The key service the host asks for volume keys; by default none.
+    pub volume_keys: Option<Arc<dyn VolumeKeySource>>,
 }
 
 struct RunningHost {
@@ -275,6 +296,7 @@ impl TestCell {
                 vsock_daemon: None,
                 vmm: None,
             },
+            volume_keys: None,
         }
     }
 
@@ -297,24 +319,11 @@ impl TestCell {
         setup: HostSetup,
     ) -> Result<(), HostdError> {
         assert!(!self.hosts.contains_key(host), "{host} already running");
-        let name = Name::new(host).unwrap();
-        let now = nitrile_token::Clock::now(&*self.clock);
-        let provisioned = provision_host(&self.layout, &self.cell, &name, now).unwrap();
-        let mut config = HostdConfig::new(
-            self.cell.clone(),
-            name,
-            "127.0.0.1:0".parse().unwrap(),
-            setup.state.clone().unwrap_or(provisioned.dir),
-            self.layout.ca_cert(),
-            provisioned.cert,
-            provisioned.key,
-            provisioned.issuer_keys,
-            self.layout.images_dir(),
-        );
-        config.hypervisor = setup.hypervisor.clone();
+        let config = self.provision_host_config(host, &setup);
         let options = HostdOptions {
             stop_instances_on_exit: false,
             clock: setup.clock.clone(),
+            volume_keys: setup.volume_keys.clone(),
             ..HostdOptions::default()
         };
         let hostd = Hostd::open(&config, options).await?;
@@ -333,6 +342,27 @@ impl TestCell {
             },
         );
         Ok(())
+    }
+
+    /// Provisions host `host` (fresh certificate, issuer keys pinned anew)
+    /// and returns the config its agent would run with under `setup`.
+    pub fn provision_host_config(&self, host: &str, setup: &HostSetup) -> HostdConfig {
+        let name = Name::new(host).unwrap();
+        let now = nitrile_token::Clock::now(&*self.clock);
+        let provisioned = provision_host(&self.layout, &self.cell, &name, now).unwrap();
+        let mut config = HostdConfig::new(
+            self.cell.clone(),
+            name,
+            "127.0.0.1:0".parse().unwrap(),
+            setup.state.clone().unwrap_or(provisioned.dir),
+            self.layout.ca_cert(),
+            provisioned.cert,
+            provisioned.key,
+            provisioned.issuer_keys,
+            self.layout.images_dir(),
+        );
+        config.hypervisor = setup.hypervisor.clone();
+        config
     }
 
     /// Stops host `host`'s agent (in-flight requests finish, its journal is

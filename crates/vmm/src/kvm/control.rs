@@ -1,16 +1,17 @@
 //! The control channel between the `kvm` backend and a `nitrile vmm`
-//! process: JSON lines over a Unix socketpair, each at most
-//! [`MAX_CONTROL_LINE`] bytes, each one value of a closed enum.
+//! process once its VM is built: JSON lines over a Unix socketpair
+//! ([`crate::control`]'s framing: each at most [`MAX_CONTROL_LINE`] bytes,
+//! one value of a closed enum, canonical form only).
 //!
 //! The backend sends [`Request`]s; the VMM answers with [`Event`]s. No message
-//! carries guest memory, disk contents, console output or key material.
-
-use std::io::{BufRead, Read, Write};
+//! carries guest memory, disk contents or console output. Before the VM is
+//! built, the same channel carries the volume-key exchange of
+//! [`crate::unlock`]: recipient public keys out, sealed keys in, never a
+//! plaintext key.
 
 use serde::{Deserialize, Serialize};
 
-/// Longest control line accepted, newline included.
-pub const MAX_CONTROL_LINE: usize = 256;
+pub use crate::control::{ControlError, MAX_CONTROL_LINE, read_message, write_message};
 
 /// What the backend asks of the VMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,63 +83,6 @@ pub enum Event {
         /// Why.
         reason: ExitKind,
     },
-}
-
-/// Why a control line could not be read or written.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ControlError {
-    /// The peer closed the channel.
-    #[error("the control channel was closed")]
-    Closed,
-    /// A line was longer than [`MAX_CONTROL_LINE`].
-    #[error("a control line exceeded {MAX_CONTROL_LINE} bytes")]
-    TooLong,
-    /// A line was not a message of the protocol.
-    #[error("malformed control message")]
-    Malformed(#[source] serde_json::Error),
-    /// A line parsed but was not in canonical form (e.g. an unknown field).
-    #[error("control message not in canonical form")]
-    NotCanonical,
-    /// Reading or writing the socket failed (including a timeout).
-    #[error("control channel I/O")]
-    Io(#[from] std::io::Error),
-}
-
-/// Reads one message of at most [`MAX_CONTROL_LINE`] bytes. Only the
-/// canonical form [`write_message`] produces is accepted (no extra fields,
-/// no whitespace).
-pub fn read_message<T: Serialize + for<'de> Deserialize<'de>>(
-    r: &mut impl BufRead,
-) -> Result<T, ControlError> {
-    let mut line = Vec::with_capacity(64);
-    r.take(MAX_CONTROL_LINE as u64)
-        .read_until(b'\n', &mut line)?;
-    if line.is_empty() {
-        return Err(ControlError::Closed);
-    }
-    if line.last() != Some(&b'\n') {
-        return Err(if line.len() >= MAX_CONTROL_LINE {
-            ControlError::TooLong
-        } else {
-            ControlError::Closed
-        });
-    }
-    let msg: T = serde_json::from_slice(&line).map_err(ControlError::Malformed)?;
-    let canonical = serde_json::to_vec(&msg).map_err(ControlError::Malformed)?;
-    if canonical[..] != line[..line.len() - 1] {
-        return Err(ControlError::NotCanonical);
-    }
-    Ok(msg)
-}
-
-/// Writes one message as a line.
-pub fn write_message<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), ControlError> {
-    let mut line = serde_json::to_vec(msg).map_err(ControlError::Malformed)?;
-    line.push(b'\n');
-    w.write_all(&line)?;
-    w.flush()?;
-    Ok(())
 }
 
 #[cfg(test)]

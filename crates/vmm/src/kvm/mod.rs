@@ -2,15 +2,26 @@
 //! crate `nitrile-vmm-kvm`), driven over a tiny typed control channel.
 //!
 //! # The process protocol
-//! The backend spawns `<vmm_binary> vmm --spec-fd N --key-fd M --control-fd C
-//! --serial-fd S [--tap-fd T] --uid U --gid G`: only descriptor numbers and the jail's
-//! ids are on the command line, the environment is empty. Descriptor `N` is
-//! a pipe holding the spec's canonical JSON; `M` a pipe holding the volume
-//! keys, 64 bytes each in the spec's volume order (the VMM reads them into
-//! mlocked, zeroizing buffers and closes the pipe); `C` one end of a Unix
-//! socketpair speaking [`control`]; `S` the serial console file
-//! (`serial.log` in the VM directory, mode 0600, opened here). The working
-//! directory is the VM's chroot directory.
+//! The backend spawns `<vmm_binary> vmm --spec-fd N --control-fd C
+//! --serial-fd S [--tap-fd T] --uid U --gid G`: only descriptor numbers and
+//! the jail's ids are on the command line, the environment is empty.
+//! Descriptor `N` is a pipe holding the spec's canonical JSON; `C` one end of
+//! a Unix socketpair speaking first the volume-key exchange of
+//! [`crate::unlock`] (the VMM offers one recipient public key per volume,
+//! [`Hypervisor::create`] returns them, [`Hypervisor::supply_keys`] relays
+//! the sealed keys, which the VMM opens into mlocked, zeroizing pages), then
+//! [`control`]; `S` the serial console file (`serial.log` in the VM
+//! directory, mode 0600, opened here). No key, plaintext or sealed, is on a
+//! pipe, the command line or the environment. The working directory is the
+//! VM's chroot directory.
+//!
+//! # Instance store
+//! A spec's scratch disk is a raw file the backend makes anew (empty, mode
+//! 0600, sized from the spec) before each VMM starts; the VMM encrypts it
+//! with AES-256-XTS under a key it generates in a locked page and never
+//! sends anywhere, so what it wrote is noise once the process has ended.
+//! The backend removes the file whenever it sees the VM end (stop, destroy,
+//! a VMM that died, a failed creation).
 //!
 //! # The jail
 //! Before exec (the same code as the QEMU backend, `nitrile_vmm_sys::jail`):
@@ -73,7 +84,10 @@ use nitrile_vmm_sys::jail::{self, Plan};
 
 use crate::qemu::cgroup::Cgroup;
 use crate::qemu::{create_private_file, io_err, tail};
-use crate::{DisplayPath, Hypervisor, JailConfig, VmId, VmSpec, VmStatus, VmmError, VolumeKeys};
+use crate::{
+    CreatedVm, DisplayPath, Hypervisor, JailConfig, SealedVolumeKeys, VmId, VmSpec, VmStatus,
+    VmmError,
+};
 use control::{ControlError, Event, Request, RunState};
 
 /// Memory allowed to a `nitrile vmm` process beyond guest memory, in MiB.
@@ -95,15 +109,43 @@ struct Proc {
     writer: UnixStream,
     reader: BufReader<UnixStream>,
     cgroup: Option<Cgroup>,
+    stderr_path: PathBuf,
+    /// Whether the VMM waits for its volumes' sealed keys.
+    awaiting_keys: bool,
     state: RunState,
 }
 
 struct Vm {
+    spec: VmSpec,
     dir: PathBuf,
     vsock_link: Option<PathBuf>,
     proc: Option<Proc>,
     /// Set once the process has gone; `None` means a clean end.
     ended: Option<Option<String>>,
+}
+
+impl Vm {
+    /// Removes what the VM leaves behind once its process has gone: the
+    /// instance-store disk's backing file (its key died with the process).
+    fn forget_scratch(&self) {
+        if let Some(s) = self.spec.scratch() {
+            remove_file_if_present(s.path.as_path());
+        }
+    }
+}
+
+fn remove_file_if_present(path: &Path) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "nitrile-vmm: could not remove {}: {e}",
+                path.display()
+            );
+        }
+    }
 }
 
 /// The `kvm` backend. See the module documentation for what it guarantees.
@@ -168,6 +210,28 @@ fn open_tap(name: &crate::TapName) -> Result<File, VmmError> {
     })
 }
 
+/// Creates a raw disk file of `size_mib` MiB (sparse, mode 0600); with
+/// `fresh`, one already there is replaced.
+fn create_disk_file(path: &Path, size_mib: u64, fresh: bool) -> Result<(), VmmError> {
+    if fresh {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("replacing", path)(e)),
+        }
+    } else if path.exists() {
+        return Ok(());
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("creating volume", path))?;
+    f.set_len(size_mib << 20)
+        .map_err(io_err("sizing volume", path))
+}
+
 impl KvmBackend {
     /// A backend keeping per-VM state under `state_dir` and running
     /// `vmm_binary` (the `nitrile` executable) with its `vmm` subcommand.
@@ -220,23 +284,20 @@ impl KvmBackend {
 
     fn open_volumes(spec: &VmSpec) -> Result<(), VmmError> {
         for vol in spec.volumes() {
-            let path = vol.path.as_path();
-            if path.exists() {
-                continue;
-            }
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(io_err("creating volume", path))?;
-            f.set_len(vol.size_mib << 20)
-                .map_err(io_err("sizing volume", path))?;
+            create_disk_file(vol.path.as_path(), vol.size_mib, false)?;
+        }
+        if let Some(s) = spec.scratch() {
+            create_disk_file(s.path.as_path(), s.size_mib, true)?;
         }
         Ok(())
     }
 
-    fn spawn(&self, spec: &VmSpec, keys: &VolumeKeys, dir: &Path) -> Result<Proc, VmmError> {
+    /// Spawns the VMM and reads its recipient keys, one per volume.
+    fn spawn(
+        &self,
+        spec: &VmSpec,
+        dir: &Path,
+    ) -> Result<(Proc, Vec<crate::VolumeRecipient>), VmmError> {
         let serial_path = dir.join(SERIAL_FILE);
         let stderr_path = dir.join(STDERR_FILE);
         let serial = create_private_file(&serial_path)?;
@@ -250,17 +311,6 @@ impl KvmBackend {
             .map_err(io_err("changing the owner of", &root))?;
 
         let spec_pipe = filled_pipe(&spec.to_json())?;
-        let mut key_bytes = zeroize::Zeroizing::new(Vec::with_capacity(
-            spec.volumes().len() * crate::VOLUME_KEY_LEN,
-        ));
-        for vol in spec.volumes() {
-            let key = keys
-                .get(&vol.id)
-                .ok_or_else(|| VmmError::MissingKey(vol.id.clone()))?;
-            key_bytes.extend_from_slice(key.expose_secret());
-        }
-        let key_pipe = filled_pipe(&key_bytes)?;
-        drop(key_bytes);
         let (ours, theirs) =
             UnixStream::pair().map_err(io_err("creating the control socket", dir))?;
         let theirs = OwnedFd::from(theirs);
@@ -272,8 +322,6 @@ impl KvmBackend {
         cmd.arg("vmm")
             .arg("--spec-fd")
             .arg(spec_pipe.as_raw_fd().to_string())
-            .arg("--key-fd")
-            .arg(key_pipe.as_raw_fd().to_string())
             .arg("--control-fd")
             .arg(theirs.as_raw_fd().to_string())
             .arg("--serial-fd")
@@ -302,7 +350,6 @@ impl KvmBackend {
         };
         let mut inherit = vec![
             spec_pipe.as_raw_fd(),
-            key_pipe.as_raw_fd(),
             theirs.as_raw_fd(),
             serial.as_raw_fd(),
         ];
@@ -316,8 +363,8 @@ impl KvmBackend {
         jail::install(&mut cmd, plan);
         let spawned = cmd.spawn();
         // Our copies: the child has its own now.
-        drop((spec_pipe, key_pipe, theirs, serial, tap));
-        let mut child = match spawned {
+        drop((spec_pipe, theirs, serial, tap));
+        let child = match spawned {
             Ok(c) => c,
             Err(source) => {
                 if let Some(cg) = &cgroup {
@@ -330,60 +377,94 @@ impl KvmBackend {
             }
         };
         let vmm_pid = jail::exec_pid(child.id(), self.jail.namespaces);
-        let ready = (|| {
+        let channel = (|| {
             ours.set_read_timeout(Some(READY_TIMEOUT))?;
             let writer = ours.try_clone()?;
-            let mut reader = BufReader::new(ours);
-            match control::read_message::<Event>(&mut reader)? {
-                Event::Ready => {}
-                other => {
-                    return Err(ControlError::Io(std::io::Error::other(format!(
-                        "expected ready, got {other:?}"
-                    ))));
-                }
-            }
-            reader.get_ref().set_read_timeout(Some(CONTROL_TIMEOUT))?;
-            Ok((writer, reader))
+            Ok::<_, std::io::Error>((writer, BufReader::new(ours)))
         })();
-        match ready {
-            Ok((writer, reader)) => Ok(Proc {
-                child,
-                vmm_pid,
-                writer,
-                reader,
-                cgroup,
-                state: RunState::Created,
-            }),
+        let (writer, reader) = match channel {
+            Ok(c) => c,
             Err(e) => {
-                // A VMM that closed the channel is exiting: let it finish
-                // writing why (its stderr) before reaping it.
-                let status = match e {
-                    ControlError::Closed => wait_exit(&mut child, vmm_pid),
-                    _ => {
-                        kill(&mut child, vmm_pid);
-                        child.wait()
-                    }
-                };
+                let mut child = child;
+                kill(&mut child, vmm_pid);
+                let _ = child.wait();
                 if let Some(cg) = &cgroup {
                     cg.remove();
                 }
-                Err(match (e, status) {
-                    (ControlError::Closed, Ok(status)) => VmmError::VmmExited {
-                        status,
-                        stderr: tail(&stderr_path),
-                    },
-                    (ControlError::Io(io), _)
-                        if matches!(
-                            io.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        VmmError::Timeout(READY_TIMEOUT)
-                    }
-                    (e, _) => e.into(),
-                })
+                return Err(io_err("setting up the control socket of", dir)(e));
             }
+        };
+        let mut proc = Proc {
+            child,
+            vmm_pid,
+            writer,
+            reader,
+            cgroup,
+            stderr_path,
+            awaiting_keys: !spec.volumes().is_empty(),
+            state: RunState::Created,
+        };
+        match crate::unlock::read_offers(spec, &mut proc.reader) {
+            Ok(recipients) => Ok((proc, recipients)),
+            Err(e) => Err(setup_failed(&mut proc, e)),
         }
+    }
+}
+
+/// Waits for the VMM's `Ready` (VM built, process jailed), then sets the
+/// reply timeout of the control channel.
+fn await_ready(proc: &mut Proc) -> Result<(), ControlError> {
+    proc.reader
+        .get_ref()
+        .set_read_timeout(Some(READY_TIMEOUT))?;
+    match control::read_message::<Event>(&mut proc.reader)? {
+        Event::Ready => {}
+        other => {
+            return Err(ControlError::Io(std::io::Error::other(format!(
+                "expected ready, got {other:?}"
+            ))));
+        }
+    }
+    proc.reader
+        .get_ref()
+        .set_read_timeout(Some(CONTROL_TIMEOUT))?;
+    Ok(())
+}
+
+/// Ends a VMM that failed during setup (it closed the channel, spoke out
+/// of turn, or took too long) and says why, quoting its stderr when it
+/// exited on its own.
+fn setup_failed(proc: &mut Proc, e: impl Into<crate::UnlockError>) -> VmmError {
+    let e = e.into();
+    // A VMM that closed the channel is exiting: let it finish writing why
+    // (its stderr) before reaping it.
+    let status = match e {
+        crate::UnlockError::Control(ControlError::Closed) => {
+            wait_exit(&mut proc.child, proc.vmm_pid)
+        }
+        _ => {
+            kill(&mut proc.child, proc.vmm_pid);
+            proc.child.wait()
+        }
+    };
+    if let Some(cg) = &proc.cgroup {
+        cg.remove();
+    }
+    match (e, status) {
+        (crate::UnlockError::Control(ControlError::Closed), Ok(status)) => VmmError::VmmExited {
+            status,
+            stderr: tail(&proc.stderr_path),
+        },
+        (crate::UnlockError::Control(ControlError::Io(io)), _)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            VmmError::Timeout(READY_TIMEOUT)
+        }
+        (crate::UnlockError::Control(e), _) => VmmError::KvmControl(e),
+        (e, _) => VmmError::Unlock(e),
     }
 }
 
@@ -415,7 +496,13 @@ fn kill(child: &mut Child, vmm_pid: Option<u32>) {
 /// Ends the process: asks it to stop, then kills it if it lingers. Returns
 /// why it ended, `None` when cleanly.
 fn end(proc: &mut Proc) -> Option<String> {
-    let _ = control::write_message(&mut proc.writer, &Request::Stop);
+    if proc.awaiting_keys {
+        // Still in the key exchange, where `Stop` is not a message: closing
+        // the channel ends it.
+        let _ = proc.writer.shutdown(std::net::Shutdown::Both);
+    } else {
+        let _ = control::write_message(&mut proc.writer, &Request::Stop);
+    }
     let status = wait_exit(&mut proc.child, proc.vmm_pid).ok();
     if let Some(cg) = &proc.cgroup {
         cg.remove();
@@ -437,6 +524,20 @@ fn status_of(vm: &mut Vm) -> VmStatus {
             _ => VmStatus::Stopped,
         };
     };
+    if proc.awaiting_keys {
+        return match proc.child.try_wait() {
+            Ok(None) => VmStatus::AwaitingKeys,
+            _ => {
+                let reason = end(proc).unwrap_or_else(|| "the VMM exited".to_owned());
+                vm.ended = Some(Some(format!(
+                    "the VMM ended while waiting for its volume keys: {reason}"
+                )));
+                vm.proc = None;
+                vm.forget_scratch();
+                status_of(vm)
+            }
+        };
+    }
     // If the VMM has already exited the write fails, but its last event
     // (`Exited`) may still be waiting to be read.
     let _ = control::write_message(&mut proc.writer, &Request::Status);
@@ -465,26 +566,30 @@ fn status_of(vm: &mut Vm) -> VmStatus {
         (_, None) => Some("the VMM could not be reaped".to_owned()),
     });
     vm.proc = None;
+    vm.forget_scratch();
     status_of(vm)
 }
 
+impl KvmBackend {
+    /// Removes a VM that failed to come up: its process (already ended),
+    /// its vsock link, instance-store disk and directory.
+    fn discard(&self, spec: &VmSpec, dir: &Path, vsock_link: Option<&Path>) {
+        if let Some(link) = vsock_link {
+            let _ = fs::remove_file(link);
+        }
+        if let Some(s) = spec.scratch() {
+            remove_file_if_present(s.path.as_path());
+        }
+        let _ = fs::remove_dir_all(dir);
+    }
+}
+
 impl Hypervisor for KvmBackend {
-    fn create(&self, spec: &VmSpec, keys: VolumeKeys) -> Result<VmId, VmmError> {
+    fn create(&self, spec: &VmSpec) -> Result<CreatedVm, VmmError> {
         let id = VmId::new(spec.instance().clone());
         let mut vms = self.lock();
         if vms.contains_key(&id) {
             return Err(VmmError::AlreadyExists(id));
-        }
-        for vol in spec.volumes() {
-            if keys.get(&vol.id).is_none() {
-                return Err(VmmError::MissingKey(vol.id.clone()));
-            }
-        }
-        if let Some(extra) = keys
-            .ids()
-            .find(|k| !spec.volumes().iter().any(|v| &v.id == *k))
-        {
-            return Err(VmmError::UnexpectedKey(extra.clone()));
         }
         let dir = self.vm_dir(&id);
         fs::DirBuilder::new()
@@ -500,28 +605,68 @@ impl Hypervisor for KvmBackend {
                     .map_err(io_err("linking the vsock socket at", link))?;
                 vsock_link = Some(link.to_path_buf());
             }
-            self.spawn(spec, &keys, &dir)
+            let (mut proc, recipients) = self.spawn(spec, &dir)?;
+            if !proc.awaiting_keys {
+                // No volume keys to wait for: the VMM builds the VM now.
+                if let Err(e) = await_ready(&mut proc) {
+                    return Err(setup_failed(&mut proc, e));
+                }
+            }
+            Ok((proc, recipients))
         })();
-        // The keys are dropped (zeroized) here: the VMM holds what it needs.
-        drop(keys);
         match result {
-            Ok(proc) => {
+            Ok((proc, recipients)) => {
                 vms.insert(
                     id.clone(),
                     Vm {
+                        spec: spec.clone(),
                         dir,
                         vsock_link,
                         proc: Some(proc),
                         ended: None,
                     },
                 );
-                Ok(id)
+                Ok(CreatedVm { id, recipients })
             }
             Err(e) => {
-                if let Some(link) = vsock_link {
-                    let _ = fs::remove_file(link);
+                self.discard(spec, &dir, vsock_link.as_deref());
+                Err(e)
+            }
+        }
+    }
+
+    fn supply_keys(&self, id: &VmId, keys: SealedVolumeKeys) -> Result<(), VmmError> {
+        let mut vms = self.lock();
+        let vm = vms
+            .get_mut(id)
+            .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
+        let state = status_of(vm);
+        if state != VmStatus::AwaitingKeys {
+            return Err(VmmError::WrongState {
+                vm: id.clone(),
+                state,
+                op: "supply keys",
+            });
+        }
+        keys.check(&vm.spec)?;
+        let Some(proc) = vm.proc.as_mut() else {
+            unreachable!("a VM awaiting keys has a process")
+        };
+        let relayed = crate::unlock::send_sealed(&vm.spec, &keys, &mut proc.writer)
+            .map_err(|e| setup_failed(proc, e))
+            .and_then(|()| await_ready(proc).map_err(|e| setup_failed(proc, e)));
+        // The sealed keys are useless outside the VMM; drop them anyway.
+        drop(keys);
+        match relayed {
+            Ok(()) => {
+                proc.awaiting_keys = false;
+                Ok(())
+            }
+            Err(e) => {
+                // Forgotten as if its creation had failed.
+                if let Some(vm) = vms.remove(id) {
+                    self.discard(&vm.spec, &vm.dir, vm.vsock_link.as_deref());
                 }
-                let _ = fs::remove_dir_all(&dir);
                 Err(e)
             }
         }
@@ -532,14 +677,19 @@ impl Hypervisor for KvmBackend {
         let vm = vms
             .get_mut(id)
             .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
-        match (vm.proc.as_mut(), &vm.ended) {
-            (Some(proc), _) if proc.state == RunState::Running => Ok(()),
-            (Some(proc), _) => {
+        match vm.proc.as_mut() {
+            Some(proc) if proc.awaiting_keys => Err(VmmError::WrongState {
+                vm: id.clone(),
+                state: VmStatus::AwaitingKeys,
+                op: "start",
+            }),
+            Some(proc) if proc.state == RunState::Running => Ok(()),
+            Some(proc) => {
                 control::write_message(&mut proc.writer, &Request::Start)?;
                 proc.state = RunState::Running;
                 Ok(())
             }
-            (None, _) => Err(VmmError::WrongState {
+            None => Err(VmmError::WrongState {
                 vm: id.clone(),
                 state: status_of(vm),
                 op: "start",
@@ -557,6 +707,7 @@ impl Hypervisor for KvmBackend {
             let _ = end(&mut proc);
             vm.ended = Some(None);
         }
+        vm.forget_scratch();
         Ok(())
     }
 
@@ -576,6 +727,7 @@ impl Hypervisor for KvmBackend {
         if let Some(mut proc) = vm.proc.take() {
             end(&mut proc);
         }
+        vm.forget_scratch();
         if let Some(link) = &vm.vsock_link {
             let _ = fs::remove_file(link);
         }
@@ -599,6 +751,7 @@ impl Drop for KvmBackend {
             if let Some(mut proc) = vm.proc.take() {
                 end(&mut proc);
             }
+            vm.forget_scratch();
         }
     }
 }

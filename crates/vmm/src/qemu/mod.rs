@@ -23,18 +23,30 @@
 //! to a host listener at `<uds_path>_<P>`, which must be connectable by the
 //! jail uid (whose write access to the directory of `uds_path` is required).
 //!
-//! # Volumes
-//! Volumes are qcow2 files with LUKS encryption, created with `qemu-img` when
-//! missing. The 64-byte [`VolumeKey`](crate::VolumeKey) is turned into a LUKS
-//! passphrase: its standard base64 text (88 ASCII bytes; QEMU requires LUKS
-//! passphrases to be UTF-8, so raw key bytes cannot be used). QEMU reads it
-//! from a `secret` object with `file=/dev/fd/N`, where `N` is the read end of
-//! a pipe: the backend writes the passphrase into the pipe, closes the write
-//! end, and the child inherits only the read end. The key is never in a file,
-//! on the command line or in the environment. The LUKS volume master key is
-//! random, made by `qemu-img` and stored wrapped under the passphrase; since
-//! the passphrase has 512 bits of entropy, the PBKDF iteration time is set
-//! low (`encrypt.iter-time`) so that opening a volume is fast.
+//! # Volumes and their keys
+//! Volumes are qcow2 files with LUKS encryption. The backend never holds a
+//! volume key: it spawns the launcher ([`launch`], `nitrile qemu-launch`) in
+//! QEMU's place and jail, which makes one recipient key pair per volume and
+//! offers the public halves ([`crate::unlock`]); [`Hypervisor::create`]
+//! returns them, and [`Hypervisor::supply_keys`] relays the volumes' sealed
+//! keys back to it. The launcher opens them into locked pages, creates
+//! missing volumes with `qemu-img`, turns each 64-byte
+//! [`VolumeKey`](crate::VolumeKey) into a LUKS passphrase (its standard
+//! base64 text, 88 ASCII bytes; QEMU requires LUKS passphrases to be UTF-8,
+//! so raw key bytes cannot be used) in a pipe of its own, and execs QEMU,
+//! which reads each from a `secret` object with `file=/dev/fd/N`. The key is
+//! never in a file, on the command line or in the environment, and never in
+//! the backend's process. The LUKS volume master key is random, made by
+//! `qemu-img` and stored wrapped under the passphrase; since the passphrase
+//! has 512 bits of entropy, the PBKDF iteration time is set low
+//! (`encrypt.iter-time`) so that opening a volume is fast.
+//!
+//! # Instance store
+//! A spec's scratch disk is made anew by the launcher for every QEMU, as a
+//! LUKS qcow2 file under a key the launcher generates and hands only to
+//! QEMU: once QEMU has gone no key of it exists anywhere. The backend
+//! removes the file whenever it sees the VM end (stop, destroy, a QEMU that
+//! died, a failed launch, the adoption of a VM found dead).
 //!
 //! # Control
 //! QMP listens on a Unix socket in the VM's state directory (mode 0700, owned
@@ -85,9 +97,10 @@
 //!    root. Guest memory is excluded from core dumps (`dump-guest-core=off`).
 //! 2. Unprivileged uid/gid ([`JailConfig::uid`], default 65534) and a chroot
 //!    into an empty directory (`root/` in the VM's state directory, mode
-//!    0555): QEMU opens the kernel, initramfs, volumes, key pipes, serial file
-//!    and QMP socket as root, then `-run-with chroot=...,user=...` switches
-//!    root and uid before the guest runs. QEMU's seccomp filter is on
+//!    0555): the launcher, then QEMU (the same process after exec), open the
+//!    kernel, initramfs, volumes, key pipes, serial file and QMP socket as
+//!    root, then `-run-with chroot=...,user=...` switches root and uid before
+//!    the guest runs. QEMU's seccomp filter is on
 //!    (`-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny`), but with
 //!    `elevateprivileges=allow`: QEMU installs its filter before its own uid
 //!    switch, which `deny` would kill; after the switch to a non-root uid the
@@ -103,19 +116,22 @@
 //! denylist (and that one allows set*uid, see above); the mount namespace is
 //! a private copy of the host's (the chroot, not an unmount, hides it); one
 //! shared uid for all VMs by default (give each VM its own uid through
-//! [`JailConfig`] to separate VMs from each other); QEMU runs as root until
-//! its devices are open; `qemu-img` (volume creation) gets only
-//! `RLIMIT_CORE=0` and `PR_SET_DUMPABLE=0`.
+//! [`JailConfig`] to separate VMs from each other); the launcher and QEMU
+//! run as root until its devices are open; `qemu-img` (volume creation, run
+//! by the launcher inside the jail) gets in addition only `RLIMIT_CORE=0`
+//! and `PR_SET_DUMPABLE=0`.
 
 pub(crate) mod cgroup;
+pub mod launch;
 mod qmp;
 mod vsock;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -129,7 +145,8 @@ pub use qmp::{MAX_QMP_LINE, QmpError};
 
 use crate::process::{self, Exit, ProcRecord, Tracked};
 use crate::{
-    Accel, DisplayPath, Feature, Hypervisor, VmId, VmSpec, VmStatus, VmmError, VolumeKeys,
+    Accel, CreatedVm, DisplayPath, Feature, Hypervisor, SealedVolumeKeys, VmId, VmSpec, VmStatus,
+    VmmError, VolumeRecipient,
 };
 use cgroup::Cgroup;
 use nitrile_vmm_sys::jail::{self, Plan};
@@ -150,7 +167,7 @@ const QMP_SOCKET: &str = "qmp.sock";
 const CHROOT_DIR: &str = "root";
 /// The adoption record in a VM's state directory (see the module docs).
 pub const RECORD_FILE: &str = "vmm.json";
-const MAX_STDERR_TAIL: usize = 2048;
+pub(crate) const MAX_STDERR_TAIL: usize = 2048;
 
 /// How the QEMU process is confined.
 #[derive(Debug, Clone)]
@@ -209,11 +226,90 @@ impl Proc {
     }
 }
 
+/// A launcher waiting for its volumes' sealed keys (QEMU does not exist
+/// yet).
+struct Launching {
+    /// The process we spawned: the launcher, or with namespaces its
+    /// waiting parent.
+    child: Child,
+    /// The launcher itself, which becomes QEMU.
+    launcher_pid: Option<u32>,
+    /// Our end of the key exchange.
+    control: UnixStream,
+    cgroup: Option<Cgroup>,
+    vsock: Option<vsock::Daemon>,
+}
+
+impl Launching {
+    /// Kills the launcher and what was made for it; returns its exit status
+    /// when it was reaped.
+    fn abort(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = self.control.shutdown(std::net::Shutdown::Both);
+        // Give a launcher that is ending on its own a moment to say why.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut status = None;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                status = Some(s);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if status.is_none() {
+            kill_pid(self.launcher_pid);
+            let _ = self.child.kill();
+            status = self.child.wait().ok();
+        }
+        if let Some(d) = self.vsock.as_mut() {
+            d.stop();
+        }
+        if let Some(cg) = &self.cgroup {
+            cg.remove();
+        }
+        status
+    }
+}
+
+fn kill_pid(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 struct Vm {
+    spec: VmSpec,
     dir: PathBuf,
+    launching: Option<Launching>,
     proc: Option<Proc>,
     /// Set once the process has gone; `None` reason means a clean stop.
     ended: Option<Option<String>>,
+}
+
+impl Vm {
+    /// Removes the instance-store disk once QEMU has gone (its key went
+    /// with it).
+    fn forget_scratch(&self) {
+        if let Some(s) = self.spec.scratch() {
+            remove_scratch(s.path.as_path());
+        }
+    }
+}
+
+fn remove_scratch(path: &Path) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "nitrile-vmm: could not remove {}: {e}",
+                path.display()
+            );
+        }
+    }
 }
 
 /// The QEMU backend. See the module documentation for what it guarantees.
@@ -221,6 +317,7 @@ pub struct QemuBackend {
     state_dir: PathBuf,
     qemu: PathBuf,
     qemu_img: PathBuf,
+    launcher: PathBuf,
     accel: Accel,
     jail: JailConfig,
     vsock_daemon: Option<PathBuf>,
@@ -234,6 +331,7 @@ impl std::fmt::Debug for QemuBackend {
         f.debug_struct("QemuBackend")
             .field("state_dir", &self.state_dir)
             .field("qemu", &self.qemu)
+            .field("launcher", &self.launcher)
             .field("accel", &self.accel)
             .field("jail", &self.jail)
             .field("vsock_daemon", &self.vsock_daemon)
@@ -247,7 +345,7 @@ pub(crate) fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Er
 }
 
 /// Escapes a value for QEMU's `key=value,...` option syntax.
-fn opt(s: &Path) -> String {
+pub(crate) fn opt(s: &Path) -> String {
     s.to_string_lossy().replace(',', ",,")
 }
 
@@ -260,17 +358,22 @@ pub(crate) fn tail(path: &Path) -> String {
     String::from_utf8_lossy(&buf[start..]).trim().to_owned()
 }
 
-/// A pipe holding `secret`, write end closed; returns the read end.
-fn secret_pipe(secret: &[u8]) -> Result<OwnedFd, VmmError> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| VmmError::Io {
-        what: "creating a key pipe",
+/// A pipe holding `bytes` (at most 1 MiB), write end closed; returns the
+/// read end.
+fn filled_pipe(bytes: &[u8]) -> Result<OwnedFd, VmmError> {
+    let pipe_err = |e: nix::Error| VmmError::Io {
+        what: "creating a pipe",
         path: DisplayPath(PathBuf::from("pipe")),
         source: std::io::Error::from_raw_os_error(e as i32),
-    })?;
-    // The secret (88 bytes) is far below the pipe buffer, so this never blocks.
+    };
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(pipe_err)?;
+    // Grow the pipe so the whole message fits and the write never blocks.
+    let want = bytes.len().next_power_of_two().max(4096);
+    let size = i32::try_from(want).unwrap_or(i32::MAX);
+    nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size)).map_err(pipe_err)?;
     let mut w = File::from(w);
-    w.write_all(secret)
-        .map_err(io_err("writing a key pipe", Path::new("pipe")))?;
+    w.write_all(bytes)
+        .map_err(io_err("writing a pipe", Path::new("pipe")))?;
     drop(w);
     Ok(r)
 }
@@ -286,14 +389,18 @@ pub(crate) fn create_private_file(path: &Path) -> Result<File, VmmError> {
 
 impl QemuBackend {
     /// A backend keeping per-VM state (serial log, QMP socket, QEMU's
-    /// stderr) under `state_dir` and running `qemu_binary`; `qemu-img` is
-    /// looked up next to it. Defaults: TCG, [`JailConfig::default`].
+    /// stderr) under `state_dir` and running `qemu_binary`, started by
+    /// `launcher` (the `nitrile` executable, run as `nitrile qemu-launch`,
+    /// see [`launch`]); `qemu-img` is looked up next to QEMU. Defaults: TCG,
+    /// [`JailConfig::default`].
     pub fn new(
         state_dir: impl Into<PathBuf>,
         qemu_binary: impl Into<PathBuf>,
+        launcher: impl Into<PathBuf>,
     ) -> Result<Self, VmmError> {
         let state_dir = state_dir.into();
         let qemu = qemu_binary.into();
+        let launcher = launcher.into();
         let qemu_img = qemu.with_file_name("qemu-img");
         for p in [&qemu, &qemu_img] {
             if !p.is_file() {
@@ -302,6 +409,12 @@ impl QemuBackend {
                     reason: crate::Unavailable::NoQemu,
                 });
             }
+        }
+        if !launcher.is_file() {
+            return Err(VmmError::BackendUnavailable {
+                backend: "qemu",
+                reason: crate::Unavailable::NoVmmBinary,
+            });
         }
         fs::DirBuilder::new()
             .recursive(true)
@@ -312,6 +425,7 @@ impl QemuBackend {
             state_dir,
             qemu,
             qemu_img,
+            launcher,
             accel: Accel::Tcg,
             jail: JailConfig::default(),
             vsock_daemon: None,
@@ -356,66 +470,13 @@ impl QemuBackend {
         vms.get(id)?.proc.as_ref()?.vsock.as_ref()?.pid()
     }
 
-    fn create_volume(
+    /// Starts the vsock daemon (if any) and the launcher in QEMU's jail and
+    /// reads the launcher's recipient keys, one per volume.
+    fn launch(
         &self,
-        vol: &crate::VolumeSpec,
-        key: &crate::VolumeKey,
-    ) -> Result<(), VmmError> {
-        let path = vol.path.as_path();
-        create_private_file(path)?;
-        let pipe = secret_pipe(key.to_base64().as_bytes())?;
-        let mut cmd = Command::new(&self.qemu_img);
-        cmd.arg("create")
-            .arg("-q")
-            .arg("--object")
-            .arg(format!(
-                "secret,id=sec0,format=raw,file=/dev/fd/{}",
-                pipe.as_raw_fd()
-            ))
-            .args(["-f", "qcow2", "-o"])
-            .arg(format!(
-                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time={LUKS_ITER_TIME_MS}"
-            ))
-            .arg(path)
-            .arg(format!("{}M", vol.size_mib))
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        jail::install(
-            &mut cmd,
-            Plan {
-                inherit: vec![pipe.as_raw_fd()],
-                ..Plan::default()
-            },
-        );
-        let out = cmd.output().map_err(|source| VmmError::Spawn {
-            program: DisplayPath(self.qemu_img.clone()),
-            source,
-        });
-        drop(pipe);
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => {
-                let _ = fs::remove_file(path);
-                return Err(e);
-            }
-        };
-        if !out.status.success() {
-            let _ = fs::remove_file(path);
-            let start = out.stderr.len().saturating_sub(MAX_STDERR_TAIL);
-            return Err(VmmError::Helper {
-                program: DisplayPath(self.qemu_img.clone()),
-                status: out.status,
-                stderr: String::from_utf8_lossy(&out.stderr[start..])
-                    .trim()
-                    .to_owned(),
-            });
-        }
-        Ok(())
-    }
-
-    fn spawn(&self, spec: &VmSpec, keys: &VolumeKeys, dir: &Path) -> Result<Proc, VmmError> {
+        spec: &VmSpec,
+        dir: &Path,
+    ) -> Result<(Launching, Vec<VolumeRecipient>), VmmError> {
         let cgroup = match &self.jail.cgroup_root {
             None => None,
             Some(root) => Cgroup::create(
@@ -442,21 +503,34 @@ impl QemuBackend {
                 }
             },
         };
-        match self.spawn_qemu(spec, keys, dir, cgroup.as_ref(), daemon.as_ref()) {
-            Ok((spawned, qemu, qmp)) => Ok(Proc {
-                spawned,
-                qemu,
-                qmp,
-                cgroup,
-                vsock: daemon,
-            }),
+        let spawned = self.spawn_launcher(spec, dir, cgroup.as_ref(), daemon.as_ref());
+        let (child, launcher_pid, control) = match spawned {
+            Ok(s) => s,
             Err(e) => {
                 if let Some(d) = daemon.as_mut() {
                     d.stop();
                 }
                 remove_cgroup(&cgroup);
-                Err(e)
+                return Err(e);
             }
+        };
+        let mut launching = Launching {
+            child,
+            launcher_pid,
+            control,
+            cgroup,
+            vsock: daemon,
+        };
+        let offers = launching
+            .control
+            .set_read_timeout(Some(READY_TIMEOUT))
+            .and_then(|()| launching.control.try_clone())
+            .map_err(crate::control::ControlError::Io)
+            .map_err(crate::UnlockError::from)
+            .and_then(|c| crate::unlock::read_offers(spec, &mut BufReader::new(c)));
+        match offers {
+            Ok(recipients) => Ok((launching, recipients)),
+            Err(e) => Err(launch_failed(&mut launching, e, dir)),
         }
     }
 
@@ -478,30 +552,12 @@ impl QemuBackend {
         vsock::Daemon::spawn(bin, dir, spec, &self.jail, cgroup, READY_TIMEOUT)
     }
 
-    /// Starts QEMU (in `cgroup`, which the caller removes on failure) and
-    /// waits for its control socket.
-    fn spawn_qemu(
-        &self,
-        spec: &VmSpec,
-        keys: &VolumeKeys,
-        dir: &Path,
-        cgroup: Option<&Cgroup>,
-        daemon: Option<&vsock::Daemon>,
-    ) -> Result<(Tracked, Option<Tracked>, Qmp), VmmError> {
+    /// QEMU's arguments but for its disks (the launcher adds those).
+    fn qemu_args(&self, spec: &VmSpec, dir: &Path, daemon: Option<&vsock::Daemon>) -> Vec<String> {
         let serial = dir.join(SERIAL_FILE);
-        let stderr_path = dir.join(STDERR_FILE);
         let qmp_path = dir.join(QMP_SOCKET);
-        create_private_file(&serial)?;
-        let stderr = create_private_file(&stderr_path)?;
-        // An empty directory QEMU chroots into once it has opened everything.
         let root = dir.join(CHROOT_DIR);
-        fs::DirBuilder::new()
-            .mode(0o555)
-            .create(&root)
-            .map_err(io_err("creating", &root))?;
-
         let image = spec.image();
-        let mut cmd = Command::new(&self.qemu);
         // No 8259 PIC and no PIT: the guest routes interrupts through the
         // IOAPIC and uses its local APIC timer. With the PIC present, which
         // the guest kernel neither uses nor programs, about one Linux boot
@@ -514,153 +570,177 @@ impl QemuBackend {
         } else {
             "microvm,pic=off,pit=off,dump-guest-core=off,mem-merge=off"
         };
-        cmd.args(["-M", machine])
-            .args(["-accel", self.accel.qemu_arg()])
-            .args(["-cpu", "max,-la57"])
-            .args(["-smp", &spec.vcpus().to_string()])
-            .args(["-m", &format!("{}M", spec.memory_mib())])
-            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-            .args(["-monitor", "none"])
-            .args(["-chardev", &format!("file,id=ser0,path={}", opt(&serial))])
-            .args(["-serial", "chardev:ser0"])
-            .args([
-                "-chardev",
-                &format!("socket,id=qmp0,path={},server=on,wait=off", opt(&qmp_path)),
-            ])
-            .args(["-mon", "chardev=qmp0,mode=control"])
-            .arg("-kernel")
-            .arg(image.kernel.as_path())
-            .arg("-initrd")
-            .arg(image.initramfs.as_path())
-            .args(["-append", image.cmdline.as_str()]);
+        let mut args: Vec<String> = [
+            "-M",
+            machine,
+            "-accel",
+            self.accel.qemu_arg(),
+            "-cpu",
+            "max,-la57",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend([
+            "-smp".to_owned(),
+            spec.vcpus().to_string(),
+            "-m".to_owned(),
+            format!("{}M", spec.memory_mib()),
+        ]);
+        args.extend(
+            ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
+                .iter()
+                .map(|s| (*s).to_owned()),
+        );
+        args.extend([
+            "-monitor".to_owned(),
+            "none".to_owned(),
+            "-chardev".to_owned(),
+            format!("file,id=ser0,path={}", opt(&serial)),
+            "-serial".to_owned(),
+            "chardev:ser0".to_owned(),
+            "-chardev".to_owned(),
+            format!("socket,id=qmp0,path={},server=on,wait=off", opt(&qmp_path)),
+            "-mon".to_owned(),
+            "chardev=qmp0,mode=control".to_owned(),
+            "-kernel".to_owned(),
+            image.kernel.as_path().to_string_lossy().into_owned(),
+            "-initrd".to_owned(),
+            image.initramfs.as_path().to_string_lossy().into_owned(),
+            "-append".to_owned(),
+            image.cmdline.as_str().to_owned(),
+        ]);
         if let Some(d) = daemon {
-            cmd.args([
-                "-object",
-                &format!(
+            args.extend([
+                "-object".to_owned(),
+                format!(
                     "memory-backend-memfd,id=mem,size={}M,share=on,dump=off,merge=off",
                     spec.memory_mib()
                 ),
-            ])
-            .args([
-                "-chardev",
-                &format!("socket,id=vsock0,path={}", opt(d.socket())),
-            ])
-            .args(["-device", "vhost-user-vsock-device,chardev=vsock0"]);
+                "-chardev".to_owned(),
+                format!("socket,id=vsock0,path={}", opt(d.socket())),
+                "-device".to_owned(),
+                "vhost-user-vsock-device,chardev=vsock0".to_owned(),
+            ]);
         }
-        let mut pipes = Vec::new();
-        for (i, vol) in spec.volumes().iter().enumerate() {
-            let key = keys
-                .get(&vol.id)
-                .ok_or_else(|| VmmError::MissingKey(vol.id.clone()))?;
-            let pipe = secret_pipe(key.to_base64().as_bytes())?;
-            let ro = if vol.read_only { "on" } else { "off" };
-            cmd.args([
-                "-object",
-                &format!(
-                    "secret,id=sec{i},format=raw,file=/dev/fd/{}",
-                    pipe.as_raw_fd()
-                ),
-            ])
-            .args([
-                "-blockdev",
-                &format!(
-                    "driver=qcow2,node-name=vol{i},read-only={ro},encrypt.format=luks,encrypt.key-secret=sec{i},file.driver=file,file.filename={}",
-                    opt(vol.path.as_path())
-                ),
-            ])
-            .args(["-device", &format!("virtio-blk-device,drive=vol{i}")]);
-            pipes.push(pipe);
-        }
-        cmd.args([
-            "-sandbox",
-            "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
-        ])
-        .args([
-            "-run-with",
-            &format!(
+        args.extend([
+            "-sandbox".to_owned(),
+            "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny".to_owned(),
+            "-run-with".to_owned(),
+            format!(
                 "chroot={},user={}:{}",
                 opt(&root),
                 self.jail.uid,
                 self.jail.gid
             ),
-        ])
-        .arg("-S")
-        .current_dir(dir)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr);
+            "-S".to_owned(),
+        ]);
+        args
+    }
 
+    /// Spawns the launcher (in `cgroup`, which the caller removes on
+    /// failure): returns the spawned process, the launcher's pid and our
+    /// end of its control channel.
+    fn spawn_launcher(
+        &self,
+        spec: &VmSpec,
+        dir: &Path,
+        cgroup: Option<&Cgroup>,
+        daemon: Option<&vsock::Daemon>,
+    ) -> Result<(Child, Option<u32>, UnixStream), VmmError> {
+        let serial = dir.join(SERIAL_FILE);
+        let stderr_path = dir.join(STDERR_FILE);
+        create_private_file(&serial)?;
+        let stderr = create_private_file(&stderr_path)?;
+        // An empty directory QEMU chroots into once it has opened everything.
+        let root = dir.join(CHROOT_DIR);
+        fs::DirBuilder::new()
+            .mode(0o555)
+            .create(&root)
+            .map_err(io_err("creating", &root))?;
+        let plan = launch::LaunchPlan {
+            qemu: self.qemu.clone(),
+            qemu_img: self.qemu_img.clone(),
+            args: self.qemu_args(spec, dir, daemon),
+            spec: String::from_utf8_lossy(&spec.to_json()).into_owned(),
+        };
+        let plan = serde_json::to_vec(&plan)
+            .unwrap_or_else(|_| unreachable!("strings and paths from strings serialize"));
+        let plan_pipe = filled_pipe(&plan)?;
+        let (ours, theirs) =
+            UnixStream::pair().map_err(io_err("creating the control socket", dir))?;
+        let theirs = OwnedFd::from(theirs);
+
+        let mut cmd = Command::new(&self.launcher);
+        cmd.arg("qemu-launch")
+            .arg("--plan-fd")
+            .arg(plan_pipe.as_raw_fd().to_string())
+            .arg("--control-fd")
+            .arg(theirs.as_raw_fd().to_string())
+            .current_dir(dir)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
         let plan = Plan {
-            inherit: pipes.iter().map(AsRawFd::as_raw_fd).collect(),
+            inherit: vec![plan_pipe.as_raw_fd(), theirs.as_raw_fd()],
             cgroup_procs: cgroup.map(Cgroup::procs).unwrap_or_default(),
             namespaces: self.jail.namespaces,
             user: None,
         };
         jail::install(&mut cmd, plan);
         let spawned = cmd.spawn();
-        drop(pipes);
-        let mut child = match spawned {
-            Ok(c) => c,
-            Err(source) => {
-                return Err(VmmError::Spawn {
-                    program: DisplayPath(self.qemu.clone()),
-                    source,
-                });
-            }
-        };
-        let qemu_pid = jail::exec_pid(child.id(), self.jail.namespaces);
+        drop((plan_pipe, theirs));
+        let child = spawned.map_err(|source| VmmError::Spawn {
+            program: DisplayPath(self.launcher.clone()),
+            source,
+        })?;
+        let launcher_pid = jail::exec_pid(child.id(), self.jail.namespaces);
+        Ok((child, launcher_pid, ours))
+    }
 
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let fail = |child: &mut Child, err: VmmError| {
-            let _ = child.kill();
-            if let Some(pid) = qemu_pid {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            let _ = child.wait();
-            err
-        };
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let err = VmmError::VmmExited {
-                    status,
-                    stderr: tail(&stderr_path),
-                };
-                return Err(fail(&mut child, err));
-            }
-            if qmp_path.exists() {
-                match Qmp::connect(&qmp_path, READY_TIMEOUT) {
-                    Ok(qmp) => {
-                        let qemu = qemu_pid.and_then(|p| Tracked::observe(p).ok());
-                        let spawned =
-                            Tracked::spawned(child).map_err(io_err("watching", &self.qemu))?;
-                        return Ok((spawned, qemu, qmp));
-                    }
-                    Err(e) => {
-                        // QEMU may have opened the socket and then failed
-                        // (e.g. a wrong volume key): report its exit.
-                        std::thread::sleep(Duration::from_millis(200));
-                        if let Ok(Some(status)) = child.try_wait() {
-                            let err = VmmError::VmmExited {
-                                status,
-                                stderr: tail(&stderr_path),
-                            };
-                            return Err(fail(&mut child, err));
-                        }
-                        if Instant::now() > deadline {
-                            return Err(fail(&mut child, e.into()));
-                        }
-                    }
+    /// Lets the launcher exec QEMU (it has its keys, or needs none) and
+    /// waits for QEMU's control socket.
+    fn finish_launch(&self, launching: Launching, dir: &Path) -> Result<Proc, VmmError> {
+        // The exchange is over: the launcher reads nothing more from us.
+        let _ = launching.control.shutdown(std::net::Shutdown::Both);
+        let Launching {
+            child,
+            launcher_pid,
+            cgroup,
+            mut vsock,
+            ..
+        } = launching;
+        match wait_for_qmp(child, launcher_pid, dir) {
+            Ok((spawned, qemu, qmp)) => Ok(Proc {
+                spawned,
+                qemu,
+                qmp,
+                cgroup,
+                vsock,
+            }),
+            Err(e) => {
+                if let Some(d) = vsock.as_mut() {
+                    d.stop();
                 }
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
+                Err(e)
             }
-            if Instant::now() > deadline {
-                return Err(fail(&mut child, VmmError::Timeout(READY_TIMEOUT)));
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Finishes the launch and writes the adoption record.
+    fn finish_and_record(&self, launching: Launching, dir: &Path) -> Result<Proc, VmmError> {
+        let mut proc = self.finish_launch(launching, dir)?;
+        // Before returning: a successor must find every VM we report.
+        let path = dir.join(RECORD_FILE);
+        if let Err(e) = process::write_record(&path, &proc.record()) {
+            Self::end(&mut proc, dir);
+            return Err(io_err("writing", &path)(e));
+        }
+        Ok(proc)
     }
 
     /// Ends the process: `quit`, then `SIGKILL` after [`STOP_TIMEOUT`];
@@ -698,7 +778,7 @@ impl QemuBackend {
 }
 
 impl Hypervisor for QemuBackend {
-    fn create(&self, spec: &VmSpec, keys: VolumeKeys) -> Result<VmId, VmmError> {
+    fn create(&self, spec: &VmSpec) -> Result<CreatedVm, VmmError> {
         let id = VmId::new(spec.instance().clone());
         let mut vms = self.lock();
         if vms.contains_key(&id) {
@@ -710,56 +790,77 @@ impl Hypervisor for QemuBackend {
                 feature: Feature::Net,
             });
         }
-        for vol in spec.volumes() {
-            if keys.get(&vol.id).is_none() {
-                return Err(VmmError::MissingKey(vol.id.clone()));
-            }
-        }
-        if let Some(extra) = keys
-            .ids()
-            .find(|k| !spec.volumes().iter().any(|v| &v.id == *k))
-        {
-            return Err(VmmError::UnexpectedKey(extra.clone()));
-        }
         let dir = self.vm_dir(&id);
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
             .map_err(io_err("creating VM directory", &dir))?;
         let result = (|| {
-            for vol in spec.volumes() {
-                if !vol.path.as_path().exists() {
-                    let key = keys
-                        .get(&vol.id)
-                        .ok_or_else(|| VmmError::MissingKey(vol.id.clone()))?;
-                    self.create_volume(vol, key)?;
-                }
+            let (launching, recipients) = self.launch(spec, &dir)?;
+            if !recipients.is_empty() {
+                return Ok((Some(launching), None, recipients));
             }
-            let mut proc = self.spawn(spec, &keys, &dir)?;
-            // Before returning: a successor must find every VM we report.
-            let path = dir.join(RECORD_FILE);
-            if let Err(e) = process::write_record(&path, &proc.record()) {
-                Self::end(&mut proc, &dir);
-                return Err(io_err("writing", &path)(e));
-            }
-            Ok(proc)
+            // No volume keys to wait for: QEMU starts now.
+            let proc = self.finish_and_record(launching, &dir)?;
+            Ok((None, Some(proc), recipients))
         })();
-        // The keys are dropped (zeroized) here: QEMU holds what it needs.
-        drop(keys);
         match result {
-            Ok(proc) => {
+            Ok((launching, proc, recipients)) => {
                 vms.insert(
                     id.clone(),
                     Vm {
+                        spec: spec.clone(),
                         dir,
-                        proc: Some(proc),
+                        launching,
+                        proc,
                         ended: None,
                     },
                 );
-                Ok(id)
+                Ok(CreatedVm { id, recipients })
             }
             Err(e) => {
+                if let Some(s) = spec.scratch() {
+                    remove_scratch(s.path.as_path());
+                }
                 let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn supply_keys(&self, id: &VmId, keys: SealedVolumeKeys) -> Result<(), VmmError> {
+        let mut vms = self.lock();
+        let vm = vms
+            .get_mut(id)
+            .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
+        let state = status_of(vm);
+        if state != VmStatus::AwaitingKeys {
+            return Err(VmmError::WrongState {
+                vm: id.clone(),
+                state,
+                op: "supply keys",
+            });
+        }
+        keys.check(&vm.spec)?;
+        let Some(mut launching) = vm.launching.take() else {
+            unreachable!("a VM awaiting keys has a launcher")
+        };
+        let result = match crate::unlock::send_sealed(&vm.spec, &keys, &mut launching.control) {
+            Ok(()) => self.finish_and_record(launching, &vm.dir),
+            Err(e) => Err(launch_failed(&mut launching, e, &vm.dir)),
+        };
+        drop(keys);
+        match result {
+            Ok(proc) => {
+                vm.proc = Some(proc);
+                Ok(())
+            }
+            Err(e) => {
+                // Forgotten as if its creation had failed.
+                if let Some(vm) = vms.remove(id) {
+                    vm.forget_scratch();
+                    let _ = fs::remove_dir_all(&vm.dir);
+                }
                 Err(e)
             }
         }
@@ -790,12 +891,17 @@ impl Hypervisor for QemuBackend {
         let vm = vms
             .get_mut(id)
             .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
+        if let Some(mut launching) = vm.launching.take() {
+            launching.abort();
+            vm.ended = Some(None);
+        }
         if let Some(mut proc) = vm.proc.take() {
             let _ = proc.qmp.execute(QmpCommand::Stop);
             // A stop we asked for is a clean stop.
             let _ = Self::end(&mut proc, &vm.dir);
             vm.ended = Some(None);
         }
+        vm.forget_scratch();
         Ok(())
     }
 
@@ -812,9 +918,13 @@ impl Hypervisor for QemuBackend {
         let mut vm = vms
             .remove(id)
             .ok_or_else(|| VmmError::UnknownVm(id.clone()))?;
+        if let Some(mut launching) = vm.launching.take() {
+            launching.abort();
+        }
         if let Some(mut proc) = vm.proc.take() {
             Self::end(&mut proc, &vm.dir);
         }
+        vm.forget_scratch();
         remove_vm_dir(&vm.dir)
     }
 
@@ -859,7 +969,9 @@ impl Hypervisor for QemuBackend {
                 match Qmp::connect(&dir.join(QMP_SOCKET), READY_TIMEOUT) {
                     Ok(qmp) => {
                         let mut vm = Vm {
+                            spec: spec.clone(),
                             dir,
+                            launching: None,
                             proc: Some(Proc {
                                 spawned: s,
                                 qemu,
@@ -912,9 +1024,14 @@ impl Hypervisor for QemuBackend {
             cg.remove();
         }
         let reason = stderr_reason(&dir.join(STDERR_FILE));
+        if let Some(s) = spec.scratch() {
+            remove_scratch(s.path.as_path());
+        }
         remove_vm_dir(&dir)?;
         let mut vm = Vm {
+            spec: spec.clone(),
             dir,
+            launching: None,
             proc: None,
             ended: Some(reason),
         };
@@ -925,6 +1042,89 @@ impl Hypervisor for QemuBackend {
 
     fn detach_all(&self) {
         self.detached.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Ends a launcher whose key exchange failed and says why: its own words
+/// (stderr) when it ended on its own, else what went wrong on the channel.
+fn launch_failed(launching: &mut Launching, e: crate::UnlockError, dir: &Path) -> VmmError {
+    let status = launching.abort();
+    match (e, status) {
+        (
+            crate::UnlockError::Control(
+                crate::control::ControlError::Closed | crate::control::ControlError::Io(_),
+            ),
+            Some(status),
+        ) if !status.success() && !tail(&dir.join(STDERR_FILE)).is_empty() => VmmError::VmmExited {
+            status,
+            stderr: tail(&dir.join(STDERR_FILE)),
+        },
+        (crate::UnlockError::Control(crate::control::ControlError::Io(io)), _)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            VmmError::Timeout(READY_TIMEOUT)
+        }
+        (e, _) => VmmError::Unlock(e),
+    }
+}
+
+/// Waits for QEMU (the launcher after its exec) to open its control
+/// socket; kills what was spawned if it does not, quoting its stderr when
+/// it exited.
+fn wait_for_qmp(
+    mut child: Child,
+    qemu_pid: Option<u32>,
+    dir: &Path,
+) -> Result<(Tracked, Option<Tracked>, Qmp), VmmError> {
+    let stderr_path = dir.join(STDERR_FILE);
+    let qmp_path = dir.join(QMP_SOCKET);
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let fail = |child: &mut Child, err: VmmError| {
+        let _ = child.kill();
+        kill_pid(qemu_pid);
+        let _ = child.wait();
+        err
+    };
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let err = VmmError::VmmExited {
+                status,
+                stderr: tail(&stderr_path),
+            };
+            return Err(fail(&mut child, err));
+        }
+        if qmp_path.exists() {
+            match Qmp::connect(&qmp_path, READY_TIMEOUT) {
+                Ok(qmp) => {
+                    let qemu = qemu_pid.and_then(|p| Tracked::observe(p).ok());
+                    let spawned =
+                        Tracked::spawned(child).map_err(io_err("watching the VMM in", dir))?;
+                    return Ok((spawned, qemu, qmp));
+                }
+                Err(e) => {
+                    // QEMU may have opened the socket and then failed
+                    // (e.g. a volume that does not open): report its exit.
+                    std::thread::sleep(Duration::from_millis(200));
+                    if let Ok(Some(status)) = child.try_wait() {
+                        let err = VmmError::VmmExited {
+                            status,
+                            stderr: tail(&stderr_path),
+                        };
+                        return Err(fail(&mut child, err));
+                    }
+                    if Instant::now() > deadline {
+                        return Err(fail(&mut child, e.into()));
+                    }
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(fail(&mut child, VmmError::Timeout(READY_TIMEOUT)));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -963,6 +1163,21 @@ fn stderr_reason(path: &Path) -> Option<String> {
 
 /// Reads the VM's state without looking inside the guest.
 fn status_of(vm: &mut Vm) -> VmStatus {
+    if let Some(launching) = vm.launching.as_mut() {
+        if let Ok(None) = launching.child.try_wait() {
+            return VmStatus::AwaitingKeys;
+        }
+        let status = launching.abort();
+        let why = stderr_reason(&vm.dir.join(STDERR_FILE))
+            .or_else(|| status.map(|s| format!("the launcher exited with {s}")))
+            .unwrap_or_else(|| "the launcher could not be reaped".to_owned());
+        vm.ended = Some(Some(format!(
+            "the launcher ended while waiting for its volume keys: {why}"
+        )));
+        vm.launching = None;
+        vm.forget_scratch();
+        return status_of(vm);
+    }
     if let Some(proc) = vm.proc.as_mut() {
         match proc.spawned.try_exit() {
             Ok(None) => {}
@@ -975,6 +1190,7 @@ fn status_of(vm: &mut Vm) -> VmStatus {
                 }
                 vm.ended = Some(exit_reason(Some(exit), &vm.dir));
                 vm.proc = None;
+                vm.forget_scratch();
                 return status_of(vm);
             }
             Err(e) => {
@@ -1024,14 +1240,20 @@ impl Drop for QemuBackend {
     fn drop(&mut self) {
         if *self.detached.get_mut() {
             // Leave every VM running for a successor: dropping a `Proc`
-            // closes our QMP connection and pidfds and kills nothing.
+            // closes our QMP connection and pidfds and kills nothing. A
+            // launcher still waiting for its keys sees its channel close
+            // and exits (no record: a successor cleans up after it).
             return;
         }
         let vms = self.vms.get_mut().unwrap_or_else(|p| p.into_inner());
         for vm in vms.values_mut() {
+            if let Some(mut launching) = vm.launching.take() {
+                launching.abort();
+            }
             if let Some(mut proc) = vm.proc.take() {
                 Self::end(&mut proc, &vm.dir);
             }
+            vm.forget_scratch();
         }
     }
 }
@@ -1046,11 +1268,12 @@ mod tests {
     }
 
     #[test]
-    fn secret_pipe_holds_exactly_the_secret() {
-        let r = secret_pipe(b"passphrase").unwrap();
-        let mut s = String::new();
-        File::from(r).read_to_string(&mut s).unwrap();
-        assert_eq!(s, "passphrase");
+    fn filled_pipe_holds_a_whole_plan_sized_message() {
+        let msg = vec![b'x'; launch::MAX_PLAN_LEN];
+        let r = filled_pipe(&msg).unwrap();
+        let mut got = Vec::new();
+        File::from(r).read_to_end(&mut got).unwrap();
+        assert_eq!(got, msg);
     }
 
     #[test]
@@ -1078,11 +1301,28 @@ mod tests {
     #[test]
     fn missing_qemu_is_unavailable() {
         let dir = tempfile::tempdir().unwrap();
-        let err = QemuBackend::new(dir.path().join("state"), dir.path().join("no-qemu"));
+        let exe = std::env::current_exe().unwrap();
+        let err = QemuBackend::new(dir.path().join("state"), dir.path().join("no-qemu"), &exe);
         assert!(matches!(
             err,
             Err(VmmError::BackendUnavailable {
                 reason: crate::Unavailable::NoQemu,
+                ..
+            })
+        ));
+        // A QEMU without the launcher is unavailable too.
+        let qemu = dir.path().join("qemu-system-x86_64");
+        std::fs::write(&qemu, b"").unwrap();
+        std::fs::write(dir.path().join("qemu-img"), b"").unwrap();
+        let err = QemuBackend::new(
+            dir.path().join("state"),
+            &qemu,
+            dir.path().join("no-nitrile"),
+        );
+        assert!(matches!(
+            err,
+            Err(VmmError::BackendUnavailable {
+                reason: crate::Unavailable::NoVmmBinary,
                 ..
             })
         ));
