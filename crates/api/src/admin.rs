@@ -35,6 +35,13 @@ pub const MAX_REASON_LEN: usize = 256;
 /// name, a kernel release, a quota's name. Hosts clip longer text with
 /// [`clip_text`].
 pub const MAX_LABEL_LEN: usize = 128;
+/// The header that carries, beside `Authorization`, the caller's
+/// `volume.attach` token for the volumes a launch or a start boots with:
+/// one token granting `volume.attach` on each `volume/<id>` at this host,
+/// from the same caller. The host verifies it as it verifies the bearer
+/// token and relays it to the key service, which releases each volume's
+/// data key to the instance's VMM once under it.
+pub const VOLUME_TOKEN_HEADER: &str = "nitrile-volume-token";
 /// Longest RFC 3339 timestamp in a response (nanoseconds and an offset fit).
 pub const MAX_TIMESTAMP_LEN: usize = 40;
 
@@ -155,27 +162,20 @@ pub struct LaunchRequest {
     /// Guest memory in MiB, [`MIN_INSTANCE_MEMORY_MIB`] to [`MAX_INSTANCE_MEMORY_MIB`].
     #[schemars(range(min = MIN_INSTANCE_MEMORY_MIB, max = MAX_INSTANCE_MEMORY_MIB))]
     pub memory_mib: u32,
-    /// Encrypted volumes to create and attach, at most [`MAX_INSTANCE_VOLUMES`].
+    /// Volumes to attach, at most [`MAX_INSTANCE_VOLUMES`]: each made
+    /// with `volume.create`, detached, and of this host's volume store.
+    /// The token must also grant `volume.attach` on each `volume/<id>`:
+    /// the host relays it to the key service, which releases the volume's
+    /// data key to the instance's VMM only under that grant.
     #[serde(default)]
     #[schemars(length(max = MAX_INSTANCE_VOLUMES))]
-    pub volumes: Vec<VolumeRequest>,
+    pub volumes: Vec<Name>,
     /// Size in MiB, 1 to [`MAX_SCRATCH_MIB`], of an instance-store disk:
     /// encrypted under a key its VMM generates and never gives out, empty
     /// at every start, gone when the instance stops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = MAX_SCRATCH_MIB))]
     pub scratch_mib: Option<u32>,
-}
-
-/// One volume of a launch request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct VolumeRequest {
-    /// Volume id, unique within the instance.
-    pub id: Name,
-    /// Size in MiB, 1 to [`MAX_VOLUME_SIZE_MIB`].
-    #[schemars(range(min = 1, max = MAX_VOLUME_SIZE_MIB))]
-    pub size_mib: u64,
 }
 
 impl LaunchRequest {
@@ -199,14 +199,8 @@ impl LaunchRequest {
         }
         let mut seen = std::collections::BTreeSet::new();
         for v in &self.volumes {
-            if !(1..=MAX_VOLUME_SIZE_MIB).contains(&v.size_mib) {
-                return Err(format!(
-                    "volume {}: size_mib must be 1 to {MAX_VOLUME_SIZE_MIB}",
-                    v.id.as_str()
-                ));
-            }
-            if !seen.insert(v.id.as_str()) {
-                return Err(format!("volume {} is listed twice", v.id.as_str()));
+            if !seen.insert(v.as_str()) {
+                return Err(format!("volume {} is listed twice", v.as_str()));
             }
         }
         Ok(())
@@ -340,14 +334,106 @@ pub enum InstanceState {
     Terminated,
 }
 
-/// One volume of an instance.
+/// One volume attached to an instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct VolumeDescription {
+pub struct AttachedVolume {
     /// Volume id.
     pub id: Name,
     /// Size in MiB.
     pub size_mib: u64,
+}
+
+/// `volume.create`: a new encrypted volume in the host's volume store. Its
+/// data key is made by the key service under `kms_key` and kept by the
+/// host only wrapped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreateRequest {
+    /// The volume's id, unique in the volume store.
+    pub volume: Name,
+    /// Size in MiB, 1 to [`MAX_VOLUME_SIZE_MIB`].
+    #[schemars(range(min = 1, max = MAX_VOLUME_SIZE_MIB))]
+    pub size_mib: u64,
+    /// The key service's key that wraps the data key (its bare name:
+    /// `default` for `kms-key/default`, the cell's key, when absent). A
+    /// customer's key wraps only under its owner's token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key: Option<Name>,
+}
+
+impl VolumeCreateRequest {
+    /// Checks the bounds the types cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_VOLUME_SIZE_MIB).contains(&self.size_mib) {
+            return Err(format!("size_mib must be 1 to {MAX_VOLUME_SIZE_MIB}"));
+        }
+        Ok(())
+    }
+}
+
+/// `volume.attach`: the instance (on this host, stopped) the volume is
+/// attached to. Its data key is released to the instance's VMM at its next
+/// start, under a token that grants `volume.attach` on the volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeAttachRequest {
+    /// The instance.
+    pub instance: Name,
+}
+
+/// Whether a volume is in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeState {
+    /// Attached to no instance: it may be attached or deleted.
+    Available,
+    /// Attached to an instance.
+    Attached,
+    /// Deleted: its key destroyed by the key service, its files removed
+    /// (only in the answer to `volume.delete`).
+    Deleted,
+}
+
+/// Where a volume is attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeAttachment {
+    /// The host whose instance it is.
+    pub host: Name,
+    /// The instance.
+    pub instance: Name,
+}
+
+/// Metadata of one volume: never its contents or its key, wrapped or not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeDescription {
+    /// The volume's id.
+    pub volume: Name,
+    /// Size in MiB.
+    pub size_mib: u64,
+    /// The key service's key its data key is wrapped under (bare name).
+    pub kms_key: Name,
+    /// The on-disk format, which decides the backend it attaches to:
+    /// `luks` (the `qemu` backend) or `xts` (the `kvm` backend).
+    #[schemars(length(max = MAX_LABEL_LEN))]
+    pub format: String,
+    /// Whether it is in use.
+    pub state: VolumeState,
+    /// Where it is attached, when it is.
+    pub attachment: Option<VolumeAttachment>,
+    /// When it was created (RFC 3339).
+    #[schemars(length(max = MAX_TIMESTAMP_LEN), extend("format" = "date-time"))]
+    pub created_at: String,
+}
+
+/// The answer to `volume.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeList {
+    /// The volumes of the host's volume store, by id.
+    pub volumes: Vec<VolumeDescription>,
 }
 
 /// Metadata of one instance: never its memory, disk or console.
@@ -366,7 +452,7 @@ pub struct InstanceDescription {
     pub memory_mib: u32,
     /// Its volumes.
     #[schemars(length(max = MAX_INSTANCE_VOLUMES))]
-    pub volumes: Vec<VolumeDescription>,
+    pub volumes: Vec<AttachedVolume>,
     /// Size in MiB of its instance-store disk, if it has one (its contents
     /// do not outlive a stop).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -418,6 +504,18 @@ pub enum AdminRequest {
     InstanceStart(Name),
     /// `DELETE /v1/instances/{instance}`
     InstanceTerminate(Name),
+    /// `POST /v1/volumes` with a [`VolumeCreateRequest`] body
+    VolumeCreate(VolumeCreateRequest),
+    /// `GET /v1/volumes`
+    VolumeList,
+    /// `GET /v1/volumes/{volume}`
+    VolumeDescribe(Name),
+    /// `POST /v1/volumes/{volume}/attach` with a [`VolumeAttachRequest`] body
+    VolumeAttach(Name, VolumeAttachRequest),
+    /// `POST /v1/volumes/{volume}/detach`
+    VolumeDetach(Name),
+    /// `DELETE /v1/volumes/{volume}`
+    VolumeDelete(Name),
 }
 
 /// One route of the admin API.
@@ -427,12 +525,13 @@ pub struct Route {
     pub operation: Operation,
     /// HTTP method.
     pub method: &'static str,
-    /// Path template; `{instance}` stands for an instance name.
+    /// Path template; `{instance}` stands for an instance name, `{volume}`
+    /// for a volume id.
     pub path: &'static str,
 }
 
 /// Every route of the admin API, in a stable order.
-pub const ROUTES: [Route; 9] = [
+pub const ROUTES: [Route; 15] = [
     Route {
         operation: Operation::HostDescribe,
         method: "GET",
@@ -477,6 +576,36 @@ pub const ROUTES: [Route; 9] = [
         operation: Operation::InstanceTerminate,
         method: "DELETE",
         path: "/v1/instances/{instance}",
+    },
+    Route {
+        operation: Operation::VolumeCreate,
+        method: "POST",
+        path: "/v1/volumes",
+    },
+    Route {
+        operation: Operation::VolumeList,
+        method: "GET",
+        path: "/v1/volumes",
+    },
+    Route {
+        operation: Operation::VolumeDescribe,
+        method: "GET",
+        path: "/v1/volumes/{volume}",
+    },
+    Route {
+        operation: Operation::VolumeAttach,
+        method: "POST",
+        path: "/v1/volumes/{volume}/attach",
+    },
+    Route {
+        operation: Operation::VolumeDetach,
+        method: "POST",
+        path: "/v1/volumes/{volume}/detach",
+    },
+    Route {
+        operation: Operation::VolumeDelete,
+        method: "DELETE",
+        path: "/v1/volumes/{volume}",
     },
 ];
 
@@ -559,6 +688,45 @@ impl AdminRequest {
                     Self::InstanceStart(name)
                 }
             }
+            ["v1", "volumes"] => match method {
+                "GET" => Self::VolumeList,
+                "POST" => {
+                    let create: VolumeCreateRequest =
+                        serde_json::from_slice(body).map_err(|e| ApiError::BadBody {
+                            operation: Operation::VolumeCreate,
+                            reason: e.to_string(),
+                        })?;
+                    create.validate().map_err(|reason| ApiError::BadBody {
+                        operation: Operation::VolumeCreate,
+                        reason,
+                    })?;
+                    Self::VolumeCreate(create)
+                }
+                _ => return Err(not_allowed()),
+            },
+            ["v1", "volumes", id] => match method {
+                "GET" => Self::VolumeDescribe(instance(id)?),
+                "DELETE" => Self::VolumeDelete(instance(id)?),
+                _ => return Err(not_allowed()),
+            },
+            ["v1", "volumes", id, "attach"] => {
+                if method != "POST" {
+                    return Err(not_allowed());
+                }
+                let id = instance(id)?;
+                let attach: VolumeAttachRequest =
+                    serde_json::from_slice(body).map_err(|e| ApiError::BadBody {
+                        operation: Operation::VolumeAttach,
+                        reason: e.to_string(),
+                    })?;
+                Self::VolumeAttach(id, attach)
+            }
+            ["v1", "volumes", id, "detach"] => {
+                if method != "POST" {
+                    return Err(not_allowed());
+                }
+                Self::VolumeDetach(instance(id)?)
+            }
             _ => return Err(ApiError::UnknownPath(clip(path))),
         };
         match &req {
@@ -569,8 +737,12 @@ impl AdminRequest {
             | Self::InstanceTerminate(_)
             | Self::HostDescribe
             | Self::InstanceList
-            | Self::InstanceDescribe(_) => empty_body(req.operation(), body)?,
-            Self::InstanceLaunch(_) => {}
+            | Self::InstanceDescribe(_)
+            | Self::VolumeList
+            | Self::VolumeDescribe(_)
+            | Self::VolumeDetach(_)
+            | Self::VolumeDelete(_) => empty_body(req.operation(), body)?,
+            Self::InstanceLaunch(_) | Self::VolumeCreate(_) | Self::VolumeAttach(..) => {}
         }
         Ok(req)
     }
@@ -587,13 +759,25 @@ impl AdminRequest {
             Self::InstanceStop(_) => Operation::InstanceStop,
             Self::InstanceStart(_) => Operation::InstanceStart,
             Self::InstanceTerminate(_) => Operation::InstanceTerminate,
+            Self::VolumeCreate(_) => Operation::VolumeCreate,
+            Self::VolumeList => Operation::VolumeList,
+            Self::VolumeDescribe(_) => Operation::VolumeDescribe,
+            Self::VolumeAttach(..) => Operation::VolumeAttach,
+            Self::VolumeDetach(_) => Operation::VolumeDetach,
+            Self::VolumeDelete(_) => Operation::VolumeDelete,
         }
     }
 
-    /// The resource a token must grant, on host `host`: the host itself, or
-    /// the named instance.
+    /// The resource a token must grant, on host `host`: the host itself, the
+    /// named instance, or the named volume (for `volume.create`, the one
+    /// the body names).
     pub fn resource(&self, host: &Name) -> ResourceId {
         match self {
+            Self::VolumeCreate(c) => ResourceId::new(ResourceKind::Volume, c.volume.clone()),
+            Self::VolumeDescribe(v)
+            | Self::VolumeAttach(v, _)
+            | Self::VolumeDetach(v)
+            | Self::VolumeDelete(v) => ResourceId::new(ResourceKind::Volume, v.clone()),
             Self::InstanceDescribe(n)
             | Self::InstanceStop(n)
             | Self::InstanceStart(n)
@@ -605,8 +789,12 @@ impl AdminRequest {
     /// The HTTP method a client sends.
     pub fn method(&self) -> &'static str {
         match self {
-            Self::HostDescribe | Self::InstanceList | Self::InstanceDescribe(_) => "GET",
-            Self::InstanceTerminate(_) => "DELETE",
+            Self::HostDescribe
+            | Self::InstanceList
+            | Self::InstanceDescribe(_)
+            | Self::VolumeList
+            | Self::VolumeDescribe(_) => "GET",
+            Self::InstanceTerminate(_) | Self::VolumeDelete(_) => "DELETE",
             _ => "POST",
         }
     }
@@ -623,13 +811,22 @@ impl AdminRequest {
             }
             Self::InstanceStop(n) => format!("/v1/instances/{}/stop", n.as_str()),
             Self::InstanceStart(n) => format!("/v1/instances/{}/start", n.as_str()),
+            Self::VolumeCreate(_) | Self::VolumeList => "/v1/volumes".into(),
+            Self::VolumeDescribe(v) | Self::VolumeDelete(v) => {
+                format!("/v1/volumes/{}", v.as_str())
+            }
+            Self::VolumeAttach(v, _) => format!("/v1/volumes/{}/attach", v.as_str()),
+            Self::VolumeDetach(v) => format!("/v1/volumes/{}/detach", v.as_str()),
         }
     }
 
-    /// The JSON body a client sends (empty for all but launch).
+    /// The JSON body a client sends (empty for all but launch, volume
+    /// create and volume attach).
     pub fn body(&self) -> Vec<u8> {
         match self {
             Self::InstanceLaunch(l) => serde_json::to_vec(l).unwrap_or_default(),
+            Self::VolumeCreate(c) => serde_json::to_vec(c).unwrap_or_default(),
+            Self::VolumeAttach(_, a) => serde_json::to_vec(a).unwrap_or_default(),
             _ => Vec::new(),
         }
     }
@@ -655,7 +852,7 @@ mod tests {
             "image": "ab".repeat(32),
             "vcpus": 1,
             "memory_mib": 256,
-            "volumes": [{"id": "data", "size_mib": 64}],
+            "volumes": ["data"],
         }))
         .unwrap()
     }
@@ -673,8 +870,22 @@ mod tests {
             AdminRequest::InstanceDescribe(web1.clone()),
             AdminRequest::InstanceStop(web1.clone()),
             AdminRequest::InstanceStart(web1.clone()),
-            AdminRequest::InstanceTerminate(web1),
+            AdminRequest::InstanceTerminate(web1.clone()),
+            AdminRequest::VolumeCreate(VolumeCreateRequest {
+                volume: Name::new("data").unwrap(),
+                size_mib: 64,
+                kms_key: None,
+            }),
+            AdminRequest::VolumeList,
+            AdminRequest::VolumeDescribe(Name::new("data").unwrap()),
+            AdminRequest::VolumeAttach(
+                Name::new("data").unwrap(),
+                VolumeAttachRequest { instance: web1 },
+            ),
+            AdminRequest::VolumeDetach(Name::new("data").unwrap()),
+            AdminRequest::VolumeDelete(Name::new("data").unwrap()),
         ];
+        assert_eq!(all.len(), ROUTES.len());
         for (req, route) in all.iter().zip(ROUTES) {
             assert_eq!(req.operation(), route.operation);
             assert_eq!(req.method(), route.method);

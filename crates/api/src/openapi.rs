@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 
 use crate::admin::{
     HostDescription, InstanceDescription, InstanceList, LaunchRequest, MAX_ADMIN_BODY, ROUTES,
-    Route, Sha256Hex,
+    Route, Sha256Hex, VolumeAttachRequest, VolumeCreateRequest, VolumeDescription, VolumeList,
 };
 use crate::wire::Refusal;
 use crate::{MAX_NAME_LEN, Name, Operation};
@@ -60,7 +60,7 @@ const REFUSALS: [RefusalResponse; 9] = [
     RefusalResponse {
         status: 404,
         name: "NotFound",
-        description: "No admin operation has this path (step `request`), or no such instance \
+        description: "No admin operation has this path (step `request`), or no such instance or volume \
                       (step `state`, decided after the request is journaled).",
     },
     RefusalResponse {
@@ -71,9 +71,10 @@ const REFUSALS: [RefusalResponse; 9] = [
     RefusalResponse {
         status: 409,
         name: "Conflict",
-        description: "The host or instance is not in a state that allows the request \
+        description: "The host, instance or volume is not in a state that allows the request \
                       (step `state`): drained host, name in use, wrong instance state, not \
-                      enough capacity, unknown image.",
+                      enough capacity, unknown image, volume attached or of another \
+                      backend's format, a key the key service will not release.",
     },
     RefusalResponse {
         status: 413,
@@ -100,7 +101,11 @@ fn refusal_statuses(operation: Operation) -> &'static [u16] {
         Operation::InstanceLaunch
         | Operation::InstanceStop
         | Operation::InstanceStart
-        | Operation::InstanceTerminate => &[400, 401, 403, 404, 405, 409, 413, 500, 503],
+        | Operation::InstanceTerminate
+        | Operation::VolumeCreate
+        | Operation::VolumeAttach
+        | Operation::VolumeDetach
+        | Operation::VolumeDelete => &[400, 401, 403, 404, 405, 409, 413, 500, 503],
         _ => &[400, 401, 403, 404, 405, 413, 500, 503],
     }
 }
@@ -163,18 +168,23 @@ fn types_of(
         | Operation::InstanceStop
         | Operation::InstanceStart
         | Operation::InstanceTerminate => (None, responses.subschema_for::<InstanceDescription>()),
+        Operation::VolumeCreate => (
+            Some(requests.subschema_for::<VolumeCreateRequest>()),
+            responses.subschema_for::<VolumeDescription>(),
+        ),
+        Operation::VolumeAttach => (
+            Some(requests.subschema_for::<VolumeAttachRequest>()),
+            responses.subschema_for::<VolumeDescription>(),
+        ),
+        Operation::VolumeList => (None, responses.subschema_for::<VolumeList>()),
+        Operation::VolumeDescribe | Operation::VolumeDetach | Operation::VolumeDelete => {
+            (None, responses.subschema_for::<VolumeDescription>())
+        }
         // Not served by a host yet (host.update), or served by another
         // service (audit.read by logd, the kms-key operations by the key
-        // service); the volume operations get their routes with the host's
-        // volume store.
+        // service).
         Operation::HostUpdate
         | Operation::AuditRead
-        | Operation::VolumeCreate
-        | Operation::VolumeDescribe
-        | Operation::VolumeList
-        | Operation::VolumeAttach
-        | Operation::VolumeDetach
-        | Operation::VolumeDelete
         | Operation::KmsKeyCreate
         | Operation::KmsKeyDescribe
         | Operation::KmsKeyList
@@ -281,11 +291,14 @@ fn parts() -> Parts {
             .entry(route.path)
             .or_insert_with(|| Value::Object(Map::new()));
         if let Value::Object(item) = item {
-            if route.path.contains("{instance}") && !item.contains_key("parameters") {
-                item.insert(
-                    "parameters".into(),
-                    json!([{ "$ref": "#/components/parameters/instance" }]),
-                );
+            for param in ["instance", "volume"] {
+                if route.path.contains(&format!("{{{param}}}")) && !item.contains_key("parameters")
+                {
+                    item.insert(
+                        "parameters".into(),
+                        json!([{ "$ref": format!("#/components/parameters/{param}") }]),
+                    );
+                }
             }
             item.insert(route.method.to_ascii_lowercase(), operation);
         }
@@ -359,6 +372,7 @@ pub fn document() -> Value {
         "tags": [
             { "name": "host", "description": "The host itself." },
             { "name": "instance", "description": "The microVM instances of the host." },
+            { "name": "volume", "description": "The encrypted volumes of the host's volume store." },
         ],
         "security": [{ "mutualTLS": [], "bearerToken": [] }],
         "paths": paths,
@@ -370,6 +384,13 @@ pub fn document() -> Value {
                     "in": "path",
                     "required": true,
                     "description": "The instance's name.",
+                    "schema": instance_name,
+                },
+                "volume": {
+                    "name": "volume",
+                    "in": "path",
+                    "required": true,
+                    "description": "The volume's id.",
                     "schema": instance_name,
                 },
             },

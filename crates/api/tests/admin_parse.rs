@@ -21,6 +21,9 @@ fn segment() -> impl Strategy<Value = String> {
         Just("v1".to_owned()),
         Just("host".to_owned()),
         Just("instances".to_owned()),
+        Just("volumes".to_owned()),
+        Just("attach".to_owned()),
+        Just("detach".to_owned()),
         Just("drain".to_owned()),
         Just("undrain".to_owned()),
         Just("stop".to_owned()),
@@ -58,6 +61,10 @@ fn path() -> impl Strategy<Value = String> {
             "/v1/instances/web1",
             "/v1/instances/web1/stop",
             "/v1/instances/web1/start",
+            "/v1/volumes",
+            "/v1/volumes/data",
+            "/v1/volumes/data/attach",
+            "/v1/volumes/data/detach",
         ])
         .prop_map(str::to_owned),
         1 => "\\PC{0,40}",
@@ -75,16 +82,12 @@ fn launch_value() -> impl Strategy<Value = Value> {
         any::<u16>(),
         any::<u32>(),
         prop_oneof![
-            3 => prop::collection::vec(("[a-z]{1,3}", any::<u64>()), 0..3),
-            1 => prop::collection::vec(("[a-z]{0,3}", any::<u64>()), 0..10),
+            3 => prop::collection::vec("[a-z]{1,3}", 0..3),
+            1 => prop::collection::vec("[a-z]{0,3}", 0..10),
         ],
         prop::option::weighted(0.2, ("[a-z_]{1,8}", any::<bool>())),
     )
         .prop_map(|(instance, image, vcpus, memory, volumes, extra)| {
-            let volumes: Vec<Value> = volumes
-                .into_iter()
-                .map(|(id, size)| json!({ "id": id, "size_mib": size % (1 << 25) }))
-                .collect();
             let mut v = json!({
                 "instance": instance,
                 "image": image,
@@ -99,8 +102,30 @@ fn launch_value() -> impl Strategy<Value = Value> {
         })
 }
 
+fn volume_value() -> impl Strategy<Value = Value> {
+    (
+        prop_oneof![3 => Just("data".to_owned()), 1 => "\\PC{0,6}"],
+        any::<u64>(),
+        prop::option::of(prop_oneof![Just("default".to_owned()), "\\PC{0,4}"]),
+        prop::option::weighted(0.2, ("[a-z_]{1,8}", any::<bool>())),
+    )
+        .prop_map(|(volume, size, key, extra)| {
+            let mut v = json!({ "volume": volume, "size_mib": size % (1 << 24) + 1 });
+            if let Some(key) = key {
+                v["kms_key"] = key.into();
+            }
+            if let Some((k, value)) = extra {
+                v[k] = value.into();
+            }
+            v
+        })
+}
+
 fn body() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
+        3 => volume_value().prop_map(|v| v.to_string().into_bytes()),
+        1 => prop_oneof![Just("web1".to_owned()), "\\PC{0,4}"]
+            .prop_map(|i| json!({ "instance": i }).to_string().into_bytes()),
         2 => Just(Vec::new()),
         1 => Just(b"{}".to_vec()),
         1 => Just(b" \n".to_vec()),
@@ -138,7 +163,7 @@ fn generated_requests_reach_every_route() {
     let mut runner = TestRunner::deterministic();
     let strategy = (method(), path(), body());
     let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..4_000 {
+    for _ in 0..10_000 {
         let (m, p, b) = strategy.new_tree(&mut runner).expect("a value").current();
         if let Ok(req) = AdminRequest::parse(&m, &p, &b) {
             seen.insert(req.operation());

@@ -187,7 +187,11 @@ fn closed_types_are_closed_in_the_document() {
     let schemas = doc["components"]["schemas"].as_object().expect("schemas");
     for name in [
         "LaunchRequest",
-        "VolumeRequest",
+        "VolumeCreateRequest",
+        "VolumeAttachRequest",
+        "VolumeDescription",
+        "VolumeList",
+        "AttachedVolume",
         "HostDescription",
         "InstanceDescription",
         "InstanceList",

@@ -33,6 +33,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use nitrile_api::Name;
+use nitrile_kms_api::KmsTarget;
 use nitrile_logclient::LogdTarget;
 use serde::{Deserialize, Serialize};
 
@@ -178,6 +179,16 @@ pub struct HostdConfig {
     /// the host agent ships it itself from [`crate::Hostd::serve`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logd: Option<LogdTarget>,
+    /// The key service that makes, releases and destroys volume keys
+    /// (none: the host has no volumes; `volume.create` and launches with
+    /// volumes are refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms: Option<KmsTarget>,
+    /// The volume store: a directory of volume records and their
+    /// ciphertext, shared by the hosts of a cell (default
+    /// `<state>/volume-store`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<PathBuf>,
 }
 
 impl CapacityConfig {
@@ -213,7 +224,16 @@ impl HostdConfig {
             hypervisor: HypervisorConfig::default(),
             capacity: CapacityConfig::default(),
             logd: None,
+            kms: None,
+            volumes: None,
         }
+    }
+
+    /// The volume store's directory.
+    pub fn volume_store(&self) -> PathBuf {
+        self.volumes
+            .clone()
+            .unwrap_or_else(|| self.state.join("volume-store"))
     }
 
     /// Reads a config (at most [`MAX_CONFIG_LEN`] bytes, unknown fields
@@ -258,6 +278,7 @@ impl HostdConfig {
             join(p);
         }
         for p in [
+            &mut self.volumes,
             &mut self.hypervisor.qemu,
             &mut self.hypervisor.vsock_daemon,
             &mut self.hypervisor.vmm,
