@@ -85,6 +85,14 @@ impl KmsKeySource {
             .unwrap()
     }
 
+    /// `volume`'s data key, if the key service still opens `wrapped`.
+    pub fn try_dek(&self, volume: &str, wrapped: &[u8]) -> Option<[u8; 64]> {
+        self.kms
+            .export_volume_key_for_tests(&Name::new(volume).unwrap(), wrapped)
+            .ok()
+            .map(|k| *k)
+    }
+
     fn record(&self, op: &'static str, volume: &Name, token: &str) {
         self.calls.lock().unwrap().push(KeyCall {
             op,

@@ -159,6 +159,8 @@ pub struct HostSetup {
     pub hypervisor: HypervisorConfig,
     /// The key service the host asks for volume keys; by default none.
     pub volume_keys: Option<Arc<dyn VolumeKeySource>>,
+    /// The volume store; by default the host's own (`<state>/volume-store`).
+    pub volumes: Option<PathBuf>,
 }
 
 struct RunningHost {
@@ -297,6 +299,7 @@ impl TestCell {
                 vmm: None,
             },
             volume_keys: None,
+            volumes: None,
         }
     }
 
@@ -362,6 +365,7 @@ impl TestCell {
             self.layout.images_dir(),
         );
         config.hypervisor = setup.hypervisor.clone();
+        config.volumes = setup.volumes.clone();
         config
     }
 
