@@ -162,7 +162,16 @@ elif grep -qx 'CONFIG_RD_GZIP=y' "$config"; then
 else
     cp "$tmp/initramfs.cpio" "$tmp/initramfs"; how=uncompressed
 fi
-log "initramfs: $how, $(stat -c %s "$tmp/initramfs") bytes"
+# Padded with NULs (which the kernel skips between archives) to whole pages.
+# QEMU's microvm, booting the ELF kernel through PVH, places the initrd so
+# that it ends within the last page below the top of RAM, where the
+# firmware's ACPI tables are (DSDT, FADT, MADT, XSDT in the top kilobyte):
+# an archive whose length ends late in a page overwrote them and the guest
+# hung in ACPI's initialization. A whole number of pages ends one page lower.
+size="$(stat -c %s "$tmp/initramfs")"
+pad=$(( (4096 - size % 4096) % 4096 ))
+[ "$pad" -eq 0 ] || head -c "$pad" /dev/zero >> "$tmp/initramfs"
+log "initramfs: $how, $size bytes, $((size + pad)) with padding"
 
 # 6. Publish: files first, the stamp last.
 rm -f "$out/stamp"
