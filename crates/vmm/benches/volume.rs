@@ -19,7 +19,9 @@
 //! `b` and `c` are not jailed (no namespaces, chroot or uid change), but run
 //! under QEMU's same `-sandbox` and in a cgroup of their own with the VM
 //! cgroup's memory and CPU limits, so that all three have the same one core
-//! per vCPU. Every run starts from a freshly created, empty file.
+//! per vCPU (`NITRILE_BENCH_CGROUP=off` runs all three, the backend's VM
+//! included, without a cgroup). Every run starts from a freshly created,
+//! empty file.
 //!
 //! The host times each step: from the guest's `NITRILE-BENCH-WRITE-START`
 //! line reaching the serial file to its `NITRILE-BENCH-WRITE` line (the
@@ -30,8 +32,9 @@
 //! jiffies.
 //!
 //! Runs alternate a, b, c (`NITRILE_BENCH_RUNS`, default 3); N is
-//! `NITRILE_BENCH_MIB` (default 64). Prints each run, the p50 of each
-//! configuration and the ratios a/b and a/c. Prints `SKIPPED: <reason>`
+//! `NITRILE_BENCH_MIB` (default 64). Prints each run (with the cores QEMU
+//! kept busy during each step, from its CPU time in `/proc/<pid>/stat`), the
+//! p50 of each configuration and the ratios a/b and a/c. Prints `SKIPPED: <reason>`
 //! without root, QEMU, `qemu-img`, the `nitrile` binary or the guest image.
 
 use std::io::Read as _;
@@ -39,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nitrile_vmm::{Accel, Hypervisor, QemuBackend, VmSpec, VmStatus};
+use nitrile_vmm::{Accel, Hypervisor, JailConfig, QemuBackend, VmSpec, VmStatus};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -82,6 +85,9 @@ struct Sample {
     read: Duration,
     guest_write_ns: u64,
     guest_read_ns: u64,
+    /// CPU time QEMU used during each step, all its threads.
+    write_cpu: Duration,
+    read_cpu: Duration,
 }
 
 fn mib_s(bytes: u64, d: Duration) -> f64 {
@@ -101,21 +107,44 @@ impl Sample {
     fn guest_read_mib_s(&self) -> f64 {
         mib_s(self.bytes, Duration::from_nanos(self.guest_read_ns))
     }
+    /// Cores QEMU kept busy during the write step.
+    fn write_cores(&self) -> f64 {
+        self.write_cpu.as_secs_f64() / self.write.as_secs_f64()
+    }
+    fn read_cores(&self) -> f64 {
+        self.read_cpu.as_secs_f64() / self.read.as_secs_f64()
+    }
 }
+
+/// CPU time (user and system, all threads, exited ones included) of
+/// process `pid` so far, in the kernel's 10 ms ticks.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which may hold spaces: state is
+    // field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+/// When a marker reached the serial file, and QEMU's CPU time then.
+type Stamp = (Instant, Duration);
 
 /// The marker lines of one run, with when each reached the serial file.
 #[derive(Default)]
 struct Markers {
-    write_start: Option<Instant>,
-    write: Option<(Instant, u64, u64)>,
-    read_start: Option<Instant>,
-    read: Option<(Instant, u64, u64)>,
+    write_start: Option<Stamp>,
+    write: Option<(Stamp, u64, u64)>,
+    read_start: Option<Stamp>,
+    read: Option<(Stamp, u64, u64)>,
     done: bool,
     failed: Option<String>,
 }
 
 impl Markers {
-    fn see(&mut self, line: &str, at: Instant) {
+    fn see(&mut self, line: &str, at: Stamp) {
         let mut words = line.split_whitespace();
         let nums = |w: &mut std::str::SplitWhitespace<'_>| -> Option<(u64, u64)> {
             Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
@@ -149,10 +178,12 @@ impl Markers {
             {
                 Ok(Sample {
                     bytes,
-                    write: we - ws,
-                    read: re - rs,
+                    write: we.0 - ws.0,
+                    read: re.0 - rs.0,
                     guest_write_ns: gw,
                     guest_read_ns: gr,
+                    write_cpu: we.1.saturating_sub(ws.1),
+                    read_cpu: re.1.saturating_sub(rs.1),
                 })
             }
             _ => Err("the guest's markers are incomplete".to_owned()),
@@ -178,8 +209,9 @@ impl SerialWatch {
         }
     }
 
-    /// Reads what was appended since the last call; feeds whole lines.
-    fn poll(&mut self, markers: &mut Markers) {
+    /// Reads what was appended since the last call; feeds whole lines,
+    /// the benchmark's own stamped with the time and QEMU's CPU time.
+    fn poll(&mut self, markers: &mut Markers, cpu: &dyn Fn() -> Option<Duration>) {
         let now = Instant::now();
         if self.file.is_none() {
             self.file = std::fs::File::open(&self.path).ok();
@@ -195,8 +227,12 @@ impl SerialWatch {
         while let Some(i) = self.partial.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=i).collect();
             let line = String::from_utf8_lossy(&line);
-            markers.see(line.trim(), now);
-            self.text.push_str(&line);
+            let line = line.trim();
+            if line.starts_with("NITRILE-BENCH-") {
+                markers.see(line, (now, cpu().unwrap_or_default()));
+            }
+            self.text.push_str(line);
+            self.text.push('\n');
         }
     }
 
@@ -212,12 +248,13 @@ fn watch(
     serial: &Path,
     started: Instant,
     mut alive: impl FnMut() -> bool,
+    cpu: &dyn Fn() -> Option<Duration>,
 ) -> Result<Sample, String> {
     let mut watch = SerialWatch::new(serial.to_owned());
     let mut markers = Markers::default();
     let mut last_check = Instant::now();
     loop {
-        watch.poll(&mut markers);
+        watch.poll(&mut markers, cpu);
         if markers.done {
             return markers.sample();
         }
@@ -231,7 +268,7 @@ fn watch(
         if last_check.elapsed() > Duration::from_millis(100) {
             last_check = Instant::now();
             if !alive() {
-                watch.poll(&mut markers);
+                watch.poll(&mut markers, cpu);
                 if markers.done {
                     return markers.sample();
                 }
@@ -366,6 +403,9 @@ struct Bench {
     dir: tempfile::TempDir,
     hv: QemuBackend,
     keys: KeyService,
+    /// Whether every configuration runs in a cgroup (the baselines in
+    /// their own, with the backend's limits).
+    cgroups: bool,
     cgroup_note: String,
 }
 
@@ -410,12 +450,18 @@ impl Bench {
             let started = Instant::now();
             self.hv.start(&id).map_err(|e| format!("start: {e}"))?;
             let serial = self.hv.vm_dir(&id).join("serial.log");
-            watch(&serial, started, || {
-                !matches!(
-                    self.hv.status(&id),
-                    Ok(VmStatus::Stopped | VmStatus::Failed { .. }) | Err(_)
-                )
-            })
+            let pid = self.hv.qemu_pid(&id).ok_or("no QEMU pid")?;
+            watch(
+                &serial,
+                started,
+                || {
+                    !matches!(
+                        self.hv.status(&id),
+                        Ok(VmStatus::Stopped | VmStatus::Failed { .. }) | Err(_)
+                    )
+                },
+                &|| cpu_time(pid),
+            )
         })();
         let destroyed = self.hv.destroy(&id);
         let _ = std::fs::remove_file(&volume);
@@ -442,12 +488,16 @@ impl Bench {
         let serial = work.join("serial.log");
         std::fs::File::create(&serial).map_err(|e| e.to_string())?;
         let stderr = std::fs::File::create(work.join("qemu.stderr")).map_err(|e| e.to_string())?;
-        let cgroup = BenchCgroup::create(
-            &format!("volbench-{format}-{n}"),
-            (256 + nitrile_vmm::qemu::QEMU_OVERHEAD_MIB) << 20,
-            1,
-        )
-        .map_err(|e| format!("cgroup: {e}"))?;
+        let cgroup = if self.cgroups {
+            BenchCgroup::create(
+                &format!("volbench-{format}-{n}"),
+                (256 + nitrile_vmm::qemu::QEMU_OVERHEAD_MIB) << 20,
+                1,
+            )
+            .map_err(|e| format!("cgroup: {e}"))?
+        } else {
+            None
+        };
         let accel = match self.env.accel {
             Accel::Tcg => "tcg,tb-size=64",
             Accel::Kvm => "kvm",
@@ -497,11 +547,21 @@ impl Bench {
             .spawn()
             .map_err(|e| format!("spawning QEMU: {e}"))?;
         let mut qemu = Baseline(child);
+        let pid = qemu.0.id();
         if let Some(cg) = &cgroup {
-            cg.join(qemu.0.id())
+            cg.join(pid)
                 .map_err(|e| format!("joining the cgroup: {e}"))?;
+            let joined = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            if !joined.contains("nitrile-bench/") {
+                return Err(format!("QEMU is not in the benchmark's cgroup: {joined}"));
+            }
         }
-        let result = watch(&serial, started, || matches!(qemu.0.try_wait(), Ok(None)));
+        let result = watch(
+            &serial,
+            started,
+            || matches!(qemu.0.try_wait(), Ok(None)),
+            &|| cpu_time(pid),
+        );
         // The guest powers off after its last marker; give it the time.
         let deadline = Instant::now() + EXIT_GRACE;
         while matches!(qemu.0.try_wait(), Ok(None)) && Instant::now() < deadline {
@@ -560,15 +620,32 @@ fn main() {
         .unwrap_or(64)
         .clamp(1, 4096);
     let dir = tempfile::tempdir().expect("tempdir");
+    // NITRILE_BENCH_CGROUP=off: no cgroup for any configuration (the
+    // backend's too), so that QEMU may use more than one core.
+    let cgroups = std::env::var("NITRILE_BENCH_CGROUP").as_deref() != Ok("off");
+    let mut jail = JailConfig::default();
+    if !cgroups {
+        jail.cgroup_root = None;
+    }
     let hv = QemuBackend::new(dir.path().join("vms"), &env.qemu, &env.launcher)
         .expect("qemu backend")
-        .with_accel(env.accel);
-    let cgroup_note = match BenchCgroup::create("volbench-probe", 1 << 30, 1) {
-        Ok(Some(_)) => "b and c in a cgroup with a's limits".to_owned(),
-        Ok(None) => "no cgroup hierarchy: neither a nor b and c are limited".to_owned(),
-        Err(e) => {
-            println!("SKIPPED: cannot make a cgroup for the baselines: {e}");
-            return;
+        .with_accel(env.accel)
+        .with_jail(jail);
+    let cgroup_note = if !cgroups {
+        "NITRILE_BENCH_CGROUP=off: no configuration in a cgroup (no CPU or memory limit)".to_owned()
+    } else {
+        match BenchCgroup::create("volbench-probe", 1 << 30, 1) {
+            Ok(Some(_)) => {
+                format!(
+                    "a in the VM's cgroup, b and c in cgroups with its limits (1 core, {} MiB)",
+                    256 + nitrile_vmm::qemu::QEMU_OVERHEAD_MIB
+                )
+            }
+            Ok(None) => "no cgroup hierarchy: no configuration is limited".to_owned(),
+            Err(e) => {
+                println!("SKIPPED: cannot make a cgroup for the baselines: {e}");
+                return;
+            }
         }
     };
     let mut bench = Bench {
@@ -578,6 +655,7 @@ fn main() {
         dir,
         hv,
         keys: KeyService::new(),
+        cgroups,
         cgroup_note,
     };
     println!(
@@ -588,8 +666,13 @@ fn main() {
     );
     println!("load average before: {}", loadavg());
     println!(
-        "{:<4} {:<38} {:>12} {:>12} {:>24}",
-        "run", "configuration", "write MiB/s", "read MiB/s", "guest clock: write, read"
+        "{:<4} {:<38} {:>12} {:>12} {:>20} {:>26}",
+        "run",
+        "configuration",
+        "write MiB/s",
+        "read MiB/s",
+        "QEMU cores: w, r",
+        "guest clock MiB/s: w, r"
     );
     let mut samples: Vec<(Config, Sample)> = Vec::new();
     for n in 0..runs {
@@ -597,11 +680,13 @@ fn main() {
             match bench.run(config, n) {
                 Ok(s) => {
                     println!(
-                        "{:<4} {:<38} {:>12.1} {:>12.1} {:>11.1}, {:>10.1}",
+                        "{:<4} {:<38} {:>12.1} {:>12.1} {:>13.2}, {:>4.2} {:>19.1}, {:>4.1}",
                         n + 1,
                         config.label(),
                         s.write_mib_s(),
                         s.read_mib_s(),
+                        s.write_cores(),
+                        s.read_cores(),
                         s.guest_write_mib_s(),
                         s.guest_read_mib_s()
                     );
