@@ -85,9 +85,12 @@ pub(crate) enum Command {
         #[command(flatten)]
         host: HostFlag,
     },
-    /// Detach a volume from its instance, which must be stopped (or
-    /// terminated). The volume stays encrypted and becomes available to
-    /// attach again, on this host or another host of the cell.
+    /// Detach a volume from its stopped instance, keeping it.
+    ///
+    /// The instance must be stopped, failed or terminated (its VMM, and the
+    /// key it held, are gone). The volume stays encrypted and becomes
+    /// available to attach again, on this host or another host of the
+    /// cell.
     ///
     /// Example: `nitrile volume detach data`
     Detach {
@@ -97,10 +100,12 @@ pub(crate) enum Command {
         #[command(flatten)]
         host: HostFlag,
     },
-    /// Delete an available volume by crypto-erase: the key service
-    /// destroys its key first, then the host removes the ciphertext. No
-    /// copy of the ciphertext, the wrapped key or the host's state can be
-    /// decrypted afterwards.
+    /// Delete an available volume for good: crypto-erase.
+    ///
+    /// The key service destroys the volume's key first, then the host
+    /// removes the ciphertext. No copy of the ciphertext, the wrapped key
+    /// or the host's state can be decrypted afterwards; detach the volume
+    /// first if it is attached.
     ///
     /// On a terminal it asks first unless `--yes`; when not on a terminal
     /// it does not ask.
