@@ -68,6 +68,35 @@ impl Admitted {
     }
 }
 
+/// A second token a request carries beside its bearer token, for
+/// resources of another kind than the request's (tokens are homogeneous in
+/// resource kind): a launch's `volume.attach` grant on each of its volumes.
+/// It is checked as the bearer token is (signature, expiry, audience,
+/// certificate binding, the operation on every resource, single use for a
+/// mutation), and its id is journaled with the request.
+#[derive(Debug, Clone)]
+pub struct SecondToken<'a> {
+    /// The token, if the request carried one.
+    pub token: Option<&'a str>,
+    /// The operation it must grant.
+    pub operation: Operation,
+    /// Every resource it must grant the operation on.
+    pub resources: Vec<ResourceId>,
+}
+
+/// The detail key of a request record holding the second token's id.
+pub const SECOND_TOKEN_ID: &str = "second_token_id";
+/// The detail key of a request record holding the second token's expiry.
+pub const SECOND_TOKEN_EXPIRES_AT: &str = "second_token_expires_at";
+
+fn list(resources: &[ResourceId]) -> String {
+    resources
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Default number of signature checks [`Admission::with_signature_cache`]
 /// keeps.
 pub const DEFAULT_SIGNATURE_CACHE: usize = 4096;
@@ -165,6 +194,25 @@ impl Admission {
                 continue;
             };
             if exp > now {
+                replay
+                    .remember(id, exp)
+                    .map_err(AdmissionError::ReplayCache)?;
+            }
+            let detail = record.detail.as_ref();
+            if let (Some(id), Some(exp)) = (
+                detail
+                    .and_then(|d| d.get(SECOND_TOKEN_ID))
+                    .and_then(|v| v.as_str())
+                    .and_then(|t| t.parse::<TokenId>().ok()),
+                detail
+                    .and_then(|d| d.get(SECOND_TOKEN_EXPIRES_AT))
+                    .and_then(|v| v.as_str())
+                    .and_then(|s| {
+                        OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                            .ok()
+                    }),
+            ) && exp > now
+            {
                 replay
                     .remember(id, exp)
                     .map_err(AdmissionError::ReplayCache)?;
@@ -273,7 +321,7 @@ impl Admission {
         operation: Operation,
         resource: &ResourceId,
     ) -> Result<Admitted, Refused> {
-        match self.decide(peer, token, operation, resource, None) {
+        match self.decide(peer, token, operation, resource, None, None) {
             Ok(admit) => {
                 let journaled = self.append(&admit.record);
                 self.admitted(admit, journaled)
@@ -311,7 +359,24 @@ impl Admission {
         resource: &ResourceId,
         params: Option<serde_json::Value>,
     ) -> Result<Admitted, Refused> {
-        match self.decide(peer, token, operation, resource, params) {
+        self.admit_async_with_second(peer, token, operation, resource, params, None)
+            .await
+    }
+
+    /// [`Admission::admit_async_with`], with a [`SecondToken`] the request
+    /// must also carry (when `second` is given): a missing, invalid or
+    /// replayed second token refuses the request at step `token`, journaled,
+    /// as the bearer token would.
+    pub async fn admit_async_with_second(
+        &self,
+        peer: &PeerIdentity,
+        token: Option<&str>,
+        operation: Operation,
+        resource: &ResourceId,
+        params: Option<serde_json::Value>,
+        second: Option<&SecondToken<'_>>,
+    ) -> Result<Admitted, Refused> {
+        match self.decide(peer, token, operation, resource, params, second) {
             Ok(admit) => {
                 let journaled = self.append_async(&admit.record).await;
                 self.admitted(admit, journaled)
@@ -334,14 +399,21 @@ impl Admission {
         operation: Operation,
         resource: &ResourceId,
         params: Option<serde_json::Value>,
+        second: Option<&SecondToken<'_>>,
     ) -> Result<Admit, Box<(AuditRecord, Refused)>> {
         let now = self.clock.now();
         let request_id = RequestId::random(&mut rand_core::OsRng);
+        let mut operations = vec![operation];
+        let mut resources = vec![resource.clone()];
+        if let Some(second) = second {
+            operations.push(second.operation);
+            resources.extend(second.resources.iter().cloned());
+        }
         let base = |r: AuditRecord| {
             r.with_principal(peer.principal.clone())
                 .with_cert_sha256(CertSha256::from_bytes(peer.cert_sha256))
-                .with_operations([operation])
-                .with_resources([resource.clone()])
+                .with_operations(operations.iter().copied())
+                .with_resources(resources.iter().cloned())
                 .with_audience(self.verifier.audience().clone())
         };
         let refuse = |status: u16, step: RefusalStep, code: &'static str, reason: String| {
@@ -396,18 +468,64 @@ impl Admission {
                 e.to_string(),
             ));
         }
+        let mut detail = serde_json::json!({
+            TOKEN_EXPIRES_AT: nitrile_audit::format_time(grant.expires_at()),
+        });
+        if let Some(params) = params {
+            detail["params"] = params;
+        }
+        if let Some(second) = second {
+            let Some(token) = second.token else {
+                return Err(refuse(
+                    401,
+                    RefusalStep::Token,
+                    "second_token_missing",
+                    format!(
+                        "this request also needs a token granting {} on {}",
+                        second.operation,
+                        list(&second.resources)
+                    ),
+                ));
+            };
+            let mut verified = None;
+            for r in &second.resources {
+                let request = Request {
+                    operation: second.operation,
+                    resource: r.clone(),
+                };
+                match self.verify(token, &request, peer, now) {
+                    Ok(g) => verified = Some(g),
+                    Err(e) => {
+                        return Err(refuse(
+                            status_of(&e),
+                            RefusalStep::Token,
+                            e.code(),
+                            format!("the second token ({} on {r}): {e}", second.operation),
+                        ));
+                    }
+                }
+            }
+            if let Some(g) = verified {
+                if second.operation.is_mutation()
+                    && let Err(e) = self
+                        .replay
+                        .check_and_record(g.token_id(), g.expires_at(), now)
+                {
+                    return Err(refuse(
+                        status_of(&e),
+                        RefusalStep::Token,
+                        e.code(),
+                        format!("the second token: {e}"),
+                    ));
+                }
+                detail[SECOND_TOKEN_ID] = g.token_id().to_string().into();
+                detail[SECOND_TOKEN_EXPIRES_AT] = nitrile_audit::format_time(g.expires_at()).into();
+            }
+        }
         let record = base(AuditRecord::request(now, self.source().clone(), request_id))
             .with_token_id(grant.token_id().to_string())
             .with_group(grant.group().as_str())
-            .with_detail(match params {
-                Some(params) => serde_json::json!({
-                    TOKEN_EXPIRES_AT: nitrile_audit::format_time(grant.expires_at()),
-                    "params": params,
-                }),
-                None => serde_json::json!({
-                    TOKEN_EXPIRES_AT: nitrile_audit::format_time(grant.expires_at()),
-                }),
-            });
+            .with_detail(detail);
         Ok(Admit {
             record,
             grant,

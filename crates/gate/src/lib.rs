@@ -43,7 +43,10 @@ mod identity;
 mod journal;
 mod startup;
 
-pub use admission::{Admission, AdmissionError, Admitted, DEFAULT_SIGNATURE_CACHE};
+pub use admission::{
+    Admission, AdmissionError, Admitted, DEFAULT_SIGNATURE_CACHE, SECOND_TOKEN_EXPIRES_AT,
+    SECOND_TOKEN_ID, SecondToken,
+};
 pub use http::{Refused, bearer, refusal_body, refusal_response};
 pub use identity::{Expected, IdentityError, ServiceIdentity};
 pub use journal::{MAX_RECORDED_METHOD, MAX_RECORDED_PATH, ServiceJournal, request_detail};

@@ -6,12 +6,14 @@
 //! ```text
 //! host.json                          placement (accepting | drained)
 //! instances/<name>/instance.json     the instance's record (an InstanceDescription)
-//! instances/<name>/spec.json         the VM spec it was launched with
-//! instances/<name>/wrapped-keys.json its volumes' data keys, wrapped by the key service
+//! instances/<name>/spec.json         the VM spec it was last booted with
 //! instances/<name>/scratch.img       its instance-store disk, while its VM runs
-//! volumes/<name>/<volume>.img        its encrypted volumes
 //! vms/                               the backend's per-VM state
 //! ```
+//!
+//! Volumes are resources of their own, in the volume store
+//! ([`crate::volumes`]), shared by the hosts of a cell; an instance's record
+//! lists the volumes attached to it.
 //!
 //! Every file is written atomically (temporary file, fsync, rename, fsync of
 //! the directory). Operations on one instance are serialized by a
@@ -19,17 +21,18 @@
 //!
 //! No plaintext volume key is on this host's disk or in this process. A
 //! volume's data key is made by the key service ([`VolumeKeySource`]) and
-//! kept here only wrapped; to boot an instance, the host creates its VM,
-//! whose VMM makes one recipient key pair per volume, has the key service
-//! seal each data key to its recipient and relays the sealed keys to the
-//! VMM ([`nitrile_vmm::Hypervisor::supply_keys`]). Terminating an instance
-//! crypto-erases its volumes: the key service destroys each volume's key
-//! before the wrapped keys and the volume files are deleted. An
-//! instance-store disk's key is made inside the VMM and dies with it; its
-//! backing file is removed when the instance stops.
+//! kept in the volume store only wrapped; to boot an instance, the host
+//! creates its VM, whose VMM makes one recipient key pair per volume, has
+//! the key service seal each data key to its recipient (relaying the
+//! caller's `volume.attach` token, which the key service checks itself) and
+//! relays the sealed keys to the VMM
+//! ([`nitrile_vmm::Hypervisor::supply_keys`]). Deleting a volume
+//! crypto-erases it: the key service destroys its key record before the
+//! host removes the ciphertext. Terminating an instance detaches its
+//! volumes. An instance-store disk's key is made inside the VMM and dies
+//! with it; its backing file is removed when the instance stops.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,8 +40,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use nitrile_api::Name;
 use nitrile_api::admin::{
-    InstanceDescription, InstanceState, LaunchRequest, MAX_REASON_LEN, PlacementState, Sha256Hex,
-    VolumeDescription, clip_text,
+    AttachedVolume, InstanceDescription, InstanceState, LaunchRequest, MAX_INSTANCE_VOLUMES,
+    MAX_REASON_LEN, PlacementState, Sha256Hex, VolumeAttachment, VolumeCreateRequest,
+    VolumeDescription, VolumeState, clip_text,
 };
 use nitrile_api::wire::RefusalStep;
 use nitrile_image::{ImageError, ImageStore};
@@ -47,22 +51,14 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::volume_keys::{MAX_WRAPPED_KEY_LEN, VolumeKeyError, VolumeKeySource, WrappedVolumeKey};
+use crate::volume_keys::{VolumeKeyError, VolumeKeySource, WrappedVolumeKey};
+use crate::volumes::{VolumeLock, VolumeRecord, VolumeStore, VolumeStoreError};
 
 /// Largest instance record or host state file read.
 pub const MAX_RECORD_LEN: u64 = 64 * 1024;
-/// Largest wrapped-keys file read: per volume its id and its wrapped key in
-/// hex, with room for the JSON around them.
-pub const MAX_KEY_FILE_LEN: u64 = (nitrile_api::admin::MAX_INSTANCE_VOLUMES
-    * (nitrile_api::MAX_NAME_LEN + 2 * MAX_WRAPPED_KEY_LEN + 16)
-    + 64) as u64;
 
 const RECORD_FILE: &str = "instance.json";
 const SPEC_FILE: &str = "spec.json";
-const WRAPPED_KEYS_FILE: &str = "wrapped-keys.json";
-/// The plaintext key file of instances launched before the key service
-/// (crypto-erased when such an instance is terminated).
-const LEGACY_KEYS_FILE: &str = "volume-keys";
 const SCRATCH_FILE: &str = "scratch.img";
 const HOST_FILE: &str = "host.json";
 
@@ -124,6 +120,47 @@ pub enum InstanceError {
     /// the instance has volumes but this host agent has no key service
     #[error("volumes need the key service, and this host agent has none; launch without volumes")]
     NoKeySource,
+    /// the volume store refused or failed
+    #[error("volume store")]
+    Volume(#[from] VolumeStoreError),
+    /// the volume is attached to an instance
+    #[error("volume {volume} is attached to instance {instance} on host {host}")]
+    VolumeAttached {
+        /// The volume.
+        volume: Name,
+        /// Its instance.
+        instance: Name,
+        /// The instance's host.
+        host: Name,
+    },
+    /// the volume is attached to nothing
+    #[error("volume {0} is not attached")]
+    VolumeNotAttached(Name),
+    /// the volume's instance is on another host
+    #[error("volume {volume} is attached to an instance of host {host}; detach it there")]
+    VolumeElsewhere {
+        /// The volume.
+        volume: Name,
+        /// The host.
+        host: Name,
+    },
+    /// the volume was made for another backend
+    #[error(
+        "volume {volume} is in the {format} format, and this host's backend ({backend}) takes {expected}"
+    )]
+    VolumeFormat {
+        /// The volume.
+        volume: Name,
+        /// Its format.
+        format: String,
+        /// This host's backend.
+        backend: &'static str,
+        /// The format it takes.
+        expected: &'static str,
+    },
+    /// an instance has the most volumes
+    #[error("instance {0} has {MAX_INSTANCE_VOLUMES} volumes, the most an instance gets")]
+    TooManyVolumes(Name),
     /// the key service refused or failed a volume's key
     #[error("the key of volume {volume}")]
     VolumeKey {
@@ -177,6 +214,16 @@ impl InstanceError {
                 ..
             } => (409, RefusalStep::State, "volume_key_refused"),
             Self::VolumeKey { .. } => (500, RefusalStep::Internal, "key_service"),
+            Self::Volume(VolumeStoreError::NoSuchVolume(_)) => {
+                (404, RefusalStep::State, "no_such_volume")
+            }
+            Self::Volume(VolumeStoreError::Exists(_)) => (409, RefusalStep::State, "volume_exists"),
+            Self::Volume(_) => (500, RefusalStep::Internal, "internal"),
+            Self::VolumeAttached { .. } => (409, RefusalStep::State, "volume_attached"),
+            Self::VolumeNotAttached(_) => (409, RefusalStep::State, "volume_not_attached"),
+            Self::VolumeElsewhere { .. } => (409, RefusalStep::State, "volume_elsewhere"),
+            Self::VolumeFormat { .. } => (409, RefusalStep::State, "volume_format"),
+            Self::TooManyVolumes(_) => (409, RefusalStep::State, "too_many_volumes"),
             Self::Spec(_) | Self::Io { .. } | Self::Damaged { .. } | Self::Task(_) => {
                 (500, RefusalStep::Internal, "internal")
             }
@@ -221,76 +268,12 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), InstanceError> {
     nitrile_fs::write_atomic(path, bytes, 0o600).map_err(|e| io(path)(e.into()))
 }
 
-fn fsync_dir(dir: &Path) -> Result<(), InstanceError> {
-    nitrile_fs::sync_dir(dir).map_err(|e| io(dir)(e.into()))
-}
-
 fn private_dir(path: &Path) -> Result<(), InstanceError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(path)
         .map_err(io(path))
-}
-
-/// The wrapped keys of an instance's volumes, as persisted (hex).
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WrappedKeysFile {
-    volumes: BTreeMap<Name, String>,
-}
-
-fn encode_wrapped(keys: &BTreeMap<Name, WrappedVolumeKey>) -> Vec<u8> {
-    let file = WrappedKeysFile {
-        volumes: keys
-            .iter()
-            .map(|(v, w)| (v.clone(), hex::encode(w.as_bytes())))
-            .collect(),
-    };
-    serde_json::to_vec_pretty(&file).unwrap_or_else(|_| unreachable!("names and hex serialize"))
-}
-
-fn decode_wrapped(
-    path: &Path,
-    bytes: &[u8],
-) -> Result<BTreeMap<Name, WrappedVolumeKey>, InstanceError> {
-    let damaged = |reason: String| InstanceError::Damaged {
-        path: path.to_owned(),
-        reason,
-    };
-    let file: WrappedKeysFile =
-        serde_json::from_slice(bytes).map_err(|e| damaged(e.to_string()))?;
-    let mut out = BTreeMap::new();
-    for (volume, text) in file.volumes {
-        let bytes = hex::decode(&text)
-            .map_err(|_| damaged(format!("the wrapped key of volume {volume} is not hex")))?;
-        let key = WrappedVolumeKey::new(bytes)
-            .map_err(|e| damaged(format!("the wrapped key of volume {volume}: {e}")))?;
-        out.insert(volume, key);
-    }
-    Ok(out)
-}
-
-/// Overwrites `path` with zeros, syncs it, unlinks it and syncs its
-/// directory. A missing file is already erased.
-fn crypto_erase(path: &Path) -> Result<(), InstanceError> {
-    let mut f = match std::fs::OpenOptions::new().write(true).open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io(path)(e)),
-    };
-    let len = f.metadata().map_err(io(path))?.len();
-    let zeros = vec![0u8; usize::try_from(len).unwrap_or(0).min(1 << 20)];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(zeros.len() as u64) as usize;
-        f.write_all(&zeros[..n]).map_err(io(path))?;
-        left -= n as u64;
-    }
-    f.sync_all().map_err(io(path))?;
-    drop(f);
-    std::fs::remove_file(path).map_err(io(path))?;
-    fsync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 /// The persisted placement state of the host.
@@ -351,6 +334,9 @@ pub struct Instances {
     images: ImageStore,
     hypervisor: Result<Arc<dyn Hypervisor>, String>,
     volume_keys: Option<Arc<dyn VolumeKeySource>>,
+    volumes: VolumeStore,
+    format: &'static str,
+    backend: &'static str,
     limits: CapacityLimits,
     table: Mutex<BTreeMap<Name, InstanceDescription>>,
     locks: Mutex<BTreeMap<Name, Arc<tokio::sync::Mutex<()>>>>,
@@ -381,20 +367,24 @@ fn now_text(now: OffsetDateTime) -> String {
 impl Instances {
     /// Loads the records under `state_dir` (creating the directories), and
     /// re-adopts every instance recorded as running or pending: its state
-    /// becomes what the hypervisor reports. Volume keys come from
-    /// `volume_keys`; without it only instances without volumes launch.
+    /// becomes what the hypervisor reports. Volumes are kept in `volumes`,
+    /// their keys made and released by `volume_keys` (without it the host
+    /// has no volumes); `backend` (`qemu` or `kvm`) decides the format of
+    /// the volumes it makes and takes.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         host: Name,
         state_dir: &Path,
         images: ImageStore,
         hypervisor: Result<Arc<dyn Hypervisor>, String>,
+        backend: &'static str,
+        volumes: VolumeStore,
         volume_keys: Option<Arc<dyn VolumeKeySource>>,
         limits: CapacityLimits,
         now: OffsetDateTime,
     ) -> Result<Self, InstanceError> {
         let instances_dir = state_dir.join("instances");
         private_dir(&instances_dir)?;
-        private_dir(&state_dir.join("volumes"))?;
         // Paths handed to the hypervisor must be absolute and normalized; a
         // config's relative `state = "."` resolves to `<dir>/.`.
         let state_dir = &std::fs::canonicalize(state_dir).map_err(io(state_dir))?;
@@ -443,6 +433,9 @@ impl Instances {
             images,
             hypervisor,
             volume_keys,
+            volumes,
+            format: format_of(backend),
+            backend,
             limits,
             table: Mutex::new(table),
             locks: Mutex::new(BTreeMap::new()),
@@ -515,13 +508,9 @@ impl Instances {
         self.state_dir.join("instances").join(name.as_str())
     }
 
-    fn volume_dir(&self, name: &Name) -> PathBuf {
-        self.state_dir.join("volumes").join(name.as_str())
-    }
-
-    /// The wrapped-keys file of an instance.
-    pub fn wrapped_keys_file(&self, name: &Name) -> PathBuf {
-        self.dir(name).join(WRAPPED_KEYS_FILE)
+    /// The volume store.
+    pub fn volume_store(&self) -> &VolumeStore {
+        &self.volumes
     }
 
     /// The backing file of an instance's instance-store disk (present
@@ -544,10 +533,9 @@ impl Instances {
         }
     }
 
-    /// The backing file of an instance's volume.
-    pub fn volume_file(&self, name: &Name, volume: &Name) -> PathBuf {
-        self.volume_dir(name)
-            .join(format!("{}.img", volume.as_str()))
+    /// The backing file of a volume (its ciphertext).
+    pub fn volume_file(&self, volume: &Name) -> PathBuf {
+        self.volumes.disk_path(volume)
     }
 
     fn hv(&self) -> Result<Arc<dyn Hypervisor>, InstanceError> {
@@ -640,21 +628,6 @@ impl Instances {
         Ok(VmSpec::parse_json(&bytes)?)
     }
 
-    /// The wrapped keys of an instance's volumes (none when it has none and
-    /// so no file).
-    fn load_wrapped(
-        &self,
-        name: &Name,
-        spec: &VmSpec,
-    ) -> Result<BTreeMap<Name, WrappedVolumeKey>, InstanceError> {
-        let path = self.wrapped_keys_file(name);
-        if spec.volumes().is_empty() && !path.exists() {
-            return Ok(BTreeMap::new());
-        }
-        let bytes = read_bounded(&path, MAX_KEY_FILE_LEN)?;
-        decode_wrapped(&path, &bytes)
-    }
-
     fn key_source(&self) -> Result<Arc<dyn VolumeKeySource>, InstanceError> {
         self.volume_keys
             .as_ref()
@@ -728,16 +701,17 @@ impl Instances {
     }
 
     /// Launches an instance: checks placement, name, image and capacity,
-    /// persists its record (pending), has the key service make one data key
-    /// per volume and persists them wrapped, creates its VM, relays each
-    /// volume's key sealed to its VMM, starts it, and records it running
-    /// (or failed, with the reason). `caller_token` is the token the
-    /// request was admitted with, relayed to the key service.
+    /// persists its record (pending), attaches its volumes (each available,
+    /// of this backend's format, under the volume's lock), creates its VM,
+    /// has the key service seal each volume's key to its VMM under
+    /// `volume_token` (the caller's `volume.attach` grant, which the key
+    /// service checks itself), starts it, and records it running (or
+    /// failed, with the reason; its volumes stay attached to it).
     pub async fn launch(
         &self,
         req: &LaunchRequest,
         now: OffsetDateTime,
-        caller_token: &str,
+        volume_token: Option<&str>,
     ) -> Result<InstanceDescription, InstanceError> {
         let _gate = self.launch_gate.lock().await;
         let name = req.instance.clone();
@@ -779,17 +753,25 @@ impl Instances {
                 free_memory_mib,
             });
         }
-        let volumes: Vec<serde_json::Value> = req
-            .volumes
-            .iter()
-            .map(|v| {
-                serde_json::json!({
-                    "id": v.id.as_str(),
-                    "path": self.volume_file(&name, &v.id),
-                    "size_mib": v.size_mib,
-                })
+        // The volumes, attached to the new instance under their locks (in
+        // id order, so that two hosts never wait on each other); a volume
+        // that cannot be attached undoes the ones before it.
+        let attachment = VolumeAttachment {
+            host: self.host.clone(),
+            instance: name.clone(),
+        };
+        let volumes = {
+            let this_store = self.volumes.clone();
+            let ids = req.volumes.clone();
+            let format = self.format;
+            let backend = self.backend;
+            let attachment = attachment.clone();
+            tokio::task::spawn_blocking(move || {
+                attach_all(&this_store, &ids, format, backend, &attachment)
             })
-            .collect();
+            .await
+            .map_err(InstanceError::Task)??
+        };
         // The store's root may be configured as `../../images`: the spec
         // takes absolute, normalized paths only.
         let kernel = std::fs::canonicalize(image.kernel()).map_err(io(image.kernel()))?;
@@ -804,7 +786,7 @@ impl Instances {
             },
             "vcpus": req.vcpus,
             "memory_mib": req.memory_mib,
-            "volumes": volumes,
+            "volumes": self.spec_volumes(&volumes),
         });
         if let Some(mib) = req.scratch_mib {
             spec_json["scratch"] = serde_json::json!({
@@ -812,9 +794,15 @@ impl Instances {
                 "size_mib": mib,
             });
         }
-        let spec = VmSpec::parse_json(
+        let spec = match VmSpec::parse_json(
             &serde_json::to_vec(&spec_json).unwrap_or_else(|_| unreachable!("json value")),
-        )?;
+        ) {
+            Ok(spec) => spec,
+            Err(e) => {
+                self.detach_quietly(&volumes, &attachment).await;
+                return Err(e.into());
+            }
+        };
 
         // A terminated tombstone of the same name is replaced.
         let dir = self.dir(&name);
@@ -827,11 +815,10 @@ impl Instances {
             image: req.image,
             vcpus: req.vcpus,
             memory_mib: req.memory_mib,
-            volumes: req
-                .volumes
+            volumes: volumes
                 .iter()
-                .map(|v| VolumeDescription {
-                    id: v.id.clone(),
+                .map(|v| AttachedVolume {
+                    id: v.volume.clone(),
                     size_mib: v.size_mib,
                 })
                 .collect(),
@@ -844,38 +831,70 @@ impl Instances {
         self.save(&record)?;
         let spec_path = dir.join(SPEC_FILE);
         write_private(&spec_path, &spec.to_json())?;
-        private_dir(&self.volume_dir(&name))?;
-
-        let key_path = self.wrapped_keys_file(&name);
-        let ids: Vec<Name> = req.volumes.iter().map(|v| v.id.clone()).collect();
-        let token = caller_token.to_owned();
+        let wrapped = self.wrapped_of(&volumes)?;
+        let token = volume_token.map(str::to_owned);
         let result = tokio::task::spawn_blocking(move || {
-            // Each volume's key, made by the key service and kept wrapped;
-            // the file is rewritten after each, so that terminate finds
-            // every key made even if a later one fails.
-            let mut wrapped = BTreeMap::new();
-            if let Some(source) = &keys {
-                for id in ids {
-                    let w = source.generate(&id, &token).map_err(|source| {
-                        InstanceError::VolumeKey {
-                            volume: id.clone(),
-                            source,
-                        }
-                    })?;
-                    wrapped.insert(id, w);
-                    write_private(&key_path, &encode_wrapped(&wrapped))?;
-                }
-            }
-            bring_up(hv.as_ref(), keys.as_deref(), &spec, &wrapped, &token)
+            bring_up(
+                hv.as_ref(),
+                keys.as_deref(),
+                &spec,
+                &wrapped,
+                token.as_deref(),
+            )
         })
         .await
         .map_err(InstanceError::Task)?;
         self.record_started(record, result, now)
     }
 
+    /// The spec's `volumes` for `records`: each volume's ciphertext in the
+    /// store.
+    fn spec_volumes(&self, records: &[VolumeRecord]) -> Vec<serde_json::Value> {
+        records
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "id": v.volume.as_str(),
+                    "path": self.volumes.disk_path(&v.volume),
+                    "size_mib": v.size_mib,
+                })
+            })
+            .collect()
+    }
+
+    /// The wrapped keys of `records`, by volume.
+    fn wrapped_of(
+        &self,
+        records: &[VolumeRecord],
+    ) -> Result<BTreeMap<Name, WrappedVolumeKey>, InstanceError> {
+        let mut out = BTreeMap::new();
+        for r in records {
+            let path = self.volumes.dir().join(r.volume.as_str());
+            out.insert(r.volume.clone(), r.wrapped(&path)?);
+        }
+        Ok(out)
+    }
+
+    /// Undoes the attachments of a launch that did not get as far as its
+    /// record; failures are logged (the volumes then show the attachment,
+    /// which `volume.detach` clears).
+    async fn detach_quietly(&self, records: &[VolumeRecord], attachment: &VolumeAttachment) {
+        let store = self.volumes.clone();
+        let ids: Vec<Name> = records.iter().map(|r| r.volume.clone()).collect();
+        let attachment = attachment.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for id in ids {
+                if let Err(e) = detach_if(&store, &id, &attachment) {
+                    tracing::error!(volume = %id, error = %e, "could not undo an attachment");
+                }
+            }
+        })
+        .await;
+    }
+
     /// Stops a running instance: its VMM process ends, and with it every
-    /// key it held; its volumes and their wrapped keys stay, its
-    /// instance-store disk is removed.
+    /// key it held; its volumes stay attached, its instance-store disk is
+    /// removed.
     pub async fn stop(
         &self,
         name: &Name,
@@ -910,14 +929,14 @@ impl Instances {
     }
 
     /// Starts a stopped (or failed) instance again from its persisted spec
-    /// and wrapped keys, after checking its image again: a new VMM, whose
-    /// recipients the key service seals the volumes' keys to anew, and an
-    /// empty instance-store disk.
+    /// with the volumes attached to it now, after checking its image again:
+    /// a new VMM, to whose recipients the key service seals the volumes'
+    /// keys anew under `volume_token`, and an empty instance-store disk.
     pub async fn start(
         &self,
         name: &Name,
         now: OffsetDateTime,
-        caller_token: &str,
+        volume_token: Option<&str>,
     ) -> Result<InstanceDescription, InstanceError> {
         let lock = self.lock_of(name);
         let _guard = lock.lock().await;
@@ -930,9 +949,22 @@ impl Instances {
             });
         }
         let hv = self.hv()?;
-        let spec = self.load_spec(name)?;
-        let wrapped = self.load_wrapped(name, &spec)?;
-        let keys = if spec.volumes().is_empty() {
+        let old = self.load_spec(name)?;
+        let mut volumes = Vec::new();
+        for v in &record.volumes {
+            volumes.push(self.volumes.read(&v.id)?);
+        }
+        let mut spec_json: serde_json::Value =
+            serde_json::from_slice(&old.to_json()).map_err(|e| InstanceError::Damaged {
+                path: self.dir(name).join(SPEC_FILE),
+                reason: e.to_string(),
+            })?;
+        spec_json["volumes"] = serde_json::Value::Array(self.spec_volumes(&volumes));
+        let spec = VmSpec::parse_json(
+            &serde_json::to_vec(&spec_json).unwrap_or_else(|_| unreachable!("json value")),
+        )?;
+        let wrapped = self.wrapped_of(&volumes)?;
+        let keys = if volumes.is_empty() {
             None
         } else {
             Some(self.key_source()?)
@@ -946,6 +978,7 @@ impl Instances {
                 digest: record.image,
                 source: Box::new(source),
             })?;
+        write_private(&self.dir(name).join(SPEC_FILE), &spec.to_json())?;
         // Recorded pending before the VM exists: if the agent dies before
         // it records the outcome, the next one re-adopts the VM instead of
         // leaving it running behind a `stopped` record.
@@ -954,10 +987,16 @@ impl Instances {
         record.updated_at = now_text(now);
         self.save(&record)?;
         let id = VmId::new(name.clone());
-        let token = caller_token.to_owned();
+        let token = volume_token.map(str::to_owned);
         let result = tokio::task::spawn_blocking(move || {
             stop_and_forget(hv.as_ref(), &id).map_err(InstanceError::Hypervisor)?;
-            bring_up(hv.as_ref(), keys.as_deref(), &spec, &wrapped, &token)
+            bring_up(
+                hv.as_ref(),
+                keys.as_deref(),
+                &spec,
+                &wrapped,
+                token.as_deref(),
+            )
         })
         .await
         .map_err(InstanceError::Task)?;
@@ -989,15 +1028,14 @@ impl Instances {
         }
     }
 
-    /// Terminates an instance: destroys its VM, crypto-erases its volumes
-    /// (the key service destroys each volume's key first; then the wrapped
-    /// keys and the volume files are deleted) and keeps a tombstone record
-    /// saying `terminated`.
+    /// Terminates an instance: destroys its VM, erases its instance store,
+    /// detaches its volumes (they stay, encrypted, for `volume.delete` to
+    /// crypto-erase or another instance to attach) and keeps a tombstone
+    /// record saying `terminated`.
     pub async fn terminate(
         &self,
         name: &Name,
         now: OffsetDateTime,
-        caller_token: &str,
     ) -> Result<InstanceDescription, InstanceError> {
         let lock = self.lock_of(name);
         let _guard = lock.lock().await;
@@ -1016,46 +1054,19 @@ impl Instances {
             .map_err(InstanceError::Task)?
             .map_err(InstanceError::Hypervisor)?;
         self.remove_scratch(name);
-        let wrapped_path = self.wrapped_keys_file(name);
-        let wrapped = match std::fs::metadata(&wrapped_path) {
-            Ok(_) => {
-                let bytes = read_bounded(&wrapped_path, MAX_KEY_FILE_LEN)?;
-                decode_wrapped(&wrapped_path, &bytes)?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(io(&wrapped_path)(e)),
+        let attachment = VolumeAttachment {
+            host: self.host.clone(),
+            instance: name.clone(),
         };
-        let keys = if wrapped.is_empty() {
-            None
-        } else {
-            Some(self.key_source()?)
-        };
-        let legacy_path = self.dir(name).join(LEGACY_KEYS_FILE);
-        let volume_dir = self.volume_dir(name);
+        let store = self.volumes.clone();
+        let ids: Vec<Name> = record.volumes.iter().map(|v| v.id.clone()).collect();
         let spec_path = self.dir(name).join(SPEC_FILE);
-        let token = caller_token.to_owned();
         tokio::task::spawn_blocking(move || -> Result<(), InstanceError> {
-            // The key service destroys every key before any file goes: a
-            // failure leaves what is needed to try again.
-            if let Some(source) = &keys {
-                for volume in wrapped.keys() {
-                    source
-                        .destroy(volume, &token)
-                        .map_err(|source| InstanceError::VolumeKey {
-                            volume: volume.clone(),
-                            source,
-                        })?;
+            for id in &ids {
+                match detach_if(&store, id, &attachment) {
+                    Ok(()) | Err(InstanceError::Volume(VolumeStoreError::NoSuchVolume(_))) => {}
+                    Err(e) => return Err(e),
                 }
-            }
-            crypto_erase(&wrapped_path)?;
-            crypto_erase(&legacy_path)?;
-            match std::fs::remove_dir_all(&volume_dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&volume_dir)(e)),
-            }
-            if let Some(parent) = volume_dir.parent() {
-                fsync_dir(parent)?;
             }
             match std::fs::remove_file(&spec_path) {
                 Ok(()) => Ok(()),
@@ -1067,9 +1078,214 @@ impl Instances {
         .map_err(InstanceError::Task)??;
         record.state = InstanceState::Terminated;
         record.reason = None;
+        record.volumes.clear();
         record.updated_at = now_text(now);
         self.save(&record)?;
         Ok(record)
+    }
+
+    /// `volume.create`: reserves the id in the volume store, has the key
+    /// service make the data key under the requested key (relaying
+    /// `caller_token`, the caller's `volume.create` token) and writes the
+    /// record with the key wrapped. A refusal of the key service leaves no
+    /// trace in the store.
+    pub async fn create_volume(
+        &self,
+        req: &VolumeCreateRequest,
+        now: OffsetDateTime,
+        caller_token: &str,
+    ) -> Result<VolumeDescription, InstanceError> {
+        let source = self.key_source()?;
+        let store = self.volumes.clone();
+        let format = self.format.to_owned();
+        let req = req.clone();
+        let token = caller_token.to_owned();
+        let created_at = now_text(now);
+        tokio::task::spawn_blocking(move || {
+            let lock = store.reserve(&req.volume)?;
+            let kms_key = req
+                .kms_key
+                .clone()
+                .unwrap_or_else(|| Name::new("default").unwrap_or_else(|_| unreachable!()));
+            let wrapped = match source.generate(&req.volume, &kms_key, &token) {
+                Ok(w) => w,
+                Err(source) => {
+                    store.abandon(&req.volume, lock);
+                    return Err(InstanceError::VolumeKey {
+                        volume: req.volume.clone(),
+                        source,
+                    });
+                }
+            };
+            let record = VolumeRecord {
+                volume: req.volume.clone(),
+                size_mib: req.size_mib,
+                kms_key,
+                format,
+                wrapped_key: hex::encode(wrapped.as_bytes()),
+                attachment: None,
+                created_at,
+            };
+            store.write(&lock, &record)?;
+            Ok(record.describe())
+        })
+        .await
+        .map_err(InstanceError::Task)?
+    }
+
+    /// `volume.describe`.
+    pub async fn describe_volume(&self, id: &Name) -> Result<VolumeDescription, InstanceError> {
+        let store = self.volumes.clone();
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || Ok(store.read(&id)?.describe()))
+            .await
+            .map_err(InstanceError::Task)?
+    }
+
+    /// `volume.list`: every volume of the store.
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeDescription>, InstanceError> {
+        let store = self.volumes.clone();
+        tokio::task::spawn_blocking(move || {
+            Ok(store.list()?.iter().map(VolumeRecord::describe).collect())
+        })
+        .await
+        .map_err(InstanceError::Task)?
+    }
+
+    /// `volume.attach`: attaches an available volume of this backend's
+    /// format to a stopped (or failed) instance of this host. Its key is
+    /// released at the instance's next start.
+    pub async fn attach_volume(
+        &self,
+        id: &Name,
+        instance: &Name,
+        now: OffsetDateTime,
+    ) -> Result<VolumeDescription, InstanceError> {
+        let lock = self.lock_of(instance);
+        let _guard = lock.lock().await;
+        let mut record = self.record(instance)?;
+        if !matches!(record.state, InstanceState::Stopped | InstanceState::Failed) {
+            return Err(InstanceError::WrongState {
+                instance: instance.clone(),
+                state: record.state,
+                op: "attach a volume",
+            });
+        }
+        if record.volumes.len() >= MAX_INSTANCE_VOLUMES {
+            return Err(InstanceError::TooManyVolumes(instance.clone()));
+        }
+        let store = self.volumes.clone();
+        let attachment = VolumeAttachment {
+            host: self.host.clone(),
+            instance: instance.clone(),
+        };
+        let (format, backend) = (self.format, self.backend);
+        let ids = vec![id.clone()];
+        let mut attached = tokio::task::spawn_blocking(move || {
+            attach_all(&store, &ids, format, backend, &attachment)
+        })
+        .await
+        .map_err(InstanceError::Task)??;
+        let volume = attached.remove(0);
+        record.volumes.push(AttachedVolume {
+            id: volume.volume.clone(),
+            size_mib: volume.size_mib,
+        });
+        record.updated_at = now_text(now);
+        self.save(&record)?;
+        Ok(volume.describe())
+    }
+
+    /// `volume.detach`: detaches a volume from its instance of this host,
+    /// which must not be running.
+    pub async fn detach_volume(
+        &self,
+        id: &Name,
+        now: OffsetDateTime,
+    ) -> Result<VolumeDescription, InstanceError> {
+        let current = {
+            let store = self.volumes.clone();
+            let id = id.clone();
+            tokio::task::spawn_blocking(move || store.read(&id))
+                .await
+                .map_err(InstanceError::Task)??
+        };
+        let Some(attachment) = current.attachment.clone() else {
+            return Err(InstanceError::VolumeNotAttached(id.clone()));
+        };
+        if attachment.host != self.host {
+            return Err(InstanceError::VolumeElsewhere {
+                volume: id.clone(),
+                host: attachment.host,
+            });
+        }
+        let lock = self.lock_of(&attachment.instance);
+        let _guard = lock.lock().await;
+        let record = self.table().get(&attachment.instance).cloned();
+        if let Some(r) = &record
+            && matches!(r.state, InstanceState::Running | InstanceState::Pending)
+        {
+            return Err(InstanceError::WrongState {
+                instance: r.instance.clone(),
+                state: r.state,
+                op: "detach a volume",
+            });
+        }
+        let store = self.volumes.clone();
+        let vid = id.clone();
+        let att = attachment.clone();
+        let volume = tokio::task::spawn_blocking(move || {
+            detach_if(&store, &vid, &att)?;
+            Ok::<_, InstanceError>(store.read(&vid)?)
+        })
+        .await
+        .map_err(InstanceError::Task)??;
+        if let Some(mut r) = record
+            && r.volumes.iter().any(|v| v.id == *id)
+        {
+            r.volumes.retain(|v| v.id != *id);
+            r.updated_at = now_text(now);
+            self.save(&r)?;
+        }
+        Ok(volume.describe())
+    }
+
+    /// `volume.delete`: crypto-erases an available volume: the key service
+    /// destroys its key record (relaying `caller_token`, the caller's
+    /// `volume.delete` token) before the ciphertext and the record are
+    /// removed. A refusal of the key service removes nothing.
+    pub async fn delete_volume(
+        &self,
+        id: &Name,
+        caller_token: &str,
+    ) -> Result<VolumeDescription, InstanceError> {
+        let source = self.key_source()?;
+        let store = self.volumes.clone();
+        let id = id.clone();
+        let token = caller_token.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let lock = store.lock(&id)?;
+            let record = store.read(&id)?;
+            if let Some(a) = &record.attachment {
+                return Err(InstanceError::VolumeAttached {
+                    volume: id.clone(),
+                    instance: a.instance.clone(),
+                    host: a.host.clone(),
+                });
+            }
+            source
+                .destroy(&id, &token)
+                .map_err(|source| InstanceError::VolumeKey {
+                    volume: id.clone(),
+                    source,
+                })?;
+            store.remove(&id, lock)?;
+            let mut d = record.describe();
+            d.state = VolumeState::Deleted;
+            Ok(d)
+        })
+        .await
+        .map_err(InstanceError::Task)?
     }
 
     /// Stops every running instance, recording `reason` (the host agent
@@ -1090,15 +1306,16 @@ impl Instances {
 }
 
 /// Creates the VM of `spec`, has `keys` seal each volume's data key (from
-/// its wrapped key) to the recipient the VMM made for it, relays the sealed
-/// keys and starts the VM. The host sees the wrapped and the sealed keys,
-/// never a data key. On failure the VM is destroyed.
+/// its wrapped key) to the recipient the VMM made for it under
+/// `volume_token`, relays the sealed keys and starts the VM. The host sees
+/// the wrapped and the sealed keys, never a data key. On failure the VM is
+/// destroyed.
 fn bring_up(
     hv: &dyn Hypervisor,
     keys: Option<&dyn VolumeKeySource>,
     spec: &VmSpec,
     wrapped: &BTreeMap<Name, WrappedVolumeKey>,
-    caller_token: &str,
+    volume_token: Option<&str>,
 ) -> Result<(), InstanceError> {
     let created = hv.create(spec).map_err(InstanceError::Hypervisor)?;
     let result = (|| {
@@ -1109,11 +1326,11 @@ fn bring_up(
                 let w = wrapped
                     .get(&r.volume)
                     .ok_or_else(|| InstanceError::Damaged {
-                        path: PathBuf::from(WRAPPED_KEYS_FILE),
+                        path: PathBuf::from(SPEC_FILE),
                         reason: format!("no wrapped key for volume {}", r.volume),
                     })?;
                 let s = source
-                    .unwrap_sealed(&r.volume, w, &r.key, caller_token)
+                    .unwrap_sealed(&r.volume, w, &r.key, volume_token.unwrap_or_default())
                     .map_err(|source| InstanceError::VolumeKey {
                         volume: r.volume.clone(),
                         source,
@@ -1129,6 +1346,95 @@ fn bring_up(
         let _ = stop_and_forget(hv, &created.id);
     }
     result
+}
+
+/// The volume format a backend makes and takes.
+fn format_of(backend: &str) -> &'static str {
+    match backend {
+        "kvm" => "xts",
+        _ => "luks",
+    }
+}
+
+/// Attaches each of `ids` (available, of `format`) as `attachment`, in id
+/// order under each volume's lock; on a failure the ones attached before
+/// are detached again. Returns the records as attached, in `ids`' order.
+fn attach_all(
+    store: &VolumeStore,
+    ids: &[Name],
+    format: &'static str,
+    backend: &'static str,
+    attachment: &VolumeAttachment,
+) -> Result<Vec<VolumeRecord>, InstanceError> {
+    let mut order: Vec<&Name> = ids.iter().collect();
+    order.sort();
+    let mut done: Vec<VolumeRecord> = Vec::new();
+    let mut result = Ok(());
+    for id in order {
+        match attach_one(store, id, format, backend, attachment) {
+            Ok(r) => done.push(r),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    if let Err(e) = result {
+        for r in &done {
+            if let Err(e) = detach_if(store, &r.volume, attachment) {
+                tracing::error!(volume = %r.volume, error = %e, "could not undo an attachment");
+            }
+        }
+        return Err(e);
+    }
+    Ok(ids
+        .iter()
+        .filter_map(|id| done.iter().find(|r| r.volume == *id).cloned())
+        .collect())
+}
+
+fn attach_one(
+    store: &VolumeStore,
+    id: &Name,
+    format: &'static str,
+    backend: &'static str,
+    attachment: &VolumeAttachment,
+) -> Result<VolumeRecord, InstanceError> {
+    let lock: VolumeLock = store.lock(id)?;
+    let mut record = store.read(id)?;
+    if let Some(a) = &record.attachment {
+        return Err(InstanceError::VolumeAttached {
+            volume: id.clone(),
+            instance: a.instance.clone(),
+            host: a.host.clone(),
+        });
+    }
+    if record.format != format {
+        return Err(InstanceError::VolumeFormat {
+            volume: id.clone(),
+            format: record.format.clone(),
+            backend,
+            expected: format,
+        });
+    }
+    record.attachment = Some(attachment.clone());
+    store.write(&lock, &record)?;
+    Ok(record)
+}
+
+/// Clears a volume's attachment if it is `attachment`.
+fn detach_if(
+    store: &VolumeStore,
+    id: &Name,
+    attachment: &VolumeAttachment,
+) -> Result<(), InstanceError> {
+    let lock = store.lock(id)?;
+    let mut record = store.read(id)?;
+    if record.attachment.as_ref() == Some(attachment) {
+        record.attachment = None;
+        store.write(&lock, &record)?;
+    }
+    Ok(())
 }
 
 /// Stops the VM if it runs and drops the backend's state of it (volumes
@@ -1148,71 +1454,5 @@ pub fn state_name(state: InstanceState) -> &'static str {
         InstanceState::Stopped => "stopped",
         InstanceState::Failed => "failed",
         InstanceState::Terminated => "terminated",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io::Read as _;
-
-    use super::*;
-
-    #[test]
-    fn wrapped_keys_file_round_trips_and_refuses_damage() {
-        let mut keys = BTreeMap::new();
-        keys.insert(
-            Name::new("data").unwrap(),
-            WrappedVolumeKey::new(vec![7u8; 120]).unwrap(),
-        );
-        keys.insert(
-            Name::new("logs").unwrap(),
-            WrappedVolumeKey::new(vec![9u8; 130]).unwrap(),
-        );
-        let bytes = encode_wrapped(&keys);
-        assert!(bytes.len() as u64 <= MAX_KEY_FILE_LEN);
-        let p = Path::new("k");
-        let back = decode_wrapped(p, &bytes).unwrap();
-        assert_eq!(back, keys);
-        for bad in [
-            r#"{"volumes":{"data":"zz"}}"#,
-            r#"{"volumes":{"data":""}}"#,
-            r#"{"volumes":{"Data":"00"}}"#,
-            r#"{"volumes":{},"keys":{}}"#,
-            r#"{"volumes":{"data":"00"}"#,
-        ] {
-            assert!(
-                matches!(
-                    decode_wrapped(p, bad.as_bytes()),
-                    Err(InstanceError::Damaged { .. })
-                ),
-                "{bad}"
-            );
-        }
-        // The largest file the host writes fits the bound it reads with.
-        let big: BTreeMap<Name, WrappedVolumeKey> = (0..nitrile_api::admin::MAX_INSTANCE_VOLUMES)
-            .map(|i| {
-                (
-                    Name::new(&format!("{}{i}", "v".repeat(nitrile_api::MAX_NAME_LEN - 1)))
-                        .unwrap(),
-                    WrappedVolumeKey::new(vec![0xff; MAX_WRAPPED_KEY_LEN]).unwrap(),
-                )
-            })
-            .collect();
-        assert!(encode_wrapped(&big).len() as u64 <= MAX_KEY_FILE_LEN);
-    }
-
-    #[test]
-    fn crypto_erase_zeroes_then_unlinks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("volume-keys");
-        std::fs::write(&path, [0xAAu8; 300]).unwrap();
-        // Keep a handle: after the erase it must read zeros, not the key.
-        let mut before = std::fs::File::open(&path).unwrap();
-        crypto_erase(&path).unwrap();
-        assert!(!path.exists());
-        let mut left = Vec::new();
-        before.read_to_end(&mut left).unwrap();
-        assert_eq!(left, vec![0u8; 300]);
-        crypto_erase(&path).unwrap();
     }
 }

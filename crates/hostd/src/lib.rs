@@ -15,13 +15,16 @@
 //! log's key is pinned ([`nitrile_logclient::JournalShipping`]).
 //!
 //! Instances are microVMs driven only through
-//! [`nitrile_vmm::Hypervisor`] ([`instances`]); their records and their
-//! volumes' wrapped keys are persisted under the host state directory, and
-//! VMs outlive the agent so that the next one re-adopts them. No plaintext
-//! volume key is on the host's disk or in its memory: the key service makes
-//! each ([`volume_keys::VolumeKeySource`]), the host keeps it wrapped and
-//! relays it sealed to the VMM that serves the volume, which made the
-//! recipient key pair it is sealed to.
+//! [`nitrile_vmm::Hypervisor`] ([`instances`]); their records are persisted
+//! under the host state directory, and VMs outlive the agent so that the
+//! next one re-adopts them. Volumes are resources of their own in a volume
+//! store the hosts of a cell share ([`volumes`]). No plaintext volume key is
+//! on the host's disk or in its memory: the key service makes each
+//! ([`volume_keys::VolumeKeySource`], [`volume_keys::KmsVolumeKeys`] over
+//! mTLS), the host keeps it wrapped and relays it sealed to the VMM that
+//! serves the volume, which made the recipient key pair it is sealed to;
+//! the key service releases it only under the caller's `volume.attach`
+//! token, which the host relays and the key service checks itself.
 //!
 //! It does not decide who is entitled to what (the token service does), and
 //! has no endpoint that runs a command, opens a shell or reads guest memory,
@@ -34,7 +37,9 @@ pub mod instances;
 pub mod metrics;
 pub mod service;
 pub mod volume_keys;
+pub mod volumes;
 
 pub use config::{BackendName, CapacityConfig, ConfigError, HostdConfig, HypervisorConfig};
 pub use service::{Hostd, HostdError, HostdOptions, SHUTDOWN_REASON};
-pub use volume_keys::{VolumeKeyError, VolumeKeySource, WrappedVolumeKey};
+pub use volume_keys::{KmsVolumeKeys, VolumeKeyError, VolumeKeySource, WrappedVolumeKey};
+pub use volumes::{VolumeStore, VolumeStoreError};

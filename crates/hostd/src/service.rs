@@ -16,14 +16,15 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use nitrile_api::admin::{
     AdminRequest, ApiError, Capacity, Health, HostDescription, HostHealth, ImageSummary,
-    InstanceList, MAX_LABEL_LEN, Measurement, Sha256Hex, Software, clip_text,
+    InstanceList, MAX_LABEL_LEN, Measurement, Sha256Hex, Software, VOLUME_TOKEN_HEADER, VolumeList,
+    clip_text,
 };
 use nitrile_api::wire::RefusalStep;
-use nitrile_api::{Audience, PrincipalId, PrincipalKind};
+use nitrile_api::{Audience, Name, PrincipalId, PrincipalKind, ResourceId, ResourceKind};
 use nitrile_audit::{JournalOptions, Outcome};
 use nitrile_gate::{
     Admission, AdmissionError, Admitted, DEFAULT_SIGNATURE_CACHE, Expected, IdentityError,
-    Listeners, Refused, ServiceIdentity, bearer, refusal_response, request_detail,
+    Listeners, Refused, SecondToken, ServiceIdentity, bearer, refusal_response, request_detail,
 };
 use nitrile_image::ImageStore;
 use nitrile_logclient::{JournalShipping, LogKeyError};
@@ -39,7 +40,8 @@ use tokio::net::TcpListener;
 use crate::config::HostdConfig;
 use crate::instances::{CapacityLimits, InstanceError, Instances};
 use crate::metrics::{HostdMetrics, METRICS_FILE, RequestOutcome, write_metrics_file};
-use crate::volume_keys::VolumeKeySource;
+use crate::volume_keys::{KmsVolumeKeys, VolumeKeySource};
+use crate::volumes::{VolumeStore, VolumeStoreError};
 
 /// How often the metrics file is rewritten (and the image list refreshed).
 pub const METRICS_INTERVAL: Duration = Duration::from_secs(5);
@@ -114,6 +116,15 @@ pub enum HostdError {
     /// the replay cache could not be rebuilt from the journal
     #[error("admission")]
     Admission(#[from] AdmissionError),
+    /// the volume store could not be opened
+    #[error("volume store {}", path.display())]
+    Volumes {
+        /// The store directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: VolumeStoreError,
+    },
     /// the image store could not be opened
     #[error("image store {}", path.display())]
     Images {
@@ -340,16 +351,38 @@ impl Hostd {
             // VMs outlive this process; the next host agent adopts them.
             hv.detach_all();
         }
-        if options.volume_keys.is_none() {
-            tracing::warn!("no key service: launches with volumes are refused");
-        }
+        let volume_keys: Option<Arc<dyn VolumeKeySource>> = match (
+            &options.volume_keys,
+            &config.kms,
+        ) {
+            (Some(keys), _) => Some(Arc::clone(keys)),
+            (None, Some(kms)) => Some(Arc::new(KmsVolumeKeys::new(
+                kms.addr.clone(),
+                nitrile_kms_api::kms_principal(&config.cell),
+                identity.client_config()?,
+                tokio::runtime::Handle::current(),
+            ))),
+            (None, None) => {
+                tracing::warn!(
+                    "no key service ([kms] in the config): volumes and launches with volumes are refused"
+                );
+                None
+            }
+        };
+        let volume_dir = config.volume_store();
+        let volumes = VolumeStore::open(&volume_dir).map_err(|source| HostdError::Volumes {
+            path: volume_dir.clone(),
+            source,
+        })?;
         let now = options.clock.now();
         let instances = Instances::open(
             config.host.clone(),
             state,
             images.clone(),
             backend.map(|(hv, _, _)| hv),
-            options.volume_keys.clone(),
+            backend_name,
+            volumes,
+            volume_keys,
             CapacityLimits::from_config(&config.capacity),
             now,
         )?;
@@ -630,6 +663,7 @@ impl Inner {
         self: Arc<Self>,
         peer: PeerIdentity,
         token: Option<String>,
+        volume_token: Option<String>,
         req: AdminRequest,
     ) -> Response<Bytes> {
         if matches!(
@@ -646,38 +680,90 @@ impl Inner {
         // show before anything runs (the launch resource is the host).
         let params = match &req {
             AdminRequest::InstanceLaunch(l) => serde_json::to_value(l).ok(),
+            AdminRequest::VolumeCreate(c) => serde_json::to_value(c).ok(),
+            AdminRequest::VolumeAttach(_, a) => serde_json::to_value(a).ok(),
             _ => None,
         };
+        // A launch with volumes, or a start of an instance with volumes,
+        // needs the caller's `volume.attach` grant on each: a second token,
+        // checked here and again by the key service.
+        let now = self.clock.now();
+        let booted_volumes: Vec<Name> = match &req {
+            AdminRequest::InstanceLaunch(l) => l.volumes.clone(),
+            AdminRequest::InstanceStart(n) => self
+                .instances
+                .describe(n, now)
+                .map(|d| d.volumes.into_iter().map(|v| v.id).collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let second = (!booted_volumes.is_empty()).then(|| SecondToken {
+            token: volume_token.as_deref(),
+            operation: nitrile_api::Operation::VolumeAttach,
+            resources: booted_volumes
+                .iter()
+                .map(|v| ResourceId::new(ResourceKind::Volume, v.clone()))
+                .collect(),
+        });
         let admitted = match self
             .admission
-            .admit_async_with(&peer, token.as_deref(), op, &resource, params)
+            .admit_async_with_second(
+                &peer,
+                token.as_deref(),
+                op,
+                &resource,
+                params,
+                second.as_ref(),
+            )
             .await
         {
             Ok(a) => a,
             Err(r) => return self.refused(Some(op), &r),
         };
-        let now = self.clock.now();
         let instances = &self.instances;
-        // Admitted, so there is a token: the key service checks it again.
+        // Admitted, so there are tokens: the key service checks them again.
         let token = token.as_deref().unwrap_or_default();
+        let volume_token = second.as_ref().and(volume_token.as_deref());
         let result = match &req {
             AdminRequest::HostDrain | AdminRequest::HostUndrain => instances
                 .set_drained(matches!(req, AdminRequest::HostDrain))
                 .await
                 .map(|()| ok_json(&self.describe_host())),
-            AdminRequest::InstanceLaunch(l) => {
-                instances.launch(l, now, token).await.map(|d| ok_json(&d))
-            }
+            AdminRequest::InstanceLaunch(l) => instances
+                .launch(l, now, volume_token)
+                .await
+                .map(|d| ok_json(&d)),
             AdminRequest::InstanceStop(n) => {
                 instances.stop(n, now, None).await.map(|d| ok_json(&d))
             }
-            AdminRequest::InstanceStart(n) => {
-                instances.start(n, now, token).await.map(|d| ok_json(&d))
-            }
-            AdminRequest::InstanceTerminate(n) => instances
-                .terminate(n, now, token)
+            AdminRequest::InstanceStart(n) => instances
+                .start(n, now, volume_token)
                 .await
                 .map(|d| ok_json(&d)),
+            AdminRequest::InstanceTerminate(n) => {
+                instances.terminate(n, now).await.map(|d| ok_json(&d))
+            }
+            AdminRequest::VolumeCreate(c) => instances
+                .create_volume(c, now, token)
+                .await
+                .map(|d| ok_json(&d)),
+            AdminRequest::VolumeList => instances
+                .list_volumes()
+                .await
+                .map(|volumes| ok_json(&VolumeList { volumes })),
+            AdminRequest::VolumeDescribe(v) => {
+                instances.describe_volume(v).await.map(|d| ok_json(&d))
+            }
+            AdminRequest::VolumeAttach(v, a) => instances
+                .attach_volume(v, &a.instance, now)
+                .await
+                .map(|d| ok_json(&d)),
+            AdminRequest::VolumeDetach(v) => {
+                instances.detach_volume(v, now).await.map(|d| ok_json(&d))
+            }
+            AdminRequest::VolumeDelete(v) => {
+                instances.delete_volume(v, token).await.map(|d| ok_json(&d))
+            }
             AdminRequest::HostDescribe
             | AdminRequest::InstanceList
             | AdminRequest::InstanceDescribe(_) => {
@@ -739,9 +825,14 @@ impl Handler for Api {
         match parsed {
             Ok(req) => {
                 let token = bearer(&parts.headers);
+                let volume_token = parts
+                    .headers
+                    .get(VOLUME_TOKEN_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
                 // A task of its own: once admitted, a request runs and its
                 // outcome is journaled even if the caller goes away.
-                tokio::spawn(inner.run(peer, token, req))
+                tokio::spawn(inner.run(peer, token, volume_token, req))
                     .await
                     .unwrap_or_else(|e| {
                         tracing::error!(error = %e, "request task failed");

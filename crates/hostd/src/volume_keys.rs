@@ -13,13 +13,19 @@
 //! whose request it serves, for the key service to check itself. Calls
 //! block; the host makes them on blocking threads.
 //!
-//! The host agent is given its source ([`crate::HostdOptions::volume_keys`]);
-//! without one it launches only instances without volumes.
+//! The host agent is given its source ([`crate::HostdOptions::volume_keys`]),
+//! or makes a [`KmsVolumeKeys`] from the `[kms]` section of its config: the
+//! key service over mTLS, with the host's own certificate. Without either
+//! it has no volumes.
 
 use std::error::Error;
 use std::fmt;
 
-use nitrile_api::Name;
+use std::sync::Arc;
+
+use nitrile_api::{Name, PrincipalId};
+use nitrile_kms_api::wire::{RecipientKey, WrappedKeyBytes};
+use nitrile_kms_api::{KmsClient, KmsClientError};
 use nitrile_vmm::{RecipientPublicKey, SealedKey};
 
 /// Longest wrapped key the host keeps or accepts from a key source.
@@ -75,10 +81,12 @@ pub enum VolumeKeyError {
 
 /// The key service as the host agent uses it. See the module documentation.
 pub trait VolumeKeySource: Send + Sync {
-    /// Makes `volume`'s data key; returns it wrapped.
+    /// Makes `volume`'s data key under the key service's key `kms_key`
+    /// (its bare name); returns it wrapped.
     fn generate(
         &self,
         volume: &Name,
+        kms_key: &Name,
         caller_token: &str,
     ) -> Result<WrappedVolumeKey, VolumeKeyError>;
 
@@ -95,6 +103,95 @@ pub trait VolumeKeySource: Send + Sync {
     /// Destroys `volume`'s key for good (crypto-erase): no wrapped key of
     /// it opens afterwards.
     fn destroy(&self, volume: &Name, caller_token: &str) -> Result<(), VolumeKeyError>;
+}
+
+/// The key service over mutual TLS, as the host's own identity: each call
+/// opens a connection (the host's certificate is what the key service
+/// checks as the relayed token's audience), relays the caller's token and
+/// returns what the key service answered. Calls block on `runtime`; the
+/// host makes them on blocking threads.
+pub struct KmsVolumeKeys {
+    addr: String,
+    server: PrincipalId,
+    tls: Arc<rustls::ClientConfig>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl fmt::Debug for KmsVolumeKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KmsVolumeKeys")
+            .field("addr", &self.addr)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KmsVolumeKeys {
+    /// The key service at `addr`, authenticated as `server`
+    /// (`nitrile://<cell>/service/kms`), called with the host's client
+    /// configuration `tls`.
+    pub fn new(
+        addr: String,
+        server: PrincipalId,
+        tls: Arc<rustls::ClientConfig>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            addr,
+            server,
+            tls,
+            runtime,
+        }
+    }
+
+    fn call<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut KmsClient) -> Result<T, KmsClientError>,
+    ) -> Result<T, VolumeKeyError> {
+        self.runtime
+            .block_on(async {
+                let mut client =
+                    KmsClient::connect(&self.addr, &self.server, Arc::clone(&self.tls)).await?;
+                f(&mut client).await
+            })
+            .map_err(|e| match e {
+                KmsClientError::Refused { .. } => VolumeKeyError::Refused(Box::new(e)),
+                e => VolumeKeyError::Failed(Box::new(e)),
+            })
+    }
+}
+
+impl VolumeKeySource for KmsVolumeKeys {
+    fn generate(
+        &self,
+        volume: &Name,
+        kms_key: &Name,
+        caller_token: &str,
+    ) -> Result<WrappedVolumeKey, VolumeKeyError> {
+        let answer = self.call(async |c| c.generate(volume, kms_key, caller_token).await)?;
+        WrappedVolumeKey::new(answer.wrapped_key.into_bytes())
+            .map_err(|e| VolumeKeyError::Failed(Box::new(e)))
+    }
+
+    fn unwrap_sealed(
+        &self,
+        volume: &Name,
+        wrapped: &WrappedVolumeKey,
+        recipient: &RecipientPublicKey,
+        caller_token: &str,
+    ) -> Result<SealedKey, VolumeKeyError> {
+        let wrapped = WrappedKeyBytes::new(wrapped.as_bytes().to_vec()).ok_or_else(|| {
+            VolumeKeyError::Failed("the wrapped key is longer than the key service takes".into())
+        })?;
+        let recipient = RecipientKey(*recipient.as_bytes());
+        let sealed =
+            self.call(async |c| c.unwrap(volume, &wrapped, &recipient, caller_token).await)?;
+        SealedKey::decode(sealed.as_bytes()).map_err(|e| VolumeKeyError::Failed(Box::new(e)))
+    }
+
+    fn destroy(&self, volume: &Name, caller_token: &str) -> Result<(), VolumeKeyError> {
+        self.call(async |c| c.destroy(volume, caller_token).await)
+    }
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use nitrile_api::Name;
 use nitrile_api::admin::{
-    AdminRequest, InstanceDescription, InstanceState, LaunchRequest, Sha256Hex, VolumeRequest,
+    AdminRequest, InstanceDescription, InstanceState, LaunchRequest, Sha256Hex, VolumeCreateRequest,
 };
 use nitrile_api::wire::RefusalStep;
 use nitrile_hostd::volume_keys::{VolumeKeyError, VolumeKeySource, WrappedVolumeKey};
@@ -38,6 +38,7 @@ use nitrile_vmm::{RecipientPublicKey, SealedKey};
 use support::kms::KmsKeySource;
 use support::{
     TestCell, call_with, host_principal, is_root, journal_records, nitrile_binary, refusal,
+    send_with,
 };
 
 const PLACEMENT: &str = "service/placement";
@@ -65,6 +66,7 @@ fn find_qemu() -> Option<PathBuf> {
 struct RelayRequest {
     op: String,
     volume: Name,
+    kms_key: Option<Name>,
     token: String,
     wrapped: Option<String>,
     recipient: Option<String>,
@@ -91,10 +93,16 @@ impl RelayKeySource {
 }
 
 impl VolumeKeySource for RelayKeySource {
-    fn generate(&self, volume: &Name, token: &str) -> Result<WrappedVolumeKey, VolumeKeyError> {
+    fn generate(
+        &self,
+        volume: &Name,
+        kms_key: &Name,
+        token: &str,
+    ) -> Result<WrappedVolumeKey, VolumeKeyError> {
         let bytes = self.ask(&RelayRequest {
             op: "generate".into(),
             volume: volume.clone(),
+            kms_key: Some(kms_key.clone()),
             token: token.into(),
             wrapped: None,
             recipient: None,
@@ -112,6 +120,7 @@ impl VolumeKeySource for RelayKeySource {
         let bytes = self.ask(&RelayRequest {
             op: "unwrap".into(),
             volume: volume.clone(),
+            kms_key: None,
             token: token.into(),
             wrapped: Some(hex::encode(wrapped.as_bytes())),
             recipient: Some(hex::encode(recipient.as_bytes())),
@@ -123,6 +132,7 @@ impl VolumeKeySource for RelayKeySource {
         self.ask(&RelayRequest {
             op: "destroy".into(),
             volume: volume.clone(),
+            kms_key: None,
             token: token.into(),
             wrapped: None,
             recipient: None,
@@ -142,7 +152,7 @@ fn serve_relay(listener: UnixListener, keys: Arc<KmsKeySource>) {
         let req: RelayRequest = serde_json::from_str(&line).unwrap();
         let answer = match req.op.as_str() {
             "generate" => keys
-                .generate(&req.volume, &req.token)
+                .generate(&req.volume, req.kms_key.as_ref().unwrap(), &req.token)
                 .map(|w| w.as_bytes().to_vec()),
             "unwrap" => {
                 let wrapped =
@@ -349,31 +359,48 @@ async fn claim3_hostd_memory_holds_no_volume_key_after_attach() {
         .await
         .unwrap();
 
-    // Attach: a launch with a volume, its key sealed to the launcher.
+    // A volume, then a launch attaching it: its key sealed to the launcher
+    // under the caller's volume.attach token.
+    let create = AdminRequest::VolumeCreate(VolumeCreateRequest {
+        volume: name("data"),
+        size_mib: 16,
+        kms_key: None,
+    });
+    let token = cell.token_for(PLACEMENT, "h1", &create).await;
+    let (status, body) = call_with(&mut host, &create, Some(&token)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let launch = AdminRequest::InstanceLaunch(LaunchRequest {
         instance: name("web1"),
         image,
         vcpus: 1,
         memory_mib: 256,
-        volumes: vec![VolumeRequest {
-            id: name("data"),
-            size_mib: 16,
-        }],
+        volumes: vec![name("data")],
         scratch_mib: None,
     });
     let token = cell.token_for(PLACEMENT, "h1", &launch).await;
-    let (status, body) = call_with(&mut host, &launch, Some(&token)).await;
+    let volume_token = cell.volume_token(PLACEMENT, "h1", &["data"]).await;
+    let (status, body) = send_with(
+        &mut host,
+        launch.method(),
+        &launch.path(),
+        &launch.body(),
+        Some(&token),
+        Some(&volume_token),
+    )
+    .await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let d: InstanceDescription = serde_json::from_slice(&body).unwrap();
     assert_eq!(d.state, InstanceState::Running);
-    let ops: Vec<_> = keys.calls().iter().map(|c| c.op).collect();
+    let calls = keys.calls();
+    let ops: Vec<_> = calls.iter().map(|c| c.op).collect();
     assert_eq!(ops, ["generate", "unwrap"], "the key was not released");
+    assert_eq!(calls[1].token, volume_token, "not the volume token");
 
     // The data key, from the key service's test-only export.
-    let wrapped_file = config.state.join("instances/web1/wrapped-keys.json");
+    let record_file = config.volume_store().join("data/volume.json");
     let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&wrapped_file).unwrap()).unwrap();
-    let wrapped = hex::decode(file["volumes"]["data"].as_str().unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(&record_file).unwrap()).unwrap();
+    let wrapped = hex::decode(file["wrapped_key"].as_str().unwrap()).unwrap();
     let dek = keys.dek("data", &wrapped);
 
     let regions = readable_memory(pid);
@@ -397,18 +424,25 @@ async fn claim3_hostd_memory_holds_no_volume_key_after_attach() {
         }
     }
 
-    // Terminate: the key service destroys the key; the agent then exits.
+    // Terminate (the volume is detached), delete the volume (the key
+    // service destroys the key); the agent then exits.
     let terminate = AdminRequest::InstanceTerminate(name("web1"));
     let token = cell.token_for(PLACEMENT, "h1", &terminate).await;
     let (status, body) = call_with(&mut host, &terminate, Some(&token)).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(keys.has_volume("data"));
+    let delete = AdminRequest::VolumeDelete(name("data"));
+    let token = cell.token_for(PLACEMENT, "h1", &delete).await;
+    let (status, body) = call_with(&mut host, &delete, Some(&token)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert!(!keys.has_volume("data"));
+    assert!(!record_file.exists());
     drop(host);
     drop(child);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_launch_with_volumes_without_a_key_service_is_refused_and_nothing_is_made() {
+async fn a_volume_without_a_key_service_is_refused_and_nothing_is_made() {
     let (Some(qemu), Some(launcher)) = (find_qemu(), nitrile_binary()) else {
         println!(
             "SKIPPED: needs qemu-system-x86_64 and the nitrile binary next to the tests (cargo build -p nitrile-cli)"
@@ -424,24 +458,18 @@ async fn a_launch_with_volumes_without_a_key_service_is_refused_and_nothing_is_m
         vmm: Some(launcher),
     };
     cell.start_host_with("h1", setup).await;
-    let launch = AdminRequest::InstanceLaunch(LaunchRequest {
-        instance: name("web1"),
-        image: Sha256Hex::from_bytes([7; 32]),
-        vcpus: 1,
-        memory_mib: 256,
-        volumes: vec![VolumeRequest {
-            id: name("data"),
-            size_mib: 16,
-        }],
-        scratch_mib: None,
+    let create = AdminRequest::VolumeCreate(VolumeCreateRequest {
+        volume: name("data"),
+        size_mib: 16,
+        kms_key: None,
     });
-    let token = cell.token_for(PLACEMENT, "h1", &launch).await;
-    let (status, body) = cell.call(PLACEMENT, "h1", &launch, Some(&token)).await;
+    let token = cell.token_for(PLACEMENT, "h1", &create).await;
+    let (status, body) = cell.call(PLACEMENT, "h1", &create, Some(&token)).await;
     assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
     let r = refusal(&body);
     assert_eq!(r.step, RefusalStep::State);
     assert!(r.reason.contains("key service"), "{}", r.reason);
-    // The refusal is the launch's journaled outcome.
+    // The refusal is the request's journaled outcome.
     let records = journal_records(&cell.host_journal("h1"));
     let outcome = &records[usize::try_from(r.audit_seq.unwrap() - 1).unwrap()];
     assert_eq!(
@@ -450,10 +478,10 @@ async fn a_launch_with_volumes_without_a_key_service_is_refused_and_nothing_is_m
     );
     let state = &cell.host_config("h1").state;
     assert!(
-        !state.join("instances/web1").exists(),
-        "an instance was made"
+        !cell.host_config("h1").volume_store().join("data").exists(),
+        "a volume was made"
     );
-    assert!(!state.join("volumes/web1").exists(), "a volume was made");
+    let _ = state;
 }
 
 /// A key service that makes keys but refuses to release any (a disabled
@@ -461,8 +489,13 @@ async fn a_launch_with_volumes_without_a_key_service_is_refused_and_nothing_is_m
 struct RefusesRelease(KmsKeySource);
 
 impl VolumeKeySource for RefusesRelease {
-    fn generate(&self, volume: &Name, token: &str) -> Result<WrappedVolumeKey, VolumeKeyError> {
-        self.0.generate(volume, token)
+    fn generate(
+        &self,
+        volume: &Name,
+        kms_key: &Name,
+        token: &str,
+    ) -> Result<WrappedVolumeKey, VolumeKeyError> {
+        self.0.generate(volume, kms_key, token)
     }
 
     fn unwrap_sealed(
@@ -521,19 +554,20 @@ async fn a_key_the_key_service_will_not_release_fails_the_launch_closed() {
     let keys = Arc::new(RefusesRelease(KmsKeySource::open(&cell.scratch("kms"))));
     setup.volume_keys = Some(keys.clone());
     cell.start_host_with("h1", setup).await;
+    cell.create_volume(PLACEMENT, "h1", "data", 16).await;
     let launch = AdminRequest::InstanceLaunch(LaunchRequest {
         instance: name("web1"),
         image,
         vcpus: 1,
         memory_mib: 256,
-        volumes: vec![VolumeRequest {
-            id: name("data"),
-            size_mib: 16,
-        }],
+        volumes: vec![name("data")],
         scratch_mib: Some(8),
     });
     let token = cell.token_for(PLACEMENT, "h1", &launch).await;
-    let (status, body) = cell.call(PLACEMENT, "h1", &launch, Some(&token)).await;
+    let volume_token = cell.volume_token(PLACEMENT, "h1", &["data"]).await;
+    let (status, body) = cell
+        .call_with_volumes(PLACEMENT, "h1", &launch, Some(&token), Some(&volume_token))
+        .await;
     assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
     let r = refusal(&body);
     assert_eq!(r.step, RefusalStep::State);
@@ -554,7 +588,13 @@ async fn a_key_the_key_service_will_not_release_fails_the_launch_closed() {
     let state = cell.host_config("h1").state.clone();
     assert!(!state.join("vms/web1").exists(), "the VM is left behind");
     assert!(!state.join("instances/web1/scratch.img").exists());
-    assert!(!state.join("volumes/web1/data.img").exists());
+    assert!(
+        !cell
+            .host_config("h1")
+            .volume_store()
+            .join("data/disk.img")
+            .exists()
+    );
     let describe = AdminRequest::InstanceDescribe(name("web1"));
     let token = cell.token_for(PLACEMENT, "h1", &describe).await;
     let (status, body) = cell.call(PLACEMENT, "h1", &describe, Some(&token)).await;
@@ -565,11 +605,16 @@ async fn a_key_the_key_service_will_not_release_fails_the_launch_closed() {
         d.reason.as_deref().unwrap_or_default().contains("disabled"),
         "{d:?}"
     );
-    // The key it made is still the key service's to destroy: terminate
-    // does, and crypto-erases the rest.
+    // Terminate detaches the volume; deleting it has the key service
+    // destroy its key.
     let terminate = AdminRequest::InstanceTerminate(name("web1"));
     let token = cell.token_for(PLACEMENT, "h1", &terminate).await;
     let (status, body) = cell.call(PLACEMENT, "h1", &terminate, Some(&token)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(keys.0.has_volume("data"));
+    let delete = AdminRequest::VolumeDelete(name("data"));
+    let token = cell.token_for(PLACEMENT, "h1", &delete).await;
+    let (status, body) = cell.call(PLACEMENT, "h1", &delete, Some(&token)).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert!(!keys.0.has_volume("data"));
 }

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nitrile_api::admin::{
-    AdminRequest, Health, HostDescription, InstanceDescription, InstanceState, PlacementState,
-    Sha256Hex, VolumeDescription,
+    AdminRequest, AttachedVolume, Health, HostDescription, InstanceDescription, InstanceState,
+    PlacementState, Sha256Hex,
 };
 use nitrile_api::wire::{RefusalStep, TokenResponse};
 use nitrile_api::{Name, Operation};
@@ -85,7 +85,7 @@ fn plant_stopped_instance(
         image: Sha256Hex::from_bytes([7; 32]),
         vcpus: 1,
         memory_mib: 64,
-        volumes: vec![VolumeDescription {
+        volumes: vec![AttachedVolume {
             id: name("data"),
             size_mib: 1,
         }],
@@ -97,14 +97,26 @@ fn plant_stopped_instance(
     };
     let record_path = dir.join("instance.json");
     std::fs::write(&record_path, serde_json::to_vec_pretty(&record).unwrap()).unwrap();
-    let wrapped = keys.generate(&name("data"), "launch-token").unwrap();
-    let keys_path = dir.join("wrapped-keys.json");
-    let file = serde_json::json!({ "volumes": { "data": hex::encode(wrapped.as_bytes()) } });
+    // Its volume, in the volume store (the default, under the state
+    // directory), attached to it.
+    let wrapped = keys
+        .generate(&name("data"), &name("default"), "create-token")
+        .unwrap();
+    let volume = state.join("volume-store").join("data");
+    private(&volume);
+    let keys_path = volume.join("volume.json");
+    let file = serde_json::json!({
+        "volume": "data",
+        "size_mib": 1,
+        "kms_key": "default",
+        "format": "luks",
+        "wrapped_key": hex::encode(wrapped.as_bytes()),
+        "attachment": { "host": "h1", "instance": "web1" },
+        "created_at": format_time(now),
+    });
     nitrile_fs::write_atomic(&keys_path, &serde_json::to_vec(&file).unwrap(), 0o600).unwrap();
-    let volumes = state.join("volumes").join("web1");
-    private(&volumes);
-    std::fs::write(volumes.join("data.img"), vec![0xc3u8; 64 * 1024]).unwrap();
-    (record_path, keys_path, volumes)
+    std::fs::write(volume.join("disk.img"), vec![0xc3u8; 64 * 1024]).unwrap();
+    (record_path, keys_path, volume)
 }
 
 /// Fills the filesystem of `dir` with one file; returns it.
@@ -217,7 +229,7 @@ async fn disk_full_requests_refused_with_503_nothing_runs_and_service_recovers()
     assert_eq!(std::fs::read(&record_path).unwrap(), record_before);
     assert_eq!(std::fs::read(&keys_path).unwrap(), keys_before);
     assert!(keys.has_volume("data"), "the key service destroyed the key");
-    assert!(volumes_dir.join("data.img").exists());
+    assert!(volumes_dir.join("disk.img").exists());
 
     // Space returns: the service recovers.
     std::fs::remove_file(&filler).unwrap();
@@ -250,16 +262,15 @@ async fn disk_full_requests_refused_with_503_nothing_runs_and_service_recovers()
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         let instance: InstanceDescription = serde_json::from_slice(&body).unwrap();
         assert_eq!(instance.state, InstanceState::Terminated);
-        assert!(!keys.has_volume("data"), "the key service kept the key");
-        let destroys: Vec<_> = keys
-            .calls()
-            .into_iter()
-            .filter(|c| c.op == "destroy")
-            .collect();
-        assert_eq!(destroys.len(), 1, "{destroys:?}");
-        assert_eq!(destroys[0].token, token, "not the terminate token");
-        assert!(!keys_path.exists(), "wrapped keys not erased");
-        assert!(!volumes_dir.exists(), "volumes not deleted");
+        assert!(instance.volumes.is_empty(), "{instance:?}");
+        // Terminating detaches the volume; it stays, encrypted, until a
+        // volume.delete erases it.
+        assert!(keys.has_volume("data"), "terminate destroyed the key");
+        assert!(keys.calls().iter().all(|c| c.op != "destroy"));
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&keys_path).unwrap()).unwrap();
+        assert_eq!(record["attachment"], serde_json::Value::Null, "{record}");
+        assert!(volumes_dir.join("disk.img").exists());
     } else {
         // Admitted and journaled; without a hypervisor it cannot run.
         assert_eq!(status, 500, "{}", String::from_utf8_lossy(&body));

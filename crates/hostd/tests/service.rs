@@ -15,10 +15,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use nitrile_api::admin::{
     AdminRequest, HostDescription, InstanceDescription, InstanceList, InstanceState, LaunchRequest,
-    PlacementState, Sha256Hex, VolumeRequest,
+    PlacementState, Sha256Hex, VolumeCreateRequest, VolumeDescription, VolumeState,
 };
 use nitrile_api::wire::{RefusalStep, TokenRequest, TokenResponse};
-use nitrile_api::{Audience, Name, Operation, PrincipalId};
+use nitrile_api::{Audience, Name, Operation, PrincipalId, ResourceId, ResourceKind};
 use nitrile_audit::{AuditRecord, JournalReader, Outcome, RecordKind};
 use nitrile_cell::{CellLayout, bootstrap};
 use nitrile_hostd::{Hostd, HostdConfig, HostdOptions};
@@ -225,6 +225,32 @@ impl Cell {
         resp.json::<TokenResponse>().unwrap().token
     }
 
+    /// A `volume.attach` token of `who` for `volumes` at h1.
+    async fn volume_token(&self, who: &str, volumes: &[&str]) -> String {
+        let mut c = self
+            .client(&self.tokend.addr, "nitrile://local/service/tokend", who)
+            .await;
+        let resources = volumes
+            .iter()
+            .map(|v| ResourceId::new(ResourceKind::Volume, name(v)))
+            .collect();
+        let resp = c
+            .post_json(
+                "/v1/tokens",
+                &TokenRequest {
+                    operations: vec![Operation::VolumeAttach],
+                    resources,
+                    audience: Audience::new("h1").unwrap(),
+                    group: None,
+                    lifetime_secs: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status.as_u16(), 200, "token refused: {:?}", resp.body);
+        resp.json::<TokenResponse>().unwrap().token
+    }
+
     fn journal(&self) -> Vec<AuditRecord> {
         JournalReader::open(self.host_dir().join("journal"))
             .unwrap()
@@ -245,9 +271,41 @@ async fn raw(
     body: Vec<u8>,
     token: Option<&str>,
 ) -> Response {
+    raw_with(host, method, path, body, token, None).await
+}
+
+/// Calls with a volume token beside the bearer token.
+async fn call_with_volumes(
+    host: &mut Client,
+    req: &AdminRequest,
+    token: Option<&str>,
+    volume_token: Option<&str>,
+) -> Response {
+    raw_with(
+        host,
+        req.method(),
+        &req.path(),
+        req.body(),
+        token,
+        volume_token,
+    )
+    .await
+}
+
+async fn raw_with(
+    host: &mut Client,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+    token: Option<&str>,
+    volume_token: Option<&str>,
+) -> Response {
     let mut b = http::Request::builder().method(method).uri(path);
     if let Some(t) = token {
         b = b.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    if let Some(t) = volume_token {
+        b = b.header(nitrile_api::admin::VOLUME_TOKEN_HEADER, t);
     }
     host.send(b.body(Bytes::from(body)).unwrap()).await.unwrap()
 }
@@ -288,8 +346,9 @@ fn assert_executed(cell: &Cell, req: &AdminRequest) {
         panic!("fewer than two records")
     };
     assert_eq!(request.kind, RecordKind::Request);
-    assert_eq!(request.operations, vec![req.operation()]);
-    assert_eq!(request.resources, vec![req.resource(&name("h1"))]);
+    // A launch or start with volumes also names the volume token's grant.
+    assert_eq!(request.operations[0], req.operation());
+    assert_eq!(request.resources[0], req.resource(&name("h1")));
     assert_eq!(outcome.kind, RecordKind::Outcome);
     assert_eq!(outcome.outcome, Some(Outcome::Executed));
     assert_eq!(outcome.request_id, request.request_id);
@@ -556,39 +615,86 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
         )
         .await;
     let web1 = name("web1");
+    // A volume of its own: its key made by the key service under the
+    // caller's volume.create token; the host keeps it wrapped.
+    let create = AdminRequest::VolumeCreate(VolumeCreateRequest {
+        volume: name("data"),
+        size_mib: 16,
+        kms_key: None,
+    });
+    let create_token = cell.token("service/placement", &create).await;
+    let resp = call(&mut placement, &create, Some(&create_token)).await;
+    assert_eq!(resp.status.as_u16(), 200, "{:?}", resp.body);
+    let v: VolumeDescription = resp.json().unwrap();
+    assert_eq!(
+        (v.state, v.format.as_str()),
+        (VolumeState::Available, "luks")
+    );
+    assert_executed(&cell, &create);
+    let resp = admin(&cell, &mut placement, "service/placement", &create).await;
+    let record = assert_refused(&cell, &resp, 409, RefusalStep::State);
+    assert_eq!(
+        record.detail.unwrap()["code"].as_str(),
+        Some("volume_exists")
+    );
+
     let launch = AdminRequest::InstanceLaunch(LaunchRequest {
         instance: web1.clone(),
         image,
         vcpus: 1,
         memory_mib: 256,
-        volumes: vec![VolumeRequest {
-            id: name("data"),
-            size_mib: 16,
-        }],
+        volumes: vec![name("data")],
         scratch_mib: Some(16),
     });
+    // Without the volume token, or with one for another volume: refused
+    // before anything runs.
+    let resp = admin(&cell, &mut placement, "service/placement", &launch).await;
+    assert_refused(&cell, &resp, 401, RefusalStep::Token);
     let launch_token = cell.token("service/placement", &launch).await;
-    let resp = call(&mut placement, &launch, Some(&launch_token)).await;
+    let other = cell.volume_token("service/placement", &["logs"]).await;
+    let resp = call_with_volumes(&mut placement, &launch, Some(&launch_token), Some(&other)).await;
+    assert_refused(&cell, &resp, 403, RefusalStep::Token);
+    assert!(cell.keys.calls().iter().all(|c| c.op != "unwrap"));
+
+    let launch_token = cell.token("service/placement", &launch).await;
+    let volume_token = cell.volume_token("service/placement", &["data"]).await;
+    let resp = call_with_volumes(
+        &mut placement,
+        &launch,
+        Some(&launch_token),
+        Some(&volume_token),
+    )
+    .await;
     assert_eq!(resp.status.as_u16(), 200, "{:?}", resp.body);
     let d: InstanceDescription = resp.json().unwrap();
     assert_eq!(d.state, InstanceState::Running);
     assert_eq!(d.scratch_mib, Some(16));
+    assert_eq!(d.volumes.len(), 1);
     assert_executed(&cell, &launch);
+    let records = cell.journal();
+    let request = &records[records.len() - 2];
+    assert_eq!(
+        request.operations,
+        [Operation::InstanceLaunch, Operation::VolumeAttach]
+    );
+    assert_eq!(request.resources[1].to_string(), "volume/data");
+    assert!(request.detail.as_ref().unwrap()["second_token_id"].is_string());
     let host_dir = cell.host_dir();
-    let key_file = host_dir.join("instances/web1/wrapped-keys.json");
-    let volume = host_dir.join("volumes/web1/data.img");
+    let key_file = host_dir.join("volume-store/data/volume.json");
+    let volume = host_dir.join("volume-store/data/disk.img");
     let scratch = host_dir.join("instances/web1/scratch.img");
     assert!(key_file.is_file() && volume.is_file() && scratch.is_file());
-    assert!(!host_dir.join("instances/web1/volume-keys").exists());
-    // The key service made the key and sealed it to the VMM, each time with
-    // the caller's token relayed; the host keeps only the wrapped key.
+    // The key service made the key under the create token and sealed it to
+    // the VMM under the volume token; the host keeps only the wrapped key.
     let calls = cell.keys.calls();
     let ops: Vec<_> = calls.iter().map(|c| (c.op, c.volume.as_str())).collect();
     assert_eq!(ops, [("generate", "data"), ("unwrap", "data")]);
-    assert!(calls.iter().all(|c| c.token == launch_token));
+    assert_eq!(calls[0].token, create_token);
+    assert_eq!(calls[1].token, volume_token);
     let file: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&key_file).unwrap()).unwrap();
-    let wrapped = hex::decode(file["volumes"]["data"].as_str().unwrap()).unwrap();
+    assert_eq!(file["attachment"]["instance"], "web1");
+    let wrapped = hex::decode(file["wrapped_key"].as_str().unwrap()).unwrap();
     let dek = cell.keys.dek("data", &wrapped);
     for f in [&key_file, &host_dir.join("instances/web1/spec.json")] {
         let bytes = std::fs::read(f).unwrap();
@@ -643,9 +749,25 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
     let resp = admin(&cell, &mut placement, "service/placement", &stop).await;
     assert_refused(&cell, &resp, 409, RefusalStep::State);
 
-    // Start again from the persisted spec and keys.
+    // A running instance's volume cannot be detached or deleted.
+    let detach = AdminRequest::VolumeDetach(name("data"));
+    let delete = AdminRequest::VolumeDelete(name("data"));
+    let describe_volume = AdminRequest::VolumeDescribe(name("data"));
+
+    // Start again from the persisted spec, with the volume: it needs the
+    // volume token too.
     let start = AdminRequest::InstanceStart(web1.clone());
     let resp = admin(&cell, &mut placement, "service/placement", &start).await;
+    assert_refused(&cell, &resp, 401, RefusalStep::Token);
+    let start_token = cell.token("service/placement", &start).await;
+    let volume_token = cell.volume_token("service/placement", &["data"]).await;
+    let resp = call_with_volumes(
+        &mut placement,
+        &start,
+        Some(&start_token),
+        Some(&volume_token),
+    )
+    .await;
     assert_eq!(resp.status.as_u16(), 200, "{:?}", resp.body);
     assert_eq!(
         resp.json::<InstanceDescription>().unwrap().state,
@@ -683,7 +805,18 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
     let l: InstanceList = resp.json().unwrap();
     assert_eq!(l.instances.len(), 1);
 
-    // Terminate: VM gone, key file and volume crypto-erased, tombstone kept.
+    let resp = admin(&cell, &mut placement, "service/placement", &detach).await;
+    let record = assert_refused(&cell, &resp, 409, RefusalStep::State);
+    assert_eq!(record.detail.unwrap()["code"].as_str(), Some("wrong_state"));
+    let resp = admin(&cell, &mut placement, "service/placement", &delete).await;
+    let record = assert_refused(&cell, &resp, 409, RefusalStep::State);
+    assert_eq!(
+        record.detail.unwrap()["code"].as_str(),
+        Some("volume_attached")
+    );
+
+    // Terminate: VM gone, instance store gone, the volume detached and
+    // kept, tombstone kept.
     let terminate = AdminRequest::InstanceTerminate(web1.clone());
     let resp = admin(&cell, &mut placement, "service/placement", &terminate).await;
     assert_eq!(resp.status.as_u16(), 200, "{:?}", resp.body);
@@ -693,14 +826,32 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
     );
     assert_executed(&cell, &terminate);
     assert!(processes_mentioning(vm_dir).is_empty(), "QEMU still runs");
-    assert!(!key_file.exists(), "wrapped keys not erased");
-    assert!(!volume.exists(), "volume file not deleted");
     assert!(!scratch.exists(), "instance-store disk not deleted");
+    assert!(volume.exists() && cell.keys.has_volume("data"));
+    let resp = admin(&cell, &mut placement, "service/placement", &describe_volume).await;
+    let v: VolumeDescription = resp.json().unwrap();
+    assert_eq!((v.state, v.attachment), (VolumeState::Available, None));
+    // Deleted: the key service destroys the key before the files go.
+    let resp = admin(&cell, &mut placement, "service/placement", &delete).await;
+    assert_eq!(resp.status.as_u16(), 200, "{:?}", resp.body);
+    assert_eq!(
+        resp.json::<VolumeDescription>().unwrap().state,
+        VolumeState::Deleted
+    );
+    assert_executed(&cell, &delete);
+    assert!(!key_file.exists(), "volume record not removed");
+    assert!(!volume.exists(), "volume file not deleted");
     assert!(
         !cell.keys.has_volume("data"),
         "the key service kept the key"
     );
     assert_eq!(cell.keys.calls().last().unwrap().op, "destroy");
+    let resp = admin(&cell, &mut placement, "service/placement", &describe_volume).await;
+    let record = assert_refused(&cell, &resp, 404, RefusalStep::State);
+    assert_eq!(
+        record.detail.unwrap()["code"].as_str(),
+        Some("no_such_volume")
+    );
     let resp = admin(&cell, &mut placement, "service/placement", &describe).await;
     assert_eq!(
         resp.json::<InstanceDescription>().unwrap().state,

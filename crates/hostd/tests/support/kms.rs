@@ -1,6 +1,7 @@
 //! A key source for the host agent's tests: the key service's core library
 //! (`nitrile-kms`, a dev-dependency only) in a state directory of the test,
-//! standing in for `nitrile kms` until its client lands. It makes volume
+//! standing in for `nitrile kms` (whose client, `KmsVolumeKeys`, the tests
+//! of a whole cell use). It makes volume
 //! keys and keeps nothing but their records, seals them to the recipients a
 //! VMM made, destroys them, and remembers every call (with the token the
 //! host relayed) so that tests can check what the host asked. Its plaintext
@@ -84,6 +85,14 @@ impl KmsKeySource {
             .unwrap()
     }
 
+    /// `volume`'s data key, if the key service still opens `wrapped`.
+    pub fn try_dek(&self, volume: &str, wrapped: &[u8]) -> Option<[u8; 64]> {
+        self.kms
+            .export_volume_key_for_tests(&Name::new(volume).unwrap(), wrapped)
+            .ok()
+            .map(|k| *k)
+    }
+
     fn record(&self, op: &'static str, volume: &Name, token: &str) {
         self.calls.lock().unwrap().push(KeyCall {
             op,
@@ -97,12 +106,15 @@ impl VolumeKeySource for KmsKeySource {
     fn generate(
         &self,
         volume: &Name,
+        kms_key: &Name,
         caller_token: &str,
     ) -> Result<WrappedVolumeKey, VolumeKeyError> {
         self.record("generate", volume, caller_token);
+        let kek =
+            KeyName::new(kms_key.as_str()).map_err(|e| VolumeKeyError::Refused(Box::new(e)))?;
         let g = self
             .kms
-            .generate_volume_key(volume, &self.kek, time::OffsetDateTime::now_utc())
+            .generate_volume_key(volume, &kek, time::OffsetDateTime::now_utc())
             .map_err(refused)?;
         WrappedVolumeKey::new(g.wrapped.encode()).map_err(|e| VolumeKeyError::Failed(Box::new(e)))
     }

@@ -159,6 +159,8 @@ pub struct HostSetup {
     pub hypervisor: HypervisorConfig,
     /// The key service the host asks for volume keys; by default none.
     pub volume_keys: Option<Arc<dyn VolumeKeySource>>,
+    /// The volume store; by default the host's own (`<state>/volume-store`).
+    pub volumes: Option<PathBuf>,
 }
 
 struct RunningHost {
@@ -297,6 +299,7 @@ impl TestCell {
                 vmm: None,
             },
             volume_keys: None,
+            volumes: None,
         }
     }
 
@@ -362,6 +365,7 @@ impl TestCell {
             self.layout.images_dir(),
         );
         config.hypervisor = setup.hypervisor.clone();
+        config.volumes = setup.volumes.clone();
         config
     }
 
@@ -580,6 +584,60 @@ impl TestCell {
         call_with(&mut c, req, token).await
     }
 
+    /// A `volume.attach` token of `kind_name` for `volumes` at `host`: the
+    /// volume token a launch or start with volumes carries.
+    pub async fn volume_token(&self, kind_name: &str, host: &str, volumes: &[&str]) -> String {
+        let ask = TokenRequest {
+            operations: vec![Operation::VolumeAttach],
+            resources: volumes.iter().map(|v| r(&format!("volume/{v}"))).collect(),
+            audience: Audience::new(host).unwrap(),
+            group: None,
+            lifetime_secs: None,
+        };
+        let resp = self.token_request(kind_name, &ask).await;
+        assert_eq!(
+            resp.status.as_u16(),
+            200,
+            "token refused: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        resp.json::<TokenResponse>().unwrap().token
+    }
+
+    /// [`TestCell::call`] with a volume token beside the bearer token.
+    pub async fn call_with_volumes(
+        &self,
+        kind_name: &str,
+        host: &str,
+        req: &AdminRequest,
+        token: Option<&str>,
+        volume_token: Option<&str>,
+    ) -> (u16, Bytes) {
+        let mut c = self.client(kind_name, host).await;
+        send_with(
+            &mut c,
+            req.method(),
+            &req.path(),
+            &req.body(),
+            token,
+            volume_token,
+        )
+        .await
+    }
+
+    /// Creates volume `id` of `size_mib` at `host` as `kind_name` (its key
+    /// made by the host's key source under `kms-key/default`).
+    pub async fn create_volume(&self, kind_name: &str, host: &str, id: &str, size_mib: u64) {
+        let req = AdminRequest::VolumeCreate(nitrile_api::admin::VolumeCreateRequest {
+            volume: Name::new(id).unwrap(),
+            size_mib,
+            kms_key: None,
+        });
+        let token = self.token_for(kind_name, host, &req).await;
+        let (status, body) = self.call(kind_name, host, &req, Some(&token)).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+
     /// Sends any method, path and body to host `host` as `kind_name`.
     pub async fn call_raw(
         &self,
@@ -632,6 +690,18 @@ pub async fn send_raw(
     body: &[u8],
     token: Option<&str>,
 ) -> (u16, Bytes) {
+    send_with(client, method, path, body, token, None).await
+}
+
+/// [`send_raw`] with a volume token in `nitrile-volume-token`.
+pub async fn send_with(
+    client: &mut Client,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    token: Option<&str>,
+    volume_token: Option<&str>,
+) -> (u16, Bytes) {
     let mut builder = Request::builder()
         .method(Method::from_bytes(method.as_bytes()).unwrap())
         .uri(path)
@@ -641,6 +711,9 @@ pub async fn send_raw(
     }
     if let Some(t) = token {
         builder = builder.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    if let Some(t) = volume_token {
+        builder = builder.header(nitrile_api::admin::VOLUME_TOKEN_HEADER, t);
     }
     let resp = client
         .send(builder.body(Bytes::copy_from_slice(body)).unwrap())
