@@ -213,9 +213,22 @@ fn main() {
             concat!(
                 "POST /v1/instances\n",
                 r#"{"instance":"web1","image":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","#,
-                r#""vcpus":2,"memory_mib":256,"volumes":[{"id":"data","size_mib":64}]}"#
+                r#""vcpus":2,"memory_mib":256,"volumes":["data"],"scratch_mib":64}"#
             ),
         ),
+        (
+            "volume-create",
+            concat!(
+                "POST /v1/volumes\n",
+                r#"{"volume":"data","size_mib":64,"kms_key":"default"}"#
+            ),
+        ),
+        ("volume-list", "GET /v1/volumes\n"),
+        (
+            "volume-attach",
+            "POST /v1/volumes/data/attach\n{\"instance\":\"web1\"}",
+        ),
+        ("volume-delete", "DELETE /v1/volumes/data\n"),
         ("stop", "POST /v1/instances/web1/stop\n"),
         ("terminate", "DELETE /v1/instances/web1\n"),
     ] {
@@ -347,11 +360,7 @@ fn main() {
         "args": ["-M", "microvm", "-S"],
         "spec": serde_json::to_string(&minimal).expect("json"),
     });
-    write(
-        &dir,
-        "plan.json",
-        &serde_json::to_vec(&plan).expect("json"),
-    );
+    write(&dir, "plan.json", &serde_json::to_vec(&plan).expect("json"));
 }
 
 fn seeds(root: &Path, target: &str) -> PathBuf {

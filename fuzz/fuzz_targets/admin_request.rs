@@ -8,14 +8,17 @@
 //! (its method and operation), prints back as exactly the method and path
 //! it came from, and parses again from what a client would send for it
 //! (method, path, body) to an equal request; its resource is of the kind
-//! its operation names; a launch request that parses is valid and its body
-//! round-trips through JSON; a refusal is one of the four statuses.
+//! its operation names; a launch or volume create request that parses is
+//! valid and its body round-trips through JSON; a refusal is one of the
+//! four statuses.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use nitrile_api::Name;
-use nitrile_api::admin::{AdminRequest, LaunchRequest, MAX_ADMIN_BODY, ROUTES};
+use nitrile_api::admin::{
+    AdminRequest, LaunchRequest, MAX_ADMIN_BODY, ROUTES, VolumeCreateRequest,
+};
 
 fuzz_target!(|data: &[u8]| {
     let (line, body) = match data.iter().position(|&b| b == b'\n') {
@@ -68,7 +71,12 @@ fuzz_target!(|data: &[u8]| {
         let json = serde_json::to_vec(launch).expect("a launch request serializes");
         let back: LaunchRequest = serde_json::from_slice(&json).expect("and parses back");
         assert_eq!(&back, launch);
-    } else {
+    } else if let AdminRequest::VolumeCreate(create) = &request {
+        assert_eq!(create.validate(), Ok(()));
+        let json = serde_json::to_vec(create).expect("a create request serializes");
+        let back: VolumeCreateRequest = serde_json::from_slice(&json).expect("and parses back");
+        assert_eq!(&back, create);
+    } else if !matches!(request, AdminRequest::VolumeAttach(..)) {
         assert!(request.body().is_empty());
     }
 });

@@ -72,6 +72,24 @@ enum Command {
     /// Launch, list, describe, stop, start and terminate instances on a host.
     #[command(subcommand)]
     Instance(cmd::instance::Command),
+    /// Create, list, describe, attach, detach and delete encrypted volumes.
+    ///
+    /// A volume lives in the cell's volume store, encrypted under a data key
+    /// that the key service makes and releases, sealed, only to the VMM of
+    /// an instance it boots with; the host agent keeps it only wrapped. It
+    /// outlives its instances (`nitrile instance terminate` detaches it)
+    /// until `nitrile volume delete` crypto-erases it. No verb, and no
+    /// operation of the admin API, reads, copies, exports or snapshots a
+    /// volume's contents, or shrinks a volume.
+    ///
+    /// A disabled key of the key service (`nitrile kms-key disable`) refuses
+    /// every new release of its volumes' keys: the next launch or start with
+    /// such a volume fails, naming the key. Instances already running with
+    /// one keep running until they stop or the volume is detached.
+    ///
+    /// Example: `nitrile volume create data --size 64M && nitrile instance launch web1 --image DIGEST --volume data`
+    #[command(subcommand)]
+    Volume(cmd::volume::Command),
     /// Create, list, describe, disable, enable and schedule the deletion of
     /// keys of the key service.
     #[command(subcommand, name = "kms-key")]
@@ -155,6 +173,7 @@ fn main() -> ExitCode {
         Command::Image(c) => cmd::image::run(c, &global),
         Command::Host(c) => cmd::host::run(c, &global),
         Command::Instance(c) => cmd::instance::run(c, &global),
+        Command::Volume(c) => cmd::volume::run(c, &global),
         Command::Tokend(a) => cmd::tokend::run(a, &global),
         Command::Hostd(a) => cmd::hostd::run(a, &global),
         Command::Logd(a) => cmd::logd::run(a, &global),

@@ -293,11 +293,13 @@ fn claim1_with_an_instance_running_no_process_of_the_host_listens_on_another_por
         .processes()
         .into_iter()
         .filter(|pid| {
-            // `nitrile up` and the log's witness are the cell's, not the
-            // host's.
+            // `nitrile up`, the log's witness and the key service are the
+            // cell's, not the host's.
             *pid != hostd
                 && cell::cmdline(*pid).is_some_and(|c| {
-                    !contains(&c, b"\0up\0") && !contains(&c, b"\0audit\0witness\0")
+                    !contains(&c, b"\0up\0")
+                        && !contains(&c, b"\0audit\0witness\0")
+                        && !contains(&c, b"\0kms\0")
                 })
         })
         .collect();

@@ -206,11 +206,8 @@ fn claim2_a_secret_planted_by_the_guest_appears_in_no_answer_journal_or_log() {
     ));
     // Stopped, the volume's backing file is complete on disk: the guest
     // wrote the secret over its start, and the file holds ciphertext only.
-    let volume = cell
-        .host_dir()
-        .join("volumes")
-        .join(INSTANCE)
-        .join("data.img");
+    // The cell's volume store (`<state>/volumes`), one directory per volume.
+    let volume = cell.state.join("volumes").join("data").join("disk.img");
     let backing = std::fs::read(&volume).unwrap();
     assert!(backing.len() > 4096, "{}", volume.display());
     assert_eq!(

@@ -209,11 +209,21 @@ fn kill_9_of_hostd_during_mutations_leaves_no_operation_without_its_request_reco
             while !load.stopped() {
                 let name = format!("c{i}n{n}");
                 n += 1;
+                // Volumes are the cell's: one of its own per instance,
+                // created by the launch, kept by terminate, then deleted.
+                let volume = format!("{name}-data");
                 let launched = load.call_cli(
                     &placement,
                     &[
-                        "instance", "launch", &name, "--image", &image, "--memory", MEMORY,
-                        "--volume", "data=8M",
+                        "instance",
+                        "launch",
+                        &name,
+                        "--image",
+                        &image,
+                        "--memory",
+                        MEMORY,
+                        "--volume",
+                        &format!("{volume}=8M"),
                     ],
                 );
                 if !launched {
@@ -225,6 +235,9 @@ fn kill_9_of_hostd_during_mutations_leaves_no_operation_without_its_request_reco
                         break;
                     }
                     load.call_cli(&placement, &["instance", verb, &name]);
+                }
+                if !load.stopped() {
+                    load.call_cli(&placement, &["volume", "delete", &volume]);
                 }
             }
         }));

@@ -574,13 +574,90 @@ fn nitrile_up_launches_a_real_instance() {
         "{list}"
     );
 
-    // Not on a terminal: no question asked.
+    // A volume attached to the stopped instance boots with it at its next
+    // start, which carries the volume token for both of its volumes.
+    let volume = |id: &str| -> nitrile_api::admin::VolumeDescription {
+        serde_json::from_str(&ok(&nitrile(
+            &placement,
+            &["volume", "describe", id, "-o", "json"],
+        )))
+        .unwrap()
+    };
+    let data = volume("data");
+    assert_eq!(data.state, nitrile_api::admin::VolumeState::Attached);
+    let at = data.attachment.unwrap();
+    assert_eq!((at.host.as_str(), at.instance.as_str()), ("h1", "web1"));
+    ok(&nitrile(&placement, &["instance", "stop", "web1"]));
+    ok(&nitrile(
+        &placement,
+        &["volume", "create", "extra", "--size", "8M"],
+    ));
+    let attached = ok(&nitrile(
+        &placement,
+        &["volume", "attach", "extra", "--instance", "web1"],
+    ));
+    assert!(
+        attached.lines().any(|l| l == "attached to  web1 on h1"),
+        "{attached}"
+    );
+    let started = ok(&nitrile(
+        &placement,
+        &["instance", "start", "web1", "-o", "json"],
+    ));
+    let started: nitrile_api::admin::InstanceDescription = serde_json::from_str(&started).unwrap();
+    assert_eq!(started.state, nitrile_api::admin::InstanceState::Running);
+    let mut ids: Vec<&str> = started.volumes.iter().map(|v| v.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["data", "extra"]);
+
+    // Not on a terminal: no question asked. The volumes are detached and
+    // kept until `volume delete` erases them.
     let gone = ok(&nitrile(
         &placement,
         &["instance", "terminate", "web1", "-o", "json"],
     ));
     let gone: nitrile_api::admin::InstanceDescription = serde_json::from_str(&gone).unwrap();
     assert_eq!(gone.state, nitrile_api::admin::InstanceState::Terminated);
+    for id in ["data", "extra"] {
+        let v = volume(id);
+        assert_eq!(
+            (v.state, v.attachment),
+            (nitrile_api::admin::VolumeState::Available, None),
+            "{id}"
+        );
+        let deleted = ok(&nitrile(
+            &placement,
+            &["volume", "delete", id, "-o", "json"],
+        ));
+        let deleted: nitrile_api::admin::VolumeDescription =
+            serde_json::from_str(&deleted).unwrap();
+        assert_eq!(deleted.state, nitrile_api::admin::VolumeState::Deleted);
+    }
+    let journal = state.join("hosts/h1/journal");
+    let records = String::from_utf8(
+        std::process::Command::new(NITRILE)
+            .args(["audit", "show-journal", "-o", "json"])
+            .arg(&journal)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    // The start's request record names the volume token's grant on both.
+    assert!(
+        records.lines().any(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            let r = &r["record"];
+            r["kind"] == "request"
+                && r["operations"] == serde_json::json!(["instance.start", "volume.attach"])
+                && r["resources"].as_array().is_some_and(|a| {
+                    a.contains(&serde_json::json!("volume/data"))
+                        && a.contains(&serde_json::json!("volume/extra"))
+                })
+                && r["detail"]["second_token_id"].is_string()
+        }),
+        "no start record with the volume token in the host journal"
+    );
 
     // An instance still running when the cell stops is stopped with it: its
     // processes are gone and its record says why.

@@ -9,6 +9,11 @@
 //! clients spread over 4 hosts. Every token is minted before the clock
 //! starts (one per unwrap: a relayed grant is used once).
 //!
+//! Then the attach latency, one attach at a time as a host agent makes it
+//! (`nitrile_hostd::KmsVolumeKeys`): a fresh mTLS connection as the host,
+//! the relayed unwrap, and the VMM's HPKE open of the sealed key; its p50
+//! and p99 against the unwrap alone over a keep-alive connection.
+//!
 //! Run: `cargo bench -p nitrile-kms --bench service`. Goal: >= 5,000
 //! unwraps/s on a 2-core machine (AWS KMS's default quota for symmetric
 //! operations is 5,500 to 10,000/s per account and Region).
@@ -21,7 +26,7 @@ use std::time::{Duration, Instant};
 use nitrile_api::{Audience, Name, Operation, PrincipalId, ResourceId};
 use nitrile_audit::JournalMetrics;
 use nitrile_kms::{KmsConfig, KmsOptions, KmsServer, Recipient};
-use nitrile_kms_api::wire::{RecipientKey, WrappedKeyBytes};
+use nitrile_kms_api::wire::{RecipientKey, SealedKeyBytes, WrappedKeyBytes};
 use nitrile_kms_api::{KmsClient, kms_principal};
 use nitrile_pki::CellCa;
 use nitrile_pki::tls::{CaRoots, TlsIdentity, client_config};
@@ -193,7 +198,65 @@ async fn run(
     }
 }
 
+/// Attach latency: per attach a fresh connection, the unwrap and the VMM's
+/// open, `count` times one after the other. Returns (connect, unwrap, open,
+/// total) latencies, sorted.
+async fn attaches(
+    cell: &Cell,
+    addr: &str,
+    volumes: &[(Name, WrappedKeyBytes, Recipient)],
+    count: usize,
+) -> [Vec<Duration>; 4] {
+    let kms = kms_principal(&cell.config.cell);
+    let (host, tls) = &cell.hosts[1];
+    let work: Vec<(usize, String)> = (0..count)
+        .map(|i| {
+            let j = i % VOLUMES;
+            (j, cell.token(host, Operation::VolumeAttach, &volumes[j].0))
+        })
+        .collect();
+    let mut out: [Vec<Duration>; 4] = Default::default();
+    for (j, token) in work {
+        let (v, wrapped, recipient) = &volumes[j];
+        let t0 = Instant::now();
+        let mut client = KmsClient::connect(addr, &kms, Arc::clone(tls))
+            .await
+            .expect("connect");
+        let t1 = Instant::now();
+        let sealed: SealedKeyBytes = client
+            .unwrap(
+                v,
+                wrapped,
+                &RecipientKey(*recipient.public_key().as_bytes()),
+                &token,
+            )
+            .await
+            .expect("unwrap");
+        let t2 = Instant::now();
+        let sealed = nitrile_kms::SealedKey::decode(sealed.as_bytes()).expect("sealed key");
+        let mut dek = zeroize::Zeroizing::new([0u8; 64]);
+        recipient
+            .open_into(&sealed, v, &mut dek)
+            .expect("the VMM opens its key");
+        let t3 = Instant::now();
+        out[0].push(t1 - t0);
+        out[1].push(t2 - t1);
+        out[2].push(t3 - t2);
+        out[3].push(t3 - t0);
+    }
+    for v in &mut out {
+        v.sort();
+    }
+    out
+}
+
 fn main() {
+    let attach_n: usize = std::env::var("NITRILE_BENCH_ATTACHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500)
+        .max(1);
+    let mut attach_rows: Option<[Vec<Duration>; 4]> = None;
     let n: usize = std::env::var("NITRILE_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -230,6 +293,7 @@ fn main() {
                     .await
                     .expect("connect");
             let mut volumes = Vec::with_capacity(VOLUMES);
+            let mut with_recipients = Vec::with_capacity(VOLUMES);
             for i in 0..VOLUMES {
                 let v = Name::new(&format!("v{i}")).expect("volume");
                 let token = cell.token(h1, Operation::VolumeCreate, &v);
@@ -240,10 +304,11 @@ fn main() {
                 // The VMM's key: made by the VMM, not timed here.
                 let r = Recipient::generate().expect("recipient");
                 volumes.push((
-                    v,
-                    made.wrapped_key,
+                    v.clone(),
+                    made.wrapped_key.clone(),
                     RecipientKey(*r.public_key().as_bytes()),
                 ));
+                with_recipients.push((v, made.wrapped_key, r));
             }
             // Warm-up: connections, caches, the journal's working size.
             run(&cell, &addr, &journal, &volumes, 16, 100).await;
@@ -253,10 +318,19 @@ fn main() {
                 let row = run(&cell, &addr, &journal, &volumes, clients, total / clients).await;
                 out.push((clients, row));
             }
+            let attach = (!no_sync).then(|| attaches(&cell, &addr, &with_recipients, attach_n));
+            let attach = match attach {
+                Some(f) => Some(f.await),
+                None => None,
+            };
             let _ = stop.send(());
             task.await.expect("server task").expect("server");
-            out
+            (out, attach)
         });
+        let (measured, attach) = measured;
+        if attach.is_some() {
+            attach_rows = attach;
+        }
         for (clients, row) in measured {
             rows.push((no_sync, clients, row));
         }
@@ -291,4 +365,35 @@ fn main() {
         );
     }
     println!("(ceiling: the rate as a share of the danger_no_sync run with as many clients)");
+
+    if let Some([connect, unwrap, open, total]) = attach_rows {
+        let keep_alive = rows
+            .iter()
+            .find(|(no_sync, c, _)| !*no_sync && *c == 1)
+            .map(|(_, _, r)| r.p50)
+            .unwrap_or_default();
+        println!();
+        println!(
+            "attach latency, {attach_n} attaches one at a time: a fresh mTLS connection as the \
+             host, the relayed unwrap (journal fsync'ed), the VMM's HPKE open"
+        );
+        println!("{:<28} {:>10} {:>10}", "stage", "p50", "p99");
+        for (stage, v) in [
+            ("connect (TLS 1.3, mutual)", &connect),
+            ("unwrap (token, seal, fsync)", &unwrap),
+            ("VMM open (HPKE)", &open),
+            ("total", &total),
+        ] {
+            println!(
+                "{:<28} {:>10.2?} {:>10.2?}",
+                stage,
+                percentile(v, 0.5),
+                percentile(v, 0.99)
+            );
+        }
+        println!(
+            "total p50 against a keep-alive unwrap (1 client, fsync) of {keep_alive:.2?}: {:.2}x",
+            percentile(&total, 0.5).as_secs_f64() / keep_alive.as_secs_f64().max(1e-9)
+        );
+    }
 }

@@ -9,12 +9,18 @@ use crate::service::{LogFormat, block_on, init_logging};
 /// Run the host agent: the only management interface of this host.
 ///
 /// It serves the closed admin API (host.describe, host.drain/undrain,
-/// instance.launch/list/describe/stop/start/terminate) on one mTLS port,
+/// instance.launch/list/describe/stop/start/terminate,
+/// volume.create/list/describe/attach/detach/delete) on one mTLS port,
 /// verifies every caller's token itself, journals every request before it
 /// acts, and runs instances as microVMs. The global `--config` names the
 /// host agent's config file (TOML; `nitrile up` writes one to
 /// `<state>/hosts/h1/hostd.toml`). Metrics are written to
 /// `<state>/metrics.prom`, not served.
+///
+/// Volumes need the config's `kms = { addr = "HOST:PORT" }`, the key
+/// service that makes, releases and destroys their keys (the host keeps
+/// them only wrapped), and `volumes = DIR`, the cell's volume store, one
+/// directory shared by the host agents of the cell.
 ///
 /// When the config has a `[logd]` section, the journal is shipped to that
 /// audit log service as it grows (resuming where the log stands after any

@@ -1,18 +1,20 @@
 //! `nitrile instance`: launch, look at, stop, start and terminate microVM
 //! instances on a host, through its admin API.
 
+use std::fmt;
 use std::io::{BufRead, IsTerminal};
 
 use anyhow::bail;
 use nitrile_api::Name;
 use nitrile_api::admin::{
     AdminRequest, InstanceDescription, InstanceList, InstanceState, LaunchRequest, MAX_SCRATCH_MIB,
-    Sha256Hex, VolumeRequest,
+    Sha256Hex, VolumeCreateRequest, VolumeDescription,
 };
 
 use crate::Global;
 use crate::cmd::host::HostFlag;
-use crate::hostapi::{Target, call, target};
+use crate::config::Loaded;
+use crate::hostapi::{Target, UsageError, call, call_with_volumes, target};
 use crate::output::{
     Output, OutputError, Spinner, format_mib, print_json, print_pairs, print_table, prompt,
 };
@@ -24,16 +26,27 @@ const MAX_SIZE_MIB: u64 = 16 * 1024 * 1024;
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
     /// Boot a new microVM instance from a guest image in the host's store,
-    /// with fresh encrypted volumes, and wait until it runs.
+    /// with encrypted volumes, and wait until it runs.
     ///
     /// Launching is the placement service's entitlement: use its config
     /// (`--config <state>/clients/service-placement.toml` in `nitrile up`).
     /// `nitrile host describe` lists the images a host can launch.
+    ///
+    /// `--volume ID=SIZE` is a shorthand: it first creates volume ID
+    /// (`nitrile volume create ID --size SIZE`, under the cell's key
+    /// `kms-key/default`), then launches with it; `--volume ID` attaches an
+    /// available volume made before. The launch carries a second token,
+    /// `volume.attach` on every volume, under which the key service
+    /// releases each volume's key, sealed, to the new VMM only; a disabled
+    /// key refuses that, naming the key. If the launch fails, the volumes
+    /// it created are kept and the error names them and how to delete
+    /// them.
+    ///
     /// `--scratch` adds an instance-store disk: encrypted under a key only
     /// the instance's VMM holds, empty at every start, and gone, with its
     /// contents unrecoverable, when the instance stops.
     ///
-    /// Example: `nitrile instance launch web1 --image 3f2a...c9 --memory 256M --volume data=64M --scratch 1G`
+    /// Example: `nitrile instance launch web1 --image 3f2a...c9 --memory 256M --volume data=64M --volume logs --scratch 1G`
     Launch {
         /// The instance's name, unique on the host.
         name: Name,
@@ -46,9 +59,10 @@ pub(crate) enum Command {
         /// Guest memory, e.g. 256M or 1G.
         #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
         memory: u32,
-        /// An encrypted volume to create and attach, e.g. data=64M (repeatable).
-        #[arg(long = "volume", value_name = "ID=SIZE", value_parser = parse_volume)]
-        volumes: Vec<VolumeRequest>,
+        /// A volume to boot with (repeatable): ID=SIZE, e.g. data=64M,
+        /// creates it first; ID alone attaches an available volume.
+        #[arg(long = "volume", value_name = "ID[=SIZE]", value_parser = parse_volume)]
+        volumes: Vec<VolumeArg>,
         /// An instance-store disk of this size, e.g. 64M or 1G: erased for
         /// good whenever the instance stops.
         #[arg(long, value_name = "SIZE", value_parser = parse_scratch)]
@@ -79,7 +93,13 @@ pub(crate) enum Command {
         #[command(flatten)]
         host: HostFlag,
     },
-    /// Boot a stopped instance again with its volumes.
+    /// Boot a stopped instance again with the volumes attached to it now.
+    ///
+    /// It first describes the instance to learn its volumes, then starts it
+    /// with a second token, `volume.attach` on each of them, under which
+    /// the key service releases each volume's key, sealed, to the new VMM
+    /// only. A volume whose key is disabled fails the start, naming the
+    /// key.
     ///
     /// Example: `nitrile instance start web1`
     Start {
@@ -88,8 +108,10 @@ pub(crate) enum Command {
         #[command(flatten)]
         host: HostFlag,
     },
-    /// Stop an instance for good and crypto-erase its volumes. On a terminal
-    /// it asks first unless `--yes`; when not on a terminal it does not ask.
+    /// Stop an instance for good and erase its instance-store disk. Its
+    /// volumes are detached and kept, encrypted and available:
+    /// `nitrile volume delete` crypto-erases them. On a terminal it asks
+    /// first unless `--yes`; when not on a terminal it does not ask.
     ///
     /// Example: `nitrile instance terminate web1 --yes`
     Terminate {
@@ -120,22 +142,16 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
                 image,
                 vcpus,
                 memory_mib: memory,
-                volumes,
+                volumes: volumes.iter().map(|v| v.id().clone()).collect(),
                 scratch_mib: scratch,
             };
+            // Checked before any volume is made.
             launch
                 .validate()
-                .map_err(|e| crate::hostapi::UsageError(format!("invalid launch: {e}")))?;
+                .map_err(|e| UsageError(format!("invalid launch: {e}")))?;
             let target = target(&loaded, host.host.as_ref())?;
-            let spinner =
-                Spinner::start(&format!("launching {} on {}", launch.instance, target.host));
-            let result = block_on(call::<InstanceDescription>(
-                &loaded,
-                &target,
-                &AdminRequest::InstanceLaunch(launch),
-            ));
-            drop(spinner);
-            print_instance(&result??, global.output)
+            let launched = launch_with_volumes(&loaded, &target, launch, &volumes)?;
+            print_instance(&launched, global.output)
         }
         Command::List(host) => {
             let target = target(&loaded, host.host.as_ref())?;
@@ -161,17 +177,29 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             AdminRequest::InstanceStop(name),
             global.output,
         ),
-        Command::Start { name, host } => one(
-            &loaded,
-            &target(&loaded, host.host.as_ref())?,
-            AdminRequest::InstanceStart(name),
-            global.output,
-        ),
+        Command::Start { name, host } => {
+            let target = target(&loaded, host.host.as_ref())?;
+            let started = block_on(async {
+                let described: InstanceDescription = call(
+                    &loaded,
+                    &target,
+                    &AdminRequest::InstanceDescribe(name.clone()),
+                )
+                .await?;
+                let volumes: Vec<Name> = described.volumes.into_iter().map(|v| v.id).collect();
+                call_with_volumes::<InstanceDescription>(
+                    &loaded,
+                    &target,
+                    &AdminRequest::InstanceStart(name),
+                    &volumes,
+                )
+                .await
+            })??;
+            print_instance(&started, global.output)
+        }
         Command::Terminate { name, yes, host } => {
             let target = target(&loaded, host.host.as_ref())?;
-            let interactive =
-                std::io::stdin().is_terminal() && crate::output::Stream::Stderr.is_terminal();
-            if interactive && !yes && !confirm(&name, &target)? {
+            if interactive() && !yes && !confirm_terminate(&name, &target)? {
                 bail!("not terminated");
             }
             one(
@@ -194,14 +222,85 @@ fn one(
     print_instance(&described, output)
 }
 
-fn confirm(name: &Name, target: &Target) -> anyhow::Result<bool> {
-    prompt(format_args!(
-        "Terminate instance {name} on {}? Its volumes are crypto-erased and cannot be recovered. [y/N] ",
-        target.host
-    ))?;
+/// Creates the volumes of `requested` that have a size (under the cell's
+/// default key), then launches with every volume and the volume token.
+/// When a creation or the launch fails, the error says which volumes were
+/// created and are left available, and how to delete them.
+fn launch_with_volumes(
+    loaded: &Loaded,
+    target: &Target,
+    launch: LaunchRequest,
+    requested: &[VolumeArg],
+) -> anyhow::Result<InstanceDescription> {
+    let spinner = Spinner::start(&format!("launching {} on {}", launch.instance, target.host));
+    let result = block_on(async {
+        let mut created: Vec<Name> = Vec::new();
+        for v in requested {
+            let VolumeArg::New { id, size_mib } = v else {
+                continue;
+            };
+            let create = AdminRequest::VolumeCreate(VolumeCreateRequest {
+                volume: id.clone(),
+                size_mib: *size_mib,
+                kms_key: None,
+            });
+            if let Err(e) = call::<VolumeDescription>(loaded, target, &create).await {
+                return Err(left_available(e, &created, target));
+            }
+            created.push(id.clone());
+        }
+        let req = AdminRequest::InstanceLaunch(launch.clone());
+        call_with_volumes::<InstanceDescription>(loaded, target, &req, &launch.volumes)
+            .await
+            .map_err(|e| left_available(e, &created, target))
+    });
+    drop(spinner);
+    result?
+}
+
+/// `e`, followed, when the launch created volumes before it failed, by
+/// which ones were created and are kept, and how to delete them.
+fn left_available(e: anyhow::Error, created: &[Name], target: &Target) -> anyhow::Error {
+    if created.is_empty() {
+        return e;
+    }
+    let h = &target.host;
+    let each = |f: &dyn Fn(&Name) -> String| created.iter().map(f).collect::<Vec<_>>().join(", ");
+    let (volumes, were, they, them) = if created.len() == 1 {
+        ("volume", "was", "it is", "it")
+    } else {
+        ("volumes", "were", "they are", "them")
+    };
+    e.context(format!(
+        "the launch failed after {volumes} {} {were} created for it on host {h}; {they} \
+         kept, available unless `nitrile volume list --host {h}` shows {them} attached \
+         (launch again with {}, or erase {them} with {})",
+        each(&|v| v.to_string()),
+        each(&|v| format!("`--volume {v}`")),
+        each(&|v| format!("`nitrile volume delete {v} --host {h}`")),
+    ))
+}
+
+/// Whether to ask before a destructive verb: standard input and standard
+/// error are both a terminal.
+pub(crate) fn interactive() -> bool {
+    std::io::stdin().is_terminal() && crate::output::Stream::Stderr.is_terminal()
+}
+
+/// Asks `question` on the terminal; true for a yes.
+pub(crate) fn confirm(question: fmt::Arguments<'_>) -> anyhow::Result<bool> {
+    prompt(question)?;
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
+fn confirm_terminate(name: &Name, target: &Target) -> anyhow::Result<bool> {
+    confirm(format_args!(
+        "Terminate instance {name} on {}? Its instance-store disk is erased; its volumes are \
+         detached and kept (`nitrile volume delete` erases them). [y/N] ",
+        target.host
+    ))
 }
 
 fn state(s: InstanceState) -> &'static str {
@@ -280,7 +379,7 @@ fn parse_digest(s: &str) -> Result<Sha256Hex, String> {
 }
 
 /// `256M`, `256MiB`, `1G`, `1GiB` or a bare number of MiB, to MiB.
-fn parse_size_mib(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size_mib(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits = t.bytes().take_while(u8::is_ascii_digit).count();
     let (num, unit) = t.split_at(digits);
@@ -317,14 +416,38 @@ fn parse_scratch(s: &str) -> Result<u32, String> {
         })
 }
 
-fn parse_volume(s: &str) -> Result<VolumeRequest, String> {
-    let (id, size) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not ID=SIZE, e.g. data=64M"))?;
-    Ok(VolumeRequest {
-        id: Name::new(id).map_err(|e| format!("volume id {id:?}: {e}"))?,
-        size_mib: parse_size_mib(size)?,
-    })
+/// A `--volume` of a launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum VolumeArg {
+    /// `ID=SIZE`: create the volume, then launch with it.
+    New {
+        /// The new volume's id.
+        id: Name,
+        /// Its size in MiB.
+        size_mib: u64,
+    },
+    /// `ID`: launch with an available volume made before.
+    Existing(Name),
+}
+
+impl VolumeArg {
+    fn id(&self) -> &Name {
+        match self {
+            VolumeArg::New { id, .. } | VolumeArg::Existing(id) => id,
+        }
+    }
+}
+
+/// `ID=SIZE` (a volume to create) or `ID` (one to attach).
+fn parse_volume(s: &str) -> Result<VolumeArg, String> {
+    let name = |id: &str| Name::new(id).map_err(|e| format!("volume id {id:?}: {e}"));
+    match s.split_once('=') {
+        Some((id, size)) => Ok(VolumeArg::New {
+            id: name(id)?,
+            size_mib: crate::cmd::volume::parse_volume_size(size)?,
+        }),
+        None => Ok(VolumeArg::Existing(name(s)?)),
+    }
 }
 
 #[cfg(test)]
@@ -362,10 +485,25 @@ mod tests {
 
     #[test]
     fn volumes_and_digests_parse() {
-        let v = parse_volume("data=64M").unwrap();
-        assert_eq!((v.id.as_str(), v.size_mib), ("data", 64));
-        assert!(parse_volume("data").is_err());
-        assert!(parse_volume("../x=1G").is_err());
+        let data = Name::new("data").unwrap();
+        assert_eq!(
+            parse_volume("data=64M").unwrap(),
+            VolumeArg::New {
+                id: data.clone(),
+                size_mib: 64
+            }
+        );
+        assert_eq!(
+            parse_volume("data").unwrap(),
+            VolumeArg::Existing(data.clone())
+        );
+        assert_eq!(parse_volume("data=2G").unwrap().id(), &data);
+        for bad in [
+            "../x=1G", "../x", "", "=64M", "data=", "data=0", "data=17T", "data=64Q", "a=b=1G",
+            "da\0ta",
+        ] {
+            assert!(parse_volume(bad).is_err(), "{bad:?}");
+        }
         let hex = "ab".repeat(32);
         assert_eq!(
             parse_digest(&format!("sha256:{hex}")).unwrap(),

@@ -18,4 +18,5 @@ pub(crate) mod token;
 pub(crate) mod tokend;
 pub(crate) mod up;
 pub(crate) mod vmm;
+pub(crate) mod volume;
 pub(crate) mod witness;

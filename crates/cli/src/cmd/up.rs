@@ -16,6 +16,7 @@ use nitrile_cell::{
 };
 use nitrile_hostd::HostdConfig;
 use nitrile_kms::KmsConfig;
+use nitrile_kms_api::KmsTarget;
 use nitrile_logclient::LogdTarget;
 use nitrile_logd::config::{MetricsAddr, MonitorSource, WitnessConfig as LogdWitness};
 use nitrile_logd::{Alert, AlertSink, Logd, LogdConfig, LogdOptions};
@@ -231,6 +232,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             &host,
             args.hostd_listen,
             Some((&logd_addr, &log_vkey)),
+            Some(&kms.addr.to_string()),
         )?;
         let mut hostd = ServiceChild::spawn(
             "the host agent",
@@ -327,6 +329,10 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         outln!(
             "  host metrics   {} (Prometheus text file)",
             layout.host_metrics(&host).display()
+        )?;
+        outln!(
+            "  volumes        {} (volume store of the cell: ciphertext and wrapped keys only)",
+            volume_store(&layout).display()
         )?;
         match &image {
             Some(digest) => outln!(
@@ -696,8 +702,11 @@ fn witnessing(config: &LogdConfig, witness_vkey: &str) -> String {
 }
 
 /// Writes `hosts/<host>/hostd.toml` with paths relative to it, shipping
-/// the journal to logd at `logd` when given. The `[hypervisor]` and
-/// `[capacity]` sections of an existing file are kept, so edits to them
+/// the journal to logd at `logd` when given, naming the key service at
+/// `kms` (which makes, releases and destroys volume keys) when given, and
+/// the cell's volume store (`<state>/volumes`, the same directory for every
+/// host agent of the cell). The `[hypervisor]` and `[capacity]` sections and
+/// the `volumes` directory of an existing file are kept, so edits to them
 /// survive restarts.
 fn write_hostd_config(
     layout: &CellLayout,
@@ -705,6 +714,7 @@ fn write_hostd_config(
     host: &Name,
     listen: SocketAddr,
     logd: Option<(&str, &str)>,
+    kms: Option<&str>,
 ) -> anyhow::Result<PathBuf> {
     let path = layout.hostd_config(host);
     let dir = layout.host_dir(host);
@@ -732,15 +742,31 @@ fn write_hostd_config(
         })?;
         config.hypervisor = old.hypervisor;
         config.capacity = old.capacity;
+        // Loaded paths are resolved; written ones are relative to the file.
+        config.volumes = old.volumes.map(|v| rel(&v));
     }
     config.logd = logd.map(|(addr, vkey)| LogdTarget {
         addr: addr.to_owned(),
         log_vkey: Some(vkey.to_owned()),
     });
+    config.kms = kms.map(|addr| KmsTarget {
+        addr: addr.to_owned(),
+    });
+    if config.volumes.is_none() {
+        config.volumes = Some(rel(&volume_store(layout)));
+    }
     config
         .write(&path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
+}
+
+/// The cell's volume store, `<state>/volumes`: volume records and their
+/// ciphertext, one directory shared by every host agent of the cell, so
+/// that a volume detached from an instance of one host attaches to an
+/// instance of another.
+fn volume_store(layout: &CellLayout) -> PathBuf {
+    layout.root().join("volumes")
 }
 
 /// Writes `kms/kms.toml` with paths relative to it: the key service makes
@@ -1209,19 +1235,27 @@ mod tests {
         let cell = Name::new("local").unwrap();
         let h1 = Name::new("h1").unwrap();
         let listen: SocketAddr = "127.0.0.1:7444".parse().unwrap();
-        let path = write_hostd_config(&layout, &cell, &h1, listen, None).unwrap();
+        let path = write_hostd_config(&layout, &cell, &h1, listen, None, None).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("ca = \"../../pki/ca.pem\""), "{text}");
+        assert!(text.contains("volumes = \"../../volumes\""), "{text}");
         let loaded = HostdConfig::load(&path).unwrap();
         assert_eq!(
             loaded.cert,
             layout.host_dir(&h1).join("../../pki/host-h1.pem")
         );
         assert_eq!(loaded.state, layout.host_dir(&h1).join("."));
+        assert_eq!(loaded.kms, None);
+        // The cell's volume store, not the host's own default.
+        assert_eq!(
+            loaded.volume_store(),
+            layout.host_dir(&h1).join("../../volumes")
+        );
 
         let mut edited = loaded.clone();
         edited.hypervisor.backend = nitrile_hostd::BackendName::Qemu;
         edited.capacity.vcpus = Some(1);
+        edited.volumes = Some(layout.root().join("shared-volumes"));
         edited.write(&path).unwrap();
         let other: SocketAddr = "127.0.0.1:7555".parse().unwrap();
         write_hostd_config(
@@ -1230,9 +1264,16 @@ mod tests {
             &h1,
             other,
             Some(("127.0.0.1:7445", "local.nitrile/log+01234567+AQ")),
+            Some("127.0.0.1:7447"),
         )
         .unwrap();
         let again = HostdConfig::load(&path).unwrap();
+        assert_eq!(again.kms.as_ref().unwrap().addr, "127.0.0.1:7447");
+        // An edited volume store is kept, written relative to the file.
+        assert_eq!(
+            again.volume_store(),
+            layout.host_dir(&h1).join("../../shared-volumes")
+        );
         let logd = again.logd.unwrap();
         assert_eq!(logd.addr, "127.0.0.1:7445");
         assert_eq!(

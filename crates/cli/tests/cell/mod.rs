@@ -3,8 +3,8 @@
 //! [`Cell::up`] runs `nitrile up` in a temporary directory on free loopback
 //! ports and keeps it running (its host agent is a child of it).
 //! [`Cell::separate`] lets `nitrile up` provision the cell, stops it, and
-//! runs `nitrile tokend` and `nitrile hostd` as processes of their own, so
-//! that a test can kill and restart the host agent alone.
+//! runs `nitrile tokend`, `nitrile kms` and `nitrile hostd` as processes of
+//! their own, so that a test can kill and restart the host agent alone.
 //!
 //! Dropping a [`Cell`] kills every process it started and every process
 //! whose command line names its directory (QEMU and the waiting parents the
@@ -84,10 +84,14 @@ pub(crate) struct Cell {
     pub(crate) tokend_addr: SocketAddr,
     /// Where the host agent listens.
     pub(crate) hostd_addr: SocketAddr,
+    /// Where the key service listens (fixed, so that a key service started
+    /// apart from `nitrile up` is where the host's config says).
+    pub(crate) kms_addr: SocketAddr,
     /// What `nitrile up` printed on stdout before the export line.
     pub(crate) up_stdout: Vec<String>,
     up: Option<Child>,
     tokend: Option<Child>,
+    kms: Option<Child>,
     hostd: Option<Child>,
     /// The host agent's pid (a child of `nitrile up`, or of this test).
     hostd_pid: Option<u32>,
@@ -100,6 +104,7 @@ impl Cell {
         let state = dir.path().join("state");
         let tokend_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let hostd_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let kms_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cell = Self {
             state,
             alice: PathBuf::new(),
@@ -107,9 +112,11 @@ impl Cell {
             carol: PathBuf::new(),
             tokend_addr,
             hostd_addr,
+            kms_addr,
             up_stdout: Vec::new(),
             up: None,
             tokend: None,
+            kms: None,
             hostd: None,
             hostd_pid: None,
             dir,
@@ -119,8 +126,9 @@ impl Cell {
     }
 
     /// A cell provisioned by `nitrile up`, then run as separate `nitrile
-    /// tokend` and `nitrile hostd` processes. `edit_hostd_config` may change
-    /// the host agent's config text before it starts.
+    /// tokend`, `nitrile kms` and `nitrile hostd` processes.
+    /// `edit_hostd_config` may change the host agent's config text before it
+    /// starts.
     pub(crate) fn separate(edit_hostd_config: impl FnOnce(&str) -> String) -> Self {
         let mut cell = Self::up();
         cell.stop_up();
@@ -128,6 +136,7 @@ impl Cell {
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, edit_hostd_config(&text)).unwrap();
         cell.start_tokend();
+        cell.start_kms();
         cell.start_hostd();
         cell
     }
@@ -175,7 +184,7 @@ impl Cell {
     /// What the processes of this cell wrote to stderr so far.
     pub(crate) fn logs(&self) -> String {
         let mut out = String::new();
-        for name in ["up", "tokend", "hostd"] {
+        for name in ["up", "tokend", "kms", "hostd"] {
             if let Ok(text) = std::fs::read_to_string(self.log(name)) {
                 out.push_str(&format!("--- {name}\n{text}"));
             }
@@ -210,7 +219,8 @@ impl Cell {
             .args(["--logd-listen", "127.0.0.1:0"])
             .args(["--logd-metrics", "127.0.0.1:0"])
             .args(["--witness-listen", "127.0.0.1:0"])
-            .args(["--kms-listen", "127.0.0.1:0"])
+            .arg("--kms-listen")
+            .arg(self.kms_addr.to_string())
             .arg("--state")
             .arg(&self.state)
             .stdin(Stdio::null())
@@ -310,6 +320,35 @@ impl Cell {
             );
             if let Some(status) = self.tokend.as_mut().unwrap().try_wait().unwrap() {
                 panic!("tokend exited with {status}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `nitrile kms --config <state>/kms/kms.toml` (the config `nitrile
+    /// up` wrote, on [`Cell::kms_addr`]) and waits until it accepts
+    /// connections.
+    pub(crate) fn start_kms(&mut self) {
+        assert!(self.kms.is_none() && self.up.is_none());
+        let child = Command::new(NITRILE)
+            .arg("kms")
+            .arg("--config")
+            .arg(self.state.join("kms/kms.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(self.log_file("kms")))
+            .stderr(Stdio::from(self.log_file("kms")))
+            .spawn()
+            .unwrap();
+        self.kms = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while TcpStream::connect(self.kms_addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the key service does not accept connections\n{}",
+                self.logs()
+            );
+            if let Some(status) = self.kms.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the key service exited with {status}\n{}", self.logs());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -453,9 +492,14 @@ impl Cell {
 
 impl Drop for Cell {
     fn drop(&mut self) {
-        for child in [self.up.take(), self.hostd.take(), self.tokend.take()]
-            .into_iter()
-            .flatten()
+        for child in [
+            self.up.take(),
+            self.hostd.take(),
+            self.kms.take(),
+            self.tokend.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let mut child = child;
             let _ = child.kill();
