@@ -687,12 +687,11 @@ impl Inner {
         // A launch with volumes, or a start of an instance with volumes,
         // needs the caller's `volume.attach` grant on each: a second token,
         // checked here and again by the key service.
-        let now = self.clock.now();
         let booted_volumes: Vec<Name> = match &req {
             AdminRequest::InstanceLaunch(l) => l.volumes.clone(),
             AdminRequest::InstanceStart(n) => self
                 .instances
-                .describe(n, now)
+                .describe(n, self.clock.now())
                 .map(|d| d.volumes.into_iter().map(|v| v.id).collect())
                 .unwrap_or_default(),
             _ => Vec::new(),
@@ -720,6 +719,8 @@ impl Inner {
             Ok(a) => a,
             Err(r) => return self.refused(Some(op), &r),
         };
+        // The time of the change, after its request record.
+        let now = self.clock.now();
         let instances = &self.instances;
         // Admitted, so there are tokens: the key service checks them again.
         let token = token.as_deref().unwrap_or_default();

@@ -155,7 +155,11 @@ impl KmsVolumeKeys {
                 f(&mut client).await
             })
             .map_err(|e| match e {
-                KmsClientError::Refused { .. } => VolumeKeyError::Refused(Box::new(e)),
+                // The refusal as the key service gave it (step, reason, its
+                // journal record), under this error's own words.
+                KmsClientError::Refused { status, refusal } => {
+                    VolumeKeyError::Refused(refusal.with_status(status).to_string().into())
+                }
                 e => VolumeKeyError::Failed(Box::new(e)),
             })
     }

@@ -710,8 +710,17 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
     assert!(!processes_mentioning(vm_dir).is_empty(), "no QEMU for web1");
 
     // The same name again: 409 state.
-    let resp = admin(&cell, &mut placement, "service/placement", &launch).await;
-    assert_refused(&cell, &resp, 409, RefusalStep::State);
+    let again = AdminRequest::InstanceLaunch(LaunchRequest {
+        instance: web1.clone(),
+        image,
+        vcpus: 1,
+        memory_mib: 256,
+        volumes: vec![],
+        scratch_mib: None,
+    });
+    let resp = admin(&cell, &mut placement, "service/placement", &again).await;
+    let record = assert_refused(&cell, &resp, 409, RefusalStep::State);
+    assert_eq!(record.detail.unwrap()["code"].as_str(), Some("exists"));
     // More vCPUs than are free: 409 state.
     let big = AdminRequest::InstanceLaunch(LaunchRequest {
         instance: name("big"),

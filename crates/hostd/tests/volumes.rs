@@ -223,7 +223,7 @@ async fn a_volume_is_created_described_listed_and_crypto_erased() {
     ] {
         assert!(
             records.iter().any(|r| r.kind == RecordKind::Request
-                && r.operations.first().map(Operation::as_str) == Some(op)),
+                && r.operations.first().map(|o| o.as_str()) == Some(op)),
             "no request record for {op}"
         );
     }
