@@ -375,6 +375,10 @@ impl Drop for BenchCgroup {
     fn drop(&mut self) {
         for d in &self.dirs {
             let _ = std::fs::remove_dir(d);
+            // `nitrile-bench` too, unless another run still uses it.
+            if let Some(parent) = d.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
     }
 }
