@@ -9,7 +9,10 @@
 //!    its spawner);
 //! 2. no core dumps ([`crate::process::forbid_core_dumps`]: `RLIMIT_CORE` 0,
 //!    which survives exec, and not dumpable until exec);
-//! 3. close-on-exec cleared on exactly the [`Plan::inherit`] descriptors;
+//! 3. close-on-exec set on every descriptor above stderr, then cleared on
+//!    exactly the [`Plan::inherit`] descriptors: the child keeps nothing the
+//!    spawner itself inherited without close-on-exec (a lock its own parent
+//!    held, say);
 //! 4. the process joins each cgroup whose `cgroup.procs` is open in
 //!    [`Plan::cgroup_procs`];
 //! 5. with [`Plan::namespaces`]: new mount (propagation made private), IPC,
@@ -70,6 +73,7 @@ fn child_setup(plan: &Plan) -> io::Result<()> {
     crate::process::forbid_core_dumps().map_err(|e| match e {
         crate::process::DumpError::Dumpable(e) | crate::process::DumpError::CoreLimit(e) => e,
     })?;
+    close_on_exec_above_stderr();
     for &fd in &plan.inherit {
         // SAFETY: F_SETFD takes an integer argument and changes only the
         // flags of descriptor `fd` in this (child) process; `fd` is open
@@ -94,6 +98,39 @@ fn child_setup(plan: &Plan) -> io::Result<()> {
         crate::privilege::set_ids(ids).map_err(|(_, e)| e)?;
     }
     Ok(())
+}
+
+/// Marks every descriptor from 3 up close-on-exec: `close_range` with
+/// `CLOSE_RANGE_CLOEXEC` (Linux 5.11), else `F_SETFD` on each descriptor
+/// below the soft `RLIMIT_NOFILE` (at most 65,536 tried).
+fn close_on_exec_above_stderr() {
+    const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+    // SAFETY: close_range takes integers and only changes the flags of
+    // this (child) process's descriptors.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    if rc == 0 {
+        return;
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct it is given.
+    let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur.min(65_536) as i32
+    } else {
+        65_536
+    };
+    for fd in 3..max {
+        // SAFETY: F_GETFD/F_SETFD take integers and change only descriptor
+        // flags; a descriptor that is not open fails with EBADF.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
 }
 
 /// Step 5: returns in the grandchild, the namespace's PID 1; the child in
@@ -237,6 +274,52 @@ mod tests {
             assert_eq!(field(&out, "Groups:"), "", "{out}");
             assert_eq!(field(&out, "NoNewPrivs:"), "1", "{out}");
         }
+    }
+
+    /// A descriptor the spawner holds without close-on-exec (as one its own
+    /// parent passed it would be) does not reach the child; the plan's does.
+    #[test]
+    fn a_descriptor_the_spawner_inherited_does_not_reach_the_child() {
+        let (stray, _w) = std::io::pipe().unwrap();
+        let (inherited, mut w) = std::io::pipe().unwrap();
+        w.write_all(b"planned").unwrap();
+        drop(w);
+        // SAFETY: F_SETFD on a descriptor this test owns, clearing its
+        // close-on-exec flag as a spawner's parent would have left it.
+        assert_eq!(
+            unsafe { libc::fcntl(stray.as_raw_fd(), libc::F_SETFD, 0) },
+            0
+        );
+        // Control: without a plan, the stray descriptor reaches a child.
+        let probe =
+            |fd: i32| format!("if (: <&{fd}) 2>/dev/null; then echo OPEN; else echo CLOSED; fi");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(probe(stray.as_raw_fd()))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "OPEN\n",
+            "the control"
+        );
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "{}; cat <&{}",
+                probe(stray.as_raw_fd()),
+                inherited.as_raw_fd()
+            ))
+            .stdout(Stdio::piped());
+        install(
+            &mut cmd,
+            Plan {
+                inherit: vec![inherited.as_raw_fd()],
+                ..Plan::default()
+            },
+        );
+        let out = cmd.output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "CLOSED\nplanned");
     }
 
     #[test]
