@@ -471,7 +471,7 @@ fn claim6_separate_services_ship_their_journals_to_nitrile_logd() {
     let logd_addr = format!("127.0.0.1:{}", cell::free_port());
     let logd_config = cell.state.join("logd/logd.toml");
     cell::set_line(&logd_config, "listen", &logd_addr);
-    cell::set_line(&cell.hostd_config(), "addr", &logd_addr);
+    cell::set_section_line(&cell.hostd_config(), "logd", "addr", &logd_addr);
     cell::set_line(&cell.carol, "logd", &logd_addr);
 
     let mut logd = Command::new(cell::NITRILE)

@@ -126,9 +126,40 @@ fn decompress(path: &Path) -> Vec<u8> {
         Some([0x02, 0x21, 0x4c, 0x18]) => "lz4",
         _ => return head,
     };
-    let out = Command::new(tool).arg("-dc").arg(path).output().unwrap();
-    assert!(out.status.success(), "{tool} -dc failed");
-    out.stdout
+    // The image pads the archive with zeros to whole pages (the kernel
+    // skips them); the decompressors do not. The stream may itself end in
+    // zero bytes, so up to 16 of them are given back until it decompresses.
+    let end = head.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    let run = |bytes: Vec<u8>| {
+        let mut child = Command::new(tool)
+            .arg("-dc")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write as _;
+            let _ = stdin.write_all(&bytes);
+        });
+        let out = child.wait_with_output().unwrap();
+        let _ = writer.join();
+        out
+    };
+    let mut last = None;
+    for extra in 0..=16 {
+        let len = (end + extra).min(head.len());
+        let out = run(head[..len].to_vec());
+        if out.status.success() {
+            return out.stdout;
+        }
+        last = Some(out.status);
+        if len == head.len() {
+            break;
+        }
+    }
+    panic!("{tool} -dc failed: {last:?}")
 }
 
 /// Entries of a cpio newc archive: name -> (mode, contents).

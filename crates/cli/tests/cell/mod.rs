@@ -640,6 +640,30 @@ pub(crate) fn journal_leaves(tag: &str, n: u64) -> Vec<Vec<u8>> {
 }
 
 /// Replaces the line of `file` that starts with `key = ` by `key = "value"`.
+/// Replaces the line `key = ...` of section `[section]` of `file` by
+/// `key = "value"`.
+pub(crate) fn set_section_line(file: &Path, section: &str, key: &str, value: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let header = format!("[{section}]");
+    let prefix = format!("{key} = ");
+    let mut inside = false;
+    let mut done = false;
+    let edited: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with('[') {
+                inside = l.trim() == header;
+            } else if inside && !done && l.starts_with(&prefix) {
+                done = true;
+                return format!("{key} = \"{value}\"");
+            }
+            l.to_owned()
+        })
+        .collect();
+    assert!(done, "no {key} in [{section}] of {text}");
+    std::fs::write(file, edited.join("\n") + "\n").unwrap();
+}
+
 pub(crate) fn set_line(file: &Path, key: &str, value: &str) {
     let text = std::fs::read_to_string(file).unwrap();
     let prefix = format!("{key} = ");
