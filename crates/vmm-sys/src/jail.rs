@@ -286,10 +286,8 @@ mod tests {
         drop(w);
         // SAFETY: F_SETFD on a descriptor this test owns, clearing its
         // close-on-exec flag as a spawner's parent would have left it.
-        assert_eq!(
-            unsafe { libc::fcntl(stray.as_raw_fd(), libc::F_SETFD, 0) },
-            0
-        );
+        let rc = unsafe { libc::fcntl(stray.as_raw_fd(), libc::F_SETFD, 0) };
+        assert_eq!(rc, 0);
         // Control: without a plan, the stray descriptor reaches a child.
         let probe =
             |fd: i32| format!("if (: <&{fd}) 2>/dev/null; then echo OPEN; else echo CLOSED; fi");
