@@ -13,10 +13,11 @@ use std::str::FromStr;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::network::{HostNetwork, InstanceNetwork, NetworkAttachment, NetworkUpdate};
 use crate::{Name, Operation, ResourceId, ResourceKind};
 
 /// Largest admin request body a host reads.
-pub const MAX_ADMIN_BODY: usize = 16 * 1024;
+pub const MAX_ADMIN_BODY: usize = 256 * 1024;
 /// Most volumes one instance gets.
 pub const MAX_INSTANCE_VOLUMES: usize = 8;
 /// Most vCPUs one instance gets.
@@ -176,6 +177,10 @@ pub struct LaunchRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = MAX_SCRATCH_MIB))]
     pub scratch_mib: Option<u32>,
+    /// A NIC on the customer's virtual network, served by the host's data
+    /// path (DHCP, the metadata service, the tunnels to other hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkAttachment>,
 }
 
 impl LaunchRequest {
@@ -196,6 +201,9 @@ impl LaunchRequest {
             && !(1..=MAX_SCRATCH_MIB).contains(&mib)
         {
             return Err(format!("scratch_mib must be 1 to {MAX_SCRATCH_MIB}"));
+        }
+        if let Some(net) = &self.network {
+            net.validate()?;
         }
         let mut seen = std::collections::BTreeSet::new();
         for v in &self.volumes {
@@ -316,6 +324,9 @@ pub struct HostDescription {
     /// When the host agent started (RFC 3339).
     #[schemars(length(max = MAX_TIMESTAMP_LEN), extend("format" = "date-time"))]
     pub started_at: String,
+    /// Its instance network, when it has a data path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<HostNetwork>,
 }
 
 /// Lifecycle state of an instance.
@@ -458,6 +469,10 @@ pub struct InstanceDescription {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = MAX_SCRATCH_MIB))]
     pub scratch_mib: Option<u32>,
+    /// Its place on its customer's network, if it has a NIC (addresses and
+    /// ports only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<InstanceNetwork>,
     /// Lifecycle state.
     pub state: InstanceState,
     /// Why it is failed or stopped, from the host (never from the guest), at
@@ -516,6 +531,8 @@ pub enum AdminRequest {
     VolumeDetach(Name),
     /// `DELETE /v1/volumes/{volume}`
     VolumeDelete(Name),
+    /// `POST /v1/network` with a [`NetworkUpdate`] body
+    NetworkUpdate(NetworkUpdate),
 }
 
 /// One route of the admin API.
@@ -531,7 +548,7 @@ pub struct Route {
 }
 
 /// Every route of the admin API, in a stable order.
-pub const ROUTES: [Route; 15] = [
+pub const ROUTES: [Route; 16] = [
     Route {
         operation: Operation::HostDescribe,
         method: "GET",
@@ -606,6 +623,11 @@ pub const ROUTES: [Route; 15] = [
         operation: Operation::VolumeDelete,
         method: "DELETE",
         path: "/v1/volumes/{volume}",
+    },
+    Route {
+        operation: Operation::NetworkUpdate,
+        method: "POST",
+        path: "/v1/network",
     },
 ];
 
@@ -727,6 +749,21 @@ impl AdminRequest {
                 }
                 Self::VolumeDetach(instance(id)?)
             }
+            ["v1", "network"] => {
+                if method != "POST" {
+                    return Err(not_allowed());
+                }
+                let update: NetworkUpdate =
+                    serde_json::from_slice(body).map_err(|e| ApiError::BadBody {
+                        operation: Operation::NetworkUpdate,
+                        reason: e.to_string(),
+                    })?;
+                update.validate().map_err(|reason| ApiError::BadBody {
+                    operation: Operation::NetworkUpdate,
+                    reason,
+                })?;
+                Self::NetworkUpdate(update)
+            }
             _ => return Err(ApiError::UnknownPath(clip(path))),
         };
         match &req {
@@ -742,7 +779,10 @@ impl AdminRequest {
             | Self::VolumeDescribe(_)
             | Self::VolumeDetach(_)
             | Self::VolumeDelete(_) => empty_body(req.operation(), body)?,
-            Self::InstanceLaunch(_) | Self::VolumeCreate(_) | Self::VolumeAttach(..) => {}
+            Self::InstanceLaunch(_)
+            | Self::VolumeCreate(_)
+            | Self::VolumeAttach(..)
+            | Self::NetworkUpdate(_) => {}
         }
         Ok(req)
     }
@@ -765,6 +805,7 @@ impl AdminRequest {
             Self::VolumeAttach(..) => Operation::VolumeAttach,
             Self::VolumeDetach(_) => Operation::VolumeDetach,
             Self::VolumeDelete(_) => Operation::VolumeDelete,
+            Self::NetworkUpdate(_) => Operation::NetworkUpdate,
         }
     }
 
@@ -817,6 +858,7 @@ impl AdminRequest {
             }
             Self::VolumeAttach(v, _) => format!("/v1/volumes/{}/attach", v.as_str()),
             Self::VolumeDetach(v) => format!("/v1/volumes/{}/detach", v.as_str()),
+            Self::NetworkUpdate(_) => "/v1/network".into(),
         }
     }
 
@@ -827,6 +869,7 @@ impl AdminRequest {
             Self::InstanceLaunch(l) => serde_json::to_vec(l).unwrap_or_default(),
             Self::VolumeCreate(c) => serde_json::to_vec(c).unwrap_or_default(),
             Self::VolumeAttach(_, a) => serde_json::to_vec(a).unwrap_or_default(),
+            Self::NetworkUpdate(u) => serde_json::to_vec(u).unwrap_or_default(),
             _ => Vec::new(),
         }
     }
@@ -884,6 +927,14 @@ mod tests {
             ),
             AdminRequest::VolumeDetach(Name::new("data").unwrap()),
             AdminRequest::VolumeDelete(Name::new("data").unwrap()),
+            AdminRequest::NetworkUpdate(NetworkUpdate {
+                peers: Vec::new(),
+                routes: vec![crate::network::NetworkRoute {
+                    vni: 7,
+                    address: std::net::Ipv4Addr::new(10, 80, 0, 10),
+                    host: Name::new("h2").unwrap(),
+                }],
+            }),
         ];
         assert_eq!(all.len(), ROUTES.len());
         for (req, route) in all.iter().zip(ROUTES) {

@@ -24,6 +24,7 @@
 
 pub mod admin;
 mod id;
+pub mod network;
 mod op;
 pub mod openapi;
 pub mod wire;

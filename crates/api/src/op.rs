@@ -69,11 +69,15 @@ pub enum Operation {
     KmsKeyScheduleDeletion,
     /// Cancel a scheduled destruction; the key stays disabled.
     KmsKeyCancelDeletion,
+    /// Give a host the cell's instance network: the other hosts' signed
+    /// tunnel announcements and where each instance address lives
+    /// (placement only; metadata, no customer content).
+    NetworkUpdate,
 }
 
 impl Operation {
     /// Every operation, in a stable order.
-    pub const ALL: [Operation; 24] = [
+    pub const ALL: [Operation; 25] = [
         Self::HostDescribe,
         Self::HostDrain,
         Self::HostUndrain,
@@ -98,6 +102,7 @@ impl Operation {
         Self::KmsKeyEnable,
         Self::KmsKeyScheduleDeletion,
         Self::KmsKeyCancelDeletion,
+        Self::NetworkUpdate,
     ];
 
     /// The operation's wire name, e.g. `host.describe`.
@@ -127,6 +132,7 @@ impl Operation {
             Self::KmsKeyEnable => "kms-key.enable",
             Self::KmsKeyScheduleDeletion => "kms-key.schedule-deletion",
             Self::KmsKeyCancelDeletion => "kms-key.cancel-deletion",
+            Self::NetworkUpdate => "network.update",
         }
     }
 
@@ -157,7 +163,8 @@ impl Operation {
             | Self::KmsKeyDisable
             | Self::KmsKeyEnable
             | Self::KmsKeyScheduleDeletion
-            | Self::KmsKeyCancelDeletion => true,
+            | Self::KmsKeyCancelDeletion
+            | Self::NetworkUpdate => true,
         }
     }
 
@@ -173,7 +180,8 @@ impl Operation {
             | Self::HostUpdate
             | Self::InstanceLaunch
             | Self::InstanceList
-            | Self::VolumeList => ResourceKind::Host,
+            | Self::VolumeList
+            | Self::NetworkUpdate => ResourceKind::Host,
             Self::InstanceDescribe
             | Self::InstanceStop
             | Self::InstanceStart

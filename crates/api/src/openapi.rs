@@ -21,6 +21,7 @@ use crate::admin::{
     HostDescription, InstanceDescription, InstanceList, LaunchRequest, MAX_ADMIN_BODY, ROUTES,
     Route, Sha256Hex, VolumeAttachRequest, VolumeCreateRequest, VolumeDescription, VolumeList,
 };
+use crate::network::{HostNetwork, NetworkUpdate};
 use crate::wire::Refusal;
 use crate::{MAX_NAME_LEN, Name, Operation};
 
@@ -145,6 +146,9 @@ fn summary(operation: Operation) -> &'static str {
             "Schedule the destruction of a key of the key service."
         }
         Operation::KmsKeyCancelDeletion => "Cancel a scheduled destruction of a key.",
+        Operation::NetworkUpdate => {
+            "Give the host the other hosts' tunnel announcements and the instance routes."
+        }
     }
 }
 
@@ -180,6 +184,10 @@ fn types_of(
         Operation::VolumeDescribe | Operation::VolumeDetach | Operation::VolumeDelete => {
             (None, responses.subschema_for::<VolumeDescription>())
         }
+        Operation::NetworkUpdate => (
+            Some(requests.subschema_for::<NetworkUpdate>()),
+            responses.subschema_for::<HostNetwork>(),
+        ),
         // Not served by a host yet (host.update), or served by another
         // service (audit.read by logd, the kms-key operations by the key
         // service).

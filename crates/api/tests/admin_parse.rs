@@ -29,6 +29,7 @@ fn segment() -> impl Strategy<Value = String> {
         Just("stop".to_owned()),
         Just("start".to_owned()),
         Just("console".to_owned()),
+        Just("network".to_owned()),
         Just("web1".to_owned()),
         Just("..".to_owned()),
         Just(String::new()),
@@ -65,6 +66,7 @@ fn path() -> impl Strategy<Value = String> {
             "/v1/volumes/data",
             "/v1/volumes/data/attach",
             "/v1/volumes/data/detach",
+            "/v1/network",
         ])
         .prop_map(str::to_owned),
         1 => "\\PC{0,40}",
@@ -121,8 +123,29 @@ fn volume_value() -> impl Strategy<Value = Value> {
         })
 }
 
+fn network_value() -> impl Strategy<Value = Value> {
+    (
+        any::<u32>(),
+        any::<[u8; 4]>(),
+        prop_oneof![3 => Just("h2".to_owned()), 1 => "\\PC{0,4}"],
+        prop::option::weighted(0.2, ("[a-z_]{1,8}", any::<bool>())),
+    )
+        .prop_map(|(vni, addr, host, extra)| {
+            let address = std::net::Ipv4Addr::from(addr).to_string();
+            let mut v = json!({
+                "peers": [],
+                "routes": [{ "vni": vni % 32, "address": address, "host": host }],
+            });
+            if let Some((k, value)) = extra {
+                v[k] = value.into();
+            }
+            v
+        })
+}
+
 fn body() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
+        2 => network_value().prop_map(|v| v.to_string().into_bytes()),
         3 => volume_value().prop_map(|v| v.to_string().into_bytes()),
         1 => prop_oneof![Just("web1".to_owned()), "\\PC{0,4}"]
             .prop_map(|i| json!({ "instance": i }).to_string().into_bytes()),

@@ -300,6 +300,7 @@ mod tests {
             memory_mib: 256,
             volumes: volumes.iter().map(|v| Name::new(v).unwrap()).collect(),
             scratch_mib: None,
+            network: None,
         })
     }
 

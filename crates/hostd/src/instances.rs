@@ -193,6 +193,15 @@ pub enum InstanceError {
     /// a blocking task panicked or was cancelled
     #[error("internal task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// the request needs the instance network and this host has no data
+    /// path
+    #[error(
+        "this host agent has no instance network (no [network] in its config); launch without a NIC"
+    )]
+    NoNetwork,
+    /// a network update or attachment was refused; nothing changed
+    #[error("instance network: {0}")]
+    Network(String),
 }
 
 impl InstanceError {
@@ -227,6 +236,8 @@ impl InstanceError {
             Self::Spec(_) | Self::Io { .. } | Self::Damaged { .. } | Self::Task(_) => {
                 (500, RefusalStep::Internal, "internal")
             }
+            Self::NoNetwork => (409, RefusalStep::State, "no_network"),
+            Self::Network(_) => (400, RefusalStep::Request, "bad_network"),
         }
     }
 
@@ -823,6 +834,7 @@ impl Instances {
                 })
                 .collect(),
             scratch_mib: req.scratch_mib,
+            network: None,
             state: InstanceState::Pending,
             reason: None,
             launched_at: now_text(now),

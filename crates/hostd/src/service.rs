@@ -565,6 +565,7 @@ impl Inner {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
             started_at: self.fixed.started_at.clone(),
+            network: None,
         }
     }
 
@@ -765,6 +766,7 @@ impl Inner {
             AdminRequest::VolumeDelete(v) => {
                 instances.delete_volume(v, token).await.map(|d| ok_json(&d))
             }
+            AdminRequest::NetworkUpdate(_) => Err(InstanceError::NoNetwork),
             AdminRequest::HostDescribe
             | AdminRequest::InstanceList
             | AdminRequest::InstanceDescribe(_) => {

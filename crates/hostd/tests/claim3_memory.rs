@@ -376,6 +376,7 @@ async fn claim3_hostd_memory_holds_no_volume_key_after_attach() {
         memory_mib: 256,
         volumes: vec![name("data")],
         scratch_mib: None,
+        network: None,
     });
     let token = cell.token_for(PLACEMENT, "h1", &launch).await;
     let volume_token = cell.volume_token(PLACEMENT, "h1", &["data"]).await;
@@ -562,6 +563,7 @@ async fn a_key_the_key_service_will_not_release_fails_the_launch_closed() {
         memory_mib: 256,
         volumes: vec![name("data")],
         scratch_mib: Some(8),
+        network: None,
     });
     let token = cell.token_for(PLACEMENT, "h1", &launch).await;
     let volume_token = cell.volume_token(PLACEMENT, "h1", &["data"]).await;

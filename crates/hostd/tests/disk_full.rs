@@ -90,6 +90,7 @@ fn plant_stopped_instance(
             size_mib: 1,
         }],
         scratch_mib: None,
+        network: None,
         state: InstanceState::Stopped,
         reason: None,
         launched_at: format_time(now),

@@ -427,6 +427,7 @@ async fn hostd_serves_the_api_and_journals_every_refusal() {
         memory_mib: 256,
         volumes: vec![],
         scratch_mib: None,
+        network: None,
     });
     let resp = admin(&cell, &mut placement, "service/placement", &launch).await;
     let record = assert_refused(&cell, &resp, 409, RefusalStep::State);
@@ -645,6 +646,7 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
         memory_mib: 256,
         volumes: vec![name("data")],
         scratch_mib: Some(16),
+        network: None,
     });
     // Without the volume token, or with one for another volume: refused
     // before anything runs.
@@ -717,6 +719,7 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
         memory_mib: 256,
         volumes: vec![],
         scratch_mib: None,
+        network: None,
     });
     let resp = admin(&cell, &mut placement, "service/placement", &again).await;
     let record = assert_refused(&cell, &resp, 409, RefusalStep::State);
@@ -729,6 +732,7 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
         memory_mib: 256,
         volumes: vec![],
         scratch_mib: None,
+        network: None,
     });
     let resp = admin(&cell, &mut placement, "service/placement", &big).await;
     let record = assert_refused(&cell, &resp, 409, RefusalStep::State);

@@ -416,6 +416,7 @@ async fn the_volume_token_is_checked_before_anything_runs() {
         memory_mib: 128,
         volumes: vec![name("data")],
         scratch_mib: None,
+        network: None,
     });
     let other_volume = cell.volume_token(PLACEMENT, "h1", &["logs"]).await;
     let other_host = cell.volume_token(PLACEMENT, "h2", &["data"]).await;
@@ -574,6 +575,7 @@ async fn a_volume_written_on_one_host_is_read_on_another() {
                 memory_mib: 128,
                 volumes: vec![name("data")],
                 scratch_mib: None,
+                network: None,
             });
             let token = cell.token_for(PLACEMENT, host, &req).await;
             let volume_token = cell.volume_token(PLACEMENT, host, &["data"]).await;

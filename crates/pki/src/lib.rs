@@ -30,6 +30,7 @@ mod duration;
 mod error;
 mod fsutil;
 mod identity;
+pub mod sign;
 pub mod tls;
 
 pub use ca::{

@@ -145,6 +145,11 @@ impl TlsIdentity {
         Self::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes())
     }
 
+    /// The private key, for [`crate::sign::CellSigner`].
+    pub(crate) fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
     /// The leaf certificate, DER.
     pub fn leaf(&self) -> &CertificateDer<'static> {
         &self.chain[0]

@@ -25,7 +25,7 @@ fn sample_bundle_loads() {
     );
     assert_eq!(s.principals, 6);
     assert_eq!(s.quotas, 3);
-    assert_eq!(s.policies, 19);
+    assert_eq!(s.policies, 21);
     assert_eq!(
         e.groups_of(&principal("operator/alice")),
         vec![name("oncall")]

@@ -216,16 +216,11 @@ fn kernel_format(kernel: &mut File) -> Result<KernelFormat, ProcessError> {
     Err(ProcessError::UnknownKernelFormat)
 }
 
-/// The guest's MAC address: locally administered, unicast, derived from the
-/// instance name (FNV-1a), so it is stable across restarts of the VM.
+/// The guest's MAC address when the spec names none: locally
+/// administered, unicast, derived from the instance name, so it is stable
+/// across restarts of the VM ([`nitrile_vmm::derived_mac`]).
 pub fn guest_mac(instance: &str) -> [u8; 6] {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in instance.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let b = h.to_be_bytes();
-    [0x02, b[3], b[4], b[5], b[6], b[7]]
+    nitrile_vmm::derived_mac(instance)
 }
 
 fn jail_err(step: &'static str) -> impl FnOnce(std::io::Error) -> ProcessError {
@@ -400,7 +395,10 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
     if let Some(tap) = tap_fd {
         vmm.attach_net(NetConfig {
             tap: File::from(tap),
-            mac: guest_mac(spec.instance().as_str()),
+            mac: spec
+                .net()
+                .and_then(|n| n.mac)
+                .unwrap_or_else(|| guest_mac(spec.instance().as_str())),
         })?;
     }
 

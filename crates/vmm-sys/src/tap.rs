@@ -39,6 +39,15 @@ pub enum TapError {
     /// the kernel refused to attach to or create the tap
     #[error("attaching to the tap device")]
     Attach(#[source] io::Error),
+    /// the network namespace the tap belongs in could not be entered
+    #[error("entering the network namespace {path}")]
+    Namespace {
+        /// The namespace file.
+        path: std::path::PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Whether `name` is a valid interface name (the kernel's `dev_valid_name`).
@@ -77,6 +86,33 @@ pub fn open(name: &str) -> Result<File, TapError> {
         return Err(TapError::Attach(io::Error::last_os_error()));
     }
     Ok(tun)
+}
+
+/// Opens (creating it if needed) the tap device `name` inside the network
+/// namespace bound at `netns` (`/run/netns/<name>`): a thread of its own
+/// enters the namespace, opens the tap and ends, so this process's other
+/// threads stay where they are; the descriptor keeps the device in that
+/// namespace, where the frames of the VM behind it reach nothing but what
+/// listens there.
+pub fn open_in(netns: &std::path::Path, name: &str) -> Result<File, TapError> {
+    if !valid_name(name) {
+        return Err(TapError::Name);
+    }
+    let ns_err = |source: io::Error| TapError::Namespace {
+        path: netns.to_owned(),
+        source,
+    };
+    let ns = File::open(netns).map_err(ns_err)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| ns_err(e.into()))?;
+                open(name)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(ns_err(io::Error::other("the tap thread panicked"))))
+    })
 }
 
 #[cfg(test)]

@@ -64,6 +64,7 @@ pub use spec::{
     Cmdline, HostPath, ImageDigest, ImageSpec, MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_PATH_LEN,
     MAX_SPEC_LEN, MAX_TAP_NAME_LEN, MAX_VCPUS, MAX_VOLUME_MIB, MAX_VOLUMES, MIN_MEMORY_MIB,
     NetSpec, SCRATCH_DISK_ID, ScratchSpec, SpecError, TapName, VmSpec, VolumeSpec, VsockSpec,
+    derived_mac,
 };
 pub use unlock::{
     CreatedVm, RecipientPublicKey, SealedKey, SealedVolumeKeys, UnlockError, VolumeRecipient,

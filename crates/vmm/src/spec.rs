@@ -110,6 +110,12 @@ pub enum SpecError {
         "spec field `net.tap` must be 1 to {MAX_TAP_NAME_LEN} characters of A-Z, a-z, 0-9, `_` and `-`"
     )]
     BadTapName,
+    /// the MAC address is not six hex pairs of a unicast, locally
+    /// administered address
+    #[error(
+        "spec field `net.mac` must be a unicast, locally administered MAC address such as 02:4e:00:07:00:0a"
+    )]
+    BadMac,
 }
 
 /// SHA-256 digest naming a guest image (kernel, initramfs and command line).
@@ -284,6 +290,12 @@ impl TapName {
 pub struct NetSpec {
     /// Host tap device.
     pub tap: TapName,
+    /// The network namespace the tap lives in (a file such as
+    /// `/run/netns/<name>`), when not the host's: the host's data path
+    /// keeps instance taps in a namespace of its own.
+    pub netns: Option<HostPath>,
+    /// The guest's MAC address; derived from the instance name when absent.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// A validated VM specification.
@@ -357,6 +369,47 @@ struct RawVsock {
 #[serde(deny_unknown_fields)]
 struct RawNet {
     tap: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    netns: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
+}
+
+/// The guest MAC address of an instance whose spec names none: locally
+/// administered, unicast, derived from the instance name (FNV-1a), so it is
+/// stable across restarts of the VM.
+pub fn derived_mac(instance: &str) -> [u8; 6] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in instance.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    [0x02, b[3], b[4], b[5], b[6], b[7]]
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], SpecError> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut out {
+        let p = parts.next().ok_or(SpecError::BadMac)?;
+        if p.len() != 2 {
+            return Err(SpecError::BadMac);
+        }
+        *byte = u8::from_str_radix(p, 16).map_err(|_| SpecError::BadMac)?;
+    }
+    // Unicast, locally administered: what a cell assigns.
+    if parts.next().is_some() || out[0] & 0x01 != 0 || out[0] & 0x02 == 0 {
+        return Err(SpecError::BadMac);
+    }
+    Ok(out)
+}
+
+fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn range(field: &str, value: u64, min: u64, max: u64) -> Result<u64, SpecError> {
@@ -471,6 +524,12 @@ impl VmSpec {
             None => None,
             Some(n) => Some(NetSpec {
                 tap: TapName::parse(&n.tap)?,
+                netns: n
+                    .netns
+                    .as_deref()
+                    .map(|p| HostPath::parse("net.netns", p))
+                    .transpose()?,
+                mac: n.mac.as_deref().map(parse_mac).transpose()?,
             }),
         };
         Ok(Self {
@@ -517,6 +576,8 @@ impl VmSpec {
             }),
             net: self.net.as_ref().map(|n| RawNet {
                 tap: n.tap.as_str().to_owned(),
+                netns: n.netns.as_ref().map(HostPath::to_raw),
+                mac: n.mac.as_ref().map(mac_text),
             }),
         }
     }

@@ -144,6 +144,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
                 memory_mib: memory,
                 volumes: volumes.iter().map(|v| v.id().clone()).collect(),
                 scratch_mib: scratch,
+                network: None,
             };
             // Checked before any volume is made.
             launch

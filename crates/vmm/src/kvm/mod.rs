@@ -185,14 +185,25 @@ fn filled_pipe(bytes: &[u8]) -> Result<OwnedFd, VmmError> {
     Ok(r)
 }
 
-/// Opens (creating it if needed) the tap device `name` in this process's
-/// network namespace, without packet information headers.
-fn open_tap(name: &crate::TapName) -> Result<File, VmmError> {
+/// Opens (creating it if needed) the tap device of `net`, without packet
+/// information headers: in the network namespace the spec names (the
+/// host data path's), else in this process's.
+pub(crate) fn open_tap(net: &crate::NetSpec) -> Result<File, VmmError> {
     use nitrile_vmm_sys::tap::{self, TapError};
-    tap::open(name.as_str()).map_err(|e| match e {
+    let name = &net.tap;
+    let opened = match &net.netns {
+        Some(ns) => tap::open_in(ns.as_path(), name.as_str()),
+        None => tap::open(name.as_str()),
+    };
+    opened.map_err(|e| match e {
         TapError::OpenTun(source) => VmmError::Io {
             what: "opening",
             path: DisplayPath(PathBuf::from(tap::TUN_PATH)),
+            source,
+        },
+        TapError::Namespace { path, source } => VmmError::Io {
+            what: "entering the network namespace",
+            path: DisplayPath(path),
             source,
         },
         // A `TapName` is always a valid interface name; were it not, the
@@ -314,9 +325,9 @@ impl KvmBackend {
         let (ours, theirs) =
             UnixStream::pair().map_err(io_err("creating the control socket", dir))?;
         let theirs = OwnedFd::from(theirs);
-        // The tap lives in the host's network namespace: open it here, before
-        // the VMM gets a namespace of its own.
-        let tap = spec.net().map(|n| open_tap(&n.tap)).transpose()?;
+        // The tap lives in the host's network namespace or the data path's:
+        // open it here, before the VMM gets a namespace of its own.
+        let tap = spec.net().map(open_tap).transpose()?;
 
         let mut cmd = Command::new(&self.vmm_binary);
         cmd.arg("vmm")

@@ -145,8 +145,8 @@ pub use qmp::{MAX_QMP_LINE, QmpError};
 
 use crate::process::{self, Exit, ProcRecord, Tracked};
 use crate::{
-    Accel, CreatedVm, DisplayPath, Feature, Hypervisor, SealedVolumeKeys, VmId, VmSpec, VmStatus,
-    VmmError, VolumeRecipient,
+    Accel, CreatedVm, DisplayPath, Hypervisor, SealedVolumeKeys, VmId, VmSpec, VmStatus, VmmError,
+    VolumeRecipient,
 };
 use cgroup::Cgroup;
 use nitrile_vmm_sys::jail::{self, Plan};
@@ -553,7 +553,13 @@ impl QemuBackend {
     }
 
     /// QEMU's arguments but for its disks (the launcher adds those).
-    fn qemu_args(&self, spec: &VmSpec, dir: &Path, daemon: Option<&vsock::Daemon>) -> Vec<String> {
+    fn qemu_args(
+        &self,
+        spec: &VmSpec,
+        dir: &Path,
+        daemon: Option<&vsock::Daemon>,
+        tap_fd: Option<i32>,
+    ) -> Vec<String> {
         let serial = dir.join(SERIAL_FILE);
         let qmp_path = dir.join(QMP_SOCKET);
         let root = dir.join(CHROOT_DIR);
@@ -623,6 +629,25 @@ impl QemuBackend {
                 "vhost-user-vsock-device,chardev=vsock0".to_owned(),
             ]);
         }
+        if let (Some(net), Some(fd)) = (spec.net(), tap_fd) {
+            // The tap's descriptor, opened by the backend in the data
+            // path's namespace and inherited through the launcher: QEMU
+            // opens no device and has no network namespace to open one in.
+            let mac = net
+                .mac
+                .unwrap_or_else(|| crate::derived_mac(spec.instance().as_str()));
+            let mac = mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            args.extend([
+                "-netdev".to_owned(),
+                format!("tap,id=net0,fd={fd},vhost=off"),
+                "-device".to_owned(),
+                format!("virtio-net-device,netdev=net0,mac={mac}"),
+            ]);
+        }
         args.extend([
             "-sandbox".to_owned(),
             "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny".to_owned(),
@@ -658,10 +683,11 @@ impl QemuBackend {
             .mode(0o555)
             .create(&root)
             .map_err(io_err("creating", &root))?;
+        let tap = spec.net().map(crate::kvm::open_tap).transpose()?;
         let plan = launch::LaunchPlan {
             qemu: self.qemu.clone(),
             qemu_img: self.qemu_img.clone(),
-            args: self.qemu_args(spec, dir, daemon),
+            args: self.qemu_args(spec, dir, daemon, tap.as_ref().map(|t| t.as_raw_fd())),
             spec: String::from_utf8_lossy(&spec.to_json()).into_owned(),
         };
         let plan = serde_json::to_vec(&plan)
@@ -682,15 +708,17 @@ impl QemuBackend {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
+        let mut inherit = vec![plan_pipe.as_raw_fd(), theirs.as_raw_fd()];
+        inherit.extend(tap.as_ref().map(|t| t.as_raw_fd()));
         let plan = Plan {
-            inherit: vec![plan_pipe.as_raw_fd(), theirs.as_raw_fd()],
+            inherit,
             cgroup_procs: cgroup.map(Cgroup::procs).unwrap_or_default(),
             namespaces: self.jail.namespaces,
             user: None,
         };
         jail::install(&mut cmd, plan);
         let spawned = cmd.spawn();
-        drop((plan_pipe, theirs));
+        drop((plan_pipe, theirs, tap));
         let child = spawned.map_err(|source| VmmError::Spawn {
             program: DisplayPath(self.launcher.clone()),
             source,
@@ -783,12 +811,6 @@ impl Hypervisor for QemuBackend {
         let mut vms = self.lock();
         if vms.contains_key(&id) {
             return Err(VmmError::AlreadyExists(id));
-        }
-        if spec.net().is_some() {
-            return Err(VmmError::Unsupported {
-                backend: "qemu",
-                feature: Feature::Net,
-            });
         }
         let dir = self.vm_dir(&id);
         fs::DirBuilder::new()
