@@ -631,11 +631,18 @@ impl Engine {
     }
 
     fn tick_timers(&mut self) {
-        let mut stats = Vec::with_capacity(self.peers.len());
         for peer in &mut self.peers {
             if let TunnResult::WriteToNetwork(d) = peer.tunn.update_timers(&mut self.bufs.wg) {
                 send_datagram(&self.shared.counters, &self.udp, d, peer.peer.endpoint);
             }
+        }
+        self.refresh_stats();
+    }
+
+    /// Publishes the sessions' statistics for [`DataPath::counters`].
+    fn refresh_stats(&self) {
+        let mut stats = Vec::with_capacity(self.peers.len());
+        for peer in &self.peers {
             let (since, tx, rx, _, _) = peer.tunn.stats();
             stats.push(TunnelStats {
                 host: peer.peer.host.clone(),
@@ -722,6 +729,7 @@ impl Engine {
         }
         self.peer_by_host = by_host;
         self.peer_by_endpoint = by_endpoint;
+        self.refresh_stats();
         Ok(())
     }
 
