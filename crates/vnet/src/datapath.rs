@@ -850,10 +850,10 @@ impl Engine {
 
     fn unpublish(&mut self, which: impl Fn(&Listener) -> bool) {
         for slot in &mut self.listeners {
-            if slot.as_ref().is_some_and(&which) {
-                if let Some(l) = slot.take() {
-                    let _ = self.epoll.delete(&l.listener);
-                }
+            if slot.as_ref().is_some_and(&which)
+                && let Some(l) = slot.take()
+            {
+                let _ = self.epoll.delete(&l.listener);
             }
         }
     }

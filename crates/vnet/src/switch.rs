@@ -140,16 +140,14 @@ fn ipv4(port: &PortAddr, eth: &wire::Eth, payload: &[u8], frame: &[u8], out: &mu
         && (ip.src.is_unspecified() || ip.src == port.ip)
         && (ip.dst == Ipv4Addr::BROADCAST || ip.dst == port.gateway)
         && (eth.dst == wire::BROADCAST_MAC || eth.dst == GATEWAY_MAC)
+        && let Some(udp) = wire::udp(ip.payload())
+        && udp.src_port == crate::dhcp::CLIENT_PORT
+        && udp.dst_port == crate::dhcp::SERVER_PORT
     {
-        if let Some(udp) = wire::udp(ip.payload()) {
-            if udp.src_port == crate::dhcp::CLIENT_PORT && udp.dst_port == crate::dhcp::SERVER_PORT
-            {
-                return match crate::dhcp::answer(port, udp.payload, out) {
-                    Ok(n) => Verdict::Reply(n),
-                    Err(reason) => Verdict::Drop(reason),
-                };
-            }
-        }
+        return match crate::dhcp::answer(port, udp.payload, out) {
+            Ok(n) => Verdict::Reply(n),
+            Err(reason) => Verdict::Drop(reason),
+        };
     }
     if eth.dst != GATEWAY_MAC {
         return Verdict::Drop(if wire::is_group_mac(&eth.dst) {
