@@ -878,3 +878,32 @@ fn send_datagram(counters: &LiveCounters, udp: &UdpSocket, d: &[u8], to: SocketA
         Err(_) => counters.drop(DropReason::SendFailed),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host agent shares one data path between its request handlers.
+    #[test]
+    fn a_data_path_can_be_shared_between_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<DataPath>();
+    }
+
+    #[test]
+    fn drops_are_counted_by_reason_and_unseen_reasons_left_out() {
+        let live = LiveCounters::default();
+        live.drop(DropReason::SourceMac);
+        live.drop(DropReason::SourceMac);
+        live.drop(DropReason::SendFailed);
+        let c = live.snapshot(Vec::new());
+        assert_eq!(c.dropped(DropReason::SourceMac), 2);
+        assert_eq!(c.dropped(DropReason::SendFailed), 1);
+        assert_eq!(c.dropped(DropReason::Malformed), 0);
+        assert_eq!(c.drops.len(), 2);
+        // Every reason has its own slot and name.
+        let names: std::collections::BTreeSet<_> =
+            DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), DropReason::ALL.len());
+    }
+}
