@@ -17,6 +17,10 @@
 //!   through it never reach a later process with the same pid.
 //! - [`tap`]: tap devices, with the interface name checked before any
 //!   system call.
+//! - [`netns`]: named network namespaces (made, opened, entered by a
+//!   thread of their own, removed) and setting an interface up.
+//! - [`packet`]: `AF_PACKET` sockets that read and write the frames of
+//!   exactly one interface, receiving nothing before they are bound to it.
 //! - [`fd`]: inherited descriptors become owned exactly once; non-blocking
 //!   mode.
 //! - [`process`]: no core dumps (not dumpable, `RLIMIT_CORE` 0) and an
@@ -42,6 +46,8 @@
 pub mod fd;
 pub mod jail;
 pub mod locked;
+pub mod netns;
+pub mod packet;
 pub mod pidfd;
 pub mod privilege;
 pub mod process;
