@@ -422,3 +422,71 @@ pub struct HostNetwork {
     /// Instance addresses it routes to other hosts.
     pub routes: u32,
 }
+
+/// The domain separation prefix of a signed instance identity document.
+pub const IDENTITY_CONTEXT: &str = "nitrile instance identity v1\n";
+/// Largest signed identity document accepted.
+pub const MAX_IDENTITY_DOCUMENT_LEN: usize = 16 * 1024;
+
+/// What the host states about an instance it runs: served to the instance
+/// by its metadata service, signed with the host's cell certificate key,
+/// so anyone holding the cell's CA certificate can check it
+/// (`nitrile instance verify-identity`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceIdentity {
+    /// The document's format, 1.
+    pub version: u32,
+    /// The cell.
+    pub cell: Name,
+    /// The host that runs the instance.
+    pub host: Name,
+    /// The instance.
+    pub instance: Name,
+    /// Its customer.
+    pub customer: Name,
+    /// Its image digest.
+    pub image: crate::admin::Sha256Hex,
+    /// Its customer network.
+    pub vni: u32,
+    /// Its private address.
+    pub private_ipv4: Ipv4Addr,
+    /// Its MAC address.
+    pub mac: MacAddr,
+    /// When it was launched (RFC 3339).
+    pub launched_at: String,
+    /// When the host signed this (RFC 3339).
+    pub issued_at: String,
+}
+
+/// An identity document as the metadata service serves it: the document's
+/// JSON (base64), the signature over [`IDENTITY_CONTEXT`] followed by those
+/// bytes, and the signing host's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedIdentityDocument {
+    /// The [`InstanceIdentity`] JSON, base64.
+    pub document: String,
+    /// The signature, base64.
+    pub signature: String,
+    /// The host's certificate, PEM.
+    pub certificate: String,
+}
+
+impl SignedIdentityDocument {
+    /// The document bytes and the bytes the signature covers.
+    pub fn decode(&self) -> Result<(InstanceIdentity, Vec<u8>, Vec<u8>), String> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let doc = b64
+            .decode(self.document.as_bytes())
+            .map_err(|e| format!("the document is not base64: {e}"))?;
+        let sig = b64
+            .decode(self.signature.as_bytes())
+            .map_err(|e| format!("the signature is not base64: {e}"))?;
+        let identity: InstanceIdentity = serde_json::from_slice(&doc)
+            .map_err(|e| format!("the document is not an instance identity: {e}"))?;
+        let mut signed = IDENTITY_CONTEXT.as_bytes().to_vec();
+        signed.extend_from_slice(&doc);
+        Ok((identity, signed, sig))
+    }
+}

@@ -189,6 +189,10 @@ pub struct HostdConfig {
     /// `<state>/volume-store`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes: Option<PathBuf>,
+    /// The instance network: the host's data path (none: launches with a
+    /// NIC are refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::network::NetworkConfig>,
 }
 
 impl CapacityConfig {
@@ -226,6 +230,7 @@ impl HostdConfig {
             logd: None,
             kms: None,
             volumes: None,
+            network: None,
         }
     }
 

@@ -51,6 +51,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+use crate::network::{HostNet, InstancePort, NetError, tap_name};
 use crate::volume_keys::{VolumeKeyError, VolumeKeySource, WrappedVolumeKey};
 use crate::volumes::{VolumeLock, VolumeRecord, VolumeStore, VolumeStoreError};
 
@@ -61,6 +62,7 @@ const RECORD_FILE: &str = "instance.json";
 const SPEC_FILE: &str = "spec.json";
 const SCRATCH_FILE: &str = "scratch.img";
 const HOST_FILE: &str = "host.json";
+const NETWORK_FILE: &str = "network.json";
 
 /// Why an instance operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +204,9 @@ pub enum InstanceError {
     /// a network update or attachment was refused; nothing changed
     #[error("instance network: {0}")]
     Network(String),
+    /// the data path failed
+    #[error("instance network")]
+    NetworkFailed(#[source] NetError),
 }
 
 impl InstanceError {
@@ -238,6 +243,7 @@ impl InstanceError {
             }
             Self::NoNetwork => (409, RefusalStep::State, "no_network"),
             Self::Network(_) => (400, RefusalStep::Request, "bad_network"),
+            Self::NetworkFailed(_) => (500, RefusalStep::Internal, "network"),
         }
     }
 
@@ -346,6 +352,7 @@ pub struct Instances {
     hypervisor: Result<Arc<dyn Hypervisor>, String>,
     volume_keys: Option<Arc<dyn VolumeKeySource>>,
     volumes: VolumeStore,
+    network: Option<Arc<HostNet>>,
     format: &'static str,
     backend: &'static str,
     limits: CapacityLimits,
@@ -362,6 +369,13 @@ impl std::fmt::Debug for Instances {
             .field("state_dir", &self.state_dir)
             .field("limits", &self.limits)
             .finish_non_exhaustive()
+    }
+}
+
+fn attachment_of(this: &Instances, name: &Name) -> VolumeAttachment {
+    VolumeAttachment {
+        host: this.host.clone(),
+        instance: name.clone(),
     }
 }
 
@@ -391,6 +405,7 @@ impl Instances {
         backend: &'static str,
         volumes: VolumeStore,
         volume_keys: Option<Arc<dyn VolumeKeySource>>,
+        network: Option<Arc<HostNet>>,
         limits: CapacityLimits,
         now: OffsetDateTime,
     ) -> Result<Self, InstanceError> {
@@ -445,6 +460,7 @@ impl Instances {
             hypervisor,
             volume_keys,
             volumes,
+            network,
             format: format_of(backend),
             backend,
             limits,
@@ -494,6 +510,8 @@ impl Instances {
             if state != InstanceState::Running {
                 // Its VMM is gone, and with it the instance-store disk's key.
                 self.remove_scratch(&record.instance);
+            } else if let Err(e) = self.connect(&mut record) {
+                tracing::error!(instance = %record.instance, error = %e.reason(), "could not connect a re-adopted instance to its network");
             }
             tracing::info!(instance = %record.instance, ?state, "re-adopted instance");
             if state != record.state || reason != record.reason {
@@ -644,6 +662,59 @@ impl Instances {
             .as_ref()
             .map(Arc::clone)
             .ok_or(InstanceError::NoKeySource)
+    }
+
+    /// The host's instance network, if it has a data path.
+    pub fn network(&self) -> Option<&HostNet> {
+        self.network.as_deref()
+    }
+
+    /// `network.update`: the other hosts' announcements (each verified)
+    /// and the cell's routes replace what the data path had.
+    pub fn update_network(
+        &self,
+        update: &nitrile_api::network::NetworkUpdate,
+    ) -> Result<nitrile_api::network::HostNetwork, InstanceError> {
+        let net = self.network.as_ref().ok_or(InstanceError::NoNetwork)?;
+        net.update(update).map_err(|e| match e {
+            NetError::Peer { .. } => InstanceError::Network(e.to_string()),
+            e => InstanceError::NetworkFailed(e),
+        })
+    }
+
+    fn save_port(&self, name: &Name, port: &InstancePort) -> Result<(), InstanceError> {
+        let bytes = serde_json::to_vec_pretty(port)
+            .unwrap_or_else(|_| unreachable!("names, numbers and strings serialize"));
+        write_private(&self.dir(name).join(NETWORK_FILE), &bytes)
+    }
+
+    fn load_port(&self, name: &Name) -> Result<Option<InstancePort>, InstanceError> {
+        let path = self.dir(name).join(NETWORK_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let bytes = read_bounded(&path, MAX_RECORD_LEN * 4)?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| InstanceError::Damaged {
+                path,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Connects a running instance with a NIC to the data path: its port,
+    /// its metadata, its published ports (kept in `network.json`).
+    fn connect(&self, record: &mut InstanceDescription) -> Result<(), InstanceError> {
+        let Some(mut port) = self.load_port(&record.instance)? else {
+            return Ok(());
+        };
+        let net = self.network.as_ref().ok_or(InstanceError::NoNetwork)?;
+        let shown = net
+            .connect(&record.instance, &mut port)
+            .map_err(InstanceError::NetworkFailed)?;
+        self.save_port(&record.instance, &port)?;
+        record.network = Some(shown);
+        Ok(())
     }
 
     fn record(&self, name: &Name) -> Result<InstanceDescription, InstanceError> {
@@ -805,6 +876,31 @@ impl Instances {
                 "size_mib": mib,
             });
         }
+        let port = match &req.network {
+            None => None,
+            Some(attachment) => {
+                let Some(net) = &self.network else {
+                    self.detach_quietly(&volumes, &attachment_of(self, &name))
+                        .await;
+                    return Err(InstanceError::NoNetwork);
+                };
+                let tap = tap_name(&name);
+                spec_json["net"] = serde_json::json!({
+                    "tap": tap,
+                    "netns": net.netns_path(),
+                    "mac": attachment.mac.to_string(),
+                });
+                let identity_document = net
+                    .identity_document(&name, req.image, attachment, &now_text(now), now)
+                    .map_err(InstanceError::NetworkFailed)?;
+                Some(InstancePort {
+                    attachment: attachment.clone(),
+                    tap,
+                    published: Vec::new(),
+                    identity_document,
+                })
+            }
+        };
         let spec = match VmSpec::parse_json(
             &serde_json::to_vec(&spec_json).unwrap_or_else(|_| unreachable!("json value")),
         ) {
@@ -843,6 +939,9 @@ impl Instances {
         self.save(&record)?;
         let spec_path = dir.join(SPEC_FILE);
         write_private(&spec_path, &spec.to_json())?;
+        if let Some(port) = &port {
+            self.save_port(&name, port)?;
+        }
         let wrapped = self.wrapped_of(&volumes)?;
         let token = volume_token.map(str::to_owned);
         let result = tokio::task::spawn_blocking(move || {
@@ -927,6 +1026,9 @@ impl Instances {
             });
         }
         let hv = self.hv()?;
+        if let Some(net) = &self.network {
+            net.disconnect(name);
+        }
         let id = VmId::new(name.clone());
         tokio::task::spawn_blocking(move || stop_and_forget(hv.as_ref(), &id))
             .await
@@ -1024,6 +1126,7 @@ impl Instances {
         now: OffsetDateTime,
     ) -> Result<InstanceDescription, InstanceError> {
         record.updated_at = now_text(now);
+        let result = result.and_then(|()| self.connect(&mut record));
         match result {
             Ok(()) => {
                 record.state = InstanceState::Running;
@@ -1060,6 +1163,9 @@ impl Instances {
             });
         }
         let hv = self.hv()?;
+        if let Some(net) = &self.network {
+            net.disconnect(name);
+        }
         let id = VmId::new(name.clone());
         tokio::task::spawn_blocking(move || stop_and_forget(hv.as_ref(), &id))
             .await

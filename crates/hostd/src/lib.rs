@@ -35,6 +35,7 @@
 pub mod config;
 pub mod instances;
 pub mod metrics;
+pub mod network;
 pub mod service;
 pub mod volume_keys;
 pub mod volumes;

@@ -94,6 +94,12 @@ impl Default for HostdOptions {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HostdError {
+    /// the instance network's data path could not start
+    #[error("instance network")]
+    Network(#[from] crate::network::NetError),
+    /// the host certificate's key could not be loaded for signing
+    #[error("host key for signing")]
+    SigningKey(#[from] nitrile_pki::tls::TlsError),
     /// the CA, the certificate or its key could not be loaded, or the
     /// certificate is not this host's in this cell
     #[error("host identity")]
@@ -375,6 +381,23 @@ impl Hostd {
             source,
         })?;
         let now = options.clock.now();
+        let network = match &config.network {
+            None => None,
+            Some(net) => {
+                let tls = nitrile_pki::tls::TlsIdentity::load(&config.cert, &config.key)?;
+                let roots = nitrile_pki::tls::CaRoots::load(&config.ca)?;
+                let hn = crate::network::HostNet::start(
+                    net,
+                    &config.cell,
+                    &config.host,
+                    &tls,
+                    roots,
+                    now,
+                )?;
+                tracing::info!(endpoint = %hn.describe().announcement.endpoint, "instance network data path started");
+                Some(Arc::new(hn))
+            }
+        };
         let instances = Instances::open(
             config.host.clone(),
             state,
@@ -383,6 +406,7 @@ impl Hostd {
             backend_name,
             volumes,
             volume_keys,
+            network,
             CapacityLimits::from_config(&config.capacity),
             now,
         )?;
@@ -565,7 +589,7 @@ impl Inner {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
             started_at: self.fixed.started_at.clone(),
-            network: None,
+            network: self.instances.network().map(|n| n.describe()),
         }
     }
 
@@ -766,7 +790,7 @@ impl Inner {
             AdminRequest::VolumeDelete(v) => {
                 instances.delete_volume(v, token).await.map(|d| ok_json(&d))
             }
-            AdminRequest::NetworkUpdate(_) => Err(InstanceError::NoNetwork),
+            AdminRequest::NetworkUpdate(u) => instances.update_network(u).map(|d| ok_json(&d)),
             AdminRequest::HostDescribe
             | AdminRequest::InstanceList
             | AdminRequest::InstanceDescribe(_) => {
