@@ -145,6 +145,16 @@ fn summary(operation: Operation) -> &'static str {
             "Schedule the destruction of a key of the key service."
         }
         Operation::KmsKeyCancelDeletion => "Cancel a scheduled destruction of a key.",
+        Operation::CustomerInstanceRun => "A customer runs an instance through placement.",
+        Operation::CustomerInstanceDescribe => "A customer's metadata of one of its instances.",
+        Operation::CustomerInstanceList => "A customer's list of its instances.",
+        Operation::CustomerInstanceStop => "A customer stops one of its instances.",
+        Operation::CustomerInstanceStart => "A customer starts one of its instances.",
+        Operation::CustomerInstanceTerminate => "A customer terminates one of its instances.",
+        Operation::CustomerImageImport => "A customer imports a guest image.",
+        Operation::CustomerImageDescribe => "A customer's metadata of one of its images.",
+        Operation::CustomerImageList => "A customer's list of its images.",
+        Operation::CustomerImageDelete => "A customer deletes one of its images.",
     }
 }
 
@@ -182,7 +192,7 @@ fn types_of(
         }
         // Not served by a host yet (host.update), or served by another
         // service (audit.read by logd, the kms-key operations by the key
-        // service).
+        // service, the customer operations by the placement service).
         Operation::HostUpdate
         | Operation::AuditRead
         | Operation::KmsKeyCreate
@@ -191,7 +201,17 @@ fn types_of(
         | Operation::KmsKeyDisable
         | Operation::KmsKeyEnable
         | Operation::KmsKeyScheduleDeletion
-        | Operation::KmsKeyCancelDeletion => return None,
+        | Operation::KmsKeyCancelDeletion
+        | Operation::CustomerInstanceRun
+        | Operation::CustomerInstanceDescribe
+        | Operation::CustomerInstanceList
+        | Operation::CustomerInstanceStop
+        | Operation::CustomerInstanceStart
+        | Operation::CustomerInstanceTerminate
+        | Operation::CustomerImageImport
+        | Operation::CustomerImageDescribe
+        | Operation::CustomerImageList
+        | Operation::CustomerImageDelete => return None,
     })
 }
 

@@ -308,8 +308,8 @@ fn forbids_win_and_are_named() {
     );
     assert_eq!(g.forbids.len(), 1);
     assert_eq!(g.forbids[0].to_string(), "freeze-h2 (freeze.cedar:1:1)");
-    // The slice holds oncall's seven, freeze-h2 and the three guardrails.
-    assert_eq!(g.slice_policies, 11);
+    // The slice holds oncall's seven, freeze-h2 and the four guardrails.
+    assert_eq!(g.slice_policies, 12);
 }
 
 #[test]
