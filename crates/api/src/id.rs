@@ -36,9 +36,20 @@ pub enum IdError {
     #[error("resource {0:?} is not of the form <kind>/<name>, e.g. host/h1 or instance/i-1")]
     BadResource(String),
     /// unknown resource kind
-    #[error("unknown resource kind {0:?}; expected host, instance, volume, log, kms-key or kms")]
+    #[error(
+        "unknown resource kind {0:?}; expected host, instance, volume, log, kms-key, kms, image or placement"
+    )]
     UnknownResourceKind(String),
+    /// a customer's name contains the owner separator `--`
+    #[error(
+        "customer name {0:?} contains \"--\", which separates a customer from its resource's name"
+    )]
+    CustomerNameHasSeparator(String),
 }
+
+/// What separates a customer from the name of a resource it owns:
+/// `instance/acme--web1` is acme's instance `web1`.
+pub const OWNER_SEPARATOR: &str = "--";
 
 /// A validated name: 1 to [`MAX_NAME_LEN`] bytes of `a-z`, `0-9` and `-`,
 /// starting with a letter or digit and not ending with `-`.
@@ -172,10 +183,15 @@ impl PrincipalId {
         else {
             return Err(bad());
         };
+        let kind: PrincipalKind = kind.parse()?;
+        let name = Name::new(name)?;
+        if kind == PrincipalKind::Customer && name.as_str().contains(OWNER_SEPARATOR) {
+            return Err(IdError::CustomerNameHasSeparator(name.0));
+        }
         Ok(Self {
             cell: Name::new(cell)?,
-            kind: kind.parse()?,
-            name: Name::new(name)?,
+            kind,
+            name,
         })
     }
 
@@ -214,17 +230,25 @@ pub enum ResourceKind {
     KmsKey,
     /// A cell's key service as a whole (`kms/<cell>`), for listing its keys.
     Kms,
+    /// A customer's guest image in the cell's image store
+    /// (`image/<customer>--<first 24 hex digits of the image digest>`).
+    Image,
+    /// A cell's placement service as a whole (`placement/<cell>`), for a
+    /// customer listing its instances and images.
+    Placement,
 }
 
 impl ResourceKind {
     /// Every kind, in a stable order.
-    pub const ALL: [ResourceKind; 6] = [
+    pub const ALL: [ResourceKind; 8] = [
         Self::Host,
         Self::Instance,
         Self::Volume,
         Self::Log,
         Self::KmsKey,
         Self::Kms,
+        Self::Image,
+        Self::Placement,
     ];
 
     /// The kind's name as used in resource ids.
@@ -236,7 +260,15 @@ impl ResourceKind {
             Self::Log => "log",
             Self::KmsKey => "kms-key",
             Self::Kms => "kms",
+            Self::Image => "image",
+            Self::Placement => "placement",
         }
+    }
+
+    /// Whether resources of this kind can belong to a customer, named
+    /// `<customer>--<name>`: instances, volumes and images.
+    pub fn is_ownable(self) -> bool {
+        matches!(self, Self::Instance | Self::Volume | Self::Image)
     }
 }
 
@@ -282,6 +314,43 @@ impl ResourceId {
             kind: kind.parse()?,
             name: Name::new(name)?,
         })
+    }
+}
+
+impl ResourceId {
+    /// The resource `<kind>/<customer>--<name>` that `customer` owns, if
+    /// the kind can be owned and the whole is a valid name.
+    pub fn owned(kind: ResourceKind, customer: &Name, name: &str) -> Result<Self, IdError> {
+        if !kind.is_ownable() {
+            return Err(IdError::BadResource(format!(
+                "{kind}/{customer}{OWNER_SEPARATOR}{name}"
+            )));
+        }
+        let whole = format!("{customer}{OWNER_SEPARATOR}{name}");
+        Ok(Self::new(kind, Name::new(&whole)?))
+    }
+
+    /// The customer that owns this resource: the part of its name before the
+    /// first `--`, for instances, volumes and images; `None` for other kinds
+    /// and for names without the separator (provider resources).
+    pub fn owner(&self) -> Option<Name> {
+        if !self.kind.is_ownable() {
+            return None;
+        }
+        let (owner, rest) = self.name.as_str().split_once(OWNER_SEPARATOR)?;
+        if rest.is_empty() {
+            return None;
+        }
+        Name::new(owner).ok()
+    }
+
+    /// The name within its owner: what follows the first `--`.
+    pub fn owned_name(&self) -> Option<&str> {
+        self.owner()?;
+        self.name
+            .as_str()
+            .split_once(OWNER_SEPARATOR)
+            .map(|(_, rest)| rest)
     }
 }
 
@@ -401,6 +470,53 @@ mod tests {
         assert!(ResourceId::parse("disk/d1").is_err());
         assert!(ResourceId::parse("host").is_err());
         assert!(ResourceId::parse("host/*").is_err());
+    }
+
+    #[test]
+    fn customer_names_cannot_hold_the_owner_separator() {
+        assert!(PrincipalId::parse("nitrile://c/customer/acme").is_ok());
+        assert!(PrincipalId::parse("nitrile://c/customer/ac-me").is_ok());
+        assert_eq!(
+            PrincipalId::parse("nitrile://c/customer/acme--x"),
+            Err(IdError::CustomerNameHasSeparator("acme--x".to_owned()))
+        );
+        // Other kinds may: the separator only scopes customers' resources.
+        assert!(PrincipalId::parse("nitrile://c/operator/a--b").is_ok());
+    }
+
+    #[test]
+    fn owners_are_the_part_before_the_separator() {
+        let r = ResourceId::parse("instance/acme--web1").unwrap();
+        assert_eq!(r.owner().unwrap().as_str(), "acme");
+        assert_eq!(r.owned_name(), Some("web1"));
+        let r = ResourceId::parse("image/globex--0123456789abcdef01234567").unwrap();
+        assert_eq!(r.owner().unwrap().as_str(), "globex");
+        // A second separator belongs to the name, not to the owner.
+        let r = ResourceId::parse("volume/acme--a--b").unwrap();
+        assert_eq!(r.owner().unwrap().as_str(), "acme");
+        assert_eq!(r.owned_name(), Some("a--b"));
+        for unowned in [
+            "instance/i-1",
+            "host/acme--h1",
+            "kms-key/acme--k",
+            "placement/local",
+        ] {
+            assert_eq!(
+                ResourceId::parse(unowned).unwrap().owner(),
+                None,
+                "{unowned}"
+            );
+        }
+        let acme = Name::new("acme").unwrap();
+        assert_eq!(
+            ResourceId::owned(ResourceKind::Instance, &acme, "web1")
+                .unwrap()
+                .to_string(),
+            "instance/acme--web1"
+        );
+        assert!(ResourceId::owned(ResourceKind::Host, &acme, "h1").is_err());
+        assert!(ResourceId::owned(ResourceKind::Instance, &acme, "Web").is_err());
+        assert!(ResourceId::owned(ResourceKind::Instance, &acme, &"a".repeat(58)).is_err());
     }
 
     #[test]

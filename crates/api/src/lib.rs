@@ -30,7 +30,7 @@ pub mod openapi;
 pub mod wire;
 
 pub use id::{
-    Audience, IdError, MAX_NAME_LEN, MAX_PRINCIPAL_URI_LEN, Name, PrincipalId, PrincipalKind,
-    ResourceId, ResourceKind,
+    Audience, IdError, MAX_NAME_LEN, MAX_PRINCIPAL_URI_LEN, Name, OWNER_SEPARATOR, PrincipalId,
+    PrincipalKind, ResourceId, ResourceKind,
 };
 pub use op::{OpError, Operation};

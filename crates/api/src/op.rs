@@ -73,11 +73,32 @@ pub enum Operation {
     /// tunnel announcements and where each instance address lives
     /// (placement only; metadata, no customer content).
     NetworkUpdate,
+    /// A customer runs an instance of its own through the placement
+    /// service, which picks the host.
+    CustomerInstanceRun,
+    /// A customer reads the metadata of one of its instances.
+    CustomerInstanceDescribe,
+    /// A customer lists its instances.
+    CustomerInstanceList,
+    /// A customer stops one of its instances.
+    CustomerInstanceStop,
+    /// A customer starts one of its stopped instances.
+    CustomerInstanceStart,
+    /// A customer terminates one of its instances.
+    CustomerInstanceTerminate,
+    /// A customer imports a guest image into the cell's image store.
+    CustomerImageImport,
+    /// A customer reads the metadata of one of its images.
+    CustomerImageDescribe,
+    /// A customer lists its images.
+    CustomerImageList,
+    /// A customer deletes one of its images.
+    CustomerImageDelete,
 }
 
 impl Operation {
     /// Every operation, in a stable order.
-    pub const ALL: [Operation; 25] = [
+    pub const ALL: [Operation; 35] = [
         Self::HostDescribe,
         Self::HostDrain,
         Self::HostUndrain,
@@ -103,6 +124,16 @@ impl Operation {
         Self::KmsKeyScheduleDeletion,
         Self::KmsKeyCancelDeletion,
         Self::NetworkUpdate,
+        Self::CustomerInstanceRun,
+        Self::CustomerInstanceDescribe,
+        Self::CustomerInstanceList,
+        Self::CustomerInstanceStop,
+        Self::CustomerInstanceStart,
+        Self::CustomerInstanceTerminate,
+        Self::CustomerImageImport,
+        Self::CustomerImageDescribe,
+        Self::CustomerImageList,
+        Self::CustomerImageDelete,
     ];
 
     /// The operation's wire name, e.g. `host.describe`.
@@ -133,6 +164,16 @@ impl Operation {
             Self::KmsKeyScheduleDeletion => "kms-key.schedule-deletion",
             Self::KmsKeyCancelDeletion => "kms-key.cancel-deletion",
             Self::NetworkUpdate => "network.update",
+            Self::CustomerInstanceRun => "customer-instance.run",
+            Self::CustomerInstanceDescribe => "customer-instance.describe",
+            Self::CustomerInstanceList => "customer-instance.list",
+            Self::CustomerInstanceStop => "customer-instance.stop",
+            Self::CustomerInstanceStart => "customer-instance.start",
+            Self::CustomerInstanceTerminate => "customer-instance.terminate",
+            Self::CustomerImageImport => "customer-image.import",
+            Self::CustomerImageDescribe => "customer-image.describe",
+            Self::CustomerImageList => "customer-image.list",
+            Self::CustomerImageDelete => "customer-image.delete",
         }
     }
 
@@ -147,7 +188,11 @@ impl Operation {
             | Self::VolumeDescribe
             | Self::VolumeList
             | Self::KmsKeyDescribe
-            | Self::KmsKeyList => false,
+            | Self::KmsKeyList
+            | Self::CustomerInstanceDescribe
+            | Self::CustomerInstanceList
+            | Self::CustomerImageDescribe
+            | Self::CustomerImageList => false,
             Self::HostDrain
             | Self::HostUndrain
             | Self::HostUpdate
@@ -164,14 +209,24 @@ impl Operation {
             | Self::KmsKeyEnable
             | Self::KmsKeyScheduleDeletion
             | Self::KmsKeyCancelDeletion
-            | Self::NetworkUpdate => true,
+            | Self::NetworkUpdate
+            | Self::CustomerInstanceRun
+            | Self::CustomerInstanceStop
+            | Self::CustomerInstanceStart
+            | Self::CustomerInstanceTerminate
+            | Self::CustomerImageImport
+            | Self::CustomerImageDelete => true,
         }
     }
 
     /// The kind of resource the operation names: launching and listing name the
     /// host they act on; the other instance and volume operations name the
     /// instance or volume; listing the key service's keys names the key
-    /// service (`kms/<cell>`), the other key operations name the key.
+    /// service (`kms/<cell>`), the other key operations name the key. A
+    /// customer's operations on the placement service name its instance
+    /// (`instance/<customer>--<name>`) or image
+    /// (`image/<customer>--<24 hex of the digest>`); its lists name the
+    /// placement service (`placement/<cell>`).
     pub fn resource_kind(self) -> ResourceKind {
         match self {
             Self::HostDescribe
@@ -199,7 +254,34 @@ impl Operation {
             | Self::KmsKeyScheduleDeletion
             | Self::KmsKeyCancelDeletion => ResourceKind::KmsKey,
             Self::KmsKeyList => ResourceKind::Kms,
+            Self::CustomerInstanceRun
+            | Self::CustomerInstanceDescribe
+            | Self::CustomerInstanceStop
+            | Self::CustomerInstanceStart
+            | Self::CustomerInstanceTerminate => ResourceKind::Instance,
+            Self::CustomerImageImport | Self::CustomerImageDescribe | Self::CustomerImageDelete => {
+                ResourceKind::Image
+            }
+            Self::CustomerInstanceList | Self::CustomerImageList => ResourceKind::Placement,
         }
+    }
+
+    /// Whether the operation is a customer's, served by the placement
+    /// service (audience `placement`) and never by a host.
+    pub fn is_customer(self) -> bool {
+        matches!(
+            self,
+            Self::CustomerInstanceRun
+                | Self::CustomerInstanceDescribe
+                | Self::CustomerInstanceList
+                | Self::CustomerInstanceStop
+                | Self::CustomerInstanceStart
+                | Self::CustomerInstanceTerminate
+                | Self::CustomerImageImport
+                | Self::CustomerImageDescribe
+                | Self::CustomerImageList
+                | Self::CustomerImageDelete
+        )
     }
 }
 
@@ -251,5 +333,22 @@ mod tests {
     fn reads_are_not_mutations() {
         assert!(!Operation::HostDescribe.is_mutation());
         assert!(Operation::InstanceTerminate.is_mutation());
+        assert!(!Operation::CustomerInstanceList.is_mutation());
+        assert!(Operation::CustomerImageImport.is_mutation());
+    }
+
+    #[test]
+    fn customer_operations_are_apart_from_host_operations() {
+        for op in Operation::ALL {
+            assert_eq!(
+                op.is_customer(),
+                op.as_str().starts_with("customer-"),
+                "{op}"
+            );
+        }
+        assert_eq!(
+            Operation::ALL.iter().filter(|o| o.is_customer()).count(),
+            10
+        );
     }
 }

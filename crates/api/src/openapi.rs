@@ -149,6 +149,16 @@ fn summary(operation: Operation) -> &'static str {
         Operation::NetworkUpdate => {
             "Give the host the other hosts' tunnel announcements and the instance routes."
         }
+        Operation::CustomerInstanceRun => "A customer runs an instance through placement.",
+        Operation::CustomerInstanceDescribe => "A customer's metadata of one of its instances.",
+        Operation::CustomerInstanceList => "A customer's list of its instances.",
+        Operation::CustomerInstanceStop => "A customer stops one of its instances.",
+        Operation::CustomerInstanceStart => "A customer starts one of its instances.",
+        Operation::CustomerInstanceTerminate => "A customer terminates one of its instances.",
+        Operation::CustomerImageImport => "A customer imports a guest image.",
+        Operation::CustomerImageDescribe => "A customer's metadata of one of its images.",
+        Operation::CustomerImageList => "A customer's list of its images.",
+        Operation::CustomerImageDelete => "A customer deletes one of its images.",
     }
 }
 
@@ -190,7 +200,7 @@ fn types_of(
         ),
         // Not served by a host yet (host.update), or served by another
         // service (audit.read by logd, the kms-key operations by the key
-        // service).
+        // service, the customer operations by the placement service).
         Operation::HostUpdate
         | Operation::AuditRead
         | Operation::KmsKeyCreate
@@ -199,7 +209,17 @@ fn types_of(
         | Operation::KmsKeyDisable
         | Operation::KmsKeyEnable
         | Operation::KmsKeyScheduleDeletion
-        | Operation::KmsKeyCancelDeletion => return None,
+        | Operation::KmsKeyCancelDeletion
+        | Operation::CustomerInstanceRun
+        | Operation::CustomerInstanceDescribe
+        | Operation::CustomerInstanceList
+        | Operation::CustomerInstanceStop
+        | Operation::CustomerInstanceStart
+        | Operation::CustomerInstanceTerminate
+        | Operation::CustomerImageImport
+        | Operation::CustomerImageDescribe
+        | Operation::CustomerImageList
+        | Operation::CustomerImageDelete => return None,
     })
 }
 

@@ -25,6 +25,7 @@ pub const SAMPLE_PRINCIPALS: &[&str] = &[
     "service/deployer",
     "auditor/carol",
     "customer/acme",
+    "customer/globex",
 ];
 
 /// The service name of the checkpoint witness of a one-machine cell: its
@@ -243,6 +244,7 @@ pub fn bootstrap(
         tokend: tokend_addr.to_owned(),
         logd: None,
         kms: None,
+        placement: None,
     };
     let clients = write_client_configs(layout, cell, &endpoints, &BTreeMap::new(), None, &[])?;
     debug_assert!(clients.iter().all(|(p, _)| p.kind != PrincipalKind::Host));
@@ -755,6 +757,7 @@ mod tests {
             tokend: "127.0.0.1:7443".into(),
             logd: Some("127.0.0.1:7445".into()),
             kms: Some("127.0.0.1:7447".into()),
+            placement: None,
         };
         let vkey = "local.nitrile/log+01020304+AQ";
         let witnesses = vec!["local.nitrile/witness+05060708+BA".to_owned()];

@@ -99,6 +99,9 @@ pub struct Endpoints {
     /// The key service, once the cell runs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kms: Option<String>,
+    /// The placement service (customers' API), once the cell runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
 }
 
 impl ClientConfig {
@@ -162,6 +165,7 @@ mod tests {
                 tokend: "127.0.0.1:7443".into(),
                 logd: None,
                 kms: Some("127.0.0.1:7447".into()),
+                placement: Some("127.0.0.1:7448".into()),
             },
             hosts: BTreeMap::new(),
         };

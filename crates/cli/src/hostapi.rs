@@ -261,6 +261,7 @@ mod tests {
                     tokend: "127.0.0.1:7443".into(),
                     logd: None,
                     kms: None,
+                    placement: None,
                 },
                 hosts: hosts
                     .iter()

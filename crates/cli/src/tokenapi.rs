@@ -1,23 +1,17 @@
-//! Asking the token service for a token: over mutual TLS with the client
-//! config's certificate, for exactly the operations, resources and audience
-//! of one call. Every client verb that needs a token (`token request`, the
-//! host verbs, the auditor's reads) gets it here.
+//! Asking the token service for a token with the client config's
+//! certificate: the client is `nitrile_tokend_api`'s; this module adds the
+//! config and the hints a person at a terminal needs. Every client verb that
+//! needs a token (`token request`, the host verbs, the auditor's reads, the
+//! customer verbs) gets it here.
 
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
 use nitrile_api::wire::{TokenRequest, TokenResponse};
+use nitrile_tokend_api::{TokendClient, TokendError};
 
 use crate::config::Loaded;
 
-/// `items` separated by commas, as the token verbs show lists.
-pub(crate) fn join<T: std::fmt::Display>(items: &[T]) -> String {
-    items
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
+pub(crate) use nitrile_tokend_api::join;
 
 /// Asks the token service of `loaded`'s cell, over mTLS with `tls`, for a
 /// token for exactly `body`. A refusal names the service, the step that
@@ -28,35 +22,21 @@ pub(crate) async fn obtain(
     tls: Arc<rustls::ClientConfig>,
     body: &TokenRequest,
 ) -> anyhow::Result<TokenResponse> {
-    let tokend = loaded.tokend_principal()?;
-    let addr = loaded.config.endpoints.tokend.clone();
-    let response = async {
-        let mut client = nitrile_net::Client::connect(&addr, &tokend, tls).await?;
-        client.post_json("/v1/tokens", body).await
-    }
-    .await
-    .map_err(|e| {
-        let hint = if e.is_tls() {
-            "the TLS handshake was refused: is the client certificate of this cell and unexpired?"
-        } else {
-            "is the cell running (`nitrile up`)?"
-        };
-        anyhow::anyhow!("cannot get a token from tokend at {addr}: {e}; {hint}")
-    })?;
-    if !response.status.is_success() {
-        let asked = format!("{} on {}", join(&body.operations), join(&body.resources));
-        match response.refusal() {
-            Some(r) => bail!(
-                "tokend refused a token for {asked} at step {}",
-                r.with_status(response.status)
-            ),
-            None => bail!(
-                "tokend answered {} to the token request for {asked}",
-                response.status
-            ),
+    let client = TokendClient::new(
+        loaded.config.endpoints.tokend.clone(),
+        loaded.tokend_principal()?,
+        tls,
+    );
+    client.obtain(body).await.map_err(|e| match &e {
+        TokendError::Unreachable { .. } => {
+            let hint = if e.is_tls() {
+                "the TLS handshake was refused: is the client certificate of this cell and unexpired?"
+            } else {
+                "is the cell running (`nitrile up`)?"
+            };
+            anyhow::anyhow!("{e}; {hint}")
         }
-    }
-    response
-        .json()
-        .context("tokend's answer is not a token response")
+        TokendError::BadAnswer(source) => anyhow::anyhow!("{e}: {source}"),
+        _ => anyhow::Error::new(e),
+    })
 }

@@ -230,8 +230,13 @@ pub fn check_record(
         let on_host = match r.kind {
             ResourceKind::Host => r.name == source.name,
             ResourceKind::Instance | ResourceKind::Volume => true,
-            // The log and the key service's keys are no host's business.
-            ResourceKind::Log | ResourceKind::KmsKey | ResourceKind::Kms => false,
+            // The log, the key service's keys, customers' images and the
+            // placement service are no host's business.
+            ResourceKind::Log
+            | ResourceKind::KmsKey
+            | ResourceKind::Kms
+            | ResourceKind::Image
+            | ResourceKind::Placement => false,
         };
         if !on_host {
             return Err(ContentViolation::OtherResource {
@@ -241,10 +246,11 @@ pub fn check_record(
         }
     }
     if let Some(op) = record.operations.iter().find(|op| {
-        matches!(
-            op.resource_kind(),
-            ResourceKind::Log | ResourceKind::KmsKey | ResourceKind::Kms
-        )
+        op.is_customer()
+            || matches!(
+                op.resource_kind(),
+                ResourceKind::Log | ResourceKind::KmsKey | ResourceKind::Kms
+            )
     }) {
         return Err(ContentViolation::NotAHostOperation {
             seq,

@@ -12,7 +12,7 @@ use cedar_policy::{
 };
 use nitrile_api::{Audience, Name, Operation, PrincipalId, ResourceId};
 
-use nitrile_policy::{Bundle, Quota, QuotaStore, QuotaWindow, Quotas};
+use nitrile_policy::{Bundle, Quota, QuotaPer, QuotaStore, QuotaWindow, Quotas};
 
 const GROUPS: usize = 50;
 const POLICIES: usize = 1000;
@@ -95,6 +95,7 @@ fn main() {
         operation: op,
         max_resources: 1_000_000,
         window: QuotaWindow::parse("1h").unwrap(),
+        per: QuotaPer::Group,
     }));
     let store = QuotaStore::open(&dir.path().join("quota.db")).unwrap();
     let now = time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();

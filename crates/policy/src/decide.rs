@@ -11,7 +11,7 @@ use nitrile_api::{Audience, Name, Operation, PrincipalId, ResourceId};
 
 use crate::Location;
 use crate::load::Entitlements;
-use crate::schema::{EntityKind, action_uid, audience_uid, principal_uid, resource_uid};
+use crate::schema::{EntityKind, action_uid, audience_uid, owner_uid, principal_uid, resource_uid};
 
 /// A request that every policy check allowed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,9 +339,12 @@ impl Entitlements {
         Entities::from_entities(entities, None).unwrap_or_else(|_| Entities::empty())
     }
 
-    /// A host, log, instance or volume entity with the parents the bundle lists.
+    /// A host, log, instance, volume or image entity with its parents: the
+    /// resource sets the bundle lists, and for an instance, volume or image
+    /// named `<customer>--<name>` the customer that owns it.
     pub(crate) fn listed_entity(&self, uid: &EntityUid) -> Entity {
-        let parents = EntityKind::of(uid.type_name())
+        let kind = EntityKind::of(uid.type_name());
+        let mut parents: HashSet<EntityUid> = kind
             .zip(Name::new(uid.id().unescaped()).ok())
             .and_then(|key| self.model.resources.get(&key))
             .map(|sets| {
@@ -350,6 +353,9 @@ impl Entitlements {
                     .collect()
             })
             .unwrap_or_default();
+        if let Some(owner) = kind.and_then(|k| owner_uid(k, uid.id().unescaped())) {
+            parents.insert(owner);
+        }
         Entity::new_no_attrs(uid.clone(), parents)
     }
 

@@ -70,13 +70,22 @@ impl fmt::Display for Grant {
             } => {
                 let kind = operation.resource_kind();
                 let on = match (kind, target) {
-                    (ResourceKind::Instance | ResourceKind::Volume, Target::ResourceSet(s)) => {
+                    (
+                        ResourceKind::Instance | ResourceKind::Volume | ResourceKind::Image,
+                        Target::ResourceSet(s),
+                    ) => {
                         format!("{kind}s on hosts in resource-set {s}")
                     }
-                    (ResourceKind::Instance | ResourceKind::Volume, Target::Listed(h)) => {
+                    (
+                        ResourceKind::Instance | ResourceKind::Volume | ResourceKind::Image,
+                        Target::Listed(h),
+                    ) => {
                         format!("{kind}s on host {h}")
                     }
-                    (ResourceKind::Instance | ResourceKind::Volume, Target::Unlisted) => {
+                    (
+                        ResourceKind::Instance | ResourceKind::Volume | ResourceKind::Image,
+                        Target::Unlisted,
+                    ) => {
                         format!("{kind}s on unlisted hosts")
                     }
                     (_, Target::ResourceSet(s)) => format!("resource-set {s}"),
@@ -216,15 +225,24 @@ impl Entitlements {
             ResourceKind::Host
             | ResourceKind::Instance
             | ResourceKind::Volume
-            | ResourceKind::KmsKey => EntityKind::Host,
+            | ResourceKind::KmsKey
+            | ResourceKind::Image => EntityKind::Host,
             ResourceKind::Log => EntityKind::Log,
             ResourceKind::Kms => EntityKind::Kms,
+            ResourceKind::Placement => EntityKind::Placement,
         };
         let on_host = matches!(
             kind,
-            ResourceKind::Instance | ResourceKind::Volume | ResourceKind::KmsKey
+            ResourceKind::Instance
+                | ResourceKind::Volume
+                | ResourceKind::KmsKey
+                | ResourceKind::Image
         );
-        let probe_resource = EntityKind::of_resource(kind).uid(PROBE);
+        // An unlisted resource of the probe principal's own (`~probe--~probe`
+        // is a child of `Customer::"~probe"`), so policies scoped to a
+        // customer's own resources show in the diff.
+        let probe_resource = EntityKind::of_resource(kind)
+            .uid(&format!("{PROBE}{}{PROBE}", nitrile_api::OWNER_SEPARATOR));
         let allowed = |listed: &EntityUid| -> bool {
             let (resource, host) = if on_host {
                 (&probe_resource, listed)

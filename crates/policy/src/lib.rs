@@ -95,7 +95,7 @@ pub use load::{Entitlements, GroupSummary, MAX_ENTITIES, MAX_POLICIES, Summary};
 pub use manifest::{BundleSerial, BundleVersion, MANIFEST_FILE, MAX_BUNDLE_SERIAL};
 pub use quota::{
     MAX_QUOTA_LIMIT, MAX_QUOTA_WINDOW_SECS, Quota, QuotaCharge, QuotaError, QuotaExceeded,
-    QuotaProblem, QuotaStore, QuotaWindow, Quotas,
+    QuotaPer, QuotaProblem, QuotaStore, QuotaWindow, Quotas,
 };
 pub use review::{
     MAX_REVIEWER_FILE_SIZE, MAX_SIGNATURE_FILE_SIZE, MIN_REVIEWERS, RejectedSignature, ReviewError,

@@ -353,7 +353,12 @@ fn load_entities(bundle: &Bundle) -> Result<Model, PolicyError> {
             })?;
             let (uid, _attrs, parents) = entity.into_inner();
             let kind = match EntityKind::of(uid.type_name()) {
-                Some(k @ (EntityKind::Instance | EntityKind::Volume | EntityKind::KmsKey)) => {
+                Some(
+                    k @ (EntityKind::Instance
+                    | EntityKind::Volume
+                    | EntityKind::KmsKey
+                    | EntityKind::Image),
+                ) => {
                     return Err(PolicyError::UnlistedKind {
                         at,
                         kind: k.as_str(),

@@ -1,5 +1,6 @@
 //! Quotas: at most N distinct resources per (group, operation) in a sliding
-//! time window, charged durably in SQLite.
+//! time window, charged durably in SQLite; counted for the group as a whole,
+//! or for each principal of the group apart (`per = "principal"`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -7,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nitrile_api::{Name, Operation, ResourceId};
+use nitrile_api::{Name, Operation, PrincipalId, ResourceId};
 use nitrile_fs::duration::{DurationSyntax, format_duration, parse_duration};
 use rusqlite::{Connection, TransactionBehavior, params};
 use serde::Deserialize;
@@ -45,6 +46,29 @@ pub enum QuotaProblem {
     /// a second quota for the same group and operation
     #[error("a quota for this group and operation is already defined at line {0}")]
     Duplicate(usize),
+    /// `per` is neither `group` nor `principal`
+    #[error("per {0:?} must be \"group\" (the default) or \"principal\"")]
+    BadPer(String),
+}
+
+/// Whom a quota counts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum QuotaPer {
+    /// The group as a whole: every member's charges count together.
+    #[default]
+    Group,
+    /// Each principal of the group apart (a customer's own quota).
+    Principal,
+}
+
+impl QuotaPer {
+    /// The word of `quotas.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Group => "group",
+            Self::Principal => "principal",
+        }
+    }
 }
 
 /// A quota window, a positive number of whole seconds.
@@ -100,6 +124,8 @@ pub struct Quota {
     pub max_resources: u32,
     /// The sliding window.
     pub window: QuotaWindow,
+    /// Whom it counts for: the group, or each of its principals apart.
+    pub per: QuotaPer,
 }
 
 impl fmt::Display for Quota {
@@ -108,7 +134,11 @@ impl fmt::Display for Quota {
             f,
             "{} {} at most {} resource(s) per {}",
             self.group, self.operation, self.max_resources, self.window
-        )
+        )?;
+        if self.per == QuotaPer::Principal {
+            f.write_str(" for each principal")?;
+        }
+        Ok(())
     }
 }
 
@@ -132,6 +162,8 @@ struct QuotaEntry {
     operation: toml::Spanned<String>,
     max_resources: toml::Spanned<i64>,
     window: toml::Spanned<String>,
+    #[serde(default)]
+    per: Option<toml::Spanned<String>>,
 }
 
 impl Quotas {
@@ -209,6 +241,19 @@ impl Quotas {
                 .ok_or_else(|| problem(e.max_resources.span(), QuotaProblem::LimitTooLarge))?;
             let window =
                 QuotaWindow::parse(e.window.get_ref()).map_err(|p| problem(e.window.span(), p))?;
+            let per = match &e.per {
+                None => QuotaPer::Group,
+                Some(p) => match p.get_ref().as_str() {
+                    "group" => QuotaPer::Group,
+                    "principal" => QuotaPer::Principal,
+                    other => {
+                        return Err(problem(
+                            p.span(),
+                            QuotaProblem::BadPer(other.chars().take(40).collect()),
+                        ));
+                    }
+                },
+            };
             let key = (group.clone(), operation);
             if let Some(first) = lines.get(&key) {
                 return Err(PolicyError::Quota {
@@ -224,6 +269,7 @@ impl Quotas {
                     operation,
                     max_resources,
                     window,
+                    per,
                 },
             );
         }
@@ -318,8 +364,10 @@ pub struct QuotaStore {
 /// Charges inside their windows, per (group, operation): resource -> time.
 type Memory = HashMap<(String, String), BTreeMap<String, i64>>;
 
-/// The charges of one request for one (group, operation).
+/// The charges of one request for one (counter, operation).
 struct JobCharge {
+    /// The group, or `<group> <principal uri>` for a quota per principal.
+    counter: String,
     operation: String,
     resources: Vec<String>,
     cutoff: i64,
@@ -327,7 +375,6 @@ struct JobCharge {
 
 /// The charges of one request: committed in one transaction.
 struct Job {
-    group: String,
     charges: Vec<JobCharge>,
     at: i64,
     done: std::sync::mpsc::SyncSender<Result<(), Arc<rusqlite::Error>>>,
@@ -336,7 +383,7 @@ struct Job {
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Job")
-            .field("group", &self.group)
+            .field("charges", &self.charges.len())
             .finish_non_exhaustive()
     }
 }
@@ -420,10 +467,41 @@ impl QuotaStore {
     /// the order of `operations`) and when it frees. The charges are then
     /// committed together, in one SQLite transaction; this returns once they
     /// are durable. Operations without a quota for `group` record nothing.
+    ///
+    /// Without the principal, a quota per principal counts the whole group
+    /// together (stricter, never looser): a service that knows who asks
+    /// calls [`QuotaStore::try_charge_request_as`].
     pub fn try_charge_request(
         &self,
         quotas: &Quotas,
         group: &Name,
+        operations: &[Operation],
+        resources: &[ResourceId],
+        now: OffsetDateTime,
+    ) -> Result<Vec<QuotaCharge>, QuotaError> {
+        self.charge(quotas, group, None, operations, resources, now)
+    }
+
+    /// [`QuotaStore::try_charge_request`] for `principal`, a member of
+    /// `group`: a quota with `per = "principal"` counts `principal`'s
+    /// charges alone, apart from every other member's.
+    pub fn try_charge_request_as(
+        &self,
+        quotas: &Quotas,
+        group: &Name,
+        principal: &PrincipalId,
+        operations: &[Operation],
+        resources: &[ResourceId],
+        now: OffsetDateTime,
+    ) -> Result<Vec<QuotaCharge>, QuotaError> {
+        self.charge(quotas, group, Some(principal), operations, resources, now)
+    }
+
+    fn charge(
+        &self,
+        quotas: &Quotas,
+        group: &Name,
+        principal: Option<&PrincipalId>,
         operations: &[Operation],
         resources: &[ResourceId],
         now: OffsetDateTime,
@@ -449,7 +527,10 @@ impl QuotaStore {
                 };
                 let window = i64::try_from(quota.window.as_secs()).unwrap_or(i64::MAX);
                 let cutoff = now_s.saturating_sub(window);
-                let key = (group.as_str().to_owned(), operation.as_str().to_owned());
+                let key = (
+                    counter(quota, group, principal),
+                    operation.as_str().to_owned(),
+                );
                 let empty = BTreeMap::new();
                 let charges = memory.get(&key).unwrap_or(&empty);
                 let live = |at: &i64| *at > cutoff;
@@ -507,6 +588,7 @@ impl QuotaStore {
                     *at = (*at).max(now_s);
                 }
                 job_charges.push(JobCharge {
+                    counter: key.0,
                     operation: key.1,
                     resources: requested.iter().cloned().collect(),
                     cutoff,
@@ -523,7 +605,6 @@ impl QuotaStore {
             // Queued under the lock, so the file sees charges in the order
             // they were decided; one job, so one transaction.
             let job = Job {
-                group: group.as_str().to_owned(),
                 charges: job_charges,
                 at: now_s,
                 done: done_tx,
@@ -550,6 +631,30 @@ impl QuotaStore {
         operation: Operation,
         now: OffsetDateTime,
     ) -> Result<usize, QuotaError> {
+        self.counted(quotas, group, None, operation, now)
+    }
+
+    /// Distinct resources charged for `operation` under `group` to
+    /// `principal` (all of the group's when the quota is not per principal).
+    pub fn in_use_as(
+        &self,
+        quotas: &Quotas,
+        group: &Name,
+        principal: &PrincipalId,
+        operation: Operation,
+        now: OffsetDateTime,
+    ) -> Result<usize, QuotaError> {
+        self.counted(quotas, group, Some(principal), operation, now)
+    }
+
+    fn counted(
+        &self,
+        quotas: &Quotas,
+        group: &Name,
+        principal: Option<&PrincipalId>,
+        operation: Operation,
+        now: OffsetDateTime,
+    ) -> Result<usize, QuotaError> {
         let Some(quota) = quotas.get(group, operation) else {
             return Ok(0);
         };
@@ -557,7 +662,10 @@ impl QuotaStore {
         let cutoff = now.unix_timestamp().saturating_sub(window);
         let memory = self.memory.lock().map_err(|_| QuotaError::Poisoned)?;
         Ok(memory
-            .get(&(group.as_str().to_owned(), operation.as_str().to_owned()))
+            .get(&(
+                counter(quota, group, principal),
+                operation.as_str().to_owned(),
+            ))
             .map_or(0, |c| c.values().filter(|at| **at > cutoff).count()))
     }
 }
@@ -568,6 +676,16 @@ impl Drop for QuotaStore {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// The counter a quota charges: the group, or for a quota per principal
+/// `<group> <principal uri>` (a space is in no name, so no group's counter
+/// is a principal's). Without the principal, the group's.
+fn counter(quota: &Quota, group: &Name, principal: Option<&PrincipalId>) -> String {
+    match (quota.per, principal) {
+        (QuotaPer::Principal, Some(p)) => format!("{group} {p}"),
+        _ => group.as_str().to_owned(),
     }
 }
 
@@ -603,9 +721,9 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> Result<(), rusqlite::Error> {
         for job in batch {
             for c in &job.charges {
                 for r in &c.resources {
-                    upsert.execute(params![job.group, c.operation, r, job.at])?;
+                    upsert.execute(params![c.counter, c.operation, r, job.at])?;
                 }
-                expire.execute(params![job.group, c.operation, c.cutoff])?;
+                expire.execute(params![c.counter, c.operation, c.cutoff])?;
             }
         }
     }

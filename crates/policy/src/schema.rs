@@ -40,10 +40,12 @@ pub(crate) enum EntityKind {
     Log,
     KmsKey,
     Kms,
+    Image,
+    Placement,
 }
 
 impl EntityKind {
-    pub(crate) const ALL: [EntityKind; 12] = [
+    pub(crate) const ALL: [EntityKind; 14] = [
         Self::Group,
         Self::Operator,
         Self::Service,
@@ -56,6 +58,8 @@ impl EntityKind {
         Self::Log,
         Self::KmsKey,
         Self::Kms,
+        Self::Image,
+        Self::Placement,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -72,6 +76,8 @@ impl EntityKind {
             Self::Log => "Log",
             Self::KmsKey => "KmsKey",
             Self::Kms => "Kms",
+            Self::Image => "Image",
+            Self::Placement => "Placement",
         }
     }
 
@@ -90,6 +96,8 @@ impl EntityKind {
             Self::Log => "log",
             Self::KmsKey => "kms-key",
             Self::Kms => "kms",
+            Self::Image => "image",
+            Self::Placement => "placement",
         }
     }
 
@@ -144,6 +152,8 @@ impl EntityKind {
             ResourceKind::Log => Self::Log,
             ResourceKind::KmsKey => Self::KmsKey,
             ResourceKind::Kms => Self::Kms,
+            ResourceKind::Image => Self::Image,
+            ResourceKind::Placement => Self::Placement,
         }
     }
 }
@@ -156,6 +166,21 @@ pub(crate) fn principal_uid(p: &PrincipalId) -> Option<EntityUid> {
 /// The Cedar entity of a resource.
 pub(crate) fn resource_uid(r: &ResourceId) -> EntityUid {
     EntityKind::of_resource(r.kind).uid(r.name.as_str())
+}
+
+/// The Cedar entity of the customer that owns the entity `kind`/`id` (an
+/// instance, volume or image named `<customer>--<name>`: the part before
+/// the first `--`, as `ResourceId::owner` reads it), its parent in every
+/// request.
+pub(crate) fn owner_uid(kind: EntityKind, id: &str) -> Option<EntityUid> {
+    if !matches!(
+        kind,
+        EntityKind::Instance | EntityKind::Volume | EntityKind::Image
+    ) {
+        return None;
+    }
+    let (owner, rest) = id.split_once(nitrile_api::OWNER_SEPARATOR)?;
+    (!owner.is_empty() && !rest.is_empty()).then(|| EntityKind::Customer.uid(owner))
 }
 
 /// The Cedar entity of a token audience (`context.host`).
@@ -200,8 +225,8 @@ mod tests {
                 "{op}"
             );
         }
-        // Only the operations and the three action groups.
-        assert_eq!(s.actions().count(), Operation::ALL.len() + 3);
+        // Only the operations and the four action groups.
+        assert_eq!(s.actions().count(), Operation::ALL.len() + 4);
         for k in EntityKind::ALL {
             assert_eq!(EntityKind::of(&k.type_name()), Some(k));
         }

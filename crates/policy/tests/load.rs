@@ -23,9 +23,9 @@ fn sample_bundle_loads() {
         groups,
         ["auditor", "customers", "deployer", "oncall", "placement"]
     );
-    assert_eq!(s.principals, 6);
-    assert_eq!(s.quotas, 3);
-    assert_eq!(s.policies, 21);
+    assert_eq!(s.principals, 7);
+    assert_eq!(s.quotas, 5);
+    assert_eq!(s.policies, 25);
     assert_eq!(
         e.groups_of(&principal("operator/alice")),
         vec![name("oncall")]
@@ -140,19 +140,24 @@ fn undeclared_parent_and_group_are_refused() {
 #[test]
 fn bad_quotas_name_file_line() {
     let cases = [
-        ("group = \"deployer\"", "group = \"deployers\"", 18),
+        ("group = \"deployer\"", "group = \"deployers\"", 19),
         (
             "operation = \"host.update\"",
             "operation = \"host.shell\"",
-            19,
+            20,
         ),
-        ("max_resources = 50", "max_resources = 0", 20),
+        ("max_resources = 50", "max_resources = 0", 21),
         (
             "window = \"1h\"\n\n[[quota]]\ngroup = \"deployer\"",
             "window = \"0h\"\n\n[[quota]]\ngroup = \"deployer\"",
-            15,
+            16,
         ),
-        ("max_resources = 50", "max_resources = 50\nextra = 1", 21),
+        ("max_resources = 50", "max_resources = 50\nextra = 1", 22),
+        (
+            "operation = \"customer-instance.run\"\nmax_resources = 8\nwindow = \"1h\"\nper = \"principal\"",
+            "operation = \"customer-instance.run\"\nmax_resources = 8\nwindow = \"1h\"\nper = \"customer\"",
+            29,
+        ),
     ];
     for (from, to, line) in cases {
         let dir = sample_copy();
@@ -177,7 +182,7 @@ fn bad_quotas_name_file_line() {
     );
     let (e, s) = load_err(dir.path());
     assert!(matches!(e, PolicyError::Quota { .. }), "{e:?}: {s}");
-    assert!(s.starts_with("quotas.toml:11:"), "{s}");
+    assert!(s.starts_with("quotas.toml:12:"), "{s}");
 }
 
 #[test]
@@ -206,12 +211,12 @@ fn unknown_files_links_and_schema_changes_are_refused() {
     edit(
         dir.path(),
         "schema.cedarschema",
-        "entity Volume;",
-        "entity Volume { secret: String };",
+        "entity Volume in [Customer];",
+        "entity Volume in [Customer] { secret: String };",
     );
     let (e, s) = load_err(dir.path());
     assert!(matches!(e, PolicyError::SchemaMismatch { .. }), "{s}");
-    assert!(s.starts_with("schema.cedarschema:18"), "{s}");
+    assert!(s.starts_with("schema.cedarschema:21"), "{s}");
 
     let dir = sample_copy();
     fs::remove_file(dir.path().join("schema.cedarschema")).unwrap();

@@ -4,8 +4,9 @@ mod common;
 
 use common::*;
 use nitrile_api::Operation::{HostDescribe, HostDrain, HostUndrain};
+use nitrile_api::PrincipalId;
 use nitrile_api::ResourceId;
-use nitrile_policy::{Bundle, Quota, QuotaError, QuotaStore, QuotaWindow, Quotas};
+use nitrile_policy::{Bundle, Quota, QuotaError, QuotaPer, QuotaStore, QuotaWindow, Quotas};
 use time::{Duration, OffsetDateTime};
 
 fn hosts(range: std::ops::Range<usize>) -> Vec<ResourceId> {
@@ -22,6 +23,7 @@ fn three_per_hour() -> Quotas {
         operation: HostDrain,
         max_resources: 3,
         window: QuotaWindow::parse("1h").unwrap(),
+        per: QuotaPer::Group,
     }])
 }
 
@@ -202,6 +204,7 @@ fn concurrent_charges_never_exceed_the_quota_and_are_all_durable() {
         operation: HostDrain,
         max_resources: 50,
         window: QuotaWindow::parse("1h").unwrap(),
+        per: QuotaPer::Group,
     }]);
     let store = std::sync::Arc::new(QuotaStore::open(&path).unwrap());
     let threads: Vec<_> = (0..8)
@@ -246,12 +249,14 @@ fn drains_and_undrains(undrains: u32) -> Quotas {
             operation: HostDrain,
             max_resources: 5,
             window: QuotaWindow::parse("1h").unwrap(),
+            per: QuotaPer::Group,
         },
         Quota {
             group: name("oncall"),
             operation: HostUndrain,
             max_resources: undrains,
             window: QuotaWindow::parse("1h").unwrap(),
+            per: QuotaPer::Group,
         },
     ])
 }
@@ -339,4 +344,60 @@ fn concurrent_requests_for_two_operations_are_charged_all_or_nothing() {
     let store = QuotaStore::open(&path).unwrap();
     assert_eq!(store.in_use(&q, &g, HostDrain, t0()).unwrap(), 3);
     assert_eq!(store.in_use(&q, &g, HostUndrain, t0()).unwrap(), 3);
+}
+
+/// A quota per principal counts each member of the group apart: one
+/// customer using up its own quota leaves another's whole, and the group's
+/// counter is not the principal's.
+#[test]
+fn a_quota_per_principal_counts_each_principal_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = QuotaStore::open(&tmp.path().join("q.db")).unwrap();
+    let g = name("customers");
+    let q = Quotas::from_quotas([Quota {
+        group: g.clone(),
+        operation: HostDrain,
+        max_resources: 2,
+        window: QuotaWindow::parse("1h").unwrap(),
+        per: QuotaPer::Principal,
+    }]);
+    let acme = PrincipalId::parse("nitrile://c/customer/acme").unwrap();
+    let globex = PrincipalId::parse("nitrile://c/customer/globex").unwrap();
+    let charge = |p: &PrincipalId, r: std::ops::Range<usize>| {
+        store.try_charge_request_as(&q, &g, p, &[HostDrain], &hosts(r), t0())
+    };
+    charge(&acme, 0..2).unwrap();
+    let err = charge(&acme, 2..3).unwrap_err();
+    assert!(matches!(err, QuotaError::Exceeded(_)), "{err:?}");
+    assert!(err.to_string().contains("for each principal"), "{err}");
+    // globex has its own two, acme's charges notwithstanding.
+    charge(&globex, 5..7).unwrap();
+    assert!(matches!(
+        charge(&globex, 7..8),
+        Err(QuotaError::Exceeded(_))
+    ));
+    assert_eq!(store.in_use_as(&q, &g, &acme, HostDrain, t0()).unwrap(), 2);
+    assert_eq!(
+        store.in_use_as(&q, &g, &globex, HostDrain, t0()).unwrap(),
+        2
+    );
+    // Without the principal the group counts as one: stricter, and not the
+    // principals' counters.
+    assert_eq!(store.in_use(&q, &g, HostDrain, t0()).unwrap(), 0);
+    store
+        .try_charge(&q, &g, HostDrain, &hosts(10..12), t0())
+        .unwrap();
+    assert!(
+        store
+            .try_charge(&q, &g, HostDrain, &hosts(12..13), t0())
+            .is_err()
+    );
+    // Durable per principal: a reopened store still refuses acme's third.
+    drop(store);
+    let store = QuotaStore::open(&tmp.path().join("q.db")).unwrap();
+    assert_eq!(store.in_use_as(&q, &g, &acme, HostDrain, t0()).unwrap(), 2);
+    assert!(matches!(
+        store.try_charge_request_as(&q, &g, &acme, &[HostDrain], &hosts(3..4), t0()),
+        Err(QuotaError::Exceeded(_))
+    ));
 }

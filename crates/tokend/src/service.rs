@@ -280,9 +280,10 @@ impl TokenService {
         let group = authorized.group;
         // Every operation's quota is charged, or none (one lock, one
         // transaction): a refusal leaves no charge behind.
-        match self.quotas.try_charge_request(
+        match self.quotas.try_charge_request_as(
             self.entitlements.quotas(),
             &group,
+            &peer.principal,
             &request.operations,
             &request.resources,
             now,

@@ -252,6 +252,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             tokend: listen.clone(),
             logd: Some(logd_addr.clone()),
             kms: Some(kms.addr.to_string()),
+            placement: None,
         };
         let clients = nitrile_cell::write_client_configs(
             &layout,

@@ -1,0 +1,155 @@
+//! Calling a host's admin API as the placement service: for each call a
+//! token from the token service for exactly that call (the operation, the
+//! resource, the host as audience), bound to placement's own certificate,
+//! then the call over mTLS with the host authenticated as
+//! `nitrile://<cell>/host/<h>`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, header};
+use nitrile_api::admin::AdminRequest;
+use nitrile_api::wire::TokenRequest;
+use nitrile_api::{Audience, Name, PrincipalId, PrincipalKind};
+use nitrile_net::{Client, NetError};
+use nitrile_tokend_api::{TokendClient, TokendError};
+use serde::de::DeserializeOwned;
+
+/// Why a host call did not succeed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostCallError {
+    /// The token service gave no token for the call.
+    #[error("no token for {operation} on host {host}")]
+    Token {
+        /// The host.
+        host: Name,
+        /// The operation.
+        operation: nitrile_api::Operation,
+        /// Why.
+        #[source]
+        source: TokendError,
+    },
+    /// The host could not be reached.
+    #[error("host {host} at {addr} unreachable")]
+    Unreachable {
+        /// The host.
+        host: Name,
+        /// Its address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: NetError,
+    },
+    /// The host refused or failed.
+    #[error("host {host} refused {operation} at step {}", refusal.with_status(status))]
+    Refused {
+        /// The host.
+        host: Name,
+        /// The operation.
+        operation: nitrile_api::Operation,
+        /// The HTTP status.
+        status: http::StatusCode,
+        /// The refusal.
+        refusal: nitrile_api::wire::Refusal,
+    },
+    /// The host answered outside the API.
+    #[error("host {host} answered {status} to {operation} outside the API")]
+    BadAnswer {
+        /// The host.
+        host: Name,
+        /// The operation.
+        operation: nitrile_api::Operation,
+        /// The HTTP status.
+        status: http::StatusCode,
+    },
+}
+
+/// Calls hosts' admin APIs with placement's identity.
+#[derive(Clone)]
+pub(crate) struct HostCaller {
+    pub(crate) cell: Name,
+    pub(crate) tokend: TokendClient,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+}
+
+impl HostCaller {
+    /// Calls `req` on `host` at `addr`.
+    pub(crate) async fn call<T: DeserializeOwned>(
+        &self,
+        host: &Name,
+        addr: &str,
+        req: &AdminRequest,
+    ) -> Result<T, HostCallError> {
+        let operation = req.operation();
+        let audience = Audience::new(host.as_str())
+            .unwrap_or_else(|_| unreachable!("a host id is an audience"));
+        let ask = TokenRequest {
+            operations: vec![operation],
+            resources: vec![req.resource(host)],
+            audience,
+            group: None,
+            lifetime_secs: None,
+        };
+        let granted = self
+            .tokend
+            .obtain(&ask)
+            .await
+            .map_err(|source| HostCallError::Token {
+                host: host.clone(),
+                operation,
+                source,
+            })?;
+        let unreachable = |source| HostCallError::Unreachable {
+            host: host.clone(),
+            addr: addr.to_owned(),
+            source,
+        };
+        let server = PrincipalId::new(self.cell.clone(), PrincipalKind::Host, host.clone());
+        let mut auth =
+            HeaderValue::from_str(&format!("Bearer {}", granted.token)).map_err(|_| {
+                HostCallError::BadAnswer {
+                    host: host.clone(),
+                    operation,
+                    status: http::StatusCode::BAD_REQUEST,
+                }
+            })?;
+        auth.set_sensitive(true);
+        let mut builder = Request::builder()
+            .method(req.method())
+            .uri(req.path())
+            .header(header::ACCEPT, "application/json")
+            .header(header::AUTHORIZATION, auth);
+        let body = req.body();
+        if !body.is_empty() {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        let request = builder
+            .body(Bytes::from(body))
+            .map_err(|e| unreachable(NetError::InvalidRequest(e)))?;
+        let mut client = Client::connect(addr, &server, self.tls.clone())
+            .await
+            .map_err(unreachable)?;
+        let response = client.send(request).await.map_err(unreachable)?;
+        if !response.status.is_success() {
+            return Err(match response.refusal() {
+                Some(refusal) => HostCallError::Refused {
+                    host: host.clone(),
+                    operation,
+                    status: response.status,
+                    refusal,
+                },
+                None => HostCallError::BadAnswer {
+                    host: host.clone(),
+                    operation,
+                    status: response.status,
+                },
+            });
+        }
+        response.json().map_err(|_| HostCallError::BadAnswer {
+            host: host.clone(),
+            operation,
+            status: response.status,
+        })
+    }
+}
