@@ -809,6 +809,9 @@ impl Instances {
         {
             return Err(InstanceError::Exists(name));
         }
+        if req.network.is_some() && self.network.is_none() {
+            return Err(InstanceError::NoNetwork);
+        }
         let hv = self.hv()?;
         let keys = if req.volumes.is_empty() {
             None

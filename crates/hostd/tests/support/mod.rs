@@ -161,6 +161,8 @@ pub struct HostSetup {
     pub volume_keys: Option<Arc<dyn VolumeKeySource>>,
     /// The volume store; by default the host's own (`<state>/volume-store`).
     pub volumes: Option<PathBuf>,
+    /// The instance network's data path; by default none.
+    pub network: Option<nitrile_hostd::network::NetworkConfig>,
 }
 
 struct RunningHost {
@@ -300,6 +302,7 @@ impl TestCell {
             },
             volume_keys: None,
             volumes: None,
+            network: None,
         }
     }
 
@@ -366,6 +369,7 @@ impl TestCell {
         );
         config.hypervisor = setup.hypervisor.clone();
         config.volumes = setup.volumes.clone();
+        config.network = setup.network.clone();
         config
     }
 
