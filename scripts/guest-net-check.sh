@@ -333,6 +333,12 @@ got="$(guest_ssh 'echo NITRILE-SSH-OK; id -u' | tr -d '\r')" || die "ssh with th
 [ "$got" = "$(printf 'NITRILE-SSH-OK\n0')" ] || die "ssh ran the command but printed '$got'"
 got="$(guest_ssh -tt 'tty' < /dev/null | tr -d '\r')" || die "ssh -tt failed"
 case "$got" in /dev/pts/*) ;; *) die "an interactive login has no terminal: '$got'" ;; esac
+# The tools a customer expects are on the PATH of a command and of a login.
+tools='for t in ip udhcpc poweroff ping nc wget imds dropbear ssh; do
+           command -v "$t" > /dev/null || { echo "no $t on $PATH"; exit 1; }
+       done'
+got="$(guest_ssh "$tools")" || die "a command's PATH lacks a tool: $got"
+got="$(guest_ssh -tt "$tools" < /dev/null | tr -d '\r')" || die "a login's PATH lacks a tool: $got"
 log "ssh -i key root@$guest runs a command and gets a terminal (host key pinned from the console)"
 
 # DHCP: address, route, MTU.
