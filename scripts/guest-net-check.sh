@@ -17,7 +17,7 @@
 #     service does not have exits 1, a plain GET without a token is refused
 #     by the responder (so the guest's fetches did use tokens)
 #   - the user data ran once, its exit status on the console, its output in
-#     /run/user-data.log, the script 0700
+#     /run/user-data.log (0600), the script 0700
 #   - imds's bounds, on the host against a hostile responder: a body over
 #     its bound, a truncated body, an endless header, a token with a line
 #     break, a responder that never answers: each exits 1 and writes nothing
@@ -52,6 +52,8 @@ done
 case "$accel" in tcg|kvm) ;; *) echo "guest-net-check.sh: --accel is tcg or kvm" >&2; exit 2 ;; esac
 
 skip() { echo "SKIPPED: $*"; exit 0; }
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+secs() { printf '%d.%01d' $(( $1 / 1000 )) $(( $1 % 1000 / 100 )); }
 log() { printf 'guest-net-check: %s\n' "$*" >&2; }
 die() { printf 'guest-net-check: FAILED: %s\n' "$*" >&2; exit 1; }
 
@@ -309,11 +311,11 @@ wait_console() { # CONSOLE REGEX
 
 log "booting the guest with a NIC ($accel)"
 console="$tmp/console"
-boot_start=$(date +%s)
+boot_start=$(now_ms)
 qemu "$console" -netdev tap,id=n0,ifname=tap0,script=no,downscript=no \
     -device "virtio-net-device,netdev=n0,mac=$mac"
 wait_console "$console" '^NITRILE-SSH-READY' > /dev/null
-ready=$(( $(date +%s) - boot_start ))
+ready="$(secs $(( $(now_ms) - boot_start )))"
 log "NITRILE-SSH-READY ${ready}s after QEMU started"
 grep -qx "NITRILE-NET-UP $guest" <(tr -d '\r' < "$console") || die "no 'NITRILE-NET-UP $guest' on the console"
 grep -qx "NITRILE-SSH-KEYS 1" <(tr -d '\r' < "$console") || die "no 'NITRILE-SSH-KEYS 1' on the console"
@@ -381,14 +383,16 @@ wait_console "$console" '^NITRILE-USER-DATA-RAN' > /dev/null
 grep -qx "NITRILE-USER-DATA-RAN $user_data_status" <(tr -d '\r' < "$console") ||
     die "user data status: $(grep NITRILE-USER-DATA-RAN "$console")"
 [ "$(grep -c '^NITRILE-USER-DATA-RAN' "$console")" -eq 1 ] || die "the user data ran more than once"
-got="$(guest_ssh 'cat /run/user-data.log; stat -c %a /run/user-data')" || die "ssh: user data log"
+got="$(guest_ssh 'cat /run/user-data.log; stat -c %a /run/user-data.log /run/user-data')" ||
+    die "ssh: user data log"
 grep -qx "$marker" <<<"$got" || die "the user data's output lacks its marker: $got"
 grep -qx 'uid=0 home=/root pwd=/root' <<<"$got" || die "the user data ran elsewhere: $got"
-[ "$(tail -n 1 <<<"$got")" = 700 ] || die "/run/user-data is not 0700: $got"
+[ "$(tail -n 2 <<<"$got" | tr '\n' ' ')" = "600 700 " ] ||
+    die "/run/user-data.log is not 0600 or /run/user-data not 0700: $got"
 grep -q 'GET /latest/user-data token=valid' "$tmp/imds.log" || die "the user data fetch carried no valid token"
 grep -q "$marker" "$console" && die "the user data's output went to the console"
 grep -q '^NITRILE-GUEST-IDLE' "$console" || die "no NITRILE-GUEST-IDLE after the server steps"
-log "user data ran once as root in /root, status $user_data_status, output in /run/user-data.log"
+log "user data ran once as root in /root, status $user_data_status, output in /run/user-data.log (0600)"
 
 log "the console's markers:"
 grep -a '^NITRILE-' "$console" | tr -d '\r' | sed 's/^/    /' >&2
@@ -398,11 +402,13 @@ wait "$qemu_pid" 2>/dev/null || true
 # --- A boot without a NIC: as before, no network step. --------------------
 log "booting the guest without a NIC"
 console="$tmp/console-nonic"
+boot_start=$(now_ms)
 qemu "$console"
 wait_console "$console" '^NITRILE-GUEST-IDLE' > /dev/null
+idle="$(secs $(( $(now_ms) - boot_start )))"
 grep -qE '^NITRILE-(NET|SSH|USER-DATA)' "$console" && die "a boot without a NIC ran network steps"
 kill "$qemu_pid" 2>/dev/null || true
 wait "$qemu_pid" 2>/dev/null || true
-log "without a NIC: NITRILE-GUEST-IDLE, no network step"
+log "without a NIC: NITRILE-GUEST-IDLE ${idle}s after QEMU started, no network step"
 
-echo "PASS (NITRILE-SSH-READY ${ready}s after QEMU started, $accel)"
+echo "PASS (NITRILE-SSH-READY ${ready}s after QEMU started, NITRILE-GUEST-IDLE without a NIC ${idle}s, $accel)"
