@@ -22,6 +22,10 @@
 #     its bound, a truncated body, an endless header, a token with a line
 #     break, a responder that never answers: each exits 1 and writes nothing
 #     to stdout; a chunked body is decoded
+#   - with no keys (404) and user data that is not a script: the SSH server
+#     runs, nobody logs in, nothing is run
+#   - without a DHCP server: NITRILE-NET-FAILED dhcp, no further step, and
+#     the boot still reaches NITRILE-GUEST-IDLE
 #   - a boot without a NIC still reaches NITRILE-GUEST-IDLE, with no
 #     network step
 #
@@ -45,7 +49,7 @@ while [ "$#" -gt 0 ]; do
                  cache_args=(--cache "$2"); shift 2 ;;
         --timeout) [ "$#" -ge 2 ] || { echo "guest-net-check.sh: --timeout needs seconds" >&2; exit 2; }
                    timeout="$2"; shift 2 ;;
-        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
         *) echo "guest-net-check.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -153,7 +157,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if mode == "hostile":
             return self.hostile()
         name = files.get(self.path)
-        if name is None:
+        if name is None or not os.path.exists(os.path.join(root, name)):
             return self.answer(404)
         with open(os.path.join(root, name), "rb") as f:
             self.answer(200, f.read())
@@ -218,7 +222,8 @@ opt lease 3600
 EOF
 touch "$tmp/udhcpd.leases"
 ip netns exec "$ns" busybox udhcpd -f "$tmp/udhcpd.conf" > "$tmp/udhcpd.log" 2>&1 &
-pids+=($!)
+udhcpd_pid=$!
+pids+=("$udhcpd_pid")
 ip netns exec "$ns" python3 "$tmp/imds.py" 169.254.169.254 80 "$tmp/imds" normal "$tmp/imds.log" \
     > "$tmp/imds.out" 2>&1 &
 pids+=($!)
@@ -292,7 +297,7 @@ wait_console() { # CONSOLE REGEX
             echo $((now - start))
             return 0
         fi
-        if grep -q 'NITRILE-NET-FAILED' "$1" 2>/dev/null; then
+        if [ "${allow_failed:-0}" -eq 0 ] && grep -q 'NITRILE-NET-FAILED' "$1" 2>/dev/null; then
             tail -n 40 "$1" >&2
             die "the guest says $(grep -m1 NITRILE-NET-FAILED "$1" | tr -d '\r')"
         fi
@@ -398,6 +403,40 @@ log "the console's markers:"
 grep -a '^NITRILE-' "$console" | tr -d '\r' | sed 's/^/    /' >&2
 kill "$qemu_pid" 2>/dev/null || true
 wait "$qemu_pid" 2>/dev/null || true
+
+# --- No keys and user data that is not a script. ---------------------------
+log "booting the guest with a NIC, no SSH keys and user data that is not a script"
+rm "$tmp/imds/keys"
+printf 'plain text, not a script\n' > "$tmp/imds/user-data"
+: > "$tmp/imds.log"
+console="$tmp/console-nokeys"
+qemu "$console" -netdev tap,id=n0,ifname=tap0,script=no,downscript=no \
+    -device "virtio-net-device,netdev=n0,mac=$mac"
+wait_console "$console" '^NITRILE-GUEST-IDLE' > /dev/null
+tr -d '\r' < "$console" | grep -qx 'NITRILE-SSH-KEYS 0' || die "no 'NITRILE-SSH-KEYS 0' without keys"
+grep -q '^NITRILE-SSH-READY' "$console" || die "no NITRILE-SSH-READY without keys"
+grep -q '^NITRILE-USER-DATA-RAN' "$console" && die "user data that is not a script ran"
+grep -q 'GET /latest/user-data token=valid' "$tmp/imds.log" || die "the user data was not asked for"
+hostkey="$(tr -d '\r' < "$console" | sed -n 's/^NITRILE-SSH-HOSTKEY //p' | head -n 1)"
+printf '%s %s\n' "$guest" "$hostkey" > "$tmp/known_hosts"
+guest_ssh true 2>/dev/null && die "a login got in with no key listed"
+kill "$qemu_pid" 2>/dev/null || true
+wait "$qemu_pid" 2>/dev/null || true
+log "no keys: NITRILE-SSH-KEYS 0, no login; plain user data is not run"
+
+# --- No DHCP server: the failure is said, the boot goes on. ---------------
+log "booting the guest with a NIC and no DHCP server"
+kill "$udhcpd_pid"
+wait "$udhcpd_pid" 2>/dev/null || true
+console="$tmp/console-nodhcp"
+qemu "$console" -netdev tap,id=n0,ifname=tap0,script=no,downscript=no \
+    -device "virtio-net-device,netdev=n0,mac=$mac"
+allow_failed=1 wait_console "$console" '^NITRILE-GUEST-IDLE' > /dev/null
+tr -d '\r' < "$console" | grep -qx 'NITRILE-NET-FAILED dhcp' || die "no 'NITRILE-NET-FAILED dhcp' without a DHCP server"
+grep -qE '^NITRILE-(NET-UP|SSH|USER-DATA)' "$console" && die "steps after a failed DHCP ran"
+kill "$qemu_pid" 2>/dev/null || true
+wait "$qemu_pid" 2>/dev/null || true
+log "no DHCP server: NITRILE-NET-FAILED dhcp, then NITRILE-GUEST-IDLE"
 
 # --- A boot without a NIC: as before, no network step. --------------------
 log "booting the guest without a NIC"
