@@ -2,8 +2,12 @@
 # Builds nitrile's guest image from Debian's linux-image-cloud-amd64
 # (bookworm-backports): the uncompressed ELF vmlinux (PVH entry), and a
 # busybox initramfs with the virtio, vsock and dm-crypt modules,
-# guest/initramfs/init and the static vsock test tool built from
-# guest/initramfs/vsock-echo.c. Everything is cached; a second run is fast.
+# guest/initramfs/init, the static vsock test tool built from
+# guest/initramfs/vsock-echo.c, the static metadata client built from
+# guest/initramfs/imds.c, udhcpc's event script guest/initramfs/udhcpc.script,
+# and the SSH server: Debian's dropbear (with dropbearkey and the dbclient
+# client) and the shared libraries they link. Everything is cached; a second
+# run is fast.
 #
 #   scripts/guest-image.sh [--cache DIR]
 #
@@ -13,7 +17,8 @@
 #   initramfs       cpio newc archive (compressed with what the kernel supports)
 #   cmdline         the default kernel command line
 #   kernel-release  the kernel's release string (uname -r)
-# Needs: apt-get, dpkg-deb, depmod (kmod), cpio, busybox-static, zstd/lz4/gzip, gcc
+# Needs: apt-get, dpkg-deb, depmod (kmod), cpio, busybox-static, dropbear-bin,
+# zstd/lz4/gzip, gcc
 # (scripts/setup.sh installs them and adds the bookworm-backports suite).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,7 +28,7 @@ while [ "$#" -gt 0 ]; do
     case "$1" in
         --cache) [ "$#" -ge 2 ] || { echo "guest-image.sh: --cache needs a directory" >&2; exit 2; }
                  cache="$2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "guest-image.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -38,15 +43,33 @@ modules=(virtio_mmio virtio_blk virtio_net vsock vmw_vsock_virtio_transport dm_c
 default_cmdline="console=ttyS0 tsc_early_khz=2000000 panic=-1"
 init_src="$repo/guest/initramfs/init"
 vsock_src="$repo/guest/initramfs/vsock-echo.c"
+imds_src="$repo/guest/initramfs/imds.c"
+udhcpc_src="$repo/guest/initramfs/udhcpc.script"
 busybox_bin=/bin/busybox
+# The SSH server and its tools, from Debian's dropbear-bin, at the same
+# paths in the guest; their shared libraries come along (found with ldd).
+dropbear_pkg=dropbear-bin
+dropbear_bins=(/usr/sbin/dropbear /usr/bin/dropbearkey /usr/bin/dbclient)
 
-for tool in apt-get apt-cache dpkg-deb depmod cpio xz gcc; do
+for tool in apt-get apt-cache dpkg-deb dpkg-query depmod cpio xz gcc ldd; do
     command -v "$tool" >/dev/null || die "$tool is missing (run scripts/setup.sh)"
 done
 [ -x "$busybox_bin" ] || die "$busybox_bin is missing (install busybox-static: scripts/setup.sh)"
 file "$busybox_bin" 2>/dev/null | grep -q 'dynamically linked' && die "$busybox_bin is not static (install busybox-static)"
 [ -f "$init_src" ] || die "missing $init_src"
 [ -f "$vsock_src" ] || die "missing $vsock_src"
+[ -f "$imds_src" ] || die "missing $imds_src"
+[ -f "$udhcpc_src" ] || die "missing $udhcpc_src"
+dropbear_version="$(dpkg-query -W -f='${Version}' "$dropbear_pkg" 2>/dev/null)" ||
+    die "$dropbear_pkg is not installed (run scripts/setup.sh)"
+for bin in "${dropbear_bins[@]}"; do
+    [ -x "$bin" ] || die "$bin is missing (install $dropbear_pkg: scripts/setup.sh)"
+done
+# The shared libraries the dropbear binaries link, and the dynamic loader:
+# the paths ldd names (the loader's is the one the binaries ask for).
+dropbear_libs="$(ldd "${dropbear_bins[@]}" |
+    awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// && $1 !~ /:$/ { print $1 }' | sort -u)"
+[ -n "$dropbear_libs" ] || die "ldd names no libraries for ${dropbear_bins[*]}"
 
 work="$cache/guest-image"
 mkdir -p "$work/deb" "$work/out"
@@ -73,8 +96,12 @@ else
     fi
 fi
 
-# A stamp over every input: the package, the init, the vsock tool, this script.
-stamp="$(cat <(sha256sum "$deb" | cut -d' ' -f1) "$init_src" "$vsock_src" "$0" <(sha256sum "$busybox_bin") | sha256sum | cut -d' ' -f1)"
+# A stamp over every input: the kernel package, the init, the C tools, the
+# udhcpc script, this script, busybox, and dropbear (its package version,
+# its binaries and the libraries they link, by content).
+stamp="$(cat <(sha256sum "$deb" | cut -d' ' -f1) "$init_src" "$vsock_src" "$imds_src" \
+    "$udhcpc_src" "$0" <(sha256sum "$busybox_bin") <(echo "$dropbear_pkg $dropbear_version") \
+    <(sha256sum "${dropbear_bins[@]}" $dropbear_libs) | sha256sum | cut -d' ' -f1)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] &&
    [ -f "$out/vmlinux" ] && [ -f "$out/initramfs" ] && [ -f "$out/cmdline" ]; then
     log "up to date: $out"
@@ -120,13 +147,37 @@ extract_vmlinux() {
 }
 extract_vmlinux || die "no zstd, lz4, xz or gzip payload in $(basename "$bzimage") decompresses to an ELF file"
 
-# 4. The initramfs tree: busybox, init, the modules with their dependencies.
+# 4. The initramfs tree: busybox, init, the C tools, dropbear, the modules
+# with their dependencies.
 root="$tmp/root"
-mkdir -p "$root"/{bin,dev,proc,sys,tmp,etc} "$root/lib/modules/$release"
+mkdir -p "$root"/{bin,dev,proc,sys,tmp,run,etc,etc/udhcpc,etc/dropbear,root,usr/bin,usr/sbin} \
+    "$root/lib/modules/$release"
 cp "$busybox_bin" "$root/bin/busybox"
 install -m 0755 "$init_src" "$root/init"
+install -m 0755 "$udhcpc_src" "$root/etc/udhcpc/default.script"
 gcc -static -O2 -s -Wall -Werror -o "$root/bin/vsock-echo" "$vsock_src" ||
     die "cannot build $vsock_src (needs gcc and the static glibc from libc6-dev)"
+gcc -static -O2 -s -Wall -Werror -o "$root/bin/imds" "$imds_src" ||
+    die "cannot build $imds_src (needs gcc and the static glibc from libc6-dev)"
+for bin in "${dropbear_bins[@]}"; do
+    install -m 0755 "$bin" "$root$bin"
+done
+ln -s dbclient "$root/usr/bin/ssh"
+for lib in $dropbear_libs; do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+done
+# What dropbear and a login need: root, whose shell is /bin/sh, with no
+# password (a '*' in shadow matches none, and -s turns password login off),
+# the groups (tty for the terminals), the shells, files-only name lookup.
+chmod 0700 "$root/root"
+printf 'root:x:0:0:root:/root:/bin/sh\n' > "$root/etc/passwd"
+printf 'root:*::0:99999:7:::\n' > "$root/etc/shadow"
+chmod 0600 "$root/etc/shadow"
+printf 'root:x:0:\ntty:x:5:\n' > "$root/etc/group"
+printf '/bin/sh\n' > "$root/etc/shells"
+printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n' > "$root/etc/nsswitch.conf"
+printf '127.0.0.1 localhost\n' > "$root/etc/hosts"
 moddir="$tmp/pkg/lib/modules/$release"
 needed=""
 for m in "${modules[@]}"; do

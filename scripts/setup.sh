@@ -66,7 +66,10 @@ backports_configured() {
     grep -qsE '^[^#]*[[:space:]]bookworm-backports([[:space:]]|$)' \
         /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources
 }
-guest_packages=(busybox-static zstd lz4 cpio kmod)
+# dropbear-bin: the guest image's SSH server (its binaries and the libraries
+# they link are copied into the initramfs); openssh-client: the customer's
+# side of that, for the cell tour and the tests that log in to an instance.
+guest_packages=(busybox-static zstd lz4 cpio kmod dropbear-bin openssh-client)
 missing=()
 for p in qemu-system-x86 "${guest_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -23,6 +23,13 @@ pub const GUEST_INIT: &str = include_str!("../../../guest/initramfs/init");
 /// which the script compiles.
 const GUEST_VSOCK_ECHO: &str = include_str!("../../../guest/initramfs/vsock-echo.c");
 
+/// The source of the initramfs's static metadata client (`/bin/imds`),
+/// which the script compiles.
+const GUEST_IMDS: &str = include_str!("../../../guest/initramfs/imds.c");
+
+/// udhcpc's event script in the initramfs (`/etc/udhcpc/default.script`).
+const GUEST_UDHCPC_SCRIPT: &str = include_str!("../../../guest/initramfs/udhcpc.script");
+
 /// The environment variable naming the cache directory.
 pub const CACHE_ENV: &str = "NITRILE_CACHE_DIR";
 
@@ -120,10 +127,13 @@ pub fn build_guest_image(cache: &Path) -> Result<BuiltImage, BuildError> {
     let init = src.join("guest").join("initramfs").join("init");
     write_file(&script, GUEST_IMAGE_SCRIPT, 0o755)?;
     write_file(&init, GUEST_INIT, 0o755)?;
+    let initramfs_src = src.join("guest").join("initramfs");
+    write_file(&initramfs_src.join("vsock-echo.c"), GUEST_VSOCK_ECHO, 0o644)?;
+    write_file(&initramfs_src.join("imds.c"), GUEST_IMDS, 0o644)?;
     write_file(
-        &src.join("guest").join("initramfs").join("vsock-echo.c"),
-        GUEST_VSOCK_ECHO,
-        0o644,
+        &initramfs_src.join("udhcpc.script"),
+        GUEST_UDHCPC_SCRIPT,
+        0o755,
     )?;
     let status = Command::new("bash")
         .arg(&script)
@@ -217,6 +227,9 @@ mod tests {
             "NITRILE-VOLUME-OK",
             "NITRILE-VOLUME-MISSING",
             "NITRILE-PLAINTEXT-",
+            "NITRILE-SSH-READY",
+            "NITRILE-NET-FAILED",
+            "NITRILE-USER-DATA-RAN",
             "poweroff -f",
         ] {
             assert!(GUEST_INIT.contains(marker), "{marker}");

@@ -1,5 +1,7 @@
 //! The built guest image: an ELF vmlinux with a PVH entry note, and an
-//! initramfs holding /init, busybox and the modules with their index.
+//! initramfs holding /init, busybox, the modules with their index, the
+//! static vsock and metadata tools, udhcpc's script, and dropbear with
+//! every shared library it links and the accounts it needs.
 //!
 //! Builds the image with the project's script (cached under
 //! `$NITRILE_CACHE_DIR`, else `${XDG_CACHE_HOME:-$HOME/.cache}/nitrile`;
@@ -17,7 +19,26 @@ use nitrile_image::{
 /// ELF note type of the PVH 32-bit entry point (`XEN_ELFNOTE_PHYS32_ENTRY`).
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 const PT_LOAD: u32 = 1;
+const PT_DYNAMIC: u32 = 2;
+const PT_INTERP: u32 = 3;
 const PT_NOTE: u32 = 4;
+const DT_NULL: u64 = 0;
+const DT_NEEDED: u64 = 1;
+const DT_STRTAB: u64 = 5;
+/// Where the guest's dynamic loader finds libraries without a cache.
+const LIBRARY_DIRS: [&str; 5] = [
+    "lib/x86_64-linux-gnu",
+    "usr/lib/x86_64-linux-gnu",
+    "lib64",
+    "lib",
+    "usr/lib",
+];
+/// The programs the server boot runs from the image.
+const SERVER_PROGRAMS: [&str; 3] = [
+    "usr/sbin/dropbear",
+    "usr/bin/dropbearkey",
+    "usr/bin/dbclient",
+];
 /// Bound on the entries of the initramfs archive this test parses.
 const MAX_CPIO_ENTRIES: usize = 10_000;
 
@@ -51,6 +72,9 @@ fn missing_tool() -> Option<&'static str> {
     }
     if !Path::new("/bin/busybox").exists() {
         return Some("busybox (busybox-static)");
+    }
+    if !Path::new("/usr/sbin/dropbear").exists() {
+        return Some("dropbear (dropbear-bin)");
     }
     None
 }
@@ -115,6 +139,69 @@ fn pvh_entry(elf: &[u8]) -> (Option<u64>, Vec<(u64, u64)>) {
         }
     }
     (entry, loads)
+}
+
+/// A C string at `at` in `b`.
+fn c_str(b: &[u8], at: usize) -> String {
+    let end = b[at..]
+        .iter()
+        .position(|&c| c == 0)
+        .expect("unterminated string");
+    String::from_utf8(b[at..at + end].to_vec()).unwrap()
+}
+
+/// The program interpreter (PT_INTERP) and the DT_NEEDED libraries of a
+/// 64-bit ELF file; (None, []) for a static one.
+fn elf_links(elf: &[u8]) -> (Option<String>, Vec<String>) {
+    assert_eq!(&elf[..4], b"\x7fELF", "not an ELF file");
+    assert_eq!(elf[4], 2, "not a 64-bit ELF");
+    let phoff = to_usize(u64_at(elf, 0x20));
+    let phentsize = usize::from(u16_at(elf, 0x36));
+    let phnum = usize::from(u16_at(elf, 0x38));
+    let mut interp = None;
+    let mut dynamic = None;
+    let mut loads = Vec::new();
+    for i in 0..phnum {
+        let ph = &elf[phoff + i * phentsize..phoff + (i + 1) * phentsize];
+        let offset = to_usize(u64_at(ph, 0x08));
+        let vaddr = u64_at(ph, 0x10);
+        let filesz = to_usize(u64_at(ph, 0x20));
+        match u32_at(ph, 0) {
+            PT_INTERP => interp = Some(c_str(elf, offset)),
+            PT_DYNAMIC => dynamic = Some((offset, filesz)),
+            PT_LOAD => loads.push((vaddr, offset, filesz)),
+            _ => {}
+        }
+    }
+    let Some((dyn_at, dyn_len)) = dynamic else {
+        return (interp, Vec::new());
+    };
+    let mut needed = Vec::new();
+    let mut strtab = None;
+    for entry in elf[dyn_at..dyn_at + dyn_len].chunks_exact(16) {
+        let (tag, val) = (u64_at(entry, 0), u64_at(entry, 8));
+        match tag {
+            DT_NULL => break,
+            DT_NEEDED => needed.push(val),
+            DT_STRTAB => strtab = Some(val),
+            _ => {}
+        }
+    }
+    if needed.is_empty() {
+        return (interp, Vec::new());
+    }
+    // DT_STRTAB is an address: its file offset through the PT_LOAD holding it.
+    let strtab = strtab.expect("DT_NEEDED without DT_STRTAB");
+    let (vaddr, offset, _) = *loads
+        .iter()
+        .find(|(v, _, len)| (*v..*v + *len as u64).contains(&strtab))
+        .expect("DT_STRTAB outside every PT_LOAD");
+    let strtab = offset + to_usize(strtab - vaddr);
+    let names = needed
+        .into_iter()
+        .map(|n| c_str(elf, strtab + to_usize(n)))
+        .collect();
+    (interp, names)
 }
 
 /// The initramfs decompressed, by its magic.
@@ -190,6 +277,89 @@ fn cpio_entries(archive: &[u8]) -> BTreeMap<String, (u32, Vec<u8>)> {
     }
 }
 
+/// What the server boot needs is in the archive: the static metadata
+/// client, udhcpc's script, dropbear's programs with their loader and every
+/// library they need (transitively), and root's account with no password.
+fn server_files_are_whole(entries: &BTreeMap<String, (u32, Vec<u8>)>) {
+    let (mode, imds) = entries.get("bin/imds").expect("/bin/imds");
+    assert_eq!(mode & 0o111, 0o111, "/bin/imds is not executable");
+    assert_eq!(
+        elf_links(imds),
+        (None, Vec::new()),
+        "/bin/imds is not static"
+    );
+    let (mode, script) = entries
+        .get("etc/udhcpc/default.script")
+        .expect("udhcpc's default script");
+    assert_eq!(mode & 0o111, 0o111, "udhcpc's script is not executable");
+    assert_eq!(
+        script.as_slice(),
+        include_bytes!("../../../guest/initramfs/udhcpc.script")
+    );
+
+    let find_lib = |name: &str| {
+        LIBRARY_DIRS
+            .iter()
+            .map(|dir| format!("{dir}/{name}"))
+            .find(|path| entries.contains_key(path))
+    };
+    let mut todo: Vec<String> = SERVER_PROGRAMS.iter().map(|p| (*p).to_owned()).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(path) = todo.pop() {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        let (mode, bytes) = entries
+            .get(&path)
+            .unwrap_or_else(|| panic!("/{path} is not in the initramfs"));
+        if SERVER_PROGRAMS.contains(&path.as_str()) {
+            assert_eq!(mode & 0o111, 0o111, "/{path} is not executable");
+        }
+        let (interp, needed) = elf_links(bytes);
+        if let Some(interp) = interp {
+            let interp = interp.trim_start_matches('/').to_owned();
+            assert!(
+                entries.contains_key(&interp),
+                "/{path} asks for the loader /{interp}, which is missing"
+            );
+            todo.push(interp);
+        }
+        for lib in needed {
+            let found = find_lib(&lib)
+                .unwrap_or_else(|| panic!("/{path} needs {lib}, which is in no library directory"));
+            todo.push(found);
+        }
+    }
+    assert!(
+        seen.iter().any(|p| p.contains("libc.so")),
+        "dropbear links no libc: {seen:?}"
+    );
+
+    let text = |name: &str| {
+        let (mode, bytes) = entries
+            .get(name)
+            .unwrap_or_else(|| panic!("/{name} is missing"));
+        (*mode, String::from_utf8(bytes.clone()).unwrap())
+    };
+    let (_, passwd) = text("etc/passwd");
+    assert!(
+        passwd.lines().any(|l| l == "root:x:0:0:root:/root:/bin/sh"),
+        "root's account: {passwd}"
+    );
+    let (mode, shadow) = text("etc/shadow");
+    assert_eq!(mode & 0o077, 0, "/etc/shadow is readable by others");
+    let root = shadow
+        .lines()
+        .find(|l| l.starts_with("root:"))
+        .expect("root in /etc/shadow");
+    // '*' matches no password: there is none to guess.
+    assert_eq!(root.split(':').nth(1), Some("*"), "root has a password");
+    let (_, shells) = text("etc/shells");
+    assert!(shells.lines().any(|l| l == "/bin/sh"));
+    let (mode, _) = entries.get("root").expect("/root");
+    assert_eq!(mode & 0o077, 0, "/root is open to others");
+}
+
 #[test]
 fn guest_image_has_pvh_vmlinux_and_initramfs_with_init_and_modules() {
     if let Some(tool) = missing_tool() {
@@ -237,6 +407,7 @@ fn guest_image_has_pvh_vmlinux_and_initramfs_with_init_and_modules() {
         tool.starts_with(b"\x7fELF"),
         "/bin/vsock-echo is not an ELF file"
     );
+    server_files_are_whole(&entries);
     let moddir = format!("lib/modules/{release}");
     let dep = entries
         .get(&format!("{moddir}/modules.dep"))
