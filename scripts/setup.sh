@@ -68,8 +68,9 @@ backports_configured() {
 }
 # dropbear-bin: the guest image's SSH server (its binaries and the libraries
 # they link are copied into the initramfs); openssh-client: the customer's
-# side of that, for the cell tour and the tests that log in to an instance.
-guest_packages=(busybox-static zstd lz4 cpio kmod dropbear-bin openssh-client)
+# side of that, for the cell tour and the tests that log in to an instance;
+# tcpdump: the tests capture what crosses the wire between hosts.
+guest_packages=(busybox-static zstd lz4 cpio kmod dropbear-bin openssh-client tcpdump)
 missing=()
 for p in qemu-system-x86 "${guest_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
