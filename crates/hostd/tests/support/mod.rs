@@ -16,6 +16,7 @@
 // binaries (of this and other crates) that include it.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod guest;
 pub mod kms;
 
 use std::collections::BTreeMap;
