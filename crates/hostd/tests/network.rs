@@ -20,6 +20,7 @@ use nitrile_audit::RecordKind;
 use nitrile_hostd::network::NetworkConfig;
 use nitrile_pki::sign::CellSigner;
 use nitrile_pki::tls::TlsIdentity;
+use support::guest::Namespaces;
 use support::{TestCell, is_root, journal_records, r, refusal};
 
 mod support;
@@ -36,12 +37,6 @@ fn network_config(host: &str) -> NetworkConfig {
         wireguard_listen: "127.0.0.1:0".parse().unwrap(),
         ingress_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
         netns: Some(format!("nitrile-t{}-{host}", std::process::id() % 100_000)),
-    }
-}
-
-fn remove_namespaces(hosts: &[&str]) {
-    for h in hosts {
-        let _ = nitrile_vnet::Namespace::remove(network_config(h).netns.as_deref().unwrap());
     }
 }
 
@@ -111,6 +106,12 @@ fn signed(identity: &TlsIdentity, cell: &str, host: &str, endpoint: &str) -> Pee
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_believes_only_announcements_the_cell_ca_vouches_for() {
+    let _namespaces = Namespaces(
+        ["h1", "h2"]
+            .iter()
+            .map(|h| network_config(h).netns.unwrap())
+            .collect(),
+    );
     let Some(cell) = cell_with_network(&["h1", "h2"]).await else {
         return;
     };
@@ -208,7 +209,6 @@ async fn a_host_believes_only_announcements_the_cell_ca_vouches_for() {
         })
         .count();
     assert_eq!(updates, 6);
-    remove_namespaces(&["h1", "h2"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,7 +32,7 @@ use nitrile_api::network::{
 };
 use nitrile_hostd::network::{NetworkConfig, tap_name};
 use nitrile_hostd::{BackendName, HypervisorConfig};
-use support::guest::{find_qemu, wait_for_line};
+use support::guest::{Namespaces, find_qemu, wait_for_line};
 use support::{TestCell, is_root, nitrile_binary};
 
 mod support;
@@ -206,6 +206,7 @@ async fn customers_reach_their_instances_across_hosts_encrypted_and_apart() {
             return;
         }
     };
+    let _namespaces = Namespaces(vec![netns("h1"), netns("h2")]);
     let mut cell = TestCell::new().await;
     let images = nitrile_image::ImageStore::open(cell.layout.images_dir()).unwrap();
     let image = images
@@ -521,8 +522,5 @@ async fn customers_reach_their_instances_across_hosts_encrypted_and_apart() {
         let token = cell.token_for(PLACEMENT, g.host, &req).await;
         let (status, _) = cell.call(PLACEMENT, g.host, &req, Some(&token)).await;
         assert_eq!(status, 200);
-    }
-    for host in ["h1", "h2"] {
-        let _ = nitrile_vnet::Namespace::remove(&netns(host));
     }
 }

@@ -35,3 +35,18 @@ pub fn wait_for_line(serial: &Path, markers: &[&str], timeout: Duration) -> Opti
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Removes the named network namespaces when dropped, so a test that fails
+/// half-way leaves no data path namespace behind.
+pub struct Namespaces(pub Vec<String>);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "delete", ns])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
