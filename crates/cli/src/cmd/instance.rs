@@ -123,9 +123,33 @@ pub(crate) enum Command {
         #[command(flatten)]
         host: HostFlag,
     },
+    /// Check an instance identity document: what an instance's metadata
+    /// service serves at `/latest/dynamic/instance-identity/document`,
+    /// signed by the host that runs it with the key of its cell
+    /// certificate. It verifies when that certificate chains to the cell's
+    /// CA certificate, names the host the document names, and signed
+    /// exactly these bytes; anyone holding the CA certificate can check it,
+    /// no token or connection needed. Prints what the document states, or
+    /// fails (status 1) saying why it does not verify.
+    ///
+    /// Inside an instance of the sample guest image:
+    /// `imds get /latest/dynamic/instance-identity/document > doc.json`.
+    ///
+    /// Example: `nitrile instance verify-identity doc.json --ca nitrile-state/ca/ca.pem`
+    VerifyIdentity {
+        /// The document (`-`: standard input).
+        file: std::path::PathBuf,
+        /// The cell's CA certificate (default: the client config's `ca`).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<std::path::PathBuf>,
+    },
 }
 
 pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
+    let command = match command {
+        Command::VerifyIdentity { file, ca } => return verify_identity(&file, ca, global),
+        other => other,
+    };
     let loaded = crate::config::load(global)?;
     match command {
         Command::Launch {
@@ -210,6 +234,87 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
                 global.output,
             )
         }
+        Command::VerifyIdentity { .. } => unreachable!("handled before the config is loaded"),
+    }
+}
+
+/// `nitrile instance verify-identity`.
+fn verify_identity(
+    file: &std::path::Path,
+    ca: Option<std::path::PathBuf>,
+    global: &Global,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use nitrile_api::network::{MAX_IDENTITY_DOCUMENT_LEN, SignedIdentityDocument};
+    let bytes = if file == std::path::Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(std::io::stdin(), MAX_IDENTITY_DOCUMENT_LEN as u64 + 1),
+            &mut buf,
+        )
+        .context("reading the document from standard input")?;
+        if buf.len() > MAX_IDENTITY_DOCUMENT_LEN {
+            bail!("the document is larger than {MAX_IDENTITY_DOCUMENT_LEN} bytes");
+        }
+        buf
+    } else {
+        nitrile_fs::read_bounded(file, MAX_IDENTITY_DOCUMENT_LEN as u64)
+            .with_context(|| format!("reading {}", file.display()))?
+    };
+    let ca = match ca {
+        Some(ca) => ca,
+        None => {
+            crate::config::load(global)
+                .context("no --ca given, and no client config to take the cell's CA from")?
+                .config
+                .ca
+        }
+    };
+    let roots = nitrile_pki::tls::CaRoots::load(&ca)
+        .with_context(|| format!("reading the CA certificate {}", ca.display()))?;
+    let signed: SignedIdentityDocument = serde_json::from_slice(&bytes).context(
+        "not an instance identity document (JSON with document, signature, certificate)",
+    )?;
+    let (identity, message, signature) = signed
+        .decode()
+        .map_err(|e| anyhow::anyhow!("not an instance identity document: {e}"))?;
+    let signer = nitrile_pki::sign::verify_signed(
+        &roots,
+        &identity.cell,
+        signed.certificate.as_bytes(),
+        &message,
+        &signature,
+        rustls_pki_types::UnixTime::now(),
+    )
+    .map_err(|e| anyhow::anyhow!("the identity document does not verify: {e}"))?;
+    if signer.kind != nitrile_api::PrincipalKind::Host || signer.name != identity.host {
+        bail!(
+            "the identity document does not verify: it names host {} but is signed by {signer}",
+            identity.host
+        );
+    }
+    match global.output {
+        Output::Json => print_json(&serde_json::json!({
+            "verified": true,
+            "signer": signer.uri(),
+            "identity": identity,
+        })),
+        Output::Table => Ok(print_pairs(&[
+            (
+                "verified".into(),
+                format!("signed by {signer} under {}", ca.display()),
+            ),
+            ("instance".into(), identity.instance.to_string()),
+            ("customer".into(), identity.customer.to_string()),
+            ("host".into(), identity.host.to_string()),
+            ("cell".into(), identity.cell.to_string()),
+            ("image".into(), identity.image.to_string()),
+            ("vni".into(), identity.vni.to_string()),
+            ("private ipv4".into(), identity.private_ipv4.to_string()),
+            ("mac".into(), identity.mac.to_string()),
+            ("launched".into(), identity.launched_at.clone()),
+            ("issued".into(), identity.issued_at.clone()),
+        ])?),
     }
 }
 
