@@ -231,6 +231,23 @@ fn main() {
         ("volume-delete", "DELETE /v1/volumes/data\n"),
         ("stop", "POST /v1/instances/web1/stop\n"),
         ("terminate", "DELETE /v1/instances/web1\n"),
+        (
+            "launch-network",
+            concat!(
+                "POST /v1/instances\n",
+                r#"{"instance":"acme--web1","image":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","#,
+                r#""vcpus":1,"memory_mib":256,"network":{"customer":"acme","vni":100,"address":"10.80.0.10","#,
+                r#""prefix_len":24,"mac":"02:4e:00:64:00:0a","ssh_public_keys":["ssh-ed25519 AAAA k"],"#,
+                r#""user_data":"IyEvYmluL3NoCg==","publish":[22]}}"#
+            ),
+        ),
+        (
+            "network-update",
+            concat!(
+                "POST /v1/network\n",
+                r#"{"peers":[],"routes":[{"vni":100,"address":"10.80.0.11","host":"h2"}]}"#
+            ),
+        ),
     ] {
         write(&dir, name, text.as_bytes());
     }
