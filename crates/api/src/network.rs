@@ -172,6 +172,36 @@ impl NetworkAttachment {
         Ok(bytes)
     }
 
+    /// What a journal may keep of the attachment: everything but the
+    /// user data and the SSH keys, which are the customer's and are
+    /// replaced by their SHA-256 (and the user data's length), so the
+    /// audit log shows which rule (published ports, addresses) a launch set
+    /// without carrying the customer's content.
+    pub fn journal_view(&self) -> serde_json::Value {
+        use sha2::Digest as _;
+        let hex = |b: &[u8]| {
+            sha2::Sha256::digest(b)
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>()
+        };
+        let user_data = self.user_data_bytes().unwrap_or_default();
+        serde_json::json!({
+            "customer": self.customer,
+            "vni": self.vni,
+            "address": self.address,
+            "prefix_len": self.prefix_len,
+            "mac": self.mac,
+            "ssh_public_keys_sha256": self
+                .ssh_public_keys
+                .iter()
+                .map(|k| hex(k.as_bytes()))
+                .collect::<Vec<_>>(),
+            "user_data": { "bytes": user_data.len(), "sha256": hex(&user_data) },
+            "publish": self.publish,
+        })
+    }
+
     /// Checks what the types cannot express.
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=MAX_VNI).contains(&self.vni) {

@@ -704,7 +704,14 @@ impl Inner {
         // A launch names its instance and asks for sizes the journal should
         // show before anything runs (the launch resource is the host).
         let params = match &req {
-            AdminRequest::InstanceLaunch(l) => serde_json::to_value(l).ok(),
+            // Its network's user data and SSH keys are the customer's: the
+            // journal keeps their digests, not them.
+            AdminRequest::InstanceLaunch(l) => serde_json::to_value(l).ok().map(|mut v| {
+                if let Some(net) = &l.network {
+                    v["network"] = net.journal_view();
+                }
+                v
+            }),
             AdminRequest::VolumeCreate(c) => serde_json::to_value(c).ok(),
             AdminRequest::VolumeAttach(_, a) => serde_json::to_value(a).ok(),
             _ => None,

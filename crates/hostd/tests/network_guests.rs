@@ -344,6 +344,35 @@ async fn customers_reach_their_instances_across_hosts_encrypted_and_apart() {
         );
         described.push(d);
     }
+    // The journals keep the launches' rules (the published port) and
+    // digests of the keys and user data, never the customer's content.
+    for host in ["h1", "h2"] {
+        let journal = std::fs::read(cell.host_journal(host)).unwrap();
+        assert!(
+            !contains(&journal, "ssh-ed25519"),
+            "an SSH key in {host}'s journal"
+        );
+        assert!(
+            !contains(&journal, "nc -l -p 7777"),
+            "user data in {host}'s journal"
+        );
+        let encoded = base64::engine::general_purpose::STANDARD.encode(guests[1].user_data);
+        assert!(
+            !contains(&journal, &encoded),
+            "user data in {host}'s journal"
+        );
+        let records = support::journal_records(&cell.host_journal(host));
+        let launches: Vec<_> = records
+            .iter()
+            .filter(|r| r.operations.first() == Some(&nitrile_api::Operation::InstanceLaunch))
+            .filter_map(|r| r.detail.as_ref())
+            .filter(|d| d.to_string().contains("\"publish\":[22]"))
+            .collect();
+        assert!(
+            !launches.is_empty(),
+            "{host}'s journal does not show the published port"
+        );
+    }
     for g in &guests {
         let serial = cell
             .host_config(g.host)
