@@ -546,6 +546,52 @@ async fn customers_reach_their_instances_across_hosts_encrypted_and_apart() {
         .is_err()
     );
 
+    // A restarted host agent re-adopts a1 and connects it again: its data
+    // path has a new key (it is never kept), so placement gives both hosts
+    // the new announcement; a1 keeps its published port.
+    cell.restart_host("h1").await;
+    let mut announcements = Vec::new();
+    for host in ["h1", "h2"] {
+        let req = AdminRequest::HostDescribe;
+        let token = cell.token_for(ALICE, host, &req).await;
+        let (_, body) = cell.call(ALICE, host, &req, Some(&token)).await;
+        let d: HostDescription = serde_json::from_slice(&body).unwrap();
+        announcements.push(d.network.unwrap().announcement);
+    }
+    let update = NetworkUpdate {
+        peers: announcements,
+        routes: update.routes.clone(),
+    };
+    for host in ["h1", "h2"] {
+        let req = AdminRequest::NetworkUpdate(update.clone());
+        let token = cell.token_for(PLACEMENT, host, &req).await;
+        let (status, body) = cell.call(PLACEMENT, host, &req, Some(&token)).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    let req = AdminRequest::InstanceDescribe(name("acme--a1"));
+    let token = cell.token_for(PLACEMENT, "h1", &req).await;
+    let (_, body) = cell.call(PLACEMENT, "h1", &req, Some(&token)).await;
+    let again: InstanceDescription = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        again.network.as_ref().unwrap().published,
+        described[0].network.as_ref().unwrap().published,
+        "a1's published port moved"
+    );
+    let (a1, k) = (endpoint(0), acme_key.clone());
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        ssh(
+            &k,
+            &a1,
+            "ping -c 2 -W 5 10.80.0.11 >/dev/null && echo ping-ok",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        code == 0 && out.contains("ping-ok"),
+        "after a restart: {out} {err}"
+    );
+
     for g in &guests {
         let req = AdminRequest::InstanceTerminate(name(g.instance));
         let token = cell.token_for(PLACEMENT, g.host, &req).await;
