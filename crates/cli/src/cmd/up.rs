@@ -332,6 +332,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
                 .with_context(|| format!("no client config for {name}"))
         };
         let alice = config_of("alice")?;
+        let placement = config_of("placement")?;
         let acme = config_of("acme")?;
         let carol = config_of("carol")?;
         let metrics = tokend
@@ -360,7 +361,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
                 config.display()
             )?;
             outln!(
-                "    journal      {}   metrics {} (Prometheus text file)",
+                "  host journal   {}   metrics {} (Prometheus text file)",
                 layout.host_journal(host).display(),
                 layout.host_metrics(host).display()
             )?;
@@ -443,11 +444,16 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         outln!("Try, in another shell:")?;
         outln!("  nitrile host describe")?;
         outln!(
+            "  nitrile instance launch web1 --image {} --config {}",
+            image.as_deref().unwrap_or("DIGEST"),
+            placement.display()
+        )?;
+        outln!(
             "  nitrile customer image import --kernel VMLINUX --initramfs INITRAMFS --config {}",
             acme.display()
         )?;
         outln!(
-            "  nitrile customer run web1 --image {} --publish 22 --config {}",
+            "  nitrile customer run web2 --image {} --publish 22 --config {}",
             image.as_deref().unwrap_or("DIGEST"),
             acme.display()
         )?;
