@@ -509,6 +509,60 @@ pub fn provision_kms(
     })
 }
 
+/// The service name of the placement service: its principal is
+/// `nitrile://<cell>/service/placement`.
+pub const PLACEMENT: &str = "placement";
+
+/// The placement service of a one-machine cell, ready for its process to
+/// start.
+#[derive(Debug, Clone)]
+pub struct ProvisionedPlaced {
+    /// Its principal, `nitrile://<cell>/service/placement`.
+    pub principal: PrincipalId,
+    /// Its state directory (owner-only): its journal and placement record.
+    pub dir: PathBuf,
+    /// Its certificate, issued by the cell CA.
+    pub cert: PathBuf,
+    /// Its private key (owner-only).
+    pub key: PathBuf,
+    /// The token issuer keys it pins.
+    pub issuer_keys: PathBuf,
+}
+
+/// Gives the placement service of the cell under `layout` (after
+/// [`bootstrap`], once the token service has written its issuer keys) a
+/// fresh short-lived certificate for `service/placement`, an owner-only
+/// state directory and the pinned token issuer keys (its customers'
+/// tokens are checked against them), like [`provision_kms`].
+pub fn provision_placed(
+    layout: &CellLayout,
+    cell: &Name,
+    now: OffsetDateTime,
+) -> Result<ProvisionedPlaced, CellError> {
+    let ca = CellCa::load(&layout.pki_dir(), cell, now)?;
+    let principal = principal(cell, &format!("service/{PLACEMENT}"));
+    let (cert, key) = layout.cert_and_key(&principal);
+    ca.issue(&principal, None, now)?.write_files(&cert, &key)?;
+
+    let dir = layout.placed_dir();
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+
+    let published = layout.issuer_keys_file();
+    let keys = std::fs::read(&published).map_err(io(&published))?;
+    let issuer_keys = layout.placed_issuer_keys();
+    if std::fs::read(&issuer_keys).ok().as_deref() != Some(keys.as_slice()) {
+        write_atomic(&issuer_keys, &keys, 0o644)?;
+    }
+    Ok(ProvisionedPlaced {
+        principal,
+        dir,
+        cert,
+        key,
+        issuer_keys,
+    })
+}
+
 /// The checkpoint witness of a one-machine cell, ready for its process to
 /// start.
 #[derive(Debug, Clone)]

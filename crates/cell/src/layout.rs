@@ -220,6 +220,26 @@ impl CellLayout {
         self.kms_dir().join("store")
     }
 
+    /// The placement service's state directory.
+    pub fn placed_dir(&self) -> PathBuf {
+        self.root.join("placed")
+    }
+
+    /// The placement service's config file.
+    pub fn placed_config(&self) -> PathBuf {
+        self.placed_dir().join("placed.toml")
+    }
+
+    /// The placement service's write-ahead journal.
+    pub fn placed_journal(&self) -> PathBuf {
+        self.placed_dir().join("journal")
+    }
+
+    /// The token issuer keys the placement service pins.
+    pub fn placed_issuer_keys(&self) -> PathBuf {
+        self.placed_dir().join("issuer-keys.toml")
+    }
+
     /// The operator config of a principal.
     pub fn client_config(&self, principal: &PrincipalId) -> PathBuf {
         self.clients_dir()

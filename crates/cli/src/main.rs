@@ -27,7 +27,7 @@ use output::Output;
 
 /// Hosts that their own operators cannot get into.
 ///
-/// Services (`tokend`, `hostd`, `logd`, `kms`, `up`) and client verbs grouped by noun. Every verb has
+/// Services (`tokend`, `hostd`, `logd`, `kms`, `placed`, `up`) and client verbs grouped by noun. Every verb has
 /// `--help` with an example.
 #[derive(Debug, Parser)]
 #[command(
@@ -94,11 +94,15 @@ enum Command {
     /// keys of the key service.
     #[command(subcommand, name = "kms-key")]
     KmsKey(cmd::kmskey::Command),
+    /// A customer's instances and images, through the placement service.
+    #[command(subcommand)]
+    Customer(cmd::customer::Command),
     /// Run the token service.
     Tokend(cmd::tokend::Args),
     Hostd(cmd::hostd::Args),
     Logd(cmd::logd::Args),
     Kms(cmd::kms::Args),
+    Placed(cmd::placed::Args),
     /// Run a whole cell on this machine.
     Up(cmd::up::Args),
     /// Run one microVM (started by the host agent, not by hand).
@@ -178,6 +182,8 @@ fn main() -> ExitCode {
         Command::Hostd(a) => cmd::hostd::run(a, &global),
         Command::Logd(a) => cmd::logd::run(a, &global),
         Command::Kms(a) => cmd::kms::run(a, &global),
+        Command::Placed(a) => cmd::placed::run(a, &global),
+        Command::Customer(c) => cmd::customer::run(c, &global),
         Command::KmsKey(c) => cmd::kmskey::run(c, &global),
         Command::Up(a) => cmd::up::run(a, &global),
         Command::Vmm(a) => cmd::vmm::run(a),

@@ -1,20 +1,22 @@
 //! The JSON bodies of the customer API, with their bounds. Responses are
 //! metadata only: no user data, no SSH keys, no image bytes.
 
+use nitrile_api::network::PublishedPort;
 use nitrile_api::{Name, PrincipalId};
 use nitrile_image::Digest;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Largest JSON request body (a run request with its keys and user data).
 pub const MAX_REQUEST_BODY: usize = 64 * 1024;
-/// Most SSH public keys an instance is given.
-pub const MAX_SSH_KEYS: usize = 16;
+/// Most SSH public keys an instance is given (the host's bound: a run
+/// placement accepts is never refused by the host for its keys).
+pub const MAX_SSH_KEYS: usize = nitrile_api::network::MAX_SSH_KEYS;
 /// Longest SSH public key line.
-pub const MAX_SSH_KEY_LEN: usize = 8 * 1024;
+pub const MAX_SSH_KEY_LEN: usize = nitrile_api::network::MAX_SSH_KEY_LEN;
 /// Largest user data, in bytes.
-pub const MAX_USER_DATA: usize = 16 * 1024;
+pub const MAX_USER_DATA: usize = nitrile_api::network::MAX_USER_DATA;
 /// Most instance ports published on the host's address.
-pub const MAX_PUBLISHED_PORTS: usize = 16;
+pub const MAX_PUBLISHED_PORTS: usize = nitrile_api::network::MAX_PUBLISHED_PORTS;
 /// Least memory an instance may have, in MiB.
 pub const MIN_MEMORY_MIB: u32 = 64;
 /// Most memory an instance may have, in MiB.
@@ -189,6 +191,10 @@ pub struct CustomerInstance {
     pub mac: String,
     /// The instance ports published on its host's address.
     pub publish: Vec<u16>,
+    /// Where each published port is reached from outside (the host's
+    /// address and the port it picked), as the host last said.
+    #[serde(default)]
+    pub published: Vec<PublishedPort>,
     /// Its state.
     pub state: InstanceState,
     /// When it was run (RFC 3339).

@@ -26,9 +26,18 @@
 //!   loadable kernel are checked before anything is written, and a failure
 //!   while writing removes what the import added.
 //!
-//! Not here: the host side of networks (the launch carries no network
-//! attachment yet, and `network.update` is not pushed), and answers are
-//! metadata only: placement never returns user data or keys.
+//! - Networks: a launch carries the instance's `NetworkAttachment` (its
+//!   customer's VNI, an address of `10.80.0.0/24` no other instance of the
+//!   customer holds, its MAC, the run's SSH keys, user data and published
+//!   ports); after every run, start and terminate, and when the service
+//!   starts, every host of the fleet gets `network.update` (every host's
+//!   signed announcement, every recorded instance's route) with a token
+//!   for exactly that call. A host that does not take it is journaled and
+//!   gets the whole table at the next push; the customer's call does not
+//!   fail for it.
+//!
+//! Answers are metadata only: placement never returns user data or keys
+//! (it does not keep them: the host's metadata service does).
 
 #![forbid(unsafe_code)]
 

@@ -153,6 +153,10 @@ struct Service {
     images: Images,
     hosts: BTreeMap<Name, String>,
     caller: HostCaller,
+    /// Held for a whole network push: pushes go out one after the other,
+    /// each with the record as it is when it starts, so no host gets an
+    /// older table after a newer one.
+    push: tokio::sync::Mutex<()>,
 }
 
 /// A placement service with its sockets bound, ready to serve.
@@ -259,6 +263,7 @@ impl PlacedServer {
             images,
             hosts: config.hosts.clone(),
             caller,
+            push: tokio::sync::Mutex::new(()),
         });
         let start = AuditRecord::outcome(
             clock.now(),
@@ -306,6 +311,12 @@ impl PlacedServer {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), PlacedServerError> {
         let shipper = self.shipping.start();
+        // The hosts learn the cell's network as placement recorded it,
+        // without holding up the first customer.
+        let service = Arc::clone(&self.service);
+        tokio::spawn(async move {
+            service.push_network().await;
+        });
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let metrics = MetricsTask::spawn(self.listeners.metrics, self.registry, stop_rx);
         let api = Api {
@@ -347,9 +358,18 @@ fn describe_instance(r: &InstanceRecord, cell: &Name) -> CustomerInstance {
         address: r.address.to_string(),
         mac: r.mac(),
         publish: r.publish.clone(),
+        published: r.published.clone(),
         state: r.state,
         created: r.created.clone(),
     }
+}
+
+/// The published endpoints a host answered with (none without a network).
+fn published_of(d: &InstanceDescription) -> Vec<nitrile_api::network::PublishedPort> {
+    d.network
+        .as_ref()
+        .map(|n| n.published.clone())
+        .unwrap_or_default()
 }
 
 fn state_of(d: &InstanceDescription) -> InstanceState {
@@ -458,6 +478,50 @@ impl Service {
         out
     }
 
+    /// Gives every host of the fleet the cell's network: every host's
+    /// signed announcement and every recorded instance's route, with a
+    /// token for exactly `network.update` on that host. A host that
+    /// cannot be reached or refuses is logged and journaled, and gets the
+    /// whole table again at the next push (after the next run, start or
+    /// terminate, or at the next start of the service); it never fails the
+    /// customer's call. Returns the hosts that did not take it.
+    async fn push_network(&self) -> Vec<Name> {
+        let _one_at_a_time = self.push.lock().await;
+        let described = self.describe_hosts().await;
+        let update = {
+            let state = self.lock();
+            store::network_update(&described, &state)
+        };
+        let mut failed = Vec::new();
+        for (host, addr) in &self.hosts {
+            let result = self
+                .caller
+                .call::<serde_json::Value>(host, addr, &AdminRequest::NetworkUpdate(update.clone()))
+                .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, %host, "network.update failed; retried at the next push");
+                let record = AuditRecord::outcome(
+                    self.clock.now(),
+                    self.source.clone(),
+                    RequestId::random(&mut rand_core::OsRng),
+                    Outcome::Failed,
+                )
+                .with_principal(self.source.clone())
+                .with_operations([nitrile_api::Operation::NetworkUpdate])
+                .with_reason(&format!(
+                    "network.update to host {host} failed ({e}); it gets the whole table at the next push"
+                ));
+                if let Ok(bytes) = record.encode()
+                    && self.journal.submit(&bytes).await.is_err()
+                {
+                    tracing::error!(%host, "could not journal a failed network push");
+                }
+                failed.push(host.clone());
+            }
+        }
+        failed
+    }
+
     async fn run(&self, customer: &Name, req: RunRequest) -> Result<Done, Failure> {
         self.owned_image(customer, &req.image)?;
         self.images
@@ -514,6 +578,7 @@ impl Service {
                 vni,
                 address,
                 publish: req.publish.clone(),
+                published: Vec::new(),
                 state: InstanceState::Pending,
                 created: nitrile_audit::format_time(self.clock.now()),
             };
@@ -532,31 +597,39 @@ impl Service {
             memory_mib: req.memory_mib,
             volumes: Vec::new(),
             scratch_mib: None,
-            network: None,
+            network: Some(store::attachment(
+                &record,
+                req.ssh_public_keys.clone(),
+                req.user_data.as_deref().unwrap_or_default().as_bytes(),
+            )),
         };
         let addr = self.addr(&host)?.clone();
         let launched = self
             .caller
             .call::<InstanceDescription>(&host, &addr, &AdminRequest::InstanceLaunch(launch))
             .await;
-        let mut state = self.lock();
-        match launched {
-            Ok(d) => {
-                let r = state.instances.get_mut(&key).ok_or_else(|| {
-                    Failure::new(409, RefusalStep::State, "gone", "the record went away")
-                })?;
-                r.state = state_of(&d);
-                let out = describe_instance(r, &self.cell);
-                self.save(&state)?;
-                Ok(Done::Instance(out))
+        let out = {
+            let mut state = self.lock();
+            match launched {
+                Ok(d) => {
+                    let r = state.instances.get_mut(&key).ok_or_else(|| {
+                        Failure::new(409, RefusalStep::State, "gone", "the record went away")
+                    })?;
+                    r.state = state_of(&d);
+                    r.published = published_of(&d);
+                    let out = describe_instance(r, &self.cell);
+                    self.save(&state)?;
+                    out
+                }
+                Err(e) => {
+                    state.instances.remove(&key);
+                    self.save(&state)?;
+                    return Err(Failure::host(&e));
+                }
             }
-            Err(e) => {
-                state.instances.remove(&key);
-                self.save(&state)?;
-                let _ = record;
-                Err(Failure::host(&e))
-            }
-        }
+        };
+        self.push_network().await;
+        Ok(Done::Instance(out))
     }
 
     async fn act(&self, customer: &Name, name: &Name, op: &str) -> Result<Done, Failure> {
@@ -574,25 +647,34 @@ impl Service {
             .call::<InstanceDescription>(&record.host, &addr, &req)
             .await
             .map_err(|e| Failure::host(&e))?;
-        let mut state = self.lock();
-        let key = record.key();
-        let out = if op == "terminate" {
-            let mut r = state.instances.remove(&key).unwrap_or(record);
-            r.state = InstanceState::Terminated;
-            describe_instance(&r, &self.cell)
-        } else {
-            let Some(r) = state.instances.get_mut(&key) else {
-                return Err(Failure::new(
-                    409,
-                    RefusalStep::State,
-                    "gone",
-                    "terminated meanwhile",
-                ));
+        let out = {
+            let mut state = self.lock();
+            let key = record.key();
+            let out = if op == "terminate" {
+                let mut r = state.instances.remove(&key).unwrap_or(record);
+                r.state = InstanceState::Terminated;
+                describe_instance(&r, &self.cell)
+            } else {
+                let Some(r) = state.instances.get_mut(&key) else {
+                    return Err(Failure::new(
+                        409,
+                        RefusalStep::State,
+                        "gone",
+                        "terminated meanwhile",
+                    ));
+                };
+                r.state = state_of(&d);
+                if d.network.is_some() {
+                    r.published = published_of(&d);
+                }
+                describe_instance(r, &self.cell)
             };
-            r.state = state_of(&d);
-            describe_instance(r, &self.cell)
+            self.save(&state)?;
+            out
         };
-        self.save(&state)?;
+        if matches!(op, "start" | "terminate") {
+            self.push_network().await;
+        }
         Ok(Done::Instance(out))
     }
 

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use nitrile_api::Name;
 use nitrile_api::admin::{HostDescription, PlacementState};
+use nitrile_api::network::{NetworkAttachment, NetworkRoute, NetworkUpdate, PublishedPort};
 use nitrile_image::Digest;
 use nitrile_placed_api::wire::InstanceState;
 use serde::{Deserialize, Serialize};
@@ -87,6 +88,10 @@ pub struct InstanceRecord {
     pub address: Ipv4Addr,
     /// Published instance ports.
     pub publish: Vec<u16>,
+    /// Where the host publishes them (host address and port), as the host
+    /// last said.
+    #[serde(default)]
+    pub published: Vec<PublishedPort>,
     /// Its state as placement last saw it.
     pub state: InstanceState,
     /// When it was run (RFC 3339).
@@ -178,6 +183,24 @@ impl Placements {
             .filter(move |i| &i.customer == customer)
     }
 
+    /// Where every instance address of the cell lives: one route per
+    /// recorded instance (running, stopped or being launched; terminated
+    /// ones are no longer recorded), by VNI and address.
+    pub fn routes(&self) -> Vec<NetworkRoute> {
+        let mut routes: Vec<NetworkRoute> = self
+            .instances
+            .values()
+            .filter(|i| i.state != InstanceState::Terminated)
+            .map(|i| NetworkRoute {
+                vni: i.vni,
+                address: i.address,
+                host: i.host.clone(),
+            })
+            .collect();
+        routes.sort();
+        routes
+    }
+
     /// Whether `customer` owns the image `digest`.
     pub fn owns_image(&self, customer: &Name, digest: &Digest) -> bool {
         self.images
@@ -245,6 +268,49 @@ pub fn choose_host(
         }
     }
     best.map(|(_, _, h)| h.clone())
+}
+
+/// The `network.update` every host of the fleet gets: the signed
+/// announcements of the hosts that answered `host.describe` with one (a
+/// host without a data path, or one that did not answer, is left out; its
+/// instances' routes stay, so that the others keep sending to it once it
+/// is back), and every recorded instance's route.
+pub fn network_update(
+    described: &BTreeMap<Name, Option<HostDescription>>,
+    state: &Placements,
+) -> NetworkUpdate {
+    NetworkUpdate {
+        peers: described
+            .values()
+            .flatten()
+            .filter_map(|d| d.network.as_ref().map(|n| n.announcement.clone()))
+            .collect(),
+        routes: state.routes(),
+    }
+}
+
+/// What the launch of `record` asks of its host's data path: the
+/// instance's place on its customer's network (VNI, address in
+/// [`NETWORK`]/[`PREFIX_LEN`], MAC) and what its metadata service serves it
+/// (SSH keys, user data as base64, published ports).
+pub fn attachment(
+    record: &InstanceRecord,
+    ssh_public_keys: Vec<String>,
+    user_data: &[u8],
+) -> NetworkAttachment {
+    use base64::Engine as _;
+    let [_, _, hi, lo] = record.vni.to_be_bytes();
+    let [_, _, c, d] = record.address.octets();
+    NetworkAttachment {
+        customer: record.customer.clone(),
+        vni: record.vni,
+        address: record.address,
+        prefix_len: PREFIX_LEN,
+        mac: nitrile_api::network::MacAddr([0x02, 0x4e, hi, lo, c, d]),
+        ssh_public_keys,
+        user_data: base64::engine::general_purpose::STANDARD.encode(user_data),
+        publish: record.publish.clone(),
+    }
 }
 
 /// Reads the record at `path` (an empty one when there is none).
@@ -329,6 +395,7 @@ mod tests {
             vni: 100,
             address,
             publish: Vec::new(),
+            published: Vec::new(),
             state: InstanceState::Running,
             created: String::new(),
         }
@@ -425,6 +492,77 @@ mod tests {
             Err(StoreError::NoAddress(_))
         ));
         assert_eq!(mac(0x0102, a), "02:4e:01:02:00:0a");
+    }
+
+    #[test]
+    fn the_network_update_has_every_route_and_only_announced_peers() {
+        use nitrile_api::network::{HostNetwork, PeerAnnouncement};
+        let mut state = Placements::default();
+        let a = Ipv4Addr::new(10, 80, 0, 10);
+        state
+            .instances
+            .insert("acme--a".into(), record("acme", "a", "h1", a));
+        let mut b = record("globex", "b", "h2", a);
+        b.vni = 101;
+        b.state = InstanceState::Stopped;
+        state.instances.insert("globex--b".into(), b);
+        let mut announced = host("h1", PlacementState::Accepting, 0, 8);
+        let announcement = PeerAnnouncement {
+            host: name("h1"),
+            cell: name("local"),
+            wireguard_public_key: "A".repeat(43) + "=",
+            endpoint: "127.0.0.1:5000".into(),
+            issued_at: "2024-01-01T00:00:00Z".into(),
+            certificate: String::new(),
+            signature: String::new(),
+        };
+        announced.network = Some(HostNetwork {
+            announcement: announcement.clone(),
+            peers: 0,
+            routes: 0,
+        });
+        let mut fleet = BTreeMap::new();
+        fleet.insert(name("h1"), Some(announced));
+        fleet.insert(
+            name("h2"),
+            Some(host("h2", PlacementState::Accepting, 0, 8)),
+        );
+        fleet.insert(name("h3"), None);
+        let update = network_update(&fleet, &state);
+        assert_eq!(update.peers, [announcement]);
+        assert_eq!(
+            update.routes,
+            [
+                NetworkRoute {
+                    vni: 100,
+                    address: a,
+                    host: name("h1")
+                },
+                NetworkRoute {
+                    vni: 101,
+                    address: a,
+                    host: name("h2")
+                },
+            ]
+        );
+        update.validate().unwrap();
+    }
+
+    #[test]
+    fn the_attachment_is_the_record_s_place_on_its_network() {
+        let mut r = record("acme", "a", "h1", Ipv4Addr::new(10, 80, 0, 12));
+        r.vni = 0x0102;
+        r.publish = vec![22];
+        let keys = vec!["ssh-ed25519 AAAA me@x".to_owned()];
+        let att = attachment(&r, keys.clone(), b"#!/bin/sh\n");
+        att.validate().unwrap();
+        assert_eq!(att.mac.to_string(), r.mac());
+        assert_eq!(att.mac.to_string(), "02:4e:01:02:00:0c");
+        assert_eq!(att.prefix_len, 24);
+        assert_eq!(att.ssh_public_keys, keys);
+        assert_eq!(att.publish, [22]);
+        assert_eq!(att.user_data_bytes().unwrap(), b"#!/bin/sh\n");
+        assert_eq!(att.gateway(), Ipv4Addr::new(10, 80, 0, 1));
     }
 
     #[test]

@@ -11,15 +11,17 @@ use std::time::Duration;
 use anyhow::Context;
 use nitrile_api::{Name, PrincipalId, PrincipalKind};
 use nitrile_cell::{
-    CellLayout, Endpoints, KMS, WITNESS, bootstrap, provision_host, provision_kms, provision_logd,
-    provision_witness,
+    CellLayout, Endpoints, KMS, PLACEMENT, WITNESS, bootstrap, provision_host, provision_kms,
+    provision_logd, provision_placed, provision_witness,
 };
 use nitrile_hostd::HostdConfig;
+use nitrile_hostd::network::NetworkConfig;
 use nitrile_kms::KmsConfig;
 use nitrile_kms_api::KmsTarget;
 use nitrile_logclient::LogdTarget;
 use nitrile_logd::config::{MetricsAddr, MonitorSource, WitnessConfig as LogdWitness};
 use nitrile_logd::{Alert, AlertSink, Logd, LogdConfig, LogdOptions};
+use nitrile_placed::PlacedConfig;
 use nitrile_tlog::NoteVerifier;
 use nitrile_tokend::Tokend;
 use nitrile_witness::{LogConfig, WitnessConfig};
@@ -28,8 +30,9 @@ use crate::Global;
 use crate::output::{errln, outln};
 use crate::service::{LogFormat, block_on, init_logging};
 
-/// The one host of a one-machine cell.
-const HOST: &str = "h1";
+/// Most host agents `--hosts` runs: the sample entitlements' fleet is
+/// `h1` to `h8`.
+const MAX_HOSTS: u8 = 8;
 /// Longest the host agent or the witness may take to start serving.
 const CHILD_START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long an exit of the host agent waits for a Ctrl-C that reached both.
@@ -40,6 +43,8 @@ const HOSTD_READY: &str = "nitrile hostd: ";
 const WITNESS_READY: &str = "nitrile audit witness: ";
 /// The readiness line prefix of `nitrile kms`.
 const KMS_READY: &str = "nitrile kms: ";
+/// The readiness line prefix of `nitrile placed`.
+const PLACED_READY: &str = "nitrile placed: ";
 
 /// Run a whole cell on this machine: the cell CA, a reviewer-signed sample
 /// entitlement bundle, the token service with its audit journal, the audit
@@ -90,6 +95,23 @@ pub(crate) struct Args {
     /// The key service's mTLS address.
     #[arg(long, default_value = "127.0.0.1:7447")]
     kms_listen: SocketAddr,
+    /// How many host agents to run (`h1` to `hN`, each its own process,
+    /// state directory `<state>/hosts/hN`, config and port), 1 to 8.
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_HOSTS)))]
+    hosts: u8,
+    /// Host `hK` listens on PORT+K-1 (h1 included) [default: h1 on
+    /// --hostd-listen, the others on a free port of its address].
+    #[arg(long, value_name = "PORT")]
+    hosts_listen_base: Option<u16>,
+    /// Run the host agents without an instance network (no `[network]`:
+    /// launches with a NIC, i.e. every customer run, are refused). The
+    /// data path needs the privilege to make network namespaces.
+    #[arg(long)]
+    no_network: bool,
+    /// The placement service's mTLS address (customers' API).
+    #[arg(long, default_value = "127.0.0.1:7448")]
+    placed_listen: SocketAddr,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -99,7 +121,9 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let layout = CellLayout::new(&args.state);
     let now = time::OffsetDateTime::now_utc();
-    let host = Name::new(HOST)?;
+    let hosts: Vec<Name> = (1..=args.hosts)
+        .map(|k| Name::new(&format!("h{k}")))
+        .collect::<Result<_, _>>()?;
     errln!(
         "nitrile up: preparing cell {:?} in {}",
         args.cell.as_str(),
@@ -158,6 +182,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         let logd_config_path = write_logd_config(
             &layout,
             &cell.cell,
+            &hosts,
             args.logd_listen,
             args.logd_metrics,
             &LogdWitness {
@@ -224,41 +249,78 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             args.log_format,
         )?;
 
-        provision_host(&layout, &cell.cell, &host, now)
-            .with_context(|| format!("cannot provision host {host}"))?;
-        let hostd_config = write_hostd_config(
-            &layout,
-            &cell.cell,
-            &host,
-            args.hostd_listen,
-            Some((&logd_addr, &log_vkey)),
-            Some(&kms.addr.to_string()),
-        )?;
-        let mut hostd = ServiceChild::spawn(
-            "the host agent",
-            &["hostd", "--stop-instances-on-exit", "--config"],
-            &hostd_config,
-            (HOSTD_READY, "hostd: "),
-            false,
-            args.log_format,
-        )?;
+        // The host agents h1..hN: each its own process, state directory,
+        // config and port, all with the cell's volume and image stores.
+        let mut host_children: Vec<(Name, PathBuf, ServiceChild)> = Vec::new();
+        for (k, host) in hosts.iter().enumerate() {
+            provision_host(&layout, &cell.cell, host, now)
+                .with_context(|| format!("cannot provision host {host}"))?;
+            let listen = host_listen(&args, k)?;
+            let network = (!args.no_network).then(|| NetworkConfig {
+                wireguard_listen: SocketAddr::new(listen.ip(), 0),
+                ingress_address: listen.ip(),
+                netns: Some(netns_name(&layout, host)),
+            });
+            let config = write_hostd_config(
+                &layout,
+                &cell.cell,
+                host,
+                listen,
+                Some((&logd_addr, &log_vkey)),
+                Some(&kms.addr.to_string()),
+                network,
+            )?;
+            let child = ServiceChild::spawn(
+                format!("the host agent {host}"),
+                &["hostd", "--stop-instances-on-exit", "--config"],
+                &config,
+                (HOSTD_READY, format!("{host}: ")),
+                false,
+                args.log_format,
+            )?;
+            host_children.push((host.clone(), config, child));
+        }
+        let fleet: BTreeMap<String, String> = host_children
+            .iter()
+            .map(|(h, _, c)| (h.to_string(), c.addr.to_string()))
+            .collect();
 
+        // The placement service: customers' API, placing on the fleet.
+        provision_placed(&layout, &cell.cell, now)
+            .context("cannot provision the placement service")?;
         let listen = tokend
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let hosts = BTreeMap::from([(host.to_string(), hostd.addr.to_string())]);
+        let placed_config = write_placed_config(
+            &layout,
+            &cell.cell,
+            args.placed_listen,
+            &listen,
+            &fleet,
+            Some((&logd_addr, &log_vkey)),
+        )?;
+        let mut placed = ServiceChild::spawn(
+            "the placement service",
+            &["placed", "--config"],
+            &placed_config,
+            (PLACED_READY, "placed: "),
+            // Stopped by the cell first, before the hosts it calls.
+            true,
+            args.log_format,
+        )?;
+
         let endpoints = Endpoints {
             tokend: listen.clone(),
             logd: Some(logd_addr.clone()),
             kms: Some(kms.addr.to_string()),
-            placement: None,
+            placement: Some(placed.addr.to_string()),
         };
         let clients = nitrile_cell::write_client_configs(
             &layout,
             &cell.cell,
             &endpoints,
-            &hosts,
+            &fleet,
             Some(&log_vkey),
             &witness_vkeys,
         )?;
@@ -271,6 +333,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         };
         let alice = config_of("alice")?;
         let placement = config_of("placement")?;
+        let acme = config_of("acme")?;
         let carol = config_of("carol")?;
         let metrics = tokend
             .metrics_addr()
@@ -290,13 +353,36 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         outln!("  cell CA        {}", layout.ca_cert().display())?;
         outln!("  tokend         {listen} (mTLS)   metrics http://{metrics}/metrics")?;
         outln!("  journal        {}", layout.tokend_journal().display())?;
+        for (host, config, child) in &host_children {
+            outln!(
+                "  hostd {host:<9}{} (mTLS, pid {})   config {}",
+                child.addr,
+                child.child.id(),
+                config.display()
+            )?;
+            outln!(
+                "  host journal   {}   metrics {} (Prometheus text file)",
+                layout.host_journal(host).display(),
+                layout.host_metrics(host).display()
+            )?;
+        }
         outln!(
-            "  hostd {host}       {} (mTLS, pid {})   config {}",
-            hostd.addr,
-            hostd.child.id(),
-            hostd_config.display()
+            "  network        {}",
+            if args.no_network {
+                "none (--no-network: customer runs are refused)".to_owned()
+            } else {
+                "instance networks on every host (WireGuard between hosts, published ports on \
+                 the host's address)"
+                    .to_owned()
+            }
         )?;
-        outln!("  host journal   {}", layout.host_journal(&host).display())?;
+        outln!(
+            "  placed         {} (mTLS, pid {})   config {}",
+            placed.addr,
+            placed.child.id(),
+            placed_config.display()
+        )?;
+        outln!("  placed journal {}", layout.placed_journal().display())?;
         outln!(
             "  kms            {} (mTLS, pid {})   config {}",
             kms.addr,
@@ -326,10 +412,6 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         outln!(
             "  checkpoints    {}",
             witnessing(&logd_config, &witness_vkey)
-        )?;
-        outln!(
-            "  host metrics   {} (Prometheus text file)",
-            layout.host_metrics(&host).display()
         )?;
         outln!(
             "  volumes        {} (volume store of the cell: ciphertext and wrapped keys only)",
@@ -366,18 +448,41 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             image.as_deref().unwrap_or("DIGEST"),
             placement.display()
         )?;
+        outln!(
+            "  nitrile customer image import --kernel VMLINUX --initramfs INITRAMFS --config {}",
+            acme.display()
+        )?;
+        outln!(
+            "  nitrile customer run web2 --image {} --publish 22 --config {}",
+            image.as_deref().unwrap_or("DIGEST"),
+            acme.display()
+        )?;
         outln!("  nitrile audit tail --config {}", carol.display())?;
         outln!()?;
         outln!("Ctrl-C stops the cell.")?;
         outln!("export NITRILE_CONFIG={}", alice.display())?;
 
-        // Stop order: the host agent first (it stops its instances), then
-        // the key service, then the token service, then the audit log
-        // service, then the witness (logd's last checkpoint needs its
-        // cosignature).
-        let hostd_exited = hostd.exited.take();
-        let witness_exited = witness.exited.take();
-        let kms_exited = kms.exited.take();
+        // Stop order: the placement service first (no more host calls),
+        // then the host agents (they stop their instances), then the key
+        // service, then the token service, then the audit log service,
+        // then the witness (logd's last checkpoint needs its cosignature).
+        let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let watch = |child: &mut ServiceChild| {
+            let exited = child.exited.take();
+            let who = child.what.clone();
+            let tx = exit_tx.clone();
+            tokio::spawn(async move {
+                exit_of(exited).await;
+                let _ = tx.send(who);
+            });
+        };
+        watch(&mut placed);
+        for (_, _, child) in &mut host_children {
+            watch(child);
+        }
+        watch(&mut kms);
+        watch(&mut witness);
+        drop(exit_tx);
         let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
         let stop = async move {
             tokio::pin!(signal);
@@ -385,11 +490,9 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             tokio::select! {
                 biased;
                 () = &mut signal => {}
-                () = exit_of(hostd_exited) => unexpected = Some(Exited::Hostd),
-                () = exit_of(witness_exited) => unexpected = Some(Exited::Witness),
-                () = exit_of(kms_exited) => unexpected = Some(Exited::Kms),
+                Some(who) = exit_rx.recv() => unexpected = Some(who),
             }
-            // A Ctrl-C on a terminal reaches the host agent too.
+            // A Ctrl-C on a terminal reaches the host agents too.
             if unexpected.is_some()
                 && tokio::time::timeout(SIGNAL_GRACE, &mut signal)
                     .await
@@ -397,16 +500,21 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             {
                 unexpected = None;
             }
-            let status = tokio::task::spawn_blocking(move || {
-                let hostd = hostd.stop();
-                (hostd, kms.stop())
+            let statuses = tokio::task::spawn_blocking(move || {
+                let mut statuses = vec![(placed.what.clone(), placed.stop())];
+                for (_, _, mut child) in host_children {
+                    statuses.push((child.what.clone(), child.stop()));
+                }
+                statuses.push((kms.what.clone(), kms.stop()));
+                statuses
             })
             .await;
-            let _ = outcome_tx.send((unexpected, status));
+            let _ = outcome_tx.send((unexpected, statuses));
         };
         let served = tokend.serve(stop).await;
         let _ = logd_stop.send(());
         let logd_result = logd_task.await;
+        let witness_what = witness.what.clone();
         let witness_status = tokio::task::spawn_blocking(move || witness.stop()).await;
         served?;
         match logd_result {
@@ -418,32 +526,29 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
                 let _ = errln!("nitrile up: the audit log service failed: {e}");
             }
         }
-        let (unexpected, status) = outcome_rx
+        let (unexpected, statuses) = outcome_rx
             .await
-            .context("the cell stopped without stopping the host agent")?;
-        let (status, kms_status) = status.context("waiting for the host agent")?;
-        let witness_status = witness_status.context("waiting for the witness")?;
+            .context("the cell stopped without stopping the host agents")?;
+        let mut statuses = statuses.context("waiting for the host agents")?;
+        statuses.push((
+            witness_what,
+            witness_status.context("waiting for the witness")?,
+        ));
         if let Some(who) = unexpected {
-            let (who, which) = match who {
-                Exited::Hostd => (format!("the host agent {host}"), &status),
-                Exited::Witness => ("the witness".to_owned(), &witness_status),
-                Exited::Kms => ("the key service".to_owned(), &kms_status),
-            };
+            let how = statuses
+                .iter()
+                .find(|(w, _)| *w == who)
+                .map(|(_, s)| match s {
+                    Ok(s) => s.to_string(),
+                    Err(e) => e.to_string(),
+                })
+                .unwrap_or_default();
             anyhow::bail!(
-                "{who} exited unexpectedly ({}); the cell stopped, state kept in {}",
-                which
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|e| e.to_string()),
+                "{who} exited unexpectedly ({how}); the cell stopped, state kept in {}",
                 layout.root().display()
             );
         }
-        let hostd_name = format!("the host agent {host}");
-        for (who, status) in [
-            (hostd_name.as_str(), status),
-            ("the key service", kms_status),
-            ("the witness", witness_status),
-        ] {
+        for (who, status) in statuses {
             match status {
                 Ok(s) if s.success() => {}
                 Ok(s) => {
@@ -525,6 +630,7 @@ const DEFAULT_LOGD_METRICS: &str = "127.0.0.1:9445";
 fn write_logd_config(
     layout: &CellLayout,
     cell: &Name,
+    hosts: &[Name],
     listen: SocketAddr,
     metrics: Option<SocketAddr>,
     witness: &LogdWitness,
@@ -587,18 +693,21 @@ fn write_logd_config(
                 .unwrap_or_else(|_| unreachable!("a socket address")),
         )?);
     }
-    // The cell's journal sources: its host, token service and key service,
-    // besides any an operator declared.
-    let host = Name::new(HOST)?;
-    if !config.sources.hosts.contains(&host) {
-        config.sources.hosts.push(host);
+    // The cell's journal sources: its hosts, token service, key service
+    // and placement service, besides any an operator declared.
+    for host in hosts {
+        if !config.sources.hosts.contains(host) {
+            config.sources.hosts.push(host.clone());
+        }
     }
     if config.sources.token_service.is_none() {
         config.sources.token_service = Some(Name::new("tokend")?);
     }
-    let kms = Name::new(KMS)?;
-    if !config.sources.services.contains(&kms) {
-        config.sources.services.push(kms);
+    for service in [KMS, PLACEMENT] {
+        let service = Name::new(service)?;
+        if !config.sources.services.contains(&service) {
+            config.sources.services.push(service);
+        }
     }
     if config.witnesses.is_empty() {
         config.witnesses = vec![witness.clone()];
@@ -716,6 +825,7 @@ fn write_hostd_config(
     listen: SocketAddr,
     logd: Option<(&str, &str)>,
     kms: Option<&str>,
+    network: Option<NetworkConfig>,
 ) -> anyhow::Result<PathBuf> {
     let path = layout.hostd_config(host);
     let dir = layout.host_dir(host);
@@ -756,6 +866,94 @@ fn write_hostd_config(
     if config.volumes.is_none() {
         config.volumes = Some(rel(&volume_store(layout)));
     }
+    config.network = network;
+    config
+        .write(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// Where host `hK` (the `k`th, from 0) listens: `--hosts-listen-base` +
+/// k when given; else h1 on `--hostd-listen` and the others on a free
+/// port of its address (read back from their readiness lines).
+fn host_listen(args: &Args, k: usize) -> anyhow::Result<SocketAddr> {
+    let ip = args.hostd_listen.ip();
+    match args.hosts_listen_base {
+        Some(base) => {
+            let port = u16::try_from(k)
+                .ok()
+                .and_then(|k| base.checked_add(k))
+                .context("--hosts-listen-base leaves no port for every host")?;
+            Ok(SocketAddr::new(ip, port))
+        }
+        None if k == 0 => Ok(args.hostd_listen),
+        None => Ok(SocketAddr::new(ip, 0)),
+    }
+}
+
+/// The network namespace of `host`'s data path: `nitrile-up-<8 hex digits
+/// of a hash of the state directory>-<host>`, so that two cells on one
+/// machine (or their tests) never share one, and a cell restarted on the
+/// same state finds its own again.
+fn netns_name(layout: &CellLayout, host: &Name) -> String {
+    use sha2::Digest as _;
+    let root = std::fs::canonicalize(layout.root()).unwrap_or_else(|_| layout.root().to_owned());
+    let h = sha2::Sha256::digest(root.as_os_str().as_encoded_bytes());
+    let hex: String = h.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("nitrile-up-{hex}-{host}")
+}
+
+/// Writes `placed/placed.toml` with paths relative to it: the placement
+/// service on `listen`, getting its host-call tokens from the token
+/// service at `tokend`, placing on `fleet` (host id -> admin address),
+/// importing into the cell's image store, and shipping its journal to
+/// logd at `logd` when given. The metrics address of an existing file is
+/// kept.
+fn write_placed_config(
+    layout: &CellLayout,
+    cell: &Name,
+    listen: SocketAddr,
+    tokend: &str,
+    fleet: &BTreeMap<String, String>,
+    logd: Option<(&str, &str)>,
+) -> anyhow::Result<PathBuf> {
+    let path = layout.placed_config();
+    let dir = layout.placed_dir();
+    let principal = PrincipalId::new(cell.clone(), PrincipalKind::Service, Name::new(PLACEMENT)?);
+    let (cert, key) = layout.cert_and_key(&principal);
+    let rel = |p: &Path| relative_to(&dir, p);
+    let metrics = if path.exists() {
+        PlacedConfig::load(&path)
+            .with_context(|| {
+                format!(
+                    "cannot reuse {}; fix or remove it to have it written anew",
+                    path.display()
+                )
+            })?
+            .metrics
+    } else {
+        None
+    };
+    let config = PlacedConfig {
+        cell: cell.clone(),
+        listen,
+        state: PathBuf::from("."),
+        ca: rel(&layout.ca_cert()),
+        cert: rel(&cert),
+        key: rel(&key),
+        issuer_keys: rel(&layout.placed_issuer_keys()),
+        images: rel(&layout.images_dir()),
+        tokend: tokend.to_owned(),
+        metrics,
+        hosts: fleet
+            .iter()
+            .map(|(h, a)| Ok((Name::new(h)?, a.clone())))
+            .collect::<anyhow::Result<_>>()?,
+        logd: logd.map(|(addr, vkey)| LogdTarget {
+            addr: addr.to_owned(),
+            log_vkey: Some(vkey.to_owned()),
+        }),
+    };
     config
         .write(&path)
         .with_context(|| format!("cannot write {}", path.display()))?;
@@ -846,21 +1044,13 @@ enum Startup {
 /// witness): a trust domain of its own, stopped with the cell.
 struct ServiceChild {
     child: Child,
-    /// What it is, for messages (`the host agent`).
-    what: &'static str,
+    /// What it is, for messages (`the host agent h1`).
+    what: String,
     /// Where it serves.
     addr: SocketAddr,
     /// Fires when its stderr closes after it served, i.e. it exited.
     exited: Option<tokio::sync::oneshot::Receiver<()>>,
     stopped: bool,
-}
-
-/// Which child of the cell exited before the cell was stopped.
-#[derive(Debug, Clone, Copy)]
-enum Exited {
-    Hostd,
-    Witness,
-    Kms,
 }
 
 /// Resolves when `exited` fires; never without it.
@@ -880,14 +1070,16 @@ impl ServiceChild {
     /// With `own_group`, it runs in a process group of its own, which a
     /// Ctrl-C on the terminal does not reach: the cell stops it.
     fn spawn(
-        what: &'static str,
+        what: impl Into<String>,
         args: &[&str],
         config: &Path,
-        (ready, prefix): (&'static str, &'static str),
+        (ready, prefix): (&'static str, impl Into<String>),
         own_group: bool,
         log_format: LogFormat,
     ) -> anyhow::Result<Self> {
         use std::os::unix::process::CommandExt as _;
+        let what: String = what.into();
+        let prefix: String = prefix.into();
         let exe = std::env::current_exe().context("cannot find this executable")?;
         // The child's stdout goes to our stderr: our stdout is what scripts
         // read for the export line.
@@ -918,7 +1110,7 @@ impl ServiceChild {
             .with_context(|| format!("the stderr of {what} is not piped"))?;
         let (startup_tx, startup_rx) = mpsc::channel();
         let (exited_tx, exited_rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || forward_stderr(stderr, ready, prefix, startup_tx, exited_tx));
+        std::thread::spawn(move || forward_stderr(stderr, ready, &prefix, startup_tx, exited_tx));
 
         let mut me = Self {
             child,
@@ -936,7 +1128,8 @@ impl ServiceChild {
             Err(_) => {
                 let _ = me.stop();
                 anyhow::bail!(
-                    "{what} did not start serving within {}s; it was stopped",
+                    "{} did not start serving within {}s; it was stopped",
+                    me.what,
                     CHILD_START_TIMEOUT.as_secs()
                 );
             }
@@ -1079,17 +1272,51 @@ mod tests {
         let listen: SocketAddr = "127.0.0.1:7445".parse().unwrap();
         let metrics = |path: &Path| LogdConfig::load(path).unwrap().metrics.map(|m| m.addr());
         let w = witness("127.0.0.1:7446");
-        let path = write_logd_config(&layout, &cell, listen, None, &w).unwrap();
+        let path = write_logd_config(
+            &layout,
+            &cell,
+            &[Name::new("h1").unwrap()],
+            listen,
+            None,
+            &w,
+        )
+        .unwrap();
         assert_eq!(metrics(&path), DEFAULT_LOGD_METRICS.parse().ok());
         let other: SocketAddr = "127.0.0.1:9555".parse().unwrap();
-        write_logd_config(&layout, &cell, listen, Some(other), &w).unwrap();
+        write_logd_config(
+            &layout,
+            &cell,
+            &[Name::new("h1").unwrap()],
+            listen,
+            Some(other),
+            &w,
+        )
+        .unwrap();
         assert_eq!(metrics(&path), Some(other));
         // Kept when not given.
-        write_logd_config(&layout, &cell, listen, None, &w).unwrap();
+        write_logd_config(
+            &layout,
+            &cell,
+            &[Name::new("h1").unwrap()],
+            listen,
+            None,
+            &w,
+        )
+        .unwrap();
         assert_eq!(metrics(&path), Some(other));
         // Refused when not loopback; the file is left as it was.
         let wild: SocketAddr = "0.0.0.0:9445".parse().unwrap();
-        assert!(write_logd_config(&layout, &cell, listen, Some(wild), &w).is_err());
+        assert!(
+            write_logd_config(
+                &layout,
+                &cell,
+                &[Name::new("h1").unwrap()],
+                listen,
+                Some(wild),
+                &w
+            )
+            .is_err()
+        );
         assert_eq!(metrics(&path), Some(other));
     }
 
@@ -1111,13 +1338,28 @@ mod tests {
         let load = |path: &Path| LogdConfig::load(path).unwrap();
 
         // A new cell: its witness, needed.
-        let path =
-            write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:1")).unwrap();
+        let path = write_logd_config(
+            &layout,
+            &cell,
+            &[Name::new("h1").unwrap()],
+            listen,
+            None,
+            &witness("127.0.0.1:1"),
+        )
+        .unwrap();
         let c = load(&path);
         assert_eq!(c.witnesses, vec![witness("127.0.0.1:1")]);
         assert_eq!(c.witness_quorum, 1);
         // The witness moved (port 0): its address follows.
-        write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:2")).unwrap();
+        write_logd_config(
+            &layout,
+            &cell,
+            &[Name::new("h1").unwrap()],
+            listen,
+            None,
+            &witness("127.0.0.1:2"),
+        )
+        .unwrap();
         assert_eq!(load(&path).witnesses, vec![witness("127.0.0.1:2")]);
 
         // A cell made before witnesses: no witness, quorum 0. It gains one.
@@ -1125,7 +1367,15 @@ mod tests {
         old.witnesses.clear();
         old.witness_quorum = 0;
         std::fs::write(&path, old.to_toml()).unwrap();
-        write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:3")).unwrap();
+        write_logd_config(
+            &layout,
+            &cell,
+            &[Name::new("h1").unwrap()],
+            listen,
+            None,
+            &witness("127.0.0.1:3"),
+        )
+        .unwrap();
         let c = load(&path);
         assert_eq!(c.witnesses, vec![witness("127.0.0.1:3")]);
         assert_eq!(c.witness_quorum, 1);
@@ -1141,7 +1391,15 @@ mod tests {
         edited.witnesses.push(theirs.clone());
         edited.witness_quorum = 2;
         std::fs::write(&path, edited.to_toml()).unwrap();
-        write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:4")).unwrap();
+        write_logd_config(
+            &layout,
+            &cell,
+            &[Name::new("h1").unwrap()],
+            listen,
+            None,
+            &witness("127.0.0.1:4"),
+        )
+        .unwrap();
         let c = load(&path);
         assert_eq!(c.witnesses, vec![witness("127.0.0.1:4"), theirs.clone()]);
         assert_eq!(c.witness_quorum, 2);
@@ -1149,7 +1407,15 @@ mod tests {
         only_theirs.witnesses = vec![theirs.clone()];
         only_theirs.witness_quorum = 1;
         std::fs::write(&path, only_theirs.to_toml()).unwrap();
-        write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:5")).unwrap();
+        write_logd_config(
+            &layout,
+            &cell,
+            &[Name::new("h1").unwrap()],
+            listen,
+            None,
+            &witness("127.0.0.1:5"),
+        )
+        .unwrap();
         let c = load(&path);
         assert_eq!(c.witnesses, vec![theirs]);
         assert_eq!(c.witness_quorum, 1);
@@ -1162,8 +1428,15 @@ mod tests {
         std::fs::create_dir_all(layout.logd_dir()).unwrap();
         let cell = Name::new("local").unwrap();
         let listen: SocketAddr = "127.0.0.1:7445".parse().unwrap();
-        let path =
-            write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:6")).unwrap();
+        let path = write_logd_config(
+            &layout,
+            &cell,
+            &[Name::new("h1").unwrap()],
+            listen,
+            None,
+            &witness("127.0.0.1:6"),
+        )
+        .unwrap();
         // A new file runs the monitor on the cell's bundle.
         let fresh = LogdConfig::load(&path).unwrap();
         let monitor = fresh.monitor.clone().unwrap();
@@ -1189,7 +1462,15 @@ mod tests {
             err.to_string().contains("`rules` is no longer read"),
             "{err}"
         );
-        write_logd_config(&layout, &cell, listen, None, &witness("127.0.0.1:6")).unwrap();
+        write_logd_config(
+            &layout,
+            &cell,
+            &[Name::new("h1").unwrap()],
+            listen,
+            None,
+            &witness("127.0.0.1:6"),
+        )
+        .unwrap();
         let migrated = LogdConfig::load(&path).unwrap();
         assert_eq!(migrated.monitor, fresh.monitor);
         assert_eq!(migrated.checkpoint_interval_ms, 700);
@@ -1236,7 +1517,7 @@ mod tests {
         let cell = Name::new("local").unwrap();
         let h1 = Name::new("h1").unwrap();
         let listen: SocketAddr = "127.0.0.1:7444".parse().unwrap();
-        let path = write_hostd_config(&layout, &cell, &h1, listen, None, None).unwrap();
+        let path = write_hostd_config(&layout, &cell, &h1, listen, None, None, None).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("ca = \"../../pki/ca.pem\""), "{text}");
         assert!(text.contains("volumes = \"../../volumes\""), "{text}");
@@ -1266,9 +1547,17 @@ mod tests {
             other,
             Some(("127.0.0.1:7445", "local.nitrile/log+01234567+AQ")),
             Some("127.0.0.1:7447"),
+            Some(NetworkConfig {
+                wireguard_listen: "127.0.0.1:0".parse().unwrap(),
+                ingress_address: "127.0.0.1".parse().unwrap(),
+                netns: Some(netns_name(&layout, &h1)),
+            }),
         )
         .unwrap();
         let again = HostdConfig::load(&path).unwrap();
+        let network = again.network.clone().unwrap();
+        assert_eq!(network.ingress_address.to_string(), "127.0.0.1");
+        assert!(network.netns.unwrap().starts_with("nitrile-up-"));
         assert_eq!(again.kms.as_ref().unwrap().addr, "127.0.0.1:7447");
         // An edited volume store is kept, written relative to the file.
         assert_eq!(

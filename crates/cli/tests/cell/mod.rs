@@ -89,6 +89,8 @@ pub(crate) struct Cell {
     pub(crate) kms_addr: SocketAddr,
     /// What `nitrile up` printed on stdout before the export line.
     pub(crate) up_stdout: Vec<String>,
+    /// How many host agents `nitrile up` runs (`--hosts`).
+    pub(crate) hosts: u8,
     up: Option<Child>,
     tokend: Option<Child>,
     kms: Option<Child>,
@@ -100,6 +102,14 @@ pub(crate) struct Cell {
 impl Cell {
     /// `nitrile up` in a fresh directory, left running.
     pub(crate) fn up() -> Self {
+        Self::up_with_hosts(1)
+    }
+
+    /// `nitrile up --hosts N` in a fresh directory, left running: host
+    /// agents h1..hN (h1 on a fixed free port, the others on port 0 with
+    /// their real addresses in the client configs) and the placement
+    /// service, whose address the customers' configs name.
+    pub(crate) fn up_with_hosts(hosts: u8) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let tokend_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -114,6 +124,7 @@ impl Cell {
             hostd_addr,
             kms_addr,
             up_stdout: Vec::new(),
+            hosts: 1,
             up: None,
             tokend: None,
             kms: None,
@@ -121,6 +132,7 @@ impl Cell {
             hostd_pid: None,
             dir,
         };
+        cell.hosts = hosts;
         cell.start_up();
         cell
     }
@@ -159,6 +171,21 @@ impl Cell {
     /// The host's journal.
     pub(crate) fn host_journal(&self) -> PathBuf {
         self.host_dir().join("journal")
+    }
+
+    /// The client config of customer `name` (`acme`, `globex`).
+    pub(crate) fn customer(&self, name: &str) -> PathBuf {
+        self.alice.with_file_name(format!("customer-{name}.toml"))
+    }
+
+    /// The placement service's journal.
+    pub(crate) fn placed_journal(&self) -> PathBuf {
+        self.state.join("placed").join("journal")
+    }
+
+    /// The journal of host `host`.
+    pub(crate) fn journal_of_host(&self, host: &str) -> PathBuf {
+        self.state.join("hosts").join(host).join("journal")
     }
 
     /// The token service's journal.
@@ -221,6 +248,9 @@ impl Cell {
             .args(["--witness-listen", "127.0.0.1:0"])
             .arg("--kms-listen")
             .arg(self.kms_addr.to_string())
+            .args(["--placed-listen", "127.0.0.1:0"])
+            .arg("--hosts")
+            .arg(self.hosts.to_string())
             .arg("--state")
             .arg(&self.state)
             .stdin(Stdio::null())
