@@ -801,15 +801,7 @@ async fn claim5_quota_charges_of_one_request_are_all_or_none() {
             1,
         )
     });
-    cell.edit_bundle("hosts.entities.json", |t| {
-        t.replacen(
-            r#"{"uid": {"type": "Nitrile::Host", "id": "h2"}, "attrs": {},"#,
-            r#"{"uid": {"type": "Nitrile::Host", "id": "h3"}, "attrs": {},
-   "parents": [{"type": "Nitrile::ResourceSet", "id": "fleet"}]},
-  {"uid": {"type": "Nitrile::Host", "id": "h2"}, "attrs": {},"#,
-            1,
-        )
-    });
+    // h3 is a fleet host of the sample bundle.
     let running = cell.start().await;
     let mut alice = cell.client(&running, "operator/alice").await;
     let both = |h: &str| {
