@@ -181,6 +181,24 @@ fn tls_refusals_for(cell: &Cell, remotes: &[SocketAddr]) -> Vec<serde_json::Valu
     }
 }
 
+/// The UDP endpoint of the host's data path, from its `host describe`.
+fn tunnel_endpoint(described: &str) -> Option<std::net::SocketAddr> {
+    let v: serde_json::Value = serde_json::from_str(described).unwrap();
+    v["network"]["announcement"]["endpoint"]
+        .as_str()
+        .map(|e| e.parse().unwrap())
+}
+
+/// What the host agent may listen on: its mTLS port and, with a data path,
+/// the tunnel port it announces (instances published no port here).
+fn expected_sockets(described: &str, mtls: std::net::SocketAddr) -> Vec<(String, String)> {
+    let mut v = vec![("tcp".to_owned(), mtls.to_string())];
+    if let Some(udp) = tunnel_endpoint(described) {
+        v.push(("udp".to_owned(), udp.to_string()));
+    }
+    v
+}
+
 /// Every socket or FIFO under `dir`.
 fn sockets_and_fifos(dir: &Path, out: &mut Vec<String>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -215,9 +233,29 @@ fn claim1_hostd_listens_only_on_its_mtls_port_and_answers_no_one_without_a_certi
     assert!(seen >= 1, "none of the agent's sockets found in /proc/net");
     assert_eq!(
         listening,
-        vec![("tcp".to_owned(), cell.hostd_addr.to_string())],
-        "the host agent must listen on its mTLS port only"
+        expected_sockets(&described, cell.hostd_addr),
+        "the host agent must listen on its mTLS port and its data path's tunnel port only"
     );
+    // The tunnel port answers no one who is not a peer: neither a
+    // handshake-sized datagram of noise nor a short one gets a reply.
+    let tunnel = tunnel_endpoint(&described).expect("nitrile up gives h1 a data path");
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    for size in [148usize, 32, 1] {
+        let mut noise = vec![0u8; size];
+        noise[0] = 1; // a handshake initiation's message type
+        for (i, b) in noise.iter_mut().enumerate().skip(4) {
+            *b = u8::try_from(i % 251).unwrap();
+        }
+        probe.send_to(&noise, tunnel).unwrap();
+        let mut buf = [0u8; 2048];
+        assert!(
+            probe.recv_from(&mut buf).is_err(),
+            "the tunnel port answered a stranger's {size}-byte datagram"
+        );
+    }
 
     let before = cell.journal(&cell.host_journal()).len();
     let plain = plain_tcp_client(cell.hostd_addr);
@@ -247,9 +285,13 @@ fn claim1_hostd_listens_only_on_its_mtls_port_and_answers_no_one_without_a_certi
     );
     cell.verify_journal(&cell.host_journal());
 
-    // Still the one port after those connections.
+    // Still the same ports after those connections.
     let (listening, _) = listening_sockets(pid);
-    assert_eq!(listening.len(), 1, "{listening:?}");
+    assert_eq!(
+        listening,
+        expected_sockets(&described, cell.hostd_addr),
+        "{listening:?}"
+    );
 
     let mut special = Vec::new();
     sockets_and_fifos(&cell.host_dir(), &mut special);
@@ -279,13 +321,15 @@ fn claim1_with_an_instance_running_no_process_of_the_host_listens_on_another_por
         ],
     );
 
-    // The agent itself: still the one port, though it spawned a VM.
+    // The agent itself: still its two ports, though it spawned a VM (one
+    // launched without a NIC publishes nothing).
     let hostd = cell.hostd_pid();
     let (listening, _) = listening_sockets(hostd);
+    let described_text = cell.ok(&cell.alice, &["host", "describe", "-o", "json"]);
     assert_eq!(
         listening,
-        vec![("tcp".to_owned(), cell.hostd_addr.to_string())],
-        "the host agent must listen on its mTLS port only"
+        expected_sockets(&described_text, cell.hostd_addr),
+        "the host agent must listen on its mTLS port and its data path's tunnel port only"
     );
     // Every other process of the host (QEMU, the waiting parents of jailed
     // VMs) accepts no network connection or datagram at all.
@@ -293,13 +337,14 @@ fn claim1_with_an_instance_running_no_process_of_the_host_listens_on_another_por
         .processes()
         .into_iter()
         .filter(|pid| {
-            // `nitrile up`, the log's witness and the key service are the
-            // cell's, not the host's.
+            // `nitrile up`, the log's witness, the key service and the
+            // placement service are the cell's, not the host's.
             *pid != hostd
                 && cell::cmdline(*pid).is_some_and(|c| {
                     !contains(&c, b"\0up\0")
                         && !contains(&c, b"\0audit\0witness\0")
                         && !contains(&c, b"\0kms\0")
+                        && !contains(&c, b"\0placed\0")
                 })
         })
         .collect();

@@ -348,6 +348,15 @@ impl HostNet {
         }
     }
 
+    /// Removes the data path's namespace (its bind mount), once no VM
+    /// holds a tap in it: at a shutdown that stopped every instance.
+    pub fn remove_namespace(&self) {
+        let name = self.dp.namespace().name().to_owned();
+        if let Err(e) = nitrile_vnet::Namespace::remove(&name) {
+            tracing::warn!(namespace = %name, error = %e, "could not remove the data path's namespace");
+        }
+    }
+
     /// The data path's counters.
     pub fn counters(&self) -> nitrile_vnet::Counters {
         self.dp.counters()

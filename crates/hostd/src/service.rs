@@ -538,6 +538,10 @@ impl Hostd {
         if self.stop_instances_on_exit {
             let now = self.inner.clock.now();
             self.inner.instances.stop_all(now, SHUTDOWN_REASON).await;
+            // No VM is left on a tap: the data path's namespace goes too.
+            if let Some(net) = self.inner.instances.network() {
+                net.remove_namespace();
+            }
         }
         let inner = Arc::clone(&self.inner);
         let _ = tokio::task::spawn_blocking(move || inner.write_metrics()).await;
