@@ -79,7 +79,9 @@ pub(crate) struct Args {
     /// Loopback address for the token service's Prometheus metrics.
     #[arg(long, default_value = "127.0.0.1:9443")]
     tokend_metrics: SocketAddr,
-    /// The host agent's mTLS address (its only port).
+    /// The host agent's mTLS address (its only admin port; its data path
+    /// adds a UDP port for the tunnels to other hosts, and instances'
+    /// published ports).
     #[arg(long, default_value = "127.0.0.1:7444")]
     hostd_listen: SocketAddr,
     /// The audit log service's mTLS address.
@@ -355,7 +357,8 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         outln!("  journal        {}", layout.tokend_journal().display())?;
         for (host, config, child) in &host_children {
             outln!(
-                "  hostd {host:<9}{} (mTLS, pid {})   config {}",
+                "  hostd {:<9}{} (mTLS, pid {})   config {}",
+                host.as_str(),
                 child.addr,
                 child.child.id(),
                 config.display()
@@ -448,14 +451,30 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             image.as_deref().unwrap_or("DIGEST"),
             placement.display()
         )?;
+        // As a customer: the same image, imported by acme (the digest is
+        // the same: content-addressed), then run with acme's SSH key.
+        let built = nitrile_image::default_cache_dir()
+            .map(|cache| nitrile_image::output_dir(&cache))
+            .and_then(|dir| nitrile_image::read_output(&dir))
+            .ok();
         outln!(
-            "  nitrile customer image import --kernel VMLINUX --initramfs INITRAMFS --config {}",
+            "  nitrile customer image import --kernel {} --initramfs {} --cmdline '{}' --config {}",
+            built
+                .as_ref()
+                .map_or("VMLINUX".into(), |b| b.kernel.display().to_string()),
+            built
+                .as_ref()
+                .map_or("INITRAMFS".into(), |b| b.initramfs.display().to_string()),
+            built.as_ref().map_or("CMDLINE", |b| b.cmdline.as_str()),
             acme.display()
         )?;
         outln!(
-            "  nitrile customer run web2 --image {} --publish 22 --config {}",
+            "  nitrile customer run web2 --image {} --ssh-key ~/.ssh/id_ed25519.pub --publish 22 --config {}",
             image.as_deref().unwrap_or("DIGEST"),
             acme.display()
+        )?;
+        outln!(
+            "  ssh -p <port from `nitrile customer describe web2`> root@127.0.0.1   (with that key)"
         )?;
         outln!("  nitrile audit tail --config {}", carol.display())?;
         outln!()?;

@@ -546,6 +546,26 @@ impl Drop for Cell {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // The host agents' data path namespaces, which a killed agent
+        // could not remove.
+        for entry in std::fs::read_dir(self.state.join("hosts"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let config =
+                std::fs::read_to_string(entry.path().join("hostd.toml")).unwrap_or_default();
+            let netns = config.lines().find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == "netns").then(|| v.trim().trim_matches('"').to_owned())
+            });
+            if let Some(ns) = netns {
+                let _ = Command::new("ip")
+                    .args(["netns", "delete", &ns])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
     }
 }
 
