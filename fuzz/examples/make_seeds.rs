@@ -309,7 +309,7 @@ fn main() {
         ],
         "scratch": {"path": "/var/lib/nitrile/instances/web1/scratch.img", "size_mib": 64},
         "vsock": {"guest_cid": 3, "uds_path": "/run/nitrile/web1.vsock"},
-        "net": {"tap": "tap-web1"}
+        "net": {"tap": "tap-web1", "netns": "/run/netns/nitrile-dp-h1", "mac": "02:4e:00:64:00:0a"}
     });
     let minimal = serde_json::json!({
         "instance": "web1",
