@@ -254,11 +254,24 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         // The host agents h1..hN: each its own process, state directory,
         // config and port, all with the cell's volume and image stores.
         let mut host_children: Vec<(Name, PathBuf, ServiceChild)> = Vec::new();
+        // The data path makes network namespaces: root's privilege. Without
+        // it the cell runs, and says that customers cannot run instances.
+        let no_network = args.no_network || {
+            let root = nix::unistd::geteuid().is_root();
+            if !root {
+                errln!(
+                    "nitrile up: not running as root, so the hosts get no instance network \
+                     (their data paths make network namespaces); customer runs will be \
+                     refused. Run as root for it, or pass --no-network to say so."
+                )?;
+            }
+            !root
+        };
         for (k, host) in hosts.iter().enumerate() {
             provision_host(&layout, &cell.cell, host, now)
                 .with_context(|| format!("cannot provision host {host}"))?;
             let listen = host_listen(&args, k)?;
-            let network = (!args.no_network).then(|| NetworkConfig {
+            let network = (!no_network).then(|| NetworkConfig {
                 wireguard_listen: SocketAddr::new(listen.ip(), 0),
                 ingress_address: listen.ip(),
                 netns: Some(netns_name(&layout, host)),
@@ -371,8 +384,8 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         }
         outln!(
             "  network        {}",
-            if args.no_network {
-                "none (--no-network: customer runs are refused)".to_owned()
+            if no_network {
+                "none (customer runs are refused)".to_owned()
             } else {
                 "instance networks on every host (WireGuard between hosts, published ports on \
                  the host's address)"
