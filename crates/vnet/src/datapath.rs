@@ -85,6 +85,17 @@ pub struct PortConfig {
     pub metadata: Arc<InstanceMetadata>,
 }
 
+/// How instance packets cross the underlay between hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tunnel {
+    /// One WireGuard session per peer host: the only mode a real build has.
+    WireGuard,
+    /// The inner packet in a UDP datagram as it is, for the benchmark's
+    /// baseline only (feature `danger-plaintext-tunnel`).
+    #[cfg(feature = "danger-plaintext-tunnel")]
+    DangerPlaintext,
+}
+
 type Reply = mpsc::SyncSender<Result<(), VnetError>>;
 
 enum Command {
@@ -132,6 +143,25 @@ impl DataPath {
     /// Opens (or makes) the namespace, binds the WireGuard socket, makes the
     /// static key and starts the thread.
     pub fn start(cfg: DataPathConfig) -> Result<DataPath, VnetError> {
+        Self::start_with(cfg, Tunnel::WireGuard)
+    }
+
+    /// **Benchmark baseline only, never in a real build.** Starts a data
+    /// path exactly as [`Self::start`] does, except that instance packets
+    /// cross the underlay in the clear: the inner packet (synthetic header,
+    /// VNI, instance packet) is sent to the peer's endpoint in a UDP
+    /// datagram without WireGuard, and a datagram from a peer's endpoint is
+    /// taken as such an inner packet, with the same checks (its inner form,
+    /// its source routed to that peer, a local port at its destination).
+    /// Exists only with the crate feature `danger-plaintext-tunnel`, which
+    /// no crate of the workspace enables; the `tunnel` benchmark measures
+    /// WireGuard's cost against it.
+    #[cfg(feature = "danger-plaintext-tunnel")]
+    pub fn start_danger_plaintext_tunnel(cfg: DataPathConfig) -> Result<DataPath, VnetError> {
+        Self::start_with(cfg, Tunnel::DangerPlaintext)
+    }
+
+    fn start_with(cfg: DataPathConfig, tunnel: Tunnel) -> Result<DataPath, VnetError> {
         let namespace = Namespace::open_or_create(&cfg.netns)?;
         let udp =
             UdpSocket::bind(cfg.wireguard_listen).map_err(|e| VnetError::Socket("wireguard", e))?;
@@ -166,6 +196,7 @@ impl DataPath {
             stop: stop.clone(),
             shared: shared.clone(),
             udp,
+            tunnel,
             secret,
             ports: Vec::new(),
             port_by_name: HashMap::new(),
@@ -344,6 +375,7 @@ struct Engine {
     stop: Arc<AtomicBool>,
     shared: Arc<Shared>,
     udp: UdpSocket,
+    tunnel: Tunnel,
     /// The static key; x25519-dalek zeroizes it on drop.
     secret: StaticSecret,
     ports: Vec<Option<Port>>,
@@ -490,6 +522,12 @@ impl Engine {
         };
         let n = switch::encapsulate(vni, packet, &mut self.bufs.inner);
         let peer = &mut self.peers[p];
+        #[cfg(feature = "danger-plaintext-tunnel")]
+        if self.tunnel == Tunnel::DangerPlaintext {
+            let d = &self.bufs.inner[..n];
+            send_datagram(&self.shared.counters, &self.udp, d, peer.peer.endpoint);
+            return;
+        }
         match peer
             .tunn
             .encapsulate(&self.bufs.inner[..n], &mut self.bufs.wg)
@@ -516,6 +554,12 @@ impl Engine {
                 self.shared.counters.drop(DropReason::TunnelUnknownSource);
                 continue;
             };
+            #[cfg(feature = "danger-plaintext-tunnel")]
+            if self.tunnel == Tunnel::DangerPlaintext {
+                self.bufs.inner[..n].copy_from_slice(&self.bufs.dgram[..n]);
+                self.deliver(p, n);
+                continue;
+            }
             let peer = &mut self.peers[p];
             let inner_len = match peer.tunn.decapsulate(
                 Some(src.ip()),
@@ -631,7 +675,8 @@ impl Engine {
     }
 
     fn tick_timers(&mut self) {
-        for peer in &mut self.peers {
+        let sessions = self.tunnel == Tunnel::WireGuard;
+        for peer in self.peers.iter_mut().filter(|_| sessions) {
             if let TunnResult::WriteToNetwork(d) = peer.tunn.update_timers(&mut self.bufs.wg) {
                 send_datagram(&self.shared.counters, &self.udp, d, peer.peer.endpoint);
             }
