@@ -554,18 +554,23 @@ impl Engine {
                 self.shared.counters.drop(DropReason::TunnelUnknownSource);
                 continue;
             };
+            let delivery = Delivery {
+                counters: &self.shared.counters,
+                routes: &self.routes,
+                local: &self.local,
+                ports: &self.ports,
+            };
             #[cfg(feature = "danger-plaintext-tunnel")]
             if self.tunnel == Tunnel::DangerPlaintext {
-                self.bufs.inner[..n].copy_from_slice(&self.bufs.dgram[..n]);
-                self.deliver(p, n);
+                let from = &self.peers[p].peer.host;
+                delivery.deliver(from, &self.bufs.dgram[..n], &mut self.bufs.out);
                 continue;
             }
             let peer = &mut self.peers[p];
-            let inner_len = match peer.tunn.decapsulate(
-                Some(src.ip()),
-                &self.bufs.dgram[..n],
-                &mut self.bufs.wg,
-            ) {
+            match peer
+                .tunn
+                .decapsulate(Some(src.ip()), &self.bufs.dgram[..n], &mut self.bufs.wg)
+            {
                 TunnResult::WriteToNetwork(d) => {
                     send_datagram(&self.shared.counters, &self.udp, d, peer.peer.endpoint);
                     // Packets queued during the handshake go now.
@@ -576,61 +581,19 @@ impl Engine {
                     }
                     continue;
                 }
-                TunnResult::WriteToTunnelV4(packet, _) => {
-                    let len = packet.len();
-                    self.bufs.inner[..len].copy_from_slice(packet);
-                    len
+                // Delivered from where WireGuard decrypted it.
+                TunnResult::WriteToTunnelV4(inner, _) => {
+                    delivery.deliver(&peer.peer.host, inner, &mut self.bufs.out);
                 }
                 TunnResult::WriteToTunnelV6(..) => {
                     self.shared.counters.drop(DropReason::TunnelMalformed);
-                    continue;
                 }
-                TunnResult::Done => continue,
+                TunnResult::Done => {}
                 TunnResult::Err(_) => {
                     self.shared.counters.drop(DropReason::TunnelRejected);
-                    continue;
                 }
-            };
-            self.deliver(p, inner_len);
-        }
-    }
-
-    /// Delivers the inner packet at `bufs.inner[..len]` that peer `p` sent.
-    fn deliver(&mut self, p: usize, len: usize) {
-        let inner = match switch::decapsulate(&self.bufs.inner[..len]) {
-            Ok(inner) => inner,
-            Err(reason) => {
-                self.shared.counters.drop(reason);
-                return;
             }
-        };
-        let from = &self.peers[p].peer.host;
-        if self.routes.get(&(inner.vni, inner.packet.src)) != Some(from) {
-            self.shared.counters.drop(DropReason::TunnelSourceNotRouted);
-            return;
         }
-        let Some(to) = self
-            .local
-            .get(&(inner.vni, inner.packet.dst))
-            .and_then(|&j| self.ports.get(j))
-            .and_then(Option::as_ref)
-        else {
-            self.shared.counters.drop(DropReason::TunnelNoLocalPort);
-            return;
-        };
-        let packet = inner.packet.packet;
-        let out = &mut self.bufs.out;
-        if ETH_HEADER_LEN + packet.len() > out.len() {
-            self.shared.counters.drop(DropReason::Oversize);
-            return;
-        }
-        wire::put_eth(out, to.addr.mac, GATEWAY_MAC, wire::ETHERTYPE_IPV4);
-        out[ETH_HEADER_LEN..ETH_HEADER_LEN + packet.len()].copy_from_slice(packet);
-        send_frame(
-            &self.shared.counters,
-            &to.sock,
-            &out[..ETH_HEADER_LEN + packet.len()],
-        );
     }
 
     fn listener_ready(&mut self, i: usize) {
@@ -901,6 +864,54 @@ impl Engine {
                 let _ = self.epoll.delete(&l.listener);
             }
         }
+    }
+}
+
+/// What delivering an inner packet from a peer host reads, borrowed
+/// apart from the buffer the packet is in.
+struct Delivery<'a> {
+    counters: &'a LiveCounters,
+    routes: &'a HashMap<(u32, Ipv4Addr), Name>,
+    local: &'a HashMap<(u32, Ipv4Addr), usize>,
+    ports: &'a [Option<Port>],
+}
+
+impl Delivery<'_> {
+    /// Delivers `inner`, an inner packet that peer host `from` sent, to
+    /// its local port, framed in `out`.
+    fn deliver(&self, from: &Name, inner: &[u8], out: &mut [u8]) {
+        let inner = match switch::decapsulate(inner) {
+            Ok(inner) => inner,
+            Err(reason) => {
+                self.counters.drop(reason);
+                return;
+            }
+        };
+        if self.routes.get(&(inner.vni, inner.packet.src)) != Some(from) {
+            self.counters.drop(DropReason::TunnelSourceNotRouted);
+            return;
+        }
+        let Some(to) = self
+            .local
+            .get(&(inner.vni, inner.packet.dst))
+            .and_then(|&j| self.ports.get(j))
+            .and_then(Option::as_ref)
+        else {
+            self.counters.drop(DropReason::TunnelNoLocalPort);
+            return;
+        };
+        let packet = inner.packet.packet;
+        if ETH_HEADER_LEN + packet.len() > out.len() {
+            self.counters.drop(DropReason::Oversize);
+            return;
+        }
+        wire::put_eth(out, to.addr.mac, GATEWAY_MAC, wire::ETHERTYPE_IPV4);
+        out[ETH_HEADER_LEN..ETH_HEADER_LEN + packet.len()].copy_from_slice(packet);
+        send_frame(
+            self.counters,
+            &to.sock,
+            &out[..ETH_HEADER_LEN + packet.len()],
+        );
     }
 }
 
