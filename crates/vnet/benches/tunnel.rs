@@ -15,12 +15,13 @@
 //! routed to a, a local port), b1's packet socket, the tap.
 //!
 //! The generator writes "as fast as the path takes them": at most
-//! [`WINDOW`] frames in flight (written and not yet read at b1), so the
-//! data paths, not the socket buffers, set the pace. A frame lost on the
-//! way (a full socket buffer) would hold its slot forever: when the reader
-//! makes no progress for [`STALL`], the frames in flight are written off
-//! and the generator goes on. Lost frames are counted (written minus read,
-//! after a drain) and printed.
+//! [`WINDOW`] frames in flight (written and not yet read at b1), starting
+//! at [`START_WINDOW`] and growing by one for each frame read, so the data
+//! paths set the pace. A frame lost on the way (a full socket buffer)
+//! keeps its slot, so losses shrink the window until what is in flight
+//! fits the buffers; should the reader make no progress for [`STALL`],
+//! the frames in flight are written off and the generator goes on. Lost
+//! frames are counted (written minus read, after a drain) and printed.
 //!
 //! Each round runs both modes one after the other (the order alternating
 //! from round to round), for each frame size: IPv4 packets of 1380 bytes
