@@ -85,6 +85,17 @@ pub struct PortConfig {
     pub metadata: Arc<InstanceMetadata>,
 }
 
+/// How instance packets cross the underlay between hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tunnel {
+    /// One WireGuard session per peer host: the only mode a real build has.
+    WireGuard,
+    /// The inner packet in a UDP datagram as it is, for the benchmark's
+    /// baseline only (feature `danger-plaintext-tunnel`).
+    #[cfg(feature = "danger-plaintext-tunnel")]
+    DangerPlaintext,
+}
+
 type Reply = mpsc::SyncSender<Result<(), VnetError>>;
 
 enum Command {
@@ -132,6 +143,25 @@ impl DataPath {
     /// Opens (or makes) the namespace, binds the WireGuard socket, makes the
     /// static key and starts the thread.
     pub fn start(cfg: DataPathConfig) -> Result<DataPath, VnetError> {
+        Self::start_with(cfg, Tunnel::WireGuard)
+    }
+
+    /// **Benchmark baseline only, never in a real build.** Starts a data
+    /// path exactly as [`Self::start`] does, except that instance packets
+    /// cross the underlay in the clear: the inner packet (synthetic header,
+    /// VNI, instance packet) is sent to the peer's endpoint in a UDP
+    /// datagram without WireGuard, and a datagram from a peer's endpoint is
+    /// taken as such an inner packet, with the same checks (its inner form,
+    /// its source routed to that peer, a local port at its destination).
+    /// Exists only with the crate feature `danger-plaintext-tunnel`, which
+    /// no crate of the workspace enables; the `tunnel` benchmark measures
+    /// WireGuard's cost against it.
+    #[cfg(feature = "danger-plaintext-tunnel")]
+    pub fn start_danger_plaintext_tunnel(cfg: DataPathConfig) -> Result<DataPath, VnetError> {
+        Self::start_with(cfg, Tunnel::DangerPlaintext)
+    }
+
+    fn start_with(cfg: DataPathConfig, tunnel: Tunnel) -> Result<DataPath, VnetError> {
         let namespace = Namespace::open_or_create(&cfg.netns)?;
         let udp =
             UdpSocket::bind(cfg.wireguard_listen).map_err(|e| VnetError::Socket("wireguard", e))?;
@@ -166,6 +196,7 @@ impl DataPath {
             stop: stop.clone(),
             shared: shared.clone(),
             udp,
+            tunnel,
             secret,
             ports: Vec::new(),
             port_by_name: HashMap::new(),
@@ -344,6 +375,7 @@ struct Engine {
     stop: Arc<AtomicBool>,
     shared: Arc<Shared>,
     udp: UdpSocket,
+    tunnel: Tunnel,
     /// The static key; x25519-dalek zeroizes it on drop.
     secret: StaticSecret,
     ports: Vec<Option<Port>>,
@@ -490,6 +522,12 @@ impl Engine {
         };
         let n = switch::encapsulate(vni, packet, &mut self.bufs.inner);
         let peer = &mut self.peers[p];
+        #[cfg(feature = "danger-plaintext-tunnel")]
+        if self.tunnel == Tunnel::DangerPlaintext {
+            let d = &self.bufs.inner[..n];
+            send_datagram(&self.shared.counters, &self.udp, d, peer.peer.endpoint);
+            return;
+        }
         match peer
             .tunn
             .encapsulate(&self.bufs.inner[..n], &mut self.bufs.wg)
@@ -516,12 +554,23 @@ impl Engine {
                 self.shared.counters.drop(DropReason::TunnelUnknownSource);
                 continue;
             };
+            let delivery = Delivery {
+                counters: &self.shared.counters,
+                routes: &self.routes,
+                local: &self.local,
+                ports: &self.ports,
+            };
+            #[cfg(feature = "danger-plaintext-tunnel")]
+            if self.tunnel == Tunnel::DangerPlaintext {
+                let from = &self.peers[p].peer.host;
+                delivery.deliver(from, &self.bufs.dgram[..n], &mut self.bufs.out);
+                continue;
+            }
             let peer = &mut self.peers[p];
-            let inner_len = match peer.tunn.decapsulate(
-                Some(src.ip()),
-                &self.bufs.dgram[..n],
-                &mut self.bufs.wg,
-            ) {
+            match peer
+                .tunn
+                .decapsulate(Some(src.ip()), &self.bufs.dgram[..n], &mut self.bufs.wg)
+            {
                 TunnResult::WriteToNetwork(d) => {
                     send_datagram(&self.shared.counters, &self.udp, d, peer.peer.endpoint);
                     // Packets queued during the handshake go now.
@@ -532,61 +581,19 @@ impl Engine {
                     }
                     continue;
                 }
-                TunnResult::WriteToTunnelV4(packet, _) => {
-                    let len = packet.len();
-                    self.bufs.inner[..len].copy_from_slice(packet);
-                    len
+                // Delivered from where WireGuard decrypted it.
+                TunnResult::WriteToTunnelV4(inner, _) => {
+                    delivery.deliver(&peer.peer.host, inner, &mut self.bufs.out);
                 }
                 TunnResult::WriteToTunnelV6(..) => {
                     self.shared.counters.drop(DropReason::TunnelMalformed);
-                    continue;
                 }
-                TunnResult::Done => continue,
+                TunnResult::Done => {}
                 TunnResult::Err(_) => {
                     self.shared.counters.drop(DropReason::TunnelRejected);
-                    continue;
                 }
-            };
-            self.deliver(p, inner_len);
-        }
-    }
-
-    /// Delivers the inner packet at `bufs.inner[..len]` that peer `p` sent.
-    fn deliver(&mut self, p: usize, len: usize) {
-        let inner = match switch::decapsulate(&self.bufs.inner[..len]) {
-            Ok(inner) => inner,
-            Err(reason) => {
-                self.shared.counters.drop(reason);
-                return;
             }
-        };
-        let from = &self.peers[p].peer.host;
-        if self.routes.get(&(inner.vni, inner.packet.src)) != Some(from) {
-            self.shared.counters.drop(DropReason::TunnelSourceNotRouted);
-            return;
         }
-        let Some(to) = self
-            .local
-            .get(&(inner.vni, inner.packet.dst))
-            .and_then(|&j| self.ports.get(j))
-            .and_then(Option::as_ref)
-        else {
-            self.shared.counters.drop(DropReason::TunnelNoLocalPort);
-            return;
-        };
-        let packet = inner.packet.packet;
-        let out = &mut self.bufs.out;
-        if ETH_HEADER_LEN + packet.len() > out.len() {
-            self.shared.counters.drop(DropReason::Oversize);
-            return;
-        }
-        wire::put_eth(out, to.addr.mac, GATEWAY_MAC, wire::ETHERTYPE_IPV4);
-        out[ETH_HEADER_LEN..ETH_HEADER_LEN + packet.len()].copy_from_slice(packet);
-        send_frame(
-            &self.shared.counters,
-            &to.sock,
-            &out[..ETH_HEADER_LEN + packet.len()],
-        );
     }
 
     fn listener_ready(&mut self, i: usize) {
@@ -631,7 +638,8 @@ impl Engine {
     }
 
     fn tick_timers(&mut self) {
-        for peer in &mut self.peers {
+        let sessions = self.tunnel == Tunnel::WireGuard;
+        for peer in self.peers.iter_mut().filter(|_| sessions) {
             if let TunnResult::WriteToNetwork(d) = peer.tunn.update_timers(&mut self.bufs.wg) {
                 send_datagram(&self.shared.counters, &self.udp, d, peer.peer.endpoint);
             }
@@ -856,6 +864,54 @@ impl Engine {
                 let _ = self.epoll.delete(&l.listener);
             }
         }
+    }
+}
+
+/// What delivering an inner packet from a peer host reads, borrowed
+/// apart from the buffer the packet is in.
+struct Delivery<'a> {
+    counters: &'a LiveCounters,
+    routes: &'a HashMap<(u32, Ipv4Addr), Name>,
+    local: &'a HashMap<(u32, Ipv4Addr), usize>,
+    ports: &'a [Option<Port>],
+}
+
+impl Delivery<'_> {
+    /// Delivers `inner`, an inner packet that peer host `from` sent, to
+    /// its local port, framed in `out`.
+    fn deliver(&self, from: &Name, inner: &[u8], out: &mut [u8]) {
+        let inner = match switch::decapsulate(inner) {
+            Ok(inner) => inner,
+            Err(reason) => {
+                self.counters.drop(reason);
+                return;
+            }
+        };
+        if self.routes.get(&(inner.vni, inner.packet.src)) != Some(from) {
+            self.counters.drop(DropReason::TunnelSourceNotRouted);
+            return;
+        }
+        let Some(to) = self
+            .local
+            .get(&(inner.vni, inner.packet.dst))
+            .and_then(|&j| self.ports.get(j))
+            .and_then(Option::as_ref)
+        else {
+            self.counters.drop(DropReason::TunnelNoLocalPort);
+            return;
+        };
+        let packet = inner.packet.packet;
+        if ETH_HEADER_LEN + packet.len() > out.len() {
+            self.counters.drop(DropReason::Oversize);
+            return;
+        }
+        wire::put_eth(out, to.addr.mac, GATEWAY_MAC, wire::ETHERTYPE_IPV4);
+        out[ETH_HEADER_LEN..ETH_HEADER_LEN + packet.len()].copy_from_slice(packet);
+        send_frame(
+            self.counters,
+            &to.sock,
+            &out[..ETH_HEADER_LEN + packet.len()],
+        );
     }
 }
 

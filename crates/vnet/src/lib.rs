@@ -32,6 +32,15 @@
 //!   [`DataPath::start`], lives only in the data path's memory (never
 //!   written, printed or returned; zeroized when dropped) and only its
 //!   public half leaves ([`DataPath::public_key`]).
+//! - **No plaintext tunnel in a real build.** The cargo feature
+//!   `danger-plaintext-tunnel` (off by default, enabled by no crate of the
+//!   workspace, with no config key or environment variable behind it) adds
+//!   `DataPath::start_danger_plaintext_tunnel`: the same data path with the
+//!   inner packets sent between hosts in the clear, the baseline of the
+//!   `tunnel` benchmark (`cargo bench -p nitrile-vnet --bench tunnel
+//!   --features danger-plaintext-tunnel`). Without it, a datagram in that
+//!   form from a peer's endpoint is refused by the peer's WireGuard session
+//!   and dropped.
 //!
 //! What it does not do: authenticate peers' announcements (its caller,
 //! the host agent, verifies them against the cell CA before

@@ -220,12 +220,19 @@ struct Host {
 
 impl Host {
     fn start(host: &str) -> Host {
+        Self::start_with(host, DataPath::start)
+    }
+
+    fn start_with(
+        host: &str,
+        start: fn(DataPathConfig) -> Result<DataPath, nitrile_vnet::VnetError>,
+    ) -> Host {
         let netns = format!(
             "nitrile-t{}-{}-{host}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)
         );
-        let dp = DataPath::start(DataPathConfig {
+        let dp = start(DataPathConfig {
             host: name(host),
             netns: netns.clone(),
             wireguard_listen: "127.0.0.1:0".parse().unwrap(),
@@ -355,8 +362,12 @@ fn routes() -> Vec<Route> {
 }
 
 fn cell() -> Cell {
-    let a = Host::start("a");
-    let b = Host::start("b");
+    cell_with(DataPath::start)
+}
+
+fn cell_with(start: fn(DataPathConfig) -> Result<DataPath, nitrile_vnet::VnetError>) -> Cell {
+    let a = Host::start_with("a", start);
+    let b = Host::start_with("b", start);
     let relay = Relay::start(a.dp.local_endpoint(), b.dp.local_endpoint());
     a.dp.set_peers(vec![Peer {
         host: b.name.clone(),
@@ -738,6 +749,78 @@ fn a_peer_cannot_send_from_an_address_not_routed_to_it() {
     assert_eq!(c.b.dropped(DropReason::TunnelSourceNotRouted), 2);
     c.b2.assert_nothing();
     c.b4.assert_nothing();
+}
+
+#[test]
+fn a_plaintext_datagram_from_a_peer_endpoint_is_dropped() {
+    skip_unless_root!();
+    let c = cell();
+    // The session between a and b works (the control).
+    udp_between(&c.b2, &c.a1, b"before-plaintext");
+    // An inner packet in the clear, as the bench-only plaintext baseline
+    // sends it, from b2's address (routed to b) to a1. Anything the relay
+    // receives from elsewhere than a goes to a from the relay's address:
+    // a's peer endpoint for b.
+    let before = c.a.dropped(DropReason::TunnelRejected);
+    let plain = inner(
+        VNI_A,
+        &ipv4(c.b2.ip, c.a1.ip, 17, &udp(4000, 5000, b"plaintext-inner")),
+    );
+    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    stranger.send_to(&plain, c.relay.addr).unwrap();
+    c.a.wait_dropped(DropReason::TunnelRejected, before);
+    c.a1.assert_nothing();
+    // The first frame a1 receives is the next one through WireGuard.
+    let f = udp_between(&c.b2, &c.a1, b"after-plaintext");
+    assert!(!contains(&f, b"plaintext-inner"));
+    c.a1.assert_nothing();
+    assert_eq!(c.a.dropped(DropReason::TunnelUnknownSource), 0);
+}
+
+/// The bench-only baseline: the same data path without WireGuard. The
+/// wire holds the instance packets in the clear, and a datagram from a
+/// peer still passes the same checks as a decrypted one.
+#[cfg(feature = "danger-plaintext-tunnel")]
+#[test]
+fn the_plaintext_baseline_carries_packets_in_the_clear_with_the_same_checks() {
+    skip_unless_root!();
+    let c = cell_with(DataPath::start_danger_plaintext_tunnel);
+    let marker = b"nitrile-plain-5a0c3e";
+    udp_between(&c.a1, &c.b2, marker);
+    udp_between(&c.b4, &c.a3, b"nitrile-plain-vni8");
+    assert!(contains(&c.relay.seen(), marker));
+    assert!(c.a.dp.counters().tunnels[0].since_handshake.is_none());
+    // Through the relay, a datagram from a stranger reaches a as from b.
+    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let send = |d: &[u8]| stranger.send_to(d, c.relay.addr).unwrap();
+    // Its source (a5's address) is not routed to b.
+    let not_routed = c.a.dropped(DropReason::TunnelSourceNotRouted);
+    send(&inner(
+        VNI_A,
+        &ipv4(c.a5.ip, c.a1.ip, 17, &udp(1, 2, b"from-b-as-a5")),
+    ));
+    c.a.wait_dropped(DropReason::TunnelSourceNotRouted, not_routed);
+    // b2's address on the other network.
+    send(&inner(
+        VNI_B,
+        &ipv4(c.b2.ip, c.a3.ip, 17, &udp(1, 2, b"from-b2-vni8")),
+    ));
+    c.a.wait_dropped(DropReason::TunnelSourceNotRouted, not_routed + 1);
+    // Not the inner form (a WireGuard handshake initiation).
+    let malformed = c.a.dropped(DropReason::TunnelMalformed);
+    let mut init = vec![1u8, 0, 0, 0];
+    init.resize(148, 0x42);
+    send(&init);
+    c.a.wait_dropped(DropReason::TunnelMalformed, malformed);
+    // A routed source is delivered (the control).
+    send(&inner(
+        VNI_A,
+        &ipv4(c.b2.ip, c.a1.ip, 17, &udp(1, 2, b"from-b2-routed")),
+    ));
+    assert!(contains(&c.a1.recv(), b"from-b2-routed"));
+    c.a1.assert_nothing();
+    c.a3.assert_nothing();
+    c.a5.assert_nothing();
 }
 
 #[test]
