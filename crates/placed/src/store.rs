@@ -235,6 +235,11 @@ pub fn choose_host(
     memory_mib: u32,
     skipped: &mut Vec<(Name, Skipped)>,
 ) -> Option<Name> {
+    // This customer's instances per host, counted once (not once per host).
+    let mut mine_on: BTreeMap<&Name, usize> = BTreeMap::new();
+    for i in state.instances_of(customer) {
+        *mine_on.entry(&i.host).or_default() += 1;
+    }
     let mut best: Option<(usize, u32, &Name)> = None;
     for (host, d) in described {
         let Some(d) = d else {
@@ -258,10 +263,7 @@ pub fn choose_host(
             skipped.push((host.clone(), Skipped::Full));
             continue;
         }
-        let mine = state
-            .instances_of(customer)
-            .filter(|i| &i.host == host)
-            .count();
+        let mine = mine_on.get(host).copied().unwrap_or(0);
         let key = (mine, c.instances, host);
         if best.as_ref().is_none_or(|b| key < *b) {
             best = Some(key);
