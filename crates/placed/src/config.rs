@@ -11,6 +11,7 @@
 //! images = "../images"                 # the cell's image store, shared with every host
 //! tokend = "127.0.0.1:7443"            # where placement gets its own tokens for host calls
 //! # metrics = "127.0.0.1:9448"         # optional: Prometheus, loopback only
+//! network_refresh_secs = 10            # how often hosts' announcements are checked
 //!
 //! [hosts]                              # the fleet: host id -> admin API address
 //! h1 = "127.0.0.1:7444"
@@ -36,6 +37,14 @@ pub const MAX_CONFIG_LEN: u64 = 64 * 1024;
 pub const MAX_HOSTS: usize = 1024;
 /// The journal's file name in the state directory.
 pub const JOURNAL_FILE: &str = "journal";
+/// How often (seconds) placement describes its hosts by default, pushing
+/// `network.update` to all when an announcement or a host's reachability
+/// changed.
+pub const DEFAULT_NETWORK_REFRESH_SECS: u64 = 10;
+/// The shortest refresh period a config may ask for.
+pub const MIN_NETWORK_REFRESH_SECS: u64 = 1;
+/// The longest refresh period a config may ask for.
+pub const MAX_NETWORK_REFRESH_SECS: u64 = 3600;
 /// The placement record's file name in the state directory.
 pub const STATE_FILE: &str = "placement.json";
 
@@ -80,6 +89,17 @@ pub enum ConfigError {
         /// How many.
         count: usize,
     },
+    /// the refresh period is out of bounds
+    #[error(
+        "{}: network_refresh_secs = {secs}; {MIN_NETWORK_REFRESH_SECS} to {MAX_NETWORK_REFRESH_SECS} are allowed",
+        path.display()
+    )]
+    Refresh {
+        /// The file.
+        path: PathBuf,
+        /// What it asked for.
+        secs: u64,
+    },
     /// the config could not be written
     #[error("{}: cannot write", path.display())]
     Write {
@@ -121,12 +141,21 @@ pub struct PlacedConfig {
     /// The loopback address of the Prometheus metrics endpoint, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
+    /// How often (seconds) every host is described; when any host's
+    /// signed announcement or reachability changed since the last push,
+    /// every host gets `network.update` again.
+    #[serde(default = "default_refresh")]
+    pub network_refresh_secs: u64,
     /// The fleet: host id -> the host's admin API address.
     pub hosts: BTreeMap<Name, String>,
     /// The audit log service the journal is shipped to (none: not
     /// shipped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logd: Option<LogdTarget>,
+}
+
+fn default_refresh() -> u64 {
+    DEFAULT_NETWORK_REFRESH_SECS
 }
 
 impl PlacedConfig {
@@ -156,6 +185,14 @@ impl PlacedConfig {
             return Err(ConfigError::Hosts {
                 path: path.to_owned(),
                 count: config.hosts.len(),
+            });
+        }
+        if !(MIN_NETWORK_REFRESH_SECS..=MAX_NETWORK_REFRESH_SECS)
+            .contains(&config.network_refresh_secs)
+        {
+            return Err(ConfigError::Refresh {
+                path: path.to_owned(),
+                secs: config.network_refresh_secs,
             });
         }
         let base = path.parent().unwrap_or(Path::new("."));

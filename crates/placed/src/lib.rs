@@ -35,6 +35,13 @@
 //!   for exactly that call. A host that does not take it is journaled and
 //!   gets the whole table at the next push; the customer's call does not
 //!   fail for it.
+//! - Announcement refresh: every `network_refresh_secs` (10 by default)
+//!   placement describes every host; when a host's signed announcement
+//!   changed (its agent restarted with a new tunnel key) or a host became
+//!   reachable or unreachable since the last push, every host gets the
+//!   table again and the refresh is journaled with what changed. One push
+//!   runs at a time; a refresh is one describe per host, plus one push per
+//!   host when something changed.
 //!
 //! Answers are metadata only: placement never returns user data or keys
 //! (it does not keep them: the host's metadata service does).

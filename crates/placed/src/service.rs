@@ -157,6 +157,17 @@ struct Service {
     /// each with the record as it is when it starts, so no host gets an
     /// older table after a newer one.
     push: tokio::sync::Mutex<()>,
+    /// What the last push was made from, and the hosts that did not take
+    /// it (none before the first push).
+    last_push: Mutex<Option<LastPush>>,
+    /// How often the fleet is described for a refresh.
+    refresh: std::time::Duration,
+}
+
+/// The fleet as the last network push saw it.
+struct LastPush {
+    view: store::NetworkView,
+    failed: Vec<Name>,
 }
 
 /// A placement service with its sockets bound, ready to serve.
@@ -264,6 +275,8 @@ impl PlacedServer {
             hosts: config.hosts.clone(),
             caller,
             push: tokio::sync::Mutex::new(()),
+            last_push: Mutex::new(None),
+            refresh: std::time::Duration::from_secs(config.network_refresh_secs),
         });
         let start = AuditRecord::outcome(
             clock.now(),
@@ -313,9 +326,19 @@ impl PlacedServer {
         let shipper = self.shipping.start();
         // The hosts learn the cell's network as placement recorded it,
         // without holding up the first customer.
+        // Then, every refresh period, they learn of any host whose
+        // announcement (a new tunnel key after its agent restarted) or
+        // reachability changed.
         let service = Arc::clone(&self.service);
-        tokio::spawn(async move {
+        let refresher = tokio::spawn(async move {
             service.push_network().await;
+            let mut tick = tokio::time::interval(service.refresh);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                service.refresh_network().await;
+            }
         });
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let metrics = MetricsTask::spawn(self.listeners.metrics, self.registry, stop_rx);
@@ -324,6 +347,8 @@ impl PlacedServer {
             refusals: Arc::clone(self.service.admission.service_journal()),
         };
         let result = self.server.serve(self.listeners.mtls, api, shutdown).await;
+        refresher.abort();
+        let _ = refresher.await;
         let _ = stop_tx.send(true);
         metrics.join().await;
         if let Some(shipper) = shipper {
@@ -483,14 +508,83 @@ impl Service {
     /// token for exactly `network.update` on that host. A host that
     /// cannot be reached or refuses is logged and journaled, and gets the
     /// whole table again at the next push (after the next run, start or
-    /// terminate, or at the next start of the service); it never fails the
-    /// customer's call. Returns the hosts that did not take it.
+    /// terminate, at the next refresh once it answers, or at the next start
+    /// of the service); it never fails the customer's call. Returns the
+    /// hosts that did not take it.
     async fn push_network(&self) -> Vec<Name> {
         let _one_at_a_time = self.push.lock().await;
         let described = self.describe_hosts().await;
+        self.push_described(&described).await
+    }
+
+    /// One refresh: describes every host and, when any host's announcement
+    /// or reachability changed since the last push (or a host that did not
+    /// take it answers again), pushes to every host and journals why.
+    /// Returns what changed (empty: nothing was pushed).
+    async fn refresh_network(&self) -> Vec<String> {
+        let _one_at_a_time = self.push.lock().await;
+        let described = self.describe_hosts().await;
+        let view = store::network_view(&described);
+        let changes = {
+            let last = self
+                .last_push
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match &*last {
+                None => store::view_changes(&store::NetworkView::new(), &view),
+                Some(l) => {
+                    let mut changes = store::view_changes(&l.view, &view);
+                    for host in &l.failed {
+                        let back = view
+                            .get(host)
+                            .is_some_and(|v| *v != store::HostView::Unreachable);
+                        if back && !changes.iter().any(|c| c.starts_with(&format!("{host} "))) {
+                            changes.push(format!("{host} answers again after a failed push"));
+                        }
+                    }
+                    changes
+                }
+            }
+        };
+        if changes.is_empty() {
+            return changes;
+        }
+        let failed = self.push_described(&described).await;
+        let record = AuditRecord::outcome(
+            self.clock.now(),
+            self.source.clone(),
+            RequestId::random(&mut rand_core::OsRng),
+            if failed.is_empty() {
+                Outcome::Executed
+            } else {
+                Outcome::Failed
+            },
+        )
+        .with_principal(self.source.clone())
+        .with_operations([nitrile_api::Operation::NetworkUpdate])
+        .with_reason(&format!(
+            "network refresh: {}; pushed to {} of {} hosts",
+            changes.join("; "),
+            self.hosts.len() - failed.len(),
+            self.hosts.len()
+        ));
+        if let Ok(bytes) = record.encode()
+            && self.journal.submit(&bytes).await.is_err()
+        {
+            tracing::error!("could not journal a network refresh");
+        }
+        changes
+    }
+
+    /// Pushes the table made of `described` and the record to every host;
+    /// remembers what it was made from. The caller holds `push`.
+    async fn push_described(
+        &self,
+        described: &BTreeMap<Name, Option<HostDescription>>,
+    ) -> Vec<Name> {
         let update = {
             let state = self.lock();
-            store::network_update(&described, &state)
+            store::network_update(described, &state)
         };
         let mut failed = Vec::new();
         for (host, addr) in &self.hosts {
@@ -519,6 +613,13 @@ impl Service {
                 failed.push(host.clone());
             }
         }
+        *self
+            .last_push
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(LastPush {
+            view: store::network_view(described),
+            failed: failed.clone(),
+        });
         failed
     }
 

@@ -235,6 +235,11 @@ pub fn choose_host(
     memory_mib: u32,
     skipped: &mut Vec<(Name, Skipped)>,
 ) -> Option<Name> {
+    // This customer's instances per host, counted once (not once per host).
+    let mut mine_on: BTreeMap<&Name, usize> = BTreeMap::new();
+    for i in state.instances_of(customer) {
+        *mine_on.entry(&i.host).or_default() += 1;
+    }
     let mut best: Option<(usize, u32, &Name)> = None;
     for (host, d) in described {
         let Some(d) = d else {
@@ -258,10 +263,7 @@ pub fn choose_host(
             skipped.push((host.clone(), Skipped::Full));
             continue;
         }
-        let mine = state
-            .instances_of(customer)
-            .filter(|i| &i.host == host)
-            .count();
+        let mine = mine_on.get(host).copied().unwrap_or(0);
         let key = (mine, c.instances, host);
         if best.as_ref().is_none_or(|b| key < *b) {
             best = Some(key);
@@ -287,6 +289,71 @@ pub fn network_update(
             .collect(),
         routes: state.routes(),
     }
+}
+
+/// What a network push depends on of one host, as `host.describe` showed
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostView {
+    /// It did not answer.
+    Unreachable,
+    /// It answered without a data path.
+    NoDataPath,
+    /// It answered with this signed announcement (a host agent makes a new
+    /// tunnel key, and so a new announcement, at every start).
+    Announced(nitrile_api::network::PeerAnnouncement),
+}
+
+/// What a network push depends on of every host of the fleet.
+pub type NetworkView = BTreeMap<Name, HostView>;
+
+/// The view of the fleet `described` gives.
+pub fn network_view(described: &BTreeMap<Name, Option<HostDescription>>) -> NetworkView {
+    described
+        .iter()
+        .map(|(host, d)| {
+            let view = match d {
+                None => HostView::Unreachable,
+                Some(d) => match &d.network {
+                    None => HostView::NoDataPath,
+                    Some(n) => HostView::Announced(n.announcement.clone()),
+                },
+            };
+            (host.clone(), view)
+        })
+        .collect()
+}
+
+/// What changed between the view of the last push and `now`, one line per
+/// host, by name (empty: nothing did, no push is needed).
+pub fn view_changes(last: &NetworkView, now: &NetworkView) -> Vec<String> {
+    let mut hosts: BTreeSet<&Name> = last.keys().collect();
+    hosts.extend(now.keys());
+    let mut changes = Vec::new();
+    for host in hosts {
+        let (before, after) = (last.get(host), now.get(host));
+        if before == after {
+            continue;
+        }
+        let what = match after {
+            None => "left the fleet".to_owned(),
+            Some(HostView::Unreachable) => "became unreachable".to_owned(),
+            Some(HostView::NoDataPath) => "has no data path".to_owned(),
+            Some(HostView::Announced(a)) => match before {
+                Some(HostView::Announced(b))
+                    if b.wireguard_public_key == a.wireguard_public_key =>
+                {
+                    format!("re-announced (endpoint {})", a.endpoint)
+                }
+                _ => format!(
+                    "announced tunnel key {} at {}",
+                    a.wireguard_public_key, a.endpoint
+                ),
+            },
+        };
+        changes.push(format!("{host} {what}"));
+    }
+    changes
 }
 
 /// What the launch of `record` asks of its host's data path: the
@@ -546,6 +613,66 @@ mod tests {
             ]
         );
         update.validate().unwrap();
+    }
+
+    #[test]
+    fn a_new_announcement_or_reachability_is_a_change_and_nothing_else_is() {
+        use nitrile_api::network::{HostNetwork, PeerAnnouncement};
+        let announced = |h: &str, key: char| {
+            let mut d = host(h, PlacementState::Accepting, 0, 8);
+            d.network = Some(HostNetwork {
+                announcement: PeerAnnouncement {
+                    host: name(h),
+                    cell: name("local"),
+                    wireguard_public_key: key.to_string().repeat(43) + "=",
+                    endpoint: "127.0.0.1:5000".into(),
+                    issued_at: "2024-01-01T00:00:00Z".into(),
+                    certificate: String::new(),
+                    signature: String::new(),
+                },
+                peers: 1,
+                routes: 0,
+            });
+            d
+        };
+        let mut fleet = BTreeMap::new();
+        fleet.insert(name("h1"), Some(announced("h1", 'A')));
+        fleet.insert(name("h2"), Some(announced("h2", 'B')));
+        let last = network_view(&fleet);
+        // Described again, counters and capacity changed: no push.
+        let mut again = fleet.clone();
+        if let Some(Some(d)) = again.get_mut(&name("h1")) {
+            d.capacity.instances = 3;
+            d.network.as_mut().unwrap().peers = 0;
+        }
+        assert!(view_changes(&last, &network_view(&again)).is_empty());
+        // h2's agent restarted with a new key.
+        let mut restarted = fleet.clone();
+        restarted.insert(name("h2"), Some(announced("h2", 'C')));
+        let changes = view_changes(&last, &network_view(&restarted));
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(
+            changes[0].starts_with("h2 announced tunnel key CCC"),
+            "{changes:?}"
+        );
+        // h1 unreachable, then back without a data path.
+        let mut gone = fleet.clone();
+        gone.insert(name("h1"), None);
+        assert_eq!(
+            view_changes(&last, &network_view(&gone)),
+            ["h1 became unreachable"]
+        );
+        let mut bare = fleet;
+        bare.insert(
+            name("h1"),
+            Some(host("h1", PlacementState::Accepting, 0, 8)),
+        );
+        assert_eq!(
+            view_changes(&network_view(&gone), &network_view(&bare)),
+            ["h1 has no data path"]
+        );
+        // The first push (nothing pushed yet) sees every host as a change.
+        assert_eq!(view_changes(&NetworkView::new(), &last).len(), 2);
     }
 
     #[test]

@@ -939,8 +939,8 @@ fn netns_name(layout: &CellLayout, host: &Name) -> String {
 /// service on `listen`, getting its host-call tokens from the token
 /// service at `tokend`, placing on `fleet` (host id -> admin address),
 /// importing into the cell's image store, and shipping its journal to
-/// logd at `logd` when given. The metrics address of an existing file is
-/// kept.
+/// logd at `logd` when given. The metrics address and the network refresh
+/// period of an existing file are kept.
 fn write_placed_config(
     layout: &CellLayout,
     cell: &Name,
@@ -954,17 +954,16 @@ fn write_placed_config(
     let principal = PrincipalId::new(cell.clone(), PrincipalKind::Service, Name::new(PLACEMENT)?);
     let (cert, key) = layout.cert_and_key(&principal);
     let rel = |p: &Path| relative_to(&dir, p);
-    let metrics = if path.exists() {
-        PlacedConfig::load(&path)
-            .with_context(|| {
-                format!(
-                    "cannot reuse {}; fix or remove it to have it written anew",
-                    path.display()
-                )
-            })?
-            .metrics
+    let (metrics, network_refresh_secs) = if path.exists() {
+        let old = PlacedConfig::load(&path).with_context(|| {
+            format!(
+                "cannot reuse {}; fix or remove it to have it written anew",
+                path.display()
+            )
+        })?;
+        (old.metrics, old.network_refresh_secs)
     } else {
-        None
+        (None, nitrile_placed::config::DEFAULT_NETWORK_REFRESH_SECS)
     };
     let config = PlacedConfig {
         cell: cell.clone(),
@@ -977,6 +976,7 @@ fn write_placed_config(
         images: rel(&layout.images_dir()),
         tokend: tokend.to_owned(),
         metrics,
+        network_refresh_secs,
         hosts: fleet
             .iter()
             .map(|(h, a)| Ok((Name::new(h)?, a.clone())))

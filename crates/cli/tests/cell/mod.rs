@@ -97,6 +97,9 @@ pub(crate) struct Cell {
     hostd: Option<Child>,
     /// The host agent's pid (a child of `nitrile up`, or of this test).
     hostd_pid: Option<u32>,
+    /// Other services run apart from `nitrile up` ([`Cell::start_service`]),
+    /// by name.
+    services: Vec<(String, Child)>,
 }
 
 impl Cell {
@@ -130,6 +133,7 @@ impl Cell {
             kms: None,
             hostd: None,
             hostd_pid: None,
+            services: Vec::new(),
             dir,
         };
         cell.hosts = hosts;
@@ -424,6 +428,69 @@ impl Cell {
         }
     }
 
+    /// Runs `nitrile <args>` apart from `nitrile up` as service `name` (its
+    /// stderr in `<name>.log`) and waits (bounded) for a stderr line that
+    /// contains `ready`; returns the line. E.g. a second host agent or the
+    /// placement service of a [`Cell::stop_up`] cell.
+    pub(crate) fn start_service(&mut self, name: &str, args: &[&str], ready: &str) -> String {
+        assert!(self.up.is_none());
+        assert!(!self.services.iter().any(|(n, _)| n == name), "{name} runs");
+        let mut child = Command::new(NITRILE)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(self.log_file(name)))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        self.services.push((name.to_owned(), child));
+        let mut log = self.log_file(name);
+        let ready = ready.to_owned();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(log, "{line}");
+                if line.contains(&ready)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(line) => line,
+            Err(e) => panic!(
+                "{name} did not start ({e})\n{}",
+                std::fs::read_to_string(self.log(name)).unwrap_or_default()
+            ),
+        }
+    }
+
+    /// SIGKILLs service `name` of [`Cell::start_service`] and reaps it.
+    pub(crate) fn kill_service(&mut self, name: &str) {
+        let i = self
+            .services
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} does not run"));
+        let (_, mut child) = self.services.remove(i);
+        signal(child.id(), nix::sys::signal::Signal::SIGKILL);
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "{status}");
+    }
+
+    /// The state directory of host `host`.
+    pub(crate) fn dir_of_host(&self, host: &str) -> PathBuf {
+        self.state.join("hosts").join(host)
+    }
+
+    /// The placement service's config.
+    pub(crate) fn placed_config(&self) -> PathBuf {
+        self.state.join("placed").join("placed.toml")
+    }
+
     /// SIGKILLs the host agent started by [`Cell::start_hostd`] and reaps it.
     pub(crate) fn kill_hostd(&mut self) {
         let mut child = self.hostd.take().expect("hostd runs as our child");
@@ -530,6 +597,7 @@ impl Drop for Cell {
         ]
         .into_iter()
         .flatten()
+        .chain(self.services.drain(..).map(|(_, c)| c))
         {
             let mut child = child;
             let _ = child.kill();
