@@ -8,7 +8,7 @@
 //! (its method and operation), prints back as exactly the method and path
 //! it came from, and parses again from what a client would send for it
 //! (method, path, body) to an equal request; its resource is of the kind
-//! its operation names; a launch or volume create request that parses is
+//! its operation names; a launch, volume create or network update that parses is
 //! valid and its body round-trips through JSON; a refusal is one of the
 //! four statuses.
 
@@ -16,6 +16,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use nitrile_api::Name;
+use nitrile_api::network::NetworkUpdate;
 use nitrile_api::admin::{
     AdminRequest, LaunchRequest, MAX_ADMIN_BODY, ROUTES, VolumeCreateRequest,
 };
@@ -76,6 +77,11 @@ fuzz_target!(|data: &[u8]| {
         let json = serde_json::to_vec(create).expect("a create request serializes");
         let back: VolumeCreateRequest = serde_json::from_slice(&json).expect("and parses back");
         assert_eq!(&back, create);
+    } else if let AdminRequest::NetworkUpdate(update) = &request {
+        assert_eq!(update.validate(), Ok(()));
+        let json = serde_json::to_vec(update).expect("a network update serializes");
+        let back: NetworkUpdate = serde_json::from_slice(&json).expect("and parses back");
+        assert_eq!(&back, update);
     } else if !matches!(request, AdminRequest::VolumeAttach(..)) {
         assert!(request.body().is_empty());
     }

@@ -1182,6 +1182,9 @@ impl Instances {
         let store = self.volumes.clone();
         let ids: Vec<Name> = record.volumes.iter().map(|v| v.id.clone()).collect();
         let spec_path = self.dir(name).join(SPEC_FILE);
+        // The network file holds the customer's SSH keys and user data:
+        // gone with the instance.
+        let port_path = self.dir(name).join(NETWORK_FILE);
         tokio::task::spawn_blocking(move || -> Result<(), InstanceError> {
             for id in &ids {
                 match detach_if(&store, id, &attachment) {
@@ -1189,11 +1192,14 @@ impl Instances {
                     Err(e) => return Err(e),
                 }
             }
-            match std::fs::remove_file(&spec_path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(io(&spec_path)(e)),
+            for path in [&spec_path, &port_path] {
+                match std::fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io(path)(e)),
+                }
             }
+            Ok(())
         })
         .await
         .map_err(InstanceError::Task)??;

@@ -597,5 +597,12 @@ async fn customers_reach_their_instances_across_hosts_encrypted_and_apart() {
         let token = cell.token_for(PLACEMENT, g.host, &req).await;
         let (status, _) = cell.call(PLACEMENT, g.host, &req, Some(&token)).await;
         assert_eq!(status, 200);
+        // Its keys and user data do not outlive it on the host.
+        let dir = cell
+            .host_config(g.host)
+            .state
+            .join("instances")
+            .join(g.instance);
+        assert!(!dir.join("network.json").exists(), "{}", g.instance);
     }
 }
