@@ -129,8 +129,18 @@ impl Failure {
     }
 
     fn internal(e: &dyn std::error::Error) -> Self {
-        tracing::error!(error = %e, "placement failure");
-        Self::new(500, RefusalStep::Internal, "internal", e.to_string())
+        // The whole chain: "image store: writing ...: No space left on
+        // device" says what to do, "image store" alone does not.
+        let mut reason = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            reason.push_str(": ");
+            reason.push_str(&c.to_string());
+            cause = c.source();
+        }
+        let reason = nitrile_api::admin::clip_text(&reason, nitrile_api::admin::MAX_REASON_LEN);
+        tracing::error!(error = %reason, "placement failure");
+        Self::new(500, RefusalStep::Internal, "internal", reason)
     }
 
     fn host(e: &crate::HostCallError) -> Self {
