@@ -367,7 +367,7 @@ methods="$(ip netns exec "$ns" ssh -o BatchMode=yes -o StrictHostKeyChecking=yes
     -o "UserKnownHostsFile=$tmp/known_hosts" -o PreferredAuthentications=none \
     "root@$guest" true 2>&1 | sed -n 's/.*Permission denied (\(.*\))\..*/\1/p' | head -n 1)" || true
 [ "$methods" = publickey ] || die "the SSH server offers '$methods', not only publickey"
-got="$(guest_ssh 'stat -c %a /root/.ssh/authorized_keys')" || die "ssh: stat"
+got="$(guest_ssh 'stat -c %a ~/.ssh/authorized_keys')" || die "ssh: stat"
 [ "$got" = 600 ] || die "authorized_keys has mode $got"
 log "another key is refused; only publickey is offered; authorized_keys is 0600"
 
