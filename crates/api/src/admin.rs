@@ -371,6 +371,12 @@ pub struct VolumeCreateRequest {
     /// customer's key wraps only under its owner's token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kms_key: Option<Name>,
+    /// An image of the host's image store whose root disk becomes the
+    /// volume's first contents: the VMM that first opens the volume
+    /// writes it into the encrypted disk (the host never does). The size
+    /// must then be the root disk's, in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_image: Option<Sha256Hex>,
 }
 
 impl VolumeCreateRequest {
@@ -918,6 +924,7 @@ mod tests {
                 volume: Name::new("data").unwrap(),
                 size_mib: 64,
                 kms_key: None,
+                seed_image: None,
             }),
             AdminRequest::VolumeList,
             AdminRequest::VolumeDescribe(Name::new("data").unwrap()),

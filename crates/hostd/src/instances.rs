@@ -86,6 +86,16 @@ pub enum InstanceError {
         #[source]
         source: Box<ImageError>,
     },
+    /// a volume's seed image is not usable: no root disk, or another size
+    #[error("cannot seed volume {volume} from image {digest}: {reason}")]
+    BadSeed {
+        /// The volume.
+        volume: Name,
+        /// The image.
+        digest: Sha256Hex,
+        /// Why.
+        reason: String,
+    },
     /// not enough free vCPUs or memory
     #[error(
         "not enough capacity: {vcpus} vCPUs and {memory_mib} MiB asked, {free_vcpus} vCPUs and {free_memory_mib} MiB free"
@@ -217,6 +227,7 @@ impl InstanceError {
             Self::Exists(_) => (409, RefusalStep::State, "exists"),
             Self::NoSuchInstance(_) => (404, RefusalStep::State, "no_such_instance"),
             Self::UnknownImage { .. } => (409, RefusalStep::State, "unknown_image"),
+            Self::BadSeed { .. } => (400, RefusalStep::Request, "bad_seed"),
             Self::Capacity { .. } => (409, RefusalStep::State, "capacity"),
             Self::WrongState { .. } => (409, RefusalStep::State, "wrong_state"),
             Self::NoHypervisor { .. } | Self::Hypervisor(_) => {
@@ -857,6 +868,13 @@ impl Instances {
             .await
             .map_err(InstanceError::Task)??
         };
+        let seeds = match self.seeds_of(&volumes).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.detach_quietly(&volumes, &attachment).await;
+                return Err(e);
+            }
+        };
         // The store's root may be configured as `../../images`: the spec
         // takes absolute, normalized paths only.
         let kernel = std::fs::canonicalize(image.kernel()).map_err(io(image.kernel()))?;
@@ -871,7 +889,7 @@ impl Instances {
             },
             "vcpus": req.vcpus,
             "memory_mib": req.memory_mib,
-            "volumes": self.spec_volumes(&volumes),
+            "volumes": self.spec_volumes(&volumes, &seeds),
         });
         if let Some(mib) = req.scratch_mib {
             spec_json["scratch"] = serde_json::json!({
@@ -961,17 +979,92 @@ impl Instances {
         self.record_started(record, result, now)
     }
 
+    /// Checks that image `digest` of this host's store can seed a volume of
+    /// `size_mib`: it has a root disk of exactly that size.
+    async fn check_seed(
+        &self,
+        volume: &Name,
+        digest: Sha256Hex,
+        size_mib: u64,
+    ) -> Result<(), InstanceError> {
+        let store = self.images.clone();
+        let d = nitrile_image::Digest::from_bytes(*digest.as_bytes());
+        let image = tokio::task::spawn_blocking(move || store.get(&d))
+            .await
+            .map_err(InstanceError::Task)?
+            .map_err(|source| InstanceError::UnknownImage {
+                digest,
+                source: Box::new(source),
+            })?;
+        let bad = |reason: String| InstanceError::BadSeed {
+            volume: volume.clone(),
+            digest,
+            reason,
+        };
+        match image.root_disk_mib() {
+            None => Err(bad("the image has no root disk".to_owned())),
+            Some(mib) if mib != size_mib => Err(bad(format!(
+                "its root disk is {mib} MiB, the volume {size_mib} MiB: they must be equal"
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The root disks that seed `records` whose ciphertext does not exist
+    /// yet, checked against their images' digests, by volume.
+    async fn seeds_of(
+        &self,
+        records: &[VolumeRecord],
+    ) -> Result<BTreeMap<Name, PathBuf>, InstanceError> {
+        let mut out = BTreeMap::new();
+        for r in records {
+            let Some(digest) = r.seed_image else { continue };
+            if self.volumes.disk_path(&r.volume).exists() {
+                continue;
+            }
+            let store = self.images.clone();
+            let d = nitrile_image::Digest::from_bytes(*digest.as_bytes());
+            let image = tokio::task::spawn_blocking(move || store.get(&d))
+                .await
+                .map_err(InstanceError::Task)?
+                .map_err(|source| InstanceError::UnknownImage {
+                    digest,
+                    source: Box::new(source),
+                })?;
+            let Some(path) = image.root_disk() else {
+                return Err(InstanceError::BadSeed {
+                    volume: r.volume.clone(),
+                    digest,
+                    reason: "the image has no root disk".to_owned(),
+                });
+            };
+            out.insert(
+                r.volume.clone(),
+                std::fs::canonicalize(path).map_err(io(path))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// The spec's `volumes` for `records`: each volume's ciphertext in the
-    /// store.
-    fn spec_volumes(&self, records: &[VolumeRecord]) -> Vec<serde_json::Value> {
+    /// store, and the root disk that seeds it when it is still to be made.
+    fn spec_volumes(
+        &self,
+        records: &[VolumeRecord],
+        seeds: &BTreeMap<Name, PathBuf>,
+    ) -> Vec<serde_json::Value> {
         records
             .iter()
             .map(|v| {
-                serde_json::json!({
+                let mut spec = serde_json::json!({
                     "id": v.volume.as_str(),
                     "path": self.volumes.disk_path(&v.volume),
                     "size_mib": v.size_mib,
-                })
+                });
+                if let Some(seed) = seeds.get(&v.volume) {
+                    spec["seed"] = serde_json::json!(seed);
+                }
+                spec
             })
             .collect()
     }
@@ -1076,7 +1169,8 @@ impl Instances {
                 path: self.dir(name).join(SPEC_FILE),
                 reason: e.to_string(),
             })?;
-        spec_json["volumes"] = serde_json::Value::Array(self.spec_volumes(&volumes));
+        let seeds = self.seeds_of(&volumes).await?;
+        spec_json["volumes"] = serde_json::Value::Array(self.spec_volumes(&volumes, &seeds));
         let spec = VmSpec::parse_json(
             &serde_json::to_vec(&spec_json).unwrap_or_else(|_| unreachable!("json value")),
         )?;
@@ -1223,6 +1317,9 @@ impl Instances {
         caller_token: &str,
     ) -> Result<VolumeDescription, InstanceError> {
         let source = self.key_source()?;
+        if let Some(digest) = req.seed_image {
+            self.check_seed(&req.volume, digest, req.size_mib).await?;
+        }
         let store = self.volumes.clone();
         let format = self.format.to_owned();
         let req = req.clone();
@@ -1252,6 +1349,7 @@ impl Instances {
                 wrapped_key: hex::encode(wrapped.as_bytes()),
                 attachment: None,
                 created_at,
+                seed_image: req.seed_image,
             };
             store.write(&lock, &record)?;
             Ok(record.describe())

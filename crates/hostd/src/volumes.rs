@@ -93,6 +93,10 @@ pub struct VolumeRecord {
     pub attachment: Option<VolumeAttachment>,
     /// When it was created (RFC 3339).
     pub created_at: String,
+    /// The image whose root disk is the volume's first contents, written
+    /// into the ciphertext by the first VMM that opens it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_image: Option<nitrile_api::admin::Sha256Hex>,
 }
 
 impl VolumeRecord {
@@ -314,6 +318,7 @@ mod tests {
             wrapped_key: "ab".repeat(100),
             attachment: None,
             created_at: "2026-01-01T00:00:00Z".into(),
+            seed_image: None,
         }
     }
 

@@ -365,6 +365,7 @@ async fn claim3_hostd_memory_holds_no_volume_key_after_attach() {
         volume: name("data"),
         size_mib: 16,
         kms_key: None,
+        seed_image: None,
     });
     let token = cell.token_for(PLACEMENT, "h1", &create).await;
     let (status, body) = call_with(&mut host, &create, Some(&token)).await;
@@ -463,6 +464,7 @@ async fn a_volume_without_a_key_service_is_refused_and_nothing_is_made() {
         volume: name("data"),
         size_mib: 16,
         kms_key: None,
+        seed_image: None,
     });
     let token = cell.token_for(PLACEMENT, "h1", &create).await;
     let (status, body) = cell.call(PLACEMENT, "h1", &create, Some(&token)).await;

@@ -622,6 +622,7 @@ async fn qemu_instance_lifecycle_crypto_erase_and_readoption() {
         volume: name("data"),
         size_mib: 16,
         kms_key: None,
+        seed_image: None,
     });
     let create_token = cell.token("service/placement", &create).await;
     let resp = call(&mut placement, &create, Some(&create_token)).await;

@@ -39,6 +39,7 @@ fn create(id: &str, size_mib: u64) -> AdminRequest {
         volume: name(id),
         size_mib,
         kms_key: None,
+        seed_image: None,
     })
 }
 
@@ -239,6 +240,7 @@ async fn a_key_service_refusal_or_a_missing_key_service_creates_nothing() {
         volume: name("data"),
         size_mib: 8,
         kms_key: Some(name("nope")),
+        seed_image: None,
     });
     let token = cell.token_for(PLACEMENT, "h1", &req).await;
     let (status, body) = cell.call(PLACEMENT, "h1", &req, Some(&token)).await;

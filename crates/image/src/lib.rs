@@ -10,7 +10,10 @@
 //!
 //! over the three raw 32-byte component digests in that order (see
 //! [`image_digest`]). Changing any byte of any component, or of the command
-//! line, changes it.
+//! line, changes it. An image may also have a root disk (a raw disk image,
+//! a whole number of MiB), whose digest then follows the other three
+//! ([`image_digest_with_root_disk`]); a host never boots it as stored but
+//! copies it into a new encrypted volume for each instance.
 //!
 //! This crate guarantees that [`ImageStore::get`] hands out an image only
 //! after hashing its stored kernel and initramfs and checking them, the
@@ -61,9 +64,10 @@ pub use build::{
 };
 pub use digest::{
     Cmdline, CmdlineError, DIGEST_PREFIX, Digest, DigestError, MAX_CMDLINE_LEN, image_digest,
+    image_digest_with_root_disk,
 };
 pub use kernel::{KERNEL_HEADER_LEN, KernelFormat, MAX_RELEASE_LEN};
 pub use store::{
     BlobInfo, Component, FileProblem, ImageError, ImageManifest, ImageRef, ImageStore,
-    MANIFEST_FORMAT, MAX_COMPONENT_SIZE, MAX_MANIFEST_SIZE,
+    MANIFEST_FORMAT, MAX_COMPONENT_SIZE, MAX_MANIFEST_SIZE, ROOT_DISK_ALIGN,
 };

@@ -3,7 +3,7 @@
 //! Layout under the store directory:
 //!
 //! ```text
-//! blobs/<sha256 hex>        kernel and initramfs files, named by their digest, mode 0444
+//! blobs/<sha256 hex>        kernel, initramfs and root disk files, named by their digest, mode 0444
 //! manifests/<digest>.json   one manifest per image, named by the image digest
 //! ```
 //!
@@ -20,11 +20,15 @@ use nitrile_fs::{AtomicFile, FsError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::digest::{Cmdline, Digest, image_digest};
+use crate::digest::{Cmdline, Digest, image_digest_with_root_disk};
 use crate::kernel::{BannerScanner, KERNEL_HEADER_LEN, KernelFormat, bzimage_release};
 
 /// The largest kernel or initramfs file the store accepts or reads.
 pub const MAX_COMPONENT_SIZE: u64 = 1 << 30;
+
+/// A root disk's size is a whole number of these (1 MiB), so that the
+/// volume made from it is exactly its size.
+pub const ROOT_DISK_ALIGN: u64 = 1 << 20;
 
 /// The largest manifest file the store reads.
 pub const MAX_MANIFEST_SIZE: u64 = 64 * 1024;
@@ -47,6 +51,8 @@ pub enum Component {
     Initramfs,
     /// The kernel command line.
     Cmdline,
+    /// The root disk file.
+    RootDisk,
 }
 
 impl std::fmt::Display for Component {
@@ -55,6 +61,7 @@ impl std::fmt::Display for Component {
             Self::Kernel => "kernel",
             Self::Initramfs => "initramfs",
             Self::Cmdline => "command line",
+            Self::RootDisk => "root disk",
         })
     }
 }
@@ -158,6 +165,9 @@ pub enum FileProblem {
     /// Its size differs from the size in the manifest.
     #[error("not the size its manifest records")]
     SizeMismatch,
+    /// A root disk whose size is not a whole number of MiB.
+    #[error("not a whole number of MiB (pad it, e.g. with truncate -s)")]
+    Unaligned,
 }
 
 /// One stored file of an image, as recorded in its manifest.
@@ -193,6 +203,10 @@ pub struct ImageManifest {
     pub cmdline: Cmdline,
     /// SHA-256 of the command line's bytes.
     pub cmdline_sha256: Digest,
+    /// The root disk file (a raw disk image), if the image has one: part of
+    /// the digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk: Option<BlobInfo>,
 }
 
 impl ImageManifest {
@@ -200,10 +214,15 @@ impl ImageManifest {
     fn consistent(&self) -> bool {
         self.format == MANIFEST_FORMAT
             && self.cmdline.digest() == self.cmdline_sha256
-            && image_digest(
+            && self
+                .root_disk
+                .as_ref()
+                .is_none_or(|r| r.size > 0 && r.size % ROOT_DISK_ALIGN == 0)
+            && image_digest_with_root_disk(
                 &self.kernel.sha256,
                 &self.initramfs.sha256,
                 &self.cmdline_sha256,
+                self.root_disk.as_ref().map(|r| &r.sha256),
             ) == self.digest
     }
 }
@@ -220,6 +239,7 @@ pub struct ImageRef {
     digest: Digest,
     kernel: PathBuf,
     initramfs: PathBuf,
+    root_disk: Option<PathBuf>,
     manifest: ImageManifest,
 }
 
@@ -235,6 +255,17 @@ impl ImageRef {
     /// The stored initramfs file.
     pub fn initramfs(&self) -> &Path {
         &self.initramfs
+    }
+    /// The stored root disk file, if the image has one.
+    pub fn root_disk(&self) -> Option<&Path> {
+        self.root_disk.as_deref()
+    }
+    /// The root disk's size in MiB, if the image has one.
+    pub fn root_disk_mib(&self) -> Option<u64> {
+        self.manifest
+            .root_disk
+            .as_ref()
+            .map(|r| r.size / ROOT_DISK_ALIGN)
     }
     /// The kernel command line.
     pub fn cmdline(&self) -> &Cmdline {
@@ -296,13 +327,45 @@ impl ImageStore {
         initramfs: &Path,
         cmdline: &Cmdline,
     ) -> Result<ImageRef, ImageError> {
+        self.import_with_root_disk(kernel, initramfs, cmdline, None)
+    }
+
+    /// [`ImageStore::import`] with a root disk: a raw disk image, not
+    /// empty, a whole number of MiB ([`ROOT_DISK_ALIGN`]), at most
+    /// [`MAX_COMPONENT_SIZE`]. On any refusal the manifest is not written
+    /// (blobs already copied stay, unreferenced and content-addressed).
+    pub fn import_with_root_disk(
+        &self,
+        kernel: &Path,
+        initramfs: &Path,
+        cmdline: &Cmdline,
+        root_disk: Option<&Path>,
+    ) -> Result<ImageRef, ImageError> {
         let k = self.copy_in(Component::Kernel, kernel)?;
         let format = k.format.ok_or_else(|| ImageError::UnknownKernelFormat {
             path: kernel.to_path_buf(),
         })?;
         let i = self.copy_in(Component::Initramfs, initramfs)?;
+        let r = root_disk
+            .map(|path| {
+                let r = self.copy_in(Component::RootDisk, path)?;
+                if r.info.size % ROOT_DISK_ALIGN != 0 {
+                    return Err(ImageError::BadFile {
+                        component: Component::RootDisk,
+                        path: path.to_path_buf(),
+                        problem: FileProblem::Unaligned,
+                    });
+                }
+                Ok(r.info)
+            })
+            .transpose()?;
         let cmdline_sha256 = cmdline.digest();
-        let digest = image_digest(&k.info.sha256, &i.info.sha256, &cmdline_sha256);
+        let digest = image_digest_with_root_disk(
+            &k.info.sha256,
+            &i.info.sha256,
+            &cmdline_sha256,
+            r.as_ref().map(|r| &r.sha256),
+        );
         let manifest = ImageManifest {
             format: MANIFEST_FORMAT.to_owned(),
             digest,
@@ -312,6 +375,7 @@ impl ImageStore {
             initramfs: i.info,
             cmdline: cmdline.clone(),
             cmdline_sha256,
+            root_disk: r,
         };
         let mut json =
             serde_json::to_vec_pretty(&manifest).map_err(|source| ImageError::BadManifest {
@@ -351,9 +415,11 @@ impl ImageStore {
     pub fn get(&self, digest: &Digest) -> Result<ImageRef, ImageError> {
         let manifest = self.read_manifest(digest)?;
         for (component, info) in [
-            (Component::Kernel, &manifest.kernel),
-            (Component::Initramfs, &manifest.initramfs),
+            (Component::Kernel, Some(&manifest.kernel)),
+            (Component::Initramfs, Some(&manifest.initramfs)),
+            (Component::RootDisk, manifest.root_disk.as_ref()),
         ] {
+            let Some(info) = info else { continue };
             let path = self.blob_path(&info.sha256);
             let (found, size) = hash_file(component, &path)?;
             if found != info.sha256 {
@@ -391,6 +457,10 @@ impl ImageStore {
             digest: manifest.digest,
             kernel: self.blob_path(&manifest.kernel.sha256),
             initramfs: self.blob_path(&manifest.initramfs.sha256),
+            root_disk: manifest
+                .root_disk
+                .as_ref()
+                .map(|r| self.blob_path(&r.sha256)),
             manifest,
         }
     }

@@ -298,3 +298,73 @@ fn bad_inputs_are_refused() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn root_disk_is_part_of_the_image_and_checked() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(store_dir.path().join("images")).unwrap();
+    let kernel = fake_elf_kernel("r");
+    let input = inputs(&kernel, b"initramfs bytes");
+    let c = cmdline("console=ttyS0");
+    let mut disk = vec![0u8; 2 << 20];
+    disk[1024..1040].copy_from_slice(b"ROOT-DISK-MARKER");
+    let disk_path = input.kernel.with_file_name("root.img");
+    fs::write(&disk_path, &disk).unwrap();
+
+    let with = store
+        .import_with_root_disk(&input.kernel, &input.initramfs, &c, Some(&disk_path))
+        .unwrap();
+    let without = store.import(&input.kernel, &input.initramfs, &c).unwrap();
+    assert_ne!(
+        with.digest(),
+        without.digest(),
+        "the root disk is in the digest"
+    );
+    assert_eq!(
+        with.digest(),
+        nitrile_image::image_digest_with_root_disk(
+            &Digest::of(&kernel),
+            &Digest::of(b"initramfs bytes"),
+            &Digest::of(b"console=ttyS0"),
+            Some(&Digest::of(&disk)),
+        )
+    );
+    assert_eq!(with.root_disk_mib(), Some(2));
+    assert_eq!(without.root_disk(), None);
+    let got = store.get(&with.digest()).unwrap();
+    assert_eq!(fs::read(got.root_disk().unwrap()).unwrap(), disk);
+
+    // A changed byte of the stored root disk refuses the image.
+    make_writable_and_modify(got.root_disk().unwrap(), 1024);
+    assert!(matches!(
+        store.get(&with.digest()),
+        Err(ImageError::Tampered {
+            component: Component::RootDisk,
+            ..
+        })
+    ));
+    // The image without one is untouched.
+    store.get(&without.digest()).unwrap();
+
+    // Not a whole number of MiB, or empty: refused, no manifest written.
+    let before = store.list().unwrap().len();
+    fs::write(&disk_path, vec![1u8; (1 << 20) + 512]).unwrap();
+    assert!(matches!(
+        store.import_with_root_disk(&input.kernel, &input.initramfs, &c, Some(&disk_path)),
+        Err(ImageError::BadFile {
+            component: Component::RootDisk,
+            problem: FileProblem::Unaligned,
+            ..
+        })
+    ));
+    fs::write(&disk_path, b"").unwrap();
+    assert!(matches!(
+        store.import_with_root_disk(&input.kernel, &input.initramfs, &c, Some(&disk_path)),
+        Err(ImageError::BadFile {
+            component: Component::RootDisk,
+            problem: FileProblem::Empty,
+            ..
+        })
+    ));
+    assert_eq!(store.list().unwrap().len(), before);
+}

@@ -458,3 +458,90 @@ async fn the_relayed_records_name_the_host_and_the_caller() {
     assert!(request.token_id.is_some());
     running.stop().await;
 }
+
+#[tokio::test]
+async fn the_placement_service_uses_a_customers_key_only_for_that_customers_volumes() {
+    let mut cell = Cell::new();
+    cell.config.placement = Some(p("service/placement"));
+    let running = cell.start().await;
+    let mut acme = cell.client(&running, "customer/acme").await;
+    let t = cell.token(
+        "customer/acme",
+        "kms",
+        &[Operation::KmsKeyCreate],
+        &["kms-key/acme-data"],
+    );
+    acme.create_key(&n("acme-data"), &t).await.unwrap();
+
+    // acme's instance's root volume: made, released to a VMM and destroyed
+    // under acme's key by the placement service.
+    let wrapped = create(
+        &cell,
+        &running,
+        "service/placement",
+        "acme--web1-root",
+        "acme-data",
+    )
+    .await;
+    let (vmm, pk) = recipient();
+    let mut h1 = cell.client(&running, "host/h1").await;
+    let t = cell.token(
+        "service/placement",
+        "h1",
+        &[ATTACH],
+        &["volume/acme--web1-root"],
+    );
+    let sealed = h1
+        .unwrap(&n("acme--web1-root"), &wrapped, &pk, &t)
+        .await
+        .unwrap();
+    vmm.open(
+        &SealedKey::decode(sealed.as_bytes()).unwrap(),
+        &n("acme--web1-root"),
+    )
+    .unwrap();
+
+    // Another customer's volume, a volume of no customer, or another
+    // provider principal: refused at the entitlement step, journaled, and
+    // nothing made.
+    for (who, volume) in [
+        ("service/placement", "evil--db1-root"),
+        ("service/placement", "v9"),
+        ("operator/alice", "acme--web2-root"),
+        ("host/h1", "acme--web3-root"),
+    ] {
+        let t = cell.token(who, "h1", &[CREATE], &[&format!("volume/{volume}")]);
+        let (status, r) = refusal(h1.generate(&n(volume), &n("acme-data"), &t).await);
+        assert_eq!(
+            (status, r.step),
+            (403, RefusalStep::Entitlement),
+            "{who} {volume}"
+        );
+        assert_journaled(
+            &cell,
+            r.audit_seq,
+            RefusalStep::Entitlement,
+            "not_key_owner",
+        );
+        assert!(running.kms.describe_volume(&n(volume)).is_err());
+    }
+    // Nor may placement manage the key itself.
+    let mut placement = cell.client(&running, "service/placement").await;
+    let t = cell.token(
+        "service/placement",
+        "kms",
+        &[Operation::KmsKeyDisable],
+        &["kms-key/acme-data"],
+    );
+    assert!(placement.disable_key(&n("acme-data"), &t).await.is_err());
+
+    let t = cell.token(
+        "service/placement",
+        "h1",
+        &[DELETE],
+        &["volume/acme--web1-root"],
+    );
+    h1.destroy(&n("acme--web1-root"), &t).await.unwrap();
+    assert!(running.kms.describe_volume(&n("acme--web1-root")).is_err());
+    running.stop().await;
+}

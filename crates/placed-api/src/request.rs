@@ -356,7 +356,7 @@ mod tests {
     fn every_route_parses_to_its_operation() {
         let d = "ab".repeat(32);
         let run = format!(r#"{{"name":"web1","image":"{d}","memory_mib":256,"vcpus":1}}"#);
-        let upload = crate::upload::encode("x", d.parse().unwrap(), b"K", b"I");
+        let upload = crate::upload::encode("x", d.parse().unwrap(), b"K", b"I", None);
         for route in ROUTES {
             let path = route.path.replace("{name}", "web1").replace("{digest}", &d);
             let body: &[u8] = match route.operation {

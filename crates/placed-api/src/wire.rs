@@ -51,6 +51,12 @@ pub struct RunRequest {
     /// Instance TCP ports to publish on the host's address.
     #[serde(default, deserialize_with = "ports")]
     pub publish: Vec<u16>,
+    /// One of the customer's own key service keys (its bare name): the
+    /// instance's root volume, a copy of the image's root disk, is
+    /// encrypted under a data key it wraps. Needed when the image has a
+    /// root disk, refused when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key: Option<Name>,
 }
 
 fn memory<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
@@ -191,6 +197,11 @@ pub struct CustomerInstance {
     pub mac: String,
     /// The instance ports published on its host's address.
     pub publish: Vec<u16>,
+    /// Its root volume (`volume/<customer>--<name>-root`, the image's root
+    /// disk copied into it at first boot) and the customer's key that
+    /// wraps its data key, when the image has a root disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_volume: Option<RootVolume>,
     /// Where each published port is reached from outside (the host's
     /// address and the port it picked), as the host last said.
     #[serde(default)]
@@ -199,6 +210,18 @@ pub struct CustomerInstance {
     pub state: InstanceState,
     /// When it was run (RFC 3339).
     pub created: String,
+}
+
+/// An instance's root volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootVolume {
+    /// The volume's id (`<customer>--<instance>-root`).
+    pub volume: Name,
+    /// The customer's key that wraps its data key (bare name).
+    pub kms_key: Name,
+    /// Its size in MiB (the root disk's).
+    pub size_mib: u64,
 }
 
 /// `GET /v1/instances`.
@@ -231,6 +254,12 @@ pub struct CustomerImage {
     pub initramfs_size: u64,
     /// SHA-256 of the command line.
     pub cmdline_sha256: Digest,
+    /// SHA-256 of the root disk, if the image has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk_sha256: Option<Digest>,
+    /// Root disk size in bytes, if the image has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk_size: Option<u64>,
     /// When it was imported (RFC 3339).
     pub imported: String,
 }

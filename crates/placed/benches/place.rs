@@ -101,6 +101,7 @@ fn fleet(n: usize) -> (BTreeMap<Name, Option<HostDescription>>, Placements) {
                     published: Vec::new(),
                     state: InstanceState::Running,
                     created: String::new(),
+                    root_volume: None,
                 },
             );
         }

@@ -81,9 +81,55 @@ impl HostCaller {
         addr: &str,
         req: &AdminRequest,
     ) -> Result<T, HostCallError> {
+        self.call_with_volumes(host, addr, req, &[]).await
+    }
+
+    /// Calls `req`, which boots an instance with `volumes`, on `host` at
+    /// `addr`: beside the call's token, a second one for `volume.attach` on
+    /// exactly those volumes, which the host relays to the key service.
+    pub(crate) async fn call_with_volumes<T: DeserializeOwned>(
+        &self,
+        host: &Name,
+        addr: &str,
+        req: &AdminRequest,
+        volumes: &[Name],
+    ) -> Result<T, HostCallError> {
         let operation = req.operation();
         let audience = Audience::new(host.as_str())
             .unwrap_or_else(|_| unreachable!("a host id is an audience"));
+        let volume_token = if volumes.is_empty() {
+            None
+        } else {
+            let ask = TokenRequest {
+                operations: vec![nitrile_api::Operation::VolumeAttach],
+                resources: volumes
+                    .iter()
+                    .map(|v| {
+                        nitrile_api::ResourceId::new(nitrile_api::ResourceKind::Volume, v.clone())
+                    })
+                    .collect(),
+                audience: audience.clone(),
+                group: None,
+                lifetime_secs: None,
+            };
+            let granted =
+                self.tokend
+                    .obtain(&ask)
+                    .await
+                    .map_err(|source| HostCallError::Token {
+                        host: host.clone(),
+                        operation: nitrile_api::Operation::VolumeAttach,
+                        source,
+                    })?;
+            let mut value =
+                HeaderValue::from_str(&granted.token).map_err(|_| HostCallError::BadAnswer {
+                    host: host.clone(),
+                    operation,
+                    status: http::StatusCode::BAD_REQUEST,
+                })?;
+            value.set_sensitive(true);
+            Some(value)
+        };
         let ask = TokenRequest {
             operations: vec![operation],
             resources: vec![req.resource(host)],
@@ -120,6 +166,9 @@ impl HostCaller {
             .uri(req.path())
             .header(header::ACCEPT, "application/json")
             .header(header::AUTHORIZATION, auth);
+        if let Some(value) = volume_token {
+            builder = builder.header(nitrile_api::admin::VOLUME_TOKEN_HEADER, value);
+        }
         let body = req.body();
         if !body.is_empty() {
             builder = builder.header(header::CONTENT_TYPE, "application/json");

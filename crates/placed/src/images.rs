@@ -94,9 +94,11 @@ impl Images {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let kernel_blob = self.blob(&Digest::of(upload.kernel));
         let initramfs_blob = self.blob(&Digest::of(upload.initramfs));
+        let root_disk_blob = upload.root_disk.map(|r| self.blob(&Digest::of(r)));
         let manifest = self.manifest(&digest);
         let existed: Vec<(PathBuf, bool)> = [kernel_blob, initramfs_blob, manifest]
             .into_iter()
+            .chain(root_disk_blob)
             .map(|p| {
                 let e = p.exists();
                 (p, e)
@@ -104,11 +106,14 @@ impl Images {
             .collect();
         let staged_kernel = self.staging.join("kernel");
         let staged_initramfs = self.staging.join("initramfs");
+        let staged_root_disk = self.staging.join("root-disk");
         let result = (|| {
             for (path, bytes) in [
-                (&staged_kernel, upload.kernel),
-                (&staged_initramfs, upload.initramfs),
+                (&staged_kernel, Some(upload.kernel)),
+                (&staged_initramfs, Some(upload.initramfs)),
+                (&staged_root_disk, upload.root_disk),
             ] {
+                let Some(bytes) = bytes else { continue };
                 nitrile_fs::write_atomic(path, bytes, 0o600).map_err(|source| {
                     ImportError::Staging {
                         path: path.clone(),
@@ -116,13 +121,17 @@ impl Images {
                     }
                 })?;
             }
-            let imported = self
-                .store
-                .import(&staged_kernel, &staged_initramfs, &upload.cmdline)?;
+            let imported = self.store.import_with_root_disk(
+                &staged_kernel,
+                &staged_initramfs,
+                &upload.cmdline,
+                upload.root_disk.map(|_| staged_root_disk.as_path()),
+            )?;
             Ok(imported.manifest().clone())
         })();
         let _ = std::fs::remove_file(&staged_kernel);
         let _ = std::fs::remove_file(&staged_initramfs);
+        let _ = std::fs::remove_file(&staged_root_disk);
         if result.is_err() {
             for (path, was) in existed {
                 if !was {
@@ -145,10 +154,20 @@ impl Images {
             return Ok(());
         };
         let _ = std::fs::remove_file(self.manifest(digest));
-        for blob in [gone.kernel.sha256, gone.initramfs.sha256] {
-            let shared = all.iter().any(|m| {
-                m.digest != *digest && (m.kernel.sha256 == blob || m.initramfs.sha256 == blob)
-            });
+        let blobs = |m: &ImageManifest| {
+            [
+                Some(m.kernel.sha256),
+                Some(m.initramfs.sha256),
+                m.root_disk.as_ref().map(|r| r.sha256),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+        };
+        for blob in blobs(gone) {
+            let shared = all
+                .iter()
+                .any(|m| m.digest != *digest && blobs(m).contains(&blob));
             if !shared {
                 let _ = std::fs::remove_file(self.blob(&blob));
             }
@@ -267,23 +286,58 @@ mod tests {
         for (k, digest) in [
             (
                 &kernel[..kernel.len() - 1],
-                nitrile_placed_api::upload::digest_of(&cmdline, &kernel[..kernel.len() - 1], b"I"),
+                nitrile_placed_api::upload::digest_of(
+                    &cmdline,
+                    &kernel[..kernel.len() - 1],
+                    b"I",
+                    None,
+                ),
             ),
             (&kernel[..], Digest::of(b"another image")),
         ] {
-            let body = nitrile_placed_api::upload::encode("console=ttyS0", digest, k, b"I");
+            let body = nitrile_placed_api::upload::encode("console=ttyS0", digest, k, b"I", None);
             let upload = ImageUpload::parse(&body).unwrap();
             let err = images.import(&upload).unwrap_err();
             assert!(err.is_bad_input(), "{err}");
             assert_eq!(files(&root), 0, "{err}");
         }
-        let digest = nitrile_placed_api::upload::digest_of(&cmdline, &kernel, b"I");
-        let body = nitrile_placed_api::upload::encode("console=ttyS0", digest, &kernel, b"I");
+        // A wrong digest with a root disk: its blob is not left either.
+        let disk = vec![3u8; 1 << 20];
+        let body = nitrile_placed_api::upload::encode(
+            "console=ttyS0",
+            Digest::of(b"another image"),
+            &kernel,
+            b"I",
+            Some(&disk),
+        );
+        let err = images
+            .import(&ImageUpload::parse(&body).unwrap())
+            .unwrap_err();
+        assert!(err.is_bad_input(), "{err}");
+        assert_eq!(files(&root), 0, "{err}");
+        let digest = nitrile_placed_api::upload::digest_of(&cmdline, &kernel, b"I", None);
+        let body = nitrile_placed_api::upload::encode("console=ttyS0", digest, &kernel, b"I", None);
         let m = images.import(&ImageUpload::parse(&body).unwrap()).unwrap();
         assert_eq!(m.digest, digest);
         assert_eq!(files(&root), 3);
         images.store().get(&digest).unwrap();
+        // The same kernel and initramfs with a root disk: one more blob and
+        // manifest; removing the first image keeps the shared blobs.
+        let with = nitrile_placed_api::upload::digest_of(&cmdline, &kernel, b"I", Some(&disk));
+        let body =
+            nitrile_placed_api::upload::encode("console=ttyS0", with, &kernel, b"I", Some(&disk));
+        let m = images.import(&ImageUpload::parse(&body).unwrap()).unwrap();
+        assert_eq!(m.root_disk.as_ref().map(|r| r.size), Some(1 << 20));
+        assert_eq!(files(&root), 5);
         images.remove(&digest).unwrap();
+        assert_eq!(files(&root), 4);
+        assert!(images.store().get(&with).unwrap().root_disk().is_some());
+        images.remove(&with).unwrap();
         assert_eq!(files(&root), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "staging is empty"
+        );
     }
 }

@@ -16,7 +16,10 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use nitrile_api::admin::{AdminRequest, HostDescription, InstanceDescription, LaunchRequest};
+use nitrile_api::admin::{
+    AdminRequest, HostDescription, InstanceDescription, LaunchRequest, VolumeCreateRequest,
+    VolumeDescription,
+};
 use nitrile_api::wire::RefusalStep;
 use nitrile_api::{Audience, Name, PrincipalId, PrincipalKind};
 use nitrile_audit::{AuditRecord, Journal, JournalError, JournalOptions, Outcome, RequestId};
@@ -29,7 +32,7 @@ use nitrile_logclient::{JournalShipping, LogKeyError};
 use nitrile_net::{Handler, PeerIdentity, PreauthReport, Registry, Server, json_response};
 use nitrile_pki::PkiError;
 use nitrile_placed_api::wire::{
-    CustomerImage, CustomerInstance, ImageList, InstanceList, InstanceState, RunRequest,
+    CustomerImage, CustomerInstance, ImageList, InstanceList, InstanceState, RootVolume, RunRequest,
 };
 use nitrile_placed_api::{MAX_UPLOAD_BODY, PLACEMENT_SERVICE, PlacedRequest, placement_principal};
 use nitrile_token::{
@@ -38,7 +41,7 @@ use nitrile_token::{
 use nitrile_tokend_api::{TokendClient, tokend_principal};
 
 use crate::config::PlacedConfig;
-use crate::hosts::HostCaller;
+use crate::hosts::{HostCallError, HostCaller};
 use crate::images::{Images, ImportError};
 use crate::store::{self, ImageRecord, InstanceRecord, Placements, StoreError};
 
@@ -381,6 +384,58 @@ enum Done {
     Images(ImageList),
 }
 
+/// The root volume an instance `key` (`<customer>--<name>`) of `image`
+/// gets: with a root disk, a volume `<key>-root` of its size under the
+/// customer's `kms_key`, which must then be named; without one, none, and
+/// a key named is refused as a mistake.
+fn root_volume_of(
+    image: &CustomerImage,
+    key: &str,
+    kms_key: Option<&Name>,
+) -> Result<Option<RootVolume>, Failure> {
+    match (image.root_disk_size, kms_key) {
+        (None, None) => Ok(None),
+        (None, Some(k)) => Err(Failure::new(
+            400,
+            RefusalStep::Request,
+            "no_root_disk",
+            format!(
+                "image {} has no root disk, so there is no volume for key {k} to encrypt",
+                image.digest
+            ),
+        )),
+        (Some(_), None) => Err(Failure::new(
+            400,
+            RefusalStep::Request,
+            "kms_key_needed",
+            format!(
+                "image {} has a root disk: name one of your keys (kms_key, `--kms-key`) to \
+                 encrypt the instance's copy of it",
+                image.digest
+            ),
+        )),
+        (Some(size), Some(k)) => {
+            let volume = Name::new(&format!("{key}-root")).map_err(|_| {
+                Failure::new(
+                    400,
+                    RefusalStep::Request,
+                    "name_too_long",
+                    format!(
+                        "the instance name is too long for its root volume {key}-root (at most \
+                         {} characters in all)",
+                        nitrile_api::MAX_NAME_LEN
+                    ),
+                )
+            })?;
+            Ok(Some(RootVolume {
+                volume,
+                kms_key: k.clone(),
+                size_mib: size / nitrile_image::ROOT_DISK_ALIGN,
+            }))
+        }
+    }
+}
+
 fn describe_instance(r: &InstanceRecord, cell: &Name) -> CustomerInstance {
     CustomerInstance {
         name: r.name.clone(),
@@ -394,6 +449,7 @@ fn describe_instance(r: &InstanceRecord, cell: &Name) -> CustomerInstance {
         mac: r.mac(),
         publish: r.publish.clone(),
         published: r.published.clone(),
+        root_volume: r.root_volume.clone(),
         state: r.state,
         created: r.created.clone(),
     }
@@ -494,6 +550,8 @@ impl Service {
             initramfs_sha256: m.initramfs.sha256,
             initramfs_size: m.initramfs.size,
             cmdline_sha256: m.cmdline_sha256,
+            root_disk_sha256: m.root_disk.as_ref().map(|r| r.sha256),
+            root_disk_size: m.root_disk.as_ref().map(|r| r.size),
             imported: record.imported,
         })
     }
@@ -634,12 +692,13 @@ impl Service {
     }
 
     async fn run(&self, customer: &Name, req: RunRequest) -> Result<Done, Failure> {
-        self.owned_image(customer, &req.image)?;
+        let image = self.owned_image(customer, &req.image)?;
         self.images
             .store()
             .get(&req.image)
             .map_err(|e| Failure::new(409, RefusalStep::State, "image", e.to_string()))?;
         let key = format!("{customer}--{}", req.name);
+        let root_volume = root_volume_of(&image, &key, req.kms_key.as_ref())?;
         if self.lock().instances.contains_key(&key) {
             return Err(Failure::new(
                 409,
@@ -692,6 +751,7 @@ impl Service {
                 published: Vec::new(),
                 state: InstanceState::Pending,
                 created: nitrile_audit::format_time(self.clock.now()),
+                root_volume: root_volume.clone(),
             };
             state.instances.insert(key.clone(), record.clone());
             self.save(&state)?;
@@ -706,7 +766,7 @@ impl Service {
                 .map_err(|_| Failure::new(500, RefusalStep::Internal, "digest", "digest"))?,
             vcpus: req.vcpus,
             memory_mib: req.memory_mib,
-            volumes: Vec::new(),
+            volumes: record.volumes(),
             scratch_mib: None,
             network: Some(store::attachment(
                 &record,
@@ -715,10 +775,41 @@ impl Service {
             )),
         };
         let addr = self.addr(&host)?.clone();
+        // The root volume first: made on the host under the customer's key,
+        // to be filled with the image's root disk by the VMM that first
+        // opens it.
+        if let Some(root) = &root_volume {
+            let create = AdminRequest::VolumeCreate(VolumeCreateRequest {
+                volume: root.volume.clone(),
+                size_mib: root.size_mib,
+                kms_key: Some(root.kms_key.clone()),
+                seed_image: Some(launch.image),
+            });
+            if let Err(e) = self
+                .caller
+                .call::<VolumeDescription>(&host, &addr, &create)
+                .await
+            {
+                let mut state = self.lock();
+                state.instances.remove(&key);
+                self.save(&state)?;
+                return Err(Failure::host(&e));
+            }
+        }
         let launched = self
             .caller
-            .call::<InstanceDescription>(&host, &addr, &AdminRequest::InstanceLaunch(launch))
+            .call_with_volumes::<InstanceDescription>(
+                &host,
+                &addr,
+                &AdminRequest::InstanceLaunch(launch),
+                &record.volumes(),
+            )
             .await;
+        if launched.is_err() {
+            // The launch undid its attachment and the volume holds nothing
+            // yet; a volume that cannot be deleted now is logged and stays.
+            let _ = self.delete_root_volume(&record).await;
+        }
         let out = {
             let mut state = self.lock();
             match launched {
@@ -743,9 +834,38 @@ impl Service {
         Ok(Done::Instance(out))
     }
 
+    /// Deletes `record`'s root volume, if it has one, on its host (the key
+    /// service destroys its key first: crypto-erase); says whether it is
+    /// gone. A failure is logged: the volume then stays, detached.
+    async fn delete_root_volume(&self, record: &InstanceRecord) -> Result<(), Failure> {
+        let Some(root) = &record.root_volume else {
+            return Ok(());
+        };
+        let addr = self.addr(&record.host)?.clone();
+        let delete = AdminRequest::VolumeDelete(root.volume.clone());
+        match self
+            .caller
+            .call::<serde_json::Value>(&record.host, &addr, &delete)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(HostCallError::Refused { status, .. }) if status == http::StatusCode::NOT_FOUND => {
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(volume = %root.volume, error = %e, "could not delete a root volume");
+                Err(Failure::host(&e))
+            }
+        }
+    }
+
     async fn act(&self, customer: &Name, name: &Name, op: &str) -> Result<Done, Failure> {
         let record = self.record(customer, name)?;
         let host_name = Name::new(&record.key()).map_err(|e| Failure::internal(&e))?;
+        if op == "terminate" && record.state == InstanceState::Terminated {
+            // Terminated before, its root volume left: only that is to do.
+            return self.finish_terminate(record).await;
+        }
         let req = match op {
             "describe" => AdminRequest::InstanceDescribe(host_name),
             "stop" => AdminRequest::InstanceStop(host_name),
@@ -753,11 +873,27 @@ impl Service {
             _ => AdminRequest::InstanceTerminate(host_name),
         };
         let addr = self.addr(&record.host)?.clone();
+        let volumes = if op == "start" {
+            record.volumes()
+        } else {
+            Vec::new()
+        };
         let d = self
             .caller
-            .call::<InstanceDescription>(&record.host, &addr, &req)
+            .call_with_volumes::<InstanceDescription>(&record.host, &addr, &req, &volumes)
             .await
             .map_err(|e| Failure::host(&e))?;
+        if op == "terminate" && record.root_volume.is_some() {
+            let mut r = record;
+            r.state = InstanceState::Terminated;
+            {
+                let mut state = self.lock();
+                state.instances.insert(r.key(), r.clone());
+                self.save(&state)?;
+            }
+            self.push_network().await;
+            return self.finish_terminate(r).await;
+        }
         let out = {
             let mut state = self.lock();
             let key = record.key();
@@ -787,6 +923,28 @@ impl Service {
             self.push_network().await;
         }
         Ok(Done::Instance(out))
+    }
+
+    /// Deletes a terminated instance's root volume, then its record; while
+    /// the volume cannot be deleted the record stays (terminated), and a
+    /// later terminate tries again.
+    async fn finish_terminate(&self, record: InstanceRecord) -> Result<Done, Failure> {
+        self.delete_root_volume(&record).await.map_err(|f| {
+            Failure::new(
+                f.status,
+                f.step,
+                "root_volume_kept",
+                format!(
+                    "the instance is terminated, but its root volume could not be deleted \
+                     (terminate it again to retry): {}",
+                    f.reason
+                ),
+            )
+        })?;
+        let mut state = self.lock();
+        state.instances.remove(&record.key());
+        self.save(&state)?;
+        Ok(Done::Instance(describe_instance(&record, &self.cell)))
     }
 
     async fn serve(&self, customer: &Name, req: PlacedRequest<'_>) -> Result<Done, Failure> {

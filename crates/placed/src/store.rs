@@ -96,9 +96,17 @@ pub struct InstanceRecord {
     pub state: InstanceState,
     /// When it was run (RFC 3339).
     pub created: String,
+    /// Its root volume, when its image has a root disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_volume: Option<nitrile_placed_api::wire::RootVolume>,
 }
 
 impl InstanceRecord {
+    /// The volumes it boots with.
+    pub fn volumes(&self) -> Vec<Name> {
+        self.root_volume.iter().map(|r| r.volume.clone()).collect()
+    }
+
     /// The key of the record: `<customer>--<name>`, the instance's name on
     /// its host.
     pub fn key(&self) -> String {
@@ -465,6 +473,7 @@ mod tests {
             published: Vec::new(),
             state: InstanceState::Running,
             created: String::new(),
+            root_volume: None,
         }
     }
 

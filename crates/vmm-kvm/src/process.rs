@@ -45,6 +45,65 @@ use crate::{
     DiskConfig, DiskEncryption, ExitReason, KernelFormat, NetConfig, VmConfig, Vmm, VsockConfig,
 };
 
+/// Makes the volume at `path` from `seed`, a raw disk image of exactly
+/// `size_mib` MiB: every sector encrypted under `key` as the block device
+/// does, written beside `path` and renamed when whole (a process that dies
+/// while copying leaves no volume a later one would take as made).
+pub fn seed_volume(
+    path: &std::path::Path,
+    size_mib: u64,
+    seed: &std::path::Path,
+    key: &VolumeKey,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let invalid = |msg: String| std::io::Error::new(std::io::ErrorKind::InvalidData, msg);
+    let cipher = crate::SectorCipher::new(key).map_err(|e| invalid(e.to_string()))?;
+    let mut input = File::open(seed)?;
+    let len = input.metadata()?.len();
+    if len != size_mib << 20 {
+        return Err(invalid(format!(
+            "seed {} is {len} bytes, its volume {}",
+            seed.display(),
+            size_mib << 20
+        )));
+    }
+    let tmp = path.with_extension("seeding");
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; 1 << 20]);
+        let mut sector = 0u64;
+        loop {
+            let mut filled = 0;
+            while filled < buf.len() {
+                match input.read(&mut buf[filled..])? {
+                    0 => break,
+                    n => filled += n,
+                }
+            }
+            if filled == 0 {
+                break;
+            }
+            // The size is a whole number of MiB, so every chunk is whole.
+            cipher
+                .encrypt(&mut buf[..filled], sector)
+                .map_err(|e| invalid(e.to_string()))?;
+            out.write_all(&buf[..filled])?;
+            sector += (filled / crate::SECTOR_SIZE) as u64;
+        }
+        out.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// The vsock socket, relative to the working directory (the chroot).
 pub const VSOCK_SOCKET: &str = "vsock.sock";
 
@@ -341,6 +400,16 @@ pub fn run_from_fds(args: ProcessArgs) -> Result<std::convert::Infallible, Proce
         .len();
     let mut disks = Vec::with_capacity(keys.len() + 1);
     for (vol, key) in spec.volumes().iter().zip(keys) {
+        if let Some(seed) = &vol.seed
+            && !vol.path.as_path().exists()
+        {
+            seed_volume(vol.path.as_path(), vol.size_mib, seed.as_path(), &key).map_err(
+                |source| ProcessError::Open {
+                    what: "a volume's seed",
+                    source,
+                },
+            )?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(!vol.read_only)
@@ -581,5 +650,37 @@ mod tests {
     #[test]
     fn control_filter_compiles() {
         assert!(!control_filter().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_seeded_volume_holds_the_seed_encrypted_and_only_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = VolumeKey::generate(&mut rand_core::OsRng).unwrap();
+        let mut plain = vec![0u8; 2 << 20];
+        for (i, chunk) in plain.chunks_mut(4096).enumerate() {
+            chunk[..32].copy_from_slice(format!("NITRILE-SEED-{i:019}").as_bytes());
+        }
+        let seed = dir.path().join("root.img");
+        std::fs::write(&seed, &plain).unwrap();
+        let disk = dir.path().join("disk.img");
+        seed_volume(&disk, 2, &seed, &key).unwrap();
+        let mut stored = std::fs::read(&disk).unwrap();
+        assert_eq!(stored.len(), plain.len());
+        assert!(
+            !stored.windows(12).any(|w| w == b"NITRILE-SEED"),
+            "plaintext in the volume file"
+        );
+        // The block device's cipher opens it, sector numbers from 0.
+        crate::SectorCipher::new(&key)
+            .unwrap()
+            .decrypt(&mut stored, 0)
+            .unwrap();
+        assert_eq!(stored, plain);
+        assert!(!dir.path().join("disk.seeding").exists());
+
+        // A seed of another size than the volume: refused, nothing made.
+        let other = dir.path().join("other.img");
+        seed_volume(&other, 3, &seed, &key).unwrap_err();
+        assert!(!other.exists() && !dir.path().join("other.seeding").exists());
     }
 }

@@ -237,6 +237,10 @@ pub struct VolumeSpec {
     pub size_mib: u64,
     /// Whether the guest sees the volume read-only.
     pub read_only: bool,
+    /// A raw disk image (an image's root disk) written into the volume,
+    /// encrypted, when its backing file is created; ignored when the file
+    /// exists. Its size must be the volume's.
+    pub seed: Option<HostPath>,
 }
 
 /// An instance-store disk: an encrypted virtio block device (after the
@@ -349,6 +353,8 @@ struct RawVolume {
     size_mib: u64,
     #[serde(default)]
     read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seed: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -482,11 +488,20 @@ impl VmSpec {
             if !paths.insert(path.clone()) {
                 return Err(SpecError::DuplicateVolumePath { index: i });
             }
+            let seed = v
+                .seed
+                .as_deref()
+                .map(|p| HostPath::parse(&format!("volumes[{i}].seed"), p))
+                .transpose()?;
+            if seed.as_ref().is_some_and(|s| *s == path) {
+                return Err(SpecError::DuplicateVolumePath { index: i });
+            }
             volumes.push(VolumeSpec {
                 id,
                 path,
                 size_mib,
                 read_only: v.read_only,
+                seed,
             });
         }
         let scratch = match raw.scratch {
@@ -564,6 +579,7 @@ impl VmSpec {
                     path: v.path.to_raw(),
                     size_mib: v.size_mib,
                     read_only: v.read_only,
+                    seed: v.seed.as_ref().map(HostPath::to_raw),
                 })
                 .collect(),
             scratch: self.scratch.as_ref().map(|s| RawScratch {

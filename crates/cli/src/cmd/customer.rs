@@ -100,6 +100,12 @@ pub(crate) struct RunArgs {
     /// An instance TCP port to publish on the host's address; repeatable.
     #[arg(long = "publish", value_name = "PORT")]
     publish: Vec<u16>,
+    /// One of your key service keys (`nitrile kms-key create NAME`): the
+    /// instance's root volume, its copy of the image's root disk, is
+    /// encrypted under a data key it wraps, and disabling the key stops
+    /// the volume from being opened. Needed when the image has a root disk.
+    #[arg(long, value_name = "NAME")]
+    kms_key: Option<Name>,
 }
 
 /// The instance a verb acts on.
@@ -111,8 +117,14 @@ pub(crate) struct NameArg {
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum ImageCommand {
-    /// Import an image (kernel, initramfs, command line) into the cell's
-    /// image store, visible only to you; runs name its digest.
+    /// Import an image (kernel, initramfs, command line, and optionally a
+    /// root disk) into the cell's image store, visible only to you; runs
+    /// name its digest.
+    ///
+    /// A root disk (a raw disk image, a whole number of MiB, at most 256
+    /// MiB) is copied, for each instance run from the image, into a new
+    /// volume encrypted under a key of yours (`run --kms-key`); the guest
+    /// sees it as its first disk.
     ///
     /// The upload is refused, and nothing of it kept, when the kernel is
     /// not a loadable ELF or bzImage, a part is too large, or the parts do
@@ -130,6 +142,9 @@ pub(crate) enum ImageCommand {
         /// The kernel command line.
         #[arg(long, value_name = "TEXT", default_value = DEFAULT_CMDLINE)]
         cmdline: String,
+        /// A root disk: a raw disk image, a whole number of MiB.
+        #[arg(long, value_name = "FILE")]
+        root_disk: Option<PathBuf>,
         /// The digest you expect the image to have: the placement service
         /// refuses the upload unless its parts add up to it.
         #[arg(long, value_name = "DIGEST")]
@@ -239,9 +254,11 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             kernel,
             initramfs,
             cmdline,
+            root_disk,
             digest,
         }) => {
-            let (body, digest, size) = read_upload(&kernel, &initramfs, &cmdline, digest)?;
+            let (body, digest, size) =
+                read_upload(&kernel, &initramfs, root_disk.as_deref(), &cmdline, digest)?;
             (
                 Operation::CustomerImageImport,
                 image(&digest)?,
@@ -379,6 +396,7 @@ fn run_request(customer: &Name, args: RunArgs) -> anyhow::Result<RunRequest> {
         ssh_public_keys: keys,
         user_data,
         publish: args.publish,
+        kms_key: args.kms_key,
     })
 }
 
@@ -387,6 +405,7 @@ fn run_request(customer: &Name, args: RunArgs) -> anyhow::Result<RunRequest> {
 fn read_upload(
     kernel: &Path,
     initramfs: &Path,
+    root_disk: Option<&Path>,
     cmdline: &str,
     stated: Option<Digest>,
 ) -> anyhow::Result<(Vec<u8>, Digest, u64)> {
@@ -397,8 +416,19 @@ fn read_upload(
             .with_context(|| format!("cannot read {}", p.display()))
     };
     let (klen, ilen) = (len(kernel)?, len(initramfs)?);
+    let rlen = root_disk.map(len).transpose()?.unwrap_or(0);
+    if rlen % nitrile_image::ROOT_DISK_ALIGN != 0 {
+        return Err(UsageError(format!(
+            "--root-disk: {} is {rlen} bytes, not a whole number of MiB; pad it (truncate -s)",
+            root_disk
+                .map(Path::display)
+                .map(|d| d.to_string())
+                .unwrap_or_default()
+        ))
+        .into());
+    }
     let progress = Progress::new(
-        klen + ilen,
+        klen + ilen + rlen,
         "{msg} [{bar:30}] {bytes}/{total_bytes}",
         "reading the image",
     );
@@ -410,9 +440,12 @@ fn read_upload(
     };
     let k = read(kernel, upload::MAX_KERNEL, "kernel")?;
     let i = read(initramfs, upload::MAX_INITRAMFS, "initramfs")?;
+    let r = root_disk
+        .map(|p| read(p, upload::MAX_ROOT_DISK, "root disk"))
+        .transpose()?;
     progress.finish_and_clear();
-    let digest = stated.unwrap_or_else(|| upload::digest_of(&cmd, &k, &i));
-    let body = upload::encode(cmdline, digest, &k, &i);
+    let digest = stated.unwrap_or_else(|| upload::digest_of(&cmd, &k, &i, r.as_deref()));
+    let body = upload::encode(cmdline, digest, &k, &i, r.as_deref());
     let size = body.len() as u64;
     Ok((body, digest, size))
 }
@@ -540,6 +573,17 @@ fn instance_lines(i: &CustomerInstance) -> Vec<(String, String)> {
     for p in &i.published {
         lines.push((format!("port {}", p.instance_port), p.endpoint.clone()));
     }
+    if let Some(r) = &i.root_volume {
+        lines.push((
+            "root volume".to_owned(),
+            format!(
+                "{} ({}, under kms-key/{})",
+                r.volume,
+                crate::output::format_mib(r.size_mib),
+                r.kms_key
+            ),
+        ));
+    }
     lines.push(("created".to_owned(), i.created.clone()));
     lines
 }
@@ -565,6 +609,9 @@ fn image_lines(i: &CustomerImage) -> Vec<(String, String)> {
         format!("{} ({} bytes)", i.initramfs_sha256, i.initramfs_size),
     ));
     lines.push(("cmdline sha256".to_owned(), i.cmdline_sha256.to_string()));
+    if let (Some(sha), Some(size)) = (&i.root_disk_sha256, i.root_disk_size) {
+        lines.push(("root disk".to_owned(), format!("{sha} ({size} bytes)")));
+    }
     lines.push(("imported".to_owned(), i.imported.clone()));
     lines
 }

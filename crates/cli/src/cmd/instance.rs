@@ -349,6 +349,7 @@ fn launch_with_volumes(
                 volume: id.clone(),
                 size_mib: *size_mib,
                 kms_key: None,
+                seed_image: None,
             });
             if let Err(e) = call::<VolumeDescription>(loaded, target, &create).await {
                 return Err(left_available(e, &created, target));

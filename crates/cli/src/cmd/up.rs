@@ -1025,6 +1025,13 @@ fn write_kms_config(
         rel(&layout.kms_issuer_keys()),
     );
     config.default_key = true;
+    // The placement service makes and boots the root volumes of the
+    // instances customers run, under each customer's own key.
+    config.placement = Some(PrincipalId::new(
+        cell.clone(),
+        PrincipalKind::Service,
+        Name::new(PLACEMENT)?,
+    ));
     if path.exists() {
         let old = KmsConfig::load(&path).with_context(|| {
             format!(

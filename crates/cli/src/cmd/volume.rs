@@ -136,6 +136,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
                 volume,
                 size_mib: size,
                 kms_key,
+                seed_image: None,
             };
             create
                 .validate()

@@ -637,6 +637,7 @@ impl TestCell {
             volume: Name::new(id).unwrap(),
             size_mib,
             kms_key: None,
+            seed_image: None,
         });
         let token = self.token_for(kind_name, host, &req).await;
         let (status, body) = self.call(kind_name, host, &req, Some(&token)).await;

@@ -23,7 +23,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use nitrile_api::Name;
+use nitrile_api::{Name, PrincipalId};
 use nitrile_logclient::LogdTarget;
 use serde::{Deserialize, Serialize};
 
@@ -129,6 +129,13 @@ pub struct KmsConfig {
     /// shipped); the service ships it itself while it serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logd: Option<LogdTarget>,
+    /// The placement service's principal: its relayed token may use a
+    /// customer's key for a volume of that same customer
+    /// (`volume/<customer>--...`), as it makes and boots the root volumes
+    /// of the instances the customer runs; for no other customer's volume,
+    /// and never to manage the key. None: only a key's owner uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PrincipalId>,
 }
 
 impl KmsConfig {
@@ -156,6 +163,7 @@ impl KmsConfig {
             metrics: None,
             sweep_interval_secs: None,
             logd: None,
+            placement: None,
         }
     }
 

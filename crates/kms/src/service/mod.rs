@@ -215,6 +215,9 @@ pub(crate) struct Service {
     kms: Arc<Kms>,
     admission: Admission,
     issuer_keys: IssuerKeys,
+    /// The placement service, which may use a customer's key for that
+    /// customer's own volumes (`[placement]` of the config).
+    placement: Option<PrincipalId>,
     relayed: ReplayCache,
     journal: Arc<Journal>,
     clock: Arc<dyn Clock>,
@@ -360,6 +363,7 @@ impl KmsServer {
             kms,
             admission,
             issuer_keys,
+            placement: config.placement.clone(),
             relayed,
             journal: Arc::clone(&journal),
             clock: Arc::clone(&clock),

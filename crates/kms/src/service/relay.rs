@@ -6,7 +6,9 @@
 //! verifies against the pinned issuer keys, with the connected host as its
 //! audience, for the route's operation on `volume/<id>`
 //! ([`IssuerKeys::verify_relayed`]); under a customer's key, its subject is
-//! the key's owner; and this grant (token, operation, volume) was not used
+//! the key's owner, or the placement service of the config for a volume of
+//! that owner (`volume/<owner>--...`, the root volumes of the instances the
+//! customer runs through it); and this grant (token, operation, volume) was not used
 //! before. Then, for generate and destroy (which change the store), the
 //! request record is made durable, the core acts, and the outcome record is
 //! made durable before the answer; an unwrap (which changes nothing, and
@@ -210,6 +212,8 @@ fn decide(
     if let Some((key, owner)) = key_of(svc, req)
         && owner.kind == PrincipalKind::Customer
         && grant.subject() != &owner
+        && !(svc.placement.as_ref() == Some(grant.subject())
+            && resource.owner().as_ref() == Some(&owner.name))
     {
         let failure = Failure {
             status: 403,

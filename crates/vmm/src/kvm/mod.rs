@@ -294,7 +294,9 @@ impl KvmBackend {
     }
 
     fn open_volumes(spec: &VmSpec) -> Result<(), VmmError> {
-        for vol in spec.volumes() {
+        // A volume with a seed is made by the VMM process itself, which
+        // holds its key, from the seed.
+        for vol in spec.volumes().iter().filter(|v| v.seed.is_none()) {
             create_disk_file(vol.path.as_path(), vol.size_mib, false)?;
         }
         if let Some(s) = spec.scratch() {

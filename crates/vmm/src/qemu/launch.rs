@@ -17,6 +17,9 @@
 //! 3. generates the instance-store disk's key itself, if the spec has one;
 //! 4. creates missing volumes, and the instance-store disk anew, as
 //!    LUKS-encrypted qcow2 files with `qemu-img` (the passphrase on a pipe);
+//!    a missing volume with a seed (an image's root disk) is made by
+//!    `qemu-img convert` from it, so its plaintext goes only into the
+//!    encrypted file;
 //! 5. puts each disk's passphrase (the key's base64 text, as the backend
 //!    used to) in a pipe of its own, adds the disks to QEMU's arguments as
 //!    `secret` objects reading `/dev/fd/N`, zeroizes every key, and
@@ -117,6 +120,16 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    /// a seed is not the size of its volume
+    #[error("seed {} is {found} bytes, its volume {expected}", path.display())]
+    SeedSize {
+        /// The seed.
+        path: PathBuf,
+        /// The volume's size in bytes.
+        expected: u64,
+        /// The seed's.
+        found: u64,
+    },
     /// `qemu-img` failed
     #[error("qemu-img could not create {} ({status}): {stderr}", path.display())]
     QemuImg {
@@ -172,45 +185,81 @@ fn secret_pipe(secret: &[u8], inherit: bool) -> Result<OwnedFd, LaunchError> {
 }
 
 /// Creates `path` as an encrypted qcow2 disk of `size_mib` MiB under `key`
-/// (its LUKS passphrase on a pipe), replacing what was there.
+/// (its LUKS passphrase on a pipe), replacing what was there; with `seed`,
+/// a raw disk image of exactly that size, its contents are the seed's.
 fn create_disk(
     qemu_img: &Path,
     path: &Path,
     size_mib: u64,
     key: &VolumeKey,
+    seed: Option<&Path>,
 ) -> Result<(), LaunchError> {
     let disk_err = |source| LaunchError::Disk {
         path: path.to_owned(),
         source,
     };
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(disk_err(e)),
+    if let Some(seed) = seed {
+        let found = std::fs::metadata(seed)
+            .map_err(|source| LaunchError::Disk {
+                path: seed.to_owned(),
+                source,
+            })?
+            .len();
+        if found != size_mib << 20 {
+            return Err(LaunchError::SeedSize {
+                path: seed.to_owned(),
+                expected: size_mib << 20,
+                found,
+            });
+        }
+    }
+    // A seeded disk is written beside its path and renamed when whole, so
+    // that a launcher that dies while copying leaves no disk that a later
+    // one would take as made.
+    let target = match seed {
+        None => path.to_owned(),
+        Some(_) => path.with_extension("seeding"),
+    };
+    for stale in [path, target.as_path()] {
+        match std::fs::remove_file(stale) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(disk_err(e)),
+        }
     }
     // Made owner-only first, so qemu-img writes into a private file.
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
+        .open(&target)
         .map_err(disk_err)?;
     let pipe = secret_pipe(key.to_base64().as_bytes(), false)?;
     let mut cmd = Command::new(qemu_img);
-    cmd.arg("create")
-        .arg("-q")
-        .arg("--object")
-        .arg(format!(
-            "secret,id=sec0,format=raw,file=/dev/fd/{}",
-            pipe.as_raw_fd()
-        ))
-        .args(["-f", "qcow2", "-o"])
-        .arg(format!(
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time={LUKS_ITER_TIME_MS}"
-        ))
-        .arg(path)
-        .arg(format!("{size_mib}M"))
-        .env_clear()
+    let secret = format!(
+        "secret,id=sec0,format=raw,file=/dev/fd/{}",
+        pipe.as_raw_fd()
+    );
+    let options = format!(
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time={LUKS_ITER_TIME_MS}"
+    );
+    match seed {
+        None => {
+            cmd.args([
+                "create", "-q", "--object", &secret, "-f", "qcow2", "-o", &options,
+            ])
+            .arg(path)
+            .arg(format!("{size_mib}M"));
+        }
+        Some(seed) => {
+            cmd.args([
+                "convert", "-q", "--object", &secret, "-f", "raw", "-O", "qcow2", "-o", &options,
+            ])
+            .arg(seed)
+            .arg(&target);
+        }
+    }
+    cmd.env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -226,7 +275,7 @@ fn create_disk(
     let out = match out {
         Ok(o) => o,
         Err(e) => {
-            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(&target);
             return Err(LaunchError::Exec {
                 path: qemu_img.to_owned(),
                 source: e,
@@ -234,7 +283,7 @@ fn create_disk(
         }
     };
     if !out.status.success() {
-        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(&target);
         let start = out.stderr.len().saturating_sub(MAX_STDERR_TAIL);
         return Err(LaunchError::QemuImg {
             path: path.to_owned(),
@@ -243,6 +292,12 @@ fn create_disk(
                 .trim()
                 .to_owned(),
         });
+    }
+    if target != path {
+        if let Err(e) = std::fs::rename(&target, path) {
+            let _ = std::fs::remove_file(&target);
+            return Err(disk_err(e));
+        }
     }
     Ok(())
 }
@@ -293,12 +348,18 @@ pub fn run(args: LaunchArgs) -> Result<std::convert::Infallible, LaunchError> {
     for (vol, key) in spec.volumes().iter().zip(&keys) {
         let path = vol.path.as_path();
         if !path.exists() {
-            create_disk(&plan.qemu_img, path, vol.size_mib, key)?;
+            create_disk(
+                &plan.qemu_img,
+                path,
+                vol.size_mib,
+                key,
+                vol.seed.as_ref().map(|s| s.as_path()),
+            )?;
         }
         disks.push((path, vol.read_only, key));
     }
     if let (Some(s), Some(key)) = (spec.scratch(), &scratch_key) {
-        create_disk(&plan.qemu_img, s.path.as_path(), s.size_mib, key)?;
+        create_disk(&plan.qemu_img, s.path.as_path(), s.size_mib, key, None)?;
         disks.push((s.path.as_path(), false, key));
     }
 
