@@ -8,6 +8,10 @@
 //! customer's instance reaches neither. The instance identity document the
 //! instance reads from its metadata service verifies with the cell's CA
 //! (`nitrile instance verify-identity`) and a changed byte does not.
+//! web1's image has a root disk: web1 boots with its own copy in a volume
+//! under acme's key, reads the disk's file, and neither that file nor what
+//! web1 writes is in the volume's file on the host; another customer cannot
+//! run that image under acme's key; terminate crypto-erases the volume.
 //!
 //! Prints `SKIPPED: <reason>` without root, QEMU, the guest image, ssh or
 //! tcpdump.
@@ -22,6 +26,8 @@ use cell::Cell;
 use sha2::Digest as _;
 
 const MARKER: &str = "NITRILE-CUSTOMER-MARKER-8d21e4";
+const ROOT_MARKER: &str = "NITRILE-ROOT-DISK-FILE-5c07a1";
+const WRITTEN_MARKER: &str = "NITRILE-ROOT-DISK-WRITTEN-e93b40";
 const BOOT: Duration = Duration::from_secs(300);
 
 fn json(out: &str) -> serde_json::Value {
@@ -144,7 +150,7 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 #[test]
 fn a_customer_logs_in_and_reaches_its_other_instance_over_an_encrypted_wire() {
     let built = guest_or_skip!();
-    for tool in ["ssh", "ssh-keygen", "tcpdump", "ip"] {
+    for tool in ["ssh", "ssh-keygen", "tcpdump", "ip", "mke2fs"] {
         if !which(tool) {
             cell::skipped(&format!("needs {tool} (scripts/setup.sh installs it)"));
             return;
@@ -172,40 +178,95 @@ fn a_customer_logs_in_and_reaches_its_other_instance_over_an_encrypted_wire() {
     )
     .unwrap();
 
-    // The image, imported by each customer.
-    let import = |config: &Path| {
-        json(&cell.ok(
-            config,
-            &[
-                "customer",
-                "image",
-                "import",
-                "--kernel",
-                built.kernel.to_str().unwrap(),
-                "--initramfs",
-                built.initramfs.to_str().unwrap(),
-                "--cmdline",
-                built.cmdline.as_str(),
-                "-o",
-                "json",
-            ],
-        ))["digest"]
+    // A root disk: an ext4 file system of 16 MiB holding one file.
+    let root_files = keys.join("root-files");
+    std::fs::create_dir_all(&root_files).unwrap();
+    std::fs::write(root_files.join("marker"), format!("{ROOT_MARKER}\n")).unwrap();
+    let root_disk = keys.join("root.img");
+    std::fs::File::create(&root_disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let made = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&root_files)
+        .arg(&root_disk)
+        .status()
+        .unwrap();
+    assert!(made.success());
+
+    // The image, imported by each customer; and with the root disk.
+    let import = |config: &Path, root: Option<&Path>| {
+        let mut args = vec![
+            "customer",
+            "image",
+            "import",
+            "--kernel",
+            built.kernel.to_str().unwrap(),
+            "--initramfs",
+            built.initramfs.to_str().unwrap(),
+            "--cmdline",
+            built.cmdline.as_str(),
+            "-o",
+            "json",
+        ];
+        if let Some(r) = root {
+            args.extend_from_slice(&["--root-disk", r.to_str().unwrap()]);
+        }
+        json(&cell.ok(config, &args))["digest"]
             .as_str()
             .unwrap()
             .to_owned()
     };
-    let digest = import(&acme);
-    assert_eq!(import(&globex), digest, "content-addressed");
+    let digest = import(&acme, None);
+    assert_eq!(import(&globex, None), digest, "content-addressed");
+    let rooted = import(&acme, Some(&root_disk));
+    assert_ne!(rooted, digest, "the root disk is part of the digest");
+    assert_eq!(import(&globex, Some(&root_disk)), rooted);
+    cell.ok(&acme, &["kms-key", "create", "acme-root"]);
+
+    // Without a key of its own named, a root disk image does not run;
+    // globex cannot run it under acme's key (the key service refuses
+    // placement's use of it for a volume of globex's); neither leaves a
+    // volume or an instance behind.
+    let refused = |config: &Path, name: &str, extra: &[&str]| {
+        let mut args = vec!["customer", "run", name, "--image", &rooted];
+        args.extend_from_slice(extra);
+        let out = cell.nitrile(config, &args);
+        assert!(!out.status.success(), "{name} ran");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(&acme, "nokey", &[]);
+    assert!(
+        err.contains("kms_key_needed") || err.contains("--kms-key"),
+        "{err}"
+    );
+    let err = refused(&globex, "steal", &["--kms-key", "acme-root"]);
+    assert!(err.contains("customer's key"), "{err}");
+    let volumes = cell.root().join("state/volumes");
+    for gone in ["acme--nokey-root", "globex--steal-root"] {
+        assert!(!volumes.join(gone).exists(), "{gone} left behind");
+    }
+    let listed = json(&cell.ok(&globex, &["customer", "list", "-o", "json"]));
+    assert_eq!(listed.as_array().unwrap().len(), 0, "{listed}");
 
     let run = |config: &Path, name: &str, key: &Path, extra: &[&str]| {
-        let mut args = vec!["customer", "run", name, "--image", &digest, "--ssh-key"];
+        let image = if name == "web1" { &rooted } else { &digest };
+        let mut args = vec!["customer", "run", name, "--image", image, "--ssh-key"];
         let pubkey = key.with_extension("pub");
         args.push(pubkey.to_str().unwrap());
         args.extend_from_slice(extra);
         args.extend_from_slice(&["-o", "json"]);
         json(&cell.ok(config, &args))
     };
-    let web1 = run(&acme, "web1", &acme_key, &["--publish", "22"]);
+    let web1 = run(
+        &acme,
+        "web1",
+        &acme_key,
+        &["--publish", "22", "--kms-key", "acme-root"],
+    );
+    assert_eq!(web1["root_volume"]["volume"], "acme--web1-root", "{web1}");
+    assert_eq!(web1["root_volume"]["kms_key"], "acme-root", "{web1}");
     let web2 = run(
         &acme,
         "web2",
@@ -351,7 +412,49 @@ fn a_customer_logs_in_and_reaches_its_other_instance_over_an_encrypted_wire() {
     );
     assert_eq!(out.status.code(), Some(1), "a changed signature verified");
 
+    // web1's root disk: the file is there, and what web1 writes stays;
+    // neither is in the volume's file on the host, which is under acme's
+    // key.
+    let (ok, out, err) = ssh(
+        &acme_key,
+        &endpoint(&web1),
+        &format!("cat /mnt/root/marker && echo {WRITTEN_MARKER} > /mnt/root/written && sync"),
+    );
+    let web1_serial = state
+        .join("hosts")
+        .join(&web1_host)
+        .join("vms/acme--web1/serial.log");
+    let serial_text =
+        || String::from_utf8_lossy(&std::fs::read(&web1_serial).unwrap_or_default()).into_owned();
+    assert!(
+        ok,
+        "stdout: {out}\nstderr: {err}\nserial: {}",
+        serial_text()
+    );
+    assert!(out.contains(ROOT_MARKER), "the root disk's file: {out}");
+    let root_volume = volumes.join("acme--web1-root");
+    let record = json(&std::fs::read_to_string(root_volume.join("volume.json")).unwrap());
+    assert_eq!(record["kms_key"], "acme-root", "{record}");
+    let ciphertext = std::fs::read(root_volume.join("disk.img")).unwrap();
+    assert!(ciphertext.len() > 1 << 20);
+    for m in [ROOT_MARKER, WRITTEN_MARKER] {
+        assert!(
+            !contains(&ciphertext, m),
+            "{m} in the clear in the volume file"
+        );
+    }
+    let key_record = state.join("kms/store/volumes/acme--web1-root.json");
+    assert!(
+        key_record.exists(),
+        "no key record at {}",
+        key_record.display()
+    );
+
     for (config, name) in [(&acme, "web1"), (&acme, "web2"), (&globex, "db1")] {
         cell.ok(config, &["customer", "terminate", name, "--yes"]);
     }
+    // Terminated, web1's root volume is crypto-erased: its key record at
+    // the key service and its ciphertext are gone.
+    assert!(!key_record.exists(), "the volume's key survived terminate");
+    assert!(!root_volume.exists(), "the volume survived terminate");
 }

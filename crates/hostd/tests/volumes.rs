@@ -679,3 +679,68 @@ async fn a_volume_written_on_one_host_is_read_on_another() {
         }
     }
 }
+
+/// A volume seeded from an image: refused, journaled and nothing made when
+/// the image is not in the store, has no root disk, or its root disk is
+/// another size; made (with the seed recorded) when it fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_image_must_have_a_root_disk_of_the_volumes_size() {
+    let mut cell = TestCell::new().await;
+    let keys = start(&mut cell).await;
+    let store = cell.host_config("h1").volume_store();
+    let images = nitrile_image::ImageStore::open(cell.host_config("h1").images.clone()).unwrap();
+    let dir = cell.scratch("seed-inputs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut kernel = b"\x7fELF\x02\x01\x01".to_vec();
+    kernel.resize(8192, 0);
+    std::fs::write(dir.join("vmlinux"), &kernel).unwrap();
+    std::fs::write(dir.join("initramfs"), b"initramfs").unwrap();
+    std::fs::write(dir.join("root.img"), vec![9u8; 2 << 20]).unwrap();
+    let cmdline = nitrile_image::Cmdline::new("console=ttyS0").unwrap();
+    let plain = images
+        .import(&dir.join("vmlinux"), &dir.join("initramfs"), &cmdline)
+        .unwrap();
+    let rooted = images
+        .import_with_root_disk(
+            &dir.join("vmlinux"),
+            &dir.join("initramfs"),
+            &cmdline,
+            Some(&dir.join("root.img")),
+        )
+        .unwrap();
+    let hex = |d: nitrile_image::Digest| -> Sha256Hex { d.to_hex().parse().unwrap() };
+    let seeded = |id: &str, size_mib: u64, image: Sha256Hex| {
+        AdminRequest::VolumeCreate(VolumeCreateRequest {
+            volume: name(id),
+            size_mib,
+            kms_key: None,
+            seed_image: Some(image),
+        })
+    };
+    for (req, status, code) in [
+        (
+            seeded("v1", 2, hex(nitrile_image::Digest::of(b"none"))),
+            409,
+            "unknown_image",
+        ),
+        (seeded("v2", 2, hex(plain.digest())), 400, "bad_seed"),
+        (seeded("v3", 3, hex(rooted.digest())), 400, "bad_seed"),
+    ] {
+        let token = cell.token_for(PLACEMENT, "h1", &req).await;
+        let (got, body) = cell.call(PLACEMENT, "h1", &req, Some(&token)).await;
+        assert_eq!(got, status, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(code_of(&record_of(&cell, "h1", &body)), code);
+        assert!(entries(&store).is_empty(), "{:?}", entries(&store));
+    }
+    assert!(!keys.has_volume("v1") && !keys.has_volume("v2") && !keys.has_volume("v3"));
+
+    let req = seeded("v4", 2, hex(rooted.digest()));
+    let token = cell.token_for(PLACEMENT, "h1", &req).await;
+    let (got, body) = cell.call(PLACEMENT, "h1", &req, Some(&token)).await;
+    assert_eq!(got, 200, "{}", String::from_utf8_lossy(&body));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("v4/volume.json")).unwrap()).unwrap();
+    assert_eq!(record["seed_image"], rooted.digest().to_hex());
+    // The host wrote no disk: the VMM that first opens the volume does.
+    assert!(!store.join("v4/disk.img").exists());
+}
