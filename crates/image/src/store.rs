@@ -217,7 +217,7 @@ impl ImageManifest {
             && self
                 .root_disk
                 .as_ref()
-                .is_none_or(|r| r.size > 0 && r.size % ROOT_DISK_ALIGN == 0)
+                .is_none_or(|r| r.size > 0 && r.size.is_multiple_of(ROOT_DISK_ALIGN))
             && image_digest_with_root_disk(
                 &self.kernel.sha256,
                 &self.initramfs.sha256,
@@ -349,7 +349,7 @@ impl ImageStore {
         let r = root_disk
             .map(|path| {
                 let r = self.copy_in(Component::RootDisk, path)?;
-                if r.info.size % ROOT_DISK_ALIGN != 0 {
+                if !r.info.size.is_multiple_of(ROOT_DISK_ALIGN) {
                     return Err(ImageError::BadFile {
                         component: Component::RootDisk,
                         path: path.to_path_buf(),

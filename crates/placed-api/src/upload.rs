@@ -184,7 +184,7 @@ impl<'a> ImageUpload<'a> {
         if head.root_disk_len > MAX_ROOT_DISK {
             return Err(UploadError::RootDiskTooLarge(head.root_disk_len));
         }
-        if head.root_disk_len % ROOT_DISK_ALIGN != 0 {
+        if !head.root_disk_len.is_multiple_of(ROOT_DISK_ALIGN) {
             return Err(UploadError::RootDiskUnaligned(head.root_disk_len));
         }
         let cmdline =

@@ -417,7 +417,7 @@ fn read_upload(
     };
     let (klen, ilen) = (len(kernel)?, len(initramfs)?);
     let rlen = root_disk.map(len).transpose()?.unwrap_or(0);
-    if rlen % nitrile_image::ROOT_DISK_ALIGN != 0 {
+    if !rlen.is_multiple_of(nitrile_image::ROOT_DISK_ALIGN) {
         return Err(UsageError(format!(
             "--root-disk: {} is {rlen} bytes, not a whole number of MiB; pad it (truncate -s)",
             root_disk

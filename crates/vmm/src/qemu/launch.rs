@@ -293,11 +293,11 @@ fn create_disk(
                 .to_owned(),
         });
     }
-    if target != path {
-        if let Err(e) = std::fs::rename(&target, path) {
-            let _ = std::fs::remove_file(&target);
-            return Err(disk_err(e));
-        }
+    if target != path
+        && let Err(e) = std::fs::rename(&target, path)
+    {
+        let _ = std::fs::remove_file(&target);
+        return Err(disk_err(e));
     }
     Ok(())
 }
