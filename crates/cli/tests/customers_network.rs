@@ -197,26 +197,7 @@ fn a_customer_logs_in_and_reaches_its_other_instance_over_an_encrypted_wire() {
 
     // The image, imported by each customer; and with the root disk.
     let import = |config: &Path, root: Option<&Path>| {
-        let mut args = vec![
-            "customer",
-            "image",
-            "import",
-            "--kernel",
-            built.kernel.to_str().unwrap(),
-            "--initramfs",
-            built.initramfs.to_str().unwrap(),
-            "--cmdline",
-            built.cmdline.as_str(),
-            "-o",
-            "json",
-        ];
-        if let Some(r) = root {
-            args.extend_from_slice(&["--root-disk", r.to_str().unwrap()]);
-        }
-        json(&cell.ok(config, &args))["digest"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        cell.import_image(config, &built, built.cmdline.as_str(), root)
     };
     let digest = import(&acme, None);
     assert_eq!(import(&globex, None), digest, "content-addressed");

@@ -9,7 +9,6 @@
 
 mod cell;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,28 +53,6 @@ fn set_run_quota(cell: &Cell, max: u32) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-}
-
-/// Imports the sample guest image as the customer of `config` with
-/// `cmdline`; its digest.
-fn import(cell: &Cell, config: &Path, built: &nitrile_image::BuiltImage, cmdline: &str) -> String {
-    let image = json(&cell.ok(
-        config,
-        &[
-            "customer",
-            "image",
-            "import",
-            "--kernel",
-            built.kernel.to_str().unwrap(),
-            "--initramfs",
-            built.initramfs.to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-            "-o",
-            "json",
-        ],
-    ));
-    image["digest"].as_str().unwrap().to_owned()
 }
 
 /// Calls placement's `GET /v1/instances` with alice's certificate and
@@ -185,8 +162,8 @@ fn placement_refuses_operators_other_customers_images_and_runs_beyond_the_quota(
 
     // acme cannot run globex's image.
     let cmdline = built.cmdline.as_str();
-    let mine = import(&cell, &acme, &built, cmdline);
-    let theirs = import(&cell, &globex, &built, &format!("{cmdline} globex=1"));
+    let mine = cell.import_image(&acme, &built, cmdline, None);
+    let theirs = cell.import_image(&globex, &built, &format!("{cmdline} globex=1"), None);
     assert_ne!(mine, theirs);
     // (Named q1: the token service charged the quota for instance/acme--q1
     // when it issued the token; the run below charges the same resource.)

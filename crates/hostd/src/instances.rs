@@ -829,15 +829,7 @@ impl Instances {
         } else {
             Some(self.key_source()?)
         };
-        let store = self.images.clone();
-        let digest = nitrile_image::Digest::from_bytes(*req.image.as_bytes());
-        let image = tokio::task::spawn_blocking(move || store.get(&digest))
-            .await
-            .map_err(InstanceError::Task)?
-            .map_err(|source| InstanceError::UnknownImage {
-                digest: req.image,
-                source: Box::new(source),
-            })?;
+        let image = self.image(req.image).await?;
         let used = self.allocated();
         let free_vcpus = self.limits.vcpus.saturating_sub(used.vcpus);
         let free_memory_mib = self.limits.memory_mib.saturating_sub(used.memory_mib);
@@ -979,6 +971,19 @@ impl Instances {
         self.record_started(record, result, now)
     }
 
+    /// Image `digest` of this host's store, its files re-hashed against it.
+    async fn image(&self, digest: Sha256Hex) -> Result<nitrile_image::ImageRef, InstanceError> {
+        let store = self.images.clone();
+        let d = nitrile_image::Digest::from_bytes(*digest.as_bytes());
+        tokio::task::spawn_blocking(move || store.get(&d))
+            .await
+            .map_err(InstanceError::Task)?
+            .map_err(|source| InstanceError::UnknownImage {
+                digest,
+                source: Box::new(source),
+            })
+    }
+
     /// Checks that image `digest` of this host's store can seed a volume of
     /// `size_mib`: it has a root disk of exactly that size.
     async fn check_seed(
@@ -987,15 +992,7 @@ impl Instances {
         digest: Sha256Hex,
         size_mib: u64,
     ) -> Result<(), InstanceError> {
-        let store = self.images.clone();
-        let d = nitrile_image::Digest::from_bytes(*digest.as_bytes());
-        let image = tokio::task::spawn_blocking(move || store.get(&d))
-            .await
-            .map_err(InstanceError::Task)?
-            .map_err(|source| InstanceError::UnknownImage {
-                digest,
-                source: Box::new(source),
-            })?;
+        let image = self.image(digest).await?;
         let bad = |reason: String| InstanceError::BadSeed {
             volume: volume.clone(),
             digest,
@@ -1022,15 +1019,7 @@ impl Instances {
             if self.volumes.disk_path(&r.volume).exists() {
                 continue;
             }
-            let store = self.images.clone();
-            let d = nitrile_image::Digest::from_bytes(*digest.as_bytes());
-            let image = tokio::task::spawn_blocking(move || store.get(&d))
-                .await
-                .map_err(InstanceError::Task)?
-                .map_err(|source| InstanceError::UnknownImage {
-                    digest,
-                    source: Box::new(source),
-                })?;
+            let image = self.image(digest).await?;
             let Some(path) = image.root_disk() else {
                 return Err(InstanceError::BadSeed {
                     volume: r.volume.clone(),
@@ -1180,15 +1169,7 @@ impl Instances {
         } else {
             Some(self.key_source()?)
         };
-        let store = self.images.clone();
-        let digest = nitrile_image::Digest::from_bytes(*record.image.as_bytes());
-        tokio::task::spawn_blocking(move || store.get(&digest))
-            .await
-            .map_err(InstanceError::Task)?
-            .map_err(|source| InstanceError::UnknownImage {
-                digest: record.image,
-                source: Box::new(source),
-            })?;
+        self.image(record.image).await?;
         write_private(&self.dir(name).join(SPEC_FILE), &spec.to_json())?;
         // Recorded pending before the VM exists: if the agent dies before
         // it records the outcome, the next one re-adopts the VM instead of

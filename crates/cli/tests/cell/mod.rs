@@ -530,6 +530,37 @@ impl Cell {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Imports `built` (the sample guest image) as the customer of
+    /// `config` with `cmdline` and, when given, a root disk; its digest.
+    pub(crate) fn import_image(
+        &self,
+        config: &Path,
+        built: &nitrile_image::BuiltImage,
+        cmdline: &str,
+        root_disk: Option<&Path>,
+    ) -> String {
+        let mut args = vec![
+            "customer",
+            "image",
+            "import",
+            "--kernel",
+            built.kernel.to_str().unwrap(),
+            "--initramfs",
+            built.initramfs.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "-o",
+            "json",
+        ];
+        if let Some(r) = root_disk {
+            args.extend_from_slice(&["--root-disk", r.to_str().unwrap()]);
+        }
+        let out = self.ok(config, &args);
+        let image: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        image["digest"].as_str().unwrap().to_owned()
+    }
+
     /// The records of a journal, through `nitrile audit show-journal -o json`.
     pub(crate) fn journal(&self, file: &Path) -> Vec<serde_json::Value> {
         let out = Command::new(NITRILE)
