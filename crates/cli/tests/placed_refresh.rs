@@ -2,7 +2,10 @@
 //! run as separate processes: host h2's agent is killed and started again
 //! (a new tunnel key, so a new signed announcement), and without any
 //! customer call placement notices it at its next refresh and pushes
-//! `network.update` to every host, journaling what changed.
+//! `network.update` to every host, journaling what changed. When h2 comes
+//! back and finds an instance's published port taken, it publishes it on
+//! another; placement's refresh lists h2's instances, so what the customer
+//! sees without asking the host again is where the port is now.
 
 mod cell;
 
@@ -43,8 +46,9 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn a_restarted_host_s_new_announcement_reaches_the_other_host_at_the_next_refresh() {
+/// A cell of `nitrile up --hosts 2` run again as separate processes, h2 on
+/// a fixed port and placement refreshing every second; h2's arguments.
+fn restartable_cell() -> (Cell, Vec<String>) {
     let mut cell = Cell::up_with_hosts(2);
     cell.stop_up();
     // h2 on a fixed port (it was on port 0), known to placement and alice;
@@ -55,6 +59,10 @@ fn a_restarted_host_s_new_announcement_reaches_the_other_host_at_the_next_refres
     set_section_line(&cell.placed_config(), "hosts", "h2", &h2);
     set_section_line(&cell.alice, "hosts", "h2", &h2);
     let placed_config = cell.placed_config();
+    // Placement on a fixed port too, which the customer's config names.
+    let placed = format!("127.0.0.1:{}", free_port());
+    set_line(&placed_config, "listen", &placed);
+    set_section_line(&cell.customer("acme"), "endpoints", "placement", &placed);
     let text = std::fs::read_to_string(&placed_config).unwrap();
     assert!(text.contains("network_refresh_secs = 10\n"), "{text}");
     std::fs::write(
@@ -66,13 +74,28 @@ fn a_restarted_host_s_new_announcement_reaches_the_other_host_at_the_next_refres
     cell.start_tokend();
     cell.start_kms();
     cell.start_hostd();
-    let h2_args = ["hostd", "--config", h2_config.to_str().unwrap()];
-    cell.start_service("h2", &h2_args, " serving on ");
+    let h2_args = vec![
+        "hostd".to_owned(),
+        "--config".to_owned(),
+        h2_config.to_str().unwrap().to_owned(),
+    ];
+    start_h2(&mut cell, &h2_args);
     cell.start_service(
         "placed",
         &["placed", "--config", placed_config.to_str().unwrap()],
         "serving on",
     );
+    (cell, h2_args)
+}
+
+fn start_h2(cell: &mut Cell, args: &[String]) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    cell.start_service("h2", &args, " serving on ");
+}
+
+#[test]
+fn a_restarted_host_s_new_announcement_reaches_the_other_host_at_the_next_refresh() {
+    let (mut cell, h2_args) = restartable_cell();
 
     // placement's start-up push: each host learns the other.
     wait_until("h1 and h2 take placement's first network.update", || {
@@ -93,7 +116,7 @@ fn a_restarted_host_s_new_announcement_reaches_the_other_host_at_the_next_refres
 
     // h2's agent dies and comes back with a new tunnel key.
     cell.kill_service("h2");
-    cell.start_service("h2", &h2_args, " serving on ");
+    start_h2(&mut cell, &h2_args);
     let new_key = tunnel_key(&cell, "h2");
     assert_ne!(
         new_key, old_key,
@@ -136,4 +159,91 @@ fn a_restarted_host_s_new_announcement_reaches_the_other_host_at_the_next_refres
         "a push without a change"
     );
     assert_eq!(cell.journal(&cell.placed_journal()).len(), journaled);
+}
+
+#[test]
+fn a_port_published_anew_by_a_restarted_host_is_what_the_customer_sees() {
+    let built = guest_or_skip!();
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").map(|m| m.uid()).ok() != Some(0) {
+        cell::skipped("instance networks (published ports) need root");
+        return;
+    }
+    let (mut cell, h2_args) = restartable_cell();
+    let acme = cell.customer("acme");
+    let digest = cell.import_image(&acme, &built, built.cmdline.as_str(), None);
+    let run = |cell: &Cell, name: &str| -> serde_json::Value {
+        let out = cell.ok(
+            &acme,
+            &[
+                "customer",
+                "run",
+                name,
+                "--image",
+                &digest,
+                "--publish",
+                "22",
+                "-o",
+                "json",
+            ],
+        );
+        serde_json::from_str(&out).unwrap()
+    };
+    let listed = |cell: &Cell, name: &str| -> String {
+        let out = cell.ok(&acme, &["customer", "list", "-o", "json"]);
+        let all: serde_json::Value = serde_json::from_str(&out).unwrap();
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .map(|i| {
+                i["published"][0]["endpoint"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    let w1 = run(&cell, "w1");
+    let w2 = run(&cell, "w2");
+    assert_eq!(w2["host"], "h2", "{w1} {w2}");
+    let before = w2["published"][0]["endpoint"].as_str().unwrap().to_owned();
+    assert_eq!(listed(&cell, "w2"), before);
+
+    // h2's agent dies (its VM lives on); its port is taken meanwhile.
+    cell.kill_service("h2");
+    let squatter = std::net::TcpListener::bind(&before)
+        .unwrap_or_else(|e| panic!("cannot take {before}: {e}"));
+    start_h2(&mut cell, &h2_args);
+
+    // Without any customer call, the list shows where the port is now, and
+    // it is what h2 itself says.
+    let deadline = Instant::now() + REFRESH_WAIT;
+    while listed(&cell, "w2").is_empty() || listed(&cell, "w2") == before {
+        if Instant::now() > deadline {
+            let described = cell.nitrile(&acme, &["customer", "describe", "w2", "-o", "json"]);
+            panic!(
+                "placement never recorded w2's new endpoint (was {before}, listed {}); \
+                 the host says: {} {}",
+                listed(&cell, "w2"),
+                String::from_utf8_lossy(&described.stdout),
+                String::from_utf8_lossy(&described.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let now = listed(&cell, "w2");
+    let described: serde_json::Value =
+        serde_json::from_str(&cell.ok(&acme, &["customer", "describe", "w2", "-o", "json"]))
+            .unwrap();
+    assert_eq!(
+        described["published"][0]["endpoint"],
+        now.as_str(),
+        "{described}"
+    );
+    assert_eq!(described["state"], "running", "{described}");
+    drop(squatter);
+    for name in ["w1", "w2"] {
+        cell.ok(&acme, &["customer", "terminate", name, "--yes"]);
+    }
 }

@@ -492,6 +492,7 @@ impl Instances {
             .cloned()
             .collect();
         for mut record in live {
+            let network_before = record.network.clone();
             let (state, reason) = match &self.hypervisor {
                 Err(reason) => (
                     InstanceState::Failed,
@@ -525,7 +526,10 @@ impl Instances {
                 tracing::error!(instance = %record.instance, error = %e.reason(), "could not connect a re-adopted instance to its network");
             }
             tracing::info!(instance = %record.instance, ?state, "re-adopted instance");
-            if state != record.state || reason != record.reason {
+            // Its ports may be published elsewhere now (the ones it had
+            // were taken): the record says where they are.
+            if state != record.state || reason != record.reason || record.network != network_before
+            {
                 record.state = state;
                 record.reason = reason.map(|r| clip_text(&r, MAX_REASON_LEN));
                 record.updated_at = now_text(now);

@@ -618,6 +618,16 @@ impl Service {
             return changes;
         }
         let failed = self.push_described(&described).await;
+        // A host that announces anew (its agent restarted) or answers again
+        // may have re-published its instances' ports elsewhere: its
+        // instances are listed and their records brought up to date.
+        for (host, v) in &view {
+            if matches!(v, store::HostView::Announced(_))
+                && changes.iter().any(|c| c.starts_with(&format!("{host} ")))
+            {
+                self.resync_instances(host).await;
+            }
+        }
         let record = AuditRecord::outcome(
             self.clock.now(),
             self.source.clone(),
@@ -642,6 +652,50 @@ impl Service {
             tracing::error!("could not journal a network refresh");
         }
         changes
+    }
+
+    /// Brings the records of `host`'s instances up to date with what the
+    /// host says of them (`instance.list`): their state and where their
+    /// ports are published. A host that does not answer is logged; its
+    /// records stay as they were.
+    async fn resync_instances(&self, host: &Name) {
+        let Ok(addr) = self.addr(host).cloned() else {
+            return;
+        };
+        let list = match self
+            .caller
+            .call::<nitrile_api::admin::InstanceList>(host, &addr, &AdminRequest::InstanceList)
+            .await
+        {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(host = %host, error = %e, "could not list a host's instances");
+                return;
+            }
+        };
+        let mut state = self.lock();
+        let mut changed = false;
+        for d in &list.instances {
+            let Some(r) = state.instances.get_mut(d.instance.as_str()) else {
+                continue;
+            };
+            if r.host != *host || r.state == InstanceState::Terminated {
+                continue;
+            }
+            let published = published_of(d);
+            if d.network.is_some() && r.published != published {
+                r.published = published;
+                changed = true;
+            }
+            let now = state_of(d);
+            if r.state != now {
+                r.state = now;
+                changed = true;
+            }
+        }
+        if changed && let Err(e) = self.save(&state) {
+            tracing::error!(reason = %e.reason, "could not save placement's records");
+        }
     }
 
     /// Pushes the table made of `described` and the record to every host;
