@@ -145,10 +145,12 @@ fi
 # --- Independent verifiers (Python) ------------------------------------------
 # The key service's tests open its wrapped and sealed keys with third-party
 # Python implementations (cryptography's HKDF and AES-GCM, pyhpke's RFC 9180
-# HPKE), installed at pinned versions in a virtual environment of the
+# HPKE), and the release tests read the TUF repository with python-tuf's
+# ngclient; installed at pinned versions in a virtual environment of the
 # repository, .venv-verify/ (ignored by git); without it those tests print
 # SKIPPED. Remade only when the pins change.
-verify_requirements=(cryptography==51.0.1 cffi==2.1.1 pycparser==3.12 pyhpke==0.6.5)
+verify_requirements=(cryptography==51.0.1 cffi==2.1.1 pycparser==3.12 pyhpke==0.6.5
+    tuf==7.0.1 securesystemslib==1.6.0 urllib3==2.8.0)
 if [ "$want_tests" -eq 1 ]; then
     if ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q 'install ok installed'; then
         log "installing python3-venv"

@@ -63,6 +63,10 @@ enum Command {
     /// Audit journal and log tools.
     #[command(subcommand)]
     Audit(cmd::audit::Command),
+    /// Signed releases: keys, bundles, the test attestation and an
+    /// environment's TUF repository (init, stage, sign, publish, verify).
+    #[command(subcommand)]
+    Release(cmd::release::Command),
     /// Guest images.
     #[command(subcommand)]
     Image(cmd::image::Command),
@@ -174,6 +178,7 @@ fn main() -> ExitCode {
         Command::Token(c) => cmd::token::run(c, &global),
         Command::Entitlements(c) => cmd::entitlements::run(c, &global),
         Command::Audit(c) => cmd::audit::run(c, &global),
+        Command::Release(c) => cmd::release::run(c, &global),
         Command::Image(c) => cmd::image::run(c, &global),
         Command::Host(c) => cmd::host::run(c, &global),
         Command::Instance(c) => cmd::instance::run(c, &global),

@@ -16,6 +16,7 @@ pub(crate) mod logd;
 pub(crate) mod pki;
 pub(crate) mod placed;
 pub(crate) mod qemu_launch;
+pub(crate) mod release;
 pub(crate) mod token;
 pub(crate) mod tokend;
 pub(crate) mod up;

@@ -1,0 +1,173 @@
+//! What a host does before it runs a release: `tough`'s TUF client loads
+//! the environment's repository from the pinned root (the root chain,
+//! signatures and thresholds, expiry, and versions against the metadata it
+//! kept from earlier loads in its datastore), then [`fetch_release`]
+//! checks the release's manifest (version and environment), the test
+//! attestation (the pinned CI key, a passing result on exactly these
+//! files), and writes every file, each read through `tough` (length and
+//! hash of the targets metadata) and checked against the manifest.
+
+use std::path::Path;
+
+use ed25519_dalek::VerifyingKey;
+use tough::schema::Targets;
+use tough::{ExpirationEnforcement, FilesystemTransport, IntoVec, RepositoryLoader, TargetName};
+
+use crate::manifest::{ATTESTATION_FILE, MANIFEST_FILE, MAX_MANIFEST_LEN, digest_file};
+use crate::{Environment, ReleaseError, ReleaseManifest, Version};
+
+/// What a host pins at provisioning: its environment's root metadata and
+/// the CI key whose attestation a release needs.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    /// The environment the host runs in.
+    pub environment: Environment,
+    /// The environment's `root.json`.
+    pub root: Vec<u8>,
+    /// The CI key.
+    pub ci_key: VerifyingKey,
+}
+
+/// A release whose every check passed, its files written.
+#[derive(Debug, Clone)]
+pub struct VerifiedRelease {
+    /// Its manifest.
+    pub manifest: ReleaseManifest,
+}
+
+fn file_url(dir: &Path) -> Result<url::Url, ReleaseError> {
+    let abs = std::fs::canonicalize(dir).map_err(ReleaseError::io("open", dir))?;
+    let mut url = url::Url::from_directory_path(&abs)
+        .map_err(|()| ReleaseError::Tuf(format!("{} is not a directory path", abs.display())))?;
+    if !url.path().ends_with('/') {
+        url.set_path(&format!("{}/", url.path()));
+    }
+    Ok(url)
+}
+
+/// Loads the repository at `repo` (a directory: `metadata/`, `targets/`)
+/// with `tough`, trusting `trust.root`, keeping the metadata it accepted in
+/// `datastore` (which must persist: it is what refuses rolled-back
+/// metadata next time).
+pub async fn load(
+    repo: &Path,
+    trust: &Trust,
+    datastore: &Path,
+) -> Result<tough::Repository, ReleaseError> {
+    std::fs::create_dir_all(datastore).map_err(ReleaseError::io("create", datastore))?;
+    RepositoryLoader::new(
+        &trust.root,
+        file_url(&repo.join("metadata"))?,
+        file_url(&repo.join("targets"))?,
+    )
+    .transport(FilesystemTransport)
+    .datastore(datastore.to_owned())
+    .expiration_enforcement(ExpirationEnforcement::Safe)
+    .load()
+    .await
+    .map_err(|e| ReleaseError::Tuf(chain(&e)))
+}
+
+/// The error and its causes, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// The versions a loaded repository lists.
+pub fn releases(repo: &tough::Repository) -> Vec<Version> {
+    crate::repo::releases_of(&repo.targets().signed)
+}
+
+async fn read(
+    repo: &tough::Repository,
+    version: Version,
+    file: &str,
+) -> Result<Option<Vec<u8>>, ReleaseError> {
+    let name = TargetName::new(crate::repo::target_name(version, file))
+        .map_err(|e| ReleaseError::malformed("a target name", e))?;
+    let Some(stream) = repo
+        .read_target(&name)
+        .await
+        .map_err(|e| ReleaseError::Tuf(chain(&e)))?
+    else {
+        return Ok(None);
+    };
+    stream
+        .into_vec()
+        .await
+        .map(Some)
+        .map_err(|e| ReleaseError::Tuf(chain(&e)))
+}
+
+/// Checks release `version` of `repo` for `trust`'s environment and writes
+/// its files into `out` (a directory made for it, mode 0700; the files
+/// 0600, the caller makes the binary executable).
+pub async fn fetch_release(
+    repo: &tough::Repository,
+    trust: &Trust,
+    version: Version,
+    out: &Path,
+) -> Result<VerifiedRelease, ReleaseError> {
+    let targets: &Targets = &repo.targets().signed;
+    if !crate::repo::releases_of(targets).contains(&version) {
+        return Err(ReleaseError::NoSuchRelease(version));
+    }
+    let manifest_bytes = read(repo, version, MANIFEST_FILE)
+        .await?
+        .ok_or(ReleaseError::NoSuchRelease(version))?;
+    if manifest_bytes.len() as u64 > MAX_MANIFEST_LEN {
+        return Err(ReleaseError::malformed("the manifest", "too large"));
+    }
+    let manifest = ReleaseManifest::parse(&manifest_bytes)?;
+    if manifest.version != version {
+        return Err(ReleaseError::WrongVersion {
+            asked: version,
+            stated: manifest.version,
+        });
+    }
+    if manifest.environment != trust.environment {
+        return Err(ReleaseError::WrongEnvironment {
+            version,
+            release: manifest.environment.clone(),
+            here: trust.environment.clone(),
+        });
+    }
+    let Some(attestation) = read(repo, version, ATTESTATION_FILE).await? else {
+        return Err(ReleaseError::Attestation {
+            version,
+            reason: "the release has no test attestation".to_owned(),
+        });
+    };
+    crate::attest::verify(&attestation, &trust.ci_key, &manifest)?;
+    std::fs::create_dir_all(out).map_err(ReleaseError::io("create", out))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))
+            .map_err(ReleaseError::io("chmod", out))?;
+    }
+    for (name, want) in &manifest.files {
+        let bytes = read(repo, version, name)
+            .await?
+            .ok_or_else(|| ReleaseError::FileMismatch {
+                version,
+                file: name.clone(),
+            })?;
+        let path = out.join(name);
+        nitrile_fs::write_atomic(&path, &bytes, 0o600)?;
+        if &digest_file(&path)? != want {
+            let _ = std::fs::remove_file(&path);
+            return Err(ReleaseError::FileMismatch {
+                version,
+                file: name.clone(),
+            });
+        }
+    }
+    Ok(VerifiedRelease { manifest })
+}
