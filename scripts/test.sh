@@ -36,3 +36,22 @@ log "tests"
 cargo nextest run --locked --workspace --no-fail-fast
 # Doctests are not run by nextest.
 cargo test --locked --workspace --doc
+
+# The test attestation (claim 7): every check above passed, so the release
+# bundle of this build (target/release/nitrile, the guest image, the
+# entitlement schema) is made and its attestation signed with the CI key,
+# a `nitrile release keygen` key the CI holds, named by NITRILE_CI_KEY;
+# release signers then stage, sign and publish the bundle. The environment
+# is NITRILE_RELEASE_ENV (default dev).
+if [ -n "${NITRILE_CI_KEY:-}" ]; then
+    version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
+    bundle="target/release-bundle/$version"
+    log "release bundle $version for ${NITRILE_RELEASE_ENV:-dev}, attested with $NITRILE_CI_KEY"
+    rm -rf "$bundle"
+    mkdir -p target/release-bundle
+    target/release/nitrile release build "$version" \
+        --env "${NITRILE_RELEASE_ENV:-dev}" --out "$bundle" --binary target/release/nitrile
+    target/release/nitrile release attest --bundle "$bundle" --key "$NITRILE_CI_KEY"
+else
+    echo "SKIPPED: release attestation: no CI key (NITRILE_CI_KEY names a key made with nitrile release keygen)"
+fi

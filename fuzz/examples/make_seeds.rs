@@ -207,6 +207,7 @@ fn main() {
     for (name, text) in [
         ("describe", "GET /v1/host\n"),
         ("drain", "POST /v1/host/drain\n{}"),
+        ("update", "POST /v1/host/update\n{\"version\":\"1.4.0\"}"),
         ("list", "GET /v1/instances\n"),
         (
             "launch",

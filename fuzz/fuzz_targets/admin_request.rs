@@ -82,6 +82,9 @@ fuzz_target!(|data: &[u8]| {
         let json = serde_json::to_vec(update).expect("a network update serializes");
         let back: NetworkUpdate = serde_json::from_slice(&json).expect("and parses back");
         assert_eq!(&back, update);
+    } else if let AdminRequest::HostUpdate(update) = &request {
+        assert_eq!(update.validate(), Ok(()));
+        assert_eq!(update.version.split('.').count(), 3);
     } else if !matches!(request, AdminRequest::VolumeAttach(..)) {
         assert!(request.body().is_empty());
     }

@@ -501,10 +501,63 @@ pub struct InstanceList {
     pub instances: Vec<InstanceDescription>,
 }
 
+/// `host.update`: the release to install, by version (`MAJOR.MINOR.PATCH`).
+/// The host finds it in the repository it pinned at provisioning; nothing
+/// of a release travels in the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostUpdateRequest {
+    /// The release version.
+    #[schemars(length(max = 60))]
+    pub version: String,
+}
+
+impl HostUpdateRequest {
+    /// Checks that the version is `MAJOR.MINOR.PATCH` (decimal, no leading
+    /// zeros).
+    pub fn validate(&self) -> Result<(), String> {
+        let parts: Vec<&str> = self.version.split('.').collect();
+        let ok = parts.len() == 3
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.len() <= 19
+                    && p.bytes().all(|b| b.is_ascii_digit())
+                    && (p.len() == 1 || !p.starts_with('0'))
+            });
+        if ok {
+            Ok(())
+        } else {
+            Err("version must be MAJOR.MINOR.PATCH".to_owned())
+        }
+    }
+}
+
+/// The answer to `host.update`: the release checked and staged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostUpdate {
+    /// The host.
+    pub host: Name,
+    /// The version running.
+    #[schemars(length(max = MAX_LABEL_LEN))]
+    pub running: String,
+    /// The version checked and staged.
+    #[schemars(length(max = MAX_LABEL_LEN))]
+    pub staged: String,
+    /// The environment of both.
+    #[schemars(length(max = MAX_LABEL_LEN))]
+    pub environment: String,
+    /// The highest version this host has run (it installs none lower).
+    #[schemars(length(max = MAX_LABEL_LEN))]
+    pub highest: String,
+    /// SHA-256 of the staged binary.
+    pub binary_sha256: Sha256Hex,
+}
+
 /// One parsed admin request. A host serves exactly these.
 ///
-/// `host.update` (signed releases) and `audit.read` (the audit log service)
-/// are operations of the cell but not of this API.
+/// `audit.read` (the audit log service) is an operation of the cell but not
+/// of this API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminRequest {
     /// `GET /v1/host`
@@ -513,6 +566,8 @@ pub enum AdminRequest {
     HostDrain,
     /// `POST /v1/host/undrain`
     HostUndrain,
+    /// `POST /v1/host/update` with a [`HostUpdateRequest`] body
+    HostUpdate(HostUpdateRequest),
     /// `POST /v1/instances` with a [`LaunchRequest`] body
     InstanceLaunch(LaunchRequest),
     /// `GET /v1/instances`
@@ -554,7 +609,7 @@ pub struct Route {
 }
 
 /// Every route of the admin API, in a stable order.
-pub const ROUTES: [Route; 16] = [
+pub const ROUTES: [Route; 17] = [
     Route {
         operation: Operation::HostDescribe,
         method: "GET",
@@ -569,6 +624,11 @@ pub const ROUTES: [Route; 16] = [
         operation: Operation::HostUndrain,
         method: "POST",
         path: "/v1/host/undrain",
+    },
+    Route {
+        operation: Operation::HostUpdate,
+        method: "POST",
+        path: "/v1/host/update",
     },
     Route {
         operation: Operation::InstanceLaunch,
@@ -684,6 +744,21 @@ impl AdminRequest {
                     Self::HostUndrain
                 }
             }
+            ["v1", "host", "update"] => {
+                if method != "POST" {
+                    return Err(not_allowed());
+                }
+                let update: HostUpdateRequest =
+                    serde_json::from_slice(body).map_err(|e| ApiError::BadBody {
+                        operation: Operation::HostUpdate,
+                        reason: e.to_string(),
+                    })?;
+                update.validate().map_err(|reason| ApiError::BadBody {
+                    operation: Operation::HostUpdate,
+                    reason,
+                })?;
+                Self::HostUpdate(update)
+            }
             ["v1", "instances"] => match method {
                 "GET" => Self::InstanceList,
                 "POST" => {
@@ -786,6 +861,7 @@ impl AdminRequest {
             | Self::VolumeDetach(_)
             | Self::VolumeDelete(_) => empty_body(req.operation(), body)?,
             Self::InstanceLaunch(_)
+            | Self::HostUpdate(_)
             | Self::VolumeCreate(_)
             | Self::VolumeAttach(..)
             | Self::NetworkUpdate(_) => {}
@@ -799,6 +875,7 @@ impl AdminRequest {
             Self::HostDescribe => Operation::HostDescribe,
             Self::HostDrain => Operation::HostDrain,
             Self::HostUndrain => Operation::HostUndrain,
+            Self::HostUpdate(_) => Operation::HostUpdate,
             Self::InstanceLaunch(_) => Operation::InstanceLaunch,
             Self::InstanceList => Operation::InstanceList,
             Self::InstanceDescribe(_) => Operation::InstanceDescribe,
@@ -852,6 +929,7 @@ impl AdminRequest {
             Self::HostDescribe => "/v1/host".into(),
             Self::HostDrain => "/v1/host/drain".into(),
             Self::HostUndrain => "/v1/host/undrain".into(),
+            Self::HostUpdate(_) => "/v1/host/update".into(),
             Self::InstanceLaunch(_) | Self::InstanceList => "/v1/instances".into(),
             Self::InstanceDescribe(n) | Self::InstanceTerminate(n) => {
                 format!("/v1/instances/{}", n.as_str())
@@ -876,6 +954,7 @@ impl AdminRequest {
             Self::VolumeCreate(c) => serde_json::to_vec(c).unwrap_or_default(),
             Self::VolumeAttach(_, a) => serde_json::to_vec(a).unwrap_or_default(),
             Self::NetworkUpdate(u) => serde_json::to_vec(u).unwrap_or_default(),
+            Self::HostUpdate(u) => serde_json::to_vec(u).unwrap_or_default(),
             _ => Vec::new(),
         }
     }
@@ -914,6 +993,9 @@ mod tests {
             AdminRequest::HostDescribe,
             AdminRequest::HostDrain,
             AdminRequest::HostUndrain,
+            AdminRequest::HostUpdate(HostUpdateRequest {
+                version: "1.4.0".into(),
+            }),
             AdminRequest::InstanceLaunch(launch),
             AdminRequest::InstanceList,
             AdminRequest::InstanceDescribe(web1.clone()),
@@ -964,7 +1046,7 @@ mod tests {
 
     #[test]
     fn anything_else_is_refused() {
-        let cases: [(&str, &str, &[u8], u16); 10] = [
+        let cases: [(&str, &str, &[u8], u16); 15] = [
             ("GET", "/v1/shell", b"", 404),
             ("GET", "/v1/instances/web1/console", b"", 404),
             ("GET", "/v1/instances/../host", b"", 404),
@@ -972,6 +1054,16 @@ mod tests {
             ("PUT", "/v1/host", b"", 405),
             ("GET", "/v1/host/drain", b"", 405),
             ("POST", "/v1/host/drain", br#"{"force":true}"#, 400),
+            ("GET", "/v1/host/update", b"", 405),
+            ("POST", "/v1/host/update", br#"{"version":"1.4"}"#, 400),
+            ("POST", "/v1/host/update", br#"{"version":"01.4.0"}"#, 400),
+            (
+                "POST",
+                "/v1/host/update",
+                br#"{"version":"1.4.0","binary":"x"}"#,
+                400,
+            ),
+            ("POST", "/v1/host/update", b"", 400),
             ("POST", "/v1/instances", b"{}", 400),
             ("POST", "/v1/instances", b"not json", 400),
             ("GET", "/v1/host", &[b' '; MAX_ADMIN_BODY + 1], 413),

@@ -18,8 +18,9 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde_json::{Map, Value, json};
 
 use crate::admin::{
-    HostDescription, InstanceDescription, InstanceList, LaunchRequest, MAX_ADMIN_BODY, ROUTES,
-    Route, Sha256Hex, VolumeAttachRequest, VolumeCreateRequest, VolumeDescription, VolumeList,
+    HostDescription, HostUpdate, HostUpdateRequest, InstanceDescription, InstanceList,
+    LaunchRequest, MAX_ADMIN_BODY, ROUTES, Route, Sha256Hex, VolumeAttachRequest,
+    VolumeCreateRequest, VolumeDescription, VolumeList,
 };
 use crate::network::{HostNetwork, NetworkUpdate};
 use crate::wire::Refusal;
@@ -198,11 +199,14 @@ fn types_of(
             Some(requests.subschema_for::<NetworkUpdate>()),
             responses.subschema_for::<HostNetwork>(),
         ),
-        // Not served by a host yet (host.update), or served by another
-        // service (audit.read by logd, the kms-key operations by the key
-        // service, the customer operations by the placement service).
-        Operation::HostUpdate
-        | Operation::AuditRead
+        Operation::HostUpdate => (
+            Some(requests.subschema_for::<HostUpdateRequest>()),
+            responses.subschema_for::<HostUpdate>(),
+        ),
+        // Served by another service (audit.read by logd, the kms-key
+        // operations by the key service, the customer operations by the
+        // placement service).
+        Operation::AuditRead
         | Operation::KmsKeyCreate
         | Operation::KmsKeyDescribe
         | Operation::KmsKeyList

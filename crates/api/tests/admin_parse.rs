@@ -58,6 +58,7 @@ fn path() -> impl Strategy<Value = String> {
             "/v1/host",
             "/v1/host/drain",
             "/v1/host/undrain",
+            "/v1/host/update",
             "/v1/instances",
             "/v1/instances/web1",
             "/v1/instances/web1/stop",
@@ -143,11 +144,19 @@ fn network_value() -> impl Strategy<Value = Value> {
         })
 }
 
+fn update_value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        3 => (0u8..20, 0u8..20, 0u8..20).prop_map(|(a, b, c)| json!({ "version": format!("{a}.{b}.{c}") })),
+        1 => "\\PC{0,12}".prop_map(|v| json!({ "version": v })),
+    ]
+}
+
 fn body() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
+        1 => update_value().prop_map(|v| v.to_string().into_bytes()),
         2 => network_value().prop_map(|v| v.to_string().into_bytes()),
         3 => volume_value().prop_map(|v| v.to_string().into_bytes()),
-        1 => prop_oneof![Just("web1".to_owned()), "\\PC{0,4}"]
+        2 => prop_oneof![3 => Just("web1".to_owned()), 1 => "\\PC{0,4}"]
             .prop_map(|i| json!({ "instance": i }).to_string().into_bytes()),
         2 => Just(Vec::new()),
         1 => Just(b"{}".to_vec()),
@@ -186,7 +195,7 @@ fn generated_requests_reach_every_route() {
     let mut runner = TestRunner::deterministic();
     let strategy = (method(), path(), body());
     let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..10_000 {
+    for _ in 0..20_000 {
         let (m, p, b) = strategy.new_tree(&mut runner).expect("a value").current();
         if let Ok(req) = AdminRequest::parse(&m, &p, &b) {
             seen.insert(req.operation());

@@ -718,7 +718,7 @@ mod tests {
         assert_eq!(back, value);
         // Ordinary JSON is not copied.
         assert!(matches!(json_safe("{\"a\": \"żółć\"}"), Cow::Borrowed(_)));
-        assert_eq!(json_safe_bytes(raw.as_bytes()).as_ref(), safe.as_bytes());
+        assert_eq!(&*json_safe_bytes(raw.as_bytes()), safe.as_bytes());
     }
 
     #[test]

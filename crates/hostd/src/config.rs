@@ -193,6 +193,27 @@ pub struct HostdConfig {
     /// NIC are refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::network::NetworkConfig>,
+    /// The signed releases this host installs (`host.update`): pinned at
+    /// provisioning (none: `host.update` is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseConfig>,
+}
+
+/// `[release]`: where this host's environment publishes its releases and
+/// what it trusts them by, all pinned at provisioning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseConfig {
+    /// The environment this host runs in (`dev`, `staging`, `prod`, ...).
+    pub environment: String,
+    /// The environment's TUF repository (a directory: `metadata/`,
+    /// `targets/`).
+    pub repository: PathBuf,
+    /// The environment's root metadata (`root.json`) pinned at
+    /// provisioning.
+    pub root: PathBuf,
+    /// The CI key (its TUF key JSON) whose test attestation a release needs.
+    pub ci_key: PathBuf,
 }
 
 impl CapacityConfig {
@@ -231,6 +252,7 @@ impl HostdConfig {
             kms: None,
             volumes: None,
             network: None,
+            release: None,
         }
     }
 
@@ -281,6 +303,11 @@ impl HostdConfig {
             &mut self.images,
         ] {
             join(p);
+        }
+        if let Some(r) = &mut self.release {
+            for p in [&mut r.repository, &mut r.root, &mut r.ci_key] {
+                join(p);
+            }
         }
         for p in [
             &mut self.volumes,

@@ -86,6 +86,9 @@ pub enum InstanceError {
         #[source]
         source: Box<ImageError>,
     },
+    /// `host.update` was refused
+    #[error(transparent)]
+    Update(#[from] crate::update::UpdateError),
     /// a volume's seed image is not usable: no root disk, or another size
     #[error("cannot seed volume {volume} from image {digest}: {reason}")]
     BadSeed {
@@ -228,6 +231,8 @@ impl InstanceError {
             Self::NoSuchInstance(_) => (404, RefusalStep::State, "no_such_instance"),
             Self::UnknownImage { .. } => (409, RefusalStep::State, "unknown_image"),
             Self::BadSeed { .. } => (400, RefusalStep::Request, "bad_seed"),
+            Self::Update(e) if e.is_bad_input() => (400, RefusalStep::Request, e.code()),
+            Self::Update(e) => (409, RefusalStep::State, e.code()),
             Self::Capacity { .. } => (409, RefusalStep::State, "capacity"),
             Self::WrongState { .. } => (409, RefusalStep::State, "wrong_state"),
             Self::NoHypervisor { .. } | Self::Hypervisor(_) => {

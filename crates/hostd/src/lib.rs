@@ -37,10 +37,13 @@ pub mod instances;
 pub mod metrics;
 pub mod network;
 pub mod service;
+pub mod update;
 pub mod volume_keys;
 pub mod volumes;
 
-pub use config::{BackendName, CapacityConfig, ConfigError, HostdConfig, HypervisorConfig};
+pub use config::{
+    BackendName, CapacityConfig, ConfigError, HostdConfig, HypervisorConfig, ReleaseConfig,
+};
 pub use service::{Hostd, HostdError, HostdOptions, SHUTDOWN_REASON};
 pub use volume_keys::{KmsVolumeKeys, VolumeKeyError, VolumeKeySource, WrappedVolumeKey};
 pub use volumes::{VolumeStore, VolumeStoreError};

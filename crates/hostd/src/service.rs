@@ -179,6 +179,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     hypervisor: Option<Arc<dyn Hypervisor>>,
     fixed: Fixed,
+    releases: Option<crate::update::Releases>,
 }
 
 /// A host agent with its socket bound, ready to serve.
@@ -448,6 +449,15 @@ impl Hostd {
             started_at: nitrile_audit::format_time(now),
         };
 
+        // The highest version this host has run never goes down.
+        let releases = config.release.clone().map(|r| {
+            let releases = crate::update::Releases::new(r, &config.state);
+            if let Err(e) = releases.record_running() {
+                tracing::error!(error = %e, "could not record the version running");
+            }
+            releases
+        });
+
         let registry = Arc::new(Registry::new());
         let server = identity
             .server()?
@@ -467,6 +477,7 @@ impl Hostd {
                 clock: options.clock,
                 hypervisor,
                 fixed,
+                releases,
             }),
             server,
             listener,
@@ -802,6 +813,14 @@ impl Inner {
                 instances.delete_volume(v, token).await.map(|d| ok_json(&d))
             }
             AdminRequest::NetworkUpdate(u) => instances.update_network(u).map(|d| ok_json(&d)),
+            AdminRequest::HostUpdate(u) => match &self.releases {
+                None => Err(crate::update::UpdateError::NoRepository.into()),
+                Some(r) => r
+                    .update(&self.config.host, u)
+                    .await
+                    .map(|d| ok_json(&d))
+                    .map_err(InstanceError::from),
+            },
             AdminRequest::HostDescribe
             | AdminRequest::InstanceList
             | AdminRequest::InstanceDescribe(_) => {

@@ -2,7 +2,9 @@
 //! placement, through its admin API.
 
 use nitrile_api::Name;
-use nitrile_api::admin::{AdminRequest, Health, HostDescription, PlacementState};
+use nitrile_api::admin::{
+    AdminRequest, Health, HostDescription, HostUpdate, HostUpdateRequest, PlacementState,
+};
 
 use crate::Global;
 use crate::hostapi::{call, target};
@@ -28,6 +30,20 @@ pub(crate) enum Command {
     ///
     /// Example: `nitrile host undrain --host h1`
     Undrain(HostFlag),
+    /// Have a host check and stage release VERSION from the repository of
+    /// its environment it pinned at provisioning (the deployer's verb: no
+    /// other principal is entitled). The host refuses a version not higher
+    /// than the one it runs, and any release whose TUF metadata,
+    /// signatures, environment, test attestation or files do not check.
+    ///
+    /// Example: `nitrile host update 1.4.0 --host h1`
+    Update {
+        /// The release version (MAJOR.MINOR.PATCH).
+        #[arg(value_name = "VERSION")]
+        release: String,
+        #[command(flatten)]
+        flag: HostFlag,
+    },
 }
 
 /// The host to call.
@@ -39,10 +55,32 @@ pub(crate) struct HostFlag {
 }
 
 pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
+    if let Command::Update { release, flag } = command {
+        let req = AdminRequest::HostUpdate(HostUpdateRequest { version: release });
+        if let AdminRequest::HostUpdate(u) = &req {
+            u.validate()
+                .map_err(|e| crate::hostapi::UsageError(format!("VERSION: {e}")))?;
+        }
+        let loaded = crate::config::load(global)?;
+        let target = target(&loaded, flag.host.as_ref())?;
+        let done: HostUpdate = block_on(call(&loaded, &target, &req))??;
+        return match global.output {
+            Output::Json => print_json(&done),
+            Output::Table => Ok(crate::output::print_pairs(&[
+                ("host".to_owned(), done.host.to_string()),
+                ("running".to_owned(), done.running.clone()),
+                ("staged".to_owned(), format!("{} (checked)", done.staged)),
+                ("environment".to_owned(), done.environment.clone()),
+                ("highest run".to_owned(), done.highest.clone()),
+                ("binary sha256".to_owned(), done.binary_sha256.to_string()),
+            ])?),
+        };
+    }
     let (req, flag) = match command {
         Command::Describe(f) => (AdminRequest::HostDescribe, f),
         Command::Drain(f) => (AdminRequest::HostDrain, f),
         Command::Undrain(f) => (AdminRequest::HostUndrain, f),
+        Command::Update { .. } => unreachable!("handled above"),
     };
     let loaded = crate::config::load(global)?;
     let target = target(&loaded, flag.host.as_ref())?;

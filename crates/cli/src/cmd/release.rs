@@ -70,11 +70,11 @@ pub(crate) enum Command {
     /// the guest image and the entitlement schema, and manifest.json (the
     /// version, the one environment it is for, each file's SHA-256).
     ///
-    /// Example: `nitrile release build --version 1.4.0 --env prod --out bundle-1.4.0`
+    /// Example: `nitrile release build 1.4.0 --env prod --out bundle-1.4.0`
     Build {
         /// The version (MAJOR.MINOR.PATCH).
-        #[arg(long)]
-        version: Version,
+        #[arg(value_name = "VERSION")]
+        release: Version,
         /// The environment it is for.
         #[arg(long)]
         env: Environment,
@@ -166,8 +166,11 @@ pub(crate) enum Command {
     /// version and environment, the test attestation under the CI key,
     /// every file's digest.
     ///
-    /// Example: `nitrile release verify --repo repo-prod --root root.json --env prod --ci-key ci.key.pub.json --version 1.4.0 --out /tmp/r`
+    /// Example: `nitrile release verify 1.4.0 --repo repo-prod --root root.json --env prod --ci-key ci.key.pub.json --out /tmp/r`
     Verify {
+        /// The version to check.
+        #[arg(value_name = "VERSION")]
+        release: Version,
         /// The repository directory.
         #[arg(long, value_name = "DIR")]
         repo: PathBuf,
@@ -180,9 +183,6 @@ pub(crate) enum Command {
         /// The pinned CI key (public).
         #[arg(long, value_name = "FILE")]
         ci_key: PathBuf,
-        /// The version to check.
-        #[arg(long)]
-        version: Version,
         /// Where to write its files.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
@@ -253,7 +253,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             )
         }
         Command::Build {
-            version,
+            release: version,
             env,
             out,
             binary,
@@ -412,11 +412,11 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             }
         }
         Command::Verify {
+            release: version,
             repo,
             root,
             env,
             ci_key,
-            version,
             out,
             datastore,
         } => {

@@ -164,6 +164,8 @@ pub struct HostSetup {
     pub volumes: Option<PathBuf>,
     /// The instance network's data path; by default none.
     pub network: Option<nitrile_hostd::network::NetworkConfig>,
+    /// The pinned release repository; by default none.
+    pub release: Option<nitrile_hostd::ReleaseConfig>,
 }
 
 struct RunningHost {
@@ -304,6 +306,7 @@ impl TestCell {
             volume_keys: None,
             volumes: None,
             network: None,
+            release: None,
         }
     }
 
@@ -371,6 +374,7 @@ impl TestCell {
         config.hypervisor = setup.hypervisor.clone();
         config.volumes = setup.volumes.clone();
         config.network = setup.network.clone();
+        config.release = setup.release.clone();
         config
     }
 

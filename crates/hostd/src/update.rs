@@ -1,0 +1,194 @@
+//! `host.update`: checking and staging a signed release (claim 7).
+//!
+//! The host installs releases only from the TUF repository of its
+//! environment named in its config (`[release]`), trusting only what it
+//! pinned at provisioning: the environment's root metadata and the CI key.
+//! For a version it refuses first what is not higher than the version
+//! running or is lower than the highest it has run (`highest.json`, kept
+//! durably; restored from an older backup it still cannot go below the
+//! version running). Then `nitrile_release::client`: `tough`'s TUF client
+//! with the datastore `<state>/releases/tuf` (the metadata it accepted
+//! before, so rolled-back metadata is refused), the manifest's version and
+//! environment, the test attestation, each file. The files are written to
+//! `<state>/releases/<version>.partial` and renamed to
+//! `<state>/releases/<version>` when all are checked.
+//!
+//! Running the staged release (the running agent handing its socket and
+//! instances to it) is not built yet.
+
+use std::path::{Path, PathBuf};
+
+use nitrile_api::Name;
+use nitrile_api::admin::{HostUpdate, HostUpdateRequest, Sha256Hex};
+use nitrile_release::client::{self, Trust};
+use nitrile_release::{Environment, ReleaseError, Version};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ReleaseConfig;
+
+/// The version of this agent.
+pub const RUNNING_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why an update was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpdateError {
+    /// No `[release]` in the config.
+    #[error("this host pins no release repository ([release] in its config); it installs nothing")]
+    NoRepository,
+    /// Lower than the highest version run, or not higher than the running.
+    #[error("release {asked} is not higher than {floor}, which this host runs or has run")]
+    Rollback {
+        /// The version asked for.
+        asked: Version,
+        /// The version it must exceed.
+        floor: Version,
+    },
+    /// A check of the release failed.
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+}
+
+impl UpdateError {
+    /// The refusal's code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NoRepository => "no_release_repository",
+            Self::Rollback { .. } => "rollback",
+            Self::Release(e) => e.code(),
+        }
+    }
+
+    /// Whether the caller's input is at fault.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Self::Release(ReleaseError::BadVersion(_) | ReleaseError::BadEnvironment(_))
+        )
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Highest {
+    version: Version,
+}
+
+/// Releases of this host: the pinned trust and the state directory.
+pub struct Releases {
+    config: ReleaseConfig,
+    dir: PathBuf,
+    running: Version,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Releases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Releases")
+            .field("dir", &self.dir)
+            .field("running", &self.running)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Releases {
+    /// The releases of a host whose state directory is `state`.
+    pub fn new(config: ReleaseConfig, state: &Path) -> Self {
+        Self {
+            config,
+            dir: state.join("releases"),
+            running: RUNNING_VERSION.parse().unwrap_or(Version::new(0, 0, 0)),
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn trust(&self) -> Result<Trust, ReleaseError> {
+        let root =
+            nitrile_fs::read_bounded(&self.config.root, nitrile_release::repo::MAX_METADATA_LEN)?;
+        let key = nitrile_release::keys::load_public(&self.config.ci_key)?;
+        let ci_key =
+            nitrile_release::keys::ed25519_of(&key).map_err(|reason| ReleaseError::BadKey {
+                path: self.config.ci_key.clone(),
+                reason,
+            })?;
+        Ok(Trust {
+            environment: Environment::new(&self.config.environment)?,
+            root,
+            ci_key,
+        })
+    }
+
+    /// The highest version this host has run: the record, and never below
+    /// the version running.
+    pub fn highest(&self) -> Version {
+        let recorded = nitrile_fs::read_bounded(&self.dir.join("highest.json"), 4096)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Highest>(&b).ok())
+            .map(|h| h.version);
+        recorded.map_or(self.running, |r| r.max(self.running))
+    }
+
+    /// Records that this host runs its version (at start): the highest
+    /// version it has run never goes down.
+    pub fn record_running(&self) -> std::io::Result<()> {
+        let highest = self.highest();
+        std::fs::create_dir_all(&self.dir)?;
+        let bytes = serde_json::to_vec(&Highest { version: highest }).unwrap_or_default();
+        nitrile_fs::write_atomic(&self.dir.join("highest.json"), &bytes, 0o600)
+            .map_err(std::io::Error::other)
+    }
+
+    /// `host.update`: checks and stages `req.version`.
+    pub async fn update(
+        &self,
+        host: &Name,
+        req: &HostUpdateRequest,
+    ) -> Result<HostUpdate, UpdateError> {
+        let _one_at_a_time = self.lock.lock().await;
+        let version: Version = req.version.parse()?;
+        let highest = self.highest();
+        let floor = highest.max(self.running);
+        if version <= floor {
+            return Err(UpdateError::Rollback {
+                asked: version,
+                floor,
+            });
+        }
+        let trust = self.trust()?;
+        let repo = client::load(&self.config.repository, &trust, &self.dir.join("tuf")).await?;
+        let partial = self.dir.join(format!("{version}.partial"));
+        let _ = std::fs::remove_dir_all(&partial);
+        let verified = match client::fetch_release(&repo, &trust, version, &partial).await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&partial);
+                return Err(e.into());
+            }
+        };
+        let staged = self.dir.join(version.to_string());
+        let _ = std::fs::remove_dir_all(&staged);
+        std::fs::rename(&partial, &staged).map_err(|source| {
+            UpdateError::Release(ReleaseError::Io {
+                op: "stage",
+                path: staged.clone(),
+                source,
+            })
+        })?;
+        let binary = verified
+            .manifest
+            .files
+            .get("nitrile")
+            .map(|d| d.sha256.clone())
+            .unwrap_or_default();
+        Ok(HostUpdate {
+            host: host.clone(),
+            running: self.running.to_string(),
+            staged: version.to_string(),
+            environment: trust.environment.to_string(),
+            highest: highest.to_string(),
+            binary_sha256: binary
+                .parse()
+                .unwrap_or_else(|_| Sha256Hex::from_bytes([0; 32])),
+        })
+    }
+}
