@@ -158,6 +158,16 @@ pub enum HostdError {
     /// the `[logd]` section cannot be shipped to
     #[error("[logd] in the config")]
     Logd(#[from] LogKeyError),
+    /// a host that installs only signed releases (`[release]`) names a
+    /// binary of its own to run
+    #[error(
+        "[hypervisor] {key} names a binary to run, and this host installs only signed releases \
+         ([release]): it runs the QEMU of its host image and the VMM of its release; remove {key}"
+    )]
+    UnreleasedBinary {
+        /// The config key.
+        key: &'static str,
+    },
 }
 
 /// What host.describe reports that does not change while the agent runs.
@@ -290,6 +300,19 @@ impl Hostd {
     /// A hypervisor backend that cannot run here does not stop the agent:
     /// host.describe reports it failed and instance operations are refused.
     pub async fn open(config: &HostdConfig, options: HostdOptions) -> Result<Self, HostdError> {
+        // Code runs only from the pinned repository: a release-pinned host
+        // takes no binary path from its config.
+        if config.release.is_some() {
+            for (key, set) in [
+                ("qemu", config.hypervisor.qemu.is_some()),
+                ("vsock_daemon", config.hypervisor.vsock_daemon.is_some()),
+                ("vmm", config.hypervisor.vmm.is_some()),
+            ] {
+                if set {
+                    return Err(HostdError::UnreleasedBinary { key });
+                }
+            }
+        }
         let state = &config.state;
         std::fs::DirBuilder::new()
             .recursive(true)

@@ -162,6 +162,9 @@ async fn a_signed_attested_release_is_staged_and_every_bad_one_refused() {
     std::fs::copy(repo_dir.join("metadata/root.json"), pins.join("root.json")).unwrap();
     std::fs::write(pins.join("ci.pub.json"), k.ci.public_json()).unwrap();
     let mut setup = cell.default_setup();
+    // A release-pinned host names no binary of its own (see
+    // claim7_only_released_code.rs): the host image's QEMU.
+    setup.hypervisor.qemu = None;
     setup.release = Some(ReleaseConfig {
         environment: "prod".into(),
         repository: repo_dir.clone(),
