@@ -287,7 +287,10 @@ fn nitrile_up_serves_tokens_and_journals_them() {
 
 /// The records of a token service journal but the placement service's
 /// (which asks for tokens of its own whenever it refreshes the hosts'
-/// networks, at times of its choosing).
+/// networks, at times of its choosing) and the TLS-level refusals without a
+/// caller that a connection cut by the cell's stop can leave (placement
+/// connecting while the token service stops). Prints the records when it
+/// counts, so that a wrong count shows them.
 fn not_placements(journal: &Path) -> usize {
     let out = nitrile(
         "/nonexistent",
@@ -309,9 +312,14 @@ fn not_placements(journal: &Path) -> usize {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .filter(|r: &serde_json::Value| {
-            r["record"]["principal"].as_str() != Some("nitrile://local/service/placement")
+            let record = &r["record"];
+            record["principal"].as_str() != Some("nitrile://local/service/placement")
+                && !(record["step"] == "tls" && record["principal"].is_null())
         })
         .collect();
+    for r in &records {
+        eprintln!("counted: {}", r["record"]);
+    }
     records.len()
 }
 

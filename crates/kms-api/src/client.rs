@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, StatusCode, header};
+use http::{Method, StatusCode};
 use nitrile_api::wire::Refusal;
 use nitrile_api::{Name, PrincipalId};
-use nitrile_net::{Client, NetError, Response};
+use nitrile_net::{CallError, Client, NetError, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -251,37 +251,22 @@ impl KmsClient {
         token: &str,
         body: Option<&B>,
     ) -> Result<Response, KmsClientError> {
-        let mut auth = HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|_| KmsClientError::BadToken)?;
-        auth.set_sensitive(true);
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::ACCEPT, "application/json")
-            .header(header::AUTHORIZATION, auth);
-        let bytes = match body {
-            Some(b) => {
-                builder = builder.header(header::CONTENT_TYPE, "application/json");
-                Bytes::from(serde_json::to_vec(b).map_err(NetError::Json)?)
-            }
-            None => Bytes::new(),
-        };
-        let req = builder.body(bytes).map_err(NetError::InvalidRequest)?;
-        let resp = self.client.send(req).await?;
-        if resp.status.is_success() {
-            return Ok(resp);
-        }
-        match resp.refusal() {
-            Some(refusal) => Err(KmsClientError::Refused {
-                status: resp.status,
-                refusal,
-            }),
-            None => Err(KmsClientError::BadAnswer {
-                status: resp.status,
-                source: serde_json::from_slice::<Refusal>(&resp.body)
-                    .err()
-                    .unwrap_or_else(|| serde::de::Error::custom("not a refusal")),
-            }),
-        }
+        let body = body
+            .map(|b| serde_json::to_vec(b).map(|v| ("application/json", Bytes::from(v))))
+            .transpose()
+            .map_err(NetError::Json)?;
+        self.client
+            .call_with_bearer(method, path, token, body)
+            .await
+            .map_err(|e| match e {
+                CallError::Net(NetError::InvalidToken) => KmsClientError::BadToken,
+                CallError::Net(e) => KmsClientError::Net(e),
+                CallError::Refused { status, refusal } => {
+                    KmsClientError::Refused { status, refusal }
+                }
+                CallError::BadAnswer { status, source } => {
+                    KmsClientError::BadAnswer { status, source }
+                }
+            })
     }
 }

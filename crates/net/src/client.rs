@@ -192,10 +192,23 @@ impl Client {
         bearer: Option<&str>,
         body: Option<Bytes>,
     ) -> Result<Request<Bytes>, NetError> {
+        Self::build_typed(method, path, bearer, body.map(|b| ("application/json", b)))
+    }
+
+    fn build_typed(
+        method: Method,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<(&'static str, Bytes)>,
+    ) -> Result<Request<Bytes>, NetError> {
         let mut builder = Request::builder().method(method).uri(path);
-        if body.is_some() {
-            builder = builder.header(header::CONTENT_TYPE, "application/json");
-        }
+        let body = match body {
+            Some((content_type, b)) => {
+                builder = builder.header(header::CONTENT_TYPE, content_type);
+                Some(b)
+            }
+            None => None,
+        };
         builder = builder.header(header::ACCEPT, "application/json");
         if let Some(token) = bearer {
             let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
@@ -245,4 +258,60 @@ impl Client {
         self.send(Self::build(Method::POST, path, Some(token), Some(body))?)
             .await
     }
+
+    /// One call of a service's API: `method path` with `authorization:
+    /// Bearer <token>` and `body` (its content type and bytes), the answer
+    /// when it succeeded, its refusal when the service refused, else why.
+    pub async fn call_with_bearer(
+        &mut self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<(&'static str, Bytes)>,
+    ) -> Result<Response, CallError> {
+        let req = Self::build_typed(method, path, Some(token), body)?;
+        let resp = self.send(req).await?;
+        if resp.status.is_success() {
+            return Ok(resp);
+        }
+        match resp.refusal() {
+            Some(refusal) => Err(CallError::Refused {
+                status: resp.status,
+                refusal,
+            }),
+            None => Err(CallError::BadAnswer {
+                status: resp.status,
+                source: serde_json::from_slice::<Refusal>(&resp.body)
+                    .err()
+                    .unwrap_or_else(|| serde::de::Error::custom("not a refusal")),
+            }),
+        }
+    }
+}
+
+/// Why [`Client::call_with_bearer`] has no answer to give.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The service could not be reached, the exchange failed, or the token
+    /// is not a header value ([`NetError::InvalidToken`]).
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The service refused (its refusal names the step, the reason and its
+    /// journal record).
+    #[error("refused: {}", refusal.with_status(status))]
+    Refused {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The refusal.
+        refusal: Refusal,
+    },
+    /// A failure that is not a refusal.
+    #[error("a malformed answer (status {status})")]
+    BadAnswer {
+        /// The HTTP status.
+        status: StatusCode,
+        /// Why it does not parse as a refusal.
+        #[source]
+        source: serde_json::Error,
+    },
 }

@@ -44,7 +44,9 @@ mod server;
 mod signal;
 
 pub use admission::Source;
-pub use client::{CONNECT_TIMEOUT, Client, MAX_RESPONSE_BODY, REQUEST_TIMEOUT, Response};
+pub use client::{
+    CONNECT_TIMEOUT, CallError, Client, MAX_RESPONSE_BODY, REQUEST_TIMEOUT, Response,
+};
 pub use error::NetError;
 pub use limits::{
     HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, Limits, LimitsError, MAX_CONNECTIONS,

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, StatusCode, header};
+use http::{Method, StatusCode};
 use nitrile_api::wire::Refusal;
 use nitrile_api::{Name, PrincipalId, PrincipalKind};
 use nitrile_image::Digest;
-use nitrile_net::{Client, NetError, Response};
+use nitrile_net::{CallError, Client, NetError, Response};
 use serde::de::DeserializeOwned;
 
 use crate::PLACEMENT_SERVICE;
@@ -201,37 +201,19 @@ impl PlacedClient {
         token: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response, PlacedClientError> {
-        let mut auth = HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|_| PlacedClientError::BadToken)?;
-        auth.set_sensitive(true);
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::ACCEPT, "application/json")
-            .header(header::AUTHORIZATION, auth);
-        let bytes = match body {
-            Some(b) => {
-                builder = builder.header(header::CONTENT_TYPE, "application/octet-stream");
-                Bytes::from(b)
-            }
-            None => Bytes::new(),
-        };
-        let req = builder.body(bytes).map_err(NetError::InvalidRequest)?;
-        let resp = self.client.send(req).await?;
-        if resp.status.is_success() {
-            return Ok(resp);
-        }
-        match resp.refusal() {
-            Some(refusal) => Err(PlacedClientError::Refused {
-                status: resp.status,
-                refusal,
-            }),
-            None => Err(PlacedClientError::BadAnswer {
-                status: resp.status,
-                source: serde_json::from_slice::<Refusal>(&resp.body)
-                    .err()
-                    .unwrap_or_else(|| serde::de::Error::custom("not a refusal")),
-            }),
-        }
+        let body = body.map(|b| ("application/octet-stream", Bytes::from(b)));
+        self.client
+            .call_with_bearer(method, path, token, body)
+            .await
+            .map_err(|e| match e {
+                CallError::Net(NetError::InvalidToken) => PlacedClientError::BadToken,
+                CallError::Net(e) => PlacedClientError::Net(e),
+                CallError::Refused { status, refusal } => {
+                    PlacedClientError::Refused { status, refusal }
+                }
+                CallError::BadAnswer { status, source } => {
+                    PlacedClientError::BadAnswer { status, source }
+                }
+            })
     }
 }
