@@ -399,7 +399,9 @@ fn a_customer_logs_in_and_reaches_its_other_instance_over_an_encrypted_wire() {
     let (ok, out, err) = ssh(
         &acme_key,
         &endpoint(&web1),
-        &format!("cat /mnt/root/marker && echo {WRITTEN_MARKER} > /mnt/root/written && sync"),
+        &format!(
+            "cat /mnt/rootdisk/marker && echo {WRITTEN_MARKER} > /mnt/rootdisk/written && sync"
+        ),
     );
     let web1_serial = state
         .join("hosts")
