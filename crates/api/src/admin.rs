@@ -552,6 +552,11 @@ pub struct HostUpdate {
     pub highest: String,
     /// SHA-256 of the staged binary.
     pub binary_sha256: Sha256Hex,
+    /// The agent hands its socket and instances to the staged release now
+    /// (a live update); `host.describe` shows the new version once it
+    /// serves, or the old one after an automatic rollback.
+    #[serde(default)]
+    pub handing_over: bool,
 }
 
 /// One parsed admin request. A host serves exactly these.

@@ -128,6 +128,10 @@ fn no_flag_of_the_host_agent_names_code() {
         "--stop-instances-on-exit",
         "--exit-with-parent",
         "--log-format",
+        // Two descriptor numbers a host agent handing over passes to the
+        // staged release it started (its listening socket and a control
+        // socket), never a path; see `a_takeover_flag_takes_only_inherited_sockets`.
+        "--takeover",
         "--output",
         "--help",
         "--version",
@@ -142,6 +146,28 @@ fn no_flag_of_the_host_agent_names_code() {
         flags.difference(&known).collect::<Vec<_>>()
     );
     assert!(flags.contains("--config"), "{help}");
+}
+
+#[test]
+fn a_takeover_flag_takes_only_inherited_sockets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("hostd.toml");
+    std::fs::write(&config, "").unwrap();
+    for (arg, expect) in [
+        ("3,4", "not open"),
+        ("1,4", "not a descriptor number above 2"),
+        ("/usr/bin/env", "expected LISTENER_FD,CONTROL_FD"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nitrile"))
+            .args(["hostd", "--takeover", arg, "--config"])
+            .arg(&config)
+            .env_remove("NITRILE_CONFIG")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{arg}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{arg}: {err}");
+    }
 }
 
 #[test]

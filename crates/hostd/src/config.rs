@@ -214,6 +214,21 @@ pub struct ReleaseConfig {
     pub root: PathBuf,
     /// The CI key (its TUF key JSON) whose test attestation a release needs.
     pub ci_key: PathBuf,
+    /// Seconds a new agent has, after a live update starts it, to serve
+    /// `host.describe` with every instance re-adopted; else the previous
+    /// binary serves again (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_deadline_secs: Option<u64>,
+}
+
+impl ReleaseConfig {
+    /// The live update's health check deadline.
+    pub fn health_deadline(&self) -> std::time::Duration {
+        self.health_deadline_secs
+            .map_or(crate::live::DEFAULT_HEALTH_DEADLINE, |s| {
+                std::time::Duration::from_secs(s.clamp(1, 3600))
+            })
+    }
 }
 
 impl CapacityConfig {

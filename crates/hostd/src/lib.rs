@@ -34,6 +34,7 @@
 
 pub mod config;
 pub mod instances;
+pub mod live;
 pub mod metrics;
 pub mod network;
 pub mod service;
@@ -44,6 +45,7 @@ pub mod volumes;
 pub use config::{
     BackendName, CapacityConfig, ConfigError, HostdConfig, HypervisorConfig, ReleaseConfig,
 };
-pub use service::{Hostd, HostdError, HostdOptions, SHUTDOWN_REASON};
+pub use live::Served;
+pub use service::{Hostd, HostdError, HostdHandle, HostdOptions, SHUTDOWN_REASON};
 pub use volume_keys::{KmsVolumeKeys, VolumeKeyError, VolumeKeySource, WrappedVolumeKey};
 pub use volumes::{VolumeStore, VolumeStoreError};

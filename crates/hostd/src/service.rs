@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -39,6 +40,7 @@ use tokio::net::TcpListener;
 
 use crate::config::HostdConfig;
 use crate::instances::{CapacityLimits, InstanceError, Instances};
+use crate::live::{Handover, Ready, Served};
 use crate::metrics::{HostdMetrics, METRICS_FILE, RequestOutcome, write_metrics_file};
 use crate::volume_keys::{KmsVolumeKeys, VolumeKeySource};
 use crate::volumes::{VolumeStore, VolumeStoreError};
@@ -67,6 +69,14 @@ pub struct HostdOptions {
     /// ([`VolumeKeySource`]); without one, launches with volumes are
     /// refused (`no_key_service`).
     pub volume_keys: Option<Arc<dyn VolumeKeySource>>,
+    /// After `host.update` staged a release, hand over to it
+    /// ([`crate::live`]): [`Hostd::serve_updatable`] returns
+    /// [`Served::Handover`]. Without it a release is only staged.
+    pub live_update: bool,
+    /// This agent takes over from another ([`crate::live::Takeover`]): it
+    /// records its version as the highest run and accepts `host.update`
+    /// hand-overs only once committed ([`HostdHandle::committed`]).
+    pub takeover: bool,
 }
 
 impl std::fmt::Debug for HostdOptions {
@@ -75,6 +85,8 @@ impl std::fmt::Debug for HostdOptions {
             .field("stop_instances_on_exit", &self.stop_instances_on_exit)
             .field("danger_journal_no_sync", &self.danger_journal_no_sync)
             .field("volume_keys", &self.volume_keys.is_some())
+            .field("live_update", &self.live_update)
+            .field("takeover", &self.takeover)
             .finish_non_exhaustive()
     }
 }
@@ -86,6 +98,8 @@ impl Default for HostdOptions {
             clock: Arc::new(SystemClock),
             danger_journal_no_sync: false,
             volume_keys: None,
+            live_update: false,
+            takeover: false,
         }
     }
 }
@@ -146,6 +160,14 @@ pub enum HostdError {
     /// the socket could not be bound or served
     #[error("network")]
     Net(#[from] nitrile_net::NetError),
+    /// the listening socket inherited from the agent handing over is not
+    /// usable
+    #[error("the inherited listening socket")]
+    Inherited {
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// the state directory could not be created
     #[error("state directory {}", path.display())]
     StateDir {
@@ -190,6 +212,10 @@ struct Inner {
     hypervisor: Option<Arc<dyn Hypervisor>>,
     fixed: Fixed,
     releases: Option<crate::update::Releases>,
+    /// Fires the hand-over to a staged release (when live updates are on).
+    handover: Mutex<Option<tokio::sync::oneshot::Sender<Handover>>>,
+    /// Whether a staged release is handed over to now.
+    armed: AtomicBool,
 }
 
 /// A host agent with its socket bound, ready to serve.
@@ -199,6 +225,20 @@ pub struct Hostd {
     listener: TcpListener,
     stop_instances_on_exit: bool,
     shipping: JournalShipping,
+    handover: Option<tokio::sync::oneshot::Receiver<Handover>>,
+}
+
+/// A handle on a serving host agent, for its supervisor (the live update's
+/// two sides).
+#[derive(Clone)]
+pub struct HostdHandle(Arc<Inner>);
+
+impl std::fmt::Debug for HostdHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("HostdHandle")
+            .field(&self.0.config.host)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for Hostd {
@@ -300,6 +340,17 @@ impl Hostd {
     /// A hypervisor backend that cannot run here does not stop the agent:
     /// host.describe reports it failed and instance operations are refused.
     pub async fn open(config: &HostdConfig, options: HostdOptions) -> Result<Self, HostdError> {
+        Self::open_on(config, options, None).await
+    }
+
+    /// [`Hostd::open`] serving on `listener` (inherited from the agent
+    /// handing over, or kept through a failed hand-over) instead of binding
+    /// the config's address.
+    pub async fn open_on(
+        config: &HostdConfig,
+        options: HostdOptions,
+        listener: Option<std::net::TcpListener>,
+    ) -> Result<Self, HostdError> {
         // Code runs only from the pinned repository: a release-pinned host
         // takes no binary path from its config.
         if config.release.is_some() {
@@ -461,9 +512,13 @@ impl Hostd {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| label(&s))
             .unwrap_or_default();
+        let running_version = config.release.as_ref().map_or_else(
+            || env!("CARGO_PKG_VERSION").to_owned(),
+            |_| crate::update::running_version(&config.state).to_string(),
+        );
         let fixed = Fixed {
             software: Software {
-                nitrile: env!("CARGO_PKG_VERSION").to_owned(),
+                nitrile: running_version,
                 backend: backend_name.to_owned(),
                 backend_version,
                 kernel,
@@ -473,9 +528,12 @@ impl Hostd {
         };
 
         // The highest version this host has run never goes down.
+        // (An agent taking over records it once committed.)
         let releases = config.release.clone().map(|r| {
             let releases = crate::update::Releases::new(r, &config.state);
-            if let Err(e) = releases.record_running() {
+            if !options.takeover
+                && let Err(e) = releases.record_running()
+            {
                 tracing::error!(error = %e, "could not record the version running");
             }
             releases
@@ -486,8 +544,16 @@ impl Hostd {
             .server()?
             .with_metrics(Arc::clone(&registry), "nitrile_hostd");
         // One port, the mTLS one: metrics go to a file.
-        let listener = Listeners::bind(config.listen, None).await?.mtls;
+        let listener = match listener {
+            None => Listeners::bind(config.listen, None).await?.mtls,
+            Some(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(l))
+                .map_err(|source| HostdError::Inherited { source })?,
+        };
         let image_list = Mutex::new(list_images(&images));
+        let (handover_tx, handover_rx) = tokio::sync::oneshot::channel();
+        let live = options.live_update && releases.is_some();
         Ok(Self {
             inner: Arc::new(Inner {
                 config: config.clone(),
@@ -501,11 +567,14 @@ impl Hostd {
                 hypervisor,
                 fixed,
                 releases,
+                handover: Mutex::new(live.then_some(handover_tx)),
+                armed: AtomicBool::new(live && !options.takeover),
             }),
             server,
             listener,
             stop_instances_on_exit: options.stop_instances_on_exit,
             shipping,
+            handover: live.then_some(handover_rx),
         })
     }
 
@@ -529,6 +598,11 @@ impl Hostd {
         self.inner.config.state.join(METRICS_FILE)
     }
 
+    /// A handle for the supervisor of this agent.
+    pub fn handle(&self) -> HostdHandle {
+        HostdHandle(Arc::clone(&self.inner))
+    }
+
     /// Serves until `shutdown` resolves: then stops accepting, lets in-flight
     /// requests finish, stops the instances if asked to (else leaves them
     /// running for the next agent) and writes the metrics file a last time.
@@ -542,6 +616,18 @@ impl Hostd {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), HostdError> {
+        self.serve_updatable(shutdown).await.map(|_| ())
+    }
+
+    /// [`Hostd::serve`], which also ends when a staged release is to take
+    /// over ([`HostdOptions::live_update`]): then it stops accepting (the
+    /// socket stays open), finishes in-flight requests, journals the
+    /// hand-over, leaves every instance running and returns
+    /// [`Served::Handover`] with the socket ([`crate::live`]).
+    pub async fn serve_updatable(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<Served, HostdError> {
         let shipper = self.shipping.start();
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let ticker = {
@@ -565,11 +651,39 @@ impl Hostd {
                 }
             })
         };
+        // A duplicate of the listening socket outlives the server's, so a
+        // hand-over keeps its backlog.
+        let (listener, kept) = if self.handover.is_some() {
+            let (l, k) = self
+                .listener
+                .into_std()
+                .and_then(|l| {
+                    let kept = l.try_clone()?;
+                    Ok((TcpListener::from_std(l)?, kept))
+                })
+                .map_err(|source| HostdError::Inherited { source })?;
+            (l, Some(k))
+        } else {
+            (self.listener, None)
+        };
+        let (chosen_tx, chosen_rx) = tokio::sync::oneshot::channel();
+        let handover_rx = self.handover.take();
+        let stop = async move {
+            match handover_rx {
+                Some(rx) => tokio::select! {
+                    () = shutdown => {}
+                    Ok(h) = rx => { let _ = chosen_tx.send(h); }
+                },
+                None => shutdown.await,
+            }
+        };
         let api = Api(Arc::clone(&self.inner));
-        let result = self.server.serve(self.listener, api, shutdown).await;
+        let handle = HostdHandle(Arc::clone(&self.inner));
+        let result = self.server.serve(listener, api, stop).await;
         let _ = stop_tx.send(true);
         let _ = ticker.await;
-        if self.stop_instances_on_exit {
+        let handover = chosen_rx.await.ok();
+        if self.stop_instances_on_exit && handover.is_none() {
             let now = self.inner.clock.now();
             self.inner.instances.stop_all(now, SHUTDOWN_REASON).await;
             // No VM is left on a tap: the data path's namespace goes too.
@@ -577,16 +691,155 @@ impl Hostd {
                 net.remove_namespace();
             }
         }
+        let mut running = Vec::new();
+        if let Some(h) = &handover {
+            // Every VM runs on for the next agent.
+            if let Some(hv) = &self.inner.hypervisor {
+                hv.detach_all();
+            }
+            running = self.inner.running_instances();
+            let from = handle.version();
+            handle
+                .journal_event(
+                    true,
+                    &format!("live update: handing over from {from} to {}", h.version),
+                    serde_json::json!({
+                        "event": "live_update",
+                        "phase": "handing_over",
+                        "from": from.to_string(),
+                        "to": h.version.to_string(),
+                        "pid": std::process::id(),
+                        "instances": running.len(),
+                    }),
+                )
+                .await;
+        }
         let inner = Arc::clone(&self.inner);
         let _ = tokio::task::spawn_blocking(move || inner.write_metrics()).await;
         if let Some(shipper) = shipper {
             shipper.stop().await;
         }
-        result.map_err(HostdError::from)
+        result.map_err(HostdError::from)?;
+        match (handover, kept) {
+            (Some(handover), Some(listener)) => {
+                let from = handle.version();
+                Ok(Served::Handover {
+                    handover,
+                    listener,
+                    running,
+                    from,
+                })
+            }
+            _ => Ok(Served::Stopped),
+        }
+    }
+}
+
+impl HostdHandle {
+    /// The version this agent runs: its release's, else the build's.
+    pub fn version(&self) -> nitrile_release::Version {
+        self.0
+            .fixed
+            .software
+            .nitrile
+            .parse()
+            .unwrap_or(nitrile_release::Version::new(0, 0, 0))
+    }
+
+    /// What this agent reports to the one handing over to it.
+    pub fn ready(&self) -> Ready {
+        Ready {
+            pid: std::process::id(),
+            host: self.0.describe_host(),
+            running: self.0.running_instances(),
+        }
+    }
+
+    /// The hand-over was committed: this agent records its version as the
+    /// highest run, journals it and hands over to a later release when
+    /// asked.
+    pub async fn committed(&self, from_pid: u32) {
+        if let Some(r) = &self.0.releases
+            && let Err(e) = r.record_running()
+        {
+            tracing::error!(error = %e, "could not record the version running");
+        }
+        let version = self.version();
+        self.journal_event(
+            true,
+            &format!("live update: {version} serving, taken over from pid {from_pid}"),
+            serde_json::json!({
+                "event": "live_update",
+                "phase": "serving",
+                "to": version.to_string(),
+                "pid": std::process::id(),
+                "from_pid": from_pid,
+                "instances": self.0.running_instances().len(),
+            }),
+        )
+        .await;
+        self.0.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Journals a hand-over that did not happen (this agent serves again).
+    pub async fn rolled_back(&self, to: &nitrile_release::Version, reason: &str) {
+        let version = self.version();
+        self.journal_event(
+            false,
+            &format!("live update: to {to} rolled back, {version} serving again: {reason}"),
+            serde_json::json!({
+                "event": "live_update",
+                "phase": "rolled_back",
+                "from": version.to_string(),
+                "to": to.to_string(),
+                "pid": std::process::id(),
+                "reason": clip_text(reason, 1024),
+            }),
+        )
+        .await;
+    }
+
+    /// Journals an event of the agent itself (an outcome record of its
+    /// own, not of a request); a journal that cannot be written is logged.
+    pub async fn journal_event(&self, ok: bool, reason: &str, detail: serde_json::Value) {
+        let record = nitrile_audit::AuditRecord::outcome(
+            self.0.clock.now(),
+            self.0.admission.source().clone(),
+            nitrile_audit::RequestId::random(&mut rand_core::OsRng),
+            if ok {
+                Outcome::Executed
+            } else {
+                Outcome::Failed
+            },
+        )
+        .with_reason(reason)
+        .with_detail(detail);
+        let journal = Arc::clone(self.0.admission.journal());
+        let done = tokio::task::spawn_blocking(move || {
+            record
+                .encode()
+                .map_err(|e| e.to_string())
+                .and_then(|b| journal.append(&b).map(|_| ()).map_err(|e| e.to_string()))
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "could not journal: {reason}"),
+            Err(e) => tracing::error!(error = %e, "could not journal: {reason}"),
+        }
     }
 }
 
 impl Inner {
+    fn running_instances(&self) -> Vec<Name> {
+        self.instances
+            .list(self.clock.now())
+            .into_iter()
+            .filter(|d| d.state == nitrile_api::admin::InstanceState::Running)
+            .map(|d| d.instance)
+            .collect()
+    }
+
     fn write_metrics(&self) {
         let text = self.metrics.render(
             self.admission.refusal_journal_failures(),
@@ -795,6 +1048,7 @@ impl Inner {
         // Admitted, so there are tokens: the key service checks them again.
         let token = token.as_deref().unwrap_or_default();
         let volume_token = second.as_ref().and(volume_token.as_deref());
+        let mut handover = None;
         let result = match &req {
             AdminRequest::HostDrain | AdminRequest::HostUndrain => instances
                 .set_drained(matches!(req, AdminRequest::HostDrain))
@@ -838,11 +1092,27 @@ impl Inner {
             AdminRequest::NetworkUpdate(u) => instances.update_network(u).map(|d| ok_json(&d)),
             AdminRequest::HostUpdate(u) => match &self.releases {
                 None => Err(crate::update::UpdateError::NoRepository.into()),
-                Some(r) => r
-                    .update(&self.config.host, u)
-                    .await
-                    .map(|d| ok_json(&d))
-                    .map_err(InstanceError::from),
+                Some(r) => {
+                    let live = self.armed.load(Ordering::SeqCst);
+                    match self.live_update_blocker(live) {
+                        Some(e) => Err(e.into()),
+                        None => r
+                            .update(&self.config.host, u, live)
+                            .await
+                            .map(|d| {
+                                if let Some(v) =
+                                    d.handing_over.then(|| d.staged.parse().ok()).flatten()
+                                {
+                                    handover = Some(Handover {
+                                        binary: r.staged_binary(&v),
+                                        version: v,
+                                    });
+                                }
+                                ok_json(&d)
+                            })
+                            .map_err(InstanceError::from),
+                    }
+                }
             },
             AdminRequest::HostDescribe
             | AdminRequest::InstanceList
@@ -850,7 +1120,34 @@ impl Inner {
                 unreachable!("read operations returned above")
             }
         };
-        self.finish(admitted, result).await
+        let resp = self.finish(admitted, result).await;
+        // After the outcome record: the hand-over begins once this answer
+        // is sent (the server finishes requests in flight).
+        if let Some(h) = handover
+            && self.armed.swap(false, Ordering::SeqCst)
+            && let Some(tx) = self
+                .handover
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+        {
+            let _ = tx.send(h);
+        }
+        resp
+    }
+
+    /// Why a staged release could not take over now: VMs of a backend that
+    /// ends them with the agent.
+    fn live_update_blocker(&self, live: bool) -> Option<crate::update::UpdateError> {
+        if !live {
+            return None;
+        }
+        let outlive = self
+            .hypervisor
+            .as_ref()
+            .is_none_or(|h| h.vms_outlive_agent());
+        let running = self.running_instances().len();
+        (!outlive && running > 0).then_some(crate::update::UpdateError::NoLiveUpdate { running })
     }
 }
 

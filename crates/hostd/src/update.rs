@@ -13,8 +13,10 @@
 //! `<state>/releases/<version>.partial` and renamed to
 //! `<state>/releases/<version>` when all are checked.
 //!
-//! Running the staged release (the running agent handing its socket and
-//! instances to it) is not built yet.
+//! With live updates on, the agent then hands its socket and instances to
+//! the staged release ([`crate::live`]). The version an agent runs is its
+//! release's when its binary is a staged release's
+//! (`<state>/releases/<version>/nitrile`), else its build's.
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +30,29 @@ use crate::config::ReleaseConfig;
 
 /// The version of this agent.
 pub const RUNNING_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The file of a release that a host runs.
+pub const BINARY: &str = "nitrile";
+
+/// The version this process runs: the release's when it is a staged
+/// release's binary (`<state>/releases/<version>/nitrile`, made only by
+/// staging a verified release), else the build's.
+pub fn running_version(state: &Path) -> Version {
+    let build = RUNNING_VERSION.parse().unwrap_or(Version::new(0, 0, 0));
+    let released = || -> Option<Version> {
+        let exe = std::env::current_exe().ok()?.canonicalize().ok()?;
+        let releases = state.join("releases").canonicalize().ok()?;
+        if exe.file_name()? != BINARY {
+            return None;
+        }
+        let dir = exe.parent()?;
+        if dir.parent()? != releases {
+            return None;
+        }
+        dir.file_name()?.to_str()?.parse().ok()
+    };
+    released().unwrap_or(build)
+}
 
 /// Why an update was refused.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +72,15 @@ pub enum UpdateError {
     /// A check of the release failed.
     #[error(transparent)]
     Release(#[from] ReleaseError),
+    /// Instances run under a backend whose VMs end with the agent.
+    #[error(
+        "{running} instance(s) run under a hypervisor backend whose VMs end with the host agent; \
+         a live update would stop them (stop them or move them first)"
+    )]
+    NoLiveUpdate {
+        /// How many run.
+        running: usize,
+    },
 }
 
 impl UpdateError {
@@ -55,6 +89,7 @@ impl UpdateError {
         match self {
             Self::NoRepository => "no_release_repository",
             Self::Rollback { .. } => "rollback",
+            Self::NoLiveUpdate { .. } => "no_live_update",
             Self::Release(e) => e.code(),
         }
     }
@@ -97,7 +132,7 @@ impl Releases {
         Self {
             config,
             dir: state.join("releases"),
-            running: RUNNING_VERSION.parse().unwrap_or(Version::new(0, 0, 0)),
+            running: running_version(state),
             lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -138,11 +173,23 @@ impl Releases {
             .map_err(std::io::Error::other)
     }
 
-    /// `host.update`: checks and stages `req.version`.
+    /// The binary of staged release `version`.
+    pub fn staged_binary(&self, version: &Version) -> PathBuf {
+        self.dir.join(version.to_string()).join(BINARY)
+    }
+
+    /// How long a new agent has to report serving ([`crate::live`]).
+    pub fn health_deadline(&self) -> std::time::Duration {
+        self.config.health_deadline()
+    }
+
+    /// `host.update`: checks and stages `req.version`; `live` says whether
+    /// the agent hands over to it next (the answer's `handing_over`).
     pub async fn update(
         &self,
         host: &Name,
         req: &HostUpdateRequest,
+        live: bool,
     ) -> Result<HostUpdate, UpdateError> {
         let _one_at_a_time = self.lock.lock().await;
         let version: Version = req.version.parse()?;
@@ -167,13 +214,25 @@ impl Releases {
         };
         let staged = self.dir.join(version.to_string());
         let _ = std::fs::remove_dir_all(&staged);
-        std::fs::rename(&partial, &staged).map_err(|source| {
-            UpdateError::Release(ReleaseError::Io {
-                op: "stage",
-                path: staged.clone(),
-                source,
-            })
-        })?;
+        // The binary is the one file run: owner-executable, nothing more.
+        let io = |op: &'static str, path: PathBuf| {
+            move |source| {
+                UpdateError::Release(ReleaseError::Io {
+                    op,
+                    path: path.clone(),
+                    source,
+                })
+            }
+        };
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let bin = partial.join(BINARY);
+            if bin.is_file() {
+                std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io("make executable", bin.clone()))?;
+            }
+        }
+        std::fs::rename(&partial, &staged).map_err(io("stage", staged.clone()))?;
         let binary = verified
             .manifest
             .files
@@ -189,6 +248,7 @@ impl Releases {
             binary_sha256: binary
                 .parse()
                 .unwrap_or_else(|_| Sha256Hex::from_bytes([0; 32])),
+            handing_over: live && staged.join(BINARY).is_file(),
         })
     }
 }

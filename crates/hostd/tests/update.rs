@@ -170,6 +170,7 @@ async fn a_signed_attested_release_is_staged_and_every_bad_one_refused() {
         repository: repo_dir.clone(),
         root: pins.join("root.json"),
         ci_key: pins.join("ci.pub.json"),
+        health_deadline_secs: None,
     });
     cell.start_host_with("h1", setup).await;
     let state = cell.host_config("h1").state.clone();

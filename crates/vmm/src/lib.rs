@@ -321,4 +321,8 @@ pub trait Hypervisor: Send + Sync {
     /// `SIGKILL`. In one that cannot ([`VmmError::AdoptionUnsupported`]),
     /// this does nothing and VMs are stopped on drop as before.
     fn detach_all(&self);
+
+    /// Whether this backend's VMs outlive the agent after
+    /// [`Hypervisor::detach_all`] (so a successor adopts them).
+    fn vms_outlive_agent(&self) -> bool;
 }

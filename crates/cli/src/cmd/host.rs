@@ -73,6 +73,15 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
                 ("environment".to_owned(), done.environment.clone()),
                 ("highest run".to_owned(), done.highest.clone()),
                 ("binary sha256".to_owned(), done.binary_sha256.to_string()),
+                (
+                    "live update".to_owned(),
+                    if done.handing_over {
+                        "handing over now (host describe shows the new version once it serves)"
+                    } else {
+                        "no (staged only)"
+                    }
+                    .to_owned(),
+                ),
             ])?),
         };
     }

@@ -5,7 +5,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -37,6 +38,8 @@ const MAX_HOSTS: u8 = 8;
 const CHILD_START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long an exit of the host agent waits for a Ctrl-C that reached both.
 const SIGNAL_GRACE: Duration = Duration::from_secs(2);
+/// How long a host agent's successor after a live update has to stop.
+const SUCCESSOR_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// The readiness line prefix of `nitrile hostd`.
 const HOSTD_READY: &str = "nitrile hostd: ";
 /// The readiness line prefix of `nitrile audit witness`.
@@ -1083,6 +1086,9 @@ enum Startup {
 /// witness): a trust domain of its own, stopped with the cell.
 struct ServiceChild {
     child: Child,
+    /// The pid serving now: the child's, or its successor's after a live
+    /// update (`... took over as pid N ...`).
+    pid: Arc<AtomicU32>,
     /// What it is, for messages (`the host agent h1`).
     what: String,
     /// Where it serves.
@@ -1149,10 +1155,15 @@ impl ServiceChild {
             .with_context(|| format!("the stderr of {what} is not piped"))?;
         let (startup_tx, startup_rx) = mpsc::channel();
         let (exited_tx, exited_rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || forward_stderr(stderr, ready, &prefix, startup_tx, exited_tx));
+        let pid = Arc::new(AtomicU32::new(child.id()));
+        let serving_pid = Arc::clone(&pid);
+        std::thread::spawn(move || {
+            forward_stderr(stderr, ready, &prefix, startup_tx, exited_tx, &serving_pid);
+        });
 
         let mut me = Self {
             child,
+            pid,
             what,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             exited: Some(exited_rx),
@@ -1187,14 +1198,32 @@ impl ServiceChild {
     /// SIGTERM, then wait: it stops (the host agent stops its instances)
     /// and exits.
     fn stop(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        let serving = self.pid.load(Ordering::SeqCst);
         if !self.stopped {
-            let pid =
-                nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX));
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(serving).unwrap_or(i32::MAX));
             // Already exited (e.g. Ctrl-C on a terminal reached it): fine.
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         }
         let status = self.child.wait();
         self.stopped = true;
+        if serving == self.child.id() {
+            return status;
+        }
+        // A successor after a live update (not our child: its parent, the
+        // agent that handed over, exited): wait until it is gone.
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(serving).unwrap_or(i32::MAX));
+        let deadline = std::time::Instant::now() + SUCCESSOR_STOP_TIMEOUT;
+        while nix::sys::signal::kill(pid, None).is_ok() {
+            if std::time::Instant::now() > deadline {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                return Err(std::io::Error::other(format!(
+                    "{} (pid {serving}, after a live update) did not stop within {}s; killed",
+                    self.what,
+                    SUCCESSOR_STOP_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         status
     }
 }
@@ -1216,11 +1245,15 @@ fn forward_stderr(
     prefix: &str,
     startup: mpsc::Sender<(Startup, Vec<String>)>,
     exited: tokio::sync::oneshot::Sender<()>,
+    serving_pid: &AtomicU32,
 ) {
     let mut serving = false;
     let mut kept = Vec::new();
     for line in BufReader::new(stderr).lines() {
         let Ok(line) = line else { break };
+        if serving && let Some(pid) = successor_pid(&line, ready) {
+            serving_pid.store(pid, Ordering::SeqCst);
+        }
         if !serving && let Some(addr) = serving_addr(&line, ready) {
             serving = true;
             let _ = startup.send((Startup::Serving(addr), Vec::new()));
@@ -1238,6 +1271,14 @@ fn forward_stderr(
     }
 }
 
+/// The pid of `<ready><name> took over as pid <pid> ...`, the line of a
+/// host agent's successor after a live update.
+fn successor_pid(line: &str, ready: &str) -> Option<u32> {
+    let rest = line.strip_prefix(ready)?;
+    let (_, after) = rest.split_once(" took over as pid ")?;
+    after.split(' ').next()?.parse().ok()
+}
+
 /// The address of `<ready>[<name> ]serving on <addr>` (`nitrile hostd: h1
 /// serving on 127.0.0.1:7444`, `nitrile audit witness: serving on ...`).
 fn serving_addr(line: &str, ready: &str) -> Option<SocketAddr> {
@@ -1252,6 +1293,25 @@ fn serving_addr(line: &str, ready: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_takeover_line_gives_the_successors_pid() {
+        assert_eq!(
+            successor_pid(
+                "nitrile hostd: h1 took over as pid 4242 (release 0.2.0) on 127.0.0.1:7444",
+                HOSTD_READY
+            ),
+            Some(4242)
+        );
+        assert_eq!(
+            successor_pid("h1: took over as pid 4242", HOSTD_READY),
+            None
+        );
+        assert_eq!(
+            successor_pid("nitrile hostd: h1 took over as pid x", HOSTD_READY),
+            None
+        );
+    }
 
     #[test]
     fn the_serving_line_gives_the_address() {

@@ -754,6 +754,10 @@ impl Hypervisor for KvmBackend {
 
     /// Does nothing: VMs of this backend cannot be adopted, so they are
     /// still stopped when it is dropped.
+    fn vms_outlive_agent(&self) -> bool {
+        false
+    }
+
     fn detach_all(&self) {}
 }
 

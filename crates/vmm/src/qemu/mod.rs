@@ -1062,6 +1062,10 @@ impl Hypervisor for QemuBackend {
         Ok(status)
     }
 
+    fn vms_outlive_agent(&self) -> bool {
+        true
+    }
+
     fn detach_all(&self) {
         self.detached.store(true, Ordering::SeqCst);
     }
