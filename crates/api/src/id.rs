@@ -236,11 +236,14 @@ pub enum ResourceKind {
     /// A cell's placement service as a whole (`placement/<cell>`), for a
     /// customer listing its instances and images.
     Placement,
+    /// A cell's deployment service as a whole (`deployment/<cell>`): its
+    /// rollouts of releases to the cell's hosts.
+    Deployment,
 }
 
 impl ResourceKind {
     /// Every kind, in a stable order.
-    pub const ALL: [ResourceKind; 8] = [
+    pub const ALL: [ResourceKind; 9] = [
         Self::Host,
         Self::Instance,
         Self::Volume,
@@ -249,6 +252,7 @@ impl ResourceKind {
         Self::Kms,
         Self::Image,
         Self::Placement,
+        Self::Deployment,
     ];
 
     /// The kind's name as used in resource ids.
@@ -262,6 +266,7 @@ impl ResourceKind {
             Self::Kms => "kms",
             Self::Image => "image",
             Self::Placement => "placement",
+            Self::Deployment => "deployment",
         }
     }
 

@@ -94,11 +94,19 @@ pub enum Operation {
     CustomerImageList,
     /// A customer deletes one of its images.
     CustomerImageDelete,
+    /// `deployment.start`: roll a release out to the cell's hosts, in
+    /// waves (the deployment service).
+    DeploymentStart,
+    /// `deployment.describe`: the rollout in progress or the last one.
+    DeploymentDescribe,
+    /// `deployment.abort`: stop the rollout in progress before its next
+    /// host.
+    DeploymentAbort,
 }
 
 impl Operation {
     /// Every operation, in a stable order.
-    pub const ALL: [Operation; 35] = [
+    pub const ALL: [Operation; 38] = [
         Self::HostDescribe,
         Self::HostDrain,
         Self::HostUndrain,
@@ -134,6 +142,9 @@ impl Operation {
         Self::CustomerImageDescribe,
         Self::CustomerImageList,
         Self::CustomerImageDelete,
+        Self::DeploymentStart,
+        Self::DeploymentDescribe,
+        Self::DeploymentAbort,
     ];
 
     /// The operation's wire name, e.g. `host.describe`.
@@ -174,6 +185,9 @@ impl Operation {
             Self::CustomerImageDescribe => "customer-image.describe",
             Self::CustomerImageList => "customer-image.list",
             Self::CustomerImageDelete => "customer-image.delete",
+            Self::DeploymentStart => "deployment.start",
+            Self::DeploymentDescribe => "deployment.describe",
+            Self::DeploymentAbort => "deployment.abort",
         }
     }
 
@@ -192,7 +206,8 @@ impl Operation {
             | Self::CustomerInstanceDescribe
             | Self::CustomerInstanceList
             | Self::CustomerImageDescribe
-            | Self::CustomerImageList => false,
+            | Self::CustomerImageList
+            | Self::DeploymentDescribe => false,
             Self::HostDrain
             | Self::HostUndrain
             | Self::HostUpdate
@@ -215,7 +230,9 @@ impl Operation {
             | Self::CustomerInstanceStart
             | Self::CustomerInstanceTerminate
             | Self::CustomerImageImport
-            | Self::CustomerImageDelete => true,
+            | Self::CustomerImageDelete
+            | Self::DeploymentStart
+            | Self::DeploymentAbort => true,
         }
     }
 
@@ -263,6 +280,9 @@ impl Operation {
                 ResourceKind::Image
             }
             Self::CustomerInstanceList | Self::CustomerImageList => ResourceKind::Placement,
+            Self::DeploymentStart | Self::DeploymentDescribe | Self::DeploymentAbort => {
+                ResourceKind::Deployment
+            }
         }
     }
 

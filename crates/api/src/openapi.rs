@@ -160,6 +160,9 @@ fn summary(operation: Operation) -> &'static str {
         Operation::CustomerImageDescribe => "A customer's metadata of one of its images.",
         Operation::CustomerImageList => "A customer's list of its images.",
         Operation::CustomerImageDelete => "A customer deletes one of its images.",
+        Operation::DeploymentStart => "Roll a release out to the cell's hosts in waves.",
+        Operation::DeploymentDescribe => "The rollout in progress, or the last one.",
+        Operation::DeploymentAbort => "Stop the rollout in progress before its next host.",
     }
 }
 
@@ -205,7 +208,8 @@ fn types_of(
         ),
         // Served by another service (audit.read by logd, the kms-key
         // operations by the key service, the customer operations by the
-        // placement service).
+        // placement service, the deployment operations by the deployment
+        // service).
         Operation::AuditRead
         | Operation::KmsKeyCreate
         | Operation::KmsKeyDescribe
@@ -223,7 +227,10 @@ fn types_of(
         | Operation::CustomerImageImport
         | Operation::CustomerImageDescribe
         | Operation::CustomerImageList
-        | Operation::CustomerImageDelete => return None,
+        | Operation::CustomerImageDelete
+        | Operation::DeploymentStart
+        | Operation::DeploymentDescribe
+        | Operation::DeploymentAbort => return None,
     })
 }
 

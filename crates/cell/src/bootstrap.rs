@@ -245,6 +245,7 @@ pub fn bootstrap(
         logd: None,
         kms: None,
         placement: None,
+        deployer: None,
     };
     let clients = write_client_configs(layout, cell, &endpoints, &BTreeMap::new(), None, &[])?;
     debug_assert!(clients.iter().all(|(p, _)| p.kind != PrincipalKind::Host));
@@ -563,6 +564,36 @@ pub fn provision_placed(
     })
 }
 
+/// Gives the deployment service (`service/deployer`) of the cell under
+/// `layout` a fresh certificate, an owner-only state directory and the
+/// token issuer keys it pins, as [`provision_placed`] does for placement.
+pub fn provision_deployd(
+    layout: &CellLayout,
+    cell: &Name,
+    now: OffsetDateTime,
+) -> Result<ProvisionedPlaced, CellError> {
+    let ca = CellCa::load(&layout.pki_dir(), cell, now)?;
+    let principal = principal(cell, "service/deployer");
+    let (cert, key) = layout.cert_and_key(&principal);
+    ca.issue(&principal, None, now)?.write_files(&cert, &key)?;
+    let dir = layout.deployd_dir();
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+    let published = layout.issuer_keys_file();
+    let keys = std::fs::read(&published).map_err(io(&published))?;
+    let issuer_keys = layout.deployd_issuer_keys();
+    if std::fs::read(&issuer_keys).ok().as_deref() != Some(keys.as_slice()) {
+        write_atomic(&issuer_keys, &keys, 0o644)?;
+    }
+    Ok(ProvisionedPlaced {
+        principal,
+        dir,
+        cert,
+        key,
+        issuer_keys,
+    })
+}
+
 /// The checkpoint witness of a one-machine cell, ready for its process to
 /// start.
 #[derive(Debug, Clone)]
@@ -812,6 +843,7 @@ mod tests {
             logd: Some("127.0.0.1:7445".into()),
             kms: Some("127.0.0.1:7447".into()),
             placement: None,
+            deployer: None,
         };
         let vkey = "local.nitrile/log+01020304+AQ";
         let witnesses = vec!["local.nitrile/witness+05060708+BA".to_owned()];

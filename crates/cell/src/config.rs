@@ -102,6 +102,9 @@ pub struct Endpoints {
     /// The placement service (customers' API), once the cell runs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<String>,
+    /// The deployment service, once the cell runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployer: Option<String>,
 }
 
 impl ClientConfig {
@@ -166,6 +169,7 @@ mod tests {
                 logd: None,
                 kms: Some("127.0.0.1:7447".into()),
                 placement: Some("127.0.0.1:7448".into()),
+                deployer: None,
             },
             hosts: BTreeMap::new(),
         };

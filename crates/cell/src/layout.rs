@@ -225,6 +225,21 @@ impl CellLayout {
         self.root.join("placed")
     }
 
+    /// The deployment service's state directory.
+    pub fn deployd_dir(&self) -> PathBuf {
+        self.root.join("deployd")
+    }
+
+    /// The deployment service's config file.
+    pub fn deployd_config(&self) -> PathBuf {
+        self.deployd_dir().join("deployd.toml")
+    }
+
+    /// The token issuer keys the deployment service pins.
+    pub fn deployd_issuer_keys(&self) -> PathBuf {
+        self.deployd_dir().join("issuer-keys.toml")
+    }
+
     /// The placement service's config file.
     pub fn placed_config(&self) -> PathBuf {
         self.placed_dir().join("placed.toml")

@@ -28,8 +28,9 @@ pub mod sample;
 
 pub use bootstrap::{
     Bootstrapped, CellError, KMS, PLACEMENT, ProvisionedHost, ProvisionedKms, ProvisionedLogd,
-    ProvisionedPlaced, ProvisionedWitness, SAMPLE_PRINCIPALS, WITNESS, bootstrap, provision_host,
-    provision_kms, provision_logd, provision_placed, provision_witness, write_client_configs,
+    ProvisionedPlaced, ProvisionedWitness, SAMPLE_PRINCIPALS, WITNESS, bootstrap,
+    provision_deployd, provision_host, provision_kms, provision_logd, provision_placed,
+    provision_witness, write_client_configs,
 };
 pub use config::{ClientConfig, ConfigError, Endpoints, MAX_CONFIG_LEN};
 pub use layout::CellLayout;

@@ -262,6 +262,7 @@ mod tests {
                     logd: None,
                     kms: None,
                     placement: None,
+                    deployer: None,
                 },
                 hosts: hosts
                     .iter()

@@ -27,7 +27,7 @@ use output::Output;
 
 /// Hosts that their own operators cannot get into.
 ///
-/// Services (`tokend`, `hostd`, `logd`, `kms`, `placed`, `up`) and client verbs grouped by noun. Every verb has
+/// Services (`tokend`, `hostd`, `logd`, `kms`, `placed`, `deployd`, `up`) and client verbs grouped by noun. Every verb has
 /// `--help` with an example.
 #[derive(Debug, Parser)]
 #[command(
@@ -101,12 +101,17 @@ enum Command {
     /// A customer's instances and images, through the placement service.
     #[command(subcommand)]
     Customer(cmd::customer::Command),
+    /// Roll signed releases out to the cell's hosts, through the deployment
+    /// service.
+    #[command(subcommand)]
+    Deploy(cmd::deploy::Command),
     /// Run the token service.
     Tokend(cmd::tokend::Args),
     Hostd(cmd::hostd::Args),
     Logd(cmd::logd::Args),
     Kms(cmd::kms::Args),
     Placed(cmd::placed::Args),
+    Deployd(cmd::deployd::Args),
     /// Run a whole cell on this machine.
     Up(cmd::up::Args),
     /// Run one microVM (started by the host agent, not by hand).
@@ -188,6 +193,8 @@ fn main() -> ExitCode {
         Command::Logd(a) => cmd::logd::run(a, &global),
         Command::Kms(a) => cmd::kms::run(a, &global),
         Command::Placed(a) => cmd::placed::run(a, &global),
+        Command::Deployd(a) => cmd::deployd::run(a, &global),
+        Command::Deploy(c) => cmd::deploy::run(c, &global),
         Command::Customer(c) => cmd::customer::run(c, &global),
         Command::KmsKey(c) => cmd::kmskey::run(c, &global),
         Command::Up(a) => cmd::up::run(a, &global),

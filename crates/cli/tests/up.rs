@@ -71,6 +71,8 @@ fn start(state: &Path) -> Up {
             "127.0.0.1:0",
             "--placed-listen",
             "127.0.0.1:0",
+            "--deployd-listen",
+            "127.0.0.1:0",
         ])
         .arg("--state")
         .arg(state)

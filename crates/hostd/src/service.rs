@@ -1005,6 +1005,8 @@ impl Inner {
             }),
             AdminRequest::VolumeCreate(c) => serde_json::to_value(c).ok(),
             AdminRequest::VolumeAttach(_, a) => serde_json::to_value(a).ok(),
+            // Which release was asked for.
+            AdminRequest::HostUpdate(u) => serde_json::to_value(u).ok(),
             _ => None,
         };
         // A launch with volumes, or a start of an instance with volumes,

@@ -236,7 +236,8 @@ pub fn check_record(
             | ResourceKind::KmsKey
             | ResourceKind::Kms
             | ResourceKind::Image
-            | ResourceKind::Placement => false,
+            | ResourceKind::Placement
+            | ResourceKind::Deployment => false,
         };
         if !on_host {
             return Err(ContentViolation::OtherResource {

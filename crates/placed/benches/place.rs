@@ -229,6 +229,7 @@ fn cell_runs(bin: PathBuf) {
         .args(["--witness-listen", "127.0.0.1:0"])
         .args(["--kms-listen", &port(free_port())])
         .args(["--placed-listen", "127.0.0.1:0"])
+        .args(["--deployd-listen", "127.0.0.1:0"])
         .arg("--state")
         .arg(&state)
         .stdin(Stdio::null())

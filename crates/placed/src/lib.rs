@@ -49,12 +49,11 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
-mod hosts;
 mod images;
 mod service;
 pub mod store;
 
 pub use config::{ConfigError, PlacedConfig};
-pub use hosts::HostCallError;
 pub use images::ImportError;
+pub use nitrile_tokend_api::HostCallError;
 pub use service::{PlacedOptions, PlacedServer, PlacedServerError};

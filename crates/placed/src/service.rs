@@ -41,9 +41,9 @@ use nitrile_token::{
 use nitrile_tokend_api::{TokendClient, tokend_principal};
 
 use crate::config::PlacedConfig;
-use crate::hosts::{HostCallError, HostCaller};
 use crate::images::{Images, ImportError};
 use crate::store::{self, ImageRecord, InstanceRecord, Placements, StoreError};
+use nitrile_tokend_api::{HostCallError, HostCaller};
 
 /// Why the placement service could not start or stopped.
 #[derive(Debug, thiserror::Error)]

@@ -230,6 +230,7 @@ impl Entitlements {
             ResourceKind::Log => EntityKind::Log,
             ResourceKind::Kms => EntityKind::Kms,
             ResourceKind::Placement => EntityKind::Placement,
+            ResourceKind::Deployment => EntityKind::Deployment,
         };
         let on_host = matches!(
             kind,

@@ -42,10 +42,11 @@ pub(crate) enum EntityKind {
     Kms,
     Image,
     Placement,
+    Deployment,
 }
 
 impl EntityKind {
-    pub(crate) const ALL: [EntityKind; 14] = [
+    pub(crate) const ALL: [EntityKind; 15] = [
         Self::Group,
         Self::Operator,
         Self::Service,
@@ -60,6 +61,7 @@ impl EntityKind {
         Self::Kms,
         Self::Image,
         Self::Placement,
+        Self::Deployment,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -78,6 +80,7 @@ impl EntityKind {
             Self::Kms => "Kms",
             Self::Image => "Image",
             Self::Placement => "Placement",
+            Self::Deployment => "Deployment",
         }
     }
 
@@ -98,6 +101,7 @@ impl EntityKind {
             Self::Kms => "kms",
             Self::Image => "image",
             Self::Placement => "placement",
+            Self::Deployment => "deployment",
         }
     }
 
@@ -154,6 +158,7 @@ impl EntityKind {
             ResourceKind::Kms => Self::Kms,
             ResourceKind::Image => Self::Image,
             ResourceKind::Placement => Self::Placement,
+            ResourceKind::Deployment => Self::Deployment,
         }
     }
 }

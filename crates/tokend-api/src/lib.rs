@@ -15,6 +15,10 @@
 
 #![forbid(unsafe_code)]
 
+mod hosts;
+
+pub use hosts::{HostCallError, HostCaller};
+
 use std::fmt;
 use std::sync::Arc;
 

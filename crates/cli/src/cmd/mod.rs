@@ -5,6 +5,8 @@ pub(crate) mod auditlog;
 pub(crate) mod completion;
 pub(crate) mod config;
 pub(crate) mod customer;
+pub(crate) mod deploy;
+pub(crate) mod deployd;
 pub(crate) mod entitlements;
 pub(crate) mod host;
 pub(crate) mod hostd;

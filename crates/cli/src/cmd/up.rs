@@ -12,11 +12,11 @@ use std::time::Duration;
 use anyhow::Context;
 use nitrile_api::{Name, PrincipalId, PrincipalKind};
 use nitrile_cell::{
-    CellLayout, Endpoints, KMS, PLACEMENT, WITNESS, bootstrap, provision_host, provision_kms,
-    provision_logd, provision_placed, provision_witness,
+    CellLayout, Endpoints, KMS, PLACEMENT, WITNESS, bootstrap, provision_deployd, provision_host,
+    provision_kms, provision_logd, provision_placed, provision_witness,
 };
-use nitrile_hostd::HostdConfig;
 use nitrile_hostd::network::NetworkConfig;
+use nitrile_hostd::{HostdConfig, ReleaseConfig};
 use nitrile_kms::KmsConfig;
 use nitrile_kms_api::KmsTarget;
 use nitrile_logclient::LogdTarget;
@@ -48,6 +48,11 @@ const WITNESS_READY: &str = "nitrile audit witness: ";
 const KMS_READY: &str = "nitrile kms: ";
 /// The readiness line prefix of `nitrile placed`.
 const PLACED_READY: &str = "nitrile placed: ";
+/// The readiness line prefix of `nitrile deployd`.
+const DEPLOYD_READY: &str = "nitrile deployd: ";
+/// How long a host agent of a one-machine cell gives a new release to
+/// serve in a live update.
+const HOST_HEALTH_DEADLINE_SECS: u64 = 20;
 
 /// Run a whole cell on this machine: the cell CA, a reviewer-signed sample
 /// entitlement bundle, the token service with its audit journal, the audit
@@ -117,6 +122,9 @@ pub(crate) struct Args {
     /// The placement service's mTLS address (customers' API).
     #[arg(long, default_value = "127.0.0.1:7448")]
     placed_listen: SocketAddr,
+    /// The deployment service's mTLS address (rollouts of releases).
+    #[arg(long, default_value = "127.0.0.1:7449")]
+    deployd_listen: SocketAddr,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -257,6 +265,10 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
         // The host agents h1..hN: each its own process, state directory,
         // config and port, all with the cell's volume and image stores.
         let mut host_children: Vec<(Name, PathBuf, ServiceChild)> = Vec::new();
+        // The cell's `dev` release repository; every host pins its root
+        // and CI key at provisioning.
+        let releases =
+            dev_releases(&layout, now).context("cannot prepare the release repository")?;
         // The data path makes network namespaces: root's privilege. Without
         // it the cell runs, and says that customers cannot run instances.
         let no_network = args.no_network || {
@@ -279,6 +291,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
                 ingress_address: listen.ip(),
                 netns: Some(netns_name(&layout, host)),
             });
+            let pins = releases.pin(&layout, host)?;
             let config = write_hostd_config(
                 &layout,
                 &cell.cell,
@@ -287,6 +300,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
                 Some((&logd_addr, &log_vkey)),
                 Some(&kms.addr.to_string()),
                 network,
+                Some(release_section(&layout.host_dir(host), pins)),
             )?;
             let child = ServiceChild::spawn(
                 format!("the host agent {host}"),
@@ -328,11 +342,33 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             args.log_format,
         )?;
 
+        // The deployment service: rollouts of releases to the fleet.
+        provision_deployd(&layout, &cell.cell, now)
+            .context("cannot provision the deployment service")?;
+        let deployd_config = write_deployd_config(
+            &layout,
+            &cell.cell,
+            args.deployd_listen,
+            &listen,
+            &fleet,
+            Some((&logd_addr, &log_vkey)),
+        )?;
+        let mut deployd = ServiceChild::spawn(
+            "the deployment service",
+            &["deployd", "--config"],
+            &deployd_config,
+            (DEPLOYD_READY, "deployd: "),
+            // Stopped by the cell first, with placement, before the hosts.
+            true,
+            args.log_format,
+        )?;
+
         let endpoints = Endpoints {
             tokend: listen.clone(),
             logd: Some(logd_addr.clone()),
             kms: Some(kms.addr.to_string()),
             placement: Some(placed.addr.to_string()),
+            deployer: Some(deployd.addr.to_string()),
         };
         let clients = nitrile_cell::write_client_configs(
             &layout,
@@ -402,6 +438,17 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             placed_config.display()
         )?;
         outln!("  placed journal {}", layout.placed_journal().display())?;
+        outln!(
+            "  deployd        {} (mTLS, pid {})   config {}",
+            deployd.addr,
+            deployd.child.id(),
+            deployd_config.display()
+        )?;
+        outln!(
+            "  releases       environment dev: repository {}, keys in {} (2 of s1, s2, s3 sign)",
+            releases.repo.display(),
+            layout.root().join("release").join("keys").display()
+        )?;
         outln!(
             "  kms            {} (mTLS, pid {})   config {}",
             kms.addr,
@@ -512,6 +559,7 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             });
         };
         watch(&mut placed);
+        watch(&mut deployd);
         for (_, _, child) in &mut host_children {
             watch(child);
         }
@@ -536,7 +584,10 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
                 unexpected = None;
             }
             let statuses = tokio::task::spawn_blocking(move || {
-                let mut statuses = vec![(placed.what.clone(), placed.stop())];
+                let mut statuses = vec![
+                    (placed.what.clone(), placed.stop()),
+                    (deployd.what.clone(), deployd.stop()),
+                ];
                 for (_, _, mut child) in host_children {
                     statuses.push((child.what.clone(), child.stop()));
                 }
@@ -728,8 +779,9 @@ fn write_logd_config(
                 .unwrap_or_else(|_| unreachable!("a socket address")),
         )?);
     }
-    // The cell's journal sources: its hosts, token service, key service
-    // and placement service, besides any an operator declared.
+    // The cell's journal sources: its hosts, token service, key service,
+    // placement service and deployment service, besides any an operator
+    // declared.
     for host in hosts {
         if !config.sources.hosts.contains(host) {
             config.sources.hosts.push(host.clone());
@@ -738,7 +790,7 @@ fn write_logd_config(
     if config.sources.token_service.is_none() {
         config.sources.token_service = Some(Name::new("tokend")?);
     }
-    for service in [KMS, PLACEMENT] {
+    for service in [KMS, PLACEMENT, nitrile_deployd_api::DEPLOYER_SERVICE] {
         let service = Name::new(service)?;
         if !config.sources.services.contains(&service) {
             config.sources.services.push(service);
@@ -853,6 +905,7 @@ fn witnessing(config: &LogdConfig, witness_vkey: &str) -> String {
 /// host agent of the cell). The `[hypervisor]` and `[capacity]` sections and
 /// the `volumes` directory of an existing file are kept, so edits to them
 /// survive restarts.
+#[allow(clippy::too_many_arguments)]
 fn write_hostd_config(
     layout: &CellLayout,
     cell: &Name,
@@ -861,6 +914,7 @@ fn write_hostd_config(
     logd: Option<(&str, &str)>,
     kms: Option<&str>,
     network: Option<NetworkConfig>,
+    release: Option<ReleaseConfig>,
 ) -> anyhow::Result<PathBuf> {
     let path = layout.hostd_config(host);
     let dir = layout.host_dir(host);
@@ -902,6 +956,7 @@ fn write_hostd_config(
         config.volumes = Some(rel(&volume_store(layout)));
     }
     config.network = network;
+    config.release = release;
     config
         .write(&path)
         .with_context(|| format!("cannot write {}", path.display()))?;
@@ -993,6 +1048,159 @@ fn write_placed_config(
         .write(&path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
+}
+
+/// Writes `deployd/deployd.toml` with paths relative to it: the fleet,
+/// the token service, and shipping to logd at `logd` when given. Waves,
+/// bake time, health timeout and the metrics address of an existing file
+/// are kept.
+fn write_deployd_config(
+    layout: &CellLayout,
+    cell: &Name,
+    listen: SocketAddr,
+    tokend: &str,
+    fleet: &BTreeMap<String, String>,
+    logd: Option<(&str, &str)>,
+) -> anyhow::Result<PathBuf> {
+    use nitrile_deployd::DeploydConfig;
+    let path = layout.deployd_config();
+    let dir = layout.deployd_dir();
+    let principal = nitrile_deployd_api::deployer_principal(cell);
+    let (cert, key) = layout.cert_and_key(&principal);
+    let rel = |p: &Path| relative_to(&dir, p);
+    let old = if path.exists() {
+        Some(DeploydConfig::load(&path).with_context(|| {
+            format!(
+                "cannot reuse {}; fix or remove it to have it written anew",
+                path.display()
+            )
+        })?)
+    } else {
+        None
+    };
+    let config = DeploydConfig {
+        cell: cell.clone(),
+        listen,
+        state: PathBuf::from("."),
+        ca: rel(&layout.ca_cert()),
+        cert: rel(&cert),
+        key: rel(&key),
+        issuer_keys: rel(&layout.deployd_issuer_keys()),
+        tokend: tokend.to_owned(),
+        metrics: old.as_ref().and_then(|o| o.metrics),
+        waves: old.as_ref().map_or_else(|| vec![1, 2], |o| o.waves.clone()),
+        bake_secs: old.as_ref().map_or(10, |o| o.bake_secs),
+        health_timeout_secs: old
+            .as_ref()
+            .map_or(HOST_HEALTH_DEADLINE_SECS * 2, |o| o.health_timeout_secs),
+        hosts: fleet
+            .iter()
+            .map(|(h, a)| Ok((Name::new(h)?, a.clone())))
+            .collect::<anyhow::Result<_>>()?,
+        logd: logd.map(|(addr, vkey)| LogdTarget {
+            addr: addr.to_owned(),
+            log_vkey: Some(vkey.to_owned()),
+        }),
+    };
+    config
+        .write(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// The `dev` environment's release repository of a one-machine cell,
+/// `<state>/release/`: its keys in `keys/` (owner-only: the root key, three
+/// release signers of which two sign a release, the online key, the CI
+/// key) and the TUF repository in `repo/`, both made once.
+struct DevReleases {
+    repo: PathBuf,
+    root: PathBuf,
+    ci_key: PathBuf,
+}
+
+/// The files a host pinned.
+struct Pins {
+    repo: PathBuf,
+    root: PathBuf,
+    ci_key: PathBuf,
+}
+
+/// The release key files of a one-machine cell, in `<state>/release/keys/`.
+pub(crate) const DEV_RELEASE_KEYS: [&str; 6] = ["root", "s1", "s2", "s3", "online", "ci"];
+
+fn dev_releases(layout: &CellLayout, now: time::OffsetDateTime) -> anyhow::Result<DevReleases> {
+    use nitrile_release::keys::ReleaseKey;
+    use std::os::unix::fs::DirBuilderExt as _;
+    let dir = layout.root().join("release");
+    let keys = dir.join("keys");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&keys)
+        .with_context(|| format!("cannot create {}", keys.display()))?;
+    let repo = dir.join("repo");
+    let root = repo.join("metadata").join("root.json");
+    let ci_key = nitrile_release::keys::public_path(&keys.join("ci.key"));
+    if !root.exists() {
+        let mut made = Vec::new();
+        for name in DEV_RELEASE_KEYS {
+            let path = keys.join(format!("{name}.key"));
+            let key = if path.exists() {
+                ReleaseKey::load(&path)?
+            } else {
+                let k = ReleaseKey::generate();
+                k.write(&path)?;
+                k
+            };
+            made.push(key);
+        }
+        let options = nitrile_release::repo::InitOptions {
+            environment: nitrile_release::Environment::new("dev")?,
+            root_keys: vec![made[0].public()],
+            root_threshold: 1,
+            signers: made[1..4].iter().map(ReleaseKey::public).collect(),
+            threshold: 2,
+            online: made[4].public(),
+            root_expiry_days: 365,
+        };
+        nitrile_release::repo::init(&repo, &options, &made[..1], now)?;
+    }
+    Ok(DevReleases { repo, root, ci_key })
+}
+
+impl DevReleases {
+    /// Pins the root and CI key in `host`'s directory, once: a host keeps
+    /// what it pinned at provisioning.
+    fn pin(&self, layout: &CellLayout, host: &Name) -> anyhow::Result<Pins> {
+        let dir = layout.host_dir(host);
+        let root = dir.join("release-root.json");
+        let ci_key = dir.join("release-ci.pub.json");
+        for (from, to) in [(&self.root, &root), (&self.ci_key, &ci_key)] {
+            if !to.exists() {
+                let bytes = std::fs::read(from)
+                    .with_context(|| format!("cannot read {}", from.display()))?;
+                nitrile_fs::write_atomic(to, &bytes, 0o644)?;
+            }
+        }
+        Ok(Pins {
+            repo: self.repo.clone(),
+            root,
+            ci_key,
+        })
+    }
+}
+
+/// The `[release]` section of a host agent whose config is in `dir`:
+/// environment `dev`, the cell's repository, the host's pins.
+fn release_section(dir: &Path, pins: Pins) -> ReleaseConfig {
+    let rel = |p: &Path| relative_to(dir, p);
+    ReleaseConfig {
+        environment: "dev".into(),
+        repository: rel(&pins.repo),
+        root: rel(&pins.root),
+        ci_key: rel(&pins.ci_key),
+        health_deadline_secs: Some(HOST_HEALTH_DEADLINE_SECS),
+    }
 }
 
 /// The cell's volume store, `<state>/volumes`: volume records and their
@@ -1616,7 +1824,7 @@ mod tests {
         let cell = Name::new("local").unwrap();
         let h1 = Name::new("h1").unwrap();
         let listen: SocketAddr = "127.0.0.1:7444".parse().unwrap();
-        let path = write_hostd_config(&layout, &cell, &h1, listen, None, None, None).unwrap();
+        let path = write_hostd_config(&layout, &cell, &h1, listen, None, None, None, None).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("ca = \"../../pki/ca.pem\""), "{text}");
         assert!(text.contains("volumes = \"../../volumes\""), "{text}");
@@ -1651,6 +1859,7 @@ mod tests {
                 ingress_address: "127.0.0.1".parse().unwrap(),
                 netns: Some(netns_name(&layout, &h1)),
             }),
+            None,
         )
         .unwrap();
         let again = HostdConfig::load(&path).unwrap();

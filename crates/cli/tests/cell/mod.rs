@@ -253,6 +253,7 @@ impl Cell {
             .arg("--kms-listen")
             .arg(self.kms_addr.to_string())
             .args(["--placed-listen", "127.0.0.1:0"])
+            .args(["--deployd-listen", "127.0.0.1:0"])
             .arg("--hosts")
             .arg(self.hosts.to_string())
             .arg("--state")

@@ -1,18 +1,18 @@
-//! Calling a host's admin API as the placement service: for each call a
-//! token from the token service for exactly that call (the operation, the
-//! resource, the host as audience), bound to placement's own certificate,
-//! then the call over mTLS with the host authenticated as
-//! `nitrile://<cell>/host/<h>`.
+//! Calling a host's admin API as a service of the cell (the placement
+//! service, the deployment service): for each call a token from the token
+//! service for exactly that call (the operation, the resource, the host as
+//! audience), bound to the service's own certificate, then the call over
+//! mTLS with the host authenticated as `nitrile://<cell>/host/<h>`.
 
 use std::sync::Arc;
 
+use crate::{TokendClient, TokendError};
 use bytes::Bytes;
 use http::{HeaderValue, Request, header};
 use nitrile_api::admin::AdminRequest;
 use nitrile_api::wire::TokenRequest;
 use nitrile_api::{Audience, Name, PrincipalId, PrincipalKind};
 use nitrile_net::{Client, NetError};
-use nitrile_tokend_api::{TokendClient, TokendError};
 use serde::de::DeserializeOwned;
 
 /// Why a host call did not succeed.
@@ -65,17 +65,28 @@ pub enum HostCallError {
     },
 }
 
-/// Calls hosts' admin APIs with placement's identity.
+/// Calls hosts' admin APIs with a service's identity.
 #[derive(Clone)]
-pub(crate) struct HostCaller {
-    pub(crate) cell: Name,
-    pub(crate) tokend: TokendClient,
-    pub(crate) tls: Arc<rustls::ClientConfig>,
+pub struct HostCaller {
+    /// The cell.
+    pub cell: Name,
+    /// The token service, reached with the service's identity.
+    pub tokend: TokendClient,
+    /// The service's client configuration.
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for HostCaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostCaller")
+            .field("cell", &self.cell)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HostCaller {
     /// Calls `req` on `host` at `addr`.
-    pub(crate) async fn call<T: DeserializeOwned>(
+    pub async fn call<T: DeserializeOwned>(
         &self,
         host: &Name,
         addr: &str,
@@ -87,7 +98,7 @@ impl HostCaller {
     /// Calls `req`, which boots an instance with `volumes`, on `host` at
     /// `addr`: beside the call's token, a second one for `volume.attach` on
     /// exactly those volumes, which the host relays to the key service.
-    pub(crate) async fn call_with_volumes<T: DeserializeOwned>(
+    pub async fn call_with_volumes<T: DeserializeOwned>(
         &self,
         host: &Name,
         addr: &str,
