@@ -308,8 +308,79 @@ fn forbids_win_and_are_named() {
     );
     assert_eq!(g.forbids.len(), 1);
     assert_eq!(g.forbids[0].to_string(), "freeze-h2 (freeze.cedar:1:1)");
-    // The slice holds oncall's seven, freeze-h2 and the five guardrails.
-    assert_eq!(g.slice_policies, 13);
+    // The slice holds oncall's eight, freeze-h2 and the six guardrails.
+    assert_eq!(g.slice_policies, 15);
+}
+
+#[test]
+fn rollouts_are_on_call_operators_and_host_updates_the_deployers() {
+    use nitrile_api::Operation::{DeploymentAbort, DeploymentDescribe, DeploymentStart};
+    let e = sample();
+    let deployment = res("deployment/local");
+    let deployer = aud("deployer");
+    for op in [DeploymentStart, DeploymentDescribe, DeploymentAbort] {
+        e.authorize(
+            &principal("operator/alice"),
+            None,
+            &[op],
+            &[deployment.clone()],
+            &deployer,
+        )
+        .unwrap();
+        assert!(
+            e.authorize(
+                &principal("auditor/carol"),
+                None,
+                &[op],
+                &[deployment.clone()],
+                &deployer
+            )
+            .is_err(),
+            "{op}"
+        );
+    }
+    // The deployment service itself starts no rollout, and neither does a
+    // customer.
+    for p in ["service/deployer", "customer/acme", "service/placement"] {
+        assert!(
+            e.authorize(
+                &principal(p),
+                None,
+                &[DeploymentStart],
+                &[deployment.clone()],
+                &deployer
+            )
+            .is_err(),
+            "{p}"
+        );
+    }
+    // It updates and describes fleet hosts; operators do neither update.
+    e.authorize(
+        &principal("service/deployer"),
+        None,
+        &[HostUpdate],
+        &[res("host/h2")],
+        &aud("h2"),
+    )
+    .unwrap();
+    e.authorize(
+        &principal("service/deployer"),
+        None,
+        &[nitrile_api::Operation::HostDescribe],
+        &[res("host/h2")],
+        &aud("h2"),
+    )
+    .unwrap();
+    assert!(
+        e.authorize(
+            &principal("operator/alice"),
+            None,
+            &[HostUpdate],
+            &[res("host/h2")],
+            &aud("h2")
+        )
+        .is_err()
+    );
 }
 
 #[test]

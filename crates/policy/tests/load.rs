@@ -25,7 +25,7 @@ fn sample_bundle_loads() {
     );
     assert_eq!(s.principals, 7);
     assert_eq!(s.quotas, 5);
-    assert_eq!(s.policies, 26);
+    assert_eq!(s.policies, 29);
     assert_eq!(
         e.groups_of(&principal("operator/alice")),
         vec![name("oncall")]
