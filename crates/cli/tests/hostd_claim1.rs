@@ -337,14 +337,16 @@ fn claim1_with_an_instance_running_no_process_of_the_host_listens_on_another_por
         .processes()
         .into_iter()
         .filter(|pid| {
-            // `nitrile up`, the log's witness, the key service and the
-            // placement service are the cell's, not the host's.
+            // `nitrile up`, the log's witness, the key service, the
+            // placement service and the deployment service are the cell's,
+            // not the host's.
             *pid != hostd
                 && cell::cmdline(*pid).is_some_and(|c| {
                     !contains(&c, b"\0up\0")
                         && !contains(&c, b"\0audit\0witness\0")
                         && !contains(&c, b"\0kms\0")
                         && !contains(&c, b"\0placed\0")
+                        && !contains(&c, b"\0deployd\0")
                 })
         })
         .collect();

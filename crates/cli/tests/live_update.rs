@@ -381,7 +381,18 @@ fn a_live_update_keeps_the_instances_running_and_a_failing_release_rolls_back() 
     let repo = Repo::new(tmp.path());
     repo.publish("0.2.0", Path::new(NITRILE));
     let section = repo.release_section();
-    let cell = Cell::separate(|text| format!("{text}{section}"));
+    // The host's pinned prod repository in place of the cell's dev one.
+    let cell = Cell::separate(|text| {
+        let kept = match text.find("\n[release]") {
+            Some(at) => {
+                let rest = &text[at + 1..];
+                let end = rest.find("\n[").map_or(text.len(), |e| at + 1 + e + 1);
+                format!("{}{}", &text[..at + 1], &text[end.min(text.len())..])
+            }
+            None => text.to_owned(),
+        };
+        format!("{kept}{section}")
+    });
     let deployer = cell.alice.with_file_name("service-deployer.toml");
 
     // The guest that counts.

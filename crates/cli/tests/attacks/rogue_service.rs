@@ -8,8 +8,9 @@ use crate::{alerts, bobs_drain_batch, connect_as, logd_of, post, runtime};
 /// took it and `audit tail --principal operator/bob` showed it as bob's.
 /// Placement (`nitrile placed`) now ships a journal of its own: a made-up
 /// one in its name is refused as not the journal the log holds for it (or,
-/// before its first batch, as a record that does not fit its source); the
-/// deployer, which ships none, is refused as an undeclared source.
+/// before its first batch, as a record that does not fit its source); so
+/// is one in the deployment service's name; a customer, which ships none,
+/// is refused as an undeclared source.
 #[test]
 fn claim6_placement_cannot_put_words_in_bobs_mouth() {
     let cell = Cell::up();
@@ -20,13 +21,14 @@ fn claim6_placement_cannot_put_words_in_bobs_mouth() {
         ("service-placement", "service/placement"),
         ("service-placement", "host/h1"),
         ("service-deployer", "service/deployer"),
+        ("customer-acme", "customer/acme"),
     ] {
         let batch = bobs_drain_batch(scratch.path(), source);
         let (status, body) = runtime().block_on(async {
             let mut c = connect_as(&cell.state, who, &addr, &logd).await;
             post(&mut c, "/v1/ingest", batch).await
         });
-        let expected: &[u16] = if source == "service/placement" {
+        let expected: &[u16] = if source.starts_with("service/") {
             &[403, 409]
         } else {
             &[403]
@@ -51,7 +53,7 @@ fn claim6_placement_cannot_put_words_in_bobs_mouth() {
     let listed = alerts(&cell);
     assert!(
         listed.iter().any(|a| a["kind"] == "undeclared_source"
-            && a["principal"] == "nitrile://local/service/deployer"),
+            && a["principal"] == "nitrile://local/customer/acme"),
         "{listed:#?}"
     );
     assert!(
