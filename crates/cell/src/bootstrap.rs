@@ -540,28 +540,14 @@ pub fn provision_placed(
     cell: &Name,
     now: OffsetDateTime,
 ) -> Result<ProvisionedPlaced, CellError> {
-    let ca = CellCa::load(&layout.pki_dir(), cell, now)?;
-    let principal = principal(cell, &format!("service/{PLACEMENT}"));
-    let (cert, key) = layout.cert_and_key(&principal);
-    ca.issue(&principal, None, now)?.write_files(&cert, &key)?;
-
-    let dir = layout.placed_dir();
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
-
-    let published = layout.issuer_keys_file();
-    let keys = std::fs::read(&published).map_err(io(&published))?;
-    let issuer_keys = layout.placed_issuer_keys();
-    if std::fs::read(&issuer_keys).ok().as_deref() != Some(keys.as_slice()) {
-        write_atomic(&issuer_keys, &keys, 0o644)?;
-    }
-    Ok(ProvisionedPlaced {
-        principal,
-        dir,
-        cert,
-        key,
-        issuer_keys,
-    })
+    provision_service(
+        layout,
+        cell,
+        PLACEMENT,
+        &layout.placed_dir(),
+        &layout.placed_issuer_keys(),
+        now,
+    )
 }
 
 /// Gives the deployment service (`service/deployer`) of the cell under
@@ -572,25 +558,46 @@ pub fn provision_deployd(
     cell: &Name,
     now: OffsetDateTime,
 ) -> Result<ProvisionedPlaced, CellError> {
+    provision_service(
+        layout,
+        cell,
+        "deployer",
+        &layout.deployd_dir(),
+        &layout.deployd_issuer_keys(),
+        now,
+    )
+}
+
+/// A service `service/<name>` that takes tokens: its certificate, its
+/// owner-only state directory `dir`, and the token issuer keys it pins at
+/// `issuer_keys` (copied when they changed).
+fn provision_service(
+    layout: &CellLayout,
+    cell: &Name,
+    name: &str,
+    dir: &Path,
+    issuer_keys: &Path,
+    now: OffsetDateTime,
+) -> Result<ProvisionedPlaced, CellError> {
     let ca = CellCa::load(&layout.pki_dir(), cell, now)?;
-    let principal = principal(cell, "service/deployer");
+    let principal = principal(cell, &format!("service/{name}"));
     let (cert, key) = layout.cert_and_key(&principal);
     ca.issue(&principal, None, now)?.write_files(&cert, &key)?;
-    let dir = layout.deployd_dir();
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+
     let published = layout.issuer_keys_file();
     let keys = std::fs::read(&published).map_err(io(&published))?;
-    let issuer_keys = layout.deployd_issuer_keys();
-    if std::fs::read(&issuer_keys).ok().as_deref() != Some(keys.as_slice()) {
-        write_atomic(&issuer_keys, &keys, 0o644)?;
+    if std::fs::read(issuer_keys).ok().as_deref() != Some(keys.as_slice()) {
+        write_atomic(issuer_keys, &keys, 0o644)?;
     }
     Ok(ProvisionedPlaced {
         principal,
-        dir,
+        dir: dir.to_owned(),
         cert,
         key,
-        issuer_keys,
+        issuer_keys: issuer_keys.to_owned(),
     })
 }
 

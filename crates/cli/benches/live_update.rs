@@ -8,7 +8,9 @@
 //! between two successive completed calls of the loop, against the same
 //! loop's longest gap over as many calls without an update (baseline), and
 //! whether any call failed (a refused connection shows as one). The loop's
-//! resolution is one CLI call (a process, a token, an mTLS call).
+//! resolution is one CLI call (a process, a token, an mTLS call) plus a
+//! pause of [`PACE`] (unpaced, the loop opens about a hundred connections a
+//! second to the token service, whose flood protection then refuses it).
 //!
 //! Run: `cargo bench -p nitrile-cli --bench live_update`;
 //! `NITRILE_BENCH_QUICK=1` for one update.
@@ -23,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const NITRILE: &str = env!("CARGO_BIN_EXE_nitrile");
+/// The pause between two calls of the loop.
+const PACE: Duration = Duration::from_millis(60);
 
 fn quick() -> bool {
     std::env::var_os("NITRILE_BENCH_QUICK").is_some_and(|v| v == "1")
@@ -96,10 +100,14 @@ fn publish(state: &Path, work: &Path, version: &str) {
     ]);
 }
 
+/// The end of each completed call with the version it saw, and how many
+/// failed.
+type Calls = (Vec<(Instant, String)>, usize);
+
 /// Completed calls (their end) and failures of a describe loop.
 struct Load {
     stop: Arc<AtomicBool>,
-    done: Arc<Mutex<(Vec<(Instant, String)>, usize)>>,
+    done: Arc<Mutex<Calls>>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -116,6 +124,9 @@ impl Load {
                     .args(["host", "describe", "-o", "json"])
                     .output()
                     .unwrap();
+                // Paced: the token service's flood protection refuses a
+                // source opening connections much faster, for minutes.
+                std::thread::sleep(PACE);
                 let mut g = d.lock().unwrap();
                 if out.status.success() {
                     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -123,13 +134,18 @@ impl Load {
                     g.0.push((Instant::now(), version));
                 } else {
                     g.1 += 1;
+                    let why = String::from_utf8_lossy(&out.stderr).into_owned();
+                    let at = g.0.len();
+                    if g.1 <= 3 {
+                        eprintln!("failed call after {at} completed: {}", why.trim());
+                    }
                 }
             }
         });
         Self { stop, done, thread }
     }
 
-    fn finish(self) -> (Vec<(Instant, String)>, usize) {
+    fn finish(self) -> Calls {
         self.stop.store(true, Ordering::SeqCst);
         self.thread.join().unwrap();
         Arc::try_unwrap(self.done)
@@ -184,15 +200,20 @@ fn main() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut alice = None;
-    for line in BufReader::new(up.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if let Some(p) = line.strip_prefix("export NITRILE_CONFIG=") {
-            alice = Some(PathBuf::from(p));
-            break;
+    // Read to the end on a thread of its own: the cell's stdout stays open.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = up.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(p) = line.strip_prefix("export NITRILE_CONFIG=") {
+                let _ = tx.send(PathBuf::from(p));
+            }
         }
-    }
-    let alice = alice.expect("nitrile up printed no export line");
+    });
+    let alice = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("nitrile up printed no export line");
     let deployer = alice.with_file_name("service-deployer.toml");
     let updates = if quick() { 1 } else { 3 };
 

@@ -323,7 +323,7 @@ fn rollouts_are_on_call_operators_and_host_updates_the_deployers() {
             &principal("operator/alice"),
             None,
             &[op],
-            &[deployment.clone()],
+            std::slice::from_ref(&deployment),
             &deployer,
         )
         .unwrap();
@@ -332,7 +332,7 @@ fn rollouts_are_on_call_operators_and_host_updates_the_deployers() {
                 &principal("auditor/carol"),
                 None,
                 &[op],
-                &[deployment.clone()],
+                std::slice::from_ref(&deployment),
                 &deployer
             )
             .is_err(),
@@ -347,7 +347,7 @@ fn rollouts_are_on_call_operators_and_host_updates_the_deployers() {
                 &principal(p),
                 None,
                 &[DeploymentStart],
-                &[deployment.clone()],
+                std::slice::from_ref(&deployment),
                 &deployer
             )
             .is_err(),

@@ -11,9 +11,9 @@ use std::path::Path;
 
 use ed25519_dalek::VerifyingKey;
 use tough::schema::Targets;
-use tough::{ExpirationEnforcement, FilesystemTransport, IntoVec, RepositoryLoader, TargetName};
+use tough::{ExpirationEnforcement, RepositoryLoader, TargetName};
 
-use crate::manifest::{ATTESTATION_FILE, MANIFEST_FILE, MAX_MANIFEST_LEN, digest_file};
+use crate::manifest::{ATTESTATION_FILE, MANIFEST_FILE, MAX_MANIFEST_LEN};
 use crate::{Environment, ReleaseError, ReleaseManifest, Version};
 
 /// What a host pins at provisioning: its environment's root metadata and
@@ -60,7 +60,7 @@ pub async fn load(
         file_url(&repo.join("metadata"))?,
         file_url(&repo.join("targets"))?,
     )
-    .transport(FilesystemTransport)
+    .transport(crate::transport::ChunkedFileTransport)
     .datastore(datastore.to_owned())
     .expiration_enforcement(ExpirationEnforcement::Safe)
     .load()
@@ -90,6 +90,18 @@ async fn read(
     version: Version,
     file: &str,
 ) -> Result<Option<Vec<u8>>, ReleaseError> {
+    read_sized(repo, version, file, 0).await
+}
+
+/// [`read`] into a buffer of `capacity` bytes to start with (the signed
+/// length of a large file: no copies as it grows).
+async fn read_sized(
+    repo: &tough::Repository,
+    version: Version,
+    file: &str,
+    capacity: usize,
+) -> Result<Option<Vec<u8>>, ReleaseError> {
+    use futures_util::TryStreamExt as _;
     let name = TargetName::new(crate::repo::target_name(version, file))
         .map_err(|e| ReleaseError::malformed("a target name", e))?;
     let Some(stream) = repo
@@ -100,7 +112,10 @@ async fn read(
         return Ok(None);
     };
     stream
-        .into_vec()
+        .try_fold(Vec::with_capacity(capacity), |mut acc, bytes| {
+            acc.extend_from_slice(&bytes);
+            std::future::ready(Ok(acc))
+        })
         .await
         .map(Some)
         .map_err(|e| ReleaseError::Tuf(chain(&e)))
@@ -108,13 +123,39 @@ async fn read(
 
 /// Checks release `version` of `repo` for `trust`'s environment and writes
 /// its files into `out` (a directory made for it, mode 0700; the files
-/// 0600, the caller makes the binary executable).
+/// 0600, the caller makes the binary executable): [`verify_release`], then
+/// each file written durably.
 pub async fn fetch_release(
     repo: &tough::Repository,
     trust: &Trust,
     version: Version,
     out: &Path,
 ) -> Result<VerifiedRelease, ReleaseError> {
+    let (verified, files) = verify_release(repo, trust, version).await?;
+    std::fs::create_dir_all(out).map_err(ReleaseError::io("create", out))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))
+            .map_err(ReleaseError::io("chmod", out))?;
+    }
+    for (name, bytes) in &files {
+        nitrile_fs::write_atomic(&out.join(name), bytes, 0o600)?;
+    }
+    Ok(verified)
+}
+
+/// Checks release `version` of `repo` for `trust`'s environment and
+/// returns its files, in memory: the manifest's version and environment,
+/// the attestation under the CI key, and each file. Each file's bytes are
+/// checked once, by tough against its signed targets entry (length and
+/// SHA-256); the manifest's digest of the file must be that same signed
+/// SHA-256 and length, so the bytes are the manifest's without hashing
+/// them again.
+pub async fn verify_release(
+    repo: &tough::Repository,
+    trust: &Trust,
+    version: Version,
+) -> Result<(VerifiedRelease, Vec<(String, Vec<u8>)>), ReleaseError> {
     let targets: &Targets = &repo.targets().signed;
     if !crate::repo::releases_of(targets).contains(&version) {
         return Err(ReleaseError::NoSuchRelease(version));
@@ -146,28 +187,27 @@ pub async fn fetch_release(
         });
     };
     crate::attest::verify(&attestation, &trust.ci_key, &manifest)?;
-    std::fs::create_dir_all(out).map_err(ReleaseError::io("create", out))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))
-            .map_err(ReleaseError::io("chmod", out))?;
-    }
+    let mut files = Vec::with_capacity(manifest.files.len());
     for (name, want) in &manifest.files {
-        let bytes = read(repo, version, name)
-            .await?
-            .ok_or_else(|| ReleaseError::FileMismatch {
-                version,
-                file: name.clone(),
-            })?;
-        let path = out.join(name);
-        nitrile_fs::write_atomic(&path, &bytes, 0o600)?;
-        if &digest_file(&path)? != want {
-            let _ = std::fs::remove_file(&path);
-            return Err(ReleaseError::FileMismatch {
-                version,
-                file: name.clone(),
-            });
+        let mismatch = || ReleaseError::FileMismatch {
+            version,
+            file: name.clone(),
+        };
+        let target_name = TargetName::new(crate::repo::target_name(version, name))
+            .map_err(|e| ReleaseError::malformed("a target name", e))?;
+        let signed = targets.targets.get(&target_name).ok_or_else(mismatch)?;
+        if hex::encode(&*signed.hashes.sha256) != want.sha256 || signed.length != want.length {
+            return Err(mismatch());
         }
+        // At most the signed length is ever read (tough stops beyond it).
+        let capacity = usize::try_from(want.length).unwrap_or(0);
+        let bytes = read_sized(repo, version, name, capacity)
+            .await?
+            .ok_or_else(mismatch)?;
+        if bytes.len() as u64 != want.length {
+            return Err(mismatch());
+        }
+        files.push((name.clone(), bytes));
     }
-    Ok(VerifiedRelease { manifest })
+    Ok((VerifiedRelease { manifest }, files))
 }

@@ -46,6 +46,7 @@ mod error;
 pub mod keys;
 pub mod manifest;
 pub mod repo;
+pub mod transport;
 mod version;
 
 pub use error::ReleaseError;
