@@ -254,6 +254,13 @@ fn rollouts_go_in_waves_and_stop_at_the_first_failed_host() {
         d["reason"].as_str().unwrap().contains("no later host"),
         "{d}"
     );
+    // Failed as soon as the host served its previous version again.
+    let h1 = &d["waves"][0]["hosts"][0];
+    assert!(
+        h1["detail"].as_str().unwrap().contains("rolled back"),
+        "{h1}"
+    );
+    assert_eq!(h1["now"], "0.2.0", "{h1}");
     assert_eq!(version_of(&cell, "h1"), "0.2.0");
     for h in ["h2", "h3"] {
         assert_eq!(version_of(&cell, h), "0.2.0");

@@ -458,6 +458,9 @@ fn nitrile_up_runs_a_host_that_the_cli_calls() {
         "  nitrile host describe",
         "  nitrile instance launch web1 --image ",
         "  nitrile audit tail --config ",
+        "  nitrile deploy start VERSION --wait",
+        "deployd ",
+        "releases       environment dev",
         "logd ",
     ] {
         assert!(said.contains(expected), "{expected:?} not in {said}");
@@ -465,6 +468,14 @@ fn nitrile_up_runs_a_host_that_the_cli_calls() {
     assert!(state.join("hosts/h1/hostd.toml").exists());
     assert!(state.join("hosts/h1/issuer-keys.toml").exists());
     assert!(state.join("pki/host-h1.pem").exists());
+    // The dev release repository, and the host's pins of it.
+    assert!(state.join("release/repo/metadata/root.json").exists());
+    assert!(state.join("hosts/h1/release-root.json").exists());
+    let hostd = std::fs::read_to_string(state.join("hosts/h1/hostd.toml")).unwrap();
+    assert!(
+        hostd.contains("[release]") && hostd.contains("environment = \"dev\""),
+        "{hostd}"
+    );
 
     // host describe: a table, and JSON that is a HostDescription.
     let table = ok(&nitrile(&up.config, &["host", "describe"]));

@@ -480,6 +480,15 @@ impl Service {
                     if now == version && d.health.journal == Health::Ok {
                         return Ok(());
                     }
+                    // Serving its previous version since a start after
+                    // ours: the new agent failed its health check and the
+                    // previous one serves again.
+                    if now == from && d.started_at != before.started_at {
+                        return Err(format!(
+                            "it rolled back: {from} serves again since {} (the new agent failed its health check)",
+                            clip(&d.started_at)
+                        ));
+                    }
                     format!("it reports {now}")
                 }
                 Err(e) => clip(&e.to_string()),

@@ -1095,24 +1095,43 @@ impl Inner {
             AdminRequest::HostUpdate(u) => match &self.releases {
                 None => Err(crate::update::UpdateError::NoRepository.into()),
                 Some(r) => {
-                    let live = self.armed.load(Ordering::SeqCst);
-                    match self.live_update_blocker(live) {
+                    // The hand-over is taken before staging: of two updates
+                    // at once, only the one holding it says it hands over.
+                    let tx = if self.armed.load(Ordering::SeqCst) {
+                        self.handover
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .take()
+                    } else {
+                        None
+                    };
+                    let result = match self.live_update_blocker(tx.is_some()) {
                         Some(e) => Err(e.into()),
                         None => r
-                            .update(&self.config.host, u, live)
+                            .update(&self.config.host, u, tx.is_some())
                             .await
-                            .map(|d| {
-                                if let Some(v) =
-                                    d.handing_over.then(|| d.staged.parse().ok()).flatten()
-                                {
-                                    handover = Some(Handover {
-                                        binary: r.staged_binary(&v),
-                                        version: v,
-                                    });
-                                }
-                                ok_json(&d)
-                            })
                             .map_err(InstanceError::from),
+                    };
+                    match (result, tx) {
+                        (Ok(d), Some(tx)) if d.handing_over => {
+                            if let Ok(version) = d.staged.parse() {
+                                handover = Some((
+                                    tx,
+                                    Handover {
+                                        binary: r.staged_binary(&version),
+                                        version,
+                                    },
+                                ));
+                            }
+                            Ok(ok_json(&d))
+                        }
+                        (result, tx) => {
+                            if let Some(tx) = tx {
+                                *self.handover.lock().unwrap_or_else(PoisonError::into_inner) =
+                                    Some(tx);
+                            }
+                            result.map(|d| ok_json(&d))
+                        }
                     }
                 }
             },
@@ -1125,14 +1144,8 @@ impl Inner {
         let resp = self.finish(admitted, result).await;
         // After the outcome record: the hand-over begins once this answer
         // is sent (the server finishes requests in flight).
-        if let Some(h) = handover
-            && self.armed.swap(false, Ordering::SeqCst)
-            && let Some(tx) = self
-                .handover
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take()
-        {
+        if let Some((tx, h)) = handover {
+            self.armed.store(false, Ordering::SeqCst);
             let _ = tx.send(h);
         }
         resp

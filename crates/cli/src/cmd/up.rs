@@ -540,6 +540,10 @@ pub(crate) fn run(args: Args, _global: &Global) -> anyhow::Result<()> {
             "  ssh -p <port from `nitrile customer describe web2`> root@127.0.0.1   (with that key)"
         )?;
         outln!("  nitrile audit tail --config {}", carol.display())?;
+        outln!(
+            "  nitrile deploy start VERSION --wait   (a release built, signed with the keys in {} and published; see the README)",
+            layout.root().join("release").join("keys").display()
+        )?;
         outln!()?;
         outln!("Ctrl-C stops the cell.")?;
         outln!("export NITRILE_CONFIG={}", alice.display())?;
