@@ -949,10 +949,7 @@ fn write_hostd_config(
         // Loaded paths are resolved; written ones are relative to the file.
         config.volumes = old.volumes.map(|v| rel(&v));
     }
-    config.logd = logd.map(|(addr, vkey)| LogdTarget {
-        addr: addr.to_owned(),
-        log_vkey: Some(vkey.to_owned()),
-    });
+    config.logd = logd_target(logd);
     config.kms = kms.map(|addr| KmsTarget {
         addr: addr.to_owned(),
     });
@@ -1039,14 +1036,8 @@ fn write_placed_config(
         tokend: tokend.to_owned(),
         metrics,
         network_refresh_secs,
-        hosts: fleet
-            .iter()
-            .map(|(h, a)| Ok((Name::new(h)?, a.clone())))
-            .collect::<anyhow::Result<_>>()?,
-        logd: logd.map(|(addr, vkey)| LogdTarget {
-            addr: addr.to_owned(),
-            log_vkey: Some(vkey.to_owned()),
-        }),
+        hosts: fleet_by_name(fleet)?,
+        logd: logd_target(logd),
     };
     config
         .write(&path)
@@ -1097,19 +1088,30 @@ fn write_deployd_config(
         health_timeout_secs: old
             .as_ref()
             .map_or(HOST_HEALTH_DEADLINE_SECS * 2, |o| o.health_timeout_secs),
-        hosts: fleet
-            .iter()
-            .map(|(h, a)| Ok((Name::new(h)?, a.clone())))
-            .collect::<anyhow::Result<_>>()?,
-        logd: logd.map(|(addr, vkey)| LogdTarget {
-            addr: addr.to_owned(),
-            log_vkey: Some(vkey.to_owned()),
-        }),
+        hosts: fleet_by_name(fleet)?,
+        logd: logd_target(logd),
     };
     config
         .write(&path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
+}
+
+/// Where a service of the cell ships its journal: logd at `addr`, whose
+/// log key `vkey` it pins.
+fn logd_target(logd: Option<(&str, &str)>) -> Option<LogdTarget> {
+    logd.map(|(addr, vkey)| LogdTarget {
+        addr: addr.to_owned(),
+        log_vkey: Some(vkey.to_owned()),
+    })
+}
+
+/// The fleet (host id -> admin API address) with its ids as names.
+fn fleet_by_name(fleet: &BTreeMap<String, String>) -> anyhow::Result<BTreeMap<Name, String>> {
+    fleet
+        .iter()
+        .map(|(h, a)| Ok((Name::new(h)?, a.clone())))
+        .collect()
 }
 
 /// The `dev` environment's release repository of a one-machine cell,
@@ -1257,10 +1259,7 @@ fn write_kms_config(
         config.metrics = old.metrics;
         config.sweep_interval_secs = old.sweep_interval_secs;
     }
-    config.logd = logd.map(|(addr, vkey)| LogdTarget {
-        addr: addr.to_owned(),
-        log_vkey: Some(vkey.to_owned()),
-    });
+    config.logd = logd_target(logd);
     config
         .write(&path)
         .with_context(|| format!("cannot write {}", path.display()))?;
