@@ -105,6 +105,45 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 # --- end guest images --------------------------------------------------------
 
+# --- TPM 2.0 -------------------------------------------------------------------
+# The attest crate drives the TPM through tss-esapi over tpm2-tss (libtss2);
+# swtpm is the TPM of the tests and of `nitrile host boot`, tpm2-tools checks
+# our quotes independently (tpm2_checkquote), OVMF is the measuring firmware
+# and systemd-boot-efi's stub makes the host image a Unified Kernel Image.
+tpm_packages=(libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-sys1 libtss2-tctildr0
+    libtss2-tcti-device0 libtss2-tcti-swtpm0 libtss2-tcti-mssim0
+    swtpm swtpm-tools tpm2-tools ovmf systemd-boot-efi binutils)
+missing=()
+for p in "${tpm_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# tss-esapi links libtss2 through pkg-config and needs no headers (its
+# bindings are pre-generated). Debian's libtss2-dev would give the .pc files,
+# but it depends on a libcurl -dev package that a machine with a newer libcurl
+# than its mirror cannot install; without it, the same link information is
+# written into .build/tss2 (.cargo/config.toml points pkg-config there).
+if ! dpkg-query -W -f='${Status}' libtss2-dev 2>/dev/null | grep -q 'install ok installed' &&
+   ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtss2-dev >/dev/null 2>&1; then
+    kit=.build/tss2
+    multiarch="$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -dumpmachine)"
+    version="$(dpkg-query -W -f='${Version}' libtss2-esys-3.0.2-0 | sed 's/-[^-]*$//')"
+    rm -rf "$kit" && mkdir -p "$kit/pkgconfig" "$kit/lib"
+    for lib in tss2-esys tss2-sys tss2-mu tss2-tctildr; do
+        so="$(ls /usr/lib/"$multiarch"/lib"$lib".so.[0-9]* 2>/dev/null | sort | head -n 1)"
+        [ -n "$so" ] || { echo "setup.sh: lib$lib is not installed" >&2; exit 1; }
+        ln -s "$so" "$kit/lib/lib$lib.so"
+        printf 'libdir=%s\nName: %s\nDescription: TPM2 Software Stack (%s)\nVersion: %s\nLibs: -L${libdir} -l%s\n' \
+            "$PWD/$kit/lib" "$lib" "$lib" "$version" "$lib" >"$kit/pkgconfig/$lib.pc"
+    done
+    log "libtss2-dev is not installable here: linking tss-esapi through $kit"
+fi
+# --- end TPM 2.0 ---------------------------------------------------------------
+
 command -v cargo >/dev/null || { echo "setup.sh: cargo is required (a Rust toolchain >= 1.89)" >&2; exit 1; }
 
 # --- vsock for the qemu backend ----------------------------------------------

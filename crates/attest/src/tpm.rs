@@ -1,0 +1,473 @@
+//! The host side: one connection to the TPM through tpm2-tss's ESAPI.
+//!
+//! Every key this module makes is transient and flushed before the call
+//! that made it returns, so it works against a TPM without a resource
+//! manager (swtpm) as well as through `/dev/tpmrm0`.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use tss_esapi::Context;
+use tss_esapi::abstraction::pcr;
+use tss_esapi::attributes::{NvIndexAttributesBuilder, ObjectAttributesBuilder};
+use tss_esapi::constants::SessionType;
+use tss_esapi::handles::{KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, TpmHandle};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth, Provision};
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::{
+    Data, Digest, DigestValues, EccPoint, EccScheme, HashScheme, KeyDerivationFunctionScheme,
+    MaxNvBuffer, NvPublicBuilder, PcrSelectionListBuilder, PcrSlot, Public, PublicBuilder,
+    PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinition,
+};
+use tss_esapi::tcti_ldr::TctiNameConf;
+use tss_esapi::traits::Marshall;
+
+use crate::quote::{PCR_BANK, Quote};
+use crate::{AkPublic, AttestError, Pcrs};
+
+/// Where the endorsement key certificates live (TCG EK Credential Profile):
+/// swtpm's manufacturing writes the RSA 2048 one and the ECC NIST P-384 one.
+pub const EK_CERT_NV_RSA2048: u32 = 0x01c0_0002;
+/// The ECC NIST P-384 endorsement key certificate (high range, H-3).
+pub const EK_CERT_NV_P384: u32 = 0x01c0_0016;
+
+/// The NV index of the anti-rollback record: the highest host software
+/// version this TPM's host has committed to (owner range).
+pub const HIGHEST_VERSION_NV: u32 = 0x0150_0100;
+
+/// A TCTI as tpm2-tss names it, checked: `swtpm:path=SOCKET`,
+/// `swtpm:host=H,port=P`, `device:/dev/tpmrm0` or `mssim:...`.
+pub fn parse_tcti(spec: &str) -> Result<TctiNameConf, AttestError> {
+    let kind = spec.split(':').next().unwrap_or_default();
+    if !matches!(kind, "swtpm" | "device" | "mssim") {
+        return Err(AttestError::Tcti(format!(
+            "{spec:?}: expected swtpm:path=SOCKET, swtpm:host=H,port=P or device:/dev/tpmrm0"
+        )));
+    }
+    TctiNameConf::from_str(spec).map_err(|e| AttestError::Tcti(format!("{spec:?}: {e}")))
+}
+
+/// An open TPM.
+pub struct Tpm {
+    ctx: Context,
+}
+
+impl std::fmt::Debug for Tpm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tpm").finish_non_exhaustive()
+    }
+}
+
+fn tss(what: &'static str) -> impl FnOnce(tss_esapi::Error) -> AttestError {
+    move |e| AttestError::Tpm {
+        what,
+        source: Box::new(e),
+    }
+}
+
+fn slot(index: u8) -> Result<PcrSlot, AttestError> {
+    if index > 23 {
+        return Err(AttestError::PcrIndex(index));
+    }
+    PcrSlot::try_from(1u32 << index).map_err(|_| AttestError::PcrIndex(index))
+}
+
+fn null_ticket() -> Result<tss_esapi::structures::HashcheckTicket, AttestError> {
+    use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
+    let raw = tss_esapi::tss2_esys::TPMT_TK_HASHCHECK {
+        tag: TPM2_ST_HASHCHECK,
+        hierarchy: TPM2_RH_NULL,
+        digest: Default::default(),
+    };
+    tss_esapi::structures::HashcheckTicket::try_from(raw).map_err(tss("a null ticket"))
+}
+
+/// The template of the document key: the attestation key's, unrestricted.
+pub fn document_key_template() -> Result<Public, AttestError> {
+    key_template(false)
+}
+
+/// The template of the attestation key: a restricted ECDSA P-384 signing
+/// key (SHA-384), fixed to this TPM, a primary of the endorsement hierarchy
+/// so that the same TPM always derives the same key and nothing of it is
+/// stored outside the TPM.
+pub fn attestation_key_template() -> Result<Public, AttestError> {
+    key_template(true)
+}
+
+fn key_template(restricted: bool) -> Result<Public, AttestError> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_restricted(restricted)
+        .with_sign_encrypt(true)
+        .build()
+        .map_err(tss("the attestation key's attributes"))?;
+    let parameters = PublicEccParametersBuilder::new()
+        .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha384)))
+        .with_curve(EccCurve::NistP384)
+        .with_is_signing_key(true)
+        .with_is_decryption_key(false)
+        .with_restricted(restricted)
+        .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
+        .build()
+        .map_err(tss("the attestation key's parameters"))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(parameters)
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+        .map_err(tss("the attestation key's template"))
+}
+
+impl Tpm {
+    /// Opens the TPM behind `tcti` (see [`parse_tcti`]).
+    pub fn open(tcti: &str) -> Result<Self, AttestError> {
+        let conf = parse_tcti(tcti)?;
+        let ctx = Context::new(conf).map_err(tss("opening the TPM"))?;
+        Ok(Self { ctx })
+    }
+
+    /// Reads PCRs of the SHA-256 bank.
+    pub fn pcrs(&mut self, indices: &[u8]) -> Result<Pcrs, AttestError> {
+        let slots = indices
+            .iter()
+            .map(|&i| slot(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let selection = PcrSelectionListBuilder::new()
+            .with_selection(HashingAlgorithm::Sha256, &slots)
+            .build()
+            .map_err(tss("a PCR selection"))?;
+        let data = pcr::read_all(&mut self.ctx, selection).map_err(tss("reading PCRs"))?;
+        let bank = data
+            .pcr_bank(HashingAlgorithm::Sha256)
+            .ok_or(AttestError::NoBank)?;
+        let mut out = BTreeMap::new();
+        for &i in indices {
+            let d = bank.get_digest(slot(i)?).ok_or(AttestError::NoBank)?;
+            let v: [u8; 32] = d.value().try_into().map_err(|_| AttestError::NoBank)?;
+            out.insert(i, v);
+        }
+        Ok(Pcrs(out))
+    }
+
+    /// Extends PCR `index` of the SHA-256 bank with `digest`.
+    pub fn extend(&mut self, index: u8, digest: [u8; 32]) -> Result<(), AttestError> {
+        let mut values = DigestValues::new();
+        values.set(
+            HashingAlgorithm::Sha256,
+            Digest::try_from(digest.to_vec()).map_err(tss("a digest"))?,
+        );
+        let handle = pcr_handle(index)?;
+        self.ctx
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.pcr_extend(handle, values)
+            })
+            .map_err(tss("extending a PCR"))
+    }
+
+    /// The endorsement key's certificate (DER) as the TPM's manufacturer
+    /// stored it, if there is one: the P-384 one first.
+    pub fn ek_certificate(&mut self) -> Result<Option<Vec<u8>>, AttestError> {
+        for index in [EK_CERT_NV_P384, EK_CERT_NV_RSA2048] {
+            if let Some(bytes) = self.nv_read_all(index)? {
+                return Ok(Some(bytes));
+            }
+        }
+        Ok(None)
+    }
+
+    fn with_ak<T>(
+        &mut self,
+        f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, AttestError>,
+    ) -> Result<T, AttestError> {
+        self.with_key(attestation_key_template()?, f)
+    }
+
+    fn with_key<T>(
+        &mut self,
+        template: Public,
+        f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, AttestError>,
+    ) -> Result<T, AttestError> {
+        let key = self
+            .ctx
+            .execute_with_nullauth_session(|ctx| {
+                ctx.create_primary(Hierarchy::Endorsement, template, None, None, None, None)
+            })
+            .map_err(tss("creating the attestation key"))?
+            .key_handle;
+        let out = f(&mut self.ctx, key);
+        let flushed = self
+            .ctx
+            .flush_context(ObjectHandle::from(key))
+            .map_err(tss("flushing a key"));
+        let out = out?;
+        flushed?;
+        Ok(out)
+    }
+
+    /// The attestation key's public part (derived again, not stored).
+    pub fn attestation_key(&mut self) -> Result<AkPublic, AttestError> {
+        self.with_ak(|ctx, key| {
+            let (public, _, _) = ctx.read_public(key).map_err(tss("reading a public key"))?;
+            AkPublic::from_tpm_public(&public)
+        })
+    }
+
+    /// A quote of `indices` (SHA-256 bank) with `nonce` as its qualifying
+    /// data, signed by the attestation key, with the PCR values read right
+    /// after it (the quote's digest says whether they are the quoted ones).
+    pub fn quote(&mut self, nonce: &[u8], indices: &[u8]) -> Result<Quote, AttestError> {
+        if nonce.len() > 64 {
+            return Err(AttestError::Nonce(nonce.len()));
+        }
+        let slots = indices
+            .iter()
+            .map(|&i| slot(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let selection = PcrSelectionListBuilder::new()
+            .with_selection(PCR_BANK, &slots)
+            .build()
+            .map_err(tss("a PCR selection"))?;
+        let data = Data::try_from(nonce.to_vec()).map_err(tss("the nonce"))?;
+        let (attest, signature) = self.with_ak(|ctx, key| {
+            ctx.execute_with_nullauth_session(|ctx| {
+                ctx.quote(key, data, SignatureScheme::Null, selection)
+            })
+            .map_err(tss("quoting"))
+        })?;
+        let message = attest.marshall().map_err(tss("marshalling a quote"))?;
+        let signature = signature
+            .marshall()
+            .map_err(tss("marshalling a signature"))?;
+        let pcrs = self.pcrs(indices)?;
+        Ok(Quote {
+            message,
+            signature,
+            pcrs,
+        })
+    }
+
+    /// Signs `data` with the document key (ECDSA P-384 over SHA-384 of the
+    /// data, hashed here), for attestation documents (COSE_Sign1). The
+    /// document key is not the attestation key: it is unrestricted, so it
+    /// could sign anything, and no verifier takes it for quotes. Returns
+    /// `r || s`, 48 bytes each.
+    pub fn sign_document(&mut self, data: &[u8]) -> Result<Vec<u8>, AttestError> {
+        use sha2::Digest as _;
+        let digest =
+            Digest::try_from(sha2::Sha384::digest(data).to_vec()).map_err(tss("a digest"))?;
+        let ticket = null_ticket()?;
+        let signature = self.with_key(document_key_template()?, |ctx, key| {
+            ctx.execute_with_nullauth_session(|ctx| {
+                ctx.sign(key, digest, SignatureScheme::Null, ticket)
+            })
+            .map_err(tss("signing a document"))
+        })?;
+        match signature {
+            Signature::EcDsa(sig) => {
+                let mut out = Vec::with_capacity(96);
+                out.extend_from_slice(&pad48(sig.signature_r().value())?);
+                out.extend_from_slice(&pad48(sig.signature_s().value())?);
+                Ok(out)
+            }
+            _ => Err(AttestError::Malformed(
+                "the TPM made a signature that is not ECDSA",
+            )),
+        }
+    }
+
+    /// The document key's public part (derived again, not stored).
+    pub fn document_key(&mut self) -> Result<AkPublic, AttestError> {
+        self.with_key(document_key_template()?, |ctx, key| {
+            let (public, _, _) = ctx.read_public(key).map_err(tss("reading a public key"))?;
+            AkPublic::from_tpm_public_any(&public)
+        })
+    }
+
+    fn nv_read_all(&mut self, index: u32) -> Result<Option<Vec<u8>>, AttestError> {
+        let Some(handle) = self.nv_handle(index)? else {
+            return Ok(None);
+        };
+        let (public, _) = self
+            .ctx
+            .execute_without_session(|ctx| ctx.nv_read_public(handle))
+            .map_err(tss("reading an NV index's public area"))?;
+        let size = public.data_size();
+        let mut bytes = Vec::with_capacity(size);
+        let attrs = public.attributes();
+        let auth = if attrs.owner_read() {
+            NvAuth::Owner
+        } else {
+            NvAuth::NvIndex(handle)
+        };
+        while bytes.len() < size {
+            let chunk = (size - bytes.len()).min(1024) as u16;
+            let offset = bytes.len() as u16;
+            let part = self
+                .ctx
+                .execute_with_session(Some(AuthSession::Password), |ctx| {
+                    ctx.nv_read(auth, handle, chunk, offset)
+                })
+                .map_err(tss("reading an NV index"))?;
+            bytes.extend_from_slice(part.value());
+        }
+        let _ = self.ctx.tr_close(&mut ObjectHandle::from(handle));
+        Ok(Some(bytes))
+    }
+
+    fn nv_handle(&mut self, index: u32) -> Result<Option<NvIndexHandle>, AttestError> {
+        let tpm_handle = NvIndexTpmHandle::new(index).map_err(tss("an NV index"))?;
+        match self
+            .ctx
+            .execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle)))
+        {
+            Ok(h) => Ok(Some(NvIndexHandle::from(h))),
+            Err(e) if is_handle_missing(&e) => Ok(None),
+            Err(e) => Err(tss("opening an NV index")(e)),
+        }
+    }
+
+    /// The highest host software version recorded in the TPM, as the 8
+    /// bytes written by [`Tpm::advance_highest`], or `None` before the first.
+    pub fn highest(&mut self) -> Result<Option<[u8; 8]>, AttestError> {
+        match self.nv_read_all(HIGHEST_VERSION_NV)? {
+            None => Ok(None),
+            Some(bytes) => {
+                let v: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
+                    AttestError::Malformed("the highest-version NV index is not 8 bytes")
+                })?;
+                // Written once at definition as all ones until the first
+                // record (TPMA_NV_WRITTEN is not relied upon).
+                Ok(Some(v))
+            }
+        }
+    }
+
+    /// Records `version` (8 bytes, big-endian order equal to version order)
+    /// as the highest: refused if the TPM already holds a higher one, so a
+    /// host agent cannot lower it whatever its disk says.
+    pub fn advance_highest(&mut self, version: [u8; 8]) -> Result<(), AttestError> {
+        let current = self.highest()?;
+        if let Some(current) = current {
+            if current > version {
+                return Err(AttestError::Rollback {
+                    recorded: current,
+                    offered: version,
+                });
+            }
+            if current == version {
+                return Ok(());
+            }
+        }
+        let handle = match self.nv_handle(HIGHEST_VERSION_NV)? {
+            Some(h) => h,
+            None => {
+                let attributes = NvIndexAttributesBuilder::new()
+                    .with_owner_write(true)
+                    .with_owner_read(true)
+                    .with_no_da(true)
+                    .build()
+                    .map_err(tss("NV attributes"))?;
+                let public = NvPublicBuilder::new()
+                    .with_nv_index(
+                        NvIndexTpmHandle::new(HIGHEST_VERSION_NV).map_err(tss("an NV index"))?,
+                    )
+                    .with_index_name_algorithm(HashingAlgorithm::Sha256)
+                    .with_index_attributes(attributes)
+                    .with_data_area_size(8)
+                    .build()
+                    .map_err(tss("an NV index's public area"))?;
+                self.ctx
+                    .execute_with_session(Some(AuthSession::Password), |ctx| {
+                        ctx.nv_define_space(Provision::Owner, None, public)
+                    })
+                    .map_err(tss("defining the highest-version NV index"))?
+            }
+        };
+        let data = MaxNvBuffer::try_from(version.to_vec()).map_err(tss("an NV buffer"))?;
+        let written = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.nv_write(NvAuth::Owner, handle, data, 0)
+            })
+            .map_err(tss("writing the highest-version NV index"));
+        let _ = self.ctx.tr_close(&mut ObjectHandle::from(handle));
+        written
+    }
+
+    /// Starts and ends a policy session, to check the TPM answers sessions.
+    #[doc(hidden)]
+    pub fn probe_session(&mut self) -> Result<(), AttestError> {
+        let session = self
+            .ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(tss("starting a session"))?
+            .ok_or(AttestError::Malformed("no session"))?;
+        self.ctx
+            .flush_context(ObjectHandle::from(tss_esapi::handles::SessionHandle::from(
+                session,
+            )))
+            .map_err(tss("flushing a session"))
+    }
+}
+
+fn pad48(v: &[u8]) -> Result<[u8; 48], AttestError> {
+    let v = match v.iter().position(|&b| b != 0) {
+        Some(i) if v.len() - i <= 48 => &v[i..],
+        None => &[][..],
+        _ => {
+            return Err(AttestError::Malformed(
+                "an ECDSA component longer than 48 bytes",
+            ));
+        }
+    };
+    let mut out = [0u8; 48];
+    out[48 - v.len()..].copy_from_slice(v);
+    Ok(out)
+}
+
+fn pcr_handle(index: u8) -> Result<tss_esapi::handles::PcrHandle, AttestError> {
+    use tss_esapi::handles::PcrHandle as P;
+    Ok(match index {
+        0 => P::Pcr0,
+        1 => P::Pcr1,
+        2 => P::Pcr2,
+        3 => P::Pcr3,
+        4 => P::Pcr4,
+        5 => P::Pcr5,
+        6 => P::Pcr6,
+        7 => P::Pcr7,
+        8 => P::Pcr8,
+        9 => P::Pcr9,
+        10 => P::Pcr10,
+        11 => P::Pcr11,
+        12 => P::Pcr12,
+        13 => P::Pcr13,
+        14 => P::Pcr14,
+        15 => P::Pcr15,
+        16 => P::Pcr16,
+        23 => P::Pcr23,
+        _ => return Err(AttestError::PcrIndex(index)),
+    })
+}
+
+fn is_handle_missing(e: &tss_esapi::Error) -> bool {
+    // TPM_RC_HANDLE, as the TPM answers reading the public area of an NV
+    // index that is not defined.
+    use tss_esapi::constants::response_code::Tss2ResponseCodeKind;
+    matches!(e, tss_esapi::Error::Tss2Error(rc) if rc.kind() == Some(Tss2ResponseCodeKind::Handle))
+}
