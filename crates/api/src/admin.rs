@@ -559,6 +559,109 @@ pub struct HostUpdate {
     pub handing_over: bool,
 }
 
+/// `host.attest`: the caller's nonce (hex, 16 to 64 bytes), which the
+/// TPM signs into its quote and the document carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostAttestRequest {
+    /// The nonce, hex.
+    #[schemars(length(min = 32, max = 128), regex(pattern = r"^[0-9a-f]+$"))]
+    pub nonce: String,
+}
+
+impl HostAttestRequest {
+    /// The nonce's bytes, if it is 16 to 64 bytes of lowercase hex.
+    pub fn nonce_bytes(&self) -> Result<Vec<u8>, String> {
+        let ok = (32..=128).contains(&self.nonce.len())
+            && self.nonce.len() % 2 == 0
+            && self
+                .nonce
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !ok {
+            return Err("nonce must be 16 to 64 bytes of lowercase hex".to_owned());
+        }
+        Ok(self
+            .nonce
+            .as_bytes()
+            .chunks(2)
+            .map(|p| {
+                let v = |c: u8| {
+                    if c.is_ascii_digit() {
+                        c - b'0'
+                    } else {
+                        c - b'a' + 10
+                    }
+                };
+                (v(p[0]) << 4) | v(p[1])
+            })
+            .collect())
+    }
+}
+
+/// One event of what the host measured into a PCR (the event log of
+/// `nitrile host-init`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MeasuredEvent {
+    /// The PCR extended.
+    #[schemars(range(max = 23))]
+    pub pcr: u8,
+    /// What was measured, e.g. `hostd-config`.
+    #[schemars(length(max = MAX_LABEL_LEN))]
+    pub name: String,
+    /// The digest extended.
+    pub sha256: Sha256Hex,
+}
+
+/// A TPM quote: the signed TPMS_ATTEST and TPMT_SIGNATURE (hex, as
+/// `tpm2_quote -m` and `-s` write them) and the quoted PCR values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TpmQuote {
+    /// The marshalled TPMS_ATTEST, hex.
+    #[schemars(length(max = 4096))]
+    pub message: String,
+    /// The marshalled TPMT_SIGNATURE, hex.
+    #[schemars(length(max = 1024))]
+    pub signature: String,
+    /// The quoted PCRs of the SHA-256 bank, by index.
+    pub pcrs: Vec<PcrValue>,
+}
+
+/// One PCR of the SHA-256 bank.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PcrValue {
+    /// The PCR.
+    #[schemars(range(max = 23))]
+    pub index: u8,
+    /// Its value.
+    pub sha256: Sha256Hex,
+}
+
+/// The answer to `host.attest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostAttestation {
+    /// The host.
+    pub host: Name,
+    /// The attestation key's public area (a marshalled TPMT_PUBLIC, hex):
+    /// a restricted ECDSA P-384 key fixed to the host's TPM.
+    #[schemars(length(max = 1024))]
+    pub attestation_key: String,
+    /// The quote of the measured PCRs with the caller's nonce.
+    pub quote: TpmQuote,
+    /// What the host's init measured into its PCR, in order.
+    pub event_log: Vec<MeasuredEvent>,
+    /// The same PCRs and nonce in an attestation document of the Nitro
+    /// layout (COSE_Sign1, ES384, PCRs under `nitrotpm_pcrs`), hex, when
+    /// the host holds a certificate for its TPM's document key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
+    pub document: Option<String>,
+}
+
 /// One parsed admin request. A host serves exactly these.
 ///
 /// `audit.read` (the audit log service) is an operation of the cell but not
@@ -573,6 +676,10 @@ pub enum AdminRequest {
     HostUndrain,
     /// `POST /v1/host/update` with a [`HostUpdateRequest`] body
     HostUpdate(HostUpdateRequest),
+    /// `POST /v1/host/attest` with a [`HostAttestRequest`] body
+    HostAttest(HostAttestRequest),
+    /// `POST /v1/host/shutdown`
+    HostShutdown,
     /// `POST /v1/instances` with a [`LaunchRequest`] body
     InstanceLaunch(LaunchRequest),
     /// `GET /v1/instances`
@@ -614,7 +721,7 @@ pub struct Route {
 }
 
 /// Every route of the admin API, in a stable order.
-pub const ROUTES: [Route; 17] = [
+pub const ROUTES: [Route; 19] = [
     Route {
         operation: Operation::HostDescribe,
         method: "GET",
@@ -634,6 +741,16 @@ pub const ROUTES: [Route; 17] = [
         operation: Operation::HostUpdate,
         method: "POST",
         path: "/v1/host/update",
+    },
+    Route {
+        operation: Operation::HostAttest,
+        method: "POST",
+        path: "/v1/host/attest",
+    },
+    Route {
+        operation: Operation::HostShutdown,
+        method: "POST",
+        path: "/v1/host/shutdown",
     },
     Route {
         operation: Operation::InstanceLaunch,
@@ -764,6 +881,27 @@ impl AdminRequest {
                 })?;
                 Self::HostUpdate(update)
             }
+            ["v1", "host", "attest"] => {
+                if method != "POST" {
+                    return Err(not_allowed());
+                }
+                let attest: HostAttestRequest =
+                    serde_json::from_slice(body).map_err(|e| ApiError::BadBody {
+                        operation: Operation::HostAttest,
+                        reason: e.to_string(),
+                    })?;
+                attest.nonce_bytes().map_err(|reason| ApiError::BadBody {
+                    operation: Operation::HostAttest,
+                    reason,
+                })?;
+                Self::HostAttest(attest)
+            }
+            ["v1", "host", "shutdown"] => {
+                if method != "POST" {
+                    return Err(not_allowed());
+                }
+                Self::HostShutdown
+            }
             ["v1", "instances"] => match method {
                 "GET" => Self::InstanceList,
                 "POST" => {
@@ -855,6 +993,7 @@ impl AdminRequest {
         match &req {
             Self::HostDrain
             | Self::HostUndrain
+            | Self::HostShutdown
             | Self::InstanceStop(_)
             | Self::InstanceStart(_)
             | Self::InstanceTerminate(_)
@@ -867,6 +1006,7 @@ impl AdminRequest {
             | Self::VolumeDelete(_) => empty_body(req.operation(), body)?,
             Self::InstanceLaunch(_)
             | Self::HostUpdate(_)
+            | Self::HostAttest(_)
             | Self::VolumeCreate(_)
             | Self::VolumeAttach(..)
             | Self::NetworkUpdate(_) => {}
@@ -881,6 +1021,8 @@ impl AdminRequest {
             Self::HostDrain => Operation::HostDrain,
             Self::HostUndrain => Operation::HostUndrain,
             Self::HostUpdate(_) => Operation::HostUpdate,
+            Self::HostAttest(_) => Operation::HostAttest,
+            Self::HostShutdown => Operation::HostShutdown,
             Self::InstanceLaunch(_) => Operation::InstanceLaunch,
             Self::InstanceList => Operation::InstanceList,
             Self::InstanceDescribe(_) => Operation::InstanceDescribe,
@@ -935,6 +1077,8 @@ impl AdminRequest {
             Self::HostDrain => "/v1/host/drain".into(),
             Self::HostUndrain => "/v1/host/undrain".into(),
             Self::HostUpdate(_) => "/v1/host/update".into(),
+            Self::HostAttest(_) => "/v1/host/attest".into(),
+            Self::HostShutdown => "/v1/host/shutdown".into(),
             Self::InstanceLaunch(_) | Self::InstanceList => "/v1/instances".into(),
             Self::InstanceDescribe(n) | Self::InstanceTerminate(n) => {
                 format!("/v1/instances/{}", n.as_str())
@@ -960,6 +1104,7 @@ impl AdminRequest {
             Self::VolumeAttach(_, a) => serde_json::to_vec(a).unwrap_or_default(),
             Self::NetworkUpdate(u) => serde_json::to_vec(u).unwrap_or_default(),
             Self::HostUpdate(u) => serde_json::to_vec(u).unwrap_or_default(),
+            Self::HostAttest(a) => serde_json::to_vec(a).unwrap_or_default(),
             _ => Vec::new(),
         }
     }
@@ -1001,6 +1146,10 @@ mod tests {
             AdminRequest::HostUpdate(HostUpdateRequest {
                 version: "1.4.0".into(),
             }),
+            AdminRequest::HostAttest(HostAttestRequest {
+                nonce: "00".repeat(32),
+            }),
+            AdminRequest::HostShutdown,
             AdminRequest::InstanceLaunch(launch),
             AdminRequest::InstanceList,
             AdminRequest::InstanceDescribe(web1.clone()),
@@ -1051,7 +1200,7 @@ mod tests {
 
     #[test]
     fn anything_else_is_refused() {
-        let cases: [(&str, &str, &[u8], u16); 15] = [
+        let cases: [(&str, &str, &[u8], u16); 19] = [
             ("GET", "/v1/shell", b"", 404),
             ("GET", "/v1/instances/web1/console", b"", 404),
             ("GET", "/v1/instances/../host", b"", 404),
@@ -1069,6 +1218,10 @@ mod tests {
                 400,
             ),
             ("POST", "/v1/host/update", b"", 400),
+            ("GET", "/v1/host/attest", b"", 405),
+            ("POST", "/v1/host/attest", br#"{"nonce":"00"}"#, 400),
+            ("POST", "/v1/host/attest", br#"{"nonce":"XYZ"}"#, 400),
+            ("POST", "/v1/host/shutdown", br#"{"now":true}"#, 400),
             ("POST", "/v1/instances", b"{}", 400),
             ("POST", "/v1/instances", b"not json", 400),
             ("GET", "/v1/host", &[b' '; MAX_ADMIN_BODY + 1], 413),

@@ -26,6 +26,12 @@ pub enum Operation {
     HostUndrain,
     /// Install a signed release on a host (the deployer only).
     HostUpdate,
+    /// A quote of the host's TPM over its measured PCRs with the caller's
+    /// nonce, the event log, and an attestation document (auditors and
+    /// on-call operators).
+    HostAttest,
+    /// Power a host running the host image off (on-call operators).
+    HostShutdown,
     /// Launch a microVM instance on a host.
     InstanceLaunch,
     /// Metadata of one instance.
@@ -106,11 +112,13 @@ pub enum Operation {
 
 impl Operation {
     /// Every operation, in a stable order.
-    pub const ALL: [Operation; 38] = [
+    pub const ALL: [Operation; 40] = [
         Self::HostDescribe,
         Self::HostDrain,
         Self::HostUndrain,
         Self::HostUpdate,
+        Self::HostAttest,
+        Self::HostShutdown,
         Self::InstanceLaunch,
         Self::InstanceDescribe,
         Self::InstanceList,
@@ -154,6 +162,8 @@ impl Operation {
             Self::HostDrain => "host.drain",
             Self::HostUndrain => "host.undrain",
             Self::HostUpdate => "host.update",
+            Self::HostAttest => "host.attest",
+            Self::HostShutdown => "host.shutdown",
             Self::InstanceLaunch => "instance.launch",
             Self::InstanceDescribe => "instance.describe",
             Self::InstanceList => "instance.list",
@@ -196,6 +206,7 @@ impl Operation {
     pub fn is_mutation(self) -> bool {
         match self {
             Self::HostDescribe
+            | Self::HostAttest
             | Self::InstanceDescribe
             | Self::InstanceList
             | Self::AuditRead
@@ -211,6 +222,7 @@ impl Operation {
             Self::HostDrain
             | Self::HostUndrain
             | Self::HostUpdate
+            | Self::HostShutdown
             | Self::InstanceLaunch
             | Self::InstanceStop
             | Self::InstanceStart
@@ -250,6 +262,8 @@ impl Operation {
             | Self::HostDrain
             | Self::HostUndrain
             | Self::HostUpdate
+            | Self::HostAttest
+            | Self::HostShutdown
             | Self::InstanceLaunch
             | Self::InstanceList
             | Self::VolumeList

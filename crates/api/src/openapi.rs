@@ -18,9 +18,9 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde_json::{Map, Value, json};
 
 use crate::admin::{
-    HostDescription, HostUpdate, HostUpdateRequest, InstanceDescription, InstanceList,
-    LaunchRequest, MAX_ADMIN_BODY, ROUTES, Route, Sha256Hex, VolumeAttachRequest,
-    VolumeCreateRequest, VolumeDescription, VolumeList,
+    HostAttestRequest, HostAttestation, HostDescription, HostUpdate, HostUpdateRequest,
+    InstanceDescription, InstanceList, LaunchRequest, MAX_ADMIN_BODY, ROUTES, Route, Sha256Hex,
+    VolumeAttachRequest, VolumeCreateRequest, VolumeDescription, VolumeList,
 };
 use crate::network::{HostNetwork, NetworkUpdate};
 use crate::wire::Refusal;
@@ -100,7 +100,9 @@ const REFUSALS: [RefusalResponse; 9] = [
 /// The refusal statuses of a route. 409 only where a state check exists.
 fn refusal_statuses(operation: Operation) -> &'static [u16] {
     match operation {
-        Operation::InstanceLaunch
+        Operation::HostAttest
+        | Operation::HostShutdown
+        | Operation::InstanceLaunch
         | Operation::InstanceStop
         | Operation::InstanceStart
         | Operation::InstanceTerminate
@@ -121,6 +123,10 @@ fn summary(operation: Operation) -> &'static str {
         Operation::HostDrain => "Stop placing new instances on the host.",
         Operation::HostUndrain => "Allow placement on a drained host again.",
         Operation::HostUpdate => "Install a signed release on a host (the deployer only).",
+        Operation::HostAttest => {
+            "A TPM quote of the host's measured PCRs with the caller's nonce, and its event log."
+        }
+        Operation::HostShutdown => "Power a host running the host image off.",
         Operation::InstanceLaunch => "Launch a microVM instance on the host.",
         Operation::InstanceDescribe => "Metadata of one instance.",
         Operation::InstanceList => "Metadata of the instances on the host.",
@@ -174,9 +180,10 @@ fn types_of(
     responses: &mut SchemaGenerator,
 ) -> Option<(Option<Schema>, Schema)> {
     Some(match operation {
-        Operation::HostDescribe | Operation::HostDrain | Operation::HostUndrain => {
-            (None, responses.subschema_for::<HostDescription>())
-        }
+        Operation::HostDescribe
+        | Operation::HostDrain
+        | Operation::HostUndrain
+        | Operation::HostShutdown => (None, responses.subschema_for::<HostDescription>()),
         Operation::InstanceLaunch => (
             Some(requests.subschema_for::<LaunchRequest>()),
             responses.subschema_for::<InstanceDescription>(),
@@ -205,6 +212,10 @@ fn types_of(
         Operation::HostUpdate => (
             Some(requests.subschema_for::<HostUpdateRequest>()),
             responses.subschema_for::<HostUpdate>(),
+        ),
+        Operation::HostAttest => (
+            Some(requests.subschema_for::<HostAttestRequest>()),
+            responses.subschema_for::<HostAttestation>(),
         ),
         // Served by another service (audit.read by logd, the kms-key
         // operations by the key service, the customer operations by the

@@ -59,6 +59,8 @@ fn path() -> impl Strategy<Value = String> {
             "/v1/host/drain",
             "/v1/host/undrain",
             "/v1/host/update",
+            "/v1/host/attest",
+            "/v1/host/shutdown",
             "/v1/instances",
             "/v1/instances/web1",
             "/v1/instances/web1/stop",
@@ -154,6 +156,8 @@ fn update_value() -> impl Strategy<Value = Value> {
 fn body() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         1 => update_value().prop_map(|v| v.to_string().into_bytes()),
+        1 => prop_oneof![3 => Just("ab".repeat(16)), 1 => "[0-9a-fA-F]{0,70}"]
+            .prop_map(|n| json!({ "nonce": n }).to_string().into_bytes()),
         2 => network_value().prop_map(|v| v.to_string().into_bytes()),
         3 => volume_value().prop_map(|v| v.to_string().into_bytes()),
         2 => prop_oneof![3 => Just("web1".to_owned()), 1 => "\\PC{0,4}"]

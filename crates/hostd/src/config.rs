@@ -197,6 +197,29 @@ pub struct HostdConfig {
     /// provisioning (none: `host.update` is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<ReleaseConfig>,
+    /// The host's TPM 2.0 (none: `host.attest` is refused and the highest
+    /// version run is kept only on disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmConfig>,
+}
+
+/// `[tpm]`: the host's TPM 2.0 and what its init measured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmConfig {
+    /// tpm2-tss's TCTI: `device:/dev/tpmrm0` on hardware,
+    /// `swtpm:host=127.0.0.1,port=P` for swtpm.
+    pub tcti: String,
+    /// The event log of what the host's init measured into PCR 15 (JSON
+    /// lines: `{"pcr":15,"name":...,"sha256":...}`), returned by
+    /// `host.attest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_log: Option<PathBuf>,
+    /// The certificate of the TPM's document key and its issuers (PEM, the
+    /// key's certificate first, the root last): with it, `host.attest`
+    /// also returns a Nitro-layout attestation document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document_certificate: Option<PathBuf>,
 }
 
 /// `[release]`: where this host's environment publishes its releases and
@@ -268,6 +291,7 @@ impl HostdConfig {
             volumes: None,
             network: None,
             release: None,
+            tpm: None,
         }
     }
 
@@ -321,6 +345,14 @@ impl HostdConfig {
         }
         if let Some(r) = &mut self.release {
             for p in [&mut r.repository, &mut r.root, &mut r.ci_key] {
+                join(p);
+            }
+        }
+        if let Some(t) = &mut self.tpm {
+            for p in [&mut t.event_log, &mut t.document_certificate]
+                .into_iter()
+                .flatten()
+            {
                 join(p);
             }
         }

@@ -129,6 +129,15 @@ pub enum InstanceError {
         /// Why, as found at start.
         reason: String,
     },
+    /// `host.attest` on a host without `[tpm]`
+    #[error("this host has no TPM ([tpm] in its config)")]
+    NoTpm,
+    /// the TPM refused or failed
+    #[error("{0}")]
+    Tpm(String),
+    /// `host.shutdown` while instances run
+    #[error("{0} instance(s) run on this host; stop or move them before it powers off")]
+    InstancesRunning(usize),
     /// the hypervisor refused or failed
     #[error("hypervisor")]
     Hypervisor(#[source] VmmError),
@@ -239,6 +248,9 @@ impl InstanceError {
                 (500, RefusalStep::Hypervisor, "hypervisor")
             }
             Self::NoKeySource => (409, RefusalStep::State, "no_key_service"),
+            Self::NoTpm => (409, RefusalStep::State, "no_tpm"),
+            Self::Tpm(_) => (500, RefusalStep::Internal, "tpm"),
+            Self::InstancesRunning(_) => (409, RefusalStep::State, "instances_running"),
             Self::VolumeKey {
                 source: VolumeKeyError::Refused(_),
                 ..

@@ -32,6 +32,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod attest;
 pub mod config;
 pub mod instances;
 pub mod live;

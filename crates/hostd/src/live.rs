@@ -65,6 +65,8 @@ pub struct Handover {
 pub enum Served {
     /// Shut down by its caller.
     Stopped,
+    /// Shut down by `host.shutdown`: the host is to power off.
+    PowerOff,
     /// Stopped serving to hand over to a staged release: the agent's state
     /// is closed, its VMs run on, the listening socket is open.
     Handover {

@@ -216,6 +216,8 @@ struct Inner {
     handover: Mutex<Option<tokio::sync::oneshot::Sender<Handover>>>,
     /// Whether a staged release is handed over to now.
     armed: AtomicBool,
+    /// Fired once `host.shutdown` was answered.
+    power_off: tokio::sync::Notify,
 }
 
 /// A host agent with its socket bound, ready to serve.
@@ -509,6 +511,14 @@ impl Hostd {
                 });
             }
         }
+        // What the TPM measured (the firmware, the UKI stub, init), read
+        // once: nothing extends these PCRs after init.
+        if let Some(tpm) = &config.tpm {
+            match crate::attest::measurements(tpm) {
+                Ok(m) => measurements.extend(m),
+                Err(e) => tracing::error!(error = %e, "could not read the TPM's PCRs"),
+            }
+        }
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| label(&s))
             .unwrap_or_default();
@@ -530,7 +540,8 @@ impl Hostd {
         // The highest version this host has run never goes down.
         // (An agent taking over records it once committed.)
         let releases = config.release.clone().map(|r| {
-            let releases = crate::update::Releases::new(r, &config.state);
+            let releases = crate::update::Releases::new(r, &config.state)
+                .with_tpm(config.tpm.as_ref().map(|t| t.tcti.clone()));
             if !options.takeover
                 && let Err(e) = releases.record_running()
             {
@@ -569,6 +580,7 @@ impl Hostd {
                 releases,
                 handover: Mutex::new(live.then_some(handover_tx)),
                 armed: AtomicBool::new(live && !options.takeover),
+                power_off: tokio::sync::Notify::new(),
             }),
             server,
             listener,
@@ -668,13 +680,26 @@ impl Hostd {
         };
         let (chosen_tx, chosen_rx) = tokio::sync::oneshot::channel();
         let handover_rx = self.handover.take();
-        let stop = async move {
-            match handover_rx {
-                Some(rx) => tokio::select! {
-                    () = shutdown => {}
-                    Ok(h) = rx => { let _ = chosen_tx.send(h); }
-                },
-                None => shutdown.await,
+        let powered = Arc::new(AtomicBool::new(false));
+        let stop = {
+            let inner = Arc::clone(&self.inner);
+            let powered = Arc::clone(&powered);
+            async move {
+                let power_off = async {
+                    inner.power_off.notified().await;
+                    powered.store(true, Ordering::SeqCst);
+                };
+                match handover_rx {
+                    Some(rx) => tokio::select! {
+                        () = shutdown => {}
+                        () = power_off => {}
+                        Ok(h) = rx => { let _ = chosen_tx.send(h); }
+                    },
+                    None => tokio::select! {
+                        () = shutdown => {}
+                        () = power_off => {}
+                    },
+                }
             }
         };
         let api = Api(Arc::clone(&self.inner));
@@ -730,6 +755,7 @@ impl Hostd {
                     from,
                 })
             }
+            _ if powered.load(Ordering::SeqCst) => Ok(Served::PowerOff),
             _ => Ok(Served::Stopped),
         }
     }
@@ -970,6 +996,27 @@ impl Inner {
             AdminRequest::InstanceDescribe(name) => {
                 self.instances.describe(name, now).map(|d| ok_json(&d))
             }
+            AdminRequest::HostAttest(a) => match &self.config.tpm {
+                None => Err(InstanceError::NoTpm),
+                Some(tpm) => {
+                    let (tpm, host) = (tpm.clone(), self.config.host.clone());
+                    let nonce = a.nonce_bytes().unwrap_or_default();
+                    let now_ms = u64::try_from(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_millis(),
+                    )
+                    .unwrap_or(u64::MAX);
+                    match blocking(move || crate::attest::attest(&tpm, &host, &nonce, now_ms)).await
+                    {
+                        Err(resp) => return resp,
+                        Ok(r) => r
+                            .map(|d| ok_json(&d))
+                            .map_err(|e| InstanceError::Tpm(e.to_string())),
+                    }
+                }
+            },
             _ => unreachable!("run_read is only called with read operations"),
         };
         self.finish(admitted, result).await
@@ -985,6 +1032,7 @@ impl Inner {
         if matches!(
             req,
             AdminRequest::HostDescribe
+                | AdminRequest::HostAttest(_)
                 | AdminRequest::InstanceList
                 | AdminRequest::InstanceDescribe(_)
         ) {
@@ -1051,7 +1099,15 @@ impl Inner {
         let token = token.as_deref().unwrap_or_default();
         let volume_token = second.as_ref().and(volume_token.as_deref());
         let mut handover = None;
+        let mut power_off = false;
         let result = match &req {
+            AdminRequest::HostShutdown => match self.running_instances().len() {
+                0 => {
+                    power_off = true;
+                    Ok(ok_json(&self.describe_host()))
+                }
+                n => Err(InstanceError::InstancesRunning(n)),
+            },
             AdminRequest::HostDrain | AdminRequest::HostUndrain => instances
                 .set_drained(matches!(req, AdminRequest::HostDrain))
                 .await
@@ -1136,12 +1192,19 @@ impl Inner {
                 }
             },
             AdminRequest::HostDescribe
+            | AdminRequest::HostAttest(_)
             | AdminRequest::InstanceList
             | AdminRequest::InstanceDescribe(_) => {
                 unreachable!("read operations returned above")
             }
         };
+        let accepted = result.is_ok();
         let resp = self.finish(admitted, result).await;
+        // After the outcome record: the agent stops once this answer is
+        // sent, and the host image's init powers the machine off.
+        if power_off && accepted {
+            self.power_off.notify_one();
+        }
         // After the outcome record: the hand-over begins once this answer
         // is sent (the server finishes requests in flight).
         if let Some((tx, h)) = handover {

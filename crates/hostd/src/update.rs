@@ -72,6 +72,10 @@ pub enum UpdateError {
     /// A check of the release failed.
     #[error(transparent)]
     Release(#[from] ReleaseError),
+    /// The TPM's anti-rollback record could not be read or written: fail
+    /// closed.
+    #[error("the TPM's highest-version record: {0}")]
+    Tpm(String),
     /// Instances run under a backend whose VMs end with the agent.
     #[error(
         "{running} instance(s) run under a hypervisor backend whose VMs end with the host agent; \
@@ -90,6 +94,7 @@ impl UpdateError {
             Self::NoRepository => "no_release_repository",
             Self::Rollback { .. } => "rollback",
             Self::NoLiveUpdate { .. } => "no_live_update",
+            Self::Tpm(_) => "tpm",
             Self::Release(e) => e.code(),
         }
     }
@@ -114,7 +119,13 @@ pub struct Releases {
     config: ReleaseConfig,
     dir: PathBuf,
     running: Version,
+    tpm: Option<String>,
     lock: tokio::sync::Mutex<()>,
+}
+
+fn tpm_bytes(v: &Version) -> Result<[u8; 8], UpdateError> {
+    nitrile_attest::version_bytes(v.major, v.minor, v.patch)
+        .ok_or_else(|| UpdateError::Tpm(format!("version {v} does not fit the TPM's record")))
 }
 
 impl std::fmt::Debug for Releases {
@@ -133,8 +144,31 @@ impl Releases {
             config,
             dir: state.join("releases"),
             running: running_version(state),
+            tpm: None,
             lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Keeps the highest version run in the TPM behind `tcti` too (NV
+    /// memory, which a restored or replaced disk does not touch).
+    pub fn with_tpm(mut self, tcti: Option<String>) -> Self {
+        self.tpm = tcti;
+        self
+    }
+
+    /// The TPM's record, if this host has a TPM (`Ok(None)` without one or
+    /// before the first record).
+    fn tpm_highest(&self) -> Result<Option<Version>, UpdateError> {
+        let Some(tcti) = &self.tpm else {
+            return Ok(None);
+        };
+        let mut tpm =
+            nitrile_attest::Tpm::open(tcti).map_err(|e| UpdateError::Tpm(e.to_string()))?;
+        let b = tpm.highest().map_err(|e| UpdateError::Tpm(e.to_string()))?;
+        Ok(b.map(|b| {
+            let s = nitrile_attest::version_string(&b);
+            s.parse().unwrap_or(Version::new(0, 0, 0))
+        }))
     }
 
     fn trust(&self) -> Result<Trust, ReleaseError> {
@@ -153,24 +187,36 @@ impl Releases {
         })
     }
 
-    /// The highest version this host has run: the record, and never below
-    /// the version running.
-    pub fn highest(&self) -> Version {
+    /// The highest version this host has run: the record on disk, the
+    /// TPM's when it has one, and never below the version running. With a
+    /// TPM that cannot be read, an error: updates fail closed.
+    pub fn highest(&self) -> Result<Version, UpdateError> {
         let recorded = nitrile_fs::read_bounded(&self.dir.join("highest.json"), 4096)
             .ok()
             .and_then(|b| serde_json::from_slice::<Highest>(&b).ok())
             .map(|h| h.version);
-        recorded.map_or(self.running, |r| r.max(self.running))
+        let mut highest = recorded.map_or(self.running, |r| r.max(self.running));
+        if let Some(t) = self.tpm_highest()? {
+            highest = highest.max(t);
+        }
+        Ok(highest)
     }
 
     /// Records that this host runs its version (at start): the highest
-    /// version it has run never goes down.
+    /// version it has run never goes down, on disk and in the TPM.
     pub fn record_running(&self) -> std::io::Result<()> {
-        let highest = self.highest();
+        let highest = self.highest().map_err(std::io::Error::other)?;
         std::fs::create_dir_all(&self.dir)?;
         let bytes = serde_json::to_vec(&Highest { version: highest }).unwrap_or_default();
         nitrile_fs::write_atomic(&self.dir.join("highest.json"), &bytes, 0o600)
-            .map_err(std::io::Error::other)
+            .map_err(std::io::Error::other)?;
+        if let Some(tcti) = &self.tpm {
+            let v = tpm_bytes(&highest).map_err(std::io::Error::other)?;
+            nitrile_attest::Tpm::open(tcti)
+                .and_then(|mut t| t.advance_highest(v))
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(())
     }
 
     /// The binary of staged release `version`.
@@ -193,13 +239,16 @@ impl Releases {
     ) -> Result<HostUpdate, UpdateError> {
         let _one_at_a_time = self.lock.lock().await;
         let version: Version = req.version.parse()?;
-        let highest = self.highest();
+        let highest = self.highest()?;
         let floor = highest.max(self.running);
         if version <= floor {
             return Err(UpdateError::Rollback {
                 asked: version,
                 floor,
             });
+        }
+        if self.tpm.is_some() {
+            tpm_bytes(&version)?;
         }
         let trust = self.trust()?;
         let repo = client::load(&self.config.repository, &trust, &self.dir.join("tuf")).await?;

@@ -433,3 +433,105 @@ async fn only_the_deployer_updates_and_only_a_pinned_host() {
         "{body:?}"
     );
 }
+
+/// With a TPM, the highest version run is also in the TPM's NV memory: a
+/// host whose disk is put back to an older copy (its record says 0.1.0)
+/// still refuses a release below the highest it ran (0.6.0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tpm_refuses_a_downgrade_after_the_disk_is_restored() {
+    let mut cell = TestCell::new().await;
+    let tpm_state = cell.scratch("tpm");
+    if let Err(e) = nitrile_attest::swtpm::available() {
+        println!("SKIPPED: {e}");
+        return;
+    }
+    if !support::is_root() {
+        println!("SKIPPED: manufacturing a TPM with swtpm's local CA needs root");
+        return;
+    }
+    let swtpm = nitrile_attest::swtpm::Swtpm::start(&tpm_state).unwrap();
+    let tmp = cell.scratch("releases");
+    let k = keys();
+    let repo_dir = tmp.join("repo");
+    let repo = init(&repo_dir, &k, "prod");
+    let pins = tmp.join("pins");
+    std::fs::create_dir_all(&pins).unwrap();
+    std::fs::copy(repo_dir.join("metadata/root.json"), pins.join("root.json")).unwrap();
+    std::fs::write(pins.join("ci.pub.json"), k.ci.public_json()).unwrap();
+    let mut setup = cell.default_setup();
+    setup.hypervisor.qemu = None;
+    setup.release = Some(ReleaseConfig {
+        environment: "prod".into(),
+        repository: repo_dir.clone(),
+        root: pins.join("root.json"),
+        ci_key: pins.join("ci.pub.json"),
+        health_deadline_secs: None,
+    });
+    setup.tpm = Some(nitrile_hostd::config::TpmConfig {
+        tcti: swtpm.tcti(),
+        event_log: None,
+        document_certificate: None,
+    });
+    cell.start_host_with("h1", setup).await;
+    let state = cell.host_config("h1").state.clone();
+    // The agent recorded the version it runs in the TPM at start.
+    let mut tpm = nitrile_attest::Tpm::open(&swtpm.tcti()).unwrap();
+    assert_eq!(
+        tpm.highest()
+            .unwrap()
+            .map(|b| nitrile_attest::version_string(&b)),
+        Some("0.1.0".to_owned())
+    );
+    // A copy of the disk as it is now.
+    let backup = cell.scratch("backup");
+    copy_dir(&state.join("releases"), &backup);
+
+    for v in ["0.5.0", "0.6.0"] {
+        publish(&repo, &k, &bundle(&tmp, v, "prod", Some(&k.ci)), &[0, 1]);
+    }
+    let (status, body, _) = call(&cell, "0.6.0").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    // 0.6.0 ran and was committed: its agent recorded it, on disk and in
+    // the TPM (what `HostdHandle::committed` does).
+    std::fs::write(
+        state.join("releases/highest.json"),
+        br#"{"version":"0.6.0"}"#,
+    )
+    .unwrap();
+    tpm.advance_highest(nitrile_attest::version_bytes(0, 6, 0).unwrap())
+        .unwrap();
+    drop(tpm);
+
+    // The disk is put back to the older copy: its record says 0.1.0.
+    cell.stop_host("h1").await;
+    std::fs::remove_dir_all(state.join("releases")).unwrap();
+    copy_dir(&backup, &state.join("releases"));
+    let restored = std::fs::read_to_string(state.join("releases/highest.json")).unwrap();
+    assert!(restored.contains("0.1.0"), "{restored}");
+    let setup = {
+        let mut s = cell.default_setup();
+        s.hypervisor.qemu = None;
+        s.release = Some(ReleaseConfig {
+            environment: "prod".into(),
+            repository: repo_dir.clone(),
+            root: pins.join("root.json"),
+            ci_key: pins.join("ci.pub.json"),
+            health_deadline_secs: None,
+        });
+        s.tpm = Some(nitrile_hostd::config::TpmConfig {
+            tcti: swtpm.tcti(),
+            event_log: None,
+            document_certificate: None,
+        });
+        s
+    };
+    cell.start_host_with("h1", setup).await;
+    // 0.5.0 is above what the disk says, below what the TPM says: refused.
+    refused(&cell, &state, "0.5.0", "rollback").await;
+    let (_, body, _) = call(&cell, "0.5.0").await;
+    assert!(
+        refusal(&body).reason.contains("0.6.0"),
+        "{}",
+        refusal(&body).reason
+    );
+}

@@ -308,8 +308,8 @@ fn forbids_win_and_are_named() {
     );
     assert_eq!(g.forbids.len(), 1);
     assert_eq!(g.forbids[0].to_string(), "freeze-h2 (freeze.cedar:1:1)");
-    // The slice holds oncall's eight, freeze-h2 and the six guardrails.
-    assert_eq!(g.slice_policies, 15);
+    // The slice holds oncall's ten, freeze-h2 and the seven guardrails.
+    assert_eq!(g.slice_policies, 18);
 }
 
 #[test]

@@ -24,8 +24,8 @@ fn sample_bundle_loads() {
         ["auditor", "customers", "deployer", "oncall", "placement"]
     );
     assert_eq!(s.principals, 7);
-    assert_eq!(s.quotas, 5);
-    assert_eq!(s.policies, 29);
+    assert_eq!(s.quotas, 6);
+    assert_eq!(s.policies, 33);
     assert_eq!(
         e.groups_of(&principal("operator/alice")),
         vec![name("oncall")]

@@ -231,6 +231,9 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
                 from,
             } = served
             else {
+                if matches!(served, Served::PowerOff) {
+                    crate::output::errln!("nitrile hostd: {host} shut down by host.shutdown")?;
+                }
                 tracing::info!("host agent stopped");
                 return anyhow::Ok(());
             };

@@ -166,6 +166,8 @@ pub struct HostSetup {
     pub network: Option<nitrile_hostd::network::NetworkConfig>,
     /// The pinned release repository; by default none.
     pub release: Option<nitrile_hostd::ReleaseConfig>,
+    /// The host's TPM; by default none.
+    pub tpm: Option<nitrile_hostd::config::TpmConfig>,
 }
 
 struct RunningHost {
@@ -307,6 +309,7 @@ impl TestCell {
             volumes: None,
             network: None,
             release: None,
+            tpm: None,
         }
     }
 
@@ -375,6 +378,7 @@ impl TestCell {
         config.volumes = setup.volumes.clone();
         config.network = setup.network.clone();
         config.release = setup.release.clone();
+        config.tpm = setup.tpm.clone();
         config
     }
 
