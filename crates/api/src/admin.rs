@@ -573,7 +573,7 @@ impl HostAttestRequest {
     /// The nonce's bytes, if it is 16 to 64 bytes of lowercase hex.
     pub fn nonce_bytes(&self) -> Result<Vec<u8>, String> {
         let ok = (32..=128).contains(&self.nonce.len())
-            && self.nonce.len() % 2 == 0
+            && self.nonce.len().is_multiple_of(2)
             && self
                 .nonce
                 .bytes()

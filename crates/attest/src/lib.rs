@@ -35,12 +35,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 pub mod cose;
+pub mod credential;
+pub mod enroll;
 pub mod quote;
 pub mod swtpm;
 pub mod tpm;
 
 pub use quote::{PcrMatch, Quote, QuoteInfo, all_match, compare, replay, verify_quote};
-pub use tpm::Tpm;
+pub use tpm::{BoundKey, Tpm};
 
 /// The PCR that `nitrile host-init` extends with what it loads (hostd's
 /// config, the pinned issuer keys, the trust roots).
@@ -98,6 +100,10 @@ pub enum AttestError {
     /// The values carried do not hash to the quoted digest.
     #[error("the PCR values do not match the quoted digest")]
     PcrDigest,
+    /// The TPM refused a key's use: its policy (the PCR values it is bound
+    /// to) does not hold.
+    #[error("the TPM refused to use the key (its PCR policy does not hold): {0}")]
+    PolicyRefused(String),
     /// The TPM's anti-rollback record is above the version offered.
     #[error(
         "the TPM records version {} and refuses {}",

@@ -49,12 +49,12 @@ pub struct QuoteInfo {
     pub pcrs: Vec<u8>,
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
+pub(crate) struct Reader<'a> {
+    pub(crate) b: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], AttestError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], AttestError> {
         if self.b.len() < n {
             return Err(AttestError::Malformed("a TPM structure ends early"));
         }
@@ -62,22 +62,22 @@ impl<'a> Reader<'a> {
         self.b = t;
         Ok(h)
     }
-    fn u8(&mut self) -> Result<u8, AttestError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, AttestError> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, AttestError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, AttestError> {
         let b = self.take(2)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
-    fn u32(&mut self) -> Result<u32, AttestError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, AttestError> {
         let b = self.take(4)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
-    fn u64(&mut self) -> Result<u64, AttestError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, AttestError> {
         let b = self.take(8)?;
         Ok(u64::from_be_bytes(b.try_into().unwrap_or_default()))
     }
-    fn tpm2b(&mut self) -> Result<&'a [u8], AttestError> {
+    pub(crate) fn tpm2b(&mut self) -> Result<&'a [u8], AttestError> {
         let n = self.u16()? as usize;
         self.take(n)
     }
@@ -147,7 +147,7 @@ fn parse_attest(message: &[u8]) -> Result<Attest<'_>, AttestError> {
 }
 
 /// The `r || s` of an ECDSA P-384 TPMT_SIGNATURE.
-fn parse_signature(signature: &[u8]) -> Result<[u8; 96], AttestError> {
+pub fn ecdsa_p384_rs(signature: &[u8]) -> Result<[u8; 96], AttestError> {
     let mut r = Reader { b: signature };
     if r.u16()? != TPM_ALG_ECDSA || r.u16()? != TPM_ALG_SHA384 {
         return Err(AttestError::Malformed(
@@ -190,7 +190,7 @@ pub fn verify_signature(ak: &AkPublic, data: &[u8], rs: &[u8]) -> Result<(), Att
 /// nonce is fresh, and whether the values are the expected ones, are the
 /// caller's checks ([`crate::Challenges`], [`compare`]).
 pub fn verify_quote(ak: &AkPublic, quote: &Quote, nonce: &[u8]) -> Result<QuoteInfo, AttestError> {
-    let rs = parse_signature(&quote.signature)?;
+    let rs = ecdsa_p384_rs(&quote.signature)?;
     verify_signature(ak, &quote.message, &rs)?;
     let attest = parse_attest(&quote.message)?;
     if attest.extra_data != nonce {

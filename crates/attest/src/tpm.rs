@@ -84,6 +84,52 @@ fn null_ticket() -> Result<tss_esapi::structures::HashcheckTicket, AttestError> 
     tss_esapi::structures::HashcheckTicket::try_from(raw).map_err(tss("a null ticket"))
 }
 
+/// The persistent handle swtpm's manufacturing gives the ECC P-384
+/// endorsement key.
+pub const EK_P384_PERSISTENT: u32 = 0x8101_0016;
+
+/// A key created in the TPM and bound to PCR values
+/// ([`Tpm::create_bound_key`]): its public area and its private part as the
+/// TPM encrypted it (loadable only in that TPM).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BoundKey {
+    /// The marshalled TPMT_PUBLIC.
+    #[serde(with = "hex::serde")]
+    pub public: Vec<u8>,
+    /// The TPM2B_PRIVATE's contents.
+    #[serde(with = "hex::serde")]
+    pub private: Vec<u8>,
+    /// The PCRs it is bound to.
+    pub pcrs: Vec<u8>,
+}
+
+fn storage_key_template() -> Result<Public, AttestError> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_no_da(true)
+        .with_restricted(true)
+        .with_decrypt(true)
+        .build()
+        .map_err(tss("the storage key's attributes"))?;
+    let parameters = PublicEccParametersBuilder::new_restricted_decryption_key(
+        tss_esapi::structures::SymmetricDefinitionObject::AES_128_CFB,
+        EccCurve::NistP256,
+    )
+    .build()
+    .map_err(tss("the storage key's parameters"))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(parameters)
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+        .map_err(tss("the storage key's template"))
+}
+
 /// The template of the document key: the attestation key's, unrestricted.
 pub fn document_key_template() -> Result<Public, AttestError> {
     key_template(false)
@@ -400,6 +446,359 @@ impl Tpm {
             .map_err(tss("writing the highest-version NV index"));
         let _ = self.ctx.tr_close(&mut ObjectHandle::from(handle));
         written
+    }
+
+    /// The endorsement key's public area (a marshalled TPMT_PUBLIC): the
+    /// ECC P-384 one swtpm's manufacturing persisted, else the TCG default
+    /// ECC P-256 template's, derived again.
+    pub fn ek_public(&mut self) -> Result<Vec<u8>, AttestError> {
+        self.with_ek(|ctx, ek| {
+            let (public, _, _) = ctx
+                .read_public(ek)
+                .map_err(tss("reading the endorsement key"))?;
+            public
+                .marshall()
+                .map_err(tss("marshalling the endorsement key"))
+        })
+    }
+
+    fn with_ek<T>(
+        &mut self,
+        f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, AttestError>,
+    ) -> Result<T, AttestError> {
+        let persistent = TpmHandle::Persistent(
+            tss_esapi::handles::PersistentTpmHandle::new(EK_P384_PERSISTENT)
+                .map_err(tss("a handle"))?,
+        );
+        match self
+            .ctx
+            .execute_without_session(|ctx| ctx.tr_from_tpm_public(persistent))
+        {
+            Ok(h) => {
+                let out = f(&mut self.ctx, KeyHandle::from(h));
+                let _ = self.ctx.tr_close(&mut h.clone());
+                out
+            }
+            Err(e) if is_handle_missing(&e) => {
+                let ek = tss_esapi::abstraction::ek::create_ek_object_2(
+                    &mut self.ctx,
+                    tss_esapi::abstraction::AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+                    None,
+                )
+                .map_err(tss("creating the endorsement key"))?;
+                let out = f(&mut self.ctx, ek);
+                let _ = self.ctx.flush_context(ObjectHandle::from(ek));
+                out
+            }
+            Err(e) => Err(tss("opening the endorsement key")(e)),
+        }
+    }
+
+    /// TPM2_ActivateCredential: recovers the secret of a credential made
+    /// ([`crate::credential::make_credential`]) for this TPM's endorsement
+    /// key and its attestation key's name. Another TPM, or another key
+    /// name, fails the TPM's integrity check.
+    pub fn activate_credential(
+        &mut self,
+        credential: &crate::credential::Credential,
+    ) -> Result<Vec<u8>, AttestError> {
+        use tss_esapi::interface_types::session_handles::PolicySession;
+        use tss_esapi::structures::{EncryptedSecret, IdObject};
+        let blob = IdObject::try_from(credential.blob.clone()).map_err(tss("a credential"))?;
+        let secret = EncryptedSecret::try_from(credential.secret.clone())
+            .map_err(tss("a credential secret"))?;
+        let template = attestation_key_template()?;
+        let ak = self
+            .ctx
+            .execute_with_nullauth_session(|ctx| {
+                ctx.create_primary(Hierarchy::Endorsement, template, None, None, None, None)
+            })
+            .map_err(tss("creating the attestation key"))?
+            .key_handle;
+        let out = self.with_ek(|ctx, ek| {
+            let session = ctx
+                .start_auth_session(
+                    None,
+                    None,
+                    None,
+                    SessionType::Policy,
+                    SymmetricDefinition::AES_128_CFB,
+                    HashingAlgorithm::Sha256,
+                )
+                .map_err(tss("starting a policy session"))?
+                .ok_or(AttestError::Malformed("no session"))?;
+            let policy = PolicySession::try_from(session).map_err(tss("a policy session"))?;
+            let result = ctx
+                .execute_with_nullauth_session(|ctx| {
+                    ctx.policy_secret(
+                        policy,
+                        tss_esapi::handles::AuthHandle::Endorsement,
+                        Default::default(),
+                        Default::default(),
+                        Default::default(),
+                        None,
+                    )
+                })
+                .map_err(tss("authorizing the endorsement key"))
+                .and_then(|_| {
+                    ctx.execute_with_sessions(
+                        (Some(AuthSession::Password), Some(session), None),
+                        |ctx| ctx.activate_credential(ak, ek, blob, secret),
+                    )
+                    .map_err(tss("activating a credential"))
+                });
+            let _ = ctx.flush_context(ObjectHandle::from(tss_esapi::handles::SessionHandle::from(
+                session,
+            )));
+            result
+        });
+        let _ = self.ctx.flush_context(ObjectHandle::from(ak));
+        Ok(out?.value().to_vec())
+    }
+
+    fn with_srk<T>(
+        &mut self,
+        f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, AttestError>,
+    ) -> Result<T, AttestError> {
+        self.with_primary(Hierarchy::Owner, storage_key_template()?, f)
+    }
+
+    fn with_primary<T>(
+        &mut self,
+        hierarchy: Hierarchy,
+        template: Public,
+        f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, AttestError>,
+    ) -> Result<T, AttestError> {
+        let key = self
+            .ctx
+            .execute_with_nullauth_session(|ctx| {
+                ctx.create_primary(hierarchy, template, None, None, None, None)
+            })
+            .map_err(tss("creating a primary key"))?
+            .key_handle;
+        let out = f(&mut self.ctx, key);
+        let flushed = self
+            .ctx
+            .flush_context(ObjectHandle::from(key))
+            .map_err(tss("flushing a key"));
+        let out = out?;
+        flushed?;
+        Ok(out)
+    }
+
+    /// Creates a signing key (ECDSA P-256) usable only while `pcrs` hold
+    /// `values` (its authPolicy is TPM2_PolicyPCR over them, see
+    /// [`crate::credential::policy_pcr_digest`]), under the owner
+    /// hierarchy's storage key. What comes back is useless without this
+    /// TPM: the private part is encrypted by its storage key.
+    pub fn create_bound_key(
+        &mut self,
+        pcrs: &[u8],
+        values: &[[u8; 32]],
+    ) -> Result<BoundKey, AttestError> {
+        let policy = crate::credential::policy_pcr_digest(pcrs, values);
+        let attributes = ObjectAttributesBuilder::new()
+            .with_fixed_tpm(true)
+            .with_fixed_parent(true)
+            .with_sensitive_data_origin(true)
+            .with_user_with_auth(false)
+            .with_admin_with_policy(false)
+            .with_no_da(true)
+            .with_sign_encrypt(true)
+            .build()
+            .map_err(tss("a bound key's attributes"))?;
+        let parameters = PublicEccParametersBuilder::new()
+            .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)))
+            .with_curve(EccCurve::NistP256)
+            .with_is_signing_key(true)
+            .with_is_decryption_key(false)
+            .with_restricted(false)
+            .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
+            .build()
+            .map_err(tss("a bound key's parameters"))?;
+        let template = PublicBuilder::new()
+            .with_public_algorithm(PublicAlgorithm::Ecc)
+            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+            .with_object_attributes(attributes)
+            .with_auth_policy(Digest::try_from(policy.to_vec()).map_err(tss("a policy digest"))?)
+            .with_ecc_parameters(parameters)
+            .with_ecc_unique_identifier(EccPoint::default())
+            .build()
+            .map_err(tss("a bound key's template"))?;
+        let created = self.with_srk(|ctx, srk| {
+            ctx.execute_with_nullauth_session(|ctx| {
+                ctx.create(srk, template, None, None, None, None)
+            })
+            .map_err(tss("creating a bound key"))
+        })?;
+        Ok(BoundKey {
+            public: created
+                .out_public
+                .marshall()
+                .map_err(tss("marshalling a public key"))?,
+            private: created.out_private.value().to_vec(),
+            pcrs: pcrs.to_vec(),
+        })
+    }
+
+    fn with_bound<T>(
+        &mut self,
+        key: &BoundKey,
+        f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, AttestError>,
+    ) -> Result<T, AttestError> {
+        use tss_esapi::traits::UnMarshall;
+        let public = Public::unmarshall(&key.public).map_err(tss("a bound key's public part"))?;
+        let private = tss_esapi::structures::Private::try_from(key.private.clone())
+            .map_err(tss("a bound key's private part"))?;
+        self.with_srk(|ctx, srk| {
+            let handle = ctx
+                .execute_with_nullauth_session(|ctx| ctx.load(srk, private, public))
+                .map_err(tss("loading a bound key"))?;
+            let out = f(ctx, handle);
+            let _ = ctx.flush_context(ObjectHandle::from(handle));
+            out
+        })
+    }
+
+    /// TPM2_Certify of a bound key by the attestation key, with `nonce`:
+    /// the TPM says the key with that name (so that public area, policy
+    /// included) lives in it. Returns the TPMS_ATTEST and TPMT_SIGNATURE.
+    pub fn certify(
+        &mut self,
+        key: &BoundKey,
+        nonce: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>), AttestError> {
+        let data = Data::try_from(nonce.to_vec()).map_err(tss("the nonce"))?;
+        let template = attestation_key_template()?;
+        let ak = self
+            .ctx
+            .execute_with_nullauth_session(|ctx| {
+                ctx.create_primary(Hierarchy::Endorsement, template, None, None, None, None)
+            })
+            .map_err(tss("creating the attestation key"))?
+            .key_handle;
+        let out = self.with_bound(key, |ctx, handle| {
+            ctx.execute_with_sessions(
+                (
+                    Some(AuthSession::Password),
+                    Some(AuthSession::Password),
+                    None,
+                ),
+                |ctx| ctx.certify(ObjectHandle::from(handle), ak, data, SignatureScheme::Null),
+            )
+            .map_err(tss("certifying a key"))
+        });
+        let _ = self.ctx.flush_context(ObjectHandle::from(ak));
+        let (attest, signature) = out?;
+        Ok((
+            attest
+                .marshall()
+                .map_err(tss("marshalling a certification"))?,
+            signature
+                .marshall()
+                .map_err(tss("marshalling a signature"))?,
+        ))
+    }
+
+    /// TPM2_Certify of the document key by the attestation key, with
+    /// `nonce`.
+    pub fn certify_document_key(
+        &mut self,
+        nonce: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>), AttestError> {
+        let data = Data::try_from(nonce.to_vec()).map_err(tss("the nonce"))?;
+        let doc_template = document_key_template()?;
+        let out = self.with_ak(|ctx, ak| {
+            let doc = ctx
+                .execute_with_nullauth_session(|ctx| {
+                    ctx.create_primary(Hierarchy::Endorsement, doc_template, None, None, None, None)
+                })
+                .map_err(tss("creating the document key"))?
+                .key_handle;
+            let out = ctx
+                .execute_with_sessions(
+                    (
+                        Some(AuthSession::Password),
+                        Some(AuthSession::Password),
+                        None,
+                    ),
+                    |ctx| ctx.certify(ObjectHandle::from(doc), ak, data, SignatureScheme::Null),
+                )
+                .map_err(tss("certifying the document key"));
+            let _ = ctx.flush_context(ObjectHandle::from(doc));
+            out
+        })?;
+        Ok((
+            out.0
+                .marshall()
+                .map_err(tss("marshalling a certification"))?,
+            out.1.marshall().map_err(tss("marshalling a signature"))?,
+        ))
+    }
+
+    /// Signs the SHA-256 `digest` with a bound key: the TPM refuses unless
+    /// the PCRs hold the values the key was bound to. Returns `r || s`.
+    pub fn sign_bound(&mut self, key: &BoundKey, digest: [u8; 32]) -> Result<Vec<u8>, AttestError> {
+        use tss_esapi::interface_types::session_handles::PolicySession;
+        let slots = key
+            .pcrs
+            .iter()
+            .map(|&i| slot(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let selection = PcrSelectionListBuilder::new()
+            .with_selection(HashingAlgorithm::Sha256, &slots)
+            .build()
+            .map_err(tss("a PCR selection"))?;
+        let digest = Digest::try_from(digest.to_vec()).map_err(tss("a digest"))?;
+        let ticket = null_ticket()?;
+        let signature = self.with_bound(key, |ctx, handle| {
+            let session = ctx
+                .start_auth_session(
+                    None,
+                    None,
+                    None,
+                    SessionType::Policy,
+                    SymmetricDefinition::AES_128_CFB,
+                    HashingAlgorithm::Sha256,
+                )
+                .map_err(tss("starting a policy session"))?
+                .ok_or(AttestError::Malformed("no session"))?;
+            let result = PolicySession::try_from(session)
+                .map_err(tss("a policy session"))
+                .and_then(|policy| {
+                    ctx.policy_pcr(policy, Digest::default(), selection)
+                        .map_err(tss("the PCR policy"))
+                })
+                .and_then(|()| {
+                    ctx.execute_with_session(Some(session), |ctx| {
+                        ctx.sign(handle, digest, SignatureScheme::Null, ticket)
+                    })
+                    .map_err(|e| AttestError::PolicyRefused(e.to_string()))
+                });
+            let _ = ctx.flush_context(ObjectHandle::from(tss_esapi::handles::SessionHandle::from(
+                session,
+            )));
+            result
+        })?;
+        match signature {
+            Signature::EcDsa(sig) => {
+                let mut out = Vec::with_capacity(64);
+                for part in [sig.signature_r().value(), sig.signature_s().value()] {
+                    let p = &part[part.iter().position(|&b| b != 0).unwrap_or(part.len())..];
+                    if p.len() > 32 {
+                        return Err(AttestError::Malformed(
+                            "an ECDSA component longer than 32 bytes",
+                        ));
+                    }
+                    out.extend(std::iter::repeat_n(0u8, 32 - p.len()));
+                    out.extend_from_slice(p);
+                }
+                Ok(out)
+            }
+            _ => Err(AttestError::Malformed(
+                "the TPM made a signature that is not ECDSA",
+            )),
+        }
     }
 
     /// Starts and ends a policy session, to check the TPM answers sessions.

@@ -118,6 +118,9 @@ enum Command {
     Vmm(cmd::vmm::Args),
     /// Open a VM's volume keys and exec QEMU (started by the host agent, not by hand).
     QemuLaunch(cmd::qemu_launch::Args),
+    /// PID 1 of the host image (its `/init`, not run by hand).
+    #[command(hide = true)]
+    HostInit(cmd::host_init::Args),
     /// Show the operator configuration in effect.
     #[command(subcommand)]
     Config(cmd::config::Command),
@@ -170,6 +173,11 @@ fn parse_failure(e: &clap::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // The host image's /init is this binary: as PID 1 it is the host's
+    // init, whatever its arguments.
+    if cmd::host_init::is_image_init() {
+        cmd::host_init::run(cmd::host_init::Args {});
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return parse_failure(&e),
@@ -200,6 +208,7 @@ fn main() -> ExitCode {
         Command::Up(a) => cmd::up::run(a, &global),
         Command::Vmm(a) => cmd::vmm::run(a),
         Command::QemuLaunch(a) => cmd::qemu_launch::run(a),
+        Command::HostInit(a) => cmd::host_init::run(a),
         Command::Config(c) => cmd::config::run(c, &global),
         Command::Completion(a) => cmd::completion::run(a),
     };

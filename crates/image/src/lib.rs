@@ -50,13 +50,28 @@
 //! `tsc_early_khz=` avoids a TSC calibration hang under TCG; `-cpu
 //! max,-la57` keeps 4-level paging. The guest powers off with `poweroff -f`
 //! and `-no-reboot` makes QEMU exit.
+//!
+//! # The host image
+//!
+//! [`host::build_host_image`] builds what a nitrile host itself boots: a
+//! Unified Kernel Image (systemd's UEFI stub with Debian's cloud kernel, a
+//! command line and an initramfs holding only `nitrile`, the libraries it
+//! links, `mke2fs`, kernel modules and the host's provisioning directory),
+//! and the PCR values it must produce ([`host::Reference`]). [`cpio`]
+//! writes the archive reproducibly; [`pe`] computes the Authenticode hash
+//! a UEFI firmware measures; [`pcr`] replays PCR extensions.
 
 #![forbid(unsafe_code)]
 
 mod build;
+pub mod cpio;
 mod digest;
+pub mod host;
 mod kernel;
+pub mod pcr;
+pub mod pe;
 mod store;
+pub mod uki;
 
 pub use build::{
     BuildError, BuiltImage, CACHE_ENV, GUEST_IMAGE_SCRIPT, GUEST_INIT, build_guest_image,

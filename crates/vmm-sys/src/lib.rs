@@ -17,6 +17,8 @@
 //!   through it never reach a later process with the same pid.
 //! - [`tap`]: tap devices, with the interface name checked before any
 //!   system call.
+//! - [`ipv4`]: an interface's IPv4 address and the default route (the
+//!   host's init configures its network with them).
 //! - [`netns`]: named network namespaces (made, opened, entered by a
 //!   thread of their own, removed) and setting an interface up.
 //! - [`packet`]: `AF_PACKET` sockets that read and write the frames of
@@ -44,6 +46,7 @@
 #![allow(unsafe_code)]
 
 pub mod fd;
+pub mod ipv4;
 pub mod jail;
 pub mod locked;
 pub mod netns;

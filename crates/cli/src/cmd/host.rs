@@ -44,6 +44,29 @@ pub(crate) enum Command {
         #[command(flatten)]
         flag: HostFlag,
     },
+    /// Ask a host's TPM for a quote of its measured PCRs (4: the firmware's
+    /// measurement of the host image, 11: the image's sections, 15: what
+    /// its init loaded) with a fresh nonce, its event log and, when it has
+    /// one, a Nitro-layout attestation document (auditors and on-call).
+    ///
+    /// Example: `nitrile host attest --host h1 -o json > h1-attestation.json`
+    Attest(crate::cmd::host_attest::AttestArgs),
+    /// Check what a host runs: a fresh quote (or a saved one, --from) is
+    /// verified under the host's pinned attestation key and its PCRs
+    /// compared with reference values computed from the host image; prints
+    /// what matched and fails if anything did not.
+    ///
+    /// Example: `nitrile host verify-attestation --host h1 --reference out/reference.json --attestation-key h1.ak`
+    VerifyAttestation(crate::cmd::host_attest::VerifyArgs),
+    /// Power off a host running the host image (on-call operators; refused
+    /// while instances run). The agent answers, stops, and the image's init
+    /// powers the machine off.
+    ///
+    /// Example: `nitrile host shutdown --host h1`
+    Shutdown(HostFlag),
+    /// Boot a host image under QEMU with OVMF and a software TPM: a host in
+    /// a box (see `nitrile host boot --help`).
+    Boot(crate::cmd::host_boot::BootArgs),
 }
 
 /// The host to call.
@@ -90,6 +113,10 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
         Command::Drain(f) => (AdminRequest::HostDrain, f),
         Command::Undrain(f) => (AdminRequest::HostUndrain, f),
         Command::Update { .. } => unreachable!("handled above"),
+        Command::Boot(args) => return crate::cmd::host_boot::run(args),
+        Command::Attest(args) => return crate::cmd::host_attest::attest(args, global),
+        Command::VerifyAttestation(args) => return crate::cmd::host_attest::verify(args, global),
+        Command::Shutdown(f) => (AdminRequest::HostShutdown, f),
     };
     let loaded = crate::config::load(global)?;
     let target = target(&loaded, flag.host.as_ref())?;

@@ -32,6 +32,23 @@ pub(crate) enum Command {
         #[arg(long, value_name = "DIR")]
         cache: Option<PathBuf>,
     },
+    /// Build the host image: a Unified Kernel Image (`host.efi`) that boots
+    /// a nitrile host with `nitrile` itself as PID 1, its `initramfs`, and
+    /// `reference.json` with the digests and the PCR 4, 11 and 15 values a
+    /// host booted from it must show.
+    ///
+    /// The initramfs holds `nitrile`, the libraries it and `mke2fs` link,
+    /// `mke2fs`, the kernel modules the host loads and the host's
+    /// provisioning (its agent config, certificate, key, pinned issuer keys
+    /// and trust roots, from `--provision`, a host directory as `nitrile up`
+    /// writes it); no shell or any other program. The kernel is Debian's
+    /// cloud kernel that `scripts/guest-image.sh` downloads. The same
+    /// inputs give the same bytes. Needs `dpkg-deb`, `depmod`, `ldd`,
+    /// `zstd`, `objcopy` and systemd-boot-efi's stub (`scripts/setup.sh`).
+    /// The image holds the host's private key: keep it as secret as the key.
+    ///
+    /// Example: `nitrile image build-host --provision nitrile-state/hosts/h1 --out host-image`
+    BuildHost(Box<BuildHostArgs>),
     /// List the images in the store: digest, kernel release, sizes, command
     /// line. Stored files are not re-hashed here; `show` does that.
     ///
@@ -54,8 +71,65 @@ pub(crate) enum Command {
     },
 }
 
+/// `nitrile image build-host`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BuildHostArgs {
+    /// The host's provisioning directory (with `hostd.toml`), as `nitrile
+    /// up` writes `<state>/hosts/<name>`.
+    #[arg(long, value_name = "DIR")]
+    provision: PathBuf,
+    /// Output directory (made if missing).
+    #[arg(long, value_name = "DIR", default_value = "host-image")]
+    out: PathBuf,
+    /// The `nitrile` binary to put in the image (default: this one).
+    #[arg(long, value_name = "PATH")]
+    nitrile: Option<PathBuf>,
+    /// Strip debug information from that binary first (smaller image; the
+    /// binary in the image is then not byte for byte the one given).
+    #[arg(long)]
+    strip: bool,
+    /// Debian's `linux-image-*-cloud-amd64` package (default: the newest
+    /// in the cache, as `scripts/guest-image.sh` downloads it).
+    #[arg(long, value_name = "DEB")]
+    kernel_deb: Option<PathBuf>,
+    /// Download and build cache (else $NITRILE_CACHE_DIR, else
+    /// ${XDG_CACHE_HOME:-~/.cache}/nitrile).
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    /// systemd's UEFI stub.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_STUB)]
+    stub: PathBuf,
+    /// `mke2fs`, which makes the state filesystem on first boot.
+    #[arg(long, value_name = "PATH", default_value = "/usr/sbin/mke2fs")]
+    mke2fs: PathBuf,
+    /// The host's address on its network (QEMU's user network by default).
+    #[arg(long, value_name = "ADDR/PREFIX", default_value = "10.0.2.15/24")]
+    ip: String,
+    /// The default gateway.
+    #[arg(long, value_name = "ADDR", default_value = "10.0.2.2")]
+    gateway: std::net::Ipv4Addr,
+    /// Where the host agent listens in the host (default: all addresses,
+    /// on the port of the provisioned config).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<std::net::SocketAddr>,
+    /// More kernel command line parameters.
+    #[arg(long, value_name = "PARAMS")]
+    append: Option<String>,
+}
+
+/// systemd-boot-efi's UEFI stub.
+const DEFAULT_STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+
+/// The kernel command line of every host image: the serial console,
+/// lockdown (no /dev/mem, kcore, kexec of unsigned kernels or BPF reads of
+/// kernel memory), only signed modules, freed memory zeroed, and an
+/// immediate reboot on a kernel panic (`panic=-1`).
+pub(crate) const HOST_CMDLINE: &str =
+    "console=ttyS0 lockdown=confidentiality module.sig_enforce=1 init_on_free=1 panic=-1";
+
 pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
     match command {
+        Command::BuildHost(args) => build_host(*args, global.output),
         Command::Build { state, cache } => build(&state, cache, global.output),
         Command::List { state } => list(&state, global.output),
         Command::Show { digest, state } => show(&state, &digest, global.output),
@@ -223,6 +297,195 @@ fn show(state: &Path, given: &str, output: Output) -> anyhow::Result<()> {
             )?;
             outln!("cmdline:          {}", j.cmdline)?;
             outln!("cmdline sha256:   {}", j.cmdline_sha256)?;
+            Ok(())
+        }
+    }
+}
+
+/// Copies what the host agent of `provision` needs into `staged`, with a
+/// config rewritten for the image: the state, images and volumes on the
+/// state filesystem, the files next to the config, no binary paths, no
+/// instance network (the data path is provisioned apart), the release
+/// repository on the state filesystem.
+fn stage_provisioning(
+    provision: &Path,
+    staged: &Path,
+    listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<nitrile_hostd::HostdConfig> {
+    use nitrile_image::host::STATE_DIR;
+    let source = provision.join(crate::cmd::host_init::HOSTD_CONFIG);
+    let old = nitrile_hostd::HostdConfig::load(&source)
+        .with_context(|| format!("cannot read the host agent config {}", source.display()))?;
+    if staged.exists() {
+        std::fs::remove_dir_all(staged)
+            .with_context(|| format!("cannot remove {}", staged.display()))?;
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(staged)
+            .with_context(|| format!("cannot make {}", staged.display()))?;
+    }
+    let copy = |from: &Path, name: &str, mode: u32| -> anyhow::Result<PathBuf> {
+        let data = nitrile_fs::read_bounded(from, nitrile_image::host::MAX_PROVISION_FILE)
+            .with_context(|| format!("cannot read {}", from.display()))?;
+        nitrile_fs::write_atomic(&staged.join(name), &data, mode)
+            .with_context(|| format!("cannot write {name}"))?;
+        Ok(PathBuf::from(name))
+    };
+    let state = Path::new(STATE_DIR);
+    let mut config = nitrile_hostd::HostdConfig::new(
+        old.cell.clone(),
+        old.host.clone(),
+        listen.unwrap_or_else(|| {
+            std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), old.listen.port())
+        }),
+        state.join("host"),
+        copy(&old.ca, "ca.pem", 0o644)?,
+        copy(&old.cert, "host.pem", 0o644)?,
+        copy(&old.key, "host.key", 0o600)?,
+        copy(&old.issuer_keys, "issuer-keys.toml", 0o644)?,
+        state.join("images"),
+    );
+    config.hypervisor.backend = old.hypervisor.backend;
+    config.capacity = old.capacity;
+    config.logd = old.logd.clone();
+    config.kms = old.kms.clone();
+    config.volumes = Some(state.join("volumes"));
+    if let Some(r) = &old.release {
+        config.release = Some(nitrile_hostd::ReleaseConfig {
+            environment: r.environment.clone(),
+            repository: state.join("release-repository"),
+            root: copy(&r.root, "release-root.json", 0o644)?,
+            ci_key: copy(&r.ci_key, "release-ci-key.json", 0o644)?,
+            health_deadline_secs: r.health_deadline_secs,
+        });
+    }
+    config
+        .write(&staged.join(crate::cmd::host_init::HOSTD_CONFIG))
+        .context("cannot write the image's host agent config")?;
+    Ok(config)
+}
+
+fn build_host(args: BuildHostArgs, output: Output) -> anyhow::Result<()> {
+    use nitrile_image::host::{self, PROVISION_DIR};
+    let cache = match args.cache {
+        Some(c) => c,
+        None => nitrile_image::default_cache_dir()?,
+    };
+    let kernel_deb = match args.kernel_deb {
+        Some(d) => d,
+        None => host::cached_kernel_deb(&cache).with_context(|| {
+            format!(
+                "no kernel package in {}; run scripts/guest-image.sh (or pass --kernel-deb)",
+                cache.join("guest-image/deb").display()
+            )
+        })?,
+    };
+    let nitrile = match args.nitrile {
+        Some(p) => p,
+        None => std::env::current_exe().context("cannot find this executable")?,
+    };
+    if !args.stub.is_file() {
+        bail!(
+            "no UEFI stub at {} (install systemd-boot-efi: scripts/setup.sh)",
+            args.stub.display()
+        );
+    }
+    let (addr, prefix) = args
+        .ip
+        .split_once('/')
+        .and_then(|(a, p)| Some((a.parse::<std::net::Ipv4Addr>().ok()?, p.parse::<u8>().ok()?)))
+        .filter(|(_, p)| *p <= 32)
+        .with_context(|| format!("--ip {}: expected ADDR/PREFIX", args.ip))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot make {}", args.out.display()))?;
+    let staged = args.out.join(".provision");
+    let config = stage_provisioning(&args.provision, &staged, args.listen)?;
+    let events = crate::cmd::host_init::init_events(
+        &staged.join(crate::cmd::host_init::HOSTD_CONFIG),
+        &staged,
+        Path::new(PROVISION_DIR),
+    )?;
+    let stripped = args.out.join(".nitrile-stripped");
+    let nitrile = if args.strip {
+        let status = std::process::Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(&nitrile)
+            .arg(&stripped)
+            .status()
+            .context("cannot run objcopy")?;
+        if !status.success() {
+            bail!(
+                "objcopy --strip-debug {} failed ({status})",
+                nitrile.display()
+            );
+        }
+        stripped.clone()
+    } else {
+        nitrile
+    };
+    let mut cmdline = format!(
+        "{HOST_CMDLINE} nitrile.ip={addr}/{prefix} nitrile.gw={}",
+        args.gateway
+    );
+    if let Some(extra) = &args.append {
+        cmdline.push(' ');
+        cmdline.push_str(extra.trim());
+    }
+    let mut annotations = std::collections::BTreeMap::new();
+    annotations.insert("host".to_owned(), config.host.to_string());
+    annotations.insert("cell".to_owned(), config.cell.to_string());
+    annotations.insert("ip".to_owned(), format!("{addr}/{prefix}"));
+    annotations.insert("hostd_port".to_owned(), config.listen.port().to_string());
+    let spec = host::HostImageSpec {
+        nitrile,
+        provision: staged.clone(),
+        kernel_deb,
+        stub: args.stub,
+        mke2fs: args.mke2fs,
+        cmdline,
+        modules: host::HOST_MODULES.iter().map(|m| (*m).to_owned()).collect(),
+        init_events: events,
+        annotations,
+    };
+    let built = host::build_host_image(&spec, &args.out, &mut |line| {
+        let _ = errln!("nitrile image build-host: {line}");
+    });
+    let _ = std::fs::remove_dir_all(&staged);
+    let _ = std::fs::remove_file(&stripped);
+    let built = built.context("host image build")?;
+    let r = &built.reference;
+    match output {
+        Output::Json => print_json(r),
+        Output::Table => {
+            let size = |name: &str| r.files.get(name).map_or(0, |f| f.size);
+            outln!("image:          {}", built.dir.display())?;
+            outln!(
+                "host.efi:       {} ({}), sha256 {}",
+                size("host.efi"),
+                human_size(size("host.efi")),
+                r.files.get("host.efi").map_or("", |f| f.sha256.as_str())
+            )?;
+            outln!(
+                "initramfs:      {} ({}, {})",
+                size("initramfs"),
+                human_size(size("initramfs")),
+                r.initramfs_compression
+            )?;
+            let room: Vec<String> = built
+                .room
+                .iter()
+                .map(|(k, v)| format!("{k} {}", human_size(*v)))
+                .collect();
+            outln!("uncompressed:   {}", room.join(", "))?;
+            outln!("kernel:         {}", r.kernel_release)?;
+            outln!("cmdline:        {}", r.cmdline)?;
+            outln!("pcr4 (sha256):  {}", r.pcr4)?;
+            outln!("pcr11 (sha256): {}", r.pcr11)?;
+            outln!("pcr15 (sha256): {}", r.pcr15)?;
+            outln!("reference:      {}", built.reference_file.display())?;
             Ok(())
         }
     }
