@@ -5,8 +5,10 @@
 //! (TPM2_ActivateCredential). The CA learns that the attestation key lives
 //! in the TPM whose endorsement key the manufacturer certified.
 //!
-//! For an ECC endorsement key: an ephemeral ECDH key on its curve gives Z;
-//! `seed = KDFe(nameAlg, Z, "IDENTITY", ephemeral.x, ek.x)`; the credential
+//! The seed: for an RSA endorsement key, random and encrypted with
+//! RSAES-OAEP (label `"IDENTITY\0"`); for an ECC one, an ephemeral ECDH key
+//! on its curve gives Z and `seed = KDFe(nameAlg, Z, "IDENTITY", ephemeral.x,
+//! ek.x)`. The credential
 //! (as a TPM2B) is encrypted with AES-CFB (IV zero) under
 //! `KDFa(nameAlg, seed, "STORAGE", name, "", keyBits)`, and an HMAC under
 //! `KDFa(nameAlg, seed, "INTEGRITY", "", "", hashBits)` covers the
@@ -57,18 +59,36 @@ impl Hash {
     }
 }
 
-/// What MakeCredential needs of an ECC endorsement key, parsed from its
+/// What MakeCredential needs of an endorsement key, parsed from its
 /// TPMT_PUBLIC.
 #[derive(Debug)]
 struct EkParams {
     name_alg: Hash,
     aes_bits: usize,
-    p384: bool,
-    x: Vec<u8>,
-    y: Vec<u8>,
+    key: EkKey,
 }
 
+#[derive(Debug)]
+enum EkKey {
+    Ecc { p384: bool, x: Vec<u8>, y: Vec<u8> },
+    Rsa { modulus: Vec<u8>, exponent: u32 },
+}
+
+/// The endorsement key's public key: for RSA its modulus and exponent, for
+/// ECC its point's coordinates (for comparing with its certificate).
+pub fn ek_key(tpmt_public: &[u8]) -> Result<(Vec<u8>, Vec<u8>), AttestError> {
+    Ok(match parse_ek(tpmt_public)?.key {
+        EkKey::Ecc { x, y, .. } => (x, y),
+        EkKey::Rsa { modulus, exponent } => (modulus, exponent.to_be_bytes().to_vec()),
+    })
+}
+
+const TPM_ALG_RSA: u16 = 0x0001;
+
 fn parse_ek(tpmt_public: &[u8]) -> Result<EkParams, AttestError> {
+    if tpmt_public.get(..2) == Some(&TPM_ALG_RSA.to_be_bytes()[..]) {
+        return parse_rsa_ek(tpmt_public);
+    }
     let mut at = 0usize;
     let mut take = |n: usize| -> Result<&[u8], AttestError> {
         let s = tpmt_public
@@ -131,10 +151,103 @@ fn parse_ek(tpmt_public: &[u8]) -> Result<EkParams, AttestError> {
     Ok(EkParams {
         name_alg,
         aes_bits,
-        p384,
-        x,
-        y,
+        key: EkKey::Ecc { p384, x, y },
     })
+}
+
+fn parse_rsa_ek(tpmt_public: &[u8]) -> Result<EkParams, AttestError> {
+    let mut r = crate::quote::Reader { b: tpmt_public };
+    r.u16()?;
+    let name_alg = match r.u16()? {
+        TPM_ALG_SHA256 => Hash::Sha256,
+        TPM_ALG_SHA384 => Hash::Sha384,
+        _ => return Err(AttestError::Malformed("the endorsement key's name hash")),
+    };
+    r.u32()?;
+    r.tpm2b()?;
+    if r.u16()? != TPM_ALG_AES {
+        return Err(AttestError::Malformed(
+            "the endorsement key's symmetric algorithm is not AES",
+        ));
+    }
+    let aes_bits = r.u16()? as usize;
+    if r.u16()? != TPM_ALG_CFB || !(aes_bits == 128 || aes_bits == 256) {
+        return Err(AttestError::Malformed(
+            "the endorsement key's symmetric mode",
+        ));
+    }
+    if r.u16()? != 0x0010 {
+        r.u16()?;
+    }
+    let bits = r.u16()? as usize;
+    let exponent = match r.u32()? {
+        0 => 65537,
+        e => e,
+    };
+    let modulus = r.tpm2b()?.to_vec();
+    if modulus.len() * 8 != bits || !(2048..=4096).contains(&bits) {
+        return Err(AttestError::Malformed("the endorsement key's modulus"));
+    }
+    Ok(EkParams {
+        name_alg,
+        aes_bits,
+        key: EkKey::Rsa { modulus, exponent },
+    })
+}
+
+/// MGF1 (RFC 8017 B.2.1).
+fn mgf1(hash: Hash, seed: &[u8], len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + hash.len());
+    let mut counter = 0u32;
+    while out.len() < len {
+        out.extend(hash.digest(&[seed, &counter.to_be_bytes()]));
+        counter += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// RSAES-OAEP encryption (RFC 8017 7.1.1) with `hash` for the label and
+/// MGF1, as TPM2_MakeCredential does for an RSA endorsement key. Only the
+/// public operation: nothing secret but the random message, which the
+/// endorsement key alone can recover.
+fn rsa_oaep_encrypt(
+    hash: Hash,
+    modulus: &[u8],
+    exponent: u32,
+    label: &[u8],
+    message: &[u8],
+) -> Result<Vec<u8>, AttestError> {
+    use num_bigint::BigUint;
+    let k = modulus.len();
+    let h = hash.len();
+    if message.len() + 2 * h + 2 > k {
+        return Err(AttestError::Malformed(
+            "an OAEP message too long for the key",
+        ));
+    }
+    let mut db = hash.digest(&[label]);
+    db.extend(std::iter::repeat_n(0u8, k - message.len() - 2 * h - 2));
+    db.push(1);
+    db.extend_from_slice(message);
+    let mut seed = vec![0u8; h];
+    rand::SecureRandom::fill(&rand::SystemRandom::new(), &mut seed)
+        .map_err(|_| AttestError::Malformed("randomness"))?;
+    for (d, m) in db.iter_mut().zip(mgf1(hash, &seed, k - h - 1)) {
+        *d ^= m;
+    }
+    for (s, m) in seed.iter_mut().zip(mgf1(hash, &db, h)) {
+        *s ^= m;
+    }
+    let mut em = vec![0u8];
+    em.extend_from_slice(&seed);
+    em.extend_from_slice(&db);
+    let n = BigUint::from_bytes_be(modulus);
+    let c = BigUint::from_bytes_be(&em).modpow(&BigUint::from(exponent), &n);
+    let c = c.to_bytes_be();
+    let mut out = vec![0u8; k - c.len()];
+    out.extend_from_slice(&c);
+    Ok(out)
 }
 
 /// KDFa (SP 800-108 counter mode with HMAC), as TPM 2.0 Part 1 11.4.10.2.
@@ -210,8 +323,9 @@ pub struct Credential {
     /// The credential blob (`TPM2B(outerHMAC) || encIdentity`).
     #[serde(with = "hex::serde")]
     pub blob: Vec<u8>,
-    /// The encrypted seed: for an ECC endorsement key, the ephemeral public
-    /// point (a marshalled TPMS_ECC_POINT).
+    /// The encrypted seed: for an RSA endorsement key the OAEP ciphertext,
+    /// for an ECC one the ephemeral public point (a marshalled
+    /// TPMS_ECC_POINT).
     #[serde(with = "hex::serde")]
     pub secret: Vec<u8>,
 }
@@ -228,31 +342,49 @@ pub fn make_credential(
     if secret.is_empty() || secret.len() > ek.name_alg.len() {
         return Err(AttestError::Malformed("a credential of the wrong size"));
     }
-    let rng = rand::SystemRandom::new();
-    let alg = if ek.p384 {
-        &agreement::ECDH_P384
-    } else {
-        &agreement::ECDH_P256
-    };
-    let private = agreement::EphemeralPrivateKey::generate(alg, &rng)
-        .map_err(|_| AttestError::Malformed("an ephemeral key"))?;
-    let public = private
-        .compute_public_key()
-        .map_err(|_| AttestError::Malformed("an ephemeral key"))?;
-    let public = public.as_ref().to_vec();
-    let size = ek.x.len();
-    let (ex, ey) = (&public[1..1 + size], &public[1 + size..]);
-    let mut peer = vec![4u8];
-    peer.extend_from_slice(&ek.x);
-    peer.extend_from_slice(&ek.y);
-    let z = agreement::agree_ephemeral(
-        private,
-        &agreement::UnparsedPublicKey::new(alg, &peer),
-        |z| z.to_vec(),
-    )
-    .map_err(|_| AttestError::Malformed("the endorsement key is not a point on its curve"))?;
     let hash = ek.name_alg;
-    let seed = kdfe(hash, &z, "IDENTITY", ex, &ek.x, hash.len() * 8);
+    let (seed, encrypted_seed) = match &ek.key {
+        EkKey::Rsa { modulus, exponent } => {
+            let mut seed = vec![0u8; hash.len()];
+            rand::SecureRandom::fill(&rand::SystemRandom::new(), &mut seed)
+                .map_err(|_| AttestError::Malformed("randomness"))?;
+            let enc = rsa_oaep_encrypt(hash, modulus, *exponent, b"IDENTITY\0", &seed)?;
+            (seed, enc)
+        }
+        EkKey::Ecc { p384, x, y } => {
+            let rng = rand::SystemRandom::new();
+            let alg = if *p384 {
+                &agreement::ECDH_P384
+            } else {
+                &agreement::ECDH_P256
+            };
+            let private = agreement::EphemeralPrivateKey::generate(alg, &rng)
+                .map_err(|_| AttestError::Malformed("an ephemeral key"))?;
+            let public = private
+                .compute_public_key()
+                .map_err(|_| AttestError::Malformed("an ephemeral key"))?;
+            let public = public.as_ref().to_vec();
+            let size = x.len();
+            let (ex, ey) = (&public[1..1 + size], &public[1 + size..]);
+            let mut peer = vec![4u8];
+            peer.extend_from_slice(x);
+            peer.extend_from_slice(y);
+            let z = agreement::agree_ephemeral(
+                private,
+                &agreement::UnparsedPublicKey::new(alg, &peer),
+                |z| z.to_vec(),
+            )
+            .map_err(|_| {
+                AttestError::Malformed("the endorsement key is not a point on its curve")
+            })?;
+            let seed = kdfe(hash, &z, "IDENTITY", ex, x, hash.len() * 8);
+            let mut point = (size as u16).to_be_bytes().to_vec();
+            point.extend_from_slice(ex);
+            point.extend_from_slice(&(size as u16).to_be_bytes());
+            point.extend_from_slice(ey);
+            (seed, point)
+        }
+    };
     let sym = kdfa(hash, &seed, "STORAGE", name, &[], ek.aes_bits);
     let mut enc_identity = (secret.len() as u16).to_be_bytes().to_vec();
     enc_identity.extend_from_slice(secret);
@@ -265,13 +397,9 @@ pub fn make_credential(
     let mut blob = (tag.as_ref().len() as u16).to_be_bytes().to_vec();
     blob.extend_from_slice(tag.as_ref());
     blob.extend_from_slice(&enc_identity);
-    let mut point = (size as u16).to_be_bytes().to_vec();
-    point.extend_from_slice(ex);
-    point.extend_from_slice(&(size as u16).to_be_bytes());
-    point.extend_from_slice(ey);
     Ok(Credential {
         blob,
-        secret: point,
+        secret: encrypted_seed,
     })
 }
 

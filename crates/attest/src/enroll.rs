@@ -171,12 +171,21 @@ pub fn check_evidence(evidence: &HostEvidence, ek_cas: &[Vec<u8>]) -> Result<(),
         return Err(bad("not signed by a pinned manufacturer CA".into()));
     }
     // The certified key is the endorsement key the host named.
-    let point = cert.public_key().subject_public_key.data.to_vec();
-    let mut ek_point = vec![4u8];
-    let (x, y) = ek_xy(&evidence.ek_public)?;
-    ek_point.extend_from_slice(&x);
-    ek_point.extend_from_slice(&y);
-    if point != ek_point {
+    let (a, b) = crate::credential::ek_key(&evidence.ek_public)?;
+    let strip = |v: &[u8]| v[v.iter().position(|&x| x != 0).unwrap_or(v.len())..].to_vec();
+    let same = match cert.public_key().parsed() {
+        Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => {
+            strip(rsa.modulus) == strip(&a) && strip(rsa.exponent) == strip(&b)
+        }
+        Ok(x509_parser::public_key::PublicKey::EC(point)) => {
+            let mut p = vec![4u8];
+            p.extend_from_slice(&a);
+            p.extend_from_slice(&b);
+            point.data() == p.as_slice()
+        }
+        _ => false,
+    };
+    if !same {
         return Err(bad("the certificate is for another key".into()));
     }
     Ok(())
@@ -199,26 +208,6 @@ fn signed_by(
         && sig::UnparsedPublicKey::new(alg, &ca.public_key().subject_public_key.data)
             .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
             .is_ok()
-}
-
-fn ek_xy(ek_public: &[u8]) -> Result<(Vec<u8>, Vec<u8>), EnrollError> {
-    // The point is the last two TPM2Bs of an ECC TPMT_PUBLIC.
-    let n = ek_public.len();
-    let read = |end: usize| -> Option<(Vec<u8>, usize)> {
-        // Walk back: a TPM2B whose size field says it ends at `end`.
-        (2..=end).rev().find_map(|start| {
-            let size = u16::from_be_bytes([ek_public[start - 2], ek_public[start - 1]]) as usize;
-            (start + size == end && (size == 32 || size == 48))
-                .then(|| (ek_public[start..end].to_vec(), start - 2))
-        })
-    };
-    let (y, y_at) = read(n).ok_or(EnrollError::EndorsementKey(
-        "its public area's point".into(),
-    ))?;
-    let (x, _) = read(y_at).ok_or(EnrollError::EndorsementKey(
-        "its public area's point".into(),
-    ))?;
-    Ok((x, y))
 }
 
 /// The CA's challenge for checked evidence: a fresh 32-byte secret in a

@@ -84,9 +84,9 @@ fn null_ticket() -> Result<tss_esapi::structures::HashcheckTicket, AttestError> 
     tss_esapi::structures::HashcheckTicket::try_from(raw).map_err(tss("a null ticket"))
 }
 
-/// The persistent handle swtpm's manufacturing gives the ECC P-384
-/// endorsement key.
-pub const EK_P384_PERSISTENT: u32 = 0x8101_0016;
+/// The persistent handle of the RSA 2048 endorsement key (TCG default,
+/// low range: its policy is PolicySecret of the endorsement hierarchy).
+pub const EK_RSA_PERSISTENT: u32 = 0x8101_0001;
 
 /// A key created in the TPM and bound to PCR values
 /// ([`Tpm::create_bound_key`]): its public area and its private part as the
@@ -218,10 +218,10 @@ impl Tpm {
             .map_err(tss("extending a PCR"))
     }
 
-    /// The endorsement key's certificate (DER) as the TPM's manufacturer
-    /// stored it, if there is one: the P-384 one first.
+    /// The certificate (DER) of the endorsement key [`Tpm::ek_public`]
+    /// names (RSA 2048), as the TPM's manufacturer stored it.
     pub fn ek_certificate(&mut self) -> Result<Option<Vec<u8>>, AttestError> {
-        for index in [EK_CERT_NV_P384, EK_CERT_NV_RSA2048] {
+        for index in [EK_CERT_NV_RSA2048] {
             if let Some(bytes) = self.nv_read_all(index)? {
                 return Ok(Some(bytes));
             }
@@ -449,8 +449,8 @@ impl Tpm {
     }
 
     /// The endorsement key's public area (a marshalled TPMT_PUBLIC): the
-    /// ECC P-384 one swtpm's manufacturing persisted, else the TCG default
-    /// ECC P-256 template's, derived again.
+    /// RSA 2048 one of the TCG default template (low range), persisted by
+    /// the manufacturer at 0x81010001, else derived again.
     pub fn ek_public(&mut self) -> Result<Vec<u8>, AttestError> {
         self.with_ek(|ctx, ek| {
             let (public, _, _) = ctx
@@ -467,7 +467,7 @@ impl Tpm {
         f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, AttestError>,
     ) -> Result<T, AttestError> {
         let persistent = TpmHandle::Persistent(
-            tss_esapi::handles::PersistentTpmHandle::new(EK_P384_PERSISTENT)
+            tss_esapi::handles::PersistentTpmHandle::new(EK_RSA_PERSISTENT)
                 .map_err(tss("a handle"))?,
         );
         match self
@@ -482,7 +482,9 @@ impl Tpm {
             Err(e) if is_handle_missing(&e) => {
                 let ek = tss_esapi::abstraction::ek::create_ek_object_2(
                     &mut self.ctx,
-                    tss_esapi::abstraction::AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+                    tss_esapi::abstraction::AsymmetricAlgorithmSelection::Rsa(
+                        tss_esapi::interface_types::key_bits::RsaKeyBits::Rsa2048,
+                    ),
                     None,
                 )
                 .map_err(tss("creating the endorsement key"))?;
