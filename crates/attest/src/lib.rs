@@ -38,6 +38,7 @@ pub mod cose;
 pub mod credential;
 pub mod enroll;
 pub mod quote;
+pub mod signer;
 pub mod swtpm;
 pub mod tpm;
 

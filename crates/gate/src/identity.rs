@@ -122,6 +122,47 @@ impl ServiceIdentity {
             key: key.to_owned(),
             source: Box::new(source),
         })?;
+        Self::from_tls(cell, roots, tls, cert, expected)
+    }
+
+    /// [`Self::load`] for a key held elsewhere: `signer` signs for the key
+    /// of `cert` (a TPM-resident key).
+    pub fn load_with_signer(
+        cell: &Name,
+        ca: &Path,
+        cert: &Path,
+        signer: Arc<dyn rustls::sign::SigningKey>,
+        expected: &Expected,
+    ) -> Result<Self, IdentityError> {
+        let roots = CaRoots::load(ca).map_err(|source| IdentityError::Ca {
+            path: ca.to_owned(),
+            source: Box::new(source),
+        })?;
+        let pem = std::fs::read(cert).map_err(|source| IdentityError::Certificate {
+            cert: cert.to_owned(),
+            key: cert.to_owned(),
+            source: Box::new(TlsError::Io {
+                path: cert.to_owned(),
+                source,
+            }),
+        })?;
+        let tls = TlsIdentity::with_signer(&pem, signer).map_err(|source| {
+            IdentityError::Certificate {
+                cert: cert.to_owned(),
+                key: cert.to_owned(),
+                source: Box::new(source),
+            }
+        })?;
+        Self::from_tls(cell, roots, tls, cert, expected)
+    }
+
+    fn from_tls(
+        cell: &Name,
+        roots: CaRoots,
+        tls: TlsIdentity,
+        cert: &Path,
+        expected: &Expected,
+    ) -> Result<Self, IdentityError> {
         let principal = PeerIdentity::from_der(tls.leaf(), cell)
             .map_err(|source| IdentityError::NoPrincipal {
                 path: cert.to_owned(),

@@ -220,6 +220,13 @@ pub struct TpmConfig {
     /// also returns a Nitro-layout attestation document.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub document_certificate: Option<PathBuf>,
+    /// The host's TLS key as enrollment made it in the TPM (JSON: its
+    /// public area and its private part encrypted by the TPM): with it the
+    /// agent serves and calls with the certificate `cert` for that key, and
+    /// `key` is not read. The TPM signs with it only while PCRs 4, 11 and
+    /// 15 hold the measurements the host was enrolled with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `[release]`: where this host's environment publishes its releases and
@@ -349,7 +356,7 @@ impl HostdConfig {
             }
         }
         if let Some(t) = &mut self.tpm {
-            for p in [&mut t.event_log, &mut t.document_certificate]
+            for p in [&mut t.event_log, &mut t.document_certificate, &mut t.tls_key]
                 .into_iter()
                 .flatten()
             {

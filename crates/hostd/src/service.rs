@@ -108,6 +108,9 @@ impl Default for HostdOptions {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HostdError {
+    /// the TPM-held TLS key ([tpm] tls_key) could not be read
+    #[error("the TPM-held TLS key: {0}")]
+    Tpm(String),
     /// the instance network's data path could not start
     #[error("instance network")]
     Network(#[from] crate::network::NetError),
@@ -374,17 +377,34 @@ impl Hostd {
                 path: state.clone(),
                 source,
             })?;
-        let identity = ServiceIdentity::load(
-            &config.cell,
-            &config.ca,
-            &config.cert,
-            &config.key,
-            &Expected::Principal(PrincipalId::new(
-                config.cell.clone(),
-                PrincipalKind::Host,
-                config.host.clone(),
-            )),
-        )?;
+        let expected = Expected::Principal(PrincipalId::new(
+            config.cell.clone(),
+            PrincipalKind::Host,
+            config.host.clone(),
+        ));
+        // An enrolled host's key is in its TPM, usable only while the PCRs
+        // hold the measurements it was enrolled with.
+        let identity = match config.tpm.as_ref().and_then(|t| t.tls_key.as_ref().map(|k| (t, k))) {
+            Some((tpm, key)) => {
+                let bytes = nitrile_fs::read_bounded(key, 64 << 10)
+                    .map_err(|e| HostdError::Tpm(format!("{}: {e}", key.display())))?;
+                let bound: nitrile_attest::BoundKey = serde_json::from_slice(&bytes)
+                    .map_err(|e| HostdError::Tpm(format!("{}: {e}", key.display())))?;
+                let signer = nitrile_attest::signer::TpmSigningKey::new(
+                    &tpm.tcti,
+                    bound,
+                    Arc::new(Mutex::new(())),
+                );
+                ServiceIdentity::load_with_signer(
+                    &config.cell,
+                    &config.ca,
+                    &config.cert,
+                    Arc::new(signer),
+                    &expected,
+                )?
+            }
+            None => ServiceIdentity::load(&config.cell, &config.ca, &config.cert, &config.key, &expected)?,
+        };
         let source: PrincipalId = identity.principal().clone();
         let keys =
             IssuerFile::load(&config.issuer_keys).map_err(|source| HostdError::IssuerKeys {

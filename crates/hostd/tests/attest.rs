@@ -92,6 +92,7 @@ async fn host_attest_quotes_the_measured_pcrs_with_the_callers_nonce() {
         tcti: swtpm.tcti(),
         event_log: Some(dir.join("init-events.jsonl")),
         document_certificate: None,
+        tls_key: None,
     });
     cell.start_host_with("h1", setup).await;
 

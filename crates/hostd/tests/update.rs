@@ -471,6 +471,7 @@ async fn the_tpm_refuses_a_downgrade_after_the_disk_is_restored() {
         tcti: swtpm.tcti(),
         event_log: None,
         document_certificate: None,
+        tls_key: None,
     });
     cell.start_host_with("h1", setup).await;
     let state = cell.host_config("h1").state.clone();
@@ -522,6 +523,7 @@ async fn the_tpm_refuses_a_downgrade_after_the_disk_is_restored() {
             tcti: swtpm.tcti(),
             event_log: None,
             document_certificate: None,
+            tls_key: None,
         });
         s
     };

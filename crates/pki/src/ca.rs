@@ -256,6 +256,53 @@ impl CellCa {
         lifetime: Option<Duration>,
         now: OffsetDateTime,
     ) -> Result<IssuedCert, PkiError> {
+        let (params, not_after) = self.params(principal, lifetime, now, KeyPurpose::Tls)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(PkiError::Crypto)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(PkiError::Crypto)?;
+        Ok(IssuedCert {
+            principal: principal.clone(),
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            key_pem: Zeroizing::new(key.serialize_pem()),
+            not_after,
+        })
+    }
+
+    /// Issues a certificate for `principal` whose private key is held
+    /// elsewhere and never seen here (a TPM): `point` is its uncompressed
+    /// ECDSA public point, P-256 or P-384. For [`KeyPurpose::Tls`] the
+    /// certificate is like [`Self::issue`]'s; for
+    /// [`KeyPurpose::Attestation`] it only signs (no TLS use): the key of a
+    /// host's attestation documents. Returns the certificate as PEM.
+    pub fn issue_for_key(
+        &self,
+        principal: &PrincipalId,
+        point: &[u8],
+        purpose: KeyPurpose,
+        lifetime: Option<Duration>,
+        now: OffsetDateTime,
+    ) -> Result<String, PkiError> {
+        let alg = match point.len() {
+            65 => &PKCS_ECDSA_P256_SHA256,
+            97 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            _ => return Err(PkiError::Crypto(rcgen::Error::CouldNotParseKeyPair)),
+        };
+        let (params, _) = self.params(principal, lifetime, now, purpose)?;
+        let cert = params
+            .signed_by(&ExternalKey { point: point.to_vec(), alg }, &self.issuer)
+            .map_err(PkiError::Crypto)?;
+        Ok(cert.pem())
+    }
+
+    fn params(
+        &self,
+        principal: &PrincipalId,
+        lifetime: Option<Duration>,
+        now: OffsetDateTime,
+        purpose: KeyPurpose,
+    ) -> Result<(CertificateParams, OffsetDateTime), PkiError> {
         if principal.cell != self.cell {
             return Err(PkiError::PrincipalOfOtherCell {
                 principal: principal.clone(),
@@ -287,7 +334,6 @@ impl CellCa {
             });
         }
 
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(PkiError::Crypto)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, principal.uri());
@@ -296,6 +342,7 @@ impl CellCa {
         params.subject_alt_names = vec![SanType::URI(ia5(principal.uri())?)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         match principal.kind {
+            _ if purpose == KeyPurpose::Attestation => {}
             PrincipalKind::Service | PrincipalKind::Host => {
                 params
                     .subject_alt_names
@@ -313,16 +360,7 @@ impl CellCa {
         params.use_authority_key_identifier_extension = true;
         params.not_before = sub(now, NOT_BEFORE_BACKDATE)?;
         params.not_after = not_after;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(PkiError::Crypto)?;
-        Ok(IssuedCert {
-            principal: principal.clone(),
-            cert_pem: cert.pem(),
-            cert_der: cert.der().clone(),
-            key_pem: Zeroizing::new(key.serialize_pem()),
-            not_after,
-        })
+        Ok((params, not_after))
     }
 
     /// Re-issues, with a fresh key, a certificate for the principal named by
@@ -406,4 +444,29 @@ pub fn cert_and_key_paths(prefix: &Path) -> (PathBuf, PathBuf) {
     let mut key = prefix.as_os_str().to_owned();
     key.push(".key");
     (cert.into(), key.into())
+}
+
+/// What a certificate for a key held elsewhere is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPurpose {
+    /// A TLS identity (serverAuth and clientAuth for services and hosts).
+    Tls,
+    /// Signing attestation documents only: no TLS use.
+    Attestation,
+}
+
+/// A public key held elsewhere, for rcgen to certify.
+struct ExternalKey {
+    point: Vec<u8>,
+    alg: &'static rcgen::SignatureAlgorithm,
+}
+
+impl rcgen::PublicKeyData for ExternalKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg
+    }
 }

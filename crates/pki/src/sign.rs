@@ -73,10 +73,7 @@ impl CellSigner {
     /// A signer over `identity`'s key; its certificate (the leaf) goes
     /// with every signature.
     pub fn new(identity: &TlsIdentity) -> Result<Self, SignError> {
-        let key = provider()
-            .key_provider
-            .load_private_key(identity.key().clone_key())
-            .map_err(SignError::Key)?;
+        let key = identity.signing_key().map_err(SignError::Key)?;
         let scheme = key
             .choose_scheme(&SCHEMES)
             .map(|s| s.scheme())

@@ -95,7 +95,22 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// A certificate chain and its private key, as presented in a handshake.
 pub struct TlsIdentity {
     chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    key: KeyMaterial,
+}
+
+/// Where the private key is: in this process, or behind a signer (a TPM).
+enum KeyMaterial {
+    Der(PrivateKeyDer<'static>),
+    Signer(Arc<dyn rustls::sign::SigningKey>),
+}
+
+impl KeyMaterial {
+    fn clone_key(&self) -> Self {
+        match self {
+            Self::Der(k) => Self::Der(k.clone_key()),
+            Self::Signer(s) => Self::Signer(Arc::clone(s)),
+        }
+    }
 }
 
 impl fmt::Debug for TlsIdentity {
@@ -137,17 +152,48 @@ impl TlsIdentity {
             rustls_pki_types::pem::Error::NoItemsFound => TlsError::NoPrivateKey,
             e => TlsError::Pem(e),
         })?;
-        Ok(Self { chain, key })
+        Ok(Self {
+            chain,
+            key: KeyMaterial::Der(key),
+        })
+    }
+
+    /// A PEM certificate chain (leaf first) whose key only `signer` uses:
+    /// a key that never leaves a TPM. The signer must match the leaf's key.
+    pub fn with_signer(
+        cert_pem: &[u8],
+        signer: Arc<dyn rustls::sign::SigningKey>,
+    ) -> Result<Self, TlsError> {
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(TlsError::Pem)?;
+        if chain.is_empty() {
+            return Err(TlsError::NoCertificate);
+        }
+        Ok(Self {
+            chain,
+            key: KeyMaterial::Signer(signer),
+        })
+    }
+
+    /// The key as rustls signs with it.
+    pub(crate) fn signing_key(&self) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+        match &self.key {
+            KeyMaterial::Der(k) => provider().key_provider.load_private_key(k.clone_key()),
+            KeyMaterial::Signer(s) => Ok(Arc::clone(s)),
+        }
+    }
+
+    fn certified(&self) -> Result<Arc<rustls::sign::SingleCertAndKey>, TlsError> {
+        let key = self.signing_key().map_err(TlsError::Config)?;
+        Ok(Arc::new(rustls::sign::SingleCertAndKey::from(
+            rustls::sign::CertifiedKey::new(self.chain.clone(), key),
+        )))
     }
 
     /// The identity of a certificate just issued.
     pub fn from_issued(issued: &IssuedCert) -> Result<Self, TlsError> {
         Self::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes())
-    }
-
-    /// The private key, for [`crate::sign::CellSigner`].
-    pub(crate) fn key(&self) -> &PrivateKeyDer<'static> {
-        &self.key
     }
 
     /// The leaf certificate, DER.
@@ -207,12 +253,16 @@ pub fn server_config(
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.store(), provider.clone())
         .build()
         .map_err(TlsError::Verifier)?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(TlsError::Config)?;
+        .with_client_cert_verifier(verifier);
+    let mut config = match &identity.key {
+        KeyMaterial::Der(k) => config
+            .with_single_cert(identity.chain.clone(), k.clone_key())
+            .map_err(TlsError::Config)?,
+        KeyMaterial::Signer(_) => config.with_cert_resolver(identity.certified()?),
+    };
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
     Ok(Arc::new(config))
 }
@@ -228,12 +278,16 @@ pub fn client_config(
     let verifier = WebPkiServerVerifier::builder_with_provider(roots.store(), provider.clone())
         .build()
         .map_err(TlsError::Verifier)?;
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
-        .with_webpki_verifier(verifier)
-        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(TlsError::Config)?;
+        .with_webpki_verifier(verifier);
+    let mut config = match &identity.key {
+        KeyMaterial::Der(k) => config
+            .with_client_auth_cert(identity.chain.clone(), k.clone_key())
+            .map_err(TlsError::Config)?,
+        KeyMaterial::Signer(_) => config.with_client_cert_resolver(identity.certified()?),
+    };
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
     Ok(Arc::new(config))
 }
@@ -268,8 +322,7 @@ pub mod danger {
             .with_protocol_versions(&[&rustls::version::TLS12])
             .map_err(TlsError::Config)?
             .with_webpki_verifier(verifier)
-            .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
-            .map_err(TlsError::Config)?;
+            .with_client_cert_resolver(identity.certified()?);
         config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
         Ok(Arc::new(config))
     }
@@ -305,8 +358,7 @@ pub mod danger {
             .with_protocol_versions(&[&rustls::version::TLS12])
             .map_err(TlsError::Config)?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-            .map_err(TlsError::Config)?;
+            .with_cert_resolver(identity.certified()?);
         config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
         Ok(Arc::new(config))
     }

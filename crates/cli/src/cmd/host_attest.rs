@@ -105,7 +105,7 @@ pub(crate) fn attest(args: AttestArgs, global: &Global) -> anyhow::Result<()> {
 }
 
 /// Reads reference PCR values.
-fn reference(path: &Path) -> anyhow::Result<BTreeMap<u8, [u8; 32]>> {
+pub(crate) fn reference(path: &Path) -> anyhow::Result<BTreeMap<u8, [u8; 32]>> {
     let bytes = nitrile_fs::read_bounded(path, 1 << 20)
         .with_context(|| format!("reading the reference values {}", path.display()))?;
     let v: serde_json::Value =

@@ -79,6 +79,16 @@ pub(crate) enum Command {
         #[arg(long, value_name = "PREFIX")]
         out: PathBuf,
     },
+    /// Enroll a host with a TPM: its endorsement key's certificate is
+    /// checked against the TPM manufacturers' CAs, a credential only that
+    /// TPM can open proves its attestation key is there, a quote with a
+    /// fresh nonce must match the reference values of the host image, and
+    /// its TLS key, made in the TPM and usable only while the PCRs hold
+    /// those values, is certified by the attestation key. Only then is a
+    /// host certificate issued, for that key. No quote, no certificate.
+    ///
+    /// Example: `nitrile pki enroll-host --dir ca --host-config hosts/h1/hostd.toml --tcti swtpm:host=127.0.0.1,port=2321 --reference out/reference.json --ek-ca tpm-ca.pem`
+    EnrollHost(crate::cmd::pki_enroll::EnrollArgs),
     /// Show what a certificate says: principal, fingerprint, validity.
     ///
     /// Example: `nitrile pki show alice.pem -o json`
@@ -177,6 +187,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             let (cert_path, key_path) = cert_and_key_paths(&out);
             write_and_report(&issued, &cert_path, &key_path, global.output)
         }
+        Command::EnrollHost(args) => crate::cmd::pki_enroll::run(args, global),
         Command::Show { file } => {
             let pem =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;

@@ -1,0 +1,220 @@
+//! Enrollment of a host with a TPM (swtpm), through the CLI only:
+//! `nitrile pki enroll-host` issues the host a certificate for a TLS key in
+//! its TPM once the TPM proved itself and its measurements match the
+//! reference values; the host agent then serves with that key (the TPM
+//! signs every handshake), `host attest` returns a quote and a Nitro-layout
+//! document that `host verify-attestation` checks under the pinned
+//! attestation key. Rebooted into a changed image (one changed byte of its
+//! initramfs, so another PCR 11), the host is refused a new enrollment and
+//! its TPM refuses to sign with the key bound to the old measurements: the
+//! host can no longer prove to be h1.
+//!
+//! Needs root and swtpm (tpm2-tools not needed); prints `SKIPPED: <reason>`
+//! without them.
+
+mod cell;
+
+use std::path::Path;
+
+use cell::{Cell, skipped};
+use nitrile_attest::swtpm::{self, Swtpm};
+use nitrile_attest::{Tpm, replay};
+use sha2::{Digest as _, Sha256};
+
+/// What firmware, the UKI stub and init extend for an image whose
+/// initramfs is `initrd`; init's events go to `log`.
+fn boot(tcti: &str, initrd: &[u8], log: &Path) {
+    let mut tpm = Tpm::open(tcti).unwrap();
+    tpm.extend(4, Sha256::digest(b"the UKI").into()).unwrap();
+    tpm.extend(11, Sha256::digest(b".initrd\0").into()).unwrap();
+    tpm.extend(11, Sha256::digest(initrd).into()).unwrap();
+    let events = [
+        ("hostd-config", Sha256::digest(b"hostd.toml")),
+        ("issuer-keys", Sha256::digest(b"keys")),
+    ];
+    let mut text = String::new();
+    for (name, d) in events {
+        tpm.extend(15, d.into()).unwrap();
+        text.push_str(&format!(
+            "{{\"pcr\":15,\"name\":\"{name}\",\"sha256\":\"{}\"}}\n",
+            hex::encode(d)
+        ));
+    }
+    std::fs::write(log, text).unwrap();
+}
+
+fn reference(initrd: &[u8]) -> serde_json::Value {
+    let h = |b: &[u8]| -> [u8; 32] { Sha256::digest(b).into() };
+    serde_json::json!({
+        "pcr4": hex::encode(replay(vec![h(b"the UKI")])),
+        "pcr11": hex::encode(replay(vec![h(b".initrd\0"), h(initrd)])),
+        "pcr15": hex::encode(replay(vec![h(b"hostd.toml"), h(b"keys")])),
+    })
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn an_enrolled_host_serves_with_its_tpm_key_and_a_changed_one_cannot() {
+    if let Err(e) = swtpm::available() {
+        skipped(&e.to_string());
+        return;
+    }
+    if !is_root() {
+        skipped("manufacturing a TPM with swtpm's local CA needs root");
+        return;
+    }
+    let mut cell = Cell::up();
+    cell.stop_up();
+    let root = cell.root().to_owned();
+    let tpm_state = root.join("h1-tpm");
+    let mut swtpm = Swtpm::start(&tpm_state).unwrap();
+    let image = b"an initramfs with nitrile and its libraries".to_vec();
+    let events = root.join("init-events.jsonl");
+    boot(&swtpm.tcti(), &image, &events);
+    std::fs::write(root.join("reference.json"), reference(&image).to_string()).unwrap();
+    let mut ek_ca = std::fs::read("/var/lib/swtpm-localca/issuercert.pem").unwrap();
+    ek_ca.extend(std::fs::read("/var/lib/swtpm-localca/swtpm-localca-rootca-cert.pem").unwrap());
+    std::fs::write(root.join("tpm-ca.pem"), ek_ca).unwrap();
+    let config = cell.hostd_config();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "{text}\n[tpm]\ntcti = \"{}\"\nevent_log = \"{}\"\n",
+            swtpm.tcti(),
+            events.display()
+        ),
+    )
+    .unwrap();
+
+    let enroll = |cell: &Cell, tcti: &str| {
+        cell.nitrile(
+            Path::new("/dev/null"),
+            &[
+                "pki",
+                "enroll-host",
+                "--dir",
+                root.join("state/pki").to_str().unwrap(),
+                "--host-config",
+                config.to_str().unwrap(),
+                "--tcti",
+                tcti,
+                "--reference",
+                root.join("reference.json").to_str().unwrap(),
+                "--ek-ca",
+                root.join("tpm-ca.pem").to_str().unwrap(),
+            ],
+        )
+    };
+    let out = enroll(&cell, &swtpm.tcti());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let enrolled = std::fs::read_to_string(&config).unwrap();
+    assert!(enrolled.contains("tls_key"), "{enrolled}");
+    let tpm_dir = cell.host_dir().join("tpm");
+    assert!(tpm_dir.join("host.pem").is_file() && tpm_dir.join("attestation-key").is_file());
+
+    // The agent serves with the TPM's key: every handshake is signed there.
+    cell.start_tokend();
+    cell.start_kms();
+    cell.start_hostd();
+    let alice = root.join("state/clients/operator-alice.toml");
+    let carol = root.join("state/clients/auditor-carol.toml");
+    let described = cell.ok(&alice, &["host", "describe", "-o", "json"]);
+    assert!(described.contains("tpm-pcr15"), "{described}");
+    // The certificate it presents is the one issued for the TPM key, and
+    // no private key file of it exists.
+    let pem = std::fs::read_to_string(tpm_dir.join("host.pem")).unwrap();
+    assert!(!pem.contains("PRIVATE KEY"));
+    assert!(!std::fs::read_dir(&tpm_dir).unwrap().any(|e| {
+        std::fs::read_to_string(e.unwrap().path())
+            .unwrap_or_default()
+            .contains("PRIVATE KEY")
+    }));
+
+    // host.attest: a quote and a document; verified against the reference
+    // under the attestation key pinned at enrollment.
+    let attested = cell.ok(&carol, &["host", "attest", "-o", "json"]);
+    let a: serde_json::Value = serde_json::from_str(&attested).unwrap();
+    assert!(
+        a["document"].as_str().is_some_and(|d| d.starts_with("d2")),
+        "{attested}"
+    );
+    let verified = cell.ok(
+        &carol,
+        &[
+            "host",
+            "verify-attestation",
+            "--reference",
+            root.join("reference.json").to_str().unwrap(),
+            "--attestation-key",
+            tpm_dir.join("attestation-key").to_str().unwrap(),
+            "-o",
+            "json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&verified).unwrap();
+    assert_eq!(v["verified"], true, "{verified}");
+
+    // The host reboots into an image with one changed byte.
+    cell.kill_hostd();
+    drop(swtpm);
+    swtpm = Swtpm::start(&tpm_state).unwrap();
+    let mut changed = image.clone();
+    changed[7] ^= 1;
+    boot(&swtpm.tcti(), &changed, &events);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let old_tcti = text
+        .lines()
+        .find(|l| l.starts_with("tcti = "))
+        .unwrap()
+        .to_owned();
+    std::fs::write(
+        &config,
+        text.replace(&old_tcti, &format!("tcti = \"{}\"", swtpm.tcti())),
+    )
+    .unwrap();
+    let before = std::fs::read(&config).unwrap();
+    // The CA refuses to enroll it: its PCR 11 is not the reference's.
+    let out = enroll(&cell, &swtpm.tcti());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("PCR 11"), "{err}");
+    assert_eq!(
+        std::fs::read(&config).unwrap(),
+        before,
+        "a refused enrollment changed the config"
+    );
+    // Its TPM refuses to sign with the key bound to the old measurements:
+    // the agent cannot complete a handshake as h1.
+    cell.start_hostd();
+    let out = cell.nitrile(&alice, &["host", "describe"]);
+    assert!(
+        !out.status.success(),
+        "a changed host still proved to be h1"
+    );
+    // And the refusal is the TPM's: the key's PCR policy does not hold.
+    let key: nitrile_attest::BoundKey =
+        serde_json::from_slice(&std::fs::read(tpm_dir.join("tls-key.json")).unwrap()).unwrap();
+    let err = Tpm::open(&swtpm.tcti())
+        .unwrap()
+        .sign_bound(&key, [1u8; 32])
+        .unwrap_err();
+    assert!(
+        matches!(err, nitrile_attest::AttestError::PolicyRefused(_)),
+        "{err}"
+    );
+}
