@@ -19,6 +19,7 @@ pub(crate) mod kms;
 pub(crate) mod kmskey;
 pub(crate) mod logd;
 pub(crate) mod pki;
+pub(crate) mod pki_enroll;
 pub(crate) mod placed;
 pub(crate) mod qemu_launch;
 pub(crate) mod release;
