@@ -184,12 +184,15 @@ fi
 # --- Independent verifiers (Python) ------------------------------------------
 # The key service's tests open its wrapped and sealed keys with third-party
 # Python implementations (cryptography's HKDF and AES-GCM, pyhpke's RFC 9180
-# HPKE), and the release tests read the TUF repository with python-tuf's
-# ngclient; installed at pinned versions in a virtual environment of the
-# repository, .venv-verify/ (ignored by git); without it those tests print
-# SKIPPED. Remade only when the pins change.
+# HPKE), the release tests read the TUF repository with python-tuf's
+# ngclient, and the attestation tests open our COSE documents with pycose
+# (cbor2 below 6: pycose 1.1 does not read cbor2 6's tags); installed at
+# pinned versions in a virtual environment of the repository, .venv-verify/
+# (ignored by git); without it those tests print SKIPPED. Remade only when the pins change.
 verify_requirements=(cryptography==51.0.1 cffi==2.1.1 pycparser==3.12 pyhpke==0.6.5
-    tuf==7.0.1 securesystemslib==1.6.0 urllib3==2.8.0)
+    tuf==7.0.1 securesystemslib==1.6.0 urllib3==2.8.0
+    pycose==1.1.0 cbor2==5.6.5 attrs==26.1.0 certvalidator==0.11.1 ecdsa==0.19.2
+    oscrypto==1.3.0 asn1crypto==1.5.1 six==1.17.0)
 if [ "$want_tests" -eq 1 ]; then
     if ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q 'install ok installed'; then
         log "installing python3-venv"

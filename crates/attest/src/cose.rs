@@ -227,3 +227,31 @@ pub fn open(
         nonce: opt_hex(field(&map, "nonce"))?,
     })
 }
+
+/// Checks a document's signature the way [`open`] needs it: `certificate`
+/// (DER) must be issued by `root` (DER, the cell CA) and be the first of
+/// the bundle's issuers' leaf, and its P-384 key must have made
+/// `signature` over `to_be_signed`.
+pub fn verify_with_root(
+    root: &[u8],
+) -> impl FnOnce(&[u8], &[u8], &[u8], &[Vec<u8>]) -> Result<(), AttestError> + '_ {
+    move |tbs, signature, certificate, cabundle| {
+        if cabundle.first().map(Vec::as_slice) != Some(root) {
+            return Err(AttestError::Malformed(
+                "the document's bundle does not start at the cell CA",
+            ));
+        }
+        if !crate::enroll::issued_by(certificate, root) {
+            return Err(AttestError::Malformed(
+                "the document's certificate is not the cell CA's",
+            ));
+        }
+        use x509_parser::prelude::*;
+        let (_, cert) = X509Certificate::from_der(certificate)
+            .map_err(|_| AttestError::Malformed("the document's certificate"))?;
+        let point = cert.public_key().subject_public_key.data.to_vec();
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P384_SHA384_FIXED, point)
+            .verify(tbs, signature)
+            .map_err(|_| AttestError::BadSignature)
+    }
+}

@@ -20,7 +20,9 @@ pub struct TpmSigningKey {
 
 impl std::fmt::Debug for TpmSigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TpmSigningKey").field("tcti", &self.tcti).finish_non_exhaustive()
+        f.debug_struct("TpmSigningKey")
+            .field("tcti", &self.tcti)
+            .finish_non_exhaustive()
     }
 }
 
@@ -28,19 +30,25 @@ impl TpmSigningKey {
     /// The key `key` in the TPM behind `tcti`; `lock` serializes this
     /// process's use of the TPM.
     pub fn new(tcti: &str, key: BoundKey, lock: Arc<Mutex<()>>) -> Self {
-        Self { tcti: tcti.to_owned(), key, lock }
+        Self {
+            tcti: tcti.to_owned(),
+            key,
+            lock,
+        }
     }
 }
 
 impl SigningKey for TpmSigningKey {
     fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
-        offered.contains(&SignatureScheme::ECDSA_NISTP256_SHA256).then(|| {
-            Box::new(TpmSigner {
-                tcti: self.tcti.clone(),
-                key: self.key.clone(),
-                lock: Arc::clone(&self.lock),
-            }) as Box<dyn Signer>
-        })
+        offered
+            .contains(&SignatureScheme::ECDSA_NISTP256_SHA256)
+            .then(|| {
+                Box::new(TpmSigner {
+                    tcti: self.tcti.clone(),
+                    key: self.key.clone(),
+                    lock: Arc::clone(&self.lock),
+                }) as Box<dyn Signer>
+            })
     }
 
     fn algorithm(&self) -> rustls::SignatureAlgorithm {
@@ -78,7 +86,10 @@ impl Signer for TpmSigner {
 /// `r || s` as the DER ECDSA-Sig-Value TLS carries.
 fn der_signature(r: &[u8], s: &[u8]) -> Vec<u8> {
     let int = |v: &[u8]| {
-        let v = &v[v.iter().position(|&b| b != 0).unwrap_or(v.len().saturating_sub(1))..];
+        let v = &v[v
+            .iter()
+            .position(|&b| b != 0)
+            .unwrap_or(v.len().saturating_sub(1))..];
         let mut out = vec![0x02];
         let pad = v.first().is_some_and(|b| b & 0x80 != 0);
         out.push((v.len() + usize::from(pad)) as u8);

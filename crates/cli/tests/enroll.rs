@@ -52,6 +52,23 @@ fn reference(initrd: &[u8]) -> serde_json::Value {
     })
 }
 
+/// The verifier environment's Python with pycose, else why not.
+fn pycose() -> Result<std::path::PathBuf, String> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv-verify/bin/python3");
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import pycose, cbor2"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        Ok(python)
+    } else {
+        Err(format!(
+            "no pycose in {} (scripts/setup.sh --tests installs it)",
+            python.display()
+        ))
+    }
+}
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -147,12 +164,54 @@ fn an_enrolled_host_serves_with_its_tpm_key_and_a_changed_one_cannot() {
 
     // host.attest: a quote and a document; verified against the reference
     // under the attestation key pinned at enrollment.
-    let attested = cell.ok(&carol, &["host", "attest", "-o", "json"]);
+    let nonce = "5a".repeat(32);
+    let attested = cell.ok(&carol, &["host", "attest", "--nonce", &nonce, "-o", "json"]);
     let a: serde_json::Value = serde_json::from_str(&attested).unwrap();
+    let document = a["document"].as_str().expect("a document").to_owned();
     assert!(
-        a["document"].as_str().is_some_and(|d| d.starts_with("d2")),
-        "{attested}"
+        document.starts_with("d2"),
+        "not tagged COSE_Sign1: {attested}"
     );
+    // pycose opens it: the signature under its certificate's key, the
+    // Nitro layout, the nonce; the PCRs are the quote's.
+    std::fs::write(root.join("document.cbor"), hex::decode(&document).unwrap()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/independent/cose_verify.py");
+    match pycose() {
+        Err(why) => skipped(&why),
+        Ok(python) => {
+            let out = std::process::Command::new(&python)
+                .arg(&script)
+                .arg(root.join("document.cbor"))
+                .arg(&nonce)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "pycose: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let opened: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(opened["module_id"], "h1");
+            for p in a["quote"]["pcrs"].as_array().unwrap() {
+                assert_eq!(
+                    opened["pcrs"][p["index"].to_string()],
+                    p["sha256"],
+                    "{opened}"
+                );
+            }
+            // One changed byte of the document: pycose refuses it.
+            let mut bad = hex::decode(&document).unwrap();
+            let at = bad.len() - 10;
+            bad[at] ^= 1;
+            std::fs::write(root.join("bad.cbor"), bad).unwrap();
+            let out = std::process::Command::new(&python)
+                .arg(&script)
+                .arg(root.join("bad.cbor"))
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "pycose accepted a changed document");
+        }
+    }
     let verified = cell.ok(
         &carol,
         &[
@@ -168,6 +227,42 @@ fn an_enrolled_host_serves_with_its_tpm_key_and_a_changed_one_cannot() {
     );
     let v: serde_json::Value = serde_json::from_str(&verified).unwrap();
     assert_eq!(v["verified"], true, "{verified}");
+    for check in [
+        "attestation key",
+        "quote",
+        "pcr 4",
+        "pcr 11",
+        "pcr 15",
+        "event log",
+        "document",
+    ] {
+        assert!(
+            v["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["check"] == check && c["ok"] == true),
+            "{check}: {verified}"
+        );
+    }
+    // A saved answer checked against another nonce: refused.
+    std::fs::write(root.join("attested.json"), &attested).unwrap();
+    let out = cell.nitrile(
+        &carol,
+        &[
+            "host",
+            "verify-attestation",
+            "--reference",
+            root.join("reference.json").to_str().unwrap(),
+            "--attestation-key",
+            tpm_dir.join("attestation-key").to_str().unwrap(),
+            "--from",
+            root.join("attested.json").to_str().unwrap(),
+            "--nonce",
+            &"5b".repeat(32),
+        ],
+    );
+    assert!(!out.status.success(), "a replayed attestation verified");
 
     // The host reboots into an image with one changed byte.
     cell.kill_hostd();

@@ -44,6 +44,10 @@ pub(crate) struct VerifyArgs {
     /// The nonce of the saved answer (hex).
     #[arg(long, value_name = "HEX")]
     nonce: Option<String>,
+    /// The cell CA certificate the attestation document's certificate must
+    /// be issued by (default: the `ca` of your config).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
     #[command(flatten)]
     flag: crate::cmd::host::HostFlag,
 }
@@ -146,6 +150,18 @@ pub(crate) fn reference(path: &Path) -> anyhow::Result<BTreeMap<u8, [u8; 32]>> {
         );
     }
     Ok(out)
+}
+
+/// The first certificate (DER) of a PEM file.
+pub(crate) fn first_cert(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject as _;
+    let pem = nitrile_fs::read_bounded(path, 1 << 20)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let cert = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .ok_or_else(|| UsageError(format!("{} holds no certificate", path.display())))?
+        .with_context(|| format!("{}: not PEM", path.display()))?;
+    Ok(cert.as_ref().to_vec())
 }
 
 fn attestation_key(arg: &str) -> anyhow::Result<AkPublic> {
@@ -268,6 +284,40 @@ pub(crate) fn verify(args: VerifyArgs, global: &Global) -> anyhow::Result<()> {
                 nitrile_attest::INIT_PCR
             ),
         );
+    }
+    // The attestation document, when there is one: signed by a key the
+    // cell CA certified, over the same PCRs and this nonce.
+    if let Some(doc) = &a.document {
+        let ca_path = match &args.ca {
+            Some(p) => Some(p.clone()),
+            None => crate::config::load(global)
+                .ok()
+                .map(|l| l.config.ca.clone()),
+        };
+        let outcome = (|| -> Result<String, String> {
+            let ca_path = ca_path.ok_or("no cell CA: give --ca")?;
+            let root = crate::cmd::host_attest::first_cert(&ca_path).map_err(|e| e.to_string())?;
+            let bytes = hex::decode(doc).map_err(|_| "not hex".to_owned())?;
+            let opened =
+                nitrile_attest::cose::open(&bytes, nitrile_attest::cose::verify_with_root(&root))
+                    .map_err(|e| e.to_string())?;
+            if opened.pcrs != quote.pcrs {
+                return Err("its PCRs are not the quote's".into());
+            }
+            if opened.nonce.as_deref() != Some(nonce_hex.as_str()) {
+                return Err("its nonce is not the one asked for".into());
+            }
+            if opened.module_id != a.host.as_str() {
+                return Err(format!("it is for module {}", opened.module_id));
+            }
+            Ok(format!(
+                "COSE_Sign1 (ES384, Nitro layout) signed by the TPM's document key, certified by the cell CA, over the same PCRs and nonce"
+            ))
+        })();
+        match outcome {
+            Ok(d) => push("document", true, d),
+            Err(e) => push("document", false, e),
+        }
     }
     let verified = checks.iter().all(|c| c.ok);
     let verdict = Verdict {
