@@ -232,6 +232,7 @@ pub fn open(
 /// (DER) must be issued by `root` (DER, the cell CA) and be the first of
 /// the bundle's issuers' leaf, and its P-384 key must have made
 /// `signature` over `to_be_signed`.
+#[allow(clippy::type_complexity)] // the check `open` takes, spelled out
 pub fn verify_with_root(
     root: &[u8],
 ) -> impl FnOnce(&[u8], &[u8], &[u8], &[Vec<u8>]) -> Result<(), AttestError> + '_ {

@@ -195,7 +195,10 @@ pub fn check_evidence(evidence: &HostEvidence, ek_cas: &[Vec<u8>]) -> Result<(),
 /// key, and both are valid now.
 pub fn issued_by(cert: &[u8], ca: &[u8]) -> bool {
     use x509_parser::prelude::*;
-    match (X509Certificate::from_der(cert), X509Certificate::from_der(ca)) {
+    match (
+        X509Certificate::from_der(cert),
+        X509Certificate::from_der(ca),
+    ) {
         (Ok((_, c)), Ok((_, a))) => {
             c.validity().is_valid() && a.validity().is_valid() && signed_by(&c, &a)
         }

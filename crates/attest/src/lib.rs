@@ -374,3 +374,46 @@ impl Challenges {
         }
     }
 }
+
+/// Reads reference values: a JSON object with `pcr<N>` keys (or a `pcrs`
+/// object of index to value), 64 hex digits each, as `nitrile image
+/// build-host` writes `reference.json`. Other keys are ignored; none at
+/// all is an error.
+pub fn reference_values(json: &[u8]) -> Result<BTreeMap<u8, [u8; 32]>, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| format!("not JSON: {e}"))?;
+    let mut out = BTreeMap::new();
+    let mut take = |k: &str, v: &serde_json::Value| -> Result<(), String> {
+        let i: u8 = k
+            .parse()
+            .ok()
+            .filter(|i| *i < 24)
+            .ok_or_else(|| format!("PCR {k:?}"))?;
+        let value: [u8; 32] = v
+            .as_str()
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("PCR {i} is not 64 hex digits"))?;
+        out.insert(i, value);
+        Ok(())
+    };
+    if let Some(obj) = v.as_object() {
+        for (k, val) in obj {
+            if let Some(n) = k
+                .strip_prefix("pcr")
+                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            {
+                take(n, val)?;
+            }
+        }
+        if let Some(pcrs) = obj.get("pcrs").and_then(|p| p.as_object()) {
+            for (k, val) in pcrs {
+                take(k, val)?;
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err("no reference PCR values in it".into());
+    }
+    Ok(out)
+}

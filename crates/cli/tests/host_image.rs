@@ -10,8 +10,17 @@
 //!   representative set of ports (1-1024 and well-known higher ones) with
 //!   ICMP port unreachable, and neither echoes nor answers what is typed on
 //!   its serial console; its PCRs 4 and 11 (as its init reads them from the
-//!   TPM) are the ones `reference.json` predicts, and its init's
-//!   measurement is the predicted PCR 15 value.
+//!   TPM) are the ones `reference.json` predicts, and its init extended
+//!   PCR 15 to the predicted value.
+//! - Through the CLI, with a token from the cell's token service: `nitrile
+//!   host attest` returns a quote of PCRs 4, 11 and 15 and the init's event
+//!   log, and `nitrile host verify-attestation` against `reference.json`
+//!   finds all three PCRs matching and the log replaying to PCR 15.
+//! - An image whose initramfs differs by one byte (in `nitrile`) predicts
+//!   another PCR 11 (and PCR 4), the same PCR 15, and the booted host's
+//!   attestation fails verification against its reference on PCR 11.
+//! - `nitrile host shutdown`: the host agent answers and exits, the init
+//!   powers the machine off, and QEMU exits 0 by itself.
 //!
 //! The PCR 4 prediction follows OVMF's event log, which the host's init
 //! prints: `EV_EFI_ACTION "Calling EFI Application from Boot Option"`,
@@ -39,6 +48,8 @@ const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 const OVMF: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 /// Longest a boot under TCG may take until the host agent serves.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest the host may take from `host shutdown` to QEMU's exit.
+const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(120);
 /// The host's and the namespace's addresses.
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 91, 0, 2);
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 91, 0, 1);
@@ -123,14 +134,39 @@ fn build(cell: &Cell, out: &Path, extra: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(out.join("reference.json")).unwrap()).unwrap()
 }
 
-fn unpack(initramfs: &Path) -> nitrile_image::cpio::Archive {
+/// [`build`] of the binary `nitrile` as it is (no `--strip`).
+fn build_with(cell: &Cell, out: &Path, nitrile: &Path, extra: &[&str]) -> serde_json::Value {
+    let o = Command::new(NITRILE)
+        .args(["image", "build-host", "--provision"])
+        .arg(cell.host_dir())
+        .arg("--out")
+        .arg(out)
+        .arg("--nitrile")
+        .arg(nitrile)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "build-host failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(out.join("reference.json")).unwrap()).unwrap()
+}
+
+/// The initramfs's cpio archive, decompressed.
+fn unpacked(initramfs: &Path) -> Vec<u8> {
     let o = Command::new("zstd")
         .args(["-dc", "-q"])
         .arg(initramfs)
         .output()
         .unwrap();
     assert!(o.status.success());
-    nitrile_image::cpio::parse(&o.stdout).unwrap()
+    o.stdout
+}
+
+fn unpack(initramfs: &Path) -> nitrile_image::cpio::Archive {
+    nitrile_image::cpio::parse(&unpacked(initramfs)).unwrap()
 }
 
 /// What an initramfs entry is, or `None` when it is not one the image may
@@ -222,6 +258,26 @@ fn the_host_image_holds_only_nitrile_and_builds_reproducibly() {
         0o600
     );
     assert!(kinds["library"] >= 2 && kinds["module"] >= 2, "{kinds:?}");
+    // tpm2-tss opens the TPM device's TCTI with dlopen: ldd does not name it.
+    assert!(
+        archive
+            .entries()
+            .any(|(p, _)| p.ends_with("/libtss2-tcti-device.so.0")),
+        "no TCTI of the TPM device"
+    );
+    let config = String::from_utf8_lossy(
+        match &archive.get("etc/nitrile/host/hostd.toml").unwrap().kind {
+            nitrile_image::cpio::EntryKind::File(b) => b,
+            _ => panic!("hostd.toml is not a file"),
+        },
+    )
+    .into_owned();
+    assert!(
+        config.contains("[tpm]")
+            && config.contains("tcti = \"device:/dev/tpmrm0\"")
+            && config.contains("event_log = \"/run/nitrile/init-events.jsonl\""),
+        "{config}"
+    );
     note(&format!("host image entries: {kinds:?}"));
 }
 
@@ -284,6 +340,20 @@ impl Drop for Netns {
 /// `nitrile host boot`; SIGTERM on drop.
 struct Booted {
     child: Child,
+}
+
+impl Booted {
+    /// Waits (bounded) for `host boot` to exit by itself.
+    fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        None
+    }
 }
 
 impl Drop for Booted {
@@ -428,8 +498,109 @@ fn console_value<'a>(console: &'a str, prefix: &str, key: &str) -> Option<&'a st
         .find_map(|w| w.strip_prefix(key))
 }
 
+/// Runs `nitrile` with `args` in the namespace.
+fn in_ns(ns: &Netns, args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", &ns.name, NITRILE])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A service run in the namespace; SIGTERM on drop.
+struct NsService {
+    child: Child,
+}
+
+impl Drop for NsService {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// The cell's token service, in the namespace on the address the client
+/// configs name (the CLI there reaches both it and the booted host).
+fn tokend_in(ns: &Netns, cell: &Cell) -> NsService {
+    let service = NsService {
+        child: Command::new("ip")
+            .args(["netns", "exec", &ns.name, NITRILE, "tokend", "--state"])
+            .arg(&cell.state)
+            .arg("--listen")
+            .arg(cell.tokend_addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(cell.root().join("tokend-ns.log")).unwrap(),
+            ))
+            .spawn()
+            .unwrap(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = cell.tokend_addr;
+    while ns
+        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the token service did not start\n{}",
+            std::fs::read_to_string(cell.root().join("tokend-ns.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    service
+}
+
+fn must(o: std::process::Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: exit {:?}\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The checks of a `verify-attestation -o json` verdict, by name.
+fn checks(verdict: &serde_json::Value) -> std::collections::BTreeMap<String, bool> {
+    verdict["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["check"].as_str().unwrap().to_owned(),
+                c["ok"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `nitrile` stripped as `build-host --strip` strips it, with one byte
+/// (in the middle of the file) flipped.
+fn nitrile_one_byte_off(dir: &Path) -> PathBuf {
+    let off = dir.join("nitrile-one-byte-off");
+    assert!(
+        Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(NITRILE)
+            .arg(&off)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut bytes = std::fs::read(&off).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&off, bytes).unwrap();
+    off
+}
+
 #[test]
-fn a_booted_host_shows_only_its_agent_and_the_predicted_pcrs() {
+fn a_booted_host_shows_only_its_agent_attests_its_image_and_powers_off_on_shutdown() {
     if let Err(why) = boot_prerequisites() {
         skipped(&why);
         return;
@@ -456,7 +627,7 @@ fn a_booted_host_shows_only_its_agent_and_the_predicted_pcrs() {
     let ns = Netns::new(&format!("nitrile-hi-{tag}"), &tap);
     let machine = cell.root().join("machine");
     let started = Instant::now();
-    let boot = Booted {
+    let mut boot = Booted {
         child: Command::new("ip")
             .args([
                 "netns", "exec", &ns.name, NITRILE, "host", "boot", "--quiet",
@@ -500,12 +671,7 @@ fn a_booted_host_shows_only_its_agent_and_the_predicted_pcrs() {
         text.contains(&format!("PCR 15 expected {pcr15}")),
         "the init measured other files than predicted\n{text}"
     );
-    match shown("15=") {
-        Some(v) if v == "0".repeat(64) => {
-            note("PCR 15 is still zero: the init measurement is not extended yet")
-        }
-        v => assert_eq!(v, Some(pcr15), "PCR 15"),
-    }
+    assert_eq!(shown("15="), Some(pcr15), "PCR 15\n{text}");
 
     // From outside: the agent's port, nothing else.
     let (open, silent) = ns.run(|| tcp_scan(HOST_IP));
@@ -548,6 +714,148 @@ fn a_booted_host_shows_only_its_agent_and_the_predicted_pcrs() {
         .is_ok(),
         "the host agent stopped serving"
     );
+
+    // Attestation through the CLI, as alice (on call), with a token from
+    // the cell's token service.
+    let _tokend = tokend_in(&ns, &cell);
+    let client = cell.alice.with_file_name("operator-alice-booted.toml");
+    std::fs::copy(&cell.alice, &client).unwrap();
+    cell::set_section_line(&client, "hosts", "h1", &format!("{HOST_IP}:{port}"));
+    let client = client.to_str().unwrap();
+    let nonce = "5a".repeat(32);
+    let answer = must(
+        in_ns(
+            &ns,
+            &[
+                "--config", client, "-o", "json", "host", "attest", "--nonce", &nonce,
+            ],
+        ),
+        "nitrile host attest",
+    );
+    let saved = cell.root().join("attestation.json");
+    std::fs::write(&saved, &answer).unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let key = answer["attestation_key"].as_str().unwrap().to_owned();
+    let quoted: std::collections::BTreeMap<u64, &str> = answer["quote"]["pcrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["index"].as_u64().unwrap(), p["sha256"].as_str().unwrap()))
+        .collect();
+    for i in [4u64, 11, 15] {
+        assert_eq!(
+            Some(quoted[&i]),
+            reference[format!("pcr{i}")].as_str(),
+            "quoted PCR {i}"
+        );
+    }
+    let logged: Vec<&str> = answer["event_log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    let predicted: Vec<&str> = reference["pcr15_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(logged, predicted, "the event log");
+    let reference_file = image.join("reference.json");
+    let verdict = must(
+        in_ns(
+            &ns,
+            &[
+                "--config",
+                client,
+                "-o",
+                "json",
+                "host",
+                "verify-attestation",
+                "--reference",
+                reference_file.to_str().unwrap(),
+                "--attestation-key",
+                &key,
+            ],
+        ),
+        "nitrile host verify-attestation",
+    );
+    let verdict: serde_json::Value = serde_json::from_str(&verdict).unwrap();
+    let passed = checks(&verdict);
+    for c in [
+        "attestation key",
+        "quote",
+        "pcr 4",
+        "pcr 11",
+        "pcr 15",
+        "event log",
+    ] {
+        assert_eq!(passed.get(c), Some(&true), "{c}: {verdict:#}");
+    }
+    assert_eq!(verdict["verified"], true, "{verdict:#}");
+    note(&format!("verify-attestation: {passed:?}"));
+
+    // One byte more or less in the initramfs: another PCR 11, and the
+    // booted host does not verify against that image's reference.
+    let off = nitrile_one_byte_off(cell.root());
+    let off_image = cell.root().join("image-one-byte-off");
+    let off_ref = build_with(
+        &cell,
+        &off_image,
+        &off,
+        &[
+            "--ip",
+            &format!("{HOST_IP}/24"),
+            "--gateway",
+            &GATEWAY.to_string(),
+        ],
+    );
+    let a = unpacked(&image.join("initramfs"));
+    let b = unpacked(&off_image.join("initramfs"));
+    assert_eq!(a.len(), b.len());
+    let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+    assert_eq!(differing, 1, "the initramfs differ in {differing} bytes");
+    assert_ne!(off_ref["pcr11"], reference["pcr11"]);
+    assert_ne!(off_ref["pcr4"], reference["pcr4"]);
+    assert_eq!(off_ref["pcr15"], reference["pcr15"]);
+    let off_check = Command::new(NITRILE)
+        .args(["-o", "json", "host", "verify-attestation", "--reference"])
+        .arg(off_image.join("reference.json"))
+        .args(["--attestation-key", &key, "--nonce", &nonce, "--from"])
+        .arg(&saved)
+        .output()
+        .unwrap();
+    assert_eq!(off_check.status.code(), Some(1), "{off_check:?}");
+    let verdict: serde_json::Value = serde_json::from_slice(&off_check.stdout).unwrap();
+    let passed = checks(&verdict);
+    assert_eq!(passed.get("quote"), Some(&true), "{verdict:#}");
+    assert_eq!(passed.get("pcr 11"), Some(&false), "{verdict:#}");
+    assert_eq!(passed.get("pcr 15"), Some(&true), "{verdict:#}");
+    assert_eq!(verdict["verified"], false);
+    note(&format!(
+        "one byte off: pcr11 {} instead of {}",
+        off_ref["pcr11"], reference["pcr11"]
+    ));
+
+    // host.shutdown: the agent answers, exits, and the machine powers off.
+    must(
+        in_ns(&ns, &["--config", client, "host", "shutdown"]),
+        "nitrile host shutdown",
+    );
+    let status = boot.wait_for_exit(POWER_OFF_TIMEOUT).unwrap_or_else(|| {
+        panic!(
+            "the host did not power off within {POWER_OFF_TIMEOUT:?}\n{}",
+            console()
+        )
+    });
+    let text = console();
+    assert!(status.success(), "nitrile host boot: {status}\n{text}");
+    assert!(
+        text.contains("the host agent exited (exit status 0); powering off"),
+        "{text}"
+    );
+    assert!(!text.contains("Kernel panic"), "{text}");
     drop(boot);
     let left = cell::processes_naming(&machine);
     assert!(

@@ -150,3 +150,44 @@ pub fn attest(
         document,
     })
 }
+
+/// An attestation document binding `public_key` (a volume's recipient key),
+/// for the key service: the PCRs, no nonce (the key service checks the
+/// time), signed by the TPM's document key.
+pub fn document_for(
+    config: &TpmConfig,
+    host: &Name,
+    public_key: &[u8],
+) -> Result<Vec<u8>, AttestFailure> {
+    let path = config
+        .document_certificate
+        .as_ref()
+        .ok_or_else(|| AttestFailure::File {
+            path: "[tpm] document_certificate".into(),
+            reason: "not enrolled: no certificate for the TPM's document key".into(),
+        })?;
+    let mut certs = certificates(path)?;
+    let leaf = certs.remove(0);
+    certs.reverse();
+    let mut tpm = Tpm::open(&config.tcti)?;
+    let pcrs = tpm.pcrs(&HOST_PCRS)?;
+    let now_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX);
+    let payload = nitrile_attest::cose::payload(
+        host.as_str(),
+        now_ms,
+        &pcrs,
+        &leaf,
+        &certs,
+        Some(public_key),
+        None,
+        None,
+    );
+    let signature = tpm.sign_document(&nitrile_attest::cose::to_be_signed(&payload))?;
+    Ok(nitrile_attest::cose::sign1(&payload, &signature))
+}

@@ -356,9 +356,13 @@ impl HostdConfig {
             }
         }
         if let Some(t) = &mut self.tpm {
-            for p in [&mut t.event_log, &mut t.document_certificate, &mut t.tls_key]
-                .into_iter()
-                .flatten()
+            for p in [
+                &mut t.event_log,
+                &mut t.document_certificate,
+                &mut t.tls_key,
+            ]
+            .into_iter()
+            .flatten()
             {
                 join(p);
             }

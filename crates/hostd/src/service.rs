@@ -384,7 +384,11 @@ impl Hostd {
         ));
         // An enrolled host's key is in its TPM, usable only while the PCRs
         // hold the measurements it was enrolled with.
-        let identity = match config.tpm.as_ref().and_then(|t| t.tls_key.as_ref().map(|k| (t, k))) {
+        let identity = match config
+            .tpm
+            .as_ref()
+            .and_then(|t| t.tls_key.as_ref().map(|k| (t, k)))
+        {
             Some((tpm, key)) => {
                 let bytes = nitrile_fs::read_bounded(key, 64 << 10)
                     .map_err(|e| HostdError::Tpm(format!("{}: {e}", key.display())))?;
@@ -403,7 +407,13 @@ impl Hostd {
                     &expected,
                 )?
             }
-            None => ServiceIdentity::load(&config.cell, &config.ca, &config.cert, &config.key, &expected)?,
+            None => ServiceIdentity::load(
+                &config.cell,
+                &config.ca,
+                &config.cert,
+                &config.key,
+                &expected,
+            )?,
         };
         let source: PrincipalId = identity.principal().clone();
         let keys =
@@ -459,12 +469,34 @@ impl Hostd {
             &config.kms,
         ) {
             (Some(keys), _) => Some(Arc::clone(keys)),
-            (None, Some(kms)) => Some(Arc::new(KmsVolumeKeys::new(
-                kms.addr.clone(),
-                nitrile_kms_api::kms_principal(&config.cell),
-                identity.client_config()?,
-                tokio::runtime::Handle::current(),
-            ))),
+            (None, Some(kms)) => {
+                let keys = KmsVolumeKeys::new(
+                    kms.addr.clone(),
+                    nitrile_kms_api::kms_principal(&config.cell),
+                    identity.client_config()?,
+                    tokio::runtime::Handle::current(),
+                );
+                // An enrolled host proves what it runs with every unwrap.
+                let keys = match config
+                    .tpm
+                    .clone()
+                    .filter(|t| t.document_certificate.is_some())
+                {
+                    None => keys,
+                    Some(tpm) => {
+                        let host = config.host.clone();
+                        keys.with_attester(Arc::new(move |recipient: &[u8; 32]| {
+                            crate::attest::document_for(&tpm, &host, recipient)
+                                .map_err(|e| e.to_string())
+                                .and_then(|d| {
+                                    nitrile_kms_api::wire::AttestationHex::new(&d)
+                                        .ok_or_else(|| "the document is too large".to_owned())
+                                })
+                        }))
+                    }
+                };
+                Some(Arc::new(keys))
+            }
             (None, None) => {
                 tracing::warn!(
                     "no key service ([kms] in the config): volumes and launches with volumes are refused"

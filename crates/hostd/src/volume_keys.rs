@@ -115,7 +115,12 @@ pub struct KmsVolumeKeys {
     server: PrincipalId,
     tls: Arc<rustls::ClientConfig>,
     runtime: tokio::runtime::Handle,
+    attester: Option<Attester>,
 }
+
+/// Makes the host's attestation document binding a recipient key.
+pub type Attester =
+    Arc<dyn Fn(&[u8; 32]) -> Result<nitrile_kms_api::wire::AttestationHex, String> + Send + Sync>;
 
 impl fmt::Debug for KmsVolumeKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -141,7 +146,15 @@ impl KmsVolumeKeys {
             server,
             tls,
             runtime,
+            attester: None,
         }
+    }
+
+    /// Sends with every unwrap an attestation document binding the
+    /// recipient key, made by `attester` (the host's TPM).
+    pub fn with_attester(mut self, attester: Attester) -> Self {
+        self.attester = Some(attester);
+        self
     }
 
     fn call<T>(
@@ -187,9 +200,17 @@ impl VolumeKeySource for KmsVolumeKeys {
         let wrapped = WrappedKeyBytes::new(wrapped.as_bytes().to_vec()).ok_or_else(|| {
             VolumeKeyError::Failed("the wrapped key is longer than the key service takes".into())
         })?;
+        let attestation = match &self.attester {
+            None => None,
+            Some(a) => Some(a(recipient.as_bytes()).map_err(|e| {
+                VolumeKeyError::Failed(format!("the host's attestation: {e}").into())
+            })?),
+        };
         let recipient = RecipientKey(*recipient.as_bytes());
-        let sealed =
-            self.call(async |c| c.unwrap(volume, &wrapped, &recipient, caller_token).await)?;
+        let sealed = self.call(async |c| {
+            c.unwrap_attested(volume, &wrapped, &recipient, attestation, caller_token)
+                .await
+        })?;
         SealedKey::decode(sealed.as_bytes()).map_err(|e| VolumeKeyError::Failed(Box::new(e)))
     }
 

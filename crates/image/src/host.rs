@@ -8,7 +8,8 @@
 //!   `/init` (a symbolic link to `/usr/bin/nitrile`), `/usr/bin/nitrile`,
 //!   `/usr/sbin/mke2fs` (to make the state filesystem on first boot), the
 //!   shared libraries both link and the dynamic loader (as `ldd` names
-//!   them), the kernel modules the host loads with their dependencies
+//!   them), the libraries `nitrile` opens at run time ([`DLOPENED_LIBRARIES`]:
+//!   `ldd` cannot see them) with theirs, the kernel modules the host loads with their dependencies
 //!   (`/lib/modules/<release>/modules.load` lists them in load order),
 //!   the provisioning directory at [`PROVISION_DIR`], `/dev/console`, and
 //!   the empty mount points `/proc`, `/sys`, `/dev`, `/run`, `/tmp` and
@@ -62,6 +63,10 @@ pub const HOST_MODULES: &[&str] = &[
     "tpm_tis",
     "ext4",
 ];
+/// Libraries `nitrile` loads with `dlopen`, which `ldd` does not name:
+/// tpm2-tss's TCTI loader opens the TPM device's TCTI by its file name.
+/// The builder takes each from the directory of a library `nitrile` links.
+pub const DLOPENED_LIBRARIES: &[&str] = &["libtss2-tcti-device.so.0"];
 /// The event a UEFI firmware (EDK2's Tcg2Dxe) extends into PCR 4 before
 /// it starts the first boot option.
 pub const EFI_CALLING_APPLICATION: &str = "Calling EFI Application from Boot Option";
@@ -97,6 +102,10 @@ pub enum HostImageError {
         /// What is missing.
         what: String,
     },
+    /// A library `nitrile` opens at run time is not beside the ones it
+    /// links.
+    #[error("{0} is not in any directory of the libraries nitrile links (install it)")]
+    NoLibrary(String),
     /// A module is neither built in nor in the package.
     #[error("module {0} is neither built into the kernel nor in its package")]
     NoModule(String),
@@ -136,6 +145,9 @@ pub struct HostImageSpec {
     pub cmdline: String,
     /// The modules to load (those built in are skipped).
     pub modules: Vec<String>,
+    /// Libraries `nitrile` opens at run time, by file name
+    /// ([`DLOPENED_LIBRARIES`]).
+    pub dlopened: Vec<String>,
     /// The measurements of the host's init, in order (from the staged
     /// provisioning directory, with the paths the image has them at).
     pub init_events: Vec<InitEvent>,
@@ -561,8 +573,22 @@ fn build_in(
         0o755,
     )?;
 
-    // The libraries both link, and the loader.
+    // The libraries both link, and the loader; then those nitrile opens
+    // at run time, from the directories of those it links, with theirs.
     let mut libs = linked_libraries(&spec.nitrile)?;
+    let lib_dirs: BTreeSet<PathBuf> = libs
+        .iter()
+        .filter_map(|l| l.parent().map(Path::to_owned))
+        .collect();
+    for name in &spec.dlopened {
+        let lib = lib_dirs
+            .iter()
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+            .ok_or_else(|| HostImageError::NoLibrary(name.clone()))?;
+        libs.extend(linked_libraries(&lib)?);
+        libs.insert(lib);
+    }
     libs.extend(linked_libraries(&spec.mke2fs)?);
     let mut lib_bytes = 0;
     for lib in &libs {

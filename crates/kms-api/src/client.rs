@@ -114,9 +114,25 @@ impl KmsClient {
         recipient: &RecipientKey,
         token: &str,
     ) -> Result<SealedKeyBytes, KmsClientError> {
+        self.unwrap_attested(volume, wrapped_key, recipient, None, token)
+            .await
+    }
+
+    /// [`KmsClient::unwrap`] with the host's attestation document, which
+    /// binds `recipient` (a key service with an attestation policy needs
+    /// it).
+    pub async fn unwrap_attested(
+        &mut self,
+        volume: &Name,
+        wrapped_key: &WrappedKeyBytes,
+        recipient: &RecipientKey,
+        attestation: Option<crate::wire::AttestationHex>,
+        token: &str,
+    ) -> Result<SealedKeyBytes, KmsClientError> {
         let body = UnwrapRequest {
             wrapped_key: wrapped_key.clone(),
             recipient: *recipient,
+            attestation,
         };
         let resp: UnwrapResponse = self
             .call(

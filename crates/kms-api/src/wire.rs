@@ -200,6 +200,46 @@ pub struct UnwrapRequest {
     pub wrapped_key: WrappedKeyBytes,
     /// The public key the VMM made for this volume inside its jail.
     pub recipient: RecipientKey,
+    /// The host's attestation document (hex COSE_Sign1 of the Nitro
+    /// layout) binding `recipient` as its `public_key`: a key service with
+    /// an attestation policy releases the key only with one that matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<AttestationHex>,
+}
+
+/// An attestation document as hex, at most [`MAX_ATTESTATION_HEX`] digits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttestationHex(String);
+
+/// The longest attestation document accepted, in hex digits (16 KiB).
+pub const MAX_ATTESTATION_HEX: usize = 32 * 1024;
+
+impl AttestationHex {
+    /// The document's bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        hex::decode(&self.0).unwrap_or_default()
+    }
+
+    /// Wraps a document's bytes.
+    pub fn new(bytes: &[u8]) -> Option<Self> {
+        (bytes.len() * 2 <= MAX_ATTESTATION_HEX).then(|| Self(hex::encode(bytes)))
+    }
+}
+
+impl<'de> Deserialize<'de> for AttestationHex {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let s = String::deserialize(d)?;
+        if s.len() > MAX_ATTESTATION_HEX
+            || s.len() % 2 != 0
+            || !s.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(D::Error::custom(
+                "an attestation document must be at most 16 KiB of hex",
+            ));
+        }
+        Ok(Self(s.to_ascii_lowercase()))
+    }
 }
 
 /// The answer to [`UnwrapRequest`].

@@ -98,7 +98,7 @@ pub use wrap::{
     wrap_info,
 };
 
-pub use service::{KmsConfig, KmsOptions, KmsServer, KmsServerError};
+pub use service::{AttestationPolicy, KmsConfig, KmsOptions, KmsServer, KmsServerError};
 
 // The protocol's bounds are this crate's formats.
 const _: () = {

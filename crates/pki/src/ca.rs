@@ -291,7 +291,13 @@ impl CellCa {
         };
         let (params, _) = self.params(principal, lifetime, now, purpose)?;
         let cert = params
-            .signed_by(&ExternalKey { point: point.to_vec(), alg }, &self.issuer)
+            .signed_by(
+                &ExternalKey {
+                    point: point.to_vec(),
+                    alg,
+                },
+                &self.issuer,
+            )
             .map_err(PkiError::Crypto)?;
         Ok(cert.pem())
     }

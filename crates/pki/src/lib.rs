@@ -34,8 +34,8 @@ pub mod sign;
 pub mod tls;
 
 pub use ca::{
-    CA_CERT_FILE, CA_KEY_FILE, CA_LIFETIME, CellCa, DEFAULT_HUMAN_LIFETIME, KeyPurpose,
-    DEFAULT_MACHINE_LIFETIME, IssuedCert, MAX_HUMAN_LIFETIME, MAX_MACHINE_LIFETIME,
+    CA_CERT_FILE, CA_KEY_FILE, CA_LIFETIME, CellCa, DEFAULT_HUMAN_LIFETIME,
+    DEFAULT_MACHINE_LIFETIME, IssuedCert, KeyPurpose, MAX_HUMAN_LIFETIME, MAX_MACHINE_LIFETIME,
     cert_and_key_paths, default_lifetime, max_lifetime, write_cert_and_key,
 };
 pub use duration::{DurationError, MAX_DURATION_TEXT, format_duration, parse_duration};

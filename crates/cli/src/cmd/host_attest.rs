@@ -112,44 +112,8 @@ pub(crate) fn attest(args: AttestArgs, global: &Global) -> anyhow::Result<()> {
 pub(crate) fn reference(path: &Path) -> anyhow::Result<BTreeMap<u8, [u8; 32]>> {
     let bytes = nitrile_fs::read_bounded(path, 1 << 20)
         .with_context(|| format!("reading the reference values {}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&bytes).with_context(|| format!("{}: not JSON", path.display()))?;
-    let mut out = BTreeMap::new();
-    let mut take = |k: &str, v: &serde_json::Value| -> anyhow::Result<()> {
-        let i: u8 = k
-            .parse()
-            .map_err(|_| UsageError(format!("{}: PCR {k:?}", path.display())))?;
-        let hex_value = v.as_str().unwrap_or_default();
-        let value: [u8; 32] = hex::decode(hex_value)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| {
-                UsageError(format!("{}: PCR {i} is not 64 hex digits", path.display()))
-            })?;
-        out.insert(i, value);
-        Ok(())
-    };
-    if let Some(obj) = v.as_object() {
-        for (k, val) in obj {
-            if let Some(n) = k
-                .strip_prefix("pcr")
-                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()) && !n.is_empty())
-            {
-                take(n, val)?;
-            }
-        }
-        if let Some(pcrs) = obj.get("pcrs").and_then(|p| p.as_object()) {
-            for (k, val) in pcrs {
-                take(k, val)?;
-            }
-        }
-    }
-    if out.is_empty() {
-        return Err(
-            UsageError(format!("{}: no reference PCR values in it", path.display())).into(),
-        );
-    }
-    Ok(out)
+    nitrile_attest::reference_values(&bytes)
+        .map_err(|e| UsageError(format!("{}: {e}", escape(&path.display().to_string()))).into())
 }
 
 /// The first certificate (DER) of a PEM file.
@@ -310,9 +274,7 @@ pub(crate) fn verify(args: VerifyArgs, global: &Global) -> anyhow::Result<()> {
             if opened.module_id != a.host.as_str() {
                 return Err(format!("it is for module {}", opened.module_id));
             }
-            Ok(format!(
-                "COSE_Sign1 (ES384, Nitro layout) signed by the TPM's document key, certified by the cell CA, over the same PCRs and nonce"
-            ))
+            Ok("COSE_Sign1 (ES384, Nitro layout) signed by the TPM's document key, certified by the cell CA, over the same PCRs and nonce".to_owned())
         })();
         match outcome {
             Ok(d) => push("document", true, d),

@@ -37,7 +37,8 @@ pub(crate) enum Accel {
 /// serial console goes to `DIR/console.log` (and to stdout unless
 /// `--quiet`); its input is a socket, `DIR/console.sock`, which the host
 /// never reads. Once the host agent serves, its address is printed.
-/// Ctrl-C or SIGTERM stops QEMU and the TPM.
+/// Ctrl-C or SIGTERM stops QEMU and the TPM. When the host powers itself
+/// off (`nitrile host shutdown`), QEMU and this command exit 0.
 ///
 /// Networking: `--tap NAME` puts the host on an existing tap device (the
 /// image's `nitrile.ip` must fit its network); else QEMU's user network,
@@ -403,9 +404,15 @@ pub(crate) fn run(args: BootArgs) -> anyhow::Result<()> {
         let signal = nitrile_net::shutdown_signal();
         let result = tokio::select! {
             status = qemu.wait() => {
+                // The host powered itself off (after `host.shutdown` or
+                // a failure its console shows), or QEMU failed.
                 let status = status?;
                 say!("QEMU exited ({status})");
-                Ok(())
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("QEMU failed ({status})"))
+                }
             }
             () = signal => {
                 say!("stopping QEMU and the TPM");

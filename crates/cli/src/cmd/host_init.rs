@@ -11,14 +11,20 @@
 //! line; makes (on first boot) and mounts the state filesystem
 //! (`nitrile.state=DEV`, default `/dev/vda`) on `/var/lib/nitrile`;
 //! measures the host agent's config, pinned keys and trust roots (the
-//! "init measurement": [`init_events`], logged to
-//! `/run/nitrile/init-events.jsonl` and extended by [`measure::measure`]);
-//! prints PCRs 4, 11 and 15 as the kernel reads them from the TPM; starts
-//! `nitrile hostd` and reaps every process until it exits; then powers the
+//! "init measurement": [`init_events`], extended into PCR 15 of the TPM
+//! its config's `[tpm]` names and logged to `/run/nitrile/init-events.jsonl`
+//! by [`measure::measure`]); prints PCRs 4, 11 and 15 as the kernel reads
+//! them from the TPM; starts `nitrile hostd` and reaps every process until
+//! it exits (after `host.shutdown`, or on a failure); then powers the
 //! machine off. It never exits and never reads the console.
+//!
+//! It fails closed: when any step up to the measurement fails (a TPM that
+//! is there but refuses to extend included), the host agent does not
+//! start and the machine powers off. A machine without any TPM device runs
+//! the host agent without `[tpm]` (it then refuses `host.attest`), and
+//! says so on the console.
 
 use std::ffi::CString;
-use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
@@ -33,8 +39,12 @@ pub(crate) mod measure;
 
 /// The host agent's config in the image.
 pub(crate) const HOSTD_CONFIG: &str = "hostd.toml";
-/// Where the init measurement's events are written.
+/// Where the init measurement's event log is written (the image's
+/// `[tpm] event_log`).
 pub(crate) const INIT_EVENTS: &str = "/run/nitrile/init-events.jsonl";
+/// The host agent's config on a host without a TPM (the image's without
+/// `[tpm]`).
+const RUN_CONFIG: &str = "/run/nitrile/hostd.toml";
 /// The state device when the command line names none.
 const DEFAULT_STATE_DEVICE: &str = "/dev/vda";
 /// How long the state device and the network interface may take to
@@ -129,14 +139,42 @@ fn boot(started: Instant) -> anyhow::Result<String> {
 
     let config = Path::new(PROVISION_DIR).join(HOSTD_CONFIG);
     let events = init_events(&config, Path::new(PROVISION_DIR), Path::new(PROVISION_DIR))?;
-    write_events(&events)?;
-    measure::measure(&events).context("the init measurement")?;
+    for e in &events {
+        say!(
+            "measure pcr={} {} {} sha256={}",
+            nitrile_image::pcr::INIT_PCR,
+            e.name,
+            e.path,
+            hex::encode(e.sha256)
+        );
+    }
     say!(
         "init measurement: {} events, PCR {} expected {}",
         events.len(),
         nitrile_image::pcr::INIT_PCR,
         hex::encode(nitrile_image::pcr::init_pcr(&events))
     );
+    let loaded = HostdConfig::load(&config)?;
+    let tcti = loaded
+        .tpm
+        .as_ref()
+        .map_or(measure::DEFAULT_TCTI, |t| t.tcti.as_str())
+        .to_owned();
+    let config = if measure::tpm_present(&tcti) {
+        // Fail closed: with a TPM, the host agent starts only after the
+        // measurement it will attest to.
+        let value = measure::measure(&tcti, &events, Path::new(INIT_EVENTS))
+            .context("the init measurement")?;
+        say!(
+            "PCR {} extended to {} ({tcti}); event log {INIT_EVENTS}",
+            nitrile_image::pcr::INIT_PCR,
+            hex::encode(value)
+        );
+        config
+    } else {
+        say!("no TPM ({tcti}: no device): nothing measured; the host agent runs without [tpm]");
+        without_tpm(loaded)?
+    };
     show_pcrs();
 
     say!(
@@ -421,20 +459,17 @@ pub(crate) fn init_events(
         .collect()
 }
 
-fn write_events(events: &[InitEvent]) -> anyhow::Result<()> {
-    let path = Path::new(INIT_EVENTS);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+/// The host agent's config for a host without a TPM: the image's, with
+/// its paths made absolute and no `[tpm]`, written to [`RUN_CONFIG`].
+/// Returns where.
+fn without_tpm(mut loaded: HostdConfig) -> anyhow::Result<PathBuf> {
+    if loaded.tpm.is_none() {
+        return Ok(Path::new(PROVISION_DIR).join(HOSTD_CONFIG));
     }
-    let mut text = Vec::new();
-    for e in events {
-        serde_json::to_writer(&mut text, e)?;
-        text.push(b'\n');
-    }
-    let mut f = std::fs::File::create(path).with_context(|| INIT_EVENTS.to_owned())?;
-    f.write_all(&text)?;
-    f.sync_all()?;
-    Ok(())
+    loaded.tpm = None;
+    let path = PathBuf::from(RUN_CONFIG);
+    loaded.write(&path)?;
+    Ok(path)
 }
 
 /// The firmware's event log.

@@ -306,7 +306,8 @@ fn show(state: &Path, given: &str, output: Output) -> anyhow::Result<()> {
 /// config rewritten for the image: the state, images and volumes on the
 /// state filesystem, the files next to the config, no binary paths, no
 /// instance network (the data path is provisioned apart), the release
-/// repository on the state filesystem.
+/// repository on the state filesystem, and the machine's TPM
+/// (`device:/dev/tpmrm0`) with the event log of the init's measurement.
 fn stage_provisioning(
     provision: &Path,
     staged: &Path,
@@ -362,6 +363,19 @@ fn stage_provisioning(
             health_deadline_secs: r.health_deadline_secs,
         });
     }
+    config.tpm = Some(nitrile_hostd::config::TpmConfig {
+        tcti: crate::cmd::host_init::measure::DEFAULT_TCTI.to_owned(),
+        event_log: Some(PathBuf::from(crate::cmd::host_init::INIT_EVENTS)),
+        document_certificate: match old
+            .tpm
+            .as_ref()
+            .and_then(|t| t.document_certificate.as_ref())
+        {
+            Some(c) => Some(copy(c, "tpm-document.pem", 0o644)?),
+            None => None,
+        },
+        tls_key: None,
+    });
     config
         .write(&staged.join(crate::cmd::host_init::HOSTD_CONFIG))
         .context("cannot write the image's host agent config")?;
@@ -447,6 +461,10 @@ fn build_host(args: BuildHostArgs, output: Output) -> anyhow::Result<()> {
         mke2fs: args.mke2fs,
         cmdline,
         modules: host::HOST_MODULES.iter().map(|m| (*m).to_owned()).collect(),
+        dlopened: host::DLOPENED_LIBRARIES
+            .iter()
+            .map(|l| (*l).to_owned())
+            .collect(),
         init_events: events,
         annotations,
     };

@@ -136,6 +136,25 @@ pub struct KmsConfig {
     /// and never to manage the key. None: only a key's owner uses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PrincipalId>,
+    /// With it, a volume key is released only to a host whose attestation
+    /// document (sent with the unwrap) verifies and matches these
+    /// reference values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<AttestationPolicy>,
+}
+
+/// `[attestation]`: the measurements a host must prove before the key
+/// service releases a volume key to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationPolicy {
+    /// The reference values (`reference.json` of `nitrile image
+    /// build-host`: `pcr<N>` keys, 64 hex digits each); every PCR named
+    /// must match.
+    pub reference: PathBuf,
+    /// How old a document may be, in seconds (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_secs: Option<u64>,
 }
 
 impl KmsConfig {
@@ -164,6 +183,7 @@ impl KmsConfig {
             sweep_interval_secs: None,
             logd: None,
             placement: None,
+            attestation: None,
         }
     }
 
@@ -205,7 +225,10 @@ impl KmsConfig {
             &mut config.cert,
             &mut config.key,
             &mut config.issuer_keys,
-        ] {
+        ]
+        .into_iter()
+        .chain(config.attestation.as_mut().map(|a| &mut a.reference))
+        {
             if p.is_relative() {
                 // `state = "."` is the file's directory itself.
                 *p = base

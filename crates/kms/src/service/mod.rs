@@ -56,8 +56,8 @@ use nitrile_token::{
 };
 
 pub use config::{
-    ConfigError, DEFAULT_SWEEP_INTERVAL_SECS, JOURNAL_FILE, KmsConfig, MAX_CONFIG_LEN,
-    MAX_SWEEP_INTERVAL_SECS, STORE_DIR,
+    AttestationPolicy, ConfigError, DEFAULT_SWEEP_INTERVAL_SECS, JOURNAL_FILE, KmsConfig,
+    MAX_CONFIG_LEN, MAX_SWEEP_INTERVAL_SECS, STORE_DIR,
 };
 pub use metrics::KmsMetrics;
 pub use sweep::MAX_VOLUMES_PER_RECORD;
@@ -70,6 +70,14 @@ use crate::kms::Kms;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KmsServerError {
+    /// `[attestation]`: the reference values or the CA could not be read
+    #[error("attestation policy {}: {reason}", path.display())]
+    Attestation {
+        /// The reference values' file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// the CA, the certificate or its key could not be loaded, or the
     /// certificate is not the key service's
     #[error("key service identity")]
@@ -222,6 +230,8 @@ pub(crate) struct Service {
     journal: Arc<Journal>,
     clock: Arc<dyn Clock>,
     metrics: KmsMetrics,
+    /// `[attestation]`: what a host must prove to get a volume key.
+    attestation: Option<relay::AttestationCheck>,
 }
 
 impl Service {
@@ -356,6 +366,15 @@ impl KmsServer {
         relay::rebuild_replay_cache(&relayed, &journal_path, clock.now())?;
         let registry = Arc::new(Registry::new());
         let metrics = KmsMetrics::register(&registry)?;
+        let attestation = match &config.attestation {
+            None => None,
+            Some(policy) => Some(relay::AttestationCheck::load(policy, &config.ca).map_err(
+                |reason| KmsServerError::Attestation {
+                    path: policy.reference.clone(),
+                    reason,
+                },
+            )?),
+        };
         let opened = Kms::open(&config.store_dir());
         let service = |kms| Service {
             cell: config.cell.clone(),
@@ -368,6 +387,7 @@ impl KmsServer {
             journal: Arc::clone(&journal),
             clock: Arc::clone(&clock),
             metrics,
+            attestation: attestation.clone(),
         };
         let kms = match opened {
             Ok(kms) => Arc::new(kms),

@@ -248,6 +248,87 @@ fn decide(
     Ok(Granted { grant, use_id })
 }
 
+/// `[attestation]` of the key service: a volume key is released only to a
+/// host whose attestation document verifies under the cell CA, names the
+/// calling host, binds the recipient key, is recent, and shows the
+/// reference PCR values.
+#[derive(Debug, Clone)]
+pub(crate) struct AttestationCheck {
+    reference: std::collections::BTreeMap<u8, [u8; 32]>,
+    ca: Vec<u8>,
+    max_age: std::time::Duration,
+}
+
+impl AttestationCheck {
+    /// Reads the policy's reference values and the cell CA certificate.
+    pub(crate) fn load(
+        policy: &super::config::AttestationPolicy,
+        ca: &std::path::Path,
+    ) -> Result<Self, String> {
+        use rustls_pki_types::pem::PemObject as _;
+        let json =
+            nitrile_fs::read_bounded(&policy.reference, 1 << 20).map_err(|e| e.to_string())?;
+        let reference = nitrile_attest::reference_values(&json)?;
+        let pem = nitrile_fs::read_bounded(ca, 1 << 20).map_err(|e| e.to_string())?;
+        let ca = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .ok_or("no CA certificate")?
+            .map_err(|e| e.to_string())?
+            .as_ref()
+            .to_vec();
+        Ok(Self {
+            reference,
+            ca,
+            max_age: std::time::Duration::from_secs(
+                policy.max_age_secs.unwrap_or(300).clamp(1, 3600),
+            ),
+        })
+    }
+
+    /// Checks the document of an unwrap by `host` for `recipient`.
+    fn check(
+        &self,
+        host: &PrincipalId,
+        recipient: &[u8; 32],
+        document: Option<&nitrile_kms_api::wire::AttestationHex>,
+        now: OffsetDateTime,
+    ) -> Result<(), String> {
+        if host.kind != PrincipalKind::Host {
+            return Err("only a host's attestation releases a key".into());
+        }
+        let doc = document.ok_or(
+            "no attestation document: this key service releases volume keys only to hosts that prove what they run",
+        )?;
+        let opened = nitrile_attest::cose::open(
+            &doc.bytes(),
+            nitrile_attest::cose::verify_with_root(&self.ca),
+        )
+        .map_err(|e| format!("the attestation document: {e}"))?;
+        if opened.module_id != host.name.as_str() {
+            return Err(format!(
+                "the document is for {}, not the caller",
+                opened.module_id
+            ));
+        }
+        if opened.public_key.as_deref() != Some(hex::encode(recipient).as_str()) {
+            return Err("the document does not bind this recipient key".into());
+        }
+        let now_ms = (now.unix_timestamp_nanos() / 1_000_000).max(0) as u128;
+        let at = u128::from(opened.timestamp);
+        if at > now_ms + 60_000 || now_ms.saturating_sub(at) > self.max_age.as_millis() {
+            return Err("the document is not recent".into());
+        }
+        for (i, want) in &self.reference {
+            if opened.pcrs.0.get(i) != Some(want) {
+                return Err(format!(
+                    "PCR {i} is not the reference value: the host does not run the released software"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What the core did.
 enum Done {
     Generated(crate::GeneratedVolumeKey),
@@ -303,6 +384,27 @@ pub(crate) async fn handle(
             return refusal_response(f.status, f.step, &f.reason, seq);
         }
     };
+    // A volume key goes only to a host that proves what it runs.
+    if let (KmsRequest::Unwrap { body, .. }, Some(policy)) = (&req, &svc.attestation)
+        && let Err(reason) = policy.check(
+            &peer.principal,
+            &body.recipient.0,
+            body.attestation.as_ref(),
+            now,
+        )
+    {
+        let record = base(AuditRecord::refusal(
+            now,
+            svc.source.clone(),
+            request_id,
+            RefusalStep::State,
+            &format!("attestation: {reason}"),
+        ))
+        .with_token_id(granted.grant.token_id().to_string());
+        let seq = svc.refusal_seq(svc.append(&record).await, "attestation");
+        svc.metrics.refused.inc();
+        return refusal_response(403, RefusalStep::State, &reason, seq);
+    }
     let grant = &granted.grant;
     let params = match &req {
         KmsRequest::Generate { body, .. } => {
