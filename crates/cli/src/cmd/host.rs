@@ -65,7 +65,13 @@ pub(crate) enum Command {
     /// Example: `nitrile host shutdown --host h1`
     Shutdown(HostFlag),
     /// Boot a host image under QEMU with OVMF and a software TPM: a host in
-    /// a box (see `nitrile host boot --help`).
+    /// a box. The firmware measures the image into PCR 4, its stub the
+    /// image's sections into PCR 11, and the image's init what it loads into
+    /// PCR 15; prints where the host agent serves once it does, and stops
+    /// QEMU and the TPM on Ctrl-C. Under TCG (no usable KVM) a boot takes
+    /// about 20 s.
+    ///
+    /// Example: `nitrile host boot --image host-image --tpm-state h1-tpm --forward 7443`
     Boot(crate::cmd::host_boot::BootArgs),
 }
 
