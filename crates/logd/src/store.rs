@@ -224,6 +224,29 @@ const RECENT_BATCH_ENDS: usize = 64;
 /// The log, read-locked.
 pub(crate) struct LogGuard<'a>(std::sync::RwLockReadGuard<'a, Inner>);
 
+impl LogGuard<'_> {
+    /// The latest record of `source` known to lie in a tree of `size`:
+    /// (seq, log index), under the lock this guard holds (a second read
+    /// lock behind a waiting writer would never be granted).
+    pub(crate) fn covered(&self, source: &str, size: u64) -> Option<(u64, u64)> {
+        covered_in(&self.0, source, size)
+    }
+}
+
+/// The latest record of `source` known to lie in a tree of `size`.
+fn covered_in(inner: &Inner, source: &str, size: u64) -> Option<(u64, u64)> {
+    let recent = inner
+        .recent
+        .get(source)
+        .and_then(|ends| ends.iter().rev().find(|(_, i)| *i < size).copied());
+    recent.or_else(|| {
+        let s = inner.sources.get(source)?;
+        s.acked_index
+            .filter(|i| *i < size)
+            .map(|i| (s.acked_seq, i))
+    })
+}
+
 impl std::ops::Deref for LogGuard<'_> {
     type Target = Log<LogStorage>;
     fn deref(&self) -> &Log<LogStorage> {
@@ -475,22 +498,6 @@ impl Store {
     /// What the log holds of `source`.
     pub(crate) fn head(&self, source: &str) -> Option<SourceState> {
         self.read().sources.get(source).copied()
-    }
-
-    /// The latest record of `source` known to lie in a tree of `size`:
-    /// (seq, log index).
-    pub(crate) fn covered(&self, source: &str, size: u64) -> Option<(u64, u64)> {
-        let inner = self.read();
-        let recent = inner
-            .recent
-            .get(source)
-            .and_then(|ends| ends.iter().rev().find(|(_, i)| *i < size).copied());
-        recent.or_else(|| {
-            let s = inner.sources.get(source)?;
-            s.acked_index
-                .filter(|i| *i < size)
-                .map(|i| (s.acked_seq, i))
-        })
     }
 
     /// Writes the source states with the log size they describe (atomic

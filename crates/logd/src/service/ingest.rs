@@ -350,7 +350,10 @@ impl Inner {
                     .map(hex::encode)
                     .collect()
             };
-            let covered = match inner.store.covered(&source, size) {
+            // The guard's own lock: a second read lock here, behind an
+            // ingest waiting to write, would never be granted (it hung a
+            // loaded `nitrile up` once).
+            let covered = match l.covered(&source, size) {
                 Some((seq, index)) => Some(CoveredRecord {
                     seq,
                     index,
