@@ -42,6 +42,26 @@ pub fn available() -> Result<(), SwtpmError> {
     Ok(())
 }
 
+/// `Ok` if a TPM can be manufactured and served here: swtpm is installed
+/// and this process runs as root (swtpm's local CA keeps its keys under
+/// /var/lib/swtpm-localca); else why not, for a test's `SKIPPED:` line.
+pub fn usable() -> Result<(), String> {
+    available().map_err(|e| e.to_string())?;
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    if root {
+        Ok(())
+    } else {
+        Err("manufacturing a TPM with swtpm's local CA needs root".into())
+    }
+}
+
 /// Manufactures a TPM in `state` (a directory) unless it holds one:
 /// endorsement keys (RSA 2048 and ECC P-384) with certificates signed by
 /// swtpm's local CA, a platform certificate, the SHA-256 bank active.
