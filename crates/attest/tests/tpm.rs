@@ -15,32 +15,11 @@ use nitrile_attest::{
 };
 
 fn tpm_or_skip(dir: &Path) -> Option<Swtpm> {
-    if let Err(e) = swtpm::available() {
-        println!("SKIPPED: {e}");
-        return None;
-    }
-    // swtpm's local CA keeps its keys under /var/lib/swtpm-localca.
-    if std::fs::metadata("/var/lib")
-        .map(|m| m.permissions().readonly())
-        .unwrap_or(true)
-        || unsafe_uid_is_not_root()
-    {
-        println!("SKIPPED: manufacturing a TPM with swtpm's local CA needs root");
+    if let Err(why) = swtpm::usable() {
+        println!("SKIPPED: {why}");
         return None;
     }
     Some(Swtpm::start(dir).expect("swtpm starts"))
-}
-
-fn unsafe_uid_is_not_root() -> bool {
-    // /proc/self/status: "Uid:\treal\teffective..."
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u != "0"))
-        })
-        .unwrap_or(true)
 }
 
 #[test]
