@@ -241,21 +241,7 @@ impl Tpm {
         template: Public,
         f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, AttestError>,
     ) -> Result<T, AttestError> {
-        let key = self
-            .ctx
-            .execute_with_nullauth_session(|ctx| {
-                ctx.create_primary(Hierarchy::Endorsement, template, None, None, None, None)
-            })
-            .map_err(tss("creating the attestation key"))?
-            .key_handle;
-        let out = f(&mut self.ctx, key);
-        let flushed = self
-            .ctx
-            .flush_context(ObjectHandle::from(key))
-            .map_err(tss("flushing a key"));
-        let out = out?;
-        flushed?;
-        Ok(out)
+        self.with_primary(Hierarchy::Endorsement, template, f)
     }
 
     /// The attestation key's public part (derived again, not stored).
@@ -510,25 +496,9 @@ impl Tpm {
         let secret = EncryptedSecret::try_from(credential.secret.clone())
             .map_err(tss("a credential secret"))?;
         let template = attestation_key_template()?;
-        let ak = self
-            .ctx
-            .execute_with_nullauth_session(|ctx| {
-                ctx.create_primary(Hierarchy::Endorsement, template, None, None, None, None)
-            })
-            .map_err(tss("creating the attestation key"))?
-            .key_handle;
+        let ak = primary(&mut self.ctx, Hierarchy::Endorsement, template)?;
         let out = self.with_ek(|ctx, ek| {
-            let session = ctx
-                .start_auth_session(
-                    None,
-                    None,
-                    None,
-                    SessionType::Policy,
-                    SymmetricDefinition::AES_128_CFB,
-                    HashingAlgorithm::Sha256,
-                )
-                .map_err(tss("starting a policy session"))?
-                .ok_or(AttestError::Malformed("no session"))?;
+            let session = policy_session(ctx)?;
             let policy = PolicySession::try_from(session).map_err(tss("a policy session"))?;
             let result = ctx
                 .execute_with_nullauth_session(|ctx| {
@@ -571,13 +541,7 @@ impl Tpm {
         template: Public,
         f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, AttestError>,
     ) -> Result<T, AttestError> {
-        let key = self
-            .ctx
-            .execute_with_nullauth_session(|ctx| {
-                ctx.create_primary(hierarchy, template, None, None, None, None)
-            })
-            .map_err(tss("creating a primary key"))?
-            .key_handle;
+        let key = primary(&mut self.ctx, hierarchy, template)?;
         let out = f(&mut self.ctx, key);
         let flushed = self
             .ctx
@@ -672,13 +636,7 @@ impl Tpm {
     ) -> Result<(Vec<u8>, Vec<u8>), AttestError> {
         let data = Data::try_from(nonce.to_vec()).map_err(tss("the nonce"))?;
         let template = attestation_key_template()?;
-        let ak = self
-            .ctx
-            .execute_with_nullauth_session(|ctx| {
-                ctx.create_primary(Hierarchy::Endorsement, template, None, None, None, None)
-            })
-            .map_err(tss("creating the attestation key"))?
-            .key_handle;
+        let ak = primary(&mut self.ctx, Hierarchy::Endorsement, template)?;
         let out = self.with_bound(key, |ctx, handle| {
             ctx.execute_with_sessions(
                 (
@@ -711,12 +669,7 @@ impl Tpm {
         let data = Data::try_from(nonce.to_vec()).map_err(tss("the nonce"))?;
         let doc_template = document_key_template()?;
         let out = self.with_ak(|ctx, ak| {
-            let doc = ctx
-                .execute_with_nullauth_session(|ctx| {
-                    ctx.create_primary(Hierarchy::Endorsement, doc_template, None, None, None, None)
-                })
-                .map_err(tss("creating the document key"))?
-                .key_handle;
+            let doc = primary(ctx, Hierarchy::Endorsement, doc_template)?;
             let out = ctx
                 .execute_with_sessions(
                     (
@@ -754,17 +707,7 @@ impl Tpm {
         let digest = Digest::try_from(digest.to_vec()).map_err(tss("a digest"))?;
         let ticket = null_ticket()?;
         let signature = self.with_bound(key, |ctx, handle| {
-            let session = ctx
-                .start_auth_session(
-                    None,
-                    None,
-                    None,
-                    SessionType::Policy,
-                    SymmetricDefinition::AES_128_CFB,
-                    HashingAlgorithm::Sha256,
-                )
-                .map_err(tss("starting a policy session"))?
-                .ok_or(AttestError::Malformed("no session"))?;
+            let session = policy_session(ctx)?;
             let result = PolicySession::try_from(session)
                 .map_err(tss("a policy session"))
                 .and_then(|policy| {
@@ -802,28 +745,36 @@ impl Tpm {
             )),
         }
     }
+}
 
-    /// Starts and ends a policy session, to check the TPM answers sessions.
-    #[doc(hidden)]
-    pub fn probe_session(&mut self) -> Result<(), AttestError> {
-        let session = self
-            .ctx
-            .start_auth_session(
-                None,
-                None,
-                None,
-                SessionType::Policy,
-                SymmetricDefinition::AES_128_CFB,
-                HashingAlgorithm::Sha256,
-            )
-            .map_err(tss("starting a session"))?
-            .ok_or(AttestError::Malformed("no session"))?;
-        self.ctx
-            .flush_context(ObjectHandle::from(tss_esapi::handles::SessionHandle::from(
-                session,
-            )))
-            .map_err(tss("flushing a session"))
-    }
+/// A primary key of `hierarchy` made from `template` (the same template
+/// always gives the same key); the caller flushes it.
+fn primary(
+    ctx: &mut Context,
+    hierarchy: Hierarchy,
+    template: Public,
+) -> Result<KeyHandle, AttestError> {
+    Ok(ctx
+        .execute_with_nullauth_session(|ctx| {
+            ctx.create_primary(hierarchy, template, None, None, None, None)
+        })
+        .map_err(tss("creating a primary key"))?
+        .key_handle)
+}
+
+/// A policy session (SHA-256, AES-128-CFB parameter encryption); the
+/// caller flushes it.
+fn policy_session(ctx: &mut Context) -> Result<AuthSession, AttestError> {
+    ctx.start_auth_session(
+        None,
+        None,
+        None,
+        SessionType::Policy,
+        SymmetricDefinition::AES_128_CFB,
+        HashingAlgorithm::Sha256,
+    )
+    .map_err(tss("starting a policy session"))?
+    .ok_or(AttestError::Malformed("no session"))
 }
 
 fn pad48(v: &[u8]) -> Result<[u8; 48], AttestError> {
