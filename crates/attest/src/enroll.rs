@@ -2,9 +2,10 @@
 //! proved (1) it is a genuine TPM (its endorsement key's certificate chains
 //! to a pinned manufacturer CA), (2) its attestation key lives in that TPM
 //! (credential activation), (3) it runs what the reference values describe
-//! (a quote with a fresh nonce), and (4) its TLS key lives in that TPM and
-//! can sign only while the PCRs hold those reference values (TPM2_Certify
-//! of the key, whose name covers its PCR policy). No quote, no certificate.
+//! (a quote with a fresh nonce), and (4) its TLS key and its document key
+//! live in that TPM and can sign only while the PCRs hold those reference
+//! values (TPM2_Certify of each key, whose name covers its PCR policy). No
+//! quote, no certificate.
 //!
 //! The host's half is [`host_evidence`] and [`host_proof`] over a [`Tpm`];
 //! the CA's is [`check_evidence`], [`challenge`] and [`check_proof`].
@@ -33,7 +34,7 @@ pub struct HostEvidence {
     /// The TLS key's TPMT_PUBLIC (bound to the PCR values).
     #[serde(with = "hex::serde")]
     pub tls_key: Vec<u8>,
-    /// The document key's TPMT_PUBLIC.
+    /// The document key's TPMT_PUBLIC (bound to the PCR values).
     #[serde(with = "hex::serde")]
     pub document_key: Vec<u8>,
 }
@@ -287,12 +288,14 @@ fn key_name(tpmt_public: &[u8]) -> Vec<u8> {
     n
 }
 
-/// The TLS key's public area, checked: ECC P-256, a TPM-fixed signing key
-/// usable only through its policy, which is PolicyPCR over `reference`.
-fn check_tls_key(
+/// A TPM-fixed signing key's public area (ECC, named with SHA-256),
+/// checked to be usable only through its policy (userWithAuth clear, not
+/// restricted) and that policy to be PolicyPCR over `reference`'s host
+/// PCRs. Returns where its parameters start.
+fn check_bound_policy(
     tpmt_public: &[u8],
     reference: &BTreeMap<u8, [u8; 32]>,
-) -> Result<Vec<u8>, String> {
+) -> Result<usize, String> {
     let b = tpmt_public;
     let get = |at: usize, n: usize| b.get(at..at + n).ok_or("the key's public area ends early");
     let u16_at = |at: usize| get(at, 2).map(|s| u16::from_be_bytes([s[0], s[1]]));
@@ -319,8 +322,21 @@ fn check_tls_key(
     if policy != policy_pcr_digest(&HOST_PCRS, &values) {
         return Err("its policy is not bound to the reference values".into());
     }
+    Ok(10 + policy_len)
+}
+
+/// The TLS key's public area, checked: ECC P-256, a TPM-fixed signing key
+/// usable only through its policy, which is PolicyPCR over `reference`.
+fn check_tls_key(
+    tpmt_public: &[u8],
+    reference: &BTreeMap<u8, [u8; 32]>,
+) -> Result<Vec<u8>, String> {
+    let b = tpmt_public;
+    let get = |at: usize, n: usize| b.get(at..at + n).ok_or("the key's public area ends early");
+    let u16_at = |at: usize| get(at, 2).map(|s| u16::from_be_bytes([s[0], s[1]]));
+    let parameters = check_bound_policy(tpmt_public, reference)?;
     // symmetric NULL, scheme ECDSA(hash), curve P-256, kdf NULL, then x, y.
-    let mut at = 10 + policy_len;
+    let mut at = parameters;
     if u16_at(at)? != 0x0010 {
         return Err("it has a symmetric algorithm".into());
     }
@@ -405,6 +421,7 @@ pub fn check_proof(
             "the certified key is not the one named".into(),
         ));
     }
+    check_bound_policy(&evidence.document_key, reference).map_err(key("document"))?;
     let document_point = AkPublic {
         tpmt_public: evidence.document_key.clone(),
     }

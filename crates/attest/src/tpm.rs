@@ -18,7 +18,7 @@ use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth, Provision}
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
     Data, Digest, DigestValues, EccPoint, EccScheme, HashScheme, KeyDerivationFunctionScheme,
-    MaxNvBuffer, NvPublicBuilder, PcrSelectionListBuilder, PcrSlot, Public, PublicBuilder,
+    MaxNvBuffer, NvPublicBuilder, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Public, PublicBuilder,
     PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinition,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
@@ -130,9 +130,21 @@ fn storage_key_template() -> Result<Public, AttestError> {
         .map_err(tss("the storage key's template"))
 }
 
-/// The template of the document key: the attestation key's, unrestricted.
-pub fn document_key_template() -> Result<Public, AttestError> {
-    key_template(false)
+/// The template of the document key bound to `values` of the host PCRs
+/// ([`crate::HOST_PCRS`]): the attestation key's, unrestricted, usable only
+/// through its policy (userWithAuth clear), which is TPM2_PolicyPCR over
+/// those values. It is a primary of the endorsement hierarchy: the same
+/// TPM and values always derive the same key, and once the PCRs hold other
+/// values the TPM refuses to sign with it. A host running other software
+/// derives another key, which no CA certified.
+pub fn document_key_template(values: &[[u8; 32]]) -> Result<Public, AttestError> {
+    if values.len() != crate::HOST_PCRS.len() {
+        return Err(AttestError::Malformed(
+            "the document key is bound to every host PCR",
+        ));
+    }
+    let policy = crate::credential::policy_pcr_digest(&crate::HOST_PCRS, values);
+    key_template(false, Some(policy))
 }
 
 /// The template of the attestation key: a restricted ECDSA P-384 signing
@@ -140,15 +152,15 @@ pub fn document_key_template() -> Result<Public, AttestError> {
 /// so that the same TPM always derives the same key and nothing of it is
 /// stored outside the TPM.
 pub fn attestation_key_template() -> Result<Public, AttestError> {
-    key_template(true)
+    key_template(true, None)
 }
 
-fn key_template(restricted: bool) -> Result<Public, AttestError> {
+fn key_template(restricted: bool, policy: Option<[u8; 32]>) -> Result<Public, AttestError> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
+        .with_user_with_auth(policy.is_none())
         .with_restricted(restricted)
         .with_sign_encrypt(true)
         .build()
@@ -162,12 +174,18 @@ fn key_template(restricted: bool) -> Result<Public, AttestError> {
         .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
         .build()
         .map_err(tss("the attestation key's parameters"))?;
-    PublicBuilder::new()
+    let mut builder = PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
         .with_object_attributes(attributes)
         .with_ecc_parameters(parameters)
-        .with_ecc_unique_identifier(EccPoint::default())
+        .with_ecc_unique_identifier(EccPoint::default());
+    if let Some(policy) = policy {
+        builder = builder.with_auth_policy(
+            Digest::try_from(policy.to_vec()).map_err(tss("a policy digest"))?,
+        );
+    }
+    builder
         .build()
         .map_err(tss("the attestation key's template"))
 }
@@ -286,21 +304,47 @@ impl Tpm {
         })
     }
 
-    /// Signs `data` with the document key (ECDSA P-384 over SHA-384 of the
-    /// data, hashed here), for attestation documents (COSE_Sign1). The
-    /// document key is not the attestation key: it is unrestricted, so it
-    /// could sign anything, and no verifier takes it for quotes. Returns
-    /// `r || s`, 48 bytes each.
+    /// The host PCRs' values now, in [`crate::HOST_PCRS`] order.
+    fn host_pcr_values(&mut self) -> Result<Vec<[u8; 32]>, AttestError> {
+        Ok(self
+            .pcrs(&crate::HOST_PCRS)?
+            .0
+            .values()
+            .copied()
+            .collect())
+    }
+
+    /// Signs `data` with the document key bound to the PCR values the TPM
+    /// holds now (ECDSA P-384 over SHA-384 of the data, hashed here), for
+    /// attestation documents (COSE_Sign1). The document key is not the
+    /// attestation key: it is unrestricted, so it could sign anything, and
+    /// no verifier takes it for quotes; it signs only while the PCRs hold
+    /// the values it is bound to. Returns `r || s`, 48 bytes each.
     pub fn sign_document(&mut self, data: &[u8]) -> Result<Vec<u8>, AttestError> {
+        let values = self.host_pcr_values()?;
+        self.sign_document_bound_to(&values, data)
+    }
+
+    /// Signs `data` with the document key bound to `values` of the host
+    /// PCRs: the TPM refuses ([`AttestError::PolicyRefused`]) unless the
+    /// PCRs hold them.
+    pub fn sign_document_bound_to(
+        &mut self,
+        values: &[[u8; 32]],
+        data: &[u8],
+    ) -> Result<Vec<u8>, AttestError> {
         use sha2::Digest as _;
         let digest =
             Digest::try_from(sha2::Sha384::digest(data).to_vec()).map_err(tss("a digest"))?;
         let ticket = null_ticket()?;
-        let signature = self.with_key(document_key_template()?, |ctx, key| {
-            ctx.execute_with_nullauth_session(|ctx| {
-                ctx.sign(key, digest, SignatureScheme::Null, ticket)
+        let selection = host_selection()?;
+        let signature = self.with_key(document_key_template(values)?, |ctx, key| {
+            with_pcr_policy(ctx, selection, |ctx, session| {
+                ctx.execute_with_session(Some(session), |ctx| {
+                    ctx.sign(key, digest, SignatureScheme::Null, ticket)
+                })
+                .map_err(|e| AttestError::PolicyRefused(e.to_string()))
             })
-            .map_err(tss("signing a document"))
         })?;
         match signature {
             Signature::EcDsa(sig) => {
@@ -315,9 +359,17 @@ impl Tpm {
         }
     }
 
-    /// The document key's public part (derived again, not stored).
+    /// The public part of the document key bound to the PCR values the TPM
+    /// holds now (derived again, not stored).
     pub fn document_key(&mut self) -> Result<AkPublic, AttestError> {
-        self.with_key(document_key_template()?, |ctx, key| {
+        let values = self.host_pcr_values()?;
+        self.document_key_bound_to(&values)
+    }
+
+    /// The public part of the document key bound to `values` of the host
+    /// PCRs (whatever they hold now).
+    pub fn document_key_bound_to(&mut self, values: &[[u8; 32]]) -> Result<AkPublic, AttestError> {
+        self.with_key(document_key_template(values)?, |ctx, key| {
             let (public, _, _) = ctx.read_public(key).map_err(tss("reading a public key"))?;
             AkPublic::from_tpm_public_any(&public)
         })
@@ -660,14 +712,24 @@ impl Tpm {
         ))
     }
 
-    /// TPM2_Certify of the document key by the attestation key, with
-    /// `nonce`.
+    /// TPM2_Certify, with `nonce`, of the document key bound to the PCR
+    /// values the TPM holds now, by the attestation key.
     pub fn certify_document_key(
         &mut self,
         nonce: &[u8],
     ) -> Result<(Vec<u8>, Vec<u8>), AttestError> {
+        let values = self.host_pcr_values()?;
+        self.certify_document_key_bound_to(&values, nonce)
+    }
+
+    /// TPM2_Certify, with `nonce`, of the document key bound to `values`.
+    pub fn certify_document_key_bound_to(
+        &mut self,
+        values: &[[u8; 32]],
+        nonce: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>), AttestError> {
         let data = Data::try_from(nonce.to_vec()).map_err(tss("the nonce"))?;
-        let doc_template = document_key_template()?;
+        let doc_template = document_key_template(values)?;
         let out = self.with_ak(|ctx, ak| {
             let doc = primary(ctx, Hierarchy::Endorsement, doc_template)?;
             let out = ctx
@@ -694,36 +756,16 @@ impl Tpm {
     /// Signs the SHA-256 `digest` with a bound key: the TPM refuses unless
     /// the PCRs hold the values the key was bound to. Returns `r || s`.
     pub fn sign_bound(&mut self, key: &BoundKey, digest: [u8; 32]) -> Result<Vec<u8>, AttestError> {
-        use tss_esapi::interface_types::session_handles::PolicySession;
-        let slots = key
-            .pcrs
-            .iter()
-            .map(|&i| slot(i))
-            .collect::<Result<Vec<_>, _>>()?;
-        let selection = PcrSelectionListBuilder::new()
-            .with_selection(HashingAlgorithm::Sha256, &slots)
-            .build()
-            .map_err(tss("a PCR selection"))?;
+        let selection = selection_of(&key.pcrs)?;
         let digest = Digest::try_from(digest.to_vec()).map_err(tss("a digest"))?;
         let ticket = null_ticket()?;
         let signature = self.with_bound(key, |ctx, handle| {
-            let session = policy_session(ctx)?;
-            let result = PolicySession::try_from(session)
-                .map_err(tss("a policy session"))
-                .and_then(|policy| {
-                    ctx.policy_pcr(policy, Digest::default(), selection)
-                        .map_err(tss("the PCR policy"))
+            with_pcr_policy(ctx, selection, |ctx, session| {
+                ctx.execute_with_session(Some(session), |ctx| {
+                    ctx.sign(handle, digest, SignatureScheme::Null, ticket)
                 })
-                .and_then(|()| {
-                    ctx.execute_with_session(Some(session), |ctx| {
-                        ctx.sign(handle, digest, SignatureScheme::Null, ticket)
-                    })
-                    .map_err(|e| AttestError::PolicyRefused(e.to_string()))
-                });
-            let _ = ctx.flush_context(ObjectHandle::from(tss_esapi::handles::SessionHandle::from(
-                session,
-            )));
-            result
+                .map_err(|e| AttestError::PolicyRefused(e.to_string()))
+            })
         })?;
         match signature {
             Signature::EcDsa(sig) => {
@@ -760,6 +802,42 @@ fn primary(
         })
         .map_err(tss("creating a primary key"))?
         .key_handle)
+}
+
+/// The SHA-256 bank's selection of `pcrs`.
+fn selection_of(pcrs: &[u8]) -> Result<PcrSelectionList, AttestError> {
+    let slots = pcrs.iter().map(|&i| slot(i)).collect::<Result<Vec<_>, _>>()?;
+    PcrSelectionListBuilder::new()
+        .with_selection(HashingAlgorithm::Sha256, &slots)
+        .build()
+        .map_err(tss("a PCR selection"))
+}
+
+/// The selection of the host PCRs.
+fn host_selection() -> Result<PcrSelectionList, AttestError> {
+    selection_of(&crate::HOST_PCRS)
+}
+
+/// Runs `f` with a policy session that passed TPM2_PolicyPCR over
+/// `selection` at the values the PCRs hold now, then flushes the session.
+fn with_pcr_policy<T>(
+    ctx: &mut Context,
+    selection: PcrSelectionList,
+    f: impl FnOnce(&mut Context, AuthSession) -> Result<T, AttestError>,
+) -> Result<T, AttestError> {
+    use tss_esapi::interface_types::session_handles::PolicySession;
+    let session = policy_session(ctx)?;
+    let result = PolicySession::try_from(session)
+        .map_err(tss("a policy session"))
+        .and_then(|policy| {
+            ctx.policy_pcr(policy, Digest::default(), selection)
+                .map_err(tss("the PCR policy"))
+        })
+        .and_then(|()| f(ctx, session));
+    let _ = ctx.flush_context(ObjectHandle::from(tss_esapi::handles::SessionHandle::from(
+        session,
+    )));
+    result
 }
 
 /// A policy session (SHA-256, AES-128-CFB parameter encryption); the

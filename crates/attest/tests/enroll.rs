@@ -94,6 +94,15 @@ fn a_measured_host_is_enrolled_and_a_changed_one_is_not() {
     .verify(b"a TLS handshake", &sig)
     .unwrap();
 
+    // So does the document key, and the CA certified that very key.
+    let sig = tpm.sign_document(b"an attestation document").unwrap();
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P384_SHA384_FIXED,
+        &enrolled.document_point,
+    )
+    .verify(b"an attestation document", &sig)
+    .unwrap();
+
     // The proof replayed against another challenge: refused.
     let (other, other_secret) = enroll::challenge(&evidence).unwrap();
     assert!(matches!(
@@ -128,6 +137,55 @@ fn a_measured_host_is_enrolled_and_a_changed_one_is_not() {
     assert!(
         matches!(err, nitrile_attest::AttestError::PolicyRefused(_)),
         "{err}"
+    );
+    // Nor will it sign a document with the document key the CA certified:
+    // that key is bound to the good image's PCRs too.
+    let good: Vec<[u8; 32]> = reference.values().copied().collect();
+    let err = tpm
+        .sign_document_bound_to(&good, b"nitrotpm_pcrs of the good image")
+        .unwrap_err();
+    assert!(
+        matches!(err, nitrile_attest::AttestError::PolicyRefused(_)),
+        "{err}"
+    );
+    // What it can sign a document with is another key, which the CA never
+    // certified: a document claiming the good values does not verify.
+    let sig = tpm
+        .sign_document(b"nitrotpm_pcrs of the good image")
+        .unwrap();
+    assert!(
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P384_SHA384_FIXED,
+            &enrolled.document_point,
+        )
+        .verify(b"nitrotpm_pcrs of the good image", &sig)
+        .is_err()
+    );
+    assert_ne!(
+        tpm.document_key().unwrap().document_point().unwrap(),
+        enrolled.document_point
+    );
+    // A document key of this TPM bound to other values (the changed
+    // image's), certified under a good quote: refused at enrollment.
+    let now: Vec<[u8; 32]> = tpm.pcrs(&HOST_PCRS).unwrap().0.values().copied().collect();
+    let mut other = evidence2.clone();
+    other.tls_key = evidence.tls_key.clone();
+    other.document_key = tpm.document_key_bound_to(&now).unwrap().tpmt_public;
+    let (c, s) = enroll::challenge(&other).unwrap();
+    drop(tpm);
+    drop(swtpm);
+    // Back in the good image, whose quote and TLS key pass.
+    let swtpm = Swtpm::start(&state).unwrap();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    boot(&mut tpm, &image);
+    let mut p = enroll::host_proof(&mut tpm, &tls, &c).unwrap();
+    assert!(enroll::check_proof(&evidence, &c, &s, &p, &reference).is_ok());
+    (p.document_certify, p.document_certify_signature) =
+        tpm.certify_document_key_bound_to(&now, &c.nonce).unwrap();
+    let refused = enroll::check_proof(&other, &c, &s, &p, &reference);
+    assert!(
+        matches!(&refused, Err(EnrollError::Key { key: "document", reason }) if reason.contains("policy")),
+        "{refused:?}"
     );
     // The PCRs this all rests on are the host's.
     assert_eq!(HOST_PCRS, [4, 11, 15]);

@@ -38,12 +38,26 @@ fn document(
     recipient: &[u8; 32],
     at_ms: u64,
 ) -> AttestationHex {
+    let pcrs = Tpm::open(tcti).unwrap().pcrs(&HOST_PCRS).unwrap();
+    document_showing(tcti, cert, ca, host, recipient, at_ms, &pcrs)
+}
+
+/// A document whose payload shows `pcrs`, signed by the document key bound
+/// to the PCRs the TPM holds.
+fn document_showing(
+    tcti: &str,
+    cert: &[u8],
+    ca: &[u8],
+    host: &str,
+    recipient: &[u8; 32],
+    at_ms: u64,
+    pcrs: &nitrile_attest::Pcrs,
+) -> AttestationHex {
     let mut tpm = Tpm::open(tcti).unwrap();
-    let pcrs = tpm.pcrs(&HOST_PCRS).unwrap();
     let payload = cose::payload(
         host,
         at_ms,
-        &pcrs,
+        pcrs,
         cert,
         &[ca.to_vec()],
         Some(recipient),
@@ -197,13 +211,33 @@ async fn a_volume_key_goes_only_to_a_host_that_proves_what_it_runs() {
     let sealed = nitrile_kms::SealedKey::decode(sealed.as_bytes()).unwrap();
     assert!(vmm.open(&sealed, &n("v1")).is_ok());
 
-    // The host's software changed (PCR 15 extended again): refused.
-    Tpm::open(&tcti).unwrap().extend(15, [3u8; 32]).unwrap();
-    let d = document(&tcti, &cert, &ca_der, "h1", &pk.0, now_ms());
+    // A document under the certified key showing another PCR 15: refused.
+    let mut shown = Tpm::open(&tcti).unwrap().pcrs(&HOST_PCRS).unwrap();
+    shown.0.insert(15, [3u8; 32]);
+    let d = document_showing(&tcti, &cert, &ca_der, "h1", &pk.0, now_ms(), &shown);
     refused_for(
         h1.unwrap_attested(&n("v1"), &wrapped, &pk, Some(d), &attach())
             .await,
         "PCR 15",
+    );
+
+    // The host's software changed (PCR 15 extended again): the TPM refuses
+    // to sign with the certified document key, bound to the old values,
+    // and a document under the key it derives now is refused: no CA
+    // certified that key.
+    let mut tpm = Tpm::open(&tcti).unwrap();
+    let before: Vec<[u8; 32]> = tpm.pcrs(&HOST_PCRS).unwrap().0.into_values().collect();
+    tpm.extend(15, [3u8; 32]).unwrap();
+    assert!(matches!(
+        tpm.sign_document_bound_to(&before, b"a document"),
+        Err(nitrile_attest::AttestError::PolicyRefused(_))
+    ));
+    drop(tpm);
+    let d = document(&tcti, &cert, &ca_der, "h1", &pk.0, now_ms());
+    refused_for(
+        h1.unwrap_attested(&n("v1"), &wrapped, &pk, Some(d), &attach())
+            .await,
+        "attestation document",
     );
     // Every refusal is in the journal.
     let refusals = cell
@@ -215,6 +249,6 @@ async fn a_volume_key_goes_only_to_a_host_that_proves_what_it_runs() {
                 .is_some_and(|x| x.starts_with("attestation:"))
         })
         .count();
-    assert_eq!(refusals, 6);
+    assert_eq!(refusals, 7);
     running.stop().await;
 }
