@@ -192,6 +192,23 @@ pub fn check_evidence(evidence: &HostEvidence, ek_cas: &[Vec<u8>]) -> Result<(),
     Ok(())
 }
 
+/// The host's check of a certificate the CA sends back after enrollment:
+/// issued by `ca` (DER, the cell CA pinned at provisioning), valid now,
+/// and for the key whose uncompressed point is `point` (a key of this
+/// host's TPM). Anyone may send a host certificates; only these are kept.
+pub fn check_issued(cert: &[u8], ca: &[u8], point: &[u8]) -> Result<(), String> {
+    use x509_parser::prelude::*;
+    if !issued_by(cert, ca) {
+        return Err("not issued by the cell CA, or not valid now".into());
+    }
+    let (_, parsed) =
+        X509Certificate::from_der(cert).map_err(|e| format!("not a certificate: {e}"))?;
+    if parsed.public_key().subject_public_key.data.as_ref() != point {
+        return Err("not for this host's key".into());
+    }
+    Ok(())
+}
+
 /// Whether `cert` (DER) names `ca` (DER) as its issuer, is signed by its
 /// key, and both are valid now.
 pub fn issued_by(cert: &[u8], ca: &[u8]) -> bool {
@@ -331,10 +348,20 @@ fn check_tls_key(
     tpmt_public: &[u8],
     reference: &BTreeMap<u8, [u8; 32]>,
 ) -> Result<Vec<u8>, String> {
+    check_bound_policy(tpmt_public, reference)?;
+    tls_point(tpmt_public)
+}
+
+/// The uncompressed point (`04 || x || y`) of a TLS key's public area
+/// (ECC P-256), without checking its policy.
+pub fn tls_point(tpmt_public: &[u8]) -> Result<Vec<u8>, String> {
     let b = tpmt_public;
     let get = |at: usize, n: usize| b.get(at..at + n).ok_or("the key's public area ends early");
     let u16_at = |at: usize| get(at, 2).map(|s| u16::from_be_bytes([s[0], s[1]]));
-    let parameters = check_bound_policy(tpmt_public, reference)?;
+    if u16_at(0)? != 0x0023 {
+        return Err("not an ECC key".into());
+    }
+    let parameters = 10 + u16_at(8)? as usize;
     // symmetric NULL, scheme ECDSA(hash), curve P-256, kdf NULL, then x, y.
     let mut at = parameters;
     if u16_at(at)? != 0x0010 {

@@ -18,8 +18,8 @@ use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth, Provision}
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
     Data, Digest, DigestValues, EccPoint, EccScheme, HashScheme, KeyDerivationFunctionScheme,
-    MaxNvBuffer, NvPublicBuilder, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Public, PublicBuilder,
-    PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinition,
+    MaxNvBuffer, NvPublicBuilder, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Public,
+    PublicBuilder, PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinition,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::Marshall;
@@ -181,9 +181,8 @@ fn key_template(restricted: bool, policy: Option<[u8; 32]>) -> Result<Public, At
         .with_ecc_parameters(parameters)
         .with_ecc_unique_identifier(EccPoint::default());
     if let Some(policy) = policy {
-        builder = builder.with_auth_policy(
-            Digest::try_from(policy.to_vec()).map_err(tss("a policy digest"))?,
-        );
+        builder = builder
+            .with_auth_policy(Digest::try_from(policy.to_vec()).map_err(tss("a policy digest"))?);
     }
     builder
         .build()
@@ -306,12 +305,7 @@ impl Tpm {
 
     /// The host PCRs' values now, in [`crate::HOST_PCRS`] order.
     fn host_pcr_values(&mut self) -> Result<Vec<[u8; 32]>, AttestError> {
-        Ok(self
-            .pcrs(&crate::HOST_PCRS)?
-            .0
-            .values()
-            .copied()
-            .collect())
+        Ok(self.pcrs(&crate::HOST_PCRS)?.0.values().copied().collect())
     }
 
     /// Signs `data` with the document key bound to the PCR values the TPM
@@ -806,7 +800,10 @@ fn primary(
 
 /// The SHA-256 bank's selection of `pcrs`.
 fn selection_of(pcrs: &[u8]) -> Result<PcrSelectionList, AttestError> {
-    let slots = pcrs.iter().map(|&i| slot(i)).collect::<Result<Vec<_>, _>>()?;
+    let slots = pcrs
+        .iter()
+        .map(|&i| slot(i))
+        .collect::<Result<Vec<_>, _>>()?;
     PcrSelectionListBuilder::new()
         .with_selection(HashingAlgorithm::Sha256, &slots)
         .build()

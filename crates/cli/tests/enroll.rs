@@ -313,3 +313,242 @@ fn an_enrolled_host_serves_with_its_tpm_key_and_a_changed_one_cannot() {
         "{err}"
     );
 }
+
+/// `nitrile <args>` with no client config, its output.
+fn bare(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_nitrile"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_host_awaiting_enrollment_is_enrolled_over_the_network_and_keeps_only_what_checks() {
+    if let Err(e) = swtpm::available() {
+        skipped(&e.to_string());
+        return;
+    }
+    if !is_root() {
+        skipped("manufacturing a TPM with swtpm's local CA needs root");
+        return;
+    }
+    let mut cell = Cell::up();
+    cell.stop_up();
+    let root = cell.root().to_owned();
+    let swtpm = Swtpm::start(&root.join("h1-tpm")).unwrap();
+    let image = b"an initramfs with nitrile and its libraries".to_vec();
+    let events = root.join("init-events.jsonl");
+    boot(&swtpm.tcti(), &image, &events);
+    std::fs::write(root.join("reference.json"), reference(&image).to_string()).unwrap();
+    let mut changed = image.clone();
+    changed[3] ^= 1;
+    std::fs::write(root.join("changed.json"), reference(&changed).to_string()).unwrap();
+    let mut ek_ca = std::fs::read("/var/lib/swtpm-localca/issuercert.pem").unwrap();
+    ek_ca.extend(std::fs::read("/var/lib/swtpm-localca/swtpm-localca-rootca-cert.pem").unwrap());
+    std::fs::write(root.join("tpm-ca.pem"), ek_ca).unwrap();
+
+    // The host as the image provisions it: no key or certificate of its
+    // own, the paths enrollment fills on its state disk.
+    let config = cell.hostd_config();
+    let host_dir = cell.host_dir();
+    let enrolled = host_dir.join("enrolled");
+    for f in ["host.pem", "host.key"] {
+        let _ = std::fs::remove_file(host_dir.join(f));
+    }
+    let text = std::fs::read_to_string(&config).unwrap();
+    let cell_name = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cell = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    let port = text
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = "))
+        .unwrap()
+        .trim_matches('"')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let addr = format!("127.0.0.1:{port}");
+    std::fs::write(
+        &config,
+        format!(
+            "{text}\n[tpm]\ntcti = \"{}\"\nevent_log = \"{}\"\ntls_key = \"{}\"\ndocument_certificate = \"{}\"\n",
+            swtpm.tcti(),
+            events.display(),
+            enrolled.join("tls-key.json").display(),
+            enrolled.join("document.pem").display(),
+        ),
+    )
+    .unwrap();
+    cell::set_line(&config, "cert", enrolled.join("host.pem").to_str().unwrap());
+    cell::set_line(
+        &config,
+        "key",
+        enrolled.join("tls-key.json").to_str().unwrap(),
+    );
+
+    // Not enrolled, and not told to wait: the agent does not start.
+    let out = bare(&["--config", config.to_str().unwrap(), "hostd"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not enrolled"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    cell.start_tokend();
+    cell.start_kms();
+    cell.start_service(
+        "hostd-enroll",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "hostd",
+            "--await-enrollment",
+        ],
+        "serving the enrollment exchange",
+    );
+    let pki = root.join("state/pki");
+    let ek_ca = root.join("tpm-ca.pem").to_str().unwrap().to_owned();
+    let good_reference = root.join("reference.json").to_str().unwrap().to_owned();
+    let enroll = |dir: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "pki",
+            "enroll-host",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--address",
+            &addr,
+            "--ek-ca",
+            &ek_ca,
+            "--out",
+            root.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        if !extra.contains(&"--host") {
+            args.extend(["--host", "h1"]);
+        }
+        if !extra.contains(&"--reference") {
+            args.extend(["--reference", good_reference.as_str()]);
+        }
+        bare(&args)
+    };
+    let refused = |out: &std::process::Output, why: &str| {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success() && err.contains(why), "{why}: {err}");
+        assert!(!enrolled.join("tls-key.json").exists(), "{why}: enrolled");
+    };
+    // Bytes that are no request: the host answers nothing and goes on.
+    {
+        use std::io::Write as _;
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"\x16\x03\x01 not HTTP\r\n\r\n").unwrap();
+    }
+    // Another host name than the one at the address: refused.
+    refused(
+        &enroll(&pki, &["--host", "h2"]),
+        "the host at the address is h1",
+    );
+    // Another TPM than the inventory's: refused before any challenge.
+    refused(
+        &enroll(&pki, &["--ek-sha256", &"00".repeat(32)]),
+        "not the one pinned",
+    );
+    // Another image's reference: the CA refuses, no certificate.
+    refused(
+        &enroll(
+            &pki,
+            &["--reference", root.join("changed.json").to_str().unwrap()],
+        ),
+        "PCR 11",
+    );
+    // A CA of the same cell name that is not the host's pinned cell CA
+    // passes its own checks and issues certificates; the host keeps none.
+    let rogue = root.join("rogue-ca");
+    assert!(
+        bare(&[
+            "pki",
+            "init",
+            "--dir",
+            rogue.to_str().unwrap(),
+            "--cell",
+            &cell_name
+        ])
+        .status
+        .success()
+    );
+    refused(&enroll(&rogue, &[]), "not issued by the cell CA");
+
+    // The cell CA: enrolled; the host keeps the certificates and its
+    // TPM-wrapped key on its state disk and serves the admin API.
+    let out = enroll(&pki, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in ["tls-key.json", "host.pem", "document.pem"] {
+        let text = std::fs::read_to_string(enrolled.join(f)).unwrap();
+        assert!(!text.contains("PRIVATE KEY"), "{f}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(cell.log("hostd-enroll"))
+        .unwrap_or_default()
+        .contains(" serving on ")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the enrolled agent did not serve\n{}",
+            std::fs::read_to_string(cell.log("hostd-enroll")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let alice = root.join("state/clients/operator-alice.toml");
+    let carol = root.join("state/clients/auditor-carol.toml");
+    let described = cell.ok(&alice, &["host", "describe", "-o", "json"]);
+    assert!(described.contains("tpm-pcr15"), "{described}");
+    let verified = cell.ok(
+        &carol,
+        &[
+            "host",
+            "verify-attestation",
+            "--reference",
+            root.join("reference.json").to_str().unwrap(),
+            "--attestation-key",
+            root.join("h1.attestation-key").to_str().unwrap(),
+            "-o",
+            "json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&verified).unwrap();
+    assert_eq!(v["verified"], true, "{verified}");
+    assert!(
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["check"] == "document" && c["ok"] == true),
+        "{verified}"
+    );
+
+    // Restarted, it is enrolled: it serves at once, no exchange.
+    cell.kill_service("hostd-enroll");
+    let line = cell.start_service(
+        "hostd-again",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "hostd",
+            "--await-enrollment",
+        ],
+        " serving on ",
+    );
+    assert!(line.contains("h1 serving on"), "{line}");
+    let log = std::fs::read_to_string(cell.log("hostd-again")).unwrap();
+    assert!(!log.contains("enrollment exchange"), "{log}");
+    cell.ok(&alice, &["host", "describe"]);
+}

@@ -384,7 +384,7 @@ impl Hostd {
         ));
         // An enrolled host's key is in its TPM, usable only while the PCRs
         // hold the measurements it was enrolled with.
-        let identity = match config
+        let tpm_signer: Option<Arc<dyn rustls::sign::SigningKey>> = match config
             .tpm
             .as_ref()
             .and_then(|t| t.tls_key.as_ref().map(|k| (t, k)))
@@ -394,19 +394,22 @@ impl Hostd {
                     .map_err(|e| HostdError::Tpm(format!("{}: {e}", key.display())))?;
                 let bound: nitrile_attest::BoundKey = serde_json::from_slice(&bytes)
                     .map_err(|e| HostdError::Tpm(format!("{}: {e}", key.display())))?;
-                let signer = nitrile_attest::signer::TpmSigningKey::new(
+                Some(Arc::new(nitrile_attest::signer::TpmSigningKey::new(
                     &tpm.tcti,
                     bound,
                     Arc::new(Mutex::new(())),
-                );
-                ServiceIdentity::load_with_signer(
-                    &config.cell,
-                    &config.ca,
-                    &config.cert,
-                    Arc::new(signer),
-                    &expected,
-                )?
+                )))
             }
+            None => None,
+        };
+        let identity = match &tpm_signer {
+            Some(signer) => ServiceIdentity::load_with_signer(
+                &config.cell,
+                &config.ca,
+                &config.cert,
+                Arc::clone(signer),
+                &expected,
+            )?,
             None => ServiceIdentity::load(
                 &config.cell,
                 &config.ca,
@@ -513,7 +516,17 @@ impl Hostd {
         let network = match &config.network {
             None => None,
             Some(net) => {
-                let tls = nitrile_pki::tls::TlsIdentity::load(&config.cert, &config.key)?;
+                // The announcement is signed by the host's key: the TPM's
+                // when it is enrolled.
+                let tls = match &tpm_signer {
+                    Some(signer) => nitrile_pki::tls::TlsIdentity::with_signer(
+                        &nitrile_fs::read_bounded(&config.cert, 1 << 20).map_err(|e| {
+                            HostdError::Tpm(format!("{}: {e}", config.cert.display()))
+                        })?,
+                        Arc::clone(signer),
+                    )?,
+                    None => nitrile_pki::tls::TlsIdentity::load(&config.cert, &config.key)?,
+                };
                 let roots = nitrile_pki::tls::CaRoots::load(&config.ca)?;
                 let hn = crate::network::HostNet::start(
                     net,

@@ -14,7 +14,10 @@
 //! "init measurement": [`init_events`], extended into PCR 15 of the TPM
 //! its config's `[tpm]` names and logged to `/run/nitrile/init-events.jsonl`
 //! by [`measure::measure`]); prints PCRs 4, 11 and 15 as the kernel reads
-//! them from the TPM; starts `nitrile hostd` and reaps every process until
+//! them from the TPM; starts `nitrile hostd --await-enrollment` (a host
+//! whose identity is enrolled in its TPM and not yet enrolled serves the
+//! enrollment exchange first, and keeps what it gets on the state disk)
+//! and reaps every process until
 //! it exits (after `host.shutdown`, or on a failure); then powers the
 //! machine off. It never exits and never reads the console.
 //!
@@ -183,6 +186,7 @@ fn boot(started: Instant) -> anyhow::Result<String> {
     );
     let hostd = std::process::Command::new(NITRILE_PATH)
         .arg("hostd")
+        .arg("--await-enrollment")
         .arg("--config")
         .arg(&config)
         .env_clear()
@@ -441,8 +445,13 @@ pub(crate) fn init_events(
         ("hostd-config", config.to_owned()),
         ("issuer-keys", loaded.issuer_keys.clone()),
         ("cell-ca", loaded.ca.clone()),
-        ("host-certificate", loaded.cert.clone()),
     ];
+    // A certificate enrollment put on the state disk is not measured: it
+    // comes after the measurement its key is bound to, and it is checked
+    // against the measured cell CA when it is received.
+    if loaded.cert.starts_with(read_root) {
+        files.push(("host-certificate", loaded.cert.clone()));
+    }
     if let Some(r) = &loaded.release {
         files.push(("release-root", r.root.clone()));
         files.push(("release-ci-key", r.ci_key.clone()));
@@ -463,6 +472,9 @@ pub(crate) fn init_events(
 /// its paths made absolute and no `[tpm]`, written to [`RUN_CONFIG`].
 /// Returns where.
 fn without_tpm(mut loaded: HostdConfig) -> anyhow::Result<PathBuf> {
+    if loaded.tpm.as_ref().is_some_and(|t| t.tls_key.is_some()) {
+        bail!("this image's host identity is a key in the TPM, and there is no TPM");
+    }
     if loaded.tpm.is_none() {
         return Ok(Path::new(PROVISION_DIR).join(HOSTD_CONFIG));
     }

@@ -42,9 +42,21 @@ use crate::service::{LogFormat, block_on, init_logging};
 /// agent does not report serving with every instance within
 /// `health_deadline_secs`, this one serves again (rolled back, journaled).
 ///
+/// A host whose identity is to be enrolled in its TPM (`[tpm] tls_key`
+/// naming a file that does not exist yet) serves, with
+/// `--await-enrollment`, the enrollment exchange on the agent's port until
+/// the cell CA (`nitrile pki enroll-host --address`) delivers certificates
+/// for its TPM's keys, then serves the admin API with them. The host image
+/// starts the agent this way.
+///
 /// Example: `nitrile hostd --config ./nitrile-state/hosts/h1/hostd.toml`
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
+    /// When the TPM key the config names does not exist yet, serve the
+    /// enrollment exchange on the agent's address first (plain TCP: every
+    /// message is checked by its receiver; see `nitrile pki enroll-host`).
+    #[arg(long)]
+    await_enrollment: bool,
     /// Stop running instances when the agent exits (recorded `stopped`,
     /// reason "host agent shut down").
     #[arg(long)]
@@ -126,6 +138,17 @@ pub(crate) fn run(args: Args, global: &Global) -> anyhow::Result<()> {
         crate::service::exit_with_parent(parent)?;
     }
     init_logging(args.log_format);
+    if args.takeover.is_none() && crate::cmd::enroll_exchange::needs_enrollment(&config) {
+        if !args.await_enrollment {
+            anyhow::bail!(
+                "{} is not enrolled: the TPM key its config names does not exist (run with --await-enrollment and enroll it with nitrile pki enroll-host --address)",
+                config.host
+            );
+        }
+        crate::cmd::enroll_exchange::serve(&config, &mut |line| {
+            let _ = crate::output::errln!("nitrile hostd: {line}");
+        })?;
+    }
     let options = HostdOptions {
         stop_instances_on_exit: args.stop_instances_on_exit,
         live_update: true,

@@ -45,9 +45,11 @@ pub(crate) enum Command {
     /// cloud kernel that `scripts/guest-image.sh` downloads. The same
     /// inputs give the same bytes. Needs `dpkg-deb`, `depmod`, `ldd`,
     /// `zstd`, `objcopy` and systemd-boot-efi's stub (`scripts/setup.sh`).
-    /// The image holds the host's private key: keep it as secret as the key.
+    /// The image holds the host's private key: keep it as secret as the
+    /// key; with `--enroll` it holds none (the host's key is made in its
+    /// TPM and enrolled once it booted).
     ///
-    /// Example: `nitrile image build-host --provision nitrile-state/hosts/h1 --out host-image`
+    /// Example: `nitrile image build-host --provision nitrile-state/hosts/h1 --out host-image --enroll`
     BuildHost(Box<BuildHostArgs>),
     /// List the images in the store: digest, kernel release, sizes, command
     /// line. Stored files are not re-hashed here; `show` does that.
@@ -115,7 +117,18 @@ pub(crate) struct BuildHostArgs {
     /// More kernel command line parameters.
     #[arg(long, value_name = "PARAMS")]
     append: Option<String>,
+    /// Leave the host's key and certificate out: the booted host makes its
+    /// TLS key in its TPM, bound to the measured image, and waits on the
+    /// agent's port for the cell CA to enroll it (`nitrile pki enroll-host
+    /// --address`); what enrollment gives it is kept on its state disk
+    /// (`/var/lib/nitrile/enrollment/`), outside the measured image.
+    #[arg(long)]
+    enroll: bool,
 }
+
+/// Where an enrolled host image keeps what enrollment gave it, on the
+/// state filesystem.
+const ENROLLMENT_DIR: &str = "enrollment";
 
 /// systemd-boot-efi's UEFI stub.
 const DEFAULT_STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
@@ -308,10 +321,13 @@ fn show(state: &Path, given: &str, output: Output) -> anyhow::Result<()> {
 /// instance network (the data path is provisioned apart), the release
 /// repository on the state filesystem, and the machine's TPM
 /// (`device:/dev/tpmrm0`) with the event log of the init's measurement.
+/// With `enroll`, no key or certificate: the config names where enrollment
+/// puts them on the state filesystem, the key being the TPM's.
 fn stage_provisioning(
     provision: &Path,
     staged: &Path,
     listen: Option<std::net::SocketAddr>,
+    enroll: bool,
 ) -> anyhow::Result<nitrile_hostd::HostdConfig> {
     use nitrile_image::host::STATE_DIR;
     let source = provision.join(crate::cmd::host_init::HOSTD_CONFIG);
@@ -336,6 +352,16 @@ fn stage_provisioning(
         Ok(PathBuf::from(name))
     };
     let state = Path::new(STATE_DIR);
+    let enrolled = state.join(ENROLLMENT_DIR);
+    let (cert, key) = if enroll {
+        // The TPM-wrapped key is the host's key; no software key exists.
+        (enrolled.join("host.pem"), enrolled.join("tls-key.json"))
+    } else {
+        (
+            copy(&old.cert, "host.pem", 0o644)?,
+            copy(&old.key, "host.key", 0o600)?,
+        )
+    };
     let mut config = nitrile_hostd::HostdConfig::new(
         old.cell.clone(),
         old.host.clone(),
@@ -344,8 +370,8 @@ fn stage_provisioning(
         }),
         state.join("host"),
         copy(&old.ca, "ca.pem", 0o644)?,
-        copy(&old.cert, "host.pem", 0o644)?,
-        copy(&old.key, "host.key", 0o600)?,
+        cert,
+        key.clone(),
         copy(&old.issuer_keys, "issuer-keys.toml", 0o644)?,
         state.join("images"),
     );
@@ -371,10 +397,11 @@ fn stage_provisioning(
             .as_ref()
             .and_then(|t| t.document_certificate.as_ref())
         {
+            _ if enroll => Some(enrolled.join("document.pem")),
             Some(c) => Some(copy(c, "tpm-document.pem", 0o644)?),
             None => None,
         },
-        tls_key: None,
+        tls_key: enroll.then_some(key),
     });
     config
         .write(&staged.join(crate::cmd::host_init::HOSTD_CONFIG))
@@ -416,7 +443,7 @@ fn build_host(args: BuildHostArgs, output: Output) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot make {}", args.out.display()))?;
     let staged = args.out.join(".provision");
-    let config = stage_provisioning(&args.provision, &staged, args.listen)?;
+    let config = stage_provisioning(&args.provision, &staged, args.listen, args.enroll)?;
     let events = crate::cmd::host_init::init_events(
         &staged.join(crate::cmd::host_init::HOSTD_CONFIG),
         &staged,
@@ -453,6 +480,9 @@ fn build_host(args: BuildHostArgs, output: Output) -> anyhow::Result<()> {
     annotations.insert("cell".to_owned(), config.cell.to_string());
     annotations.insert("ip".to_owned(), format!("{addr}/{prefix}"));
     annotations.insert("hostd_port".to_owned(), config.listen.port().to_string());
+    if args.enroll {
+        annotations.insert("identity".to_owned(), "enrolled in the TPM".to_owned());
+    }
     let spec = host::HostImageSpec {
         nitrile,
         provision: staged.clone(),

@@ -7,6 +7,7 @@ pub(crate) mod config;
 pub(crate) mod customer;
 pub(crate) mod deploy;
 pub(crate) mod deployd;
+pub(crate) mod enroll_exchange;
 pub(crate) mod entitlements;
 pub(crate) mod host;
 pub(crate) mod host_attest;

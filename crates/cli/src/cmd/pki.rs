@@ -87,7 +87,16 @@ pub(crate) enum Command {
     /// those values, is certified by the attestation key. Only then is a
     /// host certificate issued, for that key. No quote, no certificate.
     ///
+    /// A host reached by its TPM directly (`--host-config` and `--tcti`)
+    /// gets its files beside its config; a booted host waiting for
+    /// enrollment (`--address` and `--host`; an image built with
+    /// `nitrile image build-host --enroll`) gets them over the network,
+    /// checks them against its pinned cell CA and keeps them on its state
+    /// disk.
+    ///
     /// Example: `nitrile pki enroll-host --dir ca --host-config hosts/h1/hostd.toml --tcti swtpm:host=127.0.0.1,port=2321 --reference out/reference.json --ek-ca tpm-ca.pem`
+    ///
+    /// Example: `nitrile pki enroll-host --dir ca --address 10.0.0.5:7443 --host h1 --reference host-image/reference.json --ek-ca tpm-ca.pem --ek-sha256 <hex>`
     EnrollHost(crate::cmd::pki_enroll::EnrollArgs),
     /// Show what a certificate says: principal, fingerprint, validity.
     ///
