@@ -607,6 +607,7 @@ fn a_booted_host_shows_only_its_agent_attests_its_image_and_powers_off_on_shutdo
     }
     let cell = provisioned_cell();
     let image = cell.root().join("image");
+    // An image for enrollment: it holds no key of the host.
     let reference = build(
         &cell,
         &image,
@@ -615,8 +616,24 @@ fn a_booted_host_shows_only_its_agent_attests_its_image_and_powers_off_on_shutdo
             &format!("{HOST_IP}/24"),
             "--gateway",
             &GATEWAY.to_string(),
+            "--enroll",
         ],
     );
+    let archive = unpack(&image.join("initramfs"));
+    for (path, entry) in archive.entries() {
+        assert!(
+            !path.ends_with("host.key") && !path.ends_with("host.pem"),
+            "{path} in an image for enrollment"
+        );
+        if let nitrile_image::cpio::EntryKind::File(bytes) = &entry.kind
+            && path.starts_with("etc/")
+        {
+            assert!(
+                !bytes.windows(11).any(|w| w == b"PRIVATE KEY"),
+                "{path} holds a private key"
+            );
+        }
+    }
     let port: u16 = reference["annotations"]["hostd_port"]
         .as_str()
         .unwrap()
@@ -647,6 +664,55 @@ fn a_booted_host_shows_only_its_agent_attests_its_image_and_powers_off_on_shutdo
     };
     let console_log: PathBuf = machine.join("console.log");
     let console = || std::fs::read_to_string(&console_log).unwrap_or_default();
+    let wait_for = |line: &str| {
+        while !console().contains(line) {
+            assert!(
+                started.elapsed() < BOOT_TIMEOUT,
+                "no {line:?} within {BOOT_TIMEOUT:?}\n{}\n{}",
+                std::fs::read_to_string(cell.root().join("boot.log")).unwrap_or_default(),
+                console()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    // First boot: the host waits to be enrolled; the cell CA enrolls it
+    // over the network, and the host keeps what it got on its state disk.
+    wait_for("serving the enrollment exchange");
+    note(&format!(
+        "boot to the enrollment exchange under TCG: {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    let mut ek_ca = std::fs::read("/var/lib/swtpm-localca/issuercert.pem").unwrap();
+    ek_ca.extend(std::fs::read("/var/lib/swtpm-localca/swtpm-localca-rootca-cert.pem").unwrap());
+    let ek_ca_file = cell.root().join("tpm-ca.pem");
+    std::fs::write(&ek_ca_file, ek_ca).unwrap();
+    let enrolled_at = Instant::now();
+    must(
+        in_ns(
+            &ns,
+            &[
+                "pki",
+                "enroll-host",
+                "--dir",
+                cell.root().join("state/pki").to_str().unwrap(),
+                "--address",
+                &format!("{HOST_IP}:{port}"),
+                "--host",
+                "h1",
+                "--reference",
+                image.join("reference.json").to_str().unwrap(),
+                "--ek-ca",
+                ek_ca_file.to_str().unwrap(),
+                "--out",
+                cell.root().to_str().unwrap(),
+            ],
+        ),
+        "nitrile pki enroll-host --address",
+    );
+    note(&format!(
+        "enrollment over the network: {:.1} s",
+        enrolled_at.elapsed().as_secs_f64()
+    ));
     while !console().contains("nitrile hostd: h1 serving on") {
         assert!(
             started.elapsed() < BOOT_TIMEOUT,
@@ -790,6 +856,7 @@ fn a_booted_host_shows_only_its_agent_attests_its_image_and_powers_off_on_shutdo
         "pcr 11",
         "pcr 15",
         "event log",
+        "document",
     ] {
         assert_eq!(passed.get(c), Some(&true), "{c}: {verdict:#}");
     }
@@ -809,6 +876,7 @@ fn a_booted_host_shows_only_its_agent_attests_its_image_and_powers_off_on_shutdo
             &format!("{HOST_IP}/24"),
             "--gateway",
             &GATEWAY.to_string(),
+            "--enroll",
         ],
     );
     let a = unpacked(&image.join("initramfs"));
@@ -862,4 +930,58 @@ fn a_booted_host_shows_only_its_agent_attests_its_image_and_powers_off_on_shutdo
         left.is_empty(),
         "QEMU or swtpm outlived `host boot`: {left:?}"
     );
+
+    // Booted again with the same TPM and disk: enrolled, it serves at once
+    // with the key its TPM holds, and answers as h1.
+    std::fs::remove_file(&console_log).unwrap();
+    let started = Instant::now();
+    let mut boot = Booted {
+        child: Command::new("ip")
+            .args([
+                "netns", "exec", &ns.name, NITRILE, "host", "boot", "--quiet",
+            ])
+            .arg("--image")
+            .arg(&image)
+            .arg("--tpm-state")
+            .arg(&machine)
+            .args(["--tap", &tap])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(cell.root().join("boot-again.log")).unwrap(),
+            ))
+            .spawn()
+            .unwrap(),
+    };
+    while !console().contains("nitrile hostd: h1 serving on") {
+        assert!(
+            started.elapsed() < BOOT_TIMEOUT,
+            "the enrolled host did not serve again\n{}",
+            console()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let text = console();
+    assert!(!text.contains("enrollment exchange"), "{text}");
+    let described = must(
+        in_ns(&ns, &["--config", client, "-o", "json", "host", "describe"]),
+        "nitrile host describe after a reboot",
+    );
+    assert!(described.contains("tpm-pcr15"), "{described}");
+    must(
+        in_ns(&ns, &["--config", client, "host", "shutdown"]),
+        "nitrile host shutdown",
+    );
+    let status = boot.wait_for_exit(POWER_OFF_TIMEOUT).unwrap_or_else(|| {
+        panic!(
+            "the host did not power off within {POWER_OFF_TIMEOUT:?}\n{}",
+            console()
+        )
+    });
+    assert!(
+        status.success(),
+        "nitrile host boot: {status}\n{}",
+        console()
+    );
+    drop(boot);
 }
