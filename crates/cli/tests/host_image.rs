@@ -984,4 +984,43 @@ fn a_booted_host_shows_only_its_agent_attests_its_image_and_powers_off_on_shutdo
         console()
     );
     drop(boot);
+
+    // The same disk in a machine without a TPM: the image's identity is a
+    // TPM key, so the agent never starts and the machine powers off.
+    std::fs::remove_file(&console_log).unwrap();
+    let mut boot = Booted {
+        child: Command::new("ip")
+            .args([
+                "netns", "exec", &ns.name, NITRILE, "host", "boot", "--quiet", "--no-tpm",
+            ])
+            .arg("--image")
+            .arg(&image)
+            .arg("--tpm-state")
+            .arg(&machine)
+            .args(["--tap", &tap])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(cell.root().join("boot-no-tpm.log")).unwrap(),
+            ))
+            .spawn()
+            .unwrap(),
+    };
+    let status = boot
+        .wait_for_exit(BOOT_TIMEOUT)
+        .unwrap_or_else(|| panic!("the host without a TPM did not power off\n{}", console()));
+    let text = console();
+    assert!(
+        status.success(),
+        "nitrile host boot --no-tpm: {status}\n{text}"
+    );
+    assert!(
+        text.contains("there is no TPM") && text.contains("powering off"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("serving on") && !text.contains("enrollment exchange"),
+        "{text}"
+    );
+    drop(boot);
 }

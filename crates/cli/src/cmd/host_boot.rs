@@ -96,6 +96,11 @@ pub(crate) struct BootArgs {
     /// Do not copy the console to stdout.
     #[arg(long)]
     quiet: bool,
+    /// Boot without a TPM (a machine that has none): the image's init then
+    /// measures nothing, and an image whose identity is a TPM key powers
+    /// off without starting the agent.
+    #[arg(long)]
+    no_tpm: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -263,7 +268,9 @@ pub(crate) fn run(args: BootArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot make {}", dir.display()))?;
     }
     let dir = std::fs::canonicalize(dir)?;
-    manufacture_tpm(&dir)?;
+    if !args.no_tpm {
+        manufacture_tpm(&dir)?;
+    }
     let vars = dir.join("OVMF_VARS.fd");
     if !vars.exists() {
         std::fs::copy(&args.ovmf_vars, &vars)
@@ -340,10 +347,6 @@ pub(crate) fn run(args: BootArgs) -> anyhow::Result<()> {
             "if=pflash,format=raw,unit=1,file={}",
             vars.display()
         ))
-        .arg("-chardev")
-        .arg(format!("socket,id=chrtpm,path={}", tpm_sock.display()))
-        .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm"])
-        .args(["-device", "tpm-crb,tpmdev=tpm0"])
         .arg("-drive")
         .arg(format!(
             // Read-only to the host's files: the guest's writes, if any,
@@ -369,21 +372,33 @@ pub(crate) fn run(args: BootArgs) -> anyhow::Result<()> {
             console_log.display()
         ))
         .args(["-serial", "chardev:console"]);
+    if !args.no_tpm {
+        qemu.arg("-chardev")
+            .arg(format!("socket,id=chrtpm,path={}", tpm_sock.display()))
+            .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm"])
+            .args(["-device", "tpm-crb,tpmdev=tpm0"]);
+    }
 
     crate::service::block_on(async move {
-        let mut swtpm = tokio::process::Command::new("swtpm")
-            .args(["socket", "--tpm2", "--tpmstate"])
-            .arg(format!("dir={}", dir.display()))
-            .arg("--ctrl")
-            .arg(format!("type=unixio,path={}", tpm_sock.display()))
-            .arg("--log")
-            .arg(format!("file={},level=1", dir.join("swtpm.log").display()))
-            .arg("--terminate")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start swtpm")?;
-        wait_for_socket(&tpm_sock, &mut swtpm).await?;
+        let mut swtpm = if args.no_tpm {
+            say!("no TPM: the machine has none");
+            None
+        } else {
+            let mut swtpm = tokio::process::Command::new("swtpm")
+                .args(["socket", "--tpm2", "--tpmstate"])
+                .arg(format!("dir={}", dir.display()))
+                .arg("--ctrl")
+                .arg(format!("type=unixio,path={}", tpm_sock.display()))
+                .arg("--log")
+                .arg(format!("file={},level=1", dir.join("swtpm.log").display()))
+                .arg("--terminate")
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("cannot start swtpm")?;
+            wait_for_socket(&tpm_sock, &mut swtpm).await?;
+            Some(swtpm)
+        };
         say!(
             "booting {} under QEMU ({}, {} MiB, {} vCPUs); console: {}",
             uki.display(),
@@ -428,8 +443,10 @@ pub(crate) fn run(args: BootArgs) -> anyhow::Result<()> {
                 Ok(())
             }
         };
-        let _ = swtpm.start_kill();
-        let _ = swtpm.wait().await;
+        if let Some(swtpm) = &mut swtpm {
+            let _ = swtpm.start_kill();
+            let _ = swtpm.wait().await;
+        }
         // Let the console copy catch up with QEMU's last lines.
         tokio::time::sleep(Duration::from_millis(400)).await;
         result
