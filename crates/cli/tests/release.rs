@@ -221,3 +221,97 @@ fn a_release_goes_from_build_to_a_host_through_two_signers() {
     assert!(err.contains("built for prod, and this is staging"), "{err}");
     assert!(!d.join("host-staging/nitrile").exists());
 }
+
+#[test]
+fn a_release_carries_the_host_references_it_is_built_with() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let a = "ab".repeat(32);
+    let b = "CD".repeat(32);
+    // A host image's reference.json: its pcr<N> values and much else.
+    std::fs::write(
+        d.join("h1.json"),
+        format!(
+            r#"{{"format": "nitrile-host-image/1", "pcr4": "{a}", "pcr11": "{b}", "pcr15": "{a}",
+                "pcr4_events": [], "kernel_release": "6.1", "annotations": {{}}}}"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("h2.json"), format!(r#"{{"pcr15": "{b}"}}"#)).unwrap();
+    std::fs::write(
+        d.join("bad.json"),
+        format!(r#"{{"pcr15": "{}"}}"#, &a[..62]),
+    )
+    .unwrap();
+    let binary = env!("CARGO_BIN_EXE_nitrile");
+    let build = |out: &str, refs: &[&str]| {
+        let mut args = vec![
+            "release",
+            "build",
+            "1.0.0",
+            "--env",
+            "prod",
+            "--out",
+            out,
+            "--binary",
+            binary,
+            "--guest-image",
+            "none",
+            "-o",
+            "json",
+        ];
+        for r in refs {
+            args.extend(["--host-reference", r]);
+        }
+        nitrile(d, &args)
+    };
+    let out = build("b", &["h1=h1.json", "h2=h2.json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(manifest["files"]["host-references.json"]["sha256"].is_string());
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("b/host-references.json")).unwrap()).unwrap();
+    assert_eq!(
+        written,
+        serde_json::json!({
+            "format": "nitrile-host-references/1",
+            "hosts": {
+                "h1": {"pcr4": a, "pcr11": b.to_lowercase(), "pcr15": a},
+                "h2": {"pcr15": b.to_lowercase()},
+            }
+        })
+    );
+    // What the release signs is exactly that file.
+    let back = nitrile_release::manifest::read_bundle(&d.join("b")).unwrap();
+    assert!(back.files.contains_key("host-references.json"));
+    // No temporary file is left beside the bundle.
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".nitrile-release-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    for (refs, why) in [
+        (&["h1=bad.json"][..], "64 hex digits"),
+        (&["H1=h1.json"][..], "host \"H1\""),
+        (&["h1"][..], "is not NAME=FILE"),
+        (&["h1=h1.json", "h1=h2.json"][..], "names host h1 twice"),
+        (&["h1=missing.json"][..], "missing.json"),
+    ] {
+        let out = build("refused", refs);
+        assert!(!out.status.success(), "{refs:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{refs:?}: {err}");
+        assert!(!d.join("refused").exists(), "{refs:?}");
+    }
+    // The help says what the flag does.
+    let help = nitrile(d, &["release", "build", "--help"]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--host-reference <NAME=FILE>"), "{help}");
+    assert!(help.contains("host-references.json"), "{help}");
+}

@@ -49,6 +49,13 @@
 //!   (token, operation, volume) in the service's own replay cache (rebuilt
 //!   from its journal at start), and, under a customer's key, whose
 //!   subject is that key's owner.
+//! - With `[attestation]`, an unwrap releases a key only to a host whose
+//!   attestation document verifies under the cell CA, names that host,
+//!   binds the recipient key, is recent, and shows the reference PCR
+//!   values: one file's, or the host's own entry in one of the newest
+//!   signed releases that verify from the pinned TUF root and CI key
+//!   (`host-references.json`); while no such release is believed, no key
+//!   is released.
 //! - Key management runs only for a token of the caller's own with
 //!   audience `kms`, admitted by `nitrile_gate::Admission`; a customer's key
 //!   is changed by its owner only and seen by its owner and the provider's
@@ -98,7 +105,10 @@ pub use wrap::{
     wrap_info,
 };
 
-pub use service::{AttestationPolicy, KmsConfig, KmsOptions, KmsServer, KmsServerError};
+pub use service::{
+    AttestationPolicy, KmsConfig, KmsOptions, KmsServer, KmsServerError, ReferenceSource,
+    ReleaseReferences,
+};
 
 // The protocol's bounds are this crate's formats.
 const _: () = {

@@ -123,7 +123,7 @@ async fn a_volume_key_goes_only_to_a_host_that_proves_what_it_runs() {
         .unwrap());
     let ca_der = der(&std::fs::read_to_string(&cell.config.ca).unwrap());
     cell.config.attestation = Some(nitrile_kms::AttestationPolicy {
-        reference: reference_path,
+        references: nitrile_kms::ReferenceSource::File(reference_path),
         max_age_secs: Some(300),
     });
     let running = cell.start().await;

@@ -91,6 +91,14 @@ pub enum ReleaseError {
         /// The file.
         file: String,
     },
+    /// The release has no file of that name.
+    #[error("release {version} has no file {file}")]
+    NoSuchFile {
+        /// The release.
+        version: Version,
+        /// The file.
+        file: String,
+    },
     /// Fewer valid release signer signatures than the threshold.
     #[error("{valid} valid release signer signature(s) of the {threshold} needed")]
     Threshold {
@@ -157,6 +165,7 @@ impl ReleaseError {
             Self::WrongVersion { .. } => "wrong_version",
             Self::Attestation { .. } => "attestation",
             Self::FileMismatch { .. } => "file_mismatch",
+            Self::NoSuchFile { .. } => "no_such_file",
             Self::Threshold { .. } => "threshold",
             Self::NotARoleKey { .. } => "not_a_role_key",
             Self::NothingStaged(_) => "nothing_staged",

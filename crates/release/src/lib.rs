@@ -22,6 +22,13 @@
 //! that the host checks the manifest's environment and version and the
 //! attestation against its pinned CI key.
 //!
+//! A release may carry **host references** ([`references`]): for each host
+//! it is built for, the PCR values that host shows when it runs the
+//! release's host image. They are one more file of the release, so the
+//! manifest, the attestation and the signers cover them; a key service
+//! reads them with [`client::newest_host_references`] to decide which
+//! hosts it releases volume keys to.
+//!
 //! Keys ([`keys`]) are Ed25519 in PKCS#8 PEM files (mode 0600); their
 //! public halves are TUF key objects in JSON.
 //!
@@ -45,12 +52,14 @@ pub mod client;
 mod error;
 pub mod keys;
 pub mod manifest;
+pub mod references;
 pub mod repo;
 pub mod transport;
 mod version;
 
 pub use error::ReleaseError;
 pub use manifest::{FileDigest, MANIFEST_FORMAT, ReleaseManifest};
+pub use references::{HOST_REFERENCES_FILE, HostReference, HostReferences};
 pub use version::{Environment, Version};
 
 /// The TUF specification version the metadata states.

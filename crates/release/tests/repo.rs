@@ -3,11 +3,14 @@
 //! checks on top): too few signer signatures, a non-signer's signature, no
 //! test attestation or one about other files, a tampered file, an expired
 //! timestamp, rolled-back metadata, a release of another environment.
+//! What a key service reads of a repository: the host references of the
+//! newest releases that verify, the others passed over with why.
 
 use std::path::{Path, PathBuf};
 
 use nitrile_release::client::{self, Trust};
 use nitrile_release::keys::ReleaseKey;
+use nitrile_release::references::{HOST_REFERENCES_FILE, HostReference, HostReferences};
 use nitrile_release::repo::{self, InitOptions, Repo};
 use nitrile_release::{Environment, ReleaseError, Version, attest, manifest};
 use time::OffsetDateTime;
@@ -380,4 +383,116 @@ async fn a_release_of_another_environment_is_refused() {
     .await
     .unwrap_err();
     assert!(matches!(err, ReleaseError::NoSuchRelease(_)), "{err}");
+}
+
+/// A bundle of `version` for prod carrying `references` (host h1's PCR 4
+/// is `pcr4`), attested by `ci` when given.
+fn bundle_with_references(
+    dir: &Path,
+    version: &str,
+    pcr4: Option<u8>,
+    ci: Option<&ReleaseKey>,
+) -> PathBuf {
+    let src = dir.join(format!("src-{version}"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("nitrile"), format!("binary {version}")).unwrap();
+    let mut files = vec![("nitrile".to_owned(), src.join("nitrile"))];
+    if let Some(b) = pcr4 {
+        let references = HostReferences::new(
+            [(
+                "h1".parse().unwrap(),
+                HostReference::new([(4, [b; 32])].into()).unwrap(),
+            )]
+            .into(),
+        )
+        .unwrap();
+        std::fs::write(src.join(HOST_REFERENCES_FILE), references.to_bytes()).unwrap();
+        files.push((
+            HOST_REFERENCES_FILE.to_owned(),
+            src.join(HOST_REFERENCES_FILE),
+        ));
+    }
+    let out = dir.join(format!("bundle-{version}"));
+    let m = manifest::build(v(version), env("prod"), &files, &out, now()).unwrap();
+    if let Some(ci) = ci {
+        let e = attest::sign(&attest::statement(&m, "scripts/test.sh"), ci);
+        std::fs::write(
+            out.join(manifest::ATTESTATION_FILE),
+            serde_json::to_vec(&e).unwrap(),
+        )
+        .unwrap();
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_key_service_reads_the_host_references_of_the_newest_verified_releases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = keys();
+    let repo = init(&tmp.path().join("repo"), &k, "prod");
+    let t = trust(&repo, &k, "prod");
+    let h1 = "h1".parse().unwrap();
+    // 1.0.0 and 1.3.0 verify and carry references; 1.1.0 carries none;
+    // 1.2.0 is not attested.
+    for (version, pcr4, ci) in [
+        ("1.0.0", Some(1), Some(&k.ci)),
+        ("1.1.0", None, Some(&k.ci)),
+        ("1.2.0", Some(2), None),
+        ("1.3.0", Some(3), Some(&k.ci)),
+    ] {
+        release(
+            &repo,
+            &k,
+            &bundle_with_references(tmp.path(), version, pcr4, ci),
+            &[0, 1],
+        );
+    }
+    let ds = tmp.path().join("tuf");
+    let loaded = client::load(repo.dir(), &t, &ds).await.unwrap();
+    let found = client::newest_host_references(&loaded, &t, 2).await;
+    let got: Vec<(Version, [u8; 32])> = found
+        .releases
+        .iter()
+        .map(|(v, r)| (*v, r.get(&h1).unwrap().pcrs()[&4]))
+        .collect();
+    assert_eq!(got, [(v("1.3.0"), [3; 32]), (v("1.0.0"), [1; 32])]);
+    let passed: Vec<(Version, &str)> = found
+        .passed_over
+        .iter()
+        .map(|(v, e)| (*v, e.code()))
+        .collect();
+    assert_eq!(
+        passed,
+        [(v("1.2.0"), "attestation"), (v("1.1.0"), "no_such_file")]
+    );
+    // Only the newest one asked for.
+    let found = client::newest_host_references(&loaded, &t, 1).await;
+    assert_eq!(found.releases.len(), 1);
+    assert!(found.passed_over.is_empty());
+
+    // One changed byte of 1.3.0's references in the repository: tough
+    // refuses the file, and 1.3.0 keeps its place among the newest without
+    // being believed (1.0.0 is not brought back).
+    let digest = manifest::digest_file(
+        &tmp.path()
+            .join(format!("bundle-1.3.0/{HOST_REFERENCES_FILE}")),
+    )
+    .unwrap()
+    .sha256;
+    let stored = repo
+        .dir()
+        .join(format!("targets/{digest}.v1.3.0-{HOST_REFERENCES_FILE}"));
+    let good = std::fs::read(&stored).unwrap();
+    std::fs::write(
+        &stored,
+        String::from_utf8(good).unwrap().replace("03", "01"),
+    )
+    .unwrap();
+    let found = client::newest_host_references(&loaded, &t, 1).await;
+    assert!(found.releases.is_empty(), "{:?}", found.releases);
+    assert_eq!(found.damaged[0].0, v("1.3.0"));
+    assert_eq!(found.damaged[0].1.code(), "tuf");
+    let found = client::newest_host_references(&loaded, &t, 2).await;
+    assert_eq!(found.releases[0].0, v("1.0.0"));
+    assert_eq!(found.damaged.len(), 1);
 }

@@ -68,9 +68,13 @@ pub(crate) enum Command {
     },
     /// Build a release bundle in a new directory: the `nitrile` binary,
     /// the guest image and the entitlement schema, and manifest.json (the
-    /// version, the one environment it is for, each file's SHA-256).
+    /// version, the one environment it is for, each file's SHA-256). With
+    /// --host-reference, host-references.json too: the PCR values each
+    /// named host shows when it runs the release, which a key service
+    /// pinned to the repository (`[attestation] release` of its config)
+    /// requires before it releases a volume key to that host.
     ///
-    /// Example: `nitrile release build 1.4.0 --env prod --out bundle-1.4.0`
+    /// Example: `nitrile release build 1.4.0 --env prod --out bundle-1.4.0 --host-reference h1=out/h1/reference.json`
     Build {
         /// The version (MAJOR.MINOR.PATCH).
         #[arg(value_name = "VERSION")]
@@ -88,6 +92,13 @@ pub(crate) enum Command {
         /// built one in the cache); `none` for a release without one.
         #[arg(long, value_name = "DIR")]
         guest_image: Option<PathBuf>,
+        /// A host's reference values: NAME is the host's name, FILE the
+        /// reference.json of its host image (`nitrile image build-host`),
+        /// whose pcr<N> values (64 hex digits each) are copied into the
+        /// release's host-references.json; its other fields are not.
+        /// Repeatable, once per host; the file is signed with the release.
+        #[arg(long = "host-reference", value_name = "NAME=FILE", value_parser = host_reference_arg)]
+        host_references: Vec<(nitrile_api::Name, PathBuf)>,
     },
     /// Sign the test attestation of a bundle with the CI key: an in-toto
     /// Statement v1 (test result PASSED) about exactly its files, in a
@@ -258,6 +269,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
             out,
             binary,
             guest_image,
+            host_references,
         } => {
             let binary = match binary {
                 Some(b) => b,
@@ -283,10 +295,36 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
                     files.push((f.to_owned(), p));
                 }
             }
-            let schema = tempfile_with(&out, nitrile_policy::SCHEMA_TEXT.as_bytes())?;
-            files.push(("schema.cedarschema".to_owned(), schema.clone()));
-            let built = manifest::build(version, env, &files, &out, now);
-            let _ = std::fs::remove_file(&schema);
+            let mut made = vec![(
+                "schema.cedarschema",
+                nitrile_policy::SCHEMA_TEXT.as_bytes().to_vec(),
+            )];
+            if !host_references.is_empty() {
+                made.push((
+                    nitrile_release::HOST_REFERENCES_FILE,
+                    read_host_references(&host_references)?.to_bytes(),
+                ));
+            }
+            let mut temporary = Vec::new();
+            let mut built = Ok(());
+            for (name, bytes) in &made {
+                match tempfile_with(&out, name, bytes) {
+                    Ok(path) => {
+                        files.push(((*name).to_owned(), path.clone()));
+                        temporary.push(path);
+                    }
+                    Err(e) => {
+                        built = Err(e);
+                        break;
+                    }
+                }
+            }
+            let built = built.and_then(|()| {
+                manifest::build(version, env, &files, &out, now).map_err(anyhow::Error::from)
+            });
+            for path in temporary {
+                let _ = std::fs::remove_file(path);
+            }
             let built = built?;
             show_manifest(global, &out, &built)
         }
@@ -436,13 +474,46 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<()> {
     }
 }
 
-/// A file in the parent of `dir` holding `bytes`, for a bundle built there.
-fn tempfile_with(dir: &Path, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+/// `--host-reference NAME=FILE`.
+fn host_reference_arg(s: &str) -> Result<(nitrile_api::Name, PathBuf), String> {
+    let (name, file) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=FILE"))?;
+    let name = nitrile_api::Name::new(name).map_err(|e| format!("host {name:?}: {e}"))?;
+    if file.is_empty() {
+        return Err(format!("{s:?} names no file"));
+    }
+    Ok((name, PathBuf::from(file)))
+}
+
+/// The host references of `--host-reference` arguments: each host once,
+/// each file a host image's reference.json with its pcr<N> values.
+fn read_host_references(
+    args: &[(nitrile_api::Name, PathBuf)],
+) -> anyhow::Result<nitrile_release::HostReferences> {
+    use nitrile_release::references::MAX_REFERENCE_JSON_LEN;
+    let mut hosts = std::collections::BTreeMap::new();
+    for (name, file) in args {
+        let bytes = nitrile_fs::read_bounded(file, MAX_REFERENCE_JSON_LEN)
+            .with_context(|| format!("--host-reference {name}={}", file.display()))?;
+        let reference = nitrile_release::HostReference::from_reference_json(&bytes)
+            .with_context(|| format!("--host-reference {name}={}", file.display()))?;
+        anyhow::ensure!(
+            hosts.insert(name.clone(), reference).is_none(),
+            "--host-reference names host {name} twice"
+        );
+    }
+    Ok(nitrile_release::HostReferences::new(hosts)?)
+}
+
+/// A file in the parent of `dir` holding `bytes`, for a bundle built there
+/// (its name in the bundle is `name`).
+fn tempfile_with(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let path = parent.join(format!(".nitrile-release-schema-{}", std::process::id()));
+    let path = parent.join(format!(".nitrile-release-{name}-{}", std::process::id()));
     nitrile_fs::write_atomic(&path, bytes, 0o600)?;
     Ok(path)
 }

@@ -15,7 +15,21 @@
 //! [logd]                             # optional: ship the journal to the audit log
 //! addr = "127.0.0.1:7445"
 //! log_vkey = "local.nitrile/log+..." # optional: anchor the journal in the log
+//!
+//! [attestation]                      # optional: volume keys only to attested hosts
+//! max_age_secs = 300                 # optional: how old a host's document may be
+//! # the reference PCR values, exactly one of:
+//! reference = "reference.json"       # one host image's, for every host
+//! # release = { repository = "../releases/repo-prod", root = "root.json",
+//! #             ci_key = "ci.key.pub.json", environment = "prod",
+//! #             releases = 2, refresh_secs = 60 }
 //! ```
+//!
+//! With `release`, each host's reference values come from the signed
+//! releases of the environment's TUF repository (`host-references.json` of
+//! `nitrile release build --host-reference`), checked as a host checks a
+//! release before it runs it, from the pinned `root` and CI key
+//! ([`ReleaseReferences`]).
 //!
 //! Relative paths are resolved against the directory of the file when it is
 //! loaded; [`KmsConfig::write`] writes paths as they are in the value.
@@ -42,6 +56,10 @@ pub const STORE_DIR: &str = "store";
 
 /// The key service's journal, under its state directory.
 pub const JOURNAL_FILE: &str = "journal";
+
+/// The TUF client's datastore of `[attestation] release`, under the state
+/// directory.
+pub const RELEASES_DATASTORE: &str = "releases/tuf";
 
 /// Why a key service config could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +121,9 @@ pub struct KmsConfig {
     pub cell: Name,
     /// The mTLS listen address (the only port besides metrics).
     pub listen: SocketAddr,
-    /// The state directory (mode 0700): `journal`, `log-anchor.json` and
-    /// `store/`, the keys and volume records.
+    /// The state directory (mode 0700): `journal`, `log-anchor.json`,
+    /// `store/` (the keys and volume records) and, with `[attestation]
+    /// release`, `releases/tuf` (the release metadata accepted).
     pub state: PathBuf,
     /// The cell CA certificate.
     pub ca: PathBuf,
@@ -137,24 +156,155 @@ pub struct KmsConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PrincipalId>,
     /// With it, a volume key is released only to a host whose attestation
-    /// document (sent with the unwrap) verifies and matches these
-    /// reference values.
+    /// document (sent with the unwrap) verifies and shows the reference
+    /// values: one file's, or the host's own in a signed release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attestation: Option<AttestationPolicy>,
 }
 
 /// `[attestation]`: the measurements a host must prove before the key
-/// service releases a volume key to it.
+/// service releases a volume key to it, and where they come from: exactly
+/// one of `reference` (a file) or `release` (signed releases); a config
+/// with both or neither is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "AttestationTable", into = "AttestationTable")]
+pub struct AttestationPolicy {
+    /// Where the reference values come from.
+    pub references: ReferenceSource,
+    /// How old a document may be, in seconds (default 300).
+    pub max_age_secs: Option<u64>,
+}
+
+/// Where the reference PCR values of `[attestation]` come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReferenceSource {
+    /// `reference = FILE`: one host image's values (`reference.json` of
+    /// `nitrile image build-host`: `pcr<N>` keys, 64 hex digits each),
+    /// required of every host; every PCR named must match.
+    File(PathBuf),
+    /// `release = {...}`: each host's own values, from the signed releases
+    /// of a TUF repository.
+    Release(ReleaseReferences),
+}
+
+/// How many of the newest verified releases are believed, by default: a
+/// host not yet updated to the newest still gets its keys.
+pub const DEFAULT_RELEASES: u32 = 2;
+/// Most releases believed at once.
+pub const MAX_RELEASES: u32 = 16;
+/// How often the repository is read again, by default, in seconds.
+pub const DEFAULT_REFRESH_SECS: u64 = 60;
+
+/// `[attestation] release`: the environment's TUF repository of signed
+/// releases (as a host pins it: `[release]` of the host agent's config),
+/// whose `host-references.json` say what PCR values each host shows. A
+/// host's document must show every PCR of its entry in one of the newest
+/// `releases` releases that verify (the TUF client from the pinned root,
+/// the manifest's environment, the test attestation under the CI key, the
+/// files' signed digests). The repository is read at start and again at
+/// most every `refresh_secs`; the metadata accepted is kept under the
+/// service's state directory (`releases/tuf`), so that older metadata is
+/// refused later.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AttestationPolicy {
-    /// The reference values (`reference.json` of `nitrile image
-    /// build-host`: `pcr<N>` keys, 64 hex digits each); every PCR named
-    /// must match.
-    pub reference: PathBuf,
-    /// How old a document may be, in seconds (default 300).
+pub struct ReleaseReferences {
+    /// The repository (a directory: `metadata/`, `targets/`).
+    pub repository: PathBuf,
+    /// The environment's `root.json`, pinned at provisioning.
+    pub root: PathBuf,
+    /// The CI key (its TUF key JSON) whose test attestation a release
+    /// needs.
+    pub ci_key: PathBuf,
+    /// The environment (`dev`, `staging`, `prod`, ...): a release built
+    /// for another is not believed.
+    pub environment: nitrile_release::Environment,
+    /// How many of the newest verified releases are believed (1 to
+    /// [`MAX_RELEASES`]; [`DEFAULT_RELEASES`] when not set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_age_secs: Option<u64>,
+    pub releases: Option<u32>,
+    /// Seconds between reads of the repository (1 to a day;
+    /// [`DEFAULT_REFRESH_SECS`] when not set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_secs: Option<u64>,
+}
+
+impl ReleaseReferences {
+    /// How many of the newest verified releases are believed.
+    pub fn releases(&self) -> usize {
+        self.releases.unwrap_or(DEFAULT_RELEASES) as usize
+    }
+
+    /// How often the repository is read again.
+    pub fn refresh(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.refresh_secs.unwrap_or(DEFAULT_REFRESH_SECS))
+    }
+}
+
+/// `[attestation]` as written.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttestationTable {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reference: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    release: Option<ReleaseReferences>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_age_secs: Option<u64>,
+}
+
+impl TryFrom<AttestationTable> for AttestationPolicy {
+    type Error = String;
+    fn try_from(t: AttestationTable) -> Result<Self, String> {
+        let references = match (t.reference, t.release) {
+            (Some(file), None) => ReferenceSource::File(file),
+            (None, Some(release)) => {
+                if let Some(n) = release.releases
+                    && !(1..=MAX_RELEASES).contains(&n)
+                {
+                    return Err(format!(
+                        "release.releases = {n} is outside 1 to {MAX_RELEASES}"
+                    ));
+                }
+                if let Some(secs) = release.refresh_secs
+                    && !(1..=MAX_SWEEP_INTERVAL_SECS).contains(&secs)
+                {
+                    return Err(format!(
+                        "release.refresh_secs = {secs} is outside 1 to {MAX_SWEEP_INTERVAL_SECS}"
+                    ));
+                }
+                ReferenceSource::Release(release)
+            }
+            (Some(_), Some(_)) => {
+                return Err("[attestation] takes one source of reference values, \
+                            `reference` (a file) or `release` (signed releases), not both"
+                    .to_owned());
+            }
+            (None, None) => {
+                return Err("[attestation] needs its reference values: \
+                            `reference` (a file) or `release` (signed releases)"
+                    .to_owned());
+            }
+        };
+        Ok(Self {
+            references,
+            max_age_secs: t.max_age_secs,
+        })
+    }
+}
+
+impl From<AttestationPolicy> for AttestationTable {
+    fn from(p: AttestationPolicy) -> Self {
+        let (reference, release) = match p.references {
+            ReferenceSource::File(f) => (Some(f), None),
+            ReferenceSource::Release(r) => (None, Some(r)),
+        };
+        Self {
+            reference,
+            release,
+            max_age_secs: p.max_age_secs,
+        }
+    }
 }
 
 impl KmsConfig {
@@ -227,8 +377,18 @@ impl KmsConfig {
             &mut config.issuer_keys,
         ]
         .into_iter()
-        .chain(config.attestation.as_mut().map(|a| &mut a.reference))
-        {
+        .chain(
+            config
+                .attestation
+                .as_mut()
+                .into_iter()
+                .flat_map(|a| match &mut a.references {
+                    ReferenceSource::File(f) => vec![f],
+                    ReferenceSource::Release(r) => {
+                        vec![&mut r.repository, &mut r.root, &mut r.ci_key]
+                    }
+                }),
+        ) {
             if p.is_relative() {
                 // `state = "."` is the file's directory itself.
                 *p = base
@@ -257,6 +417,12 @@ impl KmsConfig {
     /// The keys' directory.
     pub fn store_dir(&self) -> PathBuf {
         self.state.join(STORE_DIR)
+    }
+
+    /// The TUF client's datastore of `[attestation] release`: the
+    /// repository metadata it accepted (which refuses older metadata).
+    pub fn releases_datastore(&self) -> PathBuf {
+        self.state.join(RELEASES_DATASTORE)
     }
 
     /// The config as TOML text.
@@ -320,6 +486,85 @@ default_key = true
         let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(KmsConfig::load(&out).unwrap(), c);
+    }
+
+    /// The message of a refused config, with its causes.
+    fn refused(path: &Path) -> (String, String) {
+        match KmsConfig::load(path).unwrap_err() {
+            ConfigError::Field { field, source, .. } => (field, source.to_string()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn attestation_takes_a_file_or_signed_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms/kms.toml");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(
+            &path,
+            format!("{SAMPLE}[attestation]\nreference = \"reference.json\"\n"),
+        )
+        .unwrap();
+        let c = KmsConfig::load(&path).unwrap();
+        let policy = c.attestation.clone().unwrap();
+        assert_eq!(
+            policy.references,
+            ReferenceSource::File(dir.path().join("kms/reference.json"))
+        );
+        assert_eq!(policy.max_age_secs, None);
+
+        let release = r#"release = { repository = "../repo", root = "root.json", ci_key = "/pins/ci.pub.json", environment = "prod" }"#;
+        std::fs::write(
+            &path,
+            format!("{SAMPLE}[attestation]\n{release}\nmax_age_secs = 60\n"),
+        )
+        .unwrap();
+        let c = KmsConfig::load(&path).unwrap();
+        let policy = c.attestation.clone().unwrap();
+        let ReferenceSource::Release(r) = &policy.references else {
+            panic!("{policy:?}");
+        };
+        assert_eq!(r.repository, dir.path().join("kms/../repo"));
+        assert_eq!(r.root, dir.path().join("kms/root.json"));
+        assert_eq!(r.ci_key, Path::new("/pins/ci.pub.json"));
+        assert_eq!(r.environment.as_str(), "prod");
+        assert_eq!(r.releases(), DEFAULT_RELEASES as usize);
+        assert_eq!(r.refresh().as_secs(), DEFAULT_REFRESH_SECS);
+        assert_eq!(policy.max_age_secs, Some(60));
+        assert_eq!(c.releases_datastore(), dir.path().join("kms/releases/tuf"));
+        let out = dir.path().join("kms/again.toml");
+        c.write(&out).unwrap();
+        assert_eq!(KmsConfig::load(&out).unwrap(), c);
+
+        // Both, neither, or a release source out of bounds: refused, saying
+        // why.
+        for (table, why) in [
+            (format!("reference = \"r.json\"\n{release}"), "not both"),
+            ("max_age_secs = 60".to_owned(), "needs its reference values"),
+            (
+                release.replace("\"prod\"", "\"prod\", releases = 0"),
+                "releases = 0 is outside 1 to 16",
+            ),
+            (
+                release.replace("\"prod\"", "\"prod\", releases = 17"),
+                "outside 1 to 16",
+            ),
+            (
+                release.replace("\"prod\"", "\"prod\", refresh_secs = 0"),
+                "refresh_secs = 0",
+            ),
+            (release.replace("\"prod\"", "\"Prod\""), "environment name"),
+            (
+                release.replace("\"prod\"", "\"prod\", extra = 1"),
+                "unknown field",
+            ),
+        ] {
+            std::fs::write(&path, format!("{SAMPLE}[attestation]\n{table}\n")).unwrap();
+            let (field, message) = refused(&path);
+            assert!(field.starts_with("attestation"), "{table}: {field}");
+            assert!(message.contains(why), "{table}: {message}");
+        }
     }
 
     #[test]

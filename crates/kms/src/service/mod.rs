@@ -27,6 +27,7 @@
 mod config;
 mod manage;
 mod metrics;
+mod references;
 mod relay;
 mod sweep;
 
@@ -56,8 +57,9 @@ use nitrile_token::{
 };
 
 pub use config::{
-    AttestationPolicy, ConfigError, DEFAULT_SWEEP_INTERVAL_SECS, JOURNAL_FILE, KmsConfig,
-    MAX_CONFIG_LEN, MAX_SWEEP_INTERVAL_SECS, STORE_DIR,
+    AttestationPolicy, ConfigError, DEFAULT_REFRESH_SECS, DEFAULT_RELEASES,
+    DEFAULT_SWEEP_INTERVAL_SECS, JOURNAL_FILE, KmsConfig, MAX_CONFIG_LEN, MAX_RELEASES,
+    MAX_SWEEP_INTERVAL_SECS, RELEASES_DATASTORE, ReferenceSource, ReleaseReferences, STORE_DIR,
 };
 pub use metrics::KmsMetrics;
 pub use sweep::MAX_VOLUMES_PER_RECORD;
@@ -73,7 +75,7 @@ pub enum KmsServerError {
     /// `[attestation]`: the reference values or the CA could not be read
     #[error("attestation policy {}: {reason}", path.display())]
     Attestation {
-        /// The reference values' file.
+        /// The file: the reference values or the CA certificate.
         path: std::path::PathBuf,
         /// Why.
         reason: String,
@@ -231,7 +233,7 @@ pub(crate) struct Service {
     clock: Arc<dyn Clock>,
     metrics: KmsMetrics,
     /// `[attestation]`: what a host must prove to get a volume key.
-    attestation: Option<relay::AttestationCheck>,
+    attestation: Option<Arc<relay::AttestationCheck>>,
 }
 
 impl Service {
@@ -368,12 +370,10 @@ impl KmsServer {
         let metrics = KmsMetrics::register(&registry)?;
         let attestation = match &config.attestation {
             None => None,
-            Some(policy) => Some(relay::AttestationCheck::load(policy, &config.ca).map_err(
-                |reason| KmsServerError::Attestation {
-                    path: policy.reference.clone(),
-                    reason,
-                },
-            )?),
+            Some(policy) => Some(Arc::new(
+                relay::AttestationCheck::load(policy, &config.ca, config.releases_datastore())
+                    .map_err(|(path, reason)| KmsServerError::Attestation { path, reason })?,
+            )),
         };
         let opened = Kms::open(&config.store_dir());
         let service = |kms| Service {
@@ -398,6 +398,9 @@ impl KmsServer {
         };
         let service = Arc::new(service(kms));
         service.journal_start()?;
+        if let Some(attestation) = &service.attestation {
+            attestation.start(&service, clock.now()).await;
+        }
         if config.default_key {
             service.ensure_default_key()?;
         }

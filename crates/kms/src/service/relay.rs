@@ -33,6 +33,8 @@ use nitrile_token::{ReplayCache, Request, TokenError, TokenId, VerifiedGrant};
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 
+use super::config::ReferenceSource;
+use super::references::SignedReferences;
 use super::{Failure, Service};
 use crate::key::KeyName;
 use crate::seal::RecipientPublicKey;
@@ -251,33 +253,63 @@ fn decide(
 /// `[attestation]` of the key service: a volume key is released only to a
 /// host whose attestation document verifies under the cell CA, names the
 /// calling host, binds the recipient key, is recent, and shows the
-/// reference PCR values.
-#[derive(Debug, Clone)]
+/// reference PCR values: one file's for every host, or the host's own in a
+/// signed release ([`SignedReferences`]).
+#[derive(Debug)]
 pub(crate) struct AttestationCheck {
-    reference: std::collections::BTreeMap<u8, [u8; 32]>,
+    references: References,
     ca: Vec<u8>,
     max_age: std::time::Duration,
 }
 
+/// Where the reference values come from.
+#[derive(Debug)]
+enum References {
+    /// One file's, read at start.
+    File(std::collections::BTreeMap<u8, [u8; 32]>),
+    /// Each host's own, from signed releases.
+    Release(SignedReferences),
+}
+
+/// The check that a host's document passed: which reference values it
+/// showed, for the record of the unwrap.
+#[derive(Debug)]
+pub(crate) struct Attested {
+    /// `the reference file` or `release <version>`.
+    pub(crate) reference: String,
+}
+
 impl AttestationCheck {
-    /// Reads the policy's reference values and the cell CA certificate.
+    /// Reads the cell CA certificate and, with `reference = FILE`, the
+    /// reference values; signed releases are read later
+    /// ([`AttestationCheck::start`]). An error names the file it is about.
     pub(crate) fn load(
         policy: &super::config::AttestationPolicy,
         ca: &std::path::Path,
-    ) -> Result<Self, String> {
+        releases_datastore: std::path::PathBuf,
+    ) -> Result<Self, (std::path::PathBuf, String)> {
         use rustls_pki_types::pem::PemObject as _;
-        let json =
-            nitrile_fs::read_bounded(&policy.reference, 1 << 20).map_err(|e| e.to_string())?;
-        let reference = nitrile_attest::reference_values(&json)?;
-        let pem = nitrile_fs::read_bounded(ca, 1 << 20).map_err(|e| e.to_string())?;
+        let references = match &policy.references {
+            ReferenceSource::File(path) => {
+                let at = |e: String| (path.clone(), e);
+                let json =
+                    nitrile_fs::read_bounded(path, 1 << 20).map_err(|e| at(e.to_string()))?;
+                References::File(nitrile_attest::reference_values(&json).map_err(at)?)
+            }
+            ReferenceSource::Release(release) => {
+                References::Release(SignedReferences::new(release.clone(), releases_datastore))
+            }
+        };
+        let at = |e: String| (ca.to_owned(), e);
+        let pem = nitrile_fs::read_bounded(ca, 1 << 20).map_err(|e| at(e.to_string()))?;
         let ca = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
             .next()
-            .ok_or("no CA certificate")?
-            .map_err(|e| e.to_string())?
+            .ok_or_else(|| at("no CA certificate".to_owned()))?
+            .map_err(|e| at(e.to_string()))?
             .as_ref()
             .to_vec();
         Ok(Self {
-            reference,
+            references,
             ca,
             max_age: std::time::Duration::from_secs(
                 policy.max_age_secs.unwrap_or(300).clamp(1, 3600),
@@ -285,14 +317,24 @@ impl AttestationCheck {
         })
     }
 
+    /// At start: reads the signed releases, if that is where the values
+    /// come from (what is believed is journaled; the service starts even
+    /// when nothing is, and releases no key until something is).
+    pub(crate) async fn start(&self, svc: &Service, now: OffsetDateTime) {
+        if let References::Release(signed) = &self.references {
+            signed.read_now(svc, now).await;
+        }
+    }
+
     /// Checks the document of an unwrap by `host` for `recipient`.
-    fn check(
+    async fn check(
         &self,
+        svc: &Service,
         host: &PrincipalId,
         recipient: &[u8; 32],
         document: Option<&nitrile_kms_api::wire::AttestationHex>,
         now: OffsetDateTime,
-    ) -> Result<(), String> {
+    ) -> Result<Attested, String> {
         if host.kind != PrincipalKind::Host {
             return Err("only a host's attestation releases a key".into());
         }
@@ -318,14 +360,26 @@ impl AttestationCheck {
         if at > now_ms + 60_000 || now_ms.saturating_sub(at) > self.max_age.as_millis() {
             return Err("the document is not recent".into());
         }
-        for (i, want) in &self.reference {
-            if opened.pcrs.0.get(i) != Some(want) {
-                return Err(format!(
-                    "PCR {i} is not the reference value: the host does not run the released software"
-                ));
+        match &self.references {
+            References::File(reference) => {
+                for (i, want) in reference {
+                    if opened.pcrs.0.get(i) != Some(want) {
+                        return Err(format!(
+                            "PCR {i} is not the reference value: the host does not run the released software"
+                        ));
+                    }
+                }
+                Ok(Attested {
+                    reference: "the reference file".to_owned(),
+                })
+            }
+            References::Release(signed) => {
+                let version = signed.check(svc, &host.name, &opened.pcrs.0, now).await?;
+                Ok(Attested {
+                    reference: format!("release {version}"),
+                })
             }
         }
-        Ok(())
     }
 }
 
@@ -385,14 +439,21 @@ pub(crate) async fn handle(
         }
     };
     // A volume key goes only to a host that proves what it runs.
-    if let (KmsRequest::Unwrap { body, .. }, Some(policy)) = (&req, &svc.attestation)
-        && let Err(reason) = policy.check(
-            &peer.principal,
-            &body.recipient.0,
-            body.attestation.as_ref(),
-            now,
-        )
-    {
+    let attested = match (&req, &svc.attestation) {
+        (KmsRequest::Unwrap { body, .. }, Some(policy)) => Some(
+            policy
+                .check(
+                    svc,
+                    &peer.principal,
+                    &body.recipient.0,
+                    body.attestation.as_ref(),
+                    now,
+                )
+                .await,
+        ),
+        _ => None,
+    };
+    if let Some(Err(reason)) = &attested {
         let record = base(AuditRecord::refusal(
             now,
             svc.source.clone(),
@@ -403,16 +464,20 @@ pub(crate) async fn handle(
         .with_token_id(granted.grant.token_id().to_string());
         let seq = svc.refusal_seq(svc.append(&record).await, "attestation");
         svc.metrics.refused.inc();
-        return refusal_response(403, RefusalStep::State, &reason, seq);
+        return refusal_response(403, RefusalStep::State, reason, seq);
     }
     let grant = &granted.grant;
     let params = match &req {
         KmsRequest::Generate { body, .. } => {
             serde_json::json!({ "kms_key": KeyName::from(body.kms_key.clone()).to_string() })
         }
-        KmsRequest::Unwrap { body, .. } => {
-            serde_json::json!({ "recipient": hex::encode(body.recipient.0) })
-        }
+        KmsRequest::Unwrap { body, .. } => match &attested {
+            Some(Ok(a)) => serde_json::json!({
+                "recipient": hex::encode(body.recipient.0),
+                "attested": a.reference,
+            }),
+            _ => serde_json::json!({ "recipient": hex::encode(body.recipient.0) }),
+        },
         _ => serde_json::json!({}),
     };
     let relayed = serde_json::json!({
