@@ -168,10 +168,18 @@ pub(crate) fn run(args: EnrollArgs, global: &Global) -> anyhow::Result<()> {
     let (cell, host) = match (&config, named) {
         (Some(c), _) => (c.cell.clone(), c.host.clone()),
         (None, Some((cell, host))) => {
-            let cell = nitrile_api::Name::new(&cell)
-                .map_err(|e| anyhow::anyhow!("the host names a bad cell: {e}"))?;
-            let host = nitrile_api::Name::new(&host)
-                .map_err(|e| anyhow::anyhow!("the host names a bad host name: {e}"))?;
+            let cell = nitrile_api::Name::new(&cell).map_err(|e| {
+                anyhow::anyhow!(
+                    "the host names a bad cell: {}",
+                    crate::output::escape(&e.to_string())
+                )
+            })?;
+            let host = nitrile_api::Name::new(&host).map_err(|e| {
+                anyhow::anyhow!(
+                    "the host names a bad host name: {}",
+                    crate::output::escape(&e.to_string())
+                )
+            })?;
             if args.host.as_deref() != Some(host.as_str()) {
                 bail!(
                     "refused: the host at the address is {}, not {}",
