@@ -379,6 +379,52 @@ fn main() {
         "spec": serde_json::to_string(&minimal).expect("json"),
     });
     write(&dir, "plan.json", &serde_json::to_vec(&plan).expect("json"));
+
+    // attestation_document: a document of the Nitro layout as a host makes
+    // it (its signature and certificates are filler: the target's second
+    // check accepts any signature), tagged and untagged, and a quote's
+    // shape.
+    let dir = seeds(&root, "attestation_document");
+    let pcrs = nitrile_attest::Pcrs(
+        [(4u8, [0xaa; 32]), (11, [0xbb; 32]), (15, [0xcc; 32])]
+            .into_iter()
+            .collect(),
+    );
+    let payload = nitrile_attest::cose::payload(
+        "h1",
+        1_893_456_000_000,
+        &pcrs,
+        ca.cert_der(),
+        &[ca.cert_der().to_vec()],
+        Some(&[0x02; 32]),
+        None,
+        Some(&[0x5a; 32]),
+    );
+    let doc = nitrile_attest::cose::sign1(&payload, &[0x07; 96]);
+    write(&dir, "nitro-layout", &doc);
+    write(&dir, "untagged", doc.get(1..).unwrap_or_default());
+
+    // host_references: a release's references and an image's reference.
+    let dir = seeds(&root, "host_references");
+    let reference = nitrile_release::HostReference::new(pcrs.0.clone()).expect("valid");
+    let refs = nitrile_release::HostReferences::new(
+        [
+            (Name::new("h1").expect("name"), reference.clone()),
+            (Name::new("h2").expect("name"), reference),
+        ]
+        .into_iter()
+        .collect(),
+    )
+    .expect("valid");
+    write(&dir, "two-hosts", &refs.to_bytes());
+    let image = serde_json::json!({
+        "pcr4": "aa".repeat(32),
+        "pcr11": "bb".repeat(32),
+        "pcr15": "cc".repeat(32),
+        "pcr15_events": [{"name": "hostd-config", "sha256": "dd".repeat(32)}],
+        "annotations": {"host": "h1"},
+    });
+    write(&dir, "reference.json", &serde_json::to_vec_pretty(&image).expect("json"));
 }
 
 fn seeds(root: &Path, target: &str) -> PathBuf {

@@ -132,6 +132,9 @@ fn no_flag_of_the_host_agent_names_code() {
         // staged release it started (its listening socket and a control
         // socket), never a path; see `a_takeover_flag_takes_only_inherited_sockets`.
         "--takeover",
+        // A switch: serve the enrollment exchange while the TPM key the
+        // config names does not exist; names nothing.
+        "--await-enrollment",
         "--output",
         "--help",
         "--version",

@@ -294,8 +294,30 @@ fn an_enrolled_host_serves_with_its_tpm_key_and_a_changed_one_cannot() {
         "a refused enrollment changed the config"
     );
     // Its TPM refuses to sign with the key bound to the old measurements:
-    // the agent cannot complete a handshake as h1.
-    cell.start_hostd();
+    // the agent cannot even sign its network announcement as h1, and does
+    // not start.
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_nitrile"))
+        .args(["--config", config.to_str().unwrap(), "hostd"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = agent.kill();
+            panic!("a changed host's agent kept running as h1");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("PCR policy does not hold"), "{err}");
     let out = cell.nitrile(&alice, &["host", "describe"]);
     assert!(
         !out.status.success(),

@@ -45,7 +45,7 @@ use crate::service::{LogFormat, block_on, init_logging};
 /// A host whose identity is to be enrolled in its TPM (`[tpm] tls_key`
 /// naming a file that does not exist yet) serves, with
 /// `--await-enrollment`, the enrollment exchange on the agent's port until
-/// the cell CA (`nitrile pki enroll-host --address`) delivers certificates
+/// the cell CA (`nitrile pki enroll-host` over the network) delivers certificates
 /// for its TPM's keys, then serves the admin API with them. The host image
 /// starts the agent this way.
 ///
