@@ -171,6 +171,10 @@ pub fn open(
             "a COSE header other than {1: -35}, {}",
         ));
     }
+    // ES384: r and s, 48 bytes each (RFC 9053), before any check sees it.
+    if signature.len() != 96 {
+        return Err(AttestError::Malformed("an ES384 signature not of 96 bytes"));
+    }
     let map: Value = ciborium::de::from_reader(payload.as_slice())
         .map_err(|_| AttestError::Malformed("a payload that is not CBOR"))?;
     let Value::Map(map) = map else {
