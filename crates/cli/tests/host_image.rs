@@ -343,6 +343,35 @@ struct Booted {
 }
 
 impl Booted {
+    /// `nitrile host boot` of `image` on the machine `machine` (its TPM and
+    /// disk), its NIC on `tap` in `ns`, its own output in `log`.
+    fn start(
+        ns: &Netns,
+        image: &Path,
+        machine: &Path,
+        tap: &str,
+        log: &Path,
+        extra: &[&str],
+    ) -> Self {
+        Self {
+            child: Command::new("ip")
+                .args([
+                    "netns", "exec", &ns.name, NITRILE, "host", "boot", "--quiet",
+                ])
+                .args(extra)
+                .arg("--image")
+                .arg(image)
+                .arg("--tpm-state")
+                .arg(machine)
+                .args(["--tap", tap])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
+                .spawn()
+                .unwrap(),
+        }
+    }
+
     /// Waits (bounded) for `host boot` to exit by itself.
     fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -644,24 +673,14 @@ fn a_booted_host_shows_only_its_agent_attests_its_image_and_powers_off_on_shutdo
     let ns = Netns::new(&format!("nitrile-hi-{tag}"), &tap);
     let machine = cell.root().join("machine");
     let started = Instant::now();
-    let mut boot = Booted {
-        child: Command::new("ip")
-            .args([
-                "netns", "exec", &ns.name, NITRILE, "host", "boot", "--quiet",
-            ])
-            .arg("--image")
-            .arg(&image)
-            .arg("--tpm-state")
-            .arg(&machine)
-            .args(["--tap", &tap])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(cell.root().join("boot.log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap(),
-    };
+    let mut boot = Booted::start(
+        &ns,
+        &image,
+        &machine,
+        &tap,
+        &cell.root().join("boot.log"),
+        &[],
+    );
     let console_log: PathBuf = machine.join("console.log");
     let console = || std::fs::read_to_string(&console_log).unwrap_or_default();
     let wait_for = |line: &str| {
@@ -935,24 +954,14 @@ fn a_booted_host_shows_only_its_agent_attests_its_image_and_powers_off_on_shutdo
     // with the key its TPM holds, and answers as h1.
     std::fs::remove_file(&console_log).unwrap();
     let started = Instant::now();
-    let mut boot = Booted {
-        child: Command::new("ip")
-            .args([
-                "netns", "exec", &ns.name, NITRILE, "host", "boot", "--quiet",
-            ])
-            .arg("--image")
-            .arg(&image)
-            .arg("--tpm-state")
-            .arg(&machine)
-            .args(["--tap", &tap])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(cell.root().join("boot-again.log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap(),
-    };
+    let mut boot = Booted::start(
+        &ns,
+        &image,
+        &machine,
+        &tap,
+        &cell.root().join("boot-again.log"),
+        &[],
+    );
     while !console().contains("nitrile hostd: h1 serving on") {
         assert!(
             started.elapsed() < BOOT_TIMEOUT,
@@ -988,24 +997,14 @@ fn a_booted_host_shows_only_its_agent_attests_its_image_and_powers_off_on_shutdo
     // The same disk in a machine without a TPM: the image's identity is a
     // TPM key, so the agent never starts and the machine powers off.
     std::fs::remove_file(&console_log).unwrap();
-    let mut boot = Booted {
-        child: Command::new("ip")
-            .args([
-                "netns", "exec", &ns.name, NITRILE, "host", "boot", "--quiet", "--no-tpm",
-            ])
-            .arg("--image")
-            .arg(&image)
-            .arg("--tpm-state")
-            .arg(&machine)
-            .args(["--tap", &tap])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(cell.root().join("boot-no-tpm.log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap(),
-    };
+    let mut boot = Booted::start(
+        &ns,
+        &image,
+        &machine,
+        &tap,
+        &cell.root().join("boot-no-tpm.log"),
+        &["--no-tpm"],
+    );
     let status = boot
         .wait_for_exit(BOOT_TIMEOUT)
         .unwrap_or_else(|| panic!("the host without a TPM did not power off\n{}", console()));

@@ -172,19 +172,11 @@ impl Releases {
     }
 
     fn trust(&self) -> Result<Trust, ReleaseError> {
-        let root =
-            nitrile_fs::read_bounded(&self.config.root, nitrile_release::repo::MAX_METADATA_LEN)?;
-        let key = nitrile_release::keys::load_public(&self.config.ci_key)?;
-        let ci_key =
-            nitrile_release::keys::ed25519_of(&key).map_err(|reason| ReleaseError::BadKey {
-                path: self.config.ci_key.clone(),
-                reason,
-            })?;
-        Ok(Trust {
-            environment: Environment::new(&self.config.environment)?,
-            root,
-            ci_key,
-        })
+        Trust::load(
+            Environment::new(&self.config.environment)?,
+            &self.config.root,
+            &self.config.ci_key,
+        )
     }
 
     /// The highest version this host has run: the record on disk, the

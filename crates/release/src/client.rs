@@ -35,6 +35,28 @@ pub struct Trust {
     pub ci_key: VerifyingKey,
 }
 
+impl Trust {
+    /// The trust pinned in files: `root` (the environment's `root.json`)
+    /// and `ci_key` (the CI key's TUF key JSON), for `environment`.
+    pub fn load(
+        environment: Environment,
+        root: &Path,
+        ci_key: &Path,
+    ) -> Result<Self, ReleaseError> {
+        let root = nitrile_fs::read_bounded(root, crate::repo::MAX_METADATA_LEN)?;
+        let key = crate::keys::load_public(ci_key)?;
+        let ci_key = crate::keys::ed25519_of(&key).map_err(|reason| ReleaseError::BadKey {
+            path: ci_key.to_owned(),
+            reason,
+        })?;
+        Ok(Self {
+            environment,
+            root,
+            ci_key,
+        })
+    }
+}
+
 /// A release whose manifest passed [`verify_manifest`]: listed in the
 /// signed targets, for this environment, attested by the pinned CI key, and
 /// each of its files the one its signed targets entry names. Only this
@@ -80,7 +102,7 @@ pub async fn load(
 }
 
 /// The error and its causes, one line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -189,7 +189,7 @@ impl SignedReferences {
                 };
                 (believed, not_believed)
             }
-            Err(e) => (Believed::Nothing(chain(&e)), Vec::new()),
+            Err(e) => (Believed::Nothing(client::chain(&e)), Vec::new()),
         };
         state.read_at = Some(now);
         let changed = believed.summary() != state.believed.summary();
@@ -235,19 +235,11 @@ impl SignedReferences {
 
     /// The pinned trust and the repository as `tough` accepts it.
     async fn load(&self) -> Result<client::NewestHostReferences, ReleaseError> {
-        let root =
-            nitrile_fs::read_bounded(&self.config.root, nitrile_release::repo::MAX_METADATA_LEN)?;
-        let key = nitrile_release::keys::load_public(&self.config.ci_key)?;
-        let ci_key =
-            nitrile_release::keys::ed25519_of(&key).map_err(|reason| ReleaseError::BadKey {
-                path: self.config.ci_key.clone(),
-                reason,
-            })?;
-        let trust = Trust {
-            environment: self.config.environment.clone(),
-            root,
-            ci_key,
-        };
+        let trust = Trust::load(
+            self.config.environment.clone(),
+            &self.config.root,
+            &self.config.ci_key,
+        )?;
         let repo = client::load(&self.config.repository, &trust, &self.datastore).await?;
         Ok(client::newest_host_references(&repo, &trust, self.config.releases()).await)
     }
@@ -260,22 +252,10 @@ fn not_believed_text(releases: &[(Version, ReleaseError)]) -> String {
     let each = releases
         .iter()
         .take(MAX_NOT_BELIEVED_NAMED)
-        .map(|(v, e)| format!("{v}: {}", chain(e)))
+        .map(|(v, e)| format!("{v}: {}", client::chain(e)))
         .collect::<Vec<_>>()
         .join("; ");
     format!(" ({each})")
-}
-
-/// The error and its causes, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// The newest believed release whose entry for `host` the `pcrs` show.
